@@ -1,0 +1,3 @@
+//! The `converge` binary: command line, config loading and daemon wiring.
+
+fn main() {}
