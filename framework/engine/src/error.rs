@@ -26,6 +26,15 @@ pub enum LogError {
         /// Why.
         source: CodecError,
     },
+    /// The group commit this append was part of failed; nothing of it was acknowledged.
+    #[error("group commit failed: {0}")]
+    CommitFailed(String),
+    /// No replica identity could be made.
+    #[error(transparent)]
+    Identity(#[from] converge_api::IdError),
+    /// The writer thread could not be started.
+    #[error("starting the log writer thread: {0}")]
+    Thread(std::io::Error),
     /// The log's writer task has stopped (the engine is shutting down).
     #[error("the event log is closed")]
     Closed,

@@ -1,5 +1,10 @@
-//! The plugin roles the engine drives: [`Transport`] (and later `Source` and `Store`).
+//! The plugin roles the engine drives: [`Source`], [`Store`] and [`Transport`] (async
+//! traits); the fourth role, `ConflictPolicy`, is a plain trait in converge-api.
 
+mod source;
+mod store;
 mod transport;
 
+pub use source::{ScanProgress, Source, SourceContext};
+pub use store::{KeyView, Store, StoreContext};
 pub use transport::{Connection, FrameReceiver, FrameSender, Transport};

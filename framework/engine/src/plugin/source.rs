@@ -1,0 +1,87 @@
+//! The `Source` role: turns local changes into events.
+
+use async_trait::async_trait;
+use converge_api::{Event, Head, Key};
+use tokio::sync::watch;
+
+use crate::content::ChunkStore;
+use crate::error::{LogError, PluginError};
+use crate::log::{EventLog, LocalChange};
+
+/// Progress of a source's initial scan, shown to the user (files and bytes).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ScanProgress {
+    /// Entries looked at so far.
+    pub files: u64,
+    /// Bytes hashed so far.
+    pub bytes: u64,
+    /// Entries found in all (when known).
+    pub total_files: Option<u64>,
+    /// Whether the scan has finished.
+    pub done: bool,
+}
+
+/// What a running source may use: the log (to read heads and append local changes), the
+/// content store, a shutdown signal and a progress channel.
+#[derive(Clone, Debug)]
+pub struct SourceContext {
+    log: EventLog,
+    shutdown: watch::Receiver<bool>,
+    progress: watch::Sender<ScanProgress>,
+}
+
+impl SourceContext {
+    /// A context over `log`; the engine makes these, tests may too.
+    pub fn new(log: EventLog, shutdown: watch::Receiver<bool>, progress: watch::Sender<ScanProgress>) -> Self {
+        SourceContext { log, shutdown, progress }
+    }
+
+    /// Appends local changes (put their content into [`Self::chunks`] first); returns the
+    /// events once durable.
+    pub async fn emit(&self, changes: Vec<LocalChange>) -> Result<Vec<Event>, LogError> {
+        self.log.append_local(changes).await
+    }
+
+    /// The current heads of `key` (for echo suppression: a file whose content equals the
+    /// head's is not a new change).
+    pub fn heads(&self, key: &Key) -> Result<Vec<Head>, LogError> {
+        self.log.heads(key)
+    }
+
+    /// The log itself, for sources that need more (e.g. every key at start-up).
+    pub fn log(&self) -> &EventLog {
+        &self.log
+    }
+
+    /// The content store.
+    pub fn chunks(&self) -> &ChunkStore {
+        self.log.chunks()
+    }
+
+    /// Reports scan progress to the engine (and the CLI's progress bar).
+    pub fn report(&self, progress: ScanProgress) {
+        self.progress.send_replace(progress);
+    }
+
+    /// Whether the engine is shutting down.
+    pub fn is_shutting_down(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+
+    /// Resolves when the engine shuts down.
+    pub async fn shutdown(&mut self) {
+        let _ = self.shutdown.wait_for(|stop| *stop).await;
+    }
+}
+
+/// Produces local events: scans what exists at start, then watches for changes.
+#[async_trait]
+pub trait Source: Send + Sync + 'static {
+    /// The source's name, for logs and status.
+    fn name(&self) -> &str;
+
+    /// Runs until [`SourceContext::shutdown`] resolves. The engine starts sources only
+    /// after every store has re-applied what it had not finished before a crash, so a
+    /// half-written file is repaired, never mistaken for a local edit.
+    async fn run(&self, ctx: SourceContext) -> Result<(), PluginError>;
+}

@@ -1,0 +1,58 @@
+//! The `Store` role: materializes the projection somewhere (a folder, a mirror).
+
+use async_trait::async_trait;
+use converge_api::{Head, Key};
+
+use crate::content::ChunkStore;
+use crate::error::PluginError;
+use crate::log::EventLog;
+
+/// What a store must show for one key: the conflict policy's answer over its heads.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyView {
+    /// The key.
+    pub key: Key,
+    /// The winning head, or `None` when the key is absent (never written, or a delete won).
+    pub winner: Option<Head>,
+    /// Losing heads to show beside the key as conflict copies (policy-dependent).
+    pub copies: Vec<Head>,
+    /// Whether the key has more than one head.
+    pub conflicted: bool,
+}
+
+/// What a store may read while applying: the content store and the log (e.g. to see
+/// whether live keys remain below a directory that lost).
+#[derive(Clone, Debug)]
+pub struct StoreContext {
+    log: EventLog,
+}
+
+impl StoreContext {
+    /// A context over `log`.
+    pub fn new(log: EventLog) -> Self {
+        StoreContext { log }
+    }
+
+    /// The content store: every chunk of every view's winner and copies is present.
+    pub fn chunks(&self) -> &ChunkStore {
+        self.log.chunks()
+    }
+
+    /// The log, for reading other keys' state.
+    pub fn log(&self) -> &EventLog {
+        &self.log
+    }
+}
+
+/// A subscriber that materializes key views. The engine feeds it batches read from the
+/// log after its durable cursor and advances the cursor once `apply` returns.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// The subscriber name, also the name of its cursor (`folder`, `mirror-backup`).
+    fn name(&self) -> &str;
+
+    /// Makes the store show `views` and makes that durable before returning (one batch,
+    /// one durability barrier, no per-file fsync). Must be idempotent: after a crash or
+    /// a replay the same views come again. Every chunk they reference is present.
+    async fn apply(&self, ctx: &StoreContext, views: Vec<KeyView>) -> Result<(), PluginError>;
+}

@@ -1,0 +1,173 @@
+//! The event log against a model: a `Vec<Event>` per origin and a fold over the event set,
+//! through random appends, duplicates, out-of-order offers and reopenings of the database.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::collections::BTreeMap;
+
+use converge_api::{Event, EventId, Hlc, Key, Meta, Op, ReplicaId, VersionVector};
+use converge_framework::log::{EventLog, LogConfig, LocalChange};
+use converge_framework::projection::KeyState;
+use proptest::prelude::*;
+
+#[derive(Clone, Debug)]
+enum Step {
+    /// Offer event `seq` of origin `origin` (may be a duplicate or ahead of a gap).
+    Remote { origin: u8, seq: u64, key: u8, parent: Option<u64> },
+    /// A local write on `key`.
+    Local { key: u8, delete: bool },
+    /// Close and reopen the database.
+    Reopen,
+    /// Rebuild the projection.
+    Rebuild,
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        6 => (0u8..3, 1u64..8, 0u8..4, proptest::option::of(1u64..8))
+            .prop_map(|(origin, seq, key, parent)| Step::Remote { origin, seq, key, parent }),
+        3 => (0u8..4, any::<bool>()).prop_map(|(key, delete)| Step::Local { key, delete }),
+        1 => Just(Step::Reopen),
+        1 => Just(Step::Rebuild),
+    ]
+}
+
+fn key(k: u8) -> Key {
+    Key::new(format!("dir/k{k}")).unwrap()
+}
+
+/// Remote events are a pure function of (origin, seq), so a duplicate offer is identical.
+fn remote_event(origin: u8, seq: u64, k: u8, parent: Option<u64>) -> Event {
+    let origin_id = ReplicaId([origin + 100; 16]);
+    Event {
+        id: EventId { origin: origin_id, seq },
+        hlc: Hlc { wall_ms: seq * 10, logical: origin as u32 },
+        key: key(k),
+        parents: parent.filter(|p| *p < seq).map(|p| EventId { origin: origin_id, seq: p }).into_iter().collect(),
+        op: Op::Put { content: None, meta: Meta::file(seq as i64) },
+    }
+}
+
+fn check_against_model(log: &EventLog, model: &[Event]) {
+    // Every event, in order, at offsets 0..n.
+    let read = log.read(0, usize::MAX).unwrap();
+    assert_eq!(read.len(), model.len());
+    for (i, ((offset, event), expected)) in read.iter().zip(model).enumerate() {
+        assert_eq!(*offset, i as u64);
+        assert_eq!(event, expected);
+        assert_eq!(log.offset_of(&event.id).unwrap(), Some(i as u64));
+    }
+    // The version vector: highest seq per origin, and no gaps.
+    let mut vv = VersionVector::new();
+    for e in model {
+        assert_eq!(e.id.seq, vv.get(&e.id.origin) + 1, "gap before {:?}", e.id);
+        vv.set(e.id.origin, e.id.seq);
+    }
+    assert_eq!(log.version_vector(), vv);
+    // The projection: a fold over the model.
+    let mut states: BTreeMap<Key, KeyState> = BTreeMap::new();
+    let mut known = VersionVector::new();
+    for e in model {
+        states.entry(e.key.clone()).or_default().fold(e, &known);
+        known.set(e.id.origin, e.id.seq);
+    }
+    let actual: BTreeMap<Key, KeyState> = log.states().map(|r| r.unwrap()).collect();
+    assert_eq!(actual, states);
+}
+
+async fn run(steps: Vec<Step>) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = EventLog::open(LogConfig::new(dir.path())).unwrap();
+    let replica = log.replica();
+    let mut model: Vec<Event> = Vec::new();
+    for step in steps {
+        match step {
+            Step::Remote { origin, seq, key, parent } => {
+                let event = remote_event(origin, seq, key, parent);
+                let held = model.iter().filter(|e| e.id.origin == event.id.origin).count() as u64;
+                let outcome = log.append(vec![event.clone()]).await.unwrap();
+                if seq == held + 1 {
+                    assert_eq!(outcome.appended, vec![event.id]);
+                    model.push(event);
+                } else if seq <= held {
+                    assert_eq!(outcome.duplicates, 1);
+                } else {
+                    assert_eq!(outcome.out_of_order, vec![event]);
+                }
+            }
+            Step::Local { key: k, delete } => {
+                let op = if delete { Op::Delete } else { Op::Put { content: None, meta: Meta::file(1) } };
+                let heads: Vec<EventId> = log.heads(&key(k)).unwrap().iter().map(|h| h.id).collect();
+                let events = log.append_local(vec![LocalChange { key: key(k), op }]).await.unwrap();
+                assert_eq!(events.len(), 1);
+                assert_eq!(events[0].id.origin, replica);
+                assert_eq!(events[0].parents, heads);
+                if let Some(prev) = model.iter().rev().find(|e| e.id.origin == replica) {
+                    assert!(events[0].hlc > prev.hlc);
+                }
+                model.push(events[0].clone());
+            }
+            Step::Reopen => {
+                log.close().await.unwrap();
+                drop(log);
+                log = EventLog::open(LogConfig::new(dir.path())).unwrap();
+                assert_eq!(log.replica(), replica, "identity survives reopening");
+            }
+            Step::Rebuild => {
+                assert_eq!(log.rebuild().await.unwrap(), model.len() as u64);
+            }
+        }
+        check_against_model(&log, &model);
+    }
+    log.close().await.unwrap();
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+    #[test]
+    fn log_matches_model(steps in proptest::collection::vec(step(), 1..40)) {
+        tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(run(steps));
+    }
+}
+
+#[tokio::test]
+async fn appending_a_batch_twice_changes_nothing() {
+    let log = EventLog::open(LogConfig::temporary()).unwrap();
+    let batch: Vec<Event> = (1..=50).map(|s| remote_event(1, s, (s % 4) as u8, Some(s - 1))).collect();
+    let first = log.append(batch.clone()).await.unwrap();
+    assert_eq!(first.appended.len(), 50);
+    let before: Vec<_> = log.states().map(|r| r.unwrap()).collect();
+    let second = log.append(batch).await.unwrap();
+    assert_eq!((second.appended.len(), second.duplicates), (0, 50));
+    assert_eq!(log.len(), 50);
+    let after: Vec<_> = log.states().map(|r| r.unwrap()).collect();
+    assert_eq!(before, after);
+    assert_eq!(log.rebuild().await.unwrap(), 50);
+    let rebuilt: Vec<_> = log.states().map(|r| r.unwrap()).collect();
+    assert_eq!(before, rebuilt);
+}
+
+#[tokio::test]
+async fn events_ahead_of_a_gap_are_handed_back_not_appended() {
+    let log = EventLog::open(LogConfig::temporary()).unwrap();
+    let outcome = log.append(vec![remote_event(1, 2, 0, None), remote_event(1, 1, 0, None)]).await.unwrap();
+    assert_eq!(outcome.out_of_order.len(), 1);
+    assert_eq!(outcome.out_of_order[0].id.seq, 2);
+    assert_eq!(outcome.appended.len(), 1);
+    assert_eq!(log.version_vector().get(&ReplicaId([101; 16])), 1);
+}
+
+#[tokio::test]
+async fn subscribers_are_woken_after_the_flush() {
+    let log = EventLog::open(LogConfig::temporary()).unwrap();
+    let mut rx = log.subscribe();
+    assert_eq!(*rx.borrow_and_update(), 0);
+    let writer = log.clone();
+    let task = tokio::spawn(async move { writer.append(vec![remote_event(1, 1, 0, None)]).await });
+    rx.changed().await.unwrap();
+    assert_eq!(*rx.borrow(), 1);
+    assert_eq!(log.read(0, 10).unwrap().len(), 1);
+    task.await.unwrap().unwrap();
+    log.set_cursor("store", 1).await.unwrap();
+    assert_eq!(log.cursor("store").unwrap(), 1);
+    assert_eq!(log.cursor("other").unwrap(), 0);
+}
