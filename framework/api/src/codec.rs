@@ -38,12 +38,19 @@ pub fn encode_into<T: Serialize>(value: &T, out: &mut Vec<u8>) -> Result<(), Cod
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
     let (&version, body) = bytes.split_first().ok_or(CodecError::Empty)?;
     if version != FORMAT_VERSION {
-        return Err(CodecError::UnknownVersion { found: version, supported: FORMAT_VERSION });
+        return Err(CodecError::UnknownVersion {
+            found: version,
+            supported: FORMAT_VERSION,
+        });
     }
     let mut reader = body;
-    let value = ciborium::from_reader(&mut reader).map_err(|e| CodecError::Malformed(e.to_string()))?;
+    let value =
+        ciborium::from_reader(&mut reader).map_err(|e| CodecError::Malformed(e.to_string()))?;
     if !reader.is_empty() {
-        return Err(CodecError::Malformed(format!("{} trailing bytes", reader.len())));
+        return Err(CodecError::Malformed(format!(
+            "{} trailing bytes",
+            reader.len()
+        )));
     }
     Ok(value)
 }
@@ -147,7 +154,10 @@ impl Message {
 /// Prefixes `payload` with its length as a big-endian `u32`.
 pub fn frame(payload: &[u8], max: usize) -> Result<Vec<u8>, CodecError> {
     if payload.len() > max || payload.len() > u32::MAX as usize {
-        return Err(CodecError::FrameTooLarge { len: payload.len(), max });
+        return Err(CodecError::FrameTooLarge {
+            len: payload.len(),
+            max,
+        });
     }
     let mut out = Vec::with_capacity(FRAME_HEADER_LEN + payload.len());
     out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
@@ -174,7 +184,10 @@ pub struct FrameDecoder {
 impl FrameDecoder {
     /// A decoder that refuses frames longer than `max`.
     pub fn new(max: usize) -> Self {
-        FrameDecoder { buf: Vec::new(), max }
+        FrameDecoder {
+            buf: Vec::new(),
+            max,
+        }
     }
 
     /// Adds bytes read from the stream.
@@ -207,11 +220,23 @@ mod tests {
 
     fn sample() -> Event {
         Event {
-            id: EventId { origin: ReplicaId([3; 16]), seq: 9 },
-            hlc: Hlc { wall_ms: 1_700_000_000_000, logical: 2 },
+            id: EventId {
+                origin: ReplicaId([3; 16]),
+                seq: 9,
+            },
+            hlc: Hlc {
+                wall_ms: 1_700_000_000_000,
+                logical: 2,
+            },
             key: Key::new("docs/a.txt").unwrap(),
-            parents: vec![EventId { origin: ReplicaId([4; 16]), seq: 1 }],
-            op: Op::Put { content: None, meta: Meta::dir(5) },
+            parents: vec![EventId {
+                origin: ReplicaId([4; 16]),
+                seq: 1,
+            }],
+            op: Op::Put {
+                content: None,
+                meta: Meta::dir(5),
+            },
         }
     }
 
@@ -225,9 +250,16 @@ mod tests {
 
     #[test]
     fn every_truncation_is_an_error_not_a_panic() {
-        let bytes = Message::Events { batch: vec![sample(), sample()] }.encode().unwrap();
+        let bytes = Message::Events {
+            batch: vec![sample(), sample()],
+        }
+        .encode()
+        .unwrap();
         for cut in 0..bytes.len() {
-            assert!(Message::decode(&bytes[..cut]).is_err(), "prefix of {cut} bytes decoded");
+            assert!(
+                Message::decode(&bytes[..cut]).is_err(),
+                "prefix of {cut} bytes decoded"
+            );
         }
     }
 
@@ -236,7 +268,16 @@ mod tests {
         let mut bytes = encode_event(&sample()).unwrap();
         bytes[0] = 9;
         let err = decode_event(&bytes).unwrap_err();
-        assert!(matches!(err, CodecError::UnknownVersion { found: 9, supported: 1 }), "{err}");
+        assert!(
+            matches!(
+                err,
+                CodecError::UnknownVersion {
+                    found: 9,
+                    supported: 1
+                }
+            ),
+            "{err}"
+        );
     }
 
     #[test]
@@ -267,7 +308,10 @@ mod tests {
         assert_eq!(d.next_frame().unwrap(), Some(Vec::new()));
         assert_eq!(d.next_frame().unwrap(), None);
         d.extend(&[0, 0, 0, 9]);
-        assert!(matches!(d.next_frame(), Err(CodecError::FrameTooLarge { len: 9, max: 8 })));
+        assert!(matches!(
+            d.next_frame(),
+            Err(CodecError::FrameTooLarge { len: 9, max: 8 })
+        ));
         assert!(frame(&[0; 9], 8).is_err());
     }
 }

@@ -85,12 +85,7 @@ impl TreeBuilder {
     }
 
     /// Adds the next data chunk (already stored under `hash`) of `len` bytes.
-    pub fn push(
-        &mut self,
-        hash: Hash,
-        len: u64,
-        emit: &mut dyn FnMut(Hash, Vec<u8>),
-    ) {
+    pub fn push(&mut self, hash: Hash, len: u64, emit: &mut dyn FnMut(Hash, Vec<u8>)) {
         self.size += len;
         self.chunks += 1;
         self.push_at(0, NodeEntry { hash, size: len }, emit);
@@ -128,7 +123,11 @@ impl TreeBuilder {
             0 => return None,
             1 => {
                 let only = self.levels[0][0];
-                return Some(ContentRef { root: only.hash, size: only.size, depth: 0 });
+                return Some(ContentRef {
+                    root: only.hash,
+                    size: only.size,
+                    depth: 0,
+                });
             }
             _ => {}
         }
@@ -138,7 +137,11 @@ impl TreeBuilder {
             let open = self.levels[level].len();
             if is_top && open == 1 && level > 0 {
                 let root = self.levels[level][0];
-                return Some(ContentRef { root: root.hash, size: self.size, depth: level as u8 });
+                return Some(ContentRef {
+                    root: root.hash,
+                    size: self.size,
+                    depth: level as u8,
+                });
             }
             if let Some(node) = self.close(level, emit) {
                 if is_top && open > 0 && level + 1 >= self.levels.len() {
@@ -203,12 +206,22 @@ mod tests {
         let (root2, store2) = build(&shifted);
         assert_eq!(flatten(&root2, &store2), shifted.concat());
         let new_nodes = store2.keys().filter(|h| !store.contains_key(h)).count();
-        assert!(new_nodes <= 1 + 2 * root2.depth as usize, "{new_nodes} new nodes");
+        assert!(
+            new_nodes <= 1 + 2 * root2.depth as usize,
+            "{new_nodes} new nodes"
+        );
     }
 
     #[test]
     fn single_chunk_is_its_own_root() {
         let (root, _) = build(&[b"only".to_vec()]);
-        assert_eq!(root, ContentRef { root: Hash::of(b"only"), size: 4, depth: 0 });
+        assert_eq!(
+            root,
+            ContentRef {
+                root: Hash::of(b"only"),
+                size: 4,
+                depth: 0
+            }
+        );
     }
 }

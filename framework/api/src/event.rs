@@ -67,7 +67,9 @@ impl ReplicaId {
 
 impl fmt::Display for ReplicaId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let plain = data_encoding::BASE32_NOPAD.encode(&self.0).to_ascii_lowercase();
+        let plain = data_encoding::BASE32_NOPAD
+            .encode(&self.0)
+            .to_ascii_lowercase();
         for (i, chunk) in plain.as_bytes().chunks(ID_GROUP).enumerate() {
             if i > 0 {
                 f.write_str("-")?;
@@ -131,7 +133,9 @@ impl fmt::Display for EventId {
 ///
 /// Ordered by `(wall_ms, logical)`; with the origin it gives the total order that
 /// last-write-wins uses.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 pub struct Hlc {
     /// Milliseconds since the Unix epoch, as the writing replica saw them (never decreasing).
     pub wall_ms: u64,
@@ -163,7 +167,10 @@ impl Hlc {
     /// when the wall clock is ahead. Monotonic even if the wall clock goes backwards.
     pub fn tick(self, now_ms: u64) -> Hlc {
         if now_ms > self.wall_ms {
-            Hlc { wall_ms: now_ms, logical: 0 }
+            Hlc {
+                wall_ms: now_ms,
+                logical: 0,
+            }
         } else {
             self.bump()
         }
@@ -181,14 +188,23 @@ impl Hlc {
         } else {
             0
         };
-        Hlc { wall_ms: wall, logical }
+        Hlc {
+            wall_ms: wall,
+            logical,
+        }
     }
 
     fn bump(self) -> Hlc {
         match self.logical.checked_add(1) {
-            Some(logical) => Hlc { wall_ms: self.wall_ms, logical },
+            Some(logical) => Hlc {
+                wall_ms: self.wall_ms,
+                logical,
+            },
             // 4 billion events in one millisecond: borrow the next millisecond.
-            None => Hlc { wall_ms: self.wall_ms + 1, logical: 0 },
+            None => Hlc {
+                wall_ms: self.wall_ms + 1,
+                logical: 0,
+            },
         }
     }
 }
@@ -223,12 +239,17 @@ impl Key {
 
     /// Whether `self` lies strictly below the directory key `dir`.
     pub fn is_under(&self, dir: &Key) -> bool {
-        self.0.len() > dir.0.len() && self.0.starts_with(&dir.0) && self.0.as_bytes()[dir.0.len()] == b'/'
+        self.0.len() > dir.0.len()
+            && self.0.starts_with(&dir.0)
+            && self.0.as_bytes()[dir.0.len()] == b'/'
     }
 }
 
 fn validate_key(s: &str) -> Result<(), KeyError> {
-    let err = |reason: &'static str| KeyError { key: s.escape_debug().to_string(), reason };
+    let err = |reason: &'static str| KeyError {
+        key: s.escape_debug().to_string(),
+        reason,
+    };
     if s.is_empty() {
         return Err(err("empty"));
     }
@@ -349,12 +370,20 @@ pub struct Meta {
 impl Meta {
     /// Metadata of a plain, non-executable file.
     pub fn file(mtime_ms: i64) -> Meta {
-        Meta { kind: EntryKind::File, mtime_ms, executable: false }
+        Meta {
+            kind: EntryKind::File,
+            mtime_ms,
+            executable: false,
+        }
     }
 
     /// Metadata of a directory.
     pub fn dir(mtime_ms: i64) -> Meta {
-        Meta { kind: EntryKind::Dir, mtime_ms, executable: false }
+        Meta {
+            kind: EntryKind::Dir,
+            mtime_ms,
+            executable: false,
+        }
     }
 }
 
@@ -457,7 +486,9 @@ mod tests {
     fn replica_id_round_trips_through_its_printed_form() {
         let id = ReplicaId([7u8; 16]);
         let printed = id.to_string();
-        assert!(printed.chars().all(|c| c == '-' || c.is_ascii_lowercase() || c.is_ascii_digit()));
+        assert!(printed
+            .chars()
+            .all(|c| c == '-' || c.is_ascii_lowercase() || c.is_ascii_digit()));
         assert_eq!(printed.split('-').count(), 4);
         assert_eq!(printed.parse::<ReplicaId>().ok(), Some(id));
         assert_eq!(printed.to_uppercase().parse::<ReplicaId>().ok(), Some(id));
@@ -470,10 +501,20 @@ mod tests {
 
     #[test]
     fn key_validation() {
-        for ok in ["a", "a/b", "dir/sub/file.txt", "with space/ünïcode.md", ".hidden", "a..b", "..a"] {
+        for ok in [
+            "a",
+            "a/b",
+            "dir/sub/file.txt",
+            "with space/ünïcode.md",
+            ".hidden",
+            "a..b",
+            "..a",
+        ] {
             check_key(ok, true);
         }
-        for bad in ["", "/abs", "a/", "a//b", "./a", "a/./b", "..", "a/../b", "a\\b", "a\0b", "a\nb"] {
+        for bad in [
+            "", "/abs", "a/", "a//b", "./a", "a/./b", "..", "a/../b", "a\\b", "a\0b", "a\nb",
+        ] {
             check_key(bad, false);
         }
         check_key(&"x".repeat(MAX_KEY_LEN), true);
@@ -498,20 +539,50 @@ mod tests {
             assert!(clock > last, "{clock:?} after {last:?} at {now}");
             last = clock;
         }
-        assert_eq!(clock, Hlc { wall_ms: 200, logical: 0 });
+        assert_eq!(
+            clock,
+            Hlc {
+                wall_ms: 200,
+                logical: 0
+            }
+        );
     }
 
     #[test]
     fn hlc_observe_exceeds_both_sides() {
-        let local = Hlc { wall_ms: 100, logical: 3 };
-        let remote = Hlc { wall_ms: 500, logical: 7 };
+        let local = Hlc {
+            wall_ms: 100,
+            logical: 3,
+        };
+        let remote = Hlc {
+            wall_ms: 500,
+            logical: 7,
+        };
         let seen = local.observe(remote, 10);
         assert!(seen > local && seen > remote);
-        assert_eq!(seen, Hlc { wall_ms: 500, logical: 8 });
+        assert_eq!(
+            seen,
+            Hlc {
+                wall_ms: 500,
+                logical: 8
+            }
+        );
         // A later local tick with a wall clock still behind stays above the remote reading.
         assert!(seen.tick(20) > remote);
-        assert_eq!(local.observe(local, 100), Hlc { wall_ms: 100, logical: 4 });
-        assert_eq!(local.observe(remote, 900), Hlc { wall_ms: 900, logical: 0 });
+        assert_eq!(
+            local.observe(local, 100),
+            Hlc {
+                wall_ms: 100,
+                logical: 4
+            }
+        );
+        assert_eq!(
+            local.observe(remote, 900),
+            Hlc {
+                wall_ms: 900,
+                logical: 0
+            }
+        );
     }
 
     #[test]

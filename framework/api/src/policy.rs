@@ -18,7 +18,11 @@ pub struct Head {
 impl Head {
     /// The head of a key that `event` would form.
     pub fn of(event: &Event) -> Head {
-        Head { id: event.id, hlc: event.hlc, op: event.op.clone() }
+        Head {
+            id: event.id,
+            hlc: event.hlc,
+            op: event.op.clone(),
+        }
     }
 
     /// The last-write-wins order: `(hlc, origin)`.

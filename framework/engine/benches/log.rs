@@ -16,18 +16,32 @@ const REBUILD_EVENTS: u64 = 1_000_000;
 fn event(origin: ReplicaId, seq: u64) -> Event {
     Event {
         id: EventId { origin, seq },
-        hlc: Hlc { wall_ms: 1_700_000_000_000 + seq, logical: 0 },
+        hlc: Hlc {
+            wall_ms: 1_700_000_000_000 + seq,
+            logical: 0,
+        },
         key: Key::new(format!("folder/sub{}/file-{}.txt", seq % 100, seq % 10_000)).unwrap(),
-        parents: vec![EventId { origin, seq: seq.saturating_sub(10_000).max(1) }],
+        parents: vec![EventId {
+            origin,
+            seq: seq.saturating_sub(10_000).max(1),
+        }],
         op: Op::Put {
-            content: Some(ContentRef { root: Hash::of(&seq.to_le_bytes()), size: 4096, depth: 0 }),
+            content: Some(ContentRef {
+                root: Hash::of(&seq.to_le_bytes()),
+                size: 4096,
+                depth: 0,
+            }),
             meta: Meta::file(1_700_000_000_000),
         },
     }
 }
 
 fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
 }
 
 fn bench_append(c: &mut Criterion) {
@@ -43,7 +57,8 @@ fn bench_append(c: &mut Criterion) {
         group.bench_with_input(BenchmarkId::new("durable", n), &n, |b, &n| {
             b.iter_batched(
                 || {
-                    let batch: Vec<Event> = (1..=n as u64).map(|i| event(origin, seq + i)).collect();
+                    let batch: Vec<Event> =
+                        (1..=n as u64).map(|i| event(origin, seq + i)).collect();
                     seq += n as u64;
                     batch
                 },
@@ -55,12 +70,20 @@ fn bench_append(c: &mut Criterion) {
 
         // The same bytes written straight into one sled tree and flushed: the floor.
         let dir = tempfile::tempdir().unwrap();
-        let db = sled::Config::new().path(dir.path()).cache_capacity(256 << 20).open().unwrap();
+        let db = sled::Config::new()
+            .path(dir.path())
+            .cache_capacity(256 << 20)
+            .open()
+            .unwrap();
         let tree = db.open_tree("raw").unwrap();
         let offset = std::cell::Cell::new(0u64);
         group.bench_with_input(BenchmarkId::new("raw_sled", n), &n, |b, &n| {
             b.iter_batched(
-                || (1..=n as u64).map(|i| codec::encode_event(&event(origin, offset.get() + i)).unwrap()).collect::<Vec<_>>(),
+                || {
+                    (1..=n as u64)
+                        .map(|i| codec::encode_event(&event(origin, offset.get() + i)).unwrap())
+                        .collect::<Vec<_>>()
+                },
                 |encoded| {
                     let mut batch = sled::Batch::default();
                     for bytes in encoded {
@@ -85,13 +108,18 @@ fn bench_rebuild(c: &mut Criterion) {
     rt.block_on(async {
         let mut seq = 0;
         while seq < REBUILD_EVENTS {
-            let batch: Vec<Event> = (1..=8192).map(|i| event(origin, seq + i)).take_while(|e| e.id.seq <= REBUILD_EVENTS).collect();
+            let batch: Vec<Event> = (1..=8192)
+                .map(|i| event(origin, seq + i))
+                .take_while(|e| e.id.seq <= REBUILD_EVENTS)
+                .collect();
             seq += batch.len() as u64;
             log.append(batch).await.unwrap();
         }
     });
     let mut group = c.benchmark_group("rebuild");
-    group.sample_size(10).measurement_time(Duration::from_secs(20));
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(20));
     group.throughput(Throughput::Elements(REBUILD_EVENTS));
     group.bench_function(BenchmarkId::new("events", REBUILD_EVENTS), |b| {
         b.iter(|| assert_eq!(rt.block_on(log.rebuild()).unwrap(), REBUILD_EVENTS))
@@ -102,29 +130,45 @@ fn bench_rebuild(c: &mut Criterion) {
 
 /// Median time per iteration of a benchmark, read back from criterion's own estimates.
 fn median_seconds(group: &str, id: &str) -> Option<f64> {
-    let dir = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| {
-        concat!(env!("CARGO_MANIFEST_DIR"), "/../../target").to_string()
-    });
+    let dir = std::env::var("CARGO_TARGET_DIR")
+        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../../target").to_string());
     let path = format!("{dir}/criterion/{group}/{id}/new/estimates.json");
     let text = std::fs::read_to_string(path).ok()?;
     // {"mean":{...},"median":{"confidence_interval":{...},"point_estimate":123.4,...
     let median = text.split("\"median\"").nth(1)?;
     let value = median.split("\"point_estimate\":").nth(1)?;
-    let number: String = value.chars().take_while(|c| c.is_ascii_digit() || *c == '.' || *c == 'e' || *c == '-').collect();
+    let number: String = value
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == 'e' || *c == '-')
+        .collect();
     number.parse::<f64>().ok().map(|ns| ns / 1e9)
 }
 
 fn print_table() {
     println!("\n| batch | converge durable append (events/s) | raw sled insert+flush (events/s) | ratio |");
-    println!("|------:|-----------------------------------:|---------------------------------:|------:|");
+    println!(
+        "|------:|-----------------------------------:|---------------------------------:|------:|"
+    );
     for n in BATCHES {
-        let (Some(ours), Some(raw)) = (median_seconds("append", &format!("durable/{n}")), median_seconds("append", &format!("raw_sled/{n}"))) else {
+        let (Some(ours), Some(raw)) = (
+            median_seconds("append", &format!("durable/{n}")),
+            median_seconds("append", &format!("raw_sled/{n}")),
+        ) else {
             continue;
         };
-        println!("| {n} | {:.0} | {:.0} | {:.0}% |", n as f64 / ours, n as f64 / raw, 100.0 * raw / ours);
+        println!(
+            "| {n} | {:.0} | {:.0} | {:.0}% |",
+            n as f64 / ours,
+            n as f64 / raw,
+            100.0 * raw / ours
+        );
     }
     if let Some(t) = median_seconds("rebuild", &format!("events/{REBUILD_EVENTS}")) {
-        println!("\nrebuild of a {REBUILD_EVENTS}-event log: {:.2} s median, {:.0} events/s", t, REBUILD_EVENTS as f64 / t);
+        println!(
+            "\nrebuild of a {REBUILD_EVENTS}-event log: {:.2} s median, {:.0} events/s",
+            t,
+            REBUILD_EVENTS as f64 / t
+        );
     }
 }
 

@@ -32,7 +32,10 @@ impl ChunkStore {
     pub fn put_verified(&self, hash: &Hash, bytes: &[u8]) -> Result<(), LogError> {
         let actual = Hash::of(bytes);
         if actual != *hash {
-            return Err(LogError::ChunkMismatch { expected: hash.to_hex(), actual: actual.to_hex() });
+            return Err(LogError::ChunkMismatch {
+                expected: hash.to_hex(),
+                actual: actual.to_hex(),
+            });
         }
         self.put_unchecked(hash, bytes)
     }
@@ -75,10 +78,11 @@ impl ChunkStore {
                 match self.tree.get(hash.0)? {
                     None => missing.push(hash),
                     Some(bytes) if depth > 0 => {
-                        let node = IndexNode::decode(&bytes).map_err(|source| LogError::Corrupt {
-                            what: format!("index node {hash:?}"),
-                            source,
-                        })?;
+                        let node =
+                            IndexNode::decode(&bytes).map_err(|source| LogError::Corrupt {
+                                what: format!("index node {hash:?}"),
+                                source,
+                            })?;
                         next.extend(node.children.iter().map(|c| c.hash));
                     }
                     Some(_) => {}
@@ -99,7 +103,12 @@ impl ChunkStore {
         self.walk(content.root, content.depth, f)
     }
 
-    fn walk(&self, hash: Hash, depth: u8, f: &mut dyn FnMut(&[u8]) -> Result<(), LogError>) -> Result<(), LogError> {
+    fn walk(
+        &self,
+        hash: Hash,
+        depth: u8,
+        f: &mut dyn FnMut(&[u8]) -> Result<(), LogError>,
+    ) -> Result<(), LogError> {
         let bytes = self.tree.get(hash.0)?.ok_or_else(|| LogError::Corrupt {
             what: format!("chunk {hash:?}"),
             source: converge_api::CodecError::Malformed("missing from the content store".into()),
@@ -107,8 +116,10 @@ impl ChunkStore {
         if depth == 0 {
             return f(&bytes);
         }
-        let node = IndexNode::decode(&bytes)
-            .map_err(|source| LogError::Corrupt { what: format!("index node {hash:?}"), source })?;
+        let node = IndexNode::decode(&bytes).map_err(|source| LogError::Corrupt {
+            what: format!("index node {hash:?}"),
+            source,
+        })?;
         for child in node.children {
             self.walk(child.hash, depth - 1, f)?;
         }

@@ -90,6 +90,9 @@ pub struct PluginError {
 impl PluginError {
     /// A plugin error with a message.
     pub fn new(plugin: impl Into<String>, message: impl std::fmt::Display) -> Self {
-        PluginError { plugin: plugin.into(), message: message.to_string() }
+        PluginError {
+            plugin: plugin.into(),
+            message: message.to_string(),
+        }
     }
 }

@@ -1,20 +1,29 @@
 //! The event log on sled: the single source of truth of a replica.
 //!
-//! Trees (DESIGN §3): `log` (offset → event), `ids` ((origin, seq) → offset), `vv`
+//! Trees (DESIGN §3): `log` (offset → event), `ids` ((origin, seq) → offset, sparse), `vv`
 //! (origin → highest contiguous seq), `cursors` (subscriber → next offset to process),
-//! `state` (key → heads; derived), `chunks` (hash → bytes) and `meta` (identity, clock).
+//! `state` (key → heads), `chunks` (hash → bytes) and `meta` (identity, clock, checkpoint).
 //!
 //! Every append goes through one writer thread. It drains the queue of waiting requests,
-//! writes them in one sled transaction over `log`, `ids`, `vv`, `state` and `meta`,
-//! flushes once, and only then answers every request of the batch (group commit). It runs
-//! on its own OS thread so sled's writes and flushes never block the async runtime.
-//! Subscribers learn of new durable entries through [`EventLog::subscribe`].
+//! writes their events to `log` in one atomic batch, flushes once, and only then answers
+//! every request of the batch (group commit). It runs on its own OS thread so sled's writes
+//! and flushes never block the async runtime. Subscribers learn of new durable entries
+//! through [`EventLog::subscribe`].
+//!
+//! `log` is the only ground truth; `ids`, `vv` and `state` are derived from it. To keep the
+//! append path to one insert per event, derived changes collect in memory (the *overlay*,
+//! which reads consult first) and reach their trees in a *checkpoint*: one sled transaction
+//! that also records the log offset they reflect (`meta/derived_upto`). Opening the log
+//! folds the entries after that offset again, so a crash at any point loses nothing.
+//! `ids` holds every [`IDS_STRIDE`]-th seq of each origin; a lookup scans forward from there.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
 
-use converge_api::{codec, Event, EventId, Head, Hlc, Key, Op, ReplicaId, SystemClock, VersionVector, WallClock};
+use converge_api::{
+    codec, Event, EventId, Head, Hlc, Key, Op, ReplicaId, SystemClock, VersionVector, WallClock,
+};
 use sled::transaction::{TransactionError, Transactional};
 use sled::{Batch, IVec, Tree};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -29,9 +38,17 @@ const MAX_COMMIT_EVENTS: usize = 8192;
 /// Events read per batch while rebuilding, so the log is never held in memory whole.
 const REBUILD_READ_BATCH: usize = 16 * 1024;
 
+/// A checkpoint is written after this many events, or when the overlay holds more keys.
+const CHECKPOINT_EVENTS: u64 = 200_000;
+const CHECKPOINT_KEYS: usize = 50_000;
+
+/// Every `IDS_STRIDE`-th event of an origin (seq 1, 1 + stride, …) is indexed in `ids`.
+pub const IDS_STRIDE: u64 = 64;
+
 const META_REPLICA: &[u8] = b"replica";
 const META_HLC: &[u8] = b"hlc";
 const META_REBUILDING: &[u8] = b"rebuilding";
+const META_DERIVED_UPTO: &[u8] = b"derived_upto";
 
 /// A local change for [`EventLog::append_local`]: the log fills in id, clock and parents.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -59,20 +76,36 @@ pub struct AppendOutcome {
 pub struct LogConfig {
     sled: sled::Config,
     clock: Arc<dyn WallClock>,
+    checkpoint_events: u64,
 }
 
 impl LogConfig {
     /// A log stored in the directory `path` (created if missing).
     pub fn new(path: impl AsRef<Path>) -> Self {
         LogConfig {
-            sled: sled::Config::new().path(path.as_ref()).cache_capacity(256 << 20),
+            sled: sled::Config::new()
+                .path(path.as_ref())
+                .cache_capacity(256 << 20),
             clock: Arc::new(SystemClock),
+            checkpoint_events: CHECKPOINT_EVENTS,
         }
     }
 
     /// A log in a temporary directory removed when the log is dropped (tests, demos).
     pub fn temporary() -> Self {
-        LogConfig { sled: sled::Config::new().temporary(true), clock: Arc::new(SystemClock) }
+        LogConfig {
+            sled: sled::Config::new().temporary(true),
+            clock: Arc::new(SystemClock),
+            checkpoint_events: CHECKPOINT_EVENTS,
+        }
+    }
+
+    /// Checkpoints the derived trees after every `events` appended events (tests use small
+    /// values to exercise checkpoints; larger values make appends cheaper and opening
+    /// after a crash slower).
+    pub fn checkpoint_every(mut self, events: u64) -> Self {
+        self.checkpoint_events = events.max(1);
+        self
     }
 
     /// Uses `clock` instead of the system clock for new events' timestamps.
@@ -102,6 +135,7 @@ struct Shared {
     requests: Mutex<Option<mpsc::Sender<Request>>>,
     durable_len: watch::Receiver<u64>,
     durable_vv: Arc<RwLock<VersionVector>>,
+    overlay: Arc<RwLock<Overlay>>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
@@ -115,8 +149,18 @@ struct Trees {
     meta: Tree,
 }
 
+/// Derived changes not yet checkpointed into their trees; durable through the log.
+#[derive(Default)]
+struct Overlay {
+    states: BTreeMap<Key, KeyState>,
+    ids: BTreeMap<[u8; 24], u64>,
+}
+
 enum Request {
-    Local(Vec<LocalChange>, oneshot::Sender<Result<Vec<Event>, LogError>>),
+    Local(
+        Vec<LocalChange>,
+        oneshot::Sender<Result<Vec<Event>, LogError>>,
+    ),
     Remote(Vec<Event>, oneshot::Sender<Result<AppendOutcome, LogError>>),
     Rebuild(oneshot::Sender<Result<u64, LogError>>),
 }
@@ -170,23 +214,37 @@ impl EventLog {
             None => 0,
         };
 
+        let derived_upto = match trees.meta.get(META_DERIVED_UPTO)? {
+            Some(v) => u64_from("meta/derived_upto", &v)?,
+            None => 0,
+        };
+
         let (len_tx, durable_len) = watch::channel(next_offset);
-        let durable_vv = Arc::new(RwLock::new(vv.clone()));
+        let durable_vv = Arc::new(RwLock::new(VersionVector::new()));
+        let overlay = Arc::new(RwLock::new(Overlay::default()));
         let mut writer = Writer {
             trees: trees.clone(),
             db: db.clone(),
             replica,
             clock: config.clock,
+            checkpoint_events: config.checkpoint_events,
             hlc,
             vv,
-            next_offset,
+            next_offset: derived_upto,
+            since_checkpoint: 0,
             published_len: len_tx,
             published_vv: durable_vv.clone(),
+            overlay: overlay.clone(),
         };
-        // A rebuild that a crash interrupted left the projection half-written: redo it.
-        if trees.meta.contains_key(META_REBUILDING)? {
+        if trees.meta.contains_key(META_REBUILDING)? || derived_upto > next_offset {
+            // A rebuild that a crash interrupted, or derived trees ahead of the log:
+            // derive everything from the log again.
             writer.rebuild()?;
+        } else {
+            // Entries appended after the last checkpoint: fold them into the overlay.
+            writer.refold_tail(next_offset)?;
         }
+        writer.publish();
 
         let (tx, rx) = mpsc::channel(1024);
         let shared = Arc::new(Shared {
@@ -197,6 +255,7 @@ impl EventLog {
             requests: Mutex::new(Some(tx)),
             durable_len,
             durable_vv,
+            overlay,
             writer: Mutex::new(None),
         });
         let handle = std::thread::Builder::new()
@@ -226,7 +285,11 @@ impl EventLog {
 
     /// The version vector of the durable log.
     pub fn version_vector(&self) -> VersionVector {
-        self.shared.durable_vv.read().map(|vv| vv.clone()).unwrap_or_default()
+        self.shared
+            .durable_vv
+            .read()
+            .map(|vv| vv.clone())
+            .unwrap_or_default()
     }
 
     /// The content store that shares this log's database (and its flushes).
@@ -241,14 +304,22 @@ impl EventLog {
     }
 
     fn sender(&self) -> Result<mpsc::Sender<Request>, LogError> {
-        self.shared.requests.lock().ok().and_then(|s| s.clone()).ok_or(LogError::Closed)
+        self.shared
+            .requests
+            .lock()
+            .ok()
+            .and_then(|s| s.clone())
+            .ok_or(LogError::Closed)
     }
 
     /// Appends local changes as new events of this replica (seq, clock and parents filled
     /// in: the parents are the key's current heads). Returns once they are durable.
     pub async fn append_local(&self, changes: Vec<LocalChange>) -> Result<Vec<Event>, LogError> {
         let (tx, rx) = oneshot::channel();
-        self.sender()?.send(Request::Local(changes, tx)).await.map_err(|_| LogError::Closed)?;
+        self.sender()?
+            .send(Request::Local(changes, tx))
+            .await
+            .map_err(|_| LogError::Closed)?;
         rx.await.map_err(|_| LogError::Closed)?
     }
 
@@ -259,7 +330,10 @@ impl EventLog {
             return Ok(AppendOutcome::default());
         }
         let (tx, rx) = oneshot::channel();
-        self.sender()?.send(Request::Remote(events, tx)).await.map_err(|_| LogError::Closed)?;
+        self.sender()?
+            .send(Request::Remote(events, tx))
+            .await
+            .map_err(|_| LogError::Closed)?;
         rx.await.map_err(|_| LogError::Closed)?
     }
 
@@ -267,7 +341,10 @@ impl EventLog {
     /// meanwhile. Returns the number of events folded.
     pub async fn rebuild(&self) -> Result<u64, LogError> {
         let (tx, rx) = oneshot::channel();
-        self.sender()?.send(Request::Rebuild(tx)).await.map_err(|_| LogError::Closed)?;
+        self.sender()?
+            .send(Request::Rebuild(tx))
+            .await
+            .map_err(|_| LogError::Closed)?;
         rx.await.map_err(|_| LogError::Closed)?
     }
 
@@ -275,7 +352,13 @@ impl EventLog {
     pub fn read(&self, from: u64, limit: usize) -> Result<Vec<(u64, Event)>, LogError> {
         let end = self.len();
         let mut out = Vec::with_capacity(limit.min(4096));
-        for entry in self.shared.trees.log.range(from.to_be_bytes()..end.to_be_bytes()).take(limit) {
+        for entry in self
+            .shared
+            .trees
+            .log
+            .range(from.to_be_bytes()..end.to_be_bytes())
+            .take(limit)
+        {
             let (k, v) = entry?;
             let offset = u64_from("log offset", &k)?;
             out.push((offset, decode_event(offset, &v)?));
@@ -283,17 +366,48 @@ impl EventLog {
         Ok(out)
     }
 
-    /// The offset of the event `id`, if the log holds it.
+    /// The offset of the event `id`, if the log holds it: from the nearest indexed seq
+    /// at or below it, scanning forward.
     pub fn offset_of(&self, id: &EventId) -> Result<Option<u64>, LogError> {
-        match self.shared.trees.ids.get(id_key(id))? {
-            Some(v) => Ok(Some(u64_from("ids", &v)?)),
-            None => Ok(None),
+        if id.seq == 0 || !self.version_vector().contains(id) {
+            return Ok(None);
         }
+        let base = EventId {
+            origin: id.origin,
+            seq: (id.seq - 1) / IDS_STRIDE * IDS_STRIDE + 1,
+        };
+        let indexed = self
+            .shared
+            .overlay
+            .read()
+            .ok()
+            .and_then(|o| o.ids.get(&id_key(&base)).copied());
+        let start = match indexed {
+            Some(offset) => offset,
+            None => match self.shared.trees.ids.get(id_key(&base))? {
+                Some(v) => u64_from("ids", &v)?,
+                None => return Ok(None),
+            },
+        };
+        for entry in self.shared.trees.log.range(start.to_be_bytes()..) {
+            let (k, v) = entry?;
+            let offset = u64_from("log offset", &k)?;
+            let event = decode_event(offset, &v)?;
+            if event.id == *id {
+                return Ok(Some(offset));
+            }
+            if event.id.origin == id.origin && event.id.seq > id.seq {
+                break;
+            }
+        }
+        Ok(None)
     }
 
     /// The event `id`, if the log holds it.
     pub fn get(&self, id: &EventId) -> Result<Option<Event>, LogError> {
-        let Some(offset) = self.offset_of(id)? else { return Ok(None) };
+        let Some(offset) = self.offset_of(id)? else {
+            return Ok(None);
+        };
         match self.shared.trees.log.get(offset.to_be_bytes())? {
             Some(v) => Ok(Some(decode_event(offset, &v)?)),
             None => Ok(None),
@@ -302,10 +416,7 @@ impl EventLog {
 
     /// The current state (heads) of `key`; empty if the log has no event on it.
     pub fn state(&self, key: &Key) -> Result<KeyState, LogError> {
-        match self.shared.trees.state.get(key.as_str())? {
-            Some(v) => KeyState::decode(key.as_str().as_bytes(), &v),
-            None => Ok(KeyState::default()),
-        }
+        read_state(&self.shared.overlay, &self.shared.trees.state, key)
     }
 
     /// The heads of `key`.
@@ -313,20 +424,19 @@ impl EventLog {
         Ok(self.state(key)?.heads)
     }
 
-    /// Every key with its state, in key order (the whole projection, streamed).
+    /// Every key with its state, in key order (the whole projection, streamed from the
+    /// tree and merged with the not yet checkpointed overlay).
     pub fn states(&self) -> impl Iterator<Item = Result<(Key, KeyState), LogError>> + '_ {
-        self.shared.trees.state.iter().map(|entry| {
-            let (k, v) = entry?;
-            let key = std::str::from_utf8(&k)
-                .ok()
-                .and_then(|s| Key::new(s).ok())
-                .ok_or_else(|| LogError::Corrupt {
-                    what: format!("state key {:?}", String::from_utf8_lossy(&k)),
-                    source: converge_api::CodecError::Malformed("not a valid key".into()),
-                })?;
-            let state = KeyState::decode(&k, &v)?;
-            Ok((key, state))
-        })
+        let overlay: BTreeMap<Key, KeyState> = self
+            .shared
+            .overlay
+            .read()
+            .map(|o| o.states.clone())
+            .unwrap_or_default();
+        StatesIter {
+            tree: self.shared.trees.state.iter().peekable(),
+            overlay: overlay.into_iter().peekable(),
+        }
     }
 
     /// The next offset subscriber `name` will process (0 for a new subscriber).
@@ -342,7 +452,10 @@ impl EventLog {
         let mut out = BTreeMap::new();
         for entry in self.shared.trees.cursors.iter() {
             let (k, v) = entry?;
-            out.insert(String::from_utf8_lossy(&k).into_owned(), u64_from("cursor", &v)?);
+            out.insert(
+                String::from_utf8_lossy(&k).into_owned(),
+                u64_from("cursor", &v)?,
+            );
         }
         Ok(out)
     }
@@ -350,7 +463,10 @@ impl EventLog {
     /// Durably sets subscriber `name`'s cursor (after it processed everything before
     /// `next`, or to rewind it for a replay). Flushes on a blocking thread.
     pub async fn set_cursor(&self, name: &str, next: u64) -> Result<(), LogError> {
-        self.shared.trees.cursors.insert(name, &next.to_be_bytes())?;
+        self.shared
+            .trees
+            .cursors
+            .insert(name, &next.to_be_bytes())?;
         self.flush().await
     }
 
@@ -371,7 +487,10 @@ impl EventLog {
         }
         let handle = self.shared.writer.lock().ok().and_then(|mut h| h.take());
         if let Some(handle) = handle {
-            tokio::task::spawn_blocking(move || handle.join()).await.map_err(|_| LogError::Closed)?.ok();
+            tokio::task::spawn_blocking(move || handle.join())
+                .await
+                .map_err(|_| LogError::Closed)?
+                .ok();
         }
         self.flush().await
     }
@@ -383,21 +502,22 @@ struct Writer {
     db: sled::Db,
     replica: ReplicaId,
     clock: Arc<dyn WallClock>,
+    checkpoint_events: u64,
     hlc: Hlc,
     vv: VersionVector,
     next_offset: u64,
+    since_checkpoint: u64,
     published_len: watch::Sender<u64>,
     published_vv: Arc<RwLock<VersionVector>>,
+    overlay: Arc<RwLock<Overlay>>,
 }
 
-/// What one group commit will write, built before the transaction so that the
-/// transaction closure only applies ready batches.
+/// What one group commit will write, staged before anything touches sled.
 #[derive(Default)]
 struct Pending {
     log: Batch,
-    ids: Batch,
     states: HashMap<Key, KeyState>,
-    vv_touched: Vec<ReplicaId>,
+    ids: Vec<([u8; 24], u64)>,
     events: usize,
 }
 
@@ -416,7 +536,23 @@ impl Writer {
                 }
             }
             self.commit_batch(batch);
+            if self.since_checkpoint >= self.checkpoint_events
+                || self.overlay_keys() >= CHECKPOINT_KEYS
+            {
+                if let Err(e) = self.checkpoint() {
+                    tracing::error!(
+                        "checkpoint of the derived trees failed (the log is intact): {e}"
+                    );
+                }
+            }
         }
+        if let Err(e) = self.checkpoint() {
+            tracing::error!("final checkpoint failed (the log is intact): {e}");
+        }
+    }
+
+    fn overlay_keys(&self) -> usize {
+        self.overlay.read().map(|o| o.states.len()).unwrap_or(0)
     }
 
     fn commit_batch(&mut self, batch: Vec<Request>) {
@@ -436,36 +572,44 @@ impl Writer {
                 Request::Rebuild(reply) => {
                     // Commit what is staged first so the rebuild sees it.
                     let staged = self.commit(std::mem::take(&mut pending));
-                    if let Err(e) = &staged {
-                        self.hlc = saved.0;
-                        self.vv = saved.1.clone();
-                        self.next_offset = saved.2;
-                        tracing::error!("group commit failed: {e}");
+                    if staged.is_err() {
+                        self.restore(&saved);
                     }
                     finish(std::mem::take(&mut replies), staged.as_ref().err());
-                    let _ = reply.send(self.rebuild());
+                    let _ = reply.send(self.rebuild().inspect(|_| self.publish()));
                 }
             }
         }
         let result = self.commit(pending);
         if let Err(e) = &result {
             tracing::error!("group commit failed: {e}");
-            self.hlc = saved.0;
-            self.vv = saved.1;
-            self.next_offset = saved.2;
+            self.restore(&saved);
         }
         finish(replies, result.as_ref().err());
     }
 
-    fn stage_local(&mut self, changes: Vec<LocalChange>, pending: &mut Pending) -> Result<Vec<Event>, LogError> {
+    fn restore(&mut self, saved: &(Hlc, VersionVector, u64)) {
+        self.hlc = saved.0;
+        self.vv = saved.1.clone();
+        self.next_offset = saved.2;
+    }
+
+    fn stage_local(
+        &mut self,
+        changes: Vec<LocalChange>,
+        pending: &mut Pending,
+    ) -> Result<Vec<Event>, LogError> {
         let mut out = Vec::with_capacity(changes.len());
         for change in changes {
-            let state = staged_state(&self.trees.state, &mut pending.states, &change.key)?;
+            let state = self.staged_state(&mut pending.states, &change.key)?;
             let parents = state.heads.iter().map(|h| h.id).collect();
             self.hlc = self.hlc.tick(self.clock.now_ms());
             let seq = self.vv.get(&self.replica) + 1;
             let event = Event {
-                id: EventId { origin: self.replica, seq },
+                id: EventId {
+                    origin: self.replica,
+                    seq,
+                },
                 hlc: self.hlc,
                 key: change.key,
                 parents,
@@ -477,7 +621,11 @@ impl Writer {
         Ok(out)
     }
 
-    fn stage_remote(&mut self, events: Vec<Event>, pending: &mut Pending) -> Result<AppendOutcome, LogError> {
+    fn stage_remote(
+        &mut self,
+        events: Vec<Event>,
+        pending: &mut Pending,
+    ) -> Result<AppendOutcome, LogError> {
         let mut outcome = AppendOutcome::default();
         let now = self.clock.now_ms();
         for event in events {
@@ -495,15 +643,30 @@ impl Writer {
         Ok(outcome)
     }
 
+    /// The state of `key` as this group commit will leave it: staged, else overlay, else tree.
+    fn staged_state<'p>(
+        &self,
+        states: &'p mut HashMap<Key, KeyState>,
+        key: &Key,
+    ) -> Result<&'p mut KeyState, LogError> {
+        use std::collections::hash_map::Entry;
+        Ok(match states.entry(key.clone()) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(e) => e.insert(read_state(&self.overlay, &self.trees.state, key)?),
+        })
+    }
+
     fn stage_event(&mut self, event: &Event, pending: &mut Pending) -> Result<(), LogError> {
-        let bytes = codec::encode_event(event)
-            .map_err(|source| LogError::Encode { what: format!("event {:?}", event.id), source })?;
+        let bytes = codec::encode_event(event).map_err(|source| LogError::Encode {
+            what: format!("event {:?}", event.id),
+            source,
+        })?;
         let offset = self.next_offset;
-        staged_state(&self.trees.state, &mut pending.states, &event.key)?.fold(event, &self.vv);
+        self.staged_state(&mut pending.states, &event.key)?
+            .fold(event, &self.vv);
         pending.log.insert(&offset.to_be_bytes(), bytes);
-        pending.ids.insert(id_key(&event.id).to_vec(), &offset.to_be_bytes());
-        if !pending.vv_touched.contains(&event.id.origin) {
-            pending.vv_touched.push(event.id.origin);
+        if event.id.seq % IDS_STRIDE == 1 {
+            pending.ids.push((id_key(&event.id), offset));
         }
         pending.events += 1;
         self.vv.set(event.id.origin, event.id.seq);
@@ -511,27 +674,62 @@ impl Writer {
         Ok(())
     }
 
+    /// Writes the staged events, flushes, then publishes the derived changes: nothing is
+    /// visible to readers or acknowledged before it is durable.
     fn commit(&mut self, pending: Pending) -> Result<(), LogError> {
         if pending.events == 0 {
             return Ok(());
         }
-        let mut vv = Batch::default();
-        for origin in &pending.vv_touched {
-            vv.insert(&origin.0, &self.vv.get(origin).to_be_bytes());
+        self.trees.log.apply_batch(pending.log)?;
+        self.db.flush()?;
+        self.since_checkpoint += pending.events as u64;
+        if let Ok(mut overlay) = self.overlay.write() {
+            overlay.states.extend(pending.states);
+            overlay.ids.extend(pending.ids);
         }
-        let mut state = Batch::default();
-        for (key, s) in &pending.states {
-            state.insert(key.as_str(), s.encode()?);
+        self.publish();
+        Ok(())
+    }
+
+    fn publish(&self) {
+        if let Ok(mut vv) = self.published_vv.write() {
+            vv.clone_from(&self.vv);
         }
-        let mut meta = Batch::default();
+        self.published_len.send_replace(self.next_offset);
+    }
+
+    /// Moves the overlay into the derived trees in one transaction, with the offset they
+    /// now reflect.
+    fn checkpoint(&mut self) -> Result<(), LogError> {
+        let (mut state, mut ids, mut vv, mut meta) = (
+            Batch::default(),
+            Batch::default(),
+            Batch::default(),
+            Batch::default(),
+        );
+        {
+            let overlay = self.overlay.read().map_err(|_| LogError::Closed)?;
+            if overlay.states.is_empty() && overlay.ids.is_empty() && self.since_checkpoint == 0 {
+                return Ok(());
+            }
+            for (key, s) in &overlay.states {
+                state.insert(key.as_str(), s.encode()?);
+            }
+            for (k, offset) in &overlay.ids {
+                ids.insert(&k[..], &offset.to_be_bytes());
+            }
+        }
+        for (origin, seq) in &self.vv.0 {
+            vv.insert(&origin.0, &seq.to_be_bytes());
+        }
+        meta.insert(META_DERIVED_UPTO, &self.next_offset.to_be_bytes());
         meta.insert(META_HLC, encode_stored("hlc", &self.hlc)?);
-        let trees = &self.trees;
-        (&trees.log, &trees.ids, &trees.vv, &trees.state, &trees.meta)
-            .transaction(|(log, ids, vvt, st, me)| {
-                log.apply_batch(&pending.log)?;
-                ids.apply_batch(&pending.ids)?;
-                vvt.apply_batch(&vv)?;
+        let t = &self.trees;
+        (&t.state, &t.ids, &t.vv, &t.meta)
+            .transaction(|(st, id, v, me)| {
                 st.apply_batch(&state)?;
+                id.apply_batch(&ids)?;
+                v.apply_batch(&vv)?;
                 me.apply_batch(&meta)?;
                 Ok(())
             })
@@ -540,31 +738,77 @@ impl Writer {
                 TransactionError::Abort(()) => LogError::Closed,
             })?;
         self.db.flush()?;
-        // Publish before anyone is answered, so an acknowledged event is readable.
-        if let Ok(mut vv) = self.published_vv.write() {
-            vv.clone_from(&self.vv);
+        if let Ok(mut overlay) = self.overlay.write() {
+            *overlay = Overlay::default();
         }
-        self.published_len.send_replace(self.next_offset);
+        self.since_checkpoint = 0;
         Ok(())
     }
 
-    /// Drops the projection and folds the whole log into it, streaming the log in batches.
+    /// Folds log entries from `self.next_offset` (the checkpoint) to `end` into the overlay.
+    fn refold_tail(&mut self, end: u64) -> Result<(), LogError> {
+        let mut staged = Pending::default();
+        for entry in self
+            .trees
+            .log
+            .range(self.next_offset.to_be_bytes()..end.to_be_bytes())
+        {
+            let (k, v) = entry?;
+            let offset = u64_from("log offset", &k)?;
+            let event = decode_event(offset, &v)?;
+            self.hlc = self.hlc.max(event.hlc);
+            self.staged_state(&mut staged.states, &event.key)?
+                .fold(&event, &self.vv);
+            if event.id.seq % IDS_STRIDE == 1 {
+                staged.ids.push((id_key(&event.id), offset));
+            }
+            self.vv.set(event.id.origin, event.id.seq);
+            self.next_offset = offset + 1;
+            self.since_checkpoint += 1;
+        }
+        if let Ok(mut overlay) = self.overlay.write() {
+            overlay.states.extend(staged.states);
+            overlay.ids.extend(staged.ids);
+        }
+        Ok(())
+    }
+
+    /// Drops every derived tree and folds the whole log into them again, streaming the
+    /// log in batches; the states (one per key) are the only thing held in memory.
     fn rebuild(&mut self) -> Result<u64, LogError> {
         self.trees.meta.insert(META_REBUILDING, &[1u8])?;
         self.db.flush()?;
         self.trees.state.clear()?;
+        self.trees.ids.clear()?;
+        self.trees.vv.clear()?;
+        if let Ok(mut overlay) = self.overlay.write() {
+            *overlay = Overlay::default();
+        }
         let mut states: HashMap<Key, KeyState> = HashMap::new();
-        let mut known = VersionVector::new();
+        let mut ids = Batch::default();
+        self.vv = VersionVector::new();
         let mut folded = 0u64;
         let mut from = 0u64;
         loop {
             let mut read = 0;
-            for entry in self.trees.log.range(from.to_be_bytes()..).take(REBUILD_READ_BATCH) {
+            for entry in self
+                .trees
+                .log
+                .range(from.to_be_bytes()..)
+                .take(REBUILD_READ_BATCH)
+            {
                 let (k, v) = entry?;
                 let offset = u64_from("log offset", &k)?;
                 let event = decode_event(offset, &v)?;
-                states.entry(event.key.clone()).or_default().fold(&event, &known);
-                known.set(event.id.origin, event.id.seq);
+                states
+                    .entry(event.key.clone())
+                    .or_default()
+                    .fold(&event, &self.vv);
+                if event.id.seq % IDS_STRIDE == 1 {
+                    ids.insert(&id_key(&event.id)[..], &offset.to_be_bytes());
+                }
+                self.vv.set(event.id.origin, event.id.seq);
+                self.hlc = self.hlc.max(event.hlc);
                 from = offset + 1;
                 read += 1;
             }
@@ -573,20 +817,70 @@ impl Writer {
                 break;
             }
         }
+        self.trees.ids.apply_batch(ids)?;
         let mut batch = Batch::default();
-        let mut in_batch = 0;
-        for (key, state) in states {
+        for (i, (key, state)) in states.into_iter().enumerate() {
             batch.insert(key.as_str(), state.encode()?);
-            in_batch += 1;
-            if in_batch == 4096 {
+            if i % 8192 == 8191 {
                 self.trees.state.apply_batch(std::mem::take(&mut batch))?;
-                in_batch = 0;
             }
         }
         self.trees.state.apply_batch(batch)?;
+        self.next_offset = from;
+        self.since_checkpoint = 1; // forces the checkpoint below to write vv and the offset
+        self.checkpoint()?;
         self.trees.meta.remove(META_REBUILDING)?;
         self.db.flush()?;
         Ok(folded)
+    }
+}
+
+/// Merges the checkpointed states (sled, in key order) with the overlay (in key order).
+struct StatesIter {
+    tree: std::iter::Peekable<sled::Iter>,
+    overlay: std::iter::Peekable<std::collections::btree_map::IntoIter<Key, KeyState>>,
+}
+
+impl Iterator for StatesIter {
+    type Item = Result<(Key, KeyState), LogError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        use std::cmp::Ordering;
+        let order = match (self.tree.peek(), self.overlay.peek()) {
+            (None, None) => return None,
+            (Some(Err(_)), _) | (Some(_), None) => Ordering::Less,
+            (None, Some(_)) => Ordering::Greater,
+            (Some(Ok((k, _))), Some((ok, _))) => k.as_ref().cmp(ok.as_str().as_bytes()),
+        };
+        match order {
+            Ordering::Greater => self.overlay.next().map(Ok),
+            Ordering::Equal => {
+                self.tree.next();
+                self.overlay.next().map(Ok)
+            }
+            Ordering::Less => self.tree.next().map(|entry| {
+                let (k, v) = entry?;
+                let key = std::str::from_utf8(&k)
+                    .ok()
+                    .and_then(|s| Key::new(s).ok())
+                    .ok_or_else(|| LogError::Corrupt {
+                        what: format!("state key {:?}", String::from_utf8_lossy(&k)),
+                        source: converge_api::CodecError::Malformed("not a valid key".into()),
+                    })?;
+                Ok((key, KeyState::decode(&k, &v)?))
+            }),
+        }
+    }
+}
+
+/// The durable state of `key`: the overlay's if it has one, else the tree's.
+fn read_state(overlay: &RwLock<Overlay>, tree: &Tree, key: &Key) -> Result<KeyState, LogError> {
+    if let Some(state) = overlay.read().ok().and_then(|o| o.states.get(key).cloned()) {
+        return Ok(state);
+    }
+    match tree.get(key.as_str())? {
+        Some(v) => KeyState::decode(key.as_str().as_bytes(), &v),
+        None => Ok(KeyState::default()),
     }
 }
 
@@ -601,8 +895,14 @@ impl Request {
 }
 
 enum Reply {
-    Local(Result<Vec<Event>, LogError>, oneshot::Sender<Result<Vec<Event>, LogError>>),
-    Remote(Result<AppendOutcome, LogError>, oneshot::Sender<Result<AppendOutcome, LogError>>),
+    Local(
+        Result<Vec<Event>, LogError>,
+        oneshot::Sender<Result<Vec<Event>, LogError>>,
+    ),
+    Remote(
+        Result<AppendOutcome, LogError>,
+        oneshot::Sender<Result<AppendOutcome, LogError>>,
+    ),
 }
 
 /// Answers every request of a group commit: with its own result if the commit succeeded,
@@ -627,22 +927,6 @@ fn finish(replies: Vec<Reply>, failure: Option<&LogError>) {
     }
 }
 
-/// The state of `key` as this group commit will leave it, loaded from the tree on first use.
-fn staged_state<'p>(
-    tree: &Tree,
-    states: &'p mut HashMap<Key, KeyState>,
-    key: &Key,
-) -> Result<&'p mut KeyState, LogError> {
-    use std::collections::hash_map::Entry;
-    Ok(match states.entry(key.clone()) {
-        Entry::Occupied(e) => e.into_mut(),
-        Entry::Vacant(e) => e.insert(match tree.get(key.as_str())? {
-            Some(v) => KeyState::decode(key.as_str().as_bytes(), &v)?,
-            None => KeyState::default(),
-        }),
-    })
-}
-
 fn id_key(id: &EventId) -> [u8; 24] {
     let mut k = [0u8; 24];
     k[..16].copy_from_slice(&id.origin.0);
@@ -651,27 +935,46 @@ fn id_key(id: &EventId) -> [u8; 24] {
 }
 
 fn u64_from(what: &str, bytes: &[u8]) -> Result<u64, LogError> {
-    <[u8; 8]>::try_from(bytes).map(u64::from_be_bytes).map_err(|_| LogError::Corrupt {
-        what: what.into(),
-        source: converge_api::CodecError::Malformed(format!("{} bytes, expected 8", bytes.len())),
-    })
+    <[u8; 8]>::try_from(bytes)
+        .map(u64::from_be_bytes)
+        .map_err(|_| LogError::Corrupt {
+            what: what.into(),
+            source: converge_api::CodecError::Malformed(format!(
+                "{} bytes, expected 8",
+                bytes.len()
+            )),
+        })
 }
 
 fn replica_from(bytes: &IVec) -> Result<ReplicaId, LogError> {
-    <[u8; 16]>::try_from(bytes.as_ref()).map(ReplicaId).map_err(|_| LogError::Corrupt {
-        what: "vv origin".into(),
-        source: converge_api::CodecError::Malformed(format!("{} bytes, expected 16", bytes.len())),
-    })
+    <[u8; 16]>::try_from(bytes.as_ref())
+        .map(ReplicaId)
+        .map_err(|_| LogError::Corrupt {
+            what: "vv origin".into(),
+            source: converge_api::CodecError::Malformed(format!(
+                "{} bytes, expected 16",
+                bytes.len()
+            )),
+        })
 }
 
 fn decode_event(offset: u64, bytes: &[u8]) -> Result<Event, LogError> {
-    codec::decode_event(bytes).map_err(|source| LogError::Corrupt { what: format!("log/{offset}"), source })
+    codec::decode_event(bytes).map_err(|source| LogError::Corrupt {
+        what: format!("log/{offset}"),
+        source,
+    })
 }
 
 fn decode_stored<T: serde::de::DeserializeOwned>(what: &str, bytes: &[u8]) -> Result<T, LogError> {
-    codec::decode(bytes).map_err(|source| LogError::Corrupt { what: what.into(), source })
+    codec::decode(bytes).map_err(|source| LogError::Corrupt {
+        what: what.into(),
+        source,
+    })
 }
 
 fn encode_stored<T: serde::Serialize>(what: &str, value: &T) -> Result<Vec<u8>, LogError> {
-    codec::encode(value).map_err(|source| LogError::Encode { what: what.into(), source })
+    codec::encode(value).map_err(|source| LogError::Encode {
+        what: what.into(),
+        source,
+    })
 }

@@ -48,7 +48,10 @@ impl KeyState {
 
     /// The stored form.
     pub fn encode(&self) -> Result<Vec<u8>, LogError> {
-        codec::encode(self).map_err(|source| LogError::Encode { what: "key state".into(), source })
+        codec::encode(self).map_err(|source| LogError::Encode {
+            what: "key state".into(),
+            source,
+        })
     }
 
     /// Reads the stored form of the state of `key`.
@@ -67,14 +70,26 @@ mod tests {
 
     fn ev(origin: u8, seq: u64, parents: &[(u8, u64)]) -> Event {
         Event {
-            id: EventId { origin: ReplicaId([origin; 16]), seq },
-            hlc: Hlc { wall_ms: seq, logical: 0 },
+            id: EventId {
+                origin: ReplicaId([origin; 16]),
+                seq,
+            },
+            hlc: Hlc {
+                wall_ms: seq,
+                logical: 0,
+            },
             key: Key::new("k").unwrap(),
             parents: parents
                 .iter()
-                .map(|&(o, s)| EventId { origin: ReplicaId([o; 16]), seq: s })
+                .map(|&(o, s)| EventId {
+                    origin: ReplicaId([o; 16]),
+                    seq: s,
+                })
                 .collect(),
-            op: Op::Put { content: None, meta: Meta::file(0) },
+            op: Op::Put {
+                content: None,
+                meta: Meta::file(0),
+            },
         }
     }
 

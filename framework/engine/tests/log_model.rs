@@ -5,14 +5,19 @@
 use std::collections::BTreeMap;
 
 use converge_api::{Event, EventId, Hlc, Key, Meta, Op, ReplicaId, VersionVector};
-use converge_framework::log::{EventLog, LogConfig, LocalChange};
+use converge_framework::log::{EventLog, LocalChange, LogConfig};
 use converge_framework::projection::KeyState;
 use proptest::prelude::*;
 
 #[derive(Clone, Debug)]
 enum Step {
     /// Offer event `seq` of origin `origin` (may be a duplicate or ahead of a gap).
-    Remote { origin: u8, seq: u64, key: u8, parent: Option<u64> },
+    Remote {
+        origin: u8,
+        seq: u64,
+        key: u8,
+        parent: Option<u64>,
+    },
     /// A local write on `key`.
     Local { key: u8, delete: bool },
     /// Close and reopen the database.
@@ -39,11 +44,27 @@ fn key(k: u8) -> Key {
 fn remote_event(origin: u8, seq: u64, k: u8, parent: Option<u64>) -> Event {
     let origin_id = ReplicaId([origin + 100; 16]);
     Event {
-        id: EventId { origin: origin_id, seq },
-        hlc: Hlc { wall_ms: seq * 10, logical: origin as u32 },
+        id: EventId {
+            origin: origin_id,
+            seq,
+        },
+        hlc: Hlc {
+            wall_ms: seq * 10,
+            logical: origin as u32,
+        },
         key: key(k),
-        parents: parent.filter(|p| *p < seq).map(|p| EventId { origin: origin_id, seq: p }).into_iter().collect(),
-        op: Op::Put { content: None, meta: Meta::file(seq as i64) },
+        parents: parent
+            .filter(|p| *p < seq)
+            .map(|p| EventId {
+                origin: origin_id,
+                seq: p,
+            })
+            .into_iter()
+            .collect(),
+        op: Op::Put {
+            content: None,
+            meta: Meta::file(seq as i64),
+        },
     }
 }
 
@@ -74,16 +95,25 @@ fn check_against_model(log: &EventLog, model: &[Event]) {
     assert_eq!(actual, states);
 }
 
-async fn run(steps: Vec<Step>) {
+async fn run(steps: Vec<Step>, checkpoint_every: u64) {
     let dir = tempfile::tempdir().unwrap();
-    let mut log = EventLog::open(LogConfig::new(dir.path())).unwrap();
+    let config = || LogConfig::new(dir.path()).checkpoint_every(checkpoint_every);
+    let mut log = EventLog::open(config()).unwrap();
     let replica = log.replica();
     let mut model: Vec<Event> = Vec::new();
     for step in steps {
         match step {
-            Step::Remote { origin, seq, key, parent } => {
+            Step::Remote {
+                origin,
+                seq,
+                key,
+                parent,
+            } => {
                 let event = remote_event(origin, seq, key, parent);
-                let held = model.iter().filter(|e| e.id.origin == event.id.origin).count() as u64;
+                let held = model
+                    .iter()
+                    .filter(|e| e.id.origin == event.id.origin)
+                    .count() as u64;
                 let outcome = log.append(vec![event.clone()]).await.unwrap();
                 if seq == held + 1 {
                     assert_eq!(outcome.appended, vec![event.id]);
@@ -95,9 +125,20 @@ async fn run(steps: Vec<Step>) {
                 }
             }
             Step::Local { key: k, delete } => {
-                let op = if delete { Op::Delete } else { Op::Put { content: None, meta: Meta::file(1) } };
-                let heads: Vec<EventId> = log.heads(&key(k)).unwrap().iter().map(|h| h.id).collect();
-                let events = log.append_local(vec![LocalChange { key: key(k), op }]).await.unwrap();
+                let op = if delete {
+                    Op::Delete
+                } else {
+                    Op::Put {
+                        content: None,
+                        meta: Meta::file(1),
+                    }
+                };
+                let heads: Vec<EventId> =
+                    log.heads(&key(k)).unwrap().iter().map(|h| h.id).collect();
+                let events = log
+                    .append_local(vec![LocalChange { key: key(k), op }])
+                    .await
+                    .unwrap();
                 assert_eq!(events.len(), 1);
                 assert_eq!(events[0].id.origin, replica);
                 assert_eq!(events[0].parents, heads);
@@ -109,7 +150,7 @@ async fn run(steps: Vec<Step>) {
             Step::Reopen => {
                 log.close().await.unwrap();
                 drop(log);
-                log = EventLog::open(LogConfig::new(dir.path())).unwrap();
+                log = EventLog::open(config()).unwrap();
                 assert_eq!(log.replica(), replica, "identity survives reopening");
             }
             Step::Rebuild => {
@@ -124,15 +165,17 @@ async fn run(steps: Vec<Step>) {
 proptest! {
     #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
     #[test]
-    fn log_matches_model(steps in proptest::collection::vec(step(), 1..40)) {
-        tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(run(steps));
+    fn log_matches_model(steps in proptest::collection::vec(step(), 1..40), checkpoint_every in 1u64..20) {
+        tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(run(steps, checkpoint_every));
     }
 }
 
 #[tokio::test]
 async fn appending_a_batch_twice_changes_nothing() {
     let log = EventLog::open(LogConfig::temporary()).unwrap();
-    let batch: Vec<Event> = (1..=50).map(|s| remote_event(1, s, (s % 4) as u8, Some(s - 1))).collect();
+    let batch: Vec<Event> = (1..=50)
+        .map(|s| remote_event(1, s, (s % 4) as u8, Some(s - 1)))
+        .collect();
     let first = log.append(batch.clone()).await.unwrap();
     assert_eq!(first.appended.len(), 50);
     let before: Vec<_> = log.states().map(|r| r.unwrap()).collect();
@@ -149,7 +192,13 @@ async fn appending_a_batch_twice_changes_nothing() {
 #[tokio::test]
 async fn events_ahead_of_a_gap_are_handed_back_not_appended() {
     let log = EventLog::open(LogConfig::temporary()).unwrap();
-    let outcome = log.append(vec![remote_event(1, 2, 0, None), remote_event(1, 1, 0, None)]).await.unwrap();
+    let outcome = log
+        .append(vec![
+            remote_event(1, 2, 0, None),
+            remote_event(1, 1, 0, None),
+        ])
+        .await
+        .unwrap();
     assert_eq!(outcome.out_of_order.len(), 1);
     assert_eq!(outcome.out_of_order[0].id.seq, 2);
     assert_eq!(outcome.appended.len(), 1);

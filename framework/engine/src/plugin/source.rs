@@ -32,8 +32,16 @@ pub struct SourceContext {
 
 impl SourceContext {
     /// A context over `log`; the engine makes these, tests may too.
-    pub fn new(log: EventLog, shutdown: watch::Receiver<bool>, progress: watch::Sender<ScanProgress>) -> Self {
-        SourceContext { log, shutdown, progress }
+    pub fn new(
+        log: EventLog,
+        shutdown: watch::Receiver<bool>,
+        progress: watch::Sender<ScanProgress>,
+    ) -> Self {
+        SourceContext {
+            log,
+            shutdown,
+            progress,
+        }
     }
 
     /// Appends local changes (put their content into [`Self::chunks`] first); returns the
