@@ -1,0 +1,878 @@
+//! SyncEngine: owns the log, the plugins, the peer sessions and the background tasks.
+//!
+//! Start-up order matters (DESIGN §3): every store first re-applies what it had not
+//! finished before a crash, then sources start (so a half-written file is repaired, not
+//! mistaken for a local edit), then the network.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use converge_api::{ConflictPolicy, Event, Hash, Message, ReplicaId, VersionVector};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::error::LogError;
+use crate::log::EventLog;
+use crate::pending::PendingQueue;
+use crate::planner::SyncPlanner;
+use crate::plugin::{ScanProgress, Source, SourceContext, Store, StoreContext, Transport};
+use crate::protocol::{backoff, run_session, Control};
+use crate::reconciler::Reconciler;
+
+/// A peer this replica syncs with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerConfig {
+    /// Its replica ID; a connection claiming another ID is refused.
+    pub id: ReplicaId,
+    /// Where to dial it; `None` to only accept its connections.
+    pub address: Option<String>,
+}
+
+/// Tunables of the engine; the defaults suit a real network.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// The peers; only these may connect.
+    pub peers: Vec<PeerConfig>,
+    /// Send a ping after this long without one.
+    pub keepalive_interval: Duration,
+    /// End a session when nothing arrives for this long.
+    pub keepalive_timeout: Duration,
+    /// End a connection whose `Hello` does not arrive within this.
+    pub handshake_timeout: Duration,
+    /// How often sessions check for lost frames and the applier re-requests content.
+    pub tick_interval: Duration,
+    /// First and longest wait between dials of an unreachable peer.
+    pub dial_backoff: (Duration, Duration),
+    /// Most events read and sent per batch.
+    pub max_batch_events: usize,
+    /// Most remote events held back waiting for a gap or content.
+    pub max_pending_events: usize,
+    /// Most chunk hashes requested from one peer and not yet answered.
+    pub chunk_window: usize,
+    /// Re-request a chunk that has not arrived after this long.
+    pub chunk_timeout: Duration,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            peers: Vec::new(),
+            keepalive_interval: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(45),
+            handshake_timeout: Duration::from_secs(10),
+            tick_interval: Duration::from_millis(1000),
+            dial_backoff: (Duration::from_millis(100), Duration::from_secs(10)),
+            max_batch_events: 4096,
+            max_pending_events: 200_000,
+            chunk_window: 2048,
+            chunk_timeout: Duration::from_secs(20),
+        }
+    }
+}
+
+/// A failure to start or drive the engine.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EngineError {
+    /// The log failed.
+    #[error(transparent)]
+    Log(#[from] LogError),
+    /// A store could not catch up at start.
+    #[error(transparent)]
+    Plugin(#[from] crate::error::PluginError),
+    /// The peer is not connected.
+    #[error("peer {0} is not connected")]
+    NotConnected(String),
+    /// The engine was already started.
+    #[error("the engine is already running")]
+    AlreadyStarted,
+}
+
+/// What the engine knows about one peer, for status pages.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerStatus {
+    /// The peer's replica ID.
+    pub id: ReplicaId,
+    /// Its configured address.
+    pub address: Option<String>,
+    /// Whether a session is up.
+    pub connected: bool,
+    /// The address of the current connection.
+    pub remote: Option<String>,
+    /// What it has acknowledged holding.
+    pub acked: VersionVector,
+    /// Events it lacks that this replica holds.
+    pub behind: u64,
+    /// Bytes sent to it and received from it (all sessions).
+    pub sent_bytes: u64,
+    /// Bytes received from it.
+    pub received_bytes: u64,
+    /// Events sent to it.
+    pub events_sent: u64,
+    /// Events received from it.
+    pub events_received: u64,
+}
+
+#[derive(Debug, Default)]
+struct PeerState {
+    address: Option<String>,
+    session: Option<SessionSlot>,
+    acked: VersionVector,
+    sent_bytes: u64,
+    received_bytes: u64,
+    events_sent: u64,
+    events_received: u64,
+}
+
+#[derive(Debug)]
+struct SessionSlot {
+    generation: u64,
+    dialed_by_me: bool,
+    remote: String,
+    control: mpsc::UnboundedSender<Control>,
+}
+
+/// What the applier task is told by sessions.
+#[derive(Debug)]
+pub(crate) enum Inbound {
+    Events { from: ReplicaId, batch: Vec<Event> },
+    Chunks { hashes: Vec<Hash> },
+}
+
+/// Counters the admin API turns into metrics.
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    /// Remote events appended.
+    pub remote_appended: std::sync::atomic::AtomicU64,
+    /// Events applied by stores.
+    pub applied: std::sync::atomic::AtomicU64,
+    /// Views with more than one head handed to stores.
+    pub conflicts: std::sync::atomic::AtomicU64,
+    /// Events waiting in the pending queue (last seen).
+    pub pending: std::sync::atomic::AtomicU64,
+}
+
+pub(crate) struct Inner {
+    pub(crate) log: EventLog,
+    pub(crate) config: EngineConfig,
+    pub(crate) inbound: mpsc::Sender<Inbound>,
+    pub(crate) shutdown: watch::Sender<bool>,
+    reconciler: Reconciler,
+    peers: Mutex<HashMap<ReplicaId, PeerState>>,
+    peers_changed: watch::Sender<u64>,
+    paused: watch::Sender<bool>,
+    progress: watch::Sender<ScanProgress>,
+    next_generation: std::sync::atomic::AtomicU64,
+    stats: EngineStats,
+}
+
+impl Inner {
+    pub(crate) fn is_known_peer(&self, id: &ReplicaId) -> bool {
+        self.config.peers.iter().any(|p| p.id == *id)
+    }
+
+    /// Registers a session with `peer`; `None` if an existing one is kept instead. Of two
+    /// connections dialed by different sides, both replicas keep the one dialed by the
+    /// smaller replica ID, so simultaneous dials settle on the same connection.
+    pub(crate) fn register(
+        &self,
+        peer: ReplicaId,
+        dialed: bool,
+        remote: &str,
+        control: mpsc::UnboundedSender<Control>,
+        hello_vv: &VersionVector,
+    ) -> Option<u64> {
+        if *self.paused.borrow() {
+            return None;
+        }
+        let generation = self
+            .next_generation
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let me = self.log.replica();
+        let mut peers = self.peers.lock().ok()?;
+        let state = peers.entry(peer).or_default();
+        if let Some(old) = &state.session {
+            let min_dialer_is_me = me < peer;
+            let keep_new = old.dialed_by_me == dialed || dialed == min_dialer_is_me;
+            if !keep_new {
+                return None;
+            }
+            let _ = old.control.send(Control::Close);
+        }
+        state.session = Some(SessionSlot {
+            generation,
+            dialed_by_me: dialed,
+            remote: remote.to_owned(),
+            control,
+        });
+        state.acked = hello_vv.clone();
+        drop(peers);
+        self.peers_changed.send_modify(|g| *g += 1);
+        Some(generation)
+    }
+
+    pub(crate) fn unregister(&self, peer: &ReplicaId, generation: u64) {
+        if let Ok(mut peers) = self.peers.lock() {
+            if let Some(state) = peers.get_mut(peer) {
+                if state
+                    .session
+                    .as_ref()
+                    .is_some_and(|s| s.generation == generation)
+                {
+                    state.session = None;
+                }
+            }
+        }
+        self.peers_changed.send_modify(|g| *g += 1);
+    }
+
+    fn is_paused(&self) -> bool {
+        *self.paused.borrow()
+    }
+
+    fn is_connected(&self, peer: &ReplicaId) -> bool {
+        self.peers
+            .lock()
+            .map(|p| p.get(peer).is_some_and(|s| s.session.is_some()))
+            .unwrap_or(false)
+    }
+
+    fn control(&self, peer: &ReplicaId) -> Option<mpsc::UnboundedSender<Control>> {
+        self.peers
+            .lock()
+            .ok()?
+            .get(peer)?
+            .session
+            .as_ref()
+            .map(|s| s.control.clone())
+    }
+
+    fn with_peer(&self, peer: &ReplicaId, f: impl FnOnce(&mut PeerState)) {
+        if let Ok(mut peers) = self.peers.lock() {
+            f(peers.entry(*peer).or_default());
+        }
+    }
+
+    pub(crate) fn record_ack(&self, peer: &ReplicaId, vv: &VersionVector) {
+        self.with_peer(peer, |s| s.acked.merge(vv));
+    }
+
+    pub(crate) fn acked(&self, peer: &ReplicaId) -> VersionVector {
+        self.peers
+            .lock()
+            .ok()
+            .and_then(|p| p.get(peer).map(|s| s.acked.clone()))
+            .unwrap_or_default()
+    }
+
+    pub(crate) fn count_sent(&self, peer: &ReplicaId, bytes: u64) {
+        self.with_peer(peer, |s| s.sent_bytes += bytes);
+    }
+
+    pub(crate) fn count_received(&self, peer: &ReplicaId, bytes: u64) {
+        self.with_peer(peer, |s| s.received_bytes += bytes);
+    }
+
+    pub(crate) fn count_events_sent(&self, peer: &ReplicaId, n: u64) {
+        self.with_peer(peer, |s| s.events_sent += n);
+    }
+
+    pub(crate) fn count_events_received(&self, peer: &ReplicaId, n: u64) {
+        self.with_peer(peer, |s| s.events_received += n);
+    }
+
+    fn send_to(&self, peer: &ReplicaId, msg: Message) {
+        if let Some(control) = self.control(peer) {
+            let _ = control.send(Control::Send(msg));
+        }
+    }
+
+    fn connected_peers(&self) -> Vec<ReplicaId> {
+        self.peers
+            .lock()
+            .map(|p| {
+                p.iter()
+                    .filter(|(_, s)| s.session.is_some())
+                    .map(|(id, _)| *id)
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+/// Builds a [`SyncEngine`]: the log, a policy, plugins and peers.
+pub struct EngineBuilder {
+    log: EventLog,
+    policy: Arc<dyn ConflictPolicy>,
+    config: EngineConfig,
+    transport: Option<Arc<dyn Transport>>,
+    stores: Vec<Arc<dyn Store>>,
+    sources: Vec<Arc<dyn Source>>,
+}
+
+impl EngineBuilder {
+    /// Replaces the engine's tunables and peers.
+    pub fn config(mut self, config: EngineConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Connects to peers over `transport`.
+    pub fn transport(mut self, transport: Arc<dyn Transport>) -> Self {
+        self.transport = Some(transport);
+        self
+    }
+
+    /// Adds a store subscriber.
+    pub fn store(mut self, store: Arc<dyn Store>) -> Self {
+        self.stores.push(store);
+        self
+    }
+
+    /// Adds a source.
+    pub fn source(mut self, source: Arc<dyn Source>) -> Self {
+        self.sources.push(source);
+        self
+    }
+
+    /// Catches every store up with the log, then starts sources, stores, the applier and
+    /// the network. Returns once the catch-up is done and everything is running.
+    pub async fn start(self) -> Result<SyncEngine, EngineError> {
+        let (inbound_tx, inbound_rx) = mpsc::channel(64);
+        let inner = Arc::new(Inner {
+            log: self.log.clone(),
+            reconciler: Reconciler::new(self.policy),
+            config: self.config,
+            inbound: inbound_tx,
+            shutdown: watch::channel(false).0,
+            peers: Mutex::new(HashMap::new()),
+            peers_changed: watch::channel(0).0,
+            paused: watch::channel(false).0,
+            progress: watch::channel(ScanProgress::default()).0,
+            next_generation: std::sync::atomic::AtomicU64::new(1),
+            stats: EngineStats::default(),
+        });
+        for peer in &inner.config.peers {
+            inner.with_peer(&peer.id, |s| s.address = peer.address.clone());
+        }
+        for store in &self.stores {
+            catch_up(&inner, store.as_ref()).await?;
+        }
+        let mut tasks: Vec<JoinHandle<()>> = Vec::new();
+        for store in self.stores {
+            tasks.push(tokio::spawn(run_store(inner.clone(), store)));
+        }
+        for source in self.sources {
+            let ctx = SourceContext::new(
+                inner.log.clone(),
+                inner.shutdown.subscribe(),
+                inner.progress.clone(),
+            );
+            tasks.push(tokio::spawn(async move {
+                if let Err(e) = source.run(ctx).await {
+                    tracing::error!(source = source.name(), "source stopped: {e}");
+                }
+            }));
+        }
+        tasks.push(tokio::spawn(run_applier(inner.clone(), inbound_rx)));
+        if let Some(transport) = self.transport {
+            tasks.push(tokio::spawn(accept_loop(inner.clone(), transport.clone())));
+            for peer in inner.config.peers.clone() {
+                if let Some(address) = peer.address {
+                    tasks.push(tokio::spawn(dial_loop(
+                        inner.clone(),
+                        transport.clone(),
+                        peer.id,
+                        address,
+                    )));
+                }
+            }
+        }
+        Ok(SyncEngine {
+            inner,
+            tasks: Mutex::new(tasks),
+        })
+    }
+}
+
+/// The running engine of one replica.
+pub struct SyncEngine {
+    inner: Arc<Inner>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for SyncEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SyncEngine")
+            .field("replica", &self.inner.log.replica())
+            .finish_non_exhaustive()
+    }
+}
+
+impl SyncEngine {
+    /// Starts describing an engine over `log` with conflict policy `policy`.
+    pub fn builder(log: EventLog, policy: Arc<dyn ConflictPolicy>) -> EngineBuilder {
+        EngineBuilder {
+            log,
+            policy,
+            config: EngineConfig::default(),
+            transport: None,
+            stores: Vec::new(),
+            sources: Vec::new(),
+        }
+    }
+
+    /// The event log.
+    pub fn log(&self) -> &EventLog {
+        &self.inner.log
+    }
+
+    /// The reconciler (policy) stores are fed through.
+    pub fn reconciler(&self) -> &Reconciler {
+        &self.inner.reconciler
+    }
+
+    /// Counters for metrics.
+    pub fn stats(&self) -> &EngineStats {
+        &self.inner.stats
+    }
+
+    /// The sources' scan progress.
+    pub fn scan_progress(&self) -> watch::Receiver<ScanProgress> {
+        self.inner.progress.subscribe()
+    }
+
+    /// Every configured or connected peer.
+    pub fn peers(&self) -> Vec<PeerStatus> {
+        let local = self.inner.log.version_vector();
+        let peers = match self.inner.peers.lock() {
+            Ok(p) => p,
+            Err(_) => return Vec::new(),
+        };
+        let mut out: Vec<PeerStatus> = peers
+            .iter()
+            .map(|(id, s)| PeerStatus {
+                id: *id,
+                address: s.address.clone(),
+                connected: s.session.is_some(),
+                remote: s.session.as_ref().map(|x| x.remote.clone()),
+                acked: s.acked.clone(),
+                behind: SyncPlanner::lag(&local, &s.acked),
+                sent_bytes: s.sent_bytes,
+                received_bytes: s.received_bytes,
+                events_sent: s.events_sent,
+                events_received: s.events_received,
+            })
+            .collect();
+        out.sort_by_key(|p| p.id);
+        out
+    }
+
+    /// Stops sending and receiving: closes every session and dials no more until resumed.
+    pub fn pause(&self) {
+        self.inner.paused.send_replace(true);
+        for peer in self.inner.connected_peers() {
+            if let Some(c) = self.inner.control(&peer) {
+                let _ = c.send(Control::Close);
+            }
+        }
+    }
+
+    /// Resumes after [`Self::pause`]; sessions reconnect and catch up.
+    pub fn resume(&self) {
+        self.inner.paused.send_replace(false);
+    }
+
+    /// Whether sync is paused.
+    pub fn is_paused(&self) -> bool {
+        *self.inner.paused.borrow()
+    }
+
+    /// Runs an anti-entropy round with `peer` now: each side re-sends what the other's
+    /// version vector says it lacks.
+    pub fn sync_now(&self, peer: &ReplicaId) -> Result<(), EngineError> {
+        let control = self
+            .inner
+            .control(peer)
+            .ok_or_else(|| EngineError::NotConnected(peer.to_string()))?;
+        let acked = self.inner.acked(peer);
+        let _ = control.send(Control::Rewind(acked));
+        let _ = control.send(Control::Send(Message::WantEvents {
+            from: self.inner.log.version_vector(),
+        }));
+        Ok(())
+    }
+
+    /// Stops every task, closes sessions and the log. Idempotent.
+    pub async fn shutdown(&self) -> Result<(), EngineError> {
+        self.inner.shutdown.send_replace(true);
+        for peer in self.inner.connected_peers() {
+            if let Some(c) = self.inner.control(&peer) {
+                let _ = c.send(Control::Close);
+            }
+        }
+        let tasks: Vec<JoinHandle<()>> = self
+            .tasks
+            .lock()
+            .map(|mut t| std::mem::take(&mut *t))
+            .unwrap_or_default();
+        for task in tasks {
+            // Sources and stores finish their current batch; sessions end at once.
+            if tokio::time::timeout(Duration::from_secs(10), async { task.await.ok() })
+                .await
+                .is_err()
+            {
+                tracing::warn!("a task did not stop within 10 s");
+            }
+        }
+        self.inner.log.close().await?;
+        Ok(())
+    }
+}
+
+/// Resolves when the flag behind `rx` equals `value` (or its sender is gone).
+pub(crate) async fn until(rx: &mut watch::Receiver<bool>, value: bool) {
+    let _ = rx.wait_for(|v| *v == value).await;
+}
+
+async fn accept_loop(inner: Arc<Inner>, transport: Arc<dyn Transport>) {
+    let mut shutdown = inner.shutdown.subscribe();
+    loop {
+        let conn = tokio::select! {
+            c = transport.accept() => c,
+            _ = crate::engine::until(&mut shutdown, true) => return,
+        };
+        match conn {
+            Ok(conn) if !inner.is_paused() => {
+                let inner = inner.clone();
+                tokio::spawn(async move {
+                    let mut shutdown = inner.shutdown.subscribe();
+                    tokio::select! {
+                        r = run_session(inner.clone(), conn) => if let Err(e) = r {
+                            tracing::warn!("incoming connection: {e}");
+                        },
+                        _ = crate::engine::until(&mut shutdown, true) => {}
+                    }
+                });
+            }
+            Ok(_) => {} // paused: dropping the connection closes it
+            Err(e) => {
+                tracing::warn!("accepting a connection failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn dial_loop(
+    inner: Arc<Inner>,
+    transport: Arc<dyn Transport>,
+    peer: ReplicaId,
+    address: String,
+) {
+    let mut shutdown = inner.shutdown.subscribe();
+    let mut paused = inner.paused.subscribe();
+    let mut changed = inner.peers_changed.subscribe();
+    let (min, max) = inner.config.dial_backoff;
+    let mut attempt = 0u32;
+    loop {
+        let stopping = *shutdown.borrow();
+        if stopping {
+            return;
+        }
+        let is_paused = *paused.borrow();
+        if is_paused {
+            tokio::select! {
+                _ = crate::engine::until(&mut paused, false) => {},
+                _ = crate::engine::until(&mut shutdown, true) => return,
+            }
+            continue;
+        }
+        if inner.is_connected(&peer) {
+            tokio::select! {
+                _ = changed.changed() => {},
+                _ = crate::engine::until(&mut shutdown, true) => return,
+            }
+            continue;
+        }
+        let started = Instant::now();
+        let outcome = tokio::select! {
+            c = transport.dial(&address) => match c {
+                Ok(conn) => run_session(inner.clone(), conn).await.map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            },
+            _ = crate::engine::until(&mut shutdown, true) => return,
+        };
+        if let Err(e) = &outcome {
+            tracing::debug!(peer = %peer.short(), %address, "dial: {e}");
+        }
+        // A session that lasted is not a failure: start the backoff over.
+        attempt = if outcome.is_ok() || started.elapsed() > max {
+            0
+        } else {
+            attempt + 1
+        };
+        let wait = backoff(attempt, min, max);
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {},
+            _ = crate::engine::until(&mut shutdown, true) => return,
+        }
+    }
+}
+
+/// The applier: owns the pending queue; appends remote events once they continue their
+/// origin's sequence and their content is complete; asks peers for missing chunks.
+async fn run_applier(inner: Arc<Inner>, mut inbound: mpsc::Receiver<Inbound>) {
+    let mut shutdown = inner.shutdown.subscribe();
+    let mut queue = PendingQueue::new(inner.config.max_pending_events);
+    // Chunks asked for: hash → (peer asked, when).
+    let mut requested: HashMap<Hash, (ReplicaId, Instant)> = HashMap::new();
+    let mut tick = tokio::time::interval(inner.config.tick_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let mut ack_to: Vec<ReplicaId> = Vec::new();
+        let mut on_tick = false;
+        tokio::select! {
+            msg = inbound.recv() => match msg {
+                Some(Inbound::Events { from, batch }) => {
+                    let held = inner.log.version_vector();
+                    for event in batch {
+                        queue.insert(event, from, &held);
+                    }
+                    ack_to.push(from);
+                }
+                Some(Inbound::Chunks { hashes }) => {
+                    for h in &hashes {
+                        requested.remove(h);
+                    }
+                }
+                None => return,
+            },
+            _ = tick.tick() => on_tick = true,
+            _ = crate::engine::until(&mut shutdown, true) => return,
+        }
+        // Take whatever else is already waiting, so one pass serves many messages.
+        while let Ok(msg) = inbound.try_recv() {
+            match msg {
+                Inbound::Events { from, batch } => {
+                    let held = inner.log.version_vector();
+                    for event in batch {
+                        queue.insert(event, from, &held);
+                    }
+                    if !ack_to.contains(&from) {
+                        ack_to.push(from);
+                    }
+                }
+                Inbound::Chunks { hashes } => {
+                    for h in &hashes {
+                        requested.remove(h);
+                    }
+                }
+            }
+        }
+        if on_tick {
+            let timeout = inner.config.chunk_timeout;
+            requested.retain(|_, (_, at)| at.elapsed() < timeout);
+        }
+        match advance(&inner, queue, &mut requested).await {
+            Ok(q) => queue = q,
+            Err(e) => {
+                tracing::error!("applying remote events failed: {e}");
+                return;
+            }
+        }
+        inner
+            .stats
+            .pending
+            .store(queue.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        let held = inner.log.version_vector();
+        let received = queue.received(&held);
+        if on_tick {
+            for (_, from) in queue.gaps(&held) {
+                inner.send_to(
+                    &from,
+                    Message::WantEvents {
+                        from: received.clone(),
+                    },
+                );
+            }
+        }
+        for peer in ack_to {
+            inner.send_to(
+                &peer,
+                Message::Ack {
+                    vv: received.clone(),
+                },
+            );
+        }
+    }
+}
+
+/// Appends every ready event and requests missing chunks. Runs the sled work on a
+/// blocking thread; the queue moves there and back.
+async fn advance(
+    inner: &Arc<Inner>,
+    mut queue: PendingQueue,
+    requested: &mut HashMap<Hash, (ReplicaId, Instant)>,
+) -> Result<PendingQueue, LogError> {
+    loop {
+        let chunks = inner.log.chunks().clone();
+        let held = inner.log.version_vector();
+        let asked: std::collections::HashSet<Hash> = requested.keys().copied().collect();
+        let window = inner.config.chunk_window;
+        let connected = inner.connected_peers();
+        let (q, ready, wants) = tokio::task::spawn_blocking(move || {
+            let mut incomplete = std::collections::HashSet::new();
+            let ready = queue.take_ready(&held, &mut |e| match e.op.content() {
+                None => true,
+                Some(c) => {
+                    let complete = chunks.missing(c).map(|m| m.is_empty()).unwrap_or(false);
+                    if !complete {
+                        incomplete.insert(e.id);
+                    }
+                    complete
+                }
+            });
+            let mut wants: BTreeMap<ReplicaId, Vec<Hash>> = BTreeMap::new();
+            let mut budget = window.saturating_sub(asked.len());
+            for p in queue.iter() {
+                if budget == 0 {
+                    break;
+                }
+                let Some(content) = p.event.op.content() else {
+                    continue;
+                };
+                let missing = chunks.missing(content).unwrap_or_default();
+                let peer = if connected.contains(&p.from) {
+                    p.from
+                } else {
+                    connected.first().copied().unwrap_or(p.from)
+                };
+                for h in missing {
+                    if budget == 0 {
+                        break;
+                    }
+                    if !asked.contains(&h) && !wants.values().any(|v| v.contains(&h)) {
+                        wants.entry(peer).or_default().push(h);
+                        budget -= 1;
+                    }
+                }
+            }
+            (queue, ready, wants)
+        })
+        .await
+        .map_err(|_| LogError::Closed)?;
+        queue = q;
+        for (peer, hashes) in wants {
+            for chunk in hashes.chunks(crate::protocol::MAX_WANT_HASHES) {
+                for h in chunk {
+                    requested.insert(*h, (peer, Instant::now()));
+                }
+                inner.send_to(
+                    &peer,
+                    Message::WantChunks {
+                        hashes: chunk.to_vec(),
+                    },
+                );
+            }
+        }
+        if ready.is_empty() {
+            return Ok(queue);
+        }
+        let n = ready.len() as u64;
+        let outcome = inner.log.append(ready).await?;
+        inner
+            .stats
+            .remote_appended
+            .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        let held = inner.log.version_vector();
+        for event in outcome.out_of_order {
+            let from = event.id.origin;
+            queue.insert(event, from, &held);
+        }
+    }
+}
+
+/// Applies every event after `store`'s cursor, once.
+async fn catch_up(inner: &Arc<Inner>, store: &dyn Store) -> Result<(), EngineError> {
+    while apply_next_batch(inner, store).await? {}
+    Ok(())
+}
+
+/// Applies the next batch after `store`'s cursor; `false` when it was already caught up.
+async fn apply_next_batch(inner: &Arc<Inner>, store: &dyn Store) -> Result<bool, EngineError> {
+    let log = inner.log.clone();
+    let name = store.name().to_owned();
+    let max = inner.config.max_batch_events;
+    let reconciler = inner.reconciler.clone();
+    let prepared = tokio::task::spawn_blocking(move || {
+        let cursor = log.cursor(&name)?;
+        if cursor >= log.len() {
+            return Ok::<_, LogError>(None);
+        }
+        let events = log.read(cursor, max)?;
+        let next = events.last().map_or(cursor, |(o, _)| o + 1);
+        let mut seen = std::collections::HashSet::new();
+        let mut views = Vec::new();
+        for (_, event) in &events {
+            if seen.insert(event.key.clone()) {
+                views.push(reconciler.view(&event.key, &log.state(&event.key)?));
+            }
+        }
+        Ok(Some((next, events.len(), views)))
+    })
+    .await
+    .map_err(|_| LogError::Closed)??;
+    let Some((next, count, views)) = prepared else {
+        return Ok(false);
+    };
+    let conflicts = views.iter().filter(|v| v.conflicted).count() as u64;
+    store
+        .apply(&StoreContext::new(inner.log.clone()), views)
+        .await?;
+    inner.log.set_cursor(store.name(), next).await?;
+    inner
+        .stats
+        .applied
+        .fetch_add(count as u64, std::sync::atomic::Ordering::Relaxed);
+    inner
+        .stats
+        .conflicts
+        .fetch_add(conflicts, std::sync::atomic::Ordering::Relaxed);
+    Ok(true)
+}
+
+async fn run_store(inner: Arc<Inner>, store: Arc<dyn Store>) {
+    let mut len = inner.log.subscribe();
+    let mut shutdown = inner.shutdown.subscribe();
+    let mut failures = 0u32;
+    loop {
+        let stopping = *shutdown.borrow();
+        if stopping {
+            return;
+        }
+        match apply_next_batch(&inner, store.as_ref()).await {
+            Ok(true) => failures = 0,
+            Ok(false) => {
+                tokio::select! {
+                    r = len.changed() => if r.is_err() { return },
+                    _ = crate::engine::until(&mut shutdown, true) => return,
+                }
+            }
+            Err(e) => {
+                // Nothing is lost: the cursor did not move, the batch comes again.
+                failures += 1;
+                tracing::error!(
+                    store = store.name(),
+                    "applying failed (attempt {failures}): {e}"
+                );
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff(failures, Duration::from_millis(200), Duration::from_secs(30))) => {},
+                    _ = crate::engine::until(&mut shutdown, true) => return,
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,187 @@
+//! PendingQueue: remote events that cannot be appended yet — ahead of a gap in their
+//! origin's sequence, or waiting for content chunks.
+
+use std::collections::BTreeMap;
+
+use converge_api::{Event, ReplicaId, VersionVector};
+
+/// A remote event held back, and the peer it came from (who can send its content).
+#[derive(Clone, Debug)]
+pub struct PendingEvent {
+    /// The event.
+    pub event: Event,
+    /// The peer that sent it.
+    pub from: ReplicaId,
+}
+
+/// Events waiting, per origin, in seq order. Bounded: over the bound a new event is
+/// dropped (never appended out of order); the sender's resend brings it again later.
+#[derive(Debug)]
+pub struct PendingQueue {
+    by_origin: BTreeMap<ReplicaId, BTreeMap<u64, PendingEvent>>,
+    len: usize,
+    max: usize,
+    dropped: u64,
+}
+
+impl PendingQueue {
+    /// An empty queue holding at most `max` events.
+    pub fn new(max: usize) -> Self {
+        PendingQueue {
+            by_origin: BTreeMap::new(),
+            len: 0,
+            max,
+            dropped: 0,
+        }
+    }
+
+    /// Holds `event`, unless `held` (the log's version vector) already covers it. Returns
+    /// `false` if it was dropped because the queue is full.
+    pub fn insert(&mut self, event: Event, from: ReplicaId, held: &VersionVector) -> bool {
+        if held.contains(&event.id) {
+            return true;
+        }
+        let queue = self.by_origin.entry(event.id.origin).or_default();
+        if let Some(existing) = queue.get_mut(&event.id.seq) {
+            existing.from = from; // the newest sender is the likeliest to be connected
+            return true;
+        }
+        if self.len >= self.max {
+            self.dropped += 1;
+            return false;
+        }
+        queue.insert(event.id.seq, PendingEvent { event, from });
+        self.len += 1;
+        true
+    }
+
+    /// Removes and returns, per origin, the run of events that continues `held` without
+    /// a gap and whose content `is_complete` says is present. The first incomplete event
+    /// of an origin stops that origin's run (seq order is never broken).
+    pub fn take_ready(
+        &mut self,
+        held: &VersionVector,
+        is_complete: &mut dyn FnMut(&Event) -> bool,
+    ) -> Vec<Event> {
+        self.prune(held);
+        let mut ready = Vec::new();
+        for (origin, queue) in &mut self.by_origin {
+            let mut next = held.get(origin) + 1;
+            while let Some(entry) = queue.first_entry() {
+                if *entry.key() != next || !is_complete(&entry.get().event) {
+                    break;
+                }
+                ready.push(entry.remove().event);
+                self.len -= 1;
+                next += 1;
+            }
+        }
+        self.by_origin.retain(|_, q| !q.is_empty());
+        ready
+    }
+
+    /// Forgets events the log now holds.
+    pub fn prune(&mut self, held: &VersionVector) {
+        for (origin, queue) in &mut self.by_origin {
+            let keep = queue.split_off(&(held.get(origin) + 1));
+            self.len -= queue.len();
+            *queue = keep;
+        }
+        self.by_origin.retain(|_, q| !q.is_empty());
+    }
+
+    /// `held` extended by the events waiting here without a gap: what this replica has
+    /// received, whether or not its content has arrived (what an `Ack` reports).
+    pub fn received(&self, held: &VersionVector) -> VersionVector {
+        let mut vv = held.clone();
+        for (origin, queue) in &self.by_origin {
+            let mut next = vv.get(origin) + 1;
+            while queue.contains_key(&next) {
+                next += 1;
+            }
+            vv.set(*origin, next - 1);
+        }
+        vv
+    }
+
+    /// Origins whose waiting events sit behind a gap, with the peers that sent them.
+    pub fn gaps(&self, held: &VersionVector) -> Vec<(ReplicaId, ReplicaId)> {
+        self.by_origin
+            .iter()
+            .filter_map(|(origin, q)| {
+                let (seq, first) = q.first_key_value()?;
+                (*seq > held.get(origin) + 1).then_some((*origin, first.from))
+            })
+            .collect()
+    }
+
+    /// Every waiting event (for requesting content).
+    pub fn iter(&self) -> impl Iterator<Item = &PendingEvent> {
+        self.by_origin.values().flat_map(|q| q.values())
+    }
+
+    /// Number of events waiting.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing is waiting.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Events dropped because the queue was full, since it was made.
+    pub fn dropped(&self) -> u64 {
+        self.dropped
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use converge_api::{EventId, Hlc, Key, Op};
+
+    fn ev(seq: u64) -> Event {
+        Event {
+            id: EventId {
+                origin: ReplicaId([1; 16]),
+                seq,
+            },
+            hlc: Hlc::default(),
+            key: Key::new("k").unwrap(),
+            parents: vec![],
+            op: Op::Delete,
+        }
+    }
+
+    #[test]
+    fn releases_only_contiguous_complete_runs() {
+        let peer = ReplicaId([9; 16]);
+        let mut q = PendingQueue::new(3);
+        let held = VersionVector::new();
+        for s in [3, 2, 5] {
+            assert!(q.insert(ev(s), peer, &held));
+        }
+        assert!(!q.insert(ev(6), peer, &held), "over the bound");
+        assert_eq!(q.gaps(&held), vec![(ReplicaId([1; 16]), peer)]);
+        assert!(
+            q.take_ready(&held, &mut |_| true).is_empty(),
+            "seq 1 missing"
+        );
+        let mut held = VersionVector::new();
+        held.set(ReplicaId([1; 16]), 1);
+        assert_eq!(q.received(&held).get(&ReplicaId([1; 16])), 3);
+        let ready = q.take_ready(&held, &mut |e| e.id.seq != 3);
+        assert_eq!(ready.iter().map(|e| e.id.seq).collect::<Vec<_>>(), vec![2]);
+        let ready = q.take_ready(
+            &{
+                held.set(ReplicaId([1; 16]), 2);
+                held.clone()
+            },
+            &mut |_| true,
+        );
+        assert_eq!(ready.iter().map(|e| e.id.seq).collect::<Vec<_>>(), vec![3]);
+        assert_eq!(q.len(), 1);
+    }
+}

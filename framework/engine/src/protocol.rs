@@ -1,0 +1,399 @@
+//! Peer sessions: handshake, then a reader and a writer over one connection.
+//!
+//! The writer streams the events the peer lacks, in log order, then follows new appends;
+//! it also sends whatever the reader or the applier queue (acks, chunk answers, pongs).
+//! The reader validates every frame before anything else sees it: a malformed frame, an
+//! invalid event or a chunk that does not match its hash ends the session.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use converge_api::codec::PROTOCOL_VERSION;
+use converge_api::{codec, ChunkItem, Event, Hash, Message, ReplicaId, VersionVector};
+use tokio::sync::mpsc;
+use tokio::time::{timeout, Instant};
+
+use crate::applier::SyncApplier;
+use crate::engine::{Inbound, Inner};
+use crate::planner::SyncPlanner;
+use crate::plugin::{Connection, FrameReceiver, FrameSender};
+
+/// Most hashes one `WantChunks` may ask for, and most bytes one `Chunks` frame carries.
+pub const MAX_WANT_HASHES: usize = 4096;
+const CHUNKS_FRAME_BYTES: usize = 4 << 20;
+/// Target size of one `Events` frame.
+const EVENTS_FRAME_BYTES: usize = 1 << 20;
+
+/// Why a session ended.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// The transport failed.
+    #[error(transparent)]
+    Transport(#[from] crate::error::TransportError),
+    /// The peer sent something invalid; it was dropped.
+    #[error("protocol violation by {peer}: {reason}")]
+    Violation {
+        /// The peer (address or id).
+        peer: String,
+        /// What it did.
+        reason: String,
+    },
+    /// The peer is not allowed here.
+    #[error("refused peer {peer}: {reason}")]
+    Refused {
+        /// The peer's claimed id.
+        peer: String,
+        /// Why.
+        reason: String,
+    },
+    /// Nothing arrived within the keepalive or handshake timeout.
+    #[error("peer {0} timed out")]
+    Timeout(String),
+    /// The local log failed.
+    #[error(transparent)]
+    Log(#[from] crate::error::LogError),
+}
+
+/// Something for a session's writer to do.
+#[derive(Debug)]
+pub(crate) enum Control {
+    /// Send this message.
+    Send(Message),
+    /// Read these chunks and send them (read lazily, so queued work holds only hashes).
+    ServeChunks(Vec<Hash>),
+    /// The peer holds `from`: send everything above it again.
+    Rewind(VersionVector),
+    /// End the session.
+    Close,
+}
+
+fn violation(peer: &str, reason: impl Into<String>) -> SessionError {
+    SessionError::Violation {
+        peer: peer.to_owned(),
+        reason: reason.into(),
+    }
+}
+
+async fn send_message(
+    sender: &mut dyn FrameSender,
+    inner: &Inner,
+    peer: Option<ReplicaId>,
+    msg: &Message,
+) -> Result<(), SessionError> {
+    let bytes = msg.encode().map_err(|e| violation("self", e.to_string()))?;
+    let len = bytes.len() as u64 + codec::FRAME_HEADER_LEN as u64;
+    sender.send(bytes).await?;
+    if let Some(peer) = peer {
+        inner.count_sent(&peer, len);
+    }
+    Ok(())
+}
+
+/// Runs one connection to its end: handshake, registration, then reader and writer.
+pub(crate) async fn run_session(inner: Arc<Inner>, conn: Connection) -> Result<(), SessionError> {
+    let Connection {
+        remote,
+        dialed,
+        mut sender,
+        mut receiver,
+    } = conn;
+    let hello = Message::Hello {
+        protocol: PROTOCOL_VERSION,
+        replica: inner.log.replica(),
+        vv: inner.log.version_vector(),
+    };
+    send_message(sender.as_mut(), &inner, None, &hello).await?;
+    let first = match timeout(inner.config.handshake_timeout, receiver.recv()).await {
+        Err(_) => return Err(SessionError::Timeout(remote)),
+        Ok(Ok(Some(frame))) => frame,
+        Ok(Ok(None)) => return Ok(()),
+        Ok(Err(e)) => return Err(e.into()),
+    };
+    let (peer, peer_vv) = match Message::decode(&first) {
+        Ok(Message::Hello {
+            protocol,
+            replica,
+            vv,
+        }) => {
+            if protocol != PROTOCOL_VERSION {
+                return Err(violation(
+                    &remote,
+                    format!("speaks protocol {protocol}, this build speaks {PROTOCOL_VERSION}"),
+                ));
+            }
+            (replica, vv)
+        }
+        Ok(other) => {
+            return Err(violation(
+                &remote,
+                format!("sent {} before hello", other.kind()),
+            ))
+        }
+        Err(e) => return Err(violation(&remote, e.to_string())),
+    };
+    if peer == inner.log.replica() {
+        return Err(SessionError::Refused {
+            peer: peer.to_string(),
+            reason: "it is this replica".into(),
+        });
+    }
+    if !inner.is_known_peer(&peer) {
+        return Err(SessionError::Refused {
+            peer: peer.to_string(),
+            reason: format!("not in the configured peers (from {remote})"),
+        });
+    }
+    let (control_tx, control_rx) = mpsc::unbounded_channel();
+    let Some(generation) = inner.register(peer, dialed, &remote, control_tx.clone(), &peer_vv)
+    else {
+        sender.close().await;
+        return Ok(()); // a better connection to this peer already exists
+    };
+    tracing::info!(peer = %peer.short(), %remote, dialed, "peer connected");
+    let label = peer.short();
+    let result = tokio::select! {
+        r = read_loop(&inner, peer, &label, receiver.as_mut(), &control_tx) => r,
+        w = write_loop(&inner, peer, sender.as_mut(), control_rx, peer_vv) => w,
+    };
+    sender.close().await;
+    inner.unregister(&peer, generation);
+    match &result {
+        Ok(()) => tracing::info!(peer = %label, "peer disconnected"),
+        Err(e) => tracing::warn!(peer = %label, "peer session ended: {e}"),
+    }
+    result
+}
+
+async fn read_loop(
+    inner: &Arc<Inner>,
+    peer: ReplicaId,
+    label: &str,
+    receiver: &mut dyn FrameReceiver,
+    control: &mpsc::UnboundedSender<Control>,
+) -> Result<(), SessionError> {
+    loop {
+        let frame = match timeout(inner.config.keepalive_timeout, receiver.recv()).await {
+            Err(_) => return Err(SessionError::Timeout(label.to_owned())),
+            Ok(Ok(Some(frame))) => frame,
+            Ok(Ok(None)) => return Ok(()),
+            Ok(Err(e)) => return Err(e.into()),
+        };
+        inner.count_received(&peer, frame.len() as u64 + codec::FRAME_HEADER_LEN as u64);
+        let msg =
+            Message::decode(&frame).map_err(|e| violation(label, format!("bad frame: {e}")))?;
+        match msg {
+            Message::Hello { .. } => return Err(violation(label, "second hello")),
+            Message::Events { batch } => {
+                for event in &batch {
+                    SyncApplier::validate(event).map_err(|reason| violation(label, reason))?;
+                }
+                inner.count_events_received(&peer, batch.len() as u64);
+                if inner
+                    .inbound
+                    .send(Inbound::Events { from: peer, batch })
+                    .await
+                    .is_err()
+                {
+                    return Ok(()); // shutting down
+                }
+            }
+            Message::Ack { vv } => inner.record_ack(&peer, &vv),
+            Message::WantEvents { from } => {
+                inner.record_ack(&peer, &from);
+                let _ = control.send(Control::Rewind(from));
+            }
+            Message::WantChunks { hashes } => {
+                if hashes.len() > MAX_WANT_HASHES {
+                    return Err(violation(
+                        label,
+                        format!(
+                            "asked for {} chunks at once (limit {MAX_WANT_HASHES})",
+                            hashes.len()
+                        ),
+                    ));
+                }
+                let _ = control.send(Control::ServeChunks(hashes));
+            }
+            Message::Chunks { items } => {
+                let chunks = inner.log.chunks().clone();
+                let stored = tokio::task::spawn_blocking(move || {
+                    let mut hashes = Vec::with_capacity(items.len());
+                    for item in items {
+                        chunks.put_verified(&item.hash, &item.bytes)?;
+                        hashes.push(item.hash);
+                    }
+                    Ok::<_, crate::error::LogError>(hashes)
+                })
+                .await
+                .map_err(|e| violation(label, e.to_string()))?;
+                let hashes = stored.map_err(|e| match e {
+                    e @ crate::error::LogError::ChunkMismatch { .. } => {
+                        violation(label, e.to_string())
+                    }
+                    other => SessionError::Log(other),
+                })?;
+                if inner
+                    .inbound
+                    .send(Inbound::Chunks { hashes })
+                    .await
+                    .is_err()
+                {
+                    return Ok(());
+                }
+            }
+            Message::Ping { nonce } => {
+                let _ = control.send(Control::Send(Message::Pong { nonce }));
+            }
+            Message::Pong { .. } => {}
+        }
+    }
+}
+
+async fn write_loop(
+    inner: &Arc<Inner>,
+    peer: ReplicaId,
+    sender: &mut dyn FrameSender,
+    mut control: mpsc::UnboundedReceiver<Control>,
+    peer_vv: VersionVector,
+) -> Result<(), SessionError> {
+    let log = inner.log.clone();
+    // `sent`: what the peer holds as far as this session knows (acknowledged or sent).
+    let mut sent = peer_vv;
+    let mut scan = SyncPlanner::start_offset(&log, &sent)?.unwrap_or_else(|| log.len());
+    let mut len_rx = log.subscribe();
+    let mut shutdown = inner.shutdown.subscribe();
+    let mut tick = tokio::time::interval(inner.config.tick_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_ping = Instant::now();
+    let mut last_acked: Option<VersionVector> = None;
+    loop {
+        while let Ok(c) = control.try_recv() {
+            if !handle_control(inner, peer, sender, c, &mut sent, &mut scan).await? {
+                return Ok(());
+            }
+        }
+        if scan < log.len() {
+            let reader = log.clone();
+            let max = inner.config.max_batch_events;
+            let read = tokio::task::spawn_blocking(move || reader.read(scan, max))
+                .await
+                .map_err(|e| violation("self", e.to_string()))??;
+            let mut batch: Vec<Event> = Vec::new();
+            let mut bytes = 0;
+            for (offset, event) in read {
+                scan = offset + 1;
+                if SyncPlanner::should_send(&event, &sent) {
+                    sent.set(event.id.origin, event.id.seq);
+                    bytes += 64 + event.key.as_str().len() + 16 * event.parents.len();
+                    batch.push(event);
+                    if bytes >= EVENTS_FRAME_BYTES {
+                        send_events(inner, peer, sender, std::mem::take(&mut batch)).await?;
+                        bytes = 0;
+                    }
+                }
+            }
+            if !batch.is_empty() {
+                send_events(inner, peer, sender, batch).await?;
+            }
+            continue;
+        }
+        tokio::select! {
+            c = control.recv() => match c {
+                Some(c) => if !handle_control(inner, peer, sender, c, &mut sent, &mut scan).await? { return Ok(()) },
+                None => return Ok(()),
+            },
+            changed = len_rx.changed() => if changed.is_err() { return Ok(()) },
+            _ = crate::engine::until(&mut shutdown, true) => return Ok(()),
+            _ = tick.tick() => {
+                if last_ping.elapsed() >= inner.config.keepalive_interval {
+                    send_message(sender, inner, Some(peer), &Message::Ping { nonce: rand::random() }).await?;
+                    last_ping = Instant::now();
+                }
+                // Lost tail: the peer's acknowledgements stopped short of what was sent
+                // for a whole tick. Send again from what it holds.
+                let acked = inner.acked(&peer);
+                if !acked.dominates(&sent) && last_acked.as_ref() == Some(&acked) {
+                    tracing::debug!(peer = %peer.short(), "no progress acknowledged; resending");
+                    rewind(&log, &acked, &mut sent, &mut scan)?;
+                }
+                last_acked = Some(acked);
+            }
+        }
+    }
+}
+
+fn rewind(
+    log: &crate::log::EventLog,
+    from: &VersionVector,
+    sent: &mut VersionVector,
+    scan: &mut u64,
+) -> Result<(), SessionError> {
+    *sent = from.clone();
+    *scan = SyncPlanner::start_offset(log, from)?.unwrap_or_else(|| log.len());
+    Ok(())
+}
+
+async fn send_events(
+    inner: &Arc<Inner>,
+    peer: ReplicaId,
+    sender: &mut dyn FrameSender,
+    batch: Vec<Event>,
+) -> Result<(), SessionError> {
+    let n = batch.len() as u64;
+    send_message(sender, inner, Some(peer), &Message::Events { batch }).await?;
+    inner.count_events_sent(&peer, n);
+    Ok(())
+}
+
+/// Returns `false` when the session should end.
+async fn handle_control(
+    inner: &Arc<Inner>,
+    peer: ReplicaId,
+    sender: &mut dyn FrameSender,
+    control: Control,
+    sent: &mut VersionVector,
+    scan: &mut u64,
+) -> Result<bool, SessionError> {
+    match control {
+        Control::Send(msg) => send_message(sender, inner, Some(peer), &msg).await?,
+        Control::Rewind(from) => rewind(&inner.log, &from, sent, scan)?,
+        Control::ServeChunks(hashes) => {
+            let mut pending: Vec<Hash> = hashes;
+            let mut seen = HashSet::new();
+            pending.retain(|h| seen.insert(*h));
+            while !pending.is_empty() {
+                let chunks = inner.log.chunks().clone();
+                let mut rest = std::mem::take(&mut pending);
+                let (items, rest) = tokio::task::spawn_blocking(move || {
+                    let mut items = Vec::new();
+                    let mut bytes = 0;
+                    while let Some(hash) = rest.pop() {
+                        if let Ok(Some(data)) = chunks.get(&hash) {
+                            bytes += data.len();
+                            items.push(ChunkItem { hash, bytes: data });
+                        }
+                        if bytes >= CHUNKS_FRAME_BYTES {
+                            break;
+                        }
+                    }
+                    (items, rest)
+                })
+                .await
+                .map_err(|e| violation("self", e.to_string()))?;
+                pending = rest;
+                if !items.is_empty() {
+                    send_message(sender, inner, Some(peer), &Message::Chunks { items }).await?;
+                }
+            }
+        }
+        Control::Close => return Ok(false),
+    }
+    Ok(true)
+}
+
+/// How long to wait before the `attempt`-th redial (exponential, capped).
+pub(crate) fn backoff(attempt: u32, min: Duration, max: Duration) -> Duration {
+    let factor = 1u32.checked_shl(attempt.min(16)).unwrap_or(u32::MAX);
+    min.saturating_mul(factor).min(max)
+}

@@ -1,0 +1,292 @@
+//! Replicas converge under any delivery: 3–5 replicas write random puts and deletes on a
+//! few shared keys (so conflicts are frequent) over the in-memory transport with drops,
+//! duplicates, reordering and partitions; after healing, every replica has the same version
+//! vector, the same heads for every key and the same last-write-wins winner.
+//!
+//! `CONVERGE_PROPTEST_CASES=10000 cargo test -p converge-framework --test convergence`
+//! runs more cases. A failure prints the case, whose `seed` replays the same faults.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use converge_api::content::TreeBuilder;
+use converge_api::{ContentRef, Key, Meta, Op, VersionVector};
+use converge_framework::log::{EventLog, LocalChange, LogConfig};
+use converge_framework::projection::KeyState;
+use converge_framework::{EngineConfig, PeerConfig, SyncEngine};
+use converge_policies::Lww;
+use converge_transport_memory::{Faults, MemoryNetwork};
+use proptest::prelude::*;
+
+#[derive(Clone, Debug)]
+enum Step {
+    Write {
+        replica: usize,
+        key: u8,
+        delete: bool,
+        chunks: u8,
+    },
+    Partition {
+        a: usize,
+        b: usize,
+    },
+    HealAll,
+    Wait {
+        ms: u64,
+    },
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        8 => (0usize..5, 0u8..4, prop::bool::weighted(0.25), 0u8..4)
+            .prop_map(|(replica, key, delete, chunks)| Step::Write { replica, key, delete, chunks }),
+        1 => (0usize..5, 0usize..5).prop_map(|(a, b)| Step::Partition { a, b }),
+        1 => Just(Step::HealAll),
+        2 => (0u64..300).prop_map(|ms| Step::Wait { ms }),
+    ]
+}
+
+fn cases() -> u32 {
+    std::env::var("CONVERGE_PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(256)
+}
+
+fn test_config(peers: Vec<PeerConfig>) -> EngineConfig {
+    EngineConfig {
+        peers,
+        keepalive_interval: Duration::from_secs(5),
+        keepalive_timeout: Duration::from_secs(3600),
+        handshake_timeout: Duration::from_secs(2),
+        tick_interval: Duration::from_millis(200),
+        dial_backoff: (Duration::from_millis(20), Duration::from_millis(500)),
+        chunk_timeout: Duration::from_secs(1),
+        ..EngineConfig::default()
+    }
+}
+
+/// Content of `chunks` small chunks (a tree when more than one), stored in `log`.
+fn put_content(log: &EventLog, seed: u64, chunks: u8) -> Option<ContentRef> {
+    if chunks == 0 {
+        return None;
+    }
+    let mut tree = TreeBuilder::new();
+    for i in 0..chunks {
+        let bytes = format!("chunk {i} of {seed}").into_bytes();
+        let hash = log.chunks().put(&bytes).unwrap();
+        tree.push(hash, bytes.len() as u64, &mut |_, node| {
+            log.chunks().put(&node).unwrap();
+        });
+    }
+    tree.finish(&mut |_, node| {
+        log.chunks().put(&node).unwrap();
+    })
+}
+
+async fn run(n: usize, seed: u64, steps: Vec<Step>) {
+    let faults = Faults {
+        drop: 0.1,
+        duplicate: 0.1,
+        reorder: 0.2,
+        max_delay: Duration::from_millis(50),
+    };
+    let network = MemoryNetwork::new(seed, faults);
+    let logs: Vec<EventLog> = (0..n)
+        .map(|_| EventLog::open(LogConfig::temporary()).unwrap())
+        .collect();
+    let address = |i: usize| format!("replica-{i}");
+    let mut engines = Vec::new();
+    for (i, log) in logs.iter().enumerate() {
+        let peers = (0..n)
+            .filter(|j| *j != i)
+            .map(|j| PeerConfig {
+                id: logs[j].replica(),
+                address: Some(address(j)),
+            })
+            .collect();
+        let engine = SyncEngine::builder(log.clone(), Arc::new(Lww))
+            .config(test_config(peers))
+            .transport(Arc::new(network.endpoint(&address(i))))
+            .start()
+            .await
+            .unwrap();
+        engines.push(engine);
+    }
+
+    let mut written = 0u64;
+    for step in steps {
+        match step {
+            Step::Write {
+                replica,
+                key,
+                delete,
+                chunks,
+            } => {
+                let log = &logs[replica % n];
+                written += 1;
+                let op = if delete {
+                    Op::Delete
+                } else {
+                    Op::Put {
+                        content: put_content(log, seed ^ written, chunks),
+                        meta: Meta::file(written as i64),
+                    }
+                };
+                let key = Key::new(format!("k{key}")).unwrap();
+                log.append_local(vec![LocalChange { key, op }])
+                    .await
+                    .unwrap();
+            }
+            Step::Partition { a, b } => {
+                let (a, b) = (a % n, b % n);
+                if a != b {
+                    network.partition(&address(a), &address(b));
+                }
+            }
+            Step::HealAll => network.heal_all(),
+            Step::Wait { ms } => tokio::time::sleep(Duration::from_millis(ms)).await,
+        }
+    }
+
+    network.set_faults(Faults::none());
+    network.heal_all();
+    let real_deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let vvs: Vec<VersionVector> = logs.iter().map(|l| l.version_vector()).collect();
+        let mut union = VersionVector::new();
+        for vv in &vvs {
+            union.merge(vv);
+        }
+        if vvs.iter().all(|vv| *vv == union) {
+            assert_eq!(union.total(), written, "every write is in the union");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < real_deadline,
+            "no convergence (seed {seed}): {vvs:#?}\npeers: {:#?}",
+            engines.iter().map(|e| e.peers()).collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Same heads for every key, and the same winner (every replica computes it itself).
+    let projection = |log: &EventLog| -> BTreeMap<Key, KeyState> {
+        log.states()
+            .map(|r| r.unwrap())
+            .map(|(k, mut s)| {
+                s.superseded.clear(); // bookkeeping of ids not yet seen, not part of the state shown
+                (k, s)
+            })
+            .collect()
+    };
+    let first = projection(&logs[0]);
+    for (i, log) in logs.iter().enumerate().skip(1) {
+        assert_eq!(
+            projection(log),
+            first,
+            "replica {i} differs from replica 0 (seed {seed})"
+        );
+        for (key, state) in &first {
+            let a = engines[0].reconciler().view(key, state);
+            let b = engines[i].reconciler().view(key, &log.state(key).unwrap());
+            assert_eq!(a.winner, b.winner, "winner of {key} (seed {seed})");
+        }
+    }
+    // Every winner's content is complete on every replica.
+    for log in &logs {
+        for (_, state) in log.states().map(|r| r.unwrap()) {
+            for head in &state.heads {
+                if let Some(content) = head.op.content() {
+                    assert!(
+                        log.chunks().missing(content).unwrap().is_empty(),
+                        "content of {:?} incomplete",
+                        head.id
+                    );
+                }
+            }
+        }
+    }
+    for engine in &engines {
+        engine.shutdown().await.unwrap();
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: cases(), max_shrink_iters: 64, ..ProptestConfig::default() })]
+    #[test]
+    fn replicas_converge_under_faults(
+        n in 3usize..=5,
+        seed in any::<u64>(),
+        steps in proptest::collection::vec(step(), 1..40),
+    ) {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .start_paused(true)
+            .build()
+            .unwrap()
+            .block_on(run(n, seed, steps));
+    }
+}
+
+/// A–B–C in a line (A and C are not peers): A's events reach C through B.
+#[tokio::test(start_paused = true)]
+async fn events_are_relayed_along_a_line() {
+    let network = MemoryNetwork::new(7, Faults::none());
+    let logs: Vec<EventLog> = (0..3)
+        .map(|_| EventLog::open(LogConfig::temporary()).unwrap())
+        .collect();
+    let neighbours = [vec![1], vec![0, 2], vec![1]];
+    let mut engines = Vec::new();
+    for (i, log) in logs.iter().enumerate() {
+        let peers = neighbours[i]
+            .iter()
+            .map(|&j| PeerConfig {
+                id: logs[j].replica(),
+                address: Some(format!("n{j}")),
+            })
+            .collect();
+        engines.push(
+            SyncEngine::builder(log.clone(), Arc::new(Lww))
+                .config(test_config(peers))
+                .transport(Arc::new(network.endpoint(&format!("n{i}"))))
+                .start()
+                .await
+                .unwrap(),
+        );
+    }
+    let content = put_content(&logs[0], 1, 3);
+    let key = Key::new("from/a").unwrap();
+    logs[0]
+        .append_local(vec![LocalChange {
+            key: key.clone(),
+            op: Op::Put {
+                content,
+                meta: Meta::file(1),
+            },
+        }])
+        .await
+        .unwrap();
+    for _ in 0..600 {
+        if logs[2].heads(&key).unwrap().len() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let heads = logs[2].heads(&key).unwrap();
+    assert_eq!(heads.len(), 1, "A's event reached C");
+    assert_eq!(heads[0].id.origin, logs[0].replica());
+    assert!(
+        logs[2]
+            .chunks()
+            .missing(&content.unwrap())
+            .unwrap()
+            .is_empty(),
+        "and its content"
+    );
+    for e in &engines {
+        e.shutdown().await.unwrap();
+    }
+}
