@@ -76,6 +76,7 @@ pub struct TreeBuilder {
     levels: Vec<Vec<NodeEntry>>,
     size: u64,
     chunks: u64,
+    first: Option<NodeEntry>,
 }
 
 impl TreeBuilder {
@@ -88,6 +89,9 @@ impl TreeBuilder {
     pub fn push(&mut self, hash: Hash, len: u64, emit: &mut dyn FnMut(Hash, Vec<u8>)) {
         self.size += len;
         self.chunks += 1;
+        if self.first.is_none() {
+            self.first = Some(NodeEntry { hash, size: len });
+        }
         self.push_at(0, NodeEntry { hash, size: len }, emit);
     }
 
@@ -119,23 +123,21 @@ impl TreeBuilder {
     /// Closes every open node and returns the content reference, or `None` if no chunk was
     /// pushed (an empty file is one empty chunk: push it).
     pub fn finish(mut self, emit: &mut dyn FnMut(Hash, Vec<u8>)) -> Option<ContentRef> {
-        match self.chunks {
-            0 => return None,
-            1 => {
-                let only = self.levels[0][0];
+        match (self.chunks, self.first) {
+            (0, _) | (_, None) => return None,
+            (1, Some(only)) => {
                 return Some(ContentRef {
                     root: only.hash,
                     size: only.size,
                     depth: 0,
-                });
+                })
             }
             _ => {}
         }
         let mut level = 0;
-        loop {
-            let is_top = level + 1 >= self.levels.len();
-            let open = self.levels[level].len();
-            if is_top && open == 1 && level > 0 {
+        while level < self.levels.len() {
+            let has_parent_level = level + 1 < self.levels.len();
+            if !has_parent_level && level > 0 && self.levels[level].len() == 1 {
                 let root = self.levels[level][0];
                 return Some(ContentRef {
                     root: root.hash,
@@ -144,13 +146,14 @@ impl TreeBuilder {
                 });
             }
             if let Some(node) = self.close(level, emit) {
-                if is_top && open > 0 && level + 1 >= self.levels.len() {
+                if !has_parent_level {
                     self.levels.push(Vec::new());
                 }
                 self.levels[level + 1].push(node);
             }
             level += 1;
         }
+        None // unreachable with two or more chunks: the loop ends at a single root
     }
 }
 
@@ -210,6 +213,19 @@ mod tests {
             new_nodes <= 1 + 2 * root2.depth as usize,
             "{new_nodes} new nodes"
         );
+    }
+
+    #[test]
+    fn any_number_of_chunks_makes_a_tree_even_when_boundaries_close_levels_early() {
+        // Regression: a single chunk whose hash is a boundary closed level 0 before finish.
+        for n in 1..300u32 {
+            let chunks: Vec<Vec<u8>> = (0..n).map(|i| format!("{n}/{i}").into_bytes()).collect();
+            let (root, store) = build(&chunks);
+            assert_eq!(flatten(&root, &store), chunks.concat(), "{n} chunks");
+            if n == 1 {
+                assert_eq!(root.depth, 0);
+            }
+        }
     }
 
     #[test]
