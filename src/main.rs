@@ -1,3 +1,115 @@
 //! The `converge` binary: command line, config loading and daemon wiring.
+//!
+//! Errors are `anyhow` errors with context; `main` prints the whole chain and exits
+//! with status 1.
 
-fn main() {}
+mod cli;
+mod config;
+mod daemon;
+mod demo;
+mod init;
+
+use std::future::Future;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+use crate::cli::{Cli, Command};
+use crate::config::Config;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err}");
+            for cause in err.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Logs to standard error, filtered by `RUST_LOG` (default `info`), so standard output
+/// carries only what a command prints for scripts.
+fn init_logging() {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// Runs one subcommand on a multi-threaded tokio runtime.
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("converge")
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Init(args) => {
+                let done = init::init(&args).await?;
+                eprintln!(
+                    "initialized a replica in {}\n  config: {}\n  add peers there, then start it with: converge run --config {}",
+                    args.data_dir.display(),
+                    done.config_path.display(),
+                    done.config_path.display()
+                );
+                println!("{}", done.replica);
+                Ok(())
+            }
+            Command::Id(args) => {
+                // Only data_dir matters here: the rest need not be valid yet (the peers'
+                // IDs, typically, are what this command is run to fill in).
+                let config = Config::parse_file(&args.config)?;
+                println!("{}", init::existing_replica_id(&config.data_dir).await?);
+                Ok(())
+            }
+            Command::Run(args) => {
+                let config = Config::load(&args.config)?;
+                daemon::run(config, shutdown_signal()?).await
+            }
+            Command::Demo(args) => demo::run(args.dir, shutdown_signal()?).await,
+        }
+    })
+}
+
+/// A future that resolves on the first SIGINT (Ctrl-C) or SIGTERM. The handlers are
+/// installed now, not when the future is first polled, so a signal that arrives during
+/// start-up is not lost. A second SIGINT during shutdown exits at once with status 130.
+fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()> + Send> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut interrupt =
+            signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+        let mut terminate =
+            signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+        Ok(async move {
+            tokio::select! {
+                _ = interrupt.recv() => tracing::info!("SIGINT: shutting down (again to force)"),
+                _ = terminate.recv() => tracing::info!("SIGTERM: shutting down"),
+            }
+            tokio::spawn(async move {
+                if interrupt.recv().await.is_some() {
+                    tracing::warn!("second SIGINT: exiting without a clean shutdown");
+                    std::process::exit(130);
+                }
+            });
+        })
+    }
+    #[cfg(not(unix))]
+    {
+        Ok(async {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                tracing::info!("Ctrl-C: shutting down");
+            }
+        })
+    }
+}
