@@ -1,13 +1,134 @@
-//! `converge run`: wires the event log, the engine, the plugins and the admin API from a
-//! [`Config`], and runs them until shutdown.
+//! `converge run`: wires the event log, the engine and the plugins from a [`Config`], and
+//! runs them until shutdown.
 
 use std::future::Future;
+use std::io::IsTerminal;
+use std::sync::Arc;
+
+use anyhow::Context;
+use converge_framework::log::{EventLog, LogConfig};
+use converge_framework::plugin::Transport;
+use converge_framework::{EngineConfig, PeerConfig, SyncEngine};
+use converge_plugin_fs::{FsConfig, FsStore};
+use converge_transport_tcp::{TcpOptions, TcpTransport};
 
 use crate::config::Config;
 
 /// Runs the daemon described by `config` (already validated) until `shutdown` resolves,
 /// then stops accepting work, flushes, closes peers and returns.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
-    let _ = (config, shutdown);
-    anyhow::bail!("not wired yet")
+    let addr = config.transport.listen_addr()?;
+    let transport = TcpTransport::bind(addr, TcpOptions::default())
+        .await
+        .with_context(|| format!("binding transport.listen = {addr}"))?;
+    let engine = start(&config, transport).await?;
+    shutdown.await;
+    tracing::info!("shutting down: flushing and closing peers");
+    engine.shutdown().await.context("shutting down")?;
+    tracing::info!("stopped cleanly");
+    Ok(())
+}
+
+/// Opens the log and starts the engine with the folder's source and store, the mirrors
+/// and the TCP transport (already bound, so callers can pick ephemeral ports).
+pub async fn start(config: &Config, transport: TcpTransport) -> anyhow::Result<SyncEngine> {
+    let db = config.data_dir.join("db");
+    let log = {
+        let path = db.clone();
+        tokio::task::spawn_blocking(move || EventLog::open(LogConfig::new(&path)))
+            .await?
+            .with_context(|| {
+                format!(
+                    "opening the event log in {} (is another converge running on it?)",
+                    db.display()
+                )
+            })?
+    };
+    let policy = converge_policies::by_name(&config.folder.conflict_policy).with_context(|| {
+        format!(
+            "folder.conflict_policy = {:?} is not a built-in policy ({})",
+            config.folder.conflict_policy,
+            converge_policies::BUILT_IN.join(", ")
+        )
+    })?;
+    let me = log.replica();
+    let mut peers = Vec::new();
+    for (i, peer) in config.peers.iter().enumerate() {
+        let id = peer.replica(i)?;
+        anyhow::ensure!(id != me, "peers[{i}].id is this replica's own ID ({me})");
+        peers.push(PeerConfig {
+            id,
+            address: Some(peer.address.clone()),
+        });
+    }
+    let listen = transport.local_address();
+    let fs = FsConfig::new(&config.folder.path).exclude(&config.data_dir);
+    let (source, store) = converge_plugin_fs::folder(fs);
+    let source = source.with_policy(policy.clone());
+    let mut builder = SyncEngine::builder(log, policy)
+        .config(EngineConfig {
+            peers,
+            ..EngineConfig::default()
+        })
+        .transport(Arc::new(transport))
+        .store(Arc::new(store))
+        .source(Arc::new(source));
+    for mirror in &config.mirrors {
+        std::fs::create_dir_all(&mirror.path).with_context(|| {
+            format!(
+                "creating mirror {:?} at {}",
+                mirror.name,
+                mirror.path.display()
+            )
+        })?;
+        builder = builder.store(Arc::new(FsStore::mirror(
+            &mirror.name,
+            FsConfig::new(&mirror.path),
+        )));
+    }
+    let engine = builder.start().await.context("starting the engine")?;
+    tracing::info!(replica = %me, %listen, folder = %config.folder.path.display(), "converge is running");
+    tokio::spawn(show_progress(
+        engine.scan_progress(),
+        config.folder.path.display().to_string(),
+    ));
+    Ok(engine)
+}
+
+/// Shows the initial scan: a progress bar on a terminal, log lines otherwise.
+async fn show_progress(
+    mut progress: tokio::sync::watch::Receiver<converge_framework::plugin::ScanProgress>,
+    folder: String,
+) {
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let bar = indicatif::ProgressBar::new_spinner();
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} scanning {msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+        );
+        bar
+    });
+    let mut last_log = std::time::Instant::now();
+    while progress.changed().await.is_ok() {
+        let p = *progress.borrow_and_update();
+        let msg = format!("{folder}: {} files, {} MiB", p.files, p.bytes >> 20);
+        match &bar {
+            Some(bar) => {
+                bar.set_message(msg.clone());
+                bar.tick();
+            }
+            None if p.done || last_log.elapsed().as_secs() >= 2 => {
+                tracing::info!("scan {msg}");
+                last_log = std::time::Instant::now();
+            }
+            None => {}
+        }
+        if p.done {
+            if let Some(bar) = &bar {
+                bar.finish_with_message(format!("{msg} — done"));
+            }
+            tracing::info!("initial scan done: {msg}");
+            return;
+        }
+    }
 }

@@ -3,12 +3,84 @@
 use std::future::Future;
 use std::path::PathBuf;
 
+use anyhow::Context;
+use converge_framework::plugin::Transport;
+use converge_transport_tcp::{TcpOptions, TcpTransport};
+
+use crate::config::{Config, FolderConfig, PeerConfig, TransportConfig};
+
 /// Starts two replicas over two folders under `dir` (a temporary directory when `None`),
-/// prints their folders and admin URLs, and runs them until `shutdown` resolves.
+/// prints their folders, and runs them until `shutdown` resolves.
 pub async fn run(
     dir: Option<PathBuf>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
-    let _ = (dir, shutdown);
-    anyhow::bail!("not wired yet")
+    let temp;
+    let base = match dir {
+        Some(d) => d,
+        None => {
+            temp = tempfile::Builder::new()
+                .prefix("converge-demo-")
+                .tempdir()
+                .context("creating a temporary directory")?;
+            temp.path().to_path_buf()
+        }
+    };
+    let names = ["a", "b"];
+    let mut transports = Vec::new();
+    for _ in names {
+        transports.push(
+            TcpTransport::bind("127.0.0.1:0".parse()?, TcpOptions::default())
+                .await
+                .context("binding a loopback port")?,
+        );
+    }
+    let addrs: Vec<String> = transports.iter().map(|t| t.local_address()).collect();
+    // Each replica needs the other's identity before it starts: open both logs once.
+    let mut ids = Vec::new();
+    for name in names {
+        let data = base.join(name).join("data");
+        std::fs::create_dir_all(base.join(name).join("folder"))
+            .context("creating the demo folders")?;
+        std::fs::create_dir_all(&data)?;
+        ids.push(crate::init::replica_id(&data).await?);
+    }
+    let mut engines = Vec::new();
+    for (i, (name, transport)) in names.iter().zip(transports).enumerate() {
+        let other = 1 - i;
+        let config = Config {
+            data_dir: base.join(name).join("data"),
+            folder: FolderConfig {
+                path: base.join(name).join("folder"),
+                conflict_policy: "lww".into(),
+            },
+            transport: TransportConfig {
+                kind: "tcp".into(),
+                listen: addrs[i].clone(),
+            },
+            peers: vec![PeerConfig {
+                id: ids[other].to_string(),
+                address: addrs[other].clone(),
+            }],
+            admin: None,
+            mirrors: Vec::new(),
+            plugins: Vec::new(),
+        };
+        engines.push(crate::daemon::start(&config, transport).await?);
+    }
+    println!("converge demo: two replicas syncing over 127.0.0.1");
+    for (i, name) in names.iter().enumerate() {
+        println!(
+            "  replica {name}: {}  folder {}  listening on {}",
+            ids[i],
+            base.join(name).join("folder").display(),
+            addrs[i]
+        );
+    }
+    println!("Create, edit or delete files in one folder and watch them appear in the other. Ctrl-C stops.");
+    shutdown.await;
+    for engine in engines {
+        engine.shutdown().await?;
+    }
+    Ok(())
 }

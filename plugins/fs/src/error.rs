@@ -1,0 +1,72 @@
+//! The crate's error type, converted to a `PluginError` at the trait boundary.
+
+use std::path::{Path, PathBuf};
+
+use converge_framework::{LogError, PluginError};
+use thiserror::Error;
+
+/// What can go wrong while scanning, watching or writing a folder.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum FsError {
+    /// A file system call failed.
+    #[error("{op} {}: {source}", path.display())]
+    Io {
+        /// What was being done (`reading`, `renaming`, …).
+        op: &'static str,
+        /// On which path.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The event log or the content store failed.
+    #[error(transparent)]
+    Log(#[from] LogError),
+    /// Content to write is not what its reference promises (size or missing chunk).
+    #[error("content for {} is inconsistent: {reason}", path.display())]
+    Content {
+        /// The file being written.
+        path: PathBuf,
+        /// What did not match.
+        reason: String,
+    },
+    /// The file watcher could not be set up.
+    #[error("watching {}: {source}", path.display())]
+    Watch {
+        /// The folder.
+        path: PathBuf,
+        /// The watcher's error.
+        source: notify::Error,
+    },
+    /// A blocking task panicked or was cancelled.
+    #[error("background task failed: {0}")]
+    Task(String),
+}
+
+impl FsError {
+    pub(crate) fn io<'a>(
+        op: &'static str,
+        path: &'a Path,
+    ) -> impl FnOnce(std::io::Error) -> FsError + 'a {
+        move |source| FsError::Io {
+            op,
+            path: path.to_owned(),
+            source,
+        }
+    }
+
+    pub(crate) fn into_plugin(self, plugin: &str) -> PluginError {
+        PluginError::new(plugin, self)
+    }
+
+    /// Whether this is an I/O error of kind `NotFound`.
+    pub(crate) fn is_not_found(&self) -> bool {
+        matches!(self, FsError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound)
+    }
+}
+
+impl From<tokio::task::JoinError> for FsError {
+    fn from(e: tokio::task::JoinError) -> Self {
+        FsError::Task(e.to_string())
+    }
+}

@@ -1,0 +1,115 @@
+//! Which paths of a folder are keys: ignore rules (`.convergeignore`, excludes, temp files,
+//! conflict copies) and the mapping from a path to a validated [`Key`].
+
+use std::path::{Component, Path, PathBuf};
+
+use converge_api::Key;
+use ignore::gitignore::{Gitignore, GitignoreBuilder};
+
+use crate::{CONFLICT_MARKER, IGNORE_FILE, TEMP_PREFIX};
+
+/// The ignore rules of one folder, loaded from its root.
+#[derive(Debug)]
+pub(crate) struct Rules {
+    root: PathBuf,
+    exclude: Vec<PathBuf>,
+    gitignore: Option<Gitignore>,
+}
+
+impl Rules {
+    /// Loads `.convergeignore` from `root` (a missing file means no patterns; a broken
+    /// line is reported and skipped). `root` should be canonical.
+    pub(crate) fn load(root: &Path, exclude: &[PathBuf]) -> Rules {
+        let exclude = exclude
+            .iter()
+            .map(|p| {
+                let p = if p.is_absolute() {
+                    p.clone()
+                } else {
+                    root.join(p)
+                };
+                p.canonicalize().unwrap_or(p)
+            })
+            .collect();
+        let file = root.join(IGNORE_FILE);
+        let gitignore = if file.is_file() {
+            let mut builder = GitignoreBuilder::new(root);
+            if let Some(err) = builder.add(&file) {
+                tracing::warn!("{}: {err}", file.display());
+            }
+            match builder.build() {
+                Ok(g) => Some(g),
+                Err(err) => {
+                    tracing::warn!("ignoring {}: {err}", file.display());
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        Rules {
+            root: root.to_owned(),
+            exclude,
+            gitignore,
+        }
+    }
+
+    /// The folder root the rules belong to.
+    pub(crate) fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Whether `path` (under the root) is excluded from syncing. `parents` also applies
+    /// patterns matching an ancestor directory (a walk prunes those already).
+    pub(crate) fn ignores(&self, path: &Path, is_dir: bool, parents: bool) -> bool {
+        if self.exclude.iter().any(|ex| path.starts_with(ex)) {
+            return true;
+        }
+        let Ok(rel) = path.strip_prefix(&self.root) else {
+            return true;
+        };
+        if rel.as_os_str().is_empty() {
+            return false;
+        }
+        if rel == Path::new(IGNORE_FILE) {
+            return true;
+        }
+        let names = rel.components().filter_map(|c| match c {
+            Component::Normal(n) => n.to_str(),
+            _ => None,
+        });
+        let mut names = names.peekable();
+        while let Some(name) = names.next() {
+            if !parents && names.peek().is_some() {
+                continue;
+            }
+            if name.starts_with(TEMP_PREFIX) || name.contains(CONFLICT_MARKER) {
+                return true;
+            }
+        }
+        match &self.gitignore {
+            None => false,
+            Some(g) if parents => g.matched_path_or_any_parents(rel, is_dir).is_ignore(),
+            Some(g) => g.matched(rel, is_dir).is_ignore(),
+        }
+    }
+
+    /// The key of `path` (under the root), or why it cannot be one (warned by callers).
+    pub(crate) fn key_of(&self, path: &Path) -> Result<Key, String> {
+        let rel = path
+            .strip_prefix(&self.root)
+            .map_err(|_| format!("{} is outside the folder", path.display()))?;
+        let Some(s) = rel.to_str() else {
+            return Err(format!(
+                "skipping {}: the name is not UTF-8",
+                path.display()
+            ));
+        };
+        Key::new(s).map_err(|e| format!("skipping {}: {e}", path.display()))
+    }
+
+    /// The path of `key` under the root.
+    pub(crate) fn path_of(&self, key: &Key) -> PathBuf {
+        self.root.join(key.as_str())
+    }
+}

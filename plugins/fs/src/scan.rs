@@ -1,0 +1,468 @@
+//! The scan: compares what is on disk with the projection and emits the difference.
+//!
+//! Entries are walked in parallel (the `ignore` crate's parallel walker, on its own
+//! threads, started from a blocking task); each is compared with its key's heads: the same
+//! size and mtime as a head means unchanged, otherwise the file is chunked (its chunks go
+//! into the content store) and its root compared. Keys the projection shows but the disk
+//! lacks become deletes, children before their directory. Changes are appended in batches.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fs::Metadata;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use converge_api::{ConflictPolicy, EntryKind, Head, Key, Meta, Op};
+use converge_framework::content::ChunkStore;
+use converge_framework::log::{EventLog, LocalChange};
+use converge_framework::plugin::{ScanProgress, SourceContext};
+use ignore::{WalkBuilder, WalkState};
+use tokio::sync::mpsc;
+
+use crate::content::{is_executable, mtime_ms, store_file};
+use crate::echo::{Applied, Echo};
+use crate::error::FsError;
+use crate::rules::Rules;
+use crate::EMIT_BATCH;
+
+/// Picks the head a store shows for a key: the conflict policy's winner, or the greatest
+/// `(hlc, origin)` without one.
+#[derive(Clone, Default)]
+pub(crate) struct Resolver {
+    pub(crate) policy: Option<Arc<dyn ConflictPolicy>>,
+}
+
+impl std::fmt::Debug for Resolver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Resolver")
+            .field("policy", &self.policy.as_ref().map(|p| p.name().to_owned()))
+            .finish()
+    }
+}
+
+impl Resolver {
+    /// The winning head if it is a `Put` (the key is shown), `None` if the key is absent.
+    pub(crate) fn shown<'h>(&self, key: &Key, heads: &'h [Head]) -> Option<&'h Head> {
+        let winner = match (heads.len(), &self.policy) {
+            (0, _) => return None,
+            (1, _) => heads.first()?,
+            (_, Some(policy)) => {
+                let id = policy.resolve(key, heads).winner;
+                heads.iter().find(|h| h.id == id)?
+            }
+            (_, None) => heads.iter().max_by_key(|h| h.lww_rank())?,
+        };
+        matches!(winner.op, Op::Put { .. }).then_some(winner)
+    }
+}
+
+/// What a running source works with; rebuilt when the ignore rules change.
+#[derive(Debug)]
+pub(crate) struct Env {
+    pub(crate) rules: Rules,
+    pub(crate) echo: Arc<Echo>,
+    pub(crate) resolver: Resolver,
+    pub(crate) log: EventLog,
+    pub(crate) chunks: ChunkStore,
+}
+
+fn head_kind(head: &Head) -> Option<EntryKind> {
+    match &head.op {
+        Op::Put { meta, .. } => Some(meta.kind),
+        Op::Delete => None,
+    }
+}
+
+/// Compares the regular file at `path` with `heads`; returns the `Put` to emit (if it
+/// changed) and the number of bytes hashed. Blocks.
+pub(crate) fn examine_file(
+    env: &Env,
+    key: &Key,
+    path: &Path,
+    meta: &Metadata,
+    heads: &[Head],
+) -> Result<(Option<Op>, u64), FsError> {
+    let (size, mtime, executable) = (meta.len(), mtime_ms(meta), is_executable(meta));
+    if let Some(Applied::File {
+        size: s,
+        mtime_ms: m,
+        executable: x,
+        ..
+    }) = env.echo.get(key)
+    {
+        if (s, m, x) == (size, mtime, executable) {
+            return Ok((None, 0));
+        }
+    }
+    let same_stat = heads.iter().any(|h| match &h.op {
+        Op::Put {
+            content: Some(c),
+            meta: hm,
+        } => {
+            hm.kind == EntryKind::File
+                && c.size == size
+                && hm.mtime_ms == mtime
+                && hm.executable == executable
+        }
+        _ => false,
+    });
+    if same_stat {
+        return Ok((None, 0));
+    }
+    let content = store_file(path, &env.chunks)?;
+    let same_content = heads.iter().any(|h| match &h.op {
+        Op::Put {
+            content: Some(c),
+            meta: hm,
+        } => {
+            hm.kind == EntryKind::File
+                && c.root == content.root
+                && c.size == content.size
+                && hm.executable == executable
+        }
+        _ => false,
+    }) || matches!(env.echo.get(key), Some(Applied::File { root, executable: x, .. }) if root == content.root && x == executable);
+    let op = (!same_content).then_some(Op::Put {
+        content: Some(content),
+        meta: Meta {
+            kind: EntryKind::File,
+            mtime_ms: mtime,
+            executable,
+        },
+    });
+    Ok((op, content.size))
+}
+
+/// Compares the directory at `key` with `heads`: a directory not shown as one is new,
+/// unless a delete won and live keys remain below (it is kept alive by them).
+pub(crate) fn examine_dir(
+    env: &Env,
+    key: &Key,
+    meta: &Metadata,
+    heads: &[Head],
+    live_below: bool,
+) -> Option<Op> {
+    if env.echo.get(key) == Some(Applied::Dir) {
+        return None;
+    }
+    match env.resolver.shown(key, heads) {
+        Some(h) if head_kind(h) == Some(EntryKind::Dir) => None,
+        None if !heads.is_empty() && live_below => None,
+        _ => Some(Op::Put {
+            content: None,
+            meta: Meta::dir(mtime_ms(meta)),
+        }),
+    }
+}
+
+/// The heads of every key (under `under`, itself included), in key order.
+pub(crate) struct Projection {
+    keys: BTreeMap<String, Vec<Head>>,
+}
+
+impl Projection {
+    pub(crate) fn load(log: &EventLog, under: Option<&Key>) -> Result<Projection, FsError> {
+        let mut keys = BTreeMap::new();
+        for entry in log.states() {
+            let (key, state) = entry?;
+            if state.heads.is_empty() {
+                continue;
+            }
+            if let Some(dir) = under {
+                if key != *dir && !key.is_under(dir) {
+                    continue;
+                }
+            }
+            keys.insert(key.as_str().to_owned(), state.heads);
+        }
+        Ok(Projection { keys })
+    }
+
+    fn heads(&self, key: &Key) -> &[Head] {
+        self.keys
+            .get(key.as_str())
+            .map(Vec::as_slice)
+            .unwrap_or(&[])
+    }
+
+    /// Whether some key strictly below the directory `key` is shown (a live `Put`).
+    fn live_below(&self, key: &Key, resolver: &Resolver) -> bool {
+        let (lo, hi) = (format!("{key}/"), format!("{key}0"));
+        self.keys.range(lo..hi).any(|(k, heads)| {
+            Key::new(k.as_str())
+                .map(|k| resolver.shown(&k, heads).is_some())
+                .unwrap_or(false)
+        })
+    }
+}
+
+/// What a walker thread reports to the collecting task.
+enum Found {
+    Entry {
+        key: Key,
+        change: Option<Op>,
+        hashed: u64,
+    },
+    /// This key (and what lies below it) could not be read: do not read it as deleted.
+    Failed(Option<String>),
+    Fatal(FsError),
+}
+
+/// Why a walker could not read a path, if the error names one.
+fn error_path(err: &ignore::Error) -> Option<&Path> {
+    match err {
+        ignore::Error::WithPath { path, .. } => Some(path),
+        ignore::Error::WithDepth { err, .. } | ignore::Error::WithLineNumber { err, .. } => {
+            error_path(err)
+        }
+        ignore::Error::Loop { child, .. } => Some(child),
+        _ => None,
+    }
+}
+
+/// Scans the whole folder (`under` = `None`) or the subtree of one directory key, emits
+/// what changed and, for a full scan with `report`, reports progress.
+pub(crate) async fn scan(
+    ctx: &SourceContext,
+    env: &Arc<Env>,
+    under: Option<Key>,
+    report: bool,
+) -> Result<(), FsError> {
+    let projection = {
+        let (env, under) = (env.clone(), under.clone());
+        Arc::new(
+            tokio::task::spawn_blocking(move || Projection::load(&env.log, under.as_ref()))
+                .await??,
+        )
+    };
+    let start = match &under {
+        Some(k) => env.rules.path_of(k),
+        None => env.rules.root().to_owned(),
+    };
+    let (tx, mut rx) = mpsc::channel::<Found>(4096);
+    let stop = Arc::new(AtomicBool::new(false));
+    let walk = {
+        let (env, projection, stop) = (env.clone(), projection.clone(), stop.clone());
+        let include_start = under.is_some();
+        tokio::task::spawn_blocking(move || walk(env, projection, start, include_start, tx, stop))
+    };
+
+    let mut seen: HashSet<Key> = HashSet::new();
+    let mut failed: Vec<String> = Vec::new();
+    let mut failed_all = false;
+    let mut fatal = None;
+    let mut batch = Vec::new();
+    let mut progress = ScanProgress::default();
+    while let Some(found) = rx.recv().await {
+        match found {
+            Found::Entry {
+                key,
+                change,
+                hashed,
+            } => {
+                progress.files += 1;
+                progress.bytes += hashed;
+                if let Some(op) = change {
+                    batch.push(LocalChange {
+                        key: key.clone(),
+                        op,
+                    });
+                }
+                seen.insert(key);
+                if batch.len() >= EMIT_BATCH {
+                    if let Err(e) = ctx.emit(std::mem::take(&mut batch)).await {
+                        stop.store(true, Ordering::Relaxed);
+                        fatal.get_or_insert(FsError::from(e));
+                    }
+                }
+                if report && progress.files % 64 == 0 {
+                    ctx.report(progress);
+                }
+            }
+            Found::Failed(Some(prefix)) => failed.push(prefix),
+            Found::Failed(None) => failed_all = true,
+            Found::Fatal(e) => {
+                stop.store(true, Ordering::Relaxed);
+                fatal.get_or_insert(e);
+            }
+        }
+        if ctx.is_shutting_down() {
+            stop.store(true, Ordering::Relaxed);
+        }
+    }
+    walk.await?;
+    if let Some(e) = fatal {
+        return Err(e);
+    }
+    if stop.load(Ordering::Relaxed) {
+        return Ok(());
+    }
+
+    if !failed_all {
+        let env2 = env.clone();
+        let deletes = tokio::task::spawn_blocking(move || {
+            let mut out = Vec::new();
+            for (k, heads) in projection.keys.iter().rev() {
+                let Ok(key) = Key::new(k.as_str()) else {
+                    continue;
+                };
+                if seen.contains(&key) || env2.resolver.shown(&key, heads).is_none() {
+                    continue;
+                }
+                if failed
+                    .iter()
+                    .any(|f| k == f || k.starts_with(&format!("{f}/")))
+                {
+                    continue;
+                }
+                let path = env2.rules.path_of(&key);
+                let is_dir = heads.iter().any(|h| head_kind(h) == Some(EntryKind::Dir));
+                if env2.rules.ignores(&path, is_dir, true)
+                    || env2.echo.get(&key) == Some(Applied::Absent)
+                {
+                    continue;
+                }
+                // Created after the walk passed by: the watcher reports it.
+                if let Ok(m) = std::fs::symlink_metadata(&path) {
+                    if m.is_file() || m.is_dir() {
+                        continue;
+                    }
+                }
+                out.push(LocalChange {
+                    key,
+                    op: Op::Delete,
+                });
+            }
+            out
+        })
+        .await?;
+        batch.extend(deletes);
+    }
+    for chunk in batch.chunks(EMIT_BATCH) {
+        ctx.emit(chunk.to_vec()).await?;
+    }
+    if report {
+        progress.total_files = Some(progress.files);
+        progress.done = true;
+        ctx.report(progress);
+    }
+    Ok(())
+}
+
+/// The parallel walk; runs on a blocking thread and its own walker threads.
+fn walk(
+    env: Arc<Env>,
+    projection: Arc<Projection>,
+    start: PathBuf,
+    include_start: bool,
+    tx: mpsc::Sender<Found>,
+    stop: Arc<AtomicBool>,
+) {
+    let filter_env = env.clone();
+    let walker = WalkBuilder::new(&start)
+        .standard_filters(false)
+        .follow_links(false)
+        .threads(0)
+        .filter_entry(move |entry| {
+            let path = entry.path();
+            let is_dir = entry.file_type().is_some_and(|t| t.is_dir());
+            if filter_env.rules.ignores(path, is_dir, false) {
+                return false;
+            }
+            if path == filter_env.rules.root() {
+                return true;
+            }
+            match filter_env.rules.key_of(path) {
+                Ok(_) => true,
+                Err(why) => {
+                    tracing::warn!("{why}");
+                    false
+                }
+            }
+        })
+        .build_parallel();
+    walker.run(|| {
+        let (env, projection, tx, stop) =
+            (env.clone(), projection.clone(), tx.clone(), stop.clone());
+        Box::new(move |result| {
+            if stop.load(Ordering::Relaxed) {
+                return WalkState::Quit;
+            }
+            let found = match result {
+                Err(err) => {
+                    tracing::warn!("scan: {err}");
+                    Found::Failed(
+                        error_path(&err)
+                            .and_then(|p| env.rules.key_of(p).ok())
+                            .map(|k| k.to_string()),
+                    )
+                }
+                Ok(entry) => {
+                    if entry.depth() == 0 && !include_start {
+                        return WalkState::Continue;
+                    }
+                    match visit(&env, &projection, entry.path()) {
+                        Some(found) => found,
+                        None => return WalkState::Continue,
+                    }
+                }
+            };
+            if tx.blocking_send(found).is_err() {
+                return WalkState::Quit;
+            }
+            WalkState::Continue
+        })
+    });
+}
+
+/// Looks at one walked entry.
+fn visit(env: &Env, projection: &Projection, path: &Path) -> Option<Found> {
+    let key = env.rules.key_of(path).ok()?;
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::warn!("scan: reading {}: {e}", path.display());
+            return Some(Found::Failed(Some(key.to_string())));
+        }
+    };
+    let heads = projection.heads(&key);
+    if meta.is_dir() {
+        let change = examine_dir(
+            env,
+            &key,
+            &meta,
+            heads,
+            projection.live_below(&key, &env.resolver),
+        );
+        Some(Found::Entry {
+            key,
+            change,
+            hashed: 0,
+        })
+    } else if meta.is_file() {
+        match examine_file(env, &key, path, &meta, heads) {
+            Ok((change, hashed)) => Some(Found::Entry {
+                key,
+                change,
+                hashed,
+            }),
+            Err(e @ FsError::Io { .. }) => {
+                tracing::warn!("scan: {e}");
+                Some(Found::Failed(Some(key.to_string())))
+            }
+            Err(e) => Some(Found::Fatal(e)),
+        }
+    } else if meta.file_type().is_symlink() {
+        tracing::warn!(
+            "skipping symlink {} (symlinks are not followed)",
+            path.display()
+        );
+        None
+    } else {
+        tracing::debug!(
+            "skipping {}: not a regular file or directory",
+            path.display()
+        );
+        None
+    }
+}

@@ -1,0 +1,642 @@
+//! The folder store: makes a directory show the key views it is given.
+//!
+//! Per batch, on a blocking thread: file deletes, then directory deletes (deepest first,
+//! only when empty: a live file below keeps its directory), then directories, then files
+//! and conflict copies. A file already holding the right content (size, then hash — the
+//! crash-repair check) is left alone; otherwise it is written to a temp file in the same
+//! directory, given its mode and mtime, and renamed over the final path. One `syncfs`
+//! makes the whole batch durable before `apply` returns; no file is fsynced on its own.
+
+use std::collections::HashSet;
+use std::fs::{File, OpenOptions, Permissions};
+use std::io::{ErrorKind, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use converge_api::{ContentRef, EntryKind, Head, Key, Meta, Op};
+use converge_framework::content::ChunkStore;
+use converge_framework::plugin::{KeyView, Store, StoreContext};
+use converge_framework::{LogError, PluginError};
+use filetime::FileTime;
+
+use crate::content::{hash_file, is_executable, mtime_ms};
+use crate::echo::{Applied, Echo};
+use crate::error::FsError;
+use crate::rules::Rules;
+use crate::{FsConfig, CONFLICT_MARKER, TEMP_PREFIX};
+
+static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// The store of one folder (or of a mirror): applies key views atomically per file and
+/// durably per batch.
+#[derive(Debug)]
+pub struct FsStore {
+    name: String,
+    config: FsConfig,
+    echo: Arc<Echo>,
+}
+
+impl FsStore {
+    /// A store named `folder` writing into `config.root` (created if missing).
+    pub fn new(config: FsConfig) -> Self {
+        FsStore::with_echo(config, Arc::new(Echo::default()))
+    }
+
+    /// A read-only copy of the folder's state named `mirror-<name>` (nothing reads it back).
+    pub fn mirror(name: &str, config: FsConfig) -> Self {
+        FsStore::new(config).with_name(format!("mirror-{name}"))
+    }
+
+    pub(crate) fn with_echo(config: FsConfig, echo: Arc<Echo>) -> Self {
+        FsStore {
+            name: "folder".into(),
+            config,
+            echo,
+        }
+    }
+
+    /// Renames the store (its subscriber and cursor name).
+    pub fn with_name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+
+    /// The folder's configuration.
+    pub fn config(&self) -> &FsConfig {
+        &self.config
+    }
+}
+
+#[async_trait]
+impl Store for FsStore {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn apply(&self, ctx: &StoreContext, views: Vec<KeyView>) -> Result<(), PluginError> {
+        let (config, echo, chunks) = (self.config.clone(), self.echo.clone(), ctx.chunks().clone());
+        let applied =
+            tokio::task::spawn_blocking(move || apply_blocking(&config, echo, chunks, views))
+                .await
+                .map_err(FsError::from)
+                .and_then(|r| r);
+        applied.map_err(|e| e.into_plugin(&self.name))
+    }
+}
+
+/// A key the store will not touch here, and why (warned, then skipped).
+struct Refused(String);
+
+fn apply_blocking(
+    config: &FsConfig,
+    echo: Arc<Echo>,
+    chunks: ChunkStore,
+    views: Vec<KeyView>,
+) -> Result<(), FsError> {
+    std::fs::create_dir_all(&config.root).map_err(FsError::io("creating", &config.root))?;
+    let root = config
+        .root
+        .canonicalize()
+        .map_err(FsError::io("opening", &config.root))?;
+    echo.prune();
+    let mut w = Writer {
+        rules: Rules::load(&root, &config.exclude),
+        echo,
+        chunks,
+        checked: HashSet::new(),
+        dirty: false,
+    };
+
+    let mut absent = Vec::new();
+    let mut dirs = Vec::new();
+    let mut files = Vec::new();
+    let mut copies = Vec::new();
+    for view in views {
+        match view.winner.as_ref().map(|h| &h.op) {
+            Some(Op::Put { meta, .. }) if meta.kind == EntryKind::Dir => {
+                dirs.push(view.key.clone())
+            }
+            Some(Op::Put {
+                meta,
+                content: Some(content),
+            }) => files.push((view.key.clone(), *content, meta.clone())),
+            Some(Op::Put { content: None, .. }) => {
+                tracing::warn!("{}: a file without content; skipped", view.key);
+            }
+            Some(Op::Delete) | None => absent.push(view.key.clone()),
+        }
+        for head in &view.copies {
+            if let Op::Put {
+                content: Some(content),
+                meta,
+            } = &head.op
+            {
+                if meta.kind == EntryKind::File {
+                    if let Some(name) = conflict_name(&view.key, head) {
+                        copies.push((name, view.key.clone(), *content, meta.clone()));
+                    }
+                }
+            }
+        }
+    }
+
+    // Deletes: files now, directories after, deepest first.
+    let mut dir_deletes = Vec::new();
+    for key in absent {
+        let path = match w.resolve(&key, w.rules.path_of(&key).is_dir()) {
+            Ok(p) => p,
+            Err(Refused(why)) => {
+                tracing::warn!("{why}");
+                continue;
+            }
+        };
+        match std::fs::symlink_metadata(&path) {
+            Ok(m) if m.is_dir() => dir_deletes.push((key, path)),
+            Ok(m) if m.file_type().is_symlink() => {
+                tracing::warn!(
+                    "not removing symlink {} (symlinks are not synced)",
+                    path.display()
+                );
+            }
+            Ok(_) => {
+                w.echo.record(&key, Applied::Absent);
+                remove_file(&path)?;
+                w.dirty = true;
+            }
+            Err(e) if e.kind() == ErrorKind::NotFound => w.echo.record(&key, Applied::Absent),
+            Err(e) => {
+                return Err(FsError::Io {
+                    op: "reading",
+                    path,
+                    source: e,
+                })
+            }
+        }
+    }
+    dir_deletes.sort_by_key(|(k, _)| std::cmp::Reverse(k.as_str().matches('/').count()));
+    for (key, path) in dir_deletes {
+        w.echo.record(&key, Applied::Absent);
+        if remove_dir_if_empty(&path)? {
+            w.dirty = true;
+        } else {
+            // Something live (or local-only) remains below: the directory stays.
+            tracing::debug!("keeping {}: not empty", path.display());
+            w.echo.record(&key, Applied::Dir);
+        }
+    }
+
+    dirs.sort();
+    for key in dirs {
+        if let Err(Refused(why)) = w.make_dir(&key)? {
+            tracing::warn!("{why}");
+        }
+    }
+    for (key, content, meta) in files {
+        if let Err(Refused(why)) = w.put_file(&key, None, Some(&key), &content, &meta)? {
+            tracing::warn!("{why}");
+        }
+    }
+    for (name, of, content, meta) in copies {
+        if let Err(Refused(why)) = w.put_file(&name, Some(&of), None, &content, &meta)? {
+            tracing::warn!("{why}");
+        }
+    }
+
+    if w.dirty {
+        sync_all(&root)?;
+    }
+    Ok(())
+}
+
+struct Writer {
+    rules: Rules,
+    echo: Arc<Echo>,
+    chunks: ChunkStore,
+    /// Directories already checked to be real directories (not symlinks) in this batch.
+    checked: HashSet<PathBuf>,
+    dirty: bool,
+}
+
+impl Writer {
+    /// The path of `key`, if the store may write it: not ignored or excluded, and no
+    /// ancestor is a symlink or a file.
+    fn resolve(&mut self, key: &Key, is_dir: bool) -> Result<PathBuf, Refused> {
+        self.resolve_as(key, key, is_dir)
+    }
+
+    /// Like [`Self::resolve`], with the ignore rules of `rules_key` (a conflict copy is
+    /// written where its key's rules allow, though its own name is always ignored).
+    fn resolve_as(&mut self, key: &Key, rules_key: &Key, is_dir: bool) -> Result<PathBuf, Refused> {
+        let path = self.rules.path_of(key);
+        if self
+            .rules
+            .ignores(&self.rules.path_of(rules_key), is_dir, true)
+        {
+            return Err(Refused(format!(
+                "not applying {key}: ignored or excluded here"
+            )));
+        }
+        let mut dir = path.parent();
+        while let Some(d) = dir {
+            if d == self.rules.root() || self.checked.contains(d) {
+                break;
+            }
+            match std::fs::symlink_metadata(d) {
+                Ok(m) if m.file_type().is_symlink() => {
+                    return Err(Refused(format!(
+                        "not applying {key}: {} is a symlink",
+                        d.display()
+                    )))
+                }
+                Ok(m) if !m.is_dir() => {
+                    return Err(Refused(format!(
+                        "not applying {key}: {} is not a directory",
+                        d.display()
+                    )))
+                }
+                Ok(_) => {
+                    self.checked.insert(d.to_owned());
+                }
+                Err(_) => {}
+            }
+            dir = d.parent();
+        }
+        Ok(path)
+    }
+
+    /// Creates the missing ancestors of `key` (recorded as the store's own).
+    fn make_parents(&mut self, key: &Key) -> Result<(), FsError> {
+        let mut missing = Vec::new();
+        let mut parent = key.parent();
+        while let Some(p) = parent {
+            let path = self.rules.path_of(&p);
+            if self.checked.contains(&path) || path.is_dir() {
+                break;
+            }
+            parent = p.parent();
+            missing.push((p, path));
+        }
+        for (p, path) in missing.into_iter().rev() {
+            self.echo.record(&p, Applied::Dir);
+            match std::fs::create_dir(&path) {
+                Ok(()) => self.dirty = true,
+                Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
+                Err(e) => {
+                    return Err(FsError::Io {
+                        op: "creating",
+                        path,
+                        source: e,
+                    })
+                }
+            }
+            self.checked.insert(path);
+        }
+        Ok(())
+    }
+
+    fn make_dir(&mut self, key: &Key) -> Result<Result<(), Refused>, FsError> {
+        let path = match self.resolve(key, true) {
+            Ok(p) => p,
+            Err(r) => return Ok(Err(r)),
+        };
+        self.make_parents(key)?;
+        match std::fs::symlink_metadata(&path) {
+            Ok(m) if m.is_dir() => {}
+            Ok(m) if m.file_type().is_symlink() => {
+                return Ok(Err(Refused(format!(
+                    "not applying {key}: {} is a symlink",
+                    path.display()
+                ))))
+            }
+            Ok(_) => {
+                // A file became a directory.
+                remove_file(&path)?;
+                self.create_dir(key, &path)?;
+            }
+            Err(e) if e.kind() == ErrorKind::NotFound => self.create_dir(key, &path)?,
+            Err(e) => {
+                return Err(FsError::Io {
+                    op: "reading",
+                    path,
+                    source: e,
+                })
+            }
+        }
+        self.echo.record(key, Applied::Dir);
+        self.checked.insert(path);
+        Ok(Ok(()))
+    }
+
+    fn create_dir(&mut self, key: &Key, path: &Path) -> Result<(), FsError> {
+        self.echo.record(key, Applied::Dir);
+        std::fs::create_dir(path).map_err(FsError::io("creating", path))?;
+        self.dirty = true;
+        Ok(())
+    }
+
+    /// Writes `content` at `target` unless the file there already holds it. A conflict
+    /// copy names the key it is a copy `of`; `echo_key` is the key to record (copies are
+    /// not keys).
+    fn put_file(
+        &mut self,
+        target: &Key,
+        of: Option<&Key>,
+        echo_key: Option<&Key>,
+        content: &ContentRef,
+        meta: &Meta,
+    ) -> Result<Result<(), Refused>, FsError> {
+        let path = match self.resolve_as(target, of.unwrap_or(target), false) {
+            Ok(p) => p,
+            Err(r) => return Ok(Err(r)),
+        };
+        self.make_parents(target)?;
+        let record = Applied::File {
+            size: content.size,
+            mtime_ms: meta.mtime_ms,
+            executable: meta.executable,
+            root: content.root,
+        };
+        let mut base_mode = 0o644;
+        match std::fs::symlink_metadata(&path) {
+            Ok(m) if m.is_file() => {
+                base_mode = m.permissions().mode() & 0o777;
+                if m.len() == content.size && hash_file(&path)?.root == content.root {
+                    // Already there (a replay, or the crash-repair check): fix the metadata.
+                    if is_executable(&m) != meta.executable || mtime_ms(&m) != meta.mtime_ms {
+                        if let Some(k) = echo_key {
+                            self.echo.record(k, record);
+                        }
+                        let perms = Permissions::from_mode(mode_for(base_mode, meta.executable));
+                        std::fs::set_permissions(&path, perms)
+                            .map_err(FsError::io("setting the mode of", &path))?;
+                        filetime::set_symlink_file_times(
+                            &path,
+                            FileTime::from_last_access_time(&m),
+                            file_time(meta.mtime_ms),
+                        )
+                        .map_err(FsError::io("setting the mtime of", &path))?;
+                        self.dirty = true;
+                    } else if let Some(k) = echo_key {
+                        self.echo.record(k, record);
+                    }
+                    return Ok(Ok(()));
+                }
+            }
+            Ok(m) if m.is_dir() => {
+                if !remove_dir_if_empty(&path)? {
+                    return Ok(Err(Refused(format!(
+                        "not applying {target}: {} is a non-empty directory",
+                        path.display()
+                    ))));
+                }
+            }
+            Ok(_) => {
+                return Ok(Err(Refused(format!(
+                    "not applying {target}: {} is a symlink or special file",
+                    path.display()
+                ))))
+            }
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(FsError::Io {
+                    op: "reading",
+                    path,
+                    source: e,
+                })
+            }
+        }
+
+        let dir = path.parent().unwrap_or(self.rules.root());
+        let temp = dir.join(format!(
+            "{TEMP_PREFIX}{}-{}",
+            std::process::id(),
+            TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        let mode = mode_for(base_mode, meta.executable);
+        let written = self.write_temp(&temp, content, mode, meta.mtime_ms);
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&temp);
+            return Err(e);
+        }
+        if let Some(k) = echo_key {
+            self.echo.record(k, record);
+        }
+        if let Err(e) = std::fs::rename(&temp, &path) {
+            let _ = std::fs::remove_file(&temp);
+            return Err(FsError::Io {
+                op: "renaming into",
+                path,
+                source: e,
+            });
+        }
+        self.dirty = true;
+        Ok(Ok(()))
+    }
+
+    fn write_temp(
+        &self,
+        temp: &Path,
+        content: &ContentRef,
+        mode: u32,
+        mtime: i64,
+    ) -> Result<(), FsError> {
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(temp)
+            .map_err(FsError::io("creating", temp))?;
+        let mut io_error = None;
+        let mut written = 0u64;
+        let walked = self.chunks.for_each_data_chunk(content, &mut |bytes| {
+            written += bytes.len() as u64;
+            file.write_all(bytes).map_err(|e| {
+                io_error = Some(e);
+                // Replaced by the I/O error below; never seen by anyone.
+                LogError::Closed
+            })
+        });
+        if let Some(e) = io_error {
+            return Err(FsError::Io {
+                op: "writing",
+                path: temp.to_owned(),
+                source: e,
+            });
+        }
+        walked?;
+        if written != content.size {
+            return Err(FsError::Content {
+                path: temp.to_owned(),
+                reason: format!("{written} bytes written, {} expected", content.size),
+            });
+        }
+        // The mode given at creation is masked by the umask; set it exactly.
+        file.set_permissions(Permissions::from_mode(mode))
+            .map_err(FsError::io("setting the mode of", temp))?;
+        filetime::set_file_handle_times(&file, None, Some(file_time(mtime)))
+            .map_err(FsError::io("setting the mtime of", temp))?;
+        Ok(())
+    }
+}
+
+/// `base` with the executable bits set (where readable) or cleared.
+fn mode_for(base: u32, executable: bool) -> u32 {
+    if executable {
+        base | ((base & 0o444) >> 2) | 0o100
+    } else {
+        base & !0o111
+    }
+}
+
+fn file_time(mtime_ms: i64) -> FileTime {
+    let nanos = (mtime_ms.rem_euclid(1000) * 1_000_000) as u32;
+    FileTime::from_unix_time(mtime_ms.div_euclid(1000), nanos)
+}
+
+fn remove_file(path: &Path) -> Result<(), FsError> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(FsError::Io {
+            op: "removing",
+            path: path.to_owned(),
+            source: e,
+        }),
+    }
+}
+
+/// Removes the directory if it is empty (or holds only our own leftover temp files);
+/// `false` if something else remains.
+fn remove_dir_if_empty(path: &Path) -> Result<bool, FsError> {
+    let entries = std::fs::read_dir(path).map_err(FsError::io("listing", path))?;
+    for entry in entries {
+        let entry = entry.map_err(FsError::io("listing", path))?;
+        let name = entry.file_name();
+        match name.to_str() {
+            Some(n) if n.starts_with(TEMP_PREFIX) => remove_file(&entry.path())?,
+            _ => return Ok(false),
+        }
+    }
+    match std::fs::remove_dir(path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(true),
+        Err(e) if e.kind() == ErrorKind::DirectoryNotEmpty => Ok(false),
+        Err(e) => Err(FsError::Io {
+            op: "removing",
+            path: path.to_owned(),
+            source: e,
+        }),
+    }
+}
+
+/// The name of the conflict copy of `key` for the losing `head`:
+/// `name.sync-conflict-<YYYYMMDD-HHMMSS>-<origin>.ext`, the same on every replica.
+pub(crate) fn conflict_name(key: &Key, head: &Head) -> Option<Key> {
+    let s = key.as_str();
+    let (dir, name) = match s.rfind('/') {
+        Some(i) => (&s[..=i], &s[i + 1..]),
+        None => ("", s),
+    };
+    let (stem, ext) = match name.rfind('.') {
+        Some(i) if i > 0 => (&name[..i], &name[i..]),
+        _ => (name, ""),
+    };
+    let stamp = utc_stamp(head.hlc.wall_ms);
+    Key::new(format!(
+        "{dir}{stem}{CONFLICT_MARKER}{stamp}-{}{ext}",
+        head.id.origin.short()
+    ))
+    .ok()
+}
+
+/// `YYYYMMDD-HHMMSS` in UTC.
+fn utc_stamp(wall_ms: u64) -> String {
+    let secs = wall_ms / 1000;
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}{month:02}{day:02}-{:02}{:02}{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Makes every write of the batch durable at once.
+fn sync_all(root: &Path) -> Result<(), FsError> {
+    let dir = File::open(root).map_err(FsError::io("opening", root))?;
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: `dir` is an open descriptor for the duration of the call.
+        let rc = unsafe { libc::syncfs(dir.as_raw_fd()) };
+        if rc != 0 {
+            return Err(FsError::Io {
+                op: "syncing the file system of",
+                path: root.to_owned(),
+                source: std::io::Error::last_os_error(),
+            });
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        // No syncfs: flush the whole system's buffers, then the root directory.
+        // SAFETY: sync takes no arguments and cannot fail.
+        unsafe { libc::sync() };
+        dir.sync_all().map_err(FsError::io("syncing", root))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use converge_api::{EventId, Hlc, ReplicaId};
+
+    #[test]
+    fn conflict_names() {
+        let head = Head {
+            id: EventId {
+                origin: ReplicaId([0; 16]),
+                seq: 1,
+            },
+            hlc: Hlc {
+                wall_ms: 1_700_000_000_123,
+                logical: 0,
+            },
+            op: Op::Delete,
+        };
+        let name = |k: &str| {
+            conflict_name(&Key::new(k).unwrap(), &head)
+                .unwrap()
+                .to_string()
+        };
+        assert_eq!(
+            name("a/notes.txt"),
+            "a/notes.sync-conflict-20231114-221320-aaaaaaa.txt"
+        );
+        assert_eq!(
+            name("README"),
+            "README.sync-conflict-20231114-221320-aaaaaaa"
+        );
+        assert_eq!(
+            name(".bashrc"),
+            ".bashrc.sync-conflict-20231114-221320-aaaaaaa"
+        );
+        assert_eq!(utc_stamp(0), "19700101-000000");
+        assert_eq!(utc_stamp(951_782_400_000), "20000229-000000");
+    }
+}

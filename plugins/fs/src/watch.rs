@@ -1,0 +1,317 @@
+//! The folder source: a start-up scan, then watching with `notify`, debounced.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use converge_api::{ConflictPolicy, EntryKind, Key, Op};
+use converge_framework::log::LocalChange;
+use converge_framework::plugin::{Source, SourceContext};
+use converge_framework::PluginError;
+use notify::event::{AccessKind, AccessMode};
+use notify::{EventKind, RecursiveMode, Watcher};
+use tokio::sync::mpsc;
+
+use crate::echo::{Applied, Echo};
+use crate::error::FsError;
+use crate::rules::Rules;
+use crate::scan::{examine_file, scan, Env, Resolver};
+use crate::{FsConfig, EMIT_BATCH, IGNORE_FILE};
+
+/// How often the folder is rescanned when it cannot be watched.
+const RESCAN_WITHOUT_WATCHER: Duration = Duration::from_secs(60);
+
+/// The source of one folder: scans at start, then watches until shutdown.
+#[derive(Debug)]
+pub struct FsSource {
+    config: FsConfig,
+    echo: Arc<Echo>,
+    resolver: Resolver,
+}
+
+impl FsSource {
+    /// A source on its own (no store shares its echo record; use [`crate::folder`] to run
+    /// one beside a store of the same folder).
+    pub fn new(config: FsConfig) -> Self {
+        FsSource::with_echo(config, Arc::new(Echo::default()))
+    }
+
+    pub(crate) fn with_echo(config: FsConfig, echo: Arc<Echo>) -> Self {
+        FsSource {
+            config,
+            echo,
+            resolver: Resolver::default(),
+        }
+    }
+
+    /// Uses `policy` to tell which head a conflicted key shows (default: last-write-wins),
+    /// so that a file equal to the winner is not read as a change.
+    pub fn with_policy(mut self, policy: Arc<dyn ConflictPolicy>) -> Self {
+        self.resolver = Resolver {
+            policy: Some(policy),
+        };
+        self
+    }
+
+    /// The folder's configuration.
+    pub fn config(&self) -> &FsConfig {
+        &self.config
+    }
+
+    fn env(&self, ctx: &SourceContext, root: &Path) -> Arc<Env> {
+        Arc::new(Env {
+            rules: Rules::load(root, &self.config.exclude),
+            echo: self.echo.clone(),
+            resolver: self.resolver.clone(),
+            log: ctx.log().clone(),
+            chunks: ctx.chunks().clone(),
+        })
+    }
+
+    async fn run_inner(&self, mut ctx: SourceContext) -> Result<(), FsError> {
+        let configured = self.config.root.clone();
+        let root = tokio::task::spawn_blocking(move || {
+            let root = configured
+                .canonicalize()
+                .map_err(FsError::io("opening the folder", &configured))?;
+            if !root.is_dir() {
+                return Err(FsError::Io {
+                    op: "opening the folder",
+                    path: root,
+                    source: std::io::Error::other("not a directory"),
+                });
+            }
+            Ok(root)
+        })
+        .await??;
+        let mut env = self.env(&ctx, &root);
+
+        // Watch before scanning, so nothing changed during the scan is missed.
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let watched = root.clone();
+        let watcher = tokio::task::spawn_blocking(move || {
+            let mut watcher = notify::recommended_watcher(move |res| {
+                let _ = tx.send(res);
+            })?;
+            watcher.watch(&watched, RecursiveMode::Recursive)?;
+            Ok::<_, notify::Error>(watcher)
+        })
+        .await?;
+        let _watcher = match watcher {
+            Ok(w) => Some(w),
+            Err(source) => {
+                let e = FsError::Watch {
+                    path: root.clone(),
+                    source,
+                };
+                tracing::warn!(
+                    "{e}; rescanning every {}s instead",
+                    RESCAN_WITHOUT_WATCHER.as_secs()
+                );
+                None
+            }
+        };
+
+        scan(&ctx, &env, None, true).await?;
+        tracing::debug!("initial scan of {} done", root.display());
+
+        loop {
+            let mut paths = BTreeSet::new();
+            let mut rescan = false;
+            tokio::select! {
+                _ = ctx.shutdown() => return Ok(()),
+                _ = tokio::time::sleep(RESCAN_WITHOUT_WATCHER), if _watcher.is_none() => rescan = true,
+                first = rx.recv() => match first {
+                    None => return Ok(()),
+                    Some(event) => collect(event, &mut paths, &mut rescan),
+                },
+            }
+            let deadline = tokio::time::Instant::now() + self.config.debounce;
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(deadline) => break,
+                    next = rx.recv() => match next {
+                        None => break,
+                        Some(event) => collect(event, &mut paths, &mut rescan),
+                    },
+                }
+            }
+            if ctx.is_shutting_down() {
+                return Ok(());
+            }
+            if paths.contains(&root.join(IGNORE_FILE)) {
+                tracing::info!(
+                    "{} changed: reloading ignore rules and rescanning",
+                    IGNORE_FILE
+                );
+                env = self.env(&ctx, &root);
+                rescan = true;
+            }
+            if rescan {
+                scan(&ctx, &env, None, false).await?;
+                continue;
+            }
+            let plan = {
+                let env = env.clone();
+                tokio::task::spawn_blocking(move || plan(&env, paths)).await??
+            };
+            for chunk in plan.changes.chunks(EMIT_BATCH) {
+                ctx.emit(chunk.to_vec()).await?;
+            }
+            for key in plan.subtrees {
+                scan(&ctx, &env, Some(key), false).await?;
+            }
+        }
+    }
+}
+
+fn collect(event: notify::Result<notify::Event>, paths: &mut BTreeSet<PathBuf>, rescan: &mut bool) {
+    match event {
+        Err(e) => {
+            tracing::warn!("watcher: {e}; rescanning");
+            *rescan = true;
+        }
+        Ok(event) => {
+            if event.need_rescan() {
+                *rescan = true;
+            }
+            // Reads (our own hashing included) are not changes; a close after writing is.
+            if let EventKind::Access(kind) = event.kind {
+                if kind != AccessKind::Close(AccessMode::Write) {
+                    return;
+                }
+            }
+            paths.extend(event.paths);
+        }
+    }
+}
+
+/// What one debounced batch of paths amounts to.
+struct Plan {
+    changes: Vec<LocalChange>,
+    /// New directories to scan whole (their contents produced no events of their own).
+    subtrees: Vec<Key>,
+}
+
+/// Classifies each changed path (blocking: stats, hashes, reads heads).
+fn plan(env: &Env, paths: BTreeSet<PathBuf>) -> Result<Plan, FsError> {
+    let mut puts = Vec::new();
+    let mut deletes = Vec::new();
+    let mut subtrees = Vec::new();
+    // Directories handled whole: paths below them need nothing more. The set is sorted,
+    // so a directory comes before its contents.
+    let mut handled: Vec<Key> = Vec::new();
+    for path in paths {
+        if path == env.rules.root() || !path.starts_with(env.rules.root()) {
+            continue;
+        }
+        let meta = std::fs::symlink_metadata(&path);
+        let is_dir = meta.as_ref().is_ok_and(|m| m.is_dir());
+        if env.rules.ignores(&path, is_dir, true) {
+            continue;
+        }
+        let key = match env.rules.key_of(&path) {
+            Ok(k) => k,
+            Err(why) => {
+                tracing::warn!("{why}");
+                continue;
+            }
+        };
+        if handled.iter().any(|d| key.is_under(d)) {
+            continue;
+        }
+        let heads = env.log.heads(&key)?;
+        let shown = env.resolver.shown(&key, &heads);
+        match meta {
+            Ok(m) if m.is_dir() => {
+                let known = shown.is_some_and(
+                    |h| matches!(&h.op, Op::Put { meta, .. } if meta.kind == EntryKind::Dir),
+                );
+                if !known && env.echo.get(&key) != Some(Applied::Dir) {
+                    subtrees.push(key.clone());
+                    handled.push(key);
+                }
+            }
+            Ok(m) if m.is_file() => match examine_file(env, &key, &path, &m, &heads) {
+                Ok((Some(op), _)) => puts.push(LocalChange { key, op }),
+                Ok((None, _)) => {}
+                // Gone again before we read it: a later event says what happened.
+                Err(e) if e.is_not_found() => {}
+                Err(e @ FsError::Io { .. }) => tracing::warn!("watch: {e}"),
+                Err(e) => return Err(e),
+            },
+            Ok(m) if !m.file_type().is_symlink() => {
+                tracing::debug!(
+                    "skipping {}: not a regular file or directory",
+                    path.display()
+                );
+            }
+            other => {
+                if let Ok(m) = other {
+                    if m.file_type().is_symlink() {
+                        tracing::warn!(
+                            "skipping symlink {} (symlinks are not followed)",
+                            path.display()
+                        );
+                    }
+                }
+                if env.echo.get(&key) == Some(Applied::Absent) {
+                    continue;
+                }
+                let was_dir = heads
+                    .iter()
+                    .any(|h| matches!(&h.op, Op::Put { meta, .. } if meta.kind == EntryKind::Dir));
+                if was_dir {
+                    // A vanished directory: everything the projection shows below it.
+                    for entry in env.log.states() {
+                        let (below, state) = entry?;
+                        if !below.is_under(&key)
+                            || env.resolver.shown(&below, &state.heads).is_none()
+                        {
+                            continue;
+                        }
+                        if env.echo.get(&below) == Some(Applied::Absent) {
+                            continue;
+                        }
+                        if std::fs::symlink_metadata(env.rules.path_of(&below)).is_err() {
+                            deletes.push(LocalChange {
+                                key: below,
+                                op: Op::Delete,
+                            });
+                        }
+                    }
+                    handled.push(key.clone());
+                }
+                if shown.is_some() {
+                    deletes.push(LocalChange {
+                        key,
+                        op: Op::Delete,
+                    });
+                }
+            }
+        }
+    }
+    // Children before their directory.
+    deletes.sort_by(|a, b| b.key.cmp(&a.key));
+    deletes.dedup_by(|a, b| a.key == b.key);
+    puts.extend(deletes);
+    Ok(Plan {
+        changes: puts,
+        subtrees,
+    })
+}
+
+#[async_trait]
+impl Source for FsSource {
+    fn name(&self) -> &str {
+        "folder"
+    }
+
+    async fn run(&self, ctx: SourceContext) -> Result<(), PluginError> {
+        self.run_inner(ctx)
+            .await
+            .map_err(|e| e.into_plugin(self.name()))
+    }
+}

@@ -1,0 +1,92 @@
+//! The watcher: changes made while the source runs become events within moments.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::Arc;
+
+use common::{wait_until, write};
+use converge_api::EntryKind::{Dir, File};
+use converge_framework::plugin::{ScanProgress, Source, SourceContext};
+use converge_plugin_fs::{FsConfig, FsSource};
+use tokio::sync::watch;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn created_modified_renamed_and_deleted_entries_become_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_owned();
+    write(&root, "existing.txt", b"old");
+    write(&root, ".convergeignore", b"*.tmp\n");
+    let log = common::log();
+    let source = Arc::new(FsSource::new(FsConfig::new(&root)));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (progress_tx, mut progress_rx) = watch::channel(ScanProgress::default());
+    let running = {
+        let (source, log) = (source.clone(), log.clone());
+        tokio::spawn(async move {
+            source
+                .run(SourceContext::new(log, stop_rx, progress_tx))
+                .await
+        })
+    };
+    progress_rx.wait_for(|p| p.done).await.unwrap();
+    assert_eq!(log.len(), 1);
+
+    write(&root, "new.txt", b"fresh");
+    write(&root, "scratch.tmp", b"ignored");
+    wait_until(&log, "new.txt", |s| {
+        s.get("new.txt") == Some(&(File, 5, false))
+    })
+    .await;
+
+    write(&root, "new.txt", b"fresh and longer");
+    wait_until(&log, "new.txt modified", |s| {
+        s.get("new.txt") == Some(&(File, 16, false))
+    })
+    .await;
+
+    std::fs::rename(root.join("new.txt"), root.join("renamed.txt")).unwrap();
+    wait_until(&log, "the file renamed", |s| {
+        !s.contains_key("new.txt") && s.get("renamed.txt") == Some(&(File, 16, false))
+    })
+    .await;
+
+    std::fs::create_dir(root.join("folder")).unwrap();
+    write(&root, "folder/inner/a.txt", b"a");
+    wait_until(&log, "the new folder", |s| {
+        s.get("folder") == Some(&(Dir, 0, false))
+            && s.get("folder/inner") == Some(&(Dir, 0, false))
+            && s.get("folder/inner/a.txt") == Some(&(File, 1, false))
+    })
+    .await;
+
+    std::fs::rename(root.join("folder"), root.join("moved")).unwrap();
+    wait_until(&log, "the folder renamed", |s| {
+        !s.keys().any(|k| k.starts_with("folder"))
+            && s.get("moved") == Some(&(Dir, 0, false))
+            && s.get("moved/inner/a.txt") == Some(&(File, 1, false))
+    })
+    .await;
+
+    std::fs::remove_dir_all(root.join("moved")).unwrap();
+    std::fs::remove_file(root.join("existing.txt")).unwrap();
+    wait_until(&log, "the deletes", |s| {
+        s.keys().collect::<Vec<_>>() == ["renamed.txt"]
+    })
+    .await;
+
+    // The ignored file never became a key, and nothing is emitted twice once settled.
+    let settled = log.len();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(log.len(), settled);
+    let keys: Vec<String> = log
+        .read(0, 1000)
+        .unwrap()
+        .into_iter()
+        .map(|(_, e)| e.key.to_string())
+        .collect();
+    assert!(!keys.iter().any(|k| k.ends_with(".tmp")), "{keys:?}");
+
+    stop_tx.send(true).unwrap();
+    running.await.unwrap().unwrap();
+}
