@@ -85,6 +85,20 @@ pub enum EngineError {
     /// The peer is not connected.
     #[error("peer {0} is not connected")]
     NotConnected(String),
+    /// No store subscriber has that name.
+    #[error("no subscriber named {0:?}")]
+    UnknownSubscriber(String),
+    /// A replay of that subscriber is already running.
+    #[error("subscriber {0:?} is already replaying")]
+    ReplayInProgress(String),
+    /// A replay may not start past the end of the log.
+    #[error("replay from offset {from} is past the end of the log ({len})")]
+    ReplayPastEnd {
+        /// The offset asked for.
+        from: u64,
+        /// The log's length.
+        len: u64,
+    },
     /// The engine was already started.
     #[error("the engine is already running")]
     AlreadyStarted,
@@ -134,6 +148,86 @@ struct SessionSlot {
     control: mpsc::UnboundedSender<Control>,
 }
 
+/// Where appended events came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AppendOrigin {
+    /// Written by a local source.
+    Local,
+    /// Received from a peer.
+    Remote,
+}
+
+impl AppendOrigin {
+    /// The metric label: `local` or `remote`.
+    pub fn label(self) -> &'static str {
+        match self {
+            AppendOrigin::Local => "local",
+            AppendOrigin::Remote => "remote",
+        }
+    }
+}
+
+/// Something that happened in the engine, for metrics and logs (one variant per kind of
+/// happening, in the style of Vector's internal events).
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub enum EngineEvent<'a> {
+    /// A batch of events became durable in the log.
+    Appended {
+        /// Local or remote.
+        origin: AppendOrigin,
+        /// How many events.
+        events: u64,
+        /// From the request to the acknowledgement (group commit and flush included).
+        duration: Duration,
+    },
+    /// A store applied a batch and advanced its cursor.
+    Applied {
+        /// The subscriber's name.
+        subscriber: &'a str,
+        /// Events the batch covered.
+        events: u64,
+        /// Keys with more than one head among them.
+        conflicts: u64,
+        /// The conflict policy that resolved them.
+        policy: &'a str,
+        /// From reading the batch to the durable cursor.
+        duration: Duration,
+    },
+}
+
+/// Receives [`EngineEvent`]s; the admin API turns them into Prometheus metrics. Called on
+/// hot paths: keep it cheap and non-blocking.
+pub trait Observer: Send + Sync {
+    /// Records one happening.
+    fn observe(&self, event: &EngineEvent<'_>);
+}
+
+/// A store subscriber as status pages show it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SubscriberStatus {
+    /// Its name (also its cursor's name).
+    pub name: String,
+    /// The next offset it will process.
+    pub cursor: u64,
+    /// Durable events it has not processed yet.
+    pub lag: u64,
+    /// Events applied since the engine started.
+    pub applied: u64,
+    /// Whether a replay is running (until the cursor reaches the end it had when asked).
+    pub replaying: bool,
+}
+
+struct StoreSlot {
+    name: String,
+    /// A rewind asked for and not yet taken up by the store's loop.
+    replay_request: Mutex<Option<u64>>,
+    /// While replaying: the log length to reach.
+    replaying_until: Mutex<Option<u64>>,
+    wake: tokio::sync::Notify,
+    applied: std::sync::atomic::AtomicU64,
+}
+
 /// What the applier task is told by sessions.
 #[derive(Debug)]
 pub(crate) enum Inbound {
@@ -166,6 +260,9 @@ pub(crate) struct Inner {
     progress: watch::Sender<ScanProgress>,
     next_generation: std::sync::atomic::AtomicU64,
     stats: EngineStats,
+    stores: Vec<Arc<StoreSlot>>,
+    plugins: Vec<(String, &'static str)>,
+    pub(crate) observer: Option<Arc<dyn Observer>>,
 }
 
 impl Inner {
@@ -226,6 +323,12 @@ impl Inner {
             }
         }
         self.peers_changed.send_modify(|g| *g += 1);
+    }
+
+    pub(crate) fn observe(&self, event: EngineEvent<'_>) {
+        if let Some(o) = &self.observer {
+            o.observe(&event);
+        }
     }
 
     fn is_paused(&self) -> bool {
@@ -310,9 +413,16 @@ pub struct EngineBuilder {
     transport: Option<Arc<dyn Transport>>,
     stores: Vec<Arc<dyn Store>>,
     sources: Vec<Arc<dyn Source>>,
+    observer: Option<Arc<dyn Observer>>,
 }
 
 impl EngineBuilder {
+    /// Reports [`EngineEvent`]s to `observer` (metrics).
+    pub fn observer(mut self, observer: Arc<dyn Observer>) -> Self {
+        self.observer = Some(observer);
+        self
+    }
+
     /// Replaces the engine's tunables and peers.
     pub fn config(mut self, config: EngineConfig) -> Self {
         self.config = config;
@@ -341,6 +451,25 @@ impl EngineBuilder {
     /// the network. Returns once the catch-up is done and everything is running.
     pub async fn start(self) -> Result<SyncEngine, EngineError> {
         let (inbound_tx, inbound_rx) = mpsc::channel(64);
+        let slots: Vec<Arc<StoreSlot>> = self
+            .stores
+            .iter()
+            .map(|s| {
+                Arc::new(StoreSlot {
+                    name: s.name().to_owned(),
+                    replay_request: Mutex::new(None),
+                    replaying_until: Mutex::new(None),
+                    wake: tokio::sync::Notify::new(),
+                    applied: std::sync::atomic::AtomicU64::new(0),
+                })
+            })
+            .collect();
+        let mut plugins: Vec<(String, &'static str)> = Vec::new();
+        plugins.extend(self.sources.iter().map(|s| (s.name().to_owned(), "source")));
+        plugins.extend(self.stores.iter().map(|s| (s.name().to_owned(), "store")));
+        if let Some(t) = &self.transport {
+            plugins.push((t.kind().to_owned(), "transport"));
+        }
         let inner = Arc::new(Inner {
             log: self.log.clone(),
             reconciler: Reconciler::new(self.policy),
@@ -353,23 +482,27 @@ impl EngineBuilder {
             progress: watch::channel(ScanProgress::default()).0,
             next_generation: std::sync::atomic::AtomicU64::new(1),
             stats: EngineStats::default(),
+            stores: slots.clone(),
+            plugins,
+            observer: self.observer,
         });
         for peer in &inner.config.peers {
             inner.with_peer(&peer.id, |s| s.address = peer.address.clone());
         }
-        for store in &self.stores {
-            catch_up(&inner, store.as_ref()).await?;
+        for (store, slot) in self.stores.iter().zip(&slots) {
+            catch_up(&inner, store.as_ref(), slot).await?;
         }
         let mut tasks: Vec<JoinHandle<()>> = Vec::new();
-        for store in self.stores {
-            tasks.push(tokio::spawn(run_store(inner.clone(), store)));
+        for (store, slot) in self.stores.into_iter().zip(slots) {
+            tasks.push(tokio::spawn(run_store(inner.clone(), store, slot)));
         }
         for source in self.sources {
             let ctx = SourceContext::new(
                 inner.log.clone(),
                 inner.shutdown.subscribe(),
                 inner.progress.clone(),
-            );
+            )
+            .with_observer(inner.observer.clone());
             tasks.push(tokio::spawn(async move {
                 if let Err(e) = source.run(ctx).await {
                     tracing::error!(source = source.name(), "source stopped: {e}");
@@ -421,6 +554,7 @@ impl SyncEngine {
             transport: None,
             stores: Vec::new(),
             sources: Vec::new(),
+            observer: None,
         }
     }
 
@@ -468,6 +602,80 @@ impl SyncEngine {
             .collect();
         out.sort_by_key(|p| p.id);
         out
+    }
+
+    /// The name of the conflict policy in use.
+    pub fn policy_name(&self) -> &str {
+        self.inner.reconciler.policy_name()
+    }
+
+    /// The built-in plugins running in this engine: `(name, role)`.
+    pub fn plugins(&self) -> &[(String, &'static str)] {
+        &self.inner.plugins
+    }
+
+    /// Every store subscriber with its cursor and lag.
+    pub fn subscribers(&self) -> Result<Vec<SubscriberStatus>, EngineError> {
+        let len = self.inner.log.len();
+        let mut out = Vec::new();
+        for slot in &self.inner.stores {
+            let cursor = self.inner.log.cursor(&slot.name)?;
+            let replaying = slot
+                .replaying_until
+                .lock()
+                .map(|r| r.is_some())
+                .unwrap_or(false)
+                || slot
+                    .replay_request
+                    .lock()
+                    .map(|r| r.is_some())
+                    .unwrap_or(false);
+            out.push(SubscriberStatus {
+                name: slot.name.clone(),
+                cursor,
+                lag: len.saturating_sub(cursor),
+                applied: slot.applied.load(std::sync::atomic::Ordering::Relaxed),
+                replaying,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Rewinds subscriber `name` to offset `from` and re-applies everything after it
+    /// (idempotently: stores apply the current view of each key). The store's own loop
+    /// takes the rewind between two batches, so no batch is lost or torn.
+    pub fn replay(&self, name: &str, from: u64) -> Result<(), EngineError> {
+        let slot = self
+            .inner
+            .stores
+            .iter()
+            .find(|s| s.name == name)
+            .ok_or_else(|| EngineError::UnknownSubscriber(name.to_owned()))?;
+        let len = self.inner.log.len();
+        if from > len {
+            return Err(EngineError::ReplayPastEnd { from, len });
+        }
+        let busy = slot
+            .replaying_until
+            .lock()
+            .map(|r| r.is_some())
+            .unwrap_or(true);
+        let mut request = slot
+            .replay_request
+            .lock()
+            .map_err(|_| EngineError::ReplayInProgress(name.to_owned()))?;
+        if busy || request.is_some() {
+            return Err(EngineError::ReplayInProgress(name.to_owned()));
+        }
+        *request = Some(from);
+        drop(request);
+        slot.wake.notify_one();
+        Ok(())
+    }
+
+    /// Drops the projection and folds the whole log into it again.
+    pub async fn rebuild(&self) -> Result<u64, EngineError> {
+        Ok(self.inner.log.rebuild().await?)
     }
 
     /// Stops sending and receiving: closes every session and dials no more until resumed.
@@ -782,7 +990,13 @@ async fn advance(
             return Ok(queue);
         }
         let n = ready.len() as u64;
+        let started = Instant::now();
         let outcome = inner.log.append(ready).await?;
+        inner.observe(EngineEvent::Appended {
+            origin: AppendOrigin::Remote,
+            events: n,
+            duration: started.elapsed(),
+        });
         inner
             .stats
             .remote_appended
@@ -796,13 +1010,22 @@ async fn advance(
 }
 
 /// Applies every event after `store`'s cursor, once.
-async fn catch_up(inner: &Arc<Inner>, store: &dyn Store) -> Result<(), EngineError> {
-    while apply_next_batch(inner, store).await? {}
+async fn catch_up(
+    inner: &Arc<Inner>,
+    store: &dyn Store,
+    slot: &StoreSlot,
+) -> Result<(), EngineError> {
+    while apply_next_batch(inner, store, slot).await? {}
     Ok(())
 }
 
 /// Applies the next batch after `store`'s cursor; `false` when it was already caught up.
-async fn apply_next_batch(inner: &Arc<Inner>, store: &dyn Store) -> Result<bool, EngineError> {
+async fn apply_next_batch(
+    inner: &Arc<Inner>,
+    store: &dyn Store,
+    slot: &StoreSlot,
+) -> Result<bool, EngineError> {
+    let started = Instant::now();
     let log = inner.log.clone();
     let name = store.name().to_owned();
     let max = inner.config.max_batch_events;
@@ -841,10 +1064,44 @@ async fn apply_next_batch(inner: &Arc<Inner>, store: &dyn Store) -> Result<bool,
         .stats
         .conflicts
         .fetch_add(conflicts, std::sync::atomic::Ordering::Relaxed);
+    slot.applied
+        .fetch_add(count as u64, std::sync::atomic::Ordering::Relaxed);
+    inner.observe(EngineEvent::Applied {
+        subscriber: store.name(),
+        events: count as u64,
+        conflicts,
+        policy: inner.reconciler.policy_name(),
+        duration: started.elapsed(),
+    });
     Ok(true)
 }
 
-async fn run_store(inner: Arc<Inner>, store: Arc<dyn Store>) {
+/// Takes up a requested rewind, if any: moves the cursor back durably and records the end
+/// the replay runs to.
+async fn take_replay(inner: &Arc<Inner>, slot: &StoreSlot) -> Result<(), EngineError> {
+    let request = slot.replay_request.lock().ok().and_then(|mut r| r.take());
+    if let Some(from) = request {
+        let until = inner.log.len();
+        inner.log.set_cursor(&slot.name, from).await?;
+        if let Ok(mut r) = slot.replaying_until.lock() {
+            *r = Some(until);
+        }
+        tracing::info!(subscriber = %slot.name, from, until, "replay started");
+    }
+    Ok(())
+}
+
+fn finish_replay_if_done(inner: &Arc<Inner>, slot: &StoreSlot) {
+    let cursor = inner.log.cursor(&slot.name).unwrap_or(0);
+    if let Ok(mut r) = slot.replaying_until.lock() {
+        if r.is_some_and(|until| cursor >= until) {
+            *r = None;
+            tracing::info!(subscriber = %slot.name, cursor, "replay finished");
+        }
+    }
+}
+
+async fn run_store(inner: Arc<Inner>, store: Arc<dyn Store>, slot: Arc<StoreSlot>) {
     let mut len = inner.log.subscribe();
     let mut shutdown = inner.shutdown.subscribe();
     let mut failures = 0u32;
@@ -853,11 +1110,17 @@ async fn run_store(inner: Arc<Inner>, store: Arc<dyn Store>) {
         if stopping {
             return;
         }
-        match apply_next_batch(&inner, store.as_ref()).await {
+        let step = match take_replay(&inner, &slot).await {
+            Ok(()) => apply_next_batch(&inner, store.as_ref(), &slot).await,
+            Err(e) => Err(e),
+        };
+        finish_replay_if_done(&inner, &slot);
+        match step {
             Ok(true) => failures = 0,
             Ok(false) => {
                 tokio::select! {
                     r = len.changed() => if r.is_err() { return },
+                    _ = slot.wake.notified() => {},
                     _ = crate::engine::until(&mut shutdown, true) => return,
                 }
             }

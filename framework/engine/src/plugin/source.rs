@@ -1,10 +1,13 @@
 //! The `Source` role: turns local changes into events.
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use converge_api::{Event, Head, Key};
 use tokio::sync::watch;
 
 use crate::content::ChunkStore;
+use crate::engine::{AppendOrigin, EngineEvent, Observer};
 use crate::error::{LogError, PluginError};
 use crate::log::{EventLog, LocalChange};
 
@@ -23,11 +26,20 @@ pub struct ScanProgress {
 
 /// What a running source may use: the log (to read heads and append local changes), the
 /// content store, a shutdown signal and a progress channel.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct SourceContext {
     log: EventLog,
     shutdown: watch::Receiver<bool>,
     progress: watch::Sender<ScanProgress>,
+    observer: Option<Arc<dyn Observer>>,
+}
+
+impl std::fmt::Debug for SourceContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SourceContext")
+            .field("log", &self.log)
+            .finish_non_exhaustive()
+    }
 }
 
 impl SourceContext {
@@ -41,13 +53,29 @@ impl SourceContext {
             log,
             shutdown,
             progress,
+            observer: None,
         }
+    }
+
+    /// Reports every emitted batch to `observer` (metrics).
+    pub fn with_observer(mut self, observer: Option<Arc<dyn Observer>>) -> Self {
+        self.observer = observer;
+        self
     }
 
     /// Appends local changes (put their content into [`Self::chunks`] first); returns the
     /// events once durable.
     pub async fn emit(&self, changes: Vec<LocalChange>) -> Result<Vec<Event>, LogError> {
-        self.log.append_local(changes).await
+        let started = std::time::Instant::now();
+        let events = self.log.append_local(changes).await?;
+        if let Some(o) = &self.observer {
+            o.observe(&EngineEvent::Appended {
+                origin: AppendOrigin::Local,
+                events: events.len() as u64,
+                duration: started.elapsed(),
+            });
+        }
+        Ok(events)
     }
 
     /// The current heads of `key` (for echo suppression: a file whose content equals the
