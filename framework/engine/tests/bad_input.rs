@@ -1,0 +1,418 @@
+//! Bad input from the network is refused: one real engine on a real TCP transport, and raw
+//! loopback sockets that send what no honest peer would — oversized, truncated, garbled
+//! or unversioned frames, handshakes from strangers, invalid events and chunks that do not
+//! match their hash. Each time the engine must close the connection and append nothing;
+//! afterwards a well-behaved client is still served.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use converge_api::codec::{self, PROTOCOL_VERSION};
+use converge_api::{
+    ChunkItem, ContentRef, Event, EventId, Hash, Hlc, Key, Message, Meta, Op, ReplicaId,
+    VersionVector,
+};
+use converge_framework::log::{EventLog, LogConfig};
+use converge_framework::{EngineConfig, PeerConfig, SyncEngine};
+use converge_policies::Lww;
+use converge_transport_tcp::{TcpOptions, TcpTransport};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::timeout;
+
+/// The one peer the engine knows.
+const KNOWN: ReplicaId = ReplicaId([7; 16]);
+/// A replica the engine was never told about.
+const STRANGER: ReplicaId = ReplicaId([8; 16]);
+/// Origin of the otherwise valid events smuggled in next to bad input: if one were ever
+/// appended, the final check of the log's content would see it.
+const SMUGGLED: ReplicaId = ReplicaId([9; 16]);
+/// Generous, for a loaded machine; nothing here measures time.
+const WAIT: Duration = Duration::from_secs(10);
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
+
+struct Daemon {
+    engine: SyncEngine,
+    log: EventLog,
+    addr: SocketAddr,
+}
+
+async fn start() -> Daemon {
+    let log = EventLog::open(LogConfig::temporary()).unwrap();
+    let transport = TcpTransport::bind("127.0.0.1:0".parse().unwrap(), TcpOptions::default())
+        .await
+        .unwrap();
+    let addr = transport.local_addr();
+    let config = EngineConfig {
+        peers: vec![PeerConfig {
+            id: KNOWN,
+            address: None,
+        }],
+        handshake_timeout: HANDSHAKE_TIMEOUT,
+        ..EngineConfig::default()
+    };
+    let engine = SyncEngine::builder(log.clone(), Arc::new(Lww))
+        .config(config)
+        .transport(Arc::new(transport))
+        .start()
+        .await
+        .unwrap();
+    Daemon { engine, log, addr }
+}
+
+fn framed(payload: &[u8]) -> Vec<u8> {
+    codec::frame(payload, codec::MAX_FRAME_LEN).unwrap()
+}
+
+fn message(msg: &Message) -> Vec<u8> {
+    framed(&msg.encode().unwrap())
+}
+
+fn hello(replica: ReplicaId) -> Vec<u8> {
+    message(&Message::Hello {
+        protocol: PROTOCOL_VERSION,
+        replica,
+        vv: VersionVector::new(),
+    })
+}
+
+fn event(origin: ReplicaId, seq: u64, key: &str) -> Event {
+    Event {
+        id: EventId { origin, seq },
+        hlc: Hlc {
+            wall_ms: 1_700_000_000_000 + seq,
+            logical: 0,
+        },
+        key: Key::new(key).unwrap(),
+        parents: Vec::new(),
+        op: Op::Put {
+            content: None,
+            meta: Meta::dir(0),
+        },
+    }
+}
+
+fn events(batch: Vec<Event>) -> Vec<u8> {
+    message(&Message::Events { batch })
+}
+
+/// An `Events` payload whose events carry `keys` verbatim, valid or not: the typed `Key`
+/// cannot hold an invalid one, so the message is built as an untyped CBOR value.
+fn events_payload_with_keys(keys: &[&str]) -> Vec<u8> {
+    let batch = keys
+        .iter()
+        .enumerate()
+        .map(|(i, key)| {
+            let mut value =
+                ciborium::Value::serialized(&event(SMUGGLED, i as u64 + 1, "k")).unwrap();
+            let ciborium::Value::Map(fields) = &mut value else {
+                panic!("an event serializes as a map");
+            };
+            let field = fields.iter_mut().find(|(k, _)| k.as_text() == Some("key"));
+            field.unwrap().1 = ciborium::Value::Text((*key).to_owned());
+            value
+        })
+        .collect();
+    let text = |s: &str| ciborium::Value::Text(s.to_owned());
+    let msg = ciborium::Value::Map(vec![(
+        text("Events"),
+        ciborium::Value::Map(vec![(text("batch"), ciborium::Value::Array(batch))]),
+    )]);
+    codec::encode(&msg).unwrap()
+}
+
+/// Reads one frame; `None` at the end of the stream.
+async fn read_frame(stream: &mut TcpStream) -> Option<Message> {
+    let mut header = [0u8; codec::FRAME_HEADER_LEN];
+    stream.read_exact(&mut header).await.ok()?;
+    let len = codec::frame_len(header, codec::MAX_FRAME_LEN).unwrap();
+    let mut payload = vec![0; len];
+    stream.read_exact(&mut payload).await.unwrap();
+    Some(Message::decode(&payload).unwrap())
+}
+
+/// Connects and reads the engine's `Hello` (it speaks first).
+async fn connect(d: &Daemon) -> TcpStream {
+    let mut stream = TcpStream::connect(d.addr).await.unwrap();
+    let first = timeout(WAIT, read_frame(&mut stream)).await.unwrap();
+    match first {
+        Some(Message::Hello { replica, .. }) => assert_eq!(replica, d.log.replica()),
+        other => panic!("expected the engine's hello, got {other:?}"),
+    }
+    stream
+}
+
+fn is_closed(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(e.kind(), ConnectionReset | ConnectionAborted | BrokenPipe)
+}
+
+/// Sends `bytes` on a fresh connection (then half-closes it if `then_close`), and checks
+/// that the engine closes the connection, keeps no session and appends nothing.
+async fn check(d: &Daemon, name: &str, bytes: &[u8], then_close: bool) {
+    let mut stream = connect(d).await;
+    if let Err(e) = stream.write_all(bytes).await {
+        assert!(is_closed(&e), "{name}: writing failed: {e}");
+    }
+    if then_close {
+        let _ = stream.shutdown().await;
+    }
+    // Whatever the engine still sends (nothing, or pings) is skipped until the end.
+    let mut buf = vec![0u8; 64 << 10];
+    let closed = timeout(WAIT, async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) => return,
+                Ok(_) => {}
+                Err(e) if is_closed(&e) => return,
+                Err(e) => panic!("{name}: reading failed: {e}"),
+            }
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "{name}: the engine kept the connection open"
+    );
+    let unregistered = timeout(WAIT, async {
+        while d.engine.peers().iter().any(|p| p.connected) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(
+        unregistered.is_ok(),
+        "{name}: the session stayed registered"
+    );
+    assert_eq!(d.log.len(), 0, "{name}: something was appended");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_refused_and_the_daemon_keeps_serving() {
+    let d = start().await;
+    let smuggled = || events(vec![event(SMUGGLED, 1, "smuggled.txt")]);
+
+    let unversioned = {
+        let mut payload = Message::Hello {
+            protocol: PROTOCOL_VERSION,
+            replica: KNOWN,
+            vv: VersionVector::new(),
+        }
+        .encode()
+        .unwrap();
+        payload[0] = codec::FORMAT_VERSION + 1;
+        framed(&payload)
+    };
+    let mismatched_chunk = message(&Message::Chunks {
+        items: vec![ChunkItem {
+            hash: Hash::of(b"what was asked for"),
+            bytes: b"something else".to_vec(),
+        }],
+    });
+    // Deterministic noise (an LCG), framed so that only the payload is nonsense.
+    let noise: Vec<u8> = (0..300u32)
+        .scan(12345u32, |s, _| {
+            *s = s.wrapping_mul(1_103_515_245).wrapping_add(12345);
+            Some((*s >> 16) as u8)
+        })
+        .collect();
+    let hello_frame = hello(KNOWN);
+    let with_hello = |rest: &[u8]| [hello_frame.as_slice(), rest].concat();
+    let cat = |parts: &[&[u8]]| parts.concat();
+
+    let mut cases: Vec<(String, Vec<u8>, bool)> = vec![
+        (
+            "frame announcing more than MAX_FRAME_LEN".into(),
+            ((codec::MAX_FRAME_LEN + 1) as u32).to_be_bytes().to_vec(),
+            false,
+        ),
+        (
+            "frame announcing 4 GiB, then bytes".into(),
+            cat(&[&u32::MAX.to_be_bytes(), &[1; 64]]),
+            false,
+        ),
+        ("truncated header, then close".into(), vec![0, 0], true),
+        (
+            "truncated hello, then close".into(),
+            hello_frame[..hello_frame.len() - 3].to_vec(),
+            true,
+        ),
+        (
+            "hello, truncated events, then close".into(),
+            with_hello(&smuggled()[..20]),
+            true,
+        ),
+        (
+            "garbage (an HTTP request)".into(),
+            b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n".to_vec(),
+            false,
+        ),
+        ("garbage in a frame".into(), framed(&noise), false),
+        (
+            "garbage CBOR behind a valid version byte".into(),
+            framed(&cat(&[&[codec::FORMAT_VERSION], &noise])),
+            false,
+        ),
+        ("empty frame".into(), framed(&[]), false),
+        ("unknown format version".into(), unversioned, false),
+        (
+            "unknown protocol version".into(),
+            message(&Message::Hello {
+                protocol: PROTOCOL_VERSION + 1,
+                replica: KNOWN,
+                vv: VersionVector::new(),
+            }),
+            false,
+        ),
+        (
+            "hello from an unknown replica, then events".into(),
+            cat(&[&hello(STRANGER), &smuggled()]),
+            false,
+        ),
+        (
+            "hello claiming the engine's own id, then events".into(),
+            cat(&[&hello(d.log.replica()), &smuggled()]),
+            false,
+        ),
+        ("events before hello".into(), smuggled(), false),
+        ("second hello".into(), with_hello(&hello(KNOWN)), false),
+        (
+            "event with seq 0 after a valid one".into(),
+            with_hello(&events(vec![
+                event(SMUGGLED, 1, "smuggled.txt"),
+                event(SMUGGLED, 0, "zero.txt"),
+            ])),
+            false,
+        ),
+        (
+            "event naming a parent with seq 0".into(),
+            with_hello(&events(vec![Event {
+                parents: vec![EventId {
+                    origin: KNOWN,
+                    seq: 0,
+                }],
+                ..event(SMUGGLED, 1, "smuggled.txt")
+            }])),
+            false,
+        ),
+        (
+            "event naming itself as parent".into(),
+            with_hello(&events(vec![Event {
+                parents: vec![EventId {
+                    origin: SMUGGLED,
+                    seq: 1,
+                }],
+                ..event(SMUGGLED, 1, "smuggled.txt")
+            }])),
+            false,
+        ),
+        (
+            "content tree 200 levels deep".into(),
+            with_hello(&events(vec![Event {
+                op: Op::Put {
+                    content: Some(ContentRef {
+                        root: Hash::of(b"root"),
+                        size: 1,
+                        depth: 200,
+                    }),
+                    meta: Meta::file(0),
+                },
+                ..event(SMUGGLED, 1, "smuggled.txt")
+            }])),
+            false,
+        ),
+        (
+            "chunk that does not match its hash".into(),
+            with_hello(&mismatched_chunk),
+            false,
+        ),
+        (
+            "too many chunks wanted at once".into(),
+            with_hello(&message(&Message::WantChunks {
+                hashes: (0..5000u32).map(|i| Hash::of(&i.to_be_bytes())).collect(),
+            })),
+            false,
+        ),
+        ("silence (handshake timeout)".into(), Vec::new(), false),
+    ];
+    // The untyped construction is sound: with valid keys it decodes to the typed message.
+    assert_eq!(
+        Message::decode(&events_payload_with_keys(&["smuggled.txt", "a/b"])).unwrap(),
+        Message::Events {
+            batch: vec![
+                event(SMUGGLED, 1, "smuggled.txt"),
+                event(SMUGGLED, 2, "a/b")
+            ]
+        }
+    );
+    for key in [
+        "../x",
+        "a/../b",
+        "/abs",
+        "a//b",
+        "a\\b",
+        "a\0b",
+        "",
+        ".",
+        "a/./b",
+        "trailing/",
+        "tab\t",
+    ] {
+        cases.push((
+            format!("invalid key {key:?} after a valid event"),
+            with_hello(&framed(&events_payload_with_keys(&["smuggled.txt", key]))),
+            false,
+        ));
+    }
+
+    for (name, bytes, then_close) in &cases {
+        check(&d, name, bytes, *then_close).await;
+    }
+    assert!(
+        !d.log
+            .chunks()
+            .contains(&Hash::of(b"what was asked for"))
+            .unwrap(),
+        "the mismatched chunk was stored"
+    );
+
+    // A well-behaved client is still served: its event is appended and acknowledged.
+    let good = event(KNOWN, 1, "ok.txt");
+    let mut stream = connect(&d).await;
+    stream
+        .write_all(&with_hello(&events(vec![good.clone()])))
+        .await
+        .unwrap();
+    let acked = timeout(WAIT, async {
+        loop {
+            match read_frame(&mut stream).await {
+                Some(Message::Ack { vv }) if vv.get(&KNOWN) == 1 => return,
+                Some(_) => {}
+                None => panic!("the engine closed a good client's connection"),
+            }
+        }
+    })
+    .await;
+    assert!(
+        acked.is_ok(),
+        "the good client's event was not acknowledged"
+    );
+    let appended = timeout(WAIT, async {
+        while d.log.is_empty() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(appended.is_ok(), "the good client's event was not appended");
+    let log: Vec<Event> = d
+        .log
+        .read(0, 100)
+        .unwrap()
+        .into_iter()
+        .map(|(_, e)| e)
+        .collect();
+    assert_eq!(log, vec![good], "exactly the good event is in the log");
+    d.engine.shutdown().await.unwrap();
+}
