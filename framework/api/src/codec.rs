@@ -1,8 +1,12 @@
 //! Versioned CBOR encoding of events and protocol messages, and length-prefixed framing.
 //!
-//! Every encoded value is one format-version byte followed by CBOR (ciborium). Field
-//! changes are additive; a version this build does not know is refused with
-//! [`CodecError::UnknownVersion`]. Decoding never panics on bad input.
+//! Every encoded value is one format-version byte followed by CBOR (ciborium). The types
+//! stored and sent in bulk (events, ids, clocks, content references, heads) are CBOR arrays
+//! in field order rather than maps with field names: half the bytes and twice the decoding
+//! speed, which is what bounds a rebuild. Fields are only ever added at the end, with a new
+//! format version that decoders keep reading alongside the old; a version this build does
+//! not know is refused with [`CodecError::UnknownVersion`]. Decoding never panics on bad
+//! input.
 
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
@@ -282,14 +286,11 @@ mod tests {
 
     #[test]
     fn invalid_key_on_the_wire_is_rejected() {
-        // Re-encode with a bad key by going through an untyped value.
+        // Re-encode with a bad key by going through an untyped value: an event is an
+        // array [id, hlc, key, parents, op].
         let mut value: ciborium::Value = ciborium::Value::serialized(&sample()).unwrap();
-        if let ciborium::Value::Map(fields) = &mut value {
-            for (k, v) in fields.iter_mut() {
-                if k.as_text() == Some("key") {
-                    *v = ciborium::Value::Text("../etc/passwd".into());
-                }
-            }
+        if let ciborium::Value::Array(fields) = &mut value {
+            fields[2] = ciborium::Value::Text("../etc/passwd".into());
         }
         let bytes = encode(&value).unwrap();
         let err = decode_event(&bytes).unwrap_err();

@@ -5,6 +5,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_tuple::{Deserialize_tuple, Serialize_tuple};
 
 use crate::error::{IdError, KeyError};
 
@@ -108,7 +109,7 @@ impl FromStr for ReplicaId {
 
 /// A dot: the `seq`-th event written by replica `origin`. Each replica numbers its own
 /// events 1, 2, 3, … without gaps.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize_tuple, Deserialize_tuple)]
 pub struct EventId {
     /// The replica that wrote the event.
     pub origin: ReplicaId,
@@ -134,7 +135,7 @@ impl fmt::Display for EventId {
 /// Ordered by `(wall_ms, logical)`; with the origin it gives the total order that
 /// last-write-wins uses.
 #[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize_tuple, Deserialize_tuple,
 )]
 pub struct Hlc {
     /// Milliseconds since the Unix epoch, as the writing replica saw them (never decreasing).
@@ -337,7 +338,7 @@ impl fmt::Display for Hash {
 
 /// A reference to content held in the content store: the root of a small tree of chunks
 /// (see [`crate::content`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize_tuple, Deserialize_tuple)]
 pub struct ContentRef {
     /// Hash of the root chunk.
     pub root: Hash,
@@ -357,7 +358,7 @@ pub enum EntryKind {
 }
 
 /// File metadata carried by a `Put`.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize_tuple, Deserialize_tuple)]
 pub struct Meta {
     /// File or directory.
     pub kind: EntryKind,
@@ -388,7 +389,10 @@ impl Meta {
 }
 
 /// What an event does to its key.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+///
+/// Encoded positionally like the other event types: `[0, content, meta]` for a put,
+/// `[1]` for a delete.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Op {
     /// Sets the key's value: a file with content, or a directory (`content` is `None`).
     Put {
@@ -399,6 +403,55 @@ pub enum Op {
     },
     /// Removes the key.
     Delete,
+}
+
+const OP_PUT: u8 = 0;
+const OP_DELETE: u8 = 1;
+
+impl Serialize for Op {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeTuple;
+        match self {
+            Op::Put { content, meta } => {
+                let mut t = s.serialize_tuple(3)?;
+                t.serialize_element(&OP_PUT)?;
+                t.serialize_element(content)?;
+                t.serialize_element(meta)?;
+                t.end()
+            }
+            Op::Delete => {
+                let mut t = s.serialize_tuple(1)?;
+                t.serialize_element(&OP_DELETE)?;
+                t.end()
+            }
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Op {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Op;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an operation: [0, content, meta] or [1]")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Op, A::Error> {
+                use serde::de::Error;
+                let tag: u8 = seq.next_element()?.ok_or_else(|| A::Error::invalid_length(0, &self))?;
+                match tag {
+                    OP_PUT => {
+                        let content = seq.next_element()?.ok_or_else(|| A::Error::invalid_length(1, &self))?;
+                        let meta = seq.next_element()?.ok_or_else(|| A::Error::invalid_length(2, &self))?;
+                        Ok(Op::Put { content, meta })
+                    }
+                    OP_DELETE => Ok(Op::Delete),
+                    other => Err(A::Error::custom(format!("unknown operation {other}"))),
+                }
+            }
+        }
+        d.deserialize_seq(V)
+    }
 }
 
 impl Op {
@@ -412,7 +465,7 @@ impl Op {
 }
 
 /// One change to one key, the unit the log stores and replicas exchange.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize_tuple, Deserialize_tuple)]
 pub struct Event {
     /// Who wrote it and its place in their sequence.
     pub id: EventId,

@@ -1,11 +1,12 @@
 //! The conflict-policy trait: a pure, deterministic choice among a key's concurrent heads.
 
 use serde::{Deserialize, Serialize};
+use serde_tuple::{Deserialize_tuple, Serialize_tuple};
 
 use crate::event::{Event, EventId, Hlc, Key, Op, ReplicaId};
 
 /// One head of a key: an event on that key that no known event names as a parent.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize_tuple, Deserialize_tuple)]
 pub struct Head {
     /// The event's id.
     pub id: EventId,

@@ -21,17 +21,28 @@ const RUNS: usize = 3;
 
 async fn once(run: usize) -> Duration {
     let network = MemoryNetwork::new(run as u64, Faults::none());
-    let dirs: Vec<tempfile::TempDir> = (0..REPLICAS).map(|_| tempfile::tempdir().unwrap()).collect();
-    let logs: Vec<EventLog> = dirs.iter().map(|d| EventLog::open(LogConfig::new(d.path())).unwrap()).collect();
+    let dirs: Vec<tempfile::TempDir> = (0..REPLICAS)
+        .map(|_| tempfile::tempdir().unwrap())
+        .collect();
+    let logs: Vec<EventLog> = dirs
+        .iter()
+        .map(|d| EventLog::open(LogConfig::new(d.path())).unwrap())
+        .collect();
     let mut engines = Vec::new();
     for (i, log) in logs.iter().enumerate() {
         let peers = (0..REPLICAS)
             .filter(|j| *j != i)
-            .map(|j| PeerConfig { id: logs[j].replica(), address: Some(format!("r{j}")) })
+            .map(|j| PeerConfig {
+                id: logs[j].replica(),
+                address: Some(format!("r{j}")),
+            })
             .collect();
         engines.push(
             SyncEngine::builder(log.clone(), Arc::new(Lww))
-                .config(EngineConfig { peers, ..EngineConfig::default() })
+                .config(EngineConfig {
+                    peers,
+                    ..EngineConfig::default()
+                })
                 .transport(Arc::new(network.endpoint(&format!("r{i}"))))
                 .start()
                 .await
@@ -39,7 +50,10 @@ async fn once(run: usize) -> Duration {
         );
     }
     // Let the sessions come up so the clock measures sync, not dialing.
-    while engines.iter().any(|e| e.peers().iter().filter(|p| p.connected).count() < REPLICAS - 1) {
+    while engines
+        .iter()
+        .any(|e| e.peers().iter().filter(|p| p.connected).count() < REPLICAS - 1)
+    {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let start = Instant::now();
@@ -49,14 +63,19 @@ async fn once(run: usize) -> Duration {
         .map(|(i, log)| {
             let log = log.clone();
             tokio::spawn(async move {
-                let mine = EVENTS / REPLICAS as u64 + u64::from(i == 0) * (EVENTS % REPLICAS as u64);
+                let mine =
+                    EVENTS / REPLICAS as u64 + u64::from(i == 0) * (EVENTS % REPLICAS as u64);
                 let mut written = 0;
                 while written < mine {
                     let n = BATCH.min(mine - written);
                     let changes = (0..n)
                         .map(|k| LocalChange {
-                            key: Key::new(format!("dir{}/file{}", k % 50, (written + k) % 5000)).unwrap(),
-                            op: Op::Put { content: None, meta: Meta::file((written + k) as i64) },
+                            key: Key::new(format!("dir{}/file{}", k % 50, (written + k) % 5000))
+                                .unwrap(),
+                            op: Op::Put {
+                                content: None,
+                                meta: Meta::file((written + k) as i64),
+                            },
                         })
                         .collect();
                     log.append_local(changes).await.unwrap();
@@ -79,12 +98,20 @@ async fn once(run: usize) -> Duration {
 }
 
 fn main() {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     let mut times: Vec<Duration> = (0..RUNS).map(|run| rt.block_on(once(run))).collect();
     times.sort();
     let median = times[RUNS / 2];
     println!("\n| replicas | events | median time to full convergence | events/s |");
     println!("|---------:|-------:|-------------------------------:|---------:|");
-    println!("| {REPLICAS} | {EVENTS} | {:.2} s | {:.0} |", median.as_secs_f64(), EVENTS as f64 / median.as_secs_f64());
+    println!(
+        "| {REPLICAS} | {EVENTS} | {:.2} s | {:.0} |",
+        median.as_secs_f64(),
+        EVENTS as f64 / median.as_secs_f64()
+    );
     println!("(runs: {:?})", times);
 }

@@ -490,6 +490,7 @@ impl EngineBuilder {
             inner.with_peer(&peer.id, |s| s.address = peer.address.clone());
         }
         for (store, slot) in self.stores.iter().zip(&slots) {
+            store.start(&StoreContext::new(inner.log.clone())).await?;
             catch_up(&inner, store.as_ref(), slot).await?;
         }
         let mut tasks: Vec<JoinHandle<()>> = Vec::new();

@@ -37,7 +37,8 @@ mod protocol;
 pub mod reconciler;
 
 pub use engine::{
-    EngineBuilder, EngineConfig, EngineError, EngineStats, PeerConfig, PeerStatus, SyncEngine,
+    AppendOrigin, EngineBuilder, EngineConfig, EngineError, EngineEvent, EngineStats, Observer,
+    PeerConfig, PeerStatus, SubscriberStatus, SyncEngine,
 };
 pub use error::{LogError, PluginError, TransportError};
 pub use protocol::SessionError;

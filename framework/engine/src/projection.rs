@@ -7,12 +7,12 @@
 //! convergence tests check.
 
 use converge_api::{codec, Event, EventId, Head, VersionVector};
-use serde::{Deserialize, Serialize};
+use serde_tuple::{Deserialize_tuple, Serialize_tuple};
 
 use crate::error::LogError;
 
 /// What the projection keeps for one key.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize_tuple, Deserialize_tuple)]
 pub struct KeyState {
     /// Events on the key that nothing known supersedes, sorted by id.
     pub heads: Vec<Head>,

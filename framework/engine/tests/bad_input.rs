@@ -107,11 +107,11 @@ fn events_payload_with_keys(keys: &[&str]) -> Vec<u8> {
         .map(|(i, key)| {
             let mut value =
                 ciborium::Value::serialized(&event(SMUGGLED, i as u64 + 1, "k")).unwrap();
-            let ciborium::Value::Map(fields) = &mut value else {
-                panic!("an event serializes as a map");
+            // An event is the array [id, hlc, key, parents, op].
+            let ciborium::Value::Array(fields) = &mut value else {
+                panic!("an event serializes as an array");
             };
-            let field = fields.iter_mut().find(|(k, _)| k.as_text() == Some("key"));
-            field.unwrap().1 = ciborium::Value::Text((*key).to_owned());
+            fields[2] = ciborium::Value::Text((*key).to_owned());
             value
         })
         .collect();

@@ -85,6 +85,48 @@ impl Store for FsStore {
                 .and_then(|r| r);
         applied.map_err(|e| e.into_plugin(&self.name))
     }
+
+    async fn start(&self, _ctx: &StoreContext) -> Result<(), PluginError> {
+        let root = self.config.root.clone();
+        let removed = tokio::task::spawn_blocking(move || sweep_temp_files(&root))
+            .await
+            .map_err(FsError::from)
+            .and_then(|r| r)
+            .map_err(|e| e.into_plugin(&self.name))?;
+        if removed > 0 {
+            tracing::info!(store = %self.name, removed, "removed temporary files left by an interrupted run");
+        }
+        Ok(())
+    }
+}
+
+/// Removes every temporary file under `root`: only this store writes them, and at start
+/// none is in use, so any left is from a run that was killed mid-write. Symlinks are not
+/// followed.
+fn sweep_temp_files(root: &Path) -> Result<u64, FsError> {
+    let mut removed = 0;
+    let mut dirs = vec![root.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == ErrorKind::NotFound => continue,
+            Err(source) => return Err(FsError::Io { op: "listing", path: dir, source }),
+        };
+        for entry in entries {
+            let entry = entry.map_err(|source| FsError::Io { op: "listing", path: dir.clone(), source })?;
+            let path = entry.path();
+            let file_type = entry
+                .file_type()
+                .map_err(|source| FsError::Io { op: "inspecting", path: path.clone(), source })?;
+            if file_type.is_dir() {
+                dirs.push(path);
+            } else if file_type.is_file() && entry.file_name().to_str().is_some_and(|n| n.starts_with(TEMP_PREFIX)) {
+                remove_file(&path)?;
+                removed += 1;
+            }
+        }
+    }
+    Ok(removed)
 }
 
 /// A key the store will not touch here, and why (warned, then skipped).

@@ -55,4 +55,10 @@ pub trait Store: Send + Sync + 'static {
     /// one durability barrier, no per-file fsync). Must be idempotent: after a crash or
     /// a replay the same views come again. Every chunk they reference is present.
     async fn apply(&self, ctx: &StoreContext, views: Vec<KeyView>) -> Result<(), PluginError>;
+
+    /// Called once at start, before the store catches up with the log: the place to clear
+    /// what a crash left behind (a folder store removes its stale temporary files).
+    async fn start(&self, _ctx: &StoreContext) -> Result<(), PluginError> {
+        Ok(())
+    }
 }

@@ -1,0 +1,849 @@
+#!/usr/bin/env python3
+"""Daemon benchmark of converge against rsync (issue 3, "Benchmark").
+
+Two converge daemons on 127.0.0.1 sync a folder; the same run pushes the same data with
+rsync (Debian's package, as a daemon on 127.0.0.1, delta transfer on) as the reference.
+
+Workloads:
+  W1  10,000 files of 1-8 KiB random content in two levels of folders (initial sync)
+  W2  one 256 MiB file of random data (initial sync)
+  W3  W2 with one byte changed in the middle
+  W4  W2 with 100 bytes inserted at one third
+  L   one small file written on A, 100 times: latency until it is on B (p50, p99)
+
+converge's time runs from the change on A (the rename of a staged tree or file into A's
+folder, or the in-place write) until B's folder is identical (polled: file count, sorted
+(path, size) list, then every file's bytes by hash). rsync's time is the wall time of
+`rsync -a --stats` pushing A's data to the rsync daemon's module; its bytes are "Total
+bytes sent" + "Total bytes received". converge's bytes come from its own counters (the
+admin API's GET /api/v1/status, peers[].sent_bytes + received_bytes, as seen by A); when
+that API does not answer they are "n/a". The socket-level count (TCP payload bytes of A's
+peer connections, from `ss -ti`) is printed beside them as a cross-check.
+
+Run from the workspace root after `cargo build --release -p converge`:
+
+    python3 bench/daemon/run.py            # the full run (a few minutes on 2 cores)
+    python3 bench/daemon/run.py --quick    # small sizes, to check the script itself
+
+Nothing is deleted between timed steps (ext4 without a journal makes creating thousands
+of files right after deleting thousands slow): replaced data is moved into a trash dir
+and the whole scratch dir is removed at the end. Wait a minute before running it again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import hashlib
+import json
+import os
+import pwd
+import grp
+import random
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+KIB = 1024
+MIB = 1024 * 1024
+HASH = "sha1"  # only to compare copies; the fastest hashlib has here
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def sync_fs() -> None:
+    subprocess.run(["sync"], check=False)
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.new(HASH)
+    with open(path, "rb") as f:
+        while chunk := f.read(4 * MIB):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: SIGTERM the child when this script dies."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+class Timeout(Exception):
+    pass
+
+
+# ----------------------------------------------------------------------------- workloads
+
+
+def make_w1(root: Path, files: int, rng: random.Random) -> dict[str, tuple[int, str]]:
+    """Writes `files` files of 1-8 KiB random bytes in two levels of folders under `root`
+    (d00/s00/f0000.bin); returns {relative path: (size, digest)}."""
+    top = max(1, round((files / 20) ** 0.5))  # ~20 files per leaf folder
+    sub = max(1, -(-files // (top * 20)))
+    expected: dict[str, tuple[int, str]] = {}
+    n = 0
+    for i in range(top):
+        for j in range(sub):
+            if n >= files:
+                break
+            leaf = root / f"d{i:02}" / f"s{j:02}"
+            leaf.mkdir(parents=True)
+            for _ in range(20):
+                if n >= files:
+                    break
+                size = rng.randint(1 * KIB, 8 * KIB)
+                data = os.urandom(size)
+                name = f"f{n:05}.bin"
+                (leaf / name).write_bytes(data)
+                expected[f"d{i:02}/s{j:02}/{name}"] = (size, hashlib.new(HASH, data).hexdigest())
+                n += 1
+    return expected
+
+
+def make_big(path: Path, size: int) -> str:
+    """Writes `size` random bytes to `path`; returns the digest."""
+    h = hashlib.new(HASH)
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            chunk = os.urandom(min(4 * MIB, left))
+            f.write(chunk)
+            h.update(chunk)
+            left -= len(chunk)
+    return h.hexdigest()
+
+
+def digest_with_flip(path: Path, offset: int) -> tuple[str, int]:
+    """The digest `path` will have once its byte at `offset` is flipped, and the new byte."""
+    h = hashlib.new(HASH)
+    new_byte = 0
+    with open(path, "rb") as f:
+        pos = 0
+        while chunk := f.read(4 * MIB):
+            if pos <= offset < pos + len(chunk):
+                b = bytearray(chunk)
+                new_byte = b[offset - pos] ^ 0xFF
+                b[offset - pos] = new_byte
+                chunk = bytes(b)
+            h.update(chunk)
+            pos += len(chunk)
+    return h.hexdigest(), new_byte
+
+
+def copy_with_insert(src: Path, dst: Path, offset: int, insert: bytes) -> str:
+    """Copies `src` to `dst` with `insert` inserted at `offset`; returns dst's digest."""
+    h = hashlib.new(HASH)
+    with open(src, "rb") as f, open(dst, "wb") as out:
+        head = offset
+        while head:
+            chunk = f.read(min(4 * MIB, head))
+            out.write(chunk)
+            h.update(chunk)
+            head -= len(chunk)
+        out.write(insert)
+        h.update(insert)
+        while chunk := f.read(4 * MIB):
+            out.write(chunk)
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------ waiting for B
+
+
+def tree_listing(root: Path) -> list[tuple[str, int]] | None:
+    """Sorted (relative path, size) of every file under `root`; None if it is missing."""
+    if not root.is_dir():
+        return None
+    out = []
+    stack = [root]
+    while stack:
+        d = stack.pop()
+        try:
+            entries = list(os.scandir(d))
+        except FileNotFoundError:
+            continue
+        for e in entries:
+            try:
+                if e.is_dir(follow_symlinks=False):
+                    stack.append(Path(e.path))
+                else:
+                    out.append((os.path.relpath(e.path, root), e.stat(follow_symlinks=False).st_size))
+            except FileNotFoundError:
+                continue
+    out.sort()
+    return out
+
+
+def count_files(root: Path) -> int:
+    n = 0
+    stack = [root]
+    while stack:
+        d = stack.pop()
+        try:
+            for e in os.scandir(d):
+                if e.is_dir(follow_symlinks=False):
+                    stack.append(e.path)
+                else:
+                    n += 1
+        except FileNotFoundError:
+            continue
+    return n
+
+
+def wait_tree(root: Path, expected: dict[str, tuple[int, str]], t0: float, timeout: float,
+              notes: list[str], label: str) -> float:
+    """Polls until `root` holds exactly `expected`; returns the time of the poll that first
+    saw the matching listing (bytes verified afterwards, not timed)."""
+    want = sorted((p, s) for p, (s, _) in expected.items())
+    last_bad: set[str] = set()
+    while True:
+        now = time.monotonic()
+        if now - t0 > timeout:
+            raise Timeout(f"{label}: {count_files(root) if root.is_dir() else 0} of {len(want)} files after {timeout:.0f} s")
+        if root.is_dir() and count_files(root) == len(want):
+            seen = time.monotonic()
+            if tree_listing(root) == want:
+                bad = {p for p, (_, d) in expected.items() if file_digest(root / p) != d}
+                if not bad:
+                    return seen - t0
+                if bad != last_bad:
+                    notes.append(f"{label}: {len(bad)} file(s) had the right size but wrong bytes at {seen - t0:.2f} s (e.g. {sorted(bad)[0]}); kept polling")
+                    last_bad = bad
+        time.sleep(0.1)
+
+
+def file_sig(st: os.stat_result) -> tuple:
+    return (st.st_ino, st.st_mtime_ns, st.st_size, st.st_ctime_ns)
+
+
+def wait_file(path: Path, size: int, digest: str, t0: float, timeout: float,
+              notes: list[str], label: str, interval: float = 0.02,
+              old_sig: tuple | None = None) -> float:
+    """Polls until `path` has `size` bytes with `digest`; returns the time of the poll
+    that saw the new version (size/inode/mtime changed to a matching size). `old_sig`,
+    the file's `file_sig` before the change, is not hashed again."""
+    checked = old_sig
+    while True:
+        now = time.monotonic()
+        if now - t0 > timeout:
+            try:
+                st = path.stat()
+                have = f"{st.st_size} bytes"
+            except FileNotFoundError:
+                have = "missing"
+            raise Timeout(f"{label}: B's file is {have} (want {size}) after {timeout:.0f} s")
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            st = None
+        if st is not None and st.st_size == size:
+            sig = file_sig(st)
+            if sig != checked:
+                seen = time.monotonic()
+                if file_digest(path) == digest:
+                    return seen - t0
+                if checked is not None and checked != old_sig:
+                    notes.append(f"{label}: B's file had the right size but other bytes at {seen - t0:.2f} s; kept polling")
+                checked = sig
+        time.sleep(interval)
+
+
+# ---------------------------------------------------------------------------- converge
+
+
+@dataclass
+class Daemon:
+    name: str
+    data: Path
+    folder: Path
+    port: int
+    admin_port: int
+    replica: str = ""
+    proc: subprocess.Popen | None = None
+    log_path: Path | None = None
+
+    def status(self) -> dict | None:
+        """GET /api/v1/status as JSON, or None if it does not answer."""
+        req = urllib.request.Request(f"http://127.0.0.1:{self.admin_port}/api/v1/status")
+        token = self.data / "admin.token"
+        if token.exists():
+            req.add_header("Authorization", f"Bearer {token.read_text().strip()}")
+        try:
+            with urllib.request.urlopen(req, timeout=2) as r:
+                return json.loads(r.read())
+        except Exception:
+            return None
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace") if self.log_path else ""
+        except FileNotFoundError:
+            return ""
+
+    def vm(self, key: str) -> int | None:
+        """VmHWM / VmRSS of the process in KiB."""
+        if not self.proc:
+            return None
+        try:
+            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+        except (FileNotFoundError, ProcessLookupError):
+            return None
+        return None
+
+
+def find_peer_counters(obj) -> tuple[int, int] | None:
+    """Sums sent/received bytes over the `peers` list found anywhere in a status JSON."""
+    if isinstance(obj, dict):
+        peers = obj.get("peers")
+        if isinstance(peers, list) and peers and all(isinstance(p, dict) for p in peers):
+            sent = recv = 0
+            found = False
+            for p in peers:
+                s = p.get("sent_bytes", p.get("bytes_sent"))
+                r = p.get("received_bytes", p.get("bytes_received"))
+                if isinstance(s, int) and isinstance(r, int):
+                    sent += s
+                    recv += r
+                    found = True
+            if found:
+                return sent, recv
+        for v in obj.values():
+            got = find_peer_counters(v)
+            if got is not None:
+                return got
+    elif isinstance(obj, list):
+        for v in obj:
+            got = find_peer_counters(v)
+            if got is not None:
+                return got
+    return None
+
+
+def tcp_bytes(pid: int, exclude_ports: set[int]) -> dict[tuple[str, str], int]:
+    """TCP payload bytes (sent + received) per established connection of `pid`, from
+    `ss -tinp`, leaving out connections whose local port is in `exclude_ports`."""
+    try:
+        out = subprocess.run(["ss", "-tinpH", "state", "established"], capture_output=True,
+                             text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    lines = out.splitlines()
+    result: dict[tuple[str, str], int] = {}
+    for i, line in enumerate(lines):
+        # With a state filter, ss leaves out the State column: Recv-Q Send-Q Local Peer Process.
+        m = re.match(r"^\s*\d+\s+\d+\s+(\S+):(\d+)\s+(\S+):(\d+)\s+users:\(\(\"[^\"]*\",pid=(\d+),", line)
+        if not m or int(m.group(5)) != pid or int(m.group(2)) in exclude_ports:
+            continue
+        info = lines[i + 1] if i + 1 < len(lines) else ""
+        sent = re.search(r"bytes_sent:(\d+)", info)
+        recv = re.search(r"bytes_received:(\d+)", info)
+        total = (int(sent.group(1)) if sent else 0) + (int(recv.group(1)) if recv else 0)
+        result[(f"{m.group(1)}:{m.group(2)}", f"{m.group(3)}:{m.group(4)}")] = total
+    return result
+
+
+@dataclass
+class Counters:
+    api: tuple[int, int] | None
+    tcp: dict[tuple[str, str], int]
+
+
+class Pair:
+    """Two fresh converge daemons, A and B, peered on 127.0.0.1."""
+
+    def __init__(self, binary: Path, root: Path, name: str):
+        self.binary = binary
+        self.root = root / name
+        self.name = name
+        self.a = Daemon("A", self.root / "a-data", self.root / "a", free_port(), free_port())
+        self.b = Daemon("B", self.root / "b-data", self.root / "b", free_port(), free_port())
+
+    def start(self, timeout: float) -> None:
+        for d in (self.a, self.b):
+            out = subprocess.run(
+                [str(self.binary), "init", "--data-dir", str(d.data), "--folder", str(d.folder),
+                 "--listen", f"127.0.0.1:{d.port}", "--admin", f"127.0.0.1:{d.admin_port}"],
+                capture_output=True, text=True, timeout=60)
+            if out.returncode != 0:
+                raise RuntimeError(f"converge init ({self.name} {d.name}) failed: {out.stderr.strip()}")
+            d.replica = out.stdout.strip()
+        for d, other in ((self.a, self.b), (self.b, self.a)):
+            with open(d.data / "converge.toml", "a") as f:
+                f.write(f'\n[[peers]]\nid = "{other.replica}"\naddress = "127.0.0.1:{other.port}"\n')
+        env = dict(os.environ, RUST_LOG=os.environ.get("RUST_LOG", "info"), NO_COLOR="1")
+        for d in (self.a, self.b):
+            d.log_path = self.root / f"{d.name}.log"
+            with open(d.log_path, "wb") as logf:
+                d.proc = subprocess.Popen(
+                    [str(self.binary), "run", "--config", str(d.data / "converge.toml")],
+                    stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
+                    env=env, preexec_fn=_die_with_parent)
+        t0 = time.monotonic()
+        connected_at = None
+        while True:
+            for d in (self.a, self.b):
+                if d.proc.poll() is not None:
+                    raise RuntimeError(f"converge {self.name} {d.name} exited with {d.proc.returncode}:\n{d.log_text()[-2000:]}")
+            connected = all("peer connected" in d.log_text() for d in (self.a, self.b))
+            scanned = all("initial scan done" in d.log_text() for d in (self.a, self.b))
+            # The scan-done line is only a courtesy: give it 3 s once both are connected.
+            if connected and (scanned or connected_at and time.monotonic() - connected_at > 3):
+                break
+            if connected and connected_at is None:
+                connected_at = time.monotonic()
+            if time.monotonic() - t0 > timeout:
+                raise Timeout(f"{self.name}: daemons not connected after {timeout:.0f} s")
+            time.sleep(0.05)
+        log(f"{self.name}: daemons up and connected in {time.monotonic() - t0:.2f} s "
+            f"(A pid {self.a.proc.pid}, B pid {self.b.proc.pid})")
+
+    def counters(self) -> Counters:
+        status = self.a.status()
+        api = find_peer_counters(status) if status is not None else None
+        tcp = tcp_bytes(self.a.proc.pid, {self.a.admin_port}) if self.a.proc else {}
+        return Counters(api, tcp)
+
+    def stop(self) -> None:
+        procs = [d.proc for d in (self.a, self.b) if d.proc and d.proc.poll() is None]
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        for p in procs:
+            try:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log(f"{self.name}: pid {p.pid} ignored SIGTERM for 20 s; SIGKILL")
+                p.kill()
+                p.wait()
+
+    def warnings(self) -> list[str]:
+        """Log lines at WARN or ERROR level, and any panic."""
+        out = []
+        for d in (self.a, self.b):
+            for line in d.log_text().splitlines():
+                if " WARN " in line or " ERROR " in line or "panicked" in line:
+                    out.append(f"{self.name} {d.name}: {line.strip()[:300]}")
+        return out
+
+
+def bytes_between(before: Counters, after: Counters) -> tuple[int | None, int | None, bool]:
+    """(API bytes, TCP bytes, whether a connection of the TCP count closed in between)."""
+    api = None
+    if before.api is not None and after.api is not None:
+        api = (after.api[0] - before.api[0]) + (after.api[1] - before.api[1])
+    tcp = None
+    lost = False
+    if after.tcp or before.tcp:
+        tcp = sum(v - before.tcp.get(k, 0) for k, v in after.tcp.items())
+        lost = any(k not in after.tcp for k in before.tcp)
+    return api, tcp, lost
+
+
+# ------------------------------------------------------------------------------- rsync
+
+
+class Rsyncd:
+    def __init__(self, root: Path):
+        self.root = root / "rsync"
+        self.dest = self.root / "dest"
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.dest.mkdir(parents=True)
+        conf = self.root / "rsyncd.conf"
+        user = pwd.getpwuid(os.getuid()).pw_name
+        group = grp.getgrgid(os.getgid()).gr_name
+        conf.write_text(
+            f"use chroot = no\npid file = {self.root / 'rsyncd.pid'}\nlog file = {self.root / 'rsyncd.log'}\n"
+            f"uid = {user}\ngid = {group}\n\n[bench]\npath = {self.dest}\nread only = no\n")
+        self.proc = subprocess.Popen(
+            ["rsync", "--daemon", "--no-detach", f"--config={conf}", f"--port={self.port}",
+             "--address=127.0.0.1"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent)
+        t0 = time.monotonic()
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() - t0 > 10:
+                    raise RuntimeError("the rsync daemon did not start")
+                time.sleep(0.05)
+
+    def push(self, src: str, dest_rel: str, timeout: float) -> tuple[float, int]:
+        """rsync -a --stats SRC rsync://.../bench/DEST_REL; returns (seconds, bytes)."""
+        sync_fs()
+        cmd = ["rsync", "-a", "--stats", src, f"rsync://127.0.0.1:{self.port}/bench/{dest_rel}"]
+        t0 = time.monotonic()
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise Timeout(f"rsync {src}: no exit after {timeout:.0f} s")
+        elapsed = time.monotonic() - t0
+        if out.returncode != 0:
+            raise RuntimeError(f"rsync failed ({out.returncode}): {out.stderr.strip()}")
+
+        def stat(name: str) -> int:
+            m = re.search(rf"^{name}: ([\d,.]+)", out.stdout, re.M)
+            if not m:
+                raise RuntimeError(f"no '{name}' in rsync --stats:\n{out.stdout}")
+            return int(re.sub(r"[,.]", "", m.group(1)))
+
+        return elapsed, stat("Total bytes sent") + stat("Total bytes received")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+# -------------------------------------------------------------------------------- report
+
+
+@dataclass
+class Row:
+    name: str
+    what: str
+    c_time: float | None = None
+    c_err: str | None = None
+    c_api: int | None = None
+    c_tcp: int | None = None
+    tcp_lost: bool = False
+    r_time: float | None = None
+    r_err: str | None = None
+    r_bytes: int | None = None
+    rss: str = ""
+
+
+def fmt_time(t: float | None, err: str | None) -> str:
+    if err:
+        return err
+    return "—" if t is None else f"{t:.2f} s"
+
+
+def fmt_bytes(b: int | None) -> str:
+    if b is None:
+        return "n/a"
+    if b >= 10 * MIB:
+        return f"{b / MIB:,.1f} MiB"
+    if b >= 10 * KIB:
+        return f"{b / KIB:,.1f} KiB"
+    return f"{b:,} B"
+
+
+def ratio(a: float | None, b: float | None) -> str:
+    if a is None or b is None or b <= 0:
+        return "n/a"
+    return f"{a / b:.2f}×"
+
+
+def rss_of(pair: Pair) -> str:
+    a, b = pair.a.vm("VmHWM"), pair.b.vm("VmHWM")
+    f = lambda k: "?" if k is None else f"{k / 1024:.0f}"
+    return f"{f(a)} / {f(b)}"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--binary", default="target/release/converge", help="converge binary (copied before use)")
+    ap.add_argument("--files", type=int, default=10_000, help="W1 file count")
+    ap.add_argument("--big-mib", type=int, default=256, help="W2 file size in MiB")
+    ap.add_argument("--latency-runs", type=int, default=100, help="L repetitions")
+    ap.add_argument("--timeout", type=float, default=300, help="bound of every wait, seconds")
+    ap.add_argument("--only", default="W1,W2,L", help="families to run: W1, W2 (W2-W4), L")
+    ap.add_argument("--quick", action="store_true", help="500 files, 16 MiB, 20 latency runs")
+    ap.add_argument("--dir", default=None, help="scratch parent dir (default: the system temp dir)")
+    ap.add_argument("--keep", action="store_true", help="keep the scratch dir (logs, data)")
+    args = ap.parse_args()
+    if args.quick:
+        args.files, args.big_mib, args.latency_runs = 500, 16, 20
+    only = {s.strip().upper() for s in args.only.split(",")}
+
+    src_bin = Path(args.binary)
+    if not src_bin.is_file():
+        print(f"error: {src_bin} not found: run `cargo build --release -p converge` first", file=sys.stderr)
+        return 2
+    if shutil.which("rsync") is None:
+        print("error: rsync not found: apt-get install -y rsync", file=sys.stderr)
+        return 2
+
+    root = Path(tempfile.mkdtemp(prefix="converge-bench-", dir=args.dir))
+    trash = root / "trash"
+    staging = root / "staging"
+    trash.mkdir()
+    staging.mkdir()
+    binary = root / "converge"
+    shutil.copy2(src_bin, binary)  # a rebuild during the run must not swap it
+    log(f"scratch dir {root}")
+
+    rows: list[Row] = []
+    notes: list[str] = []
+    lat: dict[str, list[float] | str] = {}
+    pairs: list[Pair] = []
+    rsyncd = Rsyncd(root)
+    rng = random.Random(3)
+    t_start = time.monotonic()
+    try:
+        rsyncd.start()
+
+        # ---------------------------------------------------------------- W1
+        if "W1" in only:
+            row = Row("W1", f"{args.files:,} files of 1–8 KiB, initial sync")
+            rows.append(row)
+            log(f"W1: generating {args.files} files")
+            expected = make_w1(staging / "w1", args.files, rng)
+            pair = Pair(binary, root, "pair-w1")
+            pairs.append(pair)
+            pair.start(args.timeout)
+            sync_fs()
+            before = pair.counters()
+            log("W1: converge")
+            t0 = time.monotonic()
+            os.rename(staging / "w1", pair.a.folder / "w1")
+            try:
+                row.c_time = wait_tree(pair.b.folder / "w1", expected, t0, args.timeout, notes, "W1")
+                time.sleep(1.0)  # let acknowledgements settle before reading the counters
+                row.c_api, row.c_tcp, row.tcp_lost = bytes_between(before, pair.counters())
+            except Timeout as e:
+                row.c_err = "timeout"
+                notes.append(str(e))
+            row.rss = rss_of(pair)
+            pair.stop()
+            log("W1: rsync")
+            try:
+                row.r_time, row.r_bytes = rsyncd.push(str(pair.a.folder / "w1"), "", args.timeout)
+                if tree_listing(rsyncd.dest / "w1") != sorted((p, s) for p, (s, _) in expected.items()):
+                    notes.append("W1: rsync's copy differs from the source (!)")
+            except (Timeout, RuntimeError) as e:
+                row.r_err = "timeout" if isinstance(e, Timeout) else "error"
+                notes.append(str(e))
+
+        # ---------------------------------------------------------- W2–W4
+        if "W2" in only:
+            size = args.big_mib * MIB
+            w2 = Row("W2", f"one {args.big_mib} MiB random file, initial sync")
+            w3 = Row("W3", "W2 with 1 byte changed in the middle")
+            w4 = Row("W4", "W2 with 100 bytes inserted at 1/3")
+            rows += [w2, w3, w4]
+            log(f"W2: generating {args.big_mib} MiB")
+            digest = make_big(staging / "big.bin", size)
+            pair = Pair(binary, root, "pair-w2")
+            pairs.append(pair)
+            pair.start(args.timeout)
+            a_file, b_file = pair.a.folder / "big.bin", pair.b.folder / "big.bin"
+            rsync_src = str(a_file)
+
+            def converge_step(row: Row, change, size: int, digest: str) -> bool:
+                sync_fs()
+                before = pair.counters()
+                old_sig = file_sig(b_file.stat()) if b_file.exists() else None
+                t0 = time.monotonic()
+                change()
+                try:
+                    row.c_time = wait_file(b_file, size, digest, t0, args.timeout, notes, row.name,
+                                           old_sig=old_sig)
+                    time.sleep(1.0)
+                    row.c_api, row.c_tcp, row.tcp_lost = bytes_between(before, pair.counters())
+                    return True
+                except Timeout as e:
+                    row.c_err = "timeout"
+                    notes.append(str(e))
+                    return False
+
+            def rsync_step(row: Row, want_digest: str) -> None:
+                try:
+                    row.r_time, row.r_bytes = rsyncd.push(rsync_src, "", args.timeout)
+                    if file_digest(rsyncd.dest / "big.bin") != want_digest:
+                        notes.append(f"{row.name}: rsync's copy differs from the source (!)")
+                except (Timeout, RuntimeError) as e:
+                    row.r_err = "timeout" if isinstance(e, Timeout) else "error"
+                    notes.append(str(e))
+
+            log("W2: converge")
+            ok = converge_step(w2, lambda: os.rename(staging / "big.bin", a_file), size, digest)
+            w2.rss = rss_of(pair)
+            log("W2: rsync")
+            rsync_step(w2, digest)
+
+            # W3: flip the middle byte in place.
+            middle = size // 2
+            d3, new_byte = digest_with_flip(a_file, middle)
+
+            def flip() -> None:
+                with open(a_file, "r+b") as f:
+                    f.seek(middle)
+                    f.write(bytes([new_byte]))
+
+            if ok:
+                log("W3: converge")
+                ok = converge_step(w3, flip, size, d3)
+            else:
+                flip()
+                w3.c_err = "skipped"
+            w3.rss = rss_of(pair)
+            log("W3: rsync")
+            rsync_step(w3, d3)
+
+            # W4: 100 bytes inserted at one third, staged and renamed over A's file (the
+            # old inode is kept alive by a link in the trash: nothing is freed while timed).
+            d4 = copy_with_insert(a_file, staging / "big4.bin", size // 3, os.urandom(100))
+            os.link(a_file, trash / "big-w3.bin")
+            if ok:
+                log("W4: converge")
+                converge_step(w4, lambda: os.rename(staging / "big4.bin", a_file), size + 100, d4)
+            else:
+                os.rename(staging / "big4.bin", a_file)
+                w4.c_err = "skipped"
+            w4.rss = rss_of(pair)
+            log("W4: rsync")
+            rsync_step(w4, d4)
+            pair.stop()
+
+        # ------------------------------------------------------------------ L
+        if "L" in only:
+            pair = Pair(binary, root, "pair-l")
+            pairs.append(pair)
+            pair.start(args.timeout)
+            (pair.a.folder / "lat").mkdir()
+            wait_deadline = time.monotonic() + args.timeout
+            while not (pair.b.folder / "lat").is_dir():
+                if time.monotonic() > wait_deadline:
+                    raise Timeout("L: the folder lat/ never reached B")
+                time.sleep(0.01)
+            log(f"L: {args.latency_runs} small files, converge then rsync")
+            conv: list[float] = []
+            rs: list[float] = []
+            timeouts = 0
+            for i in range(args.latency_runs):
+                data = os.urandom(1024)
+                name = f"lat/f{i:03}.txt"
+                time.sleep(0.1)  # not within the previous change's debounce window
+                t0 = time.monotonic()
+                with open(pair.a.folder / name, "wb") as f:
+                    f.write(data)
+                try:
+                    conv.append(wait_file(pair.b.folder / name, len(data), hashlib.new(HASH, data).hexdigest(),
+                                          t0, min(args.timeout, 30), notes, f"L#{i}", interval=0.001))
+                except Timeout as e:
+                    timeouts += 1
+                    notes.append(str(e))
+                    if timeouts >= 3:
+                        notes.append("L: stopped after 3 timeouts")
+                        break
+            lat["converge"] = conv
+            lat["converge_timeouts"] = timeouts  # type: ignore[assignment]
+            # rsync: push the same folder after each single new file (the command's wall
+            # time; rsync has no watcher, so this leaves out noticing the change).
+            rsrc = root / "rsync-lat"
+            rsrc.mkdir()
+            for i in range(min(args.latency_runs, len(conv) or args.latency_runs)):
+                (rsrc / f"f{i:03}.txt").write_bytes(os.urandom(1024))
+                try:
+                    t, _ = rsyncd.push(str(rsrc), "", min(args.timeout, 30))
+                    rs.append(t)
+                except (Timeout, RuntimeError) as e:
+                    notes.append(f"L rsync: {e}")
+                    break
+            lat["rsync"] = rs
+            pair.stop()
+    except Timeout as e:
+        notes.append(f"aborted: {e}")
+    except Exception as e:  # report what was measured, then the error
+        notes.append(f"aborted: {type(e).__name__}: {e}")
+    finally:
+        for p in pairs:
+            try:
+                p.stop()
+            except Exception as e:
+                notes.append(f"stopping {p.name}: {e}")
+            notes += p.warnings()[:10]
+        rsyncd.stop()
+
+    # ------------------------------------------------------------------------ table
+    total = time.monotonic() - t_start
+    api_any = any(r.c_api is not None for r in rows)
+    print()
+    print(f"converge vs rsync {subprocess.run(['rsync', '--version'], capture_output=True, text=True).stdout.split()[2]}"
+          f" on 127.0.0.1, {os.cpu_count()} cores, one run ({total:.0f} s in all)")
+    print()
+    print("| workload | converge time | rsync time | time ratio | converge bytes (counters) | converge bytes (TCP) "
+          "| rsync bytes | bytes ratio | peak RSS A / B (MiB) |")
+    print("|---|--:|--:|--:|--:|--:|--:|--:|--:|")
+    for r in rows:
+        conv_bytes = r.c_api if r.c_api is not None else r.c_tcp
+        bytes_ratio = ratio(conv_bytes, r.r_bytes)
+        if r.c_api is None and r.c_tcp is not None and bytes_ratio != "n/a":
+            bytes_ratio += " (TCP)"
+        tcp = fmt_bytes(r.c_tcp) + (" (a connection closed: low)" if r.tcp_lost else "")
+        print(f"| {r.name}: {r.what} | {fmt_time(r.c_time, r.c_err)} | {fmt_time(r.r_time, r.r_err)} "
+              f"| {ratio(r.c_time, r.r_time)} | {fmt_bytes(r.c_api)} | {tcp} | {fmt_bytes(r.r_bytes)} "
+              f"| {bytes_ratio} | {r.rss or '—'} |")
+    if "converge" in lat:
+        conv = sorted(lat["converge"])  # type: ignore[arg-type]
+        rs = sorted(lat.get("rsync", []))  # type: ignore[arg-type]
+
+        def pct(xs: list[float], q: float) -> str:
+            if not xs:
+                return "n/a"
+            return f"{xs[min(len(xs) - 1, int(q * len(xs)))] * 1000:.0f} ms"
+
+        med = lambda xs: f"{statistics.median(xs) * 1000:.0f} ms" if xs else "n/a"
+        n_to = lat.get("converge_timeouts", 0)
+        print(f"| L: 1 KiB file written on A, {len(conv)} times{f' ({n_to} timeouts)' if n_to else ''} "
+              f"| p50 {med(conv)}, p99 {pct(conv, 0.99)} | p50 {med(rs)}, p99 {pct(rs, 0.99)} (rsync command only) "
+              f"| {ratio(statistics.median(conv) if conv else None, statistics.median(rs) if rs else None)} (p50) "
+              f"| | | | | |")
+    print()
+    print("Time: from the change on A until B's folder is identical (converge), wall time of "
+          "`rsync -a --stats` (rsync). Bytes: converge's own counters (admin API "
+          "/api/v1/status, A's peers[].sent_bytes + received_bytes)"
+          + ("" if api_any else ": the admin API did not answer, so n/a")
+          + "; TCP: payload bytes of A's peer connections from `ss -ti`; rsync: Total bytes "
+          "sent + received. Peak RSS: VmHWM of each daemon at the end of the workload "
+          "(W3/W4: the W2 pair's, so including W2).")
+    if notes:
+        print()
+        print("Notes:")
+        for n in notes:
+            print(f"- {n}")
+
+    if args.keep:
+        log(f"kept {root}")
+    else:
+        shutil.rmtree(root, ignore_errors=True)
+    failed = any(r.c_err == "timeout" or r.r_err for r in rows) or any(n.startswith("aborted") for n in notes)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
