@@ -49,6 +49,73 @@ pub enum Command {
     /// Prints both folder paths and admin URLs; change a file in one folder and watch it
     /// appear in the other. Stop with Ctrl-C.
     Demo(DemoArgs),
+    /// Show a running replica's status (through its admin API).
+    Status(ClientArgs),
+    /// List a running replica's peers: connected, address, events behind, bytes.
+    Peers(ClientArgs),
+    /// Print a page of a running replica's event log.
+    Log(LogArgs),
+    /// Re-apply the log to a store subscriber (e.g. `folder` or `mirror-backup`).
+    Replay(ReplayArgs),
+    /// List keys with concurrent versions and what the conflict policy shows for each.
+    Conflicts(ClientArgs),
+}
+
+impl Command {
+    /// Whether this is a thin client of the admin API (`status`, `peers`, `log`, …).
+    pub fn is_client(&self) -> bool {
+        matches!(
+            self,
+            Command::Status(_)
+                | Command::Peers(_)
+                | Command::Log(_)
+                | Command::Replay(_)
+                | Command::Conflicts(_)
+        )
+    }
+}
+
+/// How to reach a running replica's admin API.
+#[derive(Debug, Args)]
+pub struct ClientArgs {
+    /// The admin API's base URL.
+    #[arg(long, value_name = "URL", default_value = concat!("http://", "127.0.0.1:7480"))]
+    pub admin: String,
+    /// The file holding the bearer token (DATA_DIR/admin.token); needed for replay, and
+    /// for reads when the daemon has `auth = "all"`.
+    #[arg(long, value_name = "FILE", value_hint = ValueHint::FilePath)]
+    pub token_file: Option<PathBuf>,
+    /// Print the API's JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Arguments of `converge log`.
+#[derive(Debug, Args)]
+pub struct LogArgs {
+    /// The admin API.
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// First log offset to print.
+    #[arg(long, default_value_t = 0)]
+    pub from: u64,
+    /// Most events to print (the API caps it at 1000).
+    #[arg(long, default_value_t = 50)]
+    pub limit: usize,
+}
+
+/// Arguments of `converge replay`.
+#[derive(Debug, Args)]
+pub struct ReplayArgs {
+    /// The admin API.
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// The subscriber: `folder`, or `mirror-NAME` for a `[[mirrors]]` entry.
+    #[arg(value_name = "SUBSCRIBER")]
+    pub subscriber: String,
+    /// The log offset to re-apply from.
+    #[arg(long, default_value_t = 0)]
+    pub from: u64,
 }
 
 /// Arguments of `converge init`.
@@ -126,7 +193,12 @@ mod tests {
     }
 
     #[test]
-    fn status_commands_are_not_there_yet() {
-        assert!(Cli::try_parse_from(["converge", "status"]).is_err());
+    fn client_commands_default_to_the_local_admin_api() {
+        let cli = Cli::try_parse_from(["converge", "status"]).unwrap();
+        let Command::Status(args) = cli.command else {
+            panic!("not status: {cli:?}");
+        };
+        assert_eq!(args.admin, format!("http://{DEFAULT_ADMIN_LISTEN}"));
+        assert!(Cli::try_parse_from(["converge", "replay"]).is_err());
     }
 }

@@ -12,7 +12,7 @@ use converge_framework::{EngineConfig, PeerConfig, SyncEngine};
 use converge_plugin_fs::{FsConfig, FsStore};
 use converge_transport_tcp::{TcpOptions, TcpTransport};
 
-use crate::config::Config;
+use crate::config::{AdminAuth, AdminConfig, Config};
 
 /// Runs the daemon described by `config` (already validated) until `shutdown` resolves,
 /// then stops accepting work, flushes, closes peers and returns.
@@ -21,17 +21,88 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> a
     let transport = TcpTransport::bind(addr, TcpOptions::default())
         .await
         .with_context(|| format!("binding transport.listen = {addr}"))?;
-    let engine = start(&config, transport).await?;
+    let daemon = start(&config, transport).await?;
     shutdown.await;
     tracing::info!("shutting down: flushing and closing peers");
-    engine.shutdown().await.context("shutting down")?;
+    daemon.shutdown().await?;
     tracing::info!("stopped cleanly");
     Ok(())
 }
 
+/// A started daemon: the engine and, when configured, the admin API serving it.
+pub struct Daemon {
+    /// The engine.
+    pub engine: Arc<SyncEngine>,
+    /// Where the admin API listens, when `[admin]` is configured.
+    pub admin: Option<std::net::SocketAddr>,
+    admin_server: Option<(
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<()>,
+    )>,
+}
+
+impl Daemon {
+    /// Stops the admin API (letting calls in flight finish), then the engine.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        if let Some((stop, server)) = self.admin_server {
+            let _ = stop.send(());
+            let _ = server.await;
+        }
+        self.engine.shutdown().await.context("shutting down")
+    }
+}
+
+/// Binds `[admin] listen` and serves the admin API over `engine` until told to stop.
+async fn serve_admin(
+    admin: &AdminConfig,
+    engine: Arc<SyncEngine>,
+    metrics: Arc<converge_admin::Metrics>,
+) -> anyhow::Result<(
+    std::net::SocketAddr,
+    (
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<()>,
+    ),
+)> {
+    let token = std::fs::read_to_string(&admin.token_file).with_context(|| {
+        format!(
+            "reading the admin token from admin.token_file = {}",
+            admin.token_file.display()
+        )
+    })?;
+    anyhow::ensure!(
+        !token.trim().is_empty(),
+        "admin.token_file {} is empty",
+        admin.token_file.display()
+    );
+    let auth = match admin.auth {
+        AdminAuth::Mutating => converge_admin::AuthMode::Mutating,
+        AdminAuth::All => converge_admin::AuthMode::All,
+    };
+    let state = converge_admin::AdminState::new(engine, metrics, token, auth);
+    let addr = admin.listen_addr()?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding admin.listen = {addr}"))?;
+    let bound = listener.local_addr()?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(async move {
+        let served = converge_admin::serve(listener, state, async {
+            let _ = stopped.await;
+        })
+        .await;
+        if let Err(err) = served {
+            tracing::error!(error = %err, "admin API server failed");
+        }
+    });
+    tracing::info!(%bound, "admin API listening");
+    Ok((bound, (stop, server)))
+}
+
 /// Opens the log and starts the engine with the folder's source and store, the mirrors
-/// and the TCP transport (already bound, so callers can pick ephemeral ports).
-pub async fn start(config: &Config, transport: TcpTransport) -> anyhow::Result<SyncEngine> {
+/// and the TCP transport (already bound, so callers can pick ephemeral ports), and the
+/// admin API when `[admin]` is configured.
+pub async fn start(config: &Config, transport: TcpTransport) -> anyhow::Result<Daemon> {
     let db = config.data_dir.join("db");
     let log = {
         let path = db.clone();
@@ -65,7 +136,9 @@ pub async fn start(config: &Config, transport: TcpTransport) -> anyhow::Result<S
     let fs = FsConfig::new(&config.folder.path).exclude(&config.data_dir);
     let (source, store) = converge_plugin_fs::folder(fs);
     let source = source.with_policy(policy.clone());
+    let metrics = Arc::new(converge_admin::Metrics::new()?);
     let mut builder = SyncEngine::builder(log, policy)
+        .observer(metrics.clone())
         .config(EngineConfig {
             peers,
             ..EngineConfig::default()
@@ -86,13 +159,27 @@ pub async fn start(config: &Config, transport: TcpTransport) -> anyhow::Result<S
             FsConfig::new(&mirror.path),
         )));
     }
-    let engine = builder.start().await.context("starting the engine")?;
+    let engine = Arc::new(builder.start().await.context("starting the engine")?);
+    let (admin, admin_server) = match &config.admin {
+        Some(admin) => match serve_admin(admin, engine.clone(), metrics).await {
+            Ok((addr, server)) => (Some(addr), Some(server)),
+            Err(err) => {
+                let _ = engine.shutdown().await;
+                return Err(err);
+            }
+        },
+        None => (None, None),
+    };
     tracing::info!(replica = %me, %listen, folder = %config.folder.path.display(), "converge is running");
     tokio::spawn(show_progress(
         engine.scan_progress(),
         config.folder.path.display().to_string(),
     ));
-    Ok(engine)
+    Ok(Daemon {
+        engine,
+        admin,
+        admin_server,
+    })
 }
 
 /// Shows the initial scan: a progress bar on a terminal, log lines otherwise.

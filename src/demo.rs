@@ -7,7 +7,7 @@ use anyhow::Context;
 use converge_framework::plugin::Transport;
 use converge_transport_tcp::{TcpOptions, TcpTransport};
 
-use crate::config::{Config, FolderConfig, PeerConfig, TransportConfig};
+use crate::config::{AdminAuth, AdminConfig, Config, FolderConfig, PeerConfig, TransportConfig};
 
 /// Starts two replicas over two folders under `dir` (a temporary directory when `None`),
 /// prints their folders, and runs them until `shutdown` resolves.
@@ -45,9 +45,13 @@ pub async fn run(
         std::fs::create_dir_all(&data)?;
         ids.push(crate::init::replica_id(&data).await?);
     }
-    let mut engines = Vec::new();
+    let mut daemons = Vec::new();
     for (i, (name, transport)) in names.iter().zip(transports).enumerate() {
         let other = 1 - i;
+        let token_file = base.join(name).join("data").join("admin.token");
+        if !token_file.exists() {
+            crate::init::write_token(&token_file)?;
+        }
         let config = Config {
             data_dir: base.join(name).join("data"),
             folder: FolderConfig {
@@ -62,11 +66,15 @@ pub async fn run(
                 id: ids[other].to_string(),
                 address: addrs[other].clone(),
             }],
-            admin: None,
+            admin: Some(AdminConfig {
+                listen: "127.0.0.1:0".into(),
+                token_file: token_file.clone(),
+                auth: AdminAuth::Mutating,
+            }),
             mirrors: Vec::new(),
             plugins: Vec::new(),
         };
-        engines.push(crate::daemon::start(&config, transport).await?);
+        daemons.push(crate::daemon::start(&config, transport).await?);
     }
     println!("converge demo: two replicas syncing over 127.0.0.1");
     for (i, name) in names.iter().enumerate() {
@@ -76,11 +84,17 @@ pub async fn run(
             base.join(name).join("folder").display(),
             addrs[i]
         );
+        if let Some(admin) = daemons[i].admin {
+            println!(
+                "    admin API http://{admin}  (token in {})  try: converge status --admin http://{admin}",
+                base.join(name).join("data").join("admin.token").display()
+            );
+        }
     }
     println!("Create, edit or delete files in one folder and watch them appear in the other. Ctrl-C stops.");
     shutdown.await;
-    for engine in engines {
-        engine.shutdown().await?;
+    for daemon in daemons {
+        daemon.shutdown().await?;
     }
     Ok(())
 }

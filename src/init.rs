@@ -115,7 +115,7 @@ pub async fn existing_replica_id(data_dir: &Path) -> anyhow::Result<ReplicaId> {
 
 /// Writes a new admin token (32 random bytes, hex) to `path`, readable by the owner only;
 /// keeps an existing one.
-fn write_token(path: &Path) -> anyhow::Result<()> {
+pub fn write_token(path: &Path) -> anyhow::Result<()> {
     if path.exists() {
         return Ok(());
     }

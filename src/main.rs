@@ -4,6 +4,7 @@
 //! with status 1.
 
 mod cli;
+mod client;
 mod config;
 mod daemon;
 mod demo;
@@ -46,6 +47,10 @@ fn init_logging() {
 
 /// Runs one subcommand on a multi-threaded tokio runtime.
 fn run(cli: Cli) -> anyhow::Result<()> {
+    // The admin API clients are blocking HTTP calls: no runtime needed.
+    if cli.command.is_client() {
+        return client::run(&cli.command);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("converge")
@@ -76,6 +81,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 daemon::run(config, shutdown_signal()?).await
             }
             Command::Demo(args) => demo::run(args.dir, shutdown_signal()?).await,
+            other => client::run(&other),
         }
     })
 }

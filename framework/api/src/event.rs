@@ -135,7 +135,17 @@ impl fmt::Display for EventId {
 /// Ordered by `(wall_ms, logical)`; with the origin it gives the total order that
 /// last-write-wins uses.
 #[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize_tuple, Deserialize_tuple,
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize_tuple,
+    Deserialize_tuple,
 )]
 pub struct Hlc {
     /// Milliseconds since the Unix epoch, as the writing replica saw them (never decreasing).
@@ -438,11 +448,17 @@ impl<'de> Deserialize<'de> for Op {
             }
             fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Op, A::Error> {
                 use serde::de::Error;
-                let tag: u8 = seq.next_element()?.ok_or_else(|| A::Error::invalid_length(0, &self))?;
+                let tag: u8 = seq
+                    .next_element()?
+                    .ok_or_else(|| A::Error::invalid_length(0, &self))?;
                 match tag {
                     OP_PUT => {
-                        let content = seq.next_element()?.ok_or_else(|| A::Error::invalid_length(1, &self))?;
-                        let meta = seq.next_element()?.ok_or_else(|| A::Error::invalid_length(2, &self))?;
+                        let content = seq
+                            .next_element()?
+                            .ok_or_else(|| A::Error::invalid_length(1, &self))?;
+                        let meta = seq
+                            .next_element()?
+                            .ok_or_else(|| A::Error::invalid_length(2, &self))?;
                         Ok(Op::Put { content, meta })
                     }
                     OP_DELETE => Ok(Op::Delete),

@@ -2,7 +2,8 @@
 //!
 //! What converge's plugin authors and peers share: the event model ([`Event`], [`Key`],
 //! [`Hlc`], [`ReplicaId`], …), the versioned CBOR [`codec`] and protocol [`Message`]s, the
-//! [`content`] tree format, and the [`ConflictPolicy`] trait. It depends on neither sled nor
+//! [`content`] tree format, the [`ConflictPolicy`] trait, and the plugin C [`abi`] with its
+//! [`export_plugin!`] macro. It depends on neither sled nor
 //! tokio, so a plugin can build against it alone.
 //!
 //! ```
@@ -24,6 +25,7 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod abi;
 pub mod codec;
 pub mod content;
 mod error;

@@ -110,17 +110,34 @@ fn sweep_temp_files(root: &Path) -> Result<u64, FsError> {
         let entries = match std::fs::read_dir(&dir) {
             Ok(entries) => entries,
             Err(e) if e.kind() == ErrorKind::NotFound => continue,
-            Err(source) => return Err(FsError::Io { op: "listing", path: dir, source }),
+            Err(source) => {
+                return Err(FsError::Io {
+                    op: "listing",
+                    path: dir,
+                    source,
+                })
+            }
         };
         for entry in entries {
-            let entry = entry.map_err(|source| FsError::Io { op: "listing", path: dir.clone(), source })?;
+            let entry = entry.map_err(|source| FsError::Io {
+                op: "listing",
+                path: dir.clone(),
+                source,
+            })?;
             let path = entry.path();
-            let file_type = entry
-                .file_type()
-                .map_err(|source| FsError::Io { op: "inspecting", path: path.clone(), source })?;
+            let file_type = entry.file_type().map_err(|source| FsError::Io {
+                op: "inspecting",
+                path: path.clone(),
+                source,
+            })?;
             if file_type.is_dir() {
                 dirs.push(path);
-            } else if file_type.is_file() && entry.file_name().to_str().is_some_and(|n| n.starts_with(TEMP_PREFIX)) {
+            } else if file_type.is_file()
+                && entry
+                    .file_name()
+                    .to_str()
+                    .is_some_and(|n| n.starts_with(TEMP_PREFIX))
+            {
                 remove_file(&path)?;
                 removed += 1;
             }

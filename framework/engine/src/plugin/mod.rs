@@ -1,6 +1,7 @@
 //! The plugin roles the engine drives: [`Source`], [`Store`] and [`Transport`] (async
 //! traits); the fourth role, `ConflictPolicy`, is a plain trait in converge-api.
 
+pub mod dylib;
 mod source;
 mod store;
 mod transport;

@@ -1,0 +1,553 @@
+//! End-to-end tests of the admin API and metrics with real daemons (`converge run` as
+//! child processes on 127.0.0.1): `/metrics` checked by `promtool`, scraped by a real
+//! Prometheus server, matched against the Grafana dashboard; replay, rebuild, pause and
+//! resume, forced sync, auth, and the CLI clients.
+//!
+//! `promtool` and `prometheus` come from Debian's `prometheus` package (`.ci/run`
+//! installs it). A test that needs them fails, never skips, when they are missing.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tempfile::TempDir;
+
+const TIMEOUT: Duration = Duration::from_secs(90);
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A Debian `prometheus` package tool, or a failure saying how to get it.
+fn tool(name: &str) -> PathBuf {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join(name))
+            .find(|p| p.is_file())
+    });
+    found.unwrap_or_else(|| {
+        panic!(
+            "`{name}` is not installed: this test needs Debian's `prometheus` package \
+             (apt-get install prometheus; .ci/run installs it)"
+        )
+    })
+}
+
+/// One replica run by `converge run`.
+struct Daemon {
+    data: TempDir,
+    folder: TempDir,
+    port: u16,
+    admin: u16,
+    id: String,
+    child: Option<Child>,
+}
+
+impl Daemon {
+    fn init() -> Daemon {
+        let data = tempfile::tempdir().unwrap();
+        let folder = tempfile::tempdir().unwrap();
+        let (port, admin) = (free_port(), free_port());
+        let out = Command::new(env!("CARGO_BIN_EXE_converge"))
+            .arg("init")
+            .arg("--data-dir")
+            .arg(data.path())
+            .arg("--folder")
+            .arg(folder.path())
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--admin")
+            .arg(format!("127.0.0.1:{admin}"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let id = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+        Daemon {
+            data,
+            folder,
+            port,
+            admin,
+            id,
+            child: None,
+        }
+    }
+
+    fn config(&self) -> PathBuf {
+        self.data.path().join("converge.toml")
+    }
+
+    fn append_config(&self, text: &str) {
+        let mut file = OpenOptions::new().append(true).open(self.config()).unwrap();
+        file.write_all(text.as_bytes()).unwrap();
+    }
+
+    fn add_peer(&self, other: &Daemon) {
+        self.append_config(&format!(
+            "\n[[peers]]\nid = \"{}\"\naddress = \"127.0.0.1:{}\"\n",
+            other.id, other.port
+        ));
+    }
+
+    fn start(&mut self) {
+        let log = fs::File::create(self.data.path().join("daemon.log")).unwrap();
+        self.child = Some(
+            Command::new(env!("CARGO_BIN_EXE_converge"))
+                .arg("run")
+                .arg("--config")
+                .arg(self.config())
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        );
+        let up = wait_until(TIMEOUT, || ureq::get(&self.url("/healthz")).call().is_ok());
+        assert!(up, "admin API never came up\n{}", self.log());
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(self.data.path().join("daemon.log")).unwrap_or_default()
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.admin)
+    }
+
+    fn token(&self) -> String {
+        fs::read_to_string(self.data.path().join("admin.token"))
+            .unwrap()
+            .trim()
+            .to_owned()
+    }
+
+    fn get(&self, path: &str) -> Value {
+        ureq::get(&self.url(path))
+            .call()
+            .unwrap()
+            .into_json()
+            .unwrap()
+    }
+
+    fn text(&self, path: &str) -> String {
+        ureq::get(&self.url(path))
+            .call()
+            .unwrap()
+            .into_string()
+            .unwrap()
+    }
+
+    /// A POST with the token; returns status and body.
+    fn post(&self, path: &str, body: Option<Value>, token: Option<&str>) -> (u16, Value) {
+        let mut request = ureq::post(&self.url(path));
+        if let Some(t) = token {
+            request = request.set("Authorization", &format!("Bearer {t}"));
+        }
+        let answer = match body {
+            Some(b) => request.send_json(b),
+            None => request.call(),
+        };
+        match answer {
+            Ok(r) => (r.status(), r.into_json().unwrap()),
+            Err(ureq::Error::Status(code, r)) => (code, r.into_json().unwrap()),
+            Err(e) => panic!("POST {path}: {e}"),
+        }
+    }
+
+    fn control(&self, path: &str, body: Option<Value>) -> Value {
+        let (code, value) = self.post(path, body, Some(&self.token()));
+        assert!((200..300).contains(&code), "POST {path}: {code} {value}");
+        value
+    }
+
+    fn status(&self) -> Value {
+        self.get("/api/v1/status")
+    }
+
+    /// Waits until every subscriber has caught up with the log and no replay runs.
+    fn settle(&self) {
+        let ok = wait_until(TIMEOUT, || {
+            self.status()["subscribers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|s| s["lag"] == 0 && s["replaying"] == false)
+        });
+        assert!(ok, "subscribers never caught up: {}", self.status());
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let pid = libc::pid_t::try_from(child.id()).unwrap();
+            // SAFETY: our own child, not yet waited for.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+            let exited = wait_until(TIMEOUT, || child.try_wait().unwrap().is_some());
+            if !exited {
+                child.kill().unwrap();
+            }
+            let status = child.wait().unwrap();
+            assert!(status.success(), "exit {status}\n{}", self.log());
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Writes `name` in `dir` atomically (written beside, then renamed in), so the folder
+/// source sees one complete file: one event.
+fn write_file(dir: &Path, name: &str, content: &[u8]) {
+    let scratch = tempfile::NamedTempFile::new_in(std::env::temp_dir()).unwrap();
+    fs::write(scratch.path(), content).unwrap();
+    scratch.persist(dir.join(name)).unwrap();
+}
+
+/// Every file below `dir` (temp files of the store excluded) with content and mtime.
+fn tree(dir: &Path) -> BTreeMap<String, (Vec<u8>, std::time::SystemTime)> {
+    let mut out = BTreeMap::new();
+    for entry in fs::read_dir(dir).unwrap() {
+        let entry = entry.unwrap();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if entry.file_type().unwrap().is_file() && !name.starts_with(".converge-tmp-") {
+            out.insert(
+                name,
+                (
+                    fs::read(entry.path()).unwrap(),
+                    entry.metadata().unwrap().modified().unwrap(),
+                ),
+            );
+        }
+    }
+    out
+}
+
+fn promtool_check(metrics: &str) {
+    let mut child = Command::new(tool("promtool"))
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(metrics.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed:\n{}{}\n--- metrics ---\n{metrics}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Metric names used by the Grafana dashboard's panel expressions.
+fn dashboard_metrics() -> BTreeSet<String> {
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/monitoring/grafana-dashboard.json");
+    let dashboard: Value = serde_json::from_str(&fs::read_to_string(&path).unwrap()).unwrap();
+    let mut names = BTreeSet::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let expr = target["expr"].as_str().unwrap();
+            let mut rest = expr;
+            while let Some(i) = rest.find("converge_") {
+                let name: String = rest[i..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                rest = &rest[i + name.len()..];
+                // Histogram series: the family is named without the suffix.
+                let family = ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|s| name.strip_suffix(s))
+                    .unwrap_or(&name)
+                    .to_owned();
+                names.insert(family);
+            }
+        }
+    }
+    assert!(
+        names.len() >= 8,
+        "dashboard names too few metrics: {names:?}"
+    );
+    names
+}
+
+/// Kills the Prometheus server at the end of the test, pass or fail.
+struct Reaper(Child);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn metrics_pass_promtool_feed_prometheus_and_the_dashboard() {
+    const WRITES: u64 = 5;
+    let mut a = Daemon::init();
+    // A configured peer that never comes up: the per-peer metrics exist, at 0.
+    let ghost = Daemon::init();
+    a.add_peer(&ghost);
+    a.start();
+    for i in 0..WRITES {
+        write_file(
+            a.folder.path(),
+            &format!("file-{i}.txt"),
+            format!("content {i}").as_bytes(),
+        );
+    }
+    let me = a.id.clone();
+    let written = wait_until(TIMEOUT, || a.status()["version_vector"][&me] == WRITES);
+    assert!(written, "expected {WRITES} local events: {}", a.status());
+    a.settle();
+
+    let metrics = a.text("/metrics");
+    promtool_check(&metrics);
+    assert!(
+        metrics.contains(&format!(
+            "converge_log_events_total{{origin=\"local\"}} {WRITES}"
+        )),
+        "{metrics}"
+    );
+    let families: BTreeSet<&str> = metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split(' ').next())
+        .collect();
+    for name in dashboard_metrics() {
+        assert!(
+            families.contains(name.as_str()),
+            "the dashboard uses {name}, absent from /metrics:\n{metrics}"
+        );
+    }
+
+    // A real Prometheus server scrapes the daemon every second.
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = dir.path().join("prometheus.yml");
+    fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: converge\n    \
+             static_configs:\n      - targets: ['127.0.0.1:{}']\n",
+            a.admin
+        ),
+    )
+    .unwrap();
+    let log = fs::File::create(dir.path().join("prometheus.log")).unwrap();
+    let _prometheus = Reaper(
+        Command::new(tool("prometheus"))
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("tsdb").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    let query = format!(
+        "http://127.0.0.1:{port}/api/v1/query?query=converge_log_events_total%7Borigin%3D%22local%22%7D"
+    );
+    let mut last = Value::Null;
+    let scraped = wait_until(Duration::from_secs(120), || {
+        let Ok(answer) = ureq::get(&query).call() else {
+            return false;
+        };
+        last = answer.into_json().unwrap_or(Value::Null);
+        last["data"]["result"][0]["value"][1].as_str() == Some(WRITES.to_string().as_str())
+    });
+    assert!(
+        scraped,
+        "Prometheus never returned converge_log_events_total{{origin=\"local\"}} = {WRITES}: {last}\n{}",
+        fs::read_to_string(dir.path().join("prometheus.log")).unwrap_or_default()
+    );
+    a.stop();
+}
+
+#[test]
+fn replay_rebuild_pause_resume_and_auth() {
+    let mut a = Daemon::init();
+    let mut b = Daemon::init();
+    let mirror = tempfile::tempdir().unwrap();
+    a.add_peer(&b);
+    b.add_peer(&a);
+    a.append_config(&format!(
+        "\n[[mirrors]]\nname = \"backup\"\npath = \"{}\"\n",
+        mirror.path().display()
+    ));
+    a.start();
+    b.start();
+    write_file(a.folder.path(), "kept.txt", b"in the mirror");
+    write_file(a.folder.path(), "other.txt", b"second");
+    let synced = wait_until(TIMEOUT, || {
+        mirror.path().join("kept.txt").exists() && b.folder.path().join("other.txt").exists()
+    });
+    assert!(synced, "mirror or peer never got the files: {}", a.status());
+    a.settle();
+    let connected = wait_until(TIMEOUT, || a.status()["peers"][0]["connected"] == true);
+    assert!(connected, "{}", a.status());
+
+    // 401 without and with a wrong token, on a mutating call.
+    let (code, body) = a.post("/api/v1/sync/pause", None, None);
+    assert_eq!((code, body["error"].as_str()), (401, Some("unauthorized")));
+    let (code, _) = a.post("/api/v1/sync/pause", None, Some("wrong"));
+    assert_eq!(code, 401);
+    assert_eq!(a.status()["paused"], false);
+
+    // A forced anti-entropy round with a connected peer.
+    a.control(&format!("/api/v1/peers/{}/sync", b.id), None);
+
+    // Replay of a mirror restores a file removed from it by hand.
+    fs::remove_file(mirror.path().join("kept.txt")).unwrap();
+    a.control(
+        "/api/v1/subscribers/mirror-backup/replay",
+        Some(json!({"from": 0})),
+    );
+    let restored = wait_until(TIMEOUT, || mirror.path().join("kept.txt").exists());
+    assert!(
+        restored,
+        "replay did not restore the mirror: {}",
+        a.status()
+    );
+    assert_eq!(
+        fs::read(mirror.path().join("kept.txt")).unwrap(),
+        b"in the mirror"
+    );
+
+    // Replay of the folder's own store changes nothing.
+    a.settle();
+    let before = tree(a.folder.path());
+    let log_before = a.status()["log_length"].clone();
+    a.control(
+        "/api/v1/subscribers/folder/replay",
+        Some(json!({"from": 0})),
+    );
+    a.settle();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        tree(a.folder.path()),
+        before,
+        "folder replay changed the folder"
+    );
+    assert_eq!(
+        a.status()["log_length"],
+        log_before,
+        "folder replay wrote events"
+    );
+
+    // Rebuild gives the projection it replaced.
+    let keys = |d: &Daemon| {
+        (
+            d.get("/api/v1/keys/kept.txt"),
+            d.get("/api/v1/keys/other.txt"),
+            d.get("/api/v1/conflicts"),
+        )
+    };
+    let projection = keys(&a);
+    let rebuilt = a.control("/api/v1/rebuild", None);
+    assert_eq!(rebuilt["events"], log_before);
+    assert_eq!(keys(&a), projection);
+
+    // Pause: status shows it, nothing reaches the peer; resume catches up.
+    assert_eq!(a.control("/api/v1/sync/pause", None)["paused"], true);
+    assert_eq!(a.status()["paused"], true);
+    let down = wait_until(TIMEOUT, || a.status()["peers"][0]["connected"] == false);
+    assert!(down, "pause left the session up: {}", a.status());
+    write_file(a.folder.path(), "while-paused.txt", b"later");
+    let me = a.id.clone();
+    assert!(wait_until(TIMEOUT, || a.status()["version_vector"][&me] == 3));
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        !b.folder.path().join("while-paused.txt").exists(),
+        "a file written while paused reached the peer"
+    );
+    assert_eq!(a.control("/api/v1/sync/resume", None)["paused"], false);
+    let arrived = wait_until(TIMEOUT, || {
+        b.folder.path().join("while-paused.txt").exists()
+    });
+    assert!(arrived, "resume did not catch the peer up: {}", a.status());
+
+    // The CLI clients: tables by default, JSON on request, the token from a file.
+    let cli = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_converge"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let admin = a.url("");
+    let out = cli(&["status", "--admin", &admin]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains(&a.id) && text.contains("mirror-backup"),
+        "{text}"
+    );
+    let out = cli(&["peers", "--admin", &admin, "--json"]);
+    let json: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["peers"][0]["id"], b.id);
+    let out = cli(&["log", "--admin", &admin, "--limit", "2"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("kept.txt"));
+    let out = cli(&["conflicts", "--admin", &admin]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("no conflicted keys"));
+    let out = cli(&["replay", "mirror-backup", "--admin", &admin]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("401"));
+    let token = a.data.path().join("admin.token");
+    let out = cli(&[
+        "replay",
+        "mirror-backup",
+        "--admin",
+        &admin,
+        "--token-file",
+        token.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    a.stop();
+    b.stop();
+}
