@@ -131,6 +131,9 @@ pub struct MirrorConfig {
 pub struct PluginConfig {
     /// The library file (`.so` / `.dylib` / `.dll`).
     pub path: PathBuf,
+    /// An opaque string handed to a source plugin at start (e.g. the file it tails).
+    #[serde(default)]
+    pub config: String,
 }
 
 fn default_policy() -> String {

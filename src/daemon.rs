@@ -6,9 +6,11 @@ use std::io::IsTerminal;
 use std::sync::Arc;
 
 use anyhow::Context;
+use converge_api::abi::PluginKind;
 use converge_framework::log::{EventLog, LogConfig};
+use converge_framework::plugin::dylib::PluginRegistry;
 use converge_framework::plugin::Transport;
-use converge_framework::{EngineConfig, PeerConfig, SyncEngine};
+use converge_framework::{EngineConfig, PeerConfig, PluginInfo, SyncEngine};
 use converge_plugin_fs::{FsConfig, FsStore};
 use converge_transport_tcp::{TcpOptions, TcpTransport};
 
@@ -115,13 +117,21 @@ pub async fn start(config: &Config, transport: TcpTransport) -> anyhow::Result<D
                 )
             })?
     };
-    let policy = converge_policies::by_name(&config.folder.conflict_policy).with_context(|| {
-        format!(
-            "folder.conflict_policy = {:?} is not a built-in policy ({})",
-            config.folder.conflict_policy,
-            converge_policies::BUILT_IN.join(", ")
-        )
-    })?;
+    // Libraries first: the folder's policy may be one of them.
+    let registry = PluginRegistry::load_all(config.plugins.iter().map(|p| &p.path));
+    for failure in registry.failures() {
+        tracing::error!(path = %failure.path.display(), "plugin refused, continuing without it: {}", failure.error);
+    }
+    let policy_name = &config.folder.conflict_policy;
+    let policy = match converge_policies::by_name(policy_name) {
+        Some(policy) => policy,
+        None => registry.require_policy(policy_name).with_context(|| {
+            format!(
+                "folder.conflict_policy = {policy_name:?} is neither a built-in policy ({}) nor a loaded plugin",
+                converge_policies::BUILT_IN.join(", ")
+            )
+        })?,
+    };
     let me = log.replica();
     let mut peers = Vec::new();
     for (i, peer) in config.peers.iter().enumerate() {
@@ -146,6 +156,36 @@ pub async fn start(config: &Config, transport: TcpTransport) -> anyhow::Result<D
         .transport(Arc::new(transport))
         .store(Arc::new(store))
         .source(Arc::new(source));
+    for plugin in registry.plugins() {
+        let info = PluginInfo {
+            name: plugin.name.clone(),
+            role: plugin_role(plugin.kind()).to_owned(),
+            library: Some(plugin.path.clone()),
+            error: None,
+        };
+        let settings = config
+            .plugins
+            .iter()
+            .find(|p| p.path == plugin.path)
+            .map(|p| p.config.clone());
+        if let Some(source) = plugin.source(settings.unwrap_or_default()) {
+            tracing::info!(name = %plugin.name, path = %plugin.path.display(), "source plugin loaded");
+            builder = builder.source(source);
+        }
+        builder = builder.describe_plugin(info);
+    }
+    for failure in registry.failures() {
+        builder = builder.describe_plugin(PluginInfo {
+            name: failure
+                .path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            role: "refused".to_owned(),
+            library: Some(failure.path.clone()),
+            error: Some(failure.error.to_string()),
+        });
+    }
     for mirror in &config.mirrors {
         std::fs::create_dir_all(&mirror.path).with_context(|| {
             format!(
@@ -217,5 +257,14 @@ async fn show_progress(
             tracing::info!("initial scan done: {msg}");
             return;
         }
+    }
+}
+
+/// The status name of a library plugin's kind.
+fn plugin_role(kind: PluginKind) -> &'static str {
+    match kind {
+        PluginKind::Policy => "policy",
+        PluginKind::Source => "source",
+        PluginKind::Transport => "transport",
     }
 }

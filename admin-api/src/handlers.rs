@@ -136,6 +136,10 @@ pub struct PluginInfo {
     pub name: String,
     /// Its role: source, store, transport or policy.
     pub role: String,
+    /// The library it was loaded from (dynamically loaded plugins only).
+    pub library: Option<String>,
+    /// Why the library was refused (the daemon runs without it).
+    pub error: Option<String>,
 }
 
 /// `/api/v1/status`: what an operator asks first.
@@ -169,9 +173,11 @@ fn plugin_list(engine: &SyncEngine) -> Vec<PluginInfo> {
     engine
         .plugins()
         .iter()
-        .map(|(name, role)| PluginInfo {
-            name: name.clone(),
-            role: (*role).to_owned(),
+        .map(|p| PluginInfo {
+            name: p.name.clone(),
+            role: p.role.clone(),
+            library: p.library.as_ref().map(|l| l.display().to_string()),
+            error: p.error.clone(),
         })
         .collect()
 }

@@ -203,6 +203,31 @@ pub trait Observer: Send + Sync {
     fn observe(&self, event: &EngineEvent<'_>);
 }
 
+/// A plugin as status pages show it: a built-in one, a library loaded at start, or a
+/// library that was refused (the daemon keeps running without it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PluginInfo {
+    /// Its name (for a refused library, the file name).
+    pub name: String,
+    /// `source`, `store`, `transport` or `policy`.
+    pub role: String,
+    /// The library it was loaded from, for dynamically loaded plugins.
+    pub library: Option<std::path::PathBuf>,
+    /// Why it was refused, if it was.
+    pub error: Option<String>,
+}
+
+impl PluginInfo {
+    fn builtin(name: &str, role: &str) -> Self {
+        PluginInfo {
+            name: name.to_owned(),
+            role: role.to_owned(),
+            library: None,
+            error: None,
+        }
+    }
+}
+
 /// A store subscriber as status pages show it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SubscriberStatus {
@@ -261,7 +286,7 @@ pub(crate) struct Inner {
     next_generation: std::sync::atomic::AtomicU64,
     stats: EngineStats,
     stores: Vec<Arc<StoreSlot>>,
-    plugins: Vec<(String, &'static str)>,
+    plugins: Vec<PluginInfo>,
     pub(crate) observer: Option<Arc<dyn Observer>>,
 }
 
@@ -414,9 +439,16 @@ pub struct EngineBuilder {
     stores: Vec<Arc<dyn Store>>,
     sources: Vec<Arc<dyn Source>>,
     observer: Option<Arc<dyn Observer>>,
+    extra_plugins: Vec<PluginInfo>,
 }
 
 impl EngineBuilder {
+    /// Describes a plugin for status pages (one loaded from a library, or refused).
+    pub fn describe_plugin(mut self, info: PluginInfo) -> Self {
+        self.extra_plugins.push(info);
+        self
+    }
+
     /// Reports [`EngineEvent`]s to `observer` (metrics).
     pub fn observer(mut self, observer: Arc<dyn Observer>) -> Self {
         self.observer = Some(observer);
@@ -464,11 +496,25 @@ impl EngineBuilder {
                 })
             })
             .collect();
-        let mut plugins: Vec<(String, &'static str)> = Vec::new();
-        plugins.extend(self.sources.iter().map(|s| (s.name().to_owned(), "source")));
-        plugins.extend(self.stores.iter().map(|s| (s.name().to_owned(), "store")));
+        let mut plugins: Vec<PluginInfo> = Vec::new();
+        plugins.extend(
+            self.sources
+                .iter()
+                .map(|s| PluginInfo::builtin(s.name(), "source")),
+        );
+        plugins.extend(
+            self.stores
+                .iter()
+                .map(|s| PluginInfo::builtin(s.name(), "store")),
+        );
         if let Some(t) = &self.transport {
-            plugins.push((t.kind().to_owned(), "transport"));
+            plugins.push(PluginInfo::builtin(t.kind(), "transport"));
+        }
+        // Libraries loaded (or refused) at start: their entries replace the built-in ones
+        // of the same name and role, so a dylib source is shown with its file.
+        for extra in self.extra_plugins {
+            plugins.retain(|p| !(p.name == extra.name && p.role == extra.role));
+            plugins.push(extra);
         }
         let inner = Arc::new(Inner {
             log: self.log.clone(),
@@ -556,6 +602,7 @@ impl SyncEngine {
             stores: Vec::new(),
             sources: Vec::new(),
             observer: None,
+            extra_plugins: Vec::new(),
         }
     }
 
@@ -610,8 +657,8 @@ impl SyncEngine {
         self.inner.reconciler.policy_name()
     }
 
-    /// The built-in plugins running in this engine: `(name, role)`.
-    pub fn plugins(&self) -> &[(String, &'static str)] {
+    /// The plugins of this engine: built-in, loaded from libraries, and refused.
+    pub fn plugins(&self) -> &[PluginInfo] {
         &self.inner.plugins
     }
 

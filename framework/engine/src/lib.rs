@@ -38,7 +38,7 @@ pub mod reconciler;
 
 pub use engine::{
     AppendOrigin, EngineBuilder, EngineConfig, EngineError, EngineEvent, EngineStats, Observer,
-    PeerConfig, PeerStatus, SubscriberStatus, SyncEngine,
+    PeerConfig, PeerStatus, PluginInfo, SubscriberStatus, SyncEngine,
 };
 pub use error::{LogError, PluginError, TransportError};
 pub use protocol::SessionError;

@@ -1,0 +1,226 @@
+//! The harness shared by the end-to-end tests: real `converge` daemons as child
+//! processes over temporary folders, on 127.0.0.1 with ephemeral ports.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+/// A port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+/// Polls `cond` every 50 ms until it holds (true) or `timeout` passes (false).
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// One replica: its data dir and folder (separate temp dirs), its ports, and the running
+/// `converge run` process, if any.
+pub struct Daemon {
+    /// A label for messages.
+    pub name: &'static str,
+    /// The data dir (config, database, log).
+    pub data: TempDir,
+    /// The synced folder.
+    pub folder: TempDir,
+    /// The transport port.
+    pub port: u16,
+    /// The replica ID.
+    pub id: String,
+    /// The running `converge run`, if started.
+    pub child: Option<Child>,
+}
+
+impl Daemon {
+    /// `converge init` of a new replica (not started).
+    pub fn init(name: &'static str) -> Daemon {
+        let data = tempfile::Builder::new()
+            .prefix(&format!("converge-data-{name}-"))
+            .tempdir()
+            .unwrap();
+        let folder = tempfile::Builder::new()
+            .prefix(&format!("converge-folder-{name}-"))
+            .tempdir()
+            .unwrap();
+        let port = free_port();
+        let admin = free_port();
+        let out = Command::new(env!("CARGO_BIN_EXE_converge"))
+            .arg("init")
+            .arg("--data-dir")
+            .arg(data.path())
+            .arg("--folder")
+            .arg(folder.path())
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--admin")
+            .arg(format!("127.0.0.1:{admin}"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "converge init failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let id = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+        assert!(!id.is_empty(), "converge init printed no replica ID");
+        let daemon = Daemon {
+            name,
+            data,
+            folder,
+            port,
+            id,
+            child: None,
+        };
+        // `converge id` prints the same ID.
+        let out = Command::new(env!("CARGO_BIN_EXE_converge"))
+            .arg("id")
+            .arg("--config")
+            .arg(daemon.config())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "converge id failed");
+        assert_eq!(String::from_utf8(out.stdout).unwrap().trim(), daemon.id);
+        daemon
+    }
+
+    pub fn config(&self) -> PathBuf {
+        self.data.path().join("converge.toml")
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.data.path().join("daemon.log")
+    }
+
+    pub fn folder(&self) -> &Path {
+        self.folder.path()
+    }
+
+    /// Appends `other` to this replica's `[[peers]]`.
+    pub fn add_peer(&self, other: &Daemon) {
+        let mut file = OpenOptions::new().append(true).open(self.config()).unwrap();
+        write!(
+            file,
+            "\n[[peers]]\nid = \"{}\"\naddress = \"127.0.0.1:{}\"\n",
+            other.id, other.port
+        )
+        .unwrap();
+    }
+
+    /// Spawns `converge run`, standard error appended to `daemon.log` in the data dir.
+    pub fn start(&mut self) {
+        assert!(self.child.is_none(), "{} is already running", self.name);
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_converge"))
+            .arg("run")
+            .arg("--config")
+            .arg(self.config())
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+    }
+
+    /// SIGKILL, no chance to clean up.
+    pub fn kill9(&mut self) {
+        let mut child = self.child.take().expect("not running");
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    /// SIGTERM, then waits for the process and asserts it exited with status 0.
+    pub fn stop(&mut self) {
+        let mut child = self.child.take().expect("not running");
+        let pid = libc::pid_t::try_from(child.id()).unwrap();
+        // SAFETY: `pid` is our own child, which has not been waited for yet.
+        let rc = unsafe { libc::kill(pid, libc::SIGTERM) };
+        assert_eq!(rc, 0, "kill(SIGTERM) failed");
+        let mut status = None;
+        let exited = wait_until(Duration::from_secs(60), || {
+            status = child.try_wait().unwrap();
+            status.is_some()
+        });
+        if !exited {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            panic!(
+                "{} did not exit within 60 s of SIGTERM\n{}",
+                self.name,
+                self.log_tail()
+            );
+        }
+        let status = status.unwrap();
+        assert!(
+            status.success(),
+            "{} exited with {status} after SIGTERM\n{}",
+            self.name,
+            self.log_tail()
+        );
+    }
+
+    /// Asserts the daemon is still running (it did not exit on an error).
+    pub fn assert_running(&mut self) {
+        let child = self.child.as_mut().expect("not started");
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("{} exited with {status}\n{}", self.name, self.log_tail());
+        }
+    }
+
+    pub fn log(&self) -> String {
+        fs::read(self.log_path())
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// The last lines of the log, for failure messages.
+    pub fn log_tail(&self) -> String {
+        let log = self.log();
+        let lines: Vec<&str> = log.lines().collect();
+        let tail = lines[lines.len().saturating_sub(40)..].join("\n");
+        format!("--- last lines of {}'s log ---\n{tail}", self.name)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("{}", self.log_tail());
+        }
+    }
+}
+
+/// Two replicas that list each other as peers (not started).
+pub fn pair() -> (Daemon, Daemon) {
+    let a = Daemon::init("A");
+    let b = Daemon::init("B");
+    a.add_peer(&b);
+    b.add_peer(&a);
+    (a, b)
+}
