@@ -42,6 +42,10 @@ const REBUILD_READ_BATCH: usize = 16 * 1024;
 const CHECKPOINT_EVENTS: u64 = 200_000;
 const CHECKPOINT_KEYS: usize = 50_000;
 
+/// sled's page cache. It also caches content chunks, so it bounds how much of a large
+/// file stays in memory: the daemon's footprint stays flat as files grow.
+const CACHE_BYTES: u64 = 64 << 20;
+
 /// Every `IDS_STRIDE`-th event of an origin (seq 1, 1 + stride, …) is indexed in `ids`.
 pub const IDS_STRIDE: u64 = 64;
 
@@ -85,7 +89,7 @@ impl LogConfig {
         LogConfig {
             sled: sled::Config::new()
                 .path(path.as_ref())
-                .cache_capacity(256 << 20),
+                .cache_capacity(CACHE_BYTES),
             clock: Arc::new(SystemClock),
             checkpoint_events: CHECKPOINT_EVENTS,
         }
