@@ -19,6 +19,28 @@
 //! `Delete` count as 0, so a delete concurrent with a non-empty file loses and the file
 //! stays. See `docs/plugins.md`.
 //!
+//! The policy is an ordinary Rust value too, which is how its unit tests and the static
+//! half of the dylib benchmark call it:
+//!
+//! ```
+//! use converge_api::abi::PolicyPlugin;
+//! use converge_api::{ContentRef, EventId, Hash, Head, Hlc, Key, Meta, Op, ReplicaId};
+//! use example_policy_keep_larger::KeepLarger;
+//!
+//! let head = |origin: u8, wall_ms: u64, size: u64| Head {
+//!     id: EventId { origin: ReplicaId([origin; 16]), seq: 1 },
+//!     hlc: Hlc { wall_ms, logical: 0 },
+//!     op: Op::Put {
+//!         content: Some(ContentRef { root: Hash::of(&[origin]), size, depth: 0 }),
+//!         meta: Meta::file(0),
+//!     },
+//! };
+//! // The older but larger write wins.
+//! let heads = [head(1, 100, 5_000), head(2, 200, 10)];
+//! let key = Key::new("notes.txt").unwrap();
+//! assert_eq!(KeepLarger.resolve(&key, &heads).winner, heads[0].id);
+//! ```
+//!
 //! Test hook: the key `__panic__` makes `resolve` panic, so the host's panic handling
 //! (caught in the plugin, `PANIC` code, last-write-wins fallback) can be tested.
 #![deny(missing_docs)]

@@ -14,6 +14,17 @@
 //! echo '{"id": "greeting", "value": "hello"}' >> /home/me/data/kv.jsonl
 //! ```
 //!
+//! Each line becomes one change; [`parse`] is what the source runs on every line:
+//!
+//! ```
+//! use example_source_jsonl::{parse, Record};
+//!
+//! let record = parse(r#"{"id": "greeting", "value": "hello"}"#).unwrap();
+//! let Record::Put { key, bytes } = record else { panic!("a put") };
+//! assert_eq!((key.as_str(), bytes.as_slice()), ("kv/greeting", &b"hello"[..]));
+//! assert!(parse(r#"{"id": "../escape", "value": 1}"#).is_err(), "keys are validated");
+//! ```
+//!
 //! Records: `{"id": "a", "value": <any JSON>}` puts `kv/a` (a string value is stored as its
 //! UTF-8 text, anything else as its JSON text); `{"id": "a", "delete": true}` deletes it.
 //! A number `id` is used as its decimal text. Malformed lines are logged and skipped.

@@ -537,10 +537,28 @@ pub unsafe extern "C" fn free_buffer(buffer: Buffer) {
 /// `extern "C"` function of the [`abi`](crate::abi), around a value implementing
 /// [`PolicyPlugin`] or [`SourcePlugin`].
 ///
-/// ```ignore
-/// converge_api::export_plugin!(policy: KeepLarger);
-/// converge_api::export_plugin!(source: JsonlSource::new());
 /// ```
+/// use converge_api::abi::PolicyPlugin;
+/// use converge_api::{Head, Key, Resolution};
+///
+/// /// The head with the smallest id wins (a toy; real policies look at clocks or sizes).
+/// struct SmallestId;
+///
+/// impl PolicyPlugin for SmallestId {
+///     fn name(&self) -> &str {
+///         "smallest-id"
+///     }
+///     fn resolve(&self, _key: &Key, heads: &[Head]) -> Resolution {
+///         let winner = heads.iter().map(|h| h.id).min().unwrap_or(heads[0].id);
+///         Resolution { winner, copies: Vec::new() }
+///     }
+/// }
+///
+/// converge_api::export_plugin!(policy: SmallestId);
+/// # fn main() {}
+/// ```
+///
+/// A source is exported the same way: `export_plugin!(source: MySource::new())`.
 ///
 /// For a policy the expression is evaluated once, when the host loads the library; for a
 /// source once then (to read its name) and again for every `start`. A panic while
