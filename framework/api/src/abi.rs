@@ -28,7 +28,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::event::{Key, Op};
+use crate::event::{ContentRef, EntryKind, EventId, Hash, Hlc, Key, Meta, Op, ReplicaId};
 use crate::policy::{Head, Resolution};
 
 /// First field of every declaration: "CONVERGE" in ASCII, big-endian.
@@ -193,7 +193,8 @@ impl Buffer {
 /// Frees a buffer the plugin returned.
 pub type FreeBufferFn = unsafe extern "C" fn(buffer: Buffer);
 
-/// Resolves a conflict: input is a CBOR [`ResolveRequest`], output a CBOR [`Resolution`].
+/// Resolves a conflict: input is a [`ResolveRequest`] in the fixed layout of
+/// [`encode_resolve_request`] (the hot path, so not CBOR), output a CBOR [`Resolution`].
 pub type ResolveFn =
     unsafe extern "C" fn(input: *const u8, input_len: usize, out: *mut Buffer) -> i32;
 
@@ -278,7 +279,7 @@ unsafe impl Send for PluginDeclaration {}
 // SAFETY: as above; nothing behind the pointers is mutated.
 unsafe impl Sync for PluginDeclaration {}
 
-/// The input of `resolve`, CBOR-encoded.
+/// The input of `resolve`, in the fixed layout of [`encode_resolve_request`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ResolveRequest {
     /// The key in conflict.
@@ -287,13 +288,143 @@ pub struct ResolveRequest {
     pub heads: Vec<Head>,
 }
 
-/// [`ResolveRequest`] by reference, for the host to encode without cloning the heads.
-#[derive(Clone, Copy, Debug, Serialize)]
-pub struct ResolveRequestRef<'a> {
-    /// The key in conflict.
-    pub key: &'a Key,
-    /// Its heads, sorted by event id.
-    pub heads: &'a [Head],
+/// Encodes the input of `resolve` in a fixed little-endian layout. A policy runs for every
+/// conflicted key a store applies, and decoding two heads from CBOR took 1.8 µs of the
+/// 2.9 µs a call cost; this layout decodes in a fraction of that. Layout:
+///
+/// | field | bytes |
+/// | --- | --- |
+/// | key length, then the key (UTF-8) | 4 + n |
+/// | number of heads | 4 |
+/// | per head: origin, seq, hlc wall_ms, hlc logical | 16 + 8 + 8 + 4 |
+/// | op: 0 put, 1 delete | 1 |
+/// | put: content present (0/1); if present root, size, depth | 1 (+ 32 + 8 + 1) |
+/// | put: kind (0 file, 1 dir), mtime_ms, executable (0/1) | 1 + 8 + 1 |
+///
+/// Integers are little-endian. New fields would need a new [`ABI_VERSION`].
+pub fn encode_resolve_request(key: &Key, heads: &[Head]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(8 + key.as_str().len() + heads.len() * 96);
+    out.extend_from_slice(&(key.as_str().len() as u32).to_le_bytes());
+    out.extend_from_slice(key.as_str().as_bytes());
+    out.extend_from_slice(&(heads.len() as u32).to_le_bytes());
+    for head in heads {
+        out.extend_from_slice(&head.id.origin.0);
+        out.extend_from_slice(&head.id.seq.to_le_bytes());
+        out.extend_from_slice(&head.hlc.wall_ms.to_le_bytes());
+        out.extend_from_slice(&head.hlc.logical.to_le_bytes());
+        match &head.op {
+            Op::Delete => out.push(1),
+            Op::Put { content, meta } => {
+                out.push(0);
+                match content {
+                    None => out.push(0),
+                    Some(c) => {
+                        out.push(1);
+                        out.extend_from_slice(&c.root.0);
+                        out.extend_from_slice(&c.size.to_le_bytes());
+                        out.push(c.depth);
+                    }
+                }
+                out.push(match meta.kind {
+                    EntryKind::File => 0,
+                    EntryKind::Dir => 1,
+                });
+                out.extend_from_slice(&meta.mtime_ms.to_le_bytes());
+                out.push(u8::from(meta.executable));
+            }
+        }
+    }
+    out
+}
+
+/// Decodes what [`encode_resolve_request`] wrote; every length is checked, so a malformed
+/// buffer is an error, never a panic.
+pub fn decode_resolve_request(bytes: &[u8]) -> Result<ResolveRequest, String> {
+    struct Reader<'a>(&'a [u8]);
+    impl<'a> Reader<'a> {
+        fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+            if self.0.len() < n {
+                return Err(format!(
+                    "resolve request truncated: {} more bytes expected",
+                    n - self.0.len()
+                ));
+            }
+            let (head, rest) = self.0.split_at(n);
+            self.0 = rest;
+            Ok(head)
+        }
+        fn array<const N: usize>(&mut self) -> Result<[u8; N], String> {
+            let mut a = [0u8; N];
+            a.copy_from_slice(self.take(N)?);
+            Ok(a)
+        }
+        fn u8(&mut self) -> Result<u8, String> {
+            Ok(self.take(1)?[0])
+        }
+    }
+    let mut r = Reader(bytes);
+    let key_len = u32::from_le_bytes(r.array()?) as usize;
+    let key =
+        std::str::from_utf8(r.take(key_len)?).map_err(|e| format!("key is not UTF-8: {e}"))?;
+    let key = Key::new(key).map_err(|e| e.to_string())?;
+    let count = u32::from_le_bytes(r.array()?) as usize;
+    // Each head takes at least 37 bytes: refuse counts the buffer cannot hold before
+    // allocating for them.
+    if count > r.0.len() / 37 {
+        return Err(format!(
+            "resolve request announces {count} heads in {} bytes",
+            r.0.len()
+        ));
+    }
+    let mut heads = Vec::with_capacity(count);
+    for _ in 0..count {
+        let origin = ReplicaId(r.array()?);
+        let seq = u64::from_le_bytes(r.array()?);
+        let wall_ms = u64::from_le_bytes(r.array()?);
+        let logical = u32::from_le_bytes(r.array()?);
+        let op = match r.u8()? {
+            1 => Op::Delete,
+            0 => {
+                let content = match r.u8()? {
+                    0 => None,
+                    1 => Some(ContentRef {
+                        root: Hash(r.array()?),
+                        size: u64::from_le_bytes(r.array()?),
+                        depth: r.u8()?,
+                    }),
+                    other => return Err(format!("bad content flag {other}")),
+                };
+                let kind = match r.u8()? {
+                    0 => EntryKind::File,
+                    1 => EntryKind::Dir,
+                    other => return Err(format!("bad entry kind {other}")),
+                };
+                let mtime_ms = i64::from_le_bytes(r.array()?);
+                let executable = r.u8()? != 0;
+                Op::Put {
+                    content,
+                    meta: Meta {
+                        kind,
+                        mtime_ms,
+                        executable,
+                    },
+                }
+            }
+            other => return Err(format!("bad op tag {other}")),
+        };
+        heads.push(Head {
+            id: EventId { origin, seq },
+            hlc: Hlc { wall_ms, logical },
+            op,
+        });
+    }
+    if !r.0.is_empty() {
+        return Err(format!(
+            "{} trailing bytes after the resolve request",
+            r.0.len()
+        ));
+    }
+    Ok(ResolveRequest { key, heads })
 }
 
 /// One local change a source emits, CBOR-encoded (a `LocalChange` plus inline content).
@@ -590,7 +721,12 @@ macro_rules! export_plugin {
                 // SAFETY: the host passes a readable input and a writable out-buffer.
                 unsafe {
                     abi::guard(out, || {
-                        let request: abi::ResolveRequest = abi::input(input, input_len)?;
+                        let bytes: &[u8] = if input.is_null() {
+                            &[]
+                        } else {
+                            ::std::slice::from_raw_parts(input, input_len)
+                        };
+                        let request = abi::decode_resolve_request(bytes)?;
                         let resolution = plugin().resolve(&request.key, &request.heads);
                         $crate::codec::encode(&resolution).map_err(|e| e.to_string())
                     })
@@ -718,4 +854,72 @@ macro_rules! export_plugin {
             }
         }
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample_heads() -> Vec<Head> {
+        let head = |origin: u8, op: Op| Head {
+            id: EventId {
+                origin: ReplicaId([origin; 16]),
+                seq: u64::from(origin) * 7,
+            },
+            hlc: Hlc {
+                wall_ms: 1_700_000_000_000 + u64::from(origin),
+                logical: 3,
+            },
+            op,
+        };
+        vec![
+            head(
+                1,
+                Op::Put {
+                    content: Some(ContentRef {
+                        root: Hash([9; 32]),
+                        size: 4096,
+                        depth: 2,
+                    }),
+                    meta: Meta {
+                        kind: EntryKind::File,
+                        mtime_ms: -5,
+                        executable: true,
+                    },
+                },
+            ),
+            head(
+                2,
+                Op::Put {
+                    content: None,
+                    meta: Meta::dir(7),
+                },
+            ),
+            head(3, Op::Delete),
+        ]
+    }
+
+    #[test]
+    fn resolve_request_layout_round_trips_and_rejects_every_truncation() {
+        let key = Key::new("dir/ünï.txt").unwrap();
+        let heads = sample_heads();
+        let bytes = encode_resolve_request(&key, &heads);
+        let decoded = decode_resolve_request(&bytes).unwrap();
+        assert_eq!((decoded.key, decoded.heads), (key, heads));
+        for cut in 0..bytes.len() {
+            assert!(
+                decode_resolve_request(&bytes[..cut]).is_err(),
+                "prefix of {cut} bytes"
+            );
+        }
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(decode_resolve_request(&longer).is_err(), "trailing bytes");
+        let mut huge = bytes;
+        let count_at = 4 + "dir/ünï.txt".len();
+        huge[count_at..count_at + 4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(decode_resolve_request(&huge)
+            .unwrap_err()
+            .contains("announces"));
+    }
 }

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use converge_api::abi::{
     self, Buffer, Emitted, FreeBufferFn, HostCallbacks, PluginDeclaration, PluginKind, ResolveFn,
-    ResolveRequestRef, SourceStartFn, SourceStopFn,
+    SourceStartFn, SourceStopFn,
 };
 use converge_api::{
     codec, ConflictPolicy, ContentRef, EventId, Head, Key, Op, ReplicaId, Resolution,
@@ -396,11 +396,7 @@ impl std::fmt::Debug for DylibPolicy {
 impl DylibPolicy {
     /// Calls the plugin, reporting failures instead of falling back.
     pub fn try_resolve(&self, key: &Key, heads: &[Head]) -> Result<Resolution, CallError> {
-        let request = ResolveRequestRef { key, heads };
-        let input = codec::encode(&request).map_err(|e| CallError::BadAnswer {
-            plugin: self.name.clone(),
-            message: format!("encoding the request: {e}"),
-        })?;
+        let input = abi::encode_resolve_request(key, heads);
         let mut out = Buffer::EMPTY;
         // SAFETY: `resolve` comes from a checked declaration; the input is alive for the
         // call and `out` is a valid place for the answer.
