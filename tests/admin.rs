@@ -41,17 +41,40 @@ fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     }
 }
 
-/// A Debian `prometheus` package tool, or a failure saying how to get it.
+/// The path of a tool from Debian's `prometheus` package. A fresh machine lacks it and
+/// the README's test command must pass there too, so the test installs the package when
+/// it can (root, with apt-get); otherwise it fails (never skips), naming the package.
 fn tool(name: &str) -> PathBuf {
-    let found = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|dir| dir.join(name))
-            .find(|p| p.is_file())
-    });
-    found.unwrap_or_else(|| {
+    static INSTALL: std::sync::Once = std::sync::Once::new();
+    let find = || {
+        std::env::var_os("PATH").and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|dir| dir.join(name))
+                .find(|p| p.is_file())
+        })
+    };
+    if find().is_none() {
+        INSTALL.call_once(|| {
+            // SAFETY: getuid has no preconditions and cannot fail.
+            let root = unsafe { libc::getuid() } == 0;
+            if root && Path::new("/usr/bin/apt-get").exists() {
+                eprintln!("installing Debian's prometheus package for the metrics tests");
+                let apt = |args: &[&str]| {
+                    Command::new("apt-get")
+                        .args(args)
+                        .env("DEBIAN_FRONTEND", "noninteractive")
+                        .status()
+                        .is_ok_and(|s| s.success())
+                };
+                let _ = apt(&["update"])
+                    && apt(&["install", "-y", "--no-install-recommends", "prometheus"]);
+            }
+        });
+    }
+    find().unwrap_or_else(|| {
         panic!(
-            "`{name}` is not installed: this test needs Debian's `prometheus` package \
-             (apt-get install prometheus; .ci/run installs it)"
+            "`{name}` is not installed and could not be installed here: this test needs \
+             Debian's `prometheus` package (apt-get update && apt-get install -y prometheus)"
         )
     })
 }

@@ -40,6 +40,7 @@ import os
 import pwd
 import grp
 import random
+import threading
 import re
 import shutil
 import signal
@@ -313,6 +314,49 @@ class Daemon:
         except (FileNotFoundError, ProcessLookupError):
             return None
         return None
+
+
+class AdminPoller:
+    """Requests /metrics and /api/v1/status of one daemon back to back on a thread (the
+    admin-API benchmark of issue 4: their latency while a workload syncs)."""
+
+    def __init__(self, daemon: "Daemon"):
+        self.daemon = daemon
+        self.samples: dict[str, list[float]] = {"/metrics": [], "/api/v1/status": []}
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def run(self) -> None:
+        token = (self.daemon.data / "admin.token").read_text().strip()
+        while not self.stopping.is_set():
+            for path, out in self.samples.items():
+                req = urllib.request.Request(f"http://127.0.0.1:{self.daemon.admin_port}{path}")
+                req.add_header("Authorization", f"Bearer {token}")
+                t = time.monotonic()
+                try:
+                    with urllib.request.urlopen(req, timeout=5) as r:
+                        r.read()
+                    out.append(time.monotonic() - t)
+                except Exception:
+                    pass
+            time.sleep(0.02)
+
+    def __enter__(self) -> "AdminPoller":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stopping.set()
+        self.thread.join(timeout=10)
+
+    def summary(self) -> str:
+        parts = []
+        for path, xs in self.samples.items():
+            if xs:
+                parts.append(f"{path}: median {statistics.median(xs) * 1000:.1f} ms over {len(xs)} requests")
+            else:
+                parts.append(f"{path}: no answer")
+        return "; ".join(parts)
 
 
 def find_peer_counters(obj) -> tuple[int, int] | None:
@@ -607,6 +651,7 @@ def main() -> int:
     log(f"scratch dir {root}")
 
     rows: list[Row] = []
+    admin_latency = ""
     notes: list[str] = []
     lat: dict[str, list[float] | str] = {}
     pairs: list[Pair] = []
@@ -631,7 +676,9 @@ def main() -> int:
             t0 = time.monotonic()
             os.rename(staging / "w1", pair.a.folder / "w1")
             try:
-                row.c_time = wait_tree(pair.b.folder / "w1", expected, t0, args.timeout, notes, "W1")
+                with AdminPoller(pair.a) as poller:
+                    row.c_time = wait_tree(pair.b.folder / "w1", expected, t0, args.timeout, notes, "W1")
+                admin_latency = poller.summary()
                 time.sleep(1.0)  # let acknowledgements settle before reading the counters
                 row.c_api, row.c_tcp, row.tcp_lost = bytes_between(before, pair.counters())
             except Timeout as e:
@@ -831,6 +878,9 @@ def main() -> int:
           + "; TCP: payload bytes of A's peer connections from `ss -ti`; rsync: Total bytes "
           "sent + received. Peak RSS: VmHWM of each daemon at the end of the workload "
           "(W3/W4: the W2 pair's, so including W2).")
+    if admin_latency:
+        print()
+        print(f"Admin API on A while W1 synced (requests back to back, 20 ms apart): {admin_latency}")
     if notes:
         print()
         print("Notes:")
