@@ -351,6 +351,20 @@ fn concurrent_edits_while_disconnected_converge() {
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(fs::read(b.folder().join("shared.txt")).unwrap(), a_content);
     assert_eq!(fs::read(a.folder().join("shared.txt")).unwrap(), a_content);
+    // Both event logs hold both writes, as two concurrent heads. Regression: a replica
+    // used to connect before its start-up scan, so the peer's write could overwrite its
+    // offline edit before the scan recorded it, and that edit was lost.
+    for d in [&a, &b] {
+        let key = d.admin_get("/api/v1/keys/shared.txt");
+        let heads = key["heads"].as_array().map_or(0, Vec::len);
+        assert_eq!(heads, 2, "{}: both writes as heads: {key:#}", d.name);
+        assert_eq!(
+            key["conflicted"],
+            serde_json::Value::Bool(true),
+            "{}",
+            d.name
+        );
+    }
     a.stop();
     b.stop();
 }

@@ -28,7 +28,10 @@ fn plugin(name: &str) -> PathBuf {
         // …/target/<profile>/deps/plugins-<hash> → …/target/<profile>
         let exe = std::env::current_exe().unwrap();
         let profile_dir = exe.parent().unwrap().parent().unwrap().to_owned();
-        let target_dir = profile_dir.parent().unwrap().to_owned();
+        // A target directory of their own: building only the examples unifies features
+        // differently, and a second converge-api rlib beside the workspace's would leave
+        // later builds in the same `deps/` (doctests) with two candidates.
+        let target_dir = profile_dir.parent().unwrap().join("example-plugins");
         let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
         cmd.args([
             "build",
@@ -47,7 +50,7 @@ fn plugin(name: &str) -> PathBuf {
             cmd.status().unwrap().success(),
             "building the example plugins failed"
         );
-        profile_dir
+        target_dir.join(profile_dir.file_name().unwrap())
     });
     dir.join(format!(
         "{}{name}{}",

@@ -42,6 +42,8 @@ pub struct Daemon {
     pub folder: TempDir,
     /// The transport port.
     pub port: u16,
+    /// The admin API port.
+    pub admin_port: u16,
     /// The replica ID.
     pub id: String,
     /// The running `converge run`, if started.
@@ -85,6 +87,7 @@ impl Daemon {
             data,
             folder,
             port,
+            admin_port: admin,
             id,
             child: None,
         };
@@ -98,6 +101,12 @@ impl Daemon {
         assert!(out.status.success(), "converge id failed");
         assert_eq!(String::from_utf8(out.stdout).unwrap().trim(), daemon.id);
         daemon
+    }
+
+    /// `GET` of the admin API (reads need no token with the default `auth`), as JSON.
+    pub fn admin_get(&self, path: &str) -> serde_json::Value {
+        let url = format!("http://127.0.0.1:{}{path}", self.admin_port);
+        ureq::get(&url).call().unwrap().into_json().unwrap()
     }
 
     pub fn config(&self) -> PathBuf {

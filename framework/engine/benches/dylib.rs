@@ -37,7 +37,8 @@ fn plugin_dir() -> PathBuf {
         "example-source-jsonl",
     ])
     .arg("--target-dir")
-    .arg(profile_dir.parent().unwrap())
+    // Its own target directory, as in the dylib tests (see there).
+    .arg(profile_dir.parent().unwrap().join("example-plugins"))
     .current_dir(env!("CARGO_MANIFEST_DIR"));
     if !cfg!(debug_assertions) {
         cmd.arg("--release");
@@ -47,6 +48,10 @@ fn plugin_dir() -> PathBuf {
         "building the example plugins"
     );
     profile_dir
+        .parent()
+        .unwrap()
+        .join("example-plugins")
+        .join(profile_dir.file_name().unwrap())
 }
 
 fn lib(dir: &std::path::Path, name: &str) -> PathBuf {

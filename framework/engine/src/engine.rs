@@ -543,32 +543,58 @@ impl EngineBuilder {
         for (store, slot) in self.stores.into_iter().zip(slots) {
             tasks.push(tokio::spawn(run_store(inner.clone(), store, slot)));
         }
+        // Sources that scan at start hold the network back until their scan is done:
+        // a remote change applied first could overwrite a local edit made while the
+        // daemon was stopped, before the scan recorded it.
+        let mut scans: Vec<watch::Receiver<bool>> = Vec::new();
         for source in self.sources {
+            let gate = source.scans_at_start().then(|| {
+                let (tx, rx) = watch::channel(false);
+                scans.push(rx);
+                Arc::new(tx)
+            });
             let ctx = SourceContext::new(
                 inner.log.clone(),
                 inner.shutdown.subscribe(),
                 inner.progress.clone(),
             )
-            .with_observer(inner.observer.clone());
+            .with_observer(inner.observer.clone())
+            .with_scan_gate(gate.clone());
             tasks.push(tokio::spawn(async move {
                 if let Err(e) = source.run(ctx).await {
                     tracing::error!(source = source.name(), "source stopped: {e}");
+                }
+                // A source that stopped, scan or not, must not hold the network back.
+                if let Some(gate) = gate {
+                    gate.send_replace(true);
                 }
             }));
         }
         tasks.push(tokio::spawn(run_applier(inner.clone(), inbound_rx)));
         if let Some(transport) = self.transport {
-            tasks.push(tokio::spawn(accept_loop(inner.clone(), transport.clone())));
-            for peer in inner.config.peers.clone() {
-                if let Some(address) = peer.address {
-                    tasks.push(tokio::spawn(dial_loop(
-                        inner.clone(),
-                        transport.clone(),
-                        peer.id,
-                        address,
-                    )));
+            let network = inner.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut shutdown = network.shutdown.subscribe();
+                for mut scan in scans {
+                    tokio::select! {
+                        _ = until(&mut scan, true) => {},
+                        _ = until(&mut shutdown, true) => return,
+                    }
                 }
-            }
+                let mut loops = tokio::task::JoinSet::new();
+                loops.spawn(accept_loop(network.clone(), transport.clone()));
+                for peer in network.config.peers.clone() {
+                    if let Some(address) = peer.address {
+                        loops.spawn(dial_loop(
+                            network.clone(),
+                            transport.clone(),
+                            peer.id,
+                            address,
+                        ));
+                    }
+                }
+                while loops.join_next().await.is_some() {}
+            }));
         }
         Ok(SyncEngine {
             inner,

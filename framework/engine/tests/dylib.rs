@@ -24,7 +24,10 @@ fn plugin_dir() -> &'static Path {
         // …/target/<profile>/deps/dylib-<hash> → …/target/<profile>
         let exe = std::env::current_exe().unwrap();
         let profile_dir = exe.parent().unwrap().parent().unwrap().to_owned();
-        let target_dir = profile_dir.parent().unwrap().to_owned();
+        // A target directory of their own: building only the examples unifies features
+        // differently, and a second converge-api rlib beside the workspace's would leave
+        // later builds in the same `deps/` (doctests) with two candidates.
+        let target_dir = profile_dir.parent().unwrap().join("example-plugins");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = std::process::Command::new(cargo);
         cmd.args([
@@ -44,7 +47,7 @@ fn plugin_dir() -> &'static Path {
             .status()
             .expect("running cargo to build the example plugins");
         assert!(status.success(), "building the example plugins failed");
-        profile_dir
+        target_dir.join(profile_dir.file_name().unwrap())
     })
 }
 

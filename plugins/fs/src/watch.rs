@@ -116,6 +116,9 @@ impl FsSource {
 
         scan(&ctx, &env, None, true).await?;
         tracing::debug!("initial scan of {} done", root.display());
+        // Only now may remote changes be applied to the folder: before the scan had seen
+        // it, a file edited while the daemon was stopped could be overwritten unrecorded.
+        ctx.initial_scan_done();
 
         loop {
             let mut paths = BTreeSet::new();
@@ -307,6 +310,10 @@ fn plan(env: &Env, paths: BTreeSet<PathBuf>) -> Result<Plan, FsError> {
 impl Source for FsSource {
     fn name(&self) -> &str {
         "folder"
+    }
+
+    fn scans_at_start(&self) -> bool {
+        true
     }
 
     async fn run(&self, ctx: SourceContext) -> Result<(), PluginError> {

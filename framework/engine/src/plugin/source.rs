@@ -32,6 +32,7 @@ pub struct SourceContext {
     shutdown: watch::Receiver<bool>,
     progress: watch::Sender<ScanProgress>,
     observer: Option<Arc<dyn Observer>>,
+    scan_gate: Option<Arc<watch::Sender<bool>>>,
 }
 
 impl std::fmt::Debug for SourceContext {
@@ -54,6 +55,22 @@ impl SourceContext {
             shutdown,
             progress,
             observer: None,
+            scan_gate: None,
+        }
+    }
+
+    /// Holds the engine's network back until [`Self::initial_scan_done`] (for sources
+    /// whose [`Source::scans_at_start`] is true; the engine sets this up).
+    pub fn with_scan_gate(mut self, gate: Option<Arc<watch::Sender<bool>>>) -> Self {
+        self.scan_gate = gate;
+        self
+    }
+
+    /// Tells the engine the start-up scan is complete: peers may now connect and remote
+    /// changes reach the stores. Idempotent.
+    pub fn initial_scan_done(&self) {
+        if let Some(gate) = &self.scan_gate {
+            gate.send_replace(true);
         }
     }
 
@@ -115,6 +132,13 @@ impl SourceContext {
 pub trait Source: Send + Sync + 'static {
     /// The source's name, for logs and status.
     fn name(&self) -> &str;
+
+    /// Whether the source scans what exists when it starts. The engine then connects to
+    /// peers only after it called [`SourceContext::initial_scan_done`] (or stopped), so
+    /// no remote change is applied over a local one the scan has not recorded yet.
+    fn scans_at_start(&self) -> bool {
+        false
+    }
 
     /// Runs until [`SourceContext::shutdown`] resolves. The engine starts sources only
     /// after every store has re-applied what it had not finished before a crash, so a
