@@ -94,7 +94,7 @@ impl ChunkStore {
     }
 
     /// Calls `f` with each data chunk of `content` in order (to write a file out).
-    /// Fails with [`LogError::MissingContent`]-like corruption if a chunk is absent.
+    /// A chunk that is absent is reported as [`LogError::Corrupt`].
     pub fn for_each_data_chunk(
         &self,
         content: &ContentRef,

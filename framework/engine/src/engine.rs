@@ -263,8 +263,6 @@ pub(crate) enum Inbound {
 /// Counters the admin API turns into metrics.
 #[derive(Debug, Default)]
 pub struct EngineStats {
-    /// Remote events appended.
-    pub remote_appended: std::sync::atomic::AtomicU64,
     /// Events applied by stores.
     pub applied: std::sync::atomic::AtomicU64,
     /// Views with more than one head handed to stores.
@@ -1071,10 +1069,6 @@ async fn advance(
             events: n,
             duration: started.elapsed(),
         });
-        inner
-            .stats
-            .remote_appended
-            .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
         let held = inner.log.version_vector();
         for event in outcome.out_of_order {
             let from = event.id.origin;

@@ -1,6 +1,6 @@
 //! Errors of converge-framework.
 
-use converge_api::{CodecError, EventId, KeyError};
+use converge_api::{CodecError, KeyError};
 use thiserror::Error;
 
 /// A failure of the event log or its sled database.
@@ -49,9 +49,6 @@ pub enum LogError {
         /// The hash of the bytes.
         actual: String,
     },
-    /// An event references content that is not in the content store.
-    #[error("event {0:?} references content that is not present")]
-    MissingContent(EventId),
 }
 
 /// A failure of a transport connection.

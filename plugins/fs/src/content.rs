@@ -47,10 +47,6 @@ fn chunk_file(path: &Path, store: Option<&ChunkStore>) -> Result<ContentRef, FsE
             }
         }
     };
-    // A file of one chunk is its own root. The first chunk waits until a second one shows
-    // the file needs a tree (TreeBuilder::finish indexes out of bounds when a lone chunk's
-    // hash happens to end a node).
-    let mut first: Option<(Hash, u64)> = None;
     let mut count = 0u64;
     for chunk in StreamCDC::new(file, MIN_CHUNK, AVG_CHUNK, MAX_CHUNK) {
         let chunk = chunk.map_err(|e| FsError::Io {
@@ -62,32 +58,16 @@ fn chunk_file(path: &Path, store: Option<&ChunkStore>) -> Result<ContentRef, FsE
             Some(store) => store.put(&chunk.data)?,
             None => Hash::of(&chunk.data),
         };
-        count += 1;
-        if count == 1 {
-            first = Some((hash, chunk.length as u64));
-            continue;
-        }
-        if let Some((h, len)) = first.take() {
-            tree.push(h, len, &mut emit);
-        }
         tree.push(hash, chunk.length as u64, &mut emit);
+        count += 1;
     }
-    if count <= 1 {
-        let (root, size) = match first {
-            Some(only) => only,
-            None => (
-                match store {
-                    Some(store) => store.put(&[])?,
-                    None => Hash::of(&[]),
-                },
-                0,
-            ),
+    if count == 0 {
+        // An empty file is one empty chunk, its own root.
+        let hash = match store {
+            Some(store) => store.put(&[])?,
+            None => Hash::of(&[]),
         };
-        return Ok(ContentRef {
-            root,
-            size,
-            depth: 0,
-        });
+        tree.push(hash, 0, &mut emit);
     }
     let root = tree.finish(&mut emit);
     if let Some(e) = node_error {
