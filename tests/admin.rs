@@ -7,39 +7,20 @@
 //! installs it). A test that needs them fails, never skips, when they are missing.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs::{self, OpenOptions};
+use std::fs;
 use std::io::Write;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+
+use common::{free_port, wait_until, Daemon};
+use std::time::Duration;
 
 use serde_json::{json, Value};
-use tempfile::TempDir;
 
 const TIMEOUT: Duration = Duration::from_secs(90);
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 /// The path of a tool from Debian's `prometheus` package. A fresh machine lacks it and
 /// the README's test command must pass there too, so the test installs the package when
@@ -79,88 +60,23 @@ fn tool(name: &str) -> PathBuf {
     })
 }
 
-/// One replica run by `converge run`.
-struct Daemon {
-    data: TempDir,
-    folder: TempDir,
-    port: u16,
-    admin: u16,
-    id: String,
-    child: Option<Child>,
+/// The admin-API side of a test daemon (the lifecycle is the shared harness's).
+trait Admin {
+    fn url(&self, path: &str) -> String;
+    fn token(&self) -> String;
+    fn get(&self, path: &str) -> Value;
+    fn text(&self, path: &str) -> String;
+    fn post(&self, path: &str, body: Option<Value>, token: Option<&str>) -> (u16, Value);
+    fn control(&self, path: &str, body: Option<Value>) -> Value;
+    fn status(&self) -> Value;
+    fn settle(&self);
+    /// Starts the daemon and waits until its admin API answers.
+    fn start_admin(&mut self);
 }
 
-impl Daemon {
-    fn init() -> Daemon {
-        let data = tempfile::tempdir().unwrap();
-        let folder = tempfile::tempdir().unwrap();
-        let (port, admin) = (free_port(), free_port());
-        let out = Command::new(env!("CARGO_BIN_EXE_converge"))
-            .arg("init")
-            .arg("--data-dir")
-            .arg(data.path())
-            .arg("--folder")
-            .arg(folder.path())
-            .arg("--listen")
-            .arg(format!("127.0.0.1:{port}"))
-            .arg("--admin")
-            .arg(format!("127.0.0.1:{admin}"))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let id = String::from_utf8(out.stdout).unwrap().trim().to_owned();
-        Daemon {
-            data,
-            folder,
-            port,
-            admin,
-            id,
-            child: None,
-        }
-    }
-
-    fn config(&self) -> PathBuf {
-        self.data.path().join("converge.toml")
-    }
-
-    fn append_config(&self, text: &str) {
-        let mut file = OpenOptions::new().append(true).open(self.config()).unwrap();
-        file.write_all(text.as_bytes()).unwrap();
-    }
-
-    fn add_peer(&self, other: &Daemon) {
-        self.append_config(&format!(
-            "\n[[peers]]\nid = \"{}\"\naddress = \"127.0.0.1:{}\"\n",
-            other.id, other.port
-        ));
-    }
-
-    fn start(&mut self) {
-        let log = fs::File::create(self.data.path().join("daemon.log")).unwrap();
-        self.child = Some(
-            Command::new(env!("CARGO_BIN_EXE_converge"))
-                .arg("run")
-                .arg("--config")
-                .arg(self.config())
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .unwrap(),
-        );
-        let up = wait_until(TIMEOUT, || ureq::get(&self.url("/healthz")).call().is_ok());
-        assert!(up, "admin API never came up\n{}", self.log());
-    }
-
-    fn log(&self) -> String {
-        fs::read_to_string(self.data.path().join("daemon.log")).unwrap_or_default()
-    }
-
+impl Admin for Daemon {
     fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.admin)
+        format!("http://127.0.0.1:{}{path}", self.admin_port)
     }
 
     fn token(&self) -> String {
@@ -225,27 +141,10 @@ impl Daemon {
         assert!(ok, "subscribers never caught up: {}", self.status());
     }
 
-    fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let pid = libc::pid_t::try_from(child.id()).unwrap();
-            // SAFETY: our own child, not yet waited for.
-            unsafe { libc::kill(pid, libc::SIGTERM) };
-            let exited = wait_until(TIMEOUT, || child.try_wait().unwrap().is_some());
-            if !exited {
-                child.kill().unwrap();
-            }
-            let status = child.wait().unwrap();
-            assert!(status.success(), "exit {status}\n{}", self.log());
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+    fn start_admin(&mut self) {
+        self.start();
+        let up = wait_until(TIMEOUT, || ureq::get(&self.url("/healthz")).call().is_ok());
+        assert!(up, "admin API never came up\n{}", self.log());
     }
 }
 
@@ -345,11 +244,11 @@ impl Drop for Reaper {
 #[test]
 fn metrics_pass_promtool_feed_prometheus_and_the_dashboard() {
     const WRITES: u64 = 5;
-    let mut a = Daemon::init();
+    let mut a = Daemon::init("A");
     // A configured peer that never comes up: the per-peer metrics exist, at 0.
-    let ghost = Daemon::init();
+    let ghost = Daemon::init("B");
     a.add_peer(&ghost);
-    a.start();
+    a.start_admin();
     for i in 0..WRITES {
         write_file(
             a.folder.path(),
@@ -391,7 +290,7 @@ fn metrics_pass_promtool_feed_prometheus_and_the_dashboard() {
         format!(
             "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: converge\n    \
              static_configs:\n      - targets: ['127.0.0.1:{}']\n",
-            a.admin
+            a.admin_port
         ),
     )
     .unwrap();
@@ -431,8 +330,8 @@ fn metrics_pass_promtool_feed_prometheus_and_the_dashboard() {
 
 #[test]
 fn replay_rebuild_pause_resume_and_auth() {
-    let mut a = Daemon::init();
-    let mut b = Daemon::init();
+    let mut a = Daemon::init("A");
+    let mut b = Daemon::init("B");
     let mirror = tempfile::tempdir().unwrap();
     a.add_peer(&b);
     b.add_peer(&a);
@@ -440,8 +339,8 @@ fn replay_rebuild_pause_resume_and_auth() {
         "\n[[mirrors]]\nname = \"backup\"\npath = \"{}\"\n",
         mirror.path().display()
     ));
-    a.start();
-    b.start();
+    a.start_admin();
+    b.start_admin();
     write_file(a.folder.path(), "kept.txt", b"in the mirror");
     write_file(a.folder.path(), "other.txt", b"second");
     let synced = wait_until(TIMEOUT, || {

@@ -121,15 +121,18 @@ impl Daemon {
         self.folder.path()
     }
 
+    /// Appends `text` to the config file.
+    pub fn append_config(&self, text: &str) {
+        let mut file = OpenOptions::new().append(true).open(self.config()).unwrap();
+        file.write_all(text.as_bytes()).unwrap();
+    }
+
     /// Appends `other` to this replica's `[[peers]]`.
     pub fn add_peer(&self, other: &Daemon) {
-        let mut file = OpenOptions::new().append(true).open(self.config()).unwrap();
-        write!(
-            file,
+        self.append_config(&format!(
             "\n[[peers]]\nid = \"{}\"\naddress = \"127.0.0.1:{}\"\n",
             other.id, other.port
-        )
-        .unwrap();
+        ));
     }
 
     /// Spawns `converge run`, standard error appended to `daemon.log` in the data dir.
