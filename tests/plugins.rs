@@ -12,52 +12,17 @@ mod common;
 
 use std::fs;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use common::{wait_until, Daemon};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Builds both example plugins once; returns the path of the library called `name`.
-fn plugin(name: &str) -> PathBuf {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    let dir = DIR.get_or_init(|| {
-        // …/target/<profile>/deps/plugins-<hash> → …/target/<profile>
-        let exe = std::env::current_exe().unwrap();
-        let profile_dir = exe.parent().unwrap().parent().unwrap().to_owned();
-        // A target directory of their own: building only the examples unifies features
-        // differently, and a second converge-api rlib beside the workspace's would leave
-        // later builds in the same `deps/` (doctests) with two candidates.
-        let target_dir = profile_dir.parent().unwrap().join("example-plugins");
-        let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-        cmd.args([
-            "build",
-            "-p",
-            "example-policy-keep-larger",
-            "-p",
-            "example-source-jsonl",
-        ])
-        .arg("--target-dir")
-        .arg(&target_dir)
-        .current_dir(env!("CARGO_MANIFEST_DIR"));
-        if !cfg!(debug_assertions) {
-            cmd.arg("--release");
-        }
-        assert!(
-            cmd.status().unwrap().success(),
-            "building the example plugins failed"
-        );
-        target_dir.join(profile_dir.file_name().unwrap())
-    });
-    dir.join(format!(
-        "{}{name}{}",
-        std::env::consts::DLL_PREFIX,
-        std::env::consts::DLL_SUFFIX
-    ))
-}
+#[path = "../framework/engine/tests/support/example_plugins.rs"]
+mod example_plugins;
+use example_plugins::example_plugin as plugin;
 
 /// Rewrites the daemon's config: `policy` as the folder's conflict policy, and the
 /// libraries (with their opaque config strings) as `[[plugins]]`.

@@ -7,7 +7,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::io::Write;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -23,44 +22,9 @@ use example_policy_keep_larger::KeepLarger;
 
 const SOURCE_RECORDS: u64 = 20_000;
 
-/// Builds the example plugins with the bench's profile and returns the `.so` directory.
-fn plugin_dir() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe.parent().unwrap().parent().unwrap().to_owned();
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut cmd = std::process::Command::new(cargo);
-    cmd.args([
-        "build",
-        "-p",
-        "example-policy-keep-larger",
-        "-p",
-        "example-source-jsonl",
-    ])
-    .arg("--target-dir")
-    // Its own target directory, as in the dylib tests (see there).
-    .arg(profile_dir.parent().unwrap().join("example-plugins"))
-    .current_dir(env!("CARGO_MANIFEST_DIR"));
-    if !cfg!(debug_assertions) {
-        cmd.arg("--release");
-    }
-    assert!(
-        cmd.status().unwrap().success(),
-        "building the example plugins"
-    );
-    profile_dir
-        .parent()
-        .unwrap()
-        .join("example-plugins")
-        .join(profile_dir.file_name().unwrap())
-}
-
-fn lib(dir: &std::path::Path, name: &str) -> PathBuf {
-    dir.join(format!(
-        "{}{name}{}",
-        std::env::consts::DLL_PREFIX,
-        std::env::consts::DLL_SUFFIX
-    ))
-}
+#[path = "../tests/support/example_plugins.rs"]
+mod example_plugins;
+use example_plugins::example_plugin;
 
 fn head(origin: u8, wall_ms: u64, size: u64) -> Head {
     Head {
@@ -96,8 +60,8 @@ fn per_call(mut f: impl FnMut()) -> f64 {
 }
 
 /// Events/s from appending `SOURCE_RECORDS` lines to the tailed file until all are logged.
-fn source_rate(dir: &std::path::Path) -> f64 {
-    let plugin = dylib::load(lib(dir, "example_source_jsonl")).unwrap();
+fn source_rate() -> f64 {
+    let plugin = dylib::load(example_plugin("example_source_jsonl")).unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("kv.jsonl");
     std::fs::write(&data, "").unwrap();
@@ -143,8 +107,7 @@ fn source_rate(dir: &std::path::Path) -> f64 {
 }
 
 fn main() {
-    let dir = plugin_dir();
-    let loaded: Arc<dyn ConflictPolicy> = dylib::load(lib(&dir, "example_policy_keep_larger"))
+    let loaded: Arc<dyn ConflictPolicy> = dylib::load(example_plugin("example_policy_keep_larger"))
         .unwrap()
         .policy()
         .unwrap();
@@ -217,7 +180,7 @@ fn main() {
     }
     println!(
         "dylib source (jsonl): {:.0} events/s over {SOURCE_RECORDS} records",
-        source_rate(&dir)
+        source_rate()
     );
     c.final_summary();
 }

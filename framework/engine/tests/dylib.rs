@@ -5,7 +5,7 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use converge_api::abi::{self, PluginDeclaration, PluginKind};
@@ -17,46 +17,11 @@ use converge_framework::plugin::dylib::{
 use converge_framework::{EngineConfig, PeerConfig, SyncEngine};
 use converge_transport_memory::{Faults, MemoryNetwork};
 
-/// Builds both example plugins once and returns the directory holding the `.so` files.
-fn plugin_dir() -> &'static Path {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        // …/target/<profile>/deps/dylib-<hash> → …/target/<profile>
-        let exe = std::env::current_exe().unwrap();
-        let profile_dir = exe.parent().unwrap().parent().unwrap().to_owned();
-        // A target directory of their own: building only the examples unifies features
-        // differently, and a second converge-api rlib beside the workspace's would leave
-        // later builds in the same `deps/` (doctests) with two candidates.
-        let target_dir = profile_dir.parent().unwrap().join("example-plugins");
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut cmd = std::process::Command::new(cargo);
-        cmd.args([
-            "build",
-            "-p",
-            "example-policy-keep-larger",
-            "-p",
-            "example-source-jsonl",
-        ])
-        .arg("--target-dir")
-        .arg(&target_dir)
-        .current_dir(env!("CARGO_MANIFEST_DIR"));
-        if !cfg!(debug_assertions) {
-            cmd.arg("--release");
-        }
-        let status = cmd
-            .status()
-            .expect("running cargo to build the example plugins");
-        assert!(status.success(), "building the example plugins failed");
-        target_dir.join(profile_dir.file_name().unwrap())
-    })
-}
+#[path = "support/example_plugins.rs"]
+mod example_plugins;
 
 fn lib(name: &str) -> PathBuf {
-    plugin_dir().join(format!(
-        "{}{name}{}",
-        std::env::consts::DLL_PREFIX,
-        std::env::consts::DLL_SUFFIX
-    ))
+    example_plugins::example_plugin(name)
 }
 
 fn keep_larger_path() -> PathBuf {
