@@ -1004,18 +1004,12 @@ async fn advance(
         let window = inner.config.chunk_window;
         let connected = inner.connected_peers();
         let (q, ready, wants) = tokio::task::spawn_blocking(move || {
-            let mut incomplete = std::collections::HashSet::new();
             let ready = queue.take_ready(&held, &mut |e| match e.op.content() {
                 None => true,
-                Some(c) => {
-                    let complete = chunks.missing(c).map(|m| m.is_empty()).unwrap_or(false);
-                    if !complete {
-                        incomplete.insert(e.id);
-                    }
-                    complete
-                }
+                Some(c) => chunks.missing(c).map(|m| m.is_empty()).unwrap_or(false),
             });
             let mut wants: BTreeMap<ReplicaId, Vec<Hash>> = BTreeMap::new();
+            let mut wanted: std::collections::HashSet<Hash> = std::collections::HashSet::new();
             let mut budget = window.saturating_sub(asked.len());
             for p in queue.iter() {
                 if budget == 0 {
@@ -1024,6 +1018,13 @@ async fn advance(
                 let Some(content) = p.event.op.content() else {
                     continue;
                 };
+                // A one-chunk content already asked for has nothing more to ask: skip the
+                // store lookup (this loop runs after every message, over every pending event).
+                if content.depth == 0
+                    && (asked.contains(&content.root) || wanted.contains(&content.root))
+                {
+                    continue;
+                }
                 let missing = chunks.missing(content).unwrap_or_default();
                 let peer = if connected.contains(&p.from) {
                     p.from
@@ -1034,7 +1035,7 @@ async fn advance(
                     if budget == 0 {
                         break;
                     }
-                    if !asked.contains(&h) && !wants.values().any(|v| v.contains(&h)) {
+                    if !asked.contains(&h) && wanted.insert(h) {
                         wants.entry(peer).or_default().push(h);
                         budget -= 1;
                     }
