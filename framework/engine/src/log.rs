@@ -10,12 +10,17 @@
 //! and flushes never block the async runtime. Subscribers learn of new durable entries
 //! through [`EventLog::subscribe`].
 //!
+//! `log` stores consecutive events in *segments* of up to [`SEGMENT_EVENTS`], keyed by the
+//! offset of their first event, rather than one entry per event: sled copies a leaf on
+//! every insert, and that per-entry cost bounded both appends and rebuilds.
+//!
 //! `log` is the only ground truth; `ids`, `vv` and `state` are derived from it. To keep the
-//! append path to one insert per event, derived changes collect in memory (the *overlay*,
-//! which reads consult first) and reach their trees in a *checkpoint*: one sled transaction
-//! that also records the log offset they reflect (`meta/derived_upto`). Opening the log
-//! folds the entries after that offset again, so a crash at any point loses nothing.
-//! `ids` holds every [`IDS_STRIDE`]-th seq of each origin; a lookup scans forward from there.
+//! append path to a few inserts per group commit, derived changes collect in memory (the
+//! *overlay*, which reads consult first) and reach their trees in a *checkpoint*: one sled
+//! transaction that also records the log offset they reflect (`meta/derived_upto`).
+//! Opening the log folds the entries after that offset again, so a crash at any point
+//! loses nothing. `ids` holds every [`IDS_STRIDE`]-th seq of each origin; a lookup scans
+//! forward from there.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -32,11 +37,15 @@ use crate::content::ChunkStore;
 use crate::error::LogError;
 use crate::projection::KeyState;
 
+mod segment;
+
+use segment::{SegmentBuilder, SegmentReader};
+
 /// Most events written in one group commit; more requests wait for the next one.
 const MAX_COMMIT_EVENTS: usize = 8192;
 
-/// Events read per batch while rebuilding, so the log is never held in memory whole.
-const REBUILD_READ_BATCH: usize = 16 * 1024;
+/// Events handed from the reading thread to the folding one at a time during a rebuild.
+const REBUILD_BATCH: usize = 4096;
 
 /// A checkpoint is written after this many events, or when the overlay holds more keys.
 const CHECKPOINT_EVENTS: u64 = 200_000;
@@ -44,7 +53,11 @@ const CHECKPOINT_KEYS: usize = 50_000;
 
 /// sled's page cache. It also caches content chunks, so it bounds how much of a large
 /// file stays in memory: the daemon's footprint stays flat as files grow.
-const CACHE_BYTES: u64 = 64 << 20;
+pub const CACHE_BYTES: u64 = 64 << 20;
+
+/// Most events stored in one entry of the `log` tree: a group commit writes its events
+/// as segments of consecutive events rather than one entry each.
+pub const SEGMENT_EVENTS: u32 = 128;
 
 /// Every `IDS_STRIDE`-th event of an origin (seq 1, 1 + stride, …) is indexed in `ids`.
 pub const IDS_STRIDE: u64 = 64;
@@ -214,7 +227,7 @@ impl EventLog {
             vv.set(replica_from(&k)?, u64_from("vv", &v)?);
         }
         let next_offset = match trees.log.last()? {
-            Some((k, _)) => u64_from("log offset", &k)? + 1,
+            Some((k, v)) => SegmentReader::new(&k, v)?.end(),
             None => 0,
         };
 
@@ -354,20 +367,9 @@ impl EventLog {
 
     /// Up to `limit` durable events from offset `from` on, with their offsets.
     pub fn read(&self, from: u64, limit: usize) -> Result<Vec<(u64, Event)>, LogError> {
-        let end = self.len();
-        let mut out = Vec::with_capacity(limit.min(4096));
-        for entry in self
-            .shared
-            .trees
-            .log
-            .range(from.to_be_bytes()..end.to_be_bytes())
+        LogIter::new(&self.shared.trees.log, from, self.len())?
             .take(limit)
-        {
-            let (k, v) = entry?;
-            let offset = u64_from("log offset", &k)?;
-            out.push((offset, decode_event(offset, &v)?));
-        }
-        Ok(out)
+            .collect()
     }
 
     /// The offset of the event `id`, if the log holds it: from the nearest indexed seq
@@ -393,10 +395,8 @@ impl EventLog {
                 None => return Ok(None),
             },
         };
-        for entry in self.shared.trees.log.range(start.to_be_bytes()..) {
-            let (k, v) = entry?;
-            let offset = u64_from("log offset", &k)?;
-            let event = decode_event(offset, &v)?;
+        for entry in LogIter::new(&self.shared.trees.log, start, self.len())? {
+            let (offset, event) = entry?;
             if event.id == *id {
                 return Ok(Some(offset));
             }
@@ -412,10 +412,10 @@ impl EventLog {
         let Some(offset) = self.offset_of(id)? else {
             return Ok(None);
         };
-        match self.shared.trees.log.get(offset.to_be_bytes())? {
-            Some(v) => Ok(Some(decode_event(offset, &v)?)),
-            None => Ok(None),
-        }
+        LogIter::new(&self.shared.trees.log, offset, offset + 1)?
+            .next()
+            .transpose()
+            .map(|found| found.map(|(_, event)| event))
     }
 
     /// The current state (heads) of `key`; empty if the log has no event on it.
@@ -519,7 +519,8 @@ struct Writer {
 /// What one group commit will write, staged before anything touches sled.
 #[derive(Default)]
 struct Pending {
-    log: Batch,
+    sealed: Vec<([u8; 8], Vec<u8>)>,
+    open: Option<SegmentBuilder>,
     states: HashMap<Key, KeyState>,
     ids: Vec<([u8; 24], u64)>,
     events: usize,
@@ -661,14 +662,16 @@ impl Writer {
     }
 
     fn stage_event(&mut self, event: &Event, pending: &mut Pending) -> Result<(), LogError> {
-        let bytes = codec::encode_event(event).map_err(|source| LogError::Encode {
-            what: format!("event {:?}", event.id),
-            source,
-        })?;
         let offset = self.next_offset;
+        let segment = pending
+            .open
+            .get_or_insert_with(|| SegmentBuilder::new(offset));
+        segment.push(event)?;
+        if segment.is_full() {
+            pending.seal();
+        }
         self.staged_state(&mut pending.states, &event.key)?
             .fold(event, &self.vv);
-        pending.log.insert(&offset.to_be_bytes(), bytes);
         if event.id.seq % IDS_STRIDE == 1 {
             pending.ids.push((id_key(&event.id), offset));
         }
@@ -680,11 +683,16 @@ impl Writer {
 
     /// Writes the staged events, flushes, then publishes the derived changes: nothing is
     /// visible to readers or acknowledged before it is durable.
-    fn commit(&mut self, pending: Pending) -> Result<(), LogError> {
+    fn commit(&mut self, mut pending: Pending) -> Result<(), LogError> {
         if pending.events == 0 {
             return Ok(());
         }
-        self.trees.log.apply_batch(pending.log)?;
+        pending.seal();
+        let mut batch = Batch::default();
+        for (key, value) in pending.sealed {
+            batch.insert(&key, value);
+        }
+        self.trees.log.apply_batch(batch)?;
         self.db.flush()?;
         self.since_checkpoint += pending.events as u64;
         if let Ok(mut overlay) = self.overlay.write() {
@@ -752,14 +760,8 @@ impl Writer {
     /// Folds log entries from `self.next_offset` (the checkpoint) to `end` into the overlay.
     fn refold_tail(&mut self, end: u64) -> Result<(), LogError> {
         let mut staged = Pending::default();
-        for entry in self
-            .trees
-            .log
-            .range(self.next_offset.to_be_bytes()..end.to_be_bytes())
-        {
-            let (k, v) = entry?;
-            let offset = u64_from("log offset", &k)?;
-            let event = decode_event(offset, &v)?;
+        for entry in LogIter::new(&self.trees.log, self.next_offset, end)? {
+            let (offset, event) = entry?;
             self.hlc = self.hlc.max(event.hlc);
             self.staged_state(&mut staged.states, &event.key)?
                 .fold(&event, &self.vv);
@@ -793,34 +795,54 @@ impl Writer {
         self.vv = VersionVector::new();
         let mut folded = 0u64;
         let mut from = 0u64;
-        loop {
-            let mut read = 0;
-            for entry in self
-                .trees
-                .log
-                .range(from.to_be_bytes()..)
-                .take(REBUILD_READ_BATCH)
-            {
-                let (k, v) = entry?;
-                let offset = u64_from("log offset", &k)?;
-                let event = decode_event(offset, &v)?;
-                states
-                    .entry(event.key.clone())
-                    .or_default()
-                    .fold(&event, &self.vv);
-                if event.id.seq % IDS_STRIDE == 1 {
-                    ids.insert(&id_key(&event.id)[..], &offset.to_be_bytes());
+        // One thread reads and decodes the log while this one folds: the two halves of
+        // the work take about as long as each other. The channel is bounded, so only a
+        // few batches of events and the states (one per key) are ever in memory.
+        let log = &self.trees.log;
+        std::thread::scope(|scope| -> Result<(), LogError> {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Vec<(u64, Event)>, LogError>>(4);
+            scope.spawn(move || {
+                let mut batch = Vec::with_capacity(REBUILD_BATCH);
+                let entries = match LogIter::new(log, 0, u64::MAX) {
+                    Ok(entries) => entries,
+                    Err(e) => return drop(tx.send(Err(e))),
+                };
+                for entry in entries {
+                    match entry {
+                        Ok(item) => batch.push(item),
+                        Err(e) => return drop(tx.send(Err(e))),
+                    }
+                    if batch.len() == REBUILD_BATCH {
+                        let full = std::mem::replace(&mut batch, Vec::with_capacity(REBUILD_BATCH));
+                        if tx.send(Ok(full)).is_err() {
+                            return;
+                        }
+                    }
                 }
-                self.vv.set(event.id.origin, event.id.seq);
-                self.hlc = self.hlc.max(event.hlc);
-                from = offset + 1;
-                read += 1;
+                let _ = tx.send(Ok(batch));
+            });
+            for batch in rx {
+                for (offset, event) in batch? {
+                    if event.id.seq % IDS_STRIDE == 1 {
+                        ids.insert(&id_key(&event.id)[..], &offset.to_be_bytes());
+                    }
+                    let (id, hlc) = (event.id, event.hlc);
+                    match states.get_mut(&event.key) {
+                        Some(state) => state.fold(&event, &self.vv),
+                        None => {
+                            let mut state = KeyState::default();
+                            state.fold(&event, &self.vv);
+                            states.insert(event.key, state);
+                        }
+                    }
+                    self.vv.set(id.origin, id.seq);
+                    self.hlc = self.hlc.max(hlc);
+                    from = offset + 1;
+                    folded += 1;
+                }
             }
-            folded += read as u64;
-            if read < REBUILD_READ_BATCH {
-                break;
-            }
-        }
+            Ok(())
+        })?;
         self.trees.ids.apply_batch(ids)?;
         let mut batch = Batch::default();
         for (i, (key, state)) in states.into_iter().enumerate() {
@@ -836,6 +858,69 @@ impl Writer {
         self.trees.meta.remove(META_REBUILDING)?;
         self.db.flush()?;
         Ok(folded)
+    }
+}
+
+impl Pending {
+    /// Closes the segment being filled; the next staged event starts a new one.
+    fn seal(&mut self) {
+        if let Some(segment) = self.open.take().filter(|s| !s.is_empty()) {
+            self.sealed.push(segment.finish());
+        }
+    }
+}
+
+/// The events at offsets `from..end`, read segment by segment.
+struct LogIter {
+    entries: sled::Iter,
+    segment: Option<SegmentReader>,
+    from: u64,
+    end: u64,
+}
+
+impl LogIter {
+    fn new(log: &Tree, from: u64, end: u64) -> Result<LogIter, LogError> {
+        // The segment holding `from` is the last one starting at or before it.
+        let start = match log.range(..=from.to_be_bytes()).next_back().transpose()? {
+            Some((key, _)) => key,
+            None => IVec::from(&from.to_be_bytes()),
+        };
+        Ok(LogIter {
+            entries: log.range(start..),
+            segment: None,
+            from,
+            end,
+        })
+    }
+}
+
+impl Iterator for LogIter {
+    type Item = Result<(u64, Event), LogError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            if let Some(segment) = &mut self.segment {
+                if segment.offset() >= self.end {
+                    return None;
+                }
+                if segment.offset() < self.from {
+                    match segment.next_raw() {
+                        Some(Ok(_)) => continue,
+                        Some(Err(e)) => return Some(Err(e)),
+                        None => {}
+                    }
+                } else if let Some(item) = segment.next_event() {
+                    return Some(item);
+                }
+            }
+            self.segment = match self.entries.next()? {
+                Ok((key, value)) => match SegmentReader::new(&key, value) {
+                    Ok(segment) => Some(segment),
+                    Err(e) => return Some(Err(e)),
+                },
+                Err(e) => return Some(Err(e.into())),
+            };
+        }
     }
 }
 
@@ -960,13 +1045,6 @@ fn replica_from(bytes: &IVec) -> Result<ReplicaId, LogError> {
                 bytes.len()
             )),
         })
-}
-
-fn decode_event(offset: u64, bytes: &[u8]) -> Result<Event, LogError> {
-    codec::decode_event(bytes).map_err(|source| LogError::Corrupt {
-        what: format!("log/{offset}"),
-        source,
-    })
 }
 
 fn decode_stored<T: serde::de::DeserializeOwned>(what: &str, bytes: &[u8]) -> Result<T, LogError> {

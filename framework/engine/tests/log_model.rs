@@ -20,6 +20,8 @@ enum Step {
     },
     /// A local write on `key`.
     Local { key: u8, delete: bool },
+    /// `count` local writes in one append, enough to fill several stored segments.
+    LocalBatch { count: usize },
     /// Close and reopen the database.
     Reopen,
     /// Rebuild the projection.
@@ -31,6 +33,7 @@ fn step() -> impl Strategy<Value = Step> {
         6 => (0u8..3, 1u64..8, 0u8..4, proptest::option::of(1u64..8))
             .prop_map(|(origin, seq, key, parent)| Step::Remote { origin, seq, key, parent }),
         3 => (0u8..4, any::<bool>()).prop_map(|(key, delete)| Step::Local { key, delete }),
+        1 => (1usize..400).prop_map(|count| Step::LocalBatch { count }),
         1 => Just(Step::Reopen),
         1 => Just(Step::Rebuild),
     ]
@@ -76,6 +79,23 @@ fn check_against_model(log: &EventLog, model: &[Event]) {
         assert_eq!(*offset, i as u64);
         assert_eq!(event, expected);
         assert_eq!(log.offset_of(&event.id).unwrap(), Some(i as u64));
+    }
+    // Reads that start and end anywhere, including inside a stored segment.
+    let n = model.len();
+    for from in (0..n)
+        .step_by((n / 40).max(1))
+        .chain(n.saturating_sub(3)..n + 1)
+    {
+        let got: Vec<Event> = log
+            .read(from as u64, 5)
+            .unwrap()
+            .into_iter()
+            .map(|(_, e)| e)
+            .collect();
+        assert_eq!(got, model[from..(from + 5).min(n)], "read from {from}");
+        if let Some(expected) = model.get(from) {
+            assert_eq!(log.get(&expected.id).unwrap().as_ref(), Some(expected));
+        }
     }
     // The version vector: highest seq per origin, and no gaps.
     let mut vv = VersionVector::new();
@@ -146,6 +166,20 @@ async fn run(steps: Vec<Step>, checkpoint_every: u64) {
                     assert!(events[0].hlc > prev.hlc);
                 }
                 model.push(events[0].clone());
+            }
+            Step::LocalBatch { count } => {
+                let changes = (0..count)
+                    .map(|i| LocalChange {
+                        key: key((i % 5) as u8),
+                        op: Op::Put {
+                            content: None,
+                            meta: Meta::file(i as i64),
+                        },
+                    })
+                    .collect();
+                let events = log.append_local(changes).await.unwrap();
+                assert_eq!(events.len(), count);
+                model.extend(events);
             }
             Step::Reopen => {
                 log.close().await.unwrap();
