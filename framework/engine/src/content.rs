@@ -1,7 +1,30 @@
-//! The content store: chunks addressed by their BLAKE3 hash, in the log's sled database.
+//! The content store: chunks addressed by their BLAKE3 hash.
 //!
-//! Chunks share the log's database, so the flush of a group commit also makes durable
-//! every chunk put before the event that references it.
+//! Chunk bytes are appended to *pack files* in a directory beside the log's database;
+//! sled holds only an index, hash → (pack, offset, length), 16 bytes a chunk. Keeping the
+//! bytes out of sled matters twice: sled copies a leaf node on every insert, which with
+//! 16 KiB values made storing a large file cost many times its size in copying, and sled's
+//! cache held the chunks written, so memory grew with the file. Pack reads go through the
+//! kernel's page cache instead.
+//!
+//! Durability follows the log's group commit. A chunk put is written to the current pack
+//! and kept in a *staged* list that lookups consult; [`ChunkStore::sync`], which the log
+//! calls before every flush, makes the pack durable and only then moves the staged entries
+//! into the index. So an index entry never outlives its bytes in a crash, and an event is
+//! acknowledged only after the chunks put before it are durable. A chunk staged but not
+//! synced when the process dies is simply missing afterwards (and fetched again). Every
+//! read is checked against its hash, so a damaged pack reads as an error, never as wrong
+//! content. A new pack is started at every open, so nothing is ever appended after bytes a
+//! crash may have torn.
+//!
+//! Chunks are never removed yet (no garbage collection), as before with the sled tree.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
 
 use converge_api::content::IndexNode;
 use converge_api::{ContentRef, Hash};
@@ -9,16 +32,128 @@ use sled::Tree;
 
 use crate::error::LogError;
 
+/// A pack is closed and a new one started once it holds this many bytes.
+const PACK_BYTES: u64 = 1 << 30;
+
+/// Where a chunk's bytes are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Location {
+    pack: u32,
+    offset: u64,
+    len: u32,
+}
+
+impl Location {
+    fn encode(&self) -> [u8; 16] {
+        let mut out = [0; 16];
+        out[..4].copy_from_slice(&self.pack.to_le_bytes());
+        out[4..12].copy_from_slice(&self.offset.to_le_bytes());
+        out[12..].copy_from_slice(&self.len.to_le_bytes());
+        out
+    }
+
+    fn decode(hash: &Hash, bytes: &[u8]) -> Result<Location, LogError> {
+        let bytes: [u8; 16] = bytes.try_into().map_err(|_| LogError::Corrupt {
+            what: format!("chunk index entry {hash:?}"),
+            source: converge_api::CodecError::Malformed(format!(
+                "{} bytes, expected 16",
+                bytes.len()
+            )),
+        })?;
+        let u32_at =
+            |i: usize| u32::from_le_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
+        let mut offset = [0; 8];
+        offset.copy_from_slice(&bytes[4..12]);
+        Ok(Location {
+            pack: u32_at(0),
+            offset: u64::from_le_bytes(offset),
+            len: u32_at(12),
+        })
+    }
+}
+
 /// Chunks by hash. Cheap to clone; its methods block on disk, so call them from blocking
 /// threads when the work is large.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct ChunkStore {
-    tree: Tree,
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    index: Tree,
+    dir: PathBuf,
+    /// Remove `dir` when the store is dropped (a temporary log's store).
+    remove_on_drop: bool,
+    writer: Mutex<PackWriter>,
+    readers: RwLock<HashMap<u32, Arc<File>>>,
+}
+
+/// The pack being appended to, and the chunks written since the last sync.
+struct PackWriter {
+    id: u32,
+    file: Option<Arc<File>>,
+    len: u64,
+    staged: HashMap<Hash, Location>,
+    /// Packs closed since the last sync, still to be made durable.
+    closed: Vec<(u32, Arc<File>)>,
+}
+
+impl std::fmt::Debug for ChunkStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChunkStore")
+            .field("dir", &self.inner.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if self.remove_on_drop {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+fn pack_path(dir: &Path, id: u32) -> PathBuf {
+    dir.join(format!("pack-{id:08}"))
+}
+
+fn io_error(op: &'static str, path: PathBuf) -> impl FnOnce(std::io::Error) -> LogError {
+    move |source| LogError::ContentIo { op, path, source }
 }
 
 impl ChunkStore {
-    pub(crate) fn new(tree: Tree) -> Self {
-        ChunkStore { tree }
+    /// The store with index tree `index` and pack files in `dir` (created if missing);
+    /// `temporary` removes `dir` when the last clone is dropped.
+    pub(crate) fn open(index: Tree, dir: PathBuf, temporary: bool) -> Result<Self, LogError> {
+        std::fs::create_dir_all(&dir).map_err(io_error("creating", dir.clone()))?;
+        let mut last = 0;
+        for entry in std::fs::read_dir(&dir).map_err(io_error("listing", dir.clone()))? {
+            let entry = entry.map_err(io_error("listing", dir.clone()))?;
+            if let Some(id) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.strip_prefix("pack-"))
+                .and_then(|n| n.parse::<u32>().ok())
+            {
+                last = last.max(id);
+            }
+        }
+        Ok(ChunkStore {
+            inner: Arc::new(Inner {
+                index,
+                dir,
+                remove_on_drop: temporary,
+                writer: Mutex::new(PackWriter {
+                    id: last + 1,
+                    file: None,
+                    len: 0,
+                    staged: HashMap::new(),
+                    closed: Vec::new(),
+                }),
+                readers: RwLock::new(HashMap::new()),
+            }),
+        })
     }
 
     /// Stores `bytes` under their hash and returns it (a no-op for known content).
@@ -30,41 +165,166 @@ impl ChunkStore {
 
     /// Stores `bytes` offered under `hash`, after checking that they hash to it.
     pub fn put_verified(&self, hash: &Hash, bytes: &[u8]) -> Result<(), LogError> {
-        let actual = Hash::of(bytes);
-        if actual != *hash {
-            return Err(LogError::ChunkMismatch {
-                expected: hash.to_hex(),
-                actual: actual.to_hex(),
-            });
-        }
+        check(hash, bytes)?;
         self.put_unchecked(hash, bytes)
     }
 
     fn put_unchecked(&self, hash: &Hash, bytes: &[u8]) -> Result<(), LogError> {
-        if !self.tree.contains_key(hash.0)? {
-            self.tree.insert(hash.0, bytes)?;
+        let inner = &self.inner;
+        let mut w = inner.writer.lock().map_err(|_| LogError::Closed)?;
+        if w.staged.contains_key(hash) || inner.index.contains_key(hash.0)? {
+            return Ok(());
+        }
+        let file = match &w.file {
+            Some(file) => file.clone(),
+            None => {
+                let path = pack_path(&inner.dir, w.id);
+                let file = Arc::new(
+                    OpenOptions::new()
+                        .create_new(true)
+                        .append(true)
+                        .read(true)
+                        .open(&path)
+                        .map_err(io_error("creating", path))?,
+                );
+                if let Ok(mut readers) = inner.readers.write() {
+                    readers.insert(w.id, file.clone());
+                }
+                w.file = Some(file.clone());
+                w.len = 0;
+                file
+            }
+        };
+        let len = u32::try_from(bytes.len()).map_err(|_| LogError::ContentIo {
+            op: "storing",
+            path: pack_path(&inner.dir, w.id),
+            source: std::io::Error::other("a chunk larger than 4 GiB"),
+        })?;
+        (&*file)
+            .write_all(bytes)
+            .map_err(io_error("writing", pack_path(&inner.dir, w.id)))?;
+        let location = Location {
+            pack: w.id,
+            offset: w.len,
+            len,
+        };
+        w.len += u64::from(len);
+        w.staged.insert(*hash, location);
+        if w.len >= PACK_BYTES {
+            if let Some(full) = w.file.take() {
+                let id = w.id;
+                w.closed.push((id, full));
+            }
+            w.id += 1;
         }
         Ok(())
     }
 
-    /// The bytes stored under `hash`.
+    /// Makes every chunk put so far durable: syncs the packs written to, then records
+    /// their chunks in the index (which the caller's sled flush makes durable). The log
+    /// calls it before each flush.
+    pub fn sync(&self) -> Result<(), LogError> {
+        let inner = &self.inner;
+        let mut w = inner.writer.lock().map_err(|_| LogError::Closed)?;
+        if w.staged.is_empty() {
+            return Ok(());
+        }
+        let current = w.file.clone().map(|file| (w.id, file));
+        for (id, file) in w.closed.iter().chain(current.iter()) {
+            file.sync_data()
+                .map_err(io_error("syncing", pack_path(&inner.dir, *id)))?;
+        }
+        w.closed.clear();
+        let mut batch = sled::Batch::default();
+        for (hash, location) in &w.staged {
+            batch.insert(&hash.0, &location.encode());
+        }
+        inner.index.apply_batch(batch)?;
+        w.staged.clear();
+        Ok(())
+    }
+
+    fn locate(&self, hash: &Hash) -> Result<Option<Location>, LogError> {
+        let staged = self
+            .inner
+            .writer
+            .lock()
+            .map_err(|_| LogError::Closed)?
+            .staged
+            .get(hash)
+            .copied();
+        match staged {
+            Some(location) => Ok(Some(location)),
+            None => match self.inner.index.get(hash.0)? {
+                Some(bytes) => Location::decode(hash, &bytes).map(Some),
+                None => Ok(None),
+            },
+        }
+    }
+
+    fn pack(&self, id: u32) -> Result<Arc<File>, LogError> {
+        if let Some(file) = self
+            .inner
+            .readers
+            .read()
+            .ok()
+            .and_then(|r| r.get(&id).cloned())
+        {
+            return Ok(file);
+        }
+        let path = pack_path(&self.inner.dir, id);
+        let file = Arc::new(File::open(&path).map_err(io_error("opening", path))?);
+        if let Ok(mut readers) = self.inner.readers.write() {
+            readers.insert(id, file.clone());
+        }
+        Ok(file)
+    }
+
+    fn read(&self, hash: &Hash, location: Location) -> Result<Vec<u8>, LogError> {
+        let mut bytes = vec![0; location.len as usize];
+        self.pack(location.pack)?
+            .read_exact_at(&mut bytes, location.offset)
+            .map_err(io_error(
+                "reading",
+                pack_path(&self.inner.dir, location.pack),
+            ))?;
+        check(hash, &bytes).map_err(|_| LogError::Corrupt {
+            what: format!(
+                "chunk {hash:?} in {}",
+                pack_path(&self.inner.dir, location.pack).display()
+            ),
+            source: converge_api::CodecError::Malformed("bytes do not match their hash".into()),
+        })?;
+        Ok(bytes)
+    }
+
+    /// The bytes stored under `hash`, checked against it.
     pub fn get(&self, hash: &Hash) -> Result<Option<Vec<u8>>, LogError> {
-        Ok(self.tree.get(hash.0)?.map(|v| v.to_vec()))
+        match self.locate(hash)? {
+            Some(location) => self.read(hash, location).map(Some),
+            None => Ok(None),
+        }
     }
 
     /// Whether a chunk is stored under `hash`.
     pub fn contains(&self, hash: &Hash) -> Result<bool, LogError> {
-        Ok(self.tree.contains_key(hash.0)?)
+        Ok(self.locate(hash)?.is_some())
     }
 
     /// Number of chunks stored.
     pub fn len(&self) -> usize {
-        self.tree.len()
+        let staged = self
+            .inner
+            .writer
+            .lock()
+            .map(|w| w.staged.len())
+            .unwrap_or(0);
+        self.inner.index.len() + staged
     }
 
     /// Whether no chunk is stored.
     pub fn is_empty(&self) -> bool {
-        self.tree.is_empty()
+        self.len() == 0
     }
 
     /// The chunks of `content` that are missing here, as far as the tree can be walked:
@@ -75,15 +335,10 @@ impl ChunkStore {
         for depth in (0..=content.depth).rev() {
             let mut next = Vec::new();
             for hash in level {
-                match self.tree.get(hash.0)? {
+                match self.locate(&hash)? {
                     None => missing.push(hash),
-                    Some(bytes) if depth > 0 => {
-                        let node =
-                            IndexNode::decode(&bytes).map_err(|source| LogError::Corrupt {
-                                what: format!("index node {hash:?}"),
-                                source,
-                            })?;
-                        next.extend(node.children.iter().map(|c| c.hash));
+                    Some(location) if depth > 0 => {
+                        next.extend(self.node(&hash, location)?.children.iter().map(|c| c.hash));
                     }
                     Some(_) => {}
                 }
@@ -91,6 +346,14 @@ impl ChunkStore {
             level = next;
         }
         Ok(missing)
+    }
+
+    fn node(&self, hash: &Hash, location: Location) -> Result<IndexNode, LogError> {
+        let bytes = self.read(hash, location)?;
+        IndexNode::decode(&bytes).map_err(|source| LogError::Corrupt {
+            what: format!("index node {hash:?}"),
+            source,
+        })
     }
 
     /// Calls `f` with each data chunk of `content` in order (to write a file out).
@@ -109,20 +372,75 @@ impl ChunkStore {
         depth: u8,
         f: &mut dyn FnMut(&[u8]) -> Result<(), LogError>,
     ) -> Result<(), LogError> {
-        let bytes = self.tree.get(hash.0)?.ok_or_else(|| LogError::Corrupt {
+        let location = self.locate(&hash)?.ok_or_else(|| LogError::Corrupt {
             what: format!("chunk {hash:?}"),
             source: converge_api::CodecError::Malformed("missing from the content store".into()),
         })?;
         if depth == 0 {
-            return f(&bytes);
+            return f(&self.read(&hash, location)?);
         }
-        let node = IndexNode::decode(&bytes).map_err(|source| LogError::Corrupt {
-            what: format!("index node {hash:?}"),
-            source,
-        })?;
-        for child in node.children {
+        for child in self.node(&hash, location)?.children {
             self.walk(child.hash, depth - 1, f)?;
         }
         Ok(())
+    }
+}
+
+fn check(hash: &Hash, bytes: &[u8]) -> Result<(), LogError> {
+    let actual = Hash::of(bytes);
+    if actual != *hash {
+        return Err(LogError::ChunkMismatch {
+            expected: hash.to_hex(),
+            actual: actual.to_hex(),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open(db: &sled::Db, dir: &Path) -> ChunkStore {
+        ChunkStore::open(db.open_tree("chunk_index").unwrap(), dir.to_owned(), false).unwrap()
+    }
+
+    #[test]
+    fn chunks_survive_a_reopen_only_once_synced() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let store = open(&db, dir.path());
+        let synced = store.put(b"synced").unwrap();
+        assert_eq!(store.put(b"synced").unwrap(), synced, "a second put is a no-op");
+        store.sync().unwrap();
+        let staged = store.put(b"staged").unwrap();
+        assert_eq!(store.get(&staged).unwrap().as_deref(), Some(&b"staged"[..]));
+        assert_eq!(store.len(), 2);
+        drop(store);
+
+        // Reopened without a sync: the staged chunk is gone, the synced one is there,
+        // and new chunks go to a new pack.
+        let store = open(&db, dir.path());
+        assert_eq!(store.get(&synced).unwrap().as_deref(), Some(&b"synced"[..]));
+        assert!(!store.contains(&staged).unwrap());
+        store.put(b"later").unwrap();
+        store.sync().unwrap();
+        assert!(pack_path(dir.path(), 2).exists());
+        assert_eq!(store.len(), 2);
+    }
+
+    #[test]
+    fn a_damaged_pack_reads_as_an_error_not_as_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let store = open(&db, dir.path());
+        let hash = store.put(b"precious bytes").unwrap();
+        store.sync().unwrap();
+        let path = pack_path(dir.path(), 1);
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[3] ^= 1;
+        std::fs::write(&path, bytes).unwrap();
+        let store = open(&db, dir.path());
+        assert!(matches!(store.get(&hash), Err(LogError::Corrupt { .. })));
     }
 }

@@ -41,6 +41,16 @@ pub enum LogError {
     /// A key was rejected.
     #[error(transparent)]
     Key(#[from] KeyError),
+    /// Reading or writing the content store's pack files failed.
+    #[error("content store: {op} {}: {source}", path.display())]
+    ContentIo {
+        /// What was being done.
+        op: &'static str,
+        /// The file or directory.
+        path: std::path::PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
     /// A chunk's bytes do not match the hash they were offered under.
     #[error("chunk hash mismatch: expected {expected}, got {actual}")]
     ChunkMismatch {

@@ -2,7 +2,8 @@
 //!
 //! Trees (DESIGN §3): `log` (offset → event), `ids` ((origin, seq) → offset, sparse), `vv`
 //! (origin → highest contiguous seq), `cursors` (subscriber → next offset to process),
-//! `state` (key → heads), `chunks` (hash → bytes) and `meta` (identity, clock, checkpoint).
+//! `state` (key → heads), `chunk_index` (hash → place in a pack file; see
+//! [`crate::content`]) and `meta` (identity, clock, checkpoint).
 //!
 //! Every append goes through one writer thread. It drains the queue of waiting requests,
 //! writes their events to `log` in one atomic batch, flushes once, and only then answers
@@ -51,8 +52,8 @@ const REBUILD_BATCH: usize = 4096;
 const CHECKPOINT_EVENTS: u64 = 200_000;
 const CHECKPOINT_KEYS: usize = 50_000;
 
-/// sled's page cache. It also caches content chunks, so it bounds how much of a large
-/// file stays in memory: the daemon's footprint stays flat as files grow.
+/// sled's page cache: log segments, index and projection entries. Content lives in pack
+/// files outside sled, so file sizes do not grow the daemon's memory.
 pub const CACHE_BYTES: u64 = 64 << 20;
 
 /// Most events stored in one entry of the `log` tree: a group commit writes its events
@@ -92,6 +93,8 @@ pub struct AppendOutcome {
 #[derive(Clone)]
 pub struct LogConfig {
     sled: sled::Config,
+    /// The pack directory of the content store, `None` for a temporary one.
+    packs: Option<std::path::PathBuf>,
     clock: Arc<dyn WallClock>,
     checkpoint_events: u64,
 }
@@ -103,6 +106,7 @@ impl LogConfig {
             sled: sled::Config::new()
                 .path(path.as_ref())
                 .cache_capacity(CACHE_BYTES),
+            packs: Some(path.as_ref().join("packs")),
             clock: Arc::new(SystemClock),
             checkpoint_events: CHECKPOINT_EVENTS,
         }
@@ -112,6 +116,7 @@ impl LogConfig {
     pub fn temporary() -> Self {
         LogConfig {
             sled: sled::Config::new().temporary(true),
+            packs: None,
             clock: Arc::new(SystemClock),
             checkpoint_events: CHECKPOINT_EVENTS,
         }
@@ -204,7 +209,16 @@ impl EventLog {
             state: db.open_tree("state")?,
             meta: db.open_tree("meta")?,
         };
-        let chunks = ChunkStore::new(db.open_tree("chunks")?);
+        let chunks = {
+            let index = db.open_tree("chunk_index")?;
+            match config.packs {
+                Some(dir) => ChunkStore::open(index, dir, false)?,
+                None => {
+                    let name = format!("converge-packs-{:016x}", rand::random::<u64>());
+                    ChunkStore::open(index, std::env::temp_dir().join(name), true)?
+                }
+            }
+        };
         let replica = match trees.meta.get(META_REPLICA)? {
             Some(bytes) => ReplicaId(bytes.as_ref().try_into().map_err(|_| LogError::Corrupt {
                 what: "meta/replica".into(),
@@ -241,6 +255,7 @@ impl EventLog {
         let overlay = Arc::new(RwLock::new(Overlay::default()));
         let mut writer = Writer {
             trees: trees.clone(),
+            chunks: chunks.clone(),
             db: db.clone(),
             replica,
             clock: config.clock,
@@ -476,10 +491,14 @@ impl EventLog {
 
     /// Makes every write so far durable (chunks put into the content store included).
     pub async fn flush(&self) -> Result<(), LogError> {
-        let db = self.shared.db.clone();
-        tokio::task::spawn_blocking(move || db.flush())
-            .await
-            .map_err(|_| LogError::Closed)??;
+        let (db, chunks) = (self.shared.db.clone(), self.shared.chunks.clone());
+        tokio::task::spawn_blocking(move || -> Result<(), LogError> {
+            chunks.sync()?;
+            db.flush()?;
+            Ok(())
+        })
+        .await
+        .map_err(|_| LogError::Closed)??;
         Ok(())
     }
 
@@ -503,6 +522,7 @@ impl EventLog {
 /// The writer thread's state: everything an append needs, owned by one thread.
 struct Writer {
     trees: Trees,
+    chunks: ChunkStore,
     db: sled::Db,
     replica: ReplicaId,
     clock: Arc<dyn WallClock>,
@@ -692,6 +712,9 @@ impl Writer {
         for (key, value) in pending.sealed {
             batch.insert(&key, value);
         }
+        // Chunks first: sled may persist the log entries below at any moment, and an
+        // event must never be durable without the content put before it.
+        self.chunks.sync()?;
         self.trees.log.apply_batch(batch)?;
         self.db.flush()?;
         self.since_checkpoint += pending.events as u64;
