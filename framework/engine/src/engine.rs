@@ -13,6 +13,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use crate::content::{Ask, Missing};
 use crate::error::LogError;
 use crate::log::EventLog;
 use crate::pending::PendingQueue;
@@ -909,6 +910,8 @@ async fn run_applier(inner: Arc<Inner>, mut inbound: mpsc::Receiver<Inbound>) {
     let mut queue = PendingQueue::new(inner.config.max_pending_events);
     // Chunks asked for: hash → (peer asked, when).
     let mut requested: HashMap<Hash, (ReplicaId, Instant)> = HashMap::new();
+    // What each pending content still lacks, by root, kept between passes.
+    let mut missing: HashMap<Hash, Missing> = HashMap::new();
     let mut tick = tokio::time::interval(inner.config.tick_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -956,7 +959,7 @@ async fn run_applier(inner: Arc<Inner>, mut inbound: mpsc::Receiver<Inbound>) {
             let timeout = inner.config.chunk_timeout;
             requested.retain(|_, (_, at)| at.elapsed() < timeout);
         }
-        match advance(&inner, queue, &mut requested).await {
+        match advance(&inner, queue, &mut requested, &mut missing).await {
             Ok(q) => queue = q,
             Err(e) => {
                 tracing::error!("applying remote events failed: {e}");
@@ -996,6 +999,7 @@ async fn advance(
     inner: &Arc<Inner>,
     mut queue: PendingQueue,
     requested: &mut HashMap<Hash, (ReplicaId, Instant)>,
+    missing: &mut HashMap<Hash, Missing>,
 ) -> Result<PendingQueue, LogError> {
     loop {
         let chunks = inner.log.chunks().clone();
@@ -1003,10 +1007,15 @@ async fn advance(
         let asked: std::collections::HashSet<Hash> = requested.keys().copied().collect();
         let window = inner.config.chunk_window;
         let connected = inner.connected_peers();
-        let (q, ready, wants) = tokio::task::spawn_blocking(move || {
+        let mut tracked = std::mem::take(missing);
+        let (q, ready, wants, tracked) = tokio::task::spawn_blocking(move || {
+            let in_flight = |h: &Hash| asked.contains(h);
             let ready = queue.take_ready(&held, &mut |e| match e.op.content() {
                 None => true,
-                Some(c) => chunks.missing(c).map(|m| m.is_empty()).unwrap_or(false),
+                Some(c) => {
+                    let m = tracked.entry(c.root).or_insert_with(|| Missing::new(c));
+                    m.refresh(&chunks, &in_flight).is_ok() && m.is_complete()
+                }
             });
             let mut wants: BTreeMap<ReplicaId, Vec<Hash>> = BTreeMap::new();
             let mut wanted: std::collections::HashSet<Hash> = std::collections::HashSet::new();
@@ -1018,33 +1027,42 @@ async fn advance(
                 let Some(content) = p.event.op.content() else {
                     continue;
                 };
-                // A one-chunk content already asked for has nothing more to ask: skip the
-                // store lookup (this loop runs after every message, over every pending event).
-                if content.depth == 0
-                    && (asked.contains(&content.root) || wanted.contains(&content.root))
-                {
+                let m = tracked
+                    .entry(content.root)
+                    .or_insert_with(|| Missing::new(content));
+                if m.refresh(&chunks, &in_flight).is_err() {
                     continue;
                 }
-                let missing = chunks.missing(content).unwrap_or_default();
                 let peer = if connected.contains(&p.from) {
                     p.from
                 } else {
                     connected.first().copied().unwrap_or(p.from)
                 };
-                for h in missing {
+                let asks = m.request(&mut |h| {
                     if budget == 0 {
-                        break;
-                    }
-                    if !asked.contains(&h) && wanted.insert(h) {
-                        wants.entry(peer).or_default().push(h);
+                        Ask::Stop
+                    } else if asked.contains(h) || !wanted.insert(*h) {
+                        Ask::InFlight
+                    } else {
                         budget -= 1;
+                        Ask::Yes
                     }
+                });
+                if !asks.is_empty() {
+                    wants.entry(peer).or_default().extend(asks);
                 }
             }
-            (queue, ready, wants)
+            // Forget the contents no pending event refers to any more.
+            let live: std::collections::HashSet<Hash> = queue
+                .iter()
+                .filter_map(|p| p.event.op.content().map(|c| c.root))
+                .collect();
+            tracked.retain(|root, _| live.contains(root));
+            (queue, ready, wants, tracked)
         })
         .await
         .map_err(|_| LogError::Closed)?;
+        *missing = tracked;
         queue = q;
         for (peer, hashes) in wants {
             for chunk in hashes.chunks(crate::protocol::MAX_WANT_HASHES) {

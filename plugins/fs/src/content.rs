@@ -13,6 +13,7 @@ use std::path::Path;
 use converge_api::content::TreeBuilder;
 use converge_api::{ContentRef, Hash};
 use converge_framework::content::ChunkStore;
+use converge_framework::LogError;
 use fastcdc::v2020::StreamCDC;
 
 use crate::error::FsError;
@@ -36,17 +37,50 @@ pub fn hash_file(path: &Path) -> Result<ContentRef, FsError> {
     chunk_file(path, None)
 }
 
+/// Files at least this large are chunked on one thread while another stores the chunks.
+const PIPELINE_BYTES: u64 = 4 << 20;
+
 fn chunk_file(path: &Path, store: Option<&ChunkStore>) -> Result<ContentRef, FsError> {
     let file = File::open(path).map_err(FsError::io("opening", path))?;
-    let mut tree = TreeBuilder::new();
-    let mut node_error = None;
-    let mut emit = |_hash: Hash, bytes: Vec<u8>| {
-        if let Some(store) = store {
-            if let Err(e) = store.put(&bytes) {
-                node_error.get_or_insert(e);
+    let large = file.metadata().is_ok_and(|m| m.len() >= PIPELINE_BYTES);
+    match store {
+        None => cut(path, file, &mut |_, _| Ok(())),
+        Some(store) if !large => cut(path, file, &mut |hash, bytes| {
+            store.put_prehashed(&hash, &bytes)
+        }),
+        // Reading, cutting and hashing take about as long as writing the chunks into the
+        // pack: do both at once.
+        Some(store) => std::thread::scope(|scope| {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<(Hash, Vec<u8>)>(32);
+            let writer = scope.spawn(move || {
+                rx.into_iter()
+                    .try_for_each(|(hash, bytes)| store.put_prehashed(&hash, &bytes))
+            });
+            let content = cut(path, file, &mut |hash, bytes| {
+                tx.send((hash, bytes)).map_err(|_| LogError::Closed)
+            });
+            drop(tx);
+            match writer.join() {
+                Ok(Ok(())) => content,
+                Ok(Err(e)) => Err(e.into()),
+                Err(_) => Err(FsError::Content {
+                    path: path.to_owned(),
+                    reason: "the thread storing its chunks panicked".into(),
+                }),
             }
-        }
-    };
+        }),
+    }
+}
+
+/// Streams `file` through FastCDC, hashes each chunk, hands chunks and index nodes to
+/// `put`, and returns the content reference.
+fn cut(
+    path: &Path,
+    file: File,
+    put: &mut dyn FnMut(Hash, Vec<u8>) -> Result<(), LogError>,
+) -> Result<ContentRef, FsError> {
+    let mut tree = TreeBuilder::new();
+    let mut nodes: Vec<(Hash, Vec<u8>)> = Vec::new();
     let mut count = 0u64;
     for chunk in StreamCDC::new(file, MIN_CHUNK, AVG_CHUNK, MAX_CHUNK) {
         let chunk = chunk.map_err(|e| FsError::Io {
@@ -54,24 +88,25 @@ fn chunk_file(path: &Path, store: Option<&ChunkStore>) -> Result<ContentRef, FsE
             path: path.to_owned(),
             source: e.into(),
         })?;
-        let hash = match store {
-            Some(store) => store.put(&chunk.data)?,
-            None => Hash::of(&chunk.data),
-        };
-        tree.push(hash, chunk.length as u64, &mut emit);
+        let hash = Hash::of(&chunk.data);
+        put(hash, chunk.data)?;
+        tree.push(hash, chunk.length as u64, &mut |h, node| {
+            nodes.push((h, node))
+        });
+        for (hash, node) in nodes.drain(..) {
+            put(hash, node)?;
+        }
         count += 1;
     }
     if count == 0 {
         // An empty file is one empty chunk, its own root.
-        let hash = match store {
-            Some(store) => store.put(&[])?,
-            None => Hash::of(&[]),
-        };
-        tree.push(hash, 0, &mut emit);
+        let hash = Hash::of(&[]);
+        put(hash, Vec::new())?;
+        tree.push(hash, 0, &mut |h, node| nodes.push((h, node)));
     }
-    let root = tree.finish(&mut emit);
-    if let Some(e) = node_error {
-        return Err(e.into());
+    let root = tree.finish(&mut |h, node| nodes.push((h, node)));
+    for (hash, node) in nodes {
+        put(hash, node)?;
     }
     root.ok_or_else(|| FsError::Content {
         path: path.to_owned(),

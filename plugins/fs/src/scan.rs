@@ -73,6 +73,13 @@ fn head_kind(head: &Head) -> Option<EntryKind> {
     }
 }
 
+/// Whether the regular file `key` is just as the store last wrote it (its own write coming
+/// back through the watcher), judged by size, mtime and the executable bit.
+pub(crate) fn is_echo(env: &Env, key: &Key, meta: &Metadata) -> bool {
+    matches!(env.echo.get(key), Some(Applied::File { size, mtime_ms: m, executable, .. })
+        if (size, m, executable) == (meta.len(), mtime_ms(meta), is_executable(meta)))
+}
+
 /// Compares the regular file at `path` with `heads`; returns the `Put` to emit (if it
 /// changed) and the number of bytes hashed. Blocks.
 pub(crate) fn examine_file(
@@ -83,16 +90,8 @@ pub(crate) fn examine_file(
     heads: &[Head],
 ) -> Result<(Option<Op>, u64), FsError> {
     let (size, mtime, executable) = (meta.len(), mtime_ms(meta), is_executable(meta));
-    if let Some(Applied::File {
-        size: s,
-        mtime_ms: m,
-        executable: x,
-        ..
-    }) = env.echo.get(key)
-    {
-        if (s, m, x) == (size, mtime, executable) {
-            return Ok((None, 0));
-        }
+    if is_echo(env, key, meta) {
+        return Ok((None, 0));
     }
     let same_stat = heads.iter().any(|h| match &h.op {
         Op::Put {

@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 use crate::echo::{Applied, Echo};
 use crate::error::FsError;
 use crate::rules::Rules;
-use crate::scan::{examine_file, scan, Env, Resolver};
+use crate::scan::{examine_file, is_echo, scan, Env, Resolver};
 use crate::{FsConfig, EMIT_BATCH, IGNORE_FILE};
 
 /// How often the folder is rescanned when it cannot be watched.
@@ -223,6 +223,14 @@ fn plan(env: &Env, paths: BTreeSet<PathBuf>) -> Result<Plan, FsError> {
             }
         };
         if handled.iter().any(|d| key.is_under(d)) {
+            continue;
+        }
+        // The store's own writes come back here by the thousand: drop them before
+        // reading the key's heads.
+        if meta
+            .as_ref()
+            .is_ok_and(|m| m.is_file() && is_echo(env, &key, m))
+        {
             continue;
         }
         let heads = env.log.heads(&key)?;
