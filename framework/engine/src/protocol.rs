@@ -172,11 +172,34 @@ async fn read_loop(
     receiver: &mut dyn FrameReceiver,
     control: &mpsc::UnboundedSender<Control>,
 ) -> Result<(), SessionError> {
+    // Chunks received are checked and stored on a blocking thread while the next frame is
+    // read and decoded: at most one such batch is in flight.
+    let mut storing: Option<StoringChunks> = None;
     loop {
-        let frame = match timeout(inner.config.keepalive_timeout, receiver.recv()).await {
+        let received = tokio::select! {
+            stored = async {
+                match storing.as_mut() {
+                    Some(task) => task.await,
+                    None => std::future::pending().await,
+                }
+            }, if storing.is_some() => {
+                storing = None;
+                if !chunks_stored(inner, label, stored).await? {
+                    return Ok(()); // shutting down
+                }
+                continue;
+            }
+            received = timeout(inner.config.keepalive_timeout, receiver.recv()) => received,
+        };
+        let frame = match received {
             Err(_) => return Err(SessionError::Timeout(label.to_owned())),
             Ok(Ok(Some(frame))) => frame,
-            Ok(Ok(None)) => return Ok(()),
+            Ok(Ok(None)) => {
+                if let Some(task) = storing.take() {
+                    chunks_stored(inner, label, task.await).await?;
+                }
+                return Ok(());
+            }
             Ok(Err(e)) => return Err(e.into()),
         };
         inner.count_received(&peer, frame.len() as u64 + codec::FRAME_HEADER_LEN as u64);
@@ -216,31 +239,20 @@ async fn read_loop(
                 let _ = control.send(Control::ServeChunks(hashes));
             }
             Message::Chunks { items } => {
+                if let Some(task) = storing.take() {
+                    if !chunks_stored(inner, label, task.await).await? {
+                        return Ok(());
+                    }
+                }
                 let chunks = inner.log.chunks().clone();
-                let stored = tokio::task::spawn_blocking(move || {
+                storing = Some(tokio::task::spawn_blocking(move || {
                     let mut hashes = Vec::with_capacity(items.len());
                     for item in items {
                         chunks.put_verified(&item.hash, &item.bytes)?;
                         hashes.push(item.hash);
                     }
-                    Ok::<_, crate::error::LogError>(hashes)
-                })
-                .await
-                .map_err(|e| violation(label, e.to_string()))?;
-                let hashes = stored.map_err(|e| match e {
-                    e @ crate::error::LogError::ChunkMismatch { .. } => {
-                        violation(label, e.to_string())
-                    }
-                    other => SessionError::Log(other),
-                })?;
-                if inner
-                    .inbound
-                    .send(Inbound::Chunks { hashes })
-                    .await
-                    .is_err()
-                {
-                    return Ok(());
-                }
+                    Ok(hashes)
+                }));
             }
             Message::Ping { nonce } => {
                 let _ = control.send(Control::Send(Message::Pong { nonce }));
@@ -248,6 +260,25 @@ async fn read_loop(
             Message::Pong { .. } => {}
         }
     }
+}
+
+/// A batch of received chunks being checked and stored: their hashes once stored.
+type StoringChunks = tokio::task::JoinHandle<Result<Vec<Hash>, crate::error::LogError>>;
+
+/// Tells the applier which chunks arrived; a chunk that does not match its hash ends the
+/// session. `false` when the engine is shutting down.
+async fn chunks_stored(
+    inner: &Arc<Inner>,
+    label: &str,
+    stored: Result<Result<Vec<Hash>, crate::error::LogError>, tokio::task::JoinError>,
+) -> Result<bool, SessionError> {
+    let hashes = stored
+        .map_err(|e| violation(label, e.to_string()))?
+        .map_err(|e| match e {
+            e @ crate::error::LogError::ChunkMismatch { .. } => violation(label, e.to_string()),
+            other => SessionError::Log(other),
+        })?;
+    Ok(inner.inbound.send(Inbound::Chunks { hashes }).await.is_ok())
 }
 
 async fn write_loop(

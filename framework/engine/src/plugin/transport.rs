@@ -19,6 +19,10 @@ pub trait FrameSender: Send + 'static {
 pub trait FrameReceiver: Send + 'static {
     /// The next frame; `Ok(None)` when the peer closed the connection cleanly. Frames over
     /// the transport's size limit, or a broken stream, are errors: the session ends.
+    ///
+    /// Must be cancel safe: the engine waits for a frame and for other work at once, and
+    /// drops this future when the other work finishes first. A later call must go on
+    /// with the same frame, having lost none of its bytes.
     async fn recv(&mut self) -> Result<Option<Vec<u8>>, TransportError>;
 }
 
