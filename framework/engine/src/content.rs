@@ -383,6 +383,16 @@ impl ChunkStore {
         content: &ContentRef,
         f: &mut dyn FnMut(&[u8]) -> Result<(), LogError>,
     ) -> Result<(), LogError> {
+        self.walk(content.root, content.depth, &mut |bytes| f(&bytes))
+    }
+
+    /// Like [`ChunkStore::for_each_data_chunk`], handing over each chunk's buffer (to pass
+    /// it to another thread without a copy).
+    pub fn for_each_data_chunk_owned(
+        &self,
+        content: &ContentRef,
+        f: &mut dyn FnMut(Vec<u8>) -> Result<(), LogError>,
+    ) -> Result<(), LogError> {
         self.walk(content.root, content.depth, f)
     }
 
@@ -390,14 +400,14 @@ impl ChunkStore {
         &self,
         hash: Hash,
         depth: u8,
-        f: &mut dyn FnMut(&[u8]) -> Result<(), LogError>,
+        f: &mut dyn FnMut(Vec<u8>) -> Result<(), LogError>,
     ) -> Result<(), LogError> {
         let location = self.locate(&hash)?.ok_or_else(|| LogError::Corrupt {
             what: format!("chunk {hash:?}"),
             source: converge_api::CodecError::Malformed("missing from the content store".into()),
         })?;
         if depth == 0 {
-            return f(&self.read(&hash, location)?);
+            return f(self.read(&hash, location)?);
         }
         for child in self.node(&hash, location)?.children {
             self.walk(child.hash, depth - 1, f)?;

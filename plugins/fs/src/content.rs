@@ -37,8 +37,9 @@ pub fn hash_file(path: &Path) -> Result<ContentRef, FsError> {
     chunk_file(path, None)
 }
 
-/// Files at least this large are chunked on one thread while another stores the chunks.
-const PIPELINE_BYTES: u64 = 4 << 20;
+/// Files at least this large are chunked (and written out by the store) on one thread
+/// while another stores (reads) the chunks.
+pub(crate) const PIPELINE_BYTES: u64 = 4 << 20;
 
 fn chunk_file(path: &Path, store: Option<&ChunkStore>) -> Result<ContentRef, FsError> {
     let file = File::open(path).map_err(FsError::io("opening", path))?;

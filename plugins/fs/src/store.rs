@@ -22,7 +22,7 @@ use converge_framework::plugin::{KeyView, Store, StoreContext};
 use converge_framework::{LogError, PluginError};
 use filetime::FileTime;
 
-use crate::content::{hash_file, is_executable, mtime_ms};
+use crate::content::{hash_file, is_executable, mtime_ms, PIPELINE_BYTES};
 use crate::echo::{Applied, Echo};
 use crate::error::FsError;
 use crate::rules::Rules;
@@ -508,24 +508,49 @@ impl Writer {
             .mode(mode)
             .open(temp)
             .map_err(FsError::io("creating", temp))?;
-        let mut io_error = None;
-        let mut written = 0u64;
-        let walked = self.chunks.for_each_data_chunk(content, &mut |bytes| {
-            written += bytes.len() as u64;
-            file.write_all(bytes).map_err(|e| {
-                io_error = Some(e);
-                // Replaced by the I/O error below; never seen by anyone.
-                LogError::Closed
-            })
-        });
-        if let Some(e) = io_error {
-            return Err(FsError::Io {
-                op: "writing",
-                path: temp.to_owned(),
-                source: e,
+        let written = if content.size >= PIPELINE_BYTES {
+            // Reading and checking the chunks takes about as long as writing them: a
+            // second thread reads while this one writes.
+            std::thread::scope(|scope| {
+                let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(32);
+                let chunks = &self.chunks;
+                let reader = scope.spawn(move || {
+                    chunks.for_each_data_chunk_owned(content, &mut |bytes| {
+                        tx.send(bytes).map_err(|_| LogError::Closed)
+                    })
+                });
+                let written = write_chunks(&mut file, temp, rx);
+                // A write error drops `rx`, which stops the reader with `Closed`: the
+                // write error is the one to report.
+                let read = reader.join().map_err(|_| FsError::Content {
+                    path: temp.to_owned(),
+                    reason: "the thread reading its chunks panicked".into(),
+                })?;
+                let written = written?;
+                read?;
+                Ok::<_, FsError>(written)
+            })?
+        } else {
+            let mut io_error = None;
+            let mut written = 0u64;
+            let walked = self.chunks.for_each_data_chunk(content, &mut |bytes| {
+                written += bytes.len() as u64;
+                file.write_all(bytes).map_err(|e| {
+                    io_error = Some(e);
+                    // Replaced by the I/O error below; never seen by anyone.
+                    LogError::Closed
+                })
             });
-        }
-        walked?;
+            if let Some(e) = io_error {
+                return Err(FsError::Io {
+                    op: "writing",
+                    path: temp.to_owned(),
+                    source: e,
+                });
+            }
+            walked?;
+            written
+        };
         if written != content.size {
             return Err(FsError::Content {
                 path: temp.to_owned(),
@@ -542,6 +567,47 @@ impl Writer {
 }
 
 /// `base` with the executable bits set (where readable) or cleared.
+/// Writes the chunks arriving on `rx` to `file` (the temp file `temp`), starting the
+/// kernel's writeback every few MiB so the batch's `syncfs` finds little left to write.
+/// Returns the bytes written.
+fn write_chunks(
+    file: &mut File,
+    temp: &Path,
+    rx: std::sync::mpsc::Receiver<Vec<u8>>,
+) -> Result<u64, FsError> {
+    const WRITEBACK_BYTES: u64 = 8 << 20;
+    let (mut written, mut written_back) = (0u64, 0u64);
+    for bytes in rx {
+        file.write_all(&bytes)
+            .map_err(FsError::io("writing", temp))?;
+        written += bytes.len() as u64;
+        if written - written_back >= WRITEBACK_BYTES {
+            start_writeback(file, written_back, written - written_back);
+            written_back = written;
+        }
+    }
+    Ok(written)
+}
+
+/// Asks the kernel to start writing a range of `file` to disk without waiting for it.
+/// Advisory: errors surface at the batch's sync.
+fn start_writeback(file: &File, offset: u64, len: u64) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
+            return;
+        };
+        // SAFETY: the descriptor stays open while `file` is borrowed; the call only reads
+        // its arguments.
+        unsafe {
+            libc::sync_file_range(file.as_raw_fd(), offset, len, libc::SYNC_FILE_RANGE_WRITE);
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (file, offset, len);
+}
+
 fn mode_for(base: u32, executable: bool) -> u32 {
     if executable {
         base | ((base & 0o444) >> 2) | 0o100
