@@ -35,6 +35,9 @@ use crate::error::LogError;
 /// A pack is closed and a new one started once it holds this many bytes.
 const PACK_BYTES: u64 = 1 << 30;
 
+/// Index entries written per sled batch by [`ChunkStore::sync`].
+const INDEX_BATCH: usize = 256;
+
 /// Writeback of a pack is started every this many bytes, so that the sync before a
 /// flush finds little left to write.
 const WRITEBACK_BYTES: u64 = 8 << 20;
@@ -255,12 +258,18 @@ impl ChunkStore {
                 .map_err(io_error("syncing", pack_path(&inner.dir, *id)))?;
         }
         w.closed.clear();
-        let mut batch = sled::Batch::default();
-        for (hash, location) in &w.staged {
-            batch.insert(&hash.0, &location.encode());
+        // In small batches: sled frees the node copies an insert replaces only once no
+        // operation is running, so one batch of a large file's 65,000 entries held a
+        // quarter of a GiB. The entries are independent; they need no atomicity.
+        let staged: Vec<(Hash, Location)> = w.staged.drain().collect();
+        for part in staged.chunks(INDEX_BATCH) {
+            let mut batch = sled::Batch::default();
+            for (hash, location) in part {
+                batch.insert(&hash.0, &location.encode());
+            }
+            inner.index.apply_batch(batch)?;
         }
-        inner.index.apply_batch(batch)?;
-        w.staged.clear();
+        w.staged.shrink_to(1024);
         Ok(())
     }
 
