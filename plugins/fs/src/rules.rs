@@ -9,7 +9,7 @@ use ignore::gitignore::{Gitignore, GitignoreBuilder};
 use crate::{CONFLICT_MARKER, IGNORE_FILE, TEMP_PREFIX};
 
 /// The ignore rules of one folder, loaded from its root.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub(crate) struct Rules {
     root: PathBuf,
     exclude: Vec<PathBuf>,

@@ -253,9 +253,31 @@ fn apply_blocking(
             tracing::warn!("{why}");
         }
     }
-    for (key, content, meta) in files {
-        if let Err(Refused(why)) = w.put_file(&key, None, Some(&key), &content, &meta)? {
-            tracing::warn!("{why}");
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
+    // Threads may only split files that cannot get in each other's way: when one key is
+    // below another (a file where another wants a directory), the batch stays in order.
+    if threads < 2 || files.len() < PARALLEL_FILES || any_nested(&files) {
+        w.put_files(&files)?;
+    } else {
+        // Writing a file is mostly system calls (create, write, mode, mtime, rename), each
+        // waiting on the file system: several threads keep more of them under way.
+        let part = files.len().div_ceil(threads);
+        let results: Vec<std::thread::Result<Result<bool, FsError>>> = std::thread::scope(|s| {
+            let handles: Vec<_> = files
+                .chunks(part)
+                .map(|files| {
+                    let mut fork = w.fork();
+                    s.spawn(move || fork.put_files(files).map(|()| fork.dirty))
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join()).collect()
+        });
+        for result in results {
+            let dirty = result.map_err(|_| FsError::Content {
+                path: root.clone(),
+                reason: "a thread writing files panicked".into(),
+            })??;
+            w.dirty |= dirty;
         }
     }
     for (name, of, content, meta) in copies {
@@ -270,6 +292,19 @@ fn apply_blocking(
     Ok(())
 }
 
+/// Whether some key of `files` lies below another one.
+fn any_nested(files: &[(Key, ContentRef, Meta)]) -> bool {
+    let keys: HashSet<&str> = files.iter().map(|(k, _, _)| k.as_str()).collect();
+    files.iter().any(|(key, _, _)| {
+        let key = key.as_str();
+        key.match_indices('/')
+            .any(|(i, _)| keys.contains(&key[..i]))
+    })
+}
+
+/// Batches with at least this many files are written by several threads.
+const PARALLEL_FILES: usize = 64;
+
 struct Writer {
     rules: Rules,
     echo: Arc<Echo>,
@@ -280,6 +315,27 @@ struct Writer {
 }
 
 impl Writer {
+    /// A writer for another thread of the same batch.
+    fn fork(&self) -> Writer {
+        Writer {
+            rules: self.rules.clone(),
+            echo: self.echo.clone(),
+            chunks: self.chunks.clone(),
+            checked: self.checked.clone(),
+            dirty: false,
+        }
+    }
+
+    /// Writes each file whose content differs from what is there.
+    fn put_files(&mut self, files: &[(Key, ContentRef, Meta)]) -> Result<(), FsError> {
+        for (key, content, meta) in files {
+            if let Err(Refused(why)) = self.put_file(key, None, Some(key), content, meta)? {
+                tracing::warn!("{why}");
+            }
+        }
+        Ok(())
+    }
+
     /// The path of `key`, if the store may write it: not ignored or excluded, and no
     /// ancestor is a symlink or a file.
     fn resolve(&mut self, key: &Key, is_dir: bool) -> Result<PathBuf, Refused> {
@@ -729,7 +785,26 @@ fn sync_all(root: &Path) -> Result<(), FsError> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use converge_api::{EventId, Hlc, ReplicaId};
+    use converge_api::{EventId, Hash, Hlc, ReplicaId};
+
+    #[test]
+    fn nested_keys_keep_a_batch_in_order() {
+        let files = |keys: &[&str]| -> Vec<(Key, ContentRef, Meta)> {
+            keys.iter()
+                .map(|k| {
+                    let content = ContentRef {
+                        root: Hash::of(b""),
+                        size: 0,
+                        depth: 0,
+                    };
+                    (Key::new(*k).unwrap(), content, Meta::file(0))
+                })
+                .collect()
+        };
+        assert!(!any_nested(&files(&["a", "ab", "b/c", "b/d/e", "a b"])));
+        assert!(any_nested(&files(&["b/d/e", "a", "b/d"])));
+        assert!(any_nested(&files(&["x/y", "x"])));
+    }
 
     #[test]
     fn conflict_names() {

@@ -18,7 +18,7 @@ use crate::echo::{Applied, Echo};
 use crate::error::FsError;
 use crate::rules::Rules;
 use crate::scan::{examine_file, is_echo, scan, Env, Resolver};
-use crate::{FsConfig, EMIT_BATCH, IGNORE_FILE};
+use crate::{FsConfig, EMIT_BATCH, IGNORE_FILE, TEMP_PREFIX};
 
 /// How often the folder is rescanned when it cannot be watched.
 const RESCAN_WITHOUT_WATCHER: Duration = Duration::from_secs(60);
@@ -186,7 +186,13 @@ fn collect(event: notify::Result<notify::Event>, paths: &mut BTreeSet<PathBuf>, 
                     return;
                 }
             }
-            paths.extend(event.paths);
+            // The store's temp files come and go with every file it writes: never
+            // changes of the folder, so not worth a stat.
+            paths.extend(event.paths.into_iter().filter(|p| {
+                !p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with(TEMP_PREFIX))
+            }));
         }
     }
 }
