@@ -541,9 +541,9 @@ pub(crate) enum Ask {
 }
 
 /// Asks the kernel to start writing `len` bytes at `offset` of `file` to disk, without
-/// waiting: the later `fdatasync` then finds them written or under way. Advisory; errors
-/// are left for that sync to report.
-fn start_writeback(file: &File, offset: u64, len: u64) {
+/// waiting: a later `fdatasync` or `syncfs` then finds them written or under way.
+/// Advisory (Linux only; a no-op elsewhere); errors are left for that sync to report.
+pub fn start_writeback(file: &File, offset: u64, len: u64) {
     #[cfg(target_os = "linux")]
     {
         use std::os::fd::AsRawFd;

@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use converge_api::{ContentRef, EntryKind, Head, Key, Meta, Op};
-use converge_framework::content::ChunkStore;
+use converge_framework::content::{start_writeback, ChunkStore};
 use converge_framework::plugin::{KeyView, Store, StoreContext};
 use converge_framework::{LogError, PluginError};
 use filetime::FileTime;
@@ -643,25 +643,6 @@ fn write_chunks(
         }
     }
     Ok(written)
-}
-
-/// Asks the kernel to start writing a range of `file` to disk without waiting for it.
-/// Advisory: errors surface at the batch's sync.
-fn start_writeback(file: &File, offset: u64, len: u64) {
-    #[cfg(target_os = "linux")]
-    {
-        use std::os::fd::AsRawFd;
-        let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
-            return;
-        };
-        // SAFETY: the descriptor stays open while `file` is borrowed; the call only reads
-        // its arguments.
-        unsafe {
-            libc::sync_file_range(file.as_raw_fd(), offset, len, libc::SYNC_FILE_RANGE_WRITE);
-        }
-    }
-    #[cfg(not(target_os = "linux"))]
-    let _ = (file, offset, len);
 }
 
 fn mode_for(base: u32, executable: bool) -> u32 {
