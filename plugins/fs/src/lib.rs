@@ -115,6 +115,6 @@ pub fn folder(config: FsConfig) -> (FsSource, FsStore) {
     let echo = Arc::new(echo::Echo::default());
     (
         FsSource::with_echo(config.clone(), echo.clone()),
-        FsStore::with_echo(config, echo),
+        FsStore::with_echo(config, echo).guarded(),
     )
 }

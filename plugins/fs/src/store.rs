@@ -16,8 +16,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use converge_api::{ContentRef, EntryKind, Head, Key, Meta, Op};
+use converge_api::{ContentRef, EntryKind, EventId, Head, Key, Meta, Op};
 use converge_framework::content::{start_writeback, ChunkStore};
+use converge_framework::log::EventLog;
 use converge_framework::plugin::{KeyView, Store, StoreContext};
 use converge_framework::{LogError, PluginError};
 use filetime::FileTime;
@@ -37,6 +38,9 @@ pub struct FsStore {
     name: String,
     config: FsConfig,
     echo: Arc<Echo>,
+    /// Whether this is the folder's own store, paired with its source: then it never
+    /// overwrites or removes a file in a state the log does not know.
+    guarded: bool,
 }
 
 impl FsStore {
@@ -55,7 +59,19 @@ impl FsStore {
             name: "folder".into(),
             config,
             echo,
+            guarded: false,
         }
+    }
+
+    /// Makes this the folder's own store, whose source records local changes: a file
+    /// whose size, mtime and mode match neither what the store wrote nor any event of
+    /// its key in the log (its heads and their ancestors) was changed here and not yet
+    /// recorded. Such a file is left alone rather than overwritten or removed; the source
+    /// records the change, and what wins is applied then. Without this, a file saved
+    /// twice in quick succession could be put back to its first version.
+    pub(crate) fn guarded(mut self) -> Self {
+        self.guarded = true;
+        self
     }
 
     /// Renames the store (its subscriber and cursor name).
@@ -78,11 +94,13 @@ impl Store for FsStore {
 
     async fn apply(&self, ctx: &StoreContext, views: Vec<KeyView>) -> Result<(), PluginError> {
         let (config, echo, chunks) = (self.config.clone(), self.echo.clone(), ctx.chunks().clone());
-        let applied =
-            tokio::task::spawn_blocking(move || apply_blocking(&config, echo, chunks, views))
-                .await
-                .map_err(FsError::from)
-                .and_then(|r| r);
+        let guard = self.guarded.then(|| ctx.log().clone());
+        let applied = tokio::task::spawn_blocking(move || {
+            apply_blocking(&config, echo, chunks, guard, views)
+        })
+        .await
+        .map_err(FsError::from)
+        .and_then(|r| r);
         applied.map_err(|e| e.into_plugin(&self.name))
     }
 
@@ -153,6 +171,7 @@ fn apply_blocking(
     config: &FsConfig,
     echo: Arc<Echo>,
     chunks: ChunkStore,
+    guard: Option<EventLog>,
     views: Vec<KeyView>,
 ) -> Result<(), FsError> {
     std::fs::create_dir_all(&config.root).map_err(FsError::io("creating", &config.root))?;
@@ -165,6 +184,7 @@ fn apply_blocking(
         rules: Rules::load(&root, &config.exclude),
         echo,
         chunks,
+        guard,
         checked: HashSet::new(),
         dirty: false,
     };
@@ -219,6 +239,9 @@ fn apply_blocking(
                     "not removing symlink {} (symlinks are not synced)",
                     path.display()
                 );
+            }
+            Ok(m) if !w.knows(&key, &m) => {
+                tracing::info!("{key}: changed here since it was last recorded; not removed (the change is recorded next)");
             }
             Ok(_) => {
                 w.echo.record(&key, Applied::Absent);
@@ -302,6 +325,9 @@ fn any_nested(files: &[(Key, ContentRef, Meta)]) -> bool {
     })
 }
 
+/// How many events of a key [`Writer::knows`] looks through, nearest first.
+const KNOWN_SEARCH: usize = 256;
+
 /// Batches with at least this many files are written by several threads.
 const PARALLEL_FILES: usize = 64;
 
@@ -309,6 +335,8 @@ struct Writer {
     rules: Rules,
     echo: Arc<Echo>,
     chunks: ChunkStore,
+    /// The log, for the folder's own store: see [`FsStore::guarded`].
+    guard: Option<EventLog>,
     /// Directories already checked to be real directories (not symlinks) in this batch.
     checked: HashSet<PathBuf>,
     dirty: bool,
@@ -321,6 +349,7 @@ impl Writer {
             rules: self.rules.clone(),
             echo: self.echo.clone(),
             chunks: self.chunks.clone(),
+            guard: self.guard.clone(),
             checked: self.checked.clone(),
             dirty: false,
         }
@@ -334,6 +363,61 @@ impl Writer {
             }
         }
         Ok(())
+    }
+
+    /// Whether the regular file `key`, as `m` describes it, is in a state the store may
+    /// replace: always for an unguarded store; otherwise when its size, mtime and mode are
+    /// those the store last wrote, or those of an event of `key` in the log (a head or an
+    /// ancestor of one, the nearest [`KNOWN_SEARCH`] events).
+    fn knows(&self, key: &Key, m: &std::fs::Metadata) -> bool {
+        let Some(log) = &self.guard else {
+            return true;
+        };
+        let stat = (m.len(), mtime_ms(m), is_executable(m));
+        if let Some(Applied::File {
+            size,
+            mtime_ms,
+            executable,
+            ..
+        }) = self.echo.get(key)
+        {
+            if (size, mtime_ms, executable) == stat {
+                return true;
+            }
+        }
+        let mut queue: std::collections::VecDeque<EventId> = match log.heads(key) {
+            Ok(heads) => heads.iter().map(|h| h.id).collect(),
+            Err(e) => {
+                tracing::warn!("{key}: reading its heads: {e}; applying anyway");
+                return true;
+            }
+        };
+        let mut seen = HashSet::new();
+        while let Some(id) = queue.pop_front() {
+            if !seen.insert(id) || seen.len() > KNOWN_SEARCH {
+                continue;
+            }
+            let event = match log.get(&id) {
+                Ok(Some(event)) => event,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::warn!("{key}: reading event {id:?}: {e}; applying anyway");
+                    return true;
+                }
+            };
+            if let Op::Put {
+                content: Some(c),
+                meta,
+            } = &event.op
+            {
+                if meta.kind == EntryKind::File && (c.size, meta.mtime_ms, meta.executable) == stat
+                {
+                    return true;
+                }
+            }
+            queue.extend(event.parents);
+        }
+        false
     }
 
     /// The path of `key`, if the store may write it: not ignored or excluded, and no
@@ -476,6 +560,19 @@ impl Writer {
         };
         let mut base_mode = 0o644;
         match std::fs::symlink_metadata(&path) {
+            Ok(m)
+                if m.is_file()
+                    && echo_key.is_some()
+                    && !(m.len(), mtime_ms(&m), is_executable(&m)).eq(&(
+                        content.size,
+                        meta.mtime_ms,
+                        meta.executable,
+                    ))
+                    && !self.knows(target, &m) =>
+            {
+                tracing::info!("{target}: changed here since it was last recorded; not overwritten (the change is recorded next)");
+                return Ok(Ok(()));
+            }
             Ok(m) if m.is_file() => {
                 base_mode = m.permissions().mode() & 0o777;
                 if m.len() == content.size && hash_file(&path)?.root == content.root {

@@ -256,3 +256,97 @@ async fn a_stale_write_of_the_store_is_not_echoed() {
         .values()
         .all(|(kind, _, _)| *kind == EntryKind::File));
 }
+
+/// A file saved again before the source recorded the change must not be put back to the
+/// version the log holds; a file in a state the log knows (an ancestor of the winner) is
+/// replaced as usual; a mirror overwrites whatever it finds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_change_not_yet_recorded_is_never_overwritten() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = common::log();
+    let (_, store) = folder(FsConfig::new(dir.path()));
+    let scanner = FsSource::new(FsConfig::new(dir.path()));
+    write(dir.path(), "f.txt", b"first");
+    scan_once(&scanner, &log).await;
+
+    // Saved again; the source has not seen it yet. The store applies the first version.
+    write(dir.path(), "f.txt", b"second, not recorded yet");
+    apply(&store, &log, views(&log)).await;
+    assert_eq!(
+        std::fs::read(dir.path().join("f.txt")).unwrap(),
+        b"second, not recorded yet"
+    );
+
+    // The same for a remove: a delete that won must not take the unrecorded file.
+    let deleted = log
+        .append_local(vec![LocalChange {
+            key: key("f.txt"),
+            op: Op::Delete,
+        }])
+        .await
+        .unwrap();
+    apply(&store, &log, views(&log)).await;
+    assert!(dir.path().join("f.txt").exists());
+
+    // A remote write on top of the recorded history (delete ← first): the file on disk is
+    // in no state the log knows, so it stays; once it is back to a known state (the
+    // first version, an ancestor of the winner), the remote write replaces it.
+    let other = tempfile::tempdir().unwrap();
+    write(other.path(), "r", b"remote version");
+    let content =
+        converge_plugin_fs::content::store_file(&other.path().join("r"), log.chunks()).unwrap();
+    let remote = converge_api::Event {
+        id: converge_api::EventId {
+            origin: converge_api::ReplicaId([7; 16]),
+            seq: 1,
+        },
+        hlc: Hlc {
+            wall_ms: u64::MAX / 2,
+            logical: 0,
+        },
+        key: key("f.txt"),
+        parents: vec![deleted[0].id],
+        op: Op::Put {
+            content: Some(content),
+            meta: converge_api::Meta::file(1_700_000_000_000),
+        },
+    };
+    log.append(vec![remote]).await.unwrap();
+    apply(&store, &log, views(&log)).await;
+    assert_eq!(
+        std::fs::read(dir.path().join("f.txt")).unwrap(),
+        b"second, not recorded yet"
+    );
+    let first = log.read(0, 1).unwrap().remove(0).1;
+    let Op::Put { meta, .. } = &first.op else {
+        panic!("the first event is a put")
+    };
+    write(dir.path(), "f.txt", b"first");
+    filetime::set_file_mtime(
+        dir.path().join("f.txt"),
+        filetime::FileTime::from_unix_time(
+            meta.mtime_ms / 1000,
+            (meta.mtime_ms % 1000) as u32 * 1_000_000,
+        ),
+    )
+    .unwrap();
+    apply(&store, &log, views(&log)).await;
+    assert_eq!(
+        std::fs::read(dir.path().join("f.txt")).unwrap(),
+        b"remote version"
+    );
+
+    // A mirror is not guarded: it overwrites a file changed by hand.
+    let mirror_dir = tempfile::tempdir().unwrap();
+    write(mirror_dir.path(), "f.txt", b"edited in the mirror");
+    apply(
+        &FsStore::mirror("m", FsConfig::new(mirror_dir.path())),
+        &log,
+        views(&log),
+    )
+    .await;
+    assert_eq!(
+        std::fs::read(mirror_dir.path().join("f.txt")).unwrap(),
+        b"remote version"
+    );
+}
