@@ -315,6 +315,17 @@ fn apply_blocking(
     Ok(())
 }
 
+/// The process's file mode creation mask, read once from `/proc/self/status` (reading it
+/// with `umask(2)` would change it for a moment under other threads); `None` if unknown.
+fn umask() -> Option<u32> {
+    static UMASK: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
+    *UMASK.get_or_init(|| {
+        let status = std::fs::read_to_string("/proc/self/status").ok()?;
+        let line = status.lines().find_map(|l| l.strip_prefix("Umask:"))?;
+        u32::from_str_radix(line.trim(), 8).ok()
+    })
+}
+
 /// Whether some key of `files` lies below another one.
 fn any_nested(files: &[(Key, ContentRef, Meta)]) -> bool {
     let keys: HashSet<&str> = files.iter().map(|(k, _, _)| k.as_str()).collect();
@@ -710,9 +721,12 @@ impl Writer {
                 reason: format!("{written} bytes written, {} expected", content.size),
             });
         }
-        // The mode given at creation is masked by the umask; set it exactly.
-        file.set_permissions(Permissions::from_mode(mode))
-            .map_err(FsError::io("setting the mode of", temp))?;
+        // The mode given at creation is masked by the umask; set it exactly when the mask
+        // took something away (one system call, and one watcher event, per file saved).
+        if umask().is_none_or(|mask| mode & mask != 0) {
+            file.set_permissions(Permissions::from_mode(mode))
+                .map_err(FsError::io("setting the mode of", temp))?;
+        }
         filetime::set_file_handle_times(&file, None, Some(file_time(mtime)))
             .map_err(FsError::io("setting the mtime of", temp))?;
         Ok(())
@@ -864,6 +878,14 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use converge_api::{EventId, Hash, Hlc, ReplicaId};
+
+    #[test]
+    fn the_umask_is_read_as_the_kernel_has_it() {
+        // SAFETY: umask only swaps the mask; it is put back at once.
+        let mask = unsafe { libc::umask(0o022) };
+        unsafe { libc::umask(mask) };
+        assert_eq!(umask(), Some(mask));
+    }
 
     #[test]
     fn nested_keys_keep_a_batch_in_order() {
