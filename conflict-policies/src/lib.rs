@@ -33,16 +33,7 @@ impl ConflictPolicy for Lww {
     }
 
     fn resolve(&self, _key: &Key, heads: &[Head]) -> Resolution {
-        let winner = heads.iter().max_by_key(|h| h.lww_rank()).map(|h| h.id);
-        // `heads` is never empty; an empty slice still gets a well-formed answer.
-        let winner = winner.unwrap_or(converge_api::EventId {
-            origin: converge_api::ReplicaId([0; 16]),
-            seq: 0,
-        });
-        Resolution {
-            winner,
-            copies: Vec::new(),
-        }
+        Resolution::lww(heads)
     }
 }
 

@@ -74,19 +74,12 @@ impl PolicyPlugin for KeepLarger {
         if key.as_str() == PANIC_KEY {
             panic!("keep-larger: asked to panic by the test key {PANIC_KEY}");
         }
-        let winner = heads
-            .iter()
-            .max_by_key(|h| (size_of(h), h.lww_rank()))
-            .map(|h| h.id);
-        // `heads` is never empty; an answer naming no head makes the host use LWW.
-        let winner = winner.unwrap_or(converge_api::EventId {
-            origin: converge_api::ReplicaId([0; 16]),
-            seq: 0,
-        });
-        Resolution {
-            winner,
-            copies: Vec::new(),
-        }
+        Resolution::single(
+            heads
+                .iter()
+                .max_by_key(|h| (size_of(h), h.lww_rank()))
+                .map(|h| h.id),
+        )
     }
 }
 

@@ -41,6 +41,26 @@ pub struct Resolution {
     pub copies: Vec<EventId>,
 }
 
+impl Resolution {
+    /// Shows `winner`, with no conflict copies. `None` (only possible for empty heads,
+    /// which no host passes) names no event, and the host then falls back to
+    /// last-write-wins.
+    pub fn single(winner: Option<EventId>) -> Resolution {
+        Resolution {
+            winner: winner.unwrap_or(EventId {
+                origin: ReplicaId([0; 16]),
+                seq: 0,
+            }),
+            copies: Vec::new(),
+        }
+    }
+
+    /// Last-write-wins among `heads`: the greatest `(hlc, origin)`, no conflict copies.
+    pub fn lww(heads: &[Head]) -> Resolution {
+        Resolution::single(heads.iter().max_by_key(|h| h.lww_rank()).map(|h| h.id))
+    }
+}
+
 /// Decides what concurrent writes to one key resolve to.
 ///
 /// Implementations must be pure and deterministic: the same heads give the same answer on

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use converge_api::{ConflictPolicy, Head, Key, Op};
+use converge_api::{ConflictPolicy, Head, Key, Op, Resolution};
 
 use crate::plugin::KeyView;
 use crate::projection::KeyState;
@@ -32,40 +32,50 @@ impl Reconciler {
         self.policy.name()
     }
 
-    /// What stores show for `key` in `state`. One head needs no policy. An answer that
-    /// names no head (a buggy policy) falls back to last-write-wins, so every replica
-    /// still agrees.
+    /// What stores show for `key` in `state` (see [`pick`]).
     pub fn view(&self, key: &Key, state: &KeyState) -> KeyView {
         let heads = &state.heads;
-        let (winner, copies): (Option<&Head>, Vec<Head>) = match heads.len() {
-            0 => (None, Vec::new()),
-            1 => (heads.first(), Vec::new()),
-            _ => {
-                let resolution = self.policy.resolve(key, heads);
-                let find = |id| heads.iter().find(|h| h.id == id);
-                match find(resolution.winner) {
-                    Some(w) => (
-                        Some(w),
-                        resolution
-                            .copies
-                            .iter()
-                            .filter_map(|id| find(*id))
-                            .cloned()
-                            .collect(),
-                    ),
-                    None => {
-                        tracing::warn!(policy = self.policy.name(), %key, "policy named no head; using last-write-wins");
-                        (heads.iter().max_by_key(|h| h.lww_rank()), Vec::new())
-                    }
-                }
-            }
-        };
+        let (winner, copies) = pick(Some(&*self.policy), key, heads);
+        let copies = copies.into_iter().cloned().collect();
         let winner = winner.filter(|h| !matches!(h.op, Op::Delete)).cloned();
         KeyView {
             key: key.clone(),
             winner,
             copies,
             conflicted: heads.len() > 1,
+        }
+    }
+}
+
+/// The head shown for `key` among `heads`, and the heads shown beside it as conflict
+/// copies. One head needs no policy; without a policy, or when the policy's answer names
+/// no head (a buggy policy), last-write-wins decides, so every replica still agrees.
+/// `None` only for no heads.
+pub fn pick<'h>(
+    policy: Option<&dyn ConflictPolicy>,
+    key: &Key,
+    heads: &'h [Head],
+) -> (Option<&'h Head>, Vec<&'h Head>) {
+    let find = |id| heads.iter().find(|h| h.id == id);
+    if heads.len() < 2 {
+        return (heads.first(), Vec::new());
+    }
+    let Some(policy) = policy else {
+        return (find(Resolution::lww(heads).winner), Vec::new());
+    };
+    let resolution = policy.resolve(key, heads);
+    match find(resolution.winner) {
+        Some(winner) => (
+            Some(winner),
+            resolution
+                .copies
+                .iter()
+                .filter_map(|id| find(*id))
+                .collect(),
+        ),
+        None => {
+            tracing::warn!(policy = policy.name(), %key, "policy named no head; using last-write-wins");
+            (find(Resolution::lww(heads).winner), Vec::new())
         }
     }
 }

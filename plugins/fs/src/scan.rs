@@ -16,6 +16,7 @@ use converge_api::{ConflictPolicy, EntryKind, Head, Key, Meta, Op};
 use converge_framework::content::ChunkStore;
 use converge_framework::log::{EventLog, LocalChange};
 use converge_framework::plugin::{ScanProgress, SourceContext};
+use converge_framework::reconciler::pick;
 use ignore::{WalkBuilder, WalkState};
 use tokio::sync::mpsc;
 
@@ -25,8 +26,8 @@ use crate::error::FsError;
 use crate::rules::Rules;
 use crate::EMIT_BATCH;
 
-/// Picks the head a store shows for a key: the conflict policy's winner, or the greatest
-/// `(hlc, origin)` without one.
+/// Picks the head a store shows for a key, as the engine's reconciler does (the conflict
+/// policy's winner, last-write-wins without one).
 #[derive(Clone, Default)]
 pub(crate) struct Resolver {
     pub(crate) policy: Option<Arc<dyn ConflictPolicy>>,
@@ -43,16 +44,8 @@ impl std::fmt::Debug for Resolver {
 impl Resolver {
     /// The winning head if it is a `Put` (the key is shown), `None` if the key is absent.
     pub(crate) fn shown<'h>(&self, key: &Key, heads: &'h [Head]) -> Option<&'h Head> {
-        let winner = match (heads.len(), &self.policy) {
-            (0, _) => return None,
-            (1, _) => heads.first()?,
-            (_, Some(policy)) => {
-                let id = policy.resolve(key, heads).winner;
-                heads.iter().find(|h| h.id == id)?
-            }
-            (_, None) => heads.iter().max_by_key(|h| h.lww_rank())?,
-        };
-        matches!(winner.op, Op::Put { .. }).then_some(winner)
+        let (winner, _) = pick(self.policy.as_deref(), key, heads);
+        winner.filter(|h| matches!(h.op, Op::Put { .. }))
     }
 }
 

@@ -19,9 +19,7 @@ use converge_api::abi::{
     self, Buffer, Emitted, FreeBufferFn, HostCallbacks, PluginDeclaration, PluginKind, ResolveFn,
     SourceStartFn, SourceStopFn,
 };
-use converge_api::{
-    codec, ConflictPolicy, ContentRef, EventId, Head, Key, Op, ReplicaId, Resolution,
-};
+use converge_api::{codec, ConflictPolicy, ContentRef, Head, Key, Op, Resolution};
 use thiserror::Error;
 use tokio::sync::mpsc;
 
@@ -417,22 +415,6 @@ impl DylibPolicy {
     }
 }
 
-/// Last-write-wins over `heads`, the fallback every replica computes alike.
-fn lww(heads: &[Head]) -> Resolution {
-    let winner = heads
-        .iter()
-        .max_by_key(|h| h.lww_rank())
-        .map(|h| h.id)
-        .unwrap_or(EventId {
-            origin: ReplicaId([0; 16]),
-            seq: 0,
-        });
-    Resolution {
-        winner,
-        copies: Vec::new(),
-    }
-}
-
 impl ConflictPolicy for DylibPolicy {
     fn name(&self) -> &str {
         &self.name
@@ -444,7 +426,7 @@ impl ConflictPolicy for DylibPolicy {
             Err(e) => {
                 self.fallbacks.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(policy = %self.name, %key, "{e}; using last-write-wins");
-                lww(heads)
+                Resolution::lww(heads)
             }
         }
     }
