@@ -11,9 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use converge_api::abi::PolicyPlugin;
-use converge_api::{
-    codec, ConflictPolicy, ContentRef, EventId, Hash, Head, Hlc, Key, Meta, Op, ReplicaId,
-};
+use converge_api::{codec, ConflictPolicy, Key};
 use converge_framework::log::{EventLog, LogConfig};
 use converge_framework::plugin::dylib;
 use converge_framework::plugin::{ScanProgress, SourceContext};
@@ -24,28 +22,10 @@ const SOURCE_RECORDS: u64 = 20_000;
 
 #[path = "../tests/support/example_plugins.rs"]
 mod example_plugins;
+#[path = "../tests/support/heads.rs"]
+mod heads;
 use example_plugins::example_plugin;
-
-fn head(origin: u8, wall_ms: u64, size: u64) -> Head {
-    Head {
-        id: EventId {
-            origin: ReplicaId([origin; 16]),
-            seq: 1,
-        },
-        hlc: Hlc {
-            wall_ms,
-            logical: 0,
-        },
-        op: Op::Put {
-            content: Some(ContentRef {
-                root: Hash([origin; 32]),
-                size,
-                depth: 0,
-            }),
-            meta: Meta::file(0),
-        },
-    }
-}
+use heads::head;
 
 fn per_call(mut f: impl FnMut()) -> f64 {
     const N: u32 = 200_000;

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use converge_api::abi::{self, PluginDeclaration, PluginKind};
-use converge_api::{ConflictPolicy, ContentRef, EventId, Head, Hlc, Key, Meta, Op, ReplicaId};
+use converge_api::{ConflictPolicy, ContentRef, Key, Meta, Op};
 use converge_framework::log::{EventLog, LocalChange, LogConfig};
 use converge_framework::plugin::dylib::{
     self, check_declaration, CallError, DylibError, PluginRegistry, PluginRole,
@@ -19,6 +19,9 @@ use converge_transport_memory::{Faults, MemoryNetwork};
 
 #[path = "support/example_plugins.rs"]
 mod example_plugins;
+#[path = "support/heads.rs"]
+mod heads;
+use heads::head;
 
 fn lib(name: &str) -> PathBuf {
     example_plugins::example_plugin(name)
@@ -313,27 +316,6 @@ fn header_checks_refuse_wrong_magic_future_abi_and_unknown_kinds() {
     for kind in [3, 0, 99] {
         let err = check(declaration(abi::MAGIC, abi::ABI_VERSION, kind)).unwrap_err();
         assert!(matches!(err, DylibError::UnsupportedKind { .. }), "{err}");
-    }
-}
-
-fn head(origin: u8, wall_ms: u64, size: u64) -> Head {
-    Head {
-        id: EventId {
-            origin: ReplicaId([origin; 16]),
-            seq: 1,
-        },
-        hlc: Hlc {
-            wall_ms,
-            logical: 0,
-        },
-        op: Op::Put {
-            content: Some(ContentRef {
-                root: converge_api::Hash([origin; 32]),
-                size,
-                depth: 0,
-            }),
-            meta: Meta::file(0),
-        },
     }
 }
 
