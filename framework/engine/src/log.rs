@@ -387,9 +387,19 @@ impl EventLog {
             .collect()
     }
 
-    /// The offset of the event `id`, if the log holds it: from the nearest indexed seq
-    /// at or below it, scanning forward.
+    /// The offset of the event `id`, if the log holds it.
     pub fn offset_of(&self, id: &EventId) -> Result<Option<u64>, LogError> {
+        Ok(self.find(id)?.map(|(offset, _)| offset))
+    }
+
+    /// The event `id`, if the log holds it.
+    pub fn get(&self, id: &EventId) -> Result<Option<Event>, LogError> {
+        Ok(self.find(id)?.map(|(_, event)| event))
+    }
+
+    /// The event `id` with its offset: found from the nearest indexed seq at or below it,
+    /// scanning forward.
+    fn find(&self, id: &EventId) -> Result<Option<(u64, Event)>, LogError> {
         if id.seq == 0 || !self.version_vector().contains(id) {
             return Ok(None);
         }
@@ -413,24 +423,13 @@ impl EventLog {
         for entry in LogIter::new(&self.shared.trees.log, start, self.len())? {
             let (offset, event) = entry?;
             if event.id == *id {
-                return Ok(Some(offset));
+                return Ok(Some((offset, event)));
             }
             if event.id.origin == id.origin && event.id.seq > id.seq {
                 break;
             }
         }
         Ok(None)
-    }
-
-    /// The event `id`, if the log holds it.
-    pub fn get(&self, id: &EventId) -> Result<Option<Event>, LogError> {
-        let Some(offset) = self.offset_of(id)? else {
-            return Ok(None);
-        };
-        LogIter::new(&self.shared.trees.log, offset, offset + 1)?
-            .next()
-            .transpose()
-            .map(|found| found.map(|(_, event)| event))
     }
 
     /// The current state (heads) of `key`; empty if the log has no event on it.
@@ -539,7 +538,8 @@ struct Writer {
 /// What one group commit will write, staged before anything touches sled.
 #[derive(Default)]
 struct Pending {
-    sealed: Vec<([u8; 8], Vec<u8>)>,
+    /// Sealed segments, as the `log` entries the commit writes.
+    log: Batch,
     open: Option<SegmentBuilder>,
     states: HashMap<Key, KeyState>,
     ids: Vec<([u8; 24], u64)>,
@@ -708,14 +708,10 @@ impl Writer {
             return Ok(());
         }
         pending.seal();
-        let mut batch = Batch::default();
-        for (key, value) in pending.sealed {
-            batch.insert(&key, value);
-        }
         // Chunks first: sled may persist the log entries below at any moment, and an
         // event must never be durable without the content put before it.
         self.chunks.sync()?;
-        self.trees.log.apply_batch(batch)?;
+        self.trees.log.apply_batch(pending.log)?;
         self.db.flush()?;
         self.since_checkpoint += pending.events as u64;
         if let Ok(mut overlay) = self.overlay.write() {
@@ -888,7 +884,8 @@ impl Pending {
     /// Closes the segment being filled; the next staged event starts a new one.
     fn seal(&mut self) {
         if let Some(segment) = self.open.take().filter(|s| !s.is_empty()) {
-            self.sealed.push(segment.finish());
+            let (key, value) = segment.finish();
+            self.log.insert(&key, value);
         }
     }
 }
