@@ -107,6 +107,17 @@ struct PackWriter {
     closed: Vec<(u32, Arc<File>)>,
 }
 
+impl PackWriter {
+    /// Closes the current pack (it is synced with the next [`ChunkStore::sync`]); the
+    /// next chunk starts a new one.
+    fn rotate(&mut self) {
+        if let Some(file) = self.file.take() {
+            self.closed.push((self.id, file));
+        }
+        self.id += 1;
+    }
+}
+
 impl std::fmt::Debug for ChunkStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ChunkStore")
@@ -219,9 +230,13 @@ impl ChunkStore {
             path: pack_path(&inner.dir, w.id),
             source: std::io::Error::other("a chunk larger than 4 GiB"),
         })?;
-        (&*file)
-            .write_all(bytes)
-            .map_err(io_error("writing", pack_path(&inner.dir, w.id)))?;
+        if let Err(e) = (&*file).write_all(bytes) {
+            // Part of the chunk may be in the pack, so the next one would not be where
+            // `len` says: start a new pack (the chunks already in this one stay good).
+            let path = pack_path(&inner.dir, w.id);
+            w.rotate();
+            return Err(io_error("writing", path)(e));
+        }
         let location = Location {
             pack: w.id,
             offset: w.len,
@@ -234,11 +249,7 @@ impl ChunkStore {
             w.written_back = w.len;
         }
         if w.len >= PACK_BYTES {
-            if let Some(full) = w.file.take() {
-                let id = w.id;
-                w.closed.push((id, full));
-            }
-            w.id += 1;
+            w.rotate();
         }
         Ok(())
     }

@@ -695,25 +695,14 @@ impl Writer {
                 Ok::<_, FsError>(written)
             })?
         } else {
-            let mut io_error = None;
-            let mut written = 0u64;
-            let walked = self.chunks.for_each_data_chunk(content, &mut |bytes| {
-                written += bytes.len() as u64;
-                file.write_all(bytes).map_err(|e| {
-                    io_error = Some(e);
-                    // Replaced by the I/O error below; never seen by anyone.
-                    LogError::Closed
-                })
-            });
-            if let Some(e) = io_error {
-                return Err(FsError::Io {
-                    op: "writing",
-                    path: temp.to_owned(),
-                    source: e,
-                });
-            }
-            walked?;
-            written
+            // Under PIPELINE_BYTES: read every chunk, then write them.
+            let mut read = Vec::new();
+            self.chunks
+                .for_each_data_chunk_owned(content, &mut |bytes| {
+                    read.push(bytes);
+                    Ok(())
+                })?;
+            write_chunks(&mut file, temp, read)?
         };
         if written != content.size {
             return Err(FsError::Content {
@@ -733,18 +722,17 @@ impl Writer {
     }
 }
 
-/// `base` with the executable bits set (where readable) or cleared.
-/// Writes the chunks arriving on `rx` to `file` (the temp file `temp`), starting the
-/// kernel's writeback every few MiB so the batch's `syncfs` finds little left to write.
-/// Returns the bytes written.
+/// Writes `chunks` to `file` (the temp file `temp`), starting the kernel's writeback
+/// every few MiB so the batch's `syncfs` finds little left to write. Returns the bytes
+/// written.
 fn write_chunks(
     file: &mut File,
     temp: &Path,
-    rx: std::sync::mpsc::Receiver<Vec<u8>>,
+    chunks: impl IntoIterator<Item = Vec<u8>>,
 ) -> Result<u64, FsError> {
     const WRITEBACK_BYTES: u64 = 8 << 20;
     let (mut written, mut written_back) = (0u64, 0u64);
-    for bytes in rx {
+    for bytes in chunks {
         file.write_all(&bytes)
             .map_err(FsError::io("writing", temp))?;
         written += bytes.len() as u64;
@@ -756,6 +744,7 @@ fn write_chunks(
     Ok(written)
 }
 
+/// `base` with the executable bits set (where readable) or cleared.
 fn mode_for(base: u32, executable: bool) -> u32 {
     if executable {
         base | ((base & 0o444) >> 2) | 0o100
