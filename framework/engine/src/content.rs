@@ -17,6 +17,13 @@
 //! content. A new pack is started at every open, so nothing is ever appended after bytes a
 //! crash may have torn.
 //!
+//! Chunks put by this replica (not those received from peers) are also handed, in
+//! batches, to a *fresh-chunk sink* when one is set: the engine pushes them to connected
+//! peers while a large file is still being chunked, before the event that names them
+//! exists, so content streams instead of waiting for the peer's request. The log calls
+//! [`ChunkStore::flush_fresh`] before each local append, so a batch's chunks are always
+//! handed on before its events.
+//!
 //! Chunks are never removed yet (no garbage collection), as before with the sled tree.
 
 use std::collections::HashMap;
@@ -41,6 +48,14 @@ const INDEX_BATCH: usize = 256;
 /// Writeback of a pack is started every this many bytes, so that the sync before a
 /// flush finds little left to write.
 const WRITEBACK_BYTES: u64 = 8 << 20;
+
+/// Fresh chunk hashes are handed to the sink in batches of this many (4 MiB of data at
+/// the average chunk size), so that a large file streams while it is chunked.
+const FRESH_BATCH: usize = 256;
+
+/// Receives the hashes of chunks this replica put (see [`ChunkStore::set_fresh_sink`]).
+/// Called on the thread that put them; it must not block.
+pub type FreshSink = Box<dyn Fn(Vec<Hash>) + Send + Sync>;
 
 /// Where a chunk's bytes are.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -93,6 +108,7 @@ struct Inner {
     remove_on_drop: bool,
     writer: Mutex<PackWriter>,
     readers: RwLock<HashMap<u32, Arc<File>>>,
+    sink: RwLock<Option<FreshSink>>,
 }
 
 /// The pack being appended to, and the chunks written since the last sync.
@@ -105,6 +121,8 @@ struct PackWriter {
     staged: HashMap<Hash, Location>,
     /// Packs closed since the last sync, still to be made durable.
     closed: Vec<(u32, Arc<File>)>,
+    /// Chunks put locally and not yet handed to the sink (only while one is set).
+    fresh: Vec<Hash>,
 }
 
 impl PackWriter {
@@ -171,8 +189,10 @@ impl ChunkStore {
                     written_back: 0,
                     staged: HashMap::new(),
                     closed: Vec::new(),
+                    fresh: Vec::new(),
                 }),
                 readers: RwLock::new(HashMap::new()),
+                sink: RwLock::new(None),
             }),
         })
     }
@@ -180,7 +200,7 @@ impl ChunkStore {
     /// Stores `bytes` under their hash and returns it (a no-op for known content).
     pub fn put(&self, bytes: &[u8]) -> Result<Hash, LogError> {
         let hash = Hash::of(bytes);
-        self.put_unchecked(&hash, bytes)?;
+        self.put_unchecked(&hash, bytes, true)?;
         Ok(hash)
     }
 
@@ -189,20 +209,69 @@ impl ChunkStore {
     /// the hash, so a wrong one reads as corrupt, never as content.
     pub fn put_prehashed(&self, hash: &Hash, bytes: &[u8]) -> Result<(), LogError> {
         debug_assert_eq!(Hash::of(bytes), *hash);
-        self.put_unchecked(hash, bytes)
+        self.put_unchecked(hash, bytes, true)
     }
 
-    /// Stores `bytes` offered under `hash`, after checking that they hash to it.
+    /// Stores `bytes` offered under `hash` (by a peer), after checking that they hash to
+    /// it. Such chunks are not fresh: they are not handed to the sink.
     pub fn put_verified(&self, hash: &Hash, bytes: &[u8]) -> Result<(), LogError> {
+        if self.contains(hash)? {
+            return Ok(());
+        }
         check(hash, bytes)?;
-        self.put_unchecked(hash, bytes)
+        self.put_unchecked(hash, bytes, false)
     }
 
-    fn put_unchecked(&self, hash: &Hash, bytes: &[u8]) -> Result<(), LogError> {
+    /// Sets where the hashes of chunks put from now on by [`put`](Self::put) and
+    /// [`put_prehashed`](Self::put_prehashed) go; the engine sets it to push new content
+    /// to peers. `None` stops handing them on.
+    pub fn set_fresh_sink(&self, sink: Option<FreshSink>) {
+        if let Ok(mut slot) = self.inner.sink.write() {
+            *slot = sink;
+        }
+        if let Ok(mut w) = self.inner.writer.lock() {
+            w.fresh.clear();
+        }
+    }
+
+    /// Hands the fresh chunks not yet handed on to the sink. The log calls it before each
+    /// local append, so that the chunks leave before the events that name them.
+    pub fn flush_fresh(&self) {
+        let fresh = match self.inner.writer.lock() {
+            Ok(mut w) if !w.fresh.is_empty() => std::mem::take(&mut w.fresh),
+            _ => return,
+        };
+        self.hand_on(fresh);
+    }
+
+    fn hand_on(&self, fresh: Vec<Hash>) {
+        if let Ok(sink) = self.inner.sink.read() {
+            if let Some(sink) = sink.as_ref() {
+                sink(fresh);
+            }
+        }
+    }
+
+    fn put_unchecked(&self, hash: &Hash, bytes: &[u8], local: bool) -> Result<(), LogError> {
+        let full = self.write_chunk(hash, bytes, local)?;
+        if let Some(fresh) = full {
+            self.hand_on(fresh);
+        }
+        Ok(())
+    }
+
+    /// Appends the chunk to the pack unless it is known; returns a full batch of fresh
+    /// hashes to hand on (outside the writer's lock).
+    fn write_chunk(
+        &self,
+        hash: &Hash,
+        bytes: &[u8],
+        local: bool,
+    ) -> Result<Option<Vec<Hash>>, LogError> {
         let inner = &self.inner;
         let mut w = inner.writer.lock().map_err(|_| LogError::Closed)?;
         if w.staged.contains_key(hash) || inner.index.contains_key(hash.0)? {
-            return Ok(());
+            return Ok(None);
         }
         let file = match &w.file {
             Some(file) => file.clone(),
@@ -251,7 +320,13 @@ impl ChunkStore {
         if w.len >= PACK_BYTES {
             w.rotate();
         }
-        Ok(())
+        if local && inner.sink.read().is_ok_and(|s| s.is_some()) {
+            w.fresh.push(*hash);
+            if w.fresh.len() >= FRESH_BATCH {
+                return Ok(Some(std::mem::take(&mut w.fresh)));
+            }
+        }
+        Ok(None)
     }
 
     /// Makes every chunk put so far durable: syncs the packs written to, then records
@@ -616,6 +691,42 @@ mod tests {
         store.sync().unwrap();
         assert!(pack_path(dir.path(), 2).exists());
         assert_eq!(store.len(), 2);
+    }
+
+    #[test]
+    fn fresh_local_chunks_are_handed_on_in_order_and_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let store = open(&db, dir.path());
+        let before = store.put(b"put before the sink was set").unwrap();
+        let handed: Arc<Mutex<Vec<Vec<Hash>>>> = Arc::default();
+        let sink = handed.clone();
+        store.set_fresh_sink(Some(Box::new(move |hashes| {
+            sink.lock().unwrap().push(hashes)
+        })));
+
+        let mut local = Vec::new();
+        for i in 0..FRESH_BATCH + 10 {
+            local.push(store.put(format!("local {i}").as_bytes()).unwrap());
+        }
+        assert_eq!(*handed.lock().unwrap(), vec![local[..FRESH_BATCH].to_vec()]);
+        // Known chunks and chunks from peers are not fresh.
+        store.put(b"local 0").unwrap();
+        store.put(b"put before the sink was set").unwrap();
+        let from_peer = b"from a peer";
+        store.put_verified(&Hash::of(from_peer), from_peer).unwrap();
+        store.flush_fresh();
+        store.flush_fresh();
+        assert_eq!(
+            *handed.lock().unwrap(),
+            vec![local[..FRESH_BATCH].to_vec(), local[FRESH_BATCH..].to_vec()]
+        );
+        assert!(store.contains(&before).unwrap());
+
+        store.set_fresh_sink(None);
+        store.put(b"after the sink was removed").unwrap();
+        store.flush_fresh();
+        assert_eq!(handed.lock().unwrap().len(), 2);
     }
 
     #[test]

@@ -54,6 +54,10 @@ pub struct EngineConfig {
     pub chunk_window: usize,
     /// Re-request a chunk that has not arrived after this long.
     pub chunk_timeout: Duration,
+    /// Push chunks put locally to connected peers as they are stored, before the events
+    /// naming them exist, instead of waiting for the peers to ask (a large file streams
+    /// while it is chunked). A peer that already holds them receives them anyway.
+    pub push_fresh_chunks: bool,
 }
 
 impl Default for EngineConfig {
@@ -69,6 +73,7 @@ impl Default for EngineConfig {
             max_pending_events: 200_000,
             chunk_window: 2048,
             chunk_timeout: Duration::from_secs(20),
+            push_fresh_chunks: true,
         }
     }
 }
@@ -147,7 +152,14 @@ struct SessionSlot {
     dialed_by_me: bool,
     remote: String,
     control: mpsc::UnboundedSender<Control>,
+    /// Pushed chunk hashes the session has not sent yet.
+    pushed: Arc<std::sync::atomic::AtomicUsize>,
 }
+
+/// Most pushed chunk hashes a session may have waiting (1 GiB of data at the average
+/// chunk size); beyond it fresh chunks are not pushed to that peer, which asks for them
+/// once their events arrive.
+const PUSH_BACKLOG: usize = 1 << 16;
 
 /// Where appended events came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -303,6 +315,7 @@ impl Inner {
         dialed: bool,
         remote: &str,
         control: mpsc::UnboundedSender<Control>,
+        pushed: Arc<std::sync::atomic::AtomicUsize>,
         hello_vv: &VersionVector,
     ) -> Option<u64> {
         if *self.paused.borrow() {
@@ -327,6 +340,7 @@ impl Inner {
             dialed_by_me: dialed,
             remote: remote.to_owned(),
             control,
+            pushed,
         });
         state.acked = hello_vv.clone();
         drop(peers);
@@ -408,6 +422,25 @@ impl Inner {
 
     pub(crate) fn count_events_received(&self, peer: &ReplicaId, n: u64) {
         self.with_peer(peer, |s| s.events_received += n);
+    }
+
+    /// Queues fresh local chunks on every connected session whose push backlog has room
+    /// (the content store's fresh-chunk sink).
+    fn push_fresh(&self, hashes: Vec<Hash>) {
+        use std::sync::atomic::Ordering;
+        let Ok(peers) = self.peers.lock() else {
+            return;
+        };
+        for session in peers.values().filter_map(|p| p.session.as_ref()) {
+            let n = hashes.len();
+            if session.pushed.load(Ordering::Relaxed) + n > PUSH_BACKLOG {
+                continue;
+            }
+            session.pushed.fetch_add(n, Ordering::Relaxed);
+            if session.control.send(Control::Push(hashes.clone())).is_err() {
+                session.pushed.fetch_sub(n, Ordering::Relaxed);
+            }
+        }
     }
 
     fn send_to(&self, peer: &ReplicaId, msg: Message) {
@@ -533,6 +566,18 @@ impl EngineBuilder {
         });
         for peer in &inner.config.peers {
             inner.with_peer(&peer.id, |s| s.address = peer.address.clone());
+        }
+        if inner.config.push_fresh_chunks {
+            // Weak: the store belongs to the log, which `inner` holds.
+            let weak = Arc::downgrade(&inner);
+            inner
+                .log
+                .chunks()
+                .set_fresh_sink(Some(Box::new(move |hashes| {
+                    if let Some(inner) = weak.upgrade() {
+                        inner.push_fresh(hashes);
+                    }
+                })));
         }
         for (store, slot) in self.stores.iter().zip(&slots) {
             store.start(&StoreContext::new(inner.log.clone())).await?;
@@ -789,6 +834,7 @@ impl SyncEngine {
     /// Stops every task, closes sessions and the log. Idempotent.
     pub async fn shutdown(&self) -> Result<(), EngineError> {
         self.inner.shutdown.send_replace(true);
+        self.inner.log.chunks().set_fresh_sink(None);
         for peer in self.inner.connected_peers() {
             if let Some(c) = self.inner.control(&peer) {
                 let _ = c.send(Control::Close);

@@ -347,6 +347,8 @@ impl EventLog {
     /// Appends local changes as new events of this replica (seq, clock and parents filled
     /// in: the parents are the key's current heads). Returns once they are durable.
     pub async fn append_local(&self, changes: Vec<LocalChange>) -> Result<Vec<Event>, LogError> {
+        // The chunks these changes name leave for peers before the events do.
+        self.chunks().flush_fresh();
         let (tx, rx) = oneshot::channel();
         self.sender()?
             .send(Request::Local(changes, tx))

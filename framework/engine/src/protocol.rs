@@ -5,7 +5,8 @@
 //! The reader validates every frame before anything else sees it: a malformed frame, an
 //! invalid event or a chunk that does not match its hash ends the session.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -62,6 +63,9 @@ pub(crate) enum Control {
     Send(Message),
     /// Read these chunks and send them (read lazily, so queued work holds only hashes).
     ServeChunks(Vec<Hash>),
+    /// Send these fresh local chunks unasked (see [`crate::content::FreshSink`]); they
+    /// count in the session's push backlog until sent.
+    Push(Vec<Hash>),
     /// The peer holds `from`: send everything above it again.
     Rewind(VersionVector),
     /// End the session.
@@ -145,8 +149,15 @@ pub(crate) async fn run_session(inner: Arc<Inner>, conn: Connection) -> Result<(
         });
     }
     let (control_tx, control_rx) = mpsc::unbounded_channel();
-    let Some(generation) = inner.register(peer, dialed, &remote, control_tx.clone(), &peer_vv)
-    else {
+    let pushed = Arc::new(AtomicUsize::new(0));
+    let Some(generation) = inner.register(
+        peer,
+        dialed,
+        &remote,
+        control_tx.clone(),
+        pushed.clone(),
+        &peer_vv,
+    ) else {
         sender.close().await;
         return Ok(()); // a better connection to this peer already exists
     };
@@ -154,7 +165,7 @@ pub(crate) async fn run_session(inner: Arc<Inner>, conn: Connection) -> Result<(
     let label = peer.short();
     let result = tokio::select! {
         r = read_loop(&inner, peer, &label, receiver.as_mut(), &control_tx) => r,
-        w = write_loop(&inner, peer, sender.as_mut(), control_rx, peer_vv) => w,
+        w = write_loop(&inner, peer, sender.as_mut(), control_rx, peer_vv, pushed) => w,
     };
     sender.close().await;
     inner.unregister(&peer, generation);
@@ -287,8 +298,10 @@ async fn write_loop(
     sender: &mut dyn FrameSender,
     mut control: mpsc::UnboundedReceiver<Control>,
     peer_vv: VersionVector,
+    pushed: Arc<AtomicUsize>,
 ) -> Result<(), SessionError> {
     let log = inner.log.clone();
+    let mut outbox = Outbox::new(pushed);
     // `sent`: what the peer holds as far as this session knows (acknowledged or sent).
     let mut sent = peer_vv;
     let mut scan = SyncPlanner::start_offset(&log, &sent)?.unwrap_or_else(|| log.len());
@@ -298,15 +311,47 @@ async fn write_loop(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_ping = Instant::now();
     let mut last_acked: Option<VersionVector> = None;
+    // Events go out once the chunks queued before they were appended have gone (local
+    // changes push their chunks first), so the peer finds their content there instead of
+    // asking for it; later chunks do not hold them back. `gates`: (log length, outbox
+    // mark) as each new length was seen; `sendable`: events below it may go.
+    let mut gates: VecDeque<(u64, u64)> = VecDeque::new();
+    let mut seen_len = log.len();
+    let mut sendable = seen_len;
     loop {
+        // The length first, then the queue: chunks pushed before an append that this
+        // length includes are then already in the outbox.
+        let len = log.len();
         while let Ok(c) = control.try_recv() {
-            if !handle_control(inner, peer, sender, c, &mut sent, &mut scan).await? {
+            if !handle_control(inner, peer, sender, c, &mut sent, &mut scan, &mut outbox).await? {
                 return Ok(());
             }
         }
-        if scan < log.len() {
+        if *shutdown.borrow() {
+            return Ok(());
+        }
+        if len > seen_len {
+            gates.push_back((len, outbox.queued_total));
+            seen_len = len;
+        }
+        while let Some(&(gate_len, mark)) = gates.front() {
+            if outbox.sent_total < mark {
+                break;
+            }
+            sendable = gate_len;
+            gates.pop_front();
+        }
+        if scan >= sendable && !outbox.is_empty() {
+            // One frame at a time: control messages are looked at between frames.
+            outbox.send_frame(inner, peer, sender).await?;
+            continue;
+        }
+        if scan < sendable {
             let reader = log.clone();
-            let max = inner.config.max_batch_events;
+            let max = inner
+                .config
+                .max_batch_events
+                .min(usize::try_from(sendable - scan).unwrap_or(usize::MAX));
             let read = tokio::task::spawn_blocking(move || reader.read(scan, max))
                 .await
                 .map_err(|e| violation("self", e.to_string()))??;
@@ -331,7 +376,7 @@ async fn write_loop(
         }
         tokio::select! {
             c = control.recv() => match c {
-                Some(c) => if !handle_control(inner, peer, sender, c, &mut sent, &mut scan).await? { return Ok(()) },
+                Some(c) => if !handle_control(inner, peer, sender, c, &mut sent, &mut scan, &mut outbox).await? { return Ok(()) },
                 None => return Ok(()),
             },
             changed = len_rx.changed() => if changed.is_err() { return Ok(()) },
@@ -385,42 +430,112 @@ async fn handle_control(
     control: Control,
     sent: &mut VersionVector,
     scan: &mut u64,
+    outbox: &mut Outbox,
 ) -> Result<bool, SessionError> {
     match control {
         Control::Send(msg) => send_message(sender, inner, Some(peer), &msg).await?,
         Control::Rewind(from) => rewind(&inner.log, &from, sent, scan)?,
-        Control::ServeChunks(hashes) => {
-            let mut pending: Vec<Hash> = hashes;
-            let mut seen = HashSet::new();
-            pending.retain(|h| seen.insert(*h));
-            while !pending.is_empty() {
-                let chunks = inner.log.chunks().clone();
-                let mut rest = std::mem::take(&mut pending);
-                let (items, rest) = tokio::task::spawn_blocking(move || {
-                    let mut items = Vec::new();
-                    let mut bytes = 0;
-                    while let Some(hash) = rest.pop() {
-                        if let Ok(Some(data)) = chunks.get(&hash) {
-                            bytes += data.len();
-                            items.push(ChunkItem { hash, bytes: data });
-                        }
-                        if bytes >= CHUNKS_FRAME_BYTES {
-                            break;
-                        }
-                    }
-                    (items, rest)
-                })
-                .await
-                .map_err(|e| violation("self", e.to_string()))?;
-                pending = rest;
-                if !items.is_empty() {
-                    send_message(sender, inner, Some(peer), &Message::Chunks { items }).await?;
-                }
-            }
-        }
+        Control::ServeChunks(hashes) => outbox.add(hashes, false),
+        Control::Push(hashes) => outbox.add(hashes, true),
         Control::Close => return Ok(false),
     }
     Ok(true)
+}
+
+/// Chunks a session is to send, in the order asked for or pushed, each once. Only hashes
+/// wait here; the bytes are read from the content store a frame at a time.
+struct Outbox {
+    queue: VecDeque<(Hash, bool)>,
+    queued: HashSet<Hash>,
+    /// Hashes ever queued and ever taken off the queue: the write loop's marks.
+    queued_total: u64,
+    sent_total: u64,
+    /// Pushed hashes not sent yet, shared with the engine, which stops pushing to a
+    /// session whose backlog is full (the peer then asks for what it lacks).
+    pushed: Arc<AtomicUsize>,
+}
+
+impl Outbox {
+    fn new(pushed: Arc<AtomicUsize>) -> Self {
+        Outbox {
+            queue: VecDeque::new(),
+            queued: HashSet::new(),
+            queued_total: 0,
+            sent_total: 0,
+            pushed,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    fn add(&mut self, hashes: Vec<Hash>, pushed: bool) {
+        let mut dropped = 0;
+        for hash in hashes {
+            if self.queued.insert(hash) {
+                self.queue.push_back((hash, pushed));
+                self.queued_total += 1;
+            } else if pushed {
+                dropped += 1;
+            }
+        }
+        self.pushed.fetch_sub(dropped, Ordering::Relaxed);
+    }
+
+    /// Reads chunks from the front of the queue up to one frame's worth and sends them.
+    async fn send_frame(
+        &mut self,
+        inner: &Arc<Inner>,
+        peer: ReplicaId,
+        sender: &mut dyn FrameSender,
+    ) -> Result<(), SessionError> {
+        let take = self.queue.len().min(MAX_WANT_HASHES);
+        let batch: Vec<(Hash, bool)> = self.queue.drain(..take).collect();
+        let chunks = inner.log.chunks().clone();
+        let (items, done) = tokio::task::spawn_blocking(move || {
+            let mut items = Vec::new();
+            let mut bytes = 0;
+            let mut done = 0;
+            for (hash, _) in &batch {
+                if bytes >= CHUNKS_FRAME_BYTES {
+                    break;
+                }
+                done += 1;
+                // A chunk this replica does not have (or cannot read) is left out: the
+                // peer asks again, and the next request finds it once it is here.
+                if let Ok(Some(data)) = chunks.get(hash) {
+                    bytes += data.len();
+                    items.push(ChunkItem {
+                        hash: *hash,
+                        bytes: data,
+                    });
+                }
+            }
+            (items, (batch, done))
+        })
+        .await
+        .map_err(|e| violation("self", e.to_string()))?;
+        let (batch, done) = done;
+        for item in batch[done..].iter().rev() {
+            self.queue.push_front(*item);
+        }
+        let mut pushed = 0;
+        self.sent_total += done as u64;
+        for (hash, was_pushed) in &batch[..done] {
+            self.queued.remove(hash);
+            pushed += usize::from(*was_pushed);
+        }
+        self.pushed.fetch_sub(pushed, Ordering::Relaxed);
+        if self.queue.is_empty() {
+            self.queue.shrink_to(1024);
+            self.queued.shrink_to(1024);
+        }
+        if !items.is_empty() {
+            send_message(sender, inner, Some(peer), &Message::Chunks { items }).await?;
+        }
+        Ok(())
+    }
 }
 
 /// How long to wait before the `attempt`-th redial (exponential, capped).

@@ -290,3 +290,63 @@ async fn events_are_relayed_along_a_line() {
         e.shutdown().await.unwrap();
     }
 }
+
+/// A's new content is pushed to B while it is stored, ahead of the event naming it: B
+/// never has to ask for it. Asking would cost B at least 32 bytes a chunk on the wire.
+#[tokio::test(start_paused = true)]
+async fn fresh_content_is_pushed_before_its_event() {
+    const CHUNKS: u8 = 250; // with the index nodes, more than one push batch
+    let network = MemoryNetwork::new(11, Faults::none());
+    let logs: Vec<EventLog> = (0..2)
+        .map(|_| EventLog::open(LogConfig::temporary()).unwrap())
+        .collect();
+    let mut engines = Vec::new();
+    for (i, log) in logs.iter().enumerate() {
+        let peers = vec![PeerConfig {
+            id: logs[1 - i].replica(),
+            address: Some(format!("p{}", 1 - i)),
+        }];
+        engines.push(
+            SyncEngine::builder(log.clone(), Arc::new(Lww))
+                .config(test_config(peers))
+                .transport(Arc::new(network.endpoint(&format!("p{i}"))))
+                .start()
+                .await
+                .unwrap(),
+        );
+    }
+    while !engines
+        .iter()
+        .all(|e| e.peers().iter().all(|p| p.connected))
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let content = put_content(&logs[0], 5, CHUNKS).unwrap();
+    let key = Key::new("pushed").unwrap();
+    logs[0]
+        .append_local(vec![LocalChange {
+            key: key.clone(),
+            op: Op::Put {
+                content: Some(content),
+                meta: Meta::file(1),
+            },
+        }])
+        .await
+        .unwrap();
+    for _ in 0..600 {
+        if logs[1].heads(&key).unwrap().len() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(logs[1].heads(&key).unwrap().len(), 1, "A's event reached B");
+    assert!(logs[1].chunks().missing(&content).unwrap().is_empty());
+    let b_sent = engines[1].peers()[0].sent_bytes;
+    assert!(
+        b_sent < 16 * u64::from(CHUNKS),
+        "B sent {b_sent} bytes: it asked for content that should have been pushed"
+    );
+    for e in &engines {
+        e.shutdown().await.unwrap();
+    }
+}
