@@ -143,7 +143,12 @@ pub async fn start(config: &Config, transport: TcpTransport) -> anyhow::Result<D
         });
     }
     let listen = transport.local_address();
-    let fs = FsConfig::new(&config.folder.path).exclude(&config.data_dir);
+    // The store writes into the data dir and renames into the folder (when both are on
+    // one file system), so the folder's watcher sees one event per file it writes.
+    let temp_dir = config.data_dir.join("tmp");
+    let fs = FsConfig::new(&config.folder.path)
+        .exclude(&config.data_dir)
+        .temp_dir(&temp_dir);
     let (source, store) = converge_plugin_fs::folder(fs);
     let source = source.with_policy(policy.clone());
     let metrics = Arc::new(converge_admin::Metrics::new()?);
@@ -196,7 +201,7 @@ pub async fn start(config: &Config, transport: TcpTransport) -> anyhow::Result<D
         })?;
         builder = builder.store(Arc::new(FsStore::mirror(
             &mirror.name,
-            FsConfig::new(&mirror.path),
+            FsConfig::new(&mirror.path).temp_dir(&temp_dir),
         )));
     }
     let engine = Arc::new(builder.start().await.context("starting the engine")?);

@@ -84,6 +84,12 @@ pub struct FsConfig {
     pub exclude: Vec<PathBuf>,
     /// How long the watcher collects events after the first one before acting.
     pub debounce: Duration,
+    /// Where the store writes files before renaming them into place, when it lies on the
+    /// folder's file system (the daemon uses `<data_dir>/tmp`). Outside the folder, the
+    /// watcher sees one event per file the store writes (the rename into place) instead
+    /// of six for a temp file beside it. Without it, or on another file system, temp
+    /// files are written in the directory of their final path.
+    pub temp_dir: Option<PathBuf>,
 }
 
 impl FsConfig {
@@ -93,7 +99,15 @@ impl FsConfig {
             root: root.into(),
             exclude: Vec::new(),
             debounce: DEFAULT_DEBOUNCE,
+            temp_dir: None,
         }
+    }
+
+    /// Sets where the store writes files before renaming them into place (see
+    /// [`FsConfig::temp_dir`](FsConfig#structfield.temp_dir)).
+    pub fn temp_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.temp_dir = Some(dir.into());
+        self
     }
 
     /// Adds a path that is never read or written.

@@ -3,20 +3,22 @@
 //! Per batch, on a blocking thread: file deletes, then directory deletes (deepest first,
 //! only when empty: a live file below keeps its directory), then directories, then files
 //! and conflict copies. A file already holding the right content (size, then hash — the
-//! crash-repair check) is left alone; otherwise it is written to a temp file in the same
-//! directory, given its mode and mtime, and renamed over the final path. One `syncfs`
+//! crash-repair check) is left alone; otherwise it is written to a temp file (in the
+//! configured temp dir when that is on the folder's file system, so the folder's watcher
+//! sees only the rename; else in the same directory), given its mode and mtime, and
+//! renamed over the final path. One `syncfs`
 //! makes the whole batch durable before `apply` returns; no file is fsynced on its own.
 
 use std::collections::HashSet;
 use std::fs::{File, OpenOptions, Permissions};
 use std::io::{ErrorKind, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use converge_api::{ContentRef, EntryKind, EventId, Head, Key, Meta, Op};
+use converge_api::{ContentRef, EntryKind, EventId, Head, Key, Meta, Op, ReplicaId};
 use converge_framework::content::{start_writeback, ChunkStore};
 use converge_framework::log::EventLog;
 use converge_framework::plugin::{KeyView, Store, StoreContext};
@@ -105,12 +107,18 @@ impl Store for FsStore {
     }
 
     async fn start(&self, _ctx: &StoreContext) -> Result<(), PluginError> {
-        let root = self.config.root.clone();
-        let removed = tokio::task::spawn_blocking(move || sweep_temp_files(&root))
-            .await
-            .map_err(FsError::from)
-            .and_then(|r| r)
-            .map_err(|e| e.into_plugin(&self.name))?;
+        let (root, temp_dir) = (self.config.root.clone(), self.config.temp_dir.clone());
+        let removed = tokio::task::spawn_blocking(move || {
+            let in_temp_dir = match temp_dir {
+                Some(dir) => sweep_temp_files(&dir, false)?,
+                None => 0,
+            };
+            Ok::<_, FsError>(in_temp_dir + sweep_temp_files(&root, true)?)
+        })
+        .await
+        .map_err(FsError::from)
+        .and_then(|r| r)
+        .map_err(|e| e.into_plugin(&self.name))?;
         if removed > 0 {
             tracing::info!(store = %self.name, removed, "removed temporary files left by an interrupted run");
         }
@@ -118,10 +126,10 @@ impl Store for FsStore {
     }
 }
 
-/// Removes every temporary file under `root`: only this store writes them, and at start
-/// none is in use, so any left is from a run that was killed mid-write. Symlinks are not
-/// followed.
-fn sweep_temp_files(root: &Path) -> Result<u64, FsError> {
+/// Removes every temporary file in `root` (and below it when `recursive`): only this
+/// store writes them, and at start none is in use, so any left is from a run that was
+/// killed mid-write. Symlinks are not followed.
+fn sweep_temp_files(root: &Path, recursive: bool) -> Result<u64, FsError> {
     let mut removed = 0;
     let mut dirs = vec![root.to_path_buf()];
     while let Some(dir) = dirs.pop() {
@@ -149,7 +157,9 @@ fn sweep_temp_files(root: &Path) -> Result<u64, FsError> {
                 source,
             })?;
             if file_type.is_dir() {
-                dirs.push(path);
+                if recursive {
+                    dirs.push(path);
+                }
             } else if file_type.is_file()
                 && entry
                     .file_name()
@@ -184,9 +194,11 @@ fn apply_blocking(
         rules: Rules::load(&root, &config.exclude),
         echo,
         chunks,
+        recorded_by: guard.as_ref().map(EventLog::replica),
         guard,
         checked: HashSet::new(),
         dirty: false,
+        temp_dir: temp_dir_for(&root, config.temp_dir.as_deref()),
     };
 
     let mut absent = Vec::new();
@@ -201,7 +213,15 @@ fn apply_blocking(
             Some(Op::Put {
                 meta,
                 content: Some(content),
-            }) => files.push((view.key.clone(), *content, meta.clone())),
+            }) => files.push(FileView {
+                key: view.key.clone(),
+                content: *content,
+                meta: meta.clone(),
+                recorded_here: view
+                    .winner
+                    .as_ref()
+                    .is_some_and(|h| Some(h.id.origin) == w.recorded_by),
+            }),
             Some(Op::Put { content: None, .. }) => {
                 tracing::warn!("{}: a file without content; skipped", view.key);
             }
@@ -304,7 +324,7 @@ fn apply_blocking(
         }
     }
     for (name, of, content, meta) in copies {
-        if let Err(Refused(why)) = w.put_file(&name, Some(&of), None, &content, &meta)? {
+        if let Err(Refused(why)) = w.put_file(&name, Some(&of), None, &content, &meta, false)? {
             tracing::warn!("{why}");
         }
     }
@@ -326,11 +346,21 @@ fn umask() -> Option<u32> {
     })
 }
 
+/// A file a batch is to show.
+struct FileView {
+    key: Key,
+    content: ContentRef,
+    meta: Meta,
+    /// Whether the event is the folder's own, recorded by its source from this very file
+    /// (see [`Writer::recorded_by`]).
+    recorded_here: bool,
+}
+
 /// Whether some key of `files` lies below another one.
-fn any_nested(files: &[(Key, ContentRef, Meta)]) -> bool {
-    let keys: HashSet<&str> = files.iter().map(|(k, _, _)| k.as_str()).collect();
-    files.iter().any(|(key, _, _)| {
-        let key = key.as_str();
+fn any_nested(files: &[FileView]) -> bool {
+    let keys: HashSet<&str> = files.iter().map(|f| f.key.as_str()).collect();
+    files.iter().any(|f| {
+        let key = f.key.as_str();
         key.match_indices('/')
             .any(|(i, _)| keys.contains(&key[..i]))
     })
@@ -348,9 +378,30 @@ struct Writer {
     chunks: ChunkStore,
     /// The log, for the folder's own store: see [`FsStore::guarded`].
     guard: Option<EventLog>,
+    /// The folder's own store: this replica, whose events its source recorded from the
+    /// files themselves.
+    recorded_by: Option<ReplicaId>,
     /// Directories already checked to be real directories (not symlinks) in this batch.
     checked: HashSet<PathBuf>,
     dirty: bool,
+    /// Where temp files go when not beside their final path: see [`temp_dir_for`].
+    temp_dir: Option<PathBuf>,
+}
+
+/// The configured temp dir, created if missing, if it is on the same file system as
+/// `root` (a rename into the folder then works); `None` to write temp files beside their
+/// final paths.
+fn temp_dir_for(root: &Path, configured: Option<&Path>) -> Option<PathBuf> {
+    let dir = configured?;
+    if let Err(e) = std::fs::create_dir_all(dir) {
+        tracing::debug!(
+            "temp dir {}: {e}; writing temp files in the folder",
+            dir.display()
+        );
+        return None;
+    }
+    let device = |p: &Path| std::fs::metadata(p).map(|m| m.dev()).ok();
+    (device(dir)? == device(root)?).then(|| dir.to_owned())
 }
 
 impl Writer {
@@ -361,15 +412,25 @@ impl Writer {
             echo: self.echo.clone(),
             chunks: self.chunks.clone(),
             guard: self.guard.clone(),
+            recorded_by: self.recorded_by,
             checked: self.checked.clone(),
             dirty: false,
+            temp_dir: self.temp_dir.clone(),
         }
     }
 
     /// Writes each file whose content differs from what is there.
-    fn put_files(&mut self, files: &[(Key, ContentRef, Meta)]) -> Result<(), FsError> {
-        for (key, content, meta) in files {
-            if let Err(Refused(why)) = self.put_file(key, None, Some(key), content, meta)? {
+    fn put_files(&mut self, files: &[FileView]) -> Result<(), FsError> {
+        for f in files {
+            let written = self.put_file(
+                &f.key,
+                None,
+                Some(&f.key),
+                &f.content,
+                &f.meta,
+                f.recorded_here,
+            )?;
+            if let Err(Refused(why)) = written {
                 tracing::warn!("{why}");
             }
         }
@@ -557,6 +618,7 @@ impl Writer {
         echo_key: Option<&Key>,
         content: &ContentRef,
         meta: &Meta,
+        recorded_here: bool,
     ) -> Result<Result<(), Refused>, FsError> {
         let path = match self.resolve_as(target, of.unwrap_or(target), false) {
             Ok(p) => p,
@@ -586,7 +648,15 @@ impl Writer {
             }
             Ok(m) if m.is_file() => {
                 base_mode = m.permissions().mode() & 0o777;
-                if m.len() == content.size && hash_file(&path)?.root == content.root {
+                // The folder's source recorded this event from this file, and its size,
+                // mtime and mode are still those: in place, as the scan would judge it,
+                // without reading it again. Any other file is checked by its hash.
+                let unchanged_here = recorded_here
+                    && (m.len(), mtime_ms(&m), is_executable(&m))
+                        == (content.size, meta.mtime_ms, meta.executable);
+                if unchanged_here
+                    || (m.len() == content.size && hash_file(&path)?.root == content.root)
+                {
                     // Already there (a replay, or the crash-repair check): fix the metadata.
                     if is_executable(&m) != meta.executable || mtime_ms(&m) != meta.mtime_ms {
                         if let Some(k) = echo_key {
@@ -632,28 +702,43 @@ impl Writer {
             }
         }
 
-        let dir = path.parent().unwrap_or(self.rules.root());
-        let temp = dir.join(format!(
-            "{TEMP_PREFIX}{}-{}",
-            std::process::id(),
-            TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
         let mode = mode_for(base_mode, meta.executable);
-        let written = self.write_temp(&temp, content, mode, meta.mtime_ms);
-        if let Err(e) = written {
-            let _ = std::fs::remove_file(&temp);
-            return Err(e);
-        }
-        if let Some(k) = echo_key {
-            self.echo.record(k, record);
-        }
-        if let Err(e) = std::fs::rename(&temp, &path) {
-            let _ = std::fs::remove_file(&temp);
-            return Err(FsError::Io {
-                op: "renaming into",
-                path,
-                source: e,
-            });
+        loop {
+            let name = format!(
+                "{TEMP_PREFIX}{}-{}",
+                std::process::id(),
+                TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)
+            );
+            let temp = match &self.temp_dir {
+                Some(dir) => dir.join(name),
+                None => path.parent().unwrap_or(self.rules.root()).join(name),
+            };
+            let written = self.write_temp(&temp, content, mode, meta.mtime_ms);
+            if let Err(e) = written {
+                let _ = std::fs::remove_file(&temp);
+                return Err(e);
+            }
+            if let Some(k) = echo_key {
+                self.echo.record(k, record);
+            }
+            match std::fs::rename(&temp, &path) {
+                Ok(()) => break,
+                // The same file system but another mount (a bind mount): write beside
+                // the final path from now on.
+                Err(e) if e.raw_os_error() == Some(libc::EXDEV) && self.temp_dir.is_some() => {
+                    let _ = std::fs::remove_file(&temp);
+                    tracing::debug!("{}: {e}; writing temp files in the folder", temp.display());
+                    self.temp_dir = None;
+                }
+                Err(e) => {
+                    let _ = std::fs::remove_file(&temp);
+                    return Err(FsError::Io {
+                        op: "renaming into",
+                        path,
+                        source: e,
+                    });
+                }
+            }
         }
         self.dirty = true;
         Ok(Ok(()))
@@ -878,15 +963,17 @@ mod tests {
 
     #[test]
     fn nested_keys_keep_a_batch_in_order() {
-        let files = |keys: &[&str]| -> Vec<(Key, ContentRef, Meta)> {
+        let files = |keys: &[&str]| -> Vec<FileView> {
             keys.iter()
-                .map(|k| {
-                    let content = ContentRef {
+                .map(|k| FileView {
+                    key: Key::new(*k).unwrap(),
+                    content: ContentRef {
                         root: Hash::of(b""),
                         size: 0,
                         depth: 0,
-                    };
-                    (Key::new(*k).unwrap(), content, Meta::file(0))
+                    },
+                    meta: Meta::file(0),
+                    recorded_here: false,
                 })
                 .collect()
         };

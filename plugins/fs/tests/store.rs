@@ -10,8 +10,10 @@ use std::time::Duration;
 use common::{apply, key, make_executable, random_bytes, scan_once, shown, tree, views, write};
 use converge_api::{EntryKind, Head, Hlc, Op};
 use converge_framework::log::LocalChange;
-use converge_framework::plugin::{KeyView, ScanProgress, Source, SourceContext};
-use converge_plugin_fs::{folder, FsConfig, FsSource, FsStore};
+use converge_framework::plugin::{
+    KeyView, ScanProgress, Source, SourceContext, Store, StoreContext,
+};
+use converge_plugin_fs::{folder, FsConfig, FsSource, FsStore, TEMP_PREFIX};
 use tokio::sync::watch;
 
 fn source_fixture(root: &std::path::Path) {
@@ -349,4 +351,115 @@ async fn a_local_change_not_yet_recorded_is_never_overwritten() {
         std::fs::read(mirror_dir.path().join("f.txt")).unwrap(),
         b"remote version"
     );
+}
+
+/// With a temp dir on the folder's file system, the store writes there and renames into
+/// the folder: a watcher on the folder sees the final names only, never a temp file. On
+/// another file system (tmpfs here) the temp dir is not used, and the files are the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_are_written_in_the_temp_dir_and_renamed_into_the_folder() {
+    use notify::Watcher;
+    let (a, b, data) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    write(a.path(), "one.txt", b"one");
+    write(a.path(), "two.bin", &random_bytes(2, 100_000));
+    let log = common::log();
+    scan_once(&FsSource::new(FsConfig::new(a.path())), &log).await;
+
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut watcher = notify::recommended_watcher(tx).unwrap();
+    watcher
+        .watch(b.path(), notify::RecursiveMode::NonRecursive)
+        .unwrap();
+    let temp_dir = data.path().join("tmp");
+    // Left by a killed run: removed at start.
+    write(&temp_dir, &format!("{TEMP_PREFIX}1-1"), b"stale");
+    let store = FsStore::new(FsConfig::new(b.path()).temp_dir(&temp_dir));
+    store.start(&StoreContext::new(log.clone())).await.unwrap();
+    apply(&store, &log, views(&log)).await;
+    assert_eq!(tree(b.path()), tree(a.path()));
+    assert!(
+        tree(&temp_dir).is_empty(),
+        "nothing is left in the temp dir"
+    );
+
+    // Events arrive in order: once both final names were seen, a temp file written in
+    // the folder would have been reported before them.
+    let mut seen = Vec::new();
+    while !(seen.iter().any(|n: &String| n == "one.txt") && seen.iter().any(|n| n == "two.bin")) {
+        let event = rx.recv_timeout(Duration::from_secs(10)).unwrap().unwrap();
+        seen.extend(
+            event
+                .paths
+                .iter()
+                .filter_map(|p| p.file_name()?.to_str().map(str::to_owned)),
+        );
+    }
+    assert!(
+        !seen.iter().any(|n| n.starts_with(TEMP_PREFIX)),
+        "the watcher saw a temp file: {seen:?}"
+    );
+
+    // A temp dir on another file system is not used (a rename would fail).
+    let shm = std::path::Path::new("/dev/shm");
+    if shm.is_dir() && shm.metadata().unwrap().dev() != b.path().metadata().unwrap().dev() {
+        let c = tempfile::tempdir().unwrap();
+        let elsewhere = tempfile::tempdir_in(shm).unwrap();
+        let store = FsStore::new(FsConfig::new(c.path()).temp_dir(elsewhere.path()));
+        apply(&store, &log, views(&log)).await;
+        assert_eq!(tree(c.path()), tree(a.path()));
+        assert!(tree(elsewhere.path()).is_empty());
+    }
+}
+
+/// The folder's own store does not read back a file its source has just recorded from
+/// it (same size, mtime and mode): that would hash every saved file twice. A file written
+/// elsewhere, as a mirror's is, is still checked by its hash. Reads are seen through the
+/// access time, which the kernel updates on the first read after a change (relatime).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_recorded_here_is_not_read_back_by_its_store() {
+    let (dir, mirror) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let old = filetime::FileTime::from_unix_time(1, 0);
+    let accessed = |path: &std::path::Path| {
+        filetime::FileTime::from_last_access_time(&std::fs::metadata(path).unwrap())
+    };
+    let probe = dir.path().join("probe");
+    std::fs::write(&probe, b"probe").unwrap();
+    filetime::set_file_atime(&probe, old).unwrap();
+    std::fs::read(&probe).unwrap();
+    if accessed(&probe) == old {
+        eprintln!("skipped: this file system does not record reads in the access time");
+        return;
+    }
+    std::fs::remove_file(&probe).unwrap();
+
+    let log = common::log();
+    let (source, store) = folder(FsConfig::new(dir.path()));
+    write(dir.path(), "saved.bin", &random_bytes(3, 200_000));
+    scan_once(&source, &log).await;
+    let saved = dir.path().join("saved.bin");
+    filetime::set_file_atime(&saved, old).unwrap();
+    apply(&store, &log, views(&log)).await;
+    assert_eq!(accessed(&saved), old, "the store read the file back");
+
+    // A mirror holding the same file (its own copy, not recorded from it) checks it.
+    let copy = mirror.path().join("saved.bin");
+    std::fs::copy(&saved, &copy).unwrap();
+    filetime::set_file_times(
+        &copy,
+        old,
+        filetime::FileTime::from_last_modification_time(&saved.metadata().unwrap()),
+    )
+    .unwrap();
+    apply(
+        &FsStore::mirror("m", FsConfig::new(mirror.path())),
+        &log,
+        views(&log),
+    )
+    .await;
+    assert_ne!(accessed(&copy), old, "the mirror checked its copy");
+    assert_eq!(tree(mirror.path()), tree(dir.path()));
 }
