@@ -231,14 +231,10 @@ proptest! {
     }
 }
 
-/// A–B–C in a line (A and C are not peers): A's events reach C through B.
-#[tokio::test(start_paused = true)]
-async fn events_are_relayed_along_a_line() {
+/// Starts an engine on each log over a fault-free memory network; replica `i` dials
+/// the replicas listed in `neighbours[i]`.
+async fn start_engines(logs: &[EventLog], neighbours: &[Vec<usize>]) -> Vec<SyncEngine> {
     let network = MemoryNetwork::new(7, Faults::none());
-    let logs: Vec<EventLog> = (0..3)
-        .map(|_| EventLog::open(LogConfig::temporary()).unwrap())
-        .collect();
-    let neighbours = [vec![1], vec![0, 2], vec![1]];
     let mut engines = Vec::new();
     for (i, log) in logs.iter().enumerate() {
         let peers = neighbours[i]
@@ -257,24 +253,39 @@ async fn events_are_relayed_along_a_line() {
                 .unwrap(),
         );
     }
-    let content = put_content(&logs[0], 1, 3);
-    let key = Key::new("from/a").unwrap();
-    logs[0]
-        .append_local(vec![LocalChange {
-            key: key.clone(),
-            op: Op::Put {
-                content,
-                meta: Meta::file(1),
-            },
-        }])
-        .await
-        .unwrap();
+    engines
+}
+
+/// Writes `content` to `key` on `from`, and waits (up to 30 s of paused time) until
+/// `to` holds the event.
+async fn write_and_wait(from: &EventLog, to: &EventLog, key: &Key, content: Option<ContentRef>) {
+    from.append_local(vec![LocalChange {
+        key: key.clone(),
+        op: Op::Put {
+            content,
+            meta: Meta::file(1),
+        },
+    }])
+    .await
+    .unwrap();
     for _ in 0..600 {
-        if logs[2].heads(&key).unwrap().len() == 1 {
+        if to.heads(key).unwrap().len() == 1 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// A–B–C in a line (A and C are not peers): A's events reach C through B.
+#[tokio::test(start_paused = true)]
+async fn events_are_relayed_along_a_line() {
+    let logs: Vec<EventLog> = (0..3)
+        .map(|_| EventLog::open(LogConfig::temporary()).unwrap())
+        .collect();
+    let engines = start_engines(&logs, &[vec![1], vec![0, 2], vec![1]]).await;
+    let content = put_content(&logs[0], 1, 3);
+    let key = Key::new("from/a").unwrap();
+    write_and_wait(&logs[0], &logs[2], &key, content).await;
     let heads = logs[2].heads(&key).unwrap();
     assert_eq!(heads.len(), 1, "A's event reached C");
     assert_eq!(heads[0].id.origin, logs[0].replica());
@@ -296,25 +307,10 @@ async fn events_are_relayed_along_a_line() {
 #[tokio::test(start_paused = true)]
 async fn fresh_content_is_pushed_before_its_event() {
     const CHUNKS: u8 = 250; // with the index nodes, more than one push batch
-    let network = MemoryNetwork::new(11, Faults::none());
     let logs: Vec<EventLog> = (0..2)
         .map(|_| EventLog::open(LogConfig::temporary()).unwrap())
         .collect();
-    let mut engines = Vec::new();
-    for (i, log) in logs.iter().enumerate() {
-        let peers = vec![PeerConfig {
-            id: logs[1 - i].replica(),
-            address: Some(format!("p{}", 1 - i)),
-        }];
-        engines.push(
-            SyncEngine::builder(log.clone(), Arc::new(Lww))
-                .config(test_config(peers))
-                .transport(Arc::new(network.endpoint(&format!("p{i}"))))
-                .start()
-                .await
-                .unwrap(),
-        );
-    }
+    let engines = start_engines(&logs, &[vec![1], vec![0]]).await;
     while !engines
         .iter()
         .all(|e| e.peers().iter().all(|p| p.connected))
@@ -323,22 +319,7 @@ async fn fresh_content_is_pushed_before_its_event() {
     }
     let content = put_content(&logs[0], 5, CHUNKS).unwrap();
     let key = Key::new("pushed").unwrap();
-    logs[0]
-        .append_local(vec![LocalChange {
-            key: key.clone(),
-            op: Op::Put {
-                content: Some(content),
-                meta: Meta::file(1),
-            },
-        }])
-        .await
-        .unwrap();
-    for _ in 0..600 {
-        if logs[1].heads(&key).unwrap().len() == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    write_and_wait(&logs[0], &logs[1], &key, Some(content)).await;
     assert_eq!(logs[1].heads(&key).unwrap().len(), 1, "A's event reached B");
     assert!(logs[1].chunks().missing(&content).unwrap().is_empty());
     let b_sent = engines[1].peers()[0].sent_bytes;
