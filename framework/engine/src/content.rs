@@ -26,9 +26,9 @@
 //!
 //! Chunks are never removed yet (no garbage collection), as before with the sled tree.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
-use std::io::Write;
+use std::io::{IoSlice, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
@@ -52,6 +52,10 @@ const WRITEBACK_BYTES: u64 = 8 << 20;
 /// Fresh chunk hashes are handed to the sink in batches of this many (4 MiB of data at
 /// the average chunk size), so that a large file streams while it is chunked.
 const FRESH_BATCH: usize = 256;
+
+/// Chunks checked and then written together by [`ChunkStore::put_many_verified`]: small
+/// enough that they are still in a core's cache when written.
+const GROUP_BYTES: usize = 128 << 10;
 
 /// Receives the hashes of chunks this replica put (see [`ChunkStore::set_fresh_sink`]).
 /// Called on the thread that put them; it must not block.
@@ -200,7 +204,7 @@ impl ChunkStore {
     /// Stores `bytes` under their hash and returns it (a no-op for known content).
     pub fn put(&self, bytes: &[u8]) -> Result<Hash, LogError> {
         let hash = Hash::of(bytes);
-        self.put_unchecked(&hash, bytes, true)?;
+        self.put_unchecked(&[(hash, bytes)], true)?;
         Ok(hash)
     }
 
@@ -208,18 +212,43 @@ impl ChunkStore {
     /// `Hash::of(bytes)` (a chunker that hashes while another thread stores). Reads check
     /// the hash, so a wrong one reads as corrupt, never as content.
     pub fn put_prehashed(&self, hash: &Hash, bytes: &[u8]) -> Result<(), LogError> {
-        debug_assert_eq!(Hash::of(bytes), *hash);
-        self.put_unchecked(hash, bytes, true)
+        self.put_many_prehashed(&[(*hash, bytes)])
+    }
+
+    /// [`put_prehashed`](Self::put_prehashed) for many chunks, written with one system
+    /// call where they fit.
+    pub fn put_many_prehashed(&self, chunks: &[(Hash, &[u8])]) -> Result<(), LogError> {
+        debug_assert!(chunks.iter().all(|(h, b)| Hash::of(b) == *h));
+        self.put_unchecked(chunks, true)
     }
 
     /// Stores `bytes` offered under `hash` (by a peer), after checking that they hash to
     /// it. Such chunks are not fresh: they are not handed to the sink.
     pub fn put_verified(&self, hash: &Hash, bytes: &[u8]) -> Result<(), LogError> {
-        if self.contains(hash)? {
-            return Ok(());
+        self.put_many_verified(&[(*hash, bytes)])
+    }
+
+    /// [`put_verified`](Self::put_verified) for many chunks: those not known yet are
+    /// checked and written a group at a time (one system call each), so that the bytes
+    /// just hashed are still in the CPU's cache when they are copied into the pack. A
+    /// chunk that does not match its hash fails the call; the groups before it stay.
+    pub fn put_many_verified(&self, chunks: &[(Hash, &[u8])]) -> Result<(), LogError> {
+        let mut group = Vec::new();
+        let mut bytes_in_group = 0;
+        for &(hash, bytes) in chunks {
+            if self.contains(&hash)? {
+                continue;
+            }
+            check(&hash, bytes)?;
+            group.push((hash, bytes));
+            bytes_in_group += bytes.len();
+            if bytes_in_group >= GROUP_BYTES {
+                self.put_unchecked(&group, false)?;
+                group.clear();
+                bytes_in_group = 0;
+            }
         }
-        check(hash, bytes)?;
-        self.put_unchecked(hash, bytes, false)
+        self.put_unchecked(&group, false)
     }
 
     /// Sets where the hashes of chunks put from now on by [`put`](Self::put) and
@@ -252,25 +281,47 @@ impl ChunkStore {
         }
     }
 
-    fn put_unchecked(&self, hash: &Hash, bytes: &[u8], local: bool) -> Result<(), LogError> {
-        let full = self.write_chunk(hash, bytes, local)?;
+    fn put_unchecked(&self, chunks: &[(Hash, &[u8])], local: bool) -> Result<(), LogError> {
+        if chunks.is_empty() {
+            return Ok(());
+        }
+        let full = self.write_chunks(chunks, local)?;
         if let Some(fresh) = full {
             self.hand_on(fresh);
         }
         Ok(())
     }
 
-    /// Appends the chunk to the pack unless it is known; returns a full batch of fresh
-    /// hashes to hand on (outside the writer's lock).
-    fn write_chunk(
+    /// Appends the chunks not known yet to the pack; returns a full batch of fresh hashes
+    /// to hand on (outside the writer's lock).
+    fn write_chunks(
         &self,
-        hash: &Hash,
-        bytes: &[u8],
+        chunks: &[(Hash, &[u8])],
         local: bool,
     ) -> Result<Option<Vec<Hash>>, LogError> {
         let inner = &self.inner;
         let mut w = inner.writer.lock().map_err(|_| LogError::Closed)?;
-        if w.staged.contains_key(hash) || inner.index.contains_key(hash.0)? {
+        let mut new: Vec<(Hash, &[u8])> = Vec::with_capacity(chunks.len());
+        // A batch may name a chunk twice (a file with repeated content).
+        let mut taken: HashSet<Hash> = HashSet::with_capacity(chunks.len());
+        for &(hash, bytes) in chunks {
+            if w.staged.contains_key(&hash)
+                || taken.contains(&hash)
+                || inner.index.contains_key(hash.0)?
+            {
+                continue;
+            }
+            taken.insert(hash);
+            if u32::try_from(bytes.len()).is_err() {
+                return Err(LogError::ContentIo {
+                    op: "storing",
+                    path: pack_path(&inner.dir, w.id),
+                    source: std::io::Error::other("a chunk larger than 4 GiB"),
+                });
+            }
+            new.push((hash, bytes));
+        }
+        if new.is_empty() {
             return Ok(None);
         }
         let file = match &w.file {
@@ -294,25 +345,23 @@ impl ChunkStore {
                 file
             }
         };
-        let len = u32::try_from(bytes.len()).map_err(|_| LogError::ContentIo {
-            op: "storing",
-            path: pack_path(&inner.dir, w.id),
-            source: std::io::Error::other("a chunk larger than 4 GiB"),
-        })?;
-        if let Err(e) = (&*file).write_all(bytes) {
-            // Part of the chunk may be in the pack, so the next one would not be where
+        if let Err(e) = write_all_vectored(&file, &new) {
+            // Part of the batch may be in the pack, so the next chunk would not be where
             // `len` says: start a new pack (the chunks already in this one stay good).
             let path = pack_path(&inner.dir, w.id);
             w.rotate();
             return Err(io_error("writing", path)(e));
         }
-        let location = Location {
-            pack: w.id,
-            offset: w.len,
-            len,
-        };
-        w.len += u64::from(len);
-        w.staged.insert(*hash, location);
+        for (hash, bytes) in &new {
+            let len = bytes.len() as u32; // checked above
+            let location = Location {
+                pack: w.id,
+                offset: w.len,
+                len,
+            };
+            w.len += u64::from(len);
+            w.staged.insert(*hash, location);
+        }
         if w.len - w.written_back >= WRITEBACK_BYTES {
             start_writeback(&file, w.written_back, w.len - w.written_back);
             w.written_back = w.len;
@@ -321,7 +370,7 @@ impl ChunkStore {
             w.rotate();
         }
         if local && inner.sink.read().is_ok_and(|s| s.is_some()) {
-            w.fresh.push(*hash);
+            w.fresh.extend(new.iter().map(|(h, _)| *h));
             if w.fresh.len() >= FRESH_BATCH {
                 return Ok(Some(std::mem::take(&mut w.fresh)));
             }
@@ -646,6 +695,25 @@ pub fn start_writeback(file: &File, offset: u64, len: u64) {
     let _ = (file, offset, len);
 }
 
+/// Writes every chunk's bytes, in order, with as few system calls as the kernel allows
+/// (`IOV_MAX` slices at a time).
+fn write_all_vectored(mut file: &File, chunks: &[(Hash, &[u8])]) -> std::io::Result<()> {
+    const IOV_MAX: usize = 1024;
+    for group in chunks.chunks(IOV_MAX) {
+        let mut slices: Vec<IoSlice<'_>> = group.iter().map(|(_, b)| IoSlice::new(b)).collect();
+        let mut rest = &mut slices[..];
+        while !rest.is_empty() {
+            match file.write_vectored(rest) {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(n) => IoSlice::advance_slices(&mut rest, n),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(())
+}
+
 fn check(hash: &Hash, bytes: &[u8]) -> Result<(), LogError> {
     let actual = Hash::of(bytes);
     if actual != *hash {
@@ -727,6 +795,42 @@ mod tests {
         store.put(b"after the sink was removed").unwrap();
         store.flush_fresh();
         assert_eq!(handed.lock().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn batches_skip_known_and_repeated_chunks_and_stop_at_a_mismatch() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let store = open(&db, dir.path());
+        let known = store.put(b"known").unwrap();
+        // More chunks than one vectored write takes, one of them twice, one known.
+        let bytes: Vec<Vec<u8>> = (0..1500)
+            .map(|i| format!("chunk {i}").into_bytes())
+            .collect();
+        let mut batch: Vec<(Hash, &[u8])> = bytes.iter().map(|b| (Hash::of(b), &b[..])).collect();
+        batch.push(batch[7]);
+        batch.push((known, b"known"));
+        store.put_many_verified(&batch).unwrap();
+        assert_eq!(store.len(), 1501);
+        for (hash, b) in &batch {
+            assert_eq!(store.get(hash).unwrap().as_deref(), Some(*b));
+        }
+
+        let good = b"good".to_vec();
+        let bad = [
+            (Hash::of(&good), &good[..]),
+            (Hash::of(b"claimed"), &b"other"[..]),
+        ];
+        assert!(matches!(
+            store.put_many_verified(&bad),
+            Err(LogError::ChunkMismatch { .. })
+        ));
+        assert!(!store.contains(&Hash::of(&good)).unwrap());
+        store.sync().unwrap();
+        assert_eq!(
+            store.get(&batch[1499].0).unwrap().as_deref(),
+            Some(batch[1499].1)
+        );
     }
 
     #[test]

@@ -257,12 +257,12 @@ async fn read_loop(
                 }
                 let chunks = inner.log.chunks().clone();
                 storing = Some(tokio::task::spawn_blocking(move || {
-                    let mut hashes = Vec::with_capacity(items.len());
-                    for item in items {
-                        chunks.put_verified(&item.hash, &item.bytes)?;
-                        hashes.push(item.hash);
-                    }
-                    Ok(hashes)
+                    let batch: Vec<(Hash, &[u8])> = items
+                        .iter()
+                        .map(|item| (item.hash, item.bytes.as_slice()))
+                        .collect();
+                    chunks.put_many_verified(&batch)?;
+                    Ok(items.into_iter().map(|item| item.hash).collect())
                 }));
             }
             Message::Ping { nonce } => {

@@ -44,11 +44,11 @@ pub fn hash_file(path: &Path) -> Result<ContentRef, FsError> {
 /// while another stores (reads) the chunks.
 pub(crate) const PIPELINE_BYTES: u64 = 4 << 20;
 
-/// Bytes read at once: the chunker cuts a whole window in place, so each byte is copied
-/// once from the kernel, hashed where it lies and copied once more, into the pack.
-/// (`fastcdc`'s `StreamCDC` copies every chunk out of a 64 KiB buffer, shifts the rest
-/// down and zeroes the space: several passes over every byte.)
-const WINDOW: usize = 1 << 20;
+/// Bytes read at once (they fit a core's cache): the chunker cuts a whole window in
+/// place, so each byte is copied once from the kernel, hashed where it lies and copied
+/// once more, into the pack. (`fastcdc`'s `StreamCDC` copies every chunk out of a 64 KiB
+/// buffer, shifts the rest down and zeroes the space: several passes over every byte.)
+const WINDOW: usize = 512 << 10;
 
 /// A window of a file and the data chunks cut from it: (hash, range in `bytes`).
 struct Window {
@@ -64,10 +64,14 @@ enum Piece {
 
 fn put_piece(store: &ChunkStore, piece: &Piece) -> Result<(), LogError> {
     match piece {
-        Piece::Data(w) => w
-            .chunks
-            .iter()
-            .try_for_each(|(hash, range)| store.put_prehashed(hash, &w.bytes[range.clone()])),
+        Piece::Data(w) => {
+            let chunks: Vec<(Hash, &[u8])> = w
+                .chunks
+                .iter()
+                .map(|(hash, range)| (*hash, &w.bytes[range.clone()]))
+                .collect();
+            store.put_many_prehashed(&chunks)
+        }
         Piece::Node(hash, node) => store.put_prehashed(hash, node),
     }
 }
