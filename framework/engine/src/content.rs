@@ -702,10 +702,15 @@ fn write_all_vectored(mut file: &File, chunks: &[(Hash, &[u8])]) -> std::io::Res
     for group in chunks.chunks(IOV_MAX) {
         let mut slices: Vec<IoSlice<'_>> = group.iter().map(|(_, b)| IoSlice::new(b)).collect();
         let mut rest = &mut slices[..];
-        while !rest.is_empty() {
+        // Counted in bytes: an empty chunk (an empty file's) has nothing to write.
+        let mut left: usize = group.iter().map(|(_, b)| b.len()).sum();
+        while left > 0 {
             match file.write_vectored(rest) {
                 Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-                Ok(n) => IoSlice::advance_slices(&mut rest, n),
+                Ok(n) => {
+                    left -= n;
+                    IoSlice::advance_slices(&mut rest, n);
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
@@ -810,8 +815,22 @@ mod tests {
         let mut batch: Vec<(Hash, &[u8])> = bytes.iter().map(|b| (Hash::of(b), &b[..])).collect();
         batch.push(batch[7]);
         batch.push((known, b"known"));
+        batch.push((Hash::of(b""), b""));
         store.put_many_verified(&batch).unwrap();
-        assert_eq!(store.len(), 1501);
+        assert_eq!(store.len(), 1502);
+        // A batch of nothing but an empty chunk (an empty file's) is stored too.
+        let (dir2, db2) = (
+            tempfile::tempdir().unwrap(),
+            sled::Config::new().temporary(true).open().unwrap(),
+        );
+        let only_empty = open(&db2, dir2.path());
+        only_empty
+            .put_many_prehashed(&[(Hash::of(b""), b"")])
+            .unwrap();
+        assert_eq!(
+            only_empty.get(&Hash::of(b"")).unwrap().as_deref(),
+            Some(&b""[..])
+        );
         for (hash, b) in &batch {
             assert_eq!(store.get(hash).unwrap().as_deref(), Some(*b));
         }
