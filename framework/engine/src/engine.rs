@@ -156,6 +156,12 @@ struct SessionSlot {
     pushed: Arc<std::sync::atomic::AtomicUsize>,
 }
 
+/// First pause before a failed source is started again; it doubles with each failure.
+const SOURCE_RETRY_MIN: Duration = Duration::from_millis(200);
+/// Longest pause before a failed source is started again; a source that ran longer than
+/// this before failing starts over from the first.
+const SOURCE_RETRY_MAX: Duration = Duration::from_secs(30);
+
 /// Most pushed chunk hashes a session may have waiting (1 GiB of data at the average
 /// chunk size); beyond it fresh chunks are not pushed to that peer, which asks for them
 /// once their events arrive.
@@ -604,11 +610,35 @@ impl EngineBuilder {
             )
             .with_observer(inner.observer.clone())
             .with_scan_gate(gate.clone());
+            let mut shutdown = inner.shutdown.subscribe();
             tasks.push(tokio::spawn(async move {
-                if let Err(e) = source.run(ctx).await {
-                    tracing::error!(source = source.name(), "source stopped: {e}");
+                // A source that fails (a full disk, a folder gone for a while) is started
+                // again after a growing pause: it scans at start, so nothing changed in
+                // between is lost. One that ends without an error is done.
+                let mut failures = 0u32;
+                loop {
+                    let started = Instant::now();
+                    let Err(e) = source.run(ctx.clone()).await else {
+                        break;
+                    };
+                    // A failing source, scan or not, must not hold the network back.
+                    if let Some(gate) = &gate {
+                        gate.send_replace(true);
+                    }
+                    if started.elapsed() > SOURCE_RETRY_MAX {
+                        failures = 0;
+                    }
+                    failures += 1;
+                    let wait = backoff(failures, SOURCE_RETRY_MIN, SOURCE_RETRY_MAX);
+                    tracing::error!(
+                        source = source.name(),
+                        "source stopped: {e}; starting it again in {wait:?} (failure {failures})"
+                    );
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {},
+                        _ = until(&mut shutdown, true) => break,
+                    }
                 }
-                // A source that stopped, scan or not, must not hold the network back.
                 if let Some(gate) = gate {
                     gate.send_replace(true);
                 }

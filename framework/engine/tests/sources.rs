@@ -1,0 +1,68 @@
+//! A source that fails is started again (after a pause), so a passing failure (a full
+//! disk, a folder away for a while) does not leave the replica deaf to local changes.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use converge_api::{Key, Meta, Op};
+use converge_framework::log::{EventLog, LocalChange, LogConfig};
+use converge_framework::plugin::{Source, SourceContext};
+use converge_framework::{PluginError, SyncEngine};
+use converge_policies::Lww;
+
+/// Fails its first two runs; the third records one change and runs until shutdown.
+struct Flaky {
+    runs: AtomicU32,
+}
+
+#[async_trait]
+impl Source for Flaky {
+    fn name(&self) -> &str {
+        "flaky"
+    }
+
+    async fn run(&self, mut ctx: SourceContext) -> Result<(), PluginError> {
+        let run = self.runs.fetch_add(1, Ordering::SeqCst) + 1;
+        if run <= 2 {
+            return Err(PluginError::new("flaky", format!("failure {run}")));
+        }
+        ctx.emit(vec![LocalChange {
+            key: Key::new(format!("run-{run}")).unwrap(),
+            op: Op::Put {
+                content: None,
+                meta: Meta::dir(0),
+            },
+        }])
+        .await
+        .map_err(|e| PluginError::new("flaky", e))?;
+        ctx.shutdown().await;
+        Ok(())
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_source_is_started_again() {
+    let log = EventLog::open(LogConfig::temporary()).unwrap();
+    let source = Arc::new(Flaky {
+        runs: AtomicU32::new(0),
+    });
+    let engine = SyncEngine::builder(log.clone(), Arc::new(Lww))
+        .source(source.clone())
+        .start()
+        .await
+        .unwrap();
+    for _ in 0..100 {
+        if log.len() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(log.len(), 1, "the third run recorded its change");
+    assert_eq!(log.heads(&Key::new("run-3").unwrap()).unwrap().len(), 1);
+    engine.shutdown().await.unwrap();
+    // It ended without an error at shutdown: not started again.
+    assert_eq!(source.runs.load(Ordering::SeqCst), 3);
+}
