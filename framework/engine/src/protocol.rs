@@ -219,9 +219,16 @@ async fn read_loop(
         match msg {
             Message::Hello { .. } => return Err(violation(label, "second hello")),
             Message::Events { batch } => {
+                // The sender holds what it sends (each origin's events up to the highest
+                // seq here, as logs hold them in order): not to be sent back to it.
+                let mut holds = VersionVector::new();
                 for event in &batch {
                     SyncApplier::validate(event).map_err(|reason| violation(label, reason))?;
+                    if event.id.seq > holds.get(&event.id.origin) {
+                        holds.set(event.id.origin, event.id.seq);
+                    }
                 }
+                inner.record_ack(&peer, &holds);
                 inner.count_events_received(&peer, batch.len() as u64);
                 if inner
                     .inbound
@@ -355,6 +362,8 @@ async fn write_loop(
             let read = tokio::task::spawn_blocking(move || reader.read(scan, max))
                 .await
                 .map_err(|e| violation("self", e.to_string()))??;
+            // What the peer has acknowledged, or sent here, it holds.
+            sent.merge(&inner.acked(&peer));
             let mut batch: Vec<Event> = Vec::new();
             let mut bytes = 0;
             for (offset, event) in read {

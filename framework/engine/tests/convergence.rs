@@ -331,3 +331,28 @@ async fn fresh_content_is_pushed_before_its_event() {
         e.shutdown().await.unwrap();
     }
 }
+
+/// A replica's events are not sent back to it by the peer it sent them to: the peer
+/// knows the sender holds what it sent.
+#[tokio::test(start_paused = true)]
+async fn events_are_not_echoed_back_to_their_sender() {
+    let logs: Vec<EventLog> = (0..2)
+        .map(|_| EventLog::open(LogConfig::temporary()).unwrap())
+        .collect();
+    let engines = start_engines(&logs, &[vec![1], vec![0]]).await;
+    for i in 0..20 {
+        let key = Key::new(format!("k{i}")).unwrap();
+        write_and_wait(&logs[0], &logs[1], &key, None).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(logs[1].len(), 20);
+    assert_eq!(
+        engines[1].peers()[0].events_sent,
+        0,
+        "B sent A's events back"
+    );
+    assert_eq!(engines[0].peers()[0].events_received, 0);
+    for e in &engines {
+        e.shutdown().await.unwrap();
+    }
+}
