@@ -629,7 +629,7 @@ impl EngineBuilder {
                         failures = 0;
                     }
                     failures += 1;
-                    let wait = backoff(failures, SOURCE_RETRY_MIN, SOURCE_RETRY_MAX);
+                    let wait = backoff(failures - 1, SOURCE_RETRY_MIN, SOURCE_RETRY_MAX);
                     tracing::error!(
                         source = source.name(),
                         "source stopped: {e}; starting it again in {wait:?} (failure {failures})"
