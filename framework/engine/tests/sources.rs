@@ -43,7 +43,8 @@ impl Source for Flaky {
     }
 }
 
-#[tokio::test(start_paused = true)]
+/// Real time: the log appends on its own thread, which paused time would run past.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_source_is_started_again() {
     let log = EventLog::open(LogConfig::temporary()).unwrap();
     let source = Arc::new(Flaky {
