@@ -738,11 +738,17 @@ mod tests {
         ChunkStore::open(db.open_tree("chunk_index").unwrap(), dir.to_owned(), false).unwrap()
     }
 
-    #[test]
-    fn chunks_survive_a_reopen_only_once_synced() {
+    /// A store over a temporary database and pack directory (kept alive by the tuple).
+    fn scratch() -> (tempfile::TempDir, sled::Db, ChunkStore) {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::Config::new().temporary(true).open().unwrap();
         let store = open(&db, dir.path());
+        (dir, db, store)
+    }
+
+    #[test]
+    fn chunks_survive_a_reopen_only_once_synced() {
+        let (dir, db, store) = scratch();
         let synced = store.put(b"synced").unwrap();
         assert_eq!(
             store.put(b"synced").unwrap(),
@@ -768,9 +774,7 @@ mod tests {
 
     #[test]
     fn fresh_local_chunks_are_handed_on_in_order_and_once() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = sled::Config::new().temporary(true).open().unwrap();
-        let store = open(&db, dir.path());
+        let (_dir, _db, store) = scratch();
         let before = store.put(b"put before the sink was set").unwrap();
         let handed: Arc<Mutex<Vec<Vec<Hash>>>> = Arc::default();
         let sink = handed.clone();
@@ -804,9 +808,7 @@ mod tests {
 
     #[test]
     fn batches_skip_known_and_repeated_chunks_and_stop_at_a_mismatch() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = sled::Config::new().temporary(true).open().unwrap();
-        let store = open(&db, dir.path());
+        let (_dir, _db, store) = scratch();
         let known = store.put(b"known").unwrap();
         // More chunks than one vectored write takes, one of them twice, one known.
         let bytes: Vec<Vec<u8>> = (0..1500)
@@ -855,9 +857,7 @@ mod tests {
     #[test]
     fn missing_tracks_what_arrives_and_asks_once() {
         use converge_api::content::NodeEntry;
-        let dir = tempfile::tempdir().unwrap();
-        let db = sled::Config::new().temporary(true).open().unwrap();
-        let store = open(&db, dir.path());
+        let (_dir, _db, store) = scratch();
         let data: Vec<Vec<u8>> = (0..3u8).map(|i| vec![i; 10]).collect();
         let node = IndexNode {
             children: data
@@ -912,9 +912,7 @@ mod tests {
 
     #[test]
     fn a_damaged_pack_reads_as_an_error_not_as_content() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = sled::Config::new().temporary(true).open().unwrap();
-        let store = open(&db, dir.path());
+        let (dir, db, store) = scratch();
         let hash = store.put(b"precious bytes").unwrap();
         store.sync().unwrap();
         let path = pack_path(dir.path(), 1);
