@@ -377,8 +377,9 @@ fn kill_9_while_receiving_then_restart_converges_without_torn_files() {
     kill_9_while_receiving(false);
 }
 
-/// Like the previous test, but B's folder must end up exactly like A's: the temp files
-/// that the killed B left behind (`.converge-tmp-<pid>-<n>`) must be gone too.
+/// Like the previous test, but B's folder must end up exactly like A's, and the temp
+/// files that the killed B left behind (`.converge-tmp-<pid>-<n>`, in its folder or its
+/// data dir) must be gone too.
 /// Regression: a killed store's temp files stayed forever; the store now sweeps them at
 /// start.
 #[test]
@@ -452,10 +453,15 @@ fn kill_9_while_receiving(strict: bool) {
     // temp file is being written, but the big file is not at its final path yet; failing
     // that (the big file came first), as soon as it is there, while small files are
     // still missing.
+    // The store writes its temp files in `<data_dir>/tmp` (the folder itself when that
+    // is on another file system).
+    let temp_dir = b.data.path().join("tmp");
     let big_in_flight = |b: &Path| {
-        fs::read_dir(b).into_iter().flatten().flatten().any(|e| {
-            e.file_name().to_string_lossy().starts_with(TEMP_PREFIX)
-                && e.metadata().map(|m| m.len() > 1 << 20).unwrap_or(false)
+        [b, temp_dir.as_path()].iter().any(|dir| {
+            fs::read_dir(dir).into_iter().flatten().flatten().any(|e| {
+                e.file_name().to_string_lossy().starts_with(TEMP_PREFIX)
+                    && e.metadata().map(|m| m.len() > 1 << 20).unwrap_or(false)
+            })
         })
     };
     let deadline = Instant::now() + CONVERGE_TIMEOUT;
@@ -505,6 +511,11 @@ fn kill_9_while_receiving(strict: bool) {
         "B did not converge after its restart: {}",
         tree_diff(&expected, &last)
     );
+    if strict {
+        // Nor in the data dir: the killed run's temp files were swept at start.
+        let left = tree(&temp_dir);
+        assert!(left.is_empty(), "temp files left in B's data dir: {left:?}");
+    }
     assert_eq!(tree(a.folder()), expected);
     a.stop();
     b.stop();
