@@ -45,8 +45,8 @@ const PACK_BYTES: u64 = 1 << 30;
 /// Index entries written per sled batch by [`ChunkStore::sync`].
 const INDEX_BATCH: usize = 256;
 
-/// Writeback of a pack is started every this many bytes, so that the sync before a
-/// flush finds little left to write.
+/// Writeback of an appended file (a pack, a file the folder store writes) is started every
+/// this many bytes, so that the sync that follows finds little left to write.
 const WRITEBACK_BYTES: u64 = 8 << 20;
 
 /// Fresh chunk hashes are handed to the sink in batches of this many (4 MiB of data at
@@ -60,6 +60,15 @@ const GROUP_BYTES: usize = 128 << 10;
 /// Receives the hashes of chunks this replica put (see [`ChunkStore::set_fresh_sink`]).
 /// Called on the thread that put them; it must not block.
 pub type FreshSink = Box<dyn Fn(Vec<Hash>) + Send + Sync>;
+
+/// Where chunks being put come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Origin {
+    /// Put by this replica, hashed by the caller: fresh, handed to the sink.
+    Local,
+    /// Offered by a peer: checked against their hashes before they are written.
+    Peer,
+}
 
 /// Where a chunk's bytes are.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -119,9 +128,8 @@ struct Inner {
 struct PackWriter {
     id: u32,
     file: Option<Arc<File>>,
-    len: u64,
-    /// Offset up to which writeback of the current pack has been started.
-    written_back: u64,
+    /// Bytes in the current pack, and how far its writeback was started.
+    written: Writeback,
     staged: HashMap<Hash, Location>,
     /// Packs closed since the last sync, still to be made durable.
     closed: Vec<(u32, Arc<File>)>,
@@ -189,8 +197,7 @@ impl ChunkStore {
                 writer: Mutex::new(PackWriter {
                     id: last + 1,
                     file: None,
-                    len: 0,
-                    written_back: 0,
+                    written: Writeback::default(),
                     staged: HashMap::new(),
                     closed: Vec::new(),
                     fresh: Vec::new(),
@@ -204,7 +211,7 @@ impl ChunkStore {
     /// Stores `bytes` under their hash and returns it (a no-op for known content).
     pub fn put(&self, bytes: &[u8]) -> Result<Hash, LogError> {
         let hash = Hash::of(bytes);
-        self.put_unchecked(&[(hash, bytes)], true)?;
+        self.put_chunks(&[(hash, bytes)], Origin::Local)?;
         Ok(hash)
     }
 
@@ -219,7 +226,7 @@ impl ChunkStore {
     /// call where they fit.
     pub fn put_many_prehashed(&self, chunks: &[(Hash, &[u8])]) -> Result<(), LogError> {
         debug_assert!(chunks.iter().all(|(h, b)| Hash::of(b) == *h));
-        self.put_unchecked(chunks, true)
+        self.put_chunks(chunks, Origin::Local)
     }
 
     /// Stores `bytes` offered under `hash` (by a peer), after checking that they hash to
@@ -233,22 +240,16 @@ impl ChunkStore {
     /// just hashed are still in the CPU's cache when they are copied into the pack. A
     /// chunk that does not match its hash fails the call; the groups before it stay.
     pub fn put_many_verified(&self, chunks: &[(Hash, &[u8])]) -> Result<(), LogError> {
-        let mut group = Vec::new();
+        let mut start = 0;
         let mut bytes_in_group = 0;
-        for &(hash, bytes) in chunks {
-            if self.contains(&hash)? {
-                continue;
-            }
-            check(&hash, bytes)?;
-            group.push((hash, bytes));
+        for (i, (_, bytes)) in chunks.iter().enumerate() {
             bytes_in_group += bytes.len();
             if bytes_in_group >= GROUP_BYTES {
-                self.put_unchecked(&group, false)?;
-                group.clear();
-                bytes_in_group = 0;
+                self.put_chunks(&chunks[start..=i], Origin::Peer)?;
+                (start, bytes_in_group) = (i + 1, 0);
             }
         }
-        self.put_unchecked(&group, false)
+        self.put_chunks(&chunks[start..], Origin::Peer)
     }
 
     /// Sets where the hashes of chunks put from now on by [`put`](Self::put) and
@@ -281,23 +282,24 @@ impl ChunkStore {
         }
     }
 
-    fn put_unchecked(&self, chunks: &[(Hash, &[u8])], local: bool) -> Result<(), LogError> {
+    fn put_chunks(&self, chunks: &[(Hash, &[u8])], origin: Origin) -> Result<(), LogError> {
         if chunks.is_empty() {
             return Ok(());
         }
-        let full = self.write_chunks(chunks, local)?;
+        let full = self.write_chunks(chunks, origin)?;
         if let Some(fresh) = full {
             self.hand_on(fresh);
         }
         Ok(())
     }
 
-    /// Appends the chunks not known yet to the pack; returns a full batch of fresh hashes
+    /// Appends the chunks not known yet to the pack (a peer's checked first, so that known
+    /// ones are neither hashed nor looked up twice); returns a full batch of fresh hashes
     /// to hand on (outside the writer's lock).
     fn write_chunks(
         &self,
         chunks: &[(Hash, &[u8])],
-        local: bool,
+        origin: Origin,
     ) -> Result<Option<Vec<Hash>>, LogError> {
         let inner = &self.inner;
         let mut w = inner.writer.lock().map_err(|_| LogError::Closed)?;
@@ -312,6 +314,9 @@ impl ChunkStore {
                 continue;
             }
             taken.insert(hash);
+            if origin == Origin::Peer {
+                check(&hash, bytes)?;
+            }
             if u32::try_from(bytes.len()).is_err() {
                 return Err(LogError::ContentIo {
                     op: "storing",
@@ -340,8 +345,7 @@ impl ChunkStore {
                     readers.insert(w.id, file.clone());
                 }
                 w.file = Some(file.clone());
-                w.len = 0;
-                w.written_back = 0;
+                w.written = Writeback::default();
                 file
             }
         };
@@ -352,24 +356,23 @@ impl ChunkStore {
             w.rotate();
             return Err(io_error("writing", path)(e));
         }
+        let mut offset = w.written.len();
         for (hash, bytes) in &new {
             let len = bytes.len() as u32; // checked above
             let location = Location {
                 pack: w.id,
-                offset: w.len,
+                offset,
                 len,
             };
-            w.len += u64::from(len);
+            offset += u64::from(len);
             w.staged.insert(*hash, location);
         }
-        if w.len - w.written_back >= WRITEBACK_BYTES {
-            start_writeback(&file, w.written_back, w.len - w.written_back);
-            w.written_back = w.len;
-        }
-        if w.len >= PACK_BYTES {
+        let appended = offset - w.written.len();
+        w.written.wrote(&file, appended);
+        if w.written.len() >= PACK_BYTES {
             w.rotate();
         }
-        if local && inner.sink.read().is_ok_and(|s| s.is_some()) {
+        if origin == Origin::Local && inner.sink.read().is_ok_and(|s| s.is_some()) {
             w.fresh.extend(new.iter().map(|(h, _)| *h));
             if w.fresh.len() >= FRESH_BATCH {
                 return Ok(Some(std::mem::take(&mut w.fresh)));
@@ -675,10 +678,40 @@ pub(crate) enum Ask {
     Stop,
 }
 
+/// The length of a file being appended to, starting the kernel's writeback of what was
+/// written every few MiB, so that a later `fdatasync` or `syncfs` finds little left to
+/// write. (The pack writer and the folder store's file writer both use it.)
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Writeback {
+    len: u64,
+    started: u64,
+}
+
+impl Writeback {
+    /// Records `bytes` more appended to `file`, starting writeback when enough piled up.
+    pub fn wrote(&mut self, file: &File, bytes: u64) {
+        self.len += bytes;
+        if self.len - self.started >= WRITEBACK_BYTES {
+            start_writeback(file, self.started, self.len - self.started);
+            self.started = self.len;
+        }
+    }
+
+    /// Bytes appended so far.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether nothing was appended yet.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
 /// Asks the kernel to start writing `len` bytes at `offset` of `file` to disk, without
 /// waiting: a later `fdatasync` or `syncfs` then finds them written or under way.
 /// Advisory (Linux only; a no-op elsewhere); errors are left for that sync to report.
-pub fn start_writeback(file: &File, offset: u64, len: u64) {
+fn start_writeback(file: &File, offset: u64, len: u64) {
     #[cfg(target_os = "linux")]
     {
         use std::os::fd::AsRawFd;

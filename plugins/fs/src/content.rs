@@ -14,7 +14,7 @@ use std::path::Path;
 use std::sync::mpsc::Receiver;
 
 use converge_api::content::TreeBuilder;
-use converge_api::{ContentRef, Hash};
+use converge_api::{ContentRef, EntryKind, Hash, Meta, Op};
 use converge_framework::content::ChunkStore;
 use converge_framework::LogError;
 use fastcdc::v2020::FastCDC;
@@ -205,6 +205,31 @@ fn cut(
         path: path.to_owned(),
         reason: "no chunk was cut".into(),
     })
+}
+
+/// Size, mtime in milliseconds and the executable bit: what tells a file unchanged without
+/// reading it (the scan's rule, and the store's guard).
+pub(crate) type FileStat = (u64, i64, bool);
+
+/// The [`FileStat`] of a file on disk.
+pub(crate) fn file_stat(meta: &Metadata) -> FileStat {
+    (meta.len(), mtime_ms(meta), is_executable(meta))
+}
+
+/// The [`FileStat`] an event records for a file.
+pub(crate) fn recorded_stat(content: &ContentRef, meta: &Meta) -> FileStat {
+    (content.size, meta.mtime_ms, meta.executable)
+}
+
+/// The [`FileStat`] of `op` if it puts a file.
+pub(crate) fn put_stat(op: &Op) -> Option<FileStat> {
+    match op {
+        Op::Put {
+            content: Some(content),
+            meta,
+        } if meta.kind == EntryKind::File => Some(recorded_stat(content, meta)),
+        _ => None,
+    }
 }
 
 /// Modification time in milliseconds since the Unix epoch (floor), as events carry it.

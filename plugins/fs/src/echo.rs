@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 
 use converge_api::{Hash, Key};
 
+use crate::content::FileStat;
+
 /// Records older than this are dropped: by then the source has seen the write.
 const TTL: Duration = Duration::from_secs(300);
 
@@ -30,6 +32,21 @@ pub(crate) enum Applied {
     Dir,
     /// Nothing (removed, or already absent).
     Absent,
+}
+
+impl Applied {
+    /// The size, mtime and mode of the file written, if one was.
+    pub(crate) fn file_stat(self) -> Option<FileStat> {
+        match self {
+            Applied::File {
+                size,
+                mtime_ms,
+                executable,
+                ..
+            } => Some((size, mtime_ms, executable)),
+            Applied::Dir | Applied::Absent => None,
+        }
+    }
 }
 
 /// The shared record.

@@ -20,7 +20,7 @@ use converge_framework::reconciler::pick;
 use ignore::{WalkBuilder, WalkState};
 use tokio::sync::mpsc;
 
-use crate::content::{is_executable, mtime_ms, store_file};
+use crate::content::{file_stat, mtime_ms, put_stat, store_file};
 use crate::echo::{Applied, Echo};
 use crate::error::FsError;
 use crate::rules::Rules;
@@ -69,8 +69,7 @@ fn head_kind(head: &Head) -> Option<EntryKind> {
 /// Whether the regular file `key` is just as the store last wrote it (its own write coming
 /// back through the watcher), judged by size, mtime and the executable bit.
 pub(crate) fn is_echo(env: &Env, key: &Key, meta: &Metadata) -> bool {
-    matches!(env.echo.get(key), Some(Applied::File { size, mtime_ms: m, executable, .. })
-        if (size, m, executable) == (meta.len(), mtime_ms(meta), is_executable(meta)))
+    env.echo.get(key).and_then(Applied::file_stat) == Some(file_stat(meta))
 }
 
 /// Compares the regular file at `path` with `heads`; returns the `Put` to emit (if it
@@ -82,23 +81,8 @@ pub(crate) fn examine_file(
     meta: &Metadata,
     heads: &[Head],
 ) -> Result<(Option<Op>, u64), FsError> {
-    let (size, mtime, executable) = (meta.len(), mtime_ms(meta), is_executable(meta));
-    if is_echo(env, key, meta) {
-        return Ok((None, 0));
-    }
-    let same_stat = heads.iter().any(|h| match &h.op {
-        Op::Put {
-            content: Some(c),
-            meta: hm,
-        } => {
-            hm.kind == EntryKind::File
-                && c.size == size
-                && hm.mtime_ms == mtime
-                && hm.executable == executable
-        }
-        _ => false,
-    });
-    if same_stat {
+    let stat @ (_, mtime, executable) = file_stat(meta);
+    if is_echo(env, key, meta) || heads.iter().any(|h| put_stat(&h.op) == Some(stat)) {
         return Ok((None, 0));
     }
     let content = store_file(path, &env.chunks)?;

@@ -19,13 +19,15 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use converge_api::{ContentRef, EntryKind, EventId, Head, Key, Meta, Op, ReplicaId};
-use converge_framework::content::{start_writeback, ChunkStore};
+use converge_framework::content::{ChunkStore, Writeback};
 use converge_framework::log::EventLog;
 use converge_framework::plugin::{KeyView, Store, StoreContext};
 use converge_framework::{LogError, PluginError};
 use filetime::FileTime;
 
-use crate::content::{hash_file, is_executable, mtime_ms, PIPELINE_BYTES};
+use crate::content::{
+    file_stat, hash_file, is_executable, mtime_ms, put_stat, recorded_stat, PIPELINE_BYTES,
+};
 use crate::echo::{Applied, Echo};
 use crate::error::FsError;
 use crate::rules::Rules;
@@ -445,17 +447,9 @@ impl Writer {
         let Some(log) = &self.guard else {
             return true;
         };
-        let stat = (m.len(), mtime_ms(m), is_executable(m));
-        if let Some(Applied::File {
-            size,
-            mtime_ms,
-            executable,
-            ..
-        }) = self.echo.get(key)
-        {
-            if (size, mtime_ms, executable) == stat {
-                return true;
-            }
+        let stat = file_stat(m);
+        if self.echo.get(key).and_then(Applied::file_stat) == Some(stat) {
+            return true;
         }
         let mut queue: std::collections::VecDeque<EventId> = match log.heads(key) {
             Ok(heads) => heads.iter().map(|h| h.id).collect(),
@@ -477,15 +471,8 @@ impl Writer {
                     return true;
                 }
             };
-            if let Op::Put {
-                content: Some(c),
-                meta,
-            } = &event.op
-            {
-                if meta.kind == EntryKind::File && (c.size, meta.mtime_ms, meta.executable) == stat
-                {
-                    return true;
-                }
+            if put_stat(&event.op) == Some(stat) {
+                return true;
             }
             queue.extend(event.parents);
         }
@@ -633,28 +620,17 @@ impl Writer {
         };
         let mut base_mode = 0o644;
         match std::fs::symlink_metadata(&path) {
-            Ok(m)
-                if m.is_file()
-                    && echo_key.is_some()
-                    && !(m.len(), mtime_ms(&m), is_executable(&m)).eq(&(
-                        content.size,
-                        meta.mtime_ms,
-                        meta.executable,
-                    ))
-                    && !self.knows(target, &m) =>
-            {
-                tracing::info!("{target}: changed here since it was last recorded; not overwritten (the change is recorded next)");
-                return Ok(Ok(()));
-            }
             Ok(m) if m.is_file() => {
+                let as_recorded = file_stat(&m) == recorded_stat(content, meta);
+                if echo_key.is_some() && !as_recorded && !self.knows(target, &m) {
+                    tracing::info!("{target}: changed here since it was last recorded; not overwritten (the change is recorded next)");
+                    return Ok(Ok(()));
+                }
                 base_mode = m.permissions().mode() & 0o777;
                 // The folder's source recorded this event from this file, and its size,
                 // mtime and mode are still those: in place, as the scan would judge it,
                 // without reading it again. Any other file is checked by its hash.
-                let unchanged_here = recorded_here
-                    && (m.len(), mtime_ms(&m), is_executable(&m))
-                        == (content.size, meta.mtime_ms, meta.executable);
-                if unchanged_here
+                if (recorded_here && as_recorded)
                     || (m.len() == content.size && hash_file(&path)?.root == content.root)
                 {
                     // Already there (a replay, or the crash-repair check): fix the metadata.
@@ -815,18 +791,13 @@ fn write_chunks(
     temp: &Path,
     chunks: impl IntoIterator<Item = Vec<u8>>,
 ) -> Result<u64, FsError> {
-    const WRITEBACK_BYTES: u64 = 8 << 20;
-    let (mut written, mut written_back) = (0u64, 0u64);
+    let mut written = Writeback::default();
     for bytes in chunks {
         file.write_all(&bytes)
             .map_err(FsError::io("writing", temp))?;
-        written += bytes.len() as u64;
-        if written - written_back >= WRITEBACK_BYTES {
-            start_writeback(file, written_back, written - written_back);
-            written_back = written;
-        }
+        written.wrote(file, bytes.len() as u64);
     }
-    Ok(written)
+    Ok(written.len())
 }
 
 /// `base` with the executable bits set (where readable) or cleared.
