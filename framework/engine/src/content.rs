@@ -12,10 +12,17 @@
 //! calls before every flush, makes the pack durable and only then moves the staged entries
 //! into the index. So an index entry never outlives its bytes in a crash, and an event is
 //! acknowledged only after the chunks put before it are durable. A chunk staged but not
-//! synced when the process dies is simply missing afterwards (and fetched again). Every
-//! read is checked against its hash, so a damaged pack reads as an error, never as wrong
-//! content. A new pack is started at every open, so nothing is ever appended after bytes a
-//! crash may have torn.
+//! synced when the process dies is simply missing afterwards (and fetched again). A new
+//! pack is started at every open, so nothing is ever appended after bytes a crash may have
+//! torn.
+//!
+//! Every chunk is checked once on its way in: hashed from the file by the source that
+//! puts it, or checked against its hash when a peer offers it. Reads from the packs this
+//! process wrote are trusted on that ground and not hashed again; reads from the packs of
+//! earlier runs, which a crash or the disk may have damaged since, are checked, so a
+//! damaged pack reads as an error, never as wrong content. A file's data can be copied out
+//! of this process's packs by the kernel ([`Piece::InPack`]), without passing through
+//! memory.
 //!
 //! Chunks put by this replica (not those received from peers) are also handed, in
 //! batches, to a *fresh-chunk sink* when one is set: the engine pushes them to connected
@@ -56,6 +63,11 @@ const FRESH_BATCH: usize = 256;
 /// Chunks checked and then written together by [`ChunkStore::put_many_verified`]: small
 /// enough that they are still in a core's cache when written.
 const GROUP_BYTES: usize = 128 << 10;
+
+/// The longest run of chunks [`ChunkStore::for_each_data_piece`] hands out as one
+/// [`Piece::InPack`]: long enough that a large file is copied in few system calls, short
+/// enough that a writer pipelined behind the walk starts early.
+pub const PIECE_BYTES: u64 = 8 << 20;
 
 /// Receives the hashes of chunks this replica put (see [`ChunkStore::set_fresh_sink`]).
 /// Called on the thread that put them; it must not block.
@@ -120,6 +132,9 @@ struct Inner {
     /// Remove `dir` when the store is dropped (a temporary log's store).
     remove_on_drop: bool,
     writer: Mutex<PackWriter>,
+    /// The first pack this process wrote: packs from here on hold only chunks checked on
+    /// their way in, and are read without hashing them again.
+    own_packs: u32,
     readers: RwLock<HashMap<u32, Arc<File>>>,
     sink: RwLock<Option<FreshSink>>,
 }
@@ -202,6 +217,7 @@ impl ChunkStore {
                     closed: Vec::new(),
                     fresh: Vec::new(),
                 }),
+                own_packs: last + 1,
                 readers: RwLock::new(HashMap::new()),
                 sink: RwLock::new(None),
             }),
@@ -447,6 +463,12 @@ impl ChunkStore {
         Ok(file)
     }
 
+    /// Whether a chunk at `location` was checked on its way into a pack this process
+    /// wrote, so that reading it needs no check.
+    fn trusted(&self, location: Location) -> bool {
+        location.pack >= self.inner.own_packs
+    }
+
     fn read(&self, hash: &Hash, location: Location) -> Result<Vec<u8>, LogError> {
         let mut bytes = vec![0; location.len as usize];
         self.pack(location.pack)?
@@ -455,6 +477,9 @@ impl ChunkStore {
                 "reading",
                 pack_path(&self.inner.dir, location.pack),
             ))?;
+        if self.trusted(location) {
+            return Ok(bytes);
+        }
         check(hash, &bytes).map_err(|_| LogError::Corrupt {
             what: format!(
                 "chunk {hash:?} in {}",
@@ -465,7 +490,8 @@ impl ChunkStore {
         Ok(bytes)
     }
 
-    /// The bytes stored under `hash`, checked against it.
+    /// The bytes stored under `hash` (checked against it when they are in a pack of an
+    /// earlier run; see the module docs).
     pub fn get(&self, hash: &Hash) -> Result<Option<Vec<u8>>, LogError> {
         match self.locate(hash)? {
             Some(location) => self.read(hash, location).map(Some),
@@ -533,14 +559,51 @@ impl ChunkStore {
         self.walk(content.root, content.depth, &mut |bytes| f(&bytes))
     }
 
-    /// Like [`ChunkStore::for_each_data_chunk`], handing over each chunk's buffer (to pass
-    /// it to another thread without a copy).
-    pub fn for_each_data_chunk_owned(
+    /// Calls `f` with the data of `content` in order, as [`Piece`]s: runs of chunks lying
+    /// one after another in a pack this process wrote, up to [`PIECE_BYTES`] each, to be
+    /// copied by the kernel; other chunks read and checked. A chunk that is absent is
+    /// reported as [`LogError::Corrupt`].
+    pub fn for_each_data_piece(
         &self,
         content: &ContentRef,
-        f: &mut dyn FnMut(Vec<u8>) -> Result<(), LogError>,
+        f: &mut dyn FnMut(Piece) -> Result<(), LogError>,
     ) -> Result<(), LogError> {
-        self.walk(content.root, content.depth, f)
+        let mut run: Option<(u32, u64, u64)> = None;
+        self.walk_locations(content.root, content.depth, &mut |hash, location| {
+            if self.trusted(location) {
+                let len = u64::from(location.len);
+                if let Some((pack, offset, run_len)) = &mut run {
+                    if *pack == location.pack
+                        && *offset + *run_len == location.offset
+                        && *run_len + len <= PIECE_BYTES
+                    {
+                        *run_len += len;
+                        return Ok(());
+                    }
+                }
+                if let Some(done) = run.replace((location.pack, location.offset, len)) {
+                    f(self.piece_in_pack(done)?)?;
+                }
+                return Ok(());
+            }
+            if let Some(done) = run.take() {
+                f(self.piece_in_pack(done)?)?;
+            }
+            f(Piece::Bytes(self.read(hash, location)?))
+        })?;
+        match run {
+            Some(done) => f(self.piece_in_pack(done)?),
+            None => Ok(()),
+        }
+    }
+
+    fn piece_in_pack(&self, (pack, offset, len): (u32, u64, u64)) -> Result<Piece, LogError> {
+        Ok(Piece::InPack {
+            file: self.pack(pack)?,
+            path: pack_path(&self.inner.dir, pack),
+            offset,
+            len,
+        })
     }
 
     fn walk(
@@ -549,18 +612,128 @@ impl ChunkStore {
         depth: u8,
         f: &mut dyn FnMut(Vec<u8>) -> Result<(), LogError>,
     ) -> Result<(), LogError> {
+        self.walk_locations(hash, depth, &mut |hash, location| {
+            f(self.read(hash, location)?)
+        })
+    }
+
+    /// Calls `f` with the hash and location of each data chunk under `hash`, in order.
+    fn walk_locations(
+        &self,
+        hash: Hash,
+        depth: u8,
+        f: &mut dyn FnMut(&Hash, Location) -> Result<(), LogError>,
+    ) -> Result<(), LogError> {
         let location = self.locate(&hash)?.ok_or_else(|| LogError::Corrupt {
             what: format!("chunk {hash:?}"),
             source: converge_api::CodecError::Malformed("missing from the content store".into()),
         })?;
         if depth == 0 {
-            return f(self.read(&hash, location)?);
+            return f(&hash, location);
         }
         for child in self.node(&hash, location)?.children {
-            self.walk(child.hash, depth - 1, f)?;
+            self.walk_locations(child.hash, depth - 1, f)?;
         }
         Ok(())
     }
+}
+
+/// A run of a content's data, as [`ChunkStore::for_each_data_piece`] hands it out.
+#[derive(Debug)]
+pub enum Piece {
+    /// Chunk bytes read from the store and checked against their hash.
+    Bytes(Vec<u8>),
+    /// `len` bytes at `offset` of the pack `file` (at `path`), chunks checked when they
+    /// were put, for the kernel to copy.
+    InPack {
+        /// The pack, open for reading.
+        file: Arc<File>,
+        /// The pack's path, for errors.
+        path: PathBuf,
+        /// Where the run starts in the pack.
+        offset: u64,
+        /// The run's length in bytes.
+        len: u64,
+    },
+}
+
+impl Piece {
+    /// The piece's length in bytes.
+    pub fn len(&self) -> u64 {
+        match self {
+            Piece::Bytes(bytes) => bytes.len() as u64,
+            Piece::InPack { len, .. } => *len,
+        }
+    }
+
+    /// Whether the piece holds no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Appends the piece's bytes to `out` at its current position: a pack run is copied
+    /// in the kernel (`copy_file_range`), or read and written where the kernel cannot
+    /// copy between the two files. A pack read error names the pack; a write error is
+    /// returned as it is, for the caller to name `out`.
+    pub fn write_to(&self, mut out: &File) -> Result<(), PieceError> {
+        let (pack, path, mut offset, len) = match self {
+            Piece::Bytes(bytes) => return out.write_all(bytes).map_err(PieceError::Write),
+            Piece::InPack {
+                file,
+                path,
+                offset,
+                len,
+            } => (file, path, *offset, *len),
+        };
+        let end = offset + len;
+        while offset < end {
+            let want = usize::try_from(end - offset).unwrap_or(usize::MAX);
+            match rustix::fs::copy_file_range(&**pack, Some(&mut offset), out, None, want) {
+                Ok(0) => {
+                    return Err(PieceError::Read(LogError::ContentIo {
+                        op: "reading",
+                        path: path.clone(),
+                        source: std::io::ErrorKind::UnexpectedEof.into(),
+                    }))
+                }
+                Ok(_) => {}
+                Err(e) if e == rustix::io::Errno::INTR => {}
+                // Another file system, or one that cannot copy: through memory instead.
+                Err(_) => return copy_through_memory(pack, path, offset, end, out),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Why [`Piece::write_to`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PieceError {
+    /// Reading the piece from the store failed.
+    #[error(transparent)]
+    Read(LogError),
+    /// Writing to the output failed.
+    #[error("writing: {0}")]
+    Write(std::io::Error),
+}
+
+/// Copies `offset..end` of `pack` to `out` through a buffer.
+fn copy_through_memory(
+    pack: &File,
+    path: &Path,
+    mut offset: u64,
+    end: u64,
+    mut out: &File,
+) -> Result<(), PieceError> {
+    let mut buffer = vec![0; (end - offset).min(1 << 20) as usize];
+    while offset < end {
+        let n = (end - offset).min(buffer.len() as u64) as usize;
+        pack.read_exact_at(&mut buffer[..n], offset)
+            .map_err(|e| PieceError::Read(io_error("reading", path.to_owned())(e)))?;
+        out.write_all(&buffer[..n]).map_err(PieceError::Write)?;
+        offset += n as u64;
+    }
+    Ok(())
 }
 
 /// What is still missing of one content, kept between checks so that each check costs
@@ -941,6 +1114,76 @@ mod tests {
         m.refresh(&store, &|h| in_flight.contains(h)).unwrap();
         assert!(m.is_complete());
         assert!(store.missing(&content).unwrap().is_empty());
+    }
+
+    /// Puts `chunks` as the data of one content, then its index nodes.
+    fn put_content(store: &ChunkStore, chunks: &[Vec<u8>]) -> ContentRef {
+        let mut tree = converge_api::content::TreeBuilder::new();
+        let mut nodes = Vec::new();
+        for chunk in chunks {
+            let hash = store.put(chunk).unwrap();
+            tree.push(hash, chunk.len() as u64, &mut |h, n| nodes.push((h, n)));
+        }
+        let content = tree.finish(&mut |h, n| nodes.push((h, n))).unwrap();
+        for (hash, node) in nodes {
+            store.put_prehashed(&hash, &node).unwrap();
+        }
+        content
+    }
+
+    /// The content's pieces, and the bytes they write.
+    fn pieces(store: &ChunkStore, content: &ContentRef) -> (Vec<Piece>, Vec<u8>) {
+        let mut pieces = Vec::new();
+        store
+            .for_each_data_piece(content, &mut |piece| {
+                pieces.push(piece);
+                Ok(())
+            })
+            .unwrap();
+        let out = tempfile::tempfile().unwrap();
+        for piece in &pieces {
+            piece.write_to(&out).unwrap();
+        }
+        let mut written = vec![0; out.metadata().unwrap().len() as usize];
+        out.read_exact_at(&mut written, 0).unwrap();
+        (pieces, written)
+    }
+
+    #[test]
+    fn data_is_copied_out_of_this_runs_packs_and_checked_from_older_ones() {
+        let (dir, db, store) = scratch();
+        let chunks: Vec<Vec<u8>> = (1..=3u8).map(|i| vec![i; 3 << 20]).collect();
+        let content = put_content(&store, &chunks);
+        let whole = chunks.concat();
+
+        // This run's pack: runs of chunks lying one after another, at most PIECE_BYTES.
+        let (got, written) = pieces(&store, &content);
+        let runs: Vec<(bool, u64)> = got
+            .iter()
+            .map(|p| (matches!(p, Piece::InPack { .. }), p.len()))
+            .collect();
+        assert_eq!(runs, [(true, 6 << 20), (true, 3 << 20)]);
+        assert!(written == whole, "the pieces write the content");
+
+        // An earlier run's pack: every chunk is read and checked.
+        store.sync().unwrap();
+        drop(store);
+        let store = open(&db, dir.path());
+        let (got, written) = pieces(&store, &content);
+        assert!(got.iter().all(|p| matches!(p, Piece::Bytes(_))));
+        assert_eq!(got.len(), 3);
+        assert!(written == whole, "the pieces write the content");
+
+        let path = pack_path(dir.path(), 1);
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[5] ^= 1;
+        std::fs::write(&path, bytes).unwrap();
+        let store = open(&db, dir.path());
+        let damaged = store.for_each_data_piece(&content, &mut |_| Ok(()));
+        assert!(
+            matches!(damaged, Err(LogError::Corrupt { .. })),
+            "{damaged:?}"
+        );
     }
 
     #[test]

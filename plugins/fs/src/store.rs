@@ -11,7 +11,7 @@
 
 use std::collections::HashSet;
 use std::fs::{File, OpenOptions, Permissions};
-use std::io::{ErrorKind, Write};
+use std::io::ErrorKind;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use converge_api::{ContentRef, EntryKind, EventId, Head, Key, Meta, Op, ReplicaId};
-use converge_framework::content::{ChunkStore, Writeback};
+use converge_framework::content::{ChunkStore, Piece, PieceError, Writeback};
 use converge_framework::log::EventLog;
 use converge_framework::plugin::{KeyView, Store, StoreContext};
 use converge_framework::{LogError, PluginError};
@@ -734,17 +734,17 @@ impl Writer {
             .open(temp)
             .map_err(FsError::io("creating", temp))?;
         let written = if content.size >= PIPELINE_BYTES {
-            // Reading and checking the chunks takes about as long as writing them: a
-            // second thread reads while this one writes.
+            // Reading and checking chunks from an earlier run's packs takes about as long
+            // as writing them: a second thread walks the content while this one writes.
             std::thread::scope(|scope| {
-                let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(32);
+                let (tx, rx) = std::sync::mpsc::sync_channel::<Piece>(32);
                 let chunks = &self.chunks;
                 let reader = scope.spawn(move || {
-                    chunks.for_each_data_chunk_owned(content, &mut |bytes| {
-                        tx.send(bytes).map_err(|_| LogError::Closed)
+                    chunks.for_each_data_piece(content, &mut |piece| {
+                        tx.send(piece).map_err(|_| LogError::Closed)
                     })
                 });
-                let written = write_chunks(&mut file, temp, rx);
+                let written = write_pieces(&mut file, temp, rx);
                 // A write error drops `rx`, which stops the reader with `Closed`: the
                 // write error is the one to report.
                 let read = reader.join().map_err(|_| FsError::Content {
@@ -757,13 +757,12 @@ impl Writer {
             })?
         } else {
             // Under PIPELINE_BYTES: read every chunk, then write them.
-            let mut read = Vec::new();
-            self.chunks
-                .for_each_data_chunk_owned(content, &mut |bytes| {
-                    read.push(bytes);
-                    Ok(())
-                })?;
-            write_chunks(&mut file, temp, read)?
+            let mut pieces = Vec::new();
+            self.chunks.for_each_data_piece(content, &mut |piece| {
+                pieces.push(piece);
+                Ok(())
+            })?;
+            write_pieces(&mut file, temp, pieces)?
         };
         if written != content.size {
             return Err(FsError::Content {
@@ -783,19 +782,21 @@ impl Writer {
     }
 }
 
-/// Writes `chunks` to `file` (the temp file `temp`), starting the kernel's writeback
+/// Writes `pieces` to `file` (the temp file `temp`), starting the kernel's writeback
 /// every few MiB so the batch's `syncfs` finds little left to write. Returns the bytes
 /// written.
-fn write_chunks(
+fn write_pieces(
     file: &mut File,
     temp: &Path,
-    chunks: impl IntoIterator<Item = Vec<u8>>,
+    pieces: impl IntoIterator<Item = Piece>,
 ) -> Result<u64, FsError> {
     let mut written = Writeback::default();
-    for bytes in chunks {
-        file.write_all(&bytes)
-            .map_err(FsError::io("writing", temp))?;
-        written.wrote(file, bytes.len() as u64);
+    for piece in pieces {
+        piece.write_to(file).map_err(|e| match e {
+            PieceError::Read(e) => FsError::Log(e),
+            PieceError::Write(e) => FsError::io("writing", temp)(e),
+        })?;
+        written.wrote(file, piece.len());
     }
     Ok(written.len())
 }
