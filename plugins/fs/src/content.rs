@@ -40,8 +40,9 @@ pub fn hash_file(path: &Path) -> Result<ContentRef, FsError> {
     chunk_file(path, None)
 }
 
-/// Files at least this large are chunked (and written out by the store) on one thread
-/// while another stores (reads) the chunks.
+/// Files at least this large are chunked on two threads, one cutting while the other
+/// hashes and stores (and written out by the store on one thread while another reads the
+/// chunks).
 pub(crate) const PIPELINE_BYTES: u64 = 4 << 20;
 
 /// Bytes read at once (they fit a core's cache): the chunker cuts a whole window in
@@ -49,6 +50,9 @@ pub(crate) const PIPELINE_BYTES: u64 = 4 << 20;
 /// once more, into the pack. (`fastcdc`'s `StreamCDC` copies every chunk out of a 64 KiB
 /// buffer, shifts the rest down and zeroes the space: several passes over every byte.)
 const WINDOW: usize = 512 << 10;
+
+/// Windows cut but not yet hashed, between the two threads of a large file.
+const WINDOWS_IN_FLIGHT: usize = 4;
 
 /// A window of a file and the data chunks cut from it: (hash, range in `bytes`).
 struct Window {
@@ -79,57 +83,120 @@ fn put_piece(store: &ChunkStore, piece: &Piece) -> Result<(), LogError> {
 fn chunk_file(path: &Path, store: Option<&ChunkStore>) -> Result<ContentRef, FsError> {
     let file = File::open(path).map_err(FsError::io("opening", path))?;
     let size = file.metadata().map(|m| m.len()).ok();
-    let large = size.is_some_and(|n| n >= PIPELINE_BYTES);
-    match store {
-        None => cut(path, file, size, None, &mut |_| Ok(())),
-        Some(store) if !large => cut(path, file, size, None, &mut |piece| {
-            put_piece(store, &piece)
-        }),
-        // Reading, cutting and hashing take about as long as writing the chunks into the
-        // pack: do both at once. Windows written go back to the chunker for reuse.
-        Some(store) => std::thread::scope(|scope| {
-            let (tx, rx) = std::sync::mpsc::sync_channel::<Piece>(4);
-            let (back_tx, back_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
-            let writer = scope.spawn(move || {
-                rx.into_iter().try_for_each(|piece| {
-                    put_piece(store, &piece)?;
-                    if let Piece::Data(w) = piece {
-                        let _ = back_tx.try_send(w.bytes);
-                    }
-                    Ok::<(), LogError>(())
-                })
-            });
-            let content = cut(path, file, size, Some(&back_rx), &mut |piece| {
-                tx.send(piece).map_err(|_| LogError::Closed)
-            });
-            drop(tx);
-            match writer.join() {
-                Ok(Ok(())) => content,
-                Ok(Err(e)) => Err(e.into()),
-                Err(_) => Err(FsError::Content {
-                    path: path.to_owned(),
-                    reason: "the thread storing its chunks panicked".into(),
-                }),
+    let put = &mut |piece: &Piece| match store {
+        Some(store) => put_piece(store, piece),
+        None => Ok(()),
+    };
+    let mut hasher = Hasher::default();
+    if size.is_none_or(|n| n < PIPELINE_BYTES) {
+        cut(path, file, size, None, &mut |bytes, cuts| {
+            hasher.window(bytes, cuts, put).map(drop)
+        })?;
+        return hasher.finish(path, put);
+    }
+    // Cutting takes about as long as hashing and storing: the one on this thread, the
+    // other on a second. Windows hashed go back to the cutter for reuse.
+    std::thread::scope(|scope| {
+        let (tx, rx) = std::sync::mpsc::sync_channel(WINDOWS_IN_FLIGHT);
+        let (back_tx, back_rx) = std::sync::mpsc::sync_channel(WINDOWS_IN_FLIGHT);
+        let second = scope.spawn(move || {
+            for (bytes, cuts) in rx {
+                let _ = back_tx.try_send(hasher.window(bytes, cuts, put)?);
             }
-        }),
+            hasher.finish(path, put)
+        });
+        let cutting = cut(path, file, size, Some(&back_rx), &mut |bytes, cuts| {
+            tx.send((bytes, cuts)).map_err(|_| LogError::Closed)
+        });
+        drop(tx);
+        let hashed = second.join().map_err(|_| FsError::Content {
+            path: path.to_owned(),
+            reason: "the thread hashing its chunks panicked".into(),
+        })?;
+        match cutting {
+            // The second thread stopped first: its error is the one to report.
+            Err(FsError::Log(LogError::Closed)) => hashed.and(Err(LogError::Closed.into())),
+            Err(e) => Err(e),
+            Ok(()) => hashed,
+        }
+    })
+}
+
+/// The second half of the chunker: hashes the chunks cut from each window, in file
+/// order, feeds them to the tree and hands windows and index nodes on.
+#[derive(Default)]
+struct Hasher {
+    tree: TreeBuilder,
+    nodes: Vec<(Hash, Vec<u8>)>,
+    count: u64,
+}
+
+impl Hasher {
+    /// Hashes the chunks at `cuts` of `bytes` and hands them on through `put` (with the
+    /// index nodes they complete); returns the window's buffer, for reuse.
+    fn window(
+        &mut self,
+        bytes: Vec<u8>,
+        cuts: Vec<Range<usize>>,
+        put: &mut dyn FnMut(&Piece) -> Result<(), LogError>,
+    ) -> Result<Vec<u8>, LogError> {
+        let chunks: Vec<(Hash, Range<usize>)> = cuts
+            .into_iter()
+            .map(|range| (Hash::of(&bytes[range.clone()]), range))
+            .collect();
+        for (hash, range) in &chunks {
+            let nodes = &mut self.nodes;
+            self.tree.push(*hash, range.len() as u64, &mut |h, node| {
+                nodes.push((h, node))
+            });
+        }
+        self.count += chunks.len() as u64;
+        let piece = Piece::Data(Window { bytes, chunks });
+        put(&piece)?;
+        for (hash, node) in self.nodes.drain(..) {
+            put(&Piece::Node(hash, node))?;
+        }
+        match piece {
+            Piece::Data(window) => Ok(window.bytes),
+            Piece::Node(..) => Ok(Vec::new()),
+        }
+    }
+
+    /// Completes the tree (an empty file is one empty chunk, its own root) and returns the
+    /// content reference.
+    fn finish(
+        mut self,
+        path: &Path,
+        put: &mut dyn FnMut(&Piece) -> Result<(), LogError>,
+    ) -> Result<ContentRef, FsError> {
+        if self.count == 0 {
+            let empty: Range<usize> = 0..0;
+            self.window(Vec::new(), vec![empty], put)?;
+        }
+        let mut nodes = Vec::new();
+        let root = self.tree.finish(&mut |h, node| nodes.push((h, node)));
+        for (hash, node) in nodes {
+            put(&Piece::Node(hash, node))?;
+        }
+        root.ok_or_else(|| FsError::Content {
+            path: path.to_owned(),
+            reason: "no chunk was cut".into(),
+        })
     }
 }
 
-/// Reads `file` a window at a time, cuts each with FastCDC where `StreamCDC` would (a cut
-/// is taken only while a whole largest chunk lies ahead in the window, or at the end of
-/// the file), hashes the chunks in place, hands on windows and index nodes through `put`
-/// and returns the content reference. `size` (the file's length when opened) sizes the
-/// first window, so a small file is read into a buffer of its own size.
+/// Reads `file` a window at a time and cuts each with FastCDC where `StreamCDC` would (a
+/// cut is taken only while a whole largest chunk lies ahead in the window, or at the end
+/// of the file), handing each window with its cuts to `window`. `size` (the file's length
+/// when opened) sizes the first window, so a small file is read into a buffer of its own
+/// size; `recycled` gives back windows to read into again.
 fn cut(
     path: &Path,
     mut file: File,
     size: Option<u64>,
     recycled: Option<&Receiver<Vec<u8>>>,
-    put: &mut dyn FnMut(Piece) -> Result<(), LogError>,
-) -> Result<ContentRef, FsError> {
-    let mut tree = TreeBuilder::new();
-    let mut nodes: Vec<(Hash, Vec<u8>)> = Vec::new();
-    let mut count = 0u64;
+    window: &mut dyn FnMut(Vec<u8>, Vec<Range<usize>>) -> Result<(), LogError>,
+) -> Result<(), FsError> {
     // One byte more than the file, so a file that did not grow ends within the first fill.
     let first = size.map_or(WINDOW, |n| {
         usize::try_from(n).map_or(WINDOW, |n| n.saturating_add(1).min(WINDOW))
@@ -146,23 +213,16 @@ fn cut(
                 Err(e) => return Err(FsError::io("reading", path)(e)),
             }
         }
-        let mut chunks = Vec::new();
+        let mut cuts = Vec::new();
         let mut done = 0;
         for c in FastCDC::new(&buf[..len], MIN_CHUNK, AVG_CHUNK, MAX_CHUNK) {
             if !eof && c.offset + MAX_CHUNK as usize > len {
                 break; // more of the file may move this cut: take it up in the next window
             }
-            let range = c.offset..c.offset + c.length;
-            chunks.push((Hash::of(&buf[range.clone()]), range));
+            cuts.push(c.offset..c.offset + c.length);
             done = c.offset + c.length;
         }
-        for (hash, range) in &chunks {
-            tree.push(*hash, range.len() as u64, &mut |h, node| {
-                nodes.push((h, node))
-            });
-        }
-        count += chunks.len() as u64;
-        let window = if eof {
+        let bytes = if eof {
             std::mem::take(&mut buf)
         } else {
             // The uncut rest starts the next window.
@@ -170,41 +230,18 @@ fn cut(
                 .and_then(|r| r.try_recv().ok())
                 .filter(|b| b.len() == WINDOW)
                 .unwrap_or_else(|| vec![0u8; WINDOW]);
-            let window = std::mem::replace(&mut buf, next);
-            buf[..len - done].copy_from_slice(&window[done..len]);
+            let bytes = std::mem::replace(&mut buf, next);
+            buf[..len - done].copy_from_slice(&bytes[done..len]);
             len -= done;
-            window
+            bytes
         };
-        if !chunks.is_empty() {
-            put(Piece::Data(Window {
-                bytes: window,
-                chunks,
-            }))?;
-        }
-        for (hash, node) in nodes.drain(..) {
-            put(Piece::Node(hash, node))?;
+        if !cuts.is_empty() {
+            window(bytes, cuts)?;
         }
         if eof {
-            break;
+            return Ok(());
         }
     }
-    if count == 0 {
-        // An empty file is one empty chunk, its own root.
-        let hash = Hash::of(&[]);
-        put(Piece::Data(Window {
-            bytes: Vec::new(),
-            chunks: vec![(hash, 0..0)],
-        }))?;
-        tree.push(hash, 0, &mut |h, node| nodes.push((h, node)));
-    }
-    let root = tree.finish(&mut |h, node| nodes.push((h, node)));
-    for (hash, node) in nodes {
-        put(Piece::Node(hash, node))?;
-    }
-    root.ok_or_else(|| FsError::Content {
-        path: path.to_owned(),
-        reason: "no chunk was cut".into(),
-    })
 }
 
 /// Size, mtime in milliseconds and the executable bit: what tells a file unchanged without
@@ -265,17 +302,38 @@ mod tests {
     fn windowed(path: &Path, size_hint: Option<u64>) -> Vec<Hash> {
         let mut hashes = Vec::new();
         let file = File::open(path).unwrap();
-        cut(path, file, size_hint, None, &mut |piece| {
+        let mut hasher = Hasher::default();
+        let put = &mut |piece: &Piece| {
             if let Piece::Data(w) = piece {
-                for (hash, range) in w.chunks {
-                    assert_eq!(hash, Hash::of(&w.bytes[range]));
-                    hashes.push(hash);
+                for (hash, range) in &w.chunks {
+                    assert_eq!(*hash, Hash::of(&w.bytes[range.clone()]));
+                    hashes.push(*hash);
                 }
             }
             Ok(())
+        };
+        cut(path, file, size_hint, None, &mut |bytes, cuts| {
+            hasher.window(bytes, cuts, put).map(drop)
         })
         .unwrap();
+        hasher.finish(path, put).unwrap();
         hashes
+    }
+
+    #[test]
+    fn a_large_file_is_chunked_on_two_threads_as_on_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, bytes(2 * PIPELINE_BYTES as usize + 12_345, 9)).unwrap();
+        let mut hasher = Hasher::default();
+        let put = &mut |_: &Piece| Ok(());
+        let file = File::open(&path).unwrap();
+        cut(&path, file, None, None, &mut |bytes, cuts| {
+            hasher.window(bytes, cuts, put).map(drop)
+        })
+        .unwrap();
+        let on_one = hasher.finish(&path, put).unwrap();
+        assert_eq!(hash_file(&path).unwrap(), on_one);
     }
 
     #[test]
