@@ -130,7 +130,6 @@ pub(crate) struct TcpReceiver {
     header_read: usize,
     /// The current frame's buffer, allocated only once its header passed the size check.
     payload: Option<Vec<u8>>,
-    payload_read: usize,
 }
 
 impl TcpReceiver {
@@ -141,7 +140,6 @@ impl TcpReceiver {
             header: [0; FRAME_HEADER_LEN],
             header_read: 0,
             payload: None,
-            payload_read: 0,
         }
     }
 }
@@ -164,22 +162,17 @@ impl FrameReceiver for TcpReceiver {
             }
             self.header_read += n;
         }
-        let payload = match &mut self.payload {
-            Some(payload) => payload,
-            None => {
-                let len = frame_len(self.header, self.max)?;
-                self.payload.insert(vec![0; len])
+        let len = frame_len(self.header, self.max)?;
+        // Read into the spare capacity: zeroing 4 MiB first only to overwrite it cost as
+        // much as the copy from the socket.
+        let payload = self.payload.get_or_insert_with(|| Vec::with_capacity(len));
+        while payload.len() < len {
+            let want = (len - payload.len()) as u64;
+            if (&mut self.read).take(want).read_buf(payload).await? == 0 {
+                return Err(truncated("payload", payload.len(), len));
             }
-        };
-        while self.payload_read < payload.len() {
-            let n = self.read.read(&mut payload[self.payload_read..]).await?;
-            if n == 0 {
-                return Err(truncated("payload", self.payload_read, payload.len()));
-            }
-            self.payload_read += n;
         }
         self.header_read = 0;
-        self.payload_read = 0;
         Ok(self.payload.take())
     }
 }
