@@ -69,6 +69,10 @@ const GROUP_BYTES: usize = 128 << 10;
 /// enough that a writer pipelined behind the walk starts early.
 pub const PIECE_BYTES: u64 = 8 << 20;
 
+/// The page size [`Piece::write_to`] lines pack runs up with (the kernel's on every
+/// platform this runs on; a larger one only means fewer runs are copied in the kernel).
+const PAGE_BYTES: u64 = 4096;
+
 /// Receives the hashes of chunks this replica put (see [`ChunkStore::set_fresh_sink`]).
 /// Called on the thread that put them; it must not block.
 pub type FreshSink = Box<dyn Fn(Vec<Hash>) + Send + Sync>;
@@ -674,11 +678,15 @@ impl Piece {
         self.len() == 0
     }
 
-    /// Appends the piece's bytes to `out` at its current position: a pack run is copied
-    /// in the kernel (`copy_file_range`), or read and written where the kernel cannot
-    /// copy between the two files. A pack read error names the pack; a write error is
-    /// returned as it is, for the caller to name `out`.
-    pub fn write_to(&self, mut out: &File) -> Result<(), PieceError> {
+    /// Appends the piece's bytes to `out` at its current position, which is byte `at` of
+    /// `out`. A pack run whose offset in the pack and `at` fall at the same place within a
+    /// page is copied in the kernel (`copy_file_range`); any other run is read and
+    /// written through memory. ext4 copies between files by splicing page by page, so a
+    /// run that does not line up writes every page of `out` in two parts, and ext4 zeroes
+    /// the rest of a new block before each part: more work than a read and a write (a
+    /// third of the folder store's time for small files, measured). A pack read error
+    /// names the pack; a write error is returned as it is, for the caller to name `out`.
+    pub fn write_to(&self, mut out: &File, at: u64) -> Result<(), PieceError> {
         let (pack, path, mut offset, len) = match self {
             Piece::Bytes(bytes) => return out.write_all(bytes).map_err(PieceError::Write),
             Piece::InPack {
@@ -689,6 +697,9 @@ impl Piece {
             } => (file, path, *offset, *len),
         };
         let end = offset + len;
+        if offset % PAGE_BYTES != at % PAGE_BYTES {
+            return copy_through_memory(pack, path, offset, end, out);
+        }
         while offset < end {
             let want = usize::try_from(end - offset).unwrap_or(usize::MAX);
             match rustix::fs::copy_file_range(&**pack, Some(&mut offset), out, None, want) {
@@ -1144,12 +1155,32 @@ mod tests {
             })
             .unwrap();
         let out = tempfile::tempfile().unwrap();
+        let mut at = 0;
         for piece in &pieces {
-            piece.write_to(&out).unwrap();
+            piece.write_to(&out, at).unwrap();
+            at += piece.len();
         }
         let mut written = vec![0; out.metadata().unwrap().len() as usize];
         out.read_exact_at(&mut written, 0).unwrap();
         (pieces, written)
+    }
+
+    #[test]
+    fn a_run_written_where_it_does_not_line_up_with_its_pack_is_copied_whole() {
+        let (_dir, _db, store) = scratch();
+        let chunks: Vec<Vec<u8>> = (1..=3u8).map(|i| vec![i; 5_000 + usize::from(i)]).collect();
+        let content = put_content(&store, &chunks);
+        let (got, _) = pieces(&store, &content);
+        assert_eq!(got.len(), 1, "one run of this run's pack");
+        // After 100 bytes of something else: the pack offset and the file offset fall at
+        // different places within a page.
+        let out = tempfile::tempfile().unwrap();
+        (&out).write_all(&[7; 100]).unwrap();
+        got[0].write_to(&out, 100).unwrap();
+        let mut written = vec![0; out.metadata().unwrap().len() as usize];
+        out.read_exact_at(&mut written, 0).unwrap();
+        assert!(written[..100] == [7; 100]);
+        assert!(written[100..] == chunks.concat(), "the run follows, whole");
     }
 
     #[test]

@@ -792,7 +792,7 @@ fn write_pieces(
 ) -> Result<u64, FsError> {
     let mut written = Writeback::default();
     for piece in pieces {
-        piece.write_to(file).map_err(|e| match e {
+        piece.write_to(file, written.len()).map_err(|e| match e {
             PieceError::Read(e) => FsError::Log(e),
             PieceError::Write(e) => FsError::io("writing", temp)(e),
         })?;
