@@ -52,6 +52,10 @@ const PACK_BYTES: u64 = 1 << 30;
 /// Index entries written per sled batch by [`ChunkStore::sync`].
 const INDEX_BATCH: usize = 256;
 
+/// Entries per generation of [`Recent`]: two generations of this many (48 bytes each, a
+/// few MiB in all) cover a 1 GiB file's chunks at the average size.
+const RECENT_ENTRIES: usize = 1 << 15;
+
 /// Writeback of an appended file (a pack, a file the folder store writes) is started every
 /// this many bytes, so that the sync that follows finds little left to write.
 const WRITEBACK_BYTES: u64 = 8 << 20;
@@ -141,6 +145,37 @@ struct Inner {
     own_packs: u32,
     readers: RwLock<HashMap<u32, Arc<File>>>,
     sink: RwLock<Option<FreshSink>>,
+    recent: RwLock<Recent>,
+}
+
+/// The locations the last syncs indexed, kept in memory: the chunks just stored are the
+/// ones read next (written out by a store, sent to a peer, looked up to see whether a
+/// content is complete), and a sled lookup cost about as much as the folder store's
+/// write of a small file. Two generations, the older dropped when the newer fills, so
+/// memory stays bounded. Entries are durable and packs are never rewritten, so an entry
+/// never goes stale.
+#[derive(Default)]
+struct Recent {
+    newer: HashMap<Hash, Location>,
+    older: HashMap<Hash, Location>,
+}
+
+impl Recent {
+    fn get(&self, hash: &Hash) -> Option<Location> {
+        self.newer
+            .get(hash)
+            .or_else(|| self.older.get(hash))
+            .copied()
+    }
+
+    fn extend(&mut self, entries: &[(Hash, Location)]) {
+        for &(hash, location) in entries {
+            if self.newer.len() >= RECENT_ENTRIES {
+                self.older = std::mem::take(&mut self.newer);
+            }
+            self.newer.insert(hash, location);
+        }
+    }
 }
 
 /// The pack being appended to, and the chunks written since the last sync.
@@ -224,6 +259,7 @@ impl ChunkStore {
                 own_packs: last + 1,
                 readers: RwLock::new(HashMap::new()),
                 sink: RwLock::new(None),
+                recent: RwLock::new(Recent::default()),
             }),
         })
     }
@@ -329,6 +365,7 @@ impl ChunkStore {
         for &(hash, bytes) in chunks {
             if w.staged.contains_key(&hash)
                 || taken.contains(&hash)
+                || self.recent(&hash).is_some()
                 || inner.index.contains_key(hash.0)?
             {
                 continue;
@@ -429,6 +466,9 @@ impl ChunkStore {
                 batch.insert(&hash.0, &location.encode());
             }
             inner.index.apply_batch(batch)?;
+            if let Ok(mut recent) = inner.recent.write() {
+                recent.extend(part);
+            }
         }
         w.staged.shrink_to(1024);
         Ok(())
@@ -443,13 +483,17 @@ impl ChunkStore {
             .staged
             .get(hash)
             .copied();
-        match staged {
+        match staged.or_else(|| self.recent(hash)) {
             Some(location) => Ok(Some(location)),
             None => match self.inner.index.get(hash.0)? {
                 Some(bytes) => Location::decode(hash, &bytes).map(Some),
                 None => Ok(None),
             },
         }
+    }
+
+    fn recent(&self, hash: &Hash) -> Option<Location> {
+        self.inner.recent.read().ok()?.get(hash)
     }
 
     fn pack(&self, id: u32) -> Result<Arc<File>, LogError> {
@@ -1163,6 +1207,31 @@ mod tests {
         let mut written = vec![0; out.metadata().unwrap().len() as usize];
         out.read_exact_at(&mut written, 0).unwrap();
         (pieces, written)
+    }
+
+    #[test]
+    fn recent_locations_keep_the_last_two_generations() {
+        let entries: Vec<(Hash, Location)> = (0..=2 * RECENT_ENTRIES as u64)
+            .map(|i| {
+                let location = Location {
+                    pack: 1,
+                    offset: i,
+                    len: 1,
+                };
+                (Hash::of(&i.to_le_bytes()), location)
+            })
+            .collect();
+        let mut recent = Recent::default();
+        recent.extend(&entries);
+        let found = |i: usize| recent.get(&entries[i].0);
+        assert_eq!(found(0), None, "the first generation is dropped");
+        assert_eq!(found(RECENT_ENTRIES - 1), None);
+        assert_eq!(found(RECENT_ENTRIES), Some(entries[RECENT_ENTRIES].1));
+        assert_eq!(
+            found(2 * RECENT_ENTRIES),
+            Some(entries[2 * RECENT_ENTRIES].1)
+        );
+        assert!(recent.newer.len() + recent.older.len() <= 2 * RECENT_ENTRIES);
     }
 
     #[test]
