@@ -22,7 +22,11 @@
 //! earlier runs, which a crash or the disk may have damaged since, are checked, so a
 //! damaged pack reads as an error, never as wrong content. A file's data can be copied out
 //! of this process's packs by the kernel ([`Piece::InPack`]), without passing through
-//! memory.
+//! memory, where the run lines up with the file's pages.
+//!
+//! The locations the last syncs indexed are also kept in memory, two bounded generations
+//! of them: the chunks just stored are the ones read next (written out by a store, sent to
+//! a peer), and each such read would otherwise be a sled lookup.
 //!
 //! Chunks put by this replica (not those received from peers) are also handed, in
 //! batches, to a *fresh-chunk sink* when one is set: the engine pushes them to connected
@@ -612,7 +616,8 @@ impl ChunkStore {
 
     /// Calls `f` with the data of `content` in order, as [`Piece`]s: runs of chunks lying
     /// one after another in a pack this process wrote, up to [`PIECE_BYTES`] each, to be
-    /// copied by the kernel; other chunks read and checked. A chunk that is absent is
+    /// copied without a check (by the kernel where they line up, see
+    /// [`Piece::write_to`]); other chunks read and checked. A chunk that is absent is
     /// reported as [`LogError::Corrupt`].
     pub fn for_each_data_piece(
         &self,
@@ -695,7 +700,7 @@ pub enum Piece {
     /// Chunk bytes read from the store and checked against their hash.
     Bytes(Vec<u8>),
     /// `len` bytes at `offset` of the pack `file` (at `path`), chunks checked when they
-    /// were put, for the kernel to copy.
+    /// were put, to be copied without another check.
     InPack {
         /// The pack, open for reading.
         file: Arc<File>,
