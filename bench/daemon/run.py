@@ -20,14 +20,28 @@ admin API's GET /api/v1/status, peers[].sent_bytes + received_bytes, as seen by 
 that API does not answer they are "n/a". The socket-level count (TCP payload bytes of A's
 peer connections, from `ss -ti`) is printed beside them as a cross-check.
 
+W1 and W2-W4 are repeated (`--reps`, default 3), each time on a fresh pair of daemons
+with fresh data, and the table shows medians (every sample is listed under it). Odd
+repetitions run rsync first, so that neither tool always finds the page cache the other
+left behind; the large files of a W2 repetition are deleted after it, since a page cache
+full of them makes writing slower.
+
 Run from the workspace root after `cargo build --release -p converge`:
 
-    python3 bench/daemon/run.py            # the full run (a few minutes on 2 cores)
+    python3 bench/daemon/run.py            # the full run (about three minutes on 2 cores)
     python3 bench/daemon/run.py --quick    # small sizes, to check the script itself
 
 Nothing is deleted between timed steps (ext4 without a journal makes creating thousands
 of files right after deleting thousands slow): replaced data is moved into a trash dir
 and the whole scratch dir is removed at the end. Wait a minute before running it again.
+
+On a virtual machine whose balloon device reports free pages to the host (the
+development machines here: virtio-balloon with free page reporting), memory the guest
+has not touched since it was reported costs a host fault per page when first written:
+about 4 s per GiB here against 0.12 s for a 256 MiB copy into reused pages. Every file
+written lands in such pages or in reused ones depending on what ran before, so W2's
+times for both tools swing by 2-3x between repetitions; converge, which writes W2's
+bytes three times (A's pack, B's pack, B's file), swings more. Hence the repetitions.
 """
 
 from __future__ import annotations
@@ -579,17 +593,41 @@ class Rsyncd:
 
 @dataclass
 class Row:
+    """One workload's results over all repetitions: times as samples, bytes from the
+    first repetition that measured them, peak RSS as the largest seen."""
     name: str
     what: str
-    c_time: float | None = None
+    c_times: list[float] = field(default_factory=list)
     c_err: str | None = None
     c_api: int | None = None
     c_tcp: int | None = None
     tcp_lost: bool = False
-    r_time: float | None = None
+    r_times: list[float] = field(default_factory=list)
     r_err: str | None = None
     r_bytes: int | None = None
-    rss: str = ""
+    rss_kib: tuple[int, int] | None = None
+
+    @property
+    def c_time(self) -> float | None:
+        return statistics.median(self.c_times) if self.c_times else None
+
+    @property
+    def r_time(self) -> float | None:
+        return statistics.median(self.r_times) if self.r_times else None
+
+    def record_bytes(self, api: int | None, tcp: int | None, lost: bool) -> None:
+        if self.c_api is None and self.c_tcp is None:
+            self.c_api, self.c_tcp, self.tcp_lost = api, tcp, lost
+
+    def record_rss(self, pair: "Pair") -> None:
+        a, b = pair.a.vm("VmHWM") or 0, pair.b.vm("VmHWM") or 0
+        old = self.rss_kib or (0, 0)
+        self.rss_kib = (max(old[0], a), max(old[1], b))
+
+    def rss(self) -> str:
+        if not self.rss_kib:
+            return "—"
+        return f"{self.rss_kib[0] / 1024:.0f} / {self.rss_kib[1] / 1024:.0f}"
 
 
 def fmt_time(t: float | None, err: str | None) -> str:
@@ -614,12 +652,6 @@ def ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}×"
 
 
-def rss_of(pair: Pair) -> str:
-    a, b = pair.a.vm("VmHWM"), pair.b.vm("VmHWM")
-    f = lambda k: "?" if k is None else f"{k / 1024:.0f}"
-    return f"{f(a)} / {f(b)}"
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--binary", default="target/release/converge", help="converge binary (copied before use)")
@@ -628,12 +660,17 @@ def main() -> int:
     ap.add_argument("--latency-runs", type=int, default=100, help="L repetitions")
     ap.add_argument("--timeout", type=float, default=300, help="bound of every wait, seconds")
     ap.add_argument("--only", default="W1,W2,L", help="families to run: W1, W2 (W2-W4), L")
+    ap.add_argument("--reps", type=int, default=None,
+                    help="repetitions of W1 and W2-W4, each on a fresh pair; medians are reported "
+                         "(default 3; 1 with --quick)")
     ap.add_argument("--quick", action="store_true", help="500 files, 16 MiB, 20 latency runs")
     ap.add_argument("--dir", default=None, help="scratch parent dir (default: the system temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the scratch dir (logs, data)")
     args = ap.parse_args()
     if args.quick:
         args.files, args.big_mib, args.latency_runs = 500, 16, 20
+    if args.reps is None:
+        args.reps = 1 if args.quick else 3
     only = {s.strip().upper() for s in args.only.split(",")}
 
     src_bin = Path(args.binary)
@@ -664,39 +701,56 @@ def main() -> int:
     try:
         rsyncd.start()
 
+        # Each repetition runs on a fresh pair with fresh data. Odd repetitions run rsync
+        # first, so that neither tool always finds the page cache the other left behind.
+
         # ---------------------------------------------------------------- W1
         if "W1" in only:
             row = Row("W1", f"{args.files:,} files of 1–8 KiB, initial sync")
             rows.append(row)
-            log(f"W1: generating {args.files} files")
-            expected = make_w1(staging / "w1", args.files, rng)
-            pair = Pair(binary, root, "pair-w1")
-            pairs.append(pair)
-            pair.start(args.timeout)
-            sync_fs()
-            before = pair.counters()
-            log("W1: converge")
-            t0 = time.monotonic()
-            os.rename(staging / "w1", pair.a.folder / "w1")
-            try:
-                with AdminPoller(pair.a) as poller:
-                    row.c_time = wait_tree(pair.b.folder / "w1", expected, t0, args.timeout, notes, "W1")
-                admin_latency = poller.summary()
-                time.sleep(1.0)  # let acknowledgements settle before reading the counters
-                row.c_api, row.c_tcp, row.tcp_lost = bytes_between(before, pair.counters())
-            except Timeout as e:
-                row.c_err = "timeout"
-                notes.append(str(e))
-            row.rss = rss_of(pair)
-            pair.stop()
-            log("W1: rsync")
-            try:
-                row.r_time, row.r_bytes = rsyncd.push(str(pair.a.folder / "w1"), "", args.timeout)
-                if tree_listing(rsyncd.dest / "w1") != sorted((p, s) for p, (s, _) in expected.items()):
-                    notes.append("W1: rsync's copy differs from the source (!)")
-            except (Timeout, RuntimeError) as e:
-                row.r_err = "timeout" if isinstance(e, Timeout) else "error"
-                notes.append(str(e))
+            for rep in range(args.reps):
+                log(f"W1 #{rep + 1}: generating {args.files} files")
+                src = staging / f"w1-{rep}" / "w1"
+                expected = make_w1(src, args.files, rng)
+                pair = Pair(binary, root, f"pair-w1-{rep}")
+                pairs.append(pair)
+                pair.start(args.timeout)
+
+                def converge_w1() -> None:
+                    sync_fs()
+                    before = pair.counters()
+                    log(f"W1 #{rep + 1}: converge")
+                    t0 = time.monotonic()
+                    os.rename(src, pair.a.folder / "w1")
+                    try:
+                        with AdminPoller(pair.a) as poller:
+                            row.c_times.append(wait_tree(pair.b.folder / "w1", expected, t0,
+                                                         args.timeout, notes, "W1"))
+                        nonlocal admin_latency
+                        admin_latency = admin_latency or poller.summary()
+                        time.sleep(1.0)  # let acknowledgements settle before reading the counters
+                        row.record_bytes(*bytes_between(before, pair.counters()))
+                    except Timeout as e:
+                        row.c_err = "timeout"
+                        notes.append(str(e))
+                    row.record_rss(pair)
+
+                def rsync_w1() -> None:
+                    log(f"W1 #{rep + 1}: rsync")
+                    source = src if src.exists() else pair.a.folder / "w1"
+                    try:
+                        t, b = rsyncd.push(str(source), f"r{rep}/", args.timeout)
+                        row.r_times.append(t)
+                        row.r_bytes = row.r_bytes or b
+                        if tree_listing(rsyncd.dest / f"r{rep}" / "w1") != sorted((p, s) for p, (s, _) in expected.items()):
+                            notes.append("W1: rsync's copy differs from the source (!)")
+                    except (Timeout, RuntimeError) as e:
+                        row.r_err = "timeout" if isinstance(e, Timeout) else "error"
+                        notes.append(str(e))
+
+                for step in ((converge_w1, rsync_w1) if rep % 2 == 0 else (rsync_w1, converge_w1)):
+                    step()
+                pair.stop()
 
         # ---------------------------------------------------------- W2–W4
         if "W2" in only:
@@ -705,79 +759,93 @@ def main() -> int:
             w3 = Row("W3", "W2 with 1 byte changed in the middle")
             w4 = Row("W4", "W2 with 100 bytes inserted at 1/3")
             rows += [w2, w3, w4]
-            log(f"W2: generating {args.big_mib} MiB")
-            digest = make_big(staging / "big.bin", size)
-            pair = Pair(binary, root, "pair-w2")
-            pairs.append(pair)
-            pair.start(args.timeout)
-            a_file, b_file = pair.a.folder / "big.bin", pair.b.folder / "big.bin"
-            rsync_src = str(a_file)
+            for rep in range(args.reps):
+                log(f"W2 #{rep + 1}: generating {args.big_mib} MiB")
+                src = staging / f"big-{rep}.bin"
+                digest = make_big(src, size)
+                pair = Pair(binary, root, f"pair-w2-{rep}")
+                pairs.append(pair)
+                pair.start(args.timeout)
+                a_file, b_file = pair.a.folder / "big.bin", pair.b.folder / "big.bin"
+                dest_rel = f"r{rep}/"
 
-            def converge_step(row: Row, change, size: int, digest: str) -> bool:
-                sync_fs()
-                before = pair.counters()
-                old_sig = file_sig(b_file.stat()) if b_file.exists() else None
-                t0 = time.monotonic()
-                change()
-                try:
-                    row.c_time = wait_file(b_file, size, digest, t0, args.timeout, notes, row.name,
-                                           old_sig=old_sig)
-                    time.sleep(1.0)
-                    row.c_api, row.c_tcp, row.tcp_lost = bytes_between(before, pair.counters())
-                    return True
-                except Timeout as e:
-                    row.c_err = "timeout"
-                    notes.append(str(e))
-                    return False
+                def converge_step(row: Row, change, size: int, digest: str) -> bool:
+                    sync_fs()
+                    before = pair.counters()
+                    old_sig = file_sig(b_file.stat()) if b_file.exists() else None
+                    t0 = time.monotonic()
+                    change()
+                    try:
+                        row.c_times.append(wait_file(b_file, size, digest, t0, args.timeout, notes,
+                                                     row.name, old_sig=old_sig))
+                        time.sleep(1.0)
+                        row.record_bytes(*bytes_between(before, pair.counters()))
+                        return True
+                    except Timeout as e:
+                        row.c_err = "timeout"
+                        notes.append(str(e))
+                        return False
+                    finally:
+                        row.record_rss(pair)
 
-            def rsync_step(row: Row, want_digest: str) -> None:
-                try:
-                    row.r_time, row.r_bytes = rsyncd.push(rsync_src, "", args.timeout)
-                    if file_digest(rsyncd.dest / "big.bin") != want_digest:
-                        notes.append(f"{row.name}: rsync's copy differs from the source (!)")
-                except (Timeout, RuntimeError) as e:
-                    row.r_err = "timeout" if isinstance(e, Timeout) else "error"
-                    notes.append(str(e))
+                def rsync_step(row: Row, source: Path, want_digest: str) -> None:
+                    log(f"{row.name} #{rep + 1}: rsync")
+                    try:
+                        t, b = rsyncd.push(str(source), dest_rel, args.timeout)
+                        row.r_times.append(t)
+                        row.r_bytes = row.r_bytes or b
+                        if file_digest(rsyncd.dest / dest_rel / "big.bin") != want_digest:
+                            notes.append(f"{row.name}: rsync's copy differs from the source (!)")
+                    except (Timeout, RuntimeError) as e:
+                        row.r_err = "timeout" if isinstance(e, Timeout) else "error"
+                        notes.append(str(e))
 
-            log("W2: converge")
-            ok = converge_step(w2, lambda: os.rename(staging / "big.bin", a_file), size, digest)
-            w2.rss = rss_of(pair)
-            log("W2: rsync")
-            rsync_step(w2, digest)
+                # rsync names the copy after its source: stage it as big.bin.
+                (staging / f"w2-{rep}").mkdir()
+                os.rename(src, staging / f"w2-{rep}" / "big.bin")
+                src = staging / f"w2-{rep}" / "big.bin"
+                ok = True
+                for first in ((True, False) if rep % 2 == 0 else (False, True)):
+                    if first:
+                        log(f"W2 #{rep + 1}: converge")
+                        ok = converge_step(w2, lambda: os.rename(src, a_file), size, digest)
+                    else:
+                        rsync_step(w2, src if src.exists() else a_file, digest)
 
-            # W3: flip the middle byte in place.
-            middle = size // 2
-            d3, new_byte = digest_with_flip(a_file, middle)
+                # W3: flip the middle byte in place.
+                middle = size // 2
+                d3, new_byte = digest_with_flip(a_file, middle)
 
-            def flip() -> None:
-                with open(a_file, "r+b") as f:
-                    f.seek(middle)
-                    f.write(bytes([new_byte]))
+                def flip() -> None:
+                    with open(a_file, "r+b") as f:
+                        f.seek(middle)
+                        f.write(bytes([new_byte]))
 
-            if ok:
-                log("W3: converge")
-                ok = converge_step(w3, flip, size, d3)
-            else:
-                flip()
-                w3.c_err = "skipped"
-            w3.rss = rss_of(pair)
-            log("W3: rsync")
-            rsync_step(w3, d3)
+                if ok:
+                    log(f"W3 #{rep + 1}: converge")
+                    ok = converge_step(w3, flip, size, d3)
+                else:
+                    flip()
+                    w3.c_err = "skipped"
+                rsync_step(w3, a_file, d3)
 
-            # W4: 100 bytes inserted at one third, staged and renamed over A's file (the
-            # old inode is kept alive by a link in the trash: nothing is freed while timed).
-            d4 = copy_with_insert(a_file, staging / "big4.bin", size // 3, os.urandom(100))
-            os.link(a_file, trash / "big-w3.bin")
-            if ok:
-                log("W4: converge")
-                converge_step(w4, lambda: os.rename(staging / "big4.bin", a_file), size + 100, d4)
-            else:
-                os.rename(staging / "big4.bin", a_file)
-                w4.c_err = "skipped"
-            w4.rss = rss_of(pair)
-            log("W4: rsync")
-            rsync_step(w4, d4)
-            pair.stop()
+                # W4: 100 bytes inserted at one third, staged and renamed over A's file (the
+                # old inode is kept alive by a link in the trash: nothing is freed while timed).
+                d4 = copy_with_insert(a_file, staging / "big4.bin", size // 3, os.urandom(100))
+                os.link(a_file, trash / f"big-w3-{rep}.bin")
+                if ok:
+                    log(f"W4 #{rep + 1}: converge")
+                    converge_step(w4, lambda: os.rename(staging / "big4.bin", a_file), size + 100, d4)
+                else:
+                    os.rename(staging / "big4.bin", a_file)
+                    w4.c_err = "skipped"
+                rsync_step(w4, a_file, d4)
+                pair.stop()
+                # A full page cache makes writing slower (up to several times here): drop
+                # this repetition's large files (a few inodes, so no deletion trap).
+                for big in [*pair.root.rglob("*"), *(rsyncd.dest / dest_rel).rglob("*"), *trash.glob("big-*")]:
+                    if big.is_file() and big.stat().st_size >= MIB:
+                        big.unlink()
 
         # ------------------------------------------------------------------ L
         if "L" in only:
@@ -844,7 +912,8 @@ def main() -> int:
     api_any = any(r.c_api is not None for r in rows)
     print()
     print(f"converge vs rsync {subprocess.run(['rsync', '--version'], capture_output=True, text=True).stdout.split()[2]}"
-          f" on 127.0.0.1, {os.cpu_count()} cores, one run ({total:.0f} s in all)")
+          f" on 127.0.0.1, {os.cpu_count()} cores, one run ({total:.0f} s in all); W1 and W2–W4: "
+          + (f"medians of {args.reps} repetitions" if args.reps > 1 else "one repetition each"))
     print()
     print("| workload | converge time | rsync time | time ratio | converge bytes (counters) | converge bytes (TCP) "
           "| rsync bytes | bytes ratio | peak RSS A / B (MiB) |")
@@ -857,7 +926,7 @@ def main() -> int:
         tcp = fmt_bytes(r.c_tcp) + (" (a connection closed: low)" if r.tcp_lost else "")
         print(f"| {r.name}: {r.what} | {fmt_time(r.c_time, r.c_err)} | {fmt_time(r.r_time, r.r_err)} "
               f"| {ratio(r.c_time, r.r_time)} | {fmt_bytes(r.c_api)} | {tcp} | {fmt_bytes(r.r_bytes)} "
-              f"| {bytes_ratio} | {r.rss or '—'} |")
+              f"| {bytes_ratio} | {r.rss()} |")
     if "converge" in lat:
         conv = sorted(lat["converge"])  # type: ignore[arg-type]
         rs = sorted(lat.get("rsync", []))  # type: ignore[arg-type]
@@ -879,8 +948,16 @@ def main() -> int:
           "/api/v1/status, A's peers[].sent_bytes + received_bytes)"
           + ("" if api_any else ": the admin API did not answer, so n/a")
           + "; TCP: payload bytes of A's peer connections from `ss -ti`; rsync: Total bytes "
-          "sent + received. Peak RSS: VmHWM of each daemon at the end of the workload "
-          "(W3/W4: the W2 pair's, so including W2).")
+          "sent + received (first repetition). Peak RSS: VmHWM of each daemon at the end of "
+          "the workload, the largest over the repetitions (W3/W4: the W2 pair's, so "
+          "including W2).")
+    if any(len(r.c_times) > 1 or len(r.r_times) > 1 for r in rows):
+        print()
+        print("Samples, in run order (s):")
+        for r in rows:
+            c = ", ".join(f"{t:.2f}" for t in r.c_times) or "—"
+            rs_ = ", ".join(f"{t:.2f}" for t in r.r_times) or "—"
+            print(f"- {r.name}: converge {c}; rsync {rs_}")
     if admin_latency:
         print()
         print(f"Admin API on A while W1 synced (both endpoints, ten rounds a second): {admin_latency}")
