@@ -80,9 +80,7 @@ def one_run(binary: Path, root: Path, name: str, workload: str, files: int, big_
     finally:
         pair.stop()
         if workload == "W2":
-            for path in pair.root.rglob("*"):
-                if path.is_file() and path.stat().st_size >= run.MIB:
-                    path.unlink()
+            run.drop_large_files(pair.root)
 
 
 def main() -> int:

@@ -249,6 +249,16 @@ def wait_tree(root: Path, expected: dict[str, tuple[int, str]], t0: float, timeo
         time.sleep(0.1)
 
 
+def drop_large_files(*dirs: Path) -> None:
+    """Deletes the files of 1 MiB or more below `dirs`, between repetitions: a few inodes,
+    so no ext4 deletion trap, and the pages they free are written into again quickly,
+    before the balloon reports them to the host (see the module docs)."""
+    for d in dirs:
+        for path in d.rglob("*"):
+            if path.is_file() and path.stat().st_size >= MIB:
+                path.unlink()
+
+
 def file_sig(st: os.stat_result) -> tuple:
     return (st.st_ino, st.st_mtime_ns, st.st_size, st.st_ctime_ns)
 
@@ -841,11 +851,7 @@ def main() -> int:
                     w4.c_err = "skipped"
                 rsync_step(w4, a_file, d4)
                 pair.stop()
-                # A full page cache makes writing slower (up to several times here): drop
-                # this repetition's large files (a few inodes, so no deletion trap).
-                for big in [*pair.root.rglob("*"), *(rsyncd.dest / dest_rel).rglob("*"), *trash.glob("big-*")]:
-                    if big.is_file() and big.stat().st_size >= MIB:
-                        big.unlink()
+                drop_large_files(pair.root, rsyncd.dest / dest_rel, trash)
 
         # ------------------------------------------------------------------ L
         if "L" in only:

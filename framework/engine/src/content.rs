@@ -1209,9 +1209,15 @@ mod tests {
             piece.write_to(&out, at).unwrap();
             at += piece.len();
         }
-        let mut written = vec![0; out.metadata().unwrap().len() as usize];
-        out.read_exact_at(&mut written, 0).unwrap();
+        let written = contents(&out);
         (pieces, written)
+    }
+
+    /// Everything in `file`.
+    fn contents(file: &File) -> Vec<u8> {
+        let mut bytes = vec![0; file.metadata().unwrap().len() as usize];
+        file.read_exact_at(&mut bytes, 0).unwrap();
+        bytes
     }
 
     #[test]
@@ -1251,8 +1257,7 @@ mod tests {
         let out = tempfile::tempfile().unwrap();
         (&out).write_all(&[7; 100]).unwrap();
         got[0].write_to(&out, 100).unwrap();
-        let mut written = vec![0; out.metadata().unwrap().len() as usize];
-        out.read_exact_at(&mut written, 0).unwrap();
+        let written = contents(&out);
         assert!(written[..100] == [7; 100]);
         assert!(written[100..] == chunks.concat(), "the run follows, whole");
     }
