@@ -27,12 +27,14 @@ const BATCHES: usize = 40;
 
 fn changes(prefix: &str, n: usize) -> Vec<LocalChange> {
     (0..n)
-        .map(|i| LocalChange {
-            key: Key::new(format!("{prefix}-{i}")).unwrap(),
-            op: Op::Put {
-                content: None,
-                meta: Meta::file(1),
-            },
+        .map(|i| {
+            LocalChange::new(
+                Key::new(format!("{prefix}-{i}")).unwrap(),
+                Op::Put {
+                    content: None,
+                    meta: Meta::file(1),
+                },
+            )
         })
         .collect()
 }
@@ -90,12 +92,14 @@ fn main() {
             .unwrap();
         for b in 0..8 {
             let dirs = (0..250)
-                .map(|i| LocalChange {
-                    key: Key::new(format!("d{b}-{i}")).unwrap(),
-                    op: Op::Put {
-                        content: None,
-                        meta: Meta::dir(1),
-                    },
+                .map(|i| {
+                    LocalChange::new(
+                        Key::new(format!("d{b}-{i}")).unwrap(),
+                        Op::Put {
+                            content: None,
+                            meta: Meta::dir(1),
+                        },
+                    )
                 })
                 .collect();
             engine.log().append_local(dirs).await.unwrap();

@@ -50,12 +50,14 @@ async fn fixture(auth: AuthMode) -> Fixture {
         .start()
         .await
         .unwrap();
-    let dir = |k: &str| LocalChange {
-        key: Key::new(k).unwrap(),
-        op: Op::Put {
-            content: None,
-            meta: Meta::dir(1),
-        },
+    let dir = |k: &str| {
+        LocalChange::new(
+            Key::new(k).unwrap(),
+            Op::Put {
+                content: None,
+                meta: Meta::dir(1),
+            },
+        )
     };
     engine
         .log()

@@ -69,13 +69,15 @@ async fn once(run: usize) -> Duration {
                 while written < mine {
                     let n = BATCH.min(mine - written);
                     let changes = (0..n)
-                        .map(|k| LocalChange {
-                            key: Key::new(format!("dir{}/file{}", k % 50, (written + k) % 5000))
-                                .unwrap(),
-                            op: Op::Put {
-                                content: None,
-                                meta: Meta::file((written + k) as i64),
-                            },
+                        .map(|k| {
+                            LocalChange::new(
+                                Key::new(format!("dir{}/file{}", k % 50, (written + k) % 5000))
+                                    .unwrap(),
+                                Op::Put {
+                                    content: None,
+                                    meta: Meta::file((written + k) as i64),
+                                },
+                            )
                         })
                         .collect();
                     log.append_local(changes).await.unwrap();

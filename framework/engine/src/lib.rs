@@ -14,7 +14,8 @@
 //!
 //! # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
 //! let log = EventLog::open(LogConfig::temporary())?;
-//! let change = LocalChange { key: Key::new("notes")?, op: Op::Put { content: None, meta: Meta::dir(0) } };
+//! let dir = Op::Put { content: None, meta: Meta::dir(0) };
+//! let change = LocalChange::new(Key::new("notes")?, dir);
 //! let events = log.append_local(vec![change]).await?;
 //! assert_eq!(events[0].id.seq, 1);
 //! assert_eq!(log.heads(&Key::new("notes")?)?.len(), 1);

@@ -75,6 +75,32 @@ pub struct LocalChange {
     pub key: Key,
     /// What happened to it.
     pub op: Op,
+    /// When the change was made (wall-clock ms), if the source knows and it may be well
+    /// before the change is appended: a folder's scan at start finds edits made while the
+    /// daemon was stopped. The event's clock then reads this time instead of the current
+    /// one, though never later than now and never at or before what the log has stamped
+    /// already; so last-write-wins orders such an edit by when it was made, not by when it
+    /// was found. `None`: now.
+    pub made_at_ms: Option<u64>,
+}
+
+impl LocalChange {
+    /// A change made just now.
+    pub fn new(key: Key, op: Op) -> Self {
+        LocalChange {
+            key,
+            op,
+            made_at_ms: None,
+        }
+    }
+
+    /// The same change, made at `ms` (see [`LocalChange::made_at_ms`]).
+    pub fn made_at(self, ms: Option<u64>) -> Self {
+        LocalChange {
+            made_at_ms: ms,
+            ..self
+        }
+    }
 }
 
 /// What became of the events offered to [`EventLog::append`].
@@ -630,7 +656,10 @@ impl Writer {
         for change in changes {
             let state = self.staged_state(&mut pending.states, &change.key)?;
             let parents = state.heads.iter().map(|h| h.id).collect();
-            self.hlc = self.hlc.tick(self.clock.now_ms());
+            let now = self.clock.now_ms();
+            self.hlc = self
+                .hlc
+                .tick(change.made_at_ms.map_or(now, |at| at.min(now)));
             let seq = self.vv.get(&self.replica) + 1;
             let event = Event {
                 id: EventId {

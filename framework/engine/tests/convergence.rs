@@ -136,7 +136,7 @@ async fn run(n: usize, seed: u64, steps: Vec<Step>) {
                     }
                 };
                 let key = Key::new(format!("k{key}")).unwrap();
-                log.append_local(vec![LocalChange { key, op }])
+                log.append_local(vec![LocalChange::new(key, op)])
                     .await
                     .unwrap();
             }
@@ -259,13 +259,13 @@ async fn start_engines(logs: &[EventLog], neighbours: &[Vec<usize>]) -> Vec<Sync
 /// Writes `content` to `key` on `from`, and waits (up to 600 naps of 50 ms) until `to`
 /// holds the event.
 async fn write_and_wait(from: &EventLog, to: &EventLog, key: &Key, content: Option<ContentRef>) {
-    from.append_local(vec![LocalChange {
-        key: key.clone(),
-        op: Op::Put {
+    from.append_local(vec![LocalChange::new(
+        key.clone(),
+        Op::Put {
             content,
             meta: Meta::file(1),
         },
-    }])
+    )])
     .await
     .unwrap();
     for _ in 0..600 {

@@ -295,16 +295,18 @@ async fn local_writer(log: EventLog, seed: u64) {
     let mut rng = SmallRng::seed_from_u64(seed);
     loop {
         let changes: Vec<LocalChange> = (0..rng.gen_range(1..=50))
-            .map(|_| LocalChange {
-                key: key(rng.gen_range(0..KEYS)),
-                op: if rng.gen_ratio(1, 4) {
-                    Op::Delete
-                } else {
-                    Op::Put {
-                        content: None,
-                        meta: Meta::file(rng.gen_range(0..1_000_000)),
-                    }
-                },
+            .map(|_| {
+                LocalChange::new(
+                    key(rng.gen_range(0..KEYS)),
+                    if rng.gen_ratio(1, 4) {
+                        Op::Delete
+                    } else {
+                        Op::Put {
+                            content: None,
+                            meta: Meta::file(rng.gen_range(0..1_000_000)),
+                        }
+                    },
+                )
             })
             .collect();
         let n = changes.len();

@@ -119,20 +119,14 @@ async fn dylib_policy_decides_conflicts_the_same_on_both_replicas() {
     let small = b"small".to_vec();
     let op = file_of(&logs[0], &large, 1);
     let large_id = logs[0]
-        .append_local(vec![LocalChange {
-            key: key.clone(),
-            op,
-        }])
+        .append_local(vec![LocalChange::new(key.clone(), op)])
         .await
         .unwrap()[0]
         .id;
     tokio::time::sleep(Duration::from_millis(5)).await;
     let op = file_of(&logs[1], &small, 2);
     let small_event = logs[1]
-        .append_local(vec![LocalChange {
-            key: key.clone(),
-            op,
-        }])
+        .append_local(vec![LocalChange::new(key.clone(), op)])
         .await
         .unwrap()
         .remove(0);

@@ -156,7 +156,7 @@ async fn run(steps: Vec<Step>, checkpoint_every: u64) {
                 let heads: Vec<EventId> =
                     log.heads(&key(k)).unwrap().iter().map(|h| h.id).collect();
                 let events = log
-                    .append_local(vec![LocalChange { key: key(k), op }])
+                    .append_local(vec![LocalChange::new(key(k), op)])
                     .await
                     .unwrap();
                 assert_eq!(events.len(), 1);
@@ -169,12 +169,14 @@ async fn run(steps: Vec<Step>, checkpoint_every: u64) {
             }
             Step::LocalBatch { count } => {
                 let changes = (0..count)
-                    .map(|i| LocalChange {
-                        key: key((i % 5) as u8),
-                        op: Op::Put {
-                            content: None,
-                            meta: Meta::file(i as i64),
-                        },
+                    .map(|i| {
+                        LocalChange::new(
+                            key((i % 5) as u8),
+                            Op::Put {
+                                content: None,
+                                meta: Meta::file(i as i64),
+                            },
+                        )
                     })
                     .collect();
                 let events = log.append_local(changes).await.unwrap();
@@ -253,4 +255,51 @@ async fn subscribers_are_woken_after_the_flush() {
     log.set_cursor("store", 1).await.unwrap();
     assert_eq!(log.cursor("store").unwrap(), 1);
     assert_eq!(log.cursor("other").unwrap(), 0);
+}
+
+/// A clock that always reads the same time.
+struct Fixed(u64);
+
+impl converge_api::WallClock for Fixed {
+    fn now_ms(&self) -> u64 {
+        self.0
+    }
+}
+
+#[tokio::test]
+async fn a_change_found_late_is_stamped_when_it_was_made() {
+    let now = 1_700_000_000_000;
+    let log =
+        EventLog::open(LogConfig::temporary().clock(std::sync::Arc::new(Fixed(now)))).unwrap();
+    let put = |k: u8, at: Option<u64>| {
+        LocalChange::new(
+            key(k),
+            Op::Put {
+                content: None,
+                meta: Meta::dir(0),
+            },
+        )
+        .made_at(at)
+    };
+    let stamped = |events: Vec<Event>| -> Vec<(u64, u32)> {
+        events
+            .iter()
+            .map(|e| (e.hlc.wall_ms, e.hlc.logical))
+            .collect()
+    };
+    // Made an hour ago: stamped then. Made "later than now" (a clock that jumped back):
+    // stamped now. Made before what the log already stamped: just after it.
+    let events = log
+        .append_local(vec![
+            put(1, Some(now - 3_600_000)),
+            put(2, Some(now + 60_000)),
+            put(3, Some(now - 7_200_000)),
+            put(4, None),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(
+        stamped(events),
+        vec![(now - 3_600_000, 0), (now, 0), (now, 1), (now, 2)]
+    );
 }

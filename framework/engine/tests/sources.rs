@@ -29,13 +29,13 @@ impl Source for Flaky {
         if run <= 2 {
             return Err(PluginError::new("flaky", format!("failure {run}")));
         }
-        ctx.emit(vec![LocalChange {
-            key: Key::new(format!("run-{run}")).unwrap(),
-            op: Op::Put {
+        ctx.emit(vec![LocalChange::new(
+            Key::new(format!("run-{run}")).unwrap(),
+            Op::Put {
                 content: None,
                 meta: Meta::dir(0),
             },
-        }])
+        )])
         .await
         .map_err(|e| PluginError::new("flaky", e))?;
         ctx.shutdown().await;

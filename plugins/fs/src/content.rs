@@ -276,6 +276,18 @@ pub(crate) fn mtime_ms(meta: &Metadata) -> i64 {
         .saturating_add(meta.mtime_nsec() / 1_000_000)
 }
 
+/// When the entry last changed, in wall-clock milliseconds: its ctime, which the kernel
+/// sets on every write, rename or chmod and which, unlike the mtime, no tool can set back.
+/// A change the source finds is stamped with it (see `LocalChange::made_at_ms`). `None`
+/// before 1970.
+pub(crate) fn changed_at_ms(meta: &Metadata) -> Option<u64> {
+    let ms = meta
+        .ctime()
+        .checked_mul(1000)?
+        .checked_add(meta.ctime_nsec() / 1_000_000)?;
+    u64::try_from(ms).ok()
+}
+
 /// Whether the owner-executable bit is set.
 pub(crate) fn is_executable(meta: &Metadata) -> bool {
     meta.mode() & 0o100 != 0

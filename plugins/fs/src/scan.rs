@@ -20,7 +20,7 @@ use converge_framework::reconciler::pick;
 use ignore::{WalkBuilder, WalkState};
 use tokio::sync::mpsc;
 
-use crate::content::{file_stat, mtime_ms, put_stat, store_file};
+use crate::content::{changed_at_ms, file_stat, mtime_ms, put_stat, store_file};
 use crate::echo::{Applied, Echo};
 use crate::error::FsError;
 use crate::rules::Rules;
@@ -131,6 +131,19 @@ pub(crate) fn examine_dir(
     }
 }
 
+/// When the entry at `key` was removed, as far as the disk tells: the ctime of its nearest
+/// directory still there, which the removal set and which later changes in that directory
+/// only move forward. So a removal made while the daemon was stopped is not stamped later
+/// than an edit a peer made after it (last-write-wins would then delete that edit).
+pub(crate) fn removed_at_ms(rules: &Rules, key: &Key) -> Option<u64> {
+    let path = rules.path_of(key);
+    path.ancestors()
+        .skip(1)
+        .take_while(|dir| dir.starts_with(rules.root()))
+        .find_map(|dir| std::fs::symlink_metadata(dir).ok().filter(|m| m.is_dir()))
+        .and_then(|m| changed_at_ms(&m))
+}
+
 /// The heads of every key (under `under`, itself included), in key order.
 pub(crate) struct Projection {
     keys: BTreeMap<String, Vec<Head>>,
@@ -177,6 +190,8 @@ enum Found {
     Entry {
         key: Key,
         change: Option<Op>,
+        /// When the entry last changed (its ctime).
+        changed_at: Option<u64>,
         hashed: u64,
     },
     /// This key (and what lies below it) could not be read: do not read it as deleted.
@@ -234,15 +249,13 @@ pub(crate) async fn scan(
             Found::Entry {
                 key,
                 change,
+                changed_at,
                 hashed,
             } => {
                 progress.files += 1;
                 progress.bytes += hashed;
                 if let Some(op) = change {
-                    batch.push(LocalChange {
-                        key: key.clone(),
-                        op,
-                    });
+                    batch.push(LocalChange::new(key.clone(), op).made_at(changed_at));
                 }
                 seen.insert(key);
                 if batch.len() >= EMIT_BATCH {
@@ -304,10 +317,8 @@ pub(crate) async fn scan(
                         continue;
                     }
                 }
-                out.push(LocalChange {
-                    key,
-                    op: Op::Delete,
-                });
+                let removed_at = removed_at_ms(&env2.rules, &key);
+                out.push(LocalChange::new(key, Op::Delete).made_at(removed_at));
             }
             out
         })
@@ -413,6 +424,7 @@ fn visit(env: &Env, projection: &Projection, path: &Path) -> Option<Found> {
         Some(Found::Entry {
             key,
             change,
+            changed_at: changed_at_ms(&meta),
             hashed: 0,
         })
     } else if meta.is_file() {
@@ -420,6 +432,7 @@ fn visit(env: &Env, projection: &Projection, path: &Path) -> Option<Found> {
             Ok((change, hashed)) => Some(Found::Entry {
                 key,
                 change,
+                changed_at: changed_at_ms(&meta),
                 hashed,
             }),
             Err(e @ FsError::Io { .. }) => {

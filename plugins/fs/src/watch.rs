@@ -14,10 +14,11 @@ use notify::event::{AccessKind, AccessMode};
 use notify::{EventKind, RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
+use crate::content::changed_at_ms;
 use crate::echo::{Applied, Echo};
 use crate::error::FsError;
 use crate::rules::Rules;
-use crate::scan::{examine_file, is_echo, scan, Env, Resolver};
+use crate::scan::{examine_file, is_echo, removed_at_ms, scan, Env, Resolver};
 use crate::{FsConfig, EMIT_BATCH, IGNORE_FILE, TEMP_PREFIX};
 
 /// How often the folder is rescanned when it cannot be watched.
@@ -252,7 +253,9 @@ fn plan(env: &Env, paths: BTreeSet<PathBuf>) -> Result<Plan, FsError> {
                 }
             }
             Ok(m) if m.is_file() => match examine_file(env, &key, &path, &m, &heads) {
-                Ok((Some(op), _)) => puts.push(LocalChange { key, op }),
+                Ok((Some(op), _)) => {
+                    puts.push(LocalChange::new(key, op).made_at(changed_at_ms(&m)));
+                }
                 Ok((None, _)) => {}
                 // Gone again before we read it: a later event says what happened.
                 Err(e) if e.is_not_found() => {}
@@ -293,19 +296,15 @@ fn plan(env: &Env, paths: BTreeSet<PathBuf>) -> Result<Plan, FsError> {
                             continue;
                         }
                         if std::fs::symlink_metadata(env.rules.path_of(&below)).is_err() {
-                            deletes.push(LocalChange {
-                                key: below,
-                                op: Op::Delete,
-                            });
+                            let removed_at = removed_at_ms(&env.rules, &below);
+                            deletes.push(LocalChange::new(below, Op::Delete).made_at(removed_at));
                         }
                     }
                     handled.push(key.clone());
                 }
                 if shown.is_some() {
-                    deletes.push(LocalChange {
-                        key,
-                        op: Op::Delete,
-                    });
+                    let removed_at = removed_at_ms(&env.rules, &key);
+                    deletes.push(LocalChange::new(key, Op::Delete).made_at(removed_at));
                 }
             }
         }

@@ -97,20 +97,20 @@ async fn a_live_file_keeps_a_deleted_directory() {
     let log = common::log();
     let (d, e) = (key("d"), key("e"));
     log.append_local(vec![
-        LocalChange {
-            key: d.clone(),
-            op: Op::Put {
+        LocalChange::new(
+            d.clone(),
+            Op::Put {
                 content: None,
                 meta: converge_api::Meta::dir(0),
             },
-        },
-        LocalChange {
-            key: e.clone(),
-            op: Op::Put {
+        ),
+        LocalChange::new(
+            e.clone(),
+            Op::Put {
                 content: None,
                 meta: converge_api::Meta::dir(0),
             },
-        },
+        ),
     ])
     .await
     .unwrap();
@@ -118,13 +118,13 @@ async fn a_live_file_keeps_a_deleted_directory() {
     write(f.path(), "d/live.txt", b"alive");
     let root = converge_plugin_fs::content::store_file(&f.path().join("d/live.txt"), log.chunks())
         .unwrap();
-    log.append_local(vec![LocalChange {
-        key: key("d/live.txt"),
-        op: Op::Put {
+    log.append_local(vec![LocalChange::new(
+        key("d/live.txt"),
+        Op::Put {
             content: Some(root),
             meta: converge_api::Meta::file(1_000),
         },
-    }])
+    )])
     .await
     .unwrap();
     let store = FsStore::new(FsConfig::new(b.path()));
@@ -133,14 +133,8 @@ async fn a_live_file_keeps_a_deleted_directory() {
 
     // Both directories deleted; the file in d is still live.
     log.append_local(vec![
-        LocalChange {
-            key: d.clone(),
-            op: Op::Delete,
-        },
-        LocalChange {
-            key: e.clone(),
-            op: Op::Delete,
-        },
+        LocalChange::new(d.clone(), Op::Delete),
+        LocalChange::new(e.clone(), Op::Delete),
     ])
     .await
     .unwrap();
@@ -281,10 +275,7 @@ async fn a_local_change_not_yet_recorded_is_never_overwritten() {
 
     // The same for a remove: a delete that won must not take the unrecorded file.
     let deleted = log
-        .append_local(vec![LocalChange {
-            key: key("f.txt"),
-            op: Op::Delete,
-        }])
+        .append_local(vec![LocalChange::new(key("f.txt"), Op::Delete)])
         .await
         .unwrap();
     apply(&store, &log, views(&log)).await;

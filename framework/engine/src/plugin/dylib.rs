@@ -616,10 +616,7 @@ async fn append(ctx: &SourceContext, name: &str, batch: Vec<Emitted>) -> Result<
             }
             (_, op) => op,
         };
-        changes.push(LocalChange {
-            key: change.key,
-            op,
-        });
+        changes.push(LocalChange::new(change.key, op));
     }
     ctx.emit(changes)
         .await
