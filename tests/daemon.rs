@@ -12,7 +12,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use rand::rngs::SmallRng;
 use rand::{Rng, RngCore, SeedableRng};
@@ -594,6 +594,40 @@ fn edit_after_a_delete_made_while_stopped_survives() {
             d.name
         );
     }
+    a.stop();
+    b.stop();
+}
+
+/// Files whose mtime alone changed on B (touched: the same bytes) take A's later edit and
+/// A's later delete (regression: B's store refused to replace a file whose mtime no event
+/// recorded, waiting for a change its source never records, and the two stayed apart).
+#[test]
+fn remote_changes_reach_files_touched_here() {
+    let (mut a, mut b) = pair();
+    write_file(&a.folder().join("edited.txt"), b"v1\n");
+    write_file(&a.folder().join("deleted.txt"), b"v1\n");
+    a.start();
+    b.start();
+    assert_converges(&mut a, &mut b);
+    let an_hour_ago = SystemTime::now() - Duration::from_secs(3600);
+    for name in ["edited.txt", "deleted.txt"] {
+        let f = OpenOptions::new()
+            .write(true)
+            .open(b.folder().join(name))
+            .unwrap();
+        f.set_modified(an_hour_ago).unwrap();
+    }
+    // B's watcher sees the touches (the bytes are the same: nothing to record).
+    std::thread::sleep(Duration::from_millis(500));
+
+    write_file(&a.folder().join("edited.txt"), b"v2, edited on A\n");
+    fs::remove_file(a.folder().join("deleted.txt")).unwrap();
+    let t = assert_converges(&mut a, &mut b);
+    assert_eq!(
+        fs::read(b.folder().join("edited.txt")).unwrap(),
+        b"v2, edited on A\n"
+    );
+    assert!(!t.contains_key("deleted.txt"), "{t:?}");
     a.stop();
     b.stop();
 }

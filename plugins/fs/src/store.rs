@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use converge_api::{ContentRef, EntryKind, EventId, Head, Key, Meta, Op, ReplicaId};
+use converge_api::{ContentRef, EntryKind, EventId, Hash, Head, Key, Meta, Op, ReplicaId};
 use converge_framework::content::{ChunkStore, Piece, PieceError, Writeback};
 use converge_framework::log::EventLog;
 use converge_framework::plugin::{KeyView, Store, StoreContext};
@@ -262,7 +262,7 @@ fn apply_blocking(
                     path.display()
                 );
             }
-            Ok(m) if !w.knows(&key, &m) => {
+            Ok(m) if !w.knows(&key, &path, &m) => {
                 tracing::info!("{key}: changed here since it was last recorded; not removed (the change is recorded next)");
             }
             Ok(_) => {
@@ -439,17 +439,33 @@ impl Writer {
         Ok(())
     }
 
-    /// Whether the regular file `key`, as `m` describes it, is in a state the store may
-    /// replace: always for an unguarded store; otherwise when its size, mtime and mode are
-    /// those the store last wrote, or those of an event of `key` in the log (a head or an
-    /// ancestor of one, the nearest [`KNOWN_SEARCH`] events).
-    fn knows(&self, key: &Key, m: &std::fs::Metadata) -> bool {
+    /// Whether the regular file `key` at `path`, as `m` describes it, is in a state the
+    /// store may replace: always for an unguarded store; otherwise when it is what the store
+    /// last wrote or what an event of `key` in the log put (a head or an ancestor of one,
+    /// the nearest [`KNOWN_SEARCH`] events). Judged by size, mtime and mode, and failing
+    /// that by size, mode and content hash: a file whose mtime alone changed (touched) is
+    /// no change the source records, so waiting for one would keep the replicas apart.
+    fn knows(&self, key: &Key, path: &Path, m: &std::fs::Metadata) -> bool {
         let Some(log) = &self.guard else {
             return true;
         };
-        let stat = file_stat(m);
-        if self.echo.get(key).and_then(Applied::file_stat) == Some(stat) {
-            return true;
+        let stat @ (size, _, executable) = file_stat(m);
+        // Contents of the right size and mode, to compare by hash if no stat matches.
+        let mut roots = Vec::new();
+        let mut consider = |s: u64, x: bool, root: Hash| {
+            if (s, x) == (size, executable) && !roots.contains(&root) {
+                roots.push(root);
+            }
+        };
+        match self.echo.get(key) {
+            Some(applied) if applied.file_stat() == Some(stat) => return true,
+            Some(Applied::File {
+                size: s,
+                executable: x,
+                root,
+                ..
+            }) => consider(s, x, root),
+            _ => {}
         }
         let mut queue: std::collections::VecDeque<EventId> = match log.heads(key) {
             Ok(heads) => heads.iter().map(|h| h.id).collect(),
@@ -474,9 +490,25 @@ impl Writer {
             if put_stat(&event.op) == Some(stat) {
                 return true;
             }
+            if let Op::Put {
+                content: Some(c),
+                meta,
+            } = &event.op
+            {
+                consider(c.size, meta.executable, c.root);
+            }
             queue.extend(event.parents);
         }
-        false
+        if roots.is_empty() {
+            return false;
+        }
+        match hash_file(path) {
+            Ok(content) => content.size == size && roots.contains(&content.root),
+            Err(e) => {
+                tracing::warn!("{key}: {e}");
+                false
+            }
+        }
     }
 
     /// The path of `key`, if the store may write it: not ignored or excluded, and no
@@ -622,7 +654,7 @@ impl Writer {
         match std::fs::symlink_metadata(&path) {
             Ok(m) if m.is_file() => {
                 let as_recorded = file_stat(&m) == recorded_stat(content, meta);
-                if echo_key.is_some() && !as_recorded && !self.knows(target, &m) {
+                if echo_key.is_some() && !as_recorded && !self.knows(target, &path, &m) {
                     tracing::info!("{target}: changed here since it was last recorded; not overwritten (the change is recorded next)");
                     return Ok(Ok(()));
                 }

@@ -7,7 +7,9 @@ mod common;
 use std::os::unix::fs::MetadataExt;
 use std::time::Duration;
 
-use common::{apply, key, make_executable, random_bytes, scan_once, shown, tree, views, write};
+use common::{
+    apply, key, make_executable, random_bytes, scan_once, set_mtime, shown, tree, views, write,
+};
 use converge_api::{EntryKind, Head, Hlc, Op};
 use converge_framework::log::LocalChange;
 use converge_framework::plugin::{
@@ -342,6 +344,60 @@ async fn a_local_change_not_yet_recorded_is_never_overwritten() {
         std::fs::read(mirror_dir.path().join("f.txt")).unwrap(),
         b"remote version"
     );
+}
+
+/// A file whose mtime alone differs from every state the log knows (touched) holds known
+/// content, which the source records no change for: the store replaces it with a remote
+/// write. A file of the same size and mode but other bytes is a local change: it stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_touched_file_is_replaced_but_an_unrecorded_edit_of_the_same_size_is_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = common::log();
+    let (_, store) = folder(FsConfig::new(dir.path()));
+    let scanner = FsSource::new(FsConfig::new(dir.path()));
+    write(dir.path(), "touched.txt", b"v1");
+    write(dir.path(), "edited.txt", b"v1");
+    scan_once(&scanner, &log).await;
+    set_mtime(dir.path(), "touched.txt", 1_000_000_000);
+    write(dir.path(), "edited.txt", b"v9");
+    set_mtime(dir.path(), "edited.txt", 1_000_000_000);
+
+    let other = tempfile::tempdir().unwrap();
+    write(other.path(), "r", b"remote version");
+    let content =
+        converge_plugin_fs::content::store_file(&other.path().join("r"), log.chunks()).unwrap();
+    let remote: Vec<converge_api::Event> = ["touched.txt", "edited.txt"]
+        .iter()
+        .zip(1..)
+        .map(|(name, seq)| converge_api::Event {
+            id: converge_api::EventId {
+                origin: converge_api::ReplicaId([7; 16]),
+                seq,
+            },
+            hlc: Hlc {
+                wall_ms: u64::MAX / 2,
+                logical: 0,
+            },
+            key: key(name),
+            parents: log
+                .heads(&key(name))
+                .unwrap()
+                .iter()
+                .map(|h| h.id)
+                .collect(),
+            op: Op::Put {
+                content: Some(content),
+                meta: converge_api::Meta::file(1_700_000_000_000),
+            },
+        })
+        .collect();
+    log.append(remote).await.unwrap();
+    apply(&store, &log, views(&log)).await;
+    assert_eq!(
+        std::fs::read(dir.path().join("touched.txt")).unwrap(),
+        b"remote version"
+    );
+    assert_eq!(std::fs::read(dir.path().join("edited.txt")).unwrap(), b"v9");
 }
 
 /// With a temp dir on the folder's file system, the store writes there and renames into
