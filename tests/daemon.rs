@@ -632,6 +632,85 @@ fn remote_changes_reach_files_touched_here() {
     b.stop();
 }
 
+/// A file replaced by a directory of the same name, a directory replaced by a file, and
+/// two files swapping names, on A: B ends up the same.
+#[test]
+fn type_changes_and_swaps_reach_the_peer() {
+    let (mut a, mut b) = pair();
+    let root = a.folder().to_owned();
+    write_file(&root.join("was a file"), b"file\n");
+    write_file(&root.join("was a dir/inside.txt"), b"inside\n");
+    write_file(&root.join("left.txt"), b"left\n");
+    write_file(&root.join("right.txt"), b"right\n");
+    a.start();
+    b.start();
+    assert_converges(&mut a, &mut b);
+
+    fs::remove_file(root.join("was a file")).unwrap();
+    write_file(&root.join("was a file/now inside.txt"), b"now a dir\n");
+    fs::remove_dir_all(root.join("was a dir")).unwrap();
+    write_file(&root.join("was a dir"), b"now a file\n");
+    fs::rename(root.join("left.txt"), root.join("swap.tmp")).unwrap();
+    fs::rename(root.join("right.txt"), root.join("left.txt")).unwrap();
+    fs::rename(root.join("swap.tmp"), root.join("right.txt")).unwrap();
+    let t = assert_converges(&mut a, &mut b);
+    assert_eq!(t["was a file"], Entry::Dir);
+    assert!(t.contains_key("was a file/now inside.txt"));
+    assert!(matches!(t["was a dir"], Entry::File { .. }), "{t:?}");
+    assert_eq!(fs::read(b.folder().join("left.txt")).unwrap(), b"right\n");
+    assert_eq!(fs::read(b.folder().join("right.txt")).unwrap(), b"left\n");
+    a.stop();
+    b.stop();
+}
+
+/// While apart, A turns the file `x` into a directory with a file in it, and B, later,
+/// edits `x`: B's edit wins the key `x`, but `x/inside.txt` is live and needs `x` to be a
+/// directory, so both show the directory, and B keeps its edit beside it as a conflict
+/// copy (regression: B could not write `x/inside.txt`, A could not write the file `x`, and
+/// the replicas stayed apart).
+#[test]
+fn concurrent_file_and_directory_at_one_path_converge() {
+    let (mut a, mut b) = pair();
+    write_file(&a.folder().join("x"), b"a file\n");
+    a.start();
+    b.start();
+    assert_converges(&mut a, &mut b);
+    a.stop();
+    b.stop();
+
+    fs::remove_file(a.folder().join("x")).unwrap();
+    write_file(&a.folder().join("x/inside.txt"), b"A made x a directory\n");
+    std::thread::sleep(Duration::from_millis(50));
+    write_file(&b.folder().join("x"), b"B edited the file x, later\n");
+    a.start();
+    b.start();
+    // Conflict copies are local bookkeeping, never synced: compared apart.
+    let mut last = (BTreeMap::new(), BTreeMap::new());
+    let ok = wait_until(CONVERGE_TIMEOUT, || {
+        last = (tree(a.folder()), tree(b.folder()));
+        last.0.retain(|p, _| !p.contains(".sync-conflict-"));
+        last.1.retain(|p, _| !p.contains(".sync-conflict-"));
+        last.0 == last.1 && last.0.get("x") == Some(&Entry::Dir)
+    });
+    assert!(ok, "no convergence: {}", tree_diff(&last.0, &last.1));
+    assert_eq!(
+        fs::read(b.folder().join("x/inside.txt")).unwrap(),
+        b"A made x a directory\n"
+    );
+    let copies: Vec<PathBuf> = fs::read_dir(b.folder())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().contains("x.sync-conflict-"))
+        .collect();
+    assert_eq!(copies.len(), 1, "B's edit beside the directory: {copies:?}");
+    assert_eq!(
+        fs::read(&copies[0]).unwrap(),
+        b"B edited the file x, later\n"
+    );
+    a.stop();
+    b.stop();
+}
+
 /// A replica whose ID A does not know is refused (and gets nothing); a garbage byte stream
 /// on A's listen port gets its connection closed while A keeps serving B.
 #[test]

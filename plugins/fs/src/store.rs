@@ -512,7 +512,7 @@ impl Writer {
     }
 
     /// The path of `key`, if the store may write it: not ignored or excluded, and no
-    /// ancestor is a symlink or a file.
+    /// ancestor is a symlink or a file it may not replace (see [`Self::make_way`]).
     fn resolve(&mut self, key: &Key, is_dir: bool) -> Result<PathBuf, Refused> {
         self.resolve_as(key, key, is_dir)
     }
@@ -540,6 +540,11 @@ impl Writer {
                         "not applying {key}: {} is a symlink",
                         d.display()
                     )))
+                }
+                // A file where `key` needs a directory: replaced if in a state the log
+                // knows (see `make_way`), else a local change to record first.
+                Ok(m)
+                    if m.is_file() && self.rules.key_of(d).is_ok_and(|k| self.knows(&k, d, &m)) => {
                 }
                 Ok(m) if !m.is_dir() => {
                     return Err(Refused(format!(
@@ -571,6 +576,9 @@ impl Writer {
         }
         for (p, path) in missing.into_iter().rev() {
             self.echo.record(&p, Applied::Dir);
+            if std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_file()) {
+                self.make_way(&p, &path)?;
+            }
             match std::fs::create_dir(&path) {
                 Ok(()) => self.dirty = true,
                 Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
@@ -584,6 +592,55 @@ impl Writer {
             }
             self.checked.insert(path);
         }
+        Ok(())
+    }
+
+    /// Moves the file at `key` out of the way of a directory: live keys below it need one
+    /// (they win over the file at their parent's path, as a file written into a deleted
+    /// directory wins over the delete, DESIGN §2; writing them anyway is what keeps the
+    /// replicas the same). The caller checked that the store may replace the file. It is
+    /// renamed beside as a conflict copy named after the key's latest file head, so its
+    /// bytes stay on disk; without such a head (or the log, for a mirror) it is removed.
+    fn make_way(&mut self, key: &Key, path: &Path) -> Result<(), FsError> {
+        let head = self
+            .guard
+            .as_ref()
+            .and_then(|log| log.heads(key).ok())
+            .and_then(|heads| {
+                heads
+                    .into_iter()
+                    .filter(
+                        |h| matches!(&h.op, Op::Put { meta, .. } if meta.kind == EntryKind::File),
+                    )
+                    .max_by_key(Head::lww_rank)
+            });
+        let aside = head
+            .and_then(|h| conflict_name(key, &h))
+            .map(|name| self.rules.path_of(&name));
+        let moved = match &aside {
+            Some(aside) => std::fs::rename(path, aside),
+            None => std::fs::remove_file(path),
+        };
+        match moved {
+            // Another thread of the batch made way already.
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+            Err(e) => {
+                return Err(FsError::Io {
+                    op: "moving aside",
+                    path: path.to_owned(),
+                    source: e,
+                })
+            }
+            Ok(()) => {}
+        }
+        match aside {
+            Some(aside) => tracing::info!(
+                "{key}: keys below it need a directory here; the file is now {}",
+                aside.display()
+            ),
+            None => tracing::info!("{key}: keys below it need a directory here; file removed"),
+        }
+        self.dirty = true;
         Ok(())
     }
 
