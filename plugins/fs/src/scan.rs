@@ -73,7 +73,9 @@ pub(crate) fn is_echo(env: &Env, key: &Key, meta: &Metadata) -> bool {
 }
 
 /// Compares the regular file at `path` with `heads`; returns the `Put` to emit (if it
-/// changed) and the number of bytes hashed. Blocks.
+/// changed) and the number of bytes hashed. Blocks. A file whose size, mtime or mode
+/// changed since `meta` was read (it is being written) gives no `Put`: what was read may
+/// mix two versions, and the write's own watcher event brings the file back here.
 pub(crate) fn examine_file(
     env: &Env,
     key: &Key,
@@ -86,6 +88,11 @@ pub(crate) fn examine_file(
         return Ok((None, 0));
     }
     let content = store_file(path, &env.chunks)?;
+    let after = std::fs::symlink_metadata(path).map_err(FsError::io("reading", path))?;
+    if file_stat(&after) != stat || content.size != stat.0 {
+        tracing::debug!("{key}: changed while it was read; looked at again once written");
+        return Ok((None, content.size));
+    }
     let same_content = heads.iter().any(|h| match &h.op {
         Op::Put {
             content: Some(c),
@@ -453,5 +460,42 @@ fn visit(env: &Env, projection: &Projection, path: &Path) -> Option<Found> {
             path.display()
         );
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use converge_framework::log::LogConfig;
+
+    /// The window between looking at a file and reading it: a file written in it (its
+    /// stat no longer the one looked at) is not recorded from that read.
+    #[test]
+    fn a_file_changed_while_examined_is_not_recorded_from_that_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().canonicalize().unwrap();
+        let log = EventLog::open(LogConfig::temporary()).unwrap();
+        let env = Env {
+            rules: Rules::load(&root, &[]),
+            echo: Arc::new(Echo::default()),
+            resolver: Resolver::default(),
+            chunks: log.chunks().clone(),
+            log,
+        };
+        let path = root.join("f.txt");
+        let key = Key::new("f.txt").unwrap();
+        std::fs::write(&path, b"first").unwrap();
+        let looked_at = std::fs::symlink_metadata(&path).unwrap();
+        std::fs::write(&path, b"second, being written").unwrap();
+
+        let (op, _) = examine_file(&env, &key, &path, &looked_at, &[]).unwrap();
+        assert_eq!(op, None);
+        let now = std::fs::symlink_metadata(&path).unwrap();
+        let (op, _) = examine_file(&env, &key, &path, &now, &[]).unwrap();
+        assert!(
+            matches!(op, Some(Op::Put { content: Some(c), .. }) if c.size == 21),
+            "{op:?}"
+        );
     }
 }
