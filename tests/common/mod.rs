@@ -11,10 +11,30 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
-/// A port on 127.0.0.1 that was free a moment ago.
+/// A port on 127.0.0.1 that was free a moment ago, never the same twice in a process, and
+/// below the kernel's ephemeral range (32768-60999 on Linux). A port from that range can be
+/// taken as the local end of some connection (a peer dialing) while its daemon is killed
+/// and restarted, which then cannot listen on it again.
 pub fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().port()
+    use std::sync::atomic::{AtomicU16, Ordering};
+    const FIRST: u16 = 20_000;
+    const LAST: u16 = 32_000;
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    // Test binaries run one after another; the offset keeps one's ports apart from those of
+    // daemons the previous one may still be stopping.
+    let _ = NEXT.compare_exchange(
+        0,
+        FIRST + (std::process::id() % 1000) as u16 * 10,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = FIRST + n.wrapping_sub(FIRST) % (LAST - FIRST);
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// Polls `cond` every 50 ms until it holds (true) or `timeout` passes (false).
