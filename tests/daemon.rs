@@ -711,6 +711,64 @@ fn concurrent_file_and_directory_at_one_path_converge() {
     b.stop();
 }
 
+/// Three replicas in a chain, A - B - C (A and C do not know each other): A's changes
+/// reach C through B; while C is stopped, A renames a folder and C edits a file in it;
+/// all three end up the same, with the edit kept under the old name (the live file keeps
+/// its folder, as DESIGN §2 has it) and the renamed folder beside it.
+#[test]
+fn three_replicas_in_a_chain_converge_through_the_middle() {
+    let mut a = Daemon::init("A");
+    let mut b = Daemon::init("B");
+    let mut c = Daemon::init("C");
+    a.add_peer(&b);
+    b.add_peer(&a);
+    b.add_peer(&c);
+    c.add_peer(&b);
+    write_file(&a.folder().join("d/f.txt"), b"from A\n");
+    write_file(&a.folder().join("d/g.txt"), b"also from A\n");
+    for d in [&mut a, &mut b, &mut c] {
+        d.start();
+    }
+    let same = |x: &Daemon, y: &Daemon| tree(x.folder()) == tree(y.folder());
+    let converged = |a: &mut Daemon, b: &mut Daemon, c: &mut Daemon| {
+        wait_until(CONVERGE_TIMEOUT, || {
+            for d in [&mut *a, &mut *b, &mut *c] {
+                d.assert_running();
+            }
+            same(a, b) && same(b, c)
+        })
+    };
+    assert!(
+        converged(&mut a, &mut b, &mut c),
+        "A: {:?}\nC: {:?}",
+        tree(a.folder()),
+        tree(c.folder())
+    );
+    assert_eq!(fs::read(c.folder().join("d/f.txt")).unwrap(), b"from A\n");
+
+    c.stop();
+    fs::rename(a.folder().join("d"), a.folder().join("e")).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    write_file(&c.folder().join("d/f.txt"), b"edited on C while stopped\n");
+    c.start();
+    assert!(
+        converged(&mut a, &mut b, &mut c),
+        "A: {:?}\nC: {:?}",
+        tree(a.folder()),
+        tree(c.folder())
+    );
+    let t = tree(a.folder());
+    assert_eq!(fs::read(a.folder().join("e/f.txt")).unwrap(), b"from A\n");
+    assert_eq!(
+        fs::read(a.folder().join("d/f.txt")).unwrap(),
+        b"edited on C while stopped\n"
+    );
+    assert!(!t.contains_key("d/g.txt"), "{t:?}");
+    for d in [&mut a, &mut b, &mut c] {
+        d.stop();
+    }
+}
+
 /// A replica whose ID A does not know is refused (and gets nothing); a garbage byte stream
 /// on A's listen port gets its connection closed while A keeps serving B.
 #[test]
