@@ -218,11 +218,19 @@ fn plan(env: &Env, paths: BTreeSet<PathBuf>) -> Result<Plan, FsError> {
             continue;
         }
         let meta = std::fs::symlink_metadata(&path);
+        let key = env.rules.key_of(&path);
+        // The store's own writes come back here by the thousand: drop them first. The
+        // store writes no ignored path, so the ignore rules need not be asked.
+        if let (Ok(m), Ok(key)) = (&meta, &key) {
+            if m.is_file() && is_echo(env, key, m) {
+                continue;
+            }
+        }
         let is_dir = meta.as_ref().is_ok_and(|m| m.is_dir());
         if env.rules.ignores(&path, is_dir, true) {
             continue;
         }
-        let key = match env.rules.key_of(&path) {
+        let key = match key {
             Ok(k) => k,
             Err(why) => {
                 tracing::warn!("{why}");
@@ -230,14 +238,6 @@ fn plan(env: &Env, paths: BTreeSet<PathBuf>) -> Result<Plan, FsError> {
             }
         };
         if handled.iter().any(|d| key.is_under(d)) {
-            continue;
-        }
-        // The store's own writes come back here by the thousand: drop them before
-        // reading the key's heads.
-        if meta
-            .as_ref()
-            .is_ok_and(|m| m.is_file() && is_echo(env, &key, m))
-        {
             continue;
         }
         let heads = env.log.heads(&key)?;
