@@ -17,7 +17,9 @@ from one daemon to the other shows in the CPU columns even when the wall time, w
 moves more from run to run on these machines (see run.py), does not.
 
 Nothing is deleted between timed steps, except a W2 repetition's large files (a few
-inodes, so no ext4 deletion trap); the scratch dir is removed at the end.
+inodes, so no ext4 deletion trap); the scratch dir is removed at the end, unless `--keep`
+(W1 runs back to back: a run started within a minute or two of that removal measures the
+file system, not converge).
 """
 
 from __future__ import annotations
@@ -93,6 +95,9 @@ def main() -> int:
     ap.add_argument("--big-mib", type=int, default=256, help="W2 file size in MiB")
     ap.add_argument("--timeout", type=float, default=120, help="bound of every wait, seconds")
     ap.add_argument("--dir", default=None, help="scratch parent dir (default: the system temp dir)")
+    ap.add_argument("--keep", action="store_true",
+                    help="leave the scratch dir in place (deleting W1's files makes file creation "
+                         "slow for a minute or more afterwards: see run.py)")
     args = ap.parse_args()
 
     binaries = [Path(b).resolve() for b in args.binaries]
@@ -116,7 +121,10 @@ def main() -> int:
                 run.log(f"{binary.name} #{rep + 1}: {sample[0]:.2f} s, "
                         f"CPU A {sample[1]:.2f} s, B {sample[2]:.2f} s")
     finally:
-        shutil.rmtree(root, ignore_errors=True)
+        if args.keep:
+            run.log(f"scratch dir left in place: {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
 
     what = (f"{args.files:,} files of 1-8 KiB" if args.workload == "W1"
             else f"one {args.big_mib} MiB file")
