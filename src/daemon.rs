@@ -148,7 +148,8 @@ pub async fn start(config: &Config, transport: TcpTransport) -> anyhow::Result<D
     let temp_dir = config.data_dir.join("tmp");
     let fs = FsConfig::new(&config.folder.path)
         .exclude(&config.data_dir)
-        .temp_dir(&temp_dir);
+        .temp_dir(&temp_dir)
+        .state_dir(&config.data_dir);
     let (source, store) = converge_plugin_fs::folder(fs);
     let source = source.with_policy(policy.clone());
     let metrics = Arc::new(converge_admin::Metrics::new()?);
@@ -201,7 +202,9 @@ pub async fn start(config: &Config, transport: TcpTransport) -> anyhow::Result<D
         })?;
         builder = builder.store(Arc::new(FsStore::mirror(
             &mirror.name,
-            FsConfig::new(&mirror.path).temp_dir(&temp_dir),
+            FsConfig::new(&mirror.path)
+                .temp_dir(&temp_dir)
+                .state_dir(&config.data_dir),
         )));
     }
     let engine = Arc::new(builder.start().await.context("starting the engine")?);

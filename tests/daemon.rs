@@ -769,6 +769,107 @@ fn three_replicas_in_a_chain_converge_through_the_middle() {
     }
 }
 
+/// Makes a directory immutable (`chattr +i`: nothing can be created, removed or renamed
+/// in it, even by root) until dropped.
+struct Immutable(PathBuf);
+
+impl Immutable {
+    fn new(dir: &Path) -> Immutable {
+        let status = std::process::Command::new("chattr")
+            .arg("+i")
+            .arg(dir)
+            .status()
+            .expect("running chattr (e2fsprogs)");
+        assert!(
+            status.success(),
+            "chattr +i {} failed: this test needs CAP_LINUX_IMMUTABLE on ext4",
+            dir.display()
+        );
+        Immutable(dir.to_owned())
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("chattr")
+            .arg("-i")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// A directory on B that the daemon may not write into fails the files A puts there, and a
+/// file B may not replace fails A's edit of it; only those: the rest keeps syncing, B
+/// restarts fine, its scan reads neither the missing file as a delete nor the old version
+/// as an edit, and once they are writable again A's versions arrive (regression: one such
+/// file stopped B's store for good, and B would not start again).
+#[test]
+fn a_file_that_cannot_be_written_fails_alone() {
+    let (mut a, mut b) = pair();
+    write_file(&a.folder().join("free/b.txt"), b"b v1\n");
+    write_file(&a.folder().join("frozen.txt"), b"frozen v1\n");
+    fs::create_dir_all(a.folder().join("locked")).unwrap();
+    a.start();
+    b.start();
+    assert_converges(&mut a, &mut b);
+    let locked = Immutable::new(&b.folder().join("locked"));
+    let frozen = Immutable::new(&b.folder().join("frozen.txt"));
+    write_file(&a.folder().join("frozen.txt"), b"frozen v2, edited on A\n");
+
+    write_file(
+        &a.folder().join("locked/a.txt"),
+        b"A's file, in a directory B cannot write\n",
+    );
+    write_file(&a.folder().join("free/c.txt"), b"c\n");
+    let arrived = |d: &Daemon, rel: &str, want: &[u8]| {
+        fs::read(d.folder().join(rel)).is_ok_and(|b| b == want)
+    };
+    assert!(
+        wait_until(CONVERGE_TIMEOUT, || arrived(&b, "free/c.txt", b"c\n")),
+        "a file beside the failing one did not arrive\n{}",
+        b.log_tail()
+    );
+    write_file(&a.folder().join("free/b.txt"), b"b v2\n");
+    assert!(
+        wait_until(CONVERGE_TIMEOUT, || arrived(&b, "free/b.txt", b"b v2\n")),
+        "a later edit did not arrive\n{}",
+        b.log_tail()
+    );
+    assert!(!b.folder().join("locked/a.txt").exists());
+    assert!(
+        b.log().contains("locked/a.txt"),
+        "the failure is logged, naming the file"
+    );
+
+    // A restart: B starts, and its scan does not take the missing file for a delete.
+    b.stop();
+    b.start();
+    std::thread::sleep(Duration::from_secs(2));
+    b.assert_running();
+    assert!(
+        arrived(
+            &a,
+            "locked/a.txt",
+            b"A's file, in a directory B cannot write\n"
+        ),
+        "A's file was deleted"
+    );
+    assert!(
+        arrived(&a, "frozen.txt", b"frozen v2, edited on A\n"),
+        "A's edit was reverted"
+    );
+    assert!(arrived(&b, "frozen.txt", b"frozen v1\n"));
+
+    // Writable again: A's versions arrive without any new change.
+    drop(locked);
+    drop(frozen);
+    let t = assert_converges(&mut a, &mut b);
+    assert!(t.contains_key("locked/a.txt"), "{t:?}");
+    assert!(arrived(&b, "frozen.txt", b"frozen v2, edited on A\n"));
+    a.stop();
+    b.stop();
+}
+
 /// A replica whose ID A does not know is refused (and gets nothing); a garbage byte stream
 /// on A's listen port gets its connection closed while A keeps serving B.
 #[test]

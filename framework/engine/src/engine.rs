@@ -1264,10 +1264,26 @@ fn finish_replay_if_done(inner: &Arc<Inner>, slot: &StoreSlot) {
     }
 }
 
+/// First pause before a store's failed keys are tried again; it doubles with each try.
+const STORE_RETRY_MIN: Duration = Duration::from_secs(1);
+/// Longest pause between tries of a store's failed keys.
+const STORE_RETRY_MAX: Duration = Duration::from_secs(60);
+
+/// Sleeps for `wait`, or forever without one.
+async fn sleep_if(wait: Option<Duration>) {
+    match wait {
+        Some(wait) => tokio::time::sleep(wait).await,
+        None => std::future::pending().await,
+    }
+}
+
 async fn run_store(inner: Arc<Inner>, store: Arc<dyn Store>, slot: Arc<StoreSlot>) {
     let mut len = inner.log.subscribe();
     let mut shutdown = inner.shutdown.subscribe();
     let mut failures = 0u32;
+    // Tries of the keys the store could not show (see `Store::pending`) since it last
+    // had none.
+    let mut retries = 0u32;
     loop {
         let stopping = *shutdown.borrow();
         if stopping {
@@ -1281,9 +1297,22 @@ async fn run_store(inner: Arc<Inner>, store: Arc<dyn Store>, slot: Arc<StoreSlot
         match step {
             Ok(true) => failures = 0,
             Ok(false) => {
+                if !store.pending() {
+                    retries = 0;
+                }
+                let retry = store
+                    .pending()
+                    .then(|| backoff(retries, STORE_RETRY_MIN, STORE_RETRY_MAX));
                 tokio::select! {
                     r = len.changed() => if r.is_err() { return },
                     _ = slot.wake.notified() => {},
+                    _ = sleep_if(retry) => {
+                        retries = retries.saturating_add(1);
+                        let ctx = StoreContext::new(inner.log.clone());
+                        if let Err(e) = store.retry(&ctx).await {
+                            tracing::error!(store = store.name(), "retrying failed keys: {e}");
+                        }
+                    }
                     _ = crate::engine::until(&mut shutdown, true) => return,
                 }
             }

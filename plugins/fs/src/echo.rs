@@ -7,13 +7,19 @@
 //! root) *before* renaming into place; the source treats a file that still matches the
 //! record as the store's, whatever the heads say now.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::fs::Metadata;
+use std::path::Path;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use converge_api::{Hash, Key};
+use converge_api::{EventId, Hash, Key, Op};
+use converge_framework::log::EventLog;
 
-use crate::content::FileStat;
+use crate::content::{file_stat, hash_file, put_stat, FileStat};
+
+/// How many events of a key [`known_state`] looks through, nearest first.
+const KNOWN_SEARCH: usize = 256;
 
 /// Records older than this are dropped: by then the source has seen the write.
 const TTL: Duration = Duration::from_secs(300);
@@ -53,6 +59,9 @@ impl Applied {
 #[derive(Debug, Default)]
 pub(crate) struct Echo {
     map: Mutex<HashMap<Key, (Applied, Instant)>>,
+    /// Keys the store could not show (a file in a directory it may not write): what is at
+    /// their paths is not a local change while it is in a state the log knows.
+    failed: Mutex<HashSet<Key>>,
 }
 
 impl Echo {
@@ -73,5 +82,96 @@ impl Echo {
 
     pub(crate) fn prune(&self) {
         self.lock().retain(|_, (_, at)| at.elapsed() < TTL);
+    }
+
+    /// Sets the keys the store could not show.
+    pub(crate) fn set_failed(&self, keys: HashSet<Key>) {
+        *self
+            .failed
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = keys;
+    }
+
+    /// Whether the store could not show `key` (see [`Echo::set_failed`]).
+    pub(crate) fn is_failed(&self, key: &Key) -> bool {
+        self.failed
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .contains(key)
+    }
+}
+
+/// Whether the regular file `key` at `path`, as `m` describes it, is what the store last
+/// wrote or what an event of `key` in the log put (a head or an ancestor of one, the
+/// nearest [`KNOWN_SEARCH`] events): then it holds no local change, and the store may
+/// replace it. Judged by size, mtime and mode, and failing that by size, mode and content
+/// hash: a file whose mtime alone changed (touched) is no change the source records, so
+/// waiting for one would keep the replicas apart.
+pub(crate) fn known_state(
+    log: &EventLog,
+    echo: &Echo,
+    key: &Key,
+    path: &Path,
+    m: &Metadata,
+) -> bool {
+    let stat @ (size, _, executable) = file_stat(m);
+    // Contents of the right size and mode, to compare by hash if no stat matches.
+    let mut roots = Vec::new();
+    let mut consider = |s: u64, x: bool, root: Hash| {
+        if (s, x) == (size, executable) && !roots.contains(&root) {
+            roots.push(root);
+        }
+    };
+    match echo.get(key) {
+        Some(applied) if applied.file_stat() == Some(stat) => return true,
+        Some(Applied::File {
+            size: s,
+            executable: x,
+            root,
+            ..
+        }) => consider(s, x, root),
+        _ => {}
+    }
+    let mut queue: VecDeque<EventId> = match log.heads(key) {
+        Ok(heads) => heads.iter().map(|h| h.id).collect(),
+        Err(e) => {
+            tracing::warn!("{key}: reading its heads: {e}; taking the file as known");
+            return true;
+        }
+    };
+    let mut seen = HashSet::new();
+    while let Some(id) = queue.pop_front() {
+        if !seen.insert(id) || seen.len() > KNOWN_SEARCH {
+            continue;
+        }
+        let event = match log.get(&id) {
+            Ok(Some(event)) => event,
+            Ok(None) => continue,
+            Err(e) => {
+                tracing::warn!("{key}: reading event {id:?}: {e}; taking the file as known");
+                return true;
+            }
+        };
+        if put_stat(&event.op) == Some(stat) {
+            return true;
+        }
+        if let Op::Put {
+            content: Some(c),
+            meta,
+        } = &event.op
+        {
+            consider(c.size, meta.executable, c.root);
+        }
+        queue.extend(event.parents);
+    }
+    if roots.is_empty() {
+        return false;
+    }
+    match hash_file(path) {
+        Ok(content) => content.size == size && roots.contains(&content.root),
+        Err(e) => {
+            tracing::warn!("{key}: {e}");
+            false
+        }
     }
 }

@@ -59,6 +59,28 @@ impl FsError {
         PluginError::new(plugin, self)
     }
 
+    /// Whether this error is about one path only, not the folder or the disk as a whole
+    /// (no permission there, a name too long, a file where a directory is needed, a
+    /// read-only mount below the folder): the key it concerns fails alone, and the rest
+    /// of a batch is applied. A full disk or an I/O error is not: the batch waits.
+    pub(crate) fn is_local_to_path(&self) -> bool {
+        let FsError::Io { source, .. } = self else {
+            return false;
+        };
+        source.kind() == std::io::ErrorKind::PermissionDenied
+            || source.raw_os_error().is_some_and(|code| {
+                [
+                    libc::ENAMETOOLONG,
+                    libc::ENOTDIR,
+                    libc::EISDIR,
+                    libc::ELOOP,
+                    libc::ETXTBSY,
+                    libc::EROFS,
+                ]
+                .contains(&code)
+            })
+    }
+
     /// Whether this is an I/O error of kind `NotFound`.
     pub(crate) fn is_not_found(&self) -> bool {
         matches!(self, FsError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound)

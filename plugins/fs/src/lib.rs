@@ -90,6 +90,11 @@ pub struct FsConfig {
     /// of six for a temp file beside it. Without it, or on another file system, temp
     /// files are written in the directory of their final path.
     pub temp_dir: Option<PathBuf>,
+    /// Where the store keeps the keys it could not show (`<store name>.failed`), so that
+    /// after a restart they are tried again and the source does not read what is at their
+    /// paths as local changes (the daemon uses its data dir). Without it, that record
+    /// lives in memory only.
+    pub state_dir: Option<PathBuf>,
 }
 
 impl FsConfig {
@@ -100,7 +105,15 @@ impl FsConfig {
             exclude: Vec::new(),
             debounce: DEFAULT_DEBOUNCE,
             temp_dir: None,
+            state_dir: None,
         }
+    }
+
+    /// Sets where the store keeps the keys it could not show (see
+    /// [`FsConfig::state_dir`](FsConfig#structfield.state_dir)).
+    pub fn state_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.state_dir = Some(dir.into());
+        self
     }
 
     /// Sets where the store writes files before renaming them into place (see

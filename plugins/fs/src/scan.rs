@@ -21,7 +21,7 @@ use ignore::{WalkBuilder, WalkState};
 use tokio::sync::mpsc;
 
 use crate::content::{changed_at_ms, file_stat, mtime_ms, put_stat, store_file};
-use crate::echo::{Applied, Echo};
+use crate::echo::{known_state, Applied, Echo};
 use crate::error::FsError;
 use crate::rules::Rules;
 use crate::EMIT_BATCH;
@@ -87,6 +87,11 @@ pub(crate) fn examine_file(
     if is_echo(env, key, meta) || heads.iter().any(|h| put_stat(&h.op) == Some(stat)) {
         return Ok((None, 0));
     }
+    // A key the store could not show: a state the log knows is what the store could not
+    // replace, not a local change.
+    if env.echo.is_failed(key) && known_state(&env.log, &env.echo, key, path, meta) {
+        return Ok((None, 0));
+    }
     let content = store_file(path, &env.chunks)?;
     let after = std::fs::symlink_metadata(path).map_err(FsError::io("reading", path))?;
     if file_stat(&after) != stat || content.size != stat.0 {
@@ -125,7 +130,8 @@ pub(crate) fn examine_dir(
     heads: &[Head],
     live_below: bool,
 ) -> Option<Op> {
-    if env.echo.get(key) == Some(Applied::Dir) {
+    // The store's own, or one it could not remove.
+    if env.echo.get(key) == Some(Applied::Dir) || env.echo.is_failed(key) {
         return None;
     }
     match env.resolver.shown(key, heads) {
@@ -313,8 +319,10 @@ pub(crate) async fn scan(
                 }
                 let path = env2.rules.path_of(&key);
                 let is_dir = heads.iter().any(|h| head_kind(h) == Some(EntryKind::Dir));
+                // Removed by the store, or not written because it could not be.
                 if env2.rules.ignores(&path, is_dir, true)
                     || env2.echo.get(&key) == Some(Applied::Absent)
+                    || env2.echo.is_failed(&key)
                 {
                     continue;
                 }

@@ -9,7 +9,7 @@
 //! renamed over the final path. One `syncfs`
 //! makes the whole batch durable before `apply` returns; no file is fsynced on its own.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{File, OpenOptions, Permissions};
 use std::io::ErrorKind;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use converge_api::{ContentRef, EntryKind, EventId, Hash, Head, Key, Meta, Op, ReplicaId};
+use converge_api::{ContentRef, EntryKind, Head, Key, Meta, Op, ReplicaId};
 use converge_framework::content::{ChunkStore, Piece, PieceError, Writeback};
 use converge_framework::log::EventLog;
 use converge_framework::plugin::{KeyView, Store, StoreContext};
@@ -26,9 +26,9 @@ use converge_framework::{LogError, PluginError};
 use filetime::FileTime;
 
 use crate::content::{
-    file_stat, hash_file, is_executable, mtime_ms, put_stat, recorded_stat, PIPELINE_BYTES,
+    file_stat, hash_file, is_executable, mtime_ms, recorded_stat, PIPELINE_BYTES,
 };
-use crate::echo::{Applied, Echo};
+use crate::echo::{known_state, Applied, Echo};
 use crate::error::FsError;
 use crate::rules::Rules;
 use crate::{FsConfig, CONFLICT_MARKER, TEMP_PREFIX};
@@ -45,6 +45,40 @@ pub struct FsStore {
     /// Whether this is the folder's own store, paired with its source: then it never
     /// overwrites or removes a file in a state the log does not know.
     guarded: bool,
+    /// The keys that failed alone (a file in a directory this process may not write), by
+    /// the view last asked for: tried again with every batch and by [`Store::retry`].
+    failed: tokio::sync::Mutex<BTreeMap<Key, FailedView>>,
+}
+
+/// A view the store could not show, as kept in memory and in its state file.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct FailedView {
+    key: Key,
+    winner: Option<Head>,
+    copies: Vec<Head>,
+    conflicted: bool,
+}
+
+impl From<&KeyView> for FailedView {
+    fn from(v: &KeyView) -> Self {
+        FailedView {
+            key: v.key.clone(),
+            winner: v.winner.clone(),
+            copies: v.copies.clone(),
+            conflicted: v.conflicted,
+        }
+    }
+}
+
+impl From<FailedView> for KeyView {
+    fn from(v: FailedView) -> Self {
+        KeyView {
+            key: v.key,
+            winner: v.winner,
+            copies: v.copies,
+            conflicted: v.conflicted,
+        }
+    }
 }
 
 impl FsStore {
@@ -64,7 +98,14 @@ impl FsStore {
             config,
             echo,
             guarded: false,
+            failed: tokio::sync::Mutex::new(BTreeMap::new()),
         }
+    }
+
+    /// The file that keeps the keys this store could not show, if it has a state dir.
+    fn state_file(&self) -> Option<PathBuf> {
+        let dir = self.config.state_dir.as_ref()?;
+        Some(dir.join(format!("{}.failed", self.name)))
     }
 
     /// Makes this the folder's own store, whose source records local changes: a file
@@ -97,18 +138,88 @@ impl Store for FsStore {
     }
 
     async fn apply(&self, ctx: &StoreContext, views: Vec<KeyView>) -> Result<(), PluginError> {
+        // One batch at a time, with the keys that failed before (a later view of a key
+        // replaces the one that failed).
+        let mut failed = self.failed.lock().await;
+        let fresh: HashSet<&Key> = views.iter().map(|v| &v.key).collect();
+        let mut batch: Vec<KeyView> = failed
+            .values()
+            .filter(|f| !fresh.contains(&f.key))
+            .cloned()
+            .map(KeyView::from)
+            .collect();
+        let retried = batch.len();
+        batch.extend(views);
+        let asked: HashMap<Key, FailedView> = batch
+            .iter()
+            .map(|v| (v.key.clone(), FailedView::from(v)))
+            .collect();
+
         let (config, echo, chunks) = (self.config.clone(), self.echo.clone(), ctx.chunks().clone());
         let guard = self.guarded.then(|| ctx.log().clone());
-        let applied = tokio::task::spawn_blocking(move || {
-            apply_blocking(&config, echo, chunks, guard, views)
+        let failures = tokio::task::spawn_blocking(move || {
+            apply_blocking(&config, echo, chunks, guard, batch)
         })
         .await
         .map_err(FsError::from)
-        .and_then(|r| r);
-        applied.map_err(|e| e.into_plugin(&self.name))
+        .and_then(|r| r)
+        .map_err(|e| e.into_plugin(&self.name))?;
+
+        let mut now_failed = BTreeMap::new();
+        for (key, e) in failures {
+            if !failed.contains_key(&key) {
+                tracing::error!(store = %self.name, "{key}: {e}; tried again later, the rest goes on");
+            } else {
+                tracing::debug!(store = %self.name, "{key}: still failing: {e}");
+            }
+            if let Some(view) = asked.get(&key) {
+                now_failed.insert(key, view.clone());
+            }
+        }
+        if retried > 0 {
+            for key in failed.keys().filter(|k| !now_failed.contains_key(*k)) {
+                tracing::info!(store = %self.name, "{key}: shown now");
+            }
+        }
+        if now_failed != *failed {
+            // Durable before the cursor moves past these keys' events.
+            if let Some(path) = self.state_file() {
+                let views: Vec<FailedView> = now_failed.values().cloned().collect();
+                tokio::task::spawn_blocking(move || save_failed(&path, &views))
+                    .await
+                    .map_err(FsError::from)
+                    .and_then(|r| r)
+                    .map_err(|e| e.into_plugin(&self.name))?;
+            }
+            self.echo.set_failed(now_failed.keys().cloned().collect());
+        }
+        *failed = now_failed;
+        Ok(())
+    }
+
+    fn pending(&self) -> bool {
+        self.failed.try_lock().map_or(true, |f| !f.is_empty())
+    }
+
+    async fn retry(&self, ctx: &StoreContext) -> Result<(), PluginError> {
+        self.apply(ctx, Vec::new()).await
     }
 
     async fn start(&self, _ctx: &StoreContext) -> Result<(), PluginError> {
+        if let Some(path) = self.state_file() {
+            let loaded = tokio::task::spawn_blocking(move || load_failed(&path))
+                .await
+                .map_err(FsError::from)
+                .and_then(|r| r)
+                .map_err(|e| e.into_plugin(&self.name))?;
+            if !loaded.is_empty() {
+                tracing::warn!(store = %self.name, "{} key(s) could not be shown before the restart; trying them again", loaded.len());
+                self.echo
+                    .set_failed(loaded.iter().map(|v| v.key.clone()).collect());
+                *self.failed.lock().await =
+                    loaded.into_iter().map(|v| (v.key.clone(), v)).collect();
+            }
+        }
         let (root, temp_dir) = (self.config.root.clone(), self.config.temp_dir.clone());
         let removed = tokio::task::spawn_blocking(move || {
             let in_temp_dir = match temp_dir {
@@ -125,6 +236,45 @@ impl Store for FsStore {
             tracing::info!(store = %self.name, removed, "removed temporary files left by an interrupted run");
         }
         Ok(())
+    }
+}
+
+/// Writes the views that failed to `path` (replacing it atomically, durably); removes it
+/// when there are none.
+fn save_failed(path: &Path, views: &[FailedView]) -> Result<(), FsError> {
+    if views.is_empty() {
+        return remove_file(path);
+    }
+    let bytes = converge_api::codec::encode(&views).map_err(|e| FsError::Content {
+        path: path.to_owned(),
+        reason: format!("encoding the failed keys: {e}"),
+    })?;
+    let temp = path.with_extension("failed.tmp");
+    let mut file = File::create(&temp).map_err(FsError::io("creating", &temp))?;
+    std::io::Write::write_all(&mut file, &bytes).map_err(FsError::io("writing", &temp))?;
+    file.sync_all().map_err(FsError::io("syncing", &temp))?;
+    std::fs::rename(&temp, path).map_err(FsError::io("renaming into", path))?;
+    if let Some(dir) = path.parent() {
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(FsError::io("syncing", dir))?;
+    }
+    Ok(())
+}
+
+/// The views [`save_failed`] wrote to `path`; none if there is no such file.
+fn load_failed(path: &Path) -> Result<Vec<FailedView>, FsError> {
+    match std::fs::read(path) {
+        Ok(bytes) => converge_api::codec::decode(&bytes).map_err(|e| FsError::Content {
+            path: path.to_owned(),
+            reason: format!("reading the failed keys: {e}"),
+        }),
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(FsError::Io {
+            op: "reading",
+            path: path.to_owned(),
+            source: e,
+        }),
     }
 }
 
@@ -185,7 +335,7 @@ fn apply_blocking(
     chunks: ChunkStore,
     guard: Option<EventLog>,
     views: Vec<KeyView>,
-) -> Result<(), FsError> {
+) -> Result<Vec<(Key, FsError)>, FsError> {
     std::fs::create_dir_all(&config.root).map_err(FsError::io("creating", &config.root))?;
     let root = config
         .root
@@ -201,6 +351,7 @@ fn apply_blocking(
         checked: HashSet::new(),
         dirty: false,
         temp_dir: temp_dir_for(&root, config.temp_dir.as_deref()),
+        failed: Vec::new(),
     };
 
     let mut absent = Vec::new();
@@ -267,8 +418,9 @@ fn apply_blocking(
             }
             Ok(_) => {
                 w.echo.record(&key, Applied::Absent);
-                remove_file(&path)?;
-                w.dirty = true;
+                if w.fail_alone(&key, remove_file(&path))?.is_some() {
+                    w.dirty = true;
+                }
             }
             Err(e) if e.kind() == ErrorKind::NotFound => w.echo.record(&key, Applied::Absent),
             Err(e) => {
@@ -283,7 +435,10 @@ fn apply_blocking(
     dir_deletes.sort_by_key(|(k, _)| std::cmp::Reverse(k.as_str().matches('/').count()));
     for (key, path) in dir_deletes {
         w.echo.record(&key, Applied::Absent);
-        if remove_dir_if_empty(&path)? {
+        let Some(removed) = w.fail_alone(&key, remove_dir_if_empty(&path))? else {
+            continue;
+        };
+        if removed {
             w.dirty = true;
         } else {
             // Something live (or local-only) remains below: the directory stays.
@@ -294,7 +449,8 @@ fn apply_blocking(
 
     dirs.sort();
     for key in dirs {
-        if let Err(Refused(why)) = w.make_dir(&key)? {
+        let made = w.make_dir(&key);
+        if let Some(Err(Refused(why))) = w.fail_alone(&key, made)? {
             tracing::warn!("{why}");
         }
     }
@@ -307,26 +463,29 @@ fn apply_blocking(
         // Writing a file is mostly system calls (create, write, mode, mtime, rename), each
         // waiting on the file system: several threads keep more of them under way.
         let part = files.len().div_ceil(threads);
-        let results: Vec<std::thread::Result<Result<bool, FsError>>> = std::thread::scope(|s| {
+        type Forked = Result<(bool, Vec<(Key, FsError)>), FsError>;
+        let results: Vec<std::thread::Result<Forked>> = std::thread::scope(|s| {
             let handles: Vec<_> = files
                 .chunks(part)
                 .map(|files| {
                     let mut fork = w.fork();
-                    s.spawn(move || fork.put_files(files).map(|()| fork.dirty))
+                    s.spawn(move || fork.put_files(files).map(|()| (fork.dirty, fork.failed)))
                 })
                 .collect();
             handles.into_iter().map(|h| h.join()).collect()
         });
         for result in results {
-            let dirty = result.map_err(|_| FsError::Content {
+            let (dirty, failed) = result.map_err(|_| FsError::Content {
                 path: root.clone(),
                 reason: "a thread writing files panicked".into(),
             })??;
             w.dirty |= dirty;
+            w.failed.extend(failed);
         }
     }
     for (name, of, content, meta) in copies {
-        if let Err(Refused(why)) = w.put_file(&name, Some(&of), None, &content, &meta, false)? {
+        let written = w.put_file(&name, Some(&of), None, &content, &meta, false);
+        if let Some(Err(Refused(why))) = w.fail_alone(&of, written)? {
             tracing::warn!("{why}");
         }
     }
@@ -334,7 +493,7 @@ fn apply_blocking(
     if w.dirty {
         sync_all(&root)?;
     }
-    Ok(())
+    Ok(w.failed)
 }
 
 /// The process's file mode creation mask, read once from `/proc/self/status` (reading it
@@ -368,9 +527,6 @@ fn any_nested(files: &[FileView]) -> bool {
     })
 }
 
-/// How many events of a key [`Writer::knows`] looks through, nearest first.
-const KNOWN_SEARCH: usize = 256;
-
 /// Batches with at least this many files are written by several threads.
 const PARALLEL_FILES: usize = 64;
 
@@ -388,6 +544,8 @@ struct Writer {
     dirty: bool,
     /// Where temp files go when not beside their final path: see [`temp_dir_for`].
     temp_dir: Option<PathBuf>,
+    /// Keys that failed alone (see [`FsError::is_local_to_path`]), and why.
+    failed: Vec<(Key, FsError)>,
 }
 
 /// The configured temp dir, created if missing, if it is on the same file system as
@@ -418,6 +576,23 @@ impl Writer {
             checked: self.checked.clone(),
             dirty: false,
             temp_dir: self.temp_dir.clone(),
+            failed: Vec::new(),
+        }
+    }
+
+    /// Keeps going past an error that concerns `key`'s path alone, noting the key.
+    fn fail_alone<T>(
+        &mut self,
+        key: &Key,
+        result: Result<T, FsError>,
+    ) -> Result<Option<T>, FsError> {
+        match result {
+            Ok(value) => Ok(Some(value)),
+            Err(e) if e.is_local_to_path() => {
+                self.failed.push((key.clone(), e));
+                Ok(None)
+            }
+            Err(e) => Err(e),
         }
     }
 
@@ -431,83 +606,21 @@ impl Writer {
                 &f.content,
                 &f.meta,
                 f.recorded_here,
-            )?;
-            if let Err(Refused(why)) = written {
+            );
+            if let Some(Err(Refused(why))) = self.fail_alone(&f.key, written)? {
                 tracing::warn!("{why}");
             }
         }
         Ok(())
     }
 
-    /// Whether the regular file `key` at `path`, as `m` describes it, is in a state the
-    /// store may replace: always for an unguarded store; otherwise when it is what the store
-    /// last wrote or what an event of `key` in the log put (a head or an ancestor of one,
-    /// the nearest [`KNOWN_SEARCH`] events). Judged by size, mtime and mode, and failing
-    /// that by size, mode and content hash: a file whose mtime alone changed (touched) is
-    /// no change the source records, so waiting for one would keep the replicas apart.
+    /// Whether the store may replace or remove the regular file `key` at `path`: always for
+    /// an unguarded store; otherwise when it is in a state the log or the store knows
+    /// ([`known_state`]).
     fn knows(&self, key: &Key, path: &Path, m: &std::fs::Metadata) -> bool {
-        let Some(log) = &self.guard else {
-            return true;
-        };
-        let stat @ (size, _, executable) = file_stat(m);
-        // Contents of the right size and mode, to compare by hash if no stat matches.
-        let mut roots = Vec::new();
-        let mut consider = |s: u64, x: bool, root: Hash| {
-            if (s, x) == (size, executable) && !roots.contains(&root) {
-                roots.push(root);
-            }
-        };
-        match self.echo.get(key) {
-            Some(applied) if applied.file_stat() == Some(stat) => return true,
-            Some(Applied::File {
-                size: s,
-                executable: x,
-                root,
-                ..
-            }) => consider(s, x, root),
-            _ => {}
-        }
-        let mut queue: std::collections::VecDeque<EventId> = match log.heads(key) {
-            Ok(heads) => heads.iter().map(|h| h.id).collect(),
-            Err(e) => {
-                tracing::warn!("{key}: reading its heads: {e}; applying anyway");
-                return true;
-            }
-        };
-        let mut seen = HashSet::new();
-        while let Some(id) = queue.pop_front() {
-            if !seen.insert(id) || seen.len() > KNOWN_SEARCH {
-                continue;
-            }
-            let event = match log.get(&id) {
-                Ok(Some(event)) => event,
-                Ok(None) => continue,
-                Err(e) => {
-                    tracing::warn!("{key}: reading event {id:?}: {e}; applying anyway");
-                    return true;
-                }
-            };
-            if put_stat(&event.op) == Some(stat) {
-                return true;
-            }
-            if let Op::Put {
-                content: Some(c),
-                meta,
-            } = &event.op
-            {
-                consider(c.size, meta.executable, c.root);
-            }
-            queue.extend(event.parents);
-        }
-        if roots.is_empty() {
-            return false;
-        }
-        match hash_file(path) {
-            Ok(content) => content.size == size && roots.contains(&content.root),
-            Err(e) => {
-                tracing::warn!("{key}: {e}");
-                false
-            }
+        match &self.guard {
+            None => true,
+            Some(log) => known_state(log, &self.echo, key, path, m),
         }
     }
 

@@ -277,7 +277,8 @@ fn plan(env: &Env, paths: BTreeSet<PathBuf>) -> Result<Plan, FsError> {
                         );
                     }
                 }
-                if env.echo.get(&key) == Some(Applied::Absent) {
+                // Removed by the store, or not written because it could not be.
+                if env.echo.get(&key) == Some(Applied::Absent) || env.echo.is_failed(&key) {
                     continue;
                 }
                 let was_dir = heads
@@ -292,7 +293,9 @@ fn plan(env: &Env, paths: BTreeSet<PathBuf>) -> Result<Plan, FsError> {
                         {
                             continue;
                         }
-                        if env.echo.get(&below) == Some(Applied::Absent) {
+                        if env.echo.get(&below) == Some(Applied::Absent)
+                            || env.echo.is_failed(&below)
+                        {
                             continue;
                         }
                         if std::fs::symlink_metadata(env.rules.path_of(&below)).is_err() {

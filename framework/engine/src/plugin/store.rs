@@ -61,4 +61,17 @@ pub trait Store: Send + Sync + 'static {
     async fn start(&self, _ctx: &StoreContext) -> Result<(), PluginError> {
         Ok(())
     }
+
+    /// Whether some keys could not be shown and are to be tried again (a folder store's
+    /// file in a directory it may not write). Such keys fail alone: `apply` returns, and
+    /// the cursor moves on. While this holds and no new events come, the engine calls
+    /// [`Store::retry`] after a growing pause.
+    fn pending(&self) -> bool {
+        false
+    }
+
+    /// Tries the keys that failed again (see [`Store::pending`]).
+    async fn retry(&self, _ctx: &StoreContext) -> Result<(), PluginError> {
+        Ok(())
+    }
 }
