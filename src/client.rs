@@ -128,7 +128,7 @@ fn status(v: &Value) -> String {
     }
     let _ = writeln!(out, "subscribers:");
     out.push_str(&table(
-        &["NAME", "CURSOR", "LAG", "APPLIED", "REPLAYING"],
+        &["NAME", "CURSOR", "LAG", "APPLIED", "REPLAYING", "FAILED"],
         v["subscribers"]
             .as_array()
             .map(Vec::as_slice)
@@ -140,6 +140,7 @@ fn status(v: &Value) -> String {
                 text(&s["lag"]),
                 text(&s["applied"]),
                 text(&s["replaying"]),
+                text(&s["failed_keys"]),
             ]
         },
     ));

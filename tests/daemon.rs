@@ -840,6 +840,13 @@ fn a_file_that_cannot_be_written_fails_alone() {
         b.log().contains("locked/a.txt"),
         "the failure is logged, naming the file"
     );
+    let failed_keys = |d: &Daemon| {
+        d.admin_get("/api/v1/subscribers")
+            .as_array()
+            .and_then(|s| s.iter().find(|s| s["name"] == "folder"))
+            .and_then(|s| s["failed_keys"].as_u64())
+    };
+    assert_eq!(failed_keys(&b), Some(2), "shown by the admin API");
 
     // A restart: B starts, and its scan does not take the missing file for a delete.
     b.stop();
@@ -866,6 +873,11 @@ fn a_file_that_cannot_be_written_fails_alone() {
     let t = assert_converges(&mut a, &mut b);
     assert!(t.contains_key("locked/a.txt"), "{t:?}");
     assert!(arrived(&b, "frozen.txt", b"frozen v2, edited on A\n"));
+    assert!(wait_until(CONVERGE_TIMEOUT, || failed_keys(&b) == Some(0)));
+    assert!(
+        !b.data.path().join("folder.failed").exists(),
+        "the record of failed keys is gone with them"
+    );
     a.stop();
     b.stop();
 }

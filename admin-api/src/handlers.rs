@@ -115,6 +115,9 @@ pub struct SubscriberInfo {
     pub applied: u64,
     /// Whether a replay is running.
     pub replaying: bool,
+    /// Keys it could not show (a file in a directory the daemon may not write), tried
+    /// again; the log names each one and why.
+    pub failed_keys: u64,
 }
 
 impl From<SubscriberStatus> for SubscriberInfo {
@@ -125,6 +128,7 @@ impl From<SubscriberStatus> for SubscriberInfo {
             lag: s.lag,
             applied: s.applied,
             replaying: s.replaying,
+            failed_keys: s.failed,
         }
     }
 }

@@ -26,6 +26,7 @@ pub struct Metrics {
     log_length: IntGauge,
     applied: IntCounterVec,
     subscriber_lag: IntGaugeVec,
+    failed_keys: IntGaugeVec,
     conflicts: IntCounterVec,
     peer_connected: IntGaugeVec,
     sent_bytes: IntCounterVec,
@@ -75,6 +76,13 @@ impl Metrics {
             Opts::new(
                 "converge_subscriber_lag_events",
                 "Durable events a store subscriber has not processed yet.",
+            ),
+            &["subscriber"],
+        )?;
+        let failed_keys = IntGaugeVec::new(
+            Opts::new(
+                "converge_subscriber_failed_keys",
+                "Keys a store subscriber could not show (a file it may not write), tried again.",
             ),
             &["subscriber"],
         )?;
@@ -145,6 +153,7 @@ impl Metrics {
         registry.register(Box::new(log_length.clone()))?;
         registry.register(Box::new(applied.clone()))?;
         registry.register(Box::new(subscriber_lag.clone()))?;
+        registry.register(Box::new(failed_keys.clone()))?;
         registry.register(Box::new(conflicts.clone()))?;
         registry.register(Box::new(peer_connected.clone()))?;
         registry.register(Box::new(sent_bytes.clone()))?;
@@ -159,6 +168,7 @@ impl Metrics {
             log_length,
             applied,
             subscriber_lag,
+            failed_keys,
             conflicts,
             peer_connected,
             sent_bytes,
@@ -194,6 +204,9 @@ impl Metrics {
                 self.subscriber_lag
                     .with_label_values(&[&s.name])
                     .set(to_i64(s.lag));
+                self.failed_keys
+                    .with_label_values(&[&s.name])
+                    .set(to_i64(s.failed));
                 self.applied.with_label_values(&[&s.name]).inc_by(0);
                 self.apply_duration.with_label_values(&[&s.name]);
             }

@@ -230,6 +230,7 @@ async fn metrics_are_prometheus_text() {
         "converge_peer_connected{peer=",
         "converge_pending_events{queue=\"remote\"} 0",
         "converge_subscriber_lag_events{subscriber=\"mirror-backup\"}",
+        "converge_subscriber_failed_keys{subscriber=\"mirror-backup\"} 0",
         "converge_conflicts_total{policy=\"lww\"}",
         "converge_build_info{version=",
         "# TYPE converge_append_duration_seconds histogram",

@@ -260,6 +260,8 @@ pub struct SubscriberStatus {
     pub applied: u64,
     /// Whether a replay is running (until the cursor reaches the end it had when asked).
     pub replaying: bool,
+    /// Keys it could not show, tried again (see [`Store::failed`]).
+    pub failed: u64,
 }
 
 struct StoreSlot {
@@ -270,6 +272,8 @@ struct StoreSlot {
     replaying_until: Mutex<Option<u64>>,
     wake: tokio::sync::Notify,
     applied: std::sync::atomic::AtomicU64,
+    /// The store's [`Store::failed`] after its last batch or retry.
+    failed: std::sync::atomic::AtomicU64,
 }
 
 /// What the applier task is told by sessions.
@@ -531,6 +535,7 @@ impl EngineBuilder {
                     replaying_until: Mutex::new(None),
                     wake: tokio::sync::Notify::new(),
                     applied: std::sync::atomic::AtomicU64::new(0),
+                    failed: std::sync::atomic::AtomicU64::new(0),
                 })
             })
             .collect();
@@ -784,6 +789,7 @@ impl SyncEngine {
                 lag: len.saturating_sub(cursor),
                 applied: slot.applied.load(std::sync::atomic::Ordering::Relaxed),
                 replaying,
+                failed: slot.failed.load(std::sync::atomic::Ordering::Relaxed),
             });
         }
         Ok(out)
@@ -1179,6 +1185,7 @@ async fn catch_up(
     slot: &StoreSlot,
 ) -> Result<(), EngineError> {
     while apply_next_batch(inner, store, slot).await? {}
+    note_failed(slot, store);
     Ok(())
 }
 
@@ -1269,6 +1276,12 @@ const STORE_RETRY_MIN: Duration = Duration::from_secs(1);
 /// Longest pause between tries of a store's failed keys.
 const STORE_RETRY_MAX: Duration = Duration::from_secs(60);
 
+/// Records the store's count of failed keys for the status and the metrics.
+fn note_failed(slot: &StoreSlot, store: &dyn Store) {
+    slot.failed
+        .store(store.failed() as u64, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Sleeps for `wait`, or forever without one.
 async fn sleep_if(wait: Option<Duration>) {
     match wait {
@@ -1294,15 +1307,15 @@ async fn run_store(inner: Arc<Inner>, store: Arc<dyn Store>, slot: Arc<StoreSlot
             Err(e) => Err(e),
         };
         finish_replay_if_done(&inner, &slot);
+        note_failed(&slot, store.as_ref());
         match step {
             Ok(true) => failures = 0,
             Ok(false) => {
-                if !store.pending() {
+                let pending = store.failed() > 0;
+                if !pending {
                     retries = 0;
                 }
-                let retry = store
-                    .pending()
-                    .then(|| backoff(retries, STORE_RETRY_MIN, STORE_RETRY_MAX));
+                let retry = pending.then(|| backoff(retries, STORE_RETRY_MIN, STORE_RETRY_MAX));
                 tokio::select! {
                     r = len.changed() => if r.is_err() { return },
                     _ = slot.wake.notified() => {},
@@ -1312,6 +1325,7 @@ async fn run_store(inner: Arc<Inner>, store: Arc<dyn Store>, slot: Arc<StoreSlot
                         if let Err(e) = store.retry(&ctx).await {
                             tracing::error!(store = store.name(), "retrying failed keys: {e}");
                         }
+                        note_failed(&slot, store.as_ref());
                     }
                     _ = crate::engine::until(&mut shutdown, true) => return,
                 }

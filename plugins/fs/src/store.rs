@@ -14,7 +14,7 @@ use std::fs::{File, OpenOptions, Permissions};
 use std::io::ErrorKind;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -48,6 +48,8 @@ pub struct FsStore {
     /// The keys that failed alone (a file in a directory this process may not write), by
     /// the view last asked for: tried again with every batch and by [`Store::retry`].
     failed: tokio::sync::Mutex<BTreeMap<Key, FailedView>>,
+    /// How many keys `failed` holds (read without its lock).
+    failed_count: AtomicUsize,
 }
 
 /// A view the store could not show, as kept in memory and in its state file.
@@ -99,6 +101,7 @@ impl FsStore {
             echo,
             guarded: false,
             failed: tokio::sync::Mutex::new(BTreeMap::new()),
+            failed_count: AtomicUsize::new(0),
         }
     }
 
@@ -193,12 +196,13 @@ impl Store for FsStore {
             }
             self.echo.set_failed(now_failed.keys().cloned().collect());
         }
+        self.failed_count.store(now_failed.len(), Ordering::Relaxed);
         *failed = now_failed;
         Ok(())
     }
 
-    fn pending(&self) -> bool {
-        self.failed.try_lock().map_or(true, |f| !f.is_empty())
+    fn failed(&self) -> usize {
+        self.failed_count.load(Ordering::Relaxed)
     }
 
     async fn retry(&self, ctx: &StoreContext) -> Result<(), PluginError> {
@@ -216,6 +220,7 @@ impl Store for FsStore {
                 tracing::warn!(store = %self.name, "{} key(s) could not be shown before the restart; trying them again", loaded.len());
                 self.echo
                     .set_failed(loaded.iter().map(|v| v.key.clone()).collect());
+                self.failed_count.store(loaded.len(), Ordering::Relaxed);
                 *self.failed.lock().await =
                     loaded.into_iter().map(|v| (v.key.clone(), v)).collect();
             }

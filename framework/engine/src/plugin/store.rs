@@ -62,15 +62,16 @@ pub trait Store: Send + Sync + 'static {
         Ok(())
     }
 
-    /// Whether some keys could not be shown and are to be tried again (a folder store's
-    /// file in a directory it may not write). Such keys fail alone: `apply` returns, and
-    /// the cursor moves on. While this holds and no new events come, the engine calls
-    /// [`Store::retry`] after a growing pause.
-    fn pending(&self) -> bool {
-        false
+    /// How many keys could not be shown and are to be tried again (a folder store's file
+    /// in a directory it may not write). Such keys fail alone: `apply` returns, and the
+    /// cursor moves on. While there are some and no new events come, the engine calls
+    /// [`Store::retry`] after a growing pause; the admin API and the metrics show the
+    /// count.
+    fn failed(&self) -> usize {
+        0
     }
 
-    /// Tries the keys that failed again (see [`Store::pending`]).
+    /// Tries the keys that failed again (see [`Store::failed`]).
     async fn retry(&self, _ctx: &StoreContext) -> Result<(), PluginError> {
         Ok(())
     }
