@@ -59,26 +59,30 @@ impl FsError {
         PluginError::new(plugin, self)
     }
 
-    /// Whether this error is about one path only, not the folder or the disk as a whole
-    /// (no permission there, a name too long, a file where a directory is needed, a
-    /// read-only mount below the folder): the key it concerns fails alone, and the rest
-    /// of a batch is applied. A full disk or an I/O error is not: the batch waits.
-    pub(crate) fn is_local_to_path(&self) -> bool {
-        let FsError::Io { source, .. } = self else {
-            return false;
-        };
-        source.kind() == std::io::ErrorKind::PermissionDenied
-            || source.raw_os_error().is_some_and(|code| {
-                [
-                    libc::ENAMETOOLONG,
-                    libc::ENOTDIR,
-                    libc::EISDIR,
-                    libc::ELOOP,
-                    libc::ETXTBSY,
-                    libc::EROFS,
-                ]
-                .contains(&code)
-            })
+    /// Whether this error concerns one key only, not the folder or the disk as a whole: no
+    /// permission at its path, a name too long, a file where a directory is needed, a
+    /// read-only mount below the folder, or its content damaged in the content store. The
+    /// key fails alone and the rest of a batch is applied. A full disk or an I/O error
+    /// does not: the batch waits.
+    pub(crate) fn fails_alone(&self) -> bool {
+        match self {
+            FsError::Io { source, .. } => {
+                source.kind() == std::io::ErrorKind::PermissionDenied
+                    || source.raw_os_error().is_some_and(|code| {
+                        [
+                            libc::ENAMETOOLONG,
+                            libc::ENOTDIR,
+                            libc::EISDIR,
+                            libc::ELOOP,
+                            libc::ETXTBSY,
+                            libc::EROFS,
+                        ]
+                        .contains(&code)
+                    })
+            }
+            FsError::Log(LogError::Corrupt { .. }) | FsError::Content { .. } => true,
+            _ => false,
+        }
     }
 
     /// Whether this is an I/O error of kind `NotFound`.

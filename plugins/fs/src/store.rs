@@ -549,7 +549,7 @@ struct Writer {
     dirty: bool,
     /// Where temp files go when not beside their final path: see [`temp_dir_for`].
     temp_dir: Option<PathBuf>,
-    /// Keys that failed alone (see [`FsError::is_local_to_path`]), and why.
+    /// Keys that failed alone (see [`FsError::fails_alone`]), and why.
     failed: Vec<(Key, FsError)>,
 }
 
@@ -593,7 +593,7 @@ impl Writer {
     ) -> Result<Option<T>, FsError> {
         match result {
             Ok(value) => Ok(Some(value)),
-            Err(e) if e.is_local_to_path() => {
+            Err(e) if e.fails_alone() => {
                 self.failed.push((key.clone(), e));
                 Ok(None)
             }

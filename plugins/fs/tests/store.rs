@@ -11,7 +11,7 @@ use common::{
     apply, key, make_executable, random_bytes, scan_once, set_mtime, shown, tree, views, write,
 };
 use converge_api::{EntryKind, Head, Hlc, Op};
-use converge_framework::log::LocalChange;
+use converge_framework::log::{EventLog, LocalChange, LogConfig};
 use converge_framework::plugin::{
     KeyView, ScanProgress, Source, SourceContext, Store, StoreContext,
 };
@@ -398,6 +398,46 @@ async fn a_touched_file_is_replaced_but_an_unrecorded_edit_of_the_same_size_is_n
         b"remote version"
     );
     assert_eq!(std::fs::read(dir.path().join("edited.txt")).unwrap(), b"v9");
+}
+
+/// A file whose content is damaged in a pack of an earlier run fails alone: the other
+/// files of the batch are written, `apply` returns, and the store counts the failed key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_with_damaged_content_fails_alone() {
+    let data = tempfile::tempdir().unwrap();
+    let source_dir = tempfile::tempdir().unwrap();
+    {
+        let log = EventLog::open(LogConfig::new(data.path())).unwrap();
+        // The first file's chunk is the first thing in the first pack.
+        write(
+            source_dir.path(),
+            "damaged.txt",
+            b"these bytes will be damaged",
+        );
+        scan_once(&FsSource::new(FsConfig::new(source_dir.path())), &log).await;
+        write(
+            source_dir.path(),
+            "intact.txt",
+            b"these bytes stay as they are",
+        );
+        scan_once(&FsSource::new(FsConfig::new(source_dir.path())), &log).await;
+        log.close().await.unwrap();
+    }
+    let pack = data.path().join("packs/pack-00000001");
+    let mut bytes = std::fs::read(&pack).unwrap();
+    bytes[3] ^= 1;
+    std::fs::write(&pack, bytes).unwrap();
+
+    let log = EventLog::open(LogConfig::new(data.path())).unwrap();
+    let folder = tempfile::tempdir().unwrap();
+    let store = FsStore::new(FsConfig::new(folder.path()));
+    apply(&store, &log, views(&log)).await;
+    assert_eq!(
+        std::fs::read(folder.path().join("intact.txt")).unwrap(),
+        b"these bytes stay as they are"
+    );
+    assert!(!folder.path().join("damaged.txt").exists());
+    assert_eq!(store.failed(), 1);
 }
 
 /// With a temp dir on the folder's file system, the store writes there and renames into
