@@ -169,6 +169,25 @@ fn dir_size(dir: &Path) -> u64 {
     total
 }
 
+/// The tree of `d`'s folder without conflict copies: local bookkeeping, never synced.
+fn without_conflict_copies(d: &Daemon) -> BTreeMap<String, Entry> {
+    let mut t = tree(d.folder());
+    t.retain(|path, _| !path.contains(".sync-conflict-"));
+    t
+}
+
+/// A pair with `files` (path, bytes) written on A, both started and converged.
+fn converged_pair(files: &[(&str, &[u8])]) -> (Daemon, Daemon) {
+    let (mut a, mut b) = pair();
+    for (rel, bytes) in files {
+        write_file(&a.folder().join(rel), bytes);
+    }
+    a.start();
+    b.start();
+    assert_converges(&mut a, &mut b);
+    (a, b)
+}
+
 fn write_file(path: &Path, bytes: &[u8]) {
     if let Some(parent) = path.parent() {
         fs::create_dir_all(parent).unwrap();
@@ -303,11 +322,7 @@ fn live_changes_reach_the_peer() {
 /// found them (regression: A's earlier write, found last, won).
 #[test]
 fn concurrent_edits_while_disconnected_converge() {
-    let (mut a, mut b) = pair();
-    write_file(&a.folder().join("shared.txt"), b"base\n");
-    a.start();
-    b.start();
-    assert_converges(&mut a, &mut b);
+    let (mut a, mut b) = converged_pair(&[("shared.txt", b"base\n")]);
     a.stop();
     b.stop();
 
@@ -322,12 +337,6 @@ fn concurrent_edits_while_disconnected_converge() {
     );
     b.start();
     a.start();
-    // Conflict copies, if a policy makes any, are local bookkeeping and never synced.
-    let without_conflict_copies = |d: &Daemon| {
-        let mut t = tree(d.folder());
-        t.retain(|path, _| !path.contains(".sync-conflict-"));
-        t
-    };
     let mut last = (BTreeMap::new(), BTreeMap::new());
     let ok = wait_until(CONVERGE_TIMEOUT, || {
         a.assert_running();
@@ -525,11 +534,7 @@ fn kill_9_while_receiving(strict: bool) {
 /// scan at start and reaches A.
 #[test]
 fn change_made_while_stopped_is_picked_up_at_start() {
-    let (mut a, mut b) = pair();
-    write_file(&a.folder().join("notes/today.txt"), b"first version\n");
-    a.start();
-    b.start();
-    assert_converges(&mut a, &mut b);
+    let (mut a, mut b) = converged_pair(&[("notes/today.txt", b"first version\n")]);
     b.stop();
 
     write_file(
@@ -554,12 +559,10 @@ fn change_made_while_stopped_is_picked_up_at_start() {
 /// the edit, and deleted A's newer version on both sides).
 #[test]
 fn edit_after_a_delete_made_while_stopped_survives() {
-    let (mut a, mut b) = pair();
-    write_file(&a.folder().join("docs/plan.txt"), b"first plan\n");
-    write_file(&a.folder().join("docs/other.txt"), b"keeps docs alive\n");
-    a.start();
-    b.start();
-    assert_converges(&mut a, &mut b);
+    let (mut a, mut b) = converged_pair(&[
+        ("docs/plan.txt", b"first plan\n"),
+        ("docs/other.txt", b"keeps docs alive\n"),
+    ]);
     b.stop();
 
     let first = a.admin_get("/api/v1/keys/docs/plan.txt")["heads"][0]["id"].clone();
@@ -603,12 +606,7 @@ fn edit_after_a_delete_made_while_stopped_survives() {
 /// recorded, waiting for a change its source never records, and the two stayed apart).
 #[test]
 fn remote_changes_reach_files_touched_here() {
-    let (mut a, mut b) = pair();
-    write_file(&a.folder().join("edited.txt"), b"v1\n");
-    write_file(&a.folder().join("deleted.txt"), b"v1\n");
-    a.start();
-    b.start();
-    assert_converges(&mut a, &mut b);
+    let (mut a, mut b) = converged_pair(&[("edited.txt", b"v1\n"), ("deleted.txt", b"v1\n")]);
     let an_hour_ago = SystemTime::now() - Duration::from_secs(3600);
     for name in ["edited.txt", "deleted.txt"] {
         let f = OpenOptions::new()
@@ -670,11 +668,7 @@ fn type_changes_and_swaps_reach_the_peer() {
 /// the replicas stayed apart).
 #[test]
 fn concurrent_file_and_directory_at_one_path_converge() {
-    let (mut a, mut b) = pair();
-    write_file(&a.folder().join("x"), b"a file\n");
-    a.start();
-    b.start();
-    assert_converges(&mut a, &mut b);
+    let (mut a, mut b) = converged_pair(&[("x", b"a file\n")]);
     a.stop();
     b.stop();
 
@@ -684,12 +678,9 @@ fn concurrent_file_and_directory_at_one_path_converge() {
     write_file(&b.folder().join("x"), b"B edited the file x, later\n");
     a.start();
     b.start();
-    // Conflict copies are local bookkeeping, never synced: compared apart.
     let mut last = (BTreeMap::new(), BTreeMap::new());
     let ok = wait_until(CONVERGE_TIMEOUT, || {
-        last = (tree(a.folder()), tree(b.folder()));
-        last.0.retain(|p, _| !p.contains(".sync-conflict-"));
-        last.1.retain(|p, _| !p.contains(".sync-conflict-"));
+        last = (without_conflict_copies(&a), without_conflict_copies(&b));
         last.0 == last.1 && last.0.get("x") == Some(&Entry::Dir)
     });
     assert!(ok, "no convergence: {}", tree_diff(&last.0, &last.1));

@@ -255,15 +255,20 @@ async fn a_stale_write_of_the_store_is_not_echoed() {
         .all(|(kind, _, _)| *kind == EntryKind::File));
 }
 
+/// A folder with its own (guarded) store, a source to record its files, and a log.
+fn guarded_folder() -> (tempfile::TempDir, EventLog, FsStore, FsSource) {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, store) = folder(FsConfig::new(dir.path()));
+    let scanner = FsSource::new(FsConfig::new(dir.path()));
+    (dir, common::log(), store, scanner)
+}
+
 /// A file saved again before the source recorded the change must not be put back to the
 /// version the log holds; a file in a state the log knows (an ancestor of the winner) is
 /// replaced as usual; a mirror overwrites whatever it finds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_local_change_not_yet_recorded_is_never_overwritten() {
-    let dir = tempfile::tempdir().unwrap();
-    let log = common::log();
-    let (_, store) = folder(FsConfig::new(dir.path()));
-    let scanner = FsSource::new(FsConfig::new(dir.path()));
+    let (dir, log, store, scanner) = guarded_folder();
     write(dir.path(), "f.txt", b"first");
     scan_once(&scanner, &log).await;
 
@@ -351,10 +356,7 @@ async fn a_local_change_not_yet_recorded_is_never_overwritten() {
 /// write. A file of the same size and mode but other bytes is a local change: it stays.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_touched_file_is_replaced_but_an_unrecorded_edit_of_the_same_size_is_not() {
-    let dir = tempfile::tempdir().unwrap();
-    let log = common::log();
-    let (_, store) = folder(FsConfig::new(dir.path()));
-    let scanner = FsSource::new(FsConfig::new(dir.path()));
+    let (dir, log, store, scanner) = guarded_folder();
     write(dir.path(), "touched.txt", b"v1");
     write(dir.path(), "edited.txt", b"v1");
     scan_once(&scanner, &log).await;
