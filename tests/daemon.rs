@@ -873,6 +873,38 @@ fn a_file_that_cannot_be_written_fails_alone() {
     b.stop();
 }
 
+/// A chunk damaged on disk in B's content store (in a pack of an earlier run) is caught by
+/// its hash when B next reads it, dropped, and fetched again from A: the file that needs
+/// it fails alone until then, and arrives with the right bytes (before, it never did).
+#[test]
+fn a_damaged_chunk_is_fetched_again_from_a_peer() {
+    let bytes = b"the same bytes, under two names\n";
+    let (mut a, mut b) = converged_pair(&[("f.txt", bytes)]);
+    b.stop();
+    let packs = b.data.path().join("db/packs");
+    let mut written: Vec<PathBuf> = fs::read_dir(&packs)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| fs::metadata(p).is_ok_and(|m| m.len() > 0))
+        .collect();
+    written.sort();
+    assert_eq!(written.len(), 1, "B's one pack: {written:?}");
+    let mut pack = fs::read(&written[0]).unwrap();
+    pack[3] ^= 1;
+    fs::write(&written[0], pack).unwrap();
+    b.start();
+
+    // The same content under a new name: B holds its chunk (so does not ask for it with
+    // the event) and finds it damaged when it writes the file.
+    write_file(&a.folder().join("g.txt"), bytes);
+    assert_converges(&mut a, &mut b);
+    assert_eq!(fs::read(b.folder().join("g.txt")).unwrap(), bytes);
+    assert_eq!(fs::read(b.folder().join("f.txt")).unwrap(), bytes);
+    assert!(b.log().contains("damaged"), "{}", b.log_tail());
+    a.stop();
+    b.stop();
+}
+
 /// A replica whose ID A does not know is refused (and gets nothing); a garbage byte stream
 /// on A's listen port gets its connection closed while A keeps serving B.
 #[test]

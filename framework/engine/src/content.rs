@@ -150,6 +150,9 @@ struct Inner {
     readers: RwLock<HashMap<u32, Arc<File>>>,
     sink: RwLock<Option<FreshSink>>,
     recent: RwLock<Recent>,
+    /// Chunks found damaged in a pack and dropped from the index, to be fetched again
+    /// from peers (see [`ChunkStore::damaged`]).
+    damaged: Mutex<HashSet<Hash>>,
 }
 
 /// The locations the last syncs indexed, kept in memory: the chunks just stored are the
@@ -264,6 +267,7 @@ impl ChunkStore {
                 readers: RwLock::new(HashMap::new()),
                 sink: RwLock::new(None),
                 recent: RwLock::new(Recent::default()),
+                damaged: Mutex::new(HashSet::new()),
             }),
         })
     }
@@ -535,14 +539,61 @@ impl ChunkStore {
         if self.trusted(location) {
             return Ok(bytes);
         }
-        check(hash, &bytes).map_err(|_| LogError::Corrupt {
-            what: format!(
-                "chunk {hash:?} in {}",
-                pack_path(&self.inner.dir, location.pack).display()
-            ),
-            source: converge_api::CodecError::Malformed("bytes do not match their hash".into()),
-        })?;
+        if check(hash, &bytes).is_err() {
+            self.forget_damaged(hash, location)?;
+            return Err(LogError::Corrupt {
+                what: format!(
+                    "chunk {hash:?} in {}",
+                    pack_path(&self.inner.dir, location.pack).display()
+                ),
+                source: converge_api::CodecError::Malformed(
+                    "bytes do not match their hash (dropped; asked of peers again)".into(),
+                ),
+            });
+        }
         Ok(bytes)
+    }
+
+    /// Drops a chunk whose bytes at `location` do not match its hash: from then on it is
+    /// missing, so a peer's copy is stored when it comes (a known chunk would be skipped),
+    /// and it is listed by [`ChunkStore::damaged`] for the engine to ask peers for.
+    fn forget_damaged(&self, hash: &Hash, location: Location) -> Result<(), LogError> {
+        let _writer = self.inner.writer.lock().map_err(|_| LogError::Closed)?;
+        if self.inner.index.get(hash.0)?.as_deref() == Some(&location.encode()[..]) {
+            self.inner.index.remove(hash.0)?;
+        }
+        if let Ok(mut recent) = self.inner.recent.write() {
+            recent.newer.remove(hash);
+            recent.older.remove(hash);
+        }
+        if let Ok(mut damaged) = self.inner.damaged.lock() {
+            damaged.insert(*hash);
+        }
+        tracing::warn!(
+            "chunk {hash:?} is damaged in {}; dropped, to be fetched again from peers",
+            pack_path(&self.inner.dir, location.pack).display()
+        );
+        Ok(())
+    }
+
+    /// The chunks found damaged (see [`ChunkStore::get`]) and not stored again since: the
+    /// engine asks connected peers for them while a store has keys it could not show.
+    pub fn damaged(&self) -> Vec<Hash> {
+        // Not under the set's lock: `locate` takes the writer's, which `forget_damaged`
+        // holds while it takes the set's.
+        let listed: Vec<Hash> = match self.inner.damaged.lock() {
+            Ok(damaged) => damaged.iter().copied().collect(),
+            Err(_) => return Vec::new(),
+        };
+        let (back, missing): (Vec<Hash>, Vec<Hash>) = listed
+            .into_iter()
+            .partition(|h| matches!(self.locate(h), Ok(Some(_))));
+        if let Ok(mut damaged) = self.inner.damaged.lock() {
+            for hash in &back {
+                damaged.remove(hash);
+            }
+        }
+        missing
     }
 
     /// The bytes stored under `hash` (checked against it when they are in a pack of an
@@ -1310,5 +1361,12 @@ mod tests {
         std::fs::write(&path, bytes).unwrap();
         let store = open(&db, dir.path());
         assert!(matches!(store.get(&hash), Err(LogError::Corrupt { .. })));
+        // Dropped and listed, so that a peer's copy is stored when it comes.
+        assert_eq!(store.damaged(), vec![hash]);
+        assert!(!store.contains(&hash).unwrap());
+        store.put_verified(&hash, b"precious bytes").unwrap();
+        store.sync().unwrap();
+        assert_eq!(store.get(&hash).unwrap().unwrap(), b"precious bytes");
+        assert!(store.damaged().is_empty());
     }
 }

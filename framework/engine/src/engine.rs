@@ -1185,7 +1185,7 @@ async fn catch_up(
     slot: &StoreSlot,
 ) -> Result<(), EngineError> {
     while apply_next_batch(inner, store, slot).await? {}
-    note_failed(slot, store);
+    note_failed(inner, slot, store).await;
     Ok(())
 }
 
@@ -1276,10 +1276,39 @@ const STORE_RETRY_MIN: Duration = Duration::from_secs(1);
 /// Longest pause between tries of a store's failed keys.
 const STORE_RETRY_MAX: Duration = Duration::from_secs(60);
 
-/// Records the store's count of failed keys for the status and the metrics.
-fn note_failed(slot: &StoreSlot, store: &dyn Store) {
+/// Records the store's count of failed keys for the status and the metrics; while there
+/// are some, asks the connected peers for the chunks found damaged here (a key may fail
+/// for want of one).
+async fn note_failed(inner: &Arc<Inner>, slot: &StoreSlot, store: &dyn Store) {
+    let failed = store.failed();
     slot.failed
-        .store(store.failed() as u64, std::sync::atomic::Ordering::Relaxed);
+        .store(failed as u64, std::sync::atomic::Ordering::Relaxed);
+    if failed == 0 {
+        return;
+    }
+    let chunks = inner.log.chunks().clone();
+    let Ok(hashes) = tokio::task::spawn_blocking(move || chunks.damaged()).await else {
+        return;
+    };
+    if hashes.is_empty() {
+        return;
+    }
+    let peers = inner.connected_peers();
+    tracing::info!(
+        chunks = hashes.len(),
+        peers = peers.len(),
+        "asking peers for chunks damaged here"
+    );
+    for peer in peers {
+        for part in hashes.chunks(crate::protocol::MAX_WANT_HASHES) {
+            inner.send_to(
+                &peer,
+                Message::WantChunks {
+                    hashes: part.to_vec(),
+                },
+            );
+        }
+    }
 }
 
 /// Sleeps for `wait`, or forever without one.
@@ -1307,7 +1336,7 @@ async fn run_store(inner: Arc<Inner>, store: Arc<dyn Store>, slot: Arc<StoreSlot
             Err(e) => Err(e),
         };
         finish_replay_if_done(&inner, &slot);
-        note_failed(&slot, store.as_ref());
+        note_failed(&inner, &slot, store.as_ref()).await;
         match step {
             Ok(true) => failures = 0,
             Ok(false) => {
@@ -1325,7 +1354,7 @@ async fn run_store(inner: Arc<Inner>, store: Arc<dyn Store>, slot: Arc<StoreSlot
                         if let Err(e) = store.retry(&ctx).await {
                             tracing::error!(store = store.name(), "retrying failed keys: {e}");
                         }
-                        note_failed(&slot, store.as_ref());
+                        note_failed(&inner, &slot, store.as_ref()).await;
                     }
                     _ = crate::engine::until(&mut shutdown, true) => return,
                 }
