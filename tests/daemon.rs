@@ -356,17 +356,19 @@ fn concurrent_edits_while_disconnected_converge() {
         "written on B while apart, later\n",
         "the later write wins"
     );
-    // It stays that way (no flip-flopping once both have seen both writes).
-    std::thread::sleep(Duration::from_secs(1));
-    assert_eq!(fs::read(b.folder().join("shared.txt")).unwrap(), a_content);
-    assert_eq!(fs::read(a.folder().join("shared.txt")).unwrap(), a_content);
-    // Both event logs hold both writes, as two concurrent heads. Regression: a replica
-    // used to connect before its start-up scan, so the peer's write could overwrite its
-    // offline edit before the scan recorded it, and that edit was lost.
+    // Both event logs come to hold both writes, as two concurrent heads. Regression: a
+    // replica used to connect before its start-up scan, so the peer's write could
+    // overwrite its offline edit before the scan recorded it, and that edit was lost.
+    // (B shows the winner before it has A's write: the loser's content may still be on
+    // its way, asked for again if the session it was asked over was dropped.)
+    let started = Instant::now();
     for d in [&a, &b] {
-        let key = d.admin_get("/api/v1/keys/shared.txt");
-        let heads = key["heads"].as_array().map_or(0, Vec::len);
-        assert_eq!(heads, 2, "{}: both writes as heads: {key:#}", d.name);
+        let mut key = serde_json::Value::Null;
+        let both = wait_until(CONVERGE_TIMEOUT, || {
+            key = d.admin_get("/api/v1/keys/shared.txt");
+            key["heads"].as_array().map_or(0, Vec::len) == 2
+        });
+        assert!(both, "{}: both writes as heads: {key:#}", d.name);
         assert_eq!(
             key["conflicted"],
             serde_json::Value::Bool(true),
@@ -374,6 +376,13 @@ fn concurrent_edits_while_disconnected_converge() {
             d.name
         );
     }
+    eprintln!(
+        "both writes were heads on both sides after {:?}",
+        started.elapsed()
+    );
+    // It stays that way (no flip-flopping once both have seen both writes).
+    assert_eq!(fs::read(b.folder().join("shared.txt")).unwrap(), a_content);
+    assert_eq!(fs::read(a.folder().join("shared.txt")).unwrap(), a_content);
     a.stop();
     b.stop();
 }

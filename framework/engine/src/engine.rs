@@ -390,6 +390,18 @@ impl Inner {
             .unwrap_or(false)
     }
 
+    /// The generations of the sessions connected now, by peer.
+    fn session_generations(&self) -> HashMap<ReplicaId, u64> {
+        self.peers
+            .lock()
+            .map(|p| {
+                p.iter()
+                    .filter_map(|(id, s)| s.session.as_ref().map(|s| (*id, s.generation)))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     fn control(&self, peer: &ReplicaId) -> Option<mpsc::UnboundedSender<Control>> {
         self.peers
             .lock()
@@ -985,13 +997,17 @@ async fn dial_loop(
     }
 }
 
+/// Chunks the applier asked for: hash → (peer asked, the generation of its session then,
+/// when).
+type Requested = HashMap<Hash, (ReplicaId, Option<u64>, Instant)>;
+
 /// The applier: owns the pending queue; appends remote events once they continue their
 /// origin's sequence and their content is complete; asks peers for missing chunks.
 async fn run_applier(inner: Arc<Inner>, mut inbound: mpsc::Receiver<Inbound>) {
     let mut shutdown = inner.shutdown.subscribe();
     let mut queue = PendingQueue::new(inner.config.max_pending_events);
-    // Chunks asked for: hash → (peer asked, when).
-    let mut requested: HashMap<Hash, (ReplicaId, Instant)> = HashMap::new();
+    // Chunks asked for: hash → (peer asked, its session's generation, when).
+    let mut requested: Requested = HashMap::new();
     // What each pending content still lacks, by root, kept between passes.
     let mut missing: HashMap<Hash, Missing> = HashMap::new();
     let mut tick = tokio::time::interval(inner.config.tick_interval);
@@ -1038,8 +1054,14 @@ async fn run_applier(inner: Arc<Inner>, mut inbound: mpsc::Receiver<Inbound>) {
             }
         }
         if on_tick {
+            // Asked too long ago, or over a session that has ended since (replaced by
+            // another after simultaneous dials, or lost): the answer will not come, so
+            // ask again now rather than after the timeout.
             let timeout = inner.config.chunk_timeout;
-            requested.retain(|_, (_, at)| at.elapsed() < timeout);
+            let sessions = inner.session_generations();
+            requested.retain(|_, (peer, generation, at)| {
+                at.elapsed() < timeout && sessions.get(peer) == generation.as_ref()
+            });
         }
         match advance(&inner, queue, &mut requested, &mut missing).await {
             Ok(q) => queue = q,
@@ -1080,7 +1102,7 @@ async fn run_applier(inner: Arc<Inner>, mut inbound: mpsc::Receiver<Inbound>) {
 async fn advance(
     inner: &Arc<Inner>,
     mut queue: PendingQueue,
-    requested: &mut HashMap<Hash, (ReplicaId, Instant)>,
+    requested: &mut Requested,
     missing: &mut HashMap<Hash, Missing>,
 ) -> Result<PendingQueue, LogError> {
     loop {
@@ -1146,10 +1168,11 @@ async fn advance(
         .map_err(|_| LogError::Closed)?;
         *missing = tracked;
         queue = q;
+        let sessions = inner.session_generations();
         for (peer, hashes) in wants {
             for chunk in hashes.chunks(crate::protocol::MAX_WANT_HASHES) {
                 for h in chunk {
-                    requested.insert(*h, (peer, Instant::now()));
+                    requested.insert(*h, (peer, sessions.get(&peer).copied(), Instant::now()));
                 }
                 inner.send_to(
                     &peer,
