@@ -914,6 +914,37 @@ fn a_damaged_chunk_is_fetched_again_from_a_peer() {
     b.stop();
 }
 
+/// A file rewritten on A over and over, a few milliseconds apart, and a large one appended
+/// to while it is read: B ends with A's last versions (a version read while it was being
+/// written is never recorded, and the last write is).
+#[test]
+fn files_written_while_syncing_end_as_their_last_version() {
+    let (mut a, mut b) = converged_pair(&[("busy.txt", b"0\n")]);
+    let mut rng = SmallRng::seed_from_u64(9);
+    let part = 200 << 10;
+    let mut big = vec![0u8; 40 * part];
+    rng.fill_bytes(&mut big);
+    let mut appended = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(a.folder().join("growing.bin"))
+        .unwrap();
+    for i in 1..=40 {
+        write_file(&a.folder().join("busy.txt"), format!("{i}\n").as_bytes());
+        appended.write_all(&big[(i - 1) * part..i * part]).unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    drop(appended);
+    assert_converges(&mut a, &mut b);
+    assert_eq!(fs::read(b.folder().join("busy.txt")).unwrap(), b"40\n");
+    assert!(
+        fs::read(b.folder().join("growing.bin")).unwrap() == big,
+        "growing.bin on B is not A's last version"
+    );
+    a.stop();
+    b.stop();
+}
+
 /// A replica whose ID A does not know is refused (and gets nothing); a garbage byte stream
 /// on A's listen port gets its connection closed while A keeps serving B.
 #[test]
