@@ -9,7 +9,7 @@
 //! renamed over the final path. One `syncfs`
 //! makes the whole batch durable before `apply` returns; no file is fsynced on its own.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::fs::{File, OpenOptions, Permissions};
 use std::io::ErrorKind;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
@@ -47,40 +47,9 @@ pub struct FsStore {
     guarded: bool,
     /// The keys that failed alone (a file in a directory this process may not write), by
     /// the view last asked for: tried again with every batch and by [`Store::retry`].
-    failed: tokio::sync::Mutex<BTreeMap<Key, FailedView>>,
+    failed: tokio::sync::Mutex<BTreeMap<Key, KeyView>>,
     /// How many keys `failed` holds (read without its lock).
     failed_count: AtomicUsize,
-}
-
-/// A view the store could not show, as kept in memory and in its state file.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-struct FailedView {
-    key: Key,
-    winner: Option<Head>,
-    copies: Vec<Head>,
-    conflicted: bool,
-}
-
-impl From<&KeyView> for FailedView {
-    fn from(v: &KeyView) -> Self {
-        FailedView {
-            key: v.key.clone(),
-            winner: v.winner.clone(),
-            copies: v.copies.clone(),
-            conflicted: v.conflicted,
-        }
-    }
-}
-
-impl From<FailedView> for KeyView {
-    fn from(v: FailedView) -> Self {
-        KeyView {
-            key: v.key,
-            winner: v.winner,
-            copies: v.copies,
-            conflicted: v.conflicted,
-        }
-    }
 }
 
 impl FsStore {
@@ -149,36 +118,33 @@ impl Store for FsStore {
             .values()
             .filter(|f| !fresh.contains(&f.key))
             .cloned()
-            .map(KeyView::from)
             .collect();
         let retried = batch.len();
         batch.extend(views);
-        let asked: HashMap<Key, FailedView> = batch
-            .iter()
-            .map(|v| (v.key.clone(), FailedView::from(v)))
-            .collect();
 
         let (config, echo, chunks) = (self.config.clone(), self.echo.clone(), ctx.chunks().clone());
         let guard = self.guarded.then(|| ctx.log().clone());
-        let failures = tokio::task::spawn_blocking(move || {
-            apply_blocking(&config, echo, chunks, guard, batch)
+        let (batch, failures) = tokio::task::spawn_blocking(move || {
+            let failures = apply_blocking(&config, echo, chunks, guard, &batch);
+            (batch, failures)
         })
         .await
-        .map_err(FsError::from)
-        .and_then(|r| r)
-        .map_err(|e| e.into_plugin(&self.name))?;
+        .map_err(|e| FsError::from(e).into_plugin(&self.name))?;
+        let failures = failures.map_err(|e| e.into_plugin(&self.name))?;
 
-        let mut now_failed = BTreeMap::new();
-        for (key, e) in failures {
-            if !failed.contains_key(&key) {
-                tracing::error!(store = %self.name, "{key}: {e}; tried again later, the rest goes on");
-            } else {
+        for (key, e) in &failures {
+            if failed.contains_key(key) {
                 tracing::debug!(store = %self.name, "{key}: still failing: {e}");
-            }
-            if let Some(view) = asked.get(&key) {
-                now_failed.insert(key, view.clone());
+            } else {
+                tracing::error!(store = %self.name, "{key}: {e}; tried again later, the rest goes on");
             }
         }
+        let failed_keys: HashSet<Key> = failures.into_iter().map(|(key, _)| key).collect();
+        let now_failed: BTreeMap<Key, KeyView> = batch
+            .into_iter()
+            .filter(|v| failed_keys.contains(&v.key))
+            .map(|v| (v.key.clone(), v))
+            .collect();
         if retried > 0 {
             for key in failed.keys().filter(|k| !now_failed.contains_key(*k)) {
                 tracing::info!(store = %self.name, "{key}: shown now");
@@ -187,7 +153,7 @@ impl Store for FsStore {
         if now_failed != *failed {
             // Durable before the cursor moves past these keys' events.
             if let Some(path) = self.state_file() {
-                let views: Vec<FailedView> = now_failed.values().cloned().collect();
+                let views: Vec<KeyView> = now_failed.values().cloned().collect();
                 tokio::task::spawn_blocking(move || save_failed(&path, &views))
                     .await
                     .map_err(FsError::from)
@@ -246,7 +212,7 @@ impl Store for FsStore {
 
 /// Writes the views that failed to `path` (replacing it atomically, durably); removes it
 /// when there are none.
-fn save_failed(path: &Path, views: &[FailedView]) -> Result<(), FsError> {
+fn save_failed(path: &Path, views: &[KeyView]) -> Result<(), FsError> {
     if views.is_empty() {
         return remove_file(path);
     }
@@ -268,7 +234,7 @@ fn save_failed(path: &Path, views: &[FailedView]) -> Result<(), FsError> {
 }
 
 /// The views [`save_failed`] wrote to `path`; none if there is no such file.
-fn load_failed(path: &Path) -> Result<Vec<FailedView>, FsError> {
+fn load_failed(path: &Path) -> Result<Vec<KeyView>, FsError> {
     match std::fs::read(path) {
         Ok(bytes) => converge_api::codec::decode(&bytes).map_err(|e| FsError::Content {
             path: path.to_owned(),
@@ -339,7 +305,7 @@ fn apply_blocking(
     echo: Arc<Echo>,
     chunks: ChunkStore,
     guard: Option<EventLog>,
-    views: Vec<KeyView>,
+    views: &[KeyView],
 ) -> Result<Vec<(Key, FsError)>, FsError> {
     std::fs::create_dir_all(&config.root).map_err(FsError::io("creating", &config.root))?;
     let root = config

@@ -8,7 +8,8 @@ use crate::error::PluginError;
 use crate::log::EventLog;
 
 /// What a store must show for one key: the conflict policy's answer over its heads.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// Serializable, so that a store can keep the views it could not show yet.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct KeyView {
     /// The key.
     pub key: Key,
