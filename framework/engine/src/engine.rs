@@ -465,6 +465,18 @@ impl Inner {
         }
     }
 
+    /// Asks `peer` for `hashes`, in requests of at most `MAX_WANT_HASHES`.
+    fn want_chunks(&self, peer: &ReplicaId, hashes: &[Hash]) {
+        for part in hashes.chunks(crate::protocol::MAX_WANT_HASHES) {
+            self.send_to(
+                peer,
+                Message::WantChunks {
+                    hashes: part.to_vec(),
+                },
+            );
+        }
+    }
+
     fn send_to(&self, peer: &ReplicaId, msg: Message) {
         if let Some(control) = self.control(peer) {
             let _ = control.send(Control::Send(msg));
@@ -1168,18 +1180,12 @@ async fn advance(
         .map_err(|_| LogError::Closed)?;
         *missing = tracked;
         queue = q;
-        let sessions = inner.session_generations();
-        for (peer, hashes) in wants {
-            for chunk in hashes.chunks(crate::protocol::MAX_WANT_HASHES) {
-                for h in chunk {
-                    requested.insert(*h, (peer, sessions.get(&peer).copied(), Instant::now()));
-                }
-                inner.send_to(
-                    &peer,
-                    Message::WantChunks {
-                        hashes: chunk.to_vec(),
-                    },
-                );
+        if !wants.is_empty() {
+            let sessions = inner.session_generations();
+            for (peer, hashes) in wants {
+                let asked = (peer, sessions.get(&peer).copied(), Instant::now());
+                requested.extend(hashes.iter().map(|h| (*h, asked)));
+                inner.want_chunks(&peer, &hashes);
             }
         }
         if ready.is_empty() {
@@ -1323,14 +1329,7 @@ async fn note_failed(inner: &Arc<Inner>, slot: &StoreSlot, store: &dyn Store) {
         "asking peers for chunks damaged here"
     );
     for peer in peers {
-        for part in hashes.chunks(crate::protocol::MAX_WANT_HASHES) {
-            inner.send_to(
-                &peer,
-                Message::WantChunks {
-                    hashes: part.to_vec(),
-                },
-            );
-        }
+        inner.want_chunks(&peer, &hashes);
     }
 }
 
@@ -1346,7 +1345,7 @@ async fn run_store(inner: Arc<Inner>, store: Arc<dyn Store>, slot: Arc<StoreSlot
     let mut len = inner.log.subscribe();
     let mut shutdown = inner.shutdown.subscribe();
     let mut failures = 0u32;
-    // Tries of the keys the store could not show (see `Store::pending`) since it last
+    // Tries of the keys the store could not show (see `Store::failed`) since it last
     // had none.
     let mut retries = 0u32;
     loop {
