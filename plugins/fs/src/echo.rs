@@ -10,7 +10,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::Metadata;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use converge_api::{EventId, Hash, Key, Op};
@@ -65,11 +65,8 @@ pub(crate) struct Echo {
 }
 
 impl Echo {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Key, (Applied, Instant)>> {
-        // A panic while holding the lock leaves a map that is still valid.
-        self.map
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    fn lock(&self) -> MutexGuard<'_, HashMap<Key, (Applied, Instant)>> {
+        locked(&self.map)
     }
 
     pub(crate) fn record(&self, key: &Key, applied: Applied) {
@@ -86,19 +83,20 @@ impl Echo {
 
     /// Sets the keys the store could not show.
     pub(crate) fn set_failed(&self, keys: HashSet<Key>) {
-        *self
-            .failed
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = keys;
+        *locked(&self.failed) = keys;
     }
 
     /// Whether the store could not show `key` (see [`Echo::set_failed`]).
     pub(crate) fn is_failed(&self, key: &Key) -> bool {
-        self.failed
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .contains(key)
+        locked(&self.failed).contains(key)
     }
+}
+
+/// Locks `mutex`; a panic while it was held leaves a map or set that is still valid.
+fn locked<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Whether the regular file `key` at `path`, as `m` describes it, is what the store last
