@@ -38,6 +38,13 @@ pub enum FsError {
         /// The watcher's error.
         source: notify::Error,
     },
+    /// A file changed here and not recorded yet stands where a key needs a directory: the
+    /// key waits until the source has recorded the change (then the file is moved aside).
+    #[error("{} is a file changed here and not recorded yet, where a directory is needed", path.display())]
+    Unrecorded {
+        /// The file in the way.
+        path: PathBuf,
+    },
     /// A blocking task panicked or was cancelled.
     #[error("background task failed: {0}")]
     Task(String),
@@ -61,9 +68,10 @@ impl FsError {
 
     /// Whether this error concerns one key only, not the folder or the disk as a whole: no
     /// permission at its path, a name too long, a file where a directory is needed, a
-    /// read-only mount below the folder, or its content damaged in the content store. The
-    /// key fails alone and the rest of a batch is applied. A full disk or an I/O error
-    /// does not: the batch waits.
+    /// read-only mount below the folder, its content damaged in the content store, or a
+    /// file changed here and not yet recorded where it needs a directory. The key fails
+    /// alone and the rest of a batch is applied. A full disk or an I/O error does not: the
+    /// batch waits.
     pub(crate) fn fails_alone(&self) -> bool {
         match self {
             FsError::Io { source, .. } => {
@@ -80,7 +88,9 @@ impl FsError {
                         .contains(&code)
                     })
             }
-            FsError::Log(LogError::Corrupt { .. }) | FsError::Content { .. } => true,
+            FsError::Log(LogError::Corrupt { .. })
+            | FsError::Content { .. }
+            | FsError::Unrecorded { .. } => true,
             _ => false,
         }
     }

@@ -370,11 +370,14 @@ fn apply_blocking(
     let mut dir_deletes = Vec::new();
     for key in absent {
         let path = match w.resolve(&key, w.rules.path_of(&key).is_dir()) {
-            Ok(p) => p,
-            Err(Refused(why)) => {
+            Ok(Ok(p)) => p,
+            Ok(Err(Refused(why))) => {
                 tracing::warn!("{why}");
                 continue;
             }
+            // Below a file: nothing there to remove.
+            Err(FsError::Unrecorded { .. }) => continue,
+            Err(e) => return Err(e),
         };
         match std::fs::symlink_metadata(&path) {
             Ok(m) if m.is_dir() => dir_deletes.push((key, path)),
@@ -597,21 +600,28 @@ impl Writer {
 
     /// The path of `key`, if the store may write it: not ignored or excluded, and no
     /// ancestor is a symlink or a file it may not replace (see [`Self::make_way`]).
-    fn resolve(&mut self, key: &Key, is_dir: bool) -> Result<PathBuf, Refused> {
+    /// A file changed here and not yet recorded in the way is [`FsError::Unrecorded`]: the
+    /// key fails alone and is tried again once the source has recorded the change.
+    fn resolve(&mut self, key: &Key, is_dir: bool) -> Result<Result<PathBuf, Refused>, FsError> {
         self.resolve_as(key, key, is_dir)
     }
 
     /// Like [`Self::resolve`], with the ignore rules of `rules_key` (a conflict copy is
     /// written where its key's rules allow, though its own name is always ignored).
-    fn resolve_as(&mut self, key: &Key, rules_key: &Key, is_dir: bool) -> Result<PathBuf, Refused> {
+    fn resolve_as(
+        &mut self,
+        key: &Key,
+        rules_key: &Key,
+        is_dir: bool,
+    ) -> Result<Result<PathBuf, Refused>, FsError> {
         let path = self.rules.path_of(key);
         if self
             .rules
             .ignores(&self.rules.path_of(rules_key), is_dir, true)
         {
-            return Err(Refused(format!(
+            return Ok(Err(Refused(format!(
                 "not applying {key}: ignored or excluded here"
-            )));
+            ))));
         }
         let mut dir = path.parent();
         while let Some(d) = dir {
@@ -620,21 +630,26 @@ impl Writer {
             }
             match std::fs::symlink_metadata(d) {
                 Ok(m) if m.file_type().is_symlink() => {
-                    return Err(Refused(format!(
+                    return Ok(Err(Refused(format!(
                         "not applying {key}: {} is a symlink",
                         d.display()
-                    )))
+                    ))))
                 }
                 // A file where `key` needs a directory: replaced if in a state the log
-                // knows (see `make_way`), else a local change to record first.
-                Ok(m)
-                    if m.is_file() && self.rules.key_of(d).is_ok_and(|k| self.knows(&k, d, &m)) => {
+                // knows (see `make_way`), else a local change the source records first
+                // (unless it never will: an ignored file).
+                Ok(m) if m.is_file() && !self.rules.ignores(d, false, true) => {
+                    match self.rules.key_of(d) {
+                        Ok(k) if self.knows(&k, d, &m) => {}
+                        Ok(_) => return Err(FsError::Unrecorded { path: d.to_owned() }),
+                        Err(why) => return Ok(Err(Refused(format!("not applying {key}: {why}")))),
+                    }
                 }
                 Ok(m) if !m.is_dir() => {
-                    return Err(Refused(format!(
+                    return Ok(Err(Refused(format!(
                         "not applying {key}: {} is not a directory",
                         d.display()
-                    )))
+                    ))))
                 }
                 Ok(_) => {
                     self.checked.insert(d.to_owned());
@@ -643,7 +658,7 @@ impl Writer {
             }
             dir = d.parent();
         }
-        Ok(path)
+        Ok(Ok(path))
     }
 
     /// Creates the missing ancestors of `key` (recorded as the store's own).
@@ -729,7 +744,7 @@ impl Writer {
     }
 
     fn make_dir(&mut self, key: &Key) -> Result<Result<(), Refused>, FsError> {
-        let path = match self.resolve(key, true) {
+        let path = match self.resolve(key, true)? {
             Ok(p) => p,
             Err(r) => return Ok(Err(r)),
         };
@@ -780,7 +795,7 @@ impl Writer {
         meta: &Meta,
         recorded_here: bool,
     ) -> Result<Result<(), Refused>, FsError> {
-        let path = match self.resolve_as(target, of.unwrap_or(target), false) {
+        let path = match self.resolve_as(target, of.unwrap_or(target), false)? {
             Ok(p) => p,
             Err(r) => return Ok(Err(r)),
         };

@@ -552,3 +552,70 @@ async fn a_file_recorded_here_is_not_read_back_by_its_store() {
     assert_ne!(accessed(&copy), old, "the mirror checked its copy");
     assert_eq!(tree(mirror.path()), tree(dir.path()));
 }
+
+/// A peer's file below a path where this folder holds a file changed here and not yet
+/// recorded cannot be written. It waits as a failed key (not a warning skipped for good)
+/// for the source to record that change; the retry then moves the file aside as a
+/// conflict copy and writes the key below (live keys below win), so this replica ends as
+/// its peers do instead of holding a file where they hold a directory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_below_an_unrecorded_file_waits_for_the_change_to_be_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let (source, store) = folder(FsConfig::new(dir.path()));
+    let log = common::log();
+    write(dir.path(), "x", b"a file");
+    scan_once(&source, &log).await;
+
+    // Edited here, not recorded yet, when the peer's x/inside.txt arrives.
+    write(dir.path(), "x", b"edited here, later");
+    let other = tempfile::tempdir().unwrap();
+    write(other.path(), "r", b"from the peer");
+    let content =
+        converge_plugin_fs::content::store_file(&other.path().join("r"), log.chunks()).unwrap();
+    let below = converge_api::Event {
+        id: converge_api::EventId {
+            origin: converge_api::ReplicaId([7; 16]),
+            seq: 1,
+        },
+        hlc: Hlc {
+            wall_ms: 1,
+            logical: 0,
+        },
+        key: key("x/inside.txt"),
+        parents: Vec::new(),
+        op: Op::Put {
+            content: Some(content),
+            meta: converge_api::Meta::file(1_700_000_000_000),
+        },
+    };
+    log.append(vec![below]).await.unwrap();
+    apply(&store, &log, views(&log)).await;
+    assert_eq!(
+        std::fs::read(dir.path().join("x")).unwrap(),
+        b"edited here, later"
+    );
+    assert_eq!(store.failed(), 1, "x/inside.txt waits");
+
+    // The source records the edit (and not the missing x/inside.txt as a delete); the
+    // store's retry then makes way for the directory.
+    let len = log.len();
+    scan_once(&source, &log).await;
+    assert_eq!(log.len(), len + 1, "only the edit of x is recorded");
+    apply(&store, &log, Vec::new()).await;
+    assert_eq!(store.failed(), 0);
+    assert_eq!(
+        std::fs::read(dir.path().join("x/inside.txt")).unwrap(),
+        b"from the peer"
+    );
+    let copies: Vec<Vec<u8>> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap())
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("x.sync-conflict-")
+        })
+        .map(|e| std::fs::read(e.path()).unwrap())
+        .collect();
+    assert_eq!(copies, [b"edited here, later".to_vec()]);
+}
