@@ -23,6 +23,8 @@ const BIG_FILE_LEN: usize = 64 << 20;
 const SMALL_FILES: usize = 2_000;
 /// How long a convergence may take before the test fails (generous: CI machines are slow).
 const CONVERGE_TIMEOUT: Duration = Duration::from_secs(120);
+/// The file that marks a folder as synced (`converge_plugin_fs::MARKER_FILE`).
+const MARKER: &str = ".convergefolder";
 /// Prefix of the store's temp files (`converge_plugin_fs::TEMP_PREFIX`).
 const TEMP_PREFIX: &str = ".converge-tmp-";
 
@@ -47,7 +49,8 @@ enum Entry {
 }
 
 /// Every path under `root` (relative, `/`-separated), with its kind, content hash and
-/// executable bit. Skips nothing (the data dirs of these tests are outside the folders).
+/// executable bit. Skips only the folder marker, which each replica writes for itself (the
+/// data dirs of these tests are outside the folders).
 /// A path that disappears while being read is left out (the caller compares again).
 fn tree(root: &Path) -> BTreeMap<String, Entry> {
     fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, Entry>) {
@@ -64,6 +67,9 @@ fn tree(root: &Path) -> BTreeMap<String, Entry> {
             let Ok(meta) = fs::symlink_metadata(&path) else {
                 continue;
             };
+            if rel == MARKER {
+                continue;
+            }
             if meta.is_dir() {
                 out.insert(rel, Entry::Dir);
                 walk(root, &path, out);
@@ -1008,6 +1014,52 @@ fn unknown_peer_is_refused_and_garbage_is_dropped() {
     assert_eq!(tree(c.folder()), BTreeMap::new());
 
     c.stop();
+    a.stop();
+    b.stop();
+}
+
+/// B's folder is found empty at start, its files gone with their folder (a disk not
+/// mounted, an empty directory in its place): B records no deletes, so A keeps every file,
+/// and writes nothing into the empty directory. When the folder is back, B takes up
+/// syncing again by itself, A's changes of the meantime included.
+#[test]
+fn a_folder_found_empty_without_its_marker_deletes_nothing() {
+    let (mut a, mut b) = converged_pair(&[("keep.txt", b"keep me\n"), ("d/also.txt", b"and me\n")]);
+    assert!(b.folder().join(MARKER).is_file(), "B's folder is marked");
+    let before = tree(a.folder());
+    b.stop();
+    let unmounted = b.folder().with_extension("unmounted");
+    fs::rename(b.folder(), &unmounted).unwrap();
+    fs::create_dir(b.folder()).unwrap();
+    b.start();
+    assert!(
+        wait_until(CONVERGE_TIMEOUT, || b
+            .log()
+            .contains("has no .convergefolder marker")),
+        "B does not say why it holds back\n{}",
+        b.log_tail()
+    );
+    write_file(&a.folder().join("new.txt"), b"written on A meanwhile\n");
+    let mut expected = before.clone();
+    expected.insert(
+        "new.txt".into(),
+        tree(a.folder()).get("new.txt").cloned().unwrap(),
+    );
+    // Time for deletes to travel and for new.txt to arrive, had B recorded or written any.
+    std::thread::sleep(Duration::from_secs(3));
+    a.assert_running();
+    b.assert_running();
+    assert_eq!(tree(a.folder()), expected, "A lost files");
+    let written: Vec<_> = fs::read_dir(b.folder()).unwrap().collect();
+    assert!(
+        written.is_empty(),
+        "B wrote into the empty folder: {written:?}"
+    );
+
+    // The disk is mounted again, with B still running.
+    fs::remove_dir(b.folder()).unwrap();
+    fs::rename(&unmounted, b.folder()).unwrap();
+    assert_eq!(assert_converges(&mut a, &mut b), expected);
     a.stop();
     b.stop();
 }

@@ -45,6 +45,21 @@ pub enum FsError {
         /// The file in the way.
         path: PathBuf,
     },
+    /// The folder has lost its marker ([`crate::MARKER_FILE`]) though this replica holds
+    /// files there: nothing is recorded as deleted or written until it is back.
+    #[error(
+        "{} has no {} marker, though this replica holds files there: its disk may not be \
+         mounted, or an empty directory took its place. Nothing is deleted or written \
+         there until the marker is back. If this is the right folder (emptied on purpose), \
+         create the marker: touch {}",
+        path.display(),
+        crate::MARKER_FILE,
+        path.join(crate::MARKER_FILE).display()
+    )]
+    MarkerMissing {
+        /// The folder.
+        path: PathBuf,
+    },
     /// A blocking task panicked or was cancelled.
     #[error("background task failed: {0}")]
     Task(String),

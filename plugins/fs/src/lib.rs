@@ -49,6 +49,7 @@ use std::time::Duration;
 pub mod content;
 mod echo;
 mod error;
+mod marker;
 mod rules;
 mod scan;
 mod store;
@@ -63,6 +64,11 @@ pub const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(50);
 
 /// The ignore file read at the folder root (gitignore syntax). It is not synced.
 pub const IGNORE_FILE: &str = ".convergeignore";
+
+/// The marker file at the folder root, written at the first start and never synced. While
+/// it is missing from a folder this replica holds files in (its disk not mounted, an empty
+/// directory in its place), nothing there is recorded as deleted and nothing is written.
+pub const MARKER_FILE: &str = ".convergefolder";
 
 /// Prefix of the store's temp files; such names are never keys.
 pub const TEMP_PREFIX: &str = ".converge-tmp-";

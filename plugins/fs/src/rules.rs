@@ -6,7 +6,7 @@ use std::path::{Component, Path, PathBuf};
 use converge_api::Key;
 use ignore::gitignore::{Gitignore, GitignoreBuilder};
 
-use crate::{CONFLICT_MARKER, IGNORE_FILE, TEMP_PREFIX};
+use crate::{CONFLICT_MARKER, IGNORE_FILE, MARKER_FILE, TEMP_PREFIX};
 
 /// The ignore rules of one folder, loaded from its root.
 #[derive(Clone, Debug)]
@@ -71,7 +71,7 @@ impl Rules {
         if rel.as_os_str().is_empty() {
             return false;
         }
-        if rel == Path::new(IGNORE_FILE) {
+        if rel == Path::new(IGNORE_FILE) || rel == Path::new(MARKER_FILE) {
             return true;
         }
         let names = rel.components().filter_map(|c| match c {

@@ -338,6 +338,9 @@ pub(crate) async fn scan(
             out
         })
         .await?;
+        if !deletes.is_empty() {
+            crate::marker::check(env.rules.root())?;
+        }
         batch.extend(deletes);
     }
     for chunk in batch.chunks(EMIT_BATCH) {

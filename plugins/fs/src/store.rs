@@ -307,6 +307,11 @@ fn apply_blocking(
     guard: Option<EventLog>,
     views: &[KeyView],
 ) -> Result<Vec<(Key, FsError)>, FsError> {
+    // The folder's own store writes only into the folder its source marked; a mirror
+    // makes its folder.
+    if guard.is_some() {
+        crate::marker::check(&config.root)?;
+    }
     std::fs::create_dir_all(&config.root).map_err(FsError::io("creating", &config.root))?;
     let root = config
         .root

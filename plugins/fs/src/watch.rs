@@ -17,6 +17,7 @@ use tokio::sync::mpsc;
 use crate::content::changed_at_ms;
 use crate::echo::{Applied, Echo};
 use crate::error::FsError;
+use crate::marker;
 use crate::rules::Rules;
 use crate::scan::{examine_file, is_echo, removed_at_ms, scan, Env, Resolver};
 use crate::{FsConfig, EMIT_BATCH, IGNORE_FILE, TEMP_PREFIX};
@@ -73,6 +74,7 @@ impl FsSource {
 
     async fn run_inner(&self, mut ctx: SourceContext) -> Result<(), FsError> {
         let configured = self.config.root.clone();
+        let (log, resolver) = (ctx.log().clone(), self.resolver.clone());
         let root = tokio::task::spawn_blocking(move || {
             let root = configured
                 .canonicalize()
@@ -84,6 +86,7 @@ impl FsSource {
                     source: std::io::Error::other("not a directory"),
                 });
             }
+            marker::ensure(&root, &log, &resolver)?;
             Ok(root)
         })
         .await??;
@@ -311,6 +314,9 @@ fn plan(env: &Env, paths: BTreeSet<PathBuf>) -> Result<Plan, FsError> {
                 }
             }
         }
+    }
+    if !deletes.is_empty() {
+        marker::check(env.rules.root())?;
     }
     // Children before their directory.
     deletes.sort_by(|a, b| b.key.cmp(&a.key));

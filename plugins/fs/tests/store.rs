@@ -213,6 +213,8 @@ async fn a_stale_write_of_the_store_is_not_echoed() {
     let len = log.len();
     assert_eq!(len, 2);
 
+    // B's folder was synced before (marked), and lacks f.txt.
+    write(b.path(), converge_plugin_fs::MARKER_FILE, b"");
     let (source, store) = folder(FsConfig::new(b.path()));
     let (stop_tx, stop_rx) = watch::channel(false);
     let (progress_tx, mut progress_rx) = watch::channel(ScanProgress::default());

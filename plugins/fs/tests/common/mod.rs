@@ -115,7 +115,8 @@ pub fn key(s: &str) -> Key {
     Key::new(s).unwrap()
 }
 
-/// Every entry below `root` (not following symlinks): rel path → (is_dir, bytes, executable).
+/// Every entry below `root` (not following symlinks) but the folder marker: rel path →
+/// (is_dir, bytes, executable).
 pub fn tree(root: &Path) -> BTreeMap<String, (bool, Vec<u8>, bool)> {
     fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, (bool, Vec<u8>, bool)>) {
         for entry in std::fs::read_dir(dir).unwrap() {
@@ -126,6 +127,9 @@ pub fn tree(root: &Path) -> BTreeMap<String, (bool, Vec<u8>, bool)> {
                 .unwrap()
                 .to_string_lossy()
                 .into_owned();
+            if rel == converge_plugin_fs::MARKER_FILE {
+                continue; // each folder's own, never synced
+            }
             if meta.is_dir() {
                 out.insert(rel, (true, vec![], false));
                 walk(root, &path, out);
