@@ -144,6 +144,29 @@ fn status(v: &Value) -> String {
             ]
         },
     ));
+    let empty = Vec::new();
+    for s in v["subscribers"].as_array().unwrap_or(&empty) {
+        if let Some(error) = s["error"].as_str() {
+            let _ = writeln!(out, "  {} is held back: {error}", text(&s["name"]));
+        }
+    }
+    let _ = writeln!(out, "sources:");
+    for s in v["sources"].as_array().unwrap_or(&empty) {
+        let state = if s["up"].as_bool() == Some(false) {
+            "DOWN"
+        } else {
+            "up"
+        };
+        let _ = writeln!(
+            out,
+            "  {}  {state}  (failures since start: {})",
+            text(&s["name"]),
+            text(&s["failures"])
+        );
+        if let Some(error) = s["error"].as_str() {
+            let _ = writeln!(out, "    {error}");
+        }
+    }
     let _ = writeln!(out, "peers:");
     out.push_str(&peers(v));
     let plugins: Vec<String> = v["plugins"]

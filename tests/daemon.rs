@@ -1055,11 +1055,44 @@ fn a_folder_found_empty_without_its_marker_deletes_nothing() {
         written.is_empty(),
         "B wrote into the empty folder: {written:?}"
     );
+    // B's admin API shows the source down and the store held back, both saying why.
+    let status = b.admin_get("/api/v1/status");
+    let source = &status["sources"][0];
+    assert_eq!(source["up"], false, "{status}");
+    assert!(
+        source["error"].as_str().unwrap().contains(MARKER),
+        "{status}"
+    );
+    let store = &status["subscribers"][0];
+    assert!(
+        store["error"].as_str().unwrap().contains(MARKER),
+        "{status}"
+    );
+    let metrics = b.admin_get_text("/metrics");
+    for line in [
+        "converge_source_up{source=\"folder\"} 0",
+        "converge_subscriber_up{subscriber=\"folder\"} 0",
+    ] {
+        assert!(metrics.contains(line), "no {line} in\n{metrics}");
+    }
 
     // The disk is mounted again, with B still running.
     fs::remove_dir(b.folder()).unwrap();
     fs::rename(&unmounted, b.folder()).unwrap();
     assert_eq!(assert_converges(&mut a, &mut b), expected);
+    // The source, started again after a growing pause, scans and is up.
+    let mut status = serde_json::Value::Null;
+    let up = wait_until(CONVERGE_TIMEOUT, || {
+        status = b.admin_get("/api/v1/status");
+        status["sources"][0]["up"] == true
+    });
+    assert!(up, "{status}");
+    assert!(status["subscribers"][0]["error"].is_null(), "{status}");
+    write_file(
+        &b.folder().join("from-b.txt"),
+        b"B's source records again\n",
+    );
+    assert!(assert_converges(&mut a, &mut b).contains_key("from-b.txt"));
     a.stop();
     b.stop();
 }

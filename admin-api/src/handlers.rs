@@ -118,6 +118,22 @@ pub struct SubscriberInfo {
     /// Keys it could not show (a file in a directory the daemon may not write), tried
     /// again; the log names each one and why.
     pub failed_keys: u64,
+    /// Why its last batch failed (a full disk, a folder without its marker), until one
+    /// succeeds: the batch waits and is tried again, nothing is lost.
+    pub error: Option<String>,
+}
+
+/// A source of local changes.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct SourceInfo {
+    /// Its name: `folder`, or a source plugin's.
+    pub name: String,
+    /// False from a failure until, started again, it has scanned its folder.
+    pub up: bool,
+    /// Times it failed (and was started again) since the daemon started.
+    pub failures: u64,
+    /// Why it failed, while it is not up.
+    pub error: Option<String>,
 }
 
 impl From<SubscriberStatus> for SubscriberInfo {
@@ -129,6 +145,7 @@ impl From<SubscriberStatus> for SubscriberInfo {
             applied: s.applied,
             replaying: s.replaying,
             failed_keys: s.failed,
+            error: s.error,
         }
     }
 }
@@ -163,6 +180,8 @@ pub struct Status {
     pub peers: Vec<PeerInfo>,
     /// Every store subscriber.
     pub subscribers: Vec<SubscriberInfo>,
+    /// Every source: whether it is up, and why not.
+    pub sources: Vec<SourceInfo>,
     /// Remote events waiting for a gap to fill or for their content.
     pub pending_events: u64,
     /// Conflicted keys handed to stores since start (each store counts its own).
@@ -232,6 +251,16 @@ pub async fn status(State(state): State<AdminState>) -> Result<Json<Status>, Api
             .subscribers()?
             .into_iter()
             .map(SubscriberInfo::from)
+            .collect(),
+        sources: engine
+            .sources()
+            .into_iter()
+            .map(|s| SourceInfo {
+                name: s.name,
+                up: s.up,
+                failures: s.failures,
+                error: s.error,
+            })
             .collect(),
         pending_events: load(&stats.pending),
         conflicts: load(&stats.conflicts),

@@ -27,6 +27,9 @@ pub struct Metrics {
     applied: IntCounterVec,
     subscriber_lag: IntGaugeVec,
     failed_keys: IntGaugeVec,
+    subscriber_up: IntGaugeVec,
+    source_up: IntGaugeVec,
+    source_failures: IntCounterVec,
     conflicts: IntCounterVec,
     peer_connected: IntGaugeVec,
     sent_bytes: IntCounterVec,
@@ -85,6 +88,27 @@ impl Metrics {
                 "Keys a store subscriber could not show (a file it may not write), tried again.",
             ),
             &["subscriber"],
+        )?;
+        let subscriber_up = IntGaugeVec::new(
+            Opts::new(
+                "converge_subscriber_up",
+                "0 while a store subscriber's batches fail (a full disk, a folder without its marker) and wait to be tried again, else 1.",
+            ),
+            &["subscriber"],
+        )?;
+        let source_up = IntGaugeVec::new(
+            Opts::new(
+                "converge_source_up",
+                "0 from a source's failure until, started again, it has scanned (a folder without its marker, a folder gone), else 1.",
+            ),
+            &["source"],
+        )?;
+        let source_failures = IntCounterVec::new(
+            Opts::new(
+                "converge_source_failures_total",
+                "Times a source failed (and was started again) since the daemon started.",
+            ),
+            &["source"],
         )?;
         let conflicts = IntCounterVec::new(
             Opts::new(
@@ -154,6 +178,9 @@ impl Metrics {
         registry.register(Box::new(applied.clone()))?;
         registry.register(Box::new(subscriber_lag.clone()))?;
         registry.register(Box::new(failed_keys.clone()))?;
+        registry.register(Box::new(subscriber_up.clone()))?;
+        registry.register(Box::new(source_up.clone()))?;
+        registry.register(Box::new(source_failures.clone()))?;
         registry.register(Box::new(conflicts.clone()))?;
         registry.register(Box::new(peer_connected.clone()))?;
         registry.register(Box::new(sent_bytes.clone()))?;
@@ -169,6 +196,9 @@ impl Metrics {
             applied,
             subscriber_lag,
             failed_keys,
+            subscriber_up,
+            source_up,
+            source_failures,
             conflicts,
             peer_connected,
             sent_bytes,
@@ -207,9 +237,18 @@ impl Metrics {
                 self.failed_keys
                     .with_label_values(&[&s.name])
                     .set(to_i64(s.failed));
+                self.subscriber_up
+                    .with_label_values(&[&s.name])
+                    .set(i64::from(s.error.is_none()));
                 self.applied.with_label_values(&[&s.name]).inc_by(0);
                 self.apply_duration.with_label_values(&[&s.name]);
             }
+        }
+        for s in engine.sources() {
+            self.source_up
+                .with_label_values(&[&s.name])
+                .set(i64::from(s.up));
+            advance(&self.source_failures, &s.name, s.failures);
         }
         // Peers are the configured ones: the label set is bounded by the config.
         for peer in engine.peers() {

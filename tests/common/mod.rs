@@ -129,6 +129,12 @@ impl Daemon {
         ureq::get(&url).call().unwrap().into_json().unwrap()
     }
 
+    /// `GET` of the admin API, as text (`/metrics`).
+    pub fn admin_get_text(&self, path: &str) -> String {
+        let url = format!("http://127.0.0.1:{}{path}", self.admin_port);
+        ureq::get(&url).call().unwrap().into_string().unwrap()
+    }
+
     pub fn config(&self) -> PathBuf {
         self.data.path().join("converge.toml")
     }

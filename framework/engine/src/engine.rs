@@ -262,6 +262,31 @@ pub struct SubscriberStatus {
     pub replaying: bool,
     /// Keys it could not show, tried again (see [`Store::failed`]).
     pub failed: u64,
+    /// Why its last batch failed, until a batch succeeds (the batch waits and is tried
+    /// again: a full disk, a folder without its marker).
+    pub error: Option<String>,
+}
+
+/// A source as status pages show it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SourceStatus {
+    /// Its name.
+    pub name: String,
+    /// False from a failure until the source, started again, has finished its start-up
+    /// scan (or, for one that does not scan at start, has been started again).
+    pub up: bool,
+    /// Times it failed since the engine started.
+    pub failures: u64,
+    /// Why it last failed, while it is not up.
+    pub error: Option<String>,
+}
+
+struct SourceSlot {
+    name: String,
+    /// Shared with the source's context, which sets it when a start-up scan is done.
+    up: Arc<std::sync::atomic::AtomicBool>,
+    failures: std::sync::atomic::AtomicU64,
+    error: Mutex<Option<String>>,
 }
 
 struct StoreSlot {
@@ -274,6 +299,8 @@ struct StoreSlot {
     applied: std::sync::atomic::AtomicU64,
     /// The store's [`Store::failed`] after its last batch or retry.
     failed: std::sync::atomic::AtomicU64,
+    /// Why its last batch failed, until one succeeds.
+    error: Mutex<Option<String>>,
 }
 
 /// What the applier task is told by sessions.
@@ -307,6 +334,7 @@ pub(crate) struct Inner {
     next_generation: std::sync::atomic::AtomicU64,
     stats: EngineStats,
     stores: Vec<Arc<StoreSlot>>,
+    sources: Vec<Arc<SourceSlot>>,
     plugins: Vec<PluginInfo>,
     pub(crate) observer: Option<Arc<dyn Observer>>,
 }
@@ -560,6 +588,19 @@ impl EngineBuilder {
                     wake: tokio::sync::Notify::new(),
                     applied: std::sync::atomic::AtomicU64::new(0),
                     failed: std::sync::atomic::AtomicU64::new(0),
+                    error: Mutex::new(None),
+                })
+            })
+            .collect();
+        let source_slots: Vec<Arc<SourceSlot>> = self
+            .sources
+            .iter()
+            .map(|s| {
+                Arc::new(SourceSlot {
+                    name: s.name().to_owned(),
+                    up: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+                    failures: std::sync::atomic::AtomicU64::new(0),
+                    error: Mutex::new(None),
                 })
             })
             .collect();
@@ -596,6 +637,7 @@ impl EngineBuilder {
             next_generation: std::sync::atomic::AtomicU64::new(1),
             stats: EngineStats::default(),
             stores: slots.clone(),
+            sources: source_slots.clone(),
             plugins,
             observer: self.observer,
         });
@@ -626,7 +668,7 @@ impl EngineBuilder {
         // a remote change applied first could overwrite a local edit made while the
         // daemon was stopped, before the scan recorded it.
         let mut scans: Vec<watch::Receiver<bool>> = Vec::new();
-        for source in self.sources {
+        for (source, slot) in self.sources.into_iter().zip(source_slots) {
             let gate = source.scans_at_start().then(|| {
                 let (tx, rx) = watch::channel(false);
                 scans.push(rx);
@@ -638,7 +680,8 @@ impl EngineBuilder {
                 inner.progress.clone(),
             )
             .with_observer(inner.observer.clone())
-            .with_scan_gate(gate.clone());
+            .with_scan_gate(gate.clone())
+            .with_health(slot.up.clone());
             let mut shutdown = inner.shutdown.subscribe();
             tasks.push(tokio::spawn(async move {
                 // A source that fails (a full disk, a folder gone for a while) is started
@@ -647,9 +690,18 @@ impl EngineBuilder {
                 let mut failures = 0u32;
                 loop {
                     let started = Instant::now();
+                    if failures > 0 && gate.is_none() {
+                        slot.up.store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
                     let Err(e) = source.run(ctx.clone()).await else {
                         break;
                     };
+                    slot.up.store(false, std::sync::atomic::Ordering::Relaxed);
+                    slot.failures
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if let Ok(mut error) = slot.error.lock() {
+                        *error = Some(e.to_string());
+                    }
                     // A failing source, scan or not, must not hold the network back.
                     if let Some(gate) = &gate {
                         gate.send_replace(true);
@@ -814,9 +866,31 @@ impl SyncEngine {
                 applied: slot.applied.load(std::sync::atomic::Ordering::Relaxed),
                 replaying,
                 failed: slot.failed.load(std::sync::atomic::Ordering::Relaxed),
+                error: slot.error.lock().ok().and_then(|e| e.clone()),
             });
         }
         Ok(out)
+    }
+
+    /// The sources: whether each is up, and why it last failed.
+    pub fn sources(&self) -> Vec<SourceStatus> {
+        self.inner
+            .sources
+            .iter()
+            .map(|slot| {
+                let up = slot.up.load(std::sync::atomic::Ordering::Relaxed);
+                SourceStatus {
+                    name: slot.name.clone(),
+                    up,
+                    failures: slot.failures.load(std::sync::atomic::Ordering::Relaxed),
+                    error: if up {
+                        None
+                    } else {
+                        slot.error.lock().ok().and_then(|e| e.clone())
+                    },
+                }
+            })
+            .collect()
     }
 
     /// Rewinds subscriber `name` to offset `from` and re-applies everything after it
@@ -1359,6 +1433,9 @@ async fn run_store(inner: Arc<Inner>, store: Arc<dyn Store>, slot: Arc<StoreSlot
         };
         finish_replay_if_done(&inner, &slot);
         note_failed(&inner, &slot, store.as_ref()).await;
+        if let Ok(mut error) = slot.error.lock() {
+            *error = step.as_ref().err().map(ToString::to_string);
+        }
         match step {
             Ok(true) => failures = 0,
             Ok(false) => {

@@ -33,6 +33,7 @@ pub struct SourceContext {
     progress: watch::Sender<ScanProgress>,
     observer: Option<Arc<dyn Observer>>,
     scan_gate: Option<Arc<watch::Sender<bool>>>,
+    health: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl std::fmt::Debug for SourceContext {
@@ -56,7 +57,15 @@ impl SourceContext {
             progress,
             observer: None,
             scan_gate: None,
+            health: None,
         }
+    }
+
+    /// Set when a start-up scan is done: the engine shows the source up again after a
+    /// failure (the engine sets this up).
+    pub fn with_health(mut self, up: Arc<std::sync::atomic::AtomicBool>) -> Self {
+        self.health = Some(up);
+        self
     }
 
     /// Holds the engine's network back until [`Self::initial_scan_done`] (for sources
@@ -71,6 +80,9 @@ impl SourceContext {
     pub fn initial_scan_done(&self) {
         if let Some(gate) = &self.scan_gate {
             gate.send_replace(true);
+        }
+        if let Some(up) = &self.health {
+            up.store(true, std::sync::atomic::Ordering::Relaxed);
         }
     }
 
