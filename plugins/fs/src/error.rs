@@ -45,6 +45,13 @@ pub enum FsError {
         /// The file in the way.
         path: PathBuf,
     },
+    /// A file is to be written where a directory still holds entries (keys below it live,
+    /// or their removal not here yet): the key waits until the directory is empty.
+    #[error("{} is a directory with entries in it, where a file is to be written; tried again once it is empty", path.display())]
+    NotEmpty {
+        /// The directory.
+        path: PathBuf,
+    },
     /// The folder has lost its marker ([`crate::MARKER_FILE`]) though this replica holds
     /// files there: nothing is recorded as deleted or written until it is back.
     #[error(
@@ -83,8 +90,9 @@ impl FsError {
 
     /// Whether this error concerns one key only, not the folder or the disk as a whole: no
     /// permission at its path, a name too long, a file where a directory is needed, a
-    /// read-only mount below the folder, its content damaged in the content store, or a
-    /// file changed here and not yet recorded where it needs a directory. The key fails
+    /// read-only mount below the folder, its content damaged in the content store, a file
+    /// changed here and not yet recorded where it needs a directory, or a directory with
+    /// entries where it is to be a file. The key fails
     /// alone and the rest of a batch is applied. A full disk or an I/O error does not: the
     /// batch waits.
     pub(crate) fn fails_alone(&self) -> bool {
@@ -105,7 +113,8 @@ impl FsError {
             }
             FsError::Log(LogError::Corrupt { .. })
             | FsError::Content { .. }
-            | FsError::Unrecorded { .. } => true,
+            | FsError::Unrecorded { .. }
+            | FsError::NotEmpty { .. } => true,
             _ => false,
         }
     }

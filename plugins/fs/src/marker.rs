@@ -50,6 +50,31 @@ pub(crate) fn ensure(root: &Path, log: &EventLog, resolver: &Resolver) -> Result
     Ok(())
 }
 
+/// For a mirror (a store on a folder of its own, a backup disk say): creates the folder
+/// and its marker on the first write, or marks a folder that holds files but no marker
+/// (made before markers existed); but a mirror that has written before (`written_before`,
+/// its cursor is past the log's start) and finds its folder missing or empty without the
+/// marker fails, rather than copying everything onto the disk the backup disk is not
+/// mounted over.
+pub(crate) fn ensure_mirror(root: &Path, written_before: bool) -> Result<(), FsError> {
+    if root.join(MARKER_FILE).is_file() {
+        return Ok(());
+    }
+    let empty = match std::fs::read_dir(root) {
+        Ok(mut entries) => entries.next().is_none(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
+        Err(e) => return Err(FsError::io("reading", root)(e)),
+    };
+    if empty && written_before {
+        return Err(FsError::MarkerMissing {
+            path: root.to_owned(),
+        });
+    }
+    std::fs::create_dir_all(root).map_err(FsError::io("creating", root))?;
+    let marker = root.join(MARKER_FILE);
+    std::fs::write(&marker, MARKER_TEXT).map_err(FsError::io("writing", &marker))
+}
+
 /// Fails unless the marker is there: called before removals are recorded and before the
 /// store writes anything.
 pub(crate) fn check(root: &Path) -> Result<(), FsError> {

@@ -124,8 +124,13 @@ impl Store for FsStore {
 
         let (config, echo, chunks) = (self.config.clone(), self.echo.clone(), ctx.chunks().clone());
         let guard = self.guarded.then(|| ctx.log().clone());
+        let written_before = ctx
+            .log()
+            .cursor(&self.name)
+            .map_err(|e| FsError::from(e).into_plugin(&self.name))?
+            > 0;
         let (batch, failures) = tokio::task::spawn_blocking(move || {
-            let failures = apply_blocking(&config, echo, chunks, guard, &batch);
+            let failures = apply_blocking(&config, echo, chunks, guard, written_before, &batch);
             (batch, failures)
         })
         .await
@@ -305,14 +310,15 @@ fn apply_blocking(
     echo: Arc<Echo>,
     chunks: ChunkStore,
     guard: Option<EventLog>,
+    written_before: bool,
     views: &[KeyView],
 ) -> Result<Vec<(Key, FsError)>, FsError> {
     // The folder's own store writes only into the folder its source marked; a mirror
-    // makes its folder.
-    if guard.is_some() {
-        crate::marker::check(&config.root)?;
+    // marks its folder itself.
+    match guard {
+        Some(_) => crate::marker::check(&config.root)?,
+        None => crate::marker::ensure_mirror(&config.root, written_before)?,
     }
-    std::fs::create_dir_all(&config.root).map_err(FsError::io("creating", &config.root))?;
     let root = config
         .root
         .canonicalize()
@@ -401,7 +407,12 @@ fn apply_blocking(
                     w.dirty = true;
                 }
             }
-            Err(e) if e.kind() == ErrorKind::NotFound => w.echo.record(&key, Applied::Absent),
+            // Gone, or below what is now a file: nothing there to remove.
+            Err(e)
+                if e.kind() == ErrorKind::NotFound || e.raw_os_error() == Some(libc::ENOTDIR) =>
+            {
+                w.echo.record(&key, Applied::Absent)
+            }
             Err(e) => {
                 return Err(FsError::Io {
                     op: "reading",
@@ -847,12 +858,11 @@ impl Writer {
                     return Ok(Ok(()));
                 }
             }
+            // Live keys below keep the directory (see `make_way`); once they are gone,
+            // a retry writes the file.
             Ok(m) if m.is_dir() => {
                 if !remove_dir_if_empty(&path)? {
-                    return Ok(Err(Refused(format!(
-                        "not applying {target}: {} is a non-empty directory",
-                        path.display()
-                    ))));
+                    return Err(FsError::NotEmpty { path });
                 }
             }
             Ok(_) => {

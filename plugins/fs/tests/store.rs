@@ -621,3 +621,42 @@ async fn a_key_below_an_unrecorded_file_waits_for_the_change_to_be_recorded() {
         .collect();
     assert_eq!(copies, [b"edited here, later".to_vec()]);
 }
+
+/// A mirror marks its folder on its first write. Once it has written (its cursor is past
+/// the start), a missing or empty folder without the marker is a backup disk not mounted:
+/// the batch fails, nothing is written there, and it is written once the disk is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirror_does_not_write_into_its_folder_while_it_is_missing_or_empty() {
+    let (source_dir, disk) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    write(source_dir.path(), "kept.txt", b"backed up");
+    let log = common::log();
+    scan_once(&FsSource::new(FsConfig::new(source_dir.path())), &log).await;
+    let backup = disk.path().join("backup");
+    let mirror = FsStore::mirror("m", FsConfig::new(&backup));
+    apply(&mirror, &log, views(&log)).await;
+    assert!(backup.join(converge_plugin_fs::MARKER_FILE).is_file());
+    assert_eq!(tree(&backup), tree(source_dir.path()));
+    log.set_cursor("mirror-m", log.len()).await.unwrap();
+
+    // Unmounted: the path is missing, then an empty mount point.
+    let mounted = disk.path().join("mounted");
+    std::fs::rename(&backup, &mounted).unwrap();
+    write(source_dir.path(), "new.txt", b"written meanwhile");
+    scan_once(&FsSource::new(FsConfig::new(source_dir.path())), &log).await;
+    let ctx = StoreContext::new(log.clone());
+    let error = mirror.apply(&ctx, views(&log)).await.unwrap_err();
+    assert!(error.to_string().contains(".convergefolder"), "{error}");
+    assert!(!backup.exists(), "the mirror made its folder again");
+    std::fs::create_dir(&backup).unwrap();
+    assert!(mirror.apply(&ctx, views(&log)).await.is_err());
+    assert!(
+        tree(&backup).is_empty(),
+        "the mirror wrote into the mount point"
+    );
+
+    // Mounted again.
+    std::fs::remove_dir(&backup).unwrap();
+    std::fs::rename(&mounted, &backup).unwrap();
+    apply(&mirror, &log, views(&log)).await;
+    assert_eq!(tree(&backup), tree(source_dir.path()));
+}
