@@ -1096,3 +1096,54 @@ fn a_folder_found_empty_without_its_marker_deletes_nothing() {
     a.stop();
     b.stop();
 }
+
+/// B's whole folder is deleted while B runs (`rm -rf`): the removals are held until the
+/// folder has been quiet, then found without their marker, so none is recorded and A keeps
+/// every file. Creating the empty folder and its marker again is the user's "yes, delete
+/// them": the deletions then reach A.
+#[test]
+fn deleting_the_whole_folder_while_running_deletes_nothing_elsewhere() {
+    let (mut a, mut b) = pair();
+    let mut rng = SmallRng::seed_from_u64(11);
+    for i in 0..400 {
+        let mut bytes = vec![0u8; rng.gen_range(0..2048)];
+        rng.fill_bytes(&mut bytes);
+        write_file(
+            &a.folder().join(format!("d{}/e{}/f{i}.bin", i % 7, i % 3)),
+            &bytes,
+        );
+    }
+    a.start();
+    b.start();
+    let before = assert_converges(&mut a, &mut b);
+
+    // As `rm -rf` goes through a large folder: some subfolders, then (readdir order) the
+    // marker, then the rest, each step slower than the watcher's debounce.
+    for i in 0..3 {
+        fs::remove_dir_all(b.folder().join(format!("d{i}"))).unwrap();
+        std::thread::sleep(Duration::from_millis(150));
+    }
+    fs::remove_file(b.folder().join(MARKER)).unwrap();
+    std::thread::sleep(Duration::from_millis(150));
+    fs::remove_dir_all(b.folder()).unwrap();
+    let mut status = serde_json::Value::Null;
+    let down = wait_until(CONVERGE_TIMEOUT, || {
+        status = b.admin_get("/api/v1/status");
+        status["sources"][0]["up"] == false
+    });
+    assert!(down, "B's source is not down: {status}");
+    // Time for a wrongly recorded delete to reach A.
+    std::thread::sleep(Duration::from_secs(3));
+    a.assert_running();
+    b.assert_running();
+    assert_eq!(tree(a.folder()), before, "A lost files");
+
+    fs::create_dir(b.folder()).unwrap();
+    fs::write(b.folder().join(MARKER), b"").unwrap();
+    let emptied = wait_until(CONVERGE_TIMEOUT, || {
+        tree(a.folder()).is_empty() && tree(b.folder()).is_empty()
+    });
+    assert!(emptied, "A still holds {} paths", tree(a.folder()).len());
+    a.stop();
+    b.stop();
+}

@@ -1,6 +1,6 @@
 //! The folder source: a start-up scan, then watching with `notify`, debounced.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,6 +24,15 @@ use crate::{FsConfig, EMIT_BATCH, IGNORE_FILE, TEMP_PREFIX};
 
 /// How often the folder is rescanned when it cannot be watched.
 const RESCAN_WITHOUT_WATCHER: Duration = Duration::from_secs(60);
+
+/// Removals the watcher sees are recorded once none has come for this long (or
+/// [`REMOVALS_HELD_AT_MOST`] after the first), each checked again then, with the folder
+/// marker. A folder deleted whole (`rm -rf`) loses its marker while its removals are held,
+/// and none of them is recorded: deleting the synced folder itself does not delete it on
+/// every replica. (Creations and edits are recorded at once.)
+const REMOVALS_QUIET: Duration = Duration::from_secs(1);
+/// Longest a removal is held while others keep coming.
+const REMOVALS_HELD_AT_MOST: Duration = Duration::from_secs(10);
 
 /// The source of one folder: scans at start, then watches until shutdown.
 #[derive(Debug)]
@@ -124,16 +133,39 @@ impl FsSource {
         // it, a file edited while the daemon was stopped could be overwritten unrecorded.
         ctx.initial_scan_done();
 
+        // Keys found removed, held (see `REMOVALS_QUIET`): since when, and the last.
+        let mut held: BTreeSet<Key> = BTreeSet::new();
+        let mut held_since: Option<tokio::time::Instant> = None;
+        let mut last_removal = tokio::time::Instant::now();
         loop {
             let mut paths = BTreeSet::new();
             let mut rescan = false;
-            tokio::select! {
+            let release_at = held_since
+                .map(|since| (last_removal + REMOVALS_QUIET).min(since + REMOVALS_HELD_AT_MOST));
+            let far = tokio::time::Instant::now() + RESCAN_WITHOUT_WATCHER;
+            let release = tokio::select! {
                 _ = ctx.shutdown() => return Ok(()),
-                _ = tokio::time::sleep(RESCAN_WITHOUT_WATCHER), if _watcher.is_none() => rescan = true,
+                _ = tokio::time::sleep(RESCAN_WITHOUT_WATCHER), if _watcher.is_none() => {
+                    rescan = true;
+                    false
+                }
+                _ = tokio::time::sleep_until(release_at.unwrap_or(far)), if release_at.is_some() => true,
                 first = rx.recv() => match first {
                     None => return Ok(()),
-                    Some(event) => collect(event, &mut paths, &mut rescan),
+                    Some(event) => {
+                        collect(event, &mut paths, &mut rescan);
+                        false
+                    }
                 },
+            };
+            if release {
+                held_since = None;
+                let (env, held) = (env.clone(), std::mem::take(&mut held));
+                let deletes = tokio::task::spawn_blocking(move || removals(&env, &held)).await??;
+                for chunk in deletes.chunks(EMIT_BATCH) {
+                    ctx.emit(chunk.to_vec()).await?;
+                }
+                continue;
             }
             let deadline = tokio::time::Instant::now() + self.config.debounce;
             loop {
@@ -166,6 +198,11 @@ impl FsSource {
             };
             for chunk in plan.changes.chunks(EMIT_BATCH) {
                 ctx.emit(chunk.to_vec()).await?;
+            }
+            if !plan.removed.is_empty() {
+                held.extend(plan.removed);
+                last_removal = tokio::time::Instant::now();
+                held_since.get_or_insert(last_removal);
             }
             for key in plan.subtrees {
                 scan(&ctx, &env, Some(key), false).await?;
@@ -206,13 +243,16 @@ struct Plan {
     changes: Vec<LocalChange>,
     /// New directories to scan whole (their contents produced no events of their own).
     subtrees: Vec<Key>,
+    /// Keys found removed, not recorded yet: to hold.
+    removed: Vec<Key>,
 }
 
-/// Classifies each changed path (blocking: stats, hashes, reads heads).
+/// Classifies each changed path (blocking: stats, hashes, reads heads). Removals are not
+/// recorded here: their keys are handed back, to be held (see [`REMOVALS_QUIET`]).
 fn plan(env: &Env, paths: BTreeSet<PathBuf>) -> Result<Plan, FsError> {
     let mut puts = Vec::new();
-    let mut deletes = Vec::new();
     let mut subtrees = Vec::new();
+    let mut removed = Vec::new();
     // Directories handled whole: paths below them need nothing more. The set is sorted,
     // so a directory comes before its contents.
     let mut handled: Vec<Key> = Vec::new();
@@ -284,48 +324,62 @@ fn plan(env: &Env, paths: BTreeSet<PathBuf>) -> Result<Plan, FsError> {
                 if env.echo.get(&key) == Some(Applied::Absent) || env.echo.is_failed(&key) {
                     continue;
                 }
-                let was_dir = heads
-                    .iter()
-                    .any(|h| matches!(&h.op, Op::Put { meta, .. } if meta.kind == EntryKind::Dir));
-                if was_dir {
-                    // A vanished directory: everything the projection shows below it.
-                    for entry in env.log.states() {
-                        let (below, state) = entry?;
-                        if !below.is_under(&key)
-                            || env.resolver.shown(&below, &state.heads).is_none()
-                        {
-                            continue;
-                        }
-                        if env.echo.get(&below) == Some(Applied::Absent)
-                            || env.echo.is_failed(&below)
-                        {
-                            continue;
-                        }
-                        if std::fs::symlink_metadata(env.rules.path_of(&below)).is_err() {
-                            let removed_at = removed_at_ms(&env.rules, &below);
-                            deletes.push(LocalChange::new(below, Op::Delete).made_at(removed_at));
-                        }
-                    }
-                    handled.push(key.clone());
-                }
-                if shown.is_some() {
-                    let removed_at = removed_at_ms(&env.rules, &key);
-                    deletes.push(LocalChange::new(key, Op::Delete).made_at(removed_at));
-                }
+                removed.push(key);
+            }
+        }
+    }
+    Ok(Plan {
+        changes: puts,
+        subtrees,
+        removed,
+    })
+}
+
+/// What the held removals amount to now (blocking): a delete of every key at or below a
+/// held one that the projection shows and the folder lacks, children before their
+/// directory. Below a held directory, every such key counts, even if the directory came
+/// back meanwhile (the store recreates one for a peer's file in it, and nothing else).
+/// Fails, recording nothing, if the folder has lost its marker.
+fn removals(env: &Env, held: &BTreeSet<Key>) -> Result<Vec<LocalChange>, FsError> {
+    let mut deletes = Vec::new();
+    let mut consider = |key: &Key, heads: &[converge_api::Head]| {
+        let gone = env.resolver.shown(key, heads).is_some()
+            // Removed by the store, or not written because it could not be.
+            && env.echo.get(key) != Some(Applied::Absent)
+            && !env.echo.is_failed(key)
+            && !std::fs::symlink_metadata(env.rules.path_of(key))
+                .is_ok_and(|m| m.is_file() || m.is_dir());
+        if gone {
+            let removed_at = removed_at_ms(&env.rules, key);
+            deletes.push(LocalChange::new(key.clone(), Op::Delete).made_at(removed_at));
+        }
+    };
+    let mut dirs = HashSet::new();
+    for key in held {
+        let heads = env.log.heads(key)?;
+        if heads
+            .iter()
+            .any(|h| matches!(&h.op, Op::Put { meta, .. } if meta.kind == EntryKind::Dir))
+        {
+            dirs.insert(key.clone());
+        }
+        consider(key, &heads);
+    }
+    if !dirs.is_empty() {
+        for entry in env.log.states() {
+            let (key, state) = entry?;
+            let below_a_dir =
+                std::iter::successors(key.parent(), Key::parent).any(|k| dirs.contains(&k));
+            if below_a_dir && !held.contains(&key) {
+                consider(&key, &state.heads);
             }
         }
     }
     if !deletes.is_empty() {
         marker::check(env.rules.root())?;
     }
-    // Children before their directory.
     deletes.sort_by(|a, b| b.key.cmp(&a.key));
-    deletes.dedup_by(|a, b| a.key == b.key);
-    puts.extend(deletes);
-    Ok(Plan {
-        changes: puts,
-        subtrees,
-    })
+    Ok(deletes)
 }
 
 #[async_trait]
