@@ -1,6 +1,6 @@
 //! The folder source: a start-up scan, then watching with `notify`, debounced.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -134,7 +134,7 @@ impl FsSource {
         ctx.initial_scan_done();
 
         // Keys found removed, held (see `REMOVALS_QUIET`): since when, and the last.
-        let mut held: BTreeSet<Key> = BTreeSet::new();
+        let mut held: BTreeMap<Key, Option<u64>> = BTreeMap::new();
         let mut held_since: Option<tokio::time::Instant> = None;
         let mut last_removal = tokio::time::Instant::now();
         loop {
@@ -200,7 +200,10 @@ impl FsSource {
                 ctx.emit(chunk.to_vec()).await?;
             }
             if !plan.removed.is_empty() {
-                held.extend(plan.removed);
+                for (key, removed_at) in plan.removed {
+                    // Seen first is closest to when it happened.
+                    held.entry(key).or_insert(removed_at);
+                }
                 last_removal = tokio::time::Instant::now();
                 held_since.get_or_insert(last_removal);
             }
@@ -243,8 +246,8 @@ struct Plan {
     changes: Vec<LocalChange>,
     /// New directories to scan whole (their contents produced no events of their own).
     subtrees: Vec<Key>,
-    /// Keys found removed, not recorded yet: to hold.
-    removed: Vec<Key>,
+    /// Keys found removed, not recorded yet, and when (see `removed_at_ms`): to hold.
+    removed: Vec<(Key, Option<u64>)>,
 }
 
 /// Classifies each changed path (blocking: stats, hashes, reads heads). Removals are not
@@ -324,7 +327,8 @@ fn plan(env: &Env, paths: BTreeSet<PathBuf>) -> Result<Plan, FsError> {
                 if env.echo.get(&key) == Some(Applied::Absent) || env.echo.is_failed(&key) {
                     continue;
                 }
-                removed.push(key);
+                let removed_at = removed_at_ms(&env.rules, &key);
+                removed.push((key, removed_at));
             }
         }
     }
@@ -339,10 +343,11 @@ fn plan(env: &Env, paths: BTreeSet<PathBuf>) -> Result<Plan, FsError> {
 /// held one that the projection shows and the folder lacks, children before their
 /// directory. Below a held directory, every such key counts, even if the directory came
 /// back meanwhile (the store recreates one for a peer's file in it, and nothing else).
-/// Fails, recording nothing, if the folder has lost its marker.
-fn removals(env: &Env, held: &BTreeSet<Key>) -> Result<Vec<LocalChange>, FsError> {
+/// Each is stamped as of when its removal was seen (a key below a directory, as of the
+/// directory's). Fails, recording nothing, if the folder has lost its marker.
+fn removals(env: &Env, held: &BTreeMap<Key, Option<u64>>) -> Result<Vec<LocalChange>, FsError> {
     let mut deletes = Vec::new();
-    let mut consider = |key: &Key, heads: &[converge_api::Head]| {
+    let mut consider = |key: &Key, heads: &[converge_api::Head], removed_at: Option<u64>| {
         let gone = env.resolver.shown(key, heads).is_some()
             // Removed by the store, or not written because it could not be.
             && env.echo.get(key) != Some(Applied::Absent)
@@ -350,28 +355,31 @@ fn removals(env: &Env, held: &BTreeSet<Key>) -> Result<Vec<LocalChange>, FsError
             && !std::fs::symlink_metadata(env.rules.path_of(key))
                 .is_ok_and(|m| m.is_file() || m.is_dir());
         if gone {
-            let removed_at = removed_at_ms(&env.rules, key);
             deletes.push(LocalChange::new(key.clone(), Op::Delete).made_at(removed_at));
         }
     };
-    let mut dirs = HashSet::new();
-    for key in held {
+    let mut dirs = HashMap::new();
+    for (key, removed_at) in held {
         let heads = env.log.heads(key)?;
         if heads
             .iter()
             .any(|h| matches!(&h.op, Op::Put { meta, .. } if meta.kind == EntryKind::Dir))
         {
-            dirs.insert(key.clone());
+            dirs.insert(key.clone(), *removed_at);
         }
-        consider(key, &heads);
+        consider(key, &heads, *removed_at);
     }
     if !dirs.is_empty() {
         for entry in env.log.states() {
             let (key, state) = entry?;
-            let below_a_dir =
-                std::iter::successors(key.parent(), Key::parent).any(|k| dirs.contains(&k));
-            if below_a_dir && !held.contains(&key) {
-                consider(&key, &state.heads);
+            if held.contains_key(&key) {
+                continue;
+            }
+            // The removal of the nearest held directory above it.
+            if let Some(removed_at) =
+                std::iter::successors(key.parent(), Key::parent).find_map(|k| dirs.get(&k))
+            {
+                consider(&key, &state.heads, *removed_at);
             }
         }
     }
