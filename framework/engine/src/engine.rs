@@ -289,6 +289,17 @@ struct SourceSlot {
     error: Mutex<Option<String>>,
 }
 
+impl SourceSlot {
+    fn new(name: &str) -> Self {
+        SourceSlot {
+            name: name.to_owned(),
+            up: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+            failures: std::sync::atomic::AtomicU64::new(0),
+            error: Mutex::new(None),
+        }
+    }
+}
+
 struct StoreSlot {
     name: String,
     /// A rewind asked for and not yet taken up by the store's loop.
@@ -301,6 +312,20 @@ struct StoreSlot {
     failed: std::sync::atomic::AtomicU64,
     /// Why its last batch failed, until one succeeds.
     error: Mutex<Option<String>>,
+}
+
+impl StoreSlot {
+    fn new(name: &str) -> Self {
+        StoreSlot {
+            name: name.to_owned(),
+            replay_request: Mutex::new(None),
+            replaying_until: Mutex::new(None),
+            wake: tokio::sync::Notify::new(),
+            applied: std::sync::atomic::AtomicU64::new(0),
+            failed: std::sync::atomic::AtomicU64::new(0),
+            error: Mutex::new(None),
+        }
+    }
 }
 
 /// What the applier task is told by sessions.
@@ -580,29 +605,12 @@ impl EngineBuilder {
         let slots: Vec<Arc<StoreSlot>> = self
             .stores
             .iter()
-            .map(|s| {
-                Arc::new(StoreSlot {
-                    name: s.name().to_owned(),
-                    replay_request: Mutex::new(None),
-                    replaying_until: Mutex::new(None),
-                    wake: tokio::sync::Notify::new(),
-                    applied: std::sync::atomic::AtomicU64::new(0),
-                    failed: std::sync::atomic::AtomicU64::new(0),
-                    error: Mutex::new(None),
-                })
-            })
+            .map(|s| Arc::new(StoreSlot::new(s.name())))
             .collect();
         let source_slots: Vec<Arc<SourceSlot>> = self
             .sources
             .iter()
-            .map(|s| {
-                Arc::new(SourceSlot {
-                    name: s.name().to_owned(),
-                    up: Arc::new(std::sync::atomic::AtomicBool::new(true)),
-                    failures: std::sync::atomic::AtomicU64::new(0),
-                    error: Mutex::new(None),
-                })
-            })
+            .map(|s| Arc::new(SourceSlot::new(s.name())))
             .collect();
         let mut plugins: Vec<PluginInfo> = Vec::new();
         plugins.extend(

@@ -265,6 +265,38 @@ fn guarded_folder() -> (tempfile::TempDir, EventLog, FsStore, FsSource) {
     (dir, common::log(), store, scanner)
 }
 
+/// A put of `bytes` at `key` by another replica (`[7; 16]`), at `wall_ms`, over
+/// `parents`; its content is put into the log's content store.
+fn remote_put(
+    log: &EventLog,
+    seq: u64,
+    key_str: &str,
+    bytes: &[u8],
+    wall_ms: u64,
+    parents: Vec<converge_api::EventId>,
+) -> converge_api::Event {
+    let other = tempfile::tempdir().unwrap();
+    write(other.path(), "r", bytes);
+    let content =
+        converge_plugin_fs::content::store_file(&other.path().join("r"), log.chunks()).unwrap();
+    converge_api::Event {
+        id: converge_api::EventId {
+            origin: converge_api::ReplicaId([7; 16]),
+            seq,
+        },
+        hlc: Hlc {
+            wall_ms,
+            logical: 0,
+        },
+        key: key(key_str),
+        parents,
+        op: Op::Put {
+            content: Some(content),
+            meta: converge_api::Meta::file(1_700_000_000_000),
+        },
+    }
+}
+
 /// A file saved again before the source recorded the change must not be put back to the
 /// version the log holds; a file in a state the log knows (an ancestor of the winner) is
 /// replaced as usual; a mirror overwrites whatever it finds.
@@ -293,26 +325,14 @@ async fn a_local_change_not_yet_recorded_is_never_overwritten() {
     // A remote write on top of the recorded history (delete ← first): the file on disk is
     // in no state the log knows, so it stays; once it is back to a known state (the
     // first version, an ancestor of the winner), the remote write replaces it.
-    let other = tempfile::tempdir().unwrap();
-    write(other.path(), "r", b"remote version");
-    let content =
-        converge_plugin_fs::content::store_file(&other.path().join("r"), log.chunks()).unwrap();
-    let remote = converge_api::Event {
-        id: converge_api::EventId {
-            origin: converge_api::ReplicaId([7; 16]),
-            seq: 1,
-        },
-        hlc: Hlc {
-            wall_ms: u64::MAX / 2,
-            logical: 0,
-        },
-        key: key("f.txt"),
-        parents: vec![deleted[0].id],
-        op: Op::Put {
-            content: Some(content),
-            meta: converge_api::Meta::file(1_700_000_000_000),
-        },
-    };
+    let remote = remote_put(
+        &log,
+        1,
+        "f.txt",
+        b"remote version",
+        u64::MAX / 2,
+        vec![deleted[0].id],
+    );
     log.append(vec![remote]).await.unwrap();
     apply(&store, &log, views(&log)).await;
     assert_eq!(
@@ -366,33 +386,17 @@ async fn a_touched_file_is_replaced_but_an_unrecorded_edit_of_the_same_size_is_n
     write(dir.path(), "edited.txt", b"v9");
     set_mtime(dir.path(), "edited.txt", 1_000_000_000);
 
-    let other = tempfile::tempdir().unwrap();
-    write(other.path(), "r", b"remote version");
-    let content =
-        converge_plugin_fs::content::store_file(&other.path().join("r"), log.chunks()).unwrap();
     let remote: Vec<converge_api::Event> = ["touched.txt", "edited.txt"]
         .iter()
         .zip(1..)
-        .map(|(name, seq)| converge_api::Event {
-            id: converge_api::EventId {
-                origin: converge_api::ReplicaId([7; 16]),
-                seq,
-            },
-            hlc: Hlc {
-                wall_ms: u64::MAX / 2,
-                logical: 0,
-            },
-            key: key(name),
-            parents: log
+        .map(|(name, seq)| {
+            let parents = log
                 .heads(&key(name))
                 .unwrap()
                 .iter()
                 .map(|h| h.id)
-                .collect(),
-            op: Op::Put {
-                content: Some(content),
-                meta: converge_api::Meta::file(1_700_000_000_000),
-            },
+                .collect();
+            remote_put(&log, seq, name, b"remote version", u64::MAX / 2, parents)
         })
         .collect();
     log.append(remote).await.unwrap();
@@ -570,26 +574,7 @@ async fn a_key_below_an_unrecorded_file_waits_for_the_change_to_be_recorded() {
 
     // Edited here, not recorded yet, when the peer's x/inside.txt arrives.
     write(dir.path(), "x", b"edited here, later");
-    let other = tempfile::tempdir().unwrap();
-    write(other.path(), "r", b"from the peer");
-    let content =
-        converge_plugin_fs::content::store_file(&other.path().join("r"), log.chunks()).unwrap();
-    let below = converge_api::Event {
-        id: converge_api::EventId {
-            origin: converge_api::ReplicaId([7; 16]),
-            seq: 1,
-        },
-        hlc: Hlc {
-            wall_ms: 1,
-            logical: 0,
-        },
-        key: key("x/inside.txt"),
-        parents: Vec::new(),
-        op: Op::Put {
-            content: Some(content),
-            meta: converge_api::Meta::file(1_700_000_000_000),
-        },
-    };
+    let below = remote_put(&log, 1, "x/inside.txt", b"from the peer", 1, Vec::new());
     log.append(vec![below]).await.unwrap();
     apply(&store, &log, views(&log)).await;
     assert_eq!(
