@@ -158,7 +158,8 @@ data_dir = "."
 # The folder to keep in sync.
 path = {folder}
 # What the folder shows when replicas wrote the same file concurrently: "lww" (the last
-# writer wins) is built in; a loaded plugin may provide others.
+# writer wins) or "conflict-copy" (the same, with the other writes kept beside it as
+# name.sync-conflict-<date>-<replica>.ext); a loaded plugin may provide others.
 conflict_policy = "lww"
 
 [transport]

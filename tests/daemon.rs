@@ -1147,3 +1147,69 @@ fn deleting_the_whole_folder_while_running_deletes_nothing_elsewhere() {
     a.stop();
     b.stop();
 }
+
+/// With `conflict_policy = "conflict-copy"`, concurrent edits show the later one at the
+/// path and the other beside it on both replicas, as `name.sync-conflict-<date>-<replica>`
+/// with its bytes; the next edit at the path merges the conflict.
+#[test]
+fn conflict_copy_policy_keeps_the_losing_edit_beside_the_winner() {
+    let (mut a, mut b) = pair();
+    for d in [&a, &b] {
+        let config = fs::read_to_string(d.config()).unwrap();
+        let changed = config.replace(
+            "conflict_policy = \"lww\"",
+            "conflict_policy = \"conflict-copy\"",
+        );
+        assert_ne!(config, changed, "the config names its policy");
+        fs::write(d.config(), changed).unwrap();
+    }
+    write_file(&a.folder().join("notes.txt"), b"base\n");
+    a.start();
+    b.start();
+    assert_converges(&mut a, &mut b);
+    a.stop();
+    b.stop();
+    write_file(&a.folder().join("notes.txt"), b"A's edit, earlier\n");
+    std::thread::sleep(Duration::from_millis(50));
+    write_file(&b.folder().join("notes.txt"), b"B's edit, later\n");
+    a.start();
+    b.start();
+    let copy_of = |d: &Daemon| -> Option<Vec<u8>> {
+        let mut copies = fs::read_dir(d.folder())
+            .unwrap()
+            .map(|e| e.unwrap())
+            .filter(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                name.starts_with("notes.sync-conflict-") && name.ends_with(".txt")
+            });
+        let copy = copies.next()?;
+        assert!(copies.next().is_none(), "one copy in {}", d.name);
+        fs::read(copy.path()).ok()
+    };
+    let kept = wait_until(CONVERGE_TIMEOUT, || {
+        a.assert_running();
+        b.assert_running();
+        [&a, &b].iter().all(|d| {
+            fs::read(d.folder().join("notes.txt")).ok().as_deref() == Some(b"B's edit, later\n")
+                && copy_of(d).as_deref() == Some(b"A's edit, earlier\n")
+        })
+    });
+    assert!(
+        kept,
+        "A: {:?}\nB: {:?}\n{}",
+        tree(a.folder()),
+        tree(b.folder()),
+        b.log_tail()
+    );
+    assert_eq!(tree(a.folder()), tree(b.folder()), "copies included");
+
+    // An edit names both heads as parents: the conflict is merged everywhere.
+    write_file(&a.folder().join("notes.txt"), b"merged on A\n");
+    let merged = wait_until(CONVERGE_TIMEOUT, || {
+        fs::read(b.folder().join("notes.txt")).ok().as_deref() == Some(b"merged on A\n")
+            && b.admin_get("/api/v1/keys/notes.txt")["conflicted"] == false
+    });
+    assert!(merged, "{}", b.log_tail());
+    a.stop();
+    b.stop();
+}
