@@ -1150,7 +1150,7 @@ fn deleting_the_whole_folder_while_running_deletes_nothing_elsewhere() {
 
 /// With `conflict_policy = "conflict-copy"`, concurrent edits show the later one at the
 /// path and the other beside it on both replicas, as `name.sync-conflict-<date>-<replica>`
-/// with its bytes; the next edit at the path merges the conflict.
+/// with its bytes; deleting the copy by hand merges the conflict, keeping the winner.
 #[test]
 fn conflict_copy_policy_keeps_the_losing_edit_beside_the_winner() {
     let (mut a, mut b) = pair();
@@ -1203,13 +1203,28 @@ fn conflict_copy_policy_keeps_the_losing_edit_beside_the_winner() {
     );
     assert_eq!(tree(a.folder()), tree(b.folder()), "copies included");
 
-    // An edit names both heads as parents: the conflict is merged everywhere.
-    write_file(&a.folder().join("notes.txt"), b"merged on A\n");
+    // Deleting the copy by hand keeps the winner: a merge, so the key is no longer a
+    // conflict on either side. A keeps its copy until its user deletes it.
+    let copy = fs::read_dir(b.folder())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.to_string_lossy().contains(".sync-conflict-"))
+        .unwrap();
+    fs::remove_file(&copy).unwrap();
     let merged = wait_until(CONVERGE_TIMEOUT, || {
-        fs::read(b.folder().join("notes.txt")).ok().as_deref() == Some(b"merged on A\n")
-            && b.admin_get("/api/v1/keys/notes.txt")["conflicted"] == false
+        [&a, &b]
+            .iter()
+            .all(|d| d.admin_get("/api/v1/keys/notes.txt")["conflicted"] == false)
     });
-    assert!(merged, "{}", b.log_tail());
+    assert!(merged, "{}\n{}", a.log_tail(), b.log_tail());
+    for d in [&a, &b] {
+        assert_eq!(
+            fs::read(d.folder().join("notes.txt")).unwrap(),
+            b"B's edit, later\n"
+        );
+    }
+    assert_eq!(copy_of(&b), None, "the deleted copy stays deleted");
+    assert_eq!(copy_of(&a).as_deref(), Some(&b"A's edit, earlier\n"[..]));
     a.stop();
     b.stop();
 }

@@ -44,8 +44,17 @@ impl std::fmt::Debug for Resolver {
 impl Resolver {
     /// The winning head if it is a `Put` (the key is shown), `None` if the key is absent.
     pub(crate) fn shown<'h>(&self, key: &Key, heads: &'h [Head]) -> Option<&'h Head> {
-        let (winner, _) = pick(self.policy.as_deref(), key, heads);
+        let (winner, _) = self.pick(key, heads);
         winner.filter(|h| matches!(h.op, Op::Put { .. }))
+    }
+
+    /// The winning head (a `Delete` too) and the heads shown as conflict copies.
+    pub(crate) fn pick<'h>(
+        &self,
+        key: &Key,
+        heads: &'h [Head],
+    ) -> (Option<&'h Head>, Vec<&'h Head>) {
+        pick(self.policy.as_deref(), key, heads)
     }
 }
 

@@ -20,7 +20,8 @@ use crate::error::FsError;
 use crate::marker;
 use crate::rules::Rules;
 use crate::scan::{examine_file, is_echo, removed_at_ms, scan, Env, Resolver};
-use crate::{FsConfig, EMIT_BATCH, IGNORE_FILE, TEMP_PREFIX};
+use crate::store::conflict_name;
+use crate::{FsConfig, CONFLICT_MARKER, EMIT_BATCH, IGNORE_FILE, TEMP_PREFIX};
 
 /// How often the folder is rescanned when it cannot be watched.
 const RESCAN_WITHOUT_WATCHER: Duration = Duration::from_secs(60);
@@ -274,6 +275,9 @@ fn plan(env: &Env, paths: BTreeSet<PathBuf>) -> Result<Plan, FsError> {
         }
         let is_dir = meta.as_ref().is_ok_and(|m| m.is_dir());
         if env.rules.ignores(&path, is_dir, true) {
+            if meta.is_err() {
+                puts.extend(merge_for_deleted_copy(env, &path)?);
+            }
             continue;
         }
         let key = match key {
@@ -337,6 +341,36 @@ fn plan(env: &Env, paths: BTreeSet<PathBuf>) -> Result<Plan, FsError> {
         subtrees,
         removed,
     })
+}
+
+/// The merge a conflict copy deleted by hand asks for (DESIGN §2: "keep the winner"): the
+/// winner's operation again, naming every head as a parent, if `path` was the copy of one
+/// of the heads its key shows as conflict copies. Other replicas keep their copies until
+/// their users delete them; the key is no longer a conflict anywhere.
+fn merge_for_deleted_copy(env: &Env, path: &Path) -> Result<Option<LocalChange>, FsError> {
+    let Ok(copy) = env.rules.key_of(path) else {
+        return Ok(None);
+    };
+    // `name.sync-conflict-<date>-<origin>.ext` is a copy of `name.ext`.
+    let Some((front, rest)) = copy.as_str().rsplit_once(CONFLICT_MARKER) else {
+        return Ok(None);
+    };
+    let ext = rest.find('.').map_or("", |i| &rest[i..]);
+    let Ok(key) = Key::new(format!("{front}{ext}")) else {
+        return Ok(None);
+    };
+    let heads = env.log.heads(&key)?;
+    let (Some(winner), copies) = env.resolver.pick(&key, &heads) else {
+        return Ok(None);
+    };
+    if !copies
+        .iter()
+        .any(|h| conflict_name(&key, h).as_ref() == Some(&copy))
+    {
+        return Ok(None);
+    }
+    tracing::info!("{copy} deleted: {key} keeps what it shows, and its conflict is merged");
+    Ok(Some(LocalChange::new(key, winner.op.clone())))
 }
 
 /// What the held removals amount to now (blocking): a delete of every key at or below a
