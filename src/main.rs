@@ -36,12 +36,16 @@ fn main() -> ExitCode {
 }
 
 /// Logs to standard error, filtered by `RUST_LOG` (default `info`), so standard output
-/// carries only what a command prints for scripts.
+/// carries only what a command prints for scripts. Colors only on a terminal (a log file
+/// or the journal gets plain text) and never with `NO_COLOR` set.
 fn init_logging() {
+    use std::io::IsTerminal;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let color = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(color)
         .init();
 }
 
