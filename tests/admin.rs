@@ -198,36 +198,56 @@ fn promtool_check(metrics: &str) {
     );
 }
 
-/// Metric names used by the Grafana dashboard's panel expressions.
+/// The example monitoring file `name`.
+fn monitoring(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("examples/monitoring")
+        .join(name)
+}
+
+/// The metric families a PromQL expression names.
+fn metrics_in(expr: &str, names: &mut BTreeSet<String>) {
+    let mut rest = expr;
+    while let Some(i) = rest.find("converge_") {
+        let name: String = rest[i..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        rest = &rest[i + name.len()..];
+        // Histogram series: the family is named without the suffix.
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .unwrap_or(&name)
+            .to_owned();
+        names.insert(family);
+    }
+}
+
+/// Metric names used by the Grafana dashboard's panel expressions and by the alerting
+/// rules' expressions.
 fn dashboard_metrics() -> BTreeSet<String> {
-    let path =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/monitoring/grafana-dashboard.json");
+    let path = monitoring("grafana-dashboard.json");
     let dashboard: Value = serde_json::from_str(&fs::read_to_string(&path).unwrap()).unwrap();
     let mut names = BTreeSet::new();
     for panel in dashboard["panels"].as_array().unwrap() {
         for target in panel["targets"].as_array().into_iter().flatten() {
-            let expr = target["expr"].as_str().unwrap();
-            let mut rest = expr;
-            while let Some(i) = rest.find("converge_") {
-                let name: String = rest[i..]
-                    .chars()
-                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
-                    .collect();
-                rest = &rest[i + name.len()..];
-                // Histogram series: the family is named without the suffix.
-                let family = ["_bucket", "_sum", "_count"]
-                    .iter()
-                    .find_map(|s| name.strip_suffix(s))
-                    .unwrap_or(&name)
-                    .to_owned();
-                names.insert(family);
-            }
+            metrics_in(target["expr"].as_str().unwrap(), &mut names);
         }
     }
     assert!(
         names.len() >= 8,
         "dashboard names too few metrics: {names:?}"
     );
+    let alerts = fs::read_to_string(monitoring("alerts.yml")).unwrap();
+    let exprs: Vec<&str> = alerts
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("expr:"))
+        .collect();
+    assert_eq!(exprs.len(), 5, "the alerting rules' expressions");
+    for expr in exprs {
+        metrics_in(expr, &mut names);
+    }
     names
 }
 
@@ -277,7 +297,7 @@ fn metrics_pass_promtool_feed_prometheus_and_the_dashboard() {
     for name in dashboard_metrics() {
         assert!(
             families.contains(name.as_str()),
-            "the dashboard uses {name}, absent from /metrics:\n{metrics}"
+            "the dashboard or the alerts use {name}, absent from /metrics:\n{metrics}"
         );
     }
 
@@ -288,8 +308,10 @@ fn metrics_pass_promtool_feed_prometheus_and_the_dashboard() {
     fs::write(
         &config,
         format!(
-            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: converge\n    \
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - '{}'\n\
+             scrape_configs:\n  - job_name: converge\n    \
              static_configs:\n      - targets: ['127.0.0.1:{}']\n",
+            monitoring("alerts.yml").display(),
             a.admin_port
         ),
     )
@@ -324,6 +346,35 @@ fn metrics_pass_promtool_feed_prometheus_and_the_dashboard() {
         scraped,
         "Prometheus never returned converge_log_events_total{{origin=\"local\"}} = {WRITES}: {last}\n{}",
         fs::read_to_string(dir.path().join("prometheus.log")).unwrap_or_default()
+    );
+    // The example alerting rules load and evaluate against the daemon's series, and none
+    // fires on a healthy replica.
+    let rules = format!("http://127.0.0.1:{port}/api/v1/rules");
+    let evaluated = wait_until(Duration::from_secs(60), || {
+        let Ok(answer) = ureq::get(&rules).call() else {
+            return false;
+        };
+        last = answer.into_json().unwrap_or(Value::Null);
+        let rules = last["data"]["groups"][0]["rules"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        rules.len() == 5
+            && rules.iter().all(|r| {
+                r["health"] == "ok"
+                    && r["lastEvaluation"]
+                        .as_str()
+                        .is_some_and(|t| !t.starts_with("0001"))
+            })
+    });
+    assert!(
+        evaluated,
+        "the alerting rules did not load and evaluate: {last:#}"
+    );
+    let rules = last["data"]["groups"][0]["rules"].as_array().unwrap();
+    assert!(
+        rules.iter().all(|r| r["state"] == "inactive"),
+        "an alert is pending or firing on a healthy replica: {last:#}"
     );
     a.stop();
 }
