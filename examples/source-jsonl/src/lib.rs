@@ -20,14 +20,17 @@
 //! use example_source_jsonl::{parse, Record};
 //!
 //! let record = parse(r#"{"id": "greeting", "value": "hello"}"#).unwrap();
-//! let Record::Put { key, bytes } = record else { panic!("a put") };
+//! let Record::Put { key, bytes, .. } = record else { panic!("a put") };
 //! assert_eq!((key.as_str(), bytes.as_slice()), ("kv/greeting", &b"hello"[..]));
 //! assert!(parse(r#"{"id": "../escape", "value": 1}"#).is_err(), "keys are validated");
 //! ```
 //!
 //! Records: `{"id": "a", "value": <any JSON>}` puts `kv/a` (a string value is stored as its
 //! UTF-8 text, anything else as its JSON text); `{"id": "a", "delete": true}` deletes it.
-//! A number `id` is used as its decimal text. Malformed lines are logged and skipped.
+//! A number `id` is used as its decimal text. An optional `"at"` (milliseconds since the
+//! Unix epoch) says when the change was made, for records written while converge was not
+//! running: last-write-wins then orders it as of then. Malformed lines are logged and
+//! skipped.
 //!
 //! The file is read from its start when the source starts (a restart re-emits every
 //! record; converge dedupes nothing here, so each restart adds events — fine for an
@@ -42,7 +45,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use converge_api::abi::{EmitError, Host, SourcePlugin, LOG_DEBUG, LOG_WARN};
+use converge_api::abi::{EmitError, Emitted, Host, SourcePlugin, LOG_DEBUG, LOG_WARN};
 use converge_api::{Key, Meta, Op};
 
 /// Environment variable naming the file when the plugin's config string is empty.
@@ -105,11 +108,15 @@ pub enum Record {
         key: Key,
         /// The value's bytes.
         bytes: Vec<u8>,
+        /// When it was made (`"at"`), if the line says.
+        at_ms: Option<u64>,
     },
     /// Delete `key`.
     Delete {
         /// `kv/<id>`.
         key: Key,
+        /// When it was made (`"at"`), if the line says.
+        at_ms: Option<u64>,
     },
 }
 
@@ -123,15 +130,19 @@ pub fn parse(line: &str) -> Result<Record, String> {
         _ => return Err("no string or number \"id\"".into()),
     };
     let key = Key::new(format!("kv/{id}")).map_err(|e| e.to_string())?;
+    let at_ms = match value.get("at") {
+        None => None,
+        Some(at) => Some(at.as_u64().ok_or("\"at\" is not a time in milliseconds")?),
+    };
     if value.get("delete").and_then(|d| d.as_bool()) == Some(true) {
-        return Ok(Record::Delete { key });
+        return Ok(Record::Delete { key, at_ms });
     }
     let bytes = match value.get("value") {
         Some(serde_json::Value::String(s)) => s.clone().into_bytes(),
         Some(v) => serde_json::to_vec(v).map_err(|e| e.to_string())?,
         None => return Err("no \"value\" (and not a delete)".into()),
     };
-    Ok(Record::Put { key, bytes })
+    Ok(Record::Put { key, bytes, at_ms })
 }
 
 fn tail(path: &std::path::Path, host: &Host, stop: &AtomicBool) {
@@ -186,10 +197,28 @@ fn read_from(path: &std::path::Path, offset: u64) -> std::io::Result<Vec<u8>> {
 fn emit(host: &Host, record: Record, stop: &AtomicBool) -> bool {
     let mut backoff = Duration::from_millis(1);
     loop {
-        let result = match &record {
-            Record::Put { key, bytes } => host.emit_bytes(key, Meta::file(now_ms()), bytes.clone()),
-            Record::Delete { key } => host.emit(key, Op::Delete),
+        let change = match &record {
+            Record::Put { key, bytes, at_ms } => Emitted {
+                key: key.clone(),
+                op: Op::Put {
+                    content: None,
+                    meta: Meta::file(
+                        at_ms
+                            .and_then(|t| i64::try_from(t).ok())
+                            .unwrap_or_else(now_ms),
+                    ),
+                },
+                bytes: Some(bytes.clone()),
+                made_at_ms: *at_ms,
+            },
+            Record::Delete { key, at_ms } => Emitted {
+                key: key.clone(),
+                op: Op::Delete,
+                bytes: None,
+                made_at_ms: *at_ms,
+            },
         };
+        let result = host.emit_change(&change);
         match result {
             Ok(()) => return true,
             Err(EmitError::Busy) => {
@@ -232,6 +261,7 @@ mod tests {
             Ok(Record::Put {
                 key: key("a"),
                 bytes: b"hi".to_vec(),
+                at_ms: None,
             }),
         );
         check(
@@ -239,12 +269,24 @@ mod tests {
             Ok(Record::Put {
                 key: key("7"),
                 bytes: br#"{"x":1}"#.to_vec(),
+                at_ms: None,
             }),
         );
         check(
             r#"{"id":"a","delete":true}"#,
-            Ok(Record::Delete { key: key("a") }),
+            Ok(Record::Delete {
+                key: key("a"),
+                at_ms: None,
+            }),
         );
+        check(
+            r#"{"id":"a","delete":true,"at":1700000000000}"#,
+            Ok(Record::Delete {
+                key: key("a"),
+                at_ms: Some(1_700_000_000_000),
+            }),
+        );
+        check(r#"{"id":"a","value":1,"at":"yesterday"}"#, Err(()));
         check(r#"{"id":"../x","value":1}"#, Err(()));
         check(r#"{"value":1}"#, Err(()));
         check("not json", Err(()));

@@ -442,6 +442,12 @@ pub struct Emitted {
     /// The content of a `Put`, inline.
     #[serde(default, with = "serde_bytes")]
     pub bytes: Option<Vec<u8>>,
+    /// When the change was made, in milliseconds since the Unix epoch, if the plugin knows
+    /// (a change found late, made while the daemon was stopped): the event is then ordered
+    /// by last-write-wins as of then, not as of when it was emitted. Absent: now. A field
+    /// added later: hosts and plugins without it ignore it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub made_at_ms: Option<u64>,
 }
 
 /// A conflict policy implemented by a plugin. Same contract as
@@ -545,6 +551,7 @@ impl Host {
             key: key.clone(),
             op,
             bytes: None,
+            made_at_ms: None,
         })
     }
 
@@ -562,6 +569,7 @@ impl Host {
                 meta,
             },
             bytes: Some(bytes),
+            made_at_ms: None,
         })
     }
 

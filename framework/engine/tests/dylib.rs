@@ -155,7 +155,20 @@ async fn dylib_policy_decides_conflicts_the_same_on_both_replicas() {
 async fn dylib_source_records_reach_the_other_replica() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("kv.jsonl");
-    std::fs::write(&data, "{\"id\": \"first\", \"value\": \"one\"}\n").unwrap();
+    // A record made an hour ago, while nothing ran: stamped as of then.
+    let an_hour_ago = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+        - 3_600_000;
+    std::fs::write(
+        &data,
+        format!(
+            "{{\"id\": \"early\", \"value\": \"e\", \"at\": {an_hour_ago}}}\n\
+             {{\"id\": \"first\", \"value\": \"one\"}}\n"
+        ),
+    )
+    .unwrap();
     let registry = PluginRegistry::load_all([jsonl_path()]);
     assert!(registry.failures().is_empty(), "{:?}", registry.failures());
     let plugin = registry.get("jsonl").unwrap();
@@ -192,7 +205,12 @@ async fn dylib_source_records_reach_the_other_replica() {
     })
     .await;
     // The first put (from before the start) reached it too: the delete's parent.
-    assert_eq!(other.len(), 3);
+    assert_eq!(other.len(), 4);
+    let early = other.heads(&Key::new("kv/early").unwrap()).unwrap();
+    assert_eq!(
+        early[0].hlc.wall_ms, an_hour_ago,
+        "stamped when it was made"
+    );
     for engine in &engines {
         engine.shutdown().await.unwrap();
     }

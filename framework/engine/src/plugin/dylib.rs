@@ -616,7 +616,7 @@ async fn append(ctx: &SourceContext, name: &str, batch: Vec<Emitted>) -> Result<
             }
             (_, op) => op,
         };
-        changes.push(LocalChange::new(change.key, op));
+        changes.push(LocalChange::new(change.key, op).made_at(change.made_at_ms));
     }
     ctx.emit(changes)
         .await
