@@ -11,7 +11,7 @@ use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::Json;
 use converge_api::{EntryKind, Event, EventId, Head, Hlc, Key, Op, ReplicaId};
-use converge_framework::{SubscriberStatus, SyncEngine};
+use converge_framework::{SourceStatus, SubscriberStatus, SyncEngine};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, OpenApi, ToSchema};
 
@@ -136,6 +136,17 @@ pub struct SourceInfo {
     pub error: Option<String>,
 }
 
+impl From<SourceStatus> for SourceInfo {
+    fn from(s: SourceStatus) -> Self {
+        SourceInfo {
+            name: s.name,
+            up: s.up,
+            failures: s.failures,
+            error: s.error,
+        }
+    }
+}
+
 impl From<SubscriberStatus> for SubscriberInfo {
     fn from(s: SubscriberStatus) -> Self {
         SubscriberInfo {
@@ -252,16 +263,7 @@ pub async fn status(State(state): State<AdminState>) -> Result<Json<Status>, Api
             .into_iter()
             .map(SubscriberInfo::from)
             .collect(),
-        sources: engine
-            .sources()
-            .into_iter()
-            .map(|s| SourceInfo {
-                name: s.name,
-                up: s.up,
-                failures: s.failures,
-                error: s.error,
-            })
-            .collect(),
+        sources: engine.sources().into_iter().map(SourceInfo::from).collect(),
         pending_events: load(&stats.pending),
         conflicts: load(&stats.conflicts),
         applied: load(&stats.applied),

@@ -90,6 +90,12 @@ impl Echo {
     pub(crate) fn is_failed(&self, key: &Key) -> bool {
         locked(&self.failed).contains(key)
     }
+
+    /// Whether the store accounts for `key` missing from the folder: it removed it, or it
+    /// could not write it. Such an absence is no local removal.
+    pub(crate) fn accounts_for_absence(&self, key: &Key) -> bool {
+        self.get(key) == Some(Applied::Absent) || self.is_failed(key)
+    }
 }
 
 /// Locks `mutex`; a panic while it was held leaves a map or set that is still valid.

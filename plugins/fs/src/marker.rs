@@ -18,30 +18,30 @@ use crate::error::FsError;
 use crate::scan::Resolver;
 use crate::MARKER_FILE;
 
-/// Checks the marker at the start of the source, before the folder is scanned: writes it
-/// in a folder that has none yet (a new folder, one the log shows nothing in, or one with
-/// files in it, set up before markers existed), and fails for an empty folder that the
-/// log shows files in.
-pub(crate) fn ensure(root: &Path, log: &EventLog, resolver: &Resolver) -> Result<(), FsError> {
-    let marker = root.join(MARKER_FILE);
-    if marker.is_file() {
+/// Makes sure `root` carries the marker before anything is read as a removal or written
+/// there. A folder without one gets it (a new folder, or one with entries in it, set up
+/// before markers existed); but a folder that is missing or empty, and that this replica
+/// has synced into before (`synced_before`, asked only then), fails: its disk is not
+/// mounted, or an empty directory took its place.
+pub(crate) fn ensure(
+    root: &Path,
+    synced_before: impl FnOnce() -> Result<bool, FsError>,
+) -> Result<(), FsError> {
+    if check(root).is_ok() {
         return Ok(());
     }
-    let shows_something = || -> Result<bool, FsError> {
-        for entry in log.states() {
-            let (key, state) = entry?;
-            if resolver.shown(&key, &state.heads).is_some() {
-                return Ok(true);
-            }
-        }
-        Ok(false)
+    let empty = match std::fs::read_dir(root) {
+        Ok(mut entries) => entries.next().is_none(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
+        Err(e) => return Err(FsError::io("reading", root)(e)),
     };
-    let mut entries = std::fs::read_dir(root).map_err(FsError::io("reading", root))?;
-    if entries.next().is_none() && shows_something()? {
+    if empty && synced_before()? {
         return Err(FsError::MarkerMissing {
             path: root.to_owned(),
         });
     }
+    std::fs::create_dir_all(root).map_err(FsError::io("creating", root))?;
+    let marker = root.join(MARKER_FILE);
     std::fs::write(&marker, MARKER_TEXT).map_err(FsError::io("writing", &marker))?;
     tracing::info!(
         "marked {} as a synced folder ({MARKER_FILE})",
@@ -50,29 +50,15 @@ pub(crate) fn ensure(root: &Path, log: &EventLog, resolver: &Resolver) -> Result
     Ok(())
 }
 
-/// For a mirror (a store on a folder of its own, a backup disk say): creates the folder
-/// and its marker on the first write, or marks a folder that holds files but no marker
-/// (made before markers existed); but a mirror that has written before (`written_before`,
-/// its cursor is past the log's start) and finds its folder missing or empty without the
-/// marker fails, rather than copying everything onto the disk the backup disk is not
-/// mounted over.
-pub(crate) fn ensure_mirror(root: &Path, written_before: bool) -> Result<(), FsError> {
-    if root.join(MARKER_FILE).is_file() {
-        return Ok(());
+/// Whether the log shows any key: the folder source has synced files into its folder.
+pub(crate) fn shows_something(log: &EventLog, resolver: &Resolver) -> Result<bool, FsError> {
+    for entry in log.states() {
+        let (key, state) = entry?;
+        if resolver.shown(&key, &state.heads).is_some() {
+            return Ok(true);
+        }
     }
-    let empty = match std::fs::read_dir(root) {
-        Ok(mut entries) => entries.next().is_none(),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
-        Err(e) => return Err(FsError::io("reading", root)(e)),
-    };
-    if empty && written_before {
-        return Err(FsError::MarkerMissing {
-            path: root.to_owned(),
-        });
-    }
-    std::fs::create_dir_all(root).map_err(FsError::io("creating", root))?;
-    let marker = root.join(MARKER_FILE);
-    std::fs::write(&marker, MARKER_TEXT).map_err(FsError::io("writing", &marker))
+    Ok(false)
 }
 
 /// Fails unless the marker is there: called before removals are recorded and before the

@@ -153,6 +153,16 @@ pub(crate) fn examine_dir(
     }
 }
 
+/// Whether `key`, shown by `heads`, is gone from the folder as a local removal: neither a
+/// file nor a directory is at its path (one created after a walk passed by is there, and
+/// the watcher reports it), and the store does not account for the absence.
+pub(crate) fn gone(env: &Env, key: &Key, heads: &[Head]) -> bool {
+    env.resolver.shown(key, heads).is_some()
+        && !env.echo.accounts_for_absence(key)
+        && !std::fs::symlink_metadata(env.rules.path_of(key))
+            .is_ok_and(|m| m.is_file() || m.is_dir())
+}
+
 /// When the entry at `key` was removed, as far as the disk tells: the ctime of its nearest
 /// directory still there, which the removal set and which later changes in that directory
 /// only move forward. So a removal made while the daemon was stopped is not stamped later
@@ -317,29 +327,18 @@ pub(crate) async fn scan(
                 let Ok(key) = Key::new(k.as_str()) else {
                     continue;
                 };
-                if seen.contains(&key) || env2.resolver.shown(&key, heads).is_none() {
-                    continue;
-                }
-                if failed
-                    .iter()
-                    .any(|f| k == f || k.starts_with(&format!("{f}/")))
+                if seen.contains(&key)
+                    || failed
+                        .iter()
+                        .any(|f| k == f || k.starts_with(&format!("{f}/")))
                 {
                     continue;
                 }
-                let path = env2.rules.path_of(&key);
                 let is_dir = heads.iter().any(|h| head_kind(h) == Some(EntryKind::Dir));
-                // Removed by the store, or not written because it could not be.
-                if env2.rules.ignores(&path, is_dir, true)
-                    || env2.echo.get(&key) == Some(Applied::Absent)
-                    || env2.echo.is_failed(&key)
+                if env2.rules.ignores(&env2.rules.path_of(&key), is_dir, true)
+                    || !gone(&env2, &key, heads)
                 {
                     continue;
-                }
-                // Created after the walk passed by: the watcher reports it.
-                if let Ok(m) = std::fs::symlink_metadata(&path) {
-                    if m.is_file() || m.is_dir() {
-                        continue;
-                    }
                 }
                 let removed_at = removed_at_ms(&env2.rules, &key);
                 out.push(LocalChange::new(key, Op::Delete).made_at(removed_at));

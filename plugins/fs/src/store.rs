@@ -124,12 +124,10 @@ impl Store for FsStore {
 
         let (config, echo, chunks) = (self.config.clone(), self.echo.clone(), ctx.chunks().clone());
         let guard = self.guarded.then(|| ctx.log().clone());
-        let written_before = ctx
-            .log()
-            .cursor(&self.name)
-            .map_err(|e| FsError::from(e).into_plugin(&self.name))?
-            > 0;
+        let (log, name) = (ctx.log().clone(), self.name.clone());
         let (batch, failures) = tokio::task::spawn_blocking(move || {
+            // A mirror has written before once its cursor is past the log's start.
+            let written_before = || Ok(log.cursor(&name)? > 0);
             let failures = apply_blocking(&config, echo, chunks, guard, written_before, &batch);
             (batch, failures)
         })
@@ -310,14 +308,14 @@ fn apply_blocking(
     echo: Arc<Echo>,
     chunks: ChunkStore,
     guard: Option<EventLog>,
-    written_before: bool,
+    written_before: impl FnOnce() -> Result<bool, FsError>,
     views: &[KeyView],
 ) -> Result<Vec<(Key, FsError)>, FsError> {
     // The folder's own store writes only into the folder its source marked; a mirror
     // marks its folder itself.
     match guard {
         Some(_) => crate::marker::check(&config.root)?,
-        None => crate::marker::ensure_mirror(&config.root, written_before)?,
+        None => crate::marker::ensure(&config.root, written_before)?,
     }
     let root = config
         .root

@@ -19,7 +19,7 @@ use crate::echo::{Applied, Echo};
 use crate::error::FsError;
 use crate::marker;
 use crate::rules::Rules;
-use crate::scan::{examine_file, is_echo, removed_at_ms, scan, Env, Resolver};
+use crate::scan::{examine_file, gone, is_echo, removed_at_ms, scan, Env, Resolver};
 use crate::store::conflict_name;
 use crate::{FsConfig, CONFLICT_MARKER, EMIT_BATCH, IGNORE_FILE, TEMP_PREFIX};
 
@@ -96,7 +96,7 @@ impl FsSource {
                     source: std::io::Error::other("not a directory"),
                 });
             }
-            marker::ensure(&root, &log, &resolver)?;
+            marker::ensure(&root, || marker::shows_something(&log, &resolver))?;
             Ok(root)
         })
         .await??;
@@ -328,7 +328,7 @@ fn plan(env: &Env, paths: BTreeSet<PathBuf>) -> Result<Plan, FsError> {
                     }
                 }
                 // Removed by the store, or not written because it could not be.
-                if env.echo.get(&key) == Some(Applied::Absent) || env.echo.is_failed(&key) {
+                if env.echo.accounts_for_absence(&key) {
                     continue;
                 }
                 let removed_at = removed_at_ms(&env.rules, &key);
@@ -382,13 +382,7 @@ fn merge_for_deleted_copy(env: &Env, path: &Path) -> Result<Option<LocalChange>,
 fn removals(env: &Env, held: &BTreeMap<Key, Option<u64>>) -> Result<Vec<LocalChange>, FsError> {
     let mut deletes = Vec::new();
     let mut consider = |key: &Key, heads: &[converge_api::Head], removed_at: Option<u64>| {
-        let gone = env.resolver.shown(key, heads).is_some()
-            // Removed by the store, or not written because it could not be.
-            && env.echo.get(key) != Some(Applied::Absent)
-            && !env.echo.is_failed(key)
-            && !std::fs::symlink_metadata(env.rules.path_of(key))
-                .is_ok_and(|m| m.is_file() || m.is_dir());
-        if gone {
+        if gone(env, key, heads) {
             deletes.push(LocalChange::new(key.clone(), Op::Delete).made_at(removed_at));
         }
     };
