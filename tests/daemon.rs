@@ -1228,3 +1228,63 @@ fn conflict_copy_policy_keeps_the_losing_edit_beside_the_winner() {
     a.stop();
     b.stop();
 }
+
+/// B's mirror (a backup disk) is not mounted when B starts with changes for it: B starts
+/// and syncs its folder anyway (also when restarted with the mirror behind), shows the
+/// mirror held back, writes nothing where the disk should be, and fills the mirror once the
+/// disk is back.
+#[test]
+fn a_mirror_on_a_disk_not_mounted_does_not_keep_the_daemon_from_syncing() {
+    let (mut a, mut b) = pair();
+    let disk = tempfile::tempdir().unwrap();
+    let mirror = disk.path().join("backup");
+    b.append_config(&format!(
+        "\n[[mirrors]]\nname = \"backup\"\npath = \"{}\"\n",
+        mirror.display()
+    ));
+    write_file(&a.folder().join("first.txt"), b"first\n");
+    a.start();
+    b.start();
+    assert_converges(&mut a, &mut b);
+    assert!(
+        wait_until(CONVERGE_TIMEOUT, || mirror.join("first.txt").is_file()),
+        "the mirror was written"
+    );
+    b.stop();
+    let unmounted = disk.path().join("elsewhere");
+    fs::rename(&mirror, &unmounted).unwrap();
+    write_file(&a.folder().join("second.txt"), b"second\n");
+    b.start();
+    let expected = assert_converges(&mut a, &mut b);
+    assert!(expected.contains_key("second.txt"));
+    let mut status = serde_json::Value::Null;
+    let held = wait_until(CONVERGE_TIMEOUT, || {
+        status = b.admin_get("/api/v1/subscribers");
+        status.as_array().into_iter().flatten().any(|s| {
+            s["name"] == "mirror-backup" && s["error"].as_str().is_some_and(|e| e.contains(MARKER))
+        })
+    });
+    assert!(held, "the mirror is not shown held back: {status}");
+    assert!(
+        !mirror.join("second.txt").exists(),
+        "the mirror wrote where its disk should be"
+    );
+    // Restarted with the mirror behind and its disk still away: B starts all the same.
+    b.stop();
+    write_file(&a.folder().join("third.txt"), b"third\n");
+    b.start();
+    assert!(assert_converges(&mut a, &mut b).contains_key("third.txt"));
+
+    // Mounted again: the mirror catches up by itself.
+    if mirror.exists() {
+        fs::remove_dir(&mirror).unwrap();
+    }
+    fs::rename(&unmounted, &mirror).unwrap();
+    assert!(
+        wait_until(CONVERGE_TIMEOUT, || mirror.join("third.txt").is_file()),
+        "the mirror never caught up\n{}",
+        b.log_tail()
+    );
+    a.stop();
+    b.stop();
+}

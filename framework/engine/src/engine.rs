@@ -666,7 +666,18 @@ impl EngineBuilder {
         }
         for (store, slot) in self.stores.iter().zip(&slots) {
             store.start(&StoreContext::new(inner.log.clone())).await?;
-            catch_up(&inner, store.as_ref(), slot).await?;
+            // A store that cannot catch up now (a full disk, a mirror's disk not mounted)
+            // keeps its cursor and is tried again by its own loop, its error shown: it
+            // must not keep the rest of the replica from starting.
+            if let Err(e) = catch_up(&inner, store.as_ref(), slot).await {
+                tracing::error!(
+                    store = store.name(),
+                    "catching up at start failed: {e}; tried again"
+                );
+                if let Ok(mut error) = slot.error.lock() {
+                    *error = Some(e.to_string());
+                }
+            }
         }
         let mut tasks: Vec<JoinHandle<()>> = Vec::new();
         for (store, slot) in self.stores.into_iter().zip(slots) {
