@@ -416,9 +416,14 @@ impl ChunkStore {
         };
         if let Err(e) = write_all_vectored(&file, &new) {
             // Part of the batch may be in the pack, so the next chunk would not be where
-            // `len` says: start a new pack (the chunks already in this one stay good).
+            // `len` says: cut the pack back to what it held (the chunks in it stay good),
+            // or, if even that fails, start a new pack. Cutting back keeps a full disk,
+            // where every peer session retries, from leaving a new pack file behind each
+            // time.
             let path = pack_path(&inner.dir, w.id);
-            w.rotate();
+            if file.set_len(w.written.len()).is_err() {
+                w.rotate();
+            }
             return Err(io_error("writing", path)(e));
         }
         let mut offset = w.written.len();
@@ -1367,6 +1372,67 @@ mod tests {
         store.put_verified(&hash, b"precious bytes").unwrap();
         store.sync().unwrap();
         assert_eq!(store.get(&hash).unwrap().unwrap(), b"precious bytes");
+        assert!(store.damaged().is_empty());
+    }
+
+    /// A pack write that fails (here with a file size limit standing in for a full disk)
+    /// is cut back, so the next put lands in the same pack where the index says, instead
+    /// of every retry leaving a new pack file behind.
+    #[test]
+    fn a_failed_pack_write_is_cut_back_and_the_pack_kept() {
+        // The limit is per process: the test runs itself in a child process.
+        const CHILD: &str = "CONVERGE_TEST_FILE_SIZE_LIMIT";
+        const NAME: &str = "content::tests::a_failed_pack_write_is_cut_back_and_the_pack_kept";
+        if std::env::var_os(CHILD).is_none() {
+            let out = std::process::Command::new(std::env::current_exe().unwrap())
+                .args(["--exact", NAME, "--nocapture", "--test-threads=1"])
+                .env(CHILD, "1")
+                .output()
+                .unwrap();
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(out.status.success(), "the child failed:\n{text}");
+            assert!(text.contains("1 passed"), "the child ran no test:\n{text}");
+            return;
+        }
+        let (dir, db, store) = scratch();
+        let before = store.put(&[1; 1 << 20]).unwrap();
+        store.sync().unwrap();
+        // Writes past the limit fail with EFBIG rather than killing the process.
+        // SAFETY: ignoring a signal in this single-test child process.
+        unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
+        let limit = libc::rlimit {
+            rlim_cur: 3 << 20,
+            rlim_max: libc::RLIM_INFINITY,
+        };
+        // SAFETY: a plain system call on a valid struct.
+        assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_FSIZE, &limit) }, 0);
+
+        for _ in 0..3 {
+            let err = store.put(&[2; 4 << 20]).unwrap_err();
+            assert!(err.to_string().contains("pack-00000001"), "{err}");
+        }
+        let packs = || std::fs::read_dir(dir.path()).unwrap().count();
+        assert_eq!(packs(), 1, "no new pack for a failed write");
+        assert_eq!(
+            std::fs::metadata(pack_path(dir.path(), 1)).unwrap().len(),
+            1 << 20,
+            "cut back to the chunks it held"
+        );
+
+        let after = store.put(b"written once there is room").unwrap();
+        store.sync().unwrap();
+        assert_eq!(packs(), 1);
+        drop(store);
+        let store = open(&db, dir.path());
+        assert_eq!(store.get(&before).unwrap().unwrap(), vec![1; 1 << 20]);
+        assert_eq!(
+            store.get(&after).unwrap().unwrap(),
+            b"written once there is room"
+        );
         assert!(store.damaged().is_empty());
     }
 }
