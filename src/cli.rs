@@ -51,7 +51,7 @@ pub enum Command {
     Demo(DemoArgs),
     /// Show a running replica's status (through its admin API).
     Status(ClientArgs),
-    /// List a running replica's peers: connected, address, events behind, bytes.
+    /// List a running replica's peers: connected, events behind, bytes, failed sessions.
     Peers(ClientArgs),
     /// Print a page of a running replica's event log.
     Log(LogArgs),

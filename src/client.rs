@@ -181,7 +181,8 @@ fn status(v: &Value) -> String {
 }
 
 fn peers(v: &Value) -> String {
-    table(
+    let list = v["peers"].as_array().map(Vec::as_slice).unwrap_or(&[]);
+    let mut out = table(
         &[
             "PEER",
             "ADDRESS",
@@ -190,8 +191,9 @@ fn peers(v: &Value) -> String {
             "WE LACK",
             "SENT",
             "RECEIVED",
+            "FAILED",
         ],
-        v["peers"].as_array().map(Vec::as_slice).unwrap_or(&[]),
+        list,
         |p| {
             vec![
                 text(&p["id"]),
@@ -201,9 +203,16 @@ fn peers(v: &Value) -> String {
                 text(&p["missing_here"]),
                 bytes(&p["sent_bytes"]),
                 bytes(&p["received_bytes"]),
+                text(&p["failed_sessions"]),
             ]
         },
-    )
+    );
+    for p in list {
+        if let Some(error) = p["last_error"].as_str() {
+            let _ = writeln!(out, "  {}: last session failed: {error}", text(&p["id"]));
+        }
+    }
+    out
 }
 
 fn events(v: &Value) -> String {

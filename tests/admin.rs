@@ -244,7 +244,7 @@ fn dashboard_metrics() -> BTreeSet<String> {
         .lines()
         .filter_map(|l| l.trim().strip_prefix("expr:"))
         .collect();
-    assert_eq!(exprs.len(), 5, "the alerting rules' expressions");
+    assert_eq!(exprs.len(), 6, "the alerting rules' expressions");
     for expr in exprs {
         metrics_in(expr, &mut names);
     }
@@ -367,7 +367,7 @@ fn metrics_pass_promtool_feed_prometheus_and_the_dashboard() {
         };
         last = answer.into_json().unwrap_or(Value::Null);
         let rules = &last["data"]["groups"][0]["rules"];
-        rules.as_array().map_or(0, Vec::len) == 5
+        rules.as_array().map_or(0, Vec::len) == 6
             && rules
                 .as_array()
                 .into_iter()

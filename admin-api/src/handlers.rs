@@ -100,6 +100,12 @@ pub struct PeerInfo {
     pub events_sent: u64,
     /// Events received from it since start.
     pub events_received: u64,
+    /// Sessions with it since start that ended with an error (a lost connection, a
+    /// timeout, or this replica failing to store what it sent, such as on a full disk).
+    pub failed_sessions: u64,
+    /// Why the last failed session failed; null once a session ended cleanly or a later
+    /// one has been up for a minute.
+    pub last_error: Option<String>,
 }
 
 /// A store subscriber.
@@ -243,6 +249,8 @@ pub async fn status(State(state): State<AdminState>) -> Result<Json<Status>, Api
             received_bytes: p.received_bytes,
             events_sent: p.events_sent,
             events_received: p.events_received,
+            failed_sessions: p.failed_sessions,
+            last_error: p.last_error,
         })
         .collect();
     let stats = engine.stats();

@@ -32,6 +32,7 @@ pub struct Metrics {
     source_failures: IntCounterVec,
     conflicts: IntCounterVec,
     peer_connected: IntGaugeVec,
+    peer_session_failures: IntCounterVec,
     sent_bytes: IntCounterVec,
     received_bytes: IntCounterVec,
     pending: IntGaugeVec,
@@ -124,6 +125,13 @@ impl Metrics {
             ),
             &["peer"],
         )?;
+        let peer_session_failures = IntCounterVec::new(
+            Opts::new(
+                "converge_peer_session_failures_total",
+                "Sync sessions with the peer that ended with an error (lost connection, timeout, or this replica failing to store what the peer sent, e.g. on a full disk).",
+            ),
+            &["peer"],
+        )?;
         let sent_bytes = IntCounterVec::new(
             Opts::new("converge_sync_sent_bytes_total", "Bytes sent to each peer."),
             &["peer"],
@@ -183,6 +191,7 @@ impl Metrics {
         registry.register(Box::new(source_failures.clone()))?;
         registry.register(Box::new(conflicts.clone()))?;
         registry.register(Box::new(peer_connected.clone()))?;
+        registry.register(Box::new(peer_session_failures.clone()))?;
         registry.register(Box::new(sent_bytes.clone()))?;
         registry.register(Box::new(received_bytes.clone()))?;
         registry.register(Box::new(pending.clone()))?;
@@ -201,6 +210,7 @@ impl Metrics {
             source_failures,
             conflicts,
             peer_connected,
+            peer_session_failures,
             sent_bytes,
             received_bytes,
             pending,
@@ -256,6 +266,7 @@ impl Metrics {
             self.peer_connected
                 .with_label_values(&[&label])
                 .set(i64::from(peer.connected));
+            advance(&self.peer_session_failures, &label, peer.failed_sessions);
             advance(&self.sent_bytes, &label, peer.sent_bytes);
             advance(&self.received_bytes, &label, peer.received_bytes);
         }

@@ -228,6 +228,7 @@ async fn metrics_are_prometheus_text() {
         "converge_log_events_total{origin=\"remote\"} 1",
         "converge_log_length_events 4",
         "converge_peer_connected{peer=",
+        "converge_peer_session_failures_total{peer=",
         "converge_pending_events{queue=\"remote\"} 0",
         "converge_subscriber_lag_events{subscriber=\"mirror-backup\"}",
         "converge_subscriber_failed_keys{subscriber=\"mirror-backup\"} 0",

@@ -133,7 +133,18 @@ pub struct PeerStatus {
     pub events_sent: u64,
     /// Events received from it.
     pub events_received: u64,
+    /// Sessions with it that ended with an error (a lost connection, a timeout, a
+    /// protocol violation, or this replica failing to store what it sent, such as on a
+    /// full disk).
+    pub failed_sessions: u64,
+    /// Why the last failed session failed; cleared when a session ends cleanly or once a
+    /// later one has been up for [`SESSION_ERROR_SHOWN`].
+    pub last_error: Option<String>,
 }
+
+/// How long a session must stay up before the error that ended the one before it is no
+/// longer shown in [`PeerStatus::last_error`].
+pub const SESSION_ERROR_SHOWN: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Default)]
 struct PeerState {
@@ -144,6 +155,8 @@ struct PeerState {
     received_bytes: u64,
     events_sent: u64,
     events_received: u64,
+    failed_sessions: u64,
+    last_error: Option<String>,
 }
 
 #[derive(Debug)]
@@ -154,6 +167,8 @@ struct SessionSlot {
     control: mpsc::UnboundedSender<Control>,
     /// Pushed chunk hashes the session has not sent yet.
     pushed: Arc<std::sync::atomic::AtomicUsize>,
+    /// When the session was registered.
+    since: Instant,
 }
 
 /// First pause before a failed source is started again; it doubles with each failure.
@@ -404,6 +419,7 @@ impl Inner {
             remote: remote.to_owned(),
             control,
             pushed,
+            since: Instant::now(),
         });
         state.acked = hello_vv.clone();
         drop(peers);
@@ -411,7 +427,9 @@ impl Inner {
         Some(generation)
     }
 
-    pub(crate) fn unregister(&self, peer: &ReplicaId, generation: u64) {
+    /// Forgets the session `generation` with `peer`, which ended with `error` if it
+    /// failed.
+    pub(crate) fn unregister(&self, peer: &ReplicaId, generation: u64, error: Option<String>) {
         if let Ok(mut peers) = self.peers.lock() {
             if let Some(state) = peers.get_mut(peer) {
                 if state
@@ -421,6 +439,10 @@ impl Inner {
                 {
                     state.session = None;
                 }
+                if error.is_some() {
+                    state.failed_sessions += 1;
+                }
+                state.last_error = error;
             }
         }
         self.peers_changed.send_modify(|g| *g += 1);
@@ -846,6 +868,13 @@ impl SyncEngine {
                 received_bytes: s.received_bytes,
                 events_sent: s.events_sent,
                 events_received: s.events_received,
+                failed_sessions: s.failed_sessions,
+                // A session that has stayed up since shows the error is past.
+                last_error: s.last_error.clone().filter(|_| {
+                    s.session
+                        .as_ref()
+                        .is_none_or(|x| x.since.elapsed() < SESSION_ERROR_SHOWN)
+                }),
             })
             .collect();
         out.sort_by_key(|p| p.id);

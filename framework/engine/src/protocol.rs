@@ -168,7 +168,11 @@ pub(crate) async fn run_session(inner: Arc<Inner>, conn: Connection) -> Result<(
         w = write_loop(&inner, peer, sender.as_mut(), control_rx, peer_vv, pushed) => w,
     };
     sender.close().await;
-    inner.unregister(&peer, generation);
+    inner.unregister(
+        &peer,
+        generation,
+        result.as_ref().err().map(|e| e.to_string()),
+    );
     match &result {
         Ok(()) => tracing::info!(peer = %label, "peer disconnected"),
         Err(e) => tracing::warn!(peer = %label, "peer session ended: {e}"),

@@ -367,8 +367,32 @@ async fn bad_input_is_refused_and_the_daemon_keeps_serving() {
         ));
     }
 
+    // The status counts a session that came up and then failed, with its reason, and
+    // nothing for a connection that never became a session with the known peer.
+    let known = |d: &Daemon| {
+        let peers = d.engine.peers();
+        let p = peers.iter().find(|p| p.id == KNOWN).unwrap();
+        (p.failed_sessions, p.last_error.clone())
+    };
     for (name, bytes, then_close) in &cases {
+        let (failed_before, _) = known(&d);
         check(&d, name, bytes, *then_close).await;
+        let (failed, last_error) = known(&d);
+        if !bytes.starts_with(&hello_frame) {
+            assert_eq!(failed, failed_before, "{name}: counted as a failed session");
+        }
+        if name.starts_with("chunk that does not match") {
+            assert_eq!(
+                failed,
+                failed_before + 1,
+                "{name}: not counted as a failed session"
+            );
+            let last_error = last_error.unwrap_or_default();
+            assert!(
+                last_error.contains("mismatch"),
+                "{name}: last error {last_error:?}"
+            );
+        }
     }
     assert!(
         !d.log
