@@ -1150,7 +1150,8 @@ fn deleting_the_whole_folder_while_running_deletes_nothing_elsewhere() {
 
 /// With `conflict_policy = "conflict-copy"`, concurrent edits show the later one at the
 /// path and the other beside it on both replicas, as `name.sync-conflict-<date>-<replica>`
-/// with its bytes; deleting the copy by hand merges the conflict, keeping the winner.
+/// with its bytes; deleting the copy by hand merges the conflict, keeping the winner, and
+/// the other replica's copy goes too, unless it was changed there.
 #[test]
 fn conflict_copy_policy_keeps_the_losing_edit_beside_the_winner() {
     let (mut a, mut b) = pair();
@@ -1204,19 +1205,27 @@ fn conflict_copy_policy_keeps_the_losing_edit_beside_the_winner() {
     assert_eq!(tree(a.folder()), tree(b.folder()), "copies included");
 
     // Deleting the copy by hand keeps the winner: a merge, so the key is no longer a
-    // conflict on either side. A keeps its copy until its user deletes it.
-    let copy = fs::read_dir(b.folder())
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| p.to_string_lossy().contains(".sync-conflict-"))
-        .unwrap();
-    fs::remove_file(&copy).unwrap();
+    // conflict on either side, and A's copy, unchanged, goes too.
+    let copy_path = |d: &Daemon| {
+        fs::read_dir(d.folder())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.to_string_lossy().contains(".sync-conflict-"))
+            .unwrap()
+    };
+    fs::remove_file(copy_path(&b)).unwrap();
     let merged = wait_until(CONVERGE_TIMEOUT, || {
         [&a, &b]
             .iter()
             .all(|d| d.admin_get("/api/v1/keys/notes.txt")["conflicted"] == false)
     });
     assert!(merged, "{}\n{}", a.log_tail(), b.log_tail());
+    let removed = wait_until(CONVERGE_TIMEOUT, || copy_of(&a).is_none());
+    assert!(
+        removed,
+        "A kept its copy after the merge:\n{}",
+        a.log_tail()
+    );
     for d in [&a, &b] {
         assert_eq!(
             fs::read(d.folder().join("notes.txt")).unwrap(),
@@ -1224,7 +1233,43 @@ fn conflict_copy_policy_keeps_the_losing_edit_beside_the_winner() {
         );
     }
     assert_eq!(copy_of(&b), None, "the deleted copy stays deleted");
-    assert_eq!(copy_of(&a).as_deref(), Some(&b"A's edit, earlier\n"[..]));
+    assert_eq!(tree(a.folder()), tree(b.folder()));
+
+    // A second conflict, merged the same way; but A's copy was edited meanwhile, so it is
+    // the user's now and stays.
+    a.stop();
+    b.stop();
+    write_file(&a.folder().join("notes.txt"), b"A again, earlier\n");
+    std::thread::sleep(Duration::from_millis(50));
+    write_file(&b.folder().join("notes.txt"), b"B again, later\n");
+    a.start();
+    b.start();
+    let conflicted = wait_until(CONVERGE_TIMEOUT, || {
+        [&a, &b]
+            .iter()
+            .all(|d| copy_of(d).as_deref() == Some(b"A again, earlier\n"))
+    });
+    assert!(
+        conflicted,
+        "A: {:?}\nB: {:?}",
+        tree(a.folder()),
+        tree(b.folder())
+    );
+    write_file(&copy_path(&a), b"A's notes, made on the copy\n");
+    fs::remove_file(copy_path(&b)).unwrap();
+    let applied = wait_until(CONVERGE_TIMEOUT, || {
+        let status = a.admin_get("/api/v1/status");
+        a.admin_get("/api/v1/keys/notes.txt")["conflicted"] == false
+            && status["subscribers"]
+                .as_array()
+                .is_some_and(|s| s.iter().all(|s| s["lag"] == 0))
+    });
+    assert!(applied, "{}", a.log_tail());
+    assert_eq!(
+        copy_of(&a).as_deref(),
+        Some(&b"A's notes, made on the copy\n"[..]),
+        "a copy changed since it was written is kept"
+    );
     a.stop();
     b.stop();
 }

@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use converge_api::{ConflictPolicy, Event, Hash, Message, ReplicaId, VersionVector};
+use converge_api::{ConflictPolicy, Event, Hash, Head, Key, Message, ReplicaId, VersionVector};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -1358,11 +1358,30 @@ async fn apply_next_batch(
         }
         let events = log.read(cursor, max)?;
         let next = events.last().map_or(cursor, |(o, _)| o + 1);
+        // Merges (events naming several parents, rare) may end conflict copies.
+        let mut merged: HashMap<&Key, Vec<Head>> = HashMap::new();
+        for (_, event) in events.iter().filter(|(_, e)| e.parents.len() > 1) {
+            let mut parents = Vec::with_capacity(event.parents.len());
+            for id in &event.parents {
+                if let Some(parent) = log.get(id)? {
+                    parents.push(Head::of(&parent));
+                }
+            }
+            let ended = reconciler.merged_copies(&event.key, &event.op, &parents);
+            merged.entry(&event.key).or_default().extend(ended);
+        }
         let mut seen = std::collections::HashSet::new();
         let mut views = Vec::new();
         for (_, event) in &events {
             if seen.insert(event.key.clone()) {
-                views.push(reconciler.view(&event.key, &log.state(&event.key)?));
+                let mut view = reconciler.view(&event.key, &log.state(&event.key)?);
+                if let Some(ended) = merged.remove(&event.key) {
+                    view.merged_copies = ended
+                        .into_iter()
+                        .filter(|h| view.copies.iter().all(|c| c.id != h.id))
+                        .collect();
+                }
+                views.push(view);
             }
         }
         Ok(Some((next, events.len(), views)))

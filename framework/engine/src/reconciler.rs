@@ -43,6 +43,20 @@ impl Reconciler {
             winner,
             copies,
             conflicted: heads.len() > 1,
+            merged_copies: Vec::new(),
+        }
+    }
+
+    /// The heads that `parents` (the heads a merging event names) showed as conflict
+    /// copies, if the merge kept what they showed (its `op` is the winner's): the copies
+    /// it ends. Empty for any other event, such as an edit or a delete of the key, after
+    /// which copies stay until deleted.
+    pub fn merged_copies(&self, key: &Key, op: &Op, parents: &[Head]) -> Vec<Head> {
+        match pick(Some(&*self.policy), key, parents) {
+            (Some(winner), copies) if parents.len() > 1 && winner.op == *op => {
+                copies.into_iter().cloned().collect()
+            }
+            _ => Vec::new(),
         }
     }
 }

@@ -338,6 +338,7 @@ fn apply_blocking(
     let mut dirs = Vec::new();
     let mut files = Vec::new();
     let mut copies = Vec::new();
+    let mut ended = Vec::new();
     for view in views {
         match view.winner.as_ref().map(|h| &h.op) {
             Some(Op::Put { meta, .. }) if meta.kind == EntryKind::Dir => {
@@ -369,6 +370,19 @@ fn apply_blocking(
                 if meta.kind == EntryKind::File {
                     if let Some(name) = conflict_name(&view.key, head) {
                         copies.push((name, view.key.clone(), *content, meta.clone()));
+                    }
+                }
+            }
+        }
+        for head in &view.merged_copies {
+            if let Op::Put {
+                content: Some(content),
+                meta,
+            } = &head.op
+            {
+                if meta.kind == EntryKind::File {
+                    if let Some(name) = conflict_name(&view.key, head) {
+                        ended.push((name, view.key.clone(), *content));
                     }
                 }
             }
@@ -475,6 +489,12 @@ fn apply_blocking(
         let written = w.put_file(&name, Some(&of), None, &content, &meta, false);
         if let Some(Err(Refused(why))) = w.fail_alone(&of, written)? {
             tracing::warn!("{why}");
+        }
+    }
+    // A stale copy left in place is harmless: its removal is not worth failing a key.
+    for (name, of, content) in ended {
+        if let Err(e) = w.remove_copy(&name, &of, &content) {
+            tracing::warn!("{name}: not removed: {e}");
         }
     }
 
@@ -794,6 +814,44 @@ impl Writer {
         self.echo.record(key, Applied::Dir);
         std::fs::create_dir(path).map_err(FsError::io("creating", path))?;
         self.dirty = true;
+        Ok(())
+    }
+
+    /// Removes the conflict copy `name` of `of` whose conflict was merged, if it still
+    /// holds `content`: a copy changed since it was written is the user's, and stays.
+    fn remove_copy(&mut self, name: &Key, of: &Key, content: &ContentRef) -> Result<(), FsError> {
+        let Ok(path) = self.resolve_as(name, of, false)? else {
+            return Ok(());
+        };
+        let unchanged = match std::fs::symlink_metadata(&path) {
+            Ok(m) if m.is_file() => {
+                m.len() == content.size && hash_file(&path)?.root == content.root
+            }
+            Ok(_) => return Ok(()),
+            Err(e)
+                if e.kind() == ErrorKind::NotFound || e.raw_os_error() == Some(libc::ENOTDIR) =>
+            {
+                return Ok(())
+            }
+            Err(e) => {
+                return Err(FsError::Io {
+                    op: "reading",
+                    path,
+                    source: e,
+                })
+            }
+        };
+        if unchanged {
+            remove_file(&path)?;
+            self.dirty = true;
+            tracing::info!(
+                "{name}: removed; the conflict of {of} was merged keeping what it shows"
+            );
+        } else {
+            tracing::info!(
+                "{name}: kept, changed since it was written; the conflict of {of} was merged"
+            );
+        }
         Ok(())
     }
 

@@ -184,6 +184,7 @@ async fn conflict_copies_are_written_beside_the_winner_and_not_read_back() {
         winner: Some(winner),
         copies: vec![loser],
         conflicted: true,
+        merged_copies: vec![],
     };
     apply(&FsStore::new(FsConfig::new(b.path())), &log, vec![view]).await;
     let files = tree(b.path());

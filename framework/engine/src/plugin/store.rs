@@ -19,6 +19,11 @@ pub struct KeyView {
     pub copies: Vec<Head>,
     /// Whether the key has more than one head.
     pub conflicted: bool,
+    /// Heads shown as conflict copies before an event of this batch merged the conflict
+    /// keeping what the key showed (a user deleted the copy on some replica): a store
+    /// that wrote copies of them removes them, unless they were changed since.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub merged_copies: Vec<Head>,
 }
 
 /// What a store may read while applying: the content store and the log (e.g. to see

@@ -99,6 +99,7 @@ pub fn views(log: &EventLog) -> Vec<KeyView> {
                 winner,
                 copies: vec![],
                 conflicted: false,
+                merged_copies: vec![],
             }
         })
         .collect()
