@@ -1152,8 +1152,9 @@ fn deleting_the_whole_folder_while_running_deletes_nothing_elsewhere() {
 /// path and the other beside it on both replicas, as `name.sync-conflict-<date>-<replica>`
 /// with its bytes; deleting the copy by hand merges the conflict, keeping the winner, and
 /// the other replica's copy goes too, unless it was changed there.
-#[test]
-fn conflict_copy_policy_keeps_the_losing_edit_beside_the_winner() {
+/// A pair under the `conflict-copy` policy whose `notes.txt` was edited on both while
+/// they were stopped, A first, then started: both show B's edit, and A's beside it.
+fn pair_with_a_conflict_copy() -> (Daemon, Daemon) {
     let (mut a, mut b) = pair();
     for d in [&a, &b] {
         let config = fs::read_to_string(d.config()).unwrap();
@@ -1175,18 +1176,6 @@ fn conflict_copy_policy_keeps_the_losing_edit_beside_the_winner() {
     write_file(&b.folder().join("notes.txt"), b"B's edit, later\n");
     a.start();
     b.start();
-    let copy_of = |d: &Daemon| -> Option<Vec<u8>> {
-        let mut copies = fs::read_dir(d.folder())
-            .unwrap()
-            .map(|e| e.unwrap())
-            .filter(|e| {
-                let name = e.file_name().to_string_lossy().into_owned();
-                name.starts_with("notes.sync-conflict-") && name.ends_with(".txt")
-            });
-        let copy = copies.next()?;
-        assert!(copies.next().is_none(), "one copy in {}", d.name);
-        fs::read(copy.path()).ok()
-    };
     let kept = wait_until(CONVERGE_TIMEOUT, || {
         a.assert_running();
         b.assert_running();
@@ -1203,22 +1192,43 @@ fn conflict_copy_policy_keeps_the_losing_edit_beside_the_winner() {
         b.log_tail()
     );
     assert_eq!(tree(a.folder()), tree(b.folder()), "copies included");
+    (a, b)
+}
+
+/// The bytes of the one conflict copy of `notes.txt` in `d`'s folder, if there is one.
+fn copy_of(d: &Daemon) -> Option<Vec<u8>> {
+    fs::read(copy_path(d)?).ok()
+}
+
+/// The path of the one conflict copy of `notes.txt` in `d`'s folder, if there is one.
+fn copy_path(d: &Daemon) -> Option<PathBuf> {
+    let mut copies = fs::read_dir(d.folder())
+        .unwrap()
+        .map(|e| e.unwrap())
+        .filter(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.starts_with("notes.sync-conflict-") && name.ends_with(".txt")
+        });
+    let copy = copies.next()?;
+    assert!(copies.next().is_none(), "one copy in {}", d.name);
+    Some(copy.path())
+}
+
+/// Whether neither replica shows `notes.txt` in conflict any more.
+fn merged_on_both(a: &Daemon, b: &Daemon) -> bool {
+    [a, b]
+        .iter()
+        .all(|d| d.admin_get("/api/v1/keys/notes.txt")["conflicted"] == false)
+}
+
+#[test]
+fn conflict_copy_policy_keeps_the_losing_edit_beside_the_winner() {
+    let (mut a, mut b) = pair_with_a_conflict_copy();
 
     // Deleting the copy by hand keeps the winner: a merge, so the key is no longer a
     // conflict on either side, and A's copy, unchanged, goes too.
-    let copy_path = |d: &Daemon| {
-        fs::read_dir(d.folder())
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .find(|p| p.to_string_lossy().contains(".sync-conflict-"))
-            .unwrap()
-    };
-    fs::remove_file(copy_path(&b)).unwrap();
-    let merged = wait_until(CONVERGE_TIMEOUT, || {
-        [&a, &b]
-            .iter()
-            .all(|d| d.admin_get("/api/v1/keys/notes.txt")["conflicted"] == false)
-    });
+    fs::remove_file(copy_path(&b).unwrap()).unwrap();
+    let merged = wait_until(CONVERGE_TIMEOUT, || merged_on_both(&a, &b));
     assert!(merged, "{}\n{}", a.log_tail(), b.log_tail());
     let removed = wait_until(CONVERGE_TIMEOUT, || copy_of(&a).is_none());
     assert!(
@@ -1255,8 +1265,8 @@ fn conflict_copy_policy_keeps_the_losing_edit_beside_the_winner() {
         tree(a.folder()),
         tree(b.folder())
     );
-    write_file(&copy_path(&a), b"A's notes, made on the copy\n");
-    fs::remove_file(copy_path(&b)).unwrap();
+    write_file(&copy_path(&a).unwrap(), b"A's notes, made on the copy\n");
+    fs::remove_file(copy_path(&b).unwrap()).unwrap();
     let applied = wait_until(CONVERGE_TIMEOUT, || {
         let status = a.admin_get("/api/v1/status");
         a.admin_get("/api/v1/keys/notes.txt")["conflicted"] == false
@@ -1270,6 +1280,45 @@ fn conflict_copy_policy_keeps_the_losing_edit_beside_the_winner() {
         Some(&b"A's notes, made on the copy\n"[..]),
         "a copy changed since it was written is kept"
     );
+    a.stop();
+    b.stop();
+}
+
+/// A conflict copy deleted while its daemon was stopped ends the conflict when it starts
+/// again, as one deleted while it runs does; a restart with the copy in place does not.
+#[test]
+fn a_conflict_copy_deleted_while_stopped_ends_the_conflict() {
+    let (mut a, mut b) = pair_with_a_conflict_copy();
+    let scans = |d: &Daemon| d.log().matches("initial scan done").count();
+
+    let before = scans(&b);
+    b.stop();
+    b.start();
+    let scanned = wait_until(CONVERGE_TIMEOUT, || scans(&b) == before + 1);
+    assert!(scanned, "{}", b.log_tail());
+    assert_eq!(
+        b.admin_get("/api/v1/keys/notes.txt")["conflicted"],
+        true,
+        "a restart with the copy in place merged the conflict"
+    );
+
+    b.stop();
+    fs::remove_file(copy_path(&b).unwrap()).unwrap();
+    b.start();
+    let scanned = wait_until(CONVERGE_TIMEOUT, || scans(&b) == before + 2);
+    assert!(scanned, "{}", b.log_tail());
+    let merged = wait_until(CONVERGE_TIMEOUT, || {
+        merged_on_both(&a, &b) && copy_of(&a).is_none()
+    });
+    assert!(merged, "{}\n{}", a.log_tail(), b.log_tail());
+    for d in [&a, &b] {
+        assert_eq!(
+            fs::read(d.folder().join("notes.txt")).unwrap(),
+            b"B's edit, later\n"
+        );
+    }
+    assert_eq!(copy_of(&b), None, "the deleted copy stays deleted");
+    assert_eq!(tree(a.folder()), tree(b.folder()));
     a.stop();
     b.stop();
 }

@@ -62,6 +62,9 @@ pub(crate) struct Echo {
     /// Keys the store could not show (a file in a directory it may not write): what is at
     /// their paths is not a local change while it is in a state the log knows.
     failed: Mutex<HashSet<Key>>,
+    /// The name of the folder's store, once it has started: its cursor says which events
+    /// its writes (conflict copies included) already show.
+    store: Mutex<Option<String>>,
 }
 
 impl Echo {
@@ -89,6 +92,16 @@ impl Echo {
     /// Whether the store could not show `key` (see [`Echo::set_failed`]).
     pub(crate) fn is_failed(&self, key: &Key) -> bool {
         locked(&self.failed).contains(key)
+    }
+
+    /// Records the name of the folder's store (see [`Echo::store`]).
+    pub(crate) fn set_store(&self, name: &str) {
+        *locked(&self.store) = Some(name.to_owned());
+    }
+
+    /// The name of the folder's store, if it has started.
+    pub(crate) fn store(&self) -> Option<String> {
+        locked(&self.store).clone()
     }
 
     /// Whether the store accounts for `key` missing from the folder: it removed it, or it

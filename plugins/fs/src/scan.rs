@@ -271,6 +271,7 @@ pub(crate) async fn scan(
     };
 
     let mut seen: HashSet<Key> = HashSet::new();
+    let mut changed: HashSet<Key> = HashSet::new();
     let mut failed: Vec<String> = Vec::new();
     let mut failed_all = false;
     let mut fatal = None;
@@ -288,6 +289,7 @@ pub(crate) async fn scan(
                 progress.bytes += hashed;
                 if let Some(op) = change {
                     batch.push(LocalChange::new(key.clone(), op).made_at(changed_at));
+                    changed.insert(key.clone());
                 }
                 seen.insert(key);
                 if batch.len() >= EMIT_BATCH {
@@ -343,13 +345,16 @@ pub(crate) async fn scan(
                 let removed_at = removed_at_ms(&env2.rules, &key);
                 out.push(LocalChange::new(key, Op::Delete).made_at(removed_at));
             }
-            out
+            let merges = merges_for_deleted_copies(&env2, &projection, &seen, &changed);
+            (out, merges)
         })
         .await?;
+        let (deletes, merges) = (deletes.0, deletes.1?);
         if !deletes.is_empty() {
             crate::marker::check(env.rules.root())?;
         }
         batch.extend(deletes);
+        batch.extend(merges);
     }
     for chunk in batch.chunks(EMIT_BATCH) {
         ctx.emit(chunk.to_vec()).await?;
@@ -360,6 +365,63 @@ pub(crate) async fn scan(
         ctx.report(progress);
     }
     Ok(())
+}
+
+/// Merges for the conflict copies deleted while the daemon was stopped (the watcher sees
+/// the ones deleted while it runs, see `merge_for_deleted_copy`): for a conflicted key
+/// whose file is there and unchanged (`seen`, not `changed`) and a copy of which is
+/// missing, the winner's operation recorded again, which names every head and so keeps
+/// what the key shows. Only for conflicts the folder's store has applied in full, so that
+/// a copy not written yet is not taken for one deleted.
+fn merges_for_deleted_copies(
+    env: &Env,
+    projection: &Projection,
+    seen: &HashSet<Key>,
+    changed: &HashSet<Key>,
+) -> Result<Vec<LocalChange>, FsError> {
+    let Some(store) = env.echo.store() else {
+        return Ok(Vec::new());
+    };
+    let cursor = env.log.cursor(&store)?;
+    let mut merges = Vec::new();
+    for k in projection
+        .keys
+        .iter()
+        .filter(|(_, h)| h.len() > 1)
+        .map(|(k, _)| k)
+    {
+        let Ok(key) = Key::new(k.as_str()) else {
+            continue;
+        };
+        if !seen.contains(&key) || changed.contains(&key) || env.echo.is_failed(&key) {
+            continue;
+        }
+        let heads = env.log.heads(&key)?;
+        let (Some(winner), copies) = env.resolver.pick(&key, &heads) else {
+            continue;
+        };
+        let mut applied = true;
+        for head in &heads {
+            applied &= env.log.offset_of(&head.id)?.is_some_and(|o| o < cursor);
+        }
+        if !applied {
+            continue;
+        }
+        let deleted = copies
+            .iter()
+            .filter(|h| head_kind(h) == Some(EntryKind::File))
+            .filter_map(|h| crate::store::conflict_name(&key, h))
+            .find(|copy| {
+                std::fs::symlink_metadata(env.rules.path_of(copy))
+                    .is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound)
+            });
+        if let Some(copy) = deleted {
+            tracing::info!("{copy} was deleted while the daemon was stopped: {key} keeps what it shows, and its conflict is merged");
+            let deleted_at = removed_at_ms(&env.rules, &copy);
+            merges.push(LocalChange::new(key, winner.op.clone()).made_at(deleted_at));
+        }
+    }
+    Ok(merges)
 }
 
 /// The parallel walk; runs on a blocking thread and its own walker threads.

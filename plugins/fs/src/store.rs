@@ -179,6 +179,9 @@ impl Store for FsStore {
     }
 
     async fn start(&self, _ctx: &StoreContext) -> Result<(), PluginError> {
+        if self.guarded {
+            self.echo.set_store(&self.name);
+        }
         if let Some(path) = self.state_file() {
             let loaded = tokio::task::spawn_blocking(move || load_failed(&path))
                 .await
