@@ -713,6 +713,37 @@ fn concurrent_file_and_directory_at_one_path_converge() {
         fs::read(&copies[0]).unwrap(),
         b"B edited the file x, later\n"
     );
+    // The directory winning the path is what the log asks for: neither replica counts x
+    // as a key it failed to show (A cannot write the file x that won the key).
+    let none_failed = wait_until(CONVERGE_TIMEOUT, || {
+        [&a, &b].iter().all(|d| {
+            d.admin_get("/api/v1/status")["subscribers"]
+                .as_array()
+                .is_some_and(|s| s.iter().all(|s| s["failed_keys"] == 0 && s["lag"] == 0))
+        })
+    });
+    assert!(
+        none_failed,
+        "{:#}\n{:#}",
+        a.admin_get("/api/v1/status")["subscribers"],
+        b.admin_get("/api/v1/status")["subscribers"]
+    );
+
+    // Nor does A's scan at its next start read the directory kept alive as a new one.
+    let length = a.admin_get("/api/v1/status")["log_length"].clone();
+    let scans = a.log().matches("initial scan done").count();
+    a.stop();
+    a.start();
+    let scanned = wait_until(CONVERGE_TIMEOUT, || {
+        a.log().matches("initial scan done").count() > scans
+    });
+    assert!(scanned, "{}", a.log_tail());
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        a.admin_get("/api/v1/status")["log_length"],
+        length,
+        "A recorded something at its start"
+    );
     a.stop();
     b.stop();
 }

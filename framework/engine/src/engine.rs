@@ -427,6 +427,11 @@ impl Inner {
         Some(generation)
     }
 
+    /// What stores read while applying: the log, and the conflict policy.
+    fn store_context(&self) -> StoreContext {
+        StoreContext::new(self.log.clone()).with_reconciler(self.reconciler.clone())
+    }
+
     /// Forgets the session `generation` with `peer`, which ended with `error` if it
     /// failed.
     pub(crate) fn unregister(&self, peer: &ReplicaId, generation: u64, error: Option<String>) {
@@ -687,7 +692,7 @@ impl EngineBuilder {
                 })));
         }
         for (store, slot) in self.stores.iter().zip(&slots) {
-            store.start(&StoreContext::new(inner.log.clone())).await?;
+            store.start(&inner.store_context()).await?;
             // A store that cannot catch up now (a full disk, a mirror's disk not mounted)
             // keeps its cursor and is tried again by its own loop, its error shown: it
             // must not keep the rest of the replica from starting.
@@ -1392,9 +1397,7 @@ async fn apply_next_batch(
         return Ok(false);
     };
     let conflicts = views.iter().filter(|v| v.conflicted).count() as u64;
-    store
-        .apply(&StoreContext::new(inner.log.clone()), views)
-        .await?;
+    store.apply(&inner.store_context(), views).await?;
     inner.log.set_cursor(store.name(), next).await?;
     inner
         .stats
@@ -1516,7 +1519,7 @@ async fn run_store(inner: Arc<Inner>, store: Arc<dyn Store>, slot: Arc<StoreSlot
                     _ = slot.wake.notified() => {},
                     _ = sleep_if(retry) => {
                         retries = retries.saturating_add(1);
-                        let ctx = StoreContext::new(inner.log.clone());
+                        let ctx = inner.store_context();
                         if let Err(e) = store.retry(&ctx).await {
                             tracing::error!(store = store.name(), "retrying failed keys: {e}");
                         }

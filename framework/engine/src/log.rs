@@ -485,6 +485,36 @@ impl EventLog {
         }
     }
 
+    /// Every key strictly below the directory `dir`, with its state, in key order.
+    pub fn states_below(
+        &self,
+        dir: &Key,
+    ) -> impl Iterator<Item = Result<(Key, KeyState), LogError>> + '_ {
+        let overlay: BTreeMap<Key, KeyState> = self
+            .shared
+            .overlay
+            .read()
+            .map(|o| {
+                o.states
+                    .iter()
+                    .filter(|(k, _)| k.is_under(dir))
+                    .map(|(k, s)| (k.clone(), s.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        // `0` follows `/`: the range holds exactly the keys that continue `dir/`.
+        let (lo, hi) = (format!("{dir}/"), format!("{dir}0"));
+        StatesIter {
+            tree: self
+                .shared
+                .trees
+                .state
+                .range(lo.into_bytes()..hi.into_bytes())
+                .peekable(),
+            overlay: overlay.into_iter().peekable(),
+        }
+    }
+
     /// The next offset subscriber `name` will process (0 for a new subscriber).
     pub fn cursor(&self, name: &str) -> Result<u64, LogError> {
         match self.shared.trees.cursors.get(name)? {

@@ -32,6 +32,11 @@ impl Reconciler {
         self.policy.name()
     }
 
+    /// The policy.
+    pub fn policy(&self) -> &dyn ConflictPolicy {
+        &*self.policy
+    }
+
     /// What stores show for `key` in `state` (see [`pick`]).
     pub fn view(&self, key: &Key, state: &KeyState) -> KeyView {
         let heads = &state.heads;

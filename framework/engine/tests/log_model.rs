@@ -303,3 +303,36 @@ async fn a_change_found_late_is_stamped_when_it_was_made() {
         vec![(now - 3_600_000, 0), (now, 0), (now, 1), (now, 2)]
     );
 }
+
+/// `states_below` lists exactly the keys under a directory, from the overlay before a
+/// checkpoint and from the tree after one; not the directory itself, nor keys that only
+/// share its name's start (`x.txt`, `xa/d`, `x0`).
+#[tokio::test]
+async fn states_below_a_directory_are_exactly_the_keys_under_it() {
+    let dir = tempfile::tempdir().unwrap();
+    for checkpoint_every in [1_000_000, 1] {
+        let log = EventLog::open(
+            LogConfig::new(dir.path().join(checkpoint_every.to_string()))
+                .checkpoint_every(checkpoint_every),
+        )
+        .unwrap();
+        let changes = ["x", "x.txt", "x/a", "x/b/c", "xa/d", "x0", "w"]
+            .iter()
+            .map(|k| LocalChange::new(Key::new(*k).unwrap(), Op::Delete))
+            .collect();
+        log.append_local(changes).await.unwrap();
+        let below = |k: &str| -> Vec<String> {
+            log.states_below(&Key::new(k).unwrap())
+                .map(|r| r.unwrap().0.as_str().to_owned())
+                .collect()
+        };
+        assert_eq!(
+            below("x"),
+            ["x/a", "x/b/c"],
+            "checkpoint every {checkpoint_every}"
+        );
+        assert_eq!(below("x/b"), ["x/b/c"]);
+        assert!(below("x/a").is_empty());
+        assert!(below("x.txt").is_empty());
+    }
+}

@@ -51,6 +51,9 @@ pub enum FsError {
     NotEmpty {
         /// The directory.
         path: PathBuf,
+        /// Whether keys below it are shown: then the directory wins the path (DESIGN §2),
+        /// which is what the log asks for until they go, not a failure.
+        kept_alive: bool,
     },
     /// The folder has lost its marker ([`crate::MARKER_FILE`]) though this replica holds
     /// files there: nothing is recorded as deleted or written until it is back.
@@ -117,6 +120,18 @@ impl FsError {
             | FsError::NotEmpty { .. } => true,
             _ => false,
         }
+    }
+
+    /// Whether the key waits for a state the log itself implies rather than for a fault
+    /// to go away (see [`FsError::NotEmpty`]): retried, but not counted as failed.
+    pub(crate) fn is_expected(&self) -> bool {
+        matches!(
+            self,
+            FsError::NotEmpty {
+                kept_alive: true,
+                ..
+            }
+        )
     }
 
     /// Whether this is an I/O error of kind `NotFound`.

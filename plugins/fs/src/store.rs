@@ -122,13 +122,13 @@ impl Store for FsStore {
         let retried = batch.len();
         batch.extend(views);
 
-        let (config, echo, chunks) = (self.config.clone(), self.echo.clone(), ctx.chunks().clone());
+        let (config, echo, store_ctx) = (self.config.clone(), self.echo.clone(), ctx.clone());
         let guard = self.guarded.then(|| ctx.log().clone());
         let (log, name) = (ctx.log().clone(), self.name.clone());
         let (batch, failures) = tokio::task::spawn_blocking(move || {
             // A mirror has written before once its cursor is past the log's start.
             let written_before = || Ok(log.cursor(&name)? > 0);
-            let failures = apply_blocking(&config, echo, chunks, guard, written_before, &batch);
+            let failures = apply_blocking(&config, echo, store_ctx, guard, written_before, &batch);
             (batch, failures)
         })
         .await
@@ -138,10 +138,23 @@ impl Store for FsStore {
         for (key, e) in &failures {
             if failed.contains_key(key) {
                 tracing::debug!(store = %self.name, "{key}: still failing: {e}");
+            } else if e.is_expected() {
+                tracing::info!(store = %self.name, "{key}: {e}");
             } else {
                 tracing::error!(store = %self.name, "{key}: {e}; tried again later, the rest goes on");
             }
         }
+        // Keys that only wait for what the log implies are retried, not counted.
+        let failing: HashSet<&Key> = failures
+            .iter()
+            .filter(|(_, e)| !e.is_expected())
+            .map(|(key, _)| key)
+            .collect();
+        let waiting: HashSet<Key> = failures
+            .iter()
+            .filter(|(key, _)| !failing.contains(key))
+            .map(|(key, _)| key.clone())
+            .collect();
         let failed_keys: HashSet<Key> = failures.into_iter().map(|(key, _)| key).collect();
         let now_failed: BTreeMap<Key, KeyView> = batch
             .into_iter()
@@ -165,7 +178,8 @@ impl Store for FsStore {
             }
             self.echo.set_failed(now_failed.keys().cloned().collect());
         }
-        self.failed_count.store(now_failed.len(), Ordering::Relaxed);
+        let counted = now_failed.keys().filter(|k| !waiting.contains(*k)).count();
+        self.failed_count.store(counted, Ordering::Relaxed);
         *failed = now_failed;
         Ok(())
     }
@@ -309,7 +323,7 @@ struct Refused(String);
 fn apply_blocking(
     config: &FsConfig,
     echo: Arc<Echo>,
-    chunks: ChunkStore,
+    ctx: StoreContext,
     guard: Option<EventLog>,
     written_before: impl FnOnce() -> Result<bool, FsError>,
     views: &[KeyView],
@@ -328,7 +342,8 @@ fn apply_blocking(
     let mut w = Writer {
         rules: Rules::load(&root, &config.exclude),
         echo,
-        chunks,
+        chunks: ctx.chunks().clone(),
+        ctx,
         recorded_by: guard.as_ref().map(EventLog::replica),
         guard,
         checked: HashSet::new(),
@@ -545,6 +560,8 @@ struct Writer {
     rules: Rules,
     echo: Arc<Echo>,
     chunks: ChunkStore,
+    /// What the engine gave the batch: the log and the conflict policy.
+    ctx: StoreContext,
     /// The log, for the folder's own store: see [`FsStore::guarded`].
     guard: Option<EventLog>,
     /// The folder's own store: this replica, whose events its source recorded from the
@@ -582,6 +599,7 @@ impl Writer {
             rules: self.rules.clone(),
             echo: self.echo.clone(),
             chunks: self.chunks.clone(),
+            ctx: self.ctx.clone(),
             guard: self.guard.clone(),
             recorded_by: self.recorded_by,
             checked: self.checked.clone(),
@@ -610,7 +628,7 @@ impl Writer {
     /// Writes each file whose content differs from what is there.
     fn put_files(&mut self, files: &[FileView]) -> Result<(), FsError> {
         for f in files {
-            let written = self.put_file(
+            let mut written = self.put_file(
                 &f.key,
                 None,
                 Some(&f.key),
@@ -618,6 +636,9 @@ impl Writer {
                 &f.meta,
                 f.recorded_here,
             );
+            if let Err(FsError::NotEmpty { kept_alive, .. }) = &mut written {
+                *kept_alive = self.ctx.shown_below(&f.key)?;
+            }
             if let Some(Err(Refused(why))) = self.fail_alone(&f.key, written)? {
                 tracing::warn!("{why}");
             }
@@ -921,7 +942,10 @@ impl Writer {
             // a retry writes the file.
             Ok(m) if m.is_dir() => {
                 if !remove_dir_if_empty(&path)? {
-                    return Err(FsError::NotEmpty { path });
+                    return Err(FsError::NotEmpty {
+                        path,
+                        kept_alive: false,
+                    });
                 }
             }
             Ok(_) => {

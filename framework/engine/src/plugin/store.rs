@@ -1,11 +1,12 @@
 //! The `Store` role: materializes the projection somewhere (a folder, a mirror).
 
 use async_trait::async_trait;
-use converge_api::{Head, Key};
+use converge_api::{Head, Key, Op};
 
 use crate::content::ChunkStore;
-use crate::error::PluginError;
+use crate::error::{LogError, PluginError};
 use crate::log::EventLog;
+use crate::reconciler::{pick, Reconciler};
 
 /// What a store must show for one key: the conflict policy's answer over its heads.
 /// Serializable, so that a store can keep the views it could not show yet.
@@ -31,12 +32,39 @@ pub struct KeyView {
 #[derive(Clone, Debug)]
 pub struct StoreContext {
     log: EventLog,
+    reconciler: Option<Reconciler>,
 }
 
 impl StoreContext {
-    /// A context over `log`.
+    /// A context over `log`, deciding what keys show by last-write-wins.
     pub fn new(log: EventLog) -> Self {
-        StoreContext { log }
+        StoreContext {
+            log,
+            reconciler: None,
+        }
+    }
+
+    /// Decides what keys show with `reconciler` (the engine's conflict policy).
+    pub fn with_reconciler(mut self, reconciler: Reconciler) -> Self {
+        self.reconciler = Some(reconciler);
+        self
+    }
+
+    /// Whether some key strictly below `dir` shows something (its winner is a `Put`): then
+    /// `dir` must be a directory, whatever its own heads say (DESIGN §2).
+    pub fn shown_below(&self, dir: &Key) -> Result<bool, LogError> {
+        for entry in self.log.states_below(dir) {
+            let (key, state) = entry?;
+            let (winner, _) = pick(
+                self.reconciler.as_ref().map(Reconciler::policy),
+                &key,
+                &state.heads,
+            );
+            if winner.is_some_and(|h| matches!(h.op, Op::Put { .. })) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// The content store: every chunk of every view's winner and copies is present.
