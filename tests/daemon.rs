@@ -1252,6 +1252,18 @@ fn merged_on_both(a: &Daemon, b: &Daemon) -> bool {
         .all(|d| d.admin_get("/api/v1/keys/notes.txt")["conflicted"] == false)
 }
 
+/// After B's copy was deleted: both show B's edit, and the same folder, without copies.
+fn assert_merged_keeping_b(a: &Daemon, b: &Daemon) {
+    for d in [a, b] {
+        assert_eq!(
+            fs::read(d.folder().join("notes.txt")).unwrap(),
+            b"B's edit, later\n"
+        );
+    }
+    assert_eq!(copy_of(b), None, "the deleted copy stays deleted");
+    assert_eq!(tree(a.folder()), tree(b.folder()));
+}
+
 #[test]
 fn conflict_copy_policy_keeps_the_losing_edit_beside_the_winner() {
     let (mut a, mut b) = pair_with_a_conflict_copy();
@@ -1267,14 +1279,7 @@ fn conflict_copy_policy_keeps_the_losing_edit_beside_the_winner() {
         "A kept its copy after the merge:\n{}",
         a.log_tail()
     );
-    for d in [&a, &b] {
-        assert_eq!(
-            fs::read(d.folder().join("notes.txt")).unwrap(),
-            b"B's edit, later\n"
-        );
-    }
-    assert_eq!(copy_of(&b), None, "the deleted copy stays deleted");
-    assert_eq!(tree(a.folder()), tree(b.folder()));
+    assert_merged_keeping_b(&a, &b);
 
     // A second conflict, merged the same way; but A's copy was edited meanwhile, so it is
     // the user's now and stays.
@@ -1342,14 +1347,7 @@ fn a_conflict_copy_deleted_while_stopped_ends_the_conflict() {
         merged_on_both(&a, &b) && copy_of(&a).is_none()
     });
     assert!(merged, "{}\n{}", a.log_tail(), b.log_tail());
-    for d in [&a, &b] {
-        assert_eq!(
-            fs::read(d.folder().join("notes.txt")).unwrap(),
-            b"B's edit, later\n"
-        );
-    }
-    assert_eq!(copy_of(&b), None, "the deleted copy stays deleted");
-    assert_eq!(tree(a.folder()), tree(b.folder()));
+    assert_merged_keeping_b(&a, &b);
     a.stop();
     b.stop();
 }

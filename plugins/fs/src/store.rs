@@ -379,31 +379,11 @@ fn apply_blocking(
             }
             Some(Op::Delete) | None => absent.push(view.key.clone()),
         }
-        for head in &view.copies {
-            if let Op::Put {
-                content: Some(content),
-                meta,
-            } = &head.op
-            {
-                if meta.kind == EntryKind::File {
-                    if let Some(name) = conflict_name(&view.key, head) {
-                        copies.push((name, view.key.clone(), *content, meta.clone()));
-                    }
-                }
-            }
+        for (name, content, meta) in file_copies(&view.key, &view.copies) {
+            copies.push((name, view.key.clone(), *content, meta.clone()));
         }
-        for head in &view.merged_copies {
-            if let Op::Put {
-                content: Some(content),
-                meta,
-            } = &head.op
-            {
-                if meta.kind == EntryKind::File {
-                    if let Some(name) = conflict_name(&view.key, head) {
-                        ended.push((name, view.key.clone(), *content));
-                    }
-                }
-            }
+        for (name, content, _) in file_copies(&view.key, &view.merged_copies) {
+            ended.push((name, view.key.clone(), *content));
         }
     }
 
@@ -1135,6 +1115,21 @@ fn remove_dir_if_empty(path: &Path) -> Result<bool, FsError> {
             source: e,
         }),
     }
+}
+
+/// The conflict copies of `key` that `heads` make, those that put a file: each one's name
+/// (see [`conflict_name`]), content and metadata.
+fn file_copies<'h>(
+    key: &'h Key,
+    heads: &'h [Head],
+) -> impl Iterator<Item = (Key, &'h ContentRef, &'h Meta)> + 'h {
+    heads.iter().filter_map(move |head| match &head.op {
+        Op::Put {
+            content: Some(content),
+            meta,
+        } if meta.kind == EntryKind::File => Some((conflict_name(key, head)?, content, meta)),
+        _ => None,
+    })
 }
 
 /// The name of the conflict copy of `key` for the losing `head`:
