@@ -129,10 +129,7 @@ fn status(v: &Value) -> String {
     let _ = writeln!(out, "subscribers:");
     out.push_str(&table(
         &["NAME", "CURSOR", "LAG", "APPLIED", "REPLAYING", "FAILED"],
-        v["subscribers"]
-            .as_array()
-            .map(Vec::as_slice)
-            .unwrap_or(&[]),
+        items(&v["subscribers"]),
         |s| {
             vec![
                 text(&s["name"]),
@@ -144,14 +141,13 @@ fn status(v: &Value) -> String {
             ]
         },
     ));
-    let empty = Vec::new();
-    for s in v["subscribers"].as_array().unwrap_or(&empty) {
+    for s in items(&v["subscribers"]) {
         if let Some(error) = s["error"].as_str() {
             let _ = writeln!(out, "  {} is held back: {error}", text(&s["name"]));
         }
     }
     let _ = writeln!(out, "sources:");
-    for s in v["sources"].as_array().unwrap_or(&empty) {
+    for s in items(&v["sources"]) {
         let state = if s["up"].as_bool() == Some(false) {
             "DOWN"
         } else {
@@ -169,10 +165,7 @@ fn status(v: &Value) -> String {
     }
     let _ = writeln!(out, "peers:");
     out.push_str(&peers(v));
-    let plugins: Vec<String> = v["plugins"]
-        .as_array()
-        .map(Vec::as_slice)
-        .unwrap_or(&[])
+    let plugins: Vec<String> = items(&v["plugins"])
         .iter()
         .map(|p| format!("{} ({})", text(&p["name"]), text(&p["role"])))
         .collect();
@@ -180,8 +173,13 @@ fn status(v: &Value) -> String {
     out
 }
 
+/// The elements of the JSON array `v`; none if it is not an array.
+fn items(v: &Value) -> &[Value] {
+    v.as_array().map(Vec::as_slice).unwrap_or(&[])
+}
+
 fn peers(v: &Value) -> String {
-    let list = v["peers"].as_array().map(Vec::as_slice).unwrap_or(&[]);
+    let list = items(&v["peers"]);
     let mut out = table(
         &[
             "PEER",
@@ -218,7 +216,7 @@ fn peers(v: &Value) -> String {
 fn events(v: &Value) -> String {
     let mut out = table(
         &["OFFSET", "ID", "OP", "KEY", "SIZE", "PARENTS"],
-        v["events"].as_array().map(Vec::as_slice).unwrap_or(&[]),
+        items(&v["events"]),
         |e| {
             vec![
                 text(&e["offset"]),
@@ -242,7 +240,7 @@ fn events(v: &Value) -> String {
 }
 
 fn conflicts(v: &Value) -> String {
-    let list = v["conflicts"].as_array().map(Vec::as_slice).unwrap_or(&[]);
+    let list = items(&v["conflicts"]);
     if list.is_empty() {
         return "no conflicted keys\n".into();
     }

@@ -95,9 +95,8 @@ impl FsError {
     /// permission at its path, a name too long, a file where a directory is needed, a
     /// read-only mount below the folder, its content damaged in the content store, a file
     /// changed here and not yet recorded where it needs a directory, or a directory with
-    /// entries where it is to be a file. The key fails
-    /// alone and the rest of a batch is applied. A full disk or an I/O error does not: the
-    /// batch waits.
+    /// entries where it is to be a file. The key fails alone and the rest of a batch is
+    /// applied. A full disk or an I/O error does not: the batch waits.
     pub(crate) fn fails_alone(&self) -> bool {
         match self {
             FsError::Io { source, .. } => {

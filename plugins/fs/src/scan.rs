@@ -24,6 +24,7 @@ use crate::content::{changed_at_ms, file_stat, mtime_ms, put_stat, store_file};
 use crate::echo::{known_state, Applied, Echo};
 use crate::error::FsError;
 use crate::rules::Rules;
+use crate::store::file_copies;
 use crate::EMIT_BATCH;
 
 /// Picks the head a store shows for a key, as the engine's reconciler does (the conflict
@@ -397,9 +398,6 @@ fn merges_for_deleted_copies(
             continue;
         }
         let heads = env.log.heads(&key)?;
-        let (Some(winner), copies) = env.resolver.pick(&key, &heads) else {
-            continue;
-        };
         let mut applied = true;
         for head in &heads {
             applied &= env.log.offset_of(&head.id)?.is_some_and(|o| o < cursor);
@@ -407,21 +405,33 @@ fn merges_for_deleted_copies(
         if !applied {
             continue;
         }
-        let deleted = copies
-            .iter()
-            .filter(|h| head_kind(h) == Some(EntryKind::File))
-            .filter_map(|h| crate::store::conflict_name(&key, h))
-            .find(|copy| {
-                std::fs::symlink_metadata(env.rules.path_of(copy))
-                    .is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound)
-            });
-        if let Some(copy) = deleted {
+        let merged = merge_for_deleted_copy(env, &key, &heads, |copy| {
+            std::fs::symlink_metadata(env.rules.path_of(copy))
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound)
+        });
+        if let Some((copy, merge)) = merged {
             tracing::info!("{copy} was deleted while the daemon was stopped: {key} keeps what it shows, and its conflict is merged");
-            let deleted_at = removed_at_ms(&env.rules, &copy);
-            merges.push(LocalChange::new(key, winner.op.clone()).made_at(deleted_at));
+            merges.push(merge.made_at(removed_at_ms(&env.rules, &copy)));
         }
     }
     Ok(merges)
+}
+
+/// The merge that ends the conflict of `key`, shown by `heads`, keeping what it shows
+/// (DESIGN §2: a conflict copy deleted by hand means "keep the winner"), if one of the
+/// copies its heads make is `deleted`: the winner's operation again, which names every
+/// head as a parent; with that copy's name.
+pub(crate) fn merge_for_deleted_copy(
+    env: &Env,
+    key: &Key,
+    heads: &[Head],
+    mut deleted: impl FnMut(&Key) -> bool,
+) -> Option<(Key, LocalChange)> {
+    let (Some(winner), copies) = env.resolver.pick(key, heads) else {
+        return None;
+    };
+    let (copy, _, _) = file_copies(key, copies).find(|(copy, _, _)| deleted(copy))?;
+    Some((copy, LocalChange::new(key.clone(), winner.op.clone())))
 }
 
 /// The parallel walk; runs on a blocking thread and its own walker threads.

@@ -18,8 +18,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use converge_api::{ContentRef, EntryKind, Head, Key, Meta, Op, ReplicaId};
-use converge_framework::content::{ChunkStore, Piece, PieceError, Writeback};
+use converge_api::{ContentRef, EntryKind, Head, Key, Meta, Op};
+use converge_framework::content::{Piece, PieceError, Writeback};
 use converge_framework::log::EventLog;
 use converge_framework::plugin::{KeyView, Store, StoreContext};
 use converge_framework::{LogError, PluginError};
@@ -122,13 +122,10 @@ impl Store for FsStore {
         let retried = batch.len();
         batch.extend(views);
 
-        let (config, echo, store_ctx) = (self.config.clone(), self.echo.clone(), ctx.clone());
-        let guard = self.guarded.then(|| ctx.log().clone());
-        let (log, name) = (ctx.log().clone(), self.name.clone());
+        let (config, echo, ctx) = (self.config.clone(), self.echo.clone(), ctx.clone());
+        let (name, guarded) = (self.name.clone(), self.guarded);
         let (batch, failures) = tokio::task::spawn_blocking(move || {
-            // A mirror has written before once its cursor is past the log's start.
-            let written_before = || Ok(log.cursor(&name)? > 0);
-            let failures = apply_blocking(&config, echo, store_ctx, guard, written_before, &batch);
+            let failures = apply_blocking(&config, echo, ctx, guarded, &name, &batch);
             (batch, failures)
         })
         .await
@@ -144,18 +141,13 @@ impl Store for FsStore {
                 tracing::error!(store = %self.name, "{key}: {e}; tried again later, the rest goes on");
             }
         }
+        let failed_keys: HashSet<&Key> = failures.iter().map(|(key, _)| key).collect();
         // Keys that only wait for what the log implies are retried, not counted.
         let failing: HashSet<&Key> = failures
             .iter()
             .filter(|(_, e)| !e.is_expected())
             .map(|(key, _)| key)
             .collect();
-        let waiting: HashSet<Key> = failures
-            .iter()
-            .filter(|(key, _)| !failing.contains(key))
-            .map(|(key, _)| key.clone())
-            .collect();
-        let failed_keys: HashSet<Key> = failures.into_iter().map(|(key, _)| key).collect();
         let now_failed: BTreeMap<Key, KeyView> = batch
             .into_iter()
             .filter(|v| failed_keys.contains(&v.key))
@@ -178,7 +170,7 @@ impl Store for FsStore {
             }
             self.echo.set_failed(now_failed.keys().cloned().collect());
         }
-        let counted = now_failed.keys().filter(|k| !waiting.contains(*k)).count();
+        let counted = now_failed.keys().filter(|k| failing.contains(k)).count();
         self.failed_count.store(counted, Ordering::Relaxed);
         *failed = now_failed;
         Ok(())
@@ -320,19 +312,22 @@ fn sweep_temp_files(root: &Path, recursive: bool) -> Result<u64, FsError> {
 /// A key the store will not touch here, and why (warned, then skipped).
 struct Refused(String);
 
+/// Applies `views` as the store `name` (the folder's own if `guarded`, see
+/// [`FsStore::guarded`]); returns the keys that failed alone.
 fn apply_blocking(
     config: &FsConfig,
     echo: Arc<Echo>,
     ctx: StoreContext,
-    guard: Option<EventLog>,
-    written_before: impl FnOnce() -> Result<bool, FsError>,
+    guarded: bool,
+    name: &str,
     views: &[KeyView],
 ) -> Result<Vec<(Key, FsError)>, FsError> {
     // The folder's own store writes only into the folder its source marked; a mirror
-    // marks its folder itself.
-    match guard {
-        Some(_) => crate::marker::check(&config.root)?,
-        None => crate::marker::ensure(&config.root, written_before)?,
+    // marks its folder itself, and has written before once its cursor is past the start.
+    if guarded {
+        crate::marker::check(&config.root)?;
+    } else {
+        crate::marker::ensure(&config.root, || Ok(ctx.log().cursor(name)? > 0))?;
     }
     let root = config
         .root
@@ -342,10 +337,8 @@ fn apply_blocking(
     let mut w = Writer {
         rules: Rules::load(&root, &config.exclude),
         echo,
-        chunks: ctx.chunks().clone(),
         ctx,
-        recorded_by: guard.as_ref().map(EventLog::replica),
-        guard,
+        guarded,
         checked: HashSet::new(),
         dirty: false,
         temp_dir: temp_dir_for(&root, config.temp_dir.as_deref()),
@@ -357,6 +350,9 @@ fn apply_blocking(
     let mut files = Vec::new();
     let mut copies = Vec::new();
     let mut ended = Vec::new();
+    // The folder's own store: this replica, whose events its source recorded from the
+    // files themselves.
+    let recorded_by = w.guard().map(EventLog::replica);
     for view in views {
         match view.winner.as_ref().map(|h| &h.op) {
             Some(Op::Put { meta, .. }) if meta.kind == EntryKind::Dir => {
@@ -372,7 +368,7 @@ fn apply_blocking(
                 recorded_here: view
                     .winner
                     .as_ref()
-                    .is_some_and(|h| Some(h.id.origin) == w.recorded_by),
+                    .is_some_and(|h| Some(h.id.origin) == recorded_by),
             }),
             Some(Op::Put { content: None, .. }) => {
                 tracing::warn!("{}: a file without content; skipped", view.key);
@@ -519,7 +515,7 @@ struct FileView {
     content: ContentRef,
     meta: Meta,
     /// Whether the event is the folder's own, recorded by its source from this very file
-    /// (see [`Writer::recorded_by`]).
+    /// (see [`FsStore::guarded`]).
     recorded_here: bool,
 }
 
@@ -539,14 +535,10 @@ const PARALLEL_FILES: usize = 64;
 struct Writer {
     rules: Rules,
     echo: Arc<Echo>,
-    chunks: ChunkStore,
-    /// What the engine gave the batch: the log and the conflict policy.
+    /// What the engine gave the batch: the log, its content store, the conflict policy.
     ctx: StoreContext,
-    /// The log, for the folder's own store: see [`FsStore::guarded`].
-    guard: Option<EventLog>,
-    /// The folder's own store: this replica, whose events its source recorded from the
-    /// files themselves.
-    recorded_by: Option<ReplicaId>,
+    /// The folder's own store: see [`FsStore::guarded`].
+    guarded: bool,
     /// Directories already checked to be real directories (not symlinks) in this batch.
     checked: HashSet<PathBuf>,
     dirty: bool,
@@ -578,10 +570,8 @@ impl Writer {
         Writer {
             rules: self.rules.clone(),
             echo: self.echo.clone(),
-            chunks: self.chunks.clone(),
             ctx: self.ctx.clone(),
-            guard: self.guard.clone(),
-            recorded_by: self.recorded_by,
+            guarded: self.guarded,
             checked: self.checked.clone(),
             dirty: false,
             temp_dir: self.temp_dir.clone(),
@@ -630,10 +620,15 @@ impl Writer {
     /// an unguarded store; otherwise when it is in a state the log or the store knows
     /// ([`known_state`]).
     fn knows(&self, key: &Key, path: &Path, m: &std::fs::Metadata) -> bool {
-        match &self.guard {
+        match self.guard() {
             None => true,
             Some(log) => known_state(log, &self.echo, key, path, m),
         }
+    }
+
+    /// The log, for the folder's own store (see [`FsStore::guarded`]).
+    fn guard(&self) -> Option<&EventLog> {
+        self.guarded.then(|| self.ctx.log())
     }
 
     /// The path of `key`, if the store may write it: not ignored or excluded, and no
@@ -740,8 +735,7 @@ impl Writer {
     /// bytes stay on disk; without such a head (or the log, for a mirror) it is removed.
     fn make_way(&mut self, key: &Key, path: &Path) -> Result<(), FsError> {
         let head = self
-            .guard
-            .as_ref()
+            .guard()
             .and_then(|log| log.heads(key).ok())
             .and_then(|heads| {
                 heads
@@ -1004,7 +998,7 @@ impl Writer {
             // as writing them: a second thread walks the content while this one writes.
             std::thread::scope(|scope| {
                 let (tx, rx) = std::sync::mpsc::sync_channel::<Piece>(32);
-                let chunks = &self.chunks;
+                let chunks = self.ctx.chunks();
                 let reader = scope.spawn(move || {
                     chunks.for_each_data_piece(content, &mut |piece| {
                         tx.send(piece).map_err(|_| LogError::Closed)
@@ -1024,10 +1018,12 @@ impl Writer {
         } else {
             // Under PIPELINE_BYTES: read every chunk, then write them.
             let mut pieces = Vec::new();
-            self.chunks.for_each_data_piece(content, &mut |piece| {
-                pieces.push(piece);
-                Ok(())
-            })?;
+            self.ctx
+                .chunks()
+                .for_each_data_piece(content, &mut |piece| {
+                    pieces.push(piece);
+                    Ok(())
+                })?;
             write_pieces(&mut file, temp, pieces)?
         };
         if written != content.size {
@@ -1119,11 +1115,11 @@ fn remove_dir_if_empty(path: &Path) -> Result<bool, FsError> {
 
 /// The conflict copies of `key` that `heads` make, those that put a file: each one's name
 /// (see [`conflict_name`]), content and metadata.
-fn file_copies<'h>(
+pub(crate) fn file_copies<'h>(
     key: &'h Key,
-    heads: &'h [Head],
+    heads: impl IntoIterator<Item = &'h Head> + 'h,
 ) -> impl Iterator<Item = (Key, &'h ContentRef, &'h Meta)> + 'h {
-    heads.iter().filter_map(move |head| match &head.op {
+    heads.into_iter().filter_map(move |head| match &head.op {
         Op::Put {
             content: Some(content),
             meta,

@@ -19,8 +19,9 @@ use crate::echo::{Applied, Echo};
 use crate::error::FsError;
 use crate::marker;
 use crate::rules::Rules;
-use crate::scan::{examine_file, gone, is_echo, removed_at_ms, scan, Env, Resolver};
-use crate::store::conflict_name;
+use crate::scan::{
+    examine_file, gone, is_echo, merge_for_deleted_copy, removed_at_ms, scan, Env, Resolver,
+};
 use crate::{FsConfig, CONFLICT_MARKER, EMIT_BATCH, IGNORE_FILE, TEMP_PREFIX};
 
 /// How often the folder is rescanned when it cannot be watched.
@@ -276,7 +277,7 @@ fn plan(env: &Env, paths: BTreeSet<PathBuf>) -> Result<Plan, FsError> {
         let is_dir = meta.as_ref().is_ok_and(|m| m.is_dir());
         if env.rules.ignores(&path, is_dir, true) {
             if meta.is_err() {
-                puts.extend(merge_for_deleted_copy(env, &path)?);
+                puts.extend(merge_for_path(env, &path)?);
             }
             continue;
         }
@@ -343,11 +344,10 @@ fn plan(env: &Env, paths: BTreeSet<PathBuf>) -> Result<Plan, FsError> {
     })
 }
 
-/// The merge a conflict copy deleted by hand asks for (DESIGN §2: "keep the winner"): the
-/// winner's operation again, naming every head as a parent, if `path` was the copy of one
-/// of the heads its key shows as conflict copies. Other replicas keep their copies until
-/// their users delete them; the key is no longer a conflict anywhere.
-fn merge_for_deleted_copy(env: &Env, path: &Path) -> Result<Option<LocalChange>, FsError> {
+/// The merge a conflict copy deleted by hand asks for (see [`merge_for_deleted_copy`]), if
+/// `path` was the copy of one of the heads its key shows as conflict copies. The key is
+/// then no longer a conflict anywhere, and the other replicas remove their copies.
+fn merge_for_path(env: &Env, path: &Path) -> Result<Option<LocalChange>, FsError> {
     let Ok(copy) = env.rules.key_of(path) else {
         return Ok(None);
     };
@@ -360,17 +360,11 @@ fn merge_for_deleted_copy(env: &Env, path: &Path) -> Result<Option<LocalChange>,
         return Ok(None);
     };
     let heads = env.log.heads(&key)?;
-    let (Some(winner), copies) = env.resolver.pick(&key, &heads) else {
-        return Ok(None);
-    };
-    if !copies
-        .iter()
-        .any(|h| conflict_name(&key, h).as_ref() == Some(&copy))
-    {
-        return Ok(None);
+    let merged = merge_for_deleted_copy(env, &key, &heads, |name| *name == copy);
+    if merged.is_some() {
+        tracing::info!("{copy} deleted: {key} keeps what it shows, and its conflict is merged");
     }
-    tracing::info!("{copy} deleted: {key} keeps what it shows, and its conflict is merged");
-    Ok(Some(LocalChange::new(key, winner.op.clone())))
+    Ok(merged.map(|(_, merge)| merge))
 }
 
 /// What the held removals amount to now (blocking): a delete of every key at or below a
@@ -397,16 +391,13 @@ fn removals(env: &Env, held: &BTreeMap<Key, Option<u64>>) -> Result<Vec<LocalCha
         }
         consider(key, &heads, *removed_at);
     }
-    if !dirs.is_empty() {
-        for entry in env.log.states() {
+    for (dir, removed_at) in &dirs {
+        for entry in env.log.states_below(dir) {
             let (key, state) = entry?;
-            if held.contains_key(&key) {
-                continue;
-            }
-            // The removal of the nearest held directory above it.
-            if let Some(removed_at) =
-                std::iter::successors(key.parent(), Key::parent).find_map(|k| dirs.get(&k))
-            {
+            // Each key once, as of the removal of the nearest held directory above it.
+            let nearest =
+                std::iter::successors(key.parent(), Key::parent).find(|k| dirs.contains_key(k));
+            if !held.contains_key(&key) && nearest.as_ref() == Some(dir) {
                 consider(&key, &state.heads, *removed_at);
             }
         }
