@@ -972,19 +972,31 @@ pub(crate) enum Ask {
 
 /// The length of a file being appended to, starting the kernel's writeback of what was
 /// written every few MiB, so that a later `fdatasync` or `syncfs` finds little left to
-/// write. (The pack writer and the folder store's file writer both use it.)
+/// write, and dropping from the page cache what is already on disk. (The pack writer and
+/// the folder store's file writer both use it.)
+///
+/// Dropping behind the writer keeps the pages a large file passes through few and reused:
+/// on the virtual machines this runs on, a page the guest has not touched for a while
+/// costs a host fault when first written, and writing 256 MiB through the page cache took
+/// 0.64 s into such pages against 0.17 s when every 8 MiB was written back and dropped
+/// (W2 of `bench/daemon/run.py` went from 1.48 s to 1.15 s, the receiver's CPU time from
+/// 1.27 s to 0.67 s). What was dropped is read from the disk if it is read again.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Writeback {
     len: u64,
     started: u64,
+    dropped: u64,
 }
 
 impl Writeback {
-    /// Records `bytes` more appended to `file`, starting writeback when enough piled up.
+    /// Records `bytes` more appended to `file`, starting writeback when enough piled up
+    /// and dropping the range whose writeback was started the time before.
     pub fn wrote(&mut self, file: &File, bytes: u64) {
         self.len += bytes;
         if self.len - self.started >= WRITEBACK_BYTES {
             start_writeback(file, self.started, self.len - self.started);
+            drop_behind(file, self.dropped, self.started - self.dropped);
+            self.dropped = self.started;
             self.started = self.len;
         }
     }
@@ -1014,6 +1026,39 @@ fn start_writeback(file: &File, offset: u64, len: u64) {
         // sync_file_range only reads its arguments.
         unsafe {
             libc::sync_file_range(file.as_raw_fd(), offset, len, libc::SYNC_FILE_RANGE_WRITE);
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (file, offset, len);
+}
+
+/// Waits for the writeback of `len` bytes at `offset` of `file` (started earlier by
+/// [`start_writeback`]) and drops those pages from the page cache. Not a sync: the
+/// device's cache is not flushed and nothing is made durable; a later `fdatasync` or
+/// `syncfs` still does that. Advisory (Linux only; a no-op elsewhere); errors are left
+/// for that sync to report.
+fn drop_behind(file: &File, offset: u64, len: u64) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
+            return;
+        };
+        if len == 0 {
+            return;
+        }
+        let fd = file.as_raw_fd();
+        // SAFETY: as in `start_writeback`; posix_fadvise only reads its arguments too.
+        unsafe {
+            libc::sync_file_range(
+                fd,
+                offset,
+                len,
+                libc::SYNC_FILE_RANGE_WAIT_BEFORE
+                    | libc::SYNC_FILE_RANGE_WRITE
+                    | libc::SYNC_FILE_RANGE_WAIT_AFTER,
+            );
+            libc::posix_fadvise(fd, offset, len, libc::POSIX_FADV_DONTNEED);
         }
     }
     #[cfg(not(target_os = "linux"))]
