@@ -29,7 +29,7 @@
 //! a peer), and each such read would otherwise be a sled lookup.
 //!
 //! Chunks put by this replica (not those received from peers) are also handed, in
-//! batches, to a *fresh-chunk sink* when one is set: the engine pushes them to connected
+//! batches and with a copy of their bytes, to a *fresh-chunk sink* when one is set: the engine pushes them to connected
 //! peers while a large file is still being chunked, before the event that names them
 //! exists, so content streams instead of waiting for the peer's request. The log calls
 //! [`ChunkStore::flush_fresh`] before each local append, so a batch's chunks are always
@@ -81,9 +81,20 @@ pub const PIECE_BYTES: u64 = 8 << 20;
 /// platform this runs on; a larger one only means fewer runs are copied in the kernel).
 const PAGE_BYTES: u64 = 4096;
 
-/// Receives the hashes of chunks this replica put (see [`ChunkStore::set_fresh_sink`]).
-/// Called on the thread that put them; it must not block.
-pub type FreshSink = Box<dyn Fn(Vec<Hash>) + Send + Sync>;
+/// Receives the chunks this replica put (see [`ChunkStore::set_fresh_sink`]). Called on
+/// the thread that put them; it must not block.
+pub type FreshSink = Box<dyn Fn(Vec<FreshChunk>) + Send + Sync>;
+
+/// A chunk this replica put, handed to the [`FreshSink`] with a copy of its bytes: a push
+/// sends them from memory instead of reading them back from the pack, which on a large
+/// file took twice as long as sending them (`bench/daemon/run.py`, W2).
+#[derive(Clone, Debug)]
+pub struct FreshChunk {
+    /// The chunk's hash.
+    pub hash: Hash,
+    /// The chunk's bytes.
+    pub bytes: Arc<[u8]>,
+}
 
 /// Where chunks being put come from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -195,7 +206,7 @@ struct PackWriter {
     /// Packs closed since the last sync, still to be made durable.
     closed: Vec<(u32, Arc<File>)>,
     /// Chunks put locally and not yet handed to the sink (only while one is set).
-    fresh: Vec<Hash>,
+    fresh: Vec<FreshChunk>,
 }
 
 impl PackWriter {
@@ -316,9 +327,9 @@ impl ChunkStore {
         self.put_chunks(&chunks[start..], Origin::Peer)
     }
 
-    /// Sets where the hashes of chunks put from now on by [`put`](Self::put) and
-    /// [`put_prehashed`](Self::put_prehashed) go; the engine sets it to push new content
-    /// to peers. `None` stops handing them on.
+    /// Sets where the chunks put from now on by [`put`](Self::put) and
+    /// [`put_prehashed`](Self::put_prehashed) go (their hashes and a copy of their bytes);
+    /// the engine sets it to push new content to peers. `None` stops handing them on.
     pub fn set_fresh_sink(&self, sink: Option<FreshSink>) {
         if let Ok(mut slot) = self.inner.sink.write() {
             *slot = sink;
@@ -338,7 +349,7 @@ impl ChunkStore {
         self.hand_on(fresh);
     }
 
-    fn hand_on(&self, fresh: Vec<Hash>) {
+    fn hand_on(&self, fresh: Vec<FreshChunk>) {
         if let Ok(sink) = self.inner.sink.read() {
             if let Some(sink) = sink.as_ref() {
                 sink(fresh);
@@ -364,7 +375,7 @@ impl ChunkStore {
         &self,
         chunks: &[(Hash, &[u8])],
         origin: Origin,
-    ) -> Result<Option<Vec<Hash>>, LogError> {
+    ) -> Result<Option<Vec<FreshChunk>>, LogError> {
         let inner = &self.inner;
         let mut w = inner.writer.lock().map_err(|_| LogError::Closed)?;
         let mut new: Vec<(Hash, &[u8])> = Vec::with_capacity(chunks.len());
@@ -443,7 +454,10 @@ impl ChunkStore {
             w.rotate();
         }
         if origin == Origin::Local && inner.sink.read().is_ok_and(|s| s.is_some()) {
-            w.fresh.extend(new.iter().map(|(h, _)| *h));
+            w.fresh.extend(new.iter().map(|&(hash, bytes)| FreshChunk {
+                hash,
+                bytes: Arc::from(bytes),
+            }));
             if w.fresh.len() >= FRESH_BATCH {
                 return Ok(Some(std::mem::take(&mut w.fresh)));
             }
@@ -1148,8 +1162,13 @@ mod tests {
         let before = store.put(b"put before the sink was set").unwrap();
         let handed: Arc<Mutex<Vec<Vec<Hash>>>> = Arc::default();
         let sink = handed.clone();
-        store.set_fresh_sink(Some(Box::new(move |hashes| {
-            sink.lock().unwrap().push(hashes)
+        store.set_fresh_sink(Some(Box::new(move |fresh: Vec<FreshChunk>| {
+            for chunk in &fresh {
+                assert_eq!(Hash::of(&chunk.bytes), chunk.hash, "handed with its bytes");
+            }
+            sink.lock()
+                .unwrap()
+                .push(fresh.into_iter().map(|c| c.hash).collect())
         })));
 
         let mut local = Vec::new();

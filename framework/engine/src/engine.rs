@@ -13,13 +13,13 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::content::{Ask, Missing};
+use crate::content::{Ask, FreshChunk, Missing};
 use crate::error::LogError;
 use crate::log::EventLog;
 use crate::pending::PendingQueue;
 use crate::planner::SyncPlanner;
 use crate::plugin::{ScanProgress, Source, SourceContext, Store, StoreContext, Transport};
-use crate::protocol::{backoff, run_session, Control};
+use crate::protocol::{backoff, run_session, Control, PushBacklog};
 use crate::reconciler::Reconciler;
 
 /// A peer this replica syncs with.
@@ -58,6 +58,9 @@ pub struct EngineConfig {
     /// naming them exist, instead of waiting for the peers to ask (a large file streams
     /// while it is chunked). A peer that already holds them receives them anyway.
     pub push_fresh_chunks: bool,
+    /// Most bytes of pushed chunks one session may hold in memory, waiting to be sent;
+    /// beyond it fresh chunks are queued as hashes and read back from the pack when sent.
+    pub push_memory_bytes: usize,
 }
 
 impl Default for EngineConfig {
@@ -74,6 +77,7 @@ impl Default for EngineConfig {
             chunk_window: 2048,
             chunk_timeout: Duration::from_secs(20),
             push_fresh_chunks: true,
+            push_memory_bytes: 32 << 20,
         }
     }
 }
@@ -165,8 +169,8 @@ struct SessionSlot {
     dialed_by_me: bool,
     remote: String,
     control: mpsc::UnboundedSender<Control>,
-    /// Pushed chunk hashes the session has not sent yet.
-    pushed: Arc<std::sync::atomic::AtomicUsize>,
+    /// Pushed chunks the session has not sent yet.
+    pushed: Arc<PushBacklog>,
     /// When the session was registered.
     since: Instant,
 }
@@ -393,7 +397,7 @@ impl Inner {
         dialed: bool,
         remote: &str,
         control: mpsc::UnboundedSender<Control>,
-        pushed: Arc<std::sync::atomic::AtomicUsize>,
+        pushed: Arc<PushBacklog>,
         hello_vv: &VersionVector,
     ) -> Option<u64> {
         if *self.paused.borrow() {
@@ -527,20 +531,32 @@ impl Inner {
     }
 
     /// Queues fresh local chunks on every connected session whose push backlog has room
-    /// (the content store's fresh-chunk sink).
-    fn push_fresh(&self, hashes: Vec<Hash>) {
+    /// (the content store's fresh-chunk sink), with their bytes while the session's
+    /// backlog in memory has room for them.
+    fn push_fresh(&self, fresh: Vec<FreshChunk>) {
         use std::sync::atomic::Ordering;
         let Ok(peers) = self.peers.lock() else {
             return;
         };
+        let n = fresh.len();
+        let size: usize = fresh.iter().map(|c| c.bytes.len()).sum();
         for session in peers.values().filter_map(|p| p.session.as_ref()) {
-            let n = hashes.len();
-            if session.pushed.load(Ordering::Relaxed) + n > PUSH_BACKLOG {
+            let backlog = &session.pushed;
+            if backlog.chunks.load(Ordering::Relaxed) + n > PUSH_BACKLOG {
                 continue;
             }
-            session.pushed.fetch_add(n, Ordering::Relaxed);
-            if session.control.send(Control::Push(hashes.clone())).is_err() {
-                session.pushed.fetch_sub(n, Ordering::Relaxed);
+            let in_memory =
+                backlog.bytes.load(Ordering::Relaxed) + size <= self.config.push_memory_bytes;
+            let held = if in_memory { size } else { 0 };
+            backlog.chunks.fetch_add(n, Ordering::Relaxed);
+            backlog.bytes.fetch_add(held, Ordering::Relaxed);
+            let chunks = fresh
+                .iter()
+                .map(|c| (c.hash, in_memory.then(|| c.bytes.clone())))
+                .collect();
+            if session.control.send(Control::Push(chunks)).is_err() {
+                backlog.chunks.fetch_sub(n, Ordering::Relaxed);
+                backlog.bytes.fetch_sub(held, Ordering::Relaxed);
             }
         }
     }

@@ -63,13 +63,33 @@ pub(crate) enum Control {
     Send(Message),
     /// Read these chunks and send them (read lazily, so queued work holds only hashes).
     ServeChunks(Vec<Hash>),
-    /// Send these fresh local chunks unasked (see [`crate::content::FreshSink`]); they
-    /// count in the session's push backlog until sent.
-    Push(Vec<Hash>),
+    /// Send these fresh local chunks unasked (see [`crate::content::FreshSink`]), from
+    /// the bytes given or, where none are, read from the store; they count in the
+    /// session's [`PushBacklog`] until sent.
+    Push(Vec<(Hash, Option<Arc<[u8]>>)>),
     /// The peer holds `from`: send everything above it again.
     Rewind(VersionVector),
     /// End the session.
     Close,
+}
+
+/// What a session has been given to push and has not sent yet, shared between the engine,
+/// which stops pushing to a session whose backlog is full (the peer then asks for what it
+/// lacks) and the session's writer.
+#[derive(Debug, Default)]
+pub(crate) struct PushBacklog {
+    /// Pushed chunks waiting.
+    pub(crate) chunks: AtomicUsize,
+    /// Bytes of the pushed chunks waiting with their bytes in memory.
+    pub(crate) bytes: AtomicUsize,
+}
+
+impl PushBacklog {
+    /// Takes `chunks` chunks, `bytes` of them in memory, off the backlog.
+    fn release(&self, chunks: usize, bytes: usize) {
+        self.chunks.fetch_sub(chunks, Ordering::Relaxed);
+        self.bytes.fetch_sub(bytes, Ordering::Relaxed);
+    }
 }
 
 fn violation(peer: &str, reason: impl Into<String>) -> SessionError {
@@ -149,7 +169,7 @@ pub(crate) async fn run_session(inner: Arc<Inner>, conn: Connection) -> Result<(
         });
     }
     let (control_tx, control_rx) = mpsc::unbounded_channel();
-    let pushed = Arc::new(AtomicUsize::new(0));
+    let pushed = Arc::new(PushBacklog::default());
     let Some(generation) = inner.register(
         peer,
         dialed,
@@ -309,7 +329,7 @@ async fn write_loop(
     sender: &mut dyn FrameSender,
     mut control: mpsc::UnboundedReceiver<Control>,
     peer_vv: VersionVector,
-    pushed: Arc<AtomicUsize>,
+    pushed: Arc<PushBacklog>,
 ) -> Result<(), SessionError> {
     let log = inner.log.clone();
     let mut outbox = Outbox::new(pushed);
@@ -448,28 +468,55 @@ async fn handle_control(
     match control {
         Control::Send(msg) => send_message(sender, inner, Some(peer), &msg).await?,
         Control::Rewind(from) => rewind(&inner.log, &from, sent, scan)?,
-        Control::ServeChunks(hashes) => outbox.add(hashes, false),
-        Control::Push(hashes) => outbox.add(hashes, true),
+        Control::ServeChunks(hashes) => outbox.add(hashes.into_iter().map(|hash| Queued {
+            hash,
+            pushed: false,
+            bytes: None,
+        })),
+        Control::Push(chunks) => outbox.add(chunks.into_iter().map(|(hash, bytes)| Queued {
+            hash,
+            pushed: true,
+            bytes,
+        })),
         Control::Close => return Ok(false),
     }
     Ok(true)
 }
 
-/// Chunks a session is to send, in the order asked for or pushed, each once. Only hashes
-/// wait here; the bytes are read from the content store a frame at a time.
+/// Chunks a session is to send, in the order asked for or pushed, each once. Asked-for
+/// chunks wait as hashes, read from the content store a frame at a time; pushed ones may
+/// carry their bytes.
 struct Outbox {
-    queue: VecDeque<(Hash, bool)>,
+    queue: VecDeque<Queued>,
     queued: HashSet<Hash>,
     /// Hashes ever queued and ever taken off the queue: the write loop's marks.
     queued_total: u64,
     sent_total: u64,
-    /// Pushed hashes not sent yet, shared with the engine, which stops pushing to a
-    /// session whose backlog is full (the peer then asks for what it lacks).
-    pushed: Arc<AtomicUsize>,
+    /// What the engine pushed here and is not sent yet.
+    pushed: Arc<PushBacklog>,
+}
+
+/// A chunk waiting in the [`Outbox`].
+struct Queued {
+    hash: Hash,
+    /// Pushed (counted in the [`PushBacklog`]), not asked for.
+    pushed: bool,
+    /// The bytes, when the push brought them.
+    bytes: Option<Arc<[u8]>>,
+}
+
+impl Queued {
+    /// What this takes off the push backlog once sent or dropped: (chunks, bytes).
+    fn backlog(&self) -> (usize, usize) {
+        if !self.pushed {
+            return (0, 0);
+        }
+        (1, self.bytes.as_ref().map_or(0, |b| b.len()))
+    }
 }
 
 impl Outbox {
-    fn new(pushed: Arc<AtomicUsize>) -> Self {
+    fn new(pushed: Arc<PushBacklog>) -> Self {
         Outbox {
             queue: VecDeque::new(),
             queued: HashSet::new(),
@@ -483,17 +530,19 @@ impl Outbox {
         self.queue.is_empty()
     }
 
-    fn add(&mut self, hashes: Vec<Hash>, pushed: bool) {
-        let mut dropped = 0;
-        for hash in hashes {
-            if self.queued.insert(hash) {
-                self.queue.push_back((hash, pushed));
+    fn add(&mut self, items: impl Iterator<Item = Queued>) {
+        let (mut chunks, mut bytes) = (0, 0);
+        for item in items {
+            if self.queued.insert(item.hash) {
+                self.queue.push_back(item);
                 self.queued_total += 1;
-            } else if pushed {
-                dropped += 1;
+            } else {
+                let (c, b) = item.backlog();
+                chunks += c;
+                bytes += b;
             }
         }
-        self.pushed.fetch_sub(dropped, Ordering::Relaxed);
+        self.pushed.release(chunks, bytes);
     }
 
     /// Reads chunks from the front of the queue up to one frame's worth and sends them.
@@ -504,23 +553,27 @@ impl Outbox {
         sender: &mut dyn FrameSender,
     ) -> Result<(), SessionError> {
         let take = self.queue.len().min(MAX_WANT_HASHES);
-        let batch: Vec<(Hash, bool)> = self.queue.drain(..take).collect();
+        let batch: Vec<Queued> = self.queue.drain(..take).collect();
         let chunks = inner.log.chunks().clone();
         let (items, done) = tokio::task::spawn_blocking(move || {
             let mut items = Vec::new();
             let mut bytes = 0;
             let mut done = 0;
-            for (hash, _) in &batch {
+            for queued in &batch {
                 if bytes >= CHUNKS_FRAME_BYTES {
                     break;
                 }
                 done += 1;
                 // A chunk this replica does not have (or cannot read) is left out: the
                 // peer asks again, and the next request finds it once it is here.
-                if let Ok(Some(data)) = chunks.get(hash) {
+                let data = match &queued.bytes {
+                    Some(data) => Some(data.to_vec()),
+                    None => chunks.get(&queued.hash).ok().flatten(),
+                };
+                if let Some(data) = data {
                     bytes += data.len();
                     items.push(ChunkItem {
-                        hash: *hash,
+                        hash: queued.hash,
                         bytes: data,
                     });
                 }
@@ -529,17 +582,19 @@ impl Outbox {
         })
         .await
         .map_err(|e| violation("self", e.to_string()))?;
-        let (batch, done) = done;
-        for item in batch[done..].iter().rev() {
-            self.queue.push_front(*item);
+        let (mut batch, done) = done;
+        for item in batch.drain(done..).rev() {
+            self.queue.push_front(item);
         }
-        let mut pushed = 0;
+        let (mut chunks, mut bytes) = (0, 0);
         self.sent_total += done as u64;
-        for (hash, was_pushed) in &batch[..done] {
-            self.queued.remove(hash);
-            pushed += usize::from(*was_pushed);
+        for item in &batch {
+            self.queued.remove(&item.hash);
+            let (c, b) = item.backlog();
+            chunks += c;
+            bytes += b;
         }
-        self.pushed.fetch_sub(pushed, Ordering::Relaxed);
+        self.pushed.release(chunks, bytes);
         if self.queue.is_empty() {
             self.queue.shrink_to(1024);
             self.queued.shrink_to(1024);

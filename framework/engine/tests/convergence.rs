@@ -234,6 +234,15 @@ proptest! {
 /// Starts an engine on each log over a fault-free memory network; replica `i` dials
 /// the replicas listed in `neighbours[i]`.
 async fn start_engines(logs: &[EventLog], neighbours: &[Vec<usize>]) -> Vec<SyncEngine> {
+    start_engines_with(logs, neighbours, |_| {}).await
+}
+
+/// As [`start_engines`], with `tweak` applied to every engine's configuration.
+async fn start_engines_with(
+    logs: &[EventLog],
+    neighbours: &[Vec<usize>],
+    tweak: impl Fn(&mut EngineConfig),
+) -> Vec<SyncEngine> {
     let network = MemoryNetwork::new(7, Faults::none());
     let mut engines = Vec::new();
     for (i, log) in logs.iter().enumerate() {
@@ -244,9 +253,11 @@ async fn start_engines(logs: &[EventLog], neighbours: &[Vec<usize>]) -> Vec<Sync
                 address: Some(format!("n{j}")),
             })
             .collect();
+        let mut config = test_config(peers);
+        tweak(&mut config);
         engines.push(
             SyncEngine::builder(log.clone(), Arc::new(Lww))
-                .config(test_config(peers))
+                .config(config)
                 .transport(Arc::new(network.endpoint(&format!("n{i}"))))
                 .start()
                 .await
@@ -304,31 +315,36 @@ async fn events_are_relayed_along_a_line() {
 
 /// A's new content is pushed to B while it is stored, ahead of the event naming it: B
 /// never has to ask for it. Asking would cost B at least 32 bytes a chunk on the wire.
+/// Pushed chunks go from memory, or, past the session's memory budget (here none), as
+/// hashes read back from the pack when sent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fresh_content_is_pushed_before_its_event() {
     const CHUNKS: u8 = 250; // with the index nodes, more than one push batch
-    let logs: Vec<EventLog> = (0..2)
-        .map(|_| EventLog::open(LogConfig::temporary()).unwrap())
-        .collect();
-    let engines = start_engines(&logs, &[vec![1], vec![0]]).await;
-    while !engines
-        .iter()
-        .all(|e| e.peers().iter().all(|p| p.connected))
-    {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let content = put_content(&logs[0], 5, CHUNKS).unwrap();
-    let key = Key::new("pushed").unwrap();
-    write_and_wait(&logs[0], &logs[1], &key, Some(content)).await;
-    assert_eq!(logs[1].heads(&key).unwrap().len(), 1, "A's event reached B");
-    assert!(logs[1].chunks().missing(&content).unwrap().is_empty());
-    let b_sent = engines[1].peers()[0].sent_bytes;
-    assert!(
-        b_sent < 16 * u64::from(CHUNKS),
-        "B sent {b_sent} bytes: it asked for content that should have been pushed"
-    );
-    for e in &engines {
-        e.shutdown().await.unwrap();
+    for memory in [EngineConfig::default().push_memory_bytes, 0] {
+        let logs: Vec<EventLog> = (0..2)
+            .map(|_| EventLog::open(LogConfig::temporary()).unwrap())
+            .collect();
+        let engines =
+            start_engines_with(&logs, &[vec![1], vec![0]], |c| c.push_memory_bytes = memory).await;
+        while !engines
+            .iter()
+            .all(|e| e.peers().iter().all(|p| p.connected))
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let content = put_content(&logs[0], 5, CHUNKS).unwrap();
+        let key = Key::new("pushed").unwrap();
+        write_and_wait(&logs[0], &logs[1], &key, Some(content)).await;
+        assert_eq!(logs[1].heads(&key).unwrap().len(), 1, "A's event reached B");
+        assert!(logs[1].chunks().missing(&content).unwrap().is_empty());
+        let b_sent = engines[1].peers()[0].sent_bytes;
+        assert!(
+            b_sent < 16 * u64::from(CHUNKS),
+            "memory {memory}: B sent {b_sent} bytes: it asked for content that should have been pushed"
+        );
+        for e in &engines {
+            e.shutdown().await.unwrap();
+        }
     }
 }
 
