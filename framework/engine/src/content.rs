@@ -449,20 +449,27 @@ impl ChunkStore {
             w.staged.insert(*hash, location);
         }
         let appended = offset - w.written.len();
-        w.written.wrote(&file, appended);
+        let behind = w.written.appended(&file, appended);
         if w.written.len() >= PACK_BYTES {
             w.rotate();
         }
+        let mut full = None;
         if origin == Origin::Local && inner.sink.read().is_ok_and(|s| s.is_some()) {
             w.fresh.extend(new.iter().map(|&(hash, bytes)| FreshChunk {
                 hash,
                 bytes: Arc::from(bytes),
             }));
             if w.fresh.len() >= FRESH_BATCH {
-                return Ok(Some(std::mem::take(&mut w.fresh)));
+                full = Some(std::mem::take(&mut w.fresh));
             }
         }
-        Ok(None)
+        // The wait for the writeback happens outside the lock, which every lookup of a
+        // staged chunk takes.
+        drop(w);
+        if let Some(range) = behind {
+            drop_behind(&file, range);
+        }
+        Ok(full)
     }
 
     /// Makes every chunk put so far durable: syncs the packs written to, then records
@@ -1006,13 +1013,24 @@ impl Writeback {
     /// Records `bytes` more appended to `file`, starting writeback when enough piled up
     /// and dropping the range whose writeback was started the time before.
     pub fn wrote(&mut self, file: &File, bytes: u64) {
-        self.len += bytes;
-        if self.len - self.started >= WRITEBACK_BYTES {
-            start_writeback(file, self.started, self.len - self.started);
-            drop_behind(file, self.dropped, self.started - self.dropped);
-            self.dropped = self.started;
-            self.started = self.len;
+        if let Some(range) = self.appended(file, bytes) {
+            drop_behind(file, range);
         }
+    }
+
+    /// As [`Writeback::wrote`], but returns the range to drop (`offset`, `len`) for the
+    /// caller to pass to [`drop_behind`], which waits for its writeback, once it holds no
+    /// lock.
+    fn appended(&mut self, file: &File, bytes: u64) -> Option<(u64, u64)> {
+        self.len += bytes;
+        if self.len - self.started < WRITEBACK_BYTES {
+            return None;
+        }
+        start_writeback(file, self.started, self.len - self.started);
+        let behind = (self.dropped, self.started - self.dropped);
+        self.dropped = self.started;
+        self.started = self.len;
+        Some(behind)
     }
 
     /// Bytes appended so far.
@@ -1051,7 +1069,7 @@ fn start_writeback(file: &File, offset: u64, len: u64) {
 /// device's cache is not flushed and nothing is made durable; a later `fdatasync` or
 /// `syncfs` still does that. Advisory (Linux only; a no-op elsewhere); errors are left
 /// for that sync to report.
-fn drop_behind(file: &File, offset: u64, len: u64) {
+fn drop_behind(file: &File, (offset, len): (u64, u64)) {
     #[cfg(target_os = "linux")]
     {
         use std::os::fd::AsRawFd;
