@@ -29,9 +29,10 @@
 //! a peer), and each such read would otherwise be a sled lookup.
 //!
 //! Chunks put by this replica (not those received from peers) are also handed, in
-//! batches and with a copy of their bytes, to a *fresh-chunk sink* when one is set: the engine pushes them to connected
-//! peers while a large file is still being chunked, before the event that names them
-//! exists, so content streams instead of waiting for the peer's request. The log calls
+//! batches and with a copy of their bytes, to a *fresh-chunk sink* when one is set: the
+//! engine pushes them to connected peers while a large file is still being chunked,
+//! before the event that names them exists, so content streams instead of waiting for
+//! the peer's request. The log calls
 //! [`ChunkStore::flush_fresh`] before each local append, so a batch's chunks are always
 //! handed on before its events.
 //!
@@ -92,8 +93,9 @@ pub type FreshSink = Box<dyn Fn(Vec<FreshChunk>) + Send + Sync>;
 pub struct FreshChunk {
     /// The chunk's hash.
     pub hash: Hash,
-    /// The chunk's bytes.
-    pub bytes: Arc<[u8]>,
+    /// The chunk's bytes, shared by the sessions pushing it (the last one to send it
+    /// takes them without a copy).
+    pub bytes: Arc<Vec<u8>>,
 }
 
 /// Where chunks being put come from.
@@ -457,7 +459,7 @@ impl ChunkStore {
         if origin == Origin::Local && inner.sink.read().is_ok_and(|s| s.is_some()) {
             w.fresh.extend(new.iter().map(|&(hash, bytes)| FreshChunk {
                 hash,
-                bytes: Arc::from(bytes),
+                bytes: Arc::new(bytes.to_vec()),
             }));
             if w.fresh.len() >= FRESH_BATCH {
                 full = Some(std::mem::take(&mut w.fresh));

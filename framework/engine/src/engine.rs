@@ -548,15 +548,13 @@ impl Inner {
             let in_memory =
                 backlog.bytes.load(Ordering::Relaxed) + size <= self.config.push_memory_bytes;
             let held = if in_memory { size } else { 0 };
-            backlog.chunks.fetch_add(n, Ordering::Relaxed);
-            backlog.bytes.fetch_add(held, Ordering::Relaxed);
+            backlog.hold(n, held);
             let chunks = fresh
                 .iter()
                 .map(|c| (c.hash, in_memory.then(|| c.bytes.clone())))
                 .collect();
             if session.control.send(Control::Push(chunks)).is_err() {
-                backlog.chunks.fetch_sub(n, Ordering::Relaxed);
-                backlog.bytes.fetch_sub(held, Ordering::Relaxed);
+                backlog.release(n, held);
             }
         }
     }

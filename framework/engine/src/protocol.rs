@@ -66,7 +66,7 @@ pub(crate) enum Control {
     /// Send these fresh local chunks unasked (see [`crate::content::FreshSink`]), from
     /// the bytes given or, where none are, read from the store; they count in the
     /// session's [`PushBacklog`] until sent.
-    Push(Vec<(Hash, Option<Arc<[u8]>>)>),
+    Push(Vec<(Hash, Option<Arc<Vec<u8>>>)>),
     /// The peer holds `from`: send everything above it again.
     Rewind(VersionVector),
     /// End the session.
@@ -85,10 +85,26 @@ pub(crate) struct PushBacklog {
 }
 
 impl PushBacklog {
+    /// Puts `chunks` chunks, `bytes` of them in memory, on the backlog.
+    pub(crate) fn hold(&self, chunks: usize, bytes: usize) {
+        self.chunks.fetch_add(chunks, Ordering::Relaxed);
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
     /// Takes `chunks` chunks, `bytes` of them in memory, off the backlog.
-    fn release(&self, chunks: usize, bytes: usize) {
+    pub(crate) fn release(&self, chunks: usize, bytes: usize) {
         self.chunks.fetch_sub(chunks, Ordering::Relaxed);
         self.bytes.fetch_sub(bytes, Ordering::Relaxed);
+    }
+
+    /// Takes the pushed ones of `items`, sent or dropped, off the backlog.
+    fn release_queued<'a>(&self, items: impl IntoIterator<Item = &'a Queued>) {
+        let (mut chunks, mut bytes) = (0, 0);
+        for item in items.into_iter().filter(|item| item.pushed) {
+            chunks += 1;
+            bytes += item.held;
+        }
+        self.release(chunks, bytes);
     }
 }
 
@@ -472,10 +488,12 @@ async fn handle_control(
             hash,
             pushed: false,
             bytes: None,
+            held: 0,
         })),
         Control::Push(chunks) => outbox.add(chunks.into_iter().map(|(hash, bytes)| Queued {
             hash,
             pushed: true,
+            held: bytes.as_ref().map_or(0, |b| b.len()),
             bytes,
         })),
         Control::Close => return Ok(false),
@@ -501,18 +519,10 @@ struct Queued {
     hash: Hash,
     /// Pushed (counted in the [`PushBacklog`]), not asked for.
     pushed: bool,
-    /// The bytes, when the push brought them.
-    bytes: Option<Arc<[u8]>>,
-}
-
-impl Queued {
-    /// What this takes off the push backlog once sent or dropped: (chunks, bytes).
-    fn backlog(&self) -> (usize, usize) {
-        if !self.pushed {
-            return (0, 0);
-        }
-        (1, self.bytes.as_ref().map_or(0, |b| b.len()))
-    }
+    /// The bytes, when the push brought them (taken when sent).
+    bytes: Option<Arc<Vec<u8>>>,
+    /// How many bytes this counts in the backlog's `bytes`.
+    held: usize,
 }
 
 impl Outbox {
@@ -531,18 +541,16 @@ impl Outbox {
     }
 
     fn add(&mut self, items: impl Iterator<Item = Queued>) {
-        let (mut chunks, mut bytes) = (0, 0);
+        let mut dropped = Vec::new();
         for item in items {
             if self.queued.insert(item.hash) {
                 self.queue.push_back(item);
                 self.queued_total += 1;
             } else {
-                let (c, b) = item.backlog();
-                chunks += c;
-                bytes += b;
+                dropped.push(item);
             }
         }
-        self.pushed.release(chunks, bytes);
+        self.pushed.release_queued(&dropped);
     }
 
     /// Reads chunks from the front of the queue up to one frame's worth and sends them.
@@ -553,21 +561,22 @@ impl Outbox {
         sender: &mut dyn FrameSender,
     ) -> Result<(), SessionError> {
         let take = self.queue.len().min(MAX_WANT_HASHES);
-        let batch: Vec<Queued> = self.queue.drain(..take).collect();
+        let mut batch: Vec<Queued> = self.queue.drain(..take).collect();
         let chunks = inner.log.chunks().clone();
         let (items, done) = tokio::task::spawn_blocking(move || {
             let mut items = Vec::new();
             let mut bytes = 0;
             let mut done = 0;
-            for queued in &batch {
+            for queued in &mut batch {
                 if bytes >= CHUNKS_FRAME_BYTES {
                     break;
                 }
                 done += 1;
                 // A chunk this replica does not have (or cannot read) is left out: the
                 // peer asks again, and the next request finds it once it is here.
-                let data = match &queued.bytes {
-                    Some(data) => Some(data.to_vec()),
+                let data = match queued.bytes.take() {
+                    // Taken without a copy unless another session still holds them.
+                    Some(data) => Some(Arc::unwrap_or_clone(data)),
                     None => chunks.get(&queued.hash).ok().flatten(),
                 };
                 if let Some(data) = data {
@@ -586,15 +595,11 @@ impl Outbox {
         for item in batch.drain(done..).rev() {
             self.queue.push_front(item);
         }
-        let (mut chunks, mut bytes) = (0, 0);
         self.sent_total += done as u64;
         for item in &batch {
             self.queued.remove(&item.hash);
-            let (c, b) = item.backlog();
-            chunks += c;
-            bytes += b;
         }
-        self.pushed.release(chunks, bytes);
+        self.pushed.release_queued(&batch);
         if self.queue.is_empty() {
             self.queue.shrink_to(1024);
             self.queued.shrink_to(1024);
