@@ -258,6 +258,53 @@ fn initial_sync_of_many_files_and_a_big_one() {
     assert_eq!(tree(b.folder()), expected);
 }
 
+/// A large file written on A while both run streams to B, whose store takes it whole
+/// from the pack it was received into (the file and the pack are then one inode, two
+/// links) instead of copying it. Edited in place on B, that file is the pack changed
+/// under the store: B still writes the original content right when A names it again
+/// (the changed chunk reads as damaged and is fetched from A).
+#[test]
+fn a_big_file_streamed_in_is_taken_whole_and_an_edit_in_place_is_safe() {
+    use std::io::{Seek, SeekFrom};
+    // Connected first: the content is pushed as A cuts it, not asked for afterwards.
+    let (mut a, mut b) = converged_pair(&[("first.txt", b"connected\n")]);
+    let mut big = vec![0u8; 12 << 20];
+    SmallRng::seed_from_u64(21).fill_bytes(&mut big);
+    // Written aside and renamed in, so that A chunks it once, whole.
+    let aside = a.data.path().join("big.bin");
+    write_file(&aside, &big);
+    fs::rename(&aside, a.folder().join("big.bin")).unwrap();
+    assert_converges(&mut a, &mut b);
+    let got = b.folder().join("big.bin");
+    assert_eq!(
+        fs::metadata(&got).unwrap().nlink(),
+        2,
+        "taken from its pack"
+    );
+
+    let edit = b"edited in place on B";
+    let at = 5 << 20;
+    let mut f = OpenOptions::new().write(true).open(&got).unwrap();
+    f.seek(SeekFrom::Start(at as u64)).unwrap();
+    f.write_all(edit).unwrap();
+    drop(f);
+    let mut edited = big.clone();
+    edited[at..at + edit.len()].copy_from_slice(edit);
+    assert!(
+        wait_until(CONVERGE_TIMEOUT, || fs::read(a.folder().join("big.bin"))
+            .is_ok_and(|x| x == edited)),
+        "B's edit did not reach A"
+    );
+
+    write_file(&a.folder().join("copy.bin"), &big);
+    assert_converges(&mut a, &mut b);
+    assert_eq!(fs::read(b.folder().join("copy.bin")).unwrap(), big);
+    assert_eq!(fs::read(&got).unwrap(), edited);
+    assert!(b.log().contains("lent to the folder"), "{}", b.log_tail());
+    a.stop();
+    b.stop();
+}
+
 /// Edits, deletes, renames of files and folders, empty files, names with spaces and
 /// non-ASCII UTF-8, made on A while both run, reach B exactly.
 #[test]

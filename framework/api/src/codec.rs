@@ -87,6 +87,24 @@ pub struct ChunkItem {
     /// The chunk's bytes.
     #[serde(with = "serde_bytes")]
     pub bytes: Vec<u8>,
+    /// Where the chunk lies in the file it was cut from, when the sender pushes a large
+    /// file's data unasked: the receiver may write it there directly (see [`Place`]).
+    /// Added after protocol version 1 was fixed; absent from the encoding when `None`,
+    /// so that earlier decoders, which ignore unknown fields, read the item as before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub place: Option<Place>,
+}
+
+/// A data chunk's place in the file it was cut from: the stream (one chunking of one
+/// file, named at random by the replica that cut it) and the byte offset in it. A
+/// receiver writes the chunks of one stream at their offsets into one pack, which, once
+/// it holds exactly a content's data, the folder store can take as the file itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Place {
+    /// The stream's random identifier.
+    pub stream: u64,
+    /// The chunk's first byte in the file.
+    pub offset: u64,
 }
 
 /// One message of the sync protocol (DESIGN §4), carried in one frame.

@@ -36,17 +36,26 @@
 //! [`ChunkStore::flush_fresh`] before each local append, so a batch's chunks are always
 //! handed on before its events.
 //!
+//! A large file's data chunks carry their [`Place`] in it (a stream named by the
+//! replica that cut the file, and an offset). A peer's chunks pushed with a place are
+//! written at that offset into a pack of their own, a *stream pack*, instead of being
+//! appended to the shared one; once a stream pack holds exactly a content's data, from
+//! its first byte to its last, the folder store can take it as the file
+//! ([`ChunkStore::lend`]: a hard link, no copy). A lent pack is the folder's file too, so
+//! anyone may change it from then on: its chunks are checked on every read, like an
+//! earlier run's, and a chunk changed since reads as damaged and is fetched again.
+//!
 //! Chunks are never removed yet (no garbage collection), as before with the sled tree.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
-use std::io::{IoSlice, Write};
+use std::io::{IoSlice, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
 use converge_api::content::IndexNode;
-use converge_api::{ContentRef, Hash};
+use converge_api::{ContentRef, Hash, Place};
 use sled::Tree;
 
 use crate::error::LogError;
@@ -73,6 +82,14 @@ const FRESH_BATCH: usize = 256;
 /// enough that they are still in a core's cache when written.
 const GROUP_BYTES: usize = 128 << 10;
 
+/// Stream packs open for writing at once; the one written least recently is closed to
+/// make room for a new stream (its chunks stay where they are; only lending it is lost).
+const OPEN_STREAMS: usize = 8;
+
+/// Highest byte a stream pack is written to: a place beyond it (a peer's mistake or
+/// malice) stores the chunk in the shared pack instead.
+const STREAM_BYTES: u64 = 1 << 42;
+
 /// The longest run of chunks [`ChunkStore::for_each_data_piece`] hands out as one
 /// [`Piece::InPack`]: long enough that a large file is copied in few system calls, short
 /// enough that a writer pipelined behind the walk starts early.
@@ -96,6 +113,14 @@ pub struct FreshChunk {
     /// The chunk's bytes, shared by the sessions pushing it (the last one to send it
     /// takes them without a copy).
     pub bytes: Arc<Vec<u8>>,
+    /// The chunk's place in the file it was cut from, for a large file's data chunks.
+    pub place: Option<Place>,
+}
+
+/// A new stream identifier for [`ChunkStore::put_many_prehashed_at`]: random, so that the
+/// streams of different replicas do not collide at a receiver.
+pub fn new_stream() -> u64 {
+    rand::random()
 }
 
 /// Where chunks being put come from.
@@ -166,6 +191,9 @@ struct Inner {
     /// Chunks found damaged in a pack and dropped from the index, to be fetched again
     /// from peers (see [`ChunkStore::damaged`]).
     damaged: Mutex<HashSet<Hash>>,
+    /// Stream packs of this run lent to the folder store ([`ChunkStore::lend`]): no
+    /// longer trusted, as the folder's files may change.
+    lent: RwLock<HashSet<u32>>,
 }
 
 /// The locations the last syncs indexed, kept in memory: the chunks just stored are the
@@ -209,6 +237,23 @@ struct PackWriter {
     closed: Vec<(u32, Arc<File>)>,
     /// Chunks put locally and not yet handed to the sink (only while one is set).
     fresh: Vec<FreshChunk>,
+    /// Stream packs open for writing, by stream (see the module docs).
+    streams: HashMap<u64, StreamPack>,
+    /// Counts writes to stream packs, to find the one written least recently.
+    stream_clock: u64,
+}
+
+/// A pack holding one stream's chunks at their offsets in the stream.
+struct StreamPack {
+    id: u32,
+    file: Arc<File>,
+    /// Everything below `written.len()` is either written or skipped (a hole); chunks are
+    /// written only at or above it, so that a chunk written never overlaps another.
+    written: Writeback,
+    /// Written to since the last sync.
+    dirty: bool,
+    /// `stream_clock` at the last write.
+    used: u64,
 }
 
 impl PackWriter {
@@ -219,6 +264,16 @@ impl PackWriter {
             self.closed.push((self.id, file));
         }
         self.id += 1;
+    }
+
+    /// Stops writing to the stream pack of `stream` (it is synced with the next
+    /// [`ChunkStore::sync`] if it was written to since the last one).
+    fn close_stream(&mut self, stream: u64) -> Option<StreamPack> {
+        let pack = self.streams.remove(&stream)?;
+        if pack.dirty {
+            self.closed.push((pack.id, pack.file.clone()));
+        }
+        Some(pack)
     }
 }
 
@@ -275,12 +330,15 @@ impl ChunkStore {
                     staged: HashMap::new(),
                     closed: Vec::new(),
                     fresh: Vec::new(),
+                    streams: HashMap::new(),
+                    stream_clock: 0,
                 }),
                 own_packs: last + 1,
                 readers: RwLock::new(HashMap::new()),
                 sink: RwLock::new(None),
                 recent: RwLock::new(Recent::default()),
                 damaged: Mutex::new(HashSet::new()),
+                lent: RwLock::new(HashSet::new()),
             }),
         })
     }
@@ -288,7 +346,7 @@ impl ChunkStore {
     /// Stores `bytes` under their hash and returns it (a no-op for known content).
     pub fn put(&self, bytes: &[u8]) -> Result<Hash, LogError> {
         let hash = Hash::of(bytes);
-        self.put_chunks(&[(hash, bytes)], Origin::Local)?;
+        self.put_chunks(&[(hash, bytes)], &[], Origin::Local)?;
         Ok(hash)
     }
 
@@ -302,8 +360,20 @@ impl ChunkStore {
     /// [`put_prehashed`](Self::put_prehashed) for many chunks, written with one system
     /// call where they fit.
     pub fn put_many_prehashed(&self, chunks: &[(Hash, &[u8])]) -> Result<(), LogError> {
+        self.put_many_prehashed_at(chunks, &[])
+    }
+
+    /// [`put_many_prehashed`](Self::put_many_prehashed) for data chunks of a large file,
+    /// with their places in it (`places[i]` is `chunks[i]`'s; missing ones have none):
+    /// they go to the fresh-chunk sink with them, so that peers can write them where they
+    /// go. Get one stream id per chunking of a file from [`new_stream`].
+    pub fn put_many_prehashed_at(
+        &self,
+        chunks: &[(Hash, &[u8])],
+        places: &[Option<Place>],
+    ) -> Result<(), LogError> {
         debug_assert!(chunks.iter().all(|(h, b)| Hash::of(b) == *h));
-        self.put_chunks(chunks, Origin::Local)
+        self.put_chunks(chunks, places, Origin::Local)
     }
 
     /// Stores `bytes` offered under `hash` (by a peer), after checking that they hash to
@@ -317,16 +387,31 @@ impl ChunkStore {
     /// just hashed are still in the CPU's cache when they are copied into the pack. A
     /// chunk that does not match its hash fails the call; the groups before it stay.
     pub fn put_many_verified(&self, chunks: &[(Hash, &[u8])]) -> Result<(), LogError> {
+        self.put_many_verified_at(chunks, &[])
+    }
+
+    /// [`put_many_verified`](Self::put_many_verified) for chunks some of which a peer
+    /// sent with their place in a file (`places[i]` is `chunks[i]`'s; missing ones have
+    /// none): those are written at that place into their stream's pack (see the module
+    /// docs), where a place lets them; the others are appended as usual.
+    pub fn put_many_verified_at(
+        &self,
+        chunks: &[(Hash, &[u8])],
+        places: &[Option<Place>],
+    ) -> Result<(), LogError> {
+        let place = |i: usize| places.get(i).copied().flatten();
         let mut start = 0;
         let mut bytes_in_group = 0;
         for (i, (_, bytes)) in chunks.iter().enumerate() {
             bytes_in_group += bytes.len();
             if bytes_in_group >= GROUP_BYTES {
-                self.put_chunks(&chunks[start..=i], Origin::Peer)?;
+                let group: Vec<Option<Place>> = (start..=i).map(place).collect();
+                self.put_chunks(&chunks[start..=i], &group, Origin::Peer)?;
                 (start, bytes_in_group) = (i + 1, 0);
             }
         }
-        self.put_chunks(&chunks[start..], Origin::Peer)
+        let group: Vec<Option<Place>> = (start..chunks.len()).map(place).collect();
+        self.put_chunks(&chunks[start..], &group, Origin::Peer)
     }
 
     /// Sets where the chunks put from now on by [`put`](Self::put) and
@@ -359,11 +444,16 @@ impl ChunkStore {
         }
     }
 
-    fn put_chunks(&self, chunks: &[(Hash, &[u8])], origin: Origin) -> Result<(), LogError> {
+    fn put_chunks(
+        &self,
+        chunks: &[(Hash, &[u8])],
+        places: &[Option<Place>],
+        origin: Origin,
+    ) -> Result<(), LogError> {
         if chunks.is_empty() {
             return Ok(());
         }
-        let full = self.write_chunks(chunks, origin)?;
+        let full = self.write_chunks(chunks, places, origin)?;
         if let Some(fresh) = full {
             self.hand_on(fresh);
         }
@@ -371,19 +461,22 @@ impl ChunkStore {
     }
 
     /// Appends the chunks not known yet to the pack (a peer's checked first, so that known
-    /// ones are neither hashed nor looked up twice); returns a full batch of fresh hashes
-    /// to hand on (outside the writer's lock).
+    /// ones are neither hashed nor looked up twice; a peer's placed ones written into
+    /// their stream's pack instead); returns a full batch of fresh hashes to hand on
+    /// (outside the writer's lock).
     fn write_chunks(
         &self,
         chunks: &[(Hash, &[u8])],
+        places: &[Option<Place>],
         origin: Origin,
     ) -> Result<Option<Vec<FreshChunk>>, LogError> {
         let inner = &self.inner;
         let mut w = inner.writer.lock().map_err(|_| LogError::Closed)?;
         let mut new: Vec<(Hash, &[u8])> = Vec::with_capacity(chunks.len());
+        let mut new_places: Vec<Option<Place>> = Vec::with_capacity(chunks.len());
         // A batch may name a chunk twice (a file with repeated content).
         let mut taken: HashSet<Hash> = HashSet::with_capacity(chunks.len());
-        for &(hash, bytes) in chunks {
+        for (i, &(hash, bytes)) in chunks.iter().enumerate() {
             if w.staged.contains_key(&hash)
                 || taken.contains(&hash)
                 || self.recent(&hash).is_some()
@@ -403,31 +496,82 @@ impl ChunkStore {
                 });
             }
             new.push((hash, bytes));
+            new_places.push(places.get(i).copied().flatten());
         }
         if new.is_empty() {
             return Ok(None);
         }
+        let mut behind = Vec::new();
+        if origin == Origin::Peer && new_places.iter().any(Option::is_some) {
+            let mut shared = Vec::new();
+            let mut run: Vec<(Hash, &[u8], u64)> = Vec::new();
+            let mut run_stream = None;
+            for (&(hash, bytes), place) in new.iter().zip(&new_places) {
+                let Some(place) = place else {
+                    shared.push((hash, bytes));
+                    continue;
+                };
+                if run_stream != Some(place.stream) && !run.is_empty() {
+                    shared.extend(self.write_stream(&mut w, run_stream, &run, &mut behind)?);
+                    run.clear();
+                }
+                run_stream = Some(place.stream);
+                run.push((hash, bytes, place.offset));
+            }
+            if !run.is_empty() {
+                shared.extend(self.write_stream(&mut w, run_stream, &run, &mut behind)?);
+            }
+            self.append(&mut w, &shared, &mut behind)?;
+        } else {
+            self.append(&mut w, &new, &mut behind)?;
+        }
+        let mut full = None;
+        if origin == Origin::Local && inner.sink.read().is_ok_and(|s| s.is_some()) {
+            w.fresh
+                .extend(
+                    new.iter()
+                        .zip(&new_places)
+                        .map(|(&(hash, bytes), &place)| FreshChunk {
+                            hash,
+                            bytes: Arc::new(bytes.to_vec()),
+                            place,
+                        }),
+                );
+            if w.fresh.len() >= FRESH_BATCH {
+                full = Some(std::mem::take(&mut w.fresh));
+            }
+        }
+        // The wait for the writeback happens outside the lock, which every lookup of a
+        // staged chunk takes.
+        drop(w);
+        for (file, range) in behind {
+            drop_behind(&file, range);
+        }
+        Ok(full)
+    }
+
+    /// Appends `new` (chunks not stored yet) to the shared pack and stages their
+    /// locations; a range to drop behind the writer goes to `behind`.
+    fn append(
+        &self,
+        w: &mut PackWriter,
+        new: &[(Hash, &[u8])],
+        behind: &mut Vec<(Arc<File>, (u64, u64))>,
+    ) -> Result<(), LogError> {
+        if new.is_empty() {
+            return Ok(());
+        }
+        let inner = &self.inner;
         let file = match &w.file {
             Some(file) => file.clone(),
             None => {
-                let path = pack_path(&inner.dir, w.id);
-                let file = Arc::new(
-                    OpenOptions::new()
-                        .create_new(true)
-                        .append(true)
-                        .read(true)
-                        .open(&path)
-                        .map_err(io_error("creating", path))?,
-                );
-                if let Ok(mut readers) = inner.readers.write() {
-                    readers.insert(w.id, file.clone());
-                }
+                let file = self.create_pack(w.id, true)?;
                 w.file = Some(file.clone());
                 w.written = Writeback::default();
                 file
             }
         };
-        if let Err(e) = write_all_vectored(&file, &new) {
+        if let Err(e) = write_all_vectored(&file, new) {
             // Part of the batch may be in the pack, so the next chunk would not be where
             // `len` says: cut the pack back to what it held (the chunks in it stay good),
             // or, if even that fails, start a new pack. Cutting back keeps a full disk,
@@ -440,8 +584,8 @@ impl ChunkStore {
             return Err(io_error("writing", path)(e));
         }
         let mut offset = w.written.len();
-        for (hash, bytes) in &new {
-            let len = bytes.len() as u32; // checked above
+        for (hash, bytes) in new {
+            let len = bytes.len() as u32; // checked by the caller
             let location = Location {
                 pack: w.id,
                 offset,
@@ -451,27 +595,138 @@ impl ChunkStore {
             w.staged.insert(*hash, location);
         }
         let appended = offset - w.written.len();
-        let behind = w.written.appended(&file, appended);
+        if let Some(range) = w.written.appended(&file, appended) {
+            behind.push((file, range));
+        }
         if w.written.len() >= PACK_BYTES {
             w.rotate();
         }
-        let mut full = None;
-        if origin == Origin::Local && inner.sink.read().is_ok_and(|s| s.is_some()) {
-            w.fresh.extend(new.iter().map(|&(hash, bytes)| FreshChunk {
+        Ok(())
+    }
+
+    /// Writes `run` (a peer's chunks not stored yet, with their offsets in `stream`) into
+    /// the stream's pack where their places let them: at or above everything written
+    /// there, so that no chunk overlaps another. Returns the others, for the shared pack.
+    fn write_stream<'a>(
+        &self,
+        w: &mut PackWriter,
+        stream: Option<u64>,
+        run: &[(Hash, &'a [u8], u64)],
+        behind: &mut Vec<(Arc<File>, (u64, u64))>,
+    ) -> Result<Vec<(Hash, &'a [u8])>, LogError> {
+        let Some(stream) = stream else {
+            return Ok(run.iter().map(|&(h, b, _)| (h, b)).collect());
+        };
+        if !w.streams.contains_key(&stream) {
+            if w.streams.len() >= OPEN_STREAMS {
+                let oldest = w
+                    .streams
+                    .iter()
+                    .min_by_key(|(_, p)| p.used)
+                    .map(|(s, _)| *s);
+                if let Some(oldest) = oldest {
+                    w.close_stream(oldest);
+                }
+            }
+            // A stream pack takes the next pack number; the shared pack moves on to the
+            // one after (closed first, so that numbers stay in creation order).
+            w.rotate();
+            let id = w.id;
+            w.id += 1;
+            let file = self.create_pack(id, false)?;
+            w.streams.insert(
+                stream,
+                StreamPack {
+                    id,
+                    file,
+                    written: Writeback::default(),
+                    dirty: false,
+                    used: 0,
+                },
+            );
+        }
+        w.stream_clock += 1;
+        let clock = w.stream_clock;
+        let Some(pack) = w.streams.get_mut(&stream) else {
+            return Ok(run.iter().map(|&(h, b, _)| (h, b)).collect());
+        };
+        pack.used = clock;
+        let (id, file) = (pack.id, pack.file.clone());
+        let mut elsewhere = Vec::new();
+        let mut placed: Vec<(Hash, Location)> = Vec::new();
+        let mut pending: Vec<(Hash, &[u8])> = Vec::new();
+        let mut pending_at = 0;
+        let mut end = pack.written.len();
+        let mut result = Ok(());
+        for &(hash, bytes, offset) in run {
+            let fits = offset >= end
+                && offset
+                    .checked_add(bytes.len() as u64)
+                    .is_some_and(|e| e <= STREAM_BYTES);
+            if !fits {
+                elsewhere.push((hash, bytes));
+                continue;
+            }
+            if offset != end && !pending.is_empty() {
+                result = write_all_vectored_at(&file, &pending, pending_at);
+                if result.is_err() {
+                    break;
+                }
+                pending.clear();
+            }
+            if pending.is_empty() {
+                pending_at = offset;
+            }
+            pending.push((hash, bytes));
+            placed.push((
                 hash,
-                bytes: Arc::new(bytes.to_vec()),
-            }));
-            if w.fresh.len() >= FRESH_BATCH {
-                full = Some(std::mem::take(&mut w.fresh));
+                Location {
+                    pack: id,
+                    offset,
+                    len: bytes.len() as u32, // checked by the caller
+                },
+            ));
+            end = offset + bytes.len() as u64;
+        }
+        if result.is_ok() && !pending.is_empty() {
+            result = write_all_vectored_at(&file, &pending, pending_at);
+        }
+        if let Err(e) = result {
+            // What was written may be torn: nothing more goes to this pack, and nothing
+            // of this run is indexed in it.
+            w.close_stream(stream);
+            return Err(io_error("writing", pack_path(&self.inner.dir, id))(e));
+        }
+        if let Some(pack) = w.streams.get_mut(&stream) {
+            let grown = end - pack.written.len();
+            if grown > 0 {
+                pack.dirty = true;
+                if let Some(range) = pack.written.appended(&file, grown) {
+                    behind.push((file, range));
+                }
             }
         }
-        // The wait for the writeback happens outside the lock, which every lookup of a
-        // staged chunk takes.
-        drop(w);
-        if let Some(range) = behind {
-            drop_behind(&file, range);
+        w.staged.extend(placed);
+        Ok(elsewhere)
+    }
+
+    /// Creates pack `id`, open for reading and for writing (appending only, for the
+    /// shared pack: a stream pack is written at offsets), and registers it for reads.
+    fn create_pack(&self, id: u32, append: bool) -> Result<Arc<File>, LogError> {
+        let path = pack_path(&self.inner.dir, id);
+        let file = Arc::new(
+            OpenOptions::new()
+                .create_new(true)
+                .write(true)
+                .append(append)
+                .read(true)
+                .open(&path)
+                .map_err(io_error("creating", path))?,
+        );
+        if let Ok(mut readers) = self.inner.readers.write() {
+            readers.insert(id, file.clone());
         }
-        Ok(full)
+        Ok(file)
     }
 
     /// Makes every chunk put so far durable: syncs the packs written to, then records
@@ -484,11 +739,20 @@ impl ChunkStore {
             return Ok(());
         }
         let current = w.file.clone().map(|file| (w.id, file));
-        for (id, file) in w.closed.iter().chain(current.iter()) {
+        let streams: Vec<(u32, Arc<File>)> = w
+            .streams
+            .values()
+            .filter(|p| p.dirty)
+            .map(|p| (p.id, p.file.clone()))
+            .collect();
+        for (id, file) in w.closed.iter().chain(&current).chain(&streams) {
             file.sync_data()
                 .map_err(io_error("syncing", pack_path(&inner.dir, *id)))?;
         }
         w.closed.clear();
+        for pack in w.streams.values_mut() {
+            pack.dirty = false;
+        }
         // In small batches: sled frees the node copies an insert replaces only once no
         // operation is running, so one batch of a large file's 65,000 entries held a
         // quarter of a GiB. The entries are independent; they need no atomicity.
@@ -508,6 +772,67 @@ impl ChunkStore {
         }
         w.staged.shrink_to(1024);
         Ok(())
+    }
+
+    /// Hard-links to `to` (a new path, on the same file system as the store) the stream
+    /// pack that holds exactly the data of `content`, from its first byte to its last,
+    /// and returns `true`; `false` when no pack does (the data is then to be copied, see
+    /// [`for_each_data_piece`](Self::for_each_data_piece)) or the link fails. The pack is
+    /// closed to further writes and, the file at `to` being the caller's to change, its
+    /// chunks are checked on every read from then on (see the module docs). Blocks on a
+    /// walk of the content's tree.
+    pub fn lend(&self, content: &ContentRef, to: &Path) -> Result<bool, LogError> {
+        let open = |w: &PackWriter| !w.streams.is_empty();
+        if !self.inner.writer.lock().is_ok_and(|w| open(&w)) {
+            return Ok(false);
+        }
+        // Every data chunk in one pack, one after another from its first byte.
+        let mut pack = None;
+        let mut end = 0;
+        let mut whole = true;
+        self.walk_locations(content.root, content.depth, &mut |_, location| {
+            whole &= location.offset == end && *pack.get_or_insert(location.pack) == location.pack;
+            end = location.offset + u64::from(location.len);
+            Ok(())
+        })?;
+        let Some(pack) = pack.filter(|_| whole && end == content.size) else {
+            return Ok(false);
+        };
+        let mut w = self.inner.writer.lock().map_err(|_| LogError::Closed)?;
+        let Some(stream) = w
+            .streams
+            .iter()
+            .find(|(_, p)| p.id == pack)
+            .map(|(stream, _)| *stream)
+        else {
+            return Ok(false);
+        };
+        let Some(stream_pack) = w.close_stream(stream) else {
+            return Ok(false);
+        };
+        // Nothing beyond the content (a later chunk of the stream, or one written where
+        // a failed write left it).
+        if stream_pack.written.len() != content.size
+            || stream_pack.file.metadata().map(|m| m.len()).ok() != Some(content.size)
+        {
+            return Ok(false);
+        }
+        if let Ok(mut lent) = self.inner.lent.write() {
+            lent.insert(pack);
+        }
+        drop(w);
+        let from = pack_path(&self.inner.dir, pack);
+        match std::fs::hard_link(&from, to) {
+            Ok(()) => Ok(true),
+            Err(e) => {
+                tracing::debug!(
+                    "linking {} to {}: {e}; copying instead",
+                    from.display(),
+                    to.display()
+                );
+                Ok(false)
+            }
+        }
     }
 
     fn locate(&self, hash: &Hash) -> Result<Option<Location>, LogError> {
@@ -554,20 +879,35 @@ impl ChunkStore {
     /// wrote, so that reading it needs no check.
     fn trusted(&self, location: Location) -> bool {
         location.pack >= self.inner.own_packs
+            && self
+                .inner
+                .lent
+                .read()
+                .is_ok_and(|lent| !lent.contains(&location.pack))
     }
 
     fn read(&self, hash: &Hash, location: Location) -> Result<Vec<u8>, LogError> {
         let mut bytes = vec![0; location.len as usize];
-        self.pack(location.pack)?
-            .read_exact_at(&mut bytes, location.offset)
-            .map_err(io_error(
-                "reading",
-                pack_path(&self.inner.dir, location.pack),
-            ))?;
-        if self.trusted(location) {
+        let read = self
+            .pack(location.pack)?
+            .read_exact_at(&mut bytes, location.offset);
+        let trusted = self.trusted(location);
+        let short = match read {
+            Ok(()) => false,
+            // A pack cut short (by a crash, or, lent, by a change to the folder's file)
+            // lost the chunk: damage, like bytes that do not match.
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !trusted => true,
+            Err(e) => {
+                return Err(io_error(
+                    "reading",
+                    pack_path(&self.inner.dir, location.pack),
+                )(e))
+            }
+        };
+        if trusted {
             return Ok(bytes);
         }
-        if check(hash, &bytes).is_err() {
+        if short || check(hash, &bytes).is_err() {
             self.forget_damaged(hash, location)?;
             return Err(LogError::Corrupt {
                 what: format!(
@@ -597,10 +937,24 @@ impl ChunkStore {
         if let Ok(mut damaged) = self.inner.damaged.lock() {
             damaged.insert(*hash);
         }
-        tracing::warn!(
-            "chunk {hash:?} is damaged in {}; dropped, to be fetched again from peers",
-            pack_path(&self.inner.dir, location.pack).display()
-        );
+        let path = pack_path(&self.inner.dir, location.pack);
+        if self
+            .inner
+            .lent
+            .read()
+            .is_ok_and(|lent| lent.contains(&location.pack))
+        {
+            // The folder's copy of the file changed since: expected, not damage.
+            tracing::info!(
+                "chunk {hash:?} changed in {} (lent to the folder); to be fetched again from peers",
+                path.display()
+            );
+        } else {
+            tracing::warn!(
+                "chunk {hash:?} is damaged in {}; dropped, to be fetched again from peers",
+                path.display()
+            );
+        }
         Ok(())
     }
 
@@ -1099,6 +1453,17 @@ fn drop_behind(file: &File, (offset, len): (u64, u64)) {
     let _ = (file, offset, len);
 }
 
+/// [`write_all_vectored`] at byte `at` of `file`, for a stream pack (not opened to append;
+/// its writer is the only one to move its position).
+fn write_all_vectored_at(
+    mut file: &File,
+    chunks: &[(Hash, &[u8])],
+    at: u64,
+) -> std::io::Result<()> {
+    file.seek(SeekFrom::Start(at))?;
+    write_all_vectored(file, chunks)
+}
+
 /// Writes every chunk's bytes, in order, with as few system calls as the kernel allows
 /// (`IOV_MAX` slices at a time).
 fn write_all_vectored(mut file: &File, chunks: &[(Hash, &[u8])]) -> std::io::Result<()> {
@@ -1437,6 +1802,129 @@ mod tests {
             matches!(damaged, Err(LogError::Corrupt { .. })),
             "{damaged:?}"
         );
+    }
+
+    /// A chunk as a peer pushes it: hash, bytes, place.
+    type PushedItem = (Hash, Vec<u8>, Option<Place>);
+
+    /// A content cut into `chunks` as a peer pushes it: data chunks placed in `stream`
+    /// (each one's offset in the file), index nodes without a place.
+    fn pushed(chunks: &[Vec<u8>], stream: u64) -> (ContentRef, Vec<PushedItem>) {
+        let mut tree = converge_api::content::TreeBuilder::new();
+        let mut items = Vec::new();
+        let mut offset = 0;
+        for chunk in chunks {
+            let hash = Hash::of(chunk);
+            items.push((hash, chunk.clone(), Some(Place { stream, offset })));
+            offset += chunk.len() as u64;
+            tree.push(hash, chunk.len() as u64, &mut |h, n| {
+                items.push((h, n, None))
+            });
+        }
+        let content = tree.finish(&mut |h, n| items.push((h, n, None))).unwrap();
+        (content, items)
+    }
+
+    fn put_pushed(store: &ChunkStore, items: &[PushedItem]) {
+        let chunks: Vec<(Hash, &[u8])> = items.iter().map(|(h, b, _)| (*h, &b[..])).collect();
+        let places: Vec<Option<Place>> = items.iter().map(|i| i.2).collect();
+        store.put_many_verified_at(&chunks, &places).unwrap();
+    }
+
+    /// Distinct pseudo-random chunks of the given lengths.
+    fn chunks_of(lens: &[usize], seed: u8) -> Vec<Vec<u8>> {
+        lens.iter()
+            .enumerate()
+            .map(|(i, &len)| {
+                (0..len)
+                    .map(|j| (j as u8).wrapping_mul(31) ^ (i as u8) ^ seed)
+                    .collect()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_stream_received_whole_is_lent_then_checked_on_every_read() {
+        let (dir, _db, store) = scratch();
+        // Many chunks, so that the content has index nodes, pushed in several batches.
+        let lens: Vec<usize> = (0..300).map(|i| 1000 + i * 7).collect();
+        let chunks = chunks_of(&lens, 1);
+        let whole: Vec<u8> = chunks.concat();
+        let (content, items) = pushed(&chunks, 42);
+        assert!(content.depth > 0);
+        for part in items.chunks(64) {
+            put_pushed(&store, part);
+        }
+        store.sync().unwrap();
+        assert!(store.missing(&content).unwrap().is_empty());
+
+        let to = dir.path().join("the file");
+        assert!(store.lend(&content, &to).unwrap());
+        assert_eq!(std::fs::read(&to).unwrap(), whole);
+        // Lent once: the stream is closed, a second lend copies.
+        assert!(!store.lend(&content, &dir.path().join("again")).unwrap());
+        assert_eq!(store.get(&items[0].0).unwrap().unwrap(), chunks[0]);
+
+        // The folder's copy changes in place: the chunk read from it is not trusted.
+        let mut changed = whole.clone();
+        changed[5] ^= 0xff;
+        std::fs::write(&to, &changed).unwrap();
+        assert!(matches!(
+            store.get(&items[0].0),
+            Err(LogError::Corrupt { .. })
+        ));
+        assert_eq!(store.damaged(), vec![items[0].0]);
+        // Cut short: the chunks beyond the end are damaged too, not an I/O error.
+        let last = Hash::of(chunks.last().unwrap());
+        std::fs::write(&to, &changed[..1000]).unwrap();
+        assert!(matches!(store.get(&last), Err(LogError::Corrupt { .. })));
+        // Fetched again, they are stored anew and read back right.
+        store.put_verified(&last, chunks.last().unwrap()).unwrap();
+        assert_eq!(store.get(&last).unwrap().unwrap(), *chunks.last().unwrap());
+    }
+
+    #[test]
+    fn a_stream_with_holes_or_overlaps_is_copied_not_lent() {
+        let (dir, _db, store) = scratch();
+        let chunks = chunks_of(&[5000, 6000, 7000, 8000], 2);
+        let (content, items) = pushed(&chunks, 7);
+        let data: Vec<&PushedItem> = items.iter().filter(|i| i.2.is_some()).collect();
+        // The second chunk is already known: a hole in the stream pack.
+        store.put(&chunks[1]).unwrap();
+        put_pushed(&store, &items);
+        assert!(!store.lend(&content, &dir.path().join("holed")).unwrap());
+        let (pieces, bytes) = pieces(&store, &content);
+        assert!(!pieces.is_empty());
+        assert_eq!(bytes, chunks.concat());
+
+        // A chunk placed over bytes already written (a peer's mistake) is stored in the
+        // shared pack instead, and the chunks below it stay as they were.
+        let other = chunks_of(&[3000], 9).remove(0);
+        let overlapping = (
+            Hash::of(&other),
+            other.clone(),
+            Some(Place {
+                stream: 7,
+                offset: data[2].2.unwrap().offset + 10,
+            }),
+        );
+        put_pushed(&store, &[overlapping]);
+        assert_eq!(store.get(&Hash::of(&other)).unwrap().unwrap(), other);
+        for (i, chunk) in chunks.iter().enumerate() {
+            assert_eq!(
+                store.get(&Hash::of(chunk)).unwrap().unwrap(),
+                *chunk,
+                "chunk {i}"
+            );
+        }
+        // A place far beyond any file goes to the shared pack too.
+        let far = b"far away".to_vec();
+        let far_place = Place {
+            stream: 8,
+            offset: STREAM_BYTES,
+        };
+        put_pushed(&store, &[(Hash::of(&far), far.clone(), Some(far_place))]);
+        assert_eq!(store.get(&Hash::of(&far)).unwrap().unwrap(), far);
     }
 
     #[test]

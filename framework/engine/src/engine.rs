@@ -19,7 +19,7 @@ use crate::log::EventLog;
 use crate::pending::PendingQueue;
 use crate::planner::SyncPlanner;
 use crate::plugin::{ScanProgress, Source, SourceContext, Store, StoreContext, Transport};
-use crate::protocol::{backoff, run_session, Control, PushBacklog};
+use crate::protocol::{backoff, run_session, Control, PushBacklog, Pushed};
 use crate::reconciler::Reconciler;
 
 /// A peer this replica syncs with.
@@ -551,7 +551,11 @@ impl Inner {
             backlog.hold(n, held);
             let chunks = fresh
                 .iter()
-                .map(|c| (c.hash, in_memory.then(|| c.bytes.clone())))
+                .map(|c| Pushed {
+                    hash: c.hash,
+                    bytes: in_memory.then(|| c.bytes.clone()),
+                    place: c.place,
+                })
                 .collect();
             if session.control.send(Control::Push(chunks)).is_err() {
                 backlog.release(n, held);

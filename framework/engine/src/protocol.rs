@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use converge_api::codec::PROTOCOL_VERSION;
-use converge_api::{codec, ChunkItem, Event, Hash, Message, ReplicaId, VersionVector};
+use converge_api::{codec, ChunkItem, Event, Hash, Message, Place, ReplicaId, VersionVector};
 use tokio::sync::mpsc;
 use tokio::time::{timeout, Instant};
 
@@ -66,11 +66,21 @@ pub(crate) enum Control {
     /// Send these fresh local chunks unasked (see [`crate::content::FreshSink`]), from
     /// the bytes given or, where none are, read from the store; they count in the
     /// session's [`PushBacklog`] until sent.
-    Push(Vec<(Hash, Option<Arc<Vec<u8>>>)>),
+    Push(Vec<Pushed>),
     /// The peer holds `from`: send everything above it again.
     Rewind(VersionVector),
     /// End the session.
     Close,
+}
+
+/// A fresh local chunk handed to a session to push.
+#[derive(Debug)]
+pub(crate) struct Pushed {
+    pub(crate) hash: Hash,
+    /// Its bytes, when the session's backlog had room for them in memory.
+    pub(crate) bytes: Option<Arc<Vec<u8>>>,
+    /// Its place in a large file (see [`Place`]).
+    pub(crate) place: Option<Place>,
 }
 
 /// What a session has been given to push and has not sent yet, shared between the engine,
@@ -308,7 +318,8 @@ async fn read_loop(
                         .iter()
                         .map(|item| (item.hash, item.bytes.as_slice()))
                         .collect();
-                    chunks.put_many_verified(&batch)?;
+                    let places: Vec<Option<Place>> = items.iter().map(|i| i.place).collect();
+                    chunks.put_many_verified_at(&batch, &places)?;
                     Ok(items.into_iter().map(|item| item.hash).collect())
                 }));
             }
@@ -489,12 +500,14 @@ async fn handle_control(
             pushed: false,
             bytes: None,
             held: 0,
+            place: None,
         })),
-        Control::Push(chunks) => outbox.add(chunks.into_iter().map(|(hash, bytes)| Queued {
-            hash,
+        Control::Push(chunks) => outbox.add(chunks.into_iter().map(|p| Queued {
+            hash: p.hash,
             pushed: true,
-            held: bytes.as_ref().map_or(0, |b| b.len()),
-            bytes,
+            held: p.bytes.as_ref().map_or(0, |b| b.len()),
+            bytes: p.bytes,
+            place: p.place,
         })),
         Control::Close => return Ok(false),
     }
@@ -523,6 +536,8 @@ struct Queued {
     bytes: Option<Arc<Vec<u8>>>,
     /// How many bytes this counts in the backlog's `bytes`.
     held: usize,
+    /// Its place in a large file, sent with it when pushed (see [`Place`]).
+    place: Option<Place>,
 }
 
 impl Outbox {
@@ -584,6 +599,7 @@ impl Outbox {
                     items.push(ChunkItem {
                         hash: queued.hash,
                         bytes: data,
+                        place: queued.place,
                     });
                 }
             }

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use converge_api::codec::{self, PROTOCOL_VERSION};
 use converge_api::{
-    ChunkItem, ContentRef, Event, EventId, Hash, Hlc, Key, Message, Meta, Op, ReplicaId,
+    ChunkItem, ContentRef, Event, EventId, Hash, Hlc, Key, Message, Meta, Op, Place, ReplicaId,
     VersionVector,
 };
 use converge_framework::log::{EventLog, LogConfig};
@@ -209,6 +209,11 @@ async fn bad_input_is_refused_and_the_daemon_keeps_serving() {
         items: vec![ChunkItem {
             hash: Hash::of(b"what was asked for"),
             bytes: b"something else".to_vec(),
+            // Placed in a stream: checked all the same before it is written anywhere.
+            place: Some(Place {
+                stream: 1,
+                offset: 0,
+            }),
         }],
     });
     // Deterministic noise (an LCG), framed so that only the payload is nonsense.

@@ -14,8 +14,8 @@ use std::path::Path;
 use std::sync::mpsc::Receiver;
 
 use converge_api::content::TreeBuilder;
-use converge_api::{ContentRef, EntryKind, Hash, Meta, Op};
-use converge_framework::content::ChunkStore;
+use converge_api::{ContentRef, EntryKind, Hash, Meta, Op, Place};
+use converge_framework::content::{new_stream, ChunkStore};
 use converge_framework::LogError;
 use fastcdc::v2020::FastCDC;
 
@@ -54,9 +54,11 @@ const WINDOW: usize = 512 << 10;
 /// Windows cut but not yet hashed, between the two threads of a large file.
 const WINDOWS_IN_FLIGHT: usize = 4;
 
-/// A window of a file and the data chunks cut from it: (hash, range in `bytes`).
+/// A window of a file and the data chunks cut from it: (hash, range in `bytes`); `bytes`
+/// starts at byte `start` of the file.
 struct Window {
     bytes: Vec<u8>,
+    start: u64,
     chunks: Vec<(Hash, Range<usize>)>,
 }
 
@@ -66,7 +68,9 @@ enum Piece {
     Node(Hash, Vec<u8>),
 }
 
-fn put_piece(store: &ChunkStore, piece: &Piece) -> Result<(), LogError> {
+/// Puts a piece into `store`; data chunks with their places in `stream` when there is
+/// one (a large file's, see [`Place`]).
+fn put_piece(store: &ChunkStore, stream: Option<u64>, piece: &Piece) -> Result<(), LogError> {
     match piece {
         Piece::Data(w) => {
             let chunks: Vec<(Hash, &[u8])> = w
@@ -74,7 +78,20 @@ fn put_piece(store: &ChunkStore, piece: &Piece) -> Result<(), LogError> {
                 .iter()
                 .map(|(hash, range)| (*hash, &w.bytes[range.clone()]))
                 .collect();
-            store.put_many_prehashed(&chunks)
+            let places: Vec<Option<Place>> = match stream {
+                Some(stream) => w
+                    .chunks
+                    .iter()
+                    .map(|(_, range)| {
+                        Some(Place {
+                            stream,
+                            offset: w.start + range.start as u64,
+                        })
+                    })
+                    .collect(),
+                None => Vec::new(),
+            };
+            store.put_many_prehashed_at(&chunks, &places)
         }
         Piece::Node(hash, node) => store.put_prehashed(hash, node),
     }
@@ -83,8 +100,10 @@ fn put_piece(store: &ChunkStore, piece: &Piece) -> Result<(), LogError> {
 fn chunk_file(path: &Path, store: Option<&ChunkStore>) -> Result<ContentRef, FsError> {
     let file = File::open(path).map_err(FsError::io("opening", path))?;
     let size = file.metadata().map(|m| m.len()).ok();
+    // A large file's data is one stream, which a peer can write straight into a file.
+    let stream = size.is_some_and(|n| n >= PIPELINE_BYTES).then(new_stream);
     let put = &mut |piece: &Piece| match store {
-        Some(store) => put_piece(store, piece),
+        Some(store) => put_piece(store, stream, piece),
         None => Ok(()),
     };
     let mut hasher = Hasher::default();
@@ -129,6 +148,8 @@ struct Hasher {
     tree: TreeBuilder,
     nodes: Vec<(Hash, Vec<u8>)>,
     count: u64,
+    /// Bytes of the file hashed so far: where the next window starts.
+    offset: u64,
 }
 
 impl Hasher {
@@ -151,7 +172,13 @@ impl Hasher {
             });
         }
         self.count += chunks.len() as u64;
-        let piece = Piece::Data(Window { bytes, chunks });
+        let start = self.offset;
+        self.offset += chunks.last().map_or(0, |(_, range)| range.end as u64);
+        let piece = Piece::Data(Window {
+            bytes,
+            start,
+            chunks,
+        });
         put(&piece)?;
         for (hash, node) in self.nodes.drain(..) {
             put(&Piece::Node(hash, node))?;

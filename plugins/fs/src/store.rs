@@ -987,6 +987,15 @@ impl Writer {
         mode: u32,
         mtime: i64,
     ) -> Result<(), FsError> {
+        // A large file received as one stream lies whole in a pack of its own: take that
+        // (a hard link) instead of copying it.
+        if content.size >= PIPELINE_BYTES && self.ctx.chunks().lend(content, temp)? {
+            std::fs::set_permissions(temp, Permissions::from_mode(mode))
+                .map_err(FsError::io("setting the mode of", temp))?;
+            filetime::set_file_mtime(temp, file_time(mtime))
+                .map_err(FsError::io("setting the mtime of", temp))?;
+            return Ok(());
+        }
         let mut file = OpenOptions::new()
             .write(true)
             .create_new(true)
