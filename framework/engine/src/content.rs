@@ -50,6 +50,7 @@
 use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::{IoSlice, Seek, SeekFrom, Write};
+use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
@@ -103,18 +104,62 @@ const PAGE_BYTES: u64 = 4096;
 /// the thread that put them; it must not block.
 pub type FreshSink = Box<dyn Fn(Vec<FreshChunk>) + Send + Sync>;
 
-/// A chunk this replica put, handed to the [`FreshSink`] with a copy of its bytes: a push
-/// sends them from memory instead of reading them back from the pack, which on a large
-/// file took twice as long as sending them (`bench/daemon/run.py`, W2).
+/// A chunk this replica put, handed to the [`FreshSink`] with its bytes: a push sends them
+/// from memory instead of reading them back from the pack, which on a large file took
+/// twice as long as sending them (`bench/daemon/run.py`, W2).
 #[derive(Clone, Debug)]
 pub struct FreshChunk {
     /// The chunk's hash.
     pub hash: Hash,
-    /// The chunk's bytes, shared by the sessions pushing it (the last one to send it
-    /// takes them without a copy).
-    pub bytes: Arc<Vec<u8>>,
+    /// The chunk's bytes, shared by the sessions pushing it (and, when the chunker put
+    /// them with [`ChunkStore::put_shared_prehashed_at`], with the buffer they were cut
+    /// from).
+    pub bytes: ChunkBytes,
     /// The chunk's place in the file it was cut from, for a large file's data chunks.
     pub place: Option<Place>,
+}
+
+/// A buffer chunks are cut from, shared by the chunks handed on from it.
+pub type SharedBuffer = Arc<dyn AsRef<[u8]> + Send + Sync>;
+
+/// A chunk's bytes in memory: a range of a buffer shared with other chunks (a window of
+/// the file they were cut from, kept alive until the last of them is sent) or a copy of
+/// their own. Cheap to clone.
+#[derive(Clone)]
+pub struct ChunkBytes {
+    buffer: SharedBuffer,
+    range: Range<usize>,
+}
+
+impl ChunkBytes {
+    /// `range` of `buffer`, or `None` if the buffer is shorter.
+    pub fn shared(buffer: SharedBuffer, range: Range<usize>) -> Option<ChunkBytes> {
+        let len = (*buffer).as_ref().len();
+        (range.start <= range.end && range.end <= len).then_some(ChunkBytes { buffer, range })
+    }
+
+    /// A copy of `bytes`, on its own.
+    pub fn copied(bytes: &[u8]) -> ChunkBytes {
+        ChunkBytes {
+            range: 0..bytes.len(),
+            buffer: Arc::new(bytes.to_vec()),
+        }
+    }
+}
+
+impl std::ops::Deref for ChunkBytes {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        // In range: checked when made, and the buffer is immutable.
+        &(*self.buffer).as_ref()[self.range.clone()]
+    }
+}
+
+impl std::fmt::Debug for ChunkBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ChunkBytes({} bytes)", self.range.len())
+    }
 }
 
 /// A new stream identifier for [`ChunkStore::put_many_prehashed_at`]: random, so that the
@@ -346,7 +391,7 @@ impl ChunkStore {
     /// Stores `bytes` under their hash and returns it (a no-op for known content).
     pub fn put(&self, bytes: &[u8]) -> Result<Hash, LogError> {
         let hash = Hash::of(bytes);
-        self.put_chunks(&[(hash, bytes)], &[], Origin::Local)?;
+        self.put_chunks(&[(hash, bytes)], &[], None, Origin::Local)?;
         Ok(hash)
     }
 
@@ -373,7 +418,35 @@ impl ChunkStore {
         places: &[Option<Place>],
     ) -> Result<(), LogError> {
         debug_assert!(chunks.iter().all(|(h, b)| Hash::of(b) == *h));
-        self.put_chunks(chunks, places, Origin::Local)
+        self.put_chunks(chunks, places, None, Origin::Local)
+    }
+
+    /// [`put_many_prehashed_at`](Self::put_many_prehashed_at) for chunks that are
+    /// `ranges` of `buffer`: fresh ones are handed to the sink as ranges of the buffer
+    /// rather than copies, when they are most of it (a few fresh chunks do not keep a
+    /// whole buffer alive: they are copied).
+    pub fn put_shared_prehashed_at(
+        &self,
+        buffer: &SharedBuffer,
+        chunks: &[(Hash, Range<usize>)],
+        places: &[Option<Place>],
+    ) -> Result<(), LogError> {
+        let bytes: &[u8] = (**buffer).as_ref();
+        let mut slices = Vec::with_capacity(chunks.len());
+        let mut ranges = Vec::with_capacity(chunks.len());
+        for (hash, range) in chunks {
+            let slice = bytes
+                .get(range.clone())
+                .ok_or_else(|| LogError::ContentIo {
+                    op: "storing",
+                    path: self.inner.dir.clone(),
+                    source: std::io::Error::other("a chunk's range lies outside its buffer"),
+                })?;
+            slices.push((*hash, slice));
+            ranges.push(range.clone());
+        }
+        debug_assert!(slices.iter().all(|(h, b)| Hash::of(b) == *h));
+        self.put_chunks(&slices, places, Some((buffer, &ranges)), Origin::Local)
     }
 
     /// Stores `bytes` offered under `hash` (by a peer), after checking that they hash to
@@ -406,12 +479,12 @@ impl ChunkStore {
             bytes_in_group += bytes.len();
             if bytes_in_group >= GROUP_BYTES {
                 let group: Vec<Option<Place>> = (start..=i).map(place).collect();
-                self.put_chunks(&chunks[start..=i], &group, Origin::Peer)?;
+                self.put_chunks(&chunks[start..=i], &group, None, Origin::Peer)?;
                 (start, bytes_in_group) = (i + 1, 0);
             }
         }
         let group: Vec<Option<Place>> = (start..chunks.len()).map(place).collect();
-        self.put_chunks(&chunks[start..], &group, Origin::Peer)
+        self.put_chunks(&chunks[start..], &group, None, Origin::Peer)
     }
 
     /// Sets where the chunks put from now on by [`put`](Self::put) and
@@ -448,12 +521,13 @@ impl ChunkStore {
         &self,
         chunks: &[(Hash, &[u8])],
         places: &[Option<Place>],
+        shared: Option<(&SharedBuffer, &[Range<usize>])>,
         origin: Origin,
     ) -> Result<(), LogError> {
         if chunks.is_empty() {
             return Ok(());
         }
-        let full = self.write_chunks(chunks, places, origin)?;
+        let full = self.write_chunks(chunks, places, shared, origin)?;
         if let Some(fresh) = full {
             self.hand_on(fresh);
         }
@@ -468,12 +542,14 @@ impl ChunkStore {
         &self,
         chunks: &[(Hash, &[u8])],
         places: &[Option<Place>],
+        shared: Option<(&SharedBuffer, &[Range<usize>])>,
         origin: Origin,
     ) -> Result<Option<Vec<FreshChunk>>, LogError> {
         let inner = &self.inner;
         let mut w = inner.writer.lock().map_err(|_| LogError::Closed)?;
         let mut new: Vec<(Hash, &[u8])> = Vec::with_capacity(chunks.len());
         let mut new_places: Vec<Option<Place>> = Vec::with_capacity(chunks.len());
+        let mut new_index: Vec<usize> = Vec::with_capacity(chunks.len());
         // A batch may name a chunk twice (a file with repeated content).
         let mut taken: HashSet<Hash> = HashSet::with_capacity(chunks.len());
         for (i, &(hash, bytes)) in chunks.iter().enumerate() {
@@ -497,6 +573,7 @@ impl ChunkStore {
             }
             new.push((hash, bytes));
             new_places.push(places.get(i).copied().flatten());
+            new_index.push(i);
         }
         if new.is_empty() {
             return Ok(None);
@@ -527,16 +604,17 @@ impl ChunkStore {
         }
         let mut full = None;
         if origin == Origin::Local && inner.sink.read().is_ok_and(|s| s.is_some()) {
-            w.fresh
-                .extend(
-                    new.iter()
-                        .zip(&new_places)
-                        .map(|(&(hash, bytes), &place)| FreshChunk {
-                            hash,
-                            bytes: Arc::new(bytes.to_vec()),
-                            place,
-                        }),
-                );
+            let new_bytes: usize = new.iter().map(|(_, b)| b.len()).sum();
+            let shared = shared.filter(|(buffer, _)| new_bytes * 2 >= (***buffer).as_ref().len());
+            for (k, (&(hash, bytes), &place)) in new.iter().zip(&new_places).enumerate() {
+                let bytes = shared
+                    .and_then(|(buffer, ranges)| {
+                        let range = ranges.get(new_index[k])?.clone();
+                        ChunkBytes::shared(buffer.clone(), range)
+                    })
+                    .unwrap_or_else(|| ChunkBytes::copied(bytes));
+                w.fresh.push(FreshChunk { hash, bytes, place });
+            }
             if w.fresh.len() >= FRESH_BATCH {
                 full = Some(std::mem::take(&mut w.fresh));
             }

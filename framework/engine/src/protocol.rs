@@ -11,11 +11,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use converge_api::codec::PROTOCOL_VERSION;
-use converge_api::{codec, ChunkItem, Event, Hash, Message, Place, ReplicaId, VersionVector};
+use converge_api::{codec, ChunkRef, Event, Hash, Message, Place, ReplicaId, VersionVector};
 use tokio::sync::mpsc;
 use tokio::time::{timeout, Instant};
 
 use crate::applier::SyncApplier;
+use crate::content::ChunkBytes;
 use crate::engine::{Inbound, Inner};
 use crate::planner::SyncPlanner;
 use crate::plugin::{Connection, FrameReceiver, FrameSender};
@@ -78,7 +79,7 @@ pub(crate) enum Control {
 pub(crate) struct Pushed {
     pub(crate) hash: Hash,
     /// Its bytes, when the session's backlog had room for them in memory.
-    pub(crate) bytes: Option<Arc<Vec<u8>>>,
+    pub(crate) bytes: Option<ChunkBytes>,
     /// Its place in a large file (see [`Place`]).
     pub(crate) place: Option<Place>,
 }
@@ -132,8 +133,18 @@ async fn send_message(
     msg: &Message,
 ) -> Result<(), SessionError> {
     let bytes = msg.encode().map_err(|e| violation("self", e.to_string()))?;
-    let len = bytes.len() as u64 + codec::FRAME_HEADER_LEN as u64;
-    sender.send(bytes).await?;
+    send_payload(sender, inner, peer, bytes).await
+}
+
+/// Sends an encoded message and counts its bytes.
+async fn send_payload(
+    sender: &mut dyn FrameSender,
+    inner: &Inner,
+    peer: Option<ReplicaId>,
+    payload: Vec<u8>,
+) -> Result<(), SessionError> {
+    let len = payload.len() as u64 + codec::FRAME_HEADER_LEN as u64;
+    sender.send(payload).await?;
     if let Some(peer) = peer {
         inner.count_sent(&peer, len);
     }
@@ -533,7 +544,7 @@ struct Queued {
     /// Pushed (counted in the [`PushBacklog`]), not asked for.
     pushed: bool,
     /// The bytes, when the push brought them (taken when sent).
-    bytes: Option<Arc<Vec<u8>>>,
+    bytes: Option<ChunkBytes>,
     /// How many bytes this counts in the backlog's `bytes`.
     held: usize,
     /// Its place in a large file, sent with it when pushed (see [`Place`]).
@@ -576,34 +587,52 @@ impl Outbox {
         sender: &mut dyn FrameSender,
     ) -> Result<(), SessionError> {
         let take = self.queue.len().min(MAX_WANT_HASHES);
-        let mut batch: Vec<Queued> = self.queue.drain(..take).collect();
+        let batch: Vec<Queued> = self.queue.drain(..take).collect();
         let chunks = inner.log.chunks().clone();
-        let (items, done) = tokio::task::spawn_blocking(move || {
-            let mut items = Vec::new();
+        // Read (where not in memory) and encoded off the runtime: a frame is 4 MiB.
+        let (payload, done) = tokio::task::spawn_blocking(move || {
+            let mut read: Vec<(usize, Vec<u8>)> = Vec::new();
             let mut bytes = 0;
             let mut done = 0;
-            for queued in &mut batch {
+            for (i, queued) in batch.iter().enumerate() {
                 if bytes >= CHUNKS_FRAME_BYTES {
                     break;
                 }
                 done += 1;
-                // A chunk this replica does not have (or cannot read) is left out: the
-                // peer asks again, and the next request finds it once it is here.
-                let data = match queued.bytes.take() {
-                    // Taken without a copy unless another session still holds them.
-                    Some(data) => Some(Arc::unwrap_or_clone(data)),
-                    None => chunks.get(&queued.hash).ok().flatten(),
-                };
-                if let Some(data) = data {
-                    bytes += data.len();
-                    items.push(ChunkItem {
-                        hash: queued.hash,
-                        bytes: data,
-                        place: queued.place,
-                    });
+                match &queued.bytes {
+                    Some(data) => bytes += data.len(),
+                    // A chunk this replica does not have (or cannot read) is left out:
+                    // the peer asks again, and the next request finds it once it is here.
+                    None => {
+                        if let Ok(Some(data)) = chunks.get(&queued.hash) {
+                            bytes += data.len();
+                            read.push((i, data));
+                        }
+                    }
                 }
             }
-            (items, (batch, done))
+            let mut read = read.iter().peekable();
+            let mut items = Vec::with_capacity(done);
+            for (i, queued) in batch[..done].iter().enumerate() {
+                let data: &[u8] = match &queued.bytes {
+                    Some(data) => data,
+                    None => match read.next_if(|(at, _)| *at == i) {
+                        Some((_, data)) => data,
+                        None => continue,
+                    },
+                };
+                items.push(ChunkRef {
+                    hash: queued.hash,
+                    bytes: data,
+                    place: queued.place,
+                });
+            }
+            let payload = match items.is_empty() {
+                true => None,
+                false => Some(codec::encode_chunks(&items)),
+            };
+            drop(items);
+            (payload, (batch, done))
         })
         .await
         .map_err(|e| violation("self", e.to_string()))?;
@@ -620,8 +649,9 @@ impl Outbox {
             self.queue.shrink_to(1024);
             self.queued.shrink_to(1024);
         }
-        if !items.is_empty() {
-            send_message(sender, inner, Some(peer), &Message::Chunks { items }).await?;
+        if let Some(payload) = payload {
+            let payload = payload.map_err(|e| violation("self", e.to_string()))?;
+            send_payload(sender, inner, Some(peer), payload).await?;
         }
         Ok(())
     }

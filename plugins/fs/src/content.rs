@@ -11,11 +11,12 @@ use std::io::Read;
 use std::ops::Range;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
-use std::sync::mpsc::Receiver;
+use std::sync::mpsc::{Receiver, SyncSender};
+use std::sync::Arc;
 
 use converge_api::content::TreeBuilder;
 use converge_api::{ContentRef, EntryKind, Hash, Meta, Op, Place};
-use converge_framework::content::{new_stream, ChunkStore};
+use converge_framework::content::{new_stream, ChunkStore, SharedBuffer};
 use converge_framework::LogError;
 use fastcdc::v2020::FastCDC;
 
@@ -54,12 +55,41 @@ const WINDOW: usize = 512 << 10;
 /// Windows cut but not yet hashed, between the two threads of a large file.
 const WINDOWS_IN_FLIGHT: usize = 4;
 
+/// Windows kept for reuse, between the threads of a large file: those the hasher is done
+/// with and those whose chunks were pushed to peers from them. (A window written into
+/// for the first time costs a page fault per page.)
+const WINDOWS_KEPT: usize = 16;
+
 /// A window of a file and the data chunks cut from it: (hash, range in `bytes`); `bytes`
 /// starts at byte `start` of the file.
 struct Window {
-    bytes: Vec<u8>,
+    bytes: Arc<Pooled>,
     start: u64,
     chunks: Vec<(Hash, Range<usize>)>,
+}
+
+/// A window's buffer, shared with the fresh chunks pushed from it (see
+/// `ChunkStore::put_shared_prehashed_at`), and given back for reuse when the last of them
+/// is done with it.
+struct Pooled {
+    bytes: Vec<u8>,
+    back: Option<SyncSender<Vec<u8>>>,
+}
+
+impl AsRef<[u8]> for Pooled {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        if let Some(back) = &self.back {
+            if !self.bytes.is_empty() {
+                let _ = back.try_send(std::mem::take(&mut self.bytes));
+            }
+        }
+    }
 }
 
 /// What the chunker hands on, in file order: windows of data chunks and index nodes.
@@ -73,11 +103,6 @@ enum Piece {
 fn put_piece(store: &ChunkStore, stream: Option<u64>, piece: &Piece) -> Result<(), LogError> {
     match piece {
         Piece::Data(w) => {
-            let chunks: Vec<(Hash, &[u8])> = w
-                .chunks
-                .iter()
-                .map(|(hash, range)| (*hash, &w.bytes[range.clone()]))
-                .collect();
             let places: Vec<Option<Place>> = match stream {
                 Some(stream) => w
                     .chunks
@@ -91,7 +116,8 @@ fn put_piece(store: &ChunkStore, stream: Option<u64>, piece: &Piece) -> Result<(
                     .collect(),
                 None => Vec::new(),
             };
-            store.put_many_prehashed_at(&chunks, &places)
+            let buffer: SharedBuffer = w.bytes.clone();
+            store.put_shared_prehashed_at(&buffer, &w.chunks, &places)
         }
         Piece::Node(hash, node) => store.put_prehashed(hash, node),
     }
@@ -117,10 +143,14 @@ fn chunk_file(path: &Path, store: Option<&ChunkStore>) -> Result<ContentRef, FsE
     // other on a second. Windows hashed go back to the cutter for reuse.
     std::thread::scope(|scope| {
         let (tx, rx) = std::sync::mpsc::sync_channel(WINDOWS_IN_FLIGHT);
-        let (back_tx, back_rx) = std::sync::mpsc::sync_channel(WINDOWS_IN_FLIGHT);
+        let (back_tx, back_rx) = std::sync::mpsc::sync_channel(WINDOWS_KEPT);
+        hasher.pool = Some(back_tx.clone());
         let second = scope.spawn(move || {
             for (bytes, cuts) in rx {
-                let _ = back_tx.try_send(hasher.window(bytes, cuts, put)?);
+                let window = hasher.window(bytes, cuts, put)?;
+                if !window.is_empty() {
+                    let _ = back_tx.try_send(window);
+                }
             }
             hasher.finish(path, put)
         });
@@ -150,6 +180,8 @@ struct Hasher {
     count: u64,
     /// Bytes of the file hashed so far: where the next window starts.
     offset: u64,
+    /// Where windows shared with pushed chunks go back when those are sent.
+    pool: Option<SyncSender<Vec<u8>>>,
 }
 
 impl Hasher {
@@ -175,7 +207,10 @@ impl Hasher {
         let start = self.offset;
         self.offset += chunks.last().map_or(0, |(_, range)| range.end as u64);
         let piece = Piece::Data(Window {
-            bytes,
+            bytes: Arc::new(Pooled {
+                bytes,
+                back: self.pool.clone(),
+            }),
             start,
             chunks,
         });
@@ -183,8 +218,13 @@ impl Hasher {
         for (hash, node) in self.nodes.drain(..) {
             put(&Piece::Node(hash, node))?;
         }
+        // Back for reuse now, unless chunks pushed from it still hold it (it goes back
+        // to the pool when they are sent).
         match piece {
-            Piece::Data(window) => Ok(window.bytes),
+            Piece::Data(window) => match Arc::try_unwrap(window.bytes) {
+                Ok(mut pooled) => Ok(std::mem::take(&mut pooled.bytes)),
+                Err(_) => Ok(Vec::new()),
+            },
             Piece::Node(..) => Ok(Vec::new()),
         }
     }
@@ -345,7 +385,7 @@ mod tests {
         let put = &mut |piece: &Piece| {
             if let Piece::Data(w) = piece {
                 for (hash, range) in &w.chunks {
-                    assert_eq!(*hash, Hash::of(&w.bytes[range.clone()]));
+                    assert_eq!(*hash, Hash::of(&w.bytes.bytes[range.clone()]));
                     hashes.push(*hash);
                 }
             }
