@@ -87,6 +87,9 @@ const GROUP_BYTES: usize = 128 << 10;
 /// make room for a new stream (its chunks stay where they are; only lending it is lost).
 const OPEN_STREAMS: usize = 8;
 
+/// Packs kept open for reading (see [`ChunkStore::keep_reader`]).
+const OPEN_READERS: usize = 64;
+
 /// Highest byte a stream pack is written to: a place beyond it (a peer's mistake or
 /// malice) stores the chunk in the shared pack instead.
 const STREAM_BYTES: u64 = 1 << 42;
@@ -788,6 +791,21 @@ impl ChunkStore {
         Ok(elsewhere)
     }
 
+    /// Keeps `file`, pack `id` open for reading, among at most [`OPEN_READERS`]: a stream
+    /// pack is made for every large file received, and keeping each open would run out of
+    /// file descriptors. The pack closed to make room is the oldest (the writer keeps its
+    /// own handle on the packs it writes; a read of a closed pack opens it again).
+    fn keep_reader(&self, id: u32, file: &Arc<File>) {
+        if let Ok(mut readers) = self.inner.readers.write() {
+            if readers.len() >= OPEN_READERS && !readers.contains_key(&id) {
+                if let Some(&oldest) = readers.keys().min() {
+                    readers.remove(&oldest);
+                }
+            }
+            readers.insert(id, file.clone());
+        }
+    }
+
     /// Creates pack `id`, open for reading and for writing (appending only, for the
     /// shared pack: a stream pack is written at offsets), and registers it for reads.
     fn create_pack(&self, id: u32, append: bool) -> Result<Arc<File>, LogError> {
@@ -801,9 +819,7 @@ impl ChunkStore {
                 .open(&path)
                 .map_err(io_error("creating", path))?,
         );
-        if let Ok(mut readers) = self.inner.readers.write() {
-            readers.insert(id, file.clone());
-        }
+        self.keep_reader(id, &file);
         Ok(file)
     }
 
@@ -947,9 +963,7 @@ impl ChunkStore {
         }
         let path = pack_path(&self.inner.dir, id);
         let file = Arc::new(File::open(&path).map_err(io_error("opening", path))?);
-        if let Ok(mut readers) = self.inner.readers.write() {
-            readers.insert(id, file.clone());
-        }
+        self.keep_reader(id, &file);
         Ok(file)
     }
 
@@ -2003,6 +2017,27 @@ mod tests {
         };
         put_pushed(&store, &[(Hash::of(&far), far.clone(), Some(far_place))]);
         assert_eq!(store.get(&Hash::of(&far)).unwrap().unwrap(), far);
+    }
+
+    #[test]
+    fn many_streams_keep_a_bounded_number_of_packs_open() {
+        let (_dir, _db, store) = scratch();
+        let chunks = chunks_of(&vec![100; OPEN_READERS + 10], 3);
+        for (stream, chunk) in chunks.iter().enumerate() {
+            let place = Place {
+                stream: stream as u64,
+                offset: 0,
+            };
+            put_pushed(&store, &[(Hash::of(chunk), chunk.clone(), Some(place))]);
+        }
+        store.sync().unwrap();
+        assert!(store.inner.readers.read().unwrap().len() <= OPEN_READERS);
+        assert!(store.inner.writer.lock().unwrap().streams.len() <= OPEN_STREAMS);
+        // Closed packs are opened again to be read.
+        for chunk in &chunks {
+            assert_eq!(store.get(&Hash::of(chunk)).unwrap().unwrap(), *chunk);
+        }
+        assert!(store.inner.readers.read().unwrap().len() <= OPEN_READERS);
     }
 
     #[test]
