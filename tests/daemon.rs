@@ -305,6 +305,43 @@ fn a_big_file_streamed_in_is_taken_whole_and_an_edit_in_place_is_safe() {
     b.stop();
 }
 
+/// B killed while a large file streams in (pushed as A cuts it, written into a pack of
+/// its own): no part of the file is ever at its final path, and B, restarted, converges
+/// with the whole file.
+#[test]
+fn kill_9_while_a_big_file_streams_in_then_restart_converges() {
+    let (mut a, mut b) = converged_pair(&[("first.txt", b"connected\n")]);
+    let mut big = vec![0u8; BIG_FILE_LEN];
+    SmallRng::seed_from_u64(31).fill_bytes(&mut big);
+    let aside = a.data.path().join("big.bin");
+    write_file(&aside, &big);
+    fs::rename(&aside, a.folder().join("big.bin")).unwrap();
+    // Killed once a part of the stream is in B's packs or, failing that (it came whole
+    // first), as soon as the file is there.
+    let packs = b.data.path().join("db/packs");
+    let got = b.folder().join("big.bin");
+    assert!(wait_until(CONVERGE_TIMEOUT, || {
+        dir_size(&packs) > 8 << 20 || got.exists()
+    }));
+    b.kill9();
+    if let Ok(m) = fs::metadata(&got) {
+        assert_eq!(
+            m.len(),
+            big.len() as u64,
+            "a part of big.bin at its final path"
+        );
+        assert!(
+            fs::read(&got).unwrap() == big,
+            "big.bin at its final path, not A's"
+        );
+    }
+    b.start();
+    assert_converges(&mut a, &mut b);
+    assert!(fs::read(&got).unwrap() == big, "big.bin is not A's");
+    a.stop();
+    b.stop();
+}
+
 /// Edits, deletes, renames of files and folders, empty files, names with spaces and
 /// non-ASCII UTF-8, made on A while both run, reach B exactly.
 #[test]
