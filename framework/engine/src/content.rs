@@ -871,9 +871,9 @@ impl ChunkStore {
     /// Hard-links to `to` (a new path, on the same file system as the store) the stream
     /// pack that holds exactly the data of `content`, from its first byte to its last,
     /// and returns `true`; `false` when no pack does (the data is then to be copied, see
-    /// [`for_each_data_piece`](Self::for_each_data_piece)) or the link fails. The pack is
-    /// closed to further writes and, the file at `to` being the caller's to change, its
-    /// chunks are checked on every read from then on (see the module docs). Blocks on a
+    /// [`for_each_data_piece`](Self::for_each_data_piece)) or the link fails. Once lent,
+    /// the pack is closed to further writes and, the file at `to` being the caller's to
+    /// change, its chunks are checked on every read (see the module docs). Blocks on a
     /// walk of the content's tree.
     pub fn lend(&self, content: &ContentRef, to: &Path) -> Result<bool, LogError> {
         let open = |w: &PackWriter| !w.streams.is_empty();
@@ -901,7 +901,7 @@ impl ChunkStore {
         else {
             return Ok(false);
         };
-        let Some(stream_pack) = w.close_stream(stream) else {
+        let Some(stream_pack) = w.streams.get(&stream) else {
             return Ok(false);
         };
         // Nothing beyond the content (a later chunk of the stream, or one written where
@@ -911,14 +911,26 @@ impl ChunkStore {
         {
             return Ok(false);
         }
-        if let Ok(mut lent) = self.inner.lent.write() {
-            lent.insert(pack);
-        }
-        drop(w);
+        // Linked under the writer's lock, so that nothing is written to the pack once it
+        // is the folder's, and marked lent first, so that no read trusts it from then on.
+        let mark = |lent: bool| {
+            if let Ok(mut set) = self.inner.lent.write() {
+                match lent {
+                    true => set.insert(pack),
+                    false => set.remove(&pack),
+                };
+            }
+        };
+        mark(true);
         let from = pack_path(&self.inner.dir, pack);
         match std::fs::hard_link(&from, to) {
-            Ok(()) => Ok(true),
+            Ok(()) => {
+                w.close_stream(stream);
+                Ok(true)
+            }
             Err(e) => {
+                // Still this store's alone (another file system, say): a copy is made.
+                mark(false);
                 tracing::debug!(
                     "linking {} to {}: {e}; copying instead",
                     from.display(),
@@ -1950,8 +1962,13 @@ mod tests {
         store.sync().unwrap();
         assert!(store.missing(&content).unwrap().is_empty());
 
+        // A link that fails (here: no such directory) lends nothing; the next may.
+        let nowhere = dir.path().join("no such directory").join("the file");
+        assert!(!store.lend(&content, &nowhere).unwrap());
+        assert!(store.trusted(store.locate(&items[0].0).unwrap().unwrap()));
         let to = dir.path().join("the file");
         assert!(store.lend(&content, &to).unwrap());
+        assert!(!store.trusted(store.locate(&items[0].0).unwrap().unwrap()));
         assert_eq!(std::fs::read(&to).unwrap(), whole);
         // Lent once: the stream is closed, a second lend copies.
         assert!(!store.lend(&content, &dir.path().join("again")).unwrap());
