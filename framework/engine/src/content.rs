@@ -18,11 +18,11 @@
 //!
 //! Every chunk is checked once on its way in: hashed from the file by the source that
 //! puts it, or checked against its hash when a peer offers it. Reads from the packs this
-//! process wrote are trusted on that ground and not hashed again; reads from the packs of
-//! earlier runs, which a crash or the disk may have damaged since, are checked, so a
-//! damaged pack reads as an error, never as wrong content. A file's data can be copied out
-//! of this process's packs by the kernel ([`Piece::InPack`]), without passing through
-//! memory, where the run lines up with the file's pages.
+//! process wrote (and has not lent, see below) are trusted on that ground and not hashed
+//! again; reads from the packs of earlier runs, which a crash or the disk may have damaged
+//! since, are checked, so a damaged pack reads as an error, never as wrong content. A
+//! file's data can be copied out of the trusted packs by the kernel ([`Piece::InPack`]),
+//! without passing through memory, where the run lines up with the file's pages.
 //!
 //! The locations the last syncs indexed are also kept in memory, two bounded generations
 //! of them: the chunks just stored are the ones read next (written out by a store, sent to
@@ -93,6 +93,12 @@ const OPEN_READERS: usize = 64;
 /// Highest byte a stream pack is written to: a place beyond it (a peer's mistake or
 /// malice) stores the chunk in the shared pack instead.
 const STREAM_BYTES: u64 = 1 << 42;
+
+/// Stream packs created between two syncs, at most: the packs closed to make room stay
+/// open until the sync makes them durable, so a peer sending chunks of ever new streams
+/// would otherwise run this process out of file descriptors. Later streams' chunks go to
+/// the shared pack.
+const NEW_STREAMS: usize = 64;
 
 /// The longest run of chunks [`ChunkStore::for_each_data_piece`] hands out as one
 /// [`Piece::InPack`]: long enough that a large file is copied in few system calls, short
@@ -242,6 +248,9 @@ struct Inner {
     /// Stream packs of this run lent to the folder store ([`ChunkStore::lend`]): no
     /// longer trusted, as the folder's files may change.
     lent: RwLock<HashSet<u32>>,
+    /// Runs of trusted packs handed out as [`Piece::InPack`] and not dropped yet, by
+    /// pack: they are copied without a check later, so a pack with any is not lent.
+    in_use: Arc<Mutex<HashMap<u32, usize>>>,
 }
 
 /// The locations the last syncs indexed, kept in memory: the chunks just stored are the
@@ -289,6 +298,8 @@ struct PackWriter {
     streams: HashMap<u64, StreamPack>,
     /// Counts writes to stream packs, to find the one written least recently.
     stream_clock: u64,
+    /// Stream packs created since the last sync (see [`NEW_STREAMS`]).
+    new_streams: usize,
 }
 
 /// A pack holding one stream's chunks at their offsets in the stream.
@@ -380,6 +391,7 @@ impl ChunkStore {
                     fresh: Vec::new(),
                     streams: HashMap::new(),
                     stream_clock: 0,
+                    new_streams: 0,
                 }),
                 own_packs: last + 1,
                 readers: RwLock::new(HashMap::new()),
@@ -387,6 +399,7 @@ impl ChunkStore {
                 recent: RwLock::new(Recent::default()),
                 damaged: Mutex::new(HashSet::new()),
                 lent: RwLock::new(HashSet::new()),
+                in_use: Arc::default(),
             }),
         })
     }
@@ -695,10 +708,17 @@ impl ChunkStore {
         run: &[(Hash, &'a [u8], u64)],
         behind: &mut Vec<(Arc<File>, (u64, u64))>,
     ) -> Result<Vec<(Hash, &'a [u8])>, LogError> {
+        let elsewhere_all = || run.iter().map(|&(h, b, _)| (h, b)).collect();
         let Some(stream) = stream else {
-            return Ok(run.iter().map(|&(h, b, _)| (h, b)).collect());
+            return Ok(elsewhere_all());
         };
         if !w.streams.contains_key(&stream) {
+            // Only a stream that starts at its first byte can ever be lent (nothing is
+            // written below what a pack holds); and only so many new ones between syncs.
+            if run.first().map(|&(_, _, offset)| offset) != Some(0) || w.new_streams >= NEW_STREAMS
+            {
+                return Ok(elsewhere_all());
+            }
             if w.streams.len() >= OPEN_STREAMS {
                 let oldest = w
                     .streams
@@ -715,6 +735,7 @@ impl ChunkStore {
             let id = w.id;
             w.id += 1;
             let file = self.create_pack(id, false)?;
+            w.new_streams += 1;
             w.streams.insert(
                 stream,
                 StreamPack {
@@ -729,7 +750,7 @@ impl ChunkStore {
         w.stream_clock += 1;
         let clock = w.stream_clock;
         let Some(pack) = w.streams.get_mut(&stream) else {
-            return Ok(run.iter().map(|&(h, b, _)| (h, b)).collect());
+            return Ok(elsewhere_all());
         };
         pack.used = clock;
         let (id, file) = (pack.id, pack.file.clone());
@@ -844,6 +865,7 @@ impl ChunkStore {
                 .map_err(io_error("syncing", pack_path(&inner.dir, *id)))?;
         }
         w.closed.clear();
+        w.new_streams = 0;
         for pack in w.streams.values_mut() {
             pack.dirty = false;
         }
@@ -871,7 +893,8 @@ impl ChunkStore {
     /// Hard-links to `to` (a new path, on the same file system as the store) the stream
     /// pack that holds exactly the data of `content`, from its first byte to its last,
     /// and returns `true`; `false` when no pack does (the data is then to be copied, see
-    /// [`for_each_data_piece`](Self::for_each_data_piece)) or the link fails. Once lent,
+    /// [`for_each_data_piece`](Self::for_each_data_piece)), a run of it handed out as a
+    /// [`Piece::InPack`] is still held, or the link fails. Once lent,
     /// the pack is closed to further writes and, the file at `to` being the caller's to
     /// change, its chunks are checked on every read (see the module docs). Blocks on a
     /// walk of the content's tree.
@@ -886,7 +909,11 @@ impl ChunkStore {
         let mut whole = true;
         self.walk_locations(content.root, content.depth, &mut |_, location| {
             whole &= location.offset == end && *pack.get_or_insert(location.pack) == location.pack;
-            end = location.offset + u64::from(location.len);
+            // An offset read from the index, so not trusted to add up.
+            match location.offset.checked_add(u64::from(location.len)) {
+                Some(next) => end = next,
+                None => whole = false,
+            }
             Ok(())
         })?;
         let Some(pack) = pack.filter(|_| whole && end == content.size) else {
@@ -921,7 +948,14 @@ impl ChunkStore {
                 };
             }
         };
+        // Not while a run of it is still to be copied unchecked (by another writer of
+        // the same content): it is copied here too, then.
+        let in_use = self.inner.in_use.lock().map_err(|_| LogError::Closed)?;
+        if in_use.contains_key(&pack) {
+            return Ok(false);
+        }
         mark(true);
+        drop(in_use);
         let from = pack_path(&self.inner.dir, pack);
         match std::fs::hard_link(&from, to) {
             Ok(()) => {
@@ -980,7 +1014,7 @@ impl ChunkStore {
     }
 
     /// Whether a chunk at `location` was checked on its way into a pack this process
-    /// wrote, so that reading it needs no check.
+    /// wrote and has not lent, so that reading it needs no check.
     fn trusted(&self, location: Location) -> bool {
         location.pack >= self.inner.own_packs
             && self
@@ -992,14 +1026,26 @@ impl ChunkStore {
 
     fn read(&self, hash: &Hash, location: Location) -> Result<Vec<u8>, LogError> {
         let mut bytes = vec![0; location.len as usize];
-        let read = self
-            .pack(location.pack)?
-            .read_exact_at(&mut bytes, location.offset);
         let trusted = self.trusted(location);
+        let read = match self.pack(location.pack) {
+            Ok(pack) => pack.read_exact_at(&mut bytes, location.offset),
+            // A pack of an earlier run removed, or a lent one whose mode the folder's
+            // owner changed: its chunks are lost, like damaged ones.
+            Err(LogError::ContentIo { source, .. })
+                if !trusted
+                    && matches!(
+                        source.kind(),
+                        std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied
+                    ) =>
+            {
+                Err(std::io::ErrorKind::UnexpectedEof.into())
+            }
+            Err(e) => return Err(e),
+        };
         let short = match read {
             Ok(()) => false,
-            // A pack cut short (by a crash, or, lent, by a change to the folder's file)
-            // lost the chunk: damage, like bytes that do not match.
+            // A pack cut short (by a crash, or, lent, by a change to the folder's file),
+            // or gone, lost the chunk: damage, like bytes that do not match.
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !trusted => true,
             Err(e) => {
                 return Err(io_error(
@@ -1019,7 +1065,11 @@ impl ChunkStore {
                     pack_path(&self.inner.dir, location.pack).display()
                 ),
                 source: converge_api::CodecError::Malformed(
-                    "bytes do not match their hash (dropped; asked of peers again)".into(),
+                    match short {
+                        true => "the pack is cut short or gone (dropped; asked of peers again)",
+                        false => "bytes do not match their hash (dropped; asked of peers again)",
+                    }
+                    .into(),
                 ),
             });
         }
@@ -1030,7 +1080,11 @@ impl ChunkStore {
     /// missing, so a peer's copy is stored when it comes (a known chunk would be skipped),
     /// and it is listed by [`ChunkStore::damaged`] for the engine to ask peers for.
     fn forget_damaged(&self, hash: &Hash, location: Location) -> Result<(), LogError> {
-        let _writer = self.inner.writer.lock().map_err(|_| LogError::Closed)?;
+        let mut writer = self.inner.writer.lock().map_err(|_| LogError::Closed)?;
+        // A lent pack's chunks may still be staged (lent before the sync).
+        if writer.staged.get(hash) == Some(&location) {
+            writer.staged.remove(hash);
+        }
         if self.inner.index.get(hash.0)?.as_deref() == Some(&location.encode()[..]) {
             self.inner.index.remove(hash.0)?;
         }
@@ -1152,37 +1206,39 @@ impl ChunkStore {
     }
 
     /// Calls `f` with the data of `content` in order, as [`Piece`]s: runs of chunks lying
-    /// one after another in a pack this process wrote, up to [`PIECE_BYTES`] each, to be
-    /// copied without a check (by the kernel where they line up, see
-    /// [`Piece::write_to`]); other chunks read and checked. A chunk that is absent is
-    /// reported as [`LogError::Corrupt`].
+    /// one after another in a pack this process wrote and has not lent, up to
+    /// [`PIECE_BYTES`] each, to be copied without a check (by the kernel where they line
+    /// up, see [`Piece::write_to`]; the pack is not lent while a run of it is held); other
+    /// chunks read and checked. A chunk that is absent is reported as
+    /// [`LogError::Corrupt`].
     pub fn for_each_data_piece(
         &self,
         content: &ContentRef,
         f: &mut dyn FnMut(Piece) -> Result<(), LogError>,
     ) -> Result<(), LogError> {
-        let mut run: Option<(u32, u64, u64)> = None;
+        // A run's pack stays trusted while the run is held: it cannot be lent meanwhile.
+        let mut run: Option<(u32, u64, u64, PackUse)> = None;
         self.walk_locations(content.root, content.depth, &mut |hash, location| {
-            if self.trusted(location) {
-                let len = u64::from(location.len);
-                if let Some((pack, offset, run_len)) = &mut run {
-                    if *pack == location.pack
-                        && *offset + *run_len == location.offset
-                        && *run_len + len <= PIECE_BYTES
-                    {
-                        *run_len += len;
-                        return Ok(());
-                    }
+            let len = u64::from(location.len);
+            if let Some((pack, offset, run_len, _)) = &mut run {
+                if *pack == location.pack
+                    && offset.checked_add(*run_len) == Some(location.offset)
+                    && *run_len + len <= PIECE_BYTES
+                {
+                    *run_len += len;
+                    return Ok(());
                 }
-                if let Some(done) = run.replace((location.pack, location.offset, len)) {
-                    f(self.piece_in_pack(done)?)?;
-                }
-                return Ok(());
             }
             if let Some(done) = run.take() {
                 f(self.piece_in_pack(done)?)?;
             }
-            f(Piece::Bytes(self.read(hash, location)?))
+            match self.use_if_trusted(location)? {
+                Some(held) => {
+                    run = Some((location.pack, location.offset, len, held));
+                    Ok(())
+                }
+                None => f(Piece::Bytes(self.read(hash, location)?)),
+            }
         })?;
         match run {
             Some(done) => f(self.piece_in_pack(done)?),
@@ -1190,13 +1246,32 @@ impl ChunkStore {
         }
     }
 
-    fn piece_in_pack(&self, (pack, offset, len): (u32, u64, u64)) -> Result<Piece, LogError> {
+    fn piece_in_pack(
+        &self,
+        (pack, offset, len, held): (u32, u64, u64, PackUse),
+    ) -> Result<Piece, LogError> {
         Ok(Piece::InPack {
             file: self.pack(pack)?,
             path: pack_path(&self.inner.dir, pack),
             offset,
             len,
+            held,
         })
+    }
+
+    /// A hold on the pack at `location` if it is trusted (see [`Self::trusted`]): taken
+    /// together with the check, so that [`lend`](Self::lend) cannot make it untrusted
+    /// before the hold is dropped.
+    fn use_if_trusted(&self, location: Location) -> Result<Option<PackUse>, LogError> {
+        let mut in_use = self.inner.in_use.lock().map_err(|_| LogError::Closed)?;
+        if !self.trusted(location) {
+            return Ok(None);
+        }
+        *in_use.entry(location.pack).or_default() += 1;
+        Ok(Some(PackUse {
+            pack: location.pack,
+            counts: self.inner.in_use.clone(),
+        }))
     }
 
     fn walk(
@@ -1247,7 +1322,31 @@ pub enum Piece {
         offset: u64,
         /// The run's length in bytes.
         len: u64,
+        /// Keeps the pack from being lent (and so changed) until the run is copied.
+        held: PackUse,
     },
+}
+
+/// A hold on a pack a [`Piece::InPack`] is a run of: while any is held, the store does
+/// not lend the pack to the folder ([`ChunkStore::lend`]), whose changes would then be
+/// copied unchecked. Released when dropped.
+#[derive(Debug)]
+pub struct PackUse {
+    pack: u32,
+    counts: Arc<Mutex<HashMap<u32, usize>>>,
+}
+
+impl Drop for PackUse {
+    fn drop(&mut self) {
+        if let Ok(mut counts) = self.counts.lock() {
+            if let Some(n) = counts.get_mut(&self.pack) {
+                *n -= 1;
+                if *n == 0 {
+                    counts.remove(&self.pack);
+                }
+            }
+        }
+    }
 }
 
 impl Piece {
@@ -1280,6 +1379,7 @@ impl Piece {
                 path,
                 offset,
                 len,
+                held: _,
             } => (file, path, *offset, *len),
         };
         let end = offset + len;
@@ -2034,6 +2134,103 @@ mod tests {
         };
         put_pushed(&store, &[(Hash::of(&far), far.clone(), Some(far_place))]);
         assert_eq!(store.get(&Hash::of(&far)).unwrap().unwrap(), far);
+    }
+
+    #[test]
+    fn a_chunk_of_a_pack_lent_before_its_sync_is_dropped_once_changed() {
+        let (dir, _db, store) = scratch();
+        let chunks = chunks_of(&[5000, 6000, 7000], 4);
+        let (content, items) = pushed(&chunks, 11);
+        put_pushed(&store, &items);
+        let to = dir.path().join("lent unsynced");
+        assert!(store.lend(&content, &to).unwrap());
+        let mut changed = chunks.concat();
+        changed[1] ^= 0xff;
+        std::fs::write(&to, &changed).unwrap();
+        let first = Hash::of(&chunks[0]);
+        assert!(matches!(store.get(&first), Err(LogError::Corrupt { .. })));
+        // Missing now (not found among the staged chunks), so asked for and stored anew.
+        assert_eq!(store.damaged(), vec![first]);
+        store.put_verified(&first, &chunks[0]).unwrap();
+        assert_eq!(store.get(&first).unwrap().unwrap(), chunks[0]);
+        store.sync().unwrap();
+        assert_eq!(store.get(&first).unwrap().unwrap(), chunks[0]);
+        assert!(store.damaged().is_empty());
+    }
+
+    #[test]
+    fn a_pack_is_not_lent_while_a_run_of_it_is_held() {
+        let (dir, _db, store) = scratch();
+        let chunks = chunks_of(&[5000, 6000, 7000], 5);
+        let (content, items) = pushed(&chunks, 12);
+        put_pushed(&store, &items);
+        store.sync().unwrap();
+        let mut held = Vec::new();
+        store
+            .for_each_data_piece(&content, &mut |piece| {
+                held.push(piece);
+                Ok(())
+            })
+            .unwrap();
+        assert!(matches!(held[..], [Piece::InPack { .. }]));
+        // Another writer of the same content would copy it unchecked: not lent.
+        assert!(!store
+            .lend(&content, &dir.path().join("while held"))
+            .unwrap());
+        drop(held);
+        let to = dir.path().join("once copied");
+        assert!(store.lend(&content, &to).unwrap());
+        assert_eq!(std::fs::read(&to).unwrap(), chunks.concat());
+        // From then on its runs are read and checked, not handed out.
+        let (pieces, bytes) = pieces(&store, &content);
+        assert!(pieces.iter().all(|p| matches!(p, Piece::Bytes(_))));
+        assert_eq!(bytes, chunks.concat());
+    }
+
+    #[test]
+    fn streams_open_at_their_start_and_only_so_many_between_syncs() {
+        let (dir, _db, store) = scratch();
+        let packs = || std::fs::read_dir(dir.path()).unwrap().count();
+        let placed = |seed: u8, stream: u64, offset: u64| {
+            let bytes = chunks_of(&[100], seed).remove(0);
+            let item = (Hash::of(&bytes), bytes, Some(Place { stream, offset }));
+            put_pushed(&store, std::slice::from_ref(&item));
+            item
+        };
+        // A stream first seen past its start could never be lent: the shared pack.
+        let late = placed(0, 1, 4096);
+        assert!(store.inner.writer.lock().unwrap().streams.is_empty());
+        assert_eq!(packs(), 1);
+        assert_eq!(store.get(&late.0).unwrap().unwrap(), late.1);
+        // A peer opening ever new streams gets a bounded number of packs until the sync.
+        let items: Vec<PushedItem> = (0..NEW_STREAMS as u64 + 20)
+            .map(|stream| placed(stream as u8 + 1, 100 + stream, 0))
+            .collect();
+        let before_sync = packs();
+        assert!(before_sync <= NEW_STREAMS + 2, "{before_sync} pack files");
+        for (hash, bytes, _) in &items {
+            assert_eq!(store.get(hash).unwrap().unwrap(), *bytes);
+        }
+        store.sync().unwrap();
+        placed(200, 1000, 0);
+        assert_eq!(
+            packs(),
+            before_sync + 1,
+            "a new stream opens after the sync"
+        );
+    }
+
+    #[test]
+    fn a_pack_of_an_earlier_run_that_is_gone_reads_as_damaged() {
+        let (dir, db, store) = scratch();
+        let hash = store.put(b"in a pack removed later").unwrap();
+        store.sync().unwrap();
+        drop(store);
+        let store = open(&db, dir.path());
+        std::fs::remove_file(pack_path(dir.path(), 1)).unwrap();
+        assert!(matches!(store.get(&hash), Err(LogError::Corrupt { .. })));
+        assert_eq!(store.damaged(), vec![hash]);
+        assert!(!store.contains(&hash).unwrap());
     }
 
     #[test]
