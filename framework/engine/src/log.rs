@@ -237,11 +237,12 @@ impl EventLog {
         };
         let chunks = {
             let index = db.open_tree("chunk_index")?;
+            let manifests = db.open_tree("chunk_manifests")?;
             match config.packs {
-                Some(dir) => ChunkStore::open(index, dir, false)?,
+                Some(dir) => ChunkStore::open(index, manifests, dir, false)?,
                 None => {
                     let name = format!("converge-packs-{:016x}", rand::random::<u64>());
-                    ChunkStore::open(index, std::env::temp_dir().join(name), true)?
+                    ChunkStore::open(index, manifests, std::env::temp_dir().join(name), true)?
                 }
             }
         };
