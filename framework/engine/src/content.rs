@@ -308,9 +308,6 @@ struct PackWriter {
     unindexed: HashMap<Hash, Location>,
     /// The manifests `unindexed` came from.
     manifested: Vec<u64>,
-    /// Manifests whose entries the last sync put into the index: removed by the next
-    /// one, once the flush after the last made those entries durable.
-    indexed: Vec<u64>,
     /// The key of the next manifest.
     next_manifest: u64,
     /// Packs closed since the last sync, still to be made durable.
@@ -323,6 +320,10 @@ struct PackWriter {
     stream_clock: u64,
     /// Stream packs created since the last sync (see [`NEW_STREAMS`]).
     new_streams: usize,
+    /// A pack was created since the last sync: the directory is synced with the packs,
+    /// so that no index entry names a pack a crash could lose (whose number the next
+    /// run would then give a new pack, trusted, with other bytes).
+    created: bool,
 }
 
 /// A pack holding one stream's chunks at their offsets in the stream.
@@ -400,7 +401,24 @@ impl ChunkStore {
             let id = decode_manifest(&key, &value, &mut unindexed)?;
             manifested.push(id);
         }
-        let next_manifest = manifested.last().map_or(0, |id| id + 1);
+        // A chunk the index holds already was indexed since (a copy stored after the
+        // manifest's was found damaged and forgotten, say): the index's entry is newer.
+        let mut known = Vec::new();
+        for hash in unindexed.keys() {
+            if index.contains_key(hash.0)? {
+                known.push(*hash);
+            }
+        }
+        for hash in known {
+            unindexed.remove(&hash);
+        }
+        let next_manifest = match manifested.last() {
+            None => 0,
+            Some(id) => id.checked_add(1).ok_or_else(|| LogError::Corrupt {
+                what: "chunk manifests".into(),
+                source: converge_api::CodecError::Malformed("no manifest number left".into()),
+            })?,
+        };
         std::fs::create_dir_all(&dir).map_err(io_error("creating", dir.clone()))?;
         let mut last = 0;
         for entry in std::fs::read_dir(&dir).map_err(io_error("listing", dir.clone()))? {
@@ -427,13 +445,13 @@ impl ChunkStore {
                     staged: HashMap::new(),
                     unindexed,
                     manifested,
-                    indexed: Vec::new(),
                     next_manifest,
                     closed: Vec::new(),
                     fresh: Vec::new(),
                     streams: HashMap::new(),
                     stream_clock: 0,
                     new_streams: 0,
+                    created: false,
                 }),
                 own_packs: last + 1,
                 readers: RwLock::new(HashMap::new()),
@@ -702,7 +720,8 @@ impl ChunkStore {
         let file = match &w.file {
             Some(file) => file.clone(),
             None => {
-                let file = self.create_pack(w.id, true)?;
+                let id = w.id;
+                let file = self.create_pack(w, id, true)?;
                 w.file = Some(file.clone());
                 w.written = Writeback::default();
                 file
@@ -777,7 +796,7 @@ impl ChunkStore {
             w.rotate();
             let id = w.id;
             w.id += 1;
-            let file = self.create_pack(id, false)?;
+            let file = self.create_pack(w, id, false)?;
             w.new_streams += 1;
             w.streams.insert(
                 stream,
@@ -872,7 +891,13 @@ impl ChunkStore {
 
     /// Creates pack `id`, open for reading and for writing (appending only, for the
     /// shared pack: a stream pack is written at offsets), and registers it for reads.
-    fn create_pack(&self, id: u32, append: bool) -> Result<Arc<File>, LogError> {
+    fn create_pack(
+        &self,
+        w: &mut PackWriter,
+        id: u32,
+        append: bool,
+    ) -> Result<Arc<File>, LogError> {
+        w.created = true;
         let path = pack_path(&self.inner.dir, id);
         let file = Arc::new(
             OpenOptions::new()
@@ -889,27 +914,31 @@ impl ChunkStore {
 
     /// Makes every chunk put so far durable: syncs the packs written to, then records
     /// their chunks in sled, which the caller's flush makes durable. The log calls it
-    /// before each flush (and a flush must come between two syncs).
+    /// before each flush.
     ///
     /// Many chunks at once (a large file's: 16,000 for 256 MiB) are recorded as one
     /// *manifest*, a single sled value, and put into the index by the next sync: their
     /// 16,000 index entries took a tenth of a second, on the path from a change to its
     /// copy on the peer (the event waits for this sync, and the peer's write of the file
     /// for the event). Until then lookups find them in memory; a manifest is removed
-    /// once its entries are durable in the index, and [`open`](Self::open) takes back
-    /// those a crash left.
+    /// once its entries are durable in the index (that sync flushes the database for
+    /// it), and [`open`](Self::open) takes back those a crash left.
     pub fn sync(&self) -> Result<(), LogError> {
         let inner = &self.inner;
         let mut w = inner.writer.lock().map_err(|_| LogError::Closed)?;
-        // Indexed by the last sync and flushed since: no longer needed.
-        for id in std::mem::take(&mut w.indexed) {
-            inner.manifests.remove(id.to_be_bytes())?;
-        }
-        if !w.unindexed.is_empty() {
-            let entries: Vec<(Hash, Location)> = w.unindexed.drain().collect();
+        if !w.manifested.is_empty() {
+            // Earlier syncs' manifests: into the index, made durable there (a flush of
+            // the whole database, off the path of the event they were written for),
+            // and only then removed. Kept in memory until all that worked.
+            let entries: Vec<(Hash, Location)> =
+                w.unindexed.iter().map(|(h, l)| (*h, *l)).collect();
             self.index(entries)?;
-            w.indexed = std::mem::take(&mut w.manifested);
-            w.unindexed.shrink_to(1024);
+            inner.manifests.flush()?;
+            for id in &w.manifested {
+                inner.manifests.remove(id.to_be_bytes())?;
+            }
+            w.manifested.clear();
+            w.unindexed = HashMap::new();
         }
         if w.staged.is_empty() {
             return Ok(());
@@ -924,6 +953,12 @@ impl ChunkStore {
         for (id, file) in w.closed.iter().chain(&current).chain(&streams) {
             file.sync_data()
                 .map_err(io_error("syncing", pack_path(&inner.dir, *id)))?;
+        }
+        if w.created {
+            File::open(&inner.dir)
+                .and_then(|dir| dir.sync_all())
+                .map_err(io_error("syncing", inner.dir.clone()))?;
+            w.created = false;
         }
         w.closed.clear();
         w.new_streams = 0;
@@ -1090,6 +1125,11 @@ impl ChunkStore {
         Ok(file)
     }
 
+    /// Whether pack `id` was lent to the folder by this process.
+    fn is_lent(&self, id: u32) -> bool {
+        self.inner.lent.read().is_ok_and(|lent| lent.contains(&id))
+    }
+
     /// Whether a chunk at `location` was checked on its way into a pack this process
     /// wrote and has not lent, so that reading it needs no check.
     fn trusted(&self, location: Location) -> bool {
@@ -1110,10 +1150,9 @@ impl ChunkStore {
             // owner changed: its chunks are lost, like damaged ones.
             Err(LogError::ContentIo { source, .. })
                 if !trusted
-                    && matches!(
-                        source.kind(),
-                        std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied
-                    ) =>
+                    && (source.kind() == std::io::ErrorKind::NotFound
+                        || source.kind() == std::io::ErrorKind::PermissionDenied
+                            && self.is_lent(location.pack)) =>
             {
                 Err(std::io::ErrorKind::UnexpectedEof.into())
             }
@@ -1923,15 +1962,35 @@ mod tests {
         assert_eq!(store.len(), 10 + MANIFEST_ENTRIES);
         store.sync().unwrap();
         assert_eq!(
-            index.len(),
-            10 + MANIFEST_ENTRIES,
-            "indexed by the next sync"
+            (index.len(), manifests.len()),
+            (10 + MANIFEST_ENTRIES, 0),
+            "indexed by the next sync, which then removes the manifest"
         );
-        assert_eq!(manifests.len(), 1, "kept until that is flushed");
-        store.sync().unwrap();
-        assert_eq!(manifests.len(), 0);
         all_there(&store, &many);
         assert_eq!(store.len(), 10 + MANIFEST_ENTRIES);
+    }
+
+    #[test]
+    fn a_manifest_left_by_a_crash_does_not_override_a_newer_index_entry() {
+        let (dir, db, store) = scratch();
+        let old = store.put(b"first copy, later found damaged").unwrap();
+        let new = store.put(b"the copy stored again").unwrap();
+        store.sync().unwrap();
+        let at = |hash: &Hash| store.locate(hash).unwrap().unwrap();
+        let (first, second) = (at(&old), at(&new));
+        drop(store);
+        // A manifest naming `new` where `old` lies (its first place), left by a crash,
+        // while the index already holds `new`'s later place.
+        db.open_tree("chunk_manifests")
+            .unwrap()
+            .insert(7u64.to_be_bytes(), encode_manifest(&[(new, first)]))
+            .unwrap();
+        let store = open(&db, dir.path());
+        assert_eq!(store.locate(&new).unwrap(), Some(second));
+        assert_eq!(store.get(&new).unwrap().unwrap(), b"the copy stored again");
+        store.sync().unwrap();
+        assert_eq!(db.open_tree("chunk_manifests").unwrap().len(), 0);
+        assert_eq!(store.get(&new).unwrap().unwrap(), b"the copy stored again");
     }
 
     #[test]
