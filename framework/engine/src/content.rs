@@ -1020,7 +1020,7 @@ impl ChunkStore {
         let mut pack = None;
         let mut end = 0;
         let mut whole = true;
-        self.walk_locations(content.root, content.depth, &mut |_, location| {
+        self.walk_content(content, &mut |_, location| {
             whole &= location.offset == end && *pack.get_or_insert(location.pack) == location.pack;
             // An offset read from the index, so not trusted to add up.
             match location.offset.checked_add(u64::from(location.len)) {
@@ -1292,7 +1292,12 @@ impl ChunkStore {
         let mut level = vec![content.root];
         for depth in (0..=content.depth).rev() {
             let mut next = Vec::new();
+            // A node named many times (repeated content) is looked at once.
+            let mut seen = HashSet::new();
             for hash in level {
+                if !seen.insert(hash) {
+                    continue;
+                }
                 match self.locate(&hash)? {
                     None => missing.push(hash),
                     Some(location) if depth > 0 => {
@@ -1321,7 +1326,10 @@ impl ChunkStore {
         content: &ContentRef,
         f: &mut dyn FnMut(&[u8]) -> Result<(), LogError>,
     ) -> Result<(), LogError> {
-        self.walk(content.root, content.depth, &mut |bytes| f(&bytes))
+        self.walk_content(
+            content,
+            &mut |hash, location| f(&self.read(hash, location)?),
+        )
     }
 
     /// Calls `f` with the data of `content` in order, as [`Piece`]s: runs of chunks lying
@@ -1337,7 +1345,7 @@ impl ChunkStore {
     ) -> Result<(), LogError> {
         // A run's pack stays trusted while the run is held: it cannot be lent meanwhile.
         let mut run: Option<(u32, u64, u64, PackUse)> = None;
-        self.walk_locations(content.root, content.depth, &mut |hash, location| {
+        self.walk_content(content, &mut |hash, location| {
             let len = u64::from(location.len);
             if let Some((pack, offset, run_len, _)) = &mut run {
                 if *pack == location.pack
@@ -1393,14 +1401,27 @@ impl ChunkStore {
         }))
     }
 
-    fn walk(
+    /// Calls `f` with the hash and location of each data chunk of `content`, in order,
+    /// and fails as soon as they add up to more than its size: a tree that names one
+    /// node many times (a peer's mistake or malice) would otherwise be walked to no end.
+    fn walk_content(
         &self,
-        hash: Hash,
-        depth: u8,
-        f: &mut dyn FnMut(Vec<u8>) -> Result<(), LogError>,
+        content: &ContentRef,
+        f: &mut dyn FnMut(&Hash, Location) -> Result<(), LogError>,
     ) -> Result<(), LogError> {
-        self.walk_locations(hash, depth, &mut |hash, location| {
-            f(self.read(hash, location)?)
+        let mut total: u64 = 0;
+        self.walk_locations(content.root, content.depth, &mut |hash, location| {
+            total = total.saturating_add(u64::from(location.len));
+            if total > content.size {
+                return Err(LogError::Corrupt {
+                    what: format!("content {:?}", content.root),
+                    source: converge_api::CodecError::Malformed(format!(
+                        "its tree holds more than its {} bytes",
+                        content.size
+                    )),
+                });
+            }
+            f(hash, location)
         })
     }
 
@@ -1562,6 +1583,9 @@ fn copy_through_memory(
 #[derive(Debug)]
 pub(crate) struct Missing {
     entries: Vec<Wanted>,
+    /// Every (hash, depth) ever entered: a subtree named many times (repeated content,
+    /// or a peer's tree naming one node over and over) is tracked once.
+    seen: HashSet<(Hash, u8)>,
 }
 
 #[derive(Debug)]
@@ -1585,6 +1609,7 @@ impl Missing {
                 checked: false,
                 requested: false,
             }],
+            seen: HashSet::from([(content.root, content.depth)]),
         }
     }
 
@@ -1622,12 +1647,17 @@ impl Missing {
                         let e = self.entries.swap_remove(i);
                         if e.depth > 0 {
                             let node = store.node(&e.hash, location)?;
-                            found.extend(node.children.iter().map(|c| Wanted {
-                                hash: c.hash,
-                                depth: e.depth - 1,
-                                checked: false,
-                                requested: false,
-                            }));
+                            let depth = e.depth - 1;
+                            for child in &node.children {
+                                if self.seen.insert((child.hash, depth)) {
+                                    found.push(Wanted {
+                                        hash: child.hash,
+                                        depth,
+                                        checked: false,
+                                        requested: false,
+                                    });
+                                }
+                            }
                         }
                     }
                 }
@@ -2078,6 +2108,66 @@ mod tests {
             store.get(&batch[1499].0).unwrap().as_deref(),
             Some(batch[1499].1)
         );
+    }
+
+    /// A tree of `depth` levels above one data chunk in which every node names the node
+    /// below it `MAX_FANOUT` times: 1024^depth chunks in all, but a few hundred bytes to
+    /// send. Returns the content (claiming `size` bytes) with every chunk stored.
+    fn repeating_tree(store: &ChunkStore, depth: u8, size: u64) -> ContentRef {
+        use converge_api::content::{NodeEntry, MAX_FANOUT};
+        let data = b"one chunk, named over and over".to_vec();
+        let mut below = (store.put(&data).unwrap(), data.len() as u64);
+        for _ in 0..depth {
+            let node = IndexNode {
+                children: vec![
+                    NodeEntry {
+                        hash: below.0,
+                        size: below.1,
+                    };
+                    MAX_FANOUT
+                ],
+            };
+            below = (
+                store.put(&node.encode().unwrap()).unwrap(),
+                below.1 * MAX_FANOUT as u64,
+            );
+        }
+        ContentRef {
+            root: below.0,
+            size,
+            depth,
+        }
+    }
+
+    #[test]
+    fn a_tree_naming_one_node_over_and_over_is_walked_once_and_bounded_by_its_size() {
+        let (dir, _db, store) = scratch();
+        // 1024^4 data chunks, were each name followed.
+        let content = repeating_tree(&store, 4, 1 << 20);
+        let mut missing = Missing::new(&content);
+        missing.refresh(&store, &|_| false).unwrap();
+        assert!(missing.is_complete());
+        assert!(missing.seen.len() <= 5, "{} entries", missing.seen.len());
+        assert!(store.missing(&content).unwrap().is_empty());
+        // Writing it out stops at its claimed size, with an error, not at 1024^4 chunks.
+        let mut pieces = 0;
+        let walked = store.for_each_data_piece(&content, &mut |_| {
+            pieces += 1;
+            Ok(())
+        });
+        assert!(
+            matches!(walked, Err(LogError::Corrupt { .. })),
+            "{walked:?}"
+        );
+        assert!(pieces < 100_000);
+        assert!(matches!(
+            store.for_each_data_chunk(&content, &mut |_| Ok(())),
+            Err(LogError::Corrupt { .. })
+        ));
+        assert!(matches!(
+            store.lend(&content, &dir.path().join("never")),
+            Ok(false) | Err(LogError::Corrupt { .. })
+        ));
     }
 
     #[test]
