@@ -211,10 +211,15 @@ impl Hlc {
                 wall_ms: self.wall_ms,
                 logical,
             },
-            // 4 billion events in one millisecond: borrow the next millisecond.
-            None => Hlc {
-                wall_ms: self.wall_ms + 1,
-                logical: 0,
+            // 4 billion events in one millisecond: borrow the next millisecond (at the
+            // very end of the range, which only a peer's bogus stamp reaches, stay there
+            // rather than wrap to 0).
+            None => match self.wall_ms.checked_add(1) {
+                Some(wall_ms) => Hlc {
+                    wall_ms,
+                    logical: 0,
+                },
+                None => self,
             },
         }
     }
@@ -612,6 +617,29 @@ mod tests {
             clock,
             Hlc {
                 wall_ms: 200,
+                logical: 0
+            }
+        );
+    }
+
+    #[test]
+    fn hlc_at_the_end_of_its_range_stays_there() {
+        let end = Hlc {
+            wall_ms: u64::MAX,
+            logical: u32::MAX,
+        };
+        // A peer's bogus stamp: observed, then ticked, without overflow.
+        let seen = Hlc::default().observe(end, 1_000);
+        assert_eq!(seen, end);
+        assert_eq!(seen.tick(1_000), end);
+        let almost = Hlc {
+            wall_ms: u64::MAX - 1,
+            logical: u32::MAX,
+        };
+        assert_eq!(
+            almost.tick(0),
+            Hlc {
+                wall_ms: u64::MAX,
                 logical: 0
             }
         );
