@@ -975,10 +975,12 @@ impl ChunkStore {
             inner
                 .manifests
                 .insert(id.to_be_bytes(), encode_manifest(part))?;
+            // Each manifest's entries with it, so that a failure on a later one leaves
+            // no manifest whose entries are not in memory.
             w.next_manifest += 1;
             w.manifested.push(id);
+            w.unindexed.extend(part.iter().copied());
         }
-        w.unindexed.extend(staged);
         Ok(())
     }
 
