@@ -595,6 +595,16 @@ class Rsyncd:
 
         return elapsed, stat("Total bytes sent") + stat("Total bytes received")
 
+    def push_fsync(self, row: "Row", source: Path, dest_rel: str, timeout: float,
+                   notes: list[str]) -> None:
+        """Times `rsync --fsync` of SOURCE into DEST_REL (a copy of its own) for `row`."""
+        try:
+            t, _ = self.push(str(source), dest_rel, timeout, fsync=True)
+            row.f_times.append(t)
+        except (Timeout, RuntimeError) as e:
+            row.f_err = "timeout" if isinstance(e, Timeout) else "error"
+            notes.append(f"rsync --fsync: {e}")
+
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
@@ -771,12 +781,7 @@ def main() -> int:
                     except (Timeout, RuntimeError) as e:
                         row.r_err = "timeout" if isinstance(e, Timeout) else "error"
                         notes.append(str(e))
-                    try:
-                        t, _ = rsyncd.push(str(source), f"f{rep}/", args.timeout, fsync=True)
-                        row.f_times.append(t)
-                    except (Timeout, RuntimeError) as e:
-                        row.f_err = "timeout" if isinstance(e, Timeout) else "error"
-                        notes.append(f"rsync --fsync: {e}")
+                    rsyncd.push_fsync(row, source, f"f{rep}/", args.timeout, notes)
 
                 for step in ((converge_w1, rsync_w1) if rep % 2 == 0 else (rsync_w1, converge_w1)):
                     step()
@@ -829,12 +834,7 @@ def main() -> int:
                     except (Timeout, RuntimeError) as e:
                         row.r_err = "timeout" if isinstance(e, Timeout) else "error"
                         notes.append(str(e))
-                    try:
-                        t, _ = rsyncd.push(str(source), f"f{rep}/", args.timeout, fsync=True)
-                        row.f_times.append(t)
-                    except (Timeout, RuntimeError) as e:
-                        row.f_err = "timeout" if isinstance(e, Timeout) else "error"
-                        notes.append(f"rsync --fsync: {e}")
+                    rsyncd.push_fsync(row, source, f"f{rep}/", args.timeout, notes)
 
                 # rsync names the copy after its source: stage it as big.bin.
                 (staging / f"w2-{rep}").mkdir()

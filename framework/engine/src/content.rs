@@ -198,6 +198,9 @@ enum Origin {
     Peer,
 }
 
+/// A peer's chunk with its offset in its stream, on the way into a stream pack.
+type Placed<'a> = (Hash, &'a [u8], u64);
+
 /// Where a chunk's bytes are.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Location {
@@ -351,12 +354,12 @@ impl PackWriter {
 
     /// Stops writing to the stream pack of `stream` (it is synced with the next
     /// [`ChunkStore::sync`] if it was written to since the last one).
-    fn close_stream(&mut self, stream: u64) -> Option<StreamPack> {
-        let pack = self.streams.remove(&stream)?;
-        if pack.dirty {
-            self.closed.push((pack.id, pack.file.clone()));
+    fn close_stream(&mut self, stream: u64) {
+        if let Some(pack) = self.streams.remove(&stream) {
+            if pack.dirty {
+                self.closed.push((pack.id, pack.file));
+            }
         }
-        Some(pack)
     }
 }
 
@@ -658,22 +661,32 @@ impl ChunkStore {
         let mut behind = Vec::new();
         if origin == Origin::Peer && new_places.iter().any(Option::is_some) {
             let mut shared = Vec::new();
-            let mut run: Vec<(Hash, &[u8], u64)> = Vec::new();
-            let mut run_stream = None;
+            // Runs of consecutive chunks of one stream: (stream, its chunks).
+            let mut run: Option<(u64, Vec<Placed>)> = None;
             for (&(hash, bytes), place) in new.iter().zip(&new_places) {
                 let Some(place) = place else {
                     shared.push((hash, bytes));
                     continue;
                 };
-                if run_stream != Some(place.stream) && !run.is_empty() {
-                    shared.extend(self.write_stream(&mut w, run_stream, &run, &mut behind)?);
-                    run.clear();
+                match &mut run {
+                    Some((stream, chunks)) if *stream == place.stream => {
+                        chunks.push((hash, bytes, place.offset));
+                    }
+                    _ => {
+                        if let Some((stream, chunks)) = run.take() {
+                            shared.extend(self.write_stream(
+                                &mut w,
+                                stream,
+                                &chunks,
+                                &mut behind,
+                            )?);
+                        }
+                        run = Some((place.stream, vec![(hash, bytes, place.offset)]));
+                    }
                 }
-                run_stream = Some(place.stream);
-                run.push((hash, bytes, place.offset));
             }
-            if !run.is_empty() {
-                shared.extend(self.write_stream(&mut w, run_stream, &run, &mut behind)?);
+            if let Some((stream, chunks)) = run {
+                shared.extend(self.write_stream(&mut w, stream, &chunks, &mut behind)?);
             }
             self.append(&mut w, &shared, &mut behind)?;
         } else {
@@ -766,14 +779,11 @@ impl ChunkStore {
     fn write_stream<'a>(
         &self,
         w: &mut PackWriter,
-        stream: Option<u64>,
-        run: &[(Hash, &'a [u8], u64)],
+        stream: u64,
+        run: &[Placed<'a>],
         behind: &mut Vec<(Arc<File>, (u64, u64))>,
     ) -> Result<Vec<(Hash, &'a [u8])>, LogError> {
         let elsewhere_all = || run.iter().map(|&(h, b, _)| (h, b)).collect();
-        let Some(stream) = stream else {
-            return Ok(elsewhere_all());
-        };
         if !w.streams.contains_key(&stream) {
             // Only a stream that starts at its first byte can ever be lent (nothing is
             // written below what a pack holds); and only so many new ones between syncs.
@@ -1035,15 +1045,7 @@ impl ChunkStore {
             return Ok(false);
         };
         let mut w = self.inner.writer.lock().map_err(|_| LogError::Closed)?;
-        let Some(stream) = w
-            .streams
-            .iter()
-            .find(|(_, p)| p.id == pack)
-            .map(|(stream, _)| *stream)
-        else {
-            return Ok(false);
-        };
-        let Some(stream_pack) = w.streams.get(&stream) else {
+        let Some((&stream, stream_pack)) = w.streams.iter().find(|(_, p)| p.id == pack) else {
             return Ok(false);
         };
         // Nothing beyond the content (a later chunk of the stream, or one written where
@@ -1135,12 +1137,7 @@ impl ChunkStore {
     /// Whether a chunk at `location` was checked on its way into a pack this process
     /// wrote and has not lent, so that reading it needs no check.
     fn trusted(&self, location: Location) -> bool {
-        location.pack >= self.inner.own_packs
-            && self
-                .inner
-                .lent
-                .read()
-                .is_ok_and(|lent| !lent.contains(&location.pack))
+        location.pack >= self.inner.own_packs && !self.is_lent(location.pack)
     }
 
     fn read(&self, hash: &Hash, location: Location) -> Result<Vec<u8>, LogError> {
@@ -1217,12 +1214,7 @@ impl ChunkStore {
             damaged.insert(*hash);
         }
         let path = pack_path(&self.inner.dir, location.pack);
-        if self
-            .inner
-            .lent
-            .read()
-            .is_ok_and(|lent| lent.contains(&location.pack))
-        {
+        if self.is_lent(location.pack) {
             // The folder's copy of the file changed since: expected, not damage.
             tracing::info!(
                 "chunk {hash:?} changed in {} (lent to the folder); to be fetched again from peers",
