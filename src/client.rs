@@ -115,6 +115,9 @@ fn status(v: &Value) -> String {
     );
     let _ = writeln!(out, "policy       {}", text(&v["policy"]));
     let _ = writeln!(out, "pending      {} events", v["pending_events"]);
+    if let Some(error) = v["applier_error"].as_str() {
+        let _ = writeln!(out, "APPEND FAILING (retried): {error}");
+    }
     let _ = writeln!(
         out,
         "conflicts    {} (handed to stores since start)",

@@ -201,6 +201,9 @@ pub struct Status {
     pub sources: Vec<SourceInfo>,
     /// Remote events waiting for a gap to fill or for their content.
     pub pending_events: u64,
+    /// Why appending remote events last failed (a full disk, an I/O error), while they
+    /// wait to be tried again; absent when the last append worked.
+    pub applier_error: Option<String>,
     /// Conflicted keys handed to stores since start (each store counts its own).
     pub conflicts: u64,
     /// Events applied by stores since start.
@@ -273,6 +276,7 @@ pub async fn status(State(state): State<AdminState>) -> Result<Json<Status>, Api
             .collect(),
         sources: engine.sources().into_iter().map(SourceInfo::from).collect(),
         pending_events: load(&stats.pending),
+        applier_error: engine.applier_error(),
         conflicts: load(&stats.conflicts),
         applied: load(&stats.applied),
         plugins: plugin_list(engine),

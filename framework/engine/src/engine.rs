@@ -363,6 +363,9 @@ pub struct EngineStats {
     pub conflicts: std::sync::atomic::AtomicU64,
     /// Events waiting in the pending queue (last seen).
     pub pending: std::sync::atomic::AtomicU64,
+    /// Why the last append of remote events failed, while they wait to be tried again
+    /// (`None` once an append works). See [`SyncEngine::applier_error`].
+    applier_error: Mutex<Option<String>>,
 }
 
 pub(crate) struct Inner {
@@ -866,6 +869,19 @@ impl SyncEngine {
         &self.inner.stats
     }
 
+    /// Why appending remote events last failed (a full disk, an I/O error), while the
+    /// engine waits to try them again; `None` when the last append worked. The events stay
+    /// queued meanwhile, and are tried again after a pause that doubles with each failure
+    /// (1 s to 60 s), so sync resumes by itself once the cause is gone.
+    pub fn applier_error(&self) -> Option<String> {
+        self.inner
+            .stats
+            .applier_error
+            .lock()
+            .ok()
+            .and_then(|e| e.clone())
+    }
+
     /// The sources' scan progress.
     pub fn scan_progress(&self) -> watch::Receiver<ScanProgress> {
         self.inner.progress.subscribe()
@@ -1169,6 +1185,9 @@ async fn run_applier(inner: Arc<Inner>, mut inbound: mpsc::Receiver<Inbound>) {
     let mut missing: HashMap<Hash, Missing> = HashMap::new();
     let mut tick = tokio::time::interval(inner.config.tick_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // After a failed append: when to try again, and the pause after the next failure.
+    let mut retry_at: Option<tokio::time::Instant> = None;
+    let mut retry_pause = APPEND_RETRY_MIN;
     loop {
         let mut ack_to: Vec<ReplicaId> = Vec::new();
         let mut on_tick = false;
@@ -1189,6 +1208,12 @@ async fn run_applier(inner: Arc<Inner>, mut inbound: mpsc::Receiver<Inbound>) {
                 None => return,
             },
             _ = tick.tick() => on_tick = true,
+            _ = async {
+                match retry_at {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            } => {}
             _ = crate::engine::until(&mut shutdown, true) => return,
         }
         // Take whatever else is already waiting, so one pass serves many messages.
@@ -1220,11 +1245,29 @@ async fn run_applier(inner: Arc<Inner>, mut inbound: mpsc::Receiver<Inbound>) {
                 at.elapsed() < timeout && sessions.get(peer) == generation.as_ref()
             });
         }
-        match advance(&inner, queue, &mut requested, &mut missing).await {
-            Ok(q) => queue = q,
-            Err(e) => {
-                tracing::error!("applying remote events failed: {e}");
-                return;
+        if retry_at.is_none_or(|at| tokio::time::Instant::now() >= at) {
+            let (q, outcome) = advance(&inner, queue, &mut requested, &mut missing).await;
+            queue = q;
+            let error = match outcome {
+                Ok(()) => {
+                    (retry_at, retry_pause) = (None, APPEND_RETRY_MIN);
+                    None
+                }
+                Err(LogError::Closed) => return,
+                Err(e) => {
+                    // The events stay queued; nothing was acknowledged for them. A full
+                    // disk or an I/O error may pass: try again after a growing pause
+                    // rather than stop applying remote events until a restart.
+                    tracing::error!(
+                        "appending remote events failed, trying again in {retry_pause:?}: {e}"
+                    );
+                    retry_at = Some(tokio::time::Instant::now() + retry_pause);
+                    retry_pause = (retry_pause * 2).min(APPEND_RETRY_MAX);
+                    Some(e.to_string())
+                }
+            };
+            if let Ok(mut slot) = inner.stats.applier_error.lock() {
+                *slot = error;
             }
         }
         inner
@@ -1255,13 +1298,14 @@ async fn run_applier(inner: Arc<Inner>, mut inbound: mpsc::Receiver<Inbound>) {
 }
 
 /// Appends every ready event and requests missing chunks. Runs the sled work on a
-/// blocking thread; the queue moves there and back.
+/// blocking thread; the queue moves there and back, and comes back whatever happens: the
+/// events of an append that failed are in it again.
 async fn advance(
     inner: &Arc<Inner>,
     mut queue: PendingQueue,
     requested: &mut Requested,
     missing: &mut HashMap<Hash, Missing>,
-) -> Result<PendingQueue, LogError> {
+) -> (PendingQueue, Result<(), LogError>) {
     loop {
         let chunks = inner.log.chunks().clone();
         let held = inner.log.version_vector();
@@ -1269,7 +1313,7 @@ async fn advance(
         let window = inner.config.chunk_window;
         let connected = inner.connected_peers();
         let mut tracked = std::mem::take(missing);
-        let (q, ready, wants, tracked) = tokio::task::spawn_blocking(move || {
+        let taken = tokio::task::spawn_blocking(move || {
             let in_flight = |h: &Hash| asked.contains(h);
             let ready = queue.take_ready(&held, &mut |e| match e.op.content() {
                 None => true,
@@ -1321,8 +1365,13 @@ async fn advance(
             tracked.retain(|root, _| live.contains(root));
             (queue, ready, wants, tracked)
         })
-        .await
-        .map_err(|_| LogError::Closed)?;
+        .await;
+        let Ok((q, ready, wants, tracked)) = taken else {
+            // The blocking task panicked and the queue went with it: hand back an empty
+            // one, and stop as on a closed log.
+            let max = inner.config.max_pending_events;
+            return (PendingQueue::new(max), Err(LogError::Closed));
+        };
         *missing = tracked;
         queue = q;
         if !wants.is_empty() {
@@ -1334,11 +1383,21 @@ async fn advance(
             }
         }
         if ready.is_empty() {
-            return Ok(queue);
+            return (queue, Ok(()));
         }
         let n = ready.len() as u64;
         let started = Instant::now();
-        let outcome = inner.log.append(ready).await?;
+        let outcome = match inner.log.append(ready.clone()).await {
+            Ok(outcome) => outcome,
+            Err(e) => {
+                let held = inner.log.version_vector();
+                for event in ready {
+                    let from = event.id.origin;
+                    queue.insert(event, from, &held);
+                }
+                return (queue, Err(e));
+            }
+        };
         inner.observe(EngineEvent::Appended {
             origin: AppendOrigin::Remote,
             events: n,
@@ -1461,6 +1520,12 @@ fn finish_replay_if_done(inner: &Arc<Inner>, slot: &StoreSlot) {
         }
     }
 }
+
+/// First pause before remote events whose append failed are tried again; it doubles with
+/// each failure.
+const APPEND_RETRY_MIN: Duration = Duration::from_secs(1);
+/// Longest pause before remote events whose append failed are tried again.
+const APPEND_RETRY_MAX: Duration = Duration::from_secs(60);
 
 /// First pause before a store's failed keys are tried again; it doubles with each try.
 const STORE_RETRY_MIN: Duration = Duration::from_secs(1);

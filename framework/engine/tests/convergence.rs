@@ -348,6 +348,83 @@ async fn fresh_content_is_pushed_before_its_event() {
     }
 }
 
+/// An append of remote events that fails (here: the content store's directory is gone
+/// when the append syncs it, as an I/O error or a full disk would fail it) does not stop
+/// the replica applying remote events: the events stay queued, the failure is shown, and
+/// the append is tried again after a pause until it works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_append_of_remote_events_is_tried_again_until_it_works() {
+    let dir = tempfile::tempdir().unwrap();
+    let logs = vec![
+        EventLog::open(LogConfig::temporary()).unwrap(),
+        EventLog::open(LogConfig::new(dir.path().join("b"))).unwrap(),
+    ];
+    let engines = start_engines(&logs, &[vec![1], vec![0]]).await;
+    while !engines
+        .iter()
+        .all(|e| e.peers().iter().all(|p| p.connected))
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // B starts a pack (so its next sync also syncs the packs directory), then loses the
+    // directory: the chunks A pushes still go into the open pack, but the append of A's
+    // event, which syncs the directory first, fails.
+    logs[1].chunks().put(b"a chunk of B's own").unwrap();
+    let packs = dir.path().join("b").join("packs");
+    let away = dir.path().join("packs-away");
+    std::fs::rename(&packs, &away).unwrap();
+    let key = Key::new("after/a/failure").unwrap();
+    let content = put_content(&logs[0], 9, 3);
+    logs[0]
+        .append_local(vec![LocalChange::new(
+            key.clone(),
+            Op::Put {
+                content,
+                meta: Meta::file(1),
+            },
+        )])
+        .await
+        .unwrap();
+    let mut error = None;
+    for _ in 0..400 {
+        error = engines[1].applier_error();
+        if error.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let error = error.expect("B shows that its append failed");
+    assert!(
+        error.contains("packs"),
+        "the error names the directory: {error}"
+    );
+    assert!(
+        logs[1].heads(&key).unwrap().is_empty(),
+        "not appended meanwhile"
+    );
+    std::fs::rename(&away, &packs).unwrap();
+    for _ in 0..600 {
+        if logs[1].heads(&key).unwrap().len() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        logs[1].heads(&key).unwrap().len(),
+        1,
+        "appended once it could be"
+    );
+    assert!(logs[1]
+        .chunks()
+        .missing(&content.unwrap())
+        .unwrap()
+        .is_empty());
+    assert_eq!(engines[1].applier_error(), None, "and the error is gone");
+    for e in &engines {
+        e.shutdown().await.unwrap();
+    }
+}
+
 /// A replica's events are not sent back to it by the peer it sent them to: the peer
 /// knows the sender holds what it sent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
