@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use converge_api::{Event, ReplicaId, VersionVector};
+use converge_api::{Event, EventId, ReplicaId, VersionVector};
 
 /// A remote event held back, and the peer it came from (who can send its content).
 #[derive(Clone, Debug)]
@@ -12,6 +12,20 @@ pub struct PendingEvent {
     pub event: Event,
     /// The peer that sent it.
     pub from: ReplicaId,
+}
+
+/// Whether an event after `seq` in `queue`, with no gap before it, names `id` as a parent.
+/// (Only parents are read, no content looked up: cheap enough to ask at every pass.)
+fn superseded_later(queue: &BTreeMap<u64, PendingEvent>, seq: u64, id: &EventId) -> bool {
+    for (next, (&later, pending)) in (seq + 1..).zip(queue.range(seq + 1..)) {
+        if later != next {
+            return false;
+        }
+        if pending.event.parents.contains(id) {
+            return true;
+        }
+    }
+    false
 }
 
 /// Events waiting, per origin, in seq order. Bounded: over the bound a new event is
@@ -56,8 +70,11 @@ impl PendingQueue {
     }
 
     /// Removes and returns, per origin, the run of events that continues `held` without
-    /// a gap and whose content `is_complete` says is present. The first incomplete event
-    /// of an origin stops that origin's run (seq order is never broken).
+    /// a gap and whose content `is_complete` says is present, or that a later event of
+    /// the run supersedes (names as a parent) and is returned with it: such an event is
+    /// never one of its key's heads, so no store needs its content, which may be gone for
+    /// good (its origin's file changed since). Otherwise the first incomplete event of an
+    /// origin stops that origin's run (seq order is never broken).
     pub fn take_ready(
         &mut self,
         held: &VersionVector,
@@ -66,14 +83,34 @@ impl PendingQueue {
         self.prune(held);
         let mut ready = Vec::new();
         for (origin, queue) in &mut self.by_origin {
-            let mut next = held.get(origin) + 1;
-            while let Some(entry) = queue.first_entry() {
-                if *entry.key() != next || !is_complete(&entry.get().event) {
+            let first = held.get(origin) + 1;
+            let mut next = first;
+            // How many events from the front can go: the run up to the last point where
+            // every incomplete event in it was superseded by a later one in it.
+            let mut settled = 0;
+            let mut unresolved: Vec<EventId> = Vec::new();
+            for (&seq, pending) in queue.range(first..) {
+                if seq != next {
                     break;
                 }
-                ready.push(entry.remove().event);
-                self.len -= 1;
+                let event = &pending.event;
+                unresolved.retain(|id| !event.parents.contains(id));
+                if !is_complete(event) {
+                    if !superseded_later(queue, seq, &event.id) {
+                        break;
+                    }
+                    unresolved.push(event.id);
+                }
                 next += 1;
+                if unresolved.is_empty() {
+                    settled = next - first;
+                }
+            }
+            for _ in 0..settled {
+                if let Some((_, pending)) = queue.pop_first() {
+                    ready.push(pending.event);
+                    self.len -= 1;
+                }
             }
         }
         self.by_origin.retain(|_, q| !q.is_empty());
@@ -140,7 +177,7 @@ impl PendingQueue {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use converge_api::{EventId, Hlc, Key, Op};
+    use converge_api::{Hlc, Key, Op};
 
     fn ev(seq: u64) -> Event {
         Event {
@@ -183,5 +220,45 @@ mod tests {
         );
         assert_eq!(ready.iter().map(|e| e.id.seq).collect::<Vec<_>>(), vec![3]);
         assert_eq!(q.len(), 1);
+    }
+
+    fn child(seq: u64, parent: u64) -> Event {
+        let mut e = ev(seq);
+        e.parents = vec![ev(parent).id];
+        e
+    }
+
+    #[test]
+    fn an_incomplete_event_goes_with_a_complete_later_one_that_supersedes_it() {
+        let peer = ReplicaId([9; 16]);
+        let held = VersionVector::new();
+        // 1 ← 2 ← 3: 1 and 2 lack content, 3 has it; 4 lacks it and nothing supersedes it.
+        let mut q = PendingQueue::new(10);
+        for e in [ev(1), child(2, 1), child(3, 2), ev(4), ev(5)] {
+            assert!(q.insert(e, peer, &held));
+        }
+        let complete = |e: &Event| e.id.seq == 3 || e.id.seq == 5;
+        let ready = q.take_ready(&held, &mut |e| complete(e));
+        assert_eq!(
+            ready.iter().map(|e| e.id.seq).collect::<Vec<_>>(),
+            vec![1, 2, 3]
+        );
+        assert_eq!(q.len(), 2, "4 waits for its content, 5 behind it");
+
+        // A superseding event that is itself still waiting takes nothing with it.
+        let mut q = PendingQueue::new(10);
+        for e in [ev(1), child(2, 1)] {
+            assert!(q.insert(e, peer, &held));
+        }
+        assert!(q.take_ready(&held, &mut |_| false).is_empty());
+        assert_eq!(q.take_ready(&held, &mut |e| e.id.seq == 2).len(), 2);
+
+        // Nor does one behind an incomplete event of another key.
+        let mut q = PendingQueue::new(10);
+        for e in [ev(1), ev(2), child(3, 1)] {
+            assert!(q.insert(e, peer, &held));
+        }
+        assert!(q.take_ready(&held, &mut |e| e.id.seq == 3).is_empty());
+        assert_eq!(q.take_ready(&held, &mut |e| e.id.seq != 1).len(), 3);
     }
 }

@@ -425,6 +425,77 @@ async fn a_failed_append_of_remote_events_is_tried_again_until_it_works() {
     }
 }
 
+/// An event whose content no replica holds any more (its origin's file changed before a
+/// peer fetched it) does not hold back its origin's later events: once a later event
+/// that supersedes it arrives, both are appended, and the key shows the later one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_whose_content_is_gone_goes_with_the_event_that_supersedes_it() {
+    let logs: Vec<EventLog> = (0..2)
+        .map(|_| EventLog::open(LogConfig::temporary()).unwrap())
+        .collect();
+    let engines = start_engines(&logs, &[vec![1], vec![0]]).await;
+    let key = Key::new("edited/twice").unwrap();
+    // Content A never stored (as a file changed after it was chunked).
+    let mut tree = TreeBuilder::new();
+    let gone = converge_api::Hash::of(b"bytes overwritten before anyone fetched them");
+    tree.push(gone, 44, &mut |_, _| {});
+    let lost = tree.finish(&mut |_, _| {});
+    let put = |content| {
+        vec![LocalChange::new(
+            key.clone(),
+            Op::Put {
+                content,
+                meta: Meta::file(1),
+            },
+        )]
+    };
+    let first = logs[0].append_local(put(lost)).await.unwrap();
+    for _ in 0..400 {
+        if engines[1]
+            .stats()
+            .pending
+            .load(std::sync::atomic::Ordering::Relaxed)
+            == 1
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        engines[1]
+            .stats()
+            .pending
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1,
+        "B holds the first event, waiting for its content"
+    );
+    let content = put_content(&logs[0], 11, 2);
+    let second = logs[0].append_local(put(content)).await.unwrap();
+    assert_eq!(second[0].parents, vec![first[0].id]);
+    for _ in 0..600 {
+        if logs[1].version_vector().get(&logs[0].replica()) == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        logs[1].version_vector().get(&logs[0].replica()),
+        2,
+        "both appended"
+    );
+    let heads = logs[1].heads(&key).unwrap();
+    assert_eq!(heads.len(), 1);
+    assert_eq!(heads[0].id, second[0].id, "the key shows the later event");
+    assert!(logs[1]
+        .chunks()
+        .missing(&content.unwrap())
+        .unwrap()
+        .is_empty());
+    for e in &engines {
+        e.shutdown().await.unwrap();
+    }
+}
+
 /// A replica's events are not sent back to it by the peer it sent them to: the peer
 /// knows the sender holds what it sent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
