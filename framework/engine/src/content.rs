@@ -12,8 +12,7 @@
 //! calls before every flush, makes the pack durable and only then moves the staged entries
 //! into the index (or, for many at once, into one *manifest* first, indexed by the next
 //! sync). So an index entry never outlives its bytes in a crash, and an event is
-//! acknowledged only after the chunks put before it are durable (except an adopted
-//! file's, see below). A chunk staged but not
+//! acknowledged only after the chunks put before it are durable. A chunk staged but not
 //! synced when the process dies is simply missing afterwards (and fetched again). A new
 //! pack is started at every open, so nothing is ever appended after bytes a crash may have
 //! torn.
@@ -46,12 +45,6 @@
 //! ([`ChunkStore::lend`]: a hard link, no copy). A lent pack is the folder's file too, so
 //! anyone may change it from then on: its chunks are checked on every read, like an
 //! earlier run's, and a chunk changed since reads as damaged and is fetched again.
-//!
-//! The other way round, a large file of the folder that this replica chunks is not copied
-//! into a pack: the store takes the file itself as a pack, *adopted* ([`ChunkStore::adopt`],
-//! a hard link), and records where its chunks lie in it. It is read like a lent pack,
-//! checked, and not synced: its bytes are the folder's, as durable as the folder keeps
-//! them. A large file thus costs its size once on the replica that has it, not twice.
 //!
 //! Chunks are never removed yet (no garbage collection), as before with the sled tree.
 
@@ -208,14 +201,6 @@ enum Origin {
 /// A peer's chunk with its offset in its stream, on the way into a stream pack.
 type Placed<'a> = (Hash, &'a [u8], u64);
 
-/// A file of the folder taken as one of the store's packs ([`ChunkStore::adopt`]): its
-/// chunks are recorded where they lie in it ([`ChunkStore::put_adopted_at`]) instead of
-/// being copied into a pack.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Adopted {
-    pack: u32,
-}
-
 /// Where a chunk's bytes are.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Location {
@@ -277,9 +262,8 @@ struct Inner {
     /// Chunks found damaged in a pack and dropped from the index, to be fetched again
     /// from peers (see [`ChunkStore::damaged`]).
     damaged: Mutex<HashSet<Hash>>,
-    /// Stream packs of this run lent to the folder store ([`ChunkStore::lend`]), and the
-    /// folder's files taken as packs ([`ChunkStore::adopt`]): not trusted, as the
-    /// folder's files may change.
+    /// Stream packs of this run lent to the folder store ([`ChunkStore::lend`]): no
+    /// longer trusted, as the folder's files may change.
     lent: RwLock<HashSet<u32>>,
     /// Runs of trusted packs handed out as [`Piece::InPack`] and not dropped yet, by
     /// pack: they are copied without a check later, so a pack with any is not lent.
@@ -542,139 +526,6 @@ impl ChunkStore {
         }
         debug_assert!(slices.iter().all(|(h, b)| Hash::of(b) == *h));
         self.put_chunks(&slices, places, Some((buffer, &ranges)), Origin::Local)
-    }
-
-    /// Takes the open file `file` (a large file of the folder, about to be chunked) as a
-    /// pack of this store: a hard link to it in the pack directory, so that its data
-    /// chunks need not be copied ([`put_adopted_at`](Self::put_adopted_at)). The folder's
-    /// owner may change the file at any time, so the pack is read like a lent one, every
-    /// chunk checked, and a chunk changed since reads as damaged; a later event of the
-    /// file supersedes the one whose content was lost that way (see
-    /// `PendingQueue::take_ready`). Nothing of it is synced: its bytes are as durable as
-    /// the folder's file, and after a crash that lost them the start-up scan records what
-    /// the file holds then. `None` when the link cannot be made (another file system, a
-    /// file owned by someone else, no `/proc`): the chunks are then copied as usual.
-    pub fn adopt(&self, file: &File) -> Result<Option<Adopted>, LogError> {
-        let mut w = self.inner.writer.lock().map_err(|_| LogError::Closed)?;
-        // The next pack number (the shared pack moves on to the one after, closed first
-        // so that numbers stay in creation order), marked lent before it exists, so that
-        // no read ever trusts it.
-        if w.file.is_some() {
-            w.rotate();
-        }
-        let id = w.id;
-        w.id += 1;
-        if let Ok(mut lent) = self.inner.lent.write() {
-            lent.insert(id);
-        }
-        let path = pack_path(&self.inner.dir, id);
-        match link_open_file(file, &path) {
-            Ok(()) => {
-                // Synced with the next sync, before any index entry naming the pack is.
-                w.created = true;
-                if let Ok(reader) = file.try_clone() {
-                    self.keep_reader(id, &Arc::new(reader));
-                }
-                Ok(Some(Adopted { pack: id }))
-            }
-            Err(e) => {
-                if let Ok(mut lent) = self.inner.lent.write() {
-                    lent.remove(&id);
-                }
-                tracing::debug!(
-                    "linking a file as {}: {e}; copying it instead",
-                    path.display()
-                );
-                Ok(None)
-            }
-        }
-    }
-
-    /// Records data chunks of the file `adopted` took, cut from `buffer` (`chunks[i]` is
-    /// (hash, range in `buffer`), at `places[i]` in the file; every one needs its place),
-    /// as lying at their places in it: nothing is written. A chunk already held in a pack
-    /// this process wrote and trusts stays there; one held only where it may have changed
-    /// (an earlier adopted or lent file, an earlier run's pack) is recorded here too, where
-    /// the file has it now. Chunks new to the store are handed to the fresh-chunk sink,
-    /// as [`put_shared_prehashed_at`](Self::put_shared_prehashed_at) does.
-    pub fn put_adopted_at(
-        &self,
-        adopted: Adopted,
-        buffer: &SharedBuffer,
-        chunks: &[(Hash, Range<usize>)],
-        places: &[Option<Place>],
-    ) -> Result<(), LogError> {
-        let inner = &self.inner;
-        let bytes: &[u8] = (**buffer).as_ref();
-        let misplaced = |what: &str| LogError::ContentIo {
-            op: "storing",
-            path: pack_path(&inner.dir, adopted.pack),
-            source: std::io::Error::other(what.to_owned()),
-        };
-        let mut w = inner.writer.lock().map_err(|_| LogError::Closed)?;
-        let mut new: Vec<(Hash, Range<usize>, Place)> = Vec::new();
-        for (i, (hash, range)) in chunks.iter().enumerate() {
-            let place = places
-                .get(i)
-                .copied()
-                .flatten()
-                .ok_or_else(|| misplaced("a chunk of an adopted file without its place"))?;
-            let slice = bytes
-                .get(range.clone())
-                .ok_or_else(|| misplaced("a chunk's range lies outside its buffer"))?;
-            debug_assert_eq!(Hash::of(slice), *hash);
-            let len =
-                u32::try_from(slice.len()).map_err(|_| misplaced("a chunk larger than 4 GiB"))?;
-            let known = match w
-                .staged
-                .get(hash)
-                .or_else(|| w.unindexed.get(hash))
-                .copied()
-                .or_else(|| self.recent(hash))
-            {
-                Some(location) => Some(location),
-                None => match inner.index.get(hash.0)? {
-                    Some(entry) => Some(Location::decode(hash, &entry)?),
-                    None => None,
-                },
-            };
-            if known.is_some_and(|location| self.trusted(location)) {
-                continue;
-            }
-            let location = Location {
-                pack: adopted.pack,
-                offset: place.offset,
-                len,
-            };
-            w.staged.insert(*hash, location);
-            if known.is_none() {
-                new.push((*hash, range.clone(), place));
-            }
-        }
-        let mut full = None;
-        if !new.is_empty() && inner.sink.read().is_ok_and(|s| s.is_some()) {
-            let new_bytes: usize = new.iter().map(|(_, r, _)| r.len()).sum();
-            let share = new_bytes * 2 >= bytes.len();
-            for (hash, range, place) in new {
-                let chunk = share
-                    .then(|| ChunkBytes::shared(buffer.clone(), range.clone()))
-                    .flatten()
-                    .unwrap_or_else(|| ChunkBytes::copied(&bytes[range]));
-                w.fresh.push(FreshChunk {
-                    hash,
-                    bytes: chunk,
-                    place: Some(place),
-                });
-            }
-            if w.fresh.len() >= FRESH_BATCH {
-                full = Some(std::mem::take(&mut w.fresh));
-            }
-        }
-        drop(w);
-        if let Some(fresh) = full {
-            self.hand_on(fresh);
-        }
-        Ok(())
     }
 
     /// Stores `bytes` offered under `hash` (by a peer), after checking that they hash to
@@ -1278,7 +1129,7 @@ impl ChunkStore {
         Ok(file)
     }
 
-    /// Whether pack `id` was lent to the folder, or adopted from it, by this process.
+    /// Whether pack `id` was lent to the folder by this process.
     fn is_lent(&self, id: u32) -> bool {
         self.inner.lent.read().is_ok_and(|lent| lent.contains(&id))
     }
@@ -1985,41 +1836,6 @@ fn write_all_vectored(mut file: &File, chunks: &[(Hash, &[u8])]) -> std::io::Res
 }
 
 /// A manifest's value: its entries, hash then location, one after another.
-/// Hard-links the file open as `file` at `to`: the very file opened, even if its name
-/// was since given to another (through `/proc/self/fd`, which needs no privilege, unlike
-/// `linkat` with `AT_EMPTY_PATH`).
-fn link_open_file(file: &File, to: &Path) -> std::io::Result<()> {
-    #[cfg(target_os = "linux")]
-    {
-        use std::ffi::CString;
-        use std::os::fd::AsRawFd;
-        use std::os::unix::ffi::OsStrExt;
-        let from = CString::new(format!("/proc/self/fd/{}", file.as_raw_fd()))?;
-        let to = CString::new(to.as_os_str().as_bytes())?;
-        // SAFETY: both paths are NUL-terminated strings that outlive the call, which
-        // only reads them.
-        let linked = unsafe {
-            libc::linkat(
-                libc::AT_FDCWD,
-                from.as_ptr(),
-                libc::AT_FDCWD,
-                to.as_ptr(),
-                libc::AT_SYMLINK_FOLLOW,
-            )
-        };
-        if linked == 0 {
-            Ok(())
-        } else {
-            Err(std::io::Error::last_os_error())
-        }
-    }
-    #[cfg(not(target_os = "linux"))]
-    {
-        let _ = (file, to);
-        Err(std::io::ErrorKind::Unsupported.into())
-    }
-}
-
 fn encode_manifest(entries: &[(Hash, Location)]) -> Vec<u8> {
     let mut out = Vec::with_capacity(entries.len() * MANIFEST_ENTRY_BYTES);
     for (hash, location) in entries {
@@ -2606,106 +2422,6 @@ mod tests {
         // Fetched again, they are stored anew and read back right.
         store.put_verified(&last, chunks.last().unwrap()).unwrap();
         assert_eq!(store.get(&last).unwrap().unwrap(), *chunks.last().unwrap());
-    }
-
-    #[test]
-    fn an_adopted_file_is_read_where_it_lies_checked_and_never_copied() {
-        let (dir, db, store) = scratch();
-        let lens: Vec<usize> = (0..40).map(|i| 3000 + i * 11).collect();
-        let chunks = chunks_of(&lens, 7);
-        let whole: Vec<u8> = chunks.concat();
-        let path = dir.path().join("a large file of the folder");
-        std::fs::write(&path, &whole).unwrap();
-        let mut ranges = Vec::new();
-        let mut places = Vec::new();
-        let mut at = 0;
-        for chunk in &chunks {
-            ranges.push((Hash::of(chunk), at..at + chunk.len()));
-            places.push(Some(Place {
-                stream: 7,
-                offset: at as u64,
-            }));
-            at += chunk.len();
-        }
-        let buffer: SharedBuffer = Arc::new(whole.clone());
-        let hash = |i: usize| ranges[i].0;
-        // One chunk is held already, in a pack this run wrote.
-        store.put(&chunks[0]).unwrap();
-        let handed: Arc<Mutex<Vec<Hash>>> = Arc::default();
-        let sink = handed.clone();
-        store.set_fresh_sink(Some(Box::new(move |fresh: Vec<FreshChunk>| {
-            sink.lock().unwrap().extend(fresh.iter().map(|c| c.hash))
-        })));
-
-        // A file on another file system cannot be linked: nothing adopted.
-        let elsewhere = File::open("/proc/self/status").unwrap();
-        assert_eq!(store.adopt(&elsewhere).unwrap(), None);
-
-        let file = File::open(&path).unwrap();
-        let adopted = store.adopt(&file).unwrap().unwrap();
-        store
-            .put_adopted_at(adopted, &buffer, &ranges, &places)
-            .unwrap();
-        store.flush_fresh();
-        let fresh: Vec<Hash> = (1..chunks.len()).map(hash).collect();
-        assert_eq!(*handed.lock().unwrap(), fresh, "the new chunks go to peers");
-        // The pack is the file itself; nothing else holds more than the first chunk.
-        let pack = pack_path(dir.path(), adopted.pack);
-        use std::os::unix::fs::MetadataExt;
-        assert_eq!(
-            std::fs::metadata(&pack).unwrap().ino(),
-            std::fs::metadata(&path).unwrap().ino()
-        );
-        let copied: u64 = std::fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .filter(|p| {
-                p.file_name()
-                    .unwrap()
-                    .to_str()
-                    .unwrap()
-                    .starts_with("pack-")
-                    && *p != pack
-            })
-            .map(|p| std::fs::metadata(p).unwrap().len())
-            .sum();
-        assert_eq!(copied, chunks[0].len() as u64);
-        let first = store.locate(&hash(0)).unwrap().unwrap();
-        assert!(
-            store.trusted(first) && first.pack != adopted.pack,
-            "a trusted copy stays"
-        );
-        assert!(!store.trusted(store.locate(&hash(1)).unwrap().unwrap()));
-        assert_eq!(store.get(&hash(1)).unwrap().unwrap(), chunks[1]);
-
-        // Synced and opened again (a restart), the chunks are found where they lie.
-        store.sync().unwrap();
-        drop(store);
-        let store = open(&db, dir.path());
-        assert_eq!(store.get(&hash(2)).unwrap().unwrap(), chunks[2]);
-
-        // Changed in place by the folder's owner: what changed reads as damaged.
-        let mut changed = whole.clone();
-        changed[ranges[3].1.start] ^= 0xff;
-        std::fs::write(&path, &changed).unwrap();
-        assert!(matches!(store.get(&hash(3)), Err(LogError::Corrupt { .. })));
-        assert_eq!(store.damaged(), vec![hash(3)]);
-
-        // Chunked again once changed back, it is adopted anew: the chunk lost is found in
-        // it, and so are those held only where they may have changed since (an earlier
-        // adoption, an earlier run's pack).
-        std::fs::write(&path, &whole).unwrap();
-        let file = File::open(&path).unwrap();
-        let again = store.adopt(&file).unwrap().unwrap();
-        assert_ne!(again, adopted);
-        store
-            .put_adopted_at(again, &buffer, &ranges, &places)
-            .unwrap();
-        for i in [3, 2, 0] {
-            assert_eq!(store.locate(&hash(i)).unwrap().unwrap().pack, again.pack);
-        }
-        assert_eq!(store.get(&hash(3)).unwrap().unwrap(), chunks[3]);
-        assert!(store.damaged().is_empty());
     }
 
     #[test]

@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use converge_api::content::TreeBuilder;
 use converge_api::{ContentRef, EntryKind, Hash, Meta, Op, Place};
-use converge_framework::content::{new_stream, Adopted, ChunkStore, SharedBuffer};
+use converge_framework::content::{new_stream, ChunkStore, SharedBuffer};
 use converge_framework::LogError;
 use fastcdc::v2020::FastCDC;
 
@@ -99,14 +99,8 @@ enum Piece {
 }
 
 /// Puts a piece into `store`; data chunks with their places in `stream` when there is
-/// one (a large file's, see [`Place`]), and recorded where they lie in the file when the
-/// store `adopted` it.
-fn put_piece(
-    store: &ChunkStore,
-    stream: Option<u64>,
-    adopted: Option<Adopted>,
-    piece: &Piece,
-) -> Result<(), LogError> {
+/// one (a large file's, see [`Place`]).
+fn put_piece(store: &ChunkStore, stream: Option<u64>, piece: &Piece) -> Result<(), LogError> {
     match piece {
         Piece::Data(w) => {
             let places: Vec<Option<Place>> = match stream {
@@ -123,10 +117,7 @@ fn put_piece(
                 None => Vec::new(),
             };
             let buffer: SharedBuffer = w.bytes.clone();
-            match adopted {
-                Some(adopted) => store.put_adopted_at(adopted, &buffer, &w.chunks, &places),
-                None => store.put_shared_prehashed_at(&buffer, &w.chunks, &places),
-            }
+            store.put_shared_prehashed_at(&buffer, &w.chunks, &places)
         }
         Piece::Node(hash, node) => store.put_prehashed(hash, node),
     }
@@ -137,13 +128,8 @@ fn chunk_file(path: &Path, store: Option<&ChunkStore>) -> Result<ContentRef, FsE
     let size = file.metadata().map(|m| m.len()).ok();
     // A large file's data is one stream, which a peer can write straight into a file.
     let stream = size.is_some_and(|n| n >= PIPELINE_BYTES).then(new_stream);
-    // Its data chunks are not copied into a pack: the store takes the file itself.
-    let adopted = match (store, stream) {
-        (Some(store), Some(_)) => store.adopt(&file)?,
-        _ => None,
-    };
     let put = &mut |piece: &Piece| match store {
-        Some(store) => put_piece(store, stream, adopted, piece),
+        Some(store) => put_piece(store, stream, piece),
         None => Ok(()),
     };
     let mut hasher = Hasher::default();
