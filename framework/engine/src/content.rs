@@ -975,22 +975,25 @@ impl ChunkStore {
         for pack in w.streams.values_mut() {
             pack.dirty = false;
         }
-        let staged: Vec<(Hash, Location)> = w.staged.drain().collect();
-        w.staged.shrink_to(1024);
+        // Left staged until recorded, so that a failure below loses no location: the
+        // next sync (an append tried again) records them then.
+        let staged: Vec<(Hash, Location)> = w.staged.iter().map(|(h, l)| (*h, *l)).collect();
         if staged.len() < MANIFEST_ENTRIES {
-            return self.index(staged);
+            self.index(staged)?;
+        } else {
+            for part in staged.chunks(MANIFEST_MAX) {
+                let id = w.next_manifest;
+                inner
+                    .manifests
+                    .insert(id.to_be_bytes(), encode_manifest(part))?;
+                // Each manifest's entries with it, so that a failure on a later one leaves
+                // no manifest whose entries are not in memory.
+                w.next_manifest += 1;
+                w.manifested.push(id);
+                w.unindexed.extend(part.iter().copied());
+            }
         }
-        for part in staged.chunks(MANIFEST_MAX) {
-            let id = w.next_manifest;
-            inner
-                .manifests
-                .insert(id.to_be_bytes(), encode_manifest(part))?;
-            // Each manifest's entries with it, so that a failure on a later one leaves
-            // no manifest whose entries are not in memory.
-            w.next_manifest += 1;
-            w.manifested.push(id);
-            w.unindexed.extend(part.iter().copied());
-        }
+        w.staged = HashMap::with_capacity(1024);
         Ok(())
     }
 

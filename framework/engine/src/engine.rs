@@ -1253,11 +1253,20 @@ async fn run_applier(inner: Arc<Inner>, mut inbound: mpsc::Receiver<Inbound>) {
                     (retry_at, retry_pause) = (None, APPEND_RETRY_MIN);
                     None
                 }
-                Err(LogError::Closed) => return,
+                Err(LogError::Closed) => {
+                    if !*shutdown.borrow() {
+                        tracing::error!("the log is closed: remote events are no longer applied");
+                        if let Ok(mut slot) = inner.stats.applier_error.lock() {
+                            *slot = Some(LogError::Closed.to_string());
+                        }
+                    }
+                    return;
+                }
                 Err(e) => {
-                    // The events stay queued; nothing was acknowledged for them. A full
-                    // disk or an I/O error may pass: try again after a growing pause
-                    // rather than stop applying remote events until a restart.
+                    // The events stay queued (what Acks report as received). A full disk
+                    // or an I/O error may pass: try again after a growing pause rather
+                    // than stop applying remote events until a restart. (An error of the
+                    // database itself does not pass: sled fails every later write.)
                     tracing::error!(
                         "appending remote events failed, trying again in {retry_pause:?}: {e}"
                     );
@@ -1367,10 +1376,15 @@ async fn advance(
         })
         .await;
         let Ok((q, ready, wants, tracked)) = taken else {
-            // The blocking task panicked and the queue went with it: hand back an empty
-            // one, and stop as on a closed log.
-            let max = inner.config.max_pending_events;
-            return (PendingQueue::new(max), Err(LogError::Closed));
+            // The blocking task panicked and the queue went with it. Peers counted its
+            // events as received (the Acks said so), so ask them to send again from what
+            // the log holds, and go on with an empty queue.
+            tracing::error!("the pending events were lost to a panic; asking peers again");
+            let from = inner.log.version_vector();
+            for peer in inner.connected_peers() {
+                inner.send_to(&peer, Message::WantEvents { from: from.clone() });
+            }
+            return (PendingQueue::new(inner.config.max_pending_events), Ok(()));
         };
         *missing = tracked;
         queue = q;
@@ -1403,6 +1417,15 @@ async fn advance(
             events: n,
             duration: started.elapsed(),
         });
+        if outcome.appended.is_empty() {
+            // Nothing went in (all held already, or ahead of a gap the log sees and the
+            // queue did not): another pass would take the same events again.
+            for event in outcome.out_of_order {
+                let from = event.id.origin;
+                queue.insert(event, from, &inner.log.version_vector());
+            }
+            return (queue, Ok(()));
+        }
         let held = inner.log.version_vector();
         for event in outcome.out_of_order {
             let from = event.id.origin;

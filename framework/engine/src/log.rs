@@ -745,6 +745,10 @@ impl Writer {
 
     fn stage_event(&mut self, event: &Event, pending: &mut Pending) -> Result<(), LogError> {
         let offset = self.next_offset;
+        // The key's state first (it may have to be read, and the read may fail): a failure
+        // must leave nothing of the event staged, or the commit would write it at an
+        // offset the next event takes too.
+        self.staged_state(&mut pending.states, &event.key)?;
         let segment = pending
             .open
             .get_or_insert_with(|| SegmentBuilder::new(offset));
