@@ -1341,6 +1341,12 @@ async fn advance(
                 let Some(content) = p.event.op.content() else {
                     continue;
                 };
+                if queue.superseded(&p.event) {
+                    // Goes with the event that supersedes it, content or not: asking for
+                    // a version nobody may hold any more would only fill the window
+                    // ahead of the one that counts.
+                    continue;
+                }
                 let m = tracked
                     .entry(content.root)
                     .or_insert_with(|| Missing::new(content));

@@ -1,9 +1,10 @@
 //! PendingQueue: remote events that cannot be appended yet — ahead of a gap in their
 //! origin's sequence, or waiting for content chunks.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{DefaultHasher, Hash, Hasher};
 
-use converge_api::{Event, EventId, ReplicaId, VersionVector};
+use converge_api::{Event, EventId, Key, ReplicaId, VersionVector};
 
 /// A remote event held back, and the peer it came from (who can send its content).
 #[derive(Clone, Debug)]
@@ -14,18 +15,27 @@ pub struct PendingEvent {
     pub from: ReplicaId,
 }
 
-/// Whether an event after `seq` in `queue`, with no gap before it, names `id` as a parent.
-/// (Only parents are read, no content looked up: cheap enough to ask at every pass.)
-fn superseded_later(queue: &BTreeMap<u64, PendingEvent>, seq: u64, id: &EventId) -> bool {
-    for (next, (&later, pending)) in (seq + 1..).zip(queue.range(seq + 1..)) {
-        if later != next {
-            return false;
-        }
-        if pending.event.parents.contains(id) {
-            return true;
-        }
-    }
-    false
+/// What a waiting event names as a parent: the parent's ID and a hash of the key, which
+/// a parent shares with the event naming it (heads are per key).
+type Named = (EventId, u64);
+
+fn key_hash(key: &Key) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    key.hash(&mut hasher);
+    hasher.finish()
+}
+
+/// The parents of its own origin `event` names, as [`Named`] entries: only those are
+/// taken with it (an origin's run is appended in order; another origin's event naming one
+/// of them is appended on its own, and the one it names still waits for its content).
+fn named_by(event: &Event) -> impl Iterator<Item = Named> + '_ {
+    let key = key_hash(&event.key);
+    let origin = event.id.origin;
+    event
+        .parents
+        .iter()
+        .filter(move |id| id.origin == origin)
+        .map(move |id| (*id, key))
 }
 
 /// Events waiting, per origin, in seq order. Bounded: over the bound a new event is
@@ -33,6 +43,9 @@ fn superseded_later(queue: &BTreeMap<u64, PendingEvent>, seq: u64, id: &EventId)
 #[derive(Debug)]
 pub struct PendingQueue {
     by_origin: BTreeMap<ReplicaId, BTreeMap<u64, PendingEvent>>,
+    /// How many waiting events name each (parent, key): whether a waiting event is
+    /// superseded by another, without a scan.
+    named: HashMap<Named, usize>,
     len: usize,
     max: usize,
     dropped: u64,
@@ -43,6 +56,7 @@ impl PendingQueue {
     pub fn new(max: usize) -> Self {
         PendingQueue {
             by_origin: BTreeMap::new(),
+            named: HashMap::new(),
             len: 0,
             max,
             dropped: 0,
@@ -64,17 +78,43 @@ impl PendingQueue {
             self.dropped += 1;
             return false;
         }
+        for named in named_by(&event) {
+            *self.named.entry(named).or_default() += 1;
+        }
         queue.insert(event.id.seq, PendingEvent { event, from });
         self.len += 1;
         true
     }
 
+    /// Whether another waiting event supersedes `event` (names it as a parent, for its
+    /// key): then `event` goes with it, content or not (see [`take_ready`]), and its
+    /// content need not be asked for.
+    ///
+    /// [`take_ready`]: Self::take_ready
+    pub fn superseded(&self, event: &Event) -> bool {
+        self.named.contains_key(&(event.id, key_hash(&event.key)))
+    }
+
+    /// Forgets what a removed event named.
+    fn unname(named: &mut HashMap<Named, usize>, event: &Event) {
+        for entry in named_by(event) {
+            if let Some(count) = named.get_mut(&entry) {
+                *count -= 1;
+                if *count == 0 {
+                    named.remove(&entry);
+                }
+            }
+        }
+    }
+
     /// Removes and returns, per origin, the run of events that continues `held` without
     /// a gap and whose content `is_complete` says is present, or that a later event of
-    /// the run supersedes (names as a parent) and is returned with it: such an event is
-    /// never one of its key's heads, so no store needs its content, which may be gone for
-    /// good (its origin's file changed since). Otherwise the first incomplete event of an
-    /// origin stops that origin's run (seq order is never broken).
+    /// the run supersedes (names as a parent, for the same key) and is returned with it:
+    /// such an event is never one of its key's heads, so no store needs its content,
+    /// which may be gone for good (a peer's copy lent to its folder and edited there
+    /// since). Otherwise the first incomplete event of an origin stops that origin's run
+    /// (seq order is never broken). Costs one look-up per event scanned, and the scan
+    /// stops where the run does.
     pub fn take_ready(
         &mut self,
         held: &VersionVector,
@@ -88,18 +128,22 @@ impl PendingQueue {
             // How many events from the front can go: the run up to the last point where
             // every incomplete event in it was superseded by a later one in it.
             let mut settled = 0;
-            let mut unresolved: Vec<EventId> = Vec::new();
+            let mut unresolved: HashMap<EventId, &Key> = HashMap::new();
             for (&seq, pending) in queue.range(first..) {
                 if seq != next {
                     break;
                 }
                 let event = &pending.event;
-                unresolved.retain(|id| !event.parents.contains(id));
+                for parent in &event.parents {
+                    if unresolved.get(parent).is_some_and(|key| **key == event.key) {
+                        unresolved.remove(parent);
+                    }
+                }
                 if !is_complete(event) {
-                    if !superseded_later(queue, seq, &event.id) {
+                    if !self.named.contains_key(&(event.id, key_hash(&event.key))) {
                         break;
                     }
-                    unresolved.push(event.id);
+                    unresolved.insert(event.id, &event.key);
                 }
                 next += 1;
                 if unresolved.is_empty() {
@@ -108,6 +152,7 @@ impl PendingQueue {
             }
             for _ in 0..settled {
                 if let Some((_, pending)) = queue.pop_first() {
+                    Self::unname(&mut self.named, &pending.event);
                     ready.push(pending.event);
                     self.len -= 1;
                 }
@@ -122,6 +167,9 @@ impl PendingQueue {
         for (origin, queue) in &mut self.by_origin {
             let keep = queue.split_off(&(held.get(origin) + 1));
             self.len -= queue.len();
+            for pending in queue.values() {
+                Self::unname(&mut self.named, &pending.event);
+            }
             *queue = keep;
         }
         self.by_origin.retain(|_, q| !q.is_empty());
@@ -237,6 +285,7 @@ mod tests {
         for e in [ev(1), child(2, 1), child(3, 2), ev(4), ev(5)] {
             assert!(q.insert(e, peer, &held));
         }
+        assert!(q.superseded(&ev(1)) && q.superseded(&ev(2)) && !q.superseded(&ev(3)));
         let complete = |e: &Event| e.id.seq == 3 || e.id.seq == 5;
         let ready = q.take_ready(&held, &mut |e| complete(e));
         assert_eq!(
@@ -260,5 +309,30 @@ mod tests {
         }
         assert!(q.take_ready(&held, &mut |e| e.id.seq == 3).is_empty());
         assert_eq!(q.take_ready(&held, &mut |e| e.id.seq != 1).len(), 3);
+        assert!(q.named.is_empty(), "nothing named once all went");
+
+        // A later event naming it under another key does not supersede it (heads are
+        // per key: it would stay a head).
+        let mut q = PendingQueue::new(10);
+        let mut other = child(2, 1);
+        other.key = Key::new("another").unwrap();
+        for e in [ev(1), other] {
+            assert!(q.insert(e, peer, &held));
+        }
+        assert!(!q.superseded(&ev(1)));
+        assert!(q.take_ready(&held, &mut |e| e.id.seq == 2).is_empty());
+
+        // Nor does another origin's event: it is appended on its own, and the one it
+        // names must still get its content.
+        let mut q = PendingQueue::new(10);
+        let mut elsewhere = child(1, 1);
+        elsewhere.id.origin = ReplicaId([2; 16]);
+        for e in [ev(1), elsewhere] {
+            assert!(q.insert(e, peer, &held));
+        }
+        assert!(!q.superseded(&ev(1)));
+        let ready = q.take_ready(&held, &mut |e| e.id.origin != ReplicaId([1; 16]));
+        assert_eq!(ready.len(), 1);
+        assert_eq!(ready[0].id.origin, ReplicaId([2; 16]));
     }
 }
