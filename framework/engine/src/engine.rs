@@ -1045,7 +1045,10 @@ impl SyncEngine {
             .control(peer)
             .ok_or_else(|| EngineError::NotConnected(peer.to_string()))?;
         let acked = self.inner.acked(peer);
-        let _ = control.send(Control::Rewind(acked));
+        let _ = control.send(Control::Rewind {
+            from: acked,
+            asked: false,
+        });
         let _ = control.send(Control::Send(Message::WantEvents {
             from: self.inner.log.version_vector(),
         }));

@@ -57,19 +57,68 @@ pub enum SessionError {
     Log(#[from] crate::error::LogError),
 }
 
+/// Most of the peer's requests (chunk hashes asked for, pings to answer, rewinds) a
+/// session holds before its writer has dealt with them. A peer that keeps asking while it
+/// does not read what it asked for would otherwise grow this replica's memory without end:
+/// past this, the session stops reading from it (which pushes back on it through TCP)
+/// until the writer catches up. An honest peer has far fewer out: its requests for chunks
+/// are bounded by its window (2,048 hashes by default, asked again after a timeout).
+const REQUESTS_HELD: usize = 1 << 16;
+
+/// The count of a session's requests held (see [`REQUESTS_HELD`]): taken by the reader as
+/// it queues them, given back by the writer as it deals with them.
+#[derive(Debug, Default)]
+struct RequestBudget {
+    held: AtomicUsize,
+    freed: tokio::sync::Notify,
+}
+
+impl RequestBudget {
+    /// Waits until `n` more requests fit (any number does when none is held, so that one
+    /// large request cannot wait for ever), then counts them.
+    async fn take(&self, n: usize) {
+        loop {
+            let held = self.held.load(Ordering::Acquire);
+            if held == 0 || held + n <= REQUESTS_HELD {
+                self.held.fetch_add(n, Ordering::AcqRel);
+                return;
+            }
+            self.freed.notified().await;
+        }
+    }
+
+    /// Gives back `n` requests dealt with.
+    fn give_back(&self, n: usize) {
+        if n > 0 {
+            let _ = self
+                .held
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
+                    Some(held.saturating_sub(n))
+                });
+            self.freed.notify_one();
+        }
+    }
+}
+
 /// Something for a session's writer to do.
 #[derive(Debug)]
 pub(crate) enum Control {
     /// Send this message.
     Send(Message),
-    /// Read these chunks and send them (read lazily, so queued work holds only hashes).
+    /// Send this answer to the peer's request (a `Pong`): counted in the session's
+    /// [`RequestBudget`] until sent.
+    Answer(Message),
+    /// Read these chunks and send them (read lazily, so queued work holds only hashes);
+    /// the peer asked for them, so they count in the session's [`RequestBudget`] until
+    /// sent.
     ServeChunks(Vec<Hash>),
     /// Send these fresh local chunks unasked (see [`crate::content::FreshSink`]), from
     /// the bytes given or, where none are, read from the store; they count in the
     /// session's [`PushBacklog`] until sent.
     Push(Vec<Pushed>),
-    /// The peer holds `from`: send everything above it again.
-    Rewind(VersionVector),
+    /// The peer holds `from`: send everything above it again. `asked`: at the peer's
+    /// request (`WantEvents`), which counts as one in the session's [`RequestBudget`].
+    Rewind { from: VersionVector, asked: bool },
     /// End the session.
     Close,
 }
@@ -220,9 +269,10 @@ pub(crate) async fn run_session(inner: Arc<Inner>, conn: Connection) -> Result<(
     };
     tracing::info!(peer = %peer.short(), %remote, dialed, "peer connected");
     let label = peer.short();
+    let requests = Arc::new(RequestBudget::default());
     let result = tokio::select! {
-        r = read_loop(&inner, peer, &label, receiver.as_mut(), &control_tx) => r,
-        w = write_loop(&inner, peer, sender.as_mut(), control_rx, peer_vv, pushed) => w,
+        r = read_loop(&inner, peer, &label, receiver.as_mut(), &control_tx, &requests) => r,
+        w = write_loop(&inner, peer, sender.as_mut(), control_rx, peer_vv, pushed, requests.clone()) => w,
     };
     sender.close().await;
     inner.unregister(
@@ -243,6 +293,7 @@ async fn read_loop(
     label: &str,
     receiver: &mut dyn FrameReceiver,
     control: &mpsc::UnboundedSender<Control>,
+    requests: &RequestBudget,
 ) -> Result<(), SessionError> {
     // Chunks received are checked and stored on a blocking thread while the next frame is
     // read and decoded: at most one such batch is in flight.
@@ -303,7 +354,8 @@ async fn read_loop(
             Message::Ack { vv } => inner.record_ack(&peer, &vv),
             Message::WantEvents { from } => {
                 inner.record_ack(&peer, &from);
-                let _ = control.send(Control::Rewind(from));
+                requests.take(1).await;
+                let _ = control.send(Control::Rewind { from, asked: true });
             }
             Message::WantChunks { hashes } => {
                 if hashes.len() > MAX_WANT_HASHES {
@@ -315,6 +367,7 @@ async fn read_loop(
                         ),
                     ));
                 }
+                requests.take(hashes.len()).await;
                 let _ = control.send(Control::ServeChunks(hashes));
             }
             Message::Chunks { items } => {
@@ -335,7 +388,8 @@ async fn read_loop(
                 }));
             }
             Message::Ping { nonce } => {
-                let _ = control.send(Control::Send(Message::Pong { nonce }));
+                requests.take(1).await;
+                let _ = control.send(Control::Answer(Message::Pong { nonce }));
             }
             Message::Pong { .. } => {}
         }
@@ -368,9 +422,10 @@ async fn write_loop(
     mut control: mpsc::UnboundedReceiver<Control>,
     peer_vv: VersionVector,
     pushed: Arc<PushBacklog>,
+    requests: Arc<RequestBudget>,
 ) -> Result<(), SessionError> {
     let log = inner.log.clone();
-    let mut outbox = Outbox::new(pushed);
+    let mut outbox = Outbox::new(pushed, requests);
     // `sent`: what the peer holds as far as this session knows (acknowledged or sent).
     let mut sent = peer_vv;
     let mut scan = SyncPlanner::start_offset(&log, &sent)?.unwrap_or_else(|| log.len());
@@ -505,7 +560,14 @@ async fn handle_control(
 ) -> Result<bool, SessionError> {
     match control {
         Control::Send(msg) => send_message(sender, inner, Some(peer), &msg).await?,
-        Control::Rewind(from) => rewind(&inner.log, &from, sent, scan)?,
+        Control::Answer(msg) => {
+            send_message(sender, inner, Some(peer), &msg).await?;
+            outbox.requests.give_back(1);
+        }
+        Control::Rewind { from, asked } => {
+            rewind(&inner.log, &from, sent, scan)?;
+            outbox.requests.give_back(usize::from(asked));
+        }
         Control::ServeChunks(hashes) => outbox.add(hashes.into_iter().map(|hash| Queued {
             hash,
             pushed: false,
@@ -536,6 +598,8 @@ struct Outbox {
     sent_total: u64,
     /// What the engine pushed here and is not sent yet.
     pushed: Arc<PushBacklog>,
+    /// The peer's requests held, chunks asked for among them.
+    requests: Arc<RequestBudget>,
 }
 
 /// A chunk waiting in the [`Outbox`].
@@ -552,13 +616,14 @@ struct Queued {
 }
 
 impl Outbox {
-    fn new(pushed: Arc<PushBacklog>) -> Self {
+    fn new(pushed: Arc<PushBacklog>, requests: Arc<RequestBudget>) -> Self {
         Outbox {
             queue: VecDeque::new(),
             queued: HashSet::new(),
             queued_total: 0,
             sent_total: 0,
             pushed,
+            requests,
         }
     }
 
@@ -577,6 +642,8 @@ impl Outbox {
             }
         }
         self.pushed.release_queued(&dropped);
+        self.requests
+            .give_back(dropped.iter().filter(|q| !q.pushed).count());
     }
 
     /// Reads chunks from the front of the queue up to one frame's worth and sends them.
@@ -645,6 +712,8 @@ impl Outbox {
             self.queued.remove(&item.hash);
         }
         self.pushed.release_queued(&batch);
+        self.requests
+            .give_back(batch.iter().filter(|q| !q.pushed).count());
         if self.queue.is_empty() {
             self.queue.shrink_to(1024);
             self.queued.shrink_to(1024);

@@ -189,6 +189,40 @@ async fn check(d: &Daemon, name: &str, bytes: &[u8], then_close: bool) {
     assert_eq!(d.log.len(), 0, "{name}: something was appended");
 }
 
+/// A peer that keeps asking for chunks while it reads nothing is pushed back: once the
+/// engine holds a bounded number of its requests, it stops reading from it (TCP then
+/// stops the peer's writes) instead of queueing every request in memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_asking_without_reading_is_pushed_back_not_buffered() {
+    let d = start().await;
+    // Served again for each request: a few fill the socket the peer does not read.
+    let big: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8).collect();
+    let hash = d.log.chunks().put(&big).unwrap();
+    let mut stream = connect(&d).await;
+    stream.write_all(&hello(KNOWN)).await.unwrap();
+    let ask = message(&Message::WantChunks {
+        hashes: vec![hash; 4096], // the most one request may ask for
+    });
+    // Without the bound the engine reads all of it, holding each request (128 KiB of
+    // hashes) while its writer waits on the socket.
+    const LIMIT: usize = 256 << 20;
+    let mut written = 0;
+    while written < LIMIT {
+        match timeout(Duration::from_secs(3), stream.write_all(&ask)).await {
+            Ok(Ok(())) => written += ask.len(),
+            Ok(Err(e)) => panic!("the engine closed the connection: {e}"),
+            Err(_) => break, // the engine stopped reading
+        }
+    }
+    assert!(
+        written < 64 << 20,
+        "the engine took {} MiB of requests from a peer that reads nothing",
+        written >> 20
+    );
+    drop(stream);
+    d.engine.shutdown().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_is_refused_and_the_daemon_keeps_serving() {
     let d = start().await;
