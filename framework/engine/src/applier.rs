@@ -24,7 +24,12 @@ impl SyncApplier {
                 event.parents.len()
             ));
         }
-        if let Some(p) = event.parents.iter().find(|p| p.seq == 0 || **p == id) {
+        // Itself, or a later event of its own origin: no writer can have known it.
+        if let Some(p) = event
+            .parents
+            .iter()
+            .find(|p| p.seq == 0 || (p.origin == id.origin && p.seq >= id.seq))
+        {
             return Err(format!("event {id:?} names an impossible parent {p:?}"));
         }
         if let Op::Put {

@@ -1047,7 +1047,7 @@ impl SyncEngine {
         let acked = self.inner.acked(peer);
         let _ = control.send(Control::Rewind {
             from: acked,
-            asked: false,
+            held: 0,
         });
         let _ = control.send(Control::Send(Message::WantEvents {
             from: self.inner.log.version_vector(),
@@ -1256,7 +1256,7 @@ async fn run_applier(inner: Arc<Inner>, mut inbound: mpsc::Receiver<Inbound>) {
                     (retry_at, retry_pause) = (None, APPEND_RETRY_MIN);
                     None
                 }
-                Err(LogError::Closed) => {
+                Err(PassError::Log(LogError::Closed)) => {
                     if !*shutdown.borrow() {
                         tracing::error!("the log is closed: remote events are no longer applied");
                         if let Ok(mut slot) = inner.stats.applier_error.lock() {
@@ -1309,6 +1309,17 @@ async fn run_applier(inner: Arc<Inner>, mut inbound: mpsc::Receiver<Inbound>) {
     }
 }
 
+/// Why a pass of the applier did not finish.
+#[derive(Debug, thiserror::Error)]
+enum PassError {
+    /// Appending failed (the events are queued again).
+    #[error(transparent)]
+    Log(#[from] LogError),
+    /// The pass's blocking work panicked; the queue was lost with it.
+    #[error("a pass over the pending events panicked; sessions were restarted so that peers send them again")]
+    Panicked,
+}
+
 /// Appends every ready event and requests missing chunks. Runs the sled work on a
 /// blocking thread; the queue moves there and back, and comes back whatever happens: the
 /// events of an append that failed are in it again.
@@ -1317,7 +1328,7 @@ async fn advance(
     mut queue: PendingQueue,
     requested: &mut Requested,
     missing: &mut HashMap<Hash, Missing>,
-) -> (PendingQueue, Result<(), LogError>) {
+) -> (PendingQueue, Result<(), PassError>) {
     loop {
         let chunks = inner.log.chunks().clone();
         let held = inner.log.version_vector();
@@ -1385,15 +1396,17 @@ async fn advance(
         })
         .await;
         let Ok((q, ready, wants, tracked)) = taken else {
-            // The blocking task panicked and the queue went with it. Peers counted its
-            // events as received (the Acks said so), so ask them to send again from what
-            // the log holds, and go on with an empty queue.
-            tracing::error!("the pending events were lost to a panic; asking peers again");
-            let from = inner.log.version_vector();
+            // The blocking pass panicked and took the queue with it. Peers counted its
+            // events as received (the Acks said so), and only a new session's Hello
+            // resets that: end the sessions, so that they reconnect and send again what
+            // the log lacks.
             for peer in inner.connected_peers() {
-                inner.send_to(&peer, Message::WantEvents { from: from.clone() });
+                if let Some(control) = inner.control(&peer) {
+                    let _ = control.send(Control::Close);
+                }
             }
-            return (PendingQueue::new(inner.config.max_pending_events), Ok(()));
+            let max = inner.config.max_pending_events;
+            return (PendingQueue::new(max), Err(PassError::Panicked));
         };
         *missing = tracked;
         queue = q;
@@ -1418,7 +1431,7 @@ async fn advance(
                     let from = event.id.origin;
                     queue.insert(event, from, &held);
                 }
-                return (queue, Err(e));
+                return (queue, Err(e.into()));
             }
         };
         inner.observe(EngineEvent::Appended {

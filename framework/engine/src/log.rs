@@ -715,6 +715,12 @@ impl Writer {
     ) -> Result<AppendOutcome, LogError> {
         let mut outcome = AppendOutcome::default();
         let now = self.clock.now_ms();
+        // Every key's state first (reads that may fail): a failure then stages nothing of
+        // the request, never only its first events (one taken without its content for
+        // being superseded by a later one of the request would be left a head).
+        for event in &events {
+            self.staged_state(&mut pending.states, &event.key)?;
+        }
         for event in events {
             let held = self.vv.get(&event.id.origin);
             if event.id.seq <= held {

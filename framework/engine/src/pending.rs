@@ -2,7 +2,6 @@
 //! origin's sequence, or waiting for content chunks.
 
 use std::collections::{BTreeMap, HashMap};
-use std::hash::{DefaultHasher, Hash, Hasher};
 
 use converge_api::{Event, EventId, Key, ReplicaId, VersionVector};
 
@@ -15,27 +14,20 @@ pub struct PendingEvent {
     pub from: ReplicaId,
 }
 
-/// What a waiting event names as a parent: the parent's ID and a hash of the key, which
-/// a parent shares with the event naming it (heads are per key).
-type Named = (EventId, u64);
-
-fn key_hash(key: &Key) -> u64 {
-    let mut hasher = DefaultHasher::new();
-    key.hash(&mut hasher);
-    hasher.finish()
-}
+/// What a waiting event names as a parent: the parent's ID and the key, which a parent
+/// shares with the event naming it (heads are per key).
+type Named = (EventId, Key);
 
 /// The parents of its own origin `event` names, as [`Named`] entries: only those are
 /// taken with it (an origin's run is appended in order; another origin's event naming one
 /// of them is appended on its own, and the one it names still waits for its content).
 fn named_by(event: &Event) -> impl Iterator<Item = Named> + '_ {
-    let key = key_hash(&event.key);
-    let origin = event.id.origin;
+    let id = event.id;
     event
         .parents
         .iter()
-        .filter(move |id| id.origin == origin)
-        .map(move |id| (*id, key))
+        .filter(move |p| p.origin == id.origin && p.seq < id.seq)
+        .map(move |p| (*p, event.key.clone()))
 }
 
 /// Events waiting, per origin, in seq order. Bounded: over the bound a new event is
@@ -92,7 +84,7 @@ impl PendingQueue {
     ///
     /// [`take_ready`]: Self::take_ready
     pub fn superseded(&self, event: &Event) -> bool {
-        self.named.contains_key(&(event.id, key_hash(&event.key)))
+        self.named.contains_key(&(event.id, event.key.clone()))
     }
 
     /// Forgets what a removed event named.
@@ -140,7 +132,7 @@ impl PendingQueue {
                     }
                 }
                 if !is_complete(event) {
-                    if !self.named.contains_key(&(event.id, key_hash(&event.key))) {
+                    if !self.named.contains_key(&(event.id, event.key.clone())) {
                         break;
                     }
                     unresolved.insert(event.id, &event.key);

@@ -100,6 +100,20 @@ impl RequestBudget {
     }
 }
 
+/// Counts `n` requests of the peer in `budget`, waiting while too many are held; a session
+/// whose writer has not dealt with them within the keepalive timeout (its peer reads
+/// nothing) ends, as one that receives nothing does.
+async fn take_requests(
+    inner: &Inner,
+    label: &str,
+    budget: &RequestBudget,
+    n: usize,
+) -> Result<(), SessionError> {
+    timeout(inner.config.keepalive_timeout, budget.take(n))
+        .await
+        .map_err(|_| SessionError::Timeout(label.to_owned()))
+}
+
 /// Something for a session's writer to do.
 #[derive(Debug)]
 pub(crate) enum Control {
@@ -116,9 +130,10 @@ pub(crate) enum Control {
     /// the bytes given or, where none are, read from the store; they count in the
     /// session's [`PushBacklog`] until sent.
     Push(Vec<Pushed>),
-    /// The peer holds `from`: send everything above it again. `asked`: at the peer's
-    /// request (`WantEvents`), which counts as one in the session's [`RequestBudget`].
-    Rewind { from: VersionVector, asked: bool },
+    /// The peer holds `from`: send everything above it again. `held`: what it counts in
+    /// the session's [`RequestBudget`] (at the peer's request, `WantEvents`: its entries;
+    /// the engine's own: none).
+    Rewind { from: VersionVector, held: usize },
     /// End the session.
     Close,
 }
@@ -354,8 +369,9 @@ async fn read_loop(
             Message::Ack { vv } => inner.record_ack(&peer, &vv),
             Message::WantEvents { from } => {
                 inner.record_ack(&peer, &from);
-                requests.take(1).await;
-                let _ = control.send(Control::Rewind { from, asked: true });
+                let held = from.0.len().max(1);
+                take_requests(inner, label, requests, held).await?;
+                let _ = control.send(Control::Rewind { from, held });
             }
             Message::WantChunks { hashes } => {
                 if hashes.len() > MAX_WANT_HASHES {
@@ -367,7 +383,7 @@ async fn read_loop(
                         ),
                     ));
                 }
-                requests.take(hashes.len()).await;
+                take_requests(inner, label, requests, hashes.len()).await?;
                 let _ = control.send(Control::ServeChunks(hashes));
             }
             Message::Chunks { items } => {
@@ -388,7 +404,7 @@ async fn read_loop(
                 }));
             }
             Message::Ping { nonce } => {
-                requests.take(1).await;
+                take_requests(inner, label, requests, 1).await?;
                 let _ = control.send(Control::Answer(Message::Pong { nonce }));
             }
             Message::Pong { .. } => {}
@@ -564,9 +580,9 @@ async fn handle_control(
             send_message(sender, inner, Some(peer), &msg).await?;
             outbox.requests.give_back(1);
         }
-        Control::Rewind { from, asked } => {
+        Control::Rewind { from, held } => {
             rewind(&inner.log, &from, sent, scan)?;
-            outbox.requests.give_back(usize::from(asked));
+            outbox.requests.give_back(held);
         }
         Control::ServeChunks(hashes) => outbox.add(hashes.into_iter().map(|hash| Queued {
             hash,

@@ -348,6 +348,17 @@ async fn bad_input_is_refused_and_the_daemon_keeps_serving() {
             false,
         ),
         (
+            "event naming a later event of its own origin as parent".into(),
+            with_hello(&events(vec![Event {
+                parents: vec![EventId {
+                    origin: SMUGGLED,
+                    seq: 7,
+                }],
+                ..event(SMUGGLED, 1, "smuggled.txt")
+            }])),
+            false,
+        ),
+        (
             "content tree 200 levels deep".into(),
             with_hello(&events(vec![Event {
                 op: Op::Put {
