@@ -1333,6 +1333,11 @@ async fn advance(
         let chunks = inner.log.chunks().clone();
         let held = inner.log.version_vector();
         let asked: std::collections::HashSet<Hash> = requested.keys().copied().collect();
+        // Each peer has a window of its own: one that never answers holds only its own.
+        let mut asked_of: HashMap<ReplicaId, usize> = HashMap::new();
+        for (peer, _, _) in requested.values() {
+            *asked_of.entry(*peer).or_default() += 1;
+        }
         let window = inner.config.chunk_window;
         let connected = inner.connected_peers();
         let mut tracked = std::mem::take(missing);
@@ -1347,9 +1352,13 @@ async fn advance(
             });
             let mut wants: BTreeMap<ReplicaId, Vec<Hash>> = BTreeMap::new();
             let mut wanted: std::collections::HashSet<Hash> = std::collections::HashSet::new();
-            let mut budget = window.saturating_sub(asked.len());
+            // What each peer may still be asked, and how many have no room left: once
+            // none has, the pass stops looking.
+            let mut budgets: HashMap<ReplicaId, usize> = HashMap::new();
+            let mut full = 0;
+            let peers = connected.len().max(1);
             for p in queue.iter() {
-                if budget == 0 {
+                if full >= peers {
                     break;
                 }
                 let Some(content) = p.event.op.content() else {
@@ -1361,27 +1370,36 @@ async fn advance(
                     // ahead of the one that counts.
                     continue;
                 }
+                let peer = if connected.contains(&p.from) {
+                    p.from
+                } else {
+                    connected.first().copied().unwrap_or(p.from)
+                };
+                let budget = budgets.entry(peer).or_insert_with(|| {
+                    let left = window.saturating_sub(asked_of.get(&peer).copied().unwrap_or(0));
+                    full += usize::from(left == 0);
+                    left
+                });
+                if *budget == 0 {
+                    continue;
+                }
                 let m = tracked
                     .entry(content.root)
                     .or_insert_with(|| Missing::new(content));
                 if m.refresh(&chunks, &in_flight).is_err() {
                     continue;
                 }
-                let peer = if connected.contains(&p.from) {
-                    p.from
-                } else {
-                    connected.first().copied().unwrap_or(p.from)
-                };
                 let asks = m.request(&mut |h| {
-                    if budget == 0 {
+                    if *budget == 0 {
                         Ask::Stop
                     } else if asked.contains(h) || !wanted.insert(*h) {
                         Ask::InFlight
                     } else {
-                        budget -= 1;
+                        *budget -= 1;
                         Ask::Yes
                     }
                 });
+                full += usize::from(*budget == 0);
                 if !asks.is_empty() {
                     wants.entry(peer).or_default().extend(asks);
                 }

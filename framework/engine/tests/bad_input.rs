@@ -189,6 +189,125 @@ async fn check(d: &Daemon, name: &str, bytes: &[u8], then_close: bool) {
     assert_eq!(d.log.len(), 0, "{name}: something was appended");
 }
 
+/// A peer that never answers chunk requests holds only its own window: the content of
+/// another peer's event is asked for at once, not after the first one's requests time out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_never_answers_does_not_hold_back_another_peers_content() {
+    // E: a real peer, which does not push its content (so that D has to ask for it).
+    let e_log = EventLog::open(LogConfig::temporary()).unwrap();
+    let log = EventLog::open(LogConfig::temporary()).unwrap();
+    let transport = TcpTransport::bind("127.0.0.1:0".parse().unwrap(), TcpOptions::default())
+        .await
+        .unwrap();
+    let addr = transport.local_addr();
+    let config = EngineConfig {
+        peers: vec![
+            PeerConfig {
+                id: KNOWN,
+                address: None,
+            },
+            PeerConfig {
+                id: e_log.replica(),
+                address: None,
+            },
+        ],
+        handshake_timeout: HANDSHAKE_TIMEOUT,
+        ..EngineConfig::default()
+    };
+    let engine = SyncEngine::builder(log.clone(), Arc::new(Lww))
+        .config(config)
+        .transport(Arc::new(transport))
+        .start()
+        .await
+        .unwrap();
+    let d = Daemon { engine, log, addr };
+
+    // The silent peer sends more events than a window holds, with content it never sends.
+    let mut stream = connect(&d).await;
+    let window = EngineConfig::default().chunk_window;
+    let batch: Vec<Event> = (1..=window as u64 + 500)
+        .map(|seq| Event {
+            op: Op::Put {
+                content: Some(ContentRef {
+                    root: Hash::of(&seq.to_le_bytes()),
+                    size: 100,
+                    depth: 0,
+                }),
+                meta: Meta::file(0),
+            },
+            ..event(KNOWN, seq, &format!("silent/{seq}"))
+        })
+        .collect();
+    stream.write_all(&hello(KNOWN)).await.unwrap();
+    for part in batch.chunks(500) {
+        stream.write_all(&events(part.to_vec())).await.unwrap();
+    }
+    let pending = || {
+        d.engine
+            .stats()
+            .pending
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    for _ in 0..500 {
+        if pending() as usize == batch.len() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        pending() as usize,
+        batch.len(),
+        "D holds the silent peer's events"
+    );
+
+    let e_transport = TcpTransport::bind("127.0.0.1:0".parse().unwrap(), TcpOptions::default())
+        .await
+        .unwrap();
+    let e = SyncEngine::builder(e_log.clone(), Arc::new(Lww))
+        .config(EngineConfig {
+            peers: vec![PeerConfig {
+                id: d.log.replica(),
+                address: Some(d.addr.to_string()),
+            }],
+            push_fresh_chunks: false,
+            ..EngineConfig::default()
+        })
+        .transport(Arc::new(e_transport))
+        .start()
+        .await
+        .unwrap();
+    let bytes = b"E's file, which D must ask E for".to_vec();
+    let content = ContentRef {
+        root: e_log.chunks().put(&bytes).unwrap(),
+        size: bytes.len() as u64,
+        depth: 0,
+    };
+    let key = Key::new("from/e").unwrap();
+    e_log
+        .append_local(vec![converge_framework::log::LocalChange::new(
+            key.clone(),
+            Op::Put {
+                content: Some(content),
+                meta: Meta::file(1),
+            },
+        )])
+        .await
+        .unwrap();
+    // Well inside the 20 s after which the silent peer's requests would time out.
+    let mut got = false;
+    for _ in 0..200 {
+        if d.log.heads(&key).unwrap().len() == 1 {
+            got = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(got, "E's event waited behind the silent peer's requests");
+    drop(stream);
+    e.shutdown().await.unwrap();
+    d.engine.shutdown().await.unwrap();
+}
+
 /// A peer that keeps asking for chunks while it reads nothing is pushed back: once the
 /// engine holds a bounded number of its requests, it stops reading from it (TCP then
 /// stops the peer's writes) instead of queueing every request in memory.
