@@ -31,18 +31,13 @@ fn named_by(event: &Event) -> impl Iterator<Item = Named> + '_ {
 }
 
 /// Events waiting, per origin, in seq order. Bounded: over the bound a new event is
-/// dropped (never appended out of order); the sender's resend brings it again later. No
-/// one sender may hold more than half of the bound, so a peer that sends events that can
-/// never be appended (of an origin it made up, behind a gap that never fills) cannot
-/// crowd out the others'.
+/// dropped (never appended out of order); the sender's resend brings it again later.
 #[derive(Debug)]
 pub struct PendingQueue {
     by_origin: BTreeMap<ReplicaId, BTreeMap<u64, PendingEvent>>,
     /// How many waiting events name each (parent, key): whether a waiting event is
     /// superseded by another, without a scan.
     named: HashMap<Named, usize>,
-    /// How many waiting events each peer sent (the latest sender of each).
-    by_sender: HashMap<ReplicaId, usize>,
     len: usize,
     max: usize,
     dropped: u64,
@@ -54,7 +49,6 @@ impl PendingQueue {
         PendingQueue {
             by_origin: BTreeMap::new(),
             named: HashMap::new(),
-            by_sender: HashMap::new(),
             len: 0,
             max,
             dropped: 0,
@@ -69,18 +63,13 @@ impl PendingQueue {
         }
         let queue = self.by_origin.entry(event.id.origin).or_default();
         if let Some(existing) = queue.get_mut(&event.id.seq) {
-            // The newest sender is the likeliest to be connected.
-            let before = std::mem::replace(&mut existing.from, from);
-            Self::uncount(&mut self.by_sender, &before);
-            *self.by_sender.entry(from).or_default() += 1;
+            existing.from = from; // the newest sender is the likeliest to be connected
             return true;
         }
-        let sent = self.by_sender.get(&from).copied().unwrap_or(0);
-        if self.len >= self.max || sent >= self.max.div_ceil(2) {
+        if self.len >= self.max {
             self.dropped += 1;
             return false;
         }
-        *self.by_sender.entry(from).or_default() += 1;
         for named in named_by(&event) {
             *self.named.entry(named).or_default() += 1;
         }
@@ -96,16 +85,6 @@ impl PendingQueue {
     /// [`take_ready`]: Self::take_ready
     pub fn superseded(&self, event: &Event) -> bool {
         self.named.contains_key(&(event.id, event.key.clone()))
-    }
-
-    /// Takes one off `sender`'s count.
-    fn uncount(by_sender: &mut HashMap<ReplicaId, usize>, sender: &ReplicaId) {
-        if let Some(count) = by_sender.get_mut(sender) {
-            *count -= 1;
-            if *count == 0 {
-                by_sender.remove(sender);
-            }
-        }
     }
 
     /// Forgets what a removed event named.
@@ -166,7 +145,6 @@ impl PendingQueue {
             for _ in 0..settled {
                 if let Some((_, pending)) = queue.pop_first() {
                     Self::unname(&mut self.named, &pending.event);
-                    Self::uncount(&mut self.by_sender, &pending.from);
                     ready.push(pending.event);
                     self.len -= 1;
                 }
@@ -183,7 +161,6 @@ impl PendingQueue {
             self.len -= queue.len();
             for pending in queue.values() {
                 Self::unname(&mut self.named, &pending.event);
-                Self::uncount(&mut self.by_sender, &pending.from);
             }
             *queue = keep;
         }
@@ -258,11 +235,10 @@ mod tests {
     #[test]
     fn releases_only_contiguous_complete_runs() {
         let peer = ReplicaId([9; 16]);
-        let other = ReplicaId([10; 16]);
         let mut q = PendingQueue::new(3);
         let held = VersionVector::new();
-        for (s, from) in [(3, other), (2, peer), (5, other)] {
-            assert!(q.insert(ev(s), from, &held));
+        for s in [3, 2, 5] {
+            assert!(q.insert(ev(s), peer, &held));
         }
         assert!(!q.insert(ev(6), peer, &held), "over the bound");
         assert_eq!(q.gaps(&held), vec![(ReplicaId([1; 16]), peer)]);
@@ -284,31 +260,6 @@ mod tests {
         );
         assert_eq!(ready.iter().map(|e| e.id.seq).collect::<Vec<_>>(), vec![3]);
         assert_eq!(q.len(), 1);
-    }
-
-    #[test]
-    fn one_sender_holds_at_most_half_the_queue() {
-        let (pushy, honest) = (ReplicaId([9; 16]), ReplicaId([10; 16]));
-        let held = VersionVector::new();
-        let mut q = PendingQueue::new(10);
-        // Events behind a gap that never fills, from one peer: it gets half the room.
-        let stuck: Vec<bool> = (2..=8).map(|s| q.insert(ev(s), pushy, &held)).collect();
-        assert_eq!(stuck, vec![true, true, true, true, true, false, false]);
-        assert_eq!(q.dropped(), 2);
-        // Another peer's events still find room; one it sends again moves to its count.
-        let mut other = ev(1);
-        other.id.origin = ReplicaId([2; 16]);
-        assert!(q.insert(other, honest, &held));
-        assert!(q.insert(ev(6), honest, &held), "a copy from the other peer");
-        assert!(q.insert(ev(7), pushy, &held), "room again after the move");
-        // Taken or pruned, events leave their sender's count.
-        let mut held = VersionVector::new();
-        held.set(ReplicaId([1; 16]), 8);
-        q.prune(&held);
-        assert_eq!(q.len(), 1);
-        assert_eq!(q.by_sender.get(&pushy), None);
-        assert_eq!(q.take_ready(&held, &mut |_| true).len(), 1);
-        assert!(q.by_sender.is_empty());
     }
 
     fn child(seq: u64, parent: u64) -> Event {
