@@ -1364,12 +1364,6 @@ async fn advance(
                 let Some(content) = p.event.op.content() else {
                     continue;
                 };
-                if queue.superseded(&p.event) {
-                    // Goes with the event that supersedes it, content or not: asking for
-                    // a version nobody may hold any more would only fill the window
-                    // ahead of the one that counts.
-                    continue;
-                }
                 let peer = if connected.contains(&p.from) {
                     p.from
                 } else {
@@ -1381,6 +1375,12 @@ async fn advance(
                     left
                 });
                 if *budget == 0 {
+                    continue;
+                }
+                if queue.superseded(&p.event) {
+                    // Goes with the event that supersedes it, content or not: asking for
+                    // a version nobody may hold any more would only fill the window
+                    // ahead of the one that counts.
                     continue;
                 }
                 let m = tracked

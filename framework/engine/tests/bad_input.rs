@@ -295,7 +295,7 @@ async fn a_peer_that_never_answers_does_not_hold_back_another_peers_content() {
         .unwrap();
     // Well inside the 20 s after which the silent peer's requests would time out.
     let mut got = false;
-    for _ in 0..200 {
+    for _ in 0..400 {
         if d.log.heads(&key).unwrap().len() == 1 {
             got = true;
             break;
