@@ -40,16 +40,21 @@ struct Daemon {
 }
 
 async fn start() -> Daemon {
+    start_knowing(&[]).await
+}
+
+/// As [`start`], knowing the replicas `also` too (which dial it).
+async fn start_knowing(also: &[ReplicaId]) -> Daemon {
     let log = EventLog::open(LogConfig::temporary()).unwrap();
     let transport = TcpTransport::bind("127.0.0.1:0".parse().unwrap(), TcpOptions::default())
         .await
         .unwrap();
     let addr = transport.local_addr();
     let config = EngineConfig {
-        peers: vec![PeerConfig {
-            id: KNOWN,
-            address: None,
-        }],
+        peers: std::iter::once(KNOWN)
+            .chain(also.iter().copied())
+            .map(|id| PeerConfig { id, address: None })
+            .collect(),
         handshake_timeout: HANDSHAKE_TIMEOUT,
         ..EngineConfig::default()
     };
@@ -195,32 +200,7 @@ async fn check(d: &Daemon, name: &str, bytes: &[u8], then_close: bool) {
 async fn a_peer_that_never_answers_does_not_hold_back_another_peers_content() {
     // E: a real peer, which does not push its content (so that D has to ask for it).
     let e_log = EventLog::open(LogConfig::temporary()).unwrap();
-    let log = EventLog::open(LogConfig::temporary()).unwrap();
-    let transport = TcpTransport::bind("127.0.0.1:0".parse().unwrap(), TcpOptions::default())
-        .await
-        .unwrap();
-    let addr = transport.local_addr();
-    let config = EngineConfig {
-        peers: vec![
-            PeerConfig {
-                id: KNOWN,
-                address: None,
-            },
-            PeerConfig {
-                id: e_log.replica(),
-                address: None,
-            },
-        ],
-        handshake_timeout: HANDSHAKE_TIMEOUT,
-        ..EngineConfig::default()
-    };
-    let engine = SyncEngine::builder(log.clone(), Arc::new(Lww))
-        .config(config)
-        .transport(Arc::new(transport))
-        .start()
-        .await
-        .unwrap();
-    let d = Daemon { engine, log, addr };
+    let d = start_knowing(&[e_log.replica()]).await;
 
     // The silent peer sends more events than a window holds, with content it never sends.
     let mut stream = connect(&d).await;

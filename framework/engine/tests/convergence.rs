@@ -432,8 +432,8 @@ async fn a_failed_append_of_remote_events_is_tried_again_until_it_works() {
     }
 }
 
-/// An event whose content no replica holds any more (its origin's file changed before a
-/// peer fetched it) does not hold back its origin's later events: once a later event
+/// An event whose content no replica holds any more (a copy lent to a folder and edited
+/// there before a peer fetched it) does not hold back its origin's later events: once a later event
 /// that supersedes it arrives, both are appended, and the key shows the later one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_whose_content_is_gone_goes_with_the_event_that_supersedes_it() {
@@ -442,7 +442,7 @@ async fn an_event_whose_content_is_gone_goes_with_the_event_that_supersedes_it()
         .collect();
     let engines = start_engines(&logs, &[vec![1], vec![0]]).await;
     let key = Key::new("edited/twice").unwrap();
-    // Content A never stored (as a file changed after it was chunked).
+    // Content A never stored (as bytes edited in place before anyone fetched them).
     let mut tree = TreeBuilder::new();
     let gone = converge_api::Hash::of(b"bytes overwritten before anyone fetched them");
     tree.push(gone, 44, &mut |_, _| {});
