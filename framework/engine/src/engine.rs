@@ -1444,11 +1444,7 @@ async fn advance(
         let outcome = match inner.log.append(ready.clone()).await {
             Ok(outcome) => outcome,
             Err(e) => {
-                let held = inner.log.version_vector();
-                for event in ready {
-                    let from = event.id.origin;
-                    queue.insert(event, from, &held);
-                }
+                requeue(inner, &mut queue, ready);
                 return (queue, Err(e.into()));
             }
         };
@@ -1457,20 +1453,22 @@ async fn advance(
             events: n,
             duration: started.elapsed(),
         });
-        if outcome.appended.is_empty() {
+        let stalled = outcome.appended.is_empty();
+        requeue(inner, &mut queue, outcome.out_of_order);
+        if stalled {
             // Nothing went in (all held already, or ahead of a gap the log sees and the
             // queue did not): another pass would take the same events again.
-            for event in outcome.out_of_order {
-                let from = event.id.origin;
-                queue.insert(event, from, &inner.log.version_vector());
-            }
             return (queue, Ok(()));
         }
-        let held = inner.log.version_vector();
-        for event in outcome.out_of_order {
-            let from = event.id.origin;
-            queue.insert(event, from, &held);
-        }
+    }
+}
+
+/// Puts `events`, taken from `queue` and not appended, back into it.
+fn requeue(inner: &Inner, queue: &mut PendingQueue, events: Vec<Event>) {
+    let held = inner.log.version_vector();
+    for event in events {
+        let from = event.id.origin;
+        queue.insert(event, from, &held);
     }
 }
 

@@ -719,7 +719,9 @@ impl Writer {
         // the request, never only its first events (one taken without its content for
         // being superseded by a later one of the request would be left a head).
         for event in &events {
-            self.staged_state(&mut pending.states, &event.key)?;
+            if event.id.seq > self.vv.get(&event.id.origin) {
+                self.staged_state(&mut pending.states, &event.key)?;
+            }
         }
         for event in events {
             let held = self.vv.get(&event.id.origin);
@@ -749,12 +751,11 @@ impl Writer {
         })
     }
 
+    /// Stages `event`. Its key's state must be staged already (both callers read it
+    /// first): the read may fail, and a failure here would leave the event in its segment
+    /// at an offset the next event takes too.
     fn stage_event(&mut self, event: &Event, pending: &mut Pending) -> Result<(), LogError> {
         let offset = self.next_offset;
-        // The key's state first (it may have to be read, and the read may fail): a failure
-        // must leave nothing of the event staged, or the commit would write it at an
-        // offset the next event takes too.
-        self.staged_state(&mut pending.states, &event.key)?;
         let segment = pending
             .open
             .get_or_insert_with(|| SegmentBuilder::new(offset));

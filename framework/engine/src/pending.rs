@@ -14,20 +14,23 @@ pub struct PendingEvent {
     pub from: ReplicaId,
 }
 
-/// What a waiting event names as a parent: the parent's ID and the key, which a parent
-/// shares with the event naming it (heads are per key).
-type Named = (EventId, Key);
-
-/// The parents of its own origin `event` names, as [`Named`] entries: only those are
-/// taken with it (an origin's run is appended in order; another origin's event naming one
-/// of them is appended on its own, and the one it names still waits for its content).
-fn named_by(event: &Event) -> impl Iterator<Item = Named> + '_ {
+/// The parents `event` names that can go with it: earlier events of its own origin (an
+/// origin's run is appended in order; another origin's event naming one of them is
+/// appended on its own, and the one it names still waits for its content).
+fn named_by(event: &Event) -> impl Iterator<Item = &EventId> + '_ {
     let id = event.id;
     event
         .parents
         .iter()
         .filter(move |p| p.origin == id.origin && p.seq < id.seq)
-        .map(move |p| (*p, event.key.clone()))
+}
+
+/// Whether `named` holds `event` as named under its own key (a parent shares its key with
+/// the event naming it: heads are per key).
+fn is_named(named: &HashMap<EventId, Vec<Key>>, event: &Event) -> bool {
+    named
+        .get(&event.id)
+        .is_some_and(|keys| keys.contains(&event.key))
 }
 
 /// Events waiting, per origin, in seq order. Bounded: over the bound a new event is
@@ -35,9 +38,9 @@ fn named_by(event: &Event) -> impl Iterator<Item = Named> + '_ {
 #[derive(Debug)]
 pub struct PendingQueue {
     by_origin: BTreeMap<ReplicaId, BTreeMap<u64, PendingEvent>>,
-    /// How many waiting events name each (parent, key): whether a waiting event is
-    /// superseded by another, without a scan.
-    named: HashMap<Named, usize>,
+    /// The keys of the waiting events naming each parent (see [`named_by`]), once per
+    /// event: whether a waiting event is superseded by another, without a scan.
+    named: HashMap<EventId, Vec<Key>>,
     len: usize,
     max: usize,
     dropped: u64,
@@ -70,8 +73,11 @@ impl PendingQueue {
             self.dropped += 1;
             return false;
         }
-        for named in named_by(&event) {
-            *self.named.entry(named).or_default() += 1;
+        for parent in named_by(&event) {
+            self.named
+                .entry(*parent)
+                .or_default()
+                .push(event.key.clone());
         }
         queue.insert(event.id.seq, PendingEvent { event, from });
         self.len += 1;
@@ -84,16 +90,18 @@ impl PendingQueue {
     ///
     /// [`take_ready`]: Self::take_ready
     pub fn superseded(&self, event: &Event) -> bool {
-        self.named.contains_key(&(event.id, event.key.clone()))
+        is_named(&self.named, event)
     }
 
     /// Forgets what a removed event named.
-    fn unname(named: &mut HashMap<Named, usize>, event: &Event) {
-        for entry in named_by(event) {
-            if let Some(count) = named.get_mut(&entry) {
-                *count -= 1;
-                if *count == 0 {
-                    named.remove(&entry);
+    fn unname(named: &mut HashMap<EventId, Vec<Key>>, event: &Event) {
+        for parent in named_by(event) {
+            if let Some(keys) = named.get_mut(parent) {
+                if let Some(i) = keys.iter().position(|k| *k == event.key) {
+                    keys.swap_remove(i);
+                }
+                if keys.is_empty() {
+                    named.remove(parent);
                 }
             }
         }
@@ -132,7 +140,7 @@ impl PendingQueue {
                     }
                 }
                 if !is_complete(event) {
-                    if !self.named.contains_key(&(event.id, event.key.clone())) {
+                    if !is_named(&self.named, event) {
                         break;
                     }
                     unresolved.insert(event.id, &event.key);

@@ -65,38 +65,35 @@ pub enum SessionError {
 /// are bounded by its window (2,048 hashes by default, asked again after a timeout).
 const REQUESTS_HELD: usize = 1 << 16;
 
-/// The count of a session's requests held (see [`REQUESTS_HELD`]): taken by the reader as
-/// it queues them, given back by the writer as it deals with them.
-#[derive(Debug, Default)]
-struct RequestBudget {
-    held: AtomicUsize,
-    freed: tokio::sync::Notify,
+/// The room for a session's requests (see [`REQUESTS_HELD`]): taken by the reader as it
+/// queues them, given back by the writer as it deals with them.
+#[derive(Debug)]
+struct RequestBudget(tokio::sync::Semaphore);
+
+impl Default for RequestBudget {
+    fn default() -> Self {
+        RequestBudget(tokio::sync::Semaphore::new(REQUESTS_HELD))
+    }
 }
 
 impl RequestBudget {
-    /// Waits until `n` more requests fit (any number does when none is held, so that one
-    /// large request cannot wait for ever), then counts them.
+    /// What `n` requests count: at most the whole budget, so that one large request
+    /// (a `WantEvents` with a long version vector) waits for all the room, not for ever.
+    fn units(n: usize) -> u32 {
+        u32::try_from(n.min(REQUESTS_HELD)).unwrap_or(u32::MAX)
+    }
+
+    /// Waits until `n` more requests fit, then counts them.
     async fn take(&self, n: usize) {
-        loop {
-            let held = self.held.load(Ordering::Acquire);
-            if held == 0 || held + n <= REQUESTS_HELD {
-                self.held.fetch_add(n, Ordering::AcqRel);
-                return;
-            }
-            self.freed.notified().await;
+        // The semaphore is never closed, so acquiring fails only if it were.
+        if let Ok(permit) = self.0.acquire_many(Self::units(n)).await {
+            permit.forget();
         }
     }
 
     /// Gives back `n` requests dealt with.
     fn give_back(&self, n: usize) {
-        if n > 0 {
-            let _ = self
-                .held
-                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
-                    Some(held.saturating_sub(n))
-                });
-            self.freed.notify_one();
-        }
+        self.0.add_permits(Self::units(n) as usize);
     }
 }
 
@@ -657,9 +654,15 @@ impl Outbox {
                 dropped.push(item);
             }
         }
-        self.pushed.release_queued(&dropped);
+        self.release(&dropped);
+    }
+
+    /// Stops counting `items`, taken off the queue or never put on it: the pushed ones in
+    /// the push backlog, the asked-for ones in the peer's request budget.
+    fn release(&self, items: &[Queued]) {
+        self.pushed.release_queued(items);
         self.requests
-            .give_back(dropped.iter().filter(|q| !q.pushed).count());
+            .give_back(items.iter().filter(|q| !q.pushed).count());
     }
 
     /// Reads chunks from the front of the queue up to one frame's worth and sends them.
@@ -727,9 +730,7 @@ impl Outbox {
         for item in &batch {
             self.queued.remove(&item.hash);
         }
-        self.pushed.release_queued(&batch);
-        self.requests
-            .give_back(batch.iter().filter(|q| !q.pushed).count());
+        self.release(&batch);
         if self.queue.is_empty() {
             self.queue.shrink_to(1024);
             self.queued.shrink_to(1024);
