@@ -32,13 +32,24 @@ pub const MAX_CHUNK: u32 = 64 * 1024;
 /// Chunks the file at `path`, puts every data chunk and index node into `chunks`, and
 /// returns the content reference (root, size, depth).
 pub fn store_file(path: &Path, chunks: &ChunkStore) -> Result<ContentRef, FsError> {
+    chunk_file(path, Some(chunks)).map(|(content, _)| content)
+}
+
+/// [`store_file`], also returning the metadata of the file read, taken from its open
+/// handle once read: a scan compares it with what it looked at before reading (same inode,
+/// same size, mtime and mode) to tell that the content it stored is the one it looked at.
+/// (The handle's stat costs no path look-up, unlike a second `lstat`.)
+pub(crate) fn store_file_read(
+    path: &Path,
+    chunks: &ChunkStore,
+) -> Result<(ContentRef, Metadata), FsError> {
     chunk_file(path, Some(chunks))
 }
 
 /// The content reference of the file at `path`, without storing anything (to check a file
 /// on disk against a reference).
 pub fn hash_file(path: &Path) -> Result<ContentRef, FsError> {
-    chunk_file(path, None)
+    chunk_file(path, None).map(|(content, _)| content)
 }
 
 /// Files at least this large are chunked on two threads, one cutting while the other
@@ -123,8 +134,20 @@ fn put_piece(store: &ChunkStore, stream: Option<u64>, piece: &Piece) -> Result<(
     }
 }
 
-fn chunk_file(path: &Path, store: Option<&ChunkStore>) -> Result<ContentRef, FsError> {
+/// Chunks the file at `path` (see [`store_file`]); returns its content reference and its
+/// metadata once read.
+fn chunk_file(path: &Path, store: Option<&ChunkStore>) -> Result<(ContentRef, Metadata), FsError> {
     let file = open_noatime(path).map_err(FsError::io("opening", path))?;
+    let content = chunk_open_file(path, &file, store)?;
+    let read = file.metadata().map_err(FsError::io("reading", path))?;
+    Ok((content, read))
+}
+
+fn chunk_open_file(
+    path: &Path,
+    file: &File,
+    store: Option<&ChunkStore>,
+) -> Result<ContentRef, FsError> {
     let size = file.metadata().map(|m| m.len()).ok();
     // A large file's data is one stream, which a peer can write straight into a file.
     let stream = size.is_some_and(|n| n >= PIPELINE_BYTES).then(new_stream);
@@ -279,7 +302,7 @@ impl Hasher {
 /// size; `recycled` gives back windows to read into again.
 fn cut(
     path: &Path,
-    mut file: File,
+    mut file: &File,
     size: Option<u64>,
     recycled: Option<&Receiver<Vec<u8>>>,
     window: &mut dyn FnMut(Vec<u8>, Vec<Range<usize>>) -> Result<(), LogError>,
@@ -411,7 +434,7 @@ mod tests {
             }
             Ok(())
         };
-        cut(path, file, size_hint, None, &mut |bytes, cuts| {
+        cut(path, &file, size_hint, None, &mut |bytes, cuts| {
             hasher.window(bytes, cuts, put).map(drop)
         })
         .unwrap();
@@ -427,7 +450,7 @@ mod tests {
         let mut hasher = Hasher::default();
         let put = &mut |_: &Piece| Ok(());
         let file = File::open(&path).unwrap();
-        cut(&path, file, None, None, &mut |bytes, cuts| {
+        cut(&path, &file, None, None, &mut |bytes, cuts| {
             hasher.window(bytes, cuts, put).map(drop)
         })
         .unwrap();

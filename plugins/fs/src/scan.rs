@@ -8,6 +8,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs::Metadata;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -20,7 +21,7 @@ use converge_framework::reconciler::pick;
 use ignore::{WalkBuilder, WalkState};
 use tokio::sync::mpsc;
 
-use crate::content::{changed_at_ms, file_stat, mtime_ms, put_stat, store_file};
+use crate::content::{changed_at_ms, file_stat, mtime_ms, put_stat, store_file_read};
 use crate::echo::{known_state, Applied, Echo};
 use crate::error::FsError;
 use crate::rules::Rules;
@@ -102,9 +103,11 @@ pub(crate) fn examine_file(
     if env.echo.is_failed(key) && known_state(&env.log, &env.echo, key, path, meta) {
         return Ok((None, 0));
     }
-    let content = store_file(path, &env.chunks)?;
-    let after = std::fs::symlink_metadata(path).map_err(FsError::io("reading", path))?;
-    if file_stat(&after) != stat || content.size != stat.0 {
+    let (content, read) = store_file_read(path, &env.chunks)?;
+    // The file read is the one looked at (not one renamed over it since), and unchanged
+    // by the end of the read. One renamed over it after the read is the watcher's news.
+    let same_file = (read.dev(), read.ino()) == (meta.dev(), meta.ino());
+    if !same_file || file_stat(&read) != stat || content.size != stat.0 {
         tracing::debug!("{key}: changed while it was read; looked at again once written");
         return Ok((None, content.size));
     }
@@ -560,20 +563,24 @@ mod tests {
     use super::*;
     use converge_framework::log::LogConfig;
 
+    fn env(root: &Path) -> Env {
+        let log = EventLog::open(LogConfig::temporary()).unwrap();
+        Env {
+            rules: Rules::load(root, &[]),
+            echo: Arc::new(Echo::default()),
+            resolver: Resolver::default(),
+            chunks: log.chunks().clone(),
+            log,
+        }
+    }
+
     /// The window between looking at a file and reading it: a file written in it (its
     /// stat no longer the one looked at) is not recorded from that read.
     #[test]
     fn a_file_changed_while_examined_is_not_recorded_from_that_read() {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().canonicalize().unwrap();
-        let log = EventLog::open(LogConfig::temporary()).unwrap();
-        let env = Env {
-            rules: Rules::load(&root, &[]),
-            echo: Arc::new(Echo::default()),
-            resolver: Resolver::default(),
-            chunks: log.chunks().clone(),
-            log,
-        };
+        let env = env(&root);
         let path = root.join("f.txt");
         let key = Key::new("f.txt").unwrap();
         std::fs::write(&path, b"first").unwrap();
@@ -588,5 +595,30 @@ mod tests {
             matches!(op, Some(Op::Put { content: Some(c), .. }) if c.size == 21),
             "{op:?}"
         );
+    }
+
+    /// Another file renamed over the one looked at, with the same size, mtime and mode, is
+    /// not recorded from a read of it under the stat of the first: the read is of another
+    /// inode.
+    #[test]
+    fn a_file_replaced_while_examined_is_not_recorded_from_that_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().canonicalize().unwrap();
+        let env = env(&root);
+        let (path, other) = (root.join("f.txt"), root.join("g.txt"));
+        let key = Key::new("f.txt").unwrap();
+        std::fs::write(&path, b"first").unwrap();
+        let looked_at = std::fs::symlink_metadata(&path).unwrap();
+        std::fs::write(&other, b"other").unwrap();
+        let mtime = filetime::FileTime::from_last_modification_time(&looked_at);
+        filetime::set_file_mtime(&other, mtime).unwrap();
+        std::fs::rename(&other, &path).unwrap();
+        let now = std::fs::symlink_metadata(&path).unwrap();
+        assert_eq!(file_stat(&now), file_stat(&looked_at));
+
+        let (op, _) = examine_file(&env, &key, &path, &looked_at, &[]).unwrap();
+        assert_eq!(op, None);
+        let (op, _) = examine_file(&env, &key, &path, &now, &[]).unwrap();
+        assert!(matches!(op, Some(Op::Put { .. })), "{op:?}");
     }
 }
