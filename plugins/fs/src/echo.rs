@@ -76,6 +76,20 @@ impl Echo {
         self.lock().insert(key.clone(), (applied, Instant::now()));
     }
 
+    /// [`Echo::record`], returning what was recorded before (for [`Echo::put_back`]).
+    pub(crate) fn replace(&self, key: &Key, applied: Applied) -> Option<(Applied, Instant)> {
+        self.lock().insert(key.clone(), (applied, Instant::now()))
+    }
+
+    /// Puts back what [`Echo::replace`] returned: the write it recorded did not happen.
+    pub(crate) fn put_back(&self, key: &Key, before: Option<(Applied, Instant)>) {
+        let mut map = self.lock();
+        match before {
+            Some(entry) => map.insert(key.clone(), entry),
+            None => map.remove(key),
+        };
+    }
+
     pub(crate) fn get(&self, key: &Key) -> Option<Applied> {
         self.lock().get(key).map(|(a, _)| *a)
     }

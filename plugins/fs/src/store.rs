@@ -15,7 +15,7 @@ use std::io::ErrorKind;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use async_trait::async_trait;
 use converge_api::{ContentRef, EntryKind, Head, Key, Meta, Op};
@@ -340,6 +340,8 @@ fn apply_blocking(
         ctx,
         guarded,
         checked: HashSet::new(),
+        made: HashSet::new(),
+        rename_new: cfg!(target_os = "linux"),
         dirty: false,
         temp_dir: temp_dir_for(&root, config.temp_dir.as_deref()),
         failed: Vec::new(),
@@ -541,6 +543,11 @@ struct Writer {
     guarded: bool,
     /// Directories already checked to be real directories (not symlinks) in this batch.
     checked: HashSet<PathBuf>,
+    /// Directories this writer created in this batch (see [`Writer::write_new`]); cleared
+    /// for good when the file system cannot rename without replacing.
+    made: HashSet<PathBuf>,
+    /// Whether [`rename_new`] works here (until it fails other than by finding a file).
+    rename_new: bool,
     dirty: bool,
     /// Where temp files go when not beside their final path: see [`temp_dir_for`].
     temp_dir: Option<PathBuf>,
@@ -573,6 +580,8 @@ impl Writer {
             ctx: self.ctx.clone(),
             guarded: self.guarded,
             checked: self.checked.clone(),
+            made: self.made.clone(),
+            rename_new: self.rename_new,
             dirty: false,
             temp_dir: self.temp_dir.clone(),
             failed: Vec::new(),
@@ -712,7 +721,10 @@ impl Writer {
                 self.make_way(&p, &path)?;
             }
             match std::fs::create_dir(&path) {
-                Ok(()) => self.dirty = true,
+                Ok(()) => {
+                    self.dirty = true;
+                    self.made.insert(path.clone());
+                }
                 Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
                 Err(e) => {
                     return Err(FsError::Io {
@@ -812,6 +824,7 @@ impl Writer {
         self.echo.record(key, Applied::Dir);
         std::fs::create_dir(path).map_err(FsError::io("creating", path))?;
         self.dirty = true;
+        self.made.insert(path.to_owned());
         Ok(())
     }
 
@@ -876,6 +889,15 @@ impl Writer {
             executable: meta.executable,
             root: content.root,
         };
+        // In a directory made in this batch, the file is most likely new: written without
+        // looking first, unless the rename finds something there after all.
+        if self.rename_new
+            && path.parent().is_some_and(|p| self.made.contains(p))
+            && self.write_new(&path, echo_key, record, content, meta)?
+        {
+            self.dirty = true;
+            return Ok(Ok(()));
+        }
         let mut base_mode = 0o644;
         match std::fs::symlink_metadata(&path) {
             Ok(m) if m.is_file() => {
@@ -940,15 +962,7 @@ impl Writer {
 
         let mode = mode_for(base_mode, meta.executable);
         loop {
-            let name = format!(
-                "{TEMP_PREFIX}{}-{}",
-                std::process::id(),
-                TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)
-            );
-            let temp = match &self.temp_dir {
-                Some(dir) => dir.join(name),
-                None => path.parent().unwrap_or(self.rules.root()).join(name),
-            };
+            let temp = self.temp_path(&path);
             let written = self.write_temp(&temp, content, mode, meta.mtime_ms);
             if let Err(e) = written {
                 let _ = std::fs::remove_file(&temp);
@@ -978,6 +992,60 @@ impl Writer {
         }
         self.dirty = true;
         Ok(Ok(()))
+    }
+
+    /// Writes `content` at `path` if nothing is there (see [`rename_new`]): whether it
+    /// did. When something is there, nothing changed (the temp file is removed, the echo
+    /// record put back) and the caller looks at what is there as it does for any file.
+    fn write_new(
+        &mut self,
+        path: &Path,
+        echo_key: Option<&Key>,
+        record: Applied,
+        content: &ContentRef,
+        meta: &Meta,
+    ) -> Result<bool, FsError> {
+        let temp = self.temp_path(path);
+        let mode = mode_for(0o644, meta.executable);
+        if let Err(e) = self.write_temp(&temp, content, mode, meta.mtime_ms) {
+            let _ = std::fs::remove_file(&temp);
+            return Err(e);
+        }
+        let before = echo_key.map(|k| (k, self.echo.replace(k, record)));
+        let renamed = rename_new(&temp, path);
+        if renamed.is_ok() {
+            return Ok(true);
+        }
+        let _ = std::fs::remove_file(&temp);
+        if let Some((k, before)) = before {
+            self.echo.put_back(k, before);
+        }
+        if let Err(e) = renamed {
+            if e.kind() != ErrorKind::AlreadyExists {
+                // Not supported here (or another mount): the usual way from now on.
+                tracing::debug!(
+                    "{}: {e}; looking before writing from now on",
+                    path.display()
+                );
+                self.rename_new = false;
+            }
+        }
+        Ok(false)
+    }
+
+    /// A fresh temp file name for a file to be renamed to `path`.
+    fn temp_path(&self, path: &Path) -> PathBuf {
+        // The process ID, read once: each read is a system call.
+        static PID: OnceLock<u32> = OnceLock::new();
+        let name = format!(
+            "{TEMP_PREFIX}{}-{}",
+            PID.get_or_init(std::process::id),
+            TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        match &self.temp_dir {
+            Some(dir) => dir.join(name),
+            None => path.parent().unwrap_or(self.rules.root()).join(name),
+        }
     }
 
     fn write_temp(
@@ -1179,6 +1247,38 @@ fn utc_stamp(wall_ms: u64) -> String {
     )
 }
 
+/// Renames `from` to `to` unless something is at `to` (an `AlreadyExists` error then),
+/// in one step: nothing written at `to` meanwhile is ever replaced.
+fn rename_new(from: &Path, to: &Path) -> std::io::Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::ffi::CString;
+        use std::os::unix::ffi::OsStrExt;
+        let from = CString::new(from.as_os_str().as_bytes())?;
+        let to = CString::new(to.as_os_str().as_bytes())?;
+        // SAFETY: both are NUL-terminated strings that live through the call.
+        let rc = unsafe {
+            libc::renameat2(
+                libc::AT_FDCWD,
+                from.as_ptr(),
+                libc::AT_FDCWD,
+                to.as_ptr(),
+                libc::RENAME_NOREPLACE,
+            )
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = (from, to);
+        Err(std::io::Error::from(ErrorKind::Unsupported))
+    }
+}
+
 /// Makes every write of the batch durable at once.
 fn sync_all(root: &Path) -> Result<(), FsError> {
     let dir = File::open(root).map_err(FsError::io("opening", root))?;
@@ -1210,6 +1310,21 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use converge_api::{EventId, Hash, Hlc, ReplicaId};
+
+    #[test]
+    fn a_rename_to_a_new_name_never_replaces_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (from, to) = (dir.path().join("temp"), dir.path().join("file"));
+        std::fs::write(&from, b"new").unwrap();
+        std::fs::write(&to, b"the user's").unwrap();
+        let refused = rename_new(&from, &to).unwrap_err();
+        assert_eq!(refused.kind(), ErrorKind::AlreadyExists);
+        assert_eq!(std::fs::read(&to).unwrap(), b"the user's");
+        std::fs::remove_file(&to).unwrap();
+        rename_new(&from, &to).unwrap();
+        assert_eq!(std::fs::read(&to).unwrap(), b"new");
+        assert!(!from.exists());
+    }
 
     #[test]
     fn the_umask_is_read_as_the_kernel_has_it() {
