@@ -43,7 +43,9 @@ pub(crate) fn store_file_read(
     path: &Path,
     chunks: &ChunkStore,
 ) -> Result<(ContentRef, Metadata), FsError> {
-    chunk_file(path, Some(chunks))
+    let (content, file) = chunk_file(path, Some(chunks))?;
+    let read = file.metadata().map_err(FsError::io("reading", path))?;
+    Ok((content, read))
 }
 
 /// The content reference of the file at `path`, without storing anything (to check a file
@@ -134,13 +136,12 @@ fn put_piece(store: &ChunkStore, stream: Option<u64>, piece: &Piece) -> Result<(
     }
 }
 
-/// Chunks the file at `path` (see [`store_file`]); returns its content reference and its
-/// metadata once read.
-fn chunk_file(path: &Path, store: Option<&ChunkStore>) -> Result<(ContentRef, Metadata), FsError> {
+/// Chunks the file at `path` (see [`store_file`]); returns its content reference and the
+/// file, still open.
+fn chunk_file(path: &Path, store: Option<&ChunkStore>) -> Result<(ContentRef, File), FsError> {
     let file = open_noatime(path).map_err(FsError::io("opening", path))?;
     let content = chunk_open_file(path, &file, store)?;
-    let read = file.metadata().map_err(FsError::io("reading", path))?;
-    Ok((content, read))
+    Ok((content, file))
 }
 
 fn chunk_open_file(

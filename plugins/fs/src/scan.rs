@@ -106,7 +106,13 @@ pub(crate) fn examine_file(
     let (content, read) = store_file_read(path, &env.chunks)?;
     // The file read is the one looked at (not one renamed over it since), and unchanged
     // by the end of the read. One renamed over it after the read is the watcher's news.
-    let same_file = (read.dev(), read.ino()) == (meta.dev(), meta.ino());
+    let looked_at = (meta.dev(), meta.ino());
+    let same_file = (read.dev(), read.ino()) == looked_at || {
+        // Some file systems give an open file another identity than its path (overlayfs
+        // before Linux 4.19): then the path says whether it is still the one looked at.
+        let now = std::fs::symlink_metadata(path).map_err(FsError::io("reading", path))?;
+        (now.dev(), now.ino()) == looked_at && file_stat(&now) == stat
+    };
     if !same_file || file_stat(&read) != stat || content.size != stat.0 {
         tracing::debug!("{key}: changed while it was read; looked at again once written");
         return Ok((None, content.size));

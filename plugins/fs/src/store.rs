@@ -310,6 +310,7 @@ fn sweep_temp_files(root: &Path, recursive: bool) -> Result<u64, FsError> {
 }
 
 /// A key the store will not touch here, and why (warned, then skipped).
+#[derive(Debug)]
 struct Refused(String);
 
 /// Applies `views` as the store `name` (the folder's own if `guarded`, see
@@ -994,8 +995,9 @@ impl Writer {
         Ok(Ok(()))
     }
 
-    /// Writes `content` at `path` if nothing is there (see [`rename_new`]): whether it
-    /// did. When something is there, nothing changed (the temp file is removed, the echo
+    /// Writes `content` at `path` if nothing is there (see [`rename_new`]; a file system
+    /// that accepts the flag but replaces anyway, as a broken FUSE server might, would skip
+    /// the check of what is there): whether it did. When something is there, nothing changed (the temp file is removed, the echo
     /// record put back) and the caller looks at what is there as it does for any file.
     fn write_new(
         &mut self,
@@ -1020,15 +1022,27 @@ impl Writer {
         if let Some((k, before)) = before {
             self.echo.put_back(k, before);
         }
-        if let Err(e) = renamed {
-            if e.kind() != ErrorKind::AlreadyExists {
-                // Not supported here (or another mount): the usual way from now on.
-                tracing::debug!(
-                    "{}: {e}; looking before writing from now on",
-                    path.display()
-                );
+        match renamed {
+            // The temp dir is on another mount (a bind mount): temp files beside their
+            // final paths from now on, as the usual way does.
+            Err(e) if e.raw_os_error() == Some(libc::EXDEV) && self.temp_dir.is_some() => {
+                tracing::debug!("{}: {e}; writing temp files in the folder", temp.display());
+                self.temp_dir = None;
+            }
+            // The file system (or a sandbox) cannot rename without replacing: the usual
+            // way for the rest of this writer's files (one wasted write per batch).
+            Err(e)
+                if e.kind() == ErrorKind::Unsupported
+                    || matches!(
+                        e.raw_os_error(),
+                        Some(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP | libc::EPERM)
+                    ) =>
+            {
+                tracing::debug!("{}: {e}; looking before writing", path.display());
                 self.rename_new = false;
             }
+            // Something is there, or an error the usual way meets and reports.
+            _ => {}
         }
         Ok(false)
     }
@@ -1311,6 +1325,66 @@ mod tests {
     use super::*;
     use converge_api::{EventId, Hash, Hlc, ReplicaId};
 
+    /// A writer of the folder's own (guarded) store over `root`, writing temp files beside
+    /// their final paths, and the content of `bytes` in its log's content store.
+    fn writer(root: &Path, bytes: &[u8]) -> (Writer, ContentRef) {
+        let log = EventLog::open(converge_framework::log::LogConfig::temporary()).unwrap();
+        let source = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(source.path(), bytes).unwrap();
+        let content = crate::content::store_file(source.path(), log.chunks()).unwrap();
+        let w = Writer {
+            rules: Rules::load(root, &[]),
+            echo: Arc::new(Echo::default()),
+            ctx: StoreContext::new(log),
+            guarded: true,
+            checked: HashSet::new(),
+            made: HashSet::new(),
+            rename_new: cfg!(target_os = "linux"),
+            dirty: false,
+            temp_dir: None,
+            failed: Vec::new(),
+        };
+        (w, content)
+    }
+
+    /// A file found in a directory the batch made (created there meanwhile, unrecorded)
+    /// goes the usual way: the folder's own store leaves it alone, and the echo record
+    /// is what it was before, since the store wrote nothing.
+    #[test]
+    fn a_file_found_in_a_directory_made_in_the_batch_is_not_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().canonicalize().unwrap();
+        let (mut w, content) = writer(&root, b"from a peer");
+        let key = Key::new("d/f.txt").unwrap();
+        let meta = Meta {
+            kind: EntryKind::File,
+            mtime_ms: 1_000_000,
+            executable: false,
+        };
+        w.make_parents(&key).unwrap();
+        assert!(w.made.contains(&root.join("d")));
+        w.echo.record(&key, Applied::Absent);
+        std::fs::write(root.join("d/f.txt"), b"the user's").unwrap();
+
+        let put = w.put_file(&key, None, Some(&key), &content, &meta, false);
+        assert!(matches!(put, Ok(Ok(()))), "{put:?}");
+        assert_eq!(std::fs::read(root.join("d/f.txt")).unwrap(), b"the user's");
+        assert_eq!(w.echo.get(&key), Some(Applied::Absent));
+        let names: Vec<_> = std::fs::read_dir(root.join("d"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["f.txt"], "no temp file left");
+
+        // With nothing there, the same write goes through.
+        std::fs::remove_file(root.join("d/f.txt")).unwrap();
+        let put = w.put_file(&key, None, Some(&key), &content, &meta, false);
+        assert!(matches!(put, Ok(Ok(()))), "{put:?}");
+        assert_eq!(std::fs::read(root.join("d/f.txt")).unwrap(), b"from a peer");
+        assert!(matches!(w.echo.get(&key), Some(Applied::File { .. })));
+    }
+
+    #[cfg(target_os = "linux")]
     #[test]
     fn a_rename_to_a_new_name_never_replaces_a_file() {
         let dir = tempfile::tempdir().unwrap();
