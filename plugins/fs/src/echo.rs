@@ -10,6 +10,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::Metadata;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -23,6 +24,9 @@ const KNOWN_SEARCH: usize = 256;
 
 /// Records older than this are dropped: by then the source has seen the write.
 const TTL: Duration = Duration::from_secs(300);
+
+/// Most reads noted for the store at once (see [`Echo::note_read`]): about 15 MiB.
+const READ_NOTES: usize = 100_000;
 
 /// What the store left at a key's path.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -65,6 +69,12 @@ pub(crate) struct Echo {
     /// The name of the folder's store, once it has started: its cursor says which events
     /// its writes (conflict copies included) already show.
     store: Mutex<Option<String>>,
+    /// Files the source just read and recorded, until the store passes over their events
+    /// (see [`Echo::note_read`]), each with the count of the store's writes before it
+    /// was looked at.
+    read: Mutex<HashMap<Key, (Applied, u64, Instant)>>,
+    /// How many times the store has changed the folder (see [`Echo::wrote`]).
+    writes: AtomicU64,
 }
 
 impl Echo {
@@ -96,6 +106,42 @@ impl Echo {
 
     pub(crate) fn prune(&self) {
         self.lock().retain(|_, (_, at)| at.elapsed() < TTL);
+        locked(&self.read).retain(|_, (_, _, at)| at.elapsed() < TTL);
+    }
+
+    /// Counts a change the store has made to the folder, once made (a rename into place,
+    /// a removal, a directory created, a file's mode or mtime set).
+    pub(crate) fn wrote(&self) {
+        self.writes.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// The count of the store's changes so far (see [`Echo::wrote`]): the source reads it
+    /// before it looks at a file, for [`Echo::note_read`].
+    pub(crate) fn writes(&self) -> u64 {
+        self.writes.load(Ordering::SeqCst)
+    }
+
+    /// Notes that the source read the file at `key` as `read` and is recording an event
+    /// that puts exactly that; `writes` is [`Echo::writes`] from before it looked at the
+    /// file. When the store comes to that event and has changed nothing in the folder
+    /// since, the file shows the event already (a change since is the source's to record),
+    /// so the store need not look. At most [`READ_NOTES`] are kept (a store far behind its
+    /// source then looks, as before).
+    pub(crate) fn note_read(&self, key: &Key, read: Applied, writes: u64) {
+        let mut notes = locked(&self.read);
+        if notes.len() < READ_NOTES || notes.contains_key(key) {
+            notes.insert(key.clone(), (read, writes, Instant::now()));
+        }
+    }
+
+    /// Whether the source noted reading `key` as `applied` with no change of the store's
+    /// made since it looked (see [`Echo::note_read`]). The note is used up either way: it
+    /// never outlives the store's first look at its key. (Any change of the store's, to
+    /// any key, spoils every note taken before it: a store writing remote changes then
+    /// looks at every file, as it did before notes.)
+    pub(crate) fn take_read(&self, key: &Key, applied: Applied) -> bool {
+        let note = locked(&self.read).remove(key);
+        note.is_some_and(|(read, writes, _)| read == applied && writes == self.writes())
     }
 
     /// Sets the keys the store could not show.

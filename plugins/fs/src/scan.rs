@@ -87,11 +87,12 @@ pub(crate) fn is_echo(env: &Env, key: &Key, meta: &Metadata) -> bool {
 /// changed) and the number of bytes hashed. Blocks. A file whose size, mtime or mode
 /// changed since `meta` was read (it is being written) gives no `Put`: what was read may
 /// mix two versions, and the write's own watcher event brings the file back here.
+/// `writes` is [`Echo::writes`] from before `meta` was read.
 pub(crate) fn examine_file(
     env: &Env,
     key: &Key,
     path: &Path,
-    meta: &Metadata,
+    (meta, writes): (&Metadata, u64),
     heads: &[Head],
 ) -> Result<(Option<Op>, u64), FsError> {
     let stat @ (_, mtime, executable) = file_stat(meta);
@@ -129,15 +130,28 @@ pub(crate) fn examine_file(
         }
         _ => false,
     }) || matches!(env.echo.get(key), Some(Applied::File { root, executable: x, .. }) if root == content.root && x == executable);
-    let op = (!same_content).then_some(Op::Put {
+    if same_content {
+        return Ok((None, content.size));
+    }
+    env.echo.note_read(
+        key,
+        Applied::File {
+            size: content.size,
+            mtime_ms: mtime,
+            executable,
+            root: content.root,
+        },
+        writes,
+    );
+    let op = Op::Put {
         content: Some(content),
         meta: Meta {
             kind: EntryKind::File,
             mtime_ms: mtime,
             executable,
         },
-    });
-    Ok((op, content.size))
+    };
+    Ok((Some(op), content.size))
 }
 
 /// Compares the directory at `key` with `heads`: a directory not shown as one is new,
@@ -512,6 +526,7 @@ fn walk(
 /// Looks at one walked entry.
 fn visit(env: &Env, projection: &Projection, path: &Path) -> Option<Found> {
     let key = env.rules.key_of(path).ok()?;
+    let writes = env.echo.writes();
     let meta = match std::fs::symlink_metadata(path) {
         Ok(m) => m,
         Err(e) => {
@@ -535,7 +550,7 @@ fn visit(env: &Env, projection: &Projection, path: &Path) -> Option<Found> {
             hashed: 0,
         })
     } else if meta.is_file() {
-        match examine_file(env, &key, path, &meta, heads) {
+        match examine_file(env, &key, path, (&meta, writes), heads) {
             Ok((change, hashed)) => Some(Found::Entry {
                 key,
                 change,
@@ -593,14 +608,26 @@ mod tests {
         let looked_at = std::fs::symlink_metadata(&path).unwrap();
         std::fs::write(&path, b"second, being written").unwrap();
 
-        let (op, _) = examine_file(&env, &key, &path, &looked_at, &[]).unwrap();
+        let (op, _) = examine_file(&env, &key, &path, (&looked_at, 0), &[]).unwrap();
         assert_eq!(op, None);
         let now = std::fs::symlink_metadata(&path).unwrap();
-        let (op, _) = examine_file(&env, &key, &path, &now, &[]).unwrap();
-        assert!(
-            matches!(op, Some(Op::Put { content: Some(c), .. }) if c.size == 21),
-            "{op:?}"
-        );
+        let (op, _) = examine_file(&env, &key, &path, (&now, 0), &[]).unwrap();
+        let Some(Op::Put {
+            content: Some(c),
+            meta,
+        }) = op
+        else {
+            panic!("{op:?}")
+        };
+        assert_eq!(c.size, 21);
+        // The read is noted for the store (see `Echo::note_read`), as recorded.
+        let read = Applied::File {
+            size: c.size,
+            mtime_ms: meta.mtime_ms,
+            executable: meta.executable,
+            root: c.root,
+        };
+        assert!(env.echo.take_read(&key, read));
     }
 
     /// Another file renamed over the one looked at, with the same size, mtime and mode, is
@@ -622,9 +649,9 @@ mod tests {
         let now = std::fs::symlink_metadata(&path).unwrap();
         assert_eq!(file_stat(&now), file_stat(&looked_at));
 
-        let (op, _) = examine_file(&env, &key, &path, &looked_at, &[]).unwrap();
+        let (op, _) = examine_file(&env, &key, &path, (&looked_at, 0), &[]).unwrap();
         assert_eq!(op, None);
-        let (op, _) = examine_file(&env, &key, &path, &now, &[]).unwrap();
+        let (op, _) = examine_file(&env, &key, &path, (&now, 0), &[]).unwrap();
         assert!(matches!(op, Some(Op::Put { .. })), "{op:?}");
     }
 }

@@ -413,7 +413,7 @@ fn apply_blocking(
             Ok(_) => {
                 w.echo.record(&key, Applied::Absent);
                 if w.fail_alone(&key, remove_file(&path))?.is_some() {
-                    w.dirty = true;
+                    w.changed();
                 }
             }
             // Gone, or below what is now a file: nothing there to remove.
@@ -438,7 +438,7 @@ fn apply_blocking(
             continue;
         };
         if removed {
-            w.dirty = true;
+            w.changed();
         } else {
             // Something live (or local-only) remains below: the directory stays.
             tracing::debug!("keeping {}: not empty", path.display());
@@ -573,6 +573,14 @@ fn temp_dir_for(root: &Path, configured: Option<&Path>) -> Option<PathBuf> {
 }
 
 impl Writer {
+    /// Notes that the store changed the folder (call it once the change is made): the
+    /// batch needs its sync, and the source's notes taken before are spoilt (see
+    /// [`Echo::note_read`]).
+    fn changed(&mut self) {
+        self.dirty = true;
+        self.echo.wrote();
+    }
+
     /// A writer for another thread of the same batch.
     fn fork(&self) -> Writer {
         Writer {
@@ -723,7 +731,7 @@ impl Writer {
             }
             match std::fs::create_dir(&path) {
                 Ok(()) => {
-                    self.dirty = true;
+                    self.changed();
                     self.made.insert(path.clone());
                 }
                 Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
@@ -784,7 +792,7 @@ impl Writer {
             ),
             None => tracing::info!("{key}: keys below it need a directory here; file removed"),
         }
-        self.dirty = true;
+        self.changed();
         Ok(())
     }
 
@@ -824,7 +832,7 @@ impl Writer {
     fn create_dir(&mut self, key: &Key, path: &Path) -> Result<(), FsError> {
         self.echo.record(key, Applied::Dir);
         std::fs::create_dir(path).map_err(FsError::io("creating", path))?;
-        self.dirty = true;
+        self.changed();
         self.made.insert(path.to_owned());
         Ok(())
     }
@@ -855,7 +863,7 @@ impl Writer {
         };
         if unchanged {
             remove_file(&path)?;
-            self.dirty = true;
+            self.changed();
             tracing::info!(
                 "{name}: removed; the conflict of {of} was merged keeping what it shows"
             );
@@ -879,24 +887,30 @@ impl Writer {
         meta: &Meta,
         recorded_here: bool,
     ) -> Result<Result<(), Refused>, FsError> {
-        let path = match self.resolve_as(target, of.unwrap_or(target), false)? {
-            Ok(p) => p,
-            Err(r) => return Ok(Err(r)),
-        };
-        self.make_parents(target)?;
         let record = Applied::File {
             size: content.size,
             mtime_ms: meta.mtime_ms,
             executable: meta.executable,
             root: content.root,
         };
+        // The folder's source read this very content and stat from the file a moment ago
+        // and recorded it: the file shows it (a change since is the source's to record).
+        if let Some(k) = echo_key.filter(|k| recorded_here && self.echo.take_read(k, record)) {
+            self.echo.record(k, record);
+            return Ok(Ok(()));
+        }
+        let path = match self.resolve_as(target, of.unwrap_or(target), false)? {
+            Ok(p) => p,
+            Err(r) => return Ok(Err(r)),
+        };
+        self.make_parents(target)?;
         // In a directory made in this batch, the file is most likely new: written without
         // looking first, unless the rename finds something there after all.
         if self.rename_new
             && path.parent().is_some_and(|p| self.made.contains(p))
             && self.write_new(&path, echo_key, record, content, meta)?
         {
-            self.dirty = true;
+            self.changed();
             return Ok(Ok(()));
         }
         let mut base_mode = 0o644;
@@ -928,7 +942,7 @@ impl Writer {
                             file_time(meta.mtime_ms),
                         )
                         .map_err(FsError::io("setting the mtime of", &path))?;
-                        self.dirty = true;
+                        self.changed();
                     } else if let Some(k) = echo_key {
                         self.echo.record(k, record);
                     }
@@ -991,7 +1005,7 @@ impl Writer {
                 }
             }
         }
-        self.dirty = true;
+        self.changed();
         Ok(Ok(()))
     }
 
@@ -1382,6 +1396,77 @@ mod tests {
         assert!(matches!(put, Ok(Ok(()))), "{put:?}");
         assert_eq!(std::fs::read(root.join("d/f.txt")).unwrap(), b"from a peer");
         assert!(matches!(w.echo.get(&key), Some(Applied::File { .. })));
+    }
+
+    /// An event the folder's source has just recorded from the file is not written back:
+    /// the file showed it when read, and what happened to it since (here: removed) is the
+    /// source's to record. An event of this replica without such a note (from another
+    /// source of the replica, say) is written as any other.
+    #[test]
+    fn an_event_just_recorded_from_the_file_is_not_written_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().canonicalize().unwrap();
+        let (mut w, content) = writer(&root, b"read by the source");
+        let key = Key::new("f.txt").unwrap();
+        let meta = Meta {
+            kind: EntryKind::File,
+            mtime_ms: 1_000_000,
+            executable: false,
+        };
+        let read = Applied::File {
+            size: content.size,
+            mtime_ms: meta.mtime_ms,
+            executable: meta.executable,
+            root: content.root,
+        };
+        w.echo.note_read(&key, read, w.echo.writes());
+
+        let put = w.put_file(&key, None, Some(&key), &content, &meta, true);
+        assert!(matches!(put, Ok(Ok(()))), "{put:?}");
+        assert!(!root.join("f.txt").exists(), "written back");
+        assert_eq!(w.echo.get(&key), Some(read));
+        assert!(!w.echo.take_read(&key, read), "the note is used up");
+
+        let put = w.put_file(&key, None, Some(&key), &content, &meta, true);
+        assert!(matches!(put, Ok(Ok(()))), "{put:?}");
+        assert_eq!(
+            std::fs::read(root.join("f.txt")).unwrap(),
+            b"read by the source"
+        );
+    }
+
+    /// A note taken before the store changed the folder is spoilt: the source read its
+    /// file, then the store wrote another version over it (a remote event, an echo the
+    /// source never records), then the source's event won. The store must write it.
+    #[test]
+    fn a_note_taken_before_a_store_write_does_not_skip_the_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().canonicalize().unwrap();
+        let (mut w, ours) = writer(&root, b"saved here");
+        let theirs = {
+            let peer = tempfile::NamedTempFile::new().unwrap();
+            std::fs::write(peer.path(), b"from a peer, written meanwhile").unwrap();
+            crate::content::store_file(peer.path(), w.ctx.chunks()).unwrap()
+        };
+        let key = Key::new("f.txt").unwrap();
+        let meta = Meta {
+            kind: EntryKind::File,
+            mtime_ms: 1_000_000,
+            executable: false,
+        };
+        let read = Applied::File {
+            size: ours.size,
+            mtime_ms: meta.mtime_ms,
+            executable: meta.executable,
+            root: ours.root,
+        };
+        w.echo.note_read(&key, read, w.echo.writes());
+
+        let put = w.put_file(&key, None, Some(&key), &theirs, &meta, false);
+        assert!(matches!(put, Ok(Ok(()))), "{put:?}");
+        let put = w.put_file(&key, None, Some(&key), &ours, &meta, true);
+        assert!(matches!(put, Ok(Ok(()))), "{put:?}");
+        assert_eq!(std::fs::read(root.join("f.txt")).unwrap(), b"saved here");
     }
 
     #[cfg(target_os = "linux")]

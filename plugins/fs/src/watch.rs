@@ -265,6 +265,7 @@ fn plan(env: &Env, paths: BTreeSet<PathBuf>) -> Result<Plan, FsError> {
         if path == env.rules.root() || !path.starts_with(env.rules.root()) {
             continue;
         }
+        let writes = env.echo.writes();
         let meta = std::fs::symlink_metadata(&path);
         let key = env.rules.key_of(&path);
         // The store's own writes come back here by the thousand: drop them first. The
@@ -303,7 +304,7 @@ fn plan(env: &Env, paths: BTreeSet<PathBuf>) -> Result<Plan, FsError> {
                     handled.push(key);
                 }
             }
-            Ok(m) if m.is_file() => match examine_file(env, &key, &path, &m, &heads) {
+            Ok(m) if m.is_file() => match examine_file(env, &key, &path, (&m, writes), &heads) {
                 Ok((Some(op), _)) => {
                     puts.push(LocalChange::new(key, op).made_at(changed_at_ms(&m)));
                 }
