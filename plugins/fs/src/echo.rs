@@ -135,13 +135,29 @@ impl Echo {
     }
 
     /// Whether the source noted reading `key` as `applied` with no change of the store's
-    /// made since it looked (see [`Echo::note_read`]). The note is used up either way: it
-    /// never outlives the store's first look at its key. (Any change of the store's, to
-    /// any key, spoils every note taken before it: a store writing remote changes then
-    /// looks at every file, as it did before notes.)
+    /// made since it looked (see [`Echo::note_read`]); if so, also records `applied` as
+    /// what the store left there, in the same step, so that a look of the source's at
+    /// `key` comes either before (and drops the note, see [`Echo::look`]) or after (and
+    /// finds the record). The note is used up either way: it never outlives the store's
+    /// first look at its key. (Any change of the store's, to any key, spoils every note
+    /// taken before it: a store writing remote changes looks at every file, as before.)
     pub(crate) fn take_read(&self, key: &Key, applied: Applied) -> bool {
-        let note = locked(&self.read).remove(key);
-        note.is_some_and(|(read, writes, _)| read == applied && writes == self.writes())
+        let mut notes = locked(&self.read);
+        let matches = notes
+            .remove(key)
+            .is_some_and(|(read, writes, _)| read == applied && writes == self.writes());
+        if matches {
+            self.record(key, applied);
+        }
+        matches
+    }
+
+    /// The source is about to look at `key`: drops its note, since what the source decides
+    /// now may rest on this record (a removal the store accounts for, say) and is no
+    /// longer what the note says; returns [`Echo::writes`], for a new note.
+    pub(crate) fn look(&self, key: &Key) -> u64 {
+        locked(&self.read).remove(key);
+        self.writes()
     }
 
     /// Sets the keys the store could not show.

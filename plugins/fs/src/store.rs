@@ -813,6 +813,7 @@ impl Writer {
             Ok(_) => {
                 // A file became a directory.
                 remove_file(&path)?;
+                self.changed();
                 self.create_dir(key, &path)?;
             }
             Err(e) if e.kind() == ErrorKind::NotFound => self.create_dir(key, &path)?,
@@ -895,8 +896,7 @@ impl Writer {
         };
         // The folder's source read this very content and stat from the file a moment ago
         // and recorded it: the file shows it (a change since is the source's to record).
-        if let Some(k) = echo_key.filter(|k| recorded_here && self.echo.take_read(k, record)) {
-            self.echo.record(k, record);
+        if echo_key.is_some_and(|k| recorded_here && self.echo.take_read(k, record)) {
             return Ok(Ok(()));
         }
         let path = match self.resolve_as(target, of.unwrap_or(target), false)? {
@@ -936,6 +936,7 @@ impl Writer {
                         let perms = Permissions::from_mode(mode_for(base_mode, meta.executable));
                         std::fs::set_permissions(&path, perms)
                             .map_err(FsError::io("setting the mode of", &path))?;
+                        self.changed();
                         filetime::set_symlink_file_times(
                             &path,
                             FileTime::from_last_access_time(&m),
@@ -958,6 +959,7 @@ impl Writer {
                         kept_alive: false,
                     });
                 }
+                self.changed();
             }
             Ok(_) => {
                 return Ok(Err(Refused(format!(
@@ -1467,6 +1469,37 @@ mod tests {
         let put = w.put_file(&key, None, Some(&key), &ours, &meta, true);
         assert!(matches!(put, Ok(Ok(()))), "{put:?}");
         assert_eq!(std::fs::read(root.join("f.txt")).unwrap(), b"saved here");
+    }
+
+    /// A look of the source's at the key after its note drops the note: what it decided
+    /// then (here, that a removal is the store's) may rest on the echo record, so the
+    /// store must look for itself. (Here the file is gone, and is written back.)
+    #[test]
+    fn a_note_dropped_by_a_later_look_of_the_source_does_not_skip_the_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().canonicalize().unwrap();
+        let (mut w, content) = writer(&root, b"read by the source");
+        let key = Key::new("f.txt").unwrap();
+        let meta = Meta {
+            kind: EntryKind::File,
+            mtime_ms: 1_000_000,
+            executable: false,
+        };
+        let read = Applied::File {
+            size: content.size,
+            mtime_ms: meta.mtime_ms,
+            executable: meta.executable,
+            root: content.root,
+        };
+        w.echo.note_read(&key, read, w.echo.writes());
+        w.echo.look(&key);
+
+        let put = w.put_file(&key, None, Some(&key), &content, &meta, true);
+        assert!(matches!(put, Ok(Ok(()))), "{put:?}");
+        assert_eq!(
+            std::fs::read(root.join("f.txt")).unwrap(),
+            b"read by the source"
+        );
     }
 
     #[cfg(target_os = "linux")]

@@ -265,9 +265,12 @@ fn plan(env: &Env, paths: BTreeSet<PathBuf>) -> Result<Plan, FsError> {
         if path == env.rules.root() || !path.starts_with(env.rules.root()) {
             continue;
         }
-        let writes = env.echo.writes();
-        let meta = std::fs::symlink_metadata(&path);
         let key = env.rules.key_of(&path);
+        let writes = match &key {
+            Ok(key) => env.echo.look(key),
+            Err(_) => env.echo.writes(),
+        };
+        let meta = std::fs::symlink_metadata(&path);
         // The store's own writes come back here by the thousand: drop them first. The
         // store writes no ignored path, so the ignore rules need not be asked.
         if let (Ok(m), Ok(key)) = (&meta, &key) {
