@@ -460,6 +460,21 @@ class Pair:
         self.b = Daemon("B", self.root / "b-data", self.root / "b", free_port(), free_port())
 
     def start(self, timeout: float) -> None:
+        # A port found free can be taken before the daemon binds it (by a dial's local
+        # port, say): then start again, on other ports, in an empty place.
+        for attempt in range(3):
+            try:
+                return self._start(timeout)
+            except RuntimeError as e:
+                if "Address already in use" not in str(e) or attempt == 2:
+                    raise
+                log(f"{self.name}: a port was taken before the daemons bound it; starting again")
+                self.stop()
+                shutil.rmtree(self.root, ignore_errors=True)
+                self.a = Daemon("A", self.root / "a-data", self.root / "a", free_port(), free_port())
+                self.b = Daemon("B", self.root / "b-data", self.root / "b", free_port(), free_port())
+
+    def _start(self, timeout: float) -> None:
         for d in (self.a, self.b):
             out = subprocess.run(
                 [str(self.binary), "init", "--data-dir", str(d.data), "--folder", str(d.folder),
