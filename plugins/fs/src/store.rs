@@ -1363,6 +1363,25 @@ mod tests {
         (w, content)
     }
 
+    /// The metadata of the files the tests write.
+    fn file_meta() -> Meta {
+        Meta {
+            kind: EntryKind::File,
+            mtime_ms: 1_000_000,
+            executable: false,
+        }
+    }
+
+    /// What the store (or a note of the source's) records for `content` with `meta`.
+    fn applied(content: &ContentRef, meta: &Meta) -> Applied {
+        Applied::File {
+            size: content.size,
+            mtime_ms: meta.mtime_ms,
+            executable: meta.executable,
+            root: content.root,
+        }
+    }
+
     /// A file found in a directory the batch made (created there meanwhile, unrecorded)
     /// goes the usual way: the folder's own store leaves it alone, and the echo record
     /// is what it was before, since the store wrote nothing.
@@ -1372,11 +1391,7 @@ mod tests {
         let root = dir.path().canonicalize().unwrap();
         let (mut w, content) = writer(&root, b"from a peer");
         let key = Key::new("d/f.txt").unwrap();
-        let meta = Meta {
-            kind: EntryKind::File,
-            mtime_ms: 1_000_000,
-            executable: false,
-        };
+        let meta = file_meta();
         w.make_parents(&key).unwrap();
         assert!(w.made.contains(&root.join("d")));
         w.echo.record(&key, Applied::Absent);
@@ -1410,17 +1425,8 @@ mod tests {
         let root = dir.path().canonicalize().unwrap();
         let (mut w, content) = writer(&root, b"read by the source");
         let key = Key::new("f.txt").unwrap();
-        let meta = Meta {
-            kind: EntryKind::File,
-            mtime_ms: 1_000_000,
-            executable: false,
-        };
-        let read = Applied::File {
-            size: content.size,
-            mtime_ms: meta.mtime_ms,
-            executable: meta.executable,
-            root: content.root,
-        };
+        let meta = file_meta();
+        let read = applied(&content, &meta);
         w.echo.note_read(&key, read, w.echo.writes());
 
         let put = w.put_file(&key, None, Some(&key), &content, &meta, true);
@@ -1451,17 +1457,8 @@ mod tests {
             crate::content::store_file(peer.path(), w.ctx.chunks()).unwrap()
         };
         let key = Key::new("f.txt").unwrap();
-        let meta = Meta {
-            kind: EntryKind::File,
-            mtime_ms: 1_000_000,
-            executable: false,
-        };
-        let read = Applied::File {
-            size: ours.size,
-            mtime_ms: meta.mtime_ms,
-            executable: meta.executable,
-            root: ours.root,
-        };
+        let meta = file_meta();
+        let read = applied(&ours, &meta);
         w.echo.note_read(&key, read, w.echo.writes());
 
         let put = w.put_file(&key, None, Some(&key), &theirs, &meta, false);
@@ -1480,17 +1477,8 @@ mod tests {
         let root = dir.path().canonicalize().unwrap();
         let (mut w, content) = writer(&root, b"read by the source");
         let key = Key::new("f.txt").unwrap();
-        let meta = Meta {
-            kind: EntryKind::File,
-            mtime_ms: 1_000_000,
-            executable: false,
-        };
-        let read = Applied::File {
-            size: content.size,
-            mtime_ms: meta.mtime_ms,
-            executable: meta.executable,
-            root: content.root,
-        };
+        let meta = file_meta();
+        let read = applied(&content, &meta);
         w.echo.note_read(&key, read, w.echo.writes());
         w.echo.look(&key);
 
