@@ -136,9 +136,9 @@ impl Echo {
 
     /// Whether the source noted reading `key` as `applied` with no change of the store's
     /// made since it looked (see [`Echo::note_read`]); if so, also records `applied` as
-    /// what the store left there, in the same step, so that a look of the source's at
-    /// `key` comes either before (and drops the note, see [`Echo::look`]) or after (and
-    /// finds the record). The note is used up either way: it never outlives the store's
+    /// what the store left there, in the same step, so that a decision of the source's
+    /// about `key` resting on the record comes either before (and drops the note, see
+    /// [`Echo::look`] and [`Echo::absence_accounted`]) or after (and finds the record). The note is used up either way: it never outlives the store's
     /// first look at its key. (Any change of the store's, to any key, spoils every note
     /// taken before it: a store writing remote changes looks at every file, as before.)
     pub(crate) fn take_read(&self, key: &Key, applied: Applied) -> bool {
@@ -152,12 +152,26 @@ impl Echo {
         matches
     }
 
-    /// The source is about to look at `key`: drops its note, since what the source decides
-    /// now may rest on this record (a removal the store accounts for, say) and is no
-    /// longer what the note says; returns [`Echo::writes`], for a new note.
-    pub(crate) fn look(&self, key: &Key) -> u64 {
+    /// Whether the store accounts for `key` missing from the folder (see
+    /// [`Echo::accounts_for_absence`]); if it does, also drops the key's note in the same
+    /// step, since the source then dismisses the removal on the store's word and the store
+    /// must not skip on the note (see [`Echo::take_read`]). A removal it does not account
+    /// for keeps the note: the source records that removal itself, and a skip meanwhile
+    /// does not write back the file it removed.
+    pub(crate) fn absence_accounted(&self, key: &Key) -> bool {
+        let mut notes = locked(&self.read);
+        let accounted = self.accounts_for_absence(key);
+        if accounted {
+            notes.remove(key);
+        }
+        accounted
+    }
+
+    /// The source has found an entry at `key` and is about to judge it: drops the key's
+    /// note, since what the source decides now may rest on the echo record (a file that
+    /// matches what the store wrote, say) rather than on what the note says.
+    pub(crate) fn look(&self, key: &Key) {
         locked(&self.read).remove(key);
-        self.writes()
     }
 
     /// Sets the keys the store could not show.

@@ -87,7 +87,7 @@ pub(crate) fn is_echo(env: &Env, key: &Key, meta: &Metadata) -> bool {
 /// changed) and the number of bytes hashed. Blocks. A file whose size, mtime or mode
 /// changed since `meta` was read (it is being written) gives no `Put`: what was read may
 /// mix two versions, and the write's own watcher event brings the file back here.
-/// `writes` is [`Echo::look`]'s count from before `meta` was read.
+/// `writes` is [`Echo::writes`] from before `meta` was read.
 pub(crate) fn examine_file(
     env: &Env,
     key: &Key,
@@ -181,9 +181,8 @@ pub(crate) fn examine_dir(
 /// file nor a directory is at its path (one created after a walk passed by is there, and
 /// the watcher reports it), and the store does not account for the absence.
 pub(crate) fn gone(env: &Env, key: &Key, heads: &[Head]) -> bool {
-    env.echo.look(key);
     env.resolver.shown(key, heads).is_some()
-        && !env.echo.accounts_for_absence(key)
+        && !env.echo.absence_accounted(key)
         && !std::fs::symlink_metadata(env.rules.path_of(key))
             .is_ok_and(|m| m.is_file() || m.is_dir())
 }
@@ -527,7 +526,7 @@ fn walk(
 /// Looks at one walked entry.
 fn visit(env: &Env, projection: &Projection, path: &Path) -> Option<Found> {
     let key = env.rules.key_of(path).ok()?;
-    let writes = env.echo.look(&key);
+    let writes = env.echo.writes();
     let meta = match std::fs::symlink_metadata(path) {
         Ok(m) => m,
         Err(e) => {
@@ -535,6 +534,9 @@ fn visit(env: &Env, projection: &Projection, path: &Path) -> Option<Found> {
             return Some(Found::Failed(Some(key.to_string())));
         }
     };
+    if meta.is_file() || meta.is_dir() {
+        env.echo.look(&key);
+    }
     let heads = projection.heads(&key);
     if meta.is_dir() {
         let change = examine_dir(

@@ -1490,6 +1490,40 @@ mod tests {
         );
     }
 
+    /// A removal the source sees right after recording the file: one the store does not
+    /// account for keeps the note (the source records the removal itself, and the store
+    /// does not write the file back meanwhile); one it does account for (a stale record
+    /// of its own removal) drops the note, and the store looks for itself.
+    #[test]
+    fn a_removal_keeps_the_note_unless_the_store_accounts_for_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().canonicalize().unwrap();
+        let (mut w, content) = writer(&root, b"read by the source");
+        let key = Key::new("f.txt").unwrap();
+        let meta = file_meta();
+        let read = applied(&content, &meta);
+
+        w.echo.note_read(&key, read, w.echo.writes());
+        assert!(!w.echo.absence_accounted(&key));
+        let put = w.put_file(&key, None, Some(&key), &content, &meta, true);
+        assert!(matches!(put, Ok(Ok(()))), "{put:?}");
+        assert!(!root.join("f.txt").exists(), "written back");
+        assert!(
+            !w.echo.absence_accounted(&key),
+            "the source records the removal"
+        );
+
+        w.echo.record(&key, Applied::Absent);
+        w.echo.note_read(&key, read, w.echo.writes());
+        assert!(w.echo.absence_accounted(&key));
+        let put = w.put_file(&key, None, Some(&key), &content, &meta, true);
+        assert!(matches!(put, Ok(Ok(()))), "{put:?}");
+        assert_eq!(
+            std::fs::read(root.join("f.txt")).unwrap(),
+            b"read by the source"
+        );
+    }
+
     #[cfg(target_os = "linux")]
     #[test]
     fn a_rename_to_a_new_name_never_replaces_a_file() {

@@ -266,14 +266,16 @@ fn plan(env: &Env, paths: BTreeSet<PathBuf>) -> Result<Plan, FsError> {
             continue;
         }
         let key = env.rules.key_of(&path);
-        let writes = match &key {
-            Ok(key) => env.echo.look(key),
-            Err(_) => env.echo.writes(),
-        };
+        let writes = env.echo.writes();
         let meta = std::fs::symlink_metadata(&path);
-        // The store's own writes come back here by the thousand: drop them first. The
-        // store writes no ignored path, so the ignore rules need not be asked.
         if let (Ok(m), Ok(key)) = (&meta, &key) {
+            // What is decided about an entry that is there may rest on the echo record:
+            // the key's note goes (a removal keeps it, see `Echo::absence_accounted`).
+            if m.is_file() || m.is_dir() {
+                env.echo.look(key);
+            }
+            // The store's own writes come back here by the thousand: drop them first. The
+            // store writes no ignored path, so the ignore rules need not be asked.
             if m.is_file() && is_echo(env, key, m) {
                 continue;
             }
@@ -333,7 +335,7 @@ fn plan(env: &Env, paths: BTreeSet<PathBuf>) -> Result<Plan, FsError> {
                     }
                 }
                 // Removed by the store, or not written because it could not be.
-                if env.echo.accounts_for_absence(&key) {
+                if env.echo.absence_accounted(&key) {
                     continue;
                 }
                 let removed_at = removed_at_ms(&env.rules, &key);
