@@ -70,11 +70,21 @@ pub(crate) struct Echo {
     /// its writes (conflict copies included) already show.
     store: Mutex<Option<String>>,
     /// Files the source just read and recorded, until the store passes over their events
-    /// (see [`Echo::note_read`]), each with the count of the store's writes before it
-    /// was looked at.
+    /// (see [`Echo::note_read`]), each with the number of the store's latest change
+    /// before it was looked at.
     read: Mutex<HashMap<Key, (Applied, u64, Instant)>>,
-    /// How many times the store has changed the folder (see [`Echo::wrote`]).
+    /// The number of the store's latest change to the folder (see [`Echo::wrote`]).
     writes: AtomicU64,
+    /// The store's latest change at each key's path (see [`Written`]).
+    written: Mutex<Written>,
+}
+
+/// The number of the store's latest change at each key's path, for keys changed in the
+/// last [`TTL`], and the highest number dropped since (see [`Echo::take_read`]).
+#[derive(Debug, Default)]
+struct Written {
+    by_key: HashMap<Key, (u64, Instant)>,
+    dropped: u64,
 }
 
 impl Echo {
@@ -107,23 +117,34 @@ impl Echo {
     pub(crate) fn prune(&self) {
         self.lock().retain(|_, (_, at)| at.elapsed() < TTL);
         locked(&self.read).retain(|_, (_, _, at)| at.elapsed() < TTL);
+        let mut written = locked(&self.written);
+        let Written { by_key, dropped } = &mut *written;
+        by_key.retain(|_, (n, at)| {
+            let keep = at.elapsed() < TTL;
+            if !keep {
+                *dropped = (*dropped).max(*n);
+            }
+            keep
+        });
     }
 
-    /// Counts a change the store has made to the folder, once made (a rename into place,
-    /// a removal, a directory created, a file's mode or mtime set).
-    pub(crate) fn wrote(&self) {
-        self.writes.fetch_add(1, Ordering::SeqCst);
+    /// Numbers a change the store has made at `key`'s path, once made (a rename into
+    /// place, a removal, a directory created, a file's mode or mtime set).
+    pub(crate) fn wrote(&self, key: &Key) {
+        let mut written = locked(&self.written);
+        let n = self.writes.fetch_add(1, Ordering::SeqCst) + 1;
+        written.by_key.insert(key.clone(), (n, Instant::now()));
     }
 
-    /// The count of the store's changes so far (see [`Echo::wrote`]): the source reads it
-    /// before it looks at a file, for [`Echo::note_read`].
+    /// The number of the store's latest change so far (see [`Echo::wrote`]): the source
+    /// reads it before it looks at a file, for [`Echo::note_read`].
     pub(crate) fn writes(&self) -> u64 {
         self.writes.load(Ordering::SeqCst)
     }
 
     /// Notes that the source read the file at `key` as `read` and is recording an event
     /// that puts exactly that; `writes` is [`Echo::writes`] from before it looked at the
-    /// file. When the store comes to that event and has changed nothing in the folder
+    /// file. When the store comes to that event and has changed nothing at the key's path
     /// since, the file shows the event already (a change since is the source's to record),
     /// so the store need not look. At most [`READ_NOTES`] are kept (a store far behind its
     /// source then looks, as before).
@@ -135,17 +156,22 @@ impl Echo {
     }
 
     /// Whether the source noted reading `key` as `applied` with no change of the store's
-    /// made since it looked (see [`Echo::note_read`]); if so, also records `applied` as
+    /// at `key`'s path made since it looked (see [`Echo::note_read`]; a change whose
+    /// number was dropped counts as at every path); if so, also records `applied` as
     /// what the store left there, in the same step, so that a decision of the source's
     /// about `key` resting on the record comes either before (and drops the note, see
     /// [`Echo::look`] and [`Echo::absence_accounted`]) or after (and finds the record). The note is used up either way: it never outlives the store's
-    /// first look at its key. (Any change of the store's, to any key, spoils every note
-    /// taken before it: a store writing remote changes looks at every file, as before.)
+    /// first look at its key.
     pub(crate) fn take_read(&self, key: &Key, applied: Applied) -> bool {
         let mut notes = locked(&self.read);
-        let matches = notes
-            .remove(key)
-            .is_some_and(|(read, writes, _)| read == applied && writes == self.writes());
+        let Some((read, seen, _)) = notes.remove(key) else {
+            return false;
+        };
+        let last = {
+            let written = locked(&self.written);
+            written.by_key.get(key).map_or(written.dropped, |(n, _)| *n)
+        };
+        let matches = read == applied && last <= seen;
         if matches {
             self.record(key, applied);
         }

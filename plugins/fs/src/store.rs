@@ -413,7 +413,7 @@ fn apply_blocking(
             Ok(_) => {
                 w.echo.record(&key, Applied::Absent);
                 if w.fail_alone(&key, remove_file(&path))?.is_some() {
-                    w.changed();
+                    w.changed(&key);
                 }
             }
             // Gone, or below what is now a file: nothing there to remove.
@@ -438,7 +438,7 @@ fn apply_blocking(
             continue;
         };
         if removed {
-            w.changed();
+            w.changed(&key);
         } else {
             // Something live (or local-only) remains below: the directory stays.
             tracing::debug!("keeping {}: not empty", path.display());
@@ -573,12 +573,12 @@ fn temp_dir_for(root: &Path, configured: Option<&Path>) -> Option<PathBuf> {
 }
 
 impl Writer {
-    /// Notes that the store changed the folder (call it once the change is made): the
-    /// batch needs its sync, and the source's notes taken before are spoilt (see
-    /// [`Echo::note_read`]).
-    fn changed(&mut self) {
+    /// Notes that the store changed the folder at `key`'s path (call it once the change
+    /// is made): the batch needs its sync, and the source's note of `key` taken before
+    /// is spoilt (see [`Echo::note_read`]).
+    fn changed(&mut self, key: &Key) {
         self.dirty = true;
-        self.echo.wrote();
+        self.echo.wrote(key);
     }
 
     /// A writer for another thread of the same batch.
@@ -731,7 +731,7 @@ impl Writer {
             }
             match std::fs::create_dir(&path) {
                 Ok(()) => {
-                    self.changed();
+                    self.changed(&p);
                     self.made.insert(path.clone());
                 }
                 Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
@@ -792,7 +792,7 @@ impl Writer {
             ),
             None => tracing::info!("{key}: keys below it need a directory here; file removed"),
         }
-        self.changed();
+        self.changed(key);
         Ok(())
     }
 
@@ -813,7 +813,7 @@ impl Writer {
             Ok(_) => {
                 // A file became a directory.
                 remove_file(&path)?;
-                self.changed();
+                self.changed(key);
                 self.create_dir(key, &path)?;
             }
             Err(e) if e.kind() == ErrorKind::NotFound => self.create_dir(key, &path)?,
@@ -833,7 +833,7 @@ impl Writer {
     fn create_dir(&mut self, key: &Key, path: &Path) -> Result<(), FsError> {
         self.echo.record(key, Applied::Dir);
         std::fs::create_dir(path).map_err(FsError::io("creating", path))?;
-        self.changed();
+        self.changed(key);
         self.made.insert(path.to_owned());
         Ok(())
     }
@@ -864,7 +864,7 @@ impl Writer {
         };
         if unchanged {
             remove_file(&path)?;
-            self.changed();
+            self.changed(name);
             tracing::info!(
                 "{name}: removed; the conflict of {of} was merged keeping what it shows"
             );
@@ -910,7 +910,7 @@ impl Writer {
             && path.parent().is_some_and(|p| self.made.contains(p))
             && self.write_new(&path, echo_key, record, content, meta)?
         {
-            self.changed();
+            self.changed(target);
             return Ok(Ok(()));
         }
         let mut base_mode = 0o644;
@@ -936,14 +936,14 @@ impl Writer {
                         let perms = Permissions::from_mode(mode_for(base_mode, meta.executable));
                         std::fs::set_permissions(&path, perms)
                             .map_err(FsError::io("setting the mode of", &path))?;
-                        self.changed();
+                        self.changed(target);
                         filetime::set_symlink_file_times(
                             &path,
                             FileTime::from_last_access_time(&m),
                             file_time(meta.mtime_ms),
                         )
                         .map_err(FsError::io("setting the mtime of", &path))?;
-                        self.changed();
+                        self.changed(target);
                     } else if let Some(k) = echo_key {
                         self.echo.record(k, record);
                     }
@@ -959,7 +959,7 @@ impl Writer {
                         kept_alive: false,
                     });
                 }
-                self.changed();
+                self.changed(target);
             }
             Ok(_) => {
                 return Ok(Err(Refused(format!(
@@ -1007,7 +1007,7 @@ impl Writer {
                 }
             }
         }
-        self.changed();
+        self.changed(target);
         Ok(Ok(()))
     }
 
@@ -1466,6 +1466,26 @@ mod tests {
         let put = w.put_file(&key, None, Some(&key), &ours, &meta, true);
         assert!(matches!(put, Ok(Ok(()))), "{put:?}");
         assert_eq!(std::fs::read(root.join("f.txt")).unwrap(), b"saved here");
+    }
+
+    /// The store's changes at other paths leave a note alone: a store writing a peer's
+    /// files while the source records local ones still skips the local ones.
+    #[test]
+    fn a_store_write_elsewhere_does_not_spoil_a_note() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().canonicalize().unwrap();
+        let (mut w, content) = writer(&root, b"read by the source");
+        let (key, other) = (Key::new("f.txt").unwrap(), Key::new("g.txt").unwrap());
+        let meta = file_meta();
+        let read = applied(&content, &meta);
+        w.echo.note_read(&key, read, w.echo.writes());
+
+        let put = w.put_file(&other, None, Some(&other), &content, &meta, false);
+        assert!(matches!(put, Ok(Ok(()))), "{put:?}");
+        assert!(root.join("g.txt").exists());
+        let put = w.put_file(&key, None, Some(&key), &content, &meta, true);
+        assert!(matches!(put, Ok(Ok(()))), "{put:?}");
+        assert!(!root.join("f.txt").exists(), "looked at and written back");
     }
 
     /// A look of the source's at the key after its note drops the note: what it decided
