@@ -99,6 +99,14 @@ fn event(origin: ReplicaId, seq: u64, key: &str) -> Event {
     }
 }
 
+/// One event of `SMUGGLED` naming `(origin, seq)` as its parent, framed.
+fn naming_parent(origin: ReplicaId, seq: u64) -> Vec<u8> {
+    events(vec![Event {
+        parents: vec![EventId { origin, seq }],
+        ..event(SMUGGLED, 1, "smuggled.txt")
+    }])
+}
+
 fn events(batch: Vec<Event>) -> Vec<u8> {
     message(&Message::Events { batch })
 }
@@ -426,35 +434,17 @@ async fn bad_input_is_refused_and_the_daemon_keeps_serving() {
         ),
         (
             "event naming a parent with seq 0".into(),
-            with_hello(&events(vec![Event {
-                parents: vec![EventId {
-                    origin: KNOWN,
-                    seq: 0,
-                }],
-                ..event(SMUGGLED, 1, "smuggled.txt")
-            }])),
+            with_hello(&naming_parent(KNOWN, 0)),
             false,
         ),
         (
             "event naming itself as parent".into(),
-            with_hello(&events(vec![Event {
-                parents: vec![EventId {
-                    origin: SMUGGLED,
-                    seq: 1,
-                }],
-                ..event(SMUGGLED, 1, "smuggled.txt")
-            }])),
+            with_hello(&naming_parent(SMUGGLED, 1)),
             false,
         ),
         (
             "event naming a later event of its own origin as parent".into(),
-            with_hello(&events(vec![Event {
-                parents: vec![EventId {
-                    origin: SMUGGLED,
-                    seq: 7,
-                }],
-                ..event(SMUGGLED, 1, "smuggled.txt")
-            }])),
+            with_hello(&naming_parent(SMUGGLED, 7)),
             false,
         ),
         (

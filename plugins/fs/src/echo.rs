@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use converge_api::{EventId, Hash, Key, Op};
+use converge_api::{ContentRef, EventId, Hash, Key, Meta, Op};
 use converge_framework::log::EventLog;
 
 use crate::content::{file_stat, hash_file, put_stat, FileStat};
@@ -45,6 +45,16 @@ pub(crate) enum Applied {
 }
 
 impl Applied {
+    /// The file an event with `content` and `meta` puts.
+    pub(crate) fn file(content: &ContentRef, meta: &Meta) -> Applied {
+        Applied::File {
+            size: content.size,
+            mtime_ms: meta.mtime_ms,
+            executable: meta.executable,
+            root: content.root,
+        }
+    }
+
     /// The size, mtime and mode of the file written, if one was.
     pub(crate) fn file_stat(self) -> Option<FileStat> {
         match self {
@@ -160,8 +170,9 @@ impl Echo {
     /// number was dropped counts as at every path); if so, also records `applied` as
     /// what the store left there, in the same step, so that a decision of the source's
     /// about `key` resting on the record comes either before (and drops the note, see
-    /// [`Echo::look`] and [`Echo::absence_accounted`]) or after (and finds the record). The note is used up either way: it never outlives the store's
-    /// first look at its key.
+    /// [`Echo::look`] and [`Echo::absence_accounted`]) or after (and finds the record).
+    /// The note is used up either way: it never outlives the store's first look at its
+    /// key.
     pub(crate) fn take_read(&self, key: &Key, applied: Applied) -> bool {
         let mut notes = locked(&self.read);
         let Some((read, seen, _)) = notes.remove(key) else {

@@ -92,7 +92,8 @@ pub(crate) fn examine_file(
     env: &Env,
     key: &Key,
     path: &Path,
-    (meta, writes): (&Metadata, u64),
+    meta: &Metadata,
+    writes: u64,
     heads: &[Head],
 ) -> Result<(Option<Op>, u64), FsError> {
     let stat @ (_, mtime, executable) = file_stat(meta);
@@ -133,23 +134,16 @@ pub(crate) fn examine_file(
     if same_content {
         return Ok((None, content.size));
     }
-    env.echo.note_read(
-        key,
-        Applied::File {
-            size: content.size,
-            mtime_ms: mtime,
-            executable,
-            root: content.root,
-        },
-        writes,
-    );
+    let meta = Meta {
+        kind: EntryKind::File,
+        mtime_ms: mtime,
+        executable,
+    };
+    env.echo
+        .note_read(key, Applied::file(&content, &meta), writes);
     let op = Op::Put {
         content: Some(content),
-        meta: Meta {
-            kind: EntryKind::File,
-            mtime_ms: mtime,
-            executable,
-        },
+        meta,
     };
     Ok((Some(op), content.size))
 }
@@ -553,7 +547,7 @@ fn visit(env: &Env, projection: &Projection, path: &Path) -> Option<Found> {
             hashed: 0,
         })
     } else if meta.is_file() {
-        match examine_file(env, &key, path, (&meta, writes), heads) {
+        match examine_file(env, &key, path, &meta, writes, heads) {
             Ok((change, hashed)) => Some(Found::Entry {
                 key,
                 change,
@@ -611,10 +605,10 @@ mod tests {
         let looked_at = std::fs::symlink_metadata(&path).unwrap();
         std::fs::write(&path, b"second, being written").unwrap();
 
-        let (op, _) = examine_file(&env, &key, &path, (&looked_at, 0), &[]).unwrap();
+        let (op, _) = examine_file(&env, &key, &path, &looked_at, 0, &[]).unwrap();
         assert_eq!(op, None);
         let now = std::fs::symlink_metadata(&path).unwrap();
-        let (op, _) = examine_file(&env, &key, &path, (&now, 0), &[]).unwrap();
+        let (op, _) = examine_file(&env, &key, &path, &now, 0, &[]).unwrap();
         let Some(Op::Put {
             content: Some(c),
             meta,
@@ -624,13 +618,7 @@ mod tests {
         };
         assert_eq!(c.size, 21);
         // The read is noted for the store (see `Echo::note_read`), as recorded.
-        let read = Applied::File {
-            size: c.size,
-            mtime_ms: meta.mtime_ms,
-            executable: meta.executable,
-            root: c.root,
-        };
-        assert!(env.echo.take_read(&key, read));
+        assert!(env.echo.take_read(&key, Applied::file(&c, &meta)));
     }
 
     /// Another file renamed over the one looked at, with the same size, mtime and mode, is
@@ -652,9 +640,9 @@ mod tests {
         let now = std::fs::symlink_metadata(&path).unwrap();
         assert_eq!(file_stat(&now), file_stat(&looked_at));
 
-        let (op, _) = examine_file(&env, &key, &path, (&looked_at, 0), &[]).unwrap();
+        let (op, _) = examine_file(&env, &key, &path, &looked_at, 0, &[]).unwrap();
         assert_eq!(op, None);
-        let (op, _) = examine_file(&env, &key, &path, (&now, 0), &[]).unwrap();
+        let (op, _) = examine_file(&env, &key, &path, &now, 0, &[]).unwrap();
         assert!(matches!(op, Some(Op::Put { .. })), "{op:?}");
     }
 }

@@ -544,10 +544,10 @@ struct Writer {
     guarded: bool,
     /// Directories already checked to be real directories (not symlinks) in this batch.
     checked: HashSet<PathBuf>,
-    /// Directories this writer created in this batch (see [`Writer::write_new`]); cleared
-    /// for good when the file system cannot rename without replacing.
+    /// Directories this writer created in this batch: a file in one is written without
+    /// looking first (see [`Writer::write_new`]).
     made: HashSet<PathBuf>,
-    /// Whether [`rename_new`] works here (until it fails other than by finding a file).
+    /// Whether to try that: [`rename_new`] works here, as far as this writer has seen.
     rename_new: bool,
     dirty: bool,
     /// Where temp files go when not beside their final path: see [`temp_dir_for`].
@@ -888,12 +888,7 @@ impl Writer {
         meta: &Meta,
         recorded_here: bool,
     ) -> Result<Result<(), Refused>, FsError> {
-        let record = Applied::File {
-            size: content.size,
-            mtime_ms: meta.mtime_ms,
-            executable: meta.executable,
-            root: content.root,
-        };
+        let record = Applied::file(content, meta);
         // The folder's source read this very content and stat from the file a moment ago
         // and recorded it: the file shows it (a change since is the source's to record).
         if echo_key.is_some_and(|k| recorded_here && self.echo.take_read(k, record)) {
@@ -1013,8 +1008,9 @@ impl Writer {
 
     /// Writes `content` at `path` if nothing is there (see [`rename_new`]; a file system
     /// that accepts the flag but replaces anyway, as a broken FUSE server might, would skip
-    /// the check of what is there): whether it did. When something is there, nothing changed (the temp file is removed, the echo
-    /// record put back) and the caller looks at what is there as it does for any file.
+    /// the check of what is there): whether it did. When something is there, nothing
+    /// changed (the temp file is removed, the echo record put back) and the caller looks
+    /// at what is there as it does for any file.
     fn write_new(
         &mut self,
         path: &Path,
@@ -1372,13 +1368,58 @@ mod tests {
         }
     }
 
-    /// What the store (or a note of the source's) records for `content` with `meta`.
-    fn applied(content: &ContentRef, meta: &Meta) -> Applied {
-        Applied::File {
-            size: content.size,
-            mtime_ms: meta.mtime_ms,
-            executable: meta.executable,
-            root: content.root,
+    /// A guarded writer over a fresh folder, and an event of this replica putting
+    /// `f.txt`, whose read the tests note (or not) for the store.
+    struct Noted {
+        _dir: tempfile::TempDir,
+        root: PathBuf,
+        w: Writer,
+        content: ContentRef,
+        key: Key,
+        meta: Meta,
+        read: Applied,
+    }
+
+    impl Noted {
+        fn new(bytes: &[u8]) -> Noted {
+            let dir = tempfile::tempdir().unwrap();
+            let root = dir.path().canonicalize().unwrap();
+            let (w, content) = writer(&root, bytes);
+            let meta = file_meta();
+            let read = Applied::file(&content, &meta);
+            Noted {
+                _dir: dir,
+                root,
+                w,
+                content,
+                key: Key::new("f.txt").unwrap(),
+                meta,
+                read,
+            }
+        }
+
+        /// Notes the source's read of `f.txt`, as of now.
+        fn note(&self) {
+            self.w
+                .echo
+                .note_read(&self.key, self.read, self.w.echo.writes());
+        }
+
+        /// The store applies the event (`recorded_here`: this replica's).
+        fn put(&mut self, recorded_here: bool) -> Result<Result<(), Refused>, FsError> {
+            let Noted {
+                w,
+                content,
+                key,
+                meta,
+                ..
+            } = self;
+            w.put_file(key, None, Some(key), content, meta, recorded_here)
+        }
+
+        /// What `f.txt` holds, if it is there.
+        fn shown(&self) -> Option<Vec<u8>> {
+            std::fs::read(self.root.join("f.txt")).ok()
         }
     }
 
@@ -1421,26 +1462,18 @@ mod tests {
     /// source of the replica, say) is written as any other.
     #[test]
     fn an_event_just_recorded_from_the_file_is_not_written_back() {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().canonicalize().unwrap();
-        let (mut w, content) = writer(&root, b"read by the source");
-        let key = Key::new("f.txt").unwrap();
-        let meta = file_meta();
-        let read = applied(&content, &meta);
-        w.echo.note_read(&key, read, w.echo.writes());
+        let mut t = Noted::new(b"read by the source");
+        t.note();
 
-        let put = w.put_file(&key, None, Some(&key), &content, &meta, true);
+        let put = t.put(true);
         assert!(matches!(put, Ok(Ok(()))), "{put:?}");
-        assert!(!root.join("f.txt").exists(), "written back");
-        assert_eq!(w.echo.get(&key), Some(read));
-        assert!(!w.echo.take_read(&key, read), "the note is used up");
+        assert!(t.shown().is_none(), "written back");
+        assert_eq!(t.w.echo.get(&t.key), Some(t.read));
+        assert!(!t.w.echo.take_read(&t.key, t.read), "the note is used up");
 
-        let put = w.put_file(&key, None, Some(&key), &content, &meta, true);
+        let put = t.put(true);
         assert!(matches!(put, Ok(Ok(()))), "{put:?}");
-        assert_eq!(
-            std::fs::read(root.join("f.txt")).unwrap(),
-            b"read by the source"
-        );
+        assert_eq!(t.shown().unwrap(), b"read by the source");
     }
 
     /// A note taken before the store changed the folder is spoilt: the source read its
@@ -1448,44 +1481,39 @@ mod tests {
     /// source never records), then the source's event won. The store must write it.
     #[test]
     fn a_note_taken_before_a_store_write_does_not_skip_the_write() {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().canonicalize().unwrap();
-        let (mut w, ours) = writer(&root, b"saved here");
+        let mut t = Noted::new(b"saved here");
         let theirs = {
             let peer = tempfile::NamedTempFile::new().unwrap();
             std::fs::write(peer.path(), b"from a peer, written meanwhile").unwrap();
-            crate::content::store_file(peer.path(), w.ctx.chunks()).unwrap()
+            crate::content::store_file(peer.path(), t.w.ctx.chunks()).unwrap()
         };
-        let key = Key::new("f.txt").unwrap();
-        let meta = file_meta();
-        let read = applied(&ours, &meta);
-        w.echo.note_read(&key, read, w.echo.writes());
+        t.note();
 
-        let put = w.put_file(&key, None, Some(&key), &theirs, &meta, false);
+        let Noted { w, key, meta, .. } = &mut t;
+        let put = w.put_file(key, None, Some(key), &theirs, meta, false);
         assert!(matches!(put, Ok(Ok(()))), "{put:?}");
-        let put = w.put_file(&key, None, Some(&key), &ours, &meta, true);
+        let put = t.put(true);
         assert!(matches!(put, Ok(Ok(()))), "{put:?}");
-        assert_eq!(std::fs::read(root.join("f.txt")).unwrap(), b"saved here");
+        assert_eq!(t.shown().unwrap(), b"saved here");
     }
 
     /// The store's changes at other paths leave a note alone: a store writing a peer's
     /// files while the source records local ones still skips the local ones.
     #[test]
     fn a_store_write_elsewhere_does_not_spoil_a_note() {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().canonicalize().unwrap();
-        let (mut w, content) = writer(&root, b"read by the source");
-        let (key, other) = (Key::new("f.txt").unwrap(), Key::new("g.txt").unwrap());
-        let meta = file_meta();
-        let read = applied(&content, &meta);
-        w.echo.note_read(&key, read, w.echo.writes());
+        let mut t = Noted::new(b"read by the source");
+        let other = Key::new("g.txt").unwrap();
+        t.note();
 
-        let put = w.put_file(&other, None, Some(&other), &content, &meta, false);
+        let Noted {
+            w, content, meta, ..
+        } = &mut t;
+        let put = w.put_file(&other, None, Some(&other), content, meta, false);
         assert!(matches!(put, Ok(Ok(()))), "{put:?}");
-        assert!(root.join("g.txt").exists());
-        let put = w.put_file(&key, None, Some(&key), &content, &meta, true);
+        assert!(t.root.join("g.txt").exists());
+        let put = t.put(true);
         assert!(matches!(put, Ok(Ok(()))), "{put:?}");
-        assert!(!root.join("f.txt").exists(), "looked at and written back");
+        assert!(t.shown().is_none(), "looked at and written back");
     }
 
     /// A look of the source's at the key after its note drops the note: what it decided
@@ -1493,21 +1521,13 @@ mod tests {
     /// store must look for itself. (Here the file is gone, and is written back.)
     #[test]
     fn a_note_dropped_by_a_later_look_of_the_source_does_not_skip_the_write() {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().canonicalize().unwrap();
-        let (mut w, content) = writer(&root, b"read by the source");
-        let key = Key::new("f.txt").unwrap();
-        let meta = file_meta();
-        let read = applied(&content, &meta);
-        w.echo.note_read(&key, read, w.echo.writes());
-        w.echo.look(&key);
+        let mut t = Noted::new(b"read by the source");
+        t.note();
+        t.w.echo.look(&t.key);
 
-        let put = w.put_file(&key, None, Some(&key), &content, &meta, true);
+        let put = t.put(true);
         assert!(matches!(put, Ok(Ok(()))), "{put:?}");
-        assert_eq!(
-            std::fs::read(root.join("f.txt")).unwrap(),
-            b"read by the source"
-        );
+        assert_eq!(t.shown().unwrap(), b"read by the source");
     }
 
     /// A removal the source sees right after recording the file: one the store does not
@@ -1516,32 +1536,24 @@ mod tests {
     /// of its own removal) drops the note, and the store looks for itself.
     #[test]
     fn a_removal_keeps_the_note_unless_the_store_accounts_for_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().canonicalize().unwrap();
-        let (mut w, content) = writer(&root, b"read by the source");
-        let key = Key::new("f.txt").unwrap();
-        let meta = file_meta();
-        let read = applied(&content, &meta);
+        let mut t = Noted::new(b"read by the source");
 
-        w.echo.note_read(&key, read, w.echo.writes());
-        assert!(!w.echo.absence_accounted(&key));
-        let put = w.put_file(&key, None, Some(&key), &content, &meta, true);
+        t.note();
+        assert!(!t.w.echo.absence_accounted(&t.key));
+        let put = t.put(true);
         assert!(matches!(put, Ok(Ok(()))), "{put:?}");
-        assert!(!root.join("f.txt").exists(), "written back");
+        assert!(t.shown().is_none(), "written back");
         assert!(
-            !w.echo.absence_accounted(&key),
+            !t.w.echo.absence_accounted(&t.key),
             "the source records the removal"
         );
 
-        w.echo.record(&key, Applied::Absent);
-        w.echo.note_read(&key, read, w.echo.writes());
-        assert!(w.echo.absence_accounted(&key));
-        let put = w.put_file(&key, None, Some(&key), &content, &meta, true);
+        t.w.echo.record(&t.key, Applied::Absent);
+        t.note();
+        assert!(t.w.echo.absence_accounted(&t.key));
+        let put = t.put(true);
         assert!(matches!(put, Ok(Ok(()))), "{put:?}");
-        assert_eq!(
-            std::fs::read(root.join("f.txt")).unwrap(),
-            b"read by the source"
-        );
+        assert_eq!(t.shown().unwrap(), b"read by the source");
     }
 
     #[cfg(target_os = "linux")]

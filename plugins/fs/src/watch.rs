@@ -309,7 +309,7 @@ fn plan(env: &Env, paths: BTreeSet<PathBuf>) -> Result<Plan, FsError> {
                     handled.push(key);
                 }
             }
-            Ok(m) if m.is_file() => match examine_file(env, &key, &path, (&m, writes), &heads) {
+            Ok(m) if m.is_file() => match examine_file(env, &key, &path, &m, writes, &heads) {
                 Ok((Some(op), _)) => {
                     puts.push(LocalChange::new(key, op).made_at(changed_at_ms(&m)));
                 }
