@@ -23,7 +23,7 @@ use converge_api::{codec, ConflictPolicy, ContentRef, Head, Key, Op, Resolution}
 use thiserror::Error;
 use tokio::sync::mpsc;
 
-use crate::error::PluginError;
+use crate::error::{LogError, PluginError};
 use crate::log::LocalChange;
 use crate::plugin::{Source, SourceContext};
 
@@ -597,27 +597,29 @@ impl DylibSource {
 }
 
 async fn append(ctx: &SourceContext, name: &str, batch: Vec<Emitted>) -> Result<(), PluginError> {
-    let mut changes = Vec::with_capacity(batch.len());
-    for change in batch {
-        let op = match (change.bytes, change.op) {
-            (Some(bytes), Op::Put { meta, .. }) => {
-                let root = ctx
-                    .chunks()
-                    .put(&bytes)
-                    .map_err(|e| PluginError::new(name, e))?;
-                Op::Put {
+    // Storing the content is file and lock work: off the async runtime.
+    let chunks = ctx.chunks().clone();
+    let changes = tokio::task::spawn_blocking(move || {
+        let mut changes = Vec::with_capacity(batch.len());
+        for change in batch {
+            let op = match (change.bytes, change.op) {
+                (Some(bytes), Op::Put { meta, .. }) => Op::Put {
                     content: Some(ContentRef {
-                        root,
+                        root: chunks.put(&bytes)?,
                         size: bytes.len() as u64,
                         depth: 0,
                     }),
                     meta,
-                }
-            }
-            (_, op) => op,
-        };
-        changes.push(LocalChange::new(change.key, op).made_at(change.made_at_ms));
-    }
+                },
+                (_, op) => op,
+            };
+            changes.push(LocalChange::new(change.key, op).made_at(change.made_at_ms));
+        }
+        Ok::<_, LogError>(changes)
+    })
+    .await
+    .map_err(|_| PluginError::new(name, "storing the records' content panicked"))?
+    .map_err(|e| PluginError::new(name, e))?;
     ctx.emit(changes)
         .await
         .map(|_| ())
