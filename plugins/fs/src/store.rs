@@ -206,10 +206,10 @@ impl Store for FsStore {
         let (root, temp_dir) = (self.config.root.clone(), self.config.temp_dir.clone());
         let removed = tokio::task::spawn_blocking(move || {
             let in_temp_dir = match temp_dir {
-                Some(dir) => sweep_temp_files(&dir, false)?,
+                Some(dir) => sweep_temp_files(&dir, Below::TempDirs)?,
                 None => 0,
             };
-            Ok::<_, FsError>(in_temp_dir + sweep_temp_files(&root, true)?)
+            Ok::<_, FsError>(in_temp_dir + sweep_temp_files(&root, Below::All)?)
         })
         .await
         .map_err(FsError::from)
@@ -261,10 +261,19 @@ fn load_failed(path: &Path) -> Result<Vec<KeyView>, FsError> {
     }
 }
 
-/// Removes every temporary file in `root` (and below it when `recursive`): only this
+/// Which directories below its root [`sweep_temp_files`] goes into.
+#[derive(Clone, Copy, PartialEq)]
+enum Below {
+    /// Every one (the folder: temp files written beside their final paths).
+    All,
+    /// Only the writer threads' own temp dirs (see [`Writer::fork`]).
+    TempDirs,
+}
+
+/// Removes every temporary file in `root` and in the directories `below` it: only this
 /// store writes them, and at start none is in use, so any left is from a run that was
 /// killed mid-write. Symlinks are not followed.
-fn sweep_temp_files(root: &Path, recursive: bool) -> Result<u64, FsError> {
+fn sweep_temp_files(root: &Path, below: Below) -> Result<u64, FsError> {
     let mut removed = 0;
     let mut dirs = vec![root.to_path_buf()];
     while let Some(dir) = dirs.pop() {
@@ -291,16 +300,15 @@ fn sweep_temp_files(root: &Path, recursive: bool) -> Result<u64, FsError> {
                 path: path.clone(),
                 source,
             })?;
+            let temp_name = entry
+                .file_name()
+                .to_str()
+                .is_some_and(|n| n.starts_with(TEMP_PREFIX));
             if file_type.is_dir() {
-                if recursive {
+                if below == Below::All || temp_name {
                     dirs.push(path);
                 }
-            } else if file_type.is_file()
-                && entry
-                    .file_name()
-                    .to_str()
-                    .is_some_and(|n| n.starts_with(TEMP_PREFIX))
-            {
+            } else if file_type.is_file() && temp_name {
                 remove_file(&path)?;
                 removed += 1;
             }
@@ -466,8 +474,9 @@ fn apply_blocking(
         let results: Vec<std::thread::Result<Forked>> = std::thread::scope(|s| {
             let handles: Vec<_> = files
                 .chunks(part)
-                .map(|files| {
-                    let mut fork = w.fork();
+                .enumerate()
+                .map(|(n, files)| {
+                    let mut fork = w.fork(n);
                     s.spawn(move || fork.put_files(files).map(|()| (fork.dirty, fork.failed)))
                 })
                 .collect();
@@ -581,8 +590,24 @@ impl Writer {
         self.echo.wrote(key);
     }
 
-    /// A writer for another thread of the same batch.
-    fn fork(&self) -> Writer {
+    /// A writer for another thread of the same batch, the `n`th: its temp files go in a
+    /// directory of its own, so that the threads do not wait on each other's creates in
+    /// one directory (the kernel takes a lock on the directory for each).
+    fn fork(&self, n: usize) -> Writer {
+        let temp_dir = self.temp_dir.as_ref().map(|dir| {
+            // A temp name: never a key, should the temp dir be in a folder.
+            let own = dir.join(format!("{TEMP_PREFIX}w{n}"));
+            match std::fs::create_dir(&own) {
+                Ok(()) => own,
+                Err(e)
+                    if e.kind() == ErrorKind::AlreadyExists
+                        && std::fs::symlink_metadata(&own).is_ok_and(|m| m.is_dir()) =>
+                {
+                    own
+                }
+                Err(_) => dir.clone(),
+            }
+        });
         Writer {
             rules: self.rules.clone(),
             echo: self.echo.clone(),
@@ -592,7 +617,7 @@ impl Writer {
             made: self.made.clone(),
             rename_new: self.rename_new,
             dirty: false,
-            temp_dir: self.temp_dir.clone(),
+            temp_dir,
             failed: Vec::new(),
         }
     }

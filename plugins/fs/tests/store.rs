@@ -462,6 +462,10 @@ async fn files_are_written_in_the_temp_dir_and_renamed_into_the_folder() {
     );
     write(a.path(), "one.txt", b"one");
     write(a.path(), "two.bin", &random_bytes(2, 100_000));
+    // Enough files that several threads write them, each in a temp dir of its own.
+    for n in 0..100 {
+        write(a.path(), &format!("many/{n}.txt"), n.to_string().as_bytes());
+    }
     let log = common::log();
     scan_once(&FsSource::new(FsConfig::new(a.path())), &log).await;
 
@@ -473,14 +477,27 @@ async fn files_are_written_in_the_temp_dir_and_renamed_into_the_folder() {
     let temp_dir = data.path().join("tmp");
     // Left by a killed run: removed at start.
     write(&temp_dir, &format!("{TEMP_PREFIX}1-1"), b"stale");
+    write(
+        &temp_dir,
+        &format!("{TEMP_PREFIX}w0/{TEMP_PREFIX}1-2"),
+        b"stale, a thread's",
+    );
     let store = FsStore::new(FsConfig::new(b.path()).temp_dir(&temp_dir));
     store.start(&StoreContext::new(log.clone())).await.unwrap();
     apply(&store, &log, views(&log)).await;
     assert_eq!(tree(b.path()), tree(a.path()));
-    assert!(
-        tree(&temp_dir).is_empty(),
-        "nothing is left in the temp dir"
-    );
+    let left: Vec<_> = tree(&temp_dir)
+        .into_iter()
+        .filter(|(_, (is_dir, _, _))| !is_dir)
+        .map(|(name, _)| name)
+        .collect();
+    assert!(left.is_empty(), "files left in the temp dir: {left:?}");
+    if std::thread::available_parallelism().is_ok_and(|n| n.get() > 1) {
+        assert!(
+            temp_dir.join(format!("{TEMP_PREFIX}w1")).is_dir(),
+            "a second thread wrote in a temp dir of its own"
+        );
+    }
 
     // Events arrive in order: once both final names were seen, a temp file written in
     // the folder would have been reported before them.
