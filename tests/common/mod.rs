@@ -245,6 +245,14 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
+            // A test that gave up on a running daemon: where is each of its threads?
+            if std::thread::panicking() && matches!(child.try_wait(), Ok(None)) {
+                eprintln!(
+                    "--- {}'s threads ---\n{}",
+                    self.name,
+                    thread_dump(child.id())
+                );
+            }
             let _ = child.kill();
             let _ = child.wait();
         }
@@ -252,6 +260,46 @@ impl Drop for Daemon {
             eprintln!("{}", self.log_tail());
         }
     }
+}
+
+/// The stack of every thread of process `pid`: from gdb when it is installed (CI installs
+/// it), else each thread's name, state and kernel wait channel from `/proc`.
+pub fn thread_dump(pid: u32) -> String {
+    let gdb = Command::new("timeout")
+        .args(["60", "gdb", "-p", &pid.to_string(), "-batch", "-nx"])
+        .args(["-ex", "set pagination off", "-ex", "thread apply all bt 40"])
+        .stdin(Stdio::null())
+        .output();
+    if let Ok(out) = gdb {
+        let text = String::from_utf8_lossy(&out.stdout);
+        if out.status.success() && text.contains("Thread ") {
+            return text.into_owned();
+        }
+    }
+    let mut lines = Vec::new();
+    let tasks = fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten();
+    for task in tasks.flatten() {
+        let path = task.path();
+        let read = |name: &str| fs::read_to_string(path.join(name)).unwrap_or_default();
+        let stat = read("stat");
+        let state = stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .next();
+        lines.push(format!(
+            "{} {} state {} wchan {}\n{}",
+            task.file_name().to_string_lossy(),
+            read("comm").trim(),
+            state.unwrap_or("?"),
+            read("wchan"),
+            read("stack")
+        ));
+    }
+    lines.join("\n")
 }
 
 /// Two replicas that list each other as peers (not started).
