@@ -158,11 +158,29 @@ impl Echo {
     /// since, the file shows the event already (a change since is the source's to record),
     /// so the store need not look. At most [`READ_NOTES`] are kept (a store far behind its
     /// source then looks, as before).
+    ///
+    /// A record that the store removed the file, made before the source looked, is
+    /// dropped too: the file was there after that removal, so its going now is no echo of
+    /// the store's but a removal of the user's, for the source to record (see
+    /// [`Echo::absence_accounted`]).
     pub(crate) fn note_read(&self, key: &Key, read: Applied, writes: u64) {
         let mut notes = locked(&self.read);
         if notes.len() < READ_NOTES || notes.contains_key(key) {
             notes.insert(key.clone(), (read, writes, Instant::now()));
         }
+        if self.last_change(key) <= writes {
+            let mut map = self.lock();
+            if matches!(map.get(key), Some((Applied::Absent, _))) {
+                map.remove(key);
+            }
+        }
+    }
+
+    /// The number of the store's latest change at `key`'s path, or the highest number
+    /// dropped when none is kept for it (see [`Written`]).
+    fn last_change(&self, key: &Key) -> u64 {
+        let written = locked(&self.written);
+        written.by_key.get(key).map_or(written.dropped, |(n, _)| *n)
     }
 
     /// Whether the source noted reading `key` as `applied` with no change of the store's
@@ -178,11 +196,7 @@ impl Echo {
         let Some((read, seen, _)) = notes.remove(key) else {
             return false;
         };
-        let last = {
-            let written = locked(&self.written);
-            written.by_key.get(key).map_or(written.dropped, |(n, _)| *n)
-        };
-        let matches = read == applied && last <= seen;
+        let matches = read == applied && self.last_change(key) <= seen;
         if matches {
             self.record(key, applied);
         }

@@ -1557,8 +1557,8 @@ mod tests {
 
     /// A removal the source sees right after recording the file: one the store does not
     /// account for keeps the note (the source records the removal itself, and the store
-    /// does not write the file back meanwhile); one it does account for (a stale record
-    /// of its own removal) drops the note, and the store looks for itself.
+    /// does not write the file back meanwhile); one it does account for (it removed the
+    /// file after the source looked) drops the note, and the store looks for itself.
     #[test]
     fn a_removal_keeps_the_note_unless_the_store_accounts_for_it() {
         let mut t = Noted::new(b"read by the source");
@@ -1573,12 +1573,33 @@ mod tests {
             "the source records the removal"
         );
 
-        t.w.echo.record(&t.key, Applied::Absent);
         t.note();
+        t.w.echo.record(&t.key, Applied::Absent);
+        t.w.changed(&t.key);
         assert!(t.w.echo.absence_accounted(&t.key));
         let put = t.put(true);
         assert!(matches!(put, Ok(Ok(()))), "{put:?}");
         assert_eq!(t.shown().unwrap(), b"read by the source");
+    }
+
+    /// The store removed `f.txt` (a peer's delete), then the user made it again and the
+    /// source recorded it, then the user removed it before the store came to that event:
+    /// the store's record of its removal is stale, so the removal is the user's to record
+    /// and the store does not write the file back.
+    #[test]
+    fn a_removal_after_a_recording_is_not_taken_for_an_older_removal_of_the_store() {
+        let mut t = Noted::new(b"made again by the user");
+        t.w.echo.record(&t.key, Applied::Absent);
+        t.w.changed(&t.key);
+
+        t.note();
+        assert!(
+            !t.w.echo.absence_accounted(&t.key),
+            "taken for the store's removal"
+        );
+        let put = t.put(true);
+        assert!(matches!(put, Ok(Ok(()))), "{put:?}");
+        assert!(t.shown().is_none(), "written back");
     }
 
     #[cfg(target_os = "linux")]

@@ -703,3 +703,44 @@ async fn a_mirror_does_not_write_into_its_folder_while_it_is_missing_or_empty() 
     apply(&mirror, &log, views(&log)).await;
     assert_eq!(tree(&backup), tree(source_dir.path()));
 }
+
+/// The store removed a file (a peer's delete), then the user made it again, the source
+/// recorded it, and the user removed it before the store came to that event. The removal
+/// is the user's: the source records it, and the file does not come back. (The store's
+/// record of its own removal, still fresh, once made the source take the user's removal
+/// for an echo of it, and the store then wrote the file back.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_made_again_and_removed_stays_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = common::log();
+    let (source, store) = folder(FsConfig::new(dir.path()));
+    write(dir.path(), "f.txt", b"first");
+    scan_once(&source, &log).await;
+    apply(&store, &log, views(&log)).await;
+
+    // A peer's delete wins: the store removes the file.
+    let deleted = KeyView {
+        key: key("f.txt"),
+        winner: None,
+        copies: vec![],
+        conflicted: false,
+        merged_copies: vec![],
+    };
+    apply(&store, &log, vec![deleted]).await;
+    assert!(!dir.path().join("f.txt").exists(), "the store removed it");
+
+    write(dir.path(), "f.txt", b"made again");
+    scan_once(&source, &log).await;
+    std::fs::remove_file(dir.path().join("f.txt")).unwrap();
+    scan_once(&source, &log).await;
+    apply(&store, &log, views(&log)).await;
+    assert!(
+        !dir.path().join("f.txt").exists(),
+        "the store wrote the removed file back"
+    );
+    let heads = log.heads(&key("f.txt")).unwrap();
+    assert!(
+        heads.iter().all(|h| matches!(h.op, Op::Delete)),
+        "the removal was not recorded: {heads:?}"
+    );
+}
