@@ -1,6 +1,6 @@
 //! The folder source: a start-up scan, then watching with `notify`, debounced.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -261,8 +261,13 @@ fn plan(env: &Env, paths: BTreeSet<PathBuf>) -> Result<Plan, FsError> {
     // Directories handled whole: paths below them need nothing more. The set is sorted,
     // so a directory comes before its contents.
     let mut handled: Vec<Key> = Vec::new();
+    let mut real_dirs = HashSet::new();
     for path in paths {
         if path == env.rules.root() || !path.starts_with(env.rules.root()) {
+            continue;
+        }
+        if through_symlink(env.rules.root(), &path, &mut real_dirs) {
+            tracing::debug!("ignoring {}: below a symlink", path.display());
             continue;
         }
         let key = env.rules.key_of(&path);
@@ -348,6 +353,34 @@ fn plan(env: &Env, paths: BTreeSet<PathBuf>) -> Result<Plan, FsError> {
         subtrees,
         removed,
     })
+}
+
+/// Whether a directory between the folder's root and `path` is a symlink. notify follows
+/// the symlinked directories it finds when it walks the tree, and reports what happens in
+/// their targets (outside the folder, perhaps) as if it happened below the link; such a
+/// path is not the folder's, and the scan does not follow symlinks either. `real` holds
+/// the directories of this plan already found not to be symlinks. One that cannot be
+/// looked at (removed meanwhile) counts as real: its event goes on as any other.
+fn through_symlink(root: &Path, path: &Path, real: &mut HashSet<PathBuf>) -> bool {
+    let mut unchecked = Vec::new();
+    let mut dir = path.parent();
+    while let Some(d) = dir {
+        if d == root || !d.starts_with(root) || real.contains(d) {
+            break;
+        }
+        unchecked.push(d);
+        dir = d.parent();
+    }
+    // From the top down: a lookup below a symlink would go through it.
+    for d in unchecked.into_iter().rev() {
+        match std::fs::symlink_metadata(d) {
+            Ok(m) if m.file_type().is_symlink() => return true,
+            _ => {
+                real.insert(d.to_owned());
+            }
+        }
+    }
+    false
 }
 
 /// The merge a conflict copy deleted by hand asks for (see [`merge_for_deleted_copy`]), if

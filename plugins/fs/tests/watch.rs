@@ -90,3 +90,41 @@ async fn created_modified_renamed_and_deleted_entries_become_events() {
     stop_tx.send(true).unwrap();
     running.await.unwrap().unwrap();
 }
+
+/// A symlink to a directory is skipped, and so is what happens in the directory it points
+/// to (outside the folder here), although the watcher (notify) follows it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_below_a_symlinked_directory_are_not_events() {
+    let (dir, outside) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let root = dir.path().to_owned();
+    write(&root, "existing.txt", b"old");
+    write(outside.path(), "before.txt", b"before");
+    std::os::unix::fs::symlink(outside.path(), root.join("link")).unwrap();
+    let log = common::log();
+    let source = Arc::new(FsSource::new(FsConfig::new(&root)));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (progress_tx, mut progress_rx) = watch::channel(ScanProgress::default());
+    let running = {
+        let (source, log) = (source.clone(), log.clone());
+        tokio::spawn(async move {
+            source
+                .run(SourceContext::new(log, stop_rx, progress_tx))
+                .await
+        })
+    };
+    progress_rx.wait_for(|p| p.done).await.unwrap();
+
+    write(outside.path(), "after.txt", b"after");
+    write(outside.path(), "before.txt", b"before, changed");
+    write(outside.path(), "sub/deeper.txt", b"deeper");
+    std::fs::remove_file(outside.path().join("before.txt")).unwrap();
+    // Written after those: once it is an event, they have been seen.
+    write(&root, "sentinel.txt", b"s");
+    wait_until(&log, "sentinel.txt", |s| s.contains_key("sentinel.txt")).await;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let keys: Vec<String> = log.states().map(|e| e.unwrap().0.to_string()).collect();
+    assert_eq!(keys, ["existing.txt", "sentinel.txt"]);
+
+    stop_tx.send(true).unwrap();
+    running.await.unwrap().unwrap();
+}
