@@ -69,10 +69,20 @@ impl Applied {
     }
 }
 
+/// One key's entry in the record: what the store left at the path, when it recorded it,
+/// and for a removal, the number of the change that made it (see [`Echo::wrote`]) once
+/// it is made.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Record {
+    applied: Applied,
+    at: Instant,
+    done: Option<u64>,
+}
+
 /// The shared record.
 #[derive(Debug, Default)]
 pub(crate) struct Echo {
-    map: Mutex<HashMap<Key, (Applied, Instant)>>,
+    map: Mutex<HashMap<Key, Record>>,
     /// Keys the store could not show (a file in a directory it may not write): what is at
     /// their paths is not a local change while it is in a state the log knows.
     failed: Mutex<HashSet<Key>>,
@@ -98,34 +108,60 @@ struct Written {
 }
 
 impl Echo {
-    fn lock(&self) -> MutexGuard<'_, HashMap<Key, (Applied, Instant)>> {
+    fn lock(&self) -> MutexGuard<'_, HashMap<Key, Record>> {
         locked(&self.map)
     }
 
+    /// Records what the store is about to leave at `key`'s path (a removal is numbered
+    /// once made, by [`Echo::wrote`]).
     pub(crate) fn record(&self, key: &Key, applied: Applied) {
-        self.lock().insert(key.clone(), (applied, Instant::now()));
+        self.replace(key, applied);
+    }
+
+    /// Records that nothing is at `key`'s path, as the store found it: an absence no
+    /// change of the store's is pending for, numbered as of now (see [`Echo::note_read`]).
+    pub(crate) fn record_gone(&self, key: &Key) {
+        let done = Some(self.writes());
+        let record = Record {
+            applied: Applied::Absent,
+            at: Instant::now(),
+            done,
+        };
+        self.lock().insert(key.clone(), record);
     }
 
     /// [`Echo::record`], returning what was recorded before (for [`Echo::put_back`]).
-    pub(crate) fn replace(&self, key: &Key, applied: Applied) -> Option<(Applied, Instant)> {
-        self.lock().insert(key.clone(), (applied, Instant::now()))
+    pub(crate) fn replace(&self, key: &Key, applied: Applied) -> Option<Record> {
+        let record = Record {
+            applied,
+            at: Instant::now(),
+            done: None,
+        };
+        self.lock().insert(key.clone(), record)
     }
 
     /// Puts back what [`Echo::replace`] returned: the write it recorded did not happen.
-    pub(crate) fn put_back(&self, key: &Key, before: Option<(Applied, Instant)>) {
+    /// A removal the source has seen the file back after since (its note is newer) is
+    /// not put back: see [`Echo::note_read`].
+    pub(crate) fn put_back(&self, key: &Key, before: Option<Record>) {
+        let notes = locked(&self.read);
         let mut map = self.lock();
         match before {
-            Some(entry) => map.insert(key.clone(), entry),
-            None => map.remove(key),
-        };
+            Some(record) if !outdated_by(&record, notes.get(key).map(|(_, seen, _)| *seen)) => {
+                map.insert(key.clone(), record);
+            }
+            _ => {
+                map.remove(key);
+            }
+        }
     }
 
     pub(crate) fn get(&self, key: &Key) -> Option<Applied> {
-        self.lock().get(key).map(|(a, _)| *a)
+        self.lock().get(key).map(|r| r.applied)
     }
 
     pub(crate) fn prune(&self) {
-        self.lock().retain(|_, (_, at)| at.elapsed() < TTL);
+        self.lock().retain(|_, r| r.at.elapsed() < TTL);
         locked(&self.read).retain(|_, (_, _, at)| at.elapsed() < TTL);
         let mut written = locked(&self.written);
         let Written { by_key, dropped } = &mut *written;
@@ -140,10 +176,20 @@ impl Echo {
 
     /// Numbers a change the store has made at `key`'s path, once made (a rename into
     /// place, a removal, a directory created, a file's mode or mtime set).
+    /// A removal recorded for `key` and not yet numbered is the change made: it takes
+    /// this number.
     pub(crate) fn wrote(&self, key: &Key) {
-        let mut written = locked(&self.written);
-        let n = self.writes.fetch_add(1, Ordering::SeqCst) + 1;
-        written.by_key.insert(key.clone(), (n, Instant::now()));
+        let n = {
+            let mut written = locked(&self.written);
+            let n = self.writes.fetch_add(1, Ordering::SeqCst) + 1;
+            written.by_key.insert(key.clone(), (n, Instant::now()));
+            n
+        };
+        if let Some(record) = self.lock().get_mut(key) {
+            if record.applied == Applied::Absent && record.done.is_none() {
+                record.done = Some(n);
+            }
+        }
     }
 
     /// The number of the store's latest change so far (see [`Echo::wrote`]): the source
@@ -159,20 +205,19 @@ impl Echo {
     /// so the store need not look. At most [`READ_NOTES`] are kept (a store far behind its
     /// source then looks, as before).
     ///
-    /// A record that the store removed the file, made before the source looked, is
-    /// dropped too: the file was there after that removal, so its going now is no echo of
-    /// the store's but a removal of the user's, for the source to record (see
-    /// [`Echo::absence_accounted`]).
+    /// A record that the store removed the file, the removal made before the source
+    /// looked, is dropped too: the file was there after that removal, so its going now is
+    /// no echo of the store's but a removal of the user's, for the source to record (see
+    /// [`Echo::absence_accounted`]). A removal recorded and not yet made (or made and not
+    /// yet numbered) stays: the source's look may have come before it.
     pub(crate) fn note_read(&self, key: &Key, read: Applied, writes: u64) {
         let mut notes = locked(&self.read);
         if notes.len() < READ_NOTES || notes.contains_key(key) {
             notes.insert(key.clone(), (read, writes, Instant::now()));
         }
-        if self.last_change(key) <= writes {
-            let mut map = self.lock();
-            if matches!(map.get(key), Some((Applied::Absent, _))) {
-                map.remove(key);
-            }
+        let mut map = self.lock();
+        if map.get(key).is_some_and(|r| outdated_by(r, Some(writes))) {
+            map.remove(key);
         }
     }
 
@@ -249,6 +294,15 @@ impl Echo {
     /// could not write it. Such an absence is no local removal.
     pub(crate) fn accounts_for_absence(&self, key: &Key) -> bool {
         self.get(key) == Some(Applied::Absent) || self.is_failed(key)
+    }
+}
+
+/// Whether `record` is a removal made before a look of the source's at the file that
+/// read [`Echo::writes`] as `seen` (and found the file there).
+fn outdated_by(record: &Record, seen: Option<u64>) -> bool {
+    match (record.applied, record.done, seen) {
+        (Applied::Absent, Some(done), Some(seen)) => done <= seen,
+        _ => false,
     }
 }
 

@@ -428,7 +428,7 @@ fn apply_blocking(
             Err(e)
                 if e.kind() == ErrorKind::NotFound || e.raw_os_error() == Some(libc::ENOTDIR) =>
             {
-                w.echo.record(&key, Applied::Absent)
+                w.echo.record_gone(&key)
             }
             Err(e) => {
                 return Err(FsError::Io {
@@ -1600,6 +1600,47 @@ mod tests {
         let put = t.put(true);
         assert!(matches!(put, Ok(Ok(()))), "{put:?}");
         assert!(t.shown().is_none(), "written back");
+    }
+
+    /// A look of the source's that came before the store's removal, noted while that
+    /// removal is under way (recorded, not yet numbered), does not drop its record: the
+    /// removal is the store's, and the source does not record it as the user's.
+    #[test]
+    fn a_note_taken_before_a_removal_under_way_keeps_its_record() {
+        let t = Noted::new(b"read by the source");
+        let seen = t.w.echo.writes();
+        t.w.echo.record(&t.key, Applied::Absent);
+        t.w.echo.note_read(&t.key, t.read, seen);
+        t.w.echo.wrote(&t.key);
+        assert!(
+            t.w.echo.absence_accounted(&t.key),
+            "the store's removal taken for the user's"
+        );
+    }
+
+    /// A write that did not happen puts back the record before it, unless that is a
+    /// removal the source has since seen the file back after.
+    #[test]
+    fn a_stale_removal_is_not_put_back() {
+        let t = Noted::new(b"made again by the user");
+        t.w.echo.record(&t.key, Applied::Absent);
+        t.w.echo.wrote(&t.key);
+        let before = t.w.echo.replace(&t.key, t.read);
+        t.note();
+        t.w.echo.put_back(&t.key, before);
+        assert_eq!(t.w.echo.get(&t.key), None);
+
+        let before = t.w.echo.replace(&t.key, t.read);
+        t.w.echo.put_back(&t.key, before);
+        assert_eq!(t.w.echo.get(&t.key), None, "nothing was recorded before");
+        t.w.echo.record(&t.key, Applied::Absent);
+        let before = t.w.echo.replace(&t.key, t.read);
+        t.w.echo.put_back(&t.key, before);
+        assert_eq!(
+            t.w.echo.get(&t.key),
+            Some(Applied::Absent),
+            "a removal under way is put back"
+        );
     }
 
     #[cfg(target_os = "linux")]
