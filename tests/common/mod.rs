@@ -266,17 +266,29 @@ impl Drop for Daemon {
 /// it), else each thread's name, state and kernel wait channel from `/proc`.
 pub fn thread_dump(pid: u32) -> String {
     let gdb = Command::new("timeout")
-        .args(["60", "gdb", "-p", &pid.to_string(), "-batch", "-nx"])
+        .args([
+            "-k",
+            "5",
+            "30",
+            "gdb",
+            "-p",
+            &pid.to_string(),
+            "-batch",
+            "-nx",
+        ])
         .args(["-ex", "set pagination off", "-ex", "thread apply all bt 40"])
         .stdin(Stdio::null())
         .output();
+    let mut lines = Vec::new();
     if let Ok(out) = gdb {
         let text = String::from_utf8_lossy(&out.stdout);
         if out.status.success() && text.contains("Thread ") {
             return text.into_owned();
         }
+        // Not installed, or not allowed to attach (ptrace restricted): say why.
+        let why = String::from_utf8_lossy(&out.stderr);
+        lines.push(format!("(no stacks from gdb: {})", why.trim()));
     }
-    let mut lines = Vec::new();
     let tasks = fs::read_dir(format!("/proc/{pid}/task"))
         .into_iter()
         .flatten();
