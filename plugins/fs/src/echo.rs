@@ -141,13 +141,19 @@ impl Echo {
     }
 
     /// Puts back what [`Echo::replace`] returned: the write it recorded did not happen.
-    /// A removal the source has seen the file back after since (its note is newer) is
-    /// not put back: see [`Echo::note_read`].
-    pub(crate) fn put_back(&self, key: &Key, before: Option<Record>) {
+    /// A removal made before something came back at the path is not put back: not when
+    /// the write found something there (`found`), nor when the source has seen the file
+    /// since (its note is newer; see [`Echo::note_read`]).
+    pub(crate) fn put_back(&self, key: &Key, before: Option<Record>, found: bool) {
         let notes = locked(&self.read);
         let mut map = self.lock();
+        let seen = if found {
+            Some(u64::MAX)
+        } else {
+            notes.get(key).map(|(_, seen, _)| *seen)
+        };
         match before {
-            Some(record) if !outdated_by(&record, notes.get(key).map(|(_, seen, _)| *seen)) => {
+            Some(record) if !outdated_by(&record, seen) => {
                 map.insert(key.clone(), record);
             }
             _ => {
@@ -179,13 +185,16 @@ impl Echo {
     /// A removal recorded for `key` and not yet numbered is the change made: it takes
     /// this number.
     pub(crate) fn wrote(&self, key: &Key) {
+        // The record is numbered under the same lock as the number is taken: a source that
+        // reads the number (and then finds the file back) finds the removal numbered.
+        let mut map = self.lock();
         let n = {
             let mut written = locked(&self.written);
             let n = self.writes.fetch_add(1, Ordering::SeqCst) + 1;
             written.by_key.insert(key.clone(), (n, Instant::now()));
             n
         };
-        if let Some(record) = self.lock().get_mut(key) {
+        if let Some(record) = map.get_mut(key) {
             if record.applied == Applied::Absent && record.done.is_none() {
                 record.done = Some(n);
             }
@@ -263,11 +272,19 @@ impl Echo {
         accounted
     }
 
-    /// The source has found an entry at `key` and is about to judge it: drops the key's
-    /// note, since what the source decides now may rest on the echo record (a file that
-    /// matches what the store wrote, say) rather than on what the note says.
-    pub(crate) fn look(&self, key: &Key) {
-        locked(&self.read).remove(key);
+    /// The source has found an entry at `key` (having read [`Echo::writes`] as `writes`
+    /// before it looked) and is about to judge it: drops the key's note, since what the
+    /// source decides now may rest on the echo record (a file that matches what the store
+    /// wrote, say) rather than on what the note says; and drops a record of a removal made
+    /// before the look, since the entry is back (see [`Echo::note_read`]: the same holds
+    /// for a directory, or a file the source does not record).
+    pub(crate) fn look(&self, key: &Key, writes: u64) {
+        let mut notes = locked(&self.read);
+        notes.remove(key);
+        let mut map = self.lock();
+        if map.get(key).is_some_and(|r| outdated_by(r, Some(writes))) {
+            map.remove(key);
+        }
     }
 
     /// Sets the keys the store could not show.

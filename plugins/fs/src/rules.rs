@@ -1,6 +1,7 @@
 //! Which paths of a folder are keys: ignore rules (`.convergeignore`, excludes, temp files,
 //! conflict copies) and the mapping from a path to a validated [`Key`].
 
+use std::collections::HashSet;
 use std::path::{Component, Path, PathBuf};
 
 use converge_api::Key;
@@ -112,4 +113,32 @@ impl Rules {
     pub(crate) fn path_of(&self, key: &Key) -> PathBuf {
         self.root.join(key.as_str())
     }
+}
+
+/// Whether a directory between the folder's root and `path` is a symlink: then `path` is
+/// not the folder's, whatever is found there (the scan and the watcher follow no
+/// symlinks; a path below one comes from a watch on a directory since replaced by a link,
+/// or is looked up through a link that replaced a directory). `real` holds directories
+/// already found not to be symlinks, for a caller checking many paths. One that cannot be
+/// looked at (removed meanwhile) counts as real.
+pub(crate) fn below_symlink(root: &Path, path: &Path, real: &mut HashSet<PathBuf>) -> bool {
+    let mut unchecked = Vec::new();
+    let mut dir = path.parent();
+    while let Some(d) = dir {
+        if d == root || !d.starts_with(root) || real.contains(d) {
+            break;
+        }
+        unchecked.push(d);
+        dir = d.parent();
+    }
+    // From the top down: a lookup below a symlink would go through it.
+    for d in unchecked.into_iter().rev() {
+        match std::fs::symlink_metadata(d) {
+            Ok(m) if m.file_type().is_symlink() => return true,
+            _ => {
+                real.insert(d.to_owned());
+            }
+        }
+    }
+    false
 }

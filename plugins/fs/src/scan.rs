@@ -24,7 +24,7 @@ use tokio::sync::mpsc;
 use crate::content::{changed_at_ms, file_stat, mtime_ms, put_stat, store_file_read};
 use crate::echo::{known_state, Applied, Echo};
 use crate::error::FsError;
-use crate::rules::Rules;
+use crate::rules::{below_symlink, Rules};
 use crate::store::file_copies;
 use crate::EMIT_BATCH;
 
@@ -173,12 +173,14 @@ pub(crate) fn examine_dir(
 
 /// Whether `key`, shown by `heads`, is gone from the folder as a local removal: neither a
 /// file nor a directory is at its path (one created after a walk passed by is there, and
-/// the watcher reports it), and the store does not account for the absence.
+/// the watcher reports it), or only below a symlink (a directory replaced by a link to
+/// one with the same names), and the store does not account for the absence.
 pub(crate) fn gone(env: &Env, key: &Key, heads: &[Head]) -> bool {
+    let path = env.rules.path_of(key);
     env.resolver.shown(key, heads).is_some()
         && !env.echo.absence_accounted(key)
-        && !std::fs::symlink_metadata(env.rules.path_of(key))
-            .is_ok_and(|m| m.is_file() || m.is_dir())
+        && (!std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_file() || m.is_dir())
+            || below_symlink(env.rules.root(), &path, &mut HashSet::new()))
 }
 
 /// When the entry at `key` was removed, as far as the disk tells: the ctime of its nearest
@@ -529,7 +531,7 @@ fn visit(env: &Env, projection: &Projection, path: &Path) -> Option<Found> {
         }
     };
     if meta.is_file() || meta.is_dir() {
-        env.echo.look(&key);
+        env.echo.look(&key, writes);
     }
     let heads = projection.heads(&key);
     if meta.is_dir() {

@@ -1057,7 +1057,10 @@ impl Writer {
         }
         let _ = std::fs::remove_file(&temp);
         if let Some((k, before)) = before {
-            self.echo.put_back(k, before);
+            let found = renamed
+                .as_ref()
+                .is_err_and(|e| e.kind() == ErrorKind::AlreadyExists);
+            self.echo.put_back(k, before, found);
         }
         match renamed {
             // The temp dir is on another mount (a bind mount): temp files beside their
@@ -1548,7 +1551,7 @@ mod tests {
     fn a_note_dropped_by_a_later_look_of_the_source_does_not_skip_the_write() {
         let mut t = Noted::new(b"read by the source");
         t.note();
-        t.w.echo.look(&t.key);
+        t.w.echo.look(&t.key, t.w.echo.writes());
 
         let put = t.put(true);
         assert!(matches!(put, Ok(Ok(()))), "{put:?}");
@@ -1627,15 +1630,15 @@ mod tests {
         t.w.echo.wrote(&t.key);
         let before = t.w.echo.replace(&t.key, t.read);
         t.note();
-        t.w.echo.put_back(&t.key, before);
+        t.w.echo.put_back(&t.key, before, false);
         assert_eq!(t.w.echo.get(&t.key), None);
 
         let before = t.w.echo.replace(&t.key, t.read);
-        t.w.echo.put_back(&t.key, before);
+        t.w.echo.put_back(&t.key, before, false);
         assert_eq!(t.w.echo.get(&t.key), None, "nothing was recorded before");
         t.w.echo.record(&t.key, Applied::Absent);
         let before = t.w.echo.replace(&t.key, t.read);
-        t.w.echo.put_back(&t.key, before);
+        t.w.echo.put_back(&t.key, before, false);
         assert_eq!(
             t.w.echo.get(&t.key),
             Some(Applied::Absent),

@@ -18,7 +18,7 @@ use crate::content::changed_at_ms;
 use crate::echo::{Applied, Echo};
 use crate::error::FsError;
 use crate::marker;
-use crate::rules::Rules;
+use crate::rules::{below_symlink, Rules};
 use crate::scan::{
     examine_file, gone, is_echo, merge_for_deleted_copy, removed_at_ms, scan, Env, Resolver,
 };
@@ -107,9 +107,21 @@ impl FsSource {
         let (tx, mut rx) = mpsc::unbounded_channel();
         let watched = root.clone();
         let watcher = tokio::task::spawn_blocking(move || {
-            let mut watcher = notify::recommended_watcher(move |res| {
-                let _ = tx.send(res);
-            })?;
+            // Symlinks are not followed: notify would watch what a symlinked directory
+            // points to (outside the folder, perhaps) and report it below the link, and a
+            // link to a directory of the folder would take over that directory's watch.
+            let config = notify::Config::default().with_follow_symlinks(false);
+            let mut watcher = notify::RecommendedWatcher::new(
+                move |res: notify::Result<notify::Event>| {
+                    // Opens (each read of a file, our own included) are no changes: dropped
+                    // here, on notify's thread, rather than woken for.
+                    if res.as_ref().is_ok_and(|e| is_read(&e.kind)) {
+                        return;
+                    }
+                    let _ = tx.send(res);
+                },
+                config,
+            )?;
             watcher.watch(&watched, RecursiveMode::Recursive)?;
             Ok::<_, notify::Error>(watcher)
         })
@@ -169,15 +181,12 @@ impl FsSource {
                 }
                 continue;
             }
-            let deadline = tokio::time::Instant::now() + self.config.debounce;
-            loop {
-                tokio::select! {
-                    _ = tokio::time::sleep_until(deadline) => break,
-                    next = rx.recv() => match next {
-                        None => break,
-                        Some(event) => collect(event, &mut paths, &mut rescan),
-                    },
-                }
+            // The rest of the batch is taken when the debounce ends, not as it comes: a
+            // burst (thousands of files written) would otherwise wake this task for each
+            // event.
+            tokio::time::sleep(self.config.debounce).await;
+            while let Ok(event) = rx.try_recv() {
+                collect(event, &mut paths, &mut rescan);
             }
             if ctx.is_shutting_down() {
                 return Ok(());
@@ -226,11 +235,8 @@ fn collect(event: notify::Result<notify::Event>, paths: &mut BTreeSet<PathBuf>, 
             if event.need_rescan() {
                 *rescan = true;
             }
-            // Reads (our own hashing included) are not changes; a close after writing is.
-            if let EventKind::Access(kind) = event.kind {
-                if kind != AccessKind::Close(AccessMode::Write) {
-                    return;
-                }
+            if is_read(&event.kind) {
+                return;
             }
             // The store's temp files come and go with every file it writes: never
             // changes of the folder, so not worth a stat.
@@ -241,6 +247,12 @@ fn collect(event: notify::Result<notify::Event>, paths: &mut BTreeSet<PathBuf>, 
             }));
         }
     }
+}
+
+/// Whether an event of `kind` is a read (our own hashing included): an access, but for a
+/// close after writing.
+fn is_read(kind: &EventKind) -> bool {
+    matches!(kind, EventKind::Access(k) if *k != AccessKind::Close(AccessMode::Write))
 }
 
 /// What one debounced batch of paths amounts to.
@@ -266,7 +278,7 @@ fn plan(env: &Env, paths: BTreeSet<PathBuf>) -> Result<Plan, FsError> {
         if path == env.rules.root() || !path.starts_with(env.rules.root()) {
             continue;
         }
-        if through_symlink(env.rules.root(), &path, &mut real_dirs) {
+        if below_symlink(env.rules.root(), &path, &mut real_dirs) {
             tracing::debug!("ignoring {}: below a symlink", path.display());
             continue;
         }
@@ -277,7 +289,7 @@ fn plan(env: &Env, paths: BTreeSet<PathBuf>) -> Result<Plan, FsError> {
             // What is decided about an entry that is there may rest on the echo record:
             // the key's note goes (a removal keeps it, see `Echo::absence_accounted`).
             if m.is_file() || m.is_dir() {
-                env.echo.look(key);
+                env.echo.look(key, writes);
             }
             // The store's own writes come back here by the thousand: drop them first. The
             // store writes no ignored path, so the ignore rules need not be asked.
@@ -353,34 +365,6 @@ fn plan(env: &Env, paths: BTreeSet<PathBuf>) -> Result<Plan, FsError> {
         subtrees,
         removed,
     })
-}
-
-/// Whether a directory between the folder's root and `path` is a symlink. notify follows
-/// the symlinked directories it finds when it walks the tree, and reports what happens in
-/// their targets (outside the folder, perhaps) as if it happened below the link; such a
-/// path is not the folder's, and the scan does not follow symlinks either. `real` holds
-/// the directories of this plan already found not to be symlinks. One that cannot be
-/// looked at (removed meanwhile) counts as real: its event goes on as any other.
-fn through_symlink(root: &Path, path: &Path, real: &mut HashSet<PathBuf>) -> bool {
-    let mut unchecked = Vec::new();
-    let mut dir = path.parent();
-    while let Some(d) = dir {
-        if d == root || !d.starts_with(root) || real.contains(d) {
-            break;
-        }
-        unchecked.push(d);
-        dir = d.parent();
-    }
-    // From the top down: a lookup below a symlink would go through it.
-    for d in unchecked.into_iter().rev() {
-        match std::fs::symlink_metadata(d) {
-            Ok(m) if m.file_type().is_symlink() => return true,
-            _ => {
-                real.insert(d.to_owned());
-            }
-        }
-    }
-    false
 }
 
 /// The merge a conflict copy deleted by hand asks for (see [`merge_for_deleted_copy`]), if

@@ -151,3 +151,32 @@ async fn ten_thousand_small_files_scan_quickly() {
     );
     eprintln!("10,000 files scanned in {took:?}");
 }
+
+/// A directory replaced (while stopped) by a symlink to a directory holding the same
+/// names is removed whole: what the link leads to is not the folder's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_directory_replaced_by_a_symlink_is_removed_with_its_contents() {
+    let (dir, outside) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let root = dir.path();
+    write(root, "d/f.txt", b"in the folder");
+    write(root, "kept.txt", b"kept");
+    let log = common::log();
+    scan_once(&FsSource::new(FsConfig::new(root)), &log).await;
+    check(
+        &log,
+        &[
+            ("d", DIR, 0, false),
+            ("d/f.txt", FILE, 13, false),
+            ("kept.txt", FILE, 4, false),
+        ],
+    );
+
+    std::fs::rename(root.join("d"), outside.path().join("d")).unwrap();
+    std::os::unix::fs::symlink(outside.path().join("d"), root.join("d")).unwrap();
+    scan_once(&FsSource::new(FsConfig::new(root)), &log).await;
+    check(&log, &[("kept.txt", FILE, 4, false)]);
+    assert!(matches!(
+        log.heads(&key("d/f.txt")).unwrap()[0].op,
+        Op::Delete
+    ));
+}

@@ -744,3 +744,40 @@ async fn a_file_made_again_and_removed_stays_removed() {
         "the removal was not recorded: {heads:?}"
     );
 }
+
+/// As above, for a directory: the store removed it, the user made it again (recorded),
+/// then removed it before the store came to that event. It stays removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_directory_made_again_and_removed_stays_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = common::log();
+    let (source, store) = folder(FsConfig::new(dir.path()));
+    std::fs::create_dir(dir.path().join("d")).unwrap();
+    scan_once(&source, &log).await;
+    apply(&store, &log, views(&log)).await;
+
+    let deleted = KeyView {
+        key: key("d"),
+        winner: None,
+        copies: vec![],
+        conflicted: false,
+        merged_copies: vec![],
+    };
+    apply(&store, &log, vec![deleted]).await;
+    assert!(!dir.path().join("d").exists(), "the store removed it");
+
+    std::fs::create_dir(dir.path().join("d")).unwrap();
+    scan_once(&source, &log).await;
+    std::fs::remove_dir(dir.path().join("d")).unwrap();
+    scan_once(&source, &log).await;
+    apply(&store, &log, views(&log)).await;
+    assert!(
+        !dir.path().join("d").exists(),
+        "the store made the removed directory again"
+    );
+    let heads = log.heads(&key("d")).unwrap();
+    assert!(
+        heads.iter().all(|h| matches!(h.op, Op::Delete)),
+        "the removal was not recorded: {heads:?}"
+    );
+}

@@ -92,14 +92,20 @@ async fn created_modified_renamed_and_deleted_entries_become_events() {
 }
 
 /// A symlink to a directory is skipped, and so is what happens in the directory it points
-/// to (outside the folder here), although the watcher (notify) follows it.
+/// to: outside the folder (not the folder's), or inside it (its own path's). Links to a
+/// folder's directory share its inotify watch, and once took it over: a change in the
+/// directory came in as a change below the last link walked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changes_below_a_symlinked_directory_are_not_events() {
     let (dir, outside) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let root = dir.path().to_owned();
     write(&root, "existing.txt", b"old");
+    write(&root, "real/inside.txt", b"inside");
     write(outside.path(), "before.txt", b"before");
     std::os::unix::fs::symlink(outside.path(), root.join("link")).unwrap();
+    for name in ["a", "m", "zz"] {
+        std::os::unix::fs::symlink(root.join("real"), root.join(name)).unwrap();
+    }
     let log = common::log();
     let source = Arc::new(FsSource::new(FsConfig::new(&root)));
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -118,12 +124,22 @@ async fn changes_below_a_symlinked_directory_are_not_events() {
     write(outside.path(), "before.txt", b"before, changed");
     write(outside.path(), "sub/deeper.txt", b"deeper");
     std::fs::remove_file(outside.path().join("before.txt")).unwrap();
+    write(&root, "real/new.txt", b"new");
     // Written after those: once it is an event, they have been seen.
     write(&root, "sentinel.txt", b"s");
     wait_until(&log, "sentinel.txt", |s| s.contains_key("sentinel.txt")).await;
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     let keys: Vec<String> = log.states().map(|e| e.unwrap().0.to_string()).collect();
-    assert_eq!(keys, ["existing.txt", "sentinel.txt"]);
+    assert_eq!(
+        keys,
+        [
+            "existing.txt",
+            "real",
+            "real/inside.txt",
+            "real/new.txt",
+            "sentinel.txt"
+        ]
+    );
 
     stop_tx.send(true).unwrap();
     running.await.unwrap().unwrap();
