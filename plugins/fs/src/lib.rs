@@ -62,6 +62,9 @@ pub use watch::FsSource;
 /// Debounce of the watcher when none is configured.
 pub const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(50);
 
+/// How often an unwatched folder is rescanned by default (see [`FsConfig::watch`]).
+pub const DEFAULT_RESCAN_INTERVAL: Duration = Duration::from_secs(60);
+
 /// The ignore file read at the folder root (gitignore syntax). It is not synced.
 pub const IGNORE_FILE: &str = ".convergeignore";
 
@@ -101,6 +104,13 @@ pub struct FsConfig {
     /// paths as local changes (the daemon uses its data dir). Without it, that record
     /// lives in memory only.
     pub state_dir: Option<PathBuf>,
+    /// Whether the source watches the folder (inotify on Linux). Without a watcher (or
+    /// when watching fails: the kernel's limit of watches reached, say), it rescans the
+    /// folder every [`rescan_interval`](FsConfig#structfield.rescan_interval) instead:
+    /// for a file system a watcher cannot see changes on, such as a network mount.
+    pub watch: bool,
+    /// How often the folder is rescanned when it is not watched.
+    pub rescan_interval: Duration,
 }
 
 impl FsConfig {
@@ -112,7 +122,17 @@ impl FsConfig {
             debounce: DEFAULT_DEBOUNCE,
             temp_dir: None,
             state_dir: None,
+            watch: true,
+            rescan_interval: DEFAULT_RESCAN_INTERVAL,
         }
+    }
+
+    /// Rescans every `interval` instead of watching (see
+    /// [`FsConfig::watch`](FsConfig#structfield.watch)).
+    pub fn rescan_every(mut self, interval: Duration) -> Self {
+        self.watch = false;
+        self.rescan_interval = interval;
+        self
     }
 
     /// Sets where the store keeps the keys it could not show (see

@@ -24,9 +24,6 @@ use crate::scan::{
 };
 use crate::{FsConfig, CONFLICT_MARKER, EMIT_BATCH, IGNORE_FILE, TEMP_PREFIX};
 
-/// How often the folder is rescanned when it cannot be watched.
-const RESCAN_WITHOUT_WATCHER: Duration = Duration::from_secs(60);
-
 /// Removals the watcher sees are recorded once none has come for this long (or
 /// [`REMOVALS_HELD_AT_MOST`] after the first), each checked again then, with the folder
 /// marker. A folder deleted whole (`rm -rf`) loses its marker while its removals are held,
@@ -35,6 +32,9 @@ const RESCAN_WITHOUT_WATCHER: Duration = Duration::from_secs(60);
 const REMOVALS_QUIET: Duration = Duration::from_secs(1);
 /// Longest a removal is held while others keep coming.
 const REMOVALS_HELD_AT_MOST: Duration = Duration::from_secs(10);
+
+/// Events taken into one debounced batch at most.
+const BATCH_EVENTS: usize = 100_000;
 
 /// The source of one folder: scans at start, then watches until shutdown.
 #[derive(Debug)]
@@ -103,10 +103,17 @@ impl FsSource {
         .await??;
         let mut env = self.env(&ctx, &root);
 
-        // Watch before scanning, so nothing changed during the scan is missed.
+        // Watch before scanning, so nothing changed during the scan is missed. The sender
+        // kept here keeps the channel open when there is no watcher (the rescans go on).
         let (tx, mut rx) = mpsc::unbounded_channel();
+        let _open = tx.clone();
         let watched = root.clone();
+        let watch = self.config.watch;
+        let rescan_interval = self.config.rescan_interval;
         let watcher = tokio::task::spawn_blocking(move || {
+            if !watch {
+                return Ok(None);
+            }
             // Symlinks are not followed: notify would watch what a symlinked directory
             // points to (outside the folder, perhaps) and report it below the link, and a
             // link to a directory of the folder would take over that directory's watch.
@@ -123,11 +130,19 @@ impl FsSource {
                 config,
             )?;
             watcher.watch(&watched, RecursiveMode::Recursive)?;
-            Ok::<_, notify::Error>(watcher)
+            Ok::<_, notify::Error>(Some(watcher))
         })
         .await?;
         let _watcher = match watcher {
-            Ok(w) => Some(w),
+            Ok(Some(w)) => Some(w),
+            Ok(None) => {
+                tracing::info!(
+                    "{}: not watched; rescanning every {}s",
+                    root.display(),
+                    rescan_interval.as_secs_f64()
+                );
+                None
+            }
             Err(source) => {
                 let e = FsError::Watch {
                     path: root.clone(),
@@ -135,7 +150,7 @@ impl FsSource {
                 };
                 tracing::warn!(
                     "{e}; rescanning every {}s instead",
-                    RESCAN_WITHOUT_WATCHER.as_secs()
+                    rescan_interval.as_secs_f64()
                 );
                 None
             }
@@ -156,10 +171,10 @@ impl FsSource {
             let mut rescan = false;
             let release_at = held_since
                 .map(|since| (last_removal + REMOVALS_QUIET).min(since + REMOVALS_HELD_AT_MOST));
-            let far = tokio::time::Instant::now() + RESCAN_WITHOUT_WATCHER;
+            let far = tokio::time::Instant::now() + rescan_interval;
             let release = tokio::select! {
                 _ = ctx.shutdown() => return Ok(()),
-                _ = tokio::time::sleep(RESCAN_WITHOUT_WATCHER), if _watcher.is_none() => {
+                _ = tokio::time::sleep(rescan_interval), if _watcher.is_none() => {
                     rescan = true;
                     false
                 }
@@ -185,7 +200,11 @@ impl FsSource {
             // burst (thousands of files written) would otherwise wake this task for each
             // event.
             tokio::time::sleep(self.config.debounce).await;
-            while let Ok(event) = rx.try_recv() {
+            // At most so many (a flood past it waits for the next batch).
+            for _ in 0..BATCH_EVENTS {
+                let Ok(event) = rx.try_recv() else {
+                    break;
+                };
                 collect(event, &mut paths, &mut rescan);
             }
             if ctx.is_shutting_down() {

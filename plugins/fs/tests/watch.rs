@@ -144,3 +144,42 @@ async fn changes_below_a_symlinked_directory_are_not_events() {
     stop_tx.send(true).unwrap();
     running.await.unwrap().unwrap();
 }
+
+/// Without a watcher (configured so here; also when watching fails, at the kernel's limit
+/// of watches, say) the source keeps rescanning the folder: changes still become events,
+/// removals included, and the source runs until it is stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unwatched_folder_is_rescanned() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_owned();
+    write(&root, "existing.txt", b"old");
+    let log = common::log();
+    let config = FsConfig::new(&root).rescan_every(std::time::Duration::from_millis(200));
+    let source = Arc::new(FsSource::new(config));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (progress_tx, mut progress_rx) = watch::channel(ScanProgress::default());
+    let running = {
+        let (source, log) = (source.clone(), log.clone());
+        tokio::spawn(async move {
+            source
+                .run(SourceContext::new(log, stop_rx, progress_tx))
+                .await
+        })
+    };
+    progress_rx.wait_for(|p| p.done).await.unwrap();
+
+    write(&root, "new.txt", b"fresh");
+    wait_until(&log, "new.txt", |s| {
+        s.get("new.txt") == Some(&(File, 5, false))
+    })
+    .await;
+    std::fs::remove_file(root.join("existing.txt")).unwrap();
+    wait_until(&log, "the removal", |s| {
+        s.keys().collect::<Vec<_>>() == ["new.txt"]
+    })
+    .await;
+    assert!(!running.is_finished(), "the source stopped");
+
+    stop_tx.send(true).unwrap();
+    running.await.unwrap().unwrap();
+}
