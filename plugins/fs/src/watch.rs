@@ -10,7 +10,7 @@ use converge_api::{ConflictPolicy, EntryKind, Key, Op};
 use converge_framework::log::LocalChange;
 use converge_framework::plugin::{Source, SourceContext};
 use converge_framework::PluginError;
-use notify::event::{AccessKind, AccessMode};
+use notify::event::{AccessKind, AccessMode, ModifyKind, RenameMode};
 use notify::{EventKind, RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
@@ -168,6 +168,7 @@ impl FsSource {
         let mut last_removal = tokio::time::Instant::now();
         loop {
             let mut paths = BTreeSet::new();
+            let mut arrived = HashSet::new();
             let mut rescan = false;
             let release_at = held_since
                 .map(|since| (last_removal + REMOVALS_QUIET).min(since + REMOVALS_HELD_AT_MOST));
@@ -182,7 +183,7 @@ impl FsSource {
                 first = rx.recv() => match first {
                     None => return Ok(()),
                     Some(event) => {
-                        collect(event, &mut paths, &mut rescan);
+                        collect(event, &mut paths, &mut arrived, &mut rescan);
                         false
                     }
                 },
@@ -205,7 +206,7 @@ impl FsSource {
                 let Ok(event) = rx.try_recv() else {
                     break;
                 };
-                collect(event, &mut paths, &mut rescan);
+                collect(event, &mut paths, &mut arrived, &mut rescan);
             }
             if ctx.is_shutting_down() {
                 return Ok(());
@@ -224,7 +225,7 @@ impl FsSource {
             }
             let plan = {
                 let env = env.clone();
-                tokio::task::spawn_blocking(move || plan(&env, paths)).await??
+                tokio::task::spawn_blocking(move || plan(&env, paths, &arrived)).await??
             };
             for chunk in plan.changes.chunks(EMIT_BATCH) {
                 ctx.emit(chunk.to_vec()).await?;
@@ -244,7 +245,14 @@ impl FsSource {
     }
 }
 
-fn collect(event: notify::Result<notify::Event>, paths: &mut BTreeSet<PathBuf>, rescan: &mut bool) {
+/// Takes one event into a batch: its paths, and those it says an entry arrived at
+/// (created, or renamed to), into `arrived`.
+fn collect(
+    event: notify::Result<notify::Event>,
+    paths: &mut BTreeSet<PathBuf>,
+    arrived: &mut HashSet<PathBuf>,
+    rescan: &mut bool,
+) {
     match event {
         Err(e) => {
             tracing::warn!("watcher: {e}; rescanning");
@@ -256,6 +264,15 @@ fn collect(event: notify::Result<notify::Event>, paths: &mut BTreeSet<PathBuf>, 
             }
             if is_read(&event.kind) {
                 return;
+            }
+            match event.kind {
+                EventKind::Create(_) | EventKind::Modify(ModifyKind::Name(RenameMode::To)) => {
+                    arrived.extend(event.paths.iter().cloned());
+                }
+                EventKind::Modify(ModifyKind::Name(RenameMode::Both)) => {
+                    arrived.extend(event.paths.last().cloned());
+                }
+                _ => {}
             }
             // The store's temp files come and go with every file it writes: never
             // changes of the folder, so not worth a stat.
@@ -285,7 +302,10 @@ struct Plan {
 
 /// Classifies each changed path (blocking: stats, hashes, reads heads). Removals are not
 /// recorded here: their keys are handed back, to be held (see [`REMOVALS_QUIET`]).
-fn plan(env: &Env, paths: BTreeSet<PathBuf>) -> Result<Plan, FsError> {
+/// A directory that arrived (see [`collect`]) is scanned whole even where the log shows
+/// one: one renamed over it, or made again after a removal, brings contents of its own,
+/// which produced no events.
+fn plan(env: &Env, paths: BTreeSet<PathBuf>, arrived: &HashSet<PathBuf>) -> Result<Plan, FsError> {
     let mut puts = Vec::new();
     let mut subtrees = Vec::new();
     let mut removed = Vec::new();
@@ -340,7 +360,8 @@ fn plan(env: &Env, paths: BTreeSet<PathBuf>) -> Result<Plan, FsError> {
                 let known = shown.is_some_and(
                     |h| matches!(&h.op, Op::Put { meta, .. } if meta.kind == EntryKind::Dir),
                 );
-                if !known && env.echo.get(&key) != Some(Applied::Dir) {
+                let fresh = !known || arrived.contains(&path);
+                if fresh && env.echo.get(&key) != Some(Applied::Dir) {
                     subtrees.push(key.clone());
                     handled.push(key);
                 }

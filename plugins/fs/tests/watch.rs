@@ -183,3 +183,38 @@ async fn an_unwatched_folder_is_rescanned() {
     stop_tx.send(true).unwrap();
     running.await.unwrap().unwrap();
 }
+
+/// A directory renamed over one the log shows (`mv new d`), or made again and filled
+/// after a removal, is scanned whole: its contents came with it and made no events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_directory_moved_over_a_known_one_is_scanned() {
+    // Both in the system's temp dir, one file system: the renames are renames.
+    let (dir, outside) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let root = dir.path().to_owned();
+    write(&root, "d/old.txt", b"old");
+    write(outside.path(), "new/g.txt", b"g");
+    write(outside.path(), "new/sub/h.txt", b"hh");
+    let log = common::log();
+    let source = Arc::new(FsSource::new(FsConfig::new(&root)));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (progress_tx, mut progress_rx) = watch::channel(ScanProgress::default());
+    let running = {
+        let (source, log) = (source.clone(), log.clone());
+        tokio::spawn(async move {
+            source
+                .run(SourceContext::new(log, stop_rx, progress_tx))
+                .await
+        })
+    };
+    progress_rx.wait_for(|p| p.done).await.unwrap();
+
+    std::fs::rename(root.join("d"), outside.path().join("gone")).unwrap();
+    std::fs::rename(outside.path().join("new"), root.join("d")).unwrap();
+    wait_until(&log, "the new d", |s| {
+        s.keys().collect::<Vec<_>>() == ["d", "d/g.txt", "d/sub", "d/sub/h.txt"]
+    })
+    .await;
+
+    stop_tx.send(true).unwrap();
+    running.await.unwrap().unwrap();
+}
