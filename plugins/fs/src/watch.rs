@@ -260,6 +260,11 @@ fn collect(
         }
         Ok(event) => {
             if event.need_rescan() {
+                if !*rescan {
+                    tracing::info!(
+                        "watcher: events were lost (the kernel's queue overflowed); rescanning"
+                    );
+                }
                 *rescan = true;
             }
             if is_read(&event.kind) {
