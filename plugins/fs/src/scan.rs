@@ -199,10 +199,17 @@ pub(crate) fn removed_at_ms(rules: &Rules, key: &Key) -> Option<u64> {
 /// The heads of every key (under `under`, itself included), in key order.
 pub(crate) struct Projection {
     keys: BTreeMap<String, Vec<Head>>,
+    /// The folder store's cursor when the heads were read, if it has started: events
+    /// before it are shown in the folder (see [`Projection::settled`]).
+    shown_before: Option<u64>,
 }
 
 impl Projection {
-    pub(crate) fn load(log: &EventLog, under: Option<&Key>) -> Result<Projection, FsError> {
+    pub(crate) fn load(
+        log: &EventLog,
+        echo: &Echo,
+        under: Option<&Key>,
+    ) -> Result<Projection, FsError> {
         let mut keys = BTreeMap::new();
         for entry in log.states() {
             let (key, state) = entry?;
@@ -216,7 +223,27 @@ impl Projection {
             }
             keys.insert(key.as_str().to_owned(), state.heads);
         }
-        Ok(Projection { keys })
+        let shown_before = match echo.store() {
+            Some(store) => Some(log.cursor(&store)?),
+            None => None,
+        };
+        Ok(Projection { keys, shown_before })
+    }
+
+    /// Whether the folder's store has applied every head of `key`. Until it has, what is
+    /// in the folder at `key` may be what it showed before (an older version, or nothing
+    /// for a key new from a peer): a scan then records neither a removal nor a file in a
+    /// state the log knows, which would undo the peer's change on every replica.
+    fn settled(&self, log: &EventLog, key: &Key) -> bool {
+        let Some(cursor) = self.shown_before else {
+            return true;
+        };
+        self.heads(key).iter().all(|h| {
+            log.offset_of(&h.id)
+                .ok()
+                .flatten()
+                .is_some_and(|offset| offset < cursor)
+        })
     }
 
     fn heads(&self, key: &Key) -> &[Head] {
@@ -274,8 +301,10 @@ pub(crate) async fn scan(
     let projection = {
         let (env, under) = (env.clone(), under.clone());
         Arc::new(
-            tokio::task::spawn_blocking(move || Projection::load(&env.log, under.as_ref()))
-                .await??,
+            tokio::task::spawn_blocking(move || {
+                Projection::load(&env.log, &env.echo, under.as_ref())
+            })
+            .await??,
         )
     };
     let start = match &under {
@@ -359,6 +388,7 @@ pub(crate) async fn scan(
                 let is_dir = heads.iter().any(|h| head_kind(h) == Some(EntryKind::Dir));
                 if env2.rules.ignores(&env2.rules.path_of(&key), is_dir, true)
                     || !gone(&env2, &key, heads)
+                    || !projection.settled(&env2.log, &key)
                 {
                     continue;
                 }
@@ -541,7 +571,9 @@ fn visit(env: &Env, projection: &Projection, path: &Path) -> Option<Found> {
             &meta,
             heads,
             projection.live_below(&key, &env.resolver),
-        );
+        )
+        // Not yet shown by the store: the directory may be what it is to remove.
+        .filter(|_| projection.settled(&env.log, &key));
         Some(Found::Entry {
             key,
             change,
@@ -551,8 +583,14 @@ fn visit(env: &Env, projection: &Projection, path: &Path) -> Option<Found> {
     } else if meta.is_file() {
         match examine_file(env, &key, path, &meta, writes, heads) {
             Ok((change, hashed)) => Some(Found::Entry {
+                // Not yet shown by the store: a file in a state the log knows is what the
+                // store is to replace. One it does not know is a local change, which the
+                // store waits on (it replaces no unrecorded change).
+                change: change.filter(|_| {
+                    projection.settled(&env.log, &key)
+                        || !known_state(&env.log, &env.echo, &key, path, &meta)
+                }),
                 key,
-                change,
                 changed_at: changed_at_ms(&meta),
                 hashed,
             }),

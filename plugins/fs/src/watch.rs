@@ -10,7 +10,7 @@ use converge_api::{ConflictPolicy, EntryKind, Key, Op};
 use converge_framework::log::LocalChange;
 use converge_framework::plugin::{Source, SourceContext};
 use converge_framework::PluginError;
-use notify::event::{AccessKind, AccessMode, ModifyKind, RenameMode};
+use notify::event::{AccessKind, AccessMode, CreateKind, ModifyKind, RenameMode};
 use notify::{EventKind, RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
@@ -166,24 +166,25 @@ impl FsSource {
         let mut held: BTreeMap<Key, Option<u64>> = BTreeMap::new();
         let mut held_since: Option<tokio::time::Instant> = None;
         let mut last_removal = tokio::time::Instant::now();
+        // Whether the watcher still sees every change: not once it reported an error
+        // (a directory it could not watch, the kernel's limit of watches).
+        let mut watching = _watcher.is_some();
         loop {
-            let mut paths = BTreeSet::new();
-            let mut arrived = HashSet::new();
-            let mut rescan = false;
+            let mut batch = Batch::default();
             let release_at = held_since
                 .map(|since| (last_removal + REMOVALS_QUIET).min(since + REMOVALS_HELD_AT_MOST));
             let far = tokio::time::Instant::now() + rescan_interval;
             let release = tokio::select! {
                 _ = ctx.shutdown() => return Ok(()),
-                _ = tokio::time::sleep(rescan_interval), if _watcher.is_none() => {
-                    rescan = true;
+                _ = tokio::time::sleep(rescan_interval), if !watching => {
+                    batch.rescan = true;
                     false
                 }
                 _ = tokio::time::sleep_until(release_at.unwrap_or(far)), if release_at.is_some() => true,
                 first = rx.recv() => match first {
                     None => return Ok(()),
                     Some(event) => {
-                        collect(event, &mut paths, &mut arrived, &mut rescan);
+                        batch.collect(event);
                         false
                     }
                 },
@@ -206,8 +207,23 @@ impl FsSource {
                 let Ok(event) = rx.try_recv() else {
                     break;
                 };
-                collect(event, &mut paths, &mut arrived, &mut rescan);
+                batch.collect(event);
             }
+            if batch.failed && watching {
+                watching = false;
+                tracing::warn!(
+                    "{}: the watcher misses changes from now on; rescanning every {}s",
+                    root.display(),
+                    rescan_interval.as_secs_f64()
+                );
+            }
+            let Batch {
+                paths,
+                renamed_in,
+                created,
+                mut rescan,
+                ..
+            } = batch;
             if ctx.is_shutting_down() {
                 return Ok(());
             }
@@ -225,6 +241,19 @@ impl FsSource {
             }
             let plan = {
                 let env = env.clone();
+                // A known directory made again counts as new while removals below it are
+                // held: it was removed and made again, with contents of its own.
+                let remade: HashSet<PathBuf> = created
+                    .into_iter()
+                    .filter(|path| {
+                        env.rules.key_of(path).is_ok_and(|key| {
+                            held.range(key.clone()..)
+                                .take_while(|(k, _)| k.as_str().starts_with(key.as_str()))
+                                .any(|(k, _)| k == &key || k.is_under(&key))
+                        })
+                    })
+                    .collect();
+                let arrived: HashSet<PathBuf> = renamed_in.into_iter().chain(remade).collect();
                 tokio::task::spawn_blocking(move || plan(&env, paths, &arrived)).await??
             };
             for chunk in plan.changes.chunks(EMIT_BATCH) {
@@ -245,48 +274,63 @@ impl FsSource {
     }
 }
 
-/// Takes one event into a batch: its paths, and those it says an entry arrived at
-/// (created, or renamed to), into `arrived`.
-fn collect(
-    event: notify::Result<notify::Event>,
-    paths: &mut BTreeSet<PathBuf>,
-    arrived: &mut HashSet<PathBuf>,
-    rescan: &mut bool,
-) {
-    match event {
-        Err(e) => {
-            tracing::warn!("watcher: {e}; rescanning");
-            *rescan = true;
-        }
-        Ok(event) => {
-            if event.need_rescan() {
-                if !*rescan {
-                    tracing::info!(
-                        "watcher: events were lost (the kernel's queue overflowed); rescanning"
-                    );
-                }
-                *rescan = true;
-            }
-            if is_read(&event.kind) {
+/// What the events of one debounced batch amount to.
+#[derive(Default)]
+struct Batch {
+    /// Every path an event named (but the store's temp files).
+    paths: BTreeSet<PathBuf>,
+    /// Paths something was renamed to.
+    renamed_in: HashSet<PathBuf>,
+    /// Paths a directory was created at.
+    created: HashSet<PathBuf>,
+    /// The watcher lost events (its queue overflowed, or it reported an error).
+    rescan: bool,
+    /// The watcher reported an error: it may miss changes from now on.
+    failed: bool,
+}
+
+impl Batch {
+    /// Takes one event into the batch.
+    fn collect(&mut self, event: notify::Result<notify::Event>) {
+        let event = match event {
+            Err(e) => {
+                tracing::warn!("watcher: {e}; rescanning");
+                self.rescan = true;
+                self.failed = true;
                 return;
             }
-            match event.kind {
-                EventKind::Create(_) | EventKind::Modify(ModifyKind::Name(RenameMode::To)) => {
-                    arrived.extend(event.paths.iter().cloned());
-                }
-                EventKind::Modify(ModifyKind::Name(RenameMode::Both)) => {
-                    arrived.extend(event.paths.last().cloned());
-                }
-                _ => {}
+            Ok(event) => event,
+        };
+        if event.need_rescan() {
+            if !self.rescan {
+                tracing::info!(
+                    "watcher: events were lost (the kernel's queue overflowed); rescanning"
+                );
             }
-            // The store's temp files come and go with every file it writes: never
-            // changes of the folder, so not worth a stat.
-            paths.extend(event.paths.into_iter().filter(|p| {
-                !p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with(TEMP_PREFIX))
-            }));
+            self.rescan = true;
         }
+        if is_read(&event.kind) {
+            return;
+        }
+        // The store's temp files come and go with every file it writes: never changes of
+        // the folder, so not worth a stat.
+        let paths = event.paths.into_iter().filter(|p| {
+            !p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(TEMP_PREFIX))
+        });
+        let paths: Vec<PathBuf> = paths.collect();
+        match event.kind {
+            EventKind::Create(CreateKind::Folder) => self.created.extend(paths.iter().cloned()),
+            EventKind::Modify(ModifyKind::Name(RenameMode::To)) => {
+                self.renamed_in.extend(paths.iter().cloned())
+            }
+            EventKind::Modify(ModifyKind::Name(RenameMode::Both)) => {
+                self.renamed_in.extend(paths.last().cloned())
+            }
+            _ => {}
+        }
+        self.paths.extend(paths);
     }
 }
 
@@ -307,9 +351,9 @@ struct Plan {
 
 /// Classifies each changed path (blocking: stats, hashes, reads heads). Removals are not
 /// recorded here: their keys are handed back, to be held (see [`REMOVALS_QUIET`]).
-/// A directory that arrived (see [`collect`]) is scanned whole even where the log shows
-/// one: one renamed over it, or made again after a removal, brings contents of its own,
-/// which produced no events.
+/// A directory that arrived (renamed in, or made again while removals below it are held)
+/// is scanned whole even where the log shows one: it brings contents of its own, which
+/// produced no events.
 fn plan(env: &Env, paths: BTreeSet<PathBuf>, arrived: &HashSet<PathBuf>) -> Result<Plan, FsError> {
     let mut puts = Vec::new();
     let mut subtrees = Vec::new();

@@ -218,3 +218,69 @@ async fn a_directory_moved_over_a_known_one_is_scanned() {
     stop_tx.send(true).unwrap();
     running.await.unwrap().unwrap();
 }
+
+/// A rescan while the store is behind (it has not yet written a peer's newer `f.txt`,
+/// nor its new `g.txt`) records neither the older file it finds nor `g.txt`'s absence:
+/// either would undo the peer's change on every replica. A file there in a state the log
+/// does not know is the user's change, and is recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rescan_does_not_undo_what_the_store_has_not_written_yet() {
+    use converge_api::{Meta, Op};
+    use converge_framework::log::LocalChange;
+    use converge_framework::plugin::{Store, StoreContext};
+
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_owned();
+    write(&root, "f.txt", b"v1");
+    let log = common::log();
+    let config = FsConfig::new(&root).rescan_every(std::time::Duration::from_millis(100));
+    let (source, store) = converge_plugin_fs::folder(config);
+    store.start(&StoreContext::new(log.clone())).await.unwrap();
+    let source = Arc::new(source);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (progress_tx, mut progress_rx) = watch::channel(ScanProgress::default());
+    let running = {
+        let (source, log) = (source.clone(), log.clone());
+        tokio::spawn(async move {
+            source
+                .run(SourceContext::new(log, stop_rx, progress_tx))
+                .await
+        })
+    };
+    progress_rx.wait_for(|p| p.done).await.unwrap();
+    // The store has shown v1.
+    log.set_cursor("folder", log.len()).await.unwrap();
+
+    let peer = tempfile::tempdir().unwrap();
+    write(peer.path(), "f", b"version 2, a peer's");
+    write(peer.path(), "g", b"new, a peer's");
+    let put = |name: &str| Op::Put {
+        content: Some(
+            converge_plugin_fs::content::store_file(&peer.path().join(name), log.chunks()).unwrap(),
+        ),
+        meta: Meta::file(1_000),
+    };
+    log.append_local(vec![
+        LocalChange::new(common::key("f.txt"), put("f")),
+        LocalChange::new(common::key("g.txt"), put("g")),
+    ])
+    .await
+    .unwrap();
+    let len = log.len();
+    tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+    assert_eq!(
+        log.len(),
+        len,
+        "a rescan recorded: {:#?}",
+        common::shown(&log)
+    );
+
+    write(&root, "f.txt", b"the user's own, v3");
+    wait_until(&log, "the user's f.txt", |s| {
+        s.get("f.txt") == Some(&(File, 18, false))
+    })
+    .await;
+
+    stop_tx.send(true).unwrap();
+    running.await.unwrap().unwrap();
+}
