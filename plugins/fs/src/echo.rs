@@ -97,6 +97,8 @@ pub(crate) struct Echo {
     writes: AtomicU64,
     /// The store's latest change at each key's path (see [`Written`]).
     written: Mutex<Written>,
+    /// The furthest the store's cursor was seen (see [`Echo::shown_up_to`]).
+    shown: AtomicU64,
 }
 
 /// The number of the store's latest change at each key's path, for keys changed in the
@@ -285,6 +287,12 @@ impl Echo {
         if map.get(key).is_some_and(|r| outdated_by(r, Some(writes))) {
             map.remove(key);
         }
+    }
+
+    /// The furthest the store's cursor has been seen, `cursor` (its value now) included:
+    /// events before it were shown in the folder, even if a replay moved the cursor back.
+    pub(crate) fn shown_up_to(&self, cursor: u64) -> u64 {
+        self.shown.fetch_max(cursor, Ordering::SeqCst).max(cursor)
     }
 
     /// Sets the keys the store could not show.

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use converge_api::{ConflictPolicy, EntryKind, Head, Key, Meta, Op};
+use converge_api::{ConflictPolicy, EntryKind, EventId, Head, Key, Meta, Op};
 use converge_framework::content::ChunkStore;
 use converge_framework::log::{EventLog, LocalChange};
 use converge_framework::plugin::{ScanProgress, SourceContext};
@@ -199,9 +199,9 @@ pub(crate) fn removed_at_ms(rules: &Rules, key: &Key) -> Option<u64> {
 /// The heads of every key (under `under`, itself included), in key order.
 pub(crate) struct Projection {
     keys: BTreeMap<String, Vec<Head>>,
-    /// The folder store's cursor when the heads were read, if it has started: events
-    /// before it are shown in the folder (see [`Projection::settled`]).
-    shown_before: Option<u64>,
+    /// Events of other replicas the folder's store has not applied yet, when the heads
+    /// were read (`None`: no store has started; see [`Projection::settled`]).
+    unshown: Option<HashSet<EventId>>,
 }
 
 impl Projection {
@@ -223,27 +223,43 @@ impl Projection {
             }
             keys.insert(key.as_str().to_owned(), state.heads);
         }
-        let shown_before = match echo.store() {
-            Some(store) => Some(log.cursor(&store)?),
+        let unshown = match echo.store() {
+            Some(store) => {
+                // The furthest the store has been: a replay moves its cursor back over
+                // events the folder showed before.
+                let mut at = echo.shown_up_to(log.cursor(&store)?);
+                let me = log.replica();
+                let mut ids = HashSet::new();
+                loop {
+                    let events = log.read(at, UNSHOWN_READ)?;
+                    let Some((last, _)) = events.last() else {
+                        break;
+                    };
+                    at = last + 1;
+                    ids.extend(
+                        events
+                            .into_iter()
+                            .map(|(_, e)| e.id)
+                            .filter(|id| id.origin != me),
+                    );
+                }
+                Some(ids)
+            }
             None => None,
         };
-        Ok(Projection { keys, shown_before })
+        Ok(Projection { keys, unshown })
     }
 
-    /// Whether the folder's store has applied every head of `key`. Until it has, what is
-    /// in the folder at `key` may be what it showed before (an older version, or nothing
-    /// for a key new from a peer): a scan then records neither a removal nor a file in a
-    /// state the log knows, which would undo the peer's change on every replica.
-    fn settled(&self, log: &EventLog, key: &Key) -> bool {
-        let Some(cursor) = self.shown_before else {
-            return true;
-        };
-        self.heads(key).iter().all(|h| {
-            log.offset_of(&h.id)
-                .ok()
-                .flatten()
-                .is_some_and(|offset| offset < cursor)
-        })
+    /// Whether the folder's store has applied every head of `key` from another replica.
+    /// Until it has, what is in the folder at `key` may be what it showed before (an
+    /// older version, or nothing for a key new from a peer): a scan then records neither
+    /// a removal nor a file in a state the log knows, which would undo the peer's change
+    /// on every replica. This replica's own events were read from the folder, which
+    /// shows them already.
+    fn settled(&self, key: &Key) -> bool {
+        self.unshown
+            .as_ref()
+            .is_none_or(|ids| !self.heads(key).iter().any(|h| ids.contains(&h.id)))
     }
 
     fn heads(&self, key: &Key) -> &[Head] {
@@ -289,6 +305,10 @@ fn error_path(err: &ignore::Error) -> Option<&Path> {
         _ => None,
     }
 }
+
+/// Events read at a time by [`Projection::load`] looking for the ones the store has not
+/// applied.
+const UNSHOWN_READ: usize = 4096;
 
 /// Scans the whole folder (`under` = `None`) or the subtree of one directory key, emits
 /// what changed and, for a full scan with `report`, reports progress.
@@ -388,7 +408,7 @@ pub(crate) async fn scan(
                 let is_dir = heads.iter().any(|h| head_kind(h) == Some(EntryKind::Dir));
                 if env2.rules.ignores(&env2.rules.path_of(&key), is_dir, true)
                     || !gone(&env2, &key, heads)
-                    || !projection.settled(&env2.log, &key)
+                    || !projection.settled(&key)
                 {
                     continue;
                 }
@@ -573,7 +593,7 @@ fn visit(env: &Env, projection: &Projection, path: &Path) -> Option<Found> {
             projection.live_below(&key, &env.resolver),
         )
         // Not yet shown by the store: the directory may be what it is to remove.
-        .filter(|_| projection.settled(&env.log, &key));
+        .filter(|_| projection.settled(&key));
         Some(Found::Entry {
             key,
             change,
@@ -587,8 +607,7 @@ fn visit(env: &Env, projection: &Projection, path: &Path) -> Option<Found> {
                 // store is to replace. One it does not know is a local change, which the
                 // store waits on (it replaces no unrecorded change).
                 change: change.filter(|_| {
-                    projection.settled(&env.log, &key)
-                        || !known_state(&env.log, &env.echo, &key, path, &meta)
+                    projection.settled(&key) || !known_state(&env.log, &env.echo, &key, path, &meta)
                 }),
                 key,
                 changed_at: changed_at_ms(&meta),

@@ -10,7 +10,7 @@ use converge_api::{ConflictPolicy, EntryKind, Key, Op};
 use converge_framework::log::LocalChange;
 use converge_framework::plugin::{Source, SourceContext};
 use converge_framework::PluginError;
-use notify::event::{AccessKind, AccessMode, CreateKind, ModifyKind, RenameMode};
+use notify::event::{AccessKind, AccessMode, CreateKind, ModifyKind, RemoveKind, RenameMode};
 use notify::{EventKind, RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
@@ -169,6 +169,9 @@ impl FsSource {
         // Whether the watcher still sees every change: not once it reported an error
         // (a directory it could not watch, the kernel's limit of watches).
         let mut watching = _watcher.is_some();
+        // When the next rescan is due, if not watching: a deadline kept across batches,
+        // which the events a failed watcher still delivers do not put off.
+        let mut next_rescan = tokio::time::Instant::now() + rescan_interval;
         loop {
             let mut batch = Batch::default();
             let release_at = held_since
@@ -176,7 +179,7 @@ impl FsSource {
             let far = tokio::time::Instant::now() + rescan_interval;
             let release = tokio::select! {
                 _ = ctx.shutdown() => return Ok(()),
-                _ = tokio::time::sleep(rescan_interval), if !watching => {
+                _ = tokio::time::sleep_until(next_rescan), if !watching => {
                     batch.rescan = true;
                     false
                 }
@@ -211,6 +214,7 @@ impl FsSource {
             }
             if batch.failed && watching {
                 watching = false;
+                next_rescan = tokio::time::Instant::now() + rescan_interval;
                 tracing::warn!(
                     "{}: the watcher misses changes from now on; rescanning every {}s",
                     root.display(),
@@ -221,6 +225,7 @@ impl FsSource {
                 paths,
                 renamed_in,
                 created,
+                removed_dirs,
                 mut rescan,
                 ..
             } = batch;
@@ -237,20 +242,22 @@ impl FsSource {
             }
             if rescan {
                 scan(&ctx, &env, None, false).await?;
+                next_rescan = tokio::time::Instant::now() + rescan_interval;
                 continue;
             }
             let plan = {
                 let env = env.clone();
-                // A known directory made again counts as new while removals below it are
-                // held: it was removed and made again, with contents of its own.
+                // A known directory made again counts as new when it was removed in this
+                // batch or removals below it are held: it has contents of its own.
                 let remade: HashSet<PathBuf> = created
                     .into_iter()
                     .filter(|path| {
-                        env.rules.key_of(path).is_ok_and(|key| {
-                            held.range(key.clone()..)
-                                .take_while(|(k, _)| k.as_str().starts_with(key.as_str()))
-                                .any(|(k, _)| k == &key || k.is_under(&key))
-                        })
+                        removed_dirs.contains(path)
+                            || env.rules.key_of(path).is_ok_and(|key| {
+                                held.range(key.clone()..)
+                                    .take_while(|(k, _)| k.as_str().starts_with(key.as_str()))
+                                    .any(|(k, _)| k == &key || k.is_under(&key))
+                            })
                     })
                     .collect();
                 let arrived: HashSet<PathBuf> = renamed_in.into_iter().chain(remade).collect();
@@ -283,6 +290,8 @@ struct Batch {
     renamed_in: HashSet<PathBuf>,
     /// Paths a directory was created at.
     created: HashSet<PathBuf>,
+    /// Paths a directory was removed from.
+    removed_dirs: HashSet<PathBuf>,
     /// The watcher lost events (its queue overflowed, or it reported an error).
     rescan: bool,
     /// The watcher reported an error: it may miss changes from now on.
@@ -322,6 +331,9 @@ impl Batch {
         let paths: Vec<PathBuf> = paths.collect();
         match event.kind {
             EventKind::Create(CreateKind::Folder) => self.created.extend(paths.iter().cloned()),
+            EventKind::Remove(RemoveKind::Folder) => {
+                self.removed_dirs.extend(paths.iter().cloned())
+            }
             EventKind::Modify(ModifyKind::Name(RenameMode::To)) => {
                 self.renamed_in.extend(paths.iter().cloned())
             }

@@ -8,7 +8,8 @@ use std::os::unix::fs::MetadataExt;
 use std::time::Duration;
 
 use common::{
-    apply, key, make_executable, random_bytes, scan_once, set_mtime, shown, tree, views, write,
+    apply, key, make_executable, random_bytes, remote_put, scan_once, set_mtime, shown, tree,
+    views, write,
 };
 use converge_api::{EntryKind, Head, Hlc, Op};
 use converge_framework::log::{EventLog, LocalChange, LogConfig};
@@ -264,38 +265,6 @@ fn guarded_folder() -> (tempfile::TempDir, EventLog, FsStore, FsSource) {
     let (_, store) = folder(FsConfig::new(dir.path()));
     let scanner = FsSource::new(FsConfig::new(dir.path()));
     (dir, common::log(), store, scanner)
-}
-
-/// A put of `bytes` at `key` by another replica (`[7; 16]`), at `wall_ms`, over
-/// `parents`; its content is put into the log's content store.
-fn remote_put(
-    log: &EventLog,
-    seq: u64,
-    key_str: &str,
-    bytes: &[u8],
-    wall_ms: u64,
-    parents: Vec<converge_api::EventId>,
-) -> converge_api::Event {
-    let other = tempfile::tempdir().unwrap();
-    write(other.path(), "r", bytes);
-    let content =
-        converge_plugin_fs::content::store_file(&other.path().join("r"), log.chunks()).unwrap();
-    converge_api::Event {
-        id: converge_api::EventId {
-            origin: converge_api::ReplicaId([7; 16]),
-            seq,
-        },
-        hlc: Hlc {
-            wall_ms,
-            logical: 0,
-        },
-        key: key(key_str),
-        parents,
-        op: Op::Put {
-            content: Some(content),
-            meta: converge_api::Meta::file(1_700_000_000_000),
-        },
-    }
 }
 
 /// A file saved again before the source recorded the change must not be put back to the

@@ -222,11 +222,11 @@ async fn a_directory_moved_over_a_known_one_is_scanned() {
 /// A rescan while the store is behind (it has not yet written a peer's newer `f.txt`,
 /// nor its new `g.txt`) records neither the older file it finds nor `g.txt`'s absence:
 /// either would undo the peer's change on every replica. A file there in a state the log
-/// does not know is the user's change, and is recorded.
+/// does not know is the user's change, and is recorded; so is the removal of a file whose
+/// event this replica recorded, even one the store has not passed over yet (the folder
+/// showed it when it was read).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rescan_does_not_undo_what_the_store_has_not_written_yet() {
-    use converge_api::{Meta, Op};
-    use converge_framework::log::LocalChange;
     use converge_framework::plugin::{Store, StoreContext};
 
     let dir = tempfile::tempdir().unwrap();
@@ -248,24 +248,21 @@ async fn a_rescan_does_not_undo_what_the_store_has_not_written_yet() {
         })
     };
     progress_rx.wait_for(|p| p.done).await.unwrap();
-    // The store has shown v1.
+    // The store has shown v1, and shows nothing after it in this test.
     log.set_cursor("folder", log.len()).await.unwrap();
 
-    let peer = tempfile::tempdir().unwrap();
-    write(peer.path(), "f", b"version 2, a peer's");
-    write(peer.path(), "g", b"new, a peer's");
-    let put = |name: &str| Op::Put {
-        content: Some(
-            converge_plugin_fs::content::store_file(&peer.path().join(name), log.chunks()).unwrap(),
-        ),
-        meta: Meta::file(1_000),
-    };
-    log.append_local(vec![
-        LocalChange::new(common::key("f.txt"), put("f")),
-        LocalChange::new(common::key("g.txt"), put("g")),
-    ])
-    .await
-    .unwrap();
+    let f = common::key("f.txt");
+    let parents = log.heads(&f).unwrap().iter().map(|h| h.id).collect();
+    let newer = common::remote_put(
+        &log,
+        1,
+        "f.txt",
+        b"version 2, a peer's",
+        u64::MAX / 2,
+        parents,
+    );
+    let new = common::remote_put(&log, 2, "g.txt", b"new, a peer's", u64::MAX / 2, vec![]);
+    log.append(vec![newer, new]).await.unwrap();
     let len = log.len();
     tokio::time::sleep(std::time::Duration::from_millis(700)).await;
     assert_eq!(
@@ -278,6 +275,45 @@ async fn a_rescan_does_not_undo_what_the_store_has_not_written_yet() {
     write(&root, "f.txt", b"the user's own, v3");
     wait_until(&log, "the user's f.txt", |s| {
         s.get("f.txt") == Some(&(File, 18, false))
+    })
+    .await;
+    write(&root, "h.txt", b"h");
+    wait_until(&log, "h.txt", |s| s.contains_key("h.txt")).await;
+    std::fs::remove_file(root.join("h.txt")).unwrap();
+    wait_until(&log, "h.txt removed", |s| !s.contains_key("h.txt")).await;
+
+    stop_tx.send(true).unwrap();
+    running.await.unwrap().unwrap();
+}
+
+/// A directory removed and made again at once (`rm -rf d; mkdir d; ...`) is scanned
+/// whole: files written into it before the watcher watched it made no events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_directory_removed_and_made_again_is_scanned() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_owned();
+    write(&root, "d/old.txt", b"old");
+    let log = common::log();
+    let source = Arc::new(FsSource::new(FsConfig::new(&root)));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (progress_tx, mut progress_rx) = watch::channel(ScanProgress::default());
+    let running = {
+        let (source, log) = (source.clone(), log.clone());
+        tokio::spawn(async move {
+            source
+                .run(SourceContext::new(log, stop_rx, progress_tx))
+                .await
+        })
+    };
+    progress_rx.wait_for(|p| p.done).await.unwrap();
+
+    std::fs::remove_dir_all(root.join("d")).unwrap();
+    std::fs::create_dir(root.join("d")).unwrap();
+    for n in 0..50 {
+        std::fs::write(root.join(format!("d/{n:02}.txt")), b"n").unwrap();
+    }
+    wait_until(&log, "the new d", |s| {
+        s.len() == 51 && s.contains_key("d/49.txt") && !s.contains_key("d/old.txt")
     })
     .await;
 

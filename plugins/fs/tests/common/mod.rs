@@ -171,3 +171,35 @@ pub async fn wait_until(
         let _ = tokio::time::timeout(left.min(Duration::from_millis(200)), rx.changed()).await;
     }
 }
+
+/// A put of `bytes` at `key` by another replica (`[7; 16]`), at `wall_ms`, over
+/// `parents`; its content is put into the log's content store.
+pub fn remote_put(
+    log: &EventLog,
+    seq: u64,
+    key_str: &str,
+    bytes: &[u8],
+    wall_ms: u64,
+    parents: Vec<converge_api::EventId>,
+) -> converge_api::Event {
+    let other = tempfile::tempdir().unwrap();
+    write(other.path(), "r", bytes);
+    let content =
+        converge_plugin_fs::content::store_file(&other.path().join("r"), log.chunks()).unwrap();
+    converge_api::Event {
+        id: converge_api::EventId {
+            origin: converge_api::ReplicaId([7; 16]),
+            seq,
+        },
+        hlc: converge_api::Hlc {
+            wall_ms,
+            logical: 0,
+        },
+        key: key(key_str),
+        parents,
+        op: Op::Put {
+            content: Some(content),
+            meta: converge_api::Meta::file(1_700_000_000_000),
+        },
+    }
+}
