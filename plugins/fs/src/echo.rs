@@ -99,6 +99,8 @@ pub(crate) struct Echo {
     written: Mutex<Written>,
     /// The furthest the store's cursor was seen (see [`Echo::shown_up_to`]).
     shown: AtomicU64,
+    /// Events the folder's source recorded from the folder (see [`Echo::emitted_here`]).
+    emitted: Mutex<HashMap<EventId, Instant>>,
 }
 
 /// The number of the store's latest change at each key's path, for keys changed in the
@@ -170,6 +172,7 @@ impl Echo {
 
     pub(crate) fn prune(&self) {
         self.lock().retain(|_, r| r.at.elapsed() < TTL);
+        locked(&self.emitted).retain(|_, at| at.elapsed() < TTL);
         locked(&self.read).retain(|_, (_, _, at)| at.elapsed() < TTL);
         let mut written = locked(&self.written);
         let Written { by_key, dropped } = &mut *written;
@@ -293,6 +296,26 @@ impl Echo {
     /// events before it were shown in the folder, even if a replay moved the cursor back.
     pub(crate) fn shown_up_to(&self, cursor: u64) -> u64 {
         self.shown.fetch_max(cursor, Ordering::SeqCst).max(cursor)
+    }
+
+    /// Notes events the folder's source just recorded from the folder (at most
+    /// [`READ_NOTES`] at once, each for [`TTL`]).
+    pub(crate) fn note_emitted(&self, ids: impl IntoIterator<Item = EventId>) {
+        let mut emitted = locked(&self.emitted);
+        let now = Instant::now();
+        for id in ids {
+            if emitted.len() >= READ_NOTES {
+                break;
+            }
+            emitted.insert(id, now);
+        }
+    }
+
+    /// Whether the folder's source recorded event `id` from the folder (lately): the folder
+    /// showed it then, whether or not the store has passed over it. This replica's events
+    /// from other sources (a plugin's) are the store's to write.
+    pub(crate) fn emitted_here(&self, id: &EventId) -> bool {
+        locked(&self.emitted).contains_key(id)
     }
 
     /// Sets the keys the store could not show.

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use converge_api::{ConflictPolicy, EntryKind, EventId, Head, Key, Meta, Op};
+use converge_api::{ConflictPolicy, EntryKind, EventId, Head, Key, Meta, Op, VersionVector};
 use converge_framework::content::ChunkStore;
 use converge_framework::log::{EventLog, LocalChange};
 use converge_framework::plugin::{ScanProgress, SourceContext};
@@ -199,9 +199,20 @@ pub(crate) fn removed_at_ms(rules: &Rules, key: &Key) -> Option<u64> {
 /// The heads of every key (under `under`, itself included), in key order.
 pub(crate) struct Projection {
     keys: BTreeMap<String, Vec<Head>>,
-    /// Events of other replicas the folder's store has not applied yet, when the heads
-    /// were read (`None`: no store has started; see [`Projection::settled`]).
-    unshown: Option<HashSet<EventId>>,
+    /// What the folder's store had not applied when the heads were read (`None`: no
+    /// store has started; see [`Projection::settled`]).
+    unshown: Option<Unshown>,
+}
+
+/// The events past the folder store's cursor, but those the folder's source recorded
+/// from the folder, and what the log held just before the heads were read.
+#[derive(Debug)]
+struct Unshown {
+    ids: HashSet<EventId>,
+    cursor: u64,
+    /// The log's version vector from before the heads were read: a head beyond it was
+    /// appended meanwhile, perhaps after the events were read.
+    before: VersionVector,
 }
 
 impl Projection {
@@ -210,6 +221,7 @@ impl Projection {
         echo: &Echo,
         under: Option<&Key>,
     ) -> Result<Projection, FsError> {
+        let before = log.version_vector();
         let mut keys = BTreeMap::new();
         for entry in log.states() {
             let (key, state) = entry?;
@@ -227,8 +239,8 @@ impl Projection {
             Some(store) => {
                 // The furthest the store has been: a replay moves its cursor back over
                 // events the folder showed before.
-                let mut at = echo.shown_up_to(log.cursor(&store)?);
-                let me = log.replica();
+                let cursor = echo.shown_up_to(log.cursor(&store)?);
+                let mut at = cursor;
                 let mut ids = HashSet::new();
                 loop {
                     let events = log.read(at, UNSHOWN_READ)?;
@@ -240,26 +252,43 @@ impl Projection {
                         events
                             .into_iter()
                             .map(|(_, e)| e.id)
-                            .filter(|id| id.origin != me),
+                            .filter(|id| !echo.emitted_here(id)),
                     );
                 }
-                Some(ids)
+                Some(Unshown {
+                    ids,
+                    cursor,
+                    before,
+                })
             }
             None => None,
         };
         Ok(Projection { keys, unshown })
     }
 
-    /// Whether the folder's store has applied every head of `key` from another replica.
-    /// Until it has, what is in the folder at `key` may be what it showed before (an
-    /// older version, or nothing for a key new from a peer): a scan then records neither
-    /// a removal nor a file in a state the log knows, which would undo the peer's change
-    /// on every replica. This replica's own events were read from the folder, which
-    /// shows them already.
-    fn settled(&self, key: &Key) -> bool {
-        self.unshown
-            .as_ref()
-            .is_none_or(|ids| !self.heads(key).iter().any(|h| ids.contains(&h.id)))
+    /// Whether the folder shows every head of `key`: the store has applied it, or the
+    /// folder's source recorded it from the folder. Until then, what is in the folder at
+    /// `key` may be what it showed before (an older version, or nothing for a key new from
+    /// a peer or a plugin): a scan then records neither a removal nor a file in a state the
+    /// log knows, which would undo that change on every replica.
+    fn settled(&self, log: &EventLog, key: &Key) -> bool {
+        let Some(u) = &self.unshown else {
+            return true;
+        };
+        self.heads(key).iter().all(|h| {
+            if u.ids.contains(&h.id) {
+                return false;
+            }
+            // Appended while the heads were read: the events read may have missed it.
+            if h.id.seq > u.before.get(&h.id.origin) {
+                return log
+                    .offset_of(&h.id)
+                    .ok()
+                    .flatten()
+                    .is_some_and(|offset| offset < u.cursor);
+            }
+            true
+        })
     }
 
     fn heads(&self, key: &Key) -> &[Head] {
@@ -304,6 +333,18 @@ fn error_path(err: &ignore::Error) -> Option<&Path> {
         ignore::Error::Loop { child, .. } => Some(child),
         _ => None,
     }
+}
+
+/// Records `changes` the folder's source found in the folder, noting their events as
+/// shown there (see [`Echo::emitted_here`]).
+pub(crate) async fn emit(
+    ctx: &SourceContext,
+    echo: &Echo,
+    changes: Vec<LocalChange>,
+) -> Result<(), converge_framework::LogError> {
+    let events = ctx.emit(changes).await?;
+    echo.note_emitted(events.iter().map(|e| e.id));
+    Ok(())
 }
 
 /// Events read at a time by [`Projection::load`] looking for the ones the store has not
@@ -362,7 +403,7 @@ pub(crate) async fn scan(
                 }
                 seen.insert(key);
                 if batch.len() >= EMIT_BATCH {
-                    if let Err(e) = ctx.emit(std::mem::take(&mut batch)).await {
+                    if let Err(e) = emit(ctx, &env.echo, std::mem::take(&mut batch)).await {
                         stop.store(true, Ordering::Relaxed);
                         fatal.get_or_insert(FsError::from(e));
                     }
@@ -408,7 +449,7 @@ pub(crate) async fn scan(
                 let is_dir = heads.iter().any(|h| head_kind(h) == Some(EntryKind::Dir));
                 if env2.rules.ignores(&env2.rules.path_of(&key), is_dir, true)
                     || !gone(&env2, &key, heads)
-                    || !projection.settled(&key)
+                    || !projection.settled(&env2.log, &key)
                 {
                     continue;
                 }
@@ -427,7 +468,7 @@ pub(crate) async fn scan(
         batch.extend(merges);
     }
     for chunk in batch.chunks(EMIT_BATCH) {
-        ctx.emit(chunk.to_vec()).await?;
+        emit(ctx, &env.echo, chunk.to_vec()).await?;
     }
     if report {
         progress.total_files = Some(progress.files);
@@ -593,7 +634,7 @@ fn visit(env: &Env, projection: &Projection, path: &Path) -> Option<Found> {
             projection.live_below(&key, &env.resolver),
         )
         // Not yet shown by the store: the directory may be what it is to remove.
-        .filter(|_| projection.settled(&key));
+        .filter(|_| projection.settled(&env.log, &key));
         Some(Found::Entry {
             key,
             change,
@@ -607,7 +648,8 @@ fn visit(env: &Env, projection: &Projection, path: &Path) -> Option<Found> {
                 // store is to replace. One it does not know is a local change, which the
                 // store waits on (it replaces no unrecorded change).
                 change: change.filter(|_| {
-                    projection.settled(&key) || !known_state(&env.log, &env.echo, &key, path, &meta)
+                    projection.settled(&env.log, &key)
+                        || !known_state(&env.log, &env.echo, &key, path, &meta)
                 }),
                 key,
                 changed_at: changed_at_ms(&meta),

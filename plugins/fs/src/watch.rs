@@ -20,7 +20,7 @@ use crate::error::FsError;
 use crate::marker;
 use crate::rules::{below_symlink, Rules};
 use crate::scan::{
-    examine_file, gone, is_echo, merge_for_deleted_copy, removed_at_ms, scan, Env, Resolver,
+    emit, examine_file, gone, is_echo, merge_for_deleted_copy, removed_at_ms, scan, Env, Resolver,
 };
 use crate::{FsConfig, CONFLICT_MARKER, EMIT_BATCH, IGNORE_FILE, TEMP_PREFIX};
 
@@ -194,10 +194,10 @@ impl FsSource {
             };
             if release {
                 held_since = None;
-                let (env, held) = (env.clone(), std::mem::take(&mut held));
-                let deletes = tokio::task::spawn_blocking(move || removals(&env, &held)).await??;
+                let (env2, held) = (env.clone(), std::mem::take(&mut held));
+                let deletes = tokio::task::spawn_blocking(move || removals(&env2, &held)).await??;
                 for chunk in deletes.chunks(EMIT_BATCH) {
-                    ctx.emit(chunk.to_vec()).await?;
+                    emit(&ctx, &env.echo, chunk.to_vec()).await?;
                 }
                 continue;
             }
@@ -264,7 +264,7 @@ impl FsSource {
                 tokio::task::spawn_blocking(move || plan(&env, paths, &arrived)).await??
             };
             for chunk in plan.changes.chunks(EMIT_BATCH) {
-                ctx.emit(chunk.to_vec()).await?;
+                emit(&ctx, &env.echo, chunk.to_vec()).await?;
             }
             if !plan.removed.is_empty() {
                 for (key, removed_at) in plan.removed {

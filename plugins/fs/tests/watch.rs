@@ -220,8 +220,8 @@ async fn a_directory_moved_over_a_known_one_is_scanned() {
 }
 
 /// A rescan while the store is behind (it has not yet written a peer's newer `f.txt`,
-/// nor its new `g.txt`) records neither the older file it finds nor `g.txt`'s absence:
-/// either would undo the peer's change on every replica. A file there in a state the log
+/// nor its new `g.txt`, nor a plugin's new `p.txt`) records neither the older file it
+/// finds nor the absences: either would undo those changes on every replica. A file there in a state the log
 /// does not know is the user's change, and is recorded; so is the removal of a file whose
 /// event this replica recorded, even one the store has not passed over yet (the folder
 /// showed it when it was read).
@@ -263,6 +263,14 @@ async fn a_rescan_does_not_undo_what_the_store_has_not_written_yet() {
     );
     let new = common::remote_put(&log, 2, "g.txt", b"new, a peer's", u64::MAX / 2, vec![]);
     log.append(vec![newer, new]).await.unwrap();
+    // This replica's own event from another source (a plugin's), not written yet either.
+    let plugin = common::remote_put(&log, 3, "p.txt", b"a plugin's record", 1, vec![]);
+    log.append_local(vec![converge_framework::log::LocalChange::new(
+        common::key("p.txt"),
+        plugin.op,
+    )])
+    .await
+    .unwrap();
     let len = log.len();
     tokio::time::sleep(std::time::Duration::from_millis(700)).await;
     assert_eq!(
