@@ -795,11 +795,14 @@ impl Writer {
         Ok(())
     }
 
+    /// Makes the committed events readable: the length first, then the version vector,
+    /// so that every event the version vector holds is within the length a reader takes
+    /// after it (a scan of the folder plugin relies on this, see `Projection::load`).
     fn publish(&self) {
+        self.published_len.send_replace(self.next_offset);
         if let Ok(mut vv) = self.published_vv.write() {
             vv.clone_from(&self.vv);
         }
-        self.published_len.send_replace(self.next_offset);
     }
 
     /// Moves the overlay into the derived trees in one transaction, with the offset they

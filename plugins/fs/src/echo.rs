@@ -7,14 +7,14 @@
 //! root) *before* renaming into place; the source treats a file that still matches the
 //! record as the store's, whatever the heads say now.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fs::Metadata;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use converge_api::{ContentRef, EventId, Hash, Key, Meta, Op};
+use converge_api::{ContentRef, EventId, Hash, Key, Meta, Op, ReplicaId};
 use converge_framework::log::EventLog;
 
 use crate::content::{file_stat, hash_file, put_stat, FileStat};
@@ -99,8 +99,20 @@ pub(crate) struct Echo {
     written: Mutex<Written>,
     /// The furthest the store's cursor was seen (see [`Echo::shown_up_to`]).
     shown: AtomicU64,
-    /// Events the folder's source recorded from the folder (see [`Echo::emitted_here`]).
-    emitted: Mutex<HashMap<EventId, Instant>>,
+    /// Events the folder's source recorded from the folder (see [`Echo::emitted_here`]):
+    /// runs of sequence numbers by where they start, each with where it ends and the
+    /// log's length once they were appended.
+    emitted: Mutex<BTreeMap<(ReplicaId, u64), Emitted>>,
+}
+
+/// A run of events the folder's source recorded (see [`Echo::note_emitted`]), from the
+/// sequence number it is filed under.
+#[derive(Debug)]
+struct Emitted {
+    /// The sequence number after the run's last.
+    seqs_end: u64,
+    /// The log's length once they were appended: every one is before it.
+    end: u64,
 }
 
 /// The number of the store's latest change at each key's path, for keys changed in the
@@ -172,7 +184,6 @@ impl Echo {
 
     pub(crate) fn prune(&self) {
         self.lock().retain(|_, r| r.at.elapsed() < TTL);
-        locked(&self.emitted).retain(|_, at| at.elapsed() < TTL);
         locked(&self.read).retain(|_, (_, _, at)| at.elapsed() < TTL);
         let mut written = locked(&self.written);
         let Written { by_key, dropped } = &mut *written;
@@ -294,28 +305,53 @@ impl Echo {
 
     /// The furthest the store's cursor has been seen, `cursor` (its value now) included:
     /// events before it were shown in the folder, even if a replay moved the cursor back.
+    /// Also forgets the notes of events the cursor has passed (see
+    /// [`Echo::note_emitted`]).
     pub(crate) fn shown_up_to(&self, cursor: u64) -> u64 {
-        self.shown.fetch_max(cursor, Ordering::SeqCst).max(cursor)
+        let shown = self.shown.fetch_max(cursor, Ordering::SeqCst).max(cursor);
+        locked(&self.emitted).retain(|_, run| run.end > shown);
+        shown
     }
 
-    /// Notes events the folder's source just recorded from the folder (at most
-    /// [`READ_NOTES`] at once, each for [`TTL`]).
-    pub(crate) fn note_emitted(&self, ids: impl IntoIterator<Item = EventId>) {
+    /// Notes events the folder's source just recorded from the folder, all before offset
+    /// `end` of the log. Kept until the store's cursor passes `end` (see
+    /// [`Echo::shown_up_to`]): from then on the cursor says they are shown.
+    pub(crate) fn note_emitted(&self, ids: impl IntoIterator<Item = EventId>, end: u64) {
+        let mut seqs: Vec<(ReplicaId, u64)> =
+            ids.into_iter().map(|id| (id.origin, id.seq)).collect();
+        seqs.sort_unstable();
         let mut emitted = locked(&self.emitted);
-        let now = Instant::now();
-        for id in ids {
-            if emitted.len() >= READ_NOTES {
-                break;
+        let mut run: Option<((ReplicaId, u64), Emitted)> = None;
+        for (origin, seq) in seqs {
+            match &mut run {
+                Some(((o, _), r)) if *o == origin && r.seqs_end == seq => r.seqs_end = seq + 1,
+                _ => {
+                    if let Some((start, r)) = run.take() {
+                        emitted.insert(start, r);
+                    }
+                    run = Some((
+                        (origin, seq),
+                        Emitted {
+                            seqs_end: seq + 1,
+                            end,
+                        },
+                    ));
+                }
             }
-            emitted.insert(id, now);
+        }
+        if let Some((start, r)) = run {
+            emitted.insert(start, r);
         }
     }
 
-    /// Whether the folder's source recorded event `id` from the folder (lately): the folder
-    /// showed it then, whether or not the store has passed over it. This replica's events
-    /// from other sources (a plugin's) are the store's to write.
+    /// Whether the folder's source recorded event `id` from the folder, and the store's
+    /// cursor has not passed it yet: the folder showed it when it was read. This
+    /// replica's events from other sources (a plugin's) are the store's to write.
     pub(crate) fn emitted_here(&self, id: &EventId) -> bool {
-        locked(&self.emitted).contains_key(id)
+        locked(&self.emitted)
+            .range(..=(id.origin, id.seq))
+            .next_back()
+            .is_some_and(|((origin, _), run)| *origin == id.origin && id.seq < run.seqs_end)
     }
 
     /// Sets the keys the store could not show.
@@ -433,5 +469,37 @@ pub(crate) fn known_state(
             tracing::warn!("{key}: {e}");
             false
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn emitted_events_are_noted_until_the_cursor_passes_them() {
+        let echo = Echo::default();
+        let (me, peer) = (ReplicaId([1; 16]), ReplicaId([2; 16]));
+        let id = |origin, seq| EventId { origin, seq };
+        echo.note_emitted([id(me, 3), id(me, 1), id(me, 2), id(me, 5)], 10);
+        echo.note_emitted([id(me, 6)], 12);
+        for (seq, noted) in [
+            (1, true),
+            (2, true),
+            (3, true),
+            (4, false),
+            (5, true),
+            (6, true),
+        ] {
+            assert_eq!(echo.emitted_here(&id(me, seq)), noted, "seq {seq}");
+        }
+        assert!(!echo.emitted_here(&id(peer, 2)));
+        assert!(!echo.emitted_here(&id(me, 7)));
+
+        assert_eq!(echo.shown_up_to(10), 10);
+        assert!(!echo.emitted_here(&id(me, 2)), "the cursor passed it");
+        assert!(echo.emitted_here(&id(me, 6)));
+        assert_eq!(echo.shown_up_to(4), 10, "a rewound cursor does not count");
+        assert!(echo.emitted_here(&id(me, 6)));
     }
 }

@@ -343,7 +343,7 @@ pub(crate) async fn emit(
     changes: Vec<LocalChange>,
 ) -> Result<(), converge_framework::LogError> {
     let events = ctx.emit(changes).await?;
-    echo.note_emitted(events.iter().map(|e| e.id));
+    echo.note_emitted(events.iter().map(|e| e.id), ctx.log().len());
     Ok(())
 }
 
