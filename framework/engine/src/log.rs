@@ -337,6 +337,15 @@ impl EventLog {
         *self.shared.durable_len.borrow()
     }
 
+    /// The length and the version vector of the durable log, read together: every event
+    /// the vector holds is below the length (read apart, a commit may come between).
+    pub fn published(&self) -> (u64, VersionVector) {
+        match self.shared.durable_vv.read() {
+            Ok(vv) => (self.len(), vv.clone()),
+            Err(_) => (self.len(), self.version_vector()),
+        }
+    }
+
     /// Whether the log holds no event.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
@@ -795,13 +804,15 @@ impl Writer {
         Ok(())
     }
 
-    /// Makes the committed events readable: the length first, then the version vector,
-    /// so that every event the version vector holds is within the length a reader takes
-    /// after it (a scan of the folder plugin relies on this, see `Projection::load`).
+    /// Makes the committed events readable: the version vector, then the length, both
+    /// under the vector's lock, so that [`EventLog::published`] reads them as a pair.
     fn publish(&self) {
-        self.published_len.send_replace(self.next_offset);
-        if let Ok(mut vv) = self.published_vv.write() {
+        let vv = self.published_vv.write();
+        if let Ok(mut vv) = vv {
             vv.clone_from(&self.vv);
+            self.published_len.send_replace(self.next_offset);
+        } else {
+            self.published_len.send_replace(self.next_offset);
         }
     }
 

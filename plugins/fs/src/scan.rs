@@ -210,8 +210,8 @@ pub(crate) struct Projection {
 struct Unshown {
     ids: HashSet<EventId>,
     cursor: u64,
-    /// The log's version vector from before the heads were read: a head beyond it was
-    /// appended meanwhile, perhaps after the events were read.
+    /// The log's version vector from before the heads were read, with the length the
+    /// events were read up to: a head beyond it was appended meanwhile, perhaps after.
     before: VersionVector,
 }
 
@@ -221,7 +221,9 @@ impl Projection {
         echo: &Echo,
         under: Option<&Key>,
     ) -> Result<Projection, FsError> {
-        let before = log.version_vector();
+        // Before the heads: a head beyond `before` was appended meanwhile, and the events
+        // read below stop at `end`.
+        let (end, before) = log.published();
         let mut keys = BTreeMap::new();
         for entry in log.states() {
             let (key, state) = entry?;
@@ -242,8 +244,9 @@ impl Projection {
                 let cursor = echo.shown_up_to(log.cursor(&store)?);
                 let mut at = cursor;
                 let mut ids = HashSet::new();
-                loop {
-                    let events = log.read(at, UNSHOWN_READ)?;
+                while at < end {
+                    let limit = UNSHOWN_READ.min(usize::try_from(end - at).unwrap_or(usize::MAX));
+                    let events = log.read(at, limit)?;
                     let Some((last, _)) = events.last() else {
                         break;
                     };
@@ -343,6 +346,11 @@ pub(crate) async fn emit(
     changes: Vec<LocalChange>,
 ) -> Result<(), converge_framework::LogError> {
     let events = ctx.emit(changes).await?;
+    // Forget the notes the store has passed meanwhile, so they do not pile up between
+    // scans.
+    if let Some(store) = echo.store() {
+        echo.shown_up_to(ctx.log().cursor(&store)?);
+    }
     echo.note_emitted(events.iter().map(|e| e.id), ctx.log().len());
     Ok(())
 }
