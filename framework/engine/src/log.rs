@@ -669,7 +669,15 @@ impl Writer {
                         self.restore(&saved);
                     }
                     finish(std::mem::take(&mut replies), staged.as_ref().err());
-                    let _ = reply.send(self.rebuild().inspect(|_| self.publish()));
+                    // A rebuild that fails partway leaves the version vector part-folded:
+                    // the next local append would reuse sequence numbers, and peers drop
+                    // such events as ones they have.
+                    let before = (self.hlc, self.vv.clone(), self.next_offset);
+                    let rebuilt = self.rebuild();
+                    if rebuilt.is_err() {
+                        self.restore(&before);
+                    }
+                    let _ = reply.send(rebuilt.inspect(|_| self.publish()));
                 }
             }
         }

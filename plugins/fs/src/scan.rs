@@ -348,8 +348,8 @@ pub(crate) async fn emit(
     let events = ctx.emit(changes).await?;
     // Forget the notes the store has passed meanwhile, so they do not pile up between
     // scans.
-    if let Some(store) = echo.store() {
-        echo.shown_up_to(ctx.log().cursor(&store)?);
+    if let Some(cursor) = echo.store().and_then(|store| ctx.log().cursor(&store).ok()) {
+        echo.shown_up_to(cursor);
     }
     echo.note_emitted(events.iter().map(|e| e.id), ctx.log().len());
     Ok(())
