@@ -673,6 +673,17 @@ async fn a_mirror_does_not_write_into_its_folder_while_it_is_missing_or_empty() 
     assert_eq!(tree(&backup), tree(source_dir.path()));
 }
 
+/// The view of `k` deleted (a peer's delete won), no conflict.
+fn deleted(k: &str) -> KeyView {
+    KeyView {
+        key: key(k),
+        winner: None,
+        copies: vec![],
+        conflicted: false,
+        merged_copies: vec![],
+    }
+}
+
 /// The store removed a file (a peer's delete), then the user made it again, the source
 /// recorded it, and the user removed it before the store came to that event. The removal
 /// is the user's: the source records it, and the file does not come back. (The store's
@@ -688,14 +699,7 @@ async fn a_file_made_again_and_removed_stays_removed() {
     apply(&store, &log, views(&log)).await;
 
     // A peer's delete wins: the store removes the file.
-    let deleted = KeyView {
-        key: key("f.txt"),
-        winner: None,
-        copies: vec![],
-        conflicted: false,
-        merged_copies: vec![],
-    };
-    apply(&store, &log, vec![deleted]).await;
+    apply(&store, &log, vec![deleted("f.txt")]).await;
     assert!(!dir.path().join("f.txt").exists(), "the store removed it");
 
     write(dir.path(), "f.txt", b"made again");
@@ -725,14 +729,7 @@ async fn a_directory_made_again_and_removed_stays_removed() {
     scan_once(&source, &log).await;
     apply(&store, &log, views(&log)).await;
 
-    let deleted = KeyView {
-        key: key("d"),
-        winner: None,
-        copies: vec![],
-        conflicted: false,
-        merged_copies: vec![],
-    };
-    apply(&store, &log, vec![deleted]).await;
+    apply(&store, &log, vec![deleted("d")]).await;
     assert!(!dir.path().join("d").exists(), "the store removed it");
 
     std::fs::create_dir(dir.path().join("d")).unwrap();

@@ -3,13 +3,40 @@
 
 mod common;
 
-use std::sync::Arc;
-
 use common::{wait_until, write};
 use converge_api::EntryKind::{Dir, File};
+use converge_framework::log::EventLog;
 use converge_framework::plugin::{ScanProgress, Source, SourceContext};
 use converge_plugin_fs::{FsConfig, FsSource};
 use tokio::sync::watch;
+
+/// A source running on its own task, its first scan done.
+struct Running {
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Result<(), converge_framework::PluginError>>,
+}
+
+impl Running {
+    /// Runs `source` over `log` and waits for its first scan.
+    async fn start(source: impl Source + 'static, log: &EventLog) -> Running {
+        let (stop, stop_rx) = watch::channel(false);
+        let (progress_tx, mut progress_rx) = watch::channel(ScanProgress::default());
+        let log = log.clone();
+        let task = tokio::spawn(async move {
+            source
+                .run(SourceContext::new(log, stop_rx, progress_tx))
+                .await
+        });
+        progress_rx.wait_for(|p| p.done).await.unwrap();
+        Running { stop, task }
+    }
+
+    /// Stops the source and asserts it ended without an error.
+    async fn stop(self) {
+        self.stop.send(true).unwrap();
+        self.task.await.unwrap().unwrap();
+    }
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn created_modified_renamed_and_deleted_entries_become_events() {
@@ -18,18 +45,7 @@ async fn created_modified_renamed_and_deleted_entries_become_events() {
     write(&root, "existing.txt", b"old");
     write(&root, ".convergeignore", b"*.tmp\n");
     let log = common::log();
-    let source = Arc::new(FsSource::new(FsConfig::new(&root)));
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let (progress_tx, mut progress_rx) = watch::channel(ScanProgress::default());
-    let running = {
-        let (source, log) = (source.clone(), log.clone());
-        tokio::spawn(async move {
-            source
-                .run(SourceContext::new(log, stop_rx, progress_tx))
-                .await
-        })
-    };
-    progress_rx.wait_for(|p| p.done).await.unwrap();
+    let running = Running::start(FsSource::new(FsConfig::new(&root)), &log).await;
     assert_eq!(log.len(), 1);
 
     write(&root, "new.txt", b"fresh");
@@ -87,8 +103,7 @@ async fn created_modified_renamed_and_deleted_entries_become_events() {
         .collect();
     assert!(!keys.iter().any(|k| k.ends_with(".tmp")), "{keys:?}");
 
-    stop_tx.send(true).unwrap();
-    running.await.unwrap().unwrap();
+    running.stop().await;
 }
 
 /// A symlink to a directory is skipped, and so is what happens in the directory it points
@@ -107,18 +122,7 @@ async fn changes_below_a_symlinked_directory_are_not_events() {
         std::os::unix::fs::symlink(root.join("real"), root.join(name)).unwrap();
     }
     let log = common::log();
-    let source = Arc::new(FsSource::new(FsConfig::new(&root)));
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let (progress_tx, mut progress_rx) = watch::channel(ScanProgress::default());
-    let running = {
-        let (source, log) = (source.clone(), log.clone());
-        tokio::spawn(async move {
-            source
-                .run(SourceContext::new(log, stop_rx, progress_tx))
-                .await
-        })
-    };
-    progress_rx.wait_for(|p| p.done).await.unwrap();
+    let running = Running::start(FsSource::new(FsConfig::new(&root)), &log).await;
 
     write(outside.path(), "after.txt", b"after");
     write(outside.path(), "before.txt", b"before, changed");
@@ -141,8 +145,7 @@ async fn changes_below_a_symlinked_directory_are_not_events() {
         ]
     );
 
-    stop_tx.send(true).unwrap();
-    running.await.unwrap().unwrap();
+    running.stop().await;
 }
 
 /// Without a watcher (configured so here; also when watching fails, at the kernel's limit
@@ -155,18 +158,7 @@ async fn an_unwatched_folder_is_rescanned() {
     write(&root, "existing.txt", b"old");
     let log = common::log();
     let config = FsConfig::new(&root).rescan_every(std::time::Duration::from_millis(200));
-    let source = Arc::new(FsSource::new(config));
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let (progress_tx, mut progress_rx) = watch::channel(ScanProgress::default());
-    let running = {
-        let (source, log) = (source.clone(), log.clone());
-        tokio::spawn(async move {
-            source
-                .run(SourceContext::new(log, stop_rx, progress_tx))
-                .await
-        })
-    };
-    progress_rx.wait_for(|p| p.done).await.unwrap();
+    let running = Running::start(FsSource::new(config), &log).await;
 
     write(&root, "new.txt", b"fresh");
     wait_until(&log, "new.txt", |s| {
@@ -178,10 +170,9 @@ async fn an_unwatched_folder_is_rescanned() {
         s.keys().collect::<Vec<_>>() == ["new.txt"]
     })
     .await;
-    assert!(!running.is_finished(), "the source stopped");
+    assert!(!running.task.is_finished(), "the source stopped");
 
-    stop_tx.send(true).unwrap();
-    running.await.unwrap().unwrap();
+    running.stop().await;
 }
 
 /// A directory renamed over one the log shows (`mv new d`), or made again and filled
@@ -195,18 +186,7 @@ async fn a_directory_moved_over_a_known_one_is_scanned() {
     write(outside.path(), "new/g.txt", b"g");
     write(outside.path(), "new/sub/h.txt", b"hh");
     let log = common::log();
-    let source = Arc::new(FsSource::new(FsConfig::new(&root)));
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let (progress_tx, mut progress_rx) = watch::channel(ScanProgress::default());
-    let running = {
-        let (source, log) = (source.clone(), log.clone());
-        tokio::spawn(async move {
-            source
-                .run(SourceContext::new(log, stop_rx, progress_tx))
-                .await
-        })
-    };
-    progress_rx.wait_for(|p| p.done).await.unwrap();
+    let running = Running::start(FsSource::new(FsConfig::new(&root)), &log).await;
 
     std::fs::rename(root.join("d"), outside.path().join("gone")).unwrap();
     std::fs::rename(outside.path().join("new"), root.join("d")).unwrap();
@@ -215,8 +195,7 @@ async fn a_directory_moved_over_a_known_one_is_scanned() {
     })
     .await;
 
-    stop_tx.send(true).unwrap();
-    running.await.unwrap().unwrap();
+    running.stop().await;
 }
 
 /// A rescan while the store is behind (it has not yet written a peer's newer `f.txt`,
@@ -236,18 +215,7 @@ async fn a_rescan_does_not_undo_what_the_store_has_not_written_yet() {
     let config = FsConfig::new(&root).rescan_every(std::time::Duration::from_millis(100));
     let (source, store) = converge_plugin_fs::folder(config);
     store.start(&StoreContext::new(log.clone())).await.unwrap();
-    let source = Arc::new(source);
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let (progress_tx, mut progress_rx) = watch::channel(ScanProgress::default());
-    let running = {
-        let (source, log) = (source.clone(), log.clone());
-        tokio::spawn(async move {
-            source
-                .run(SourceContext::new(log, stop_rx, progress_tx))
-                .await
-        })
-    };
-    progress_rx.wait_for(|p| p.done).await.unwrap();
+    let running = Running::start(source, &log).await;
     // The store has shown v1, and shows nothing after it in this test.
     log.set_cursor("folder", log.len()).await.unwrap();
 
@@ -290,8 +258,7 @@ async fn a_rescan_does_not_undo_what_the_store_has_not_written_yet() {
     std::fs::remove_file(root.join("h.txt")).unwrap();
     wait_until(&log, "h.txt removed", |s| !s.contains_key("h.txt")).await;
 
-    stop_tx.send(true).unwrap();
-    running.await.unwrap().unwrap();
+    running.stop().await;
 }
 
 /// A directory removed and made again at once (`rm -rf d; mkdir d; ...`) is scanned
@@ -302,18 +269,7 @@ async fn a_directory_removed_and_made_again_is_scanned() {
     let root = dir.path().to_owned();
     write(&root, "d/old.txt", b"old");
     let log = common::log();
-    let source = Arc::new(FsSource::new(FsConfig::new(&root)));
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let (progress_tx, mut progress_rx) = watch::channel(ScanProgress::default());
-    let running = {
-        let (source, log) = (source.clone(), log.clone());
-        tokio::spawn(async move {
-            source
-                .run(SourceContext::new(log, stop_rx, progress_tx))
-                .await
-        })
-    };
-    progress_rx.wait_for(|p| p.done).await.unwrap();
+    let running = Running::start(FsSource::new(FsConfig::new(&root)), &log).await;
 
     std::fs::remove_dir_all(root.join("d")).unwrap();
     std::fs::create_dir(root.join("d")).unwrap();
@@ -325,6 +281,5 @@ async fn a_directory_removed_and_made_again_is_scanned() {
     })
     .await;
 
-    stop_tx.send(true).unwrap();
-    running.await.unwrap().unwrap();
+    running.stop().await;
 }
