@@ -54,6 +54,7 @@ mod rules;
 mod scan;
 mod store;
 mod watch;
+mod watcher;
 
 pub use error::FsError;
 pub use store::FsStore;

@@ -1,4 +1,4 @@
-//! The folder source: a start-up scan, then watching with `notify`, debounced.
+//! The folder source: a start-up scan, then watching (see [`crate::watcher`]), debounced.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -10,8 +10,8 @@ use converge_api::{ConflictPolicy, EntryKind, Key, Op};
 use converge_framework::log::LocalChange;
 use converge_framework::plugin::{Source, SourceContext};
 use converge_framework::PluginError;
-use notify::event::{AccessKind, AccessMode, CreateKind, ModifyKind, RemoveKind, RenameMode};
-use notify::{EventKind, RecursiveMode, Watcher};
+use notify::event::{CreateKind, ModifyKind, RemoveKind, RenameMode};
+use notify::EventKind;
 use tokio::sync::mpsc;
 
 use crate::content::changed_at_ms;
@@ -22,6 +22,7 @@ use crate::rules::{below_symlink, Rules};
 use crate::scan::{
     emit, examine_file, gone, is_echo, merge_for_deleted_copy, removed_at_ms, scan, Env, Resolver,
 };
+use crate::watcher::{self, WatchResult};
 use crate::{FsConfig, CONFLICT_MARKER, EMIT_BATCH, IGNORE_FILE, TEMP_PREFIX};
 
 /// Removals the watcher sees are recorded once none has come for this long (or
@@ -114,22 +115,9 @@ impl FsSource {
             if !watch {
                 return Ok(None);
             }
-            // Symlinks are not followed: notify would watch what a symlinked directory
-            // points to (outside the folder, perhaps) and report it below the link, and a
-            // link to a directory of the folder would take over that directory's watch.
-            let config = notify::Config::default().with_follow_symlinks(false);
-            let mut watcher = notify::RecommendedWatcher::new(
-                move |res: notify::Result<notify::Event>| {
-                    // Opens (each read of a file, our own included) are no changes: dropped
-                    // here, on notify's thread, rather than woken for.
-                    if res.as_ref().is_ok_and(|e| is_read(&e.kind)) {
-                        return;
-                    }
-                    let _ = tx.send(res);
-                },
-                config,
-            )?;
-            watcher.watch(&watched, RecursiveMode::Recursive)?;
+            let watcher = watcher::watch(&watched, move |res| {
+                let _ = tx.send(res);
+            })?;
             Ok::<_, notify::Error>(Some(watcher))
         })
         .await?;
@@ -300,7 +288,7 @@ struct Batch {
 
 impl Batch {
     /// Takes one event into the batch.
-    fn collect(&mut self, event: notify::Result<notify::Event>) {
+    fn collect(&mut self, event: WatchResult) {
         let event = match event {
             Err(e) => {
                 tracing::warn!("watcher: {e}; rescanning");
@@ -317,9 +305,6 @@ impl Batch {
                 );
             }
             self.rescan = true;
-        }
-        if is_read(&event.kind) {
-            return;
         }
         // The store's temp files come and go with every file it writes: never changes of
         // the folder, so not worth a stat.
@@ -344,12 +329,6 @@ impl Batch {
         }
         self.paths.extend(paths);
     }
-}
-
-/// Whether an event of `kind` is a read (our own hashing included): an access, but for a
-/// close after writing.
-fn is_read(kind: &EventKind) -> bool {
-    matches!(kind, EventKind::Access(k) if *k != AccessKind::Close(AccessMode::Write))
 }
 
 /// What one debounced batch of paths amounts to.
