@@ -70,13 +70,14 @@ mod imp {
 
 #[cfg(target_os = "linux")]
 mod imp {
-    use std::collections::{BTreeMap, HashMap};
+    use std::collections::{HashMap, HashSet};
     use std::ffi::OsStr;
     use std::io::{self, ErrorKind};
     use std::os::fd::AsRawFd;
     use std::path::{Path, PathBuf};
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
+    use std::time::Duration;
 
     use inotify::{EventMask, Inotify, WatchDescriptor, WatchMask, Watches};
     use mio::unix::SourceFd;
@@ -113,6 +114,11 @@ mod imp {
     /// Bytes read from the kernel's queue at once (an event is 16 bytes and its name).
     const BUFFER: usize = 64 * 1024;
 
+    /// How long a directory moved away waits for the other half of its move (a
+    /// `MOVED_TO` within the folder) before its watches are dropped. The kernel queues
+    /// both halves in one go, so this only matters when they fall into two reads.
+    const MOVE_PAIRING: Duration = Duration::from_millis(20);
+
     /// Stops the watcher's thread when dropped.
     pub(in super::super) struct Watcher {
         stop: Arc<AtomicBool>,
@@ -143,10 +149,11 @@ mod imp {
             watches: inotify.watches(),
             root: root.to_path_buf(),
             dirs: HashMap::new(),
-            paths: BTreeMap::new(),
+            moved: Vec::new(),
+            denied: HashSet::new(),
+            reads: 0,
         };
-        tree.add(root, true)
-            .map_err(|e| notify::Error::io_watch(e).add_path(root.to_path_buf()))?;
+        tree.add(root, None)?;
         let stop = Arc::new(AtomicBool::new(false));
         let stopped = stop.clone();
         std::thread::Builder::new()
@@ -167,7 +174,9 @@ mod imp {
         let mut buffer = vec![0u8; BUFFER];
         let mut ready = mio::Events::with_capacity(4);
         loop {
-            match poll.poll(&mut ready, None) {
+            // A directory moved away waits a moment for the other half of its move.
+            let timeout = (!tree.moved.is_empty()).then_some(MOVE_PAIRING);
+            match poll.poll(&mut ready, timeout) {
                 Ok(()) => {}
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(e) => {
@@ -177,6 +186,10 @@ mod imp {
             }
             if stop.load(Ordering::Acquire) {
                 return;
+            }
+            if ready.is_empty() {
+                tree.moved_away(u64::MAX);
+                continue;
             }
             // Readiness is reported once per change of state: read until the queue is
             // empty.
@@ -190,9 +203,13 @@ mod imp {
                         return;
                     }
                 };
+                tree.reads += 1;
                 for event in events {
                     tree.take(event, &mut handler);
                 }
+                // Moves whose other half did not come in the read after theirs left the
+                // folder.
+                tree.moved_away(tree.reads - 1);
                 if stop.load(Ordering::Acquire) {
                     return;
                 }
@@ -201,43 +218,81 @@ mod imp {
     }
 
     /// The watched directories of the tree.
+    ///
+    /// A watch stays with its directory's inode, wherever it moves, and adding a watch to
+    /// a directory already watched gives back its watch: so a directory moved within the
+    /// folder keeps its watches, and the walk of its new place only puts their new paths
+    /// down. Only the watches of a directory moved out of the folder are dropped.
     struct Tree {
         watches: Watches,
         root: PathBuf,
-        /// Watch → the directory it is on.
-        dirs: HashMap<i32, PathBuf>,
-        /// Directory → its watch, sorted so that a directory's subtree is a range.
-        paths: BTreeMap<PathBuf, WatchDescriptor>,
+        /// Watch → the directory it is on, and the watch itself (to drop it).
+        dirs: HashMap<i32, (PathBuf, WatchDescriptor)>,
+        /// Directories moved away, waiting for the other half of their move: the
+        /// move's cookie, the path they left, the read it was seen in, and the watches at
+        /// or below that path then.
+        moved: Vec<(u32, PathBuf, u64, Vec<i32>)>,
+        /// Directories not watched for want of permission: tried again when their
+        /// attributes change.
+        denied: HashSet<PathBuf>,
+        /// Reads of the kernel's queue so far.
+        reads: u64,
     }
 
     impl Tree {
-        /// Watches `dir` and every directory below it. Entries that are gone or are no
-        /// directories (any more) are skipped: their removal or replacement is an event of
-        /// its own. Adding a watch to a directory already watched keeps its watch.
-        fn add(&mut self, dir: &Path, root: bool) -> io::Result<()> {
+        /// Watches `dir` and every directory below it, noting each watch in `seen`.
+        /// Entries that are gone or are no directories (any more) are skipped: their
+        /// removal or replacement is an event of its own; so are directories this user
+        /// may not read, which the scan cannot read either (with a warning). The walk goes
+        /// on past other failures and returns the first.
+        fn add(&mut self, dir: &Path, mut seen: Option<&mut HashSet<i32>>) -> notify::Result<()> {
+            let mut failed: Option<notify::Error> = None;
             let mut stack = vec![dir.to_path_buf()];
-            let mut first = root;
             while let Some(dir) = stack.pop() {
-                let mask = if std::mem::take(&mut first) {
-                    ROOT_MASK
-                } else {
-                    MASK
-                };
+                let is_root = dir == self.root;
+                let mask = if is_root { ROOT_MASK } else { MASK };
                 match self.watches.add(&dir, mask) {
-                    Ok(wd) => self.remember(dir.clone(), wd),
-                    Err(e) if vanished(&e) => continue,
-                    Err(e) => return Err(e),
+                    Ok(wd) => {
+                        let id = wd.get_watch_descriptor_id();
+                        if let Some(seen) = seen.as_deref_mut() {
+                            seen.insert(id);
+                        }
+                        self.denied.remove(&dir);
+                        self.dirs.insert(id, (dir.clone(), wd));
+                    }
+                    Err(e) if vanished(&e) && !is_root => continue,
+                    Err(e) if denied(&e) && !is_root => {
+                        tracing::warn!("not watching {}: {e}", dir.display());
+                        self.denied.insert(dir);
+                        continue;
+                    }
+                    Err(e) => {
+                        let limit = e.raw_os_error() == Some(libc::ENOSPC);
+                        failed.get_or_insert(watch_error(e, &dir));
+                        if limit || is_root {
+                            // No further watch can be added either.
+                            break;
+                        }
+                        continue;
+                    }
                 }
                 let entries = match std::fs::read_dir(&dir) {
                     Ok(entries) => entries,
                     Err(e) if vanished(&e) => continue,
-                    Err(e) => return Err(e),
+                    Err(e) => {
+                        failed.get_or_insert(watch_error(e, &dir));
+                        continue;
+                    }
                 };
                 for entry in entries {
                     let entry = match entry {
                         Ok(entry) => entry,
-                        Err(e) if vanished(&e) => break,
-                        Err(e) => return Err(e),
+                        Err(e) => {
+                            if !vanished(&e) {
+                                failed.get_or_insert(watch_error(e, &dir));
+                            }
+                            break;
+                        }
                     };
                     // The type the listing gives (lstat when it gives none): a symlink is
                     // not a directory here.
@@ -245,39 +300,36 @@ mod imp {
                         Ok(t) if t.is_dir() => stack.push(entry.path()),
                         Ok(_) => {}
                         Err(e) if vanished(&e) => {}
-                        Err(e) => return Err(e),
+                        Err(e) => {
+                            failed.get_or_insert(watch_error(e, &entry.path()));
+                        }
                     }
                 }
             }
-            Ok(())
+            failed.map_or(Ok(()), Err)
         }
 
-        fn remember(&mut self, dir: PathBuf, wd: WatchDescriptor) {
-            let id = wd.get_watch_descriptor_id();
-            if let Some(before) = self.dirs.insert(id, dir.clone()) {
-                if before != dir
-                    && self.paths.get(&before).map(|w| w.get_watch_descriptor_id()) == Some(id)
-                {
-                    self.paths.remove(&before);
-                }
-            }
-            self.paths.insert(dir, wd);
-        }
-
-        /// Stops watching `dir` and the directories below it (moved away: their watches
-        /// would go on reporting changes under the old paths).
-        fn forget(&mut self, dir: &Path) {
-            let below: Vec<PathBuf> = self
-                .paths
-                .range(dir.to_path_buf()..)
-                .take_while(|(p, _)| p.starts_with(dir))
-                .map(|(p, _)| p.clone())
-                .collect();
-            for path in below {
-                if let Some(wd) = self.paths.remove(&path) {
-                    self.dirs.remove(&wd.get_watch_descriptor_id());
-                    // Already gone with its directory, perhaps: nothing to undo.
-                    let _ = self.watches.remove(wd);
+        /// Drops the watches of the directories moved away in read `read` or before and
+        /// not moved back within the folder since: they would go on reporting changes
+        /// outside the folder under their old paths.
+        fn moved_away(&mut self, read: u64) {
+            let (gone, waiting) = std::mem::take(&mut self.moved)
+                .into_iter()
+                .partition(|(_, _, seen_in, _)| *seen_in <= read);
+            self.moved = waiting;
+            for (_, from, _, ids) in gone {
+                for id in ids {
+                    // A watch the walk of a new place took back has a path elsewhere.
+                    if self
+                        .dirs
+                        .get(&id)
+                        .is_some_and(|(p, _)| p.starts_with(&from))
+                    {
+                        if let Some((_, wd)) = self.dirs.remove(&id) {
+                            // Already gone with its directory, perhaps: nothing to undo.
+                            let _ = self.watches.remove(wd);
+                        }
+                    }
                 }
             }
         }
@@ -287,18 +339,12 @@ mod imp {
         fn take(&mut self, event: inotify::Event<&OsStr>, handler: &mut impl FnMut(WatchResult)) {
             let mask = event.mask;
             if mask.contains(EventMask::Q_OVERFLOW) {
-                // Events were lost, directories made meanwhile among them: watch what is
-                // there now, then ask for a rescan.
-                let root = self.root.clone();
-                if let Err(e) = self.add(&root, true) {
-                    handler(Err(notify::Error::io_watch(e).add_path(root)));
-                }
-                handler(Ok(Event::new(EventKind::Other).set_flag(Flag::Rescan)));
+                self.overflowed(handler);
                 return;
             }
             let id = event.wd.get_watch_descriptor_id();
-            let Some(dir) = self.dirs.get(&id) else {
-                // A watch forgotten already; its last events say nothing new.
+            let Some((dir, _)) = self.dirs.get(&id) else {
+                // A watch dropped already; its last events say nothing new.
                 return;
             };
             let path = match event.name {
@@ -308,9 +354,6 @@ mod imp {
             if mask.contains(EventMask::IGNORED) {
                 // The directory was removed (or its file system unmounted).
                 self.dirs.remove(&id);
-                if self.paths.get(&path).map(|w| w.get_watch_descriptor_id()) == Some(id) {
-                    self.paths.remove(&path);
-                }
                 return;
             }
             let is_dir = mask.contains(EventMask::ISDIR);
@@ -343,17 +386,72 @@ mod imp {
             } else {
                 return;
             };
-            if is_dir && mask.contains(EventMask::MOVED_FROM) {
-                self.forget(&path);
-            }
-            if is_dir && (mask.contains(EventMask::CREATE) || mask.contains(EventMask::MOVED_TO)) {
-                // Watched before the event is handed on, so that the scan of it the
-                // source makes misses nothing written there afterwards.
-                if let Err(e) = self.add(&path, false) {
-                    handler(Err(notify::Error::io_watch(e).add_path(path.clone())));
+            if is_dir {
+                if mask.contains(EventMask::DELETE) {
+                    self.denied.remove(&path);
+                }
+                if mask.contains(EventMask::MOVED_FROM) {
+                    let below = self
+                        .dirs
+                        .iter()
+                        .filter(|(_, (p, _))| p.starts_with(&path))
+                        .map(|(id, _)| *id)
+                        .collect();
+                    self.moved
+                        .push((event.cookie, path.clone(), self.reads, below));
+                }
+                let arrived =
+                    mask.contains(EventMask::CREATE) || mask.contains(EventMask::MOVED_TO);
+                if mask.contains(EventMask::MOVED_TO) {
+                    self.moved.retain(|(cookie, ..)| *cookie != event.cookie);
+                }
+                let allowed = mask.contains(EventMask::ATTRIB) && self.denied.contains(&path);
+                if arrived || allowed {
+                    // Watched before the event is handed on, so that the scan of it the
+                    // source makes misses nothing written there afterwards.
+                    if let Err(e) = self.add(&path, None) {
+                        handler(Err(e));
+                    }
                 }
             }
             handler(Ok(Event::new(kind).add_path(path)));
+        }
+
+        /// Events were lost, directories made, moved or removed meanwhile among them:
+        /// watches what is there now, drops the watches of what is not, then asks for a
+        /// rescan.
+        fn overflowed(&mut self, handler: &mut impl FnMut(WatchResult)) {
+            let mut seen = HashSet::new();
+            let root = self.root.clone();
+            let walked = self.add(&root, Some(&mut seen));
+            let stale: Vec<i32> = self
+                .dirs
+                .keys()
+                .filter(|id| !seen.contains(id))
+                .copied()
+                .collect();
+            for id in stale {
+                if let Some((_, wd)) = self.dirs.remove(&id) {
+                    let _ = self.watches.remove(wd);
+                }
+            }
+            self.moved.clear();
+            if let Err(e) = walked {
+                handler(Err(e));
+            }
+            handler(Ok(Event::new(EventKind::Other).set_flag(Flag::Rescan)));
+        }
+    }
+
+    /// The error for a watch not added (or a directory not listed) at `path`.
+    fn watch_error(e: io::Error, path: &Path) -> notify::Error {
+        if e.raw_os_error() == Some(libc::ENOSPC) {
+            notify::Error::generic(
+                "the kernel's limit of inotify watches is reached (raise the sysctl fs.inotify.max_user_watches)",
+            )
+            .add_path(path.to_path_buf())
+        } else {
+            notify::Error::io_watch(e).add_path(path.to_path_buf())
         }
     }
 
@@ -362,6 +460,120 @@ mod imp {
     fn vanished(e: &io::Error) -> bool {
         e.kind() == ErrorKind::NotFound
             || matches!(e.raw_os_error(), Some(libc::ENOTDIR | libc::ELOOP))
+    }
+
+    /// Whether `e` says this user may not read the directory.
+    fn denied(e: &io::Error) -> bool {
+        matches!(e.raw_os_error(), Some(libc::EACCES | libc::EPERM))
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        fn tree(root: &Path) -> (Inotify, Tree) {
+            let inotify = Inotify::init().unwrap();
+            let mut tree = Tree {
+                watches: inotify.watches(),
+                root: root.to_path_buf(),
+                dirs: HashMap::new(),
+                moved: Vec::new(),
+                denied: HashSet::new(),
+                reads: 0,
+            };
+            tree.add(root, None).unwrap();
+            (inotify, tree)
+        }
+
+        /// The paths the tree has watches on, relative to `root`.
+        fn watched(tree: &Tree, root: &Path) -> Vec<String> {
+            let mut paths: Vec<String> = tree
+                .dirs
+                .values()
+                .map(|(p, _)| p.strip_prefix(root).unwrap().display().to_string())
+                .collect();
+            paths.sort();
+            paths
+        }
+
+        /// Takes every event queued now, as the thread does.
+        fn take_all(inotify: &mut Inotify, tree: &mut Tree) -> Vec<WatchResult> {
+            let mut out = Vec::new();
+            let mut buffer = vec![0u8; BUFFER];
+            loop {
+                let events = match inotify.read_events(&mut buffer) {
+                    Ok(events) => events,
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                    Err(e) => panic!("{e}"),
+                };
+                tree.reads += 1;
+                for event in events {
+                    tree.take(event, &mut |r| out.push(r));
+                }
+                tree.moved_away(tree.reads - 1);
+            }
+            out
+        }
+
+        #[test]
+        fn two_directories_exchanged_keep_their_watches_under_their_new_names() {
+            let dir = tempfile::tempdir().unwrap();
+            let root = dir.path().canonicalize().unwrap();
+            std::fs::create_dir_all(root.join("a/in_a")).unwrap();
+            std::fs::create_dir_all(root.join("b/in_b")).unwrap();
+            let (mut inotify, mut tree) = tree(&root);
+            let (a, b) = (
+                std::ffi::CString::new(root.join("a").into_os_string().into_encoded_bytes())
+                    .unwrap(),
+                std::ffi::CString::new(root.join("b").into_os_string().into_encoded_bytes())
+                    .unwrap(),
+            );
+            // SAFETY: two valid NUL-terminated paths for the duration of the call.
+            let rc = unsafe {
+                libc::renameat2(
+                    libc::AT_FDCWD,
+                    a.as_ptr(),
+                    libc::AT_FDCWD,
+                    b.as_ptr(),
+                    libc::RENAME_EXCHANGE,
+                )
+            };
+            assert_eq!(rc, 0, "{}", io::Error::last_os_error());
+            take_all(&mut inotify, &mut tree);
+            tree.moved_away(u64::MAX);
+            assert_eq!(watched(&tree, &root), ["", "a", "a/in_b", "b", "b/in_a"]);
+            // And each watch reports under its directory's new name.
+            std::fs::write(root.join("b/in_a/f"), b"x").unwrap();
+            let paths: Vec<PathBuf> = take_all(&mut inotify, &mut tree)
+                .into_iter()
+                .flat_map(|r| r.unwrap().paths)
+                .collect();
+            assert!(
+                paths.iter().all(|p| p == &root.join("b/in_a/f")),
+                "{paths:?}"
+            );
+            assert!(!paths.is_empty());
+        }
+
+        #[test]
+        fn an_overflow_watches_the_tree_as_it_is_now() {
+            let outside = tempfile::tempdir().unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            let root = dir.path().canonicalize().unwrap();
+            std::fs::create_dir_all(root.join("a/sub")).unwrap();
+            std::fs::create_dir_all(root.join("b")).unwrap();
+            let (inotify, mut tree) = tree(&root);
+            // Changes whose events are lost: a directory moved out, one moved within,
+            // one made.
+            std::fs::rename(root.join("a"), outside.path().join("a")).unwrap();
+            std::fs::rename(root.join("b"), root.join("c")).unwrap();
+            std::fs::create_dir_all(root.join("c/new/deeper")).unwrap();
+            let mut out = Vec::new();
+            tree.overflowed(&mut |r| out.push(r));
+            assert_eq!(watched(&tree, &root), ["", "c", "c/new", "c/new/deeper"]);
+            assert!(matches!(out.as_slice(), [Ok(e)] if e.need_rescan()));
+            drop(inotify);
+        }
     }
 }
 
