@@ -6,7 +6,7 @@
 //!
 //! - [`FsSource`] scans the folder at start (in parallel, on blocking threads, comparing
 //!   each entry with the projection by size and mtime, then by content hash), then watches
-//!   it with `notify`, debounced by [`FsConfig::debounce`].
+//!   it (inotify on Linux, `notify` elsewhere), debounced by [`FsConfig::debounce`].
 //! - [`FsStore`] writes each file to a temp file in the same directory and renames it over
 //!   the final path, removes what lost, and makes each batch durable at once (`syncfs`).
 //! - File content becomes the tree of DESIGN §2: FastCDC data chunks (4 / 16 / 64 KiB),

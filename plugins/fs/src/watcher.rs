@@ -70,7 +70,7 @@ mod imp {
 
 #[cfg(target_os = "linux")]
 mod imp {
-    use std::collections::{HashMap, HashSet};
+    use std::collections::{BTreeSet, HashMap, HashSet};
     use std::ffi::OsStr;
     use std::io::{self, ErrorKind};
     use std::os::fd::AsRawFd;
@@ -145,15 +145,8 @@ mod imp {
             .register(&mut SourceFd(&fd), INOTIFY, Interest::READABLE)
             .map_err(notify::Error::io)?;
         let waker = Waker::new(poll.registry(), WAKE).map_err(notify::Error::io)?;
-        let mut tree = Tree {
-            watches: inotify.watches(),
-            root: root.to_path_buf(),
-            dirs: HashMap::new(),
-            moved: Vec::new(),
-            denied: HashSet::new(),
-            reads: 0,
-        };
-        tree.add(root, None)?;
+        let mut tree = Tree::new(inotify.watches(), root);
+        tree.add(root)?;
         let stop = Arc::new(AtomicBool::new(false));
         let stopped = stop.clone();
         std::thread::Builder::new()
@@ -175,7 +168,7 @@ mod imp {
         let mut ready = mio::Events::with_capacity(4);
         loop {
             // A directory moved away waits a moment for the other half of its move.
-            let timeout = (!tree.moved.is_empty()).then_some(MOVE_PAIRING);
+            let timeout = (!tree.pending.is_empty()).then_some(MOVE_PAIRING);
             match poll.poll(&mut ready, timeout) {
                 Ok(()) => {}
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
@@ -203,13 +196,7 @@ mod imp {
                         return;
                     }
                 };
-                tree.reads += 1;
-                for event in events {
-                    tree.take(event, &mut handler);
-                }
-                // Moves whose other half did not come in the read after theirs left the
-                // folder.
-                tree.moved_away(tree.reads - 1);
+                tree.read(events, &mut handler);
                 if stop.load(Ordering::Acquire) {
                     return;
                 }
@@ -219,19 +206,26 @@ mod imp {
 
     /// The watched directories of the tree.
     ///
-    /// A watch stays with its directory's inode, wherever it moves, and adding a watch to
-    /// a directory already watched gives back its watch: so a directory moved within the
-    /// folder keeps its watches, and the walk of its new place only puts their new paths
-    /// down. Only the watches of a directory moved out of the folder are dropped.
+    /// A watch stays with its directory's inode wherever it moves, and adding a watch to
+    /// a directory already watched gives back its watch. So the tree is kept by walking
+    /// where directories arrive (made, or moved to) once all the events of a read are
+    /// in, which puts down the path of every watch it meets as it is then; and a
+    /// directory moved away leaves its watches *pending*: those no walk meets by the end
+    /// of the next read (or within [`MOVE_PAIRING`]) left the folder and are dropped, as
+    /// they would go on reporting changes outside it under their old paths. Walking only
+    /// after the read is what keeps two directories exchanged (`RENAME_EXCHANGE`: from
+    /// `a`, to `b`, from `b`, to `a`) apart: each move away takes the watches recorded at
+    /// its path before either walk.
     struct Tree {
         watches: Watches,
         root: PathBuf,
         /// Watch → the directory it is on, and the watch itself (to drop it).
         dirs: HashMap<i32, (PathBuf, WatchDescriptor)>,
-        /// Directories moved away, waiting for the other half of their move: the
-        /// move's cookie, the path they left, the read it was seen in, and the watches at
-        /// or below that path then.
-        moved: Vec<(u32, PathBuf, u64, Vec<i32>)>,
+        /// The same, by path, so that a directory's subtree is a range. A directory
+        /// replaced by another may share its path with it until its removal comes in.
+        paths: BTreeSet<(PathBuf, i32)>,
+        /// Watches of directories moved away, and the read that saw them go.
+        pending: HashMap<i32, u64>,
         /// Directories not watched for want of permission: tried again when their
         /// attributes change.
         denied: HashSet<PathBuf>,
@@ -240,12 +234,46 @@ mod imp {
     }
 
     impl Tree {
-        /// Watches `dir` and every directory below it, noting each watch in `seen`.
-        /// Entries that are gone or are no directories (any more) are skipped: their
-        /// removal or replacement is an event of its own; so are directories this user
-        /// may not read, which the scan cannot read either (with a warning). The walk goes
-        /// on past other failures and returns the first.
-        fn add(&mut self, dir: &Path, mut seen: Option<&mut HashSet<i32>>) -> notify::Result<()> {
+        fn new(watches: Watches, root: &Path) -> Tree {
+            Tree {
+                watches,
+                root: root.to_path_buf(),
+                dirs: HashMap::new(),
+                paths: BTreeSet::new(),
+                pending: HashMap::new(),
+                denied: HashSet::new(),
+                reads: 0,
+            }
+        }
+
+        /// Takes the events of one read: keeps the watches in step with the tree, then
+        /// hands the events on.
+        fn read(&mut self, events: inotify::Events<'_>, handler: &mut impl FnMut(WatchResult)) {
+            self.reads += 1;
+            let mut out = Vec::new();
+            let mut arrived = Vec::new();
+            for event in events {
+                self.take(event, &mut out, &mut arrived);
+            }
+            // Watched before the events are handed on, so that the scan of an arrived
+            // directory the source makes misses nothing written there afterwards.
+            for dir in arrived {
+                if let Err(e) = self.add(&dir) {
+                    handler(Err(e));
+                }
+            }
+            self.moved_away(self.reads - 1);
+            for event in out {
+                handler(event);
+            }
+        }
+
+        /// Watches `dir` and every directory below it. Entries that are gone or are no
+        /// directories (any more) are skipped: their removal or replacement is an event of
+        /// its own; so are directories this user may not read, which the scan cannot read
+        /// either (with a warning). The walk goes on past other failures and returns the
+        /// first.
+        fn add(&mut self, dir: &Path) -> notify::Result<()> {
             let mut failed: Option<notify::Error> = None;
             let mut stack = vec![dir.to_path_buf()];
             while let Some(dir) = stack.pop() {
@@ -253,12 +281,8 @@ mod imp {
                 let mask = if is_root { ROOT_MASK } else { MASK };
                 match self.watches.add(&dir, mask) {
                     Ok(wd) => {
-                        let id = wd.get_watch_descriptor_id();
-                        if let Some(seen) = seen.as_deref_mut() {
-                            seen.insert(id);
-                        }
                         self.denied.remove(&dir);
-                        self.dirs.insert(id, (dir.clone(), wd));
+                        self.put(dir.clone(), wd);
                     }
                     Err(e) if vanished(&e) && !is_root => continue,
                     Err(e) if denied(&e) && !is_root => {
@@ -309,37 +333,53 @@ mod imp {
             failed.map_or(Ok(()), Err)
         }
 
-        /// Drops the watches of the directories moved away in read `read` or before and
-        /// not moved back within the folder since: they would go on reporting changes
-        /// outside the folder under their old paths.
-        fn moved_away(&mut self, read: u64) {
-            let (gone, waiting) = std::mem::take(&mut self.moved)
-                .into_iter()
-                .partition(|(_, _, seen_in, _)| *seen_in <= read);
-            self.moved = waiting;
-            for (_, from, _, ids) in gone {
-                for id in ids {
-                    // A watch the walk of a new place took back has a path elsewhere.
-                    if self
-                        .dirs
-                        .get(&id)
-                        .is_some_and(|(p, _)| p.starts_with(&from))
-                    {
-                        if let Some((_, wd)) = self.dirs.remove(&id) {
-                            // Already gone with its directory, perhaps: nothing to undo.
-                            let _ = self.watches.remove(wd);
-                        }
-                    }
+        /// Records that `wd` watches `dir` (met by a walk: no longer pending).
+        fn put(&mut self, dir: PathBuf, wd: WatchDescriptor) {
+            let id = wd.get_watch_descriptor_id();
+            self.pending.remove(&id);
+            if let Some((before, _)) = self.dirs.get(&id) {
+                self.paths.remove(&(before.clone(), id));
+            }
+            self.paths.insert((dir.clone(), id));
+            self.dirs.insert(id, (dir, wd));
+        }
+
+        /// Forgets watch `id`, and drops it from the kernel when `drop`.
+        fn remove(&mut self, id: i32, drop: bool) {
+            if let Some((dir, wd)) = self.dirs.remove(&id) {
+                self.paths.remove(&(dir, id));
+                if drop {
+                    // Already gone with its directory, perhaps: nothing to undo.
+                    let _ = self.watches.remove(wd);
                 }
+            }
+            self.pending.remove(&id);
+        }
+
+        /// Drops the watches pending since read `read` or before.
+        fn moved_away(&mut self, read: u64) {
+            let gone: Vec<i32> = self
+                .pending
+                .iter()
+                .filter(|(_, seen_in)| **seen_in <= read)
+                .map(|(id, _)| *id)
+                .collect();
+            for id in gone {
+                self.remove(id, true);
             }
         }
 
-        /// Takes one event from the kernel: keeps the watches in step with the tree and
-        /// hands the event on.
-        fn take(&mut self, event: inotify::Event<&OsStr>, handler: &mut impl FnMut(WatchResult)) {
+        /// Takes one event from the kernel: notes the directories that arrived and the
+        /// watches moved away, and puts the event in `out`.
+        fn take(
+            &mut self,
+            event: inotify::Event<&OsStr>,
+            out: &mut Vec<WatchResult>,
+            arrived: &mut Vec<PathBuf>,
+        ) {
             let mask = event.mask;
             if mask.contains(EventMask::Q_OVERFLOW) {
-                self.overflowed(handler);
+                self.overflowed(out);
                 return;
             }
             let id = event.wd.get_watch_descriptor_id();
@@ -353,7 +393,7 @@ mod imp {
             };
             if mask.contains(EventMask::IGNORED) {
                 // The directory was removed (or its file system unmounted).
-                self.dirs.remove(&id);
+                self.remove(id, false);
                 return;
             }
             let is_dir = mask.contains(EventMask::ISDIR);
@@ -391,55 +431,40 @@ mod imp {
                     self.denied.remove(&path);
                 }
                 if mask.contains(EventMask::MOVED_FROM) {
-                    let below = self
-                        .dirs
-                        .iter()
-                        .filter(|(_, (p, _))| p.starts_with(&path))
-                        .map(|(id, _)| *id)
+                    let below: Vec<i32> = self
+                        .paths
+                        .range((path.clone(), i32::MIN)..)
+                        .take_while(|(p, _)| p.starts_with(&path))
+                        .map(|(_, id)| *id)
                         .collect();
-                    self.moved
-                        .push((event.cookie, path.clone(), self.reads, below));
-                }
-                let arrived =
-                    mask.contains(EventMask::CREATE) || mask.contains(EventMask::MOVED_TO);
-                if mask.contains(EventMask::MOVED_TO) {
-                    self.moved.retain(|(cookie, ..)| *cookie != event.cookie);
-                }
-                let allowed = mask.contains(EventMask::ATTRIB) && self.denied.contains(&path);
-                if arrived || allowed {
-                    // Watched before the event is handed on, so that the scan of it the
-                    // source makes misses nothing written there afterwards.
-                    if let Err(e) = self.add(&path, None) {
-                        handler(Err(e));
+                    for id in below {
+                        self.pending.entry(id).or_insert(self.reads);
                     }
                 }
+                if mask.contains(EventMask::CREATE)
+                    || mask.contains(EventMask::MOVED_TO)
+                    || (mask.contains(EventMask::ATTRIB) && self.denied.contains(&path))
+                {
+                    arrived.push(path.clone());
+                }
             }
-            handler(Ok(Event::new(kind).add_path(path)));
+            out.push(Ok(Event::new(kind).add_path(path)));
         }
 
         /// Events were lost, directories made, moved or removed meanwhile among them:
         /// watches what is there now, drops the watches of what is not, then asks for a
         /// rescan.
-        fn overflowed(&mut self, handler: &mut impl FnMut(WatchResult)) {
-            let mut seen = HashSet::new();
+        fn overflowed(&mut self, out: &mut Vec<WatchResult>) {
+            // Every watch is pending until the walk meets it.
+            let reads = self.reads;
+            self.pending = self.dirs.keys().map(|id| (*id, reads)).collect();
             let root = self.root.clone();
-            let walked = self.add(&root, Some(&mut seen));
-            let stale: Vec<i32> = self
-                .dirs
-                .keys()
-                .filter(|id| !seen.contains(id))
-                .copied()
-                .collect();
-            for id in stale {
-                if let Some((_, wd)) = self.dirs.remove(&id) {
-                    let _ = self.watches.remove(wd);
-                }
-            }
-            self.moved.clear();
+            let walked = self.add(&root);
+            self.moved_away(u64::MAX);
             if let Err(e) = walked {
-                handler(Err(e));
+                out.push(Err(e));
             }
-            handler(Ok(Event::new(EventKind::Other).set_flag(Flag::Rescan)));
+            out.push(Ok(Event::new(EventKind::Other).set_flag(Flag::Rescan)));
         }
     }
 
@@ -473,15 +498,8 @@ mod imp {
 
         fn tree(root: &Path) -> (Inotify, Tree) {
             let inotify = Inotify::init().unwrap();
-            let mut tree = Tree {
-                watches: inotify.watches(),
-                root: root.to_path_buf(),
-                dirs: HashMap::new(),
-                moved: Vec::new(),
-                denied: HashSet::new(),
-                reads: 0,
-            };
-            tree.add(root, None).unwrap();
+            let mut tree = Tree::new(inotify.watches(), root);
+            tree.add(root).unwrap();
             (inotify, tree)
         }
 
@@ -493,26 +511,35 @@ mod imp {
                 .map(|(p, _)| p.strip_prefix(root).unwrap().display().to_string())
                 .collect();
             paths.sort();
+            let mut by_path: Vec<String> = tree
+                .paths
+                .iter()
+                .map(|(p, _)| p.strip_prefix(root).unwrap().display().to_string())
+                .collect();
+            by_path.sort();
+            assert_eq!(paths, by_path, "the two maps disagree");
             paths
         }
 
-        /// Takes every event queued now, as the thread does.
+        /// Takes every event queued now, as the thread does, then lets the moves that
+        /// found no other half go.
         fn take_all(inotify: &mut Inotify, tree: &mut Tree) -> Vec<WatchResult> {
             let mut out = Vec::new();
             let mut buffer = vec![0u8; BUFFER];
             loop {
-                let events = match inotify.read_events(&mut buffer) {
-                    Ok(events) => events,
+                match inotify.read_events(&mut buffer) {
+                    Ok(events) => tree.read(events, &mut |r| out.push(r)),
                     Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                     Err(e) => panic!("{e}"),
-                };
-                tree.reads += 1;
-                for event in events {
-                    tree.take(event, &mut |r| out.push(r));
                 }
-                tree.moved_away(tree.reads - 1);
             }
+            tree.moved_away(u64::MAX);
             out
+        }
+
+        /// The paths of `events`.
+        fn paths(events: Vec<WatchResult>) -> Vec<PathBuf> {
+            events.into_iter().flat_map(|r| r.unwrap().paths).collect()
         }
 
         #[test]
@@ -540,19 +567,65 @@ mod imp {
             };
             assert_eq!(rc, 0, "{}", io::Error::last_os_error());
             take_all(&mut inotify, &mut tree);
-            tree.moved_away(u64::MAX);
             assert_eq!(watched(&tree, &root), ["", "a", "a/in_b", "b", "b/in_a"]);
             // And each watch reports under its directory's new name.
             std::fs::write(root.join("b/in_a/f"), b"x").unwrap();
-            let paths: Vec<PathBuf> = take_all(&mut inotify, &mut tree)
-                .into_iter()
-                .flat_map(|r| r.unwrap().paths)
-                .collect();
+            let paths = paths(take_all(&mut inotify, &mut tree));
             assert!(
                 paths.iter().all(|p| p == &root.join("b/in_a/f")),
                 "{paths:?}"
             );
             assert!(!paths.is_empty());
+        }
+
+        #[test]
+        fn a_directory_moved_out_and_back_stays_watched() {
+            let outside = tempfile::tempdir().unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            let root = dir.path().canonicalize().unwrap();
+            std::fs::create_dir_all(root.join("a/sub")).unwrap();
+            let (mut inotify, mut tree) = tree(&root);
+            std::fs::rename(root.join("a"), outside.path().join("a")).unwrap();
+            std::fs::rename(outside.path().join("a"), root.join("a")).unwrap();
+            take_all(&mut inotify, &mut tree);
+            assert_eq!(watched(&tree, &root), ["", "a", "a/sub"]);
+            std::fs::write(root.join("a/sub/f"), b"x").unwrap();
+            assert!(paths(take_all(&mut inotify, &mut tree)).contains(&root.join("a/sub/f")));
+        }
+
+        #[test]
+        fn a_directory_moved_within_then_out_is_no_longer_watched() {
+            let outside = tempfile::tempdir().unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            let root = dir.path().canonicalize().unwrap();
+            std::fs::create_dir_all(root.join("a/sub")).unwrap();
+            let (mut inotify, mut tree) = tree(&root);
+            std::fs::rename(root.join("a"), root.join("b")).unwrap();
+            std::fs::rename(root.join("b"), outside.path().join("b")).unwrap();
+            take_all(&mut inotify, &mut tree);
+            assert_eq!(watched(&tree, &root), [""]);
+            std::fs::write(outside.path().join("b/sub/f"), b"x").unwrap();
+            assert_eq!(
+                paths(take_all(&mut inotify, &mut tree)),
+                Vec::<PathBuf>::new()
+            );
+        }
+
+        #[test]
+        fn reading_a_file_queues_no_event() {
+            let dir = tempfile::tempdir().unwrap();
+            let root = dir.path().canonicalize().unwrap();
+            std::fs::create_dir_all(root.join("d")).unwrap();
+            std::fs::write(root.join("d/f"), b"x").unwrap();
+            let (mut inotify, _tree) = tree(&root);
+            assert_eq!(std::fs::read(root.join("d/f")).unwrap(), b"x");
+            let _ = std::fs::read_dir(root.join("d")).unwrap().count();
+            let mut buffer = vec![0u8; BUFFER];
+            let queued = inotify.read_events(&mut buffer).map(|e| e.count());
+            assert!(
+                matches!(&queued, Err(e) if e.kind() == ErrorKind::WouldBlock),
+                "{queued:?}"
+            );
         }
 
         #[test]
@@ -569,7 +642,7 @@ mod imp {
             std::fs::rename(root.join("b"), root.join("c")).unwrap();
             std::fs::create_dir_all(root.join("c/new/deeper")).unwrap();
             let mut out = Vec::new();
-            tree.overflowed(&mut |r| out.push(r));
+            tree.overflowed(&mut out);
             assert_eq!(watched(&tree, &root), ["", "c", "c/new", "c/new/deeper"]);
             assert!(matches!(out.as_slice(), [Ok(e)] if e.need_rescan()));
             drop(inotify);
