@@ -278,7 +278,7 @@ struct Batch {
     renamed_in: HashSet<PathBuf>,
     /// Paths a directory was created at.
     created: HashSet<PathBuf>,
-    /// Paths a directory was removed from.
+    /// Paths a directory was removed from, or anything moved away from.
     removed_dirs: HashSet<PathBuf>,
     /// The watcher lost events (its queue overflowed, or it reported an error).
     rescan: bool,
@@ -317,6 +317,12 @@ impl Batch {
         match event.kind {
             EventKind::Create(CreateKind::Folder) => self.created.extend(paths.iter().cloned()),
             EventKind::Remove(RemoveKind::Folder) => {
+                self.removed_dirs.extend(paths.iter().cloned())
+            }
+            // Something moved away leaves its path as a removal does: a directory made
+            // there in the same batch has contents of its own, and the old one's keys
+            // are gone (`mv d d2; mkdir d`).
+            EventKind::Modify(ModifyKind::Name(RenameMode::From)) => {
                 self.removed_dirs.extend(paths.iter().cloned())
             }
             EventKind::Modify(ModifyKind::Name(RenameMode::To)) => {

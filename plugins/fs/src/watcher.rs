@@ -257,7 +257,10 @@ mod imp {
                 self.take(event, &mut out, &mut arrived);
             }
             // Watched before the events are handed on, so that the scan of an arrived
-            // directory the source makes misses nothing written there afterwards.
+            // directory the source makes misses nothing written there afterwards. A walk
+            // covers what is below it: each subtree once.
+            arrived.sort();
+            arrived.dedup_by(|later, earlier| later.starts_with(earlier));
             for dir in arrived {
                 if let Err(e) = self.add(&dir) {
                     handler(Err(e));
@@ -293,7 +296,9 @@ mod imp {
                     }
                     Err(e) if vanished(&e) && !is_root => continue,
                     Err(e) if denied(&e) && !is_root => {
-                        tracing::warn!("not watching {}: {e}", dir.display());
+                        if !self.denied.contains(&dir) {
+                            tracing::warn!("not watching {}: {e}", dir.display());
+                        }
                         self.denied.insert(dir);
                         continue;
                     }
@@ -437,7 +442,10 @@ mod imp {
                 if mask.contains(EventMask::DELETE) {
                     self.denied.remove(&path);
                 }
-                if mask.contains(EventMask::MOVED_FROM) {
+                if mask.contains(EventMask::MOVED_FROM) || mask.contains(EventMask::DELETE) {
+                    // Gone from here. (Removed, its watches end by themselves; marked all
+                    // the same, for one whose path a walk through a symlink that replaced
+                    // a parent put below it.)
                     let below: Vec<i32> = self
                         .paths
                         .range((path.clone(), i32::MIN)..)
@@ -447,6 +455,8 @@ mod imp {
                     for id in below {
                         self.pending.entry(id).or_insert(self.reads);
                     }
+                }
+                if mask.contains(EventMask::MOVED_FROM) {
                     // What is at the path when the walks run is the folder's too: with two
                     // directories exchanged and the read ending between the two halves,
                     // the one that came to this path arrived in the read before.
@@ -475,15 +485,18 @@ mod imp {
         fn overflowed(&mut self, out: &mut Vec<WatchResult>) {
             // Every watch is pending until the walk meets it.
             let reads = self.reads;
-            self.pending = self.dirs.keys().map(|id| (*id, reads)).collect();
+            let before = std::mem::replace(
+                &mut self.pending,
+                self.dirs.keys().map(|id| (*id, reads)).collect(),
+            );
             let root = self.root.clone();
             match self.add(&root) {
                 Ok(()) => self.moved_away(u64::MAX),
                 Err(e) => {
                     // Not every directory was reached (the watch limit, perhaps): keep the
-                    // watches rather than drop ones that still work; the source rescans
-                    // from now on.
-                    self.pending.clear();
+                    // watches rather than drop ones that still work (but for those that
+                    // left before, and no walk met); the source rescans from now on.
+                    self.pending.retain(|id, _| before.contains_key(id));
                     out.push(Err(e));
                 }
             }

@@ -261,6 +261,33 @@ async fn a_rescan_does_not_undo_what_the_store_has_not_written_yet() {
     running.stop().await;
 }
 
+/// A known directory moved away and made again at once (`mv d d2; mkdir d; ...`) is
+/// scanned whole: its old keys are gone, and files written into it before the watcher
+/// watched it made no events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_directory_moved_away_and_made_again_is_scanned() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_owned();
+    write(&root, "d/old.txt", b"old");
+    let log = common::log();
+    let running = Running::start(FsSource::new(FsConfig::new(&root)), &log).await;
+
+    // Within one debounce: the known `d` leaves (a move, no removal), a new `d` comes
+    // with contents that may precede its watch.
+    std::fs::rename(root.join("d"), root.join("d2")).unwrap();
+    std::fs::create_dir(root.join("d")).unwrap();
+    std::fs::write(root.join("d/new.txt"), b"new").unwrap();
+    wait_until(&log, "d2 and the new d", |s| {
+        s.len() == 4
+            && s.contains_key("d/new.txt")
+            && s.contains_key("d2/old.txt")
+            && !s.contains_key("d/old.txt")
+    })
+    .await;
+
+    running.stop().await;
+}
+
 /// A directory removed and made again at once (`rm -rf d; mkdir d; ...`) is scanned
 /// whole: files written into it before the watcher watched it made no events.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
