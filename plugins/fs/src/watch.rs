@@ -406,8 +406,11 @@ fn plan(env: &Env, paths: BTreeSet<PathBuf>, arrived: &HashSet<PathBuf>) -> Resu
                 let known = shown.is_some_and(
                     |h| matches!(&h.op, Op::Put { meta, .. } if meta.kind == EntryKind::Dir),
                 );
-                let fresh = !known || arrived.contains(&path);
-                if fresh && env.echo.get(&key) != Some(Applied::Dir) {
+                // A directory that arrived is scanned even when the store made one
+                // there lately (its record says `Dir`): this one has contents of its own.
+                // (What the store made is echo to the scan, or not settled yet.)
+                let came = arrived.contains(&path);
+                if came || (!known && env.echo.get(&key) != Some(Applied::Dir)) {
                     subtrees.push(key.clone());
                     handled.push(key);
                 }

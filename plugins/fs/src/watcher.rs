@@ -432,8 +432,23 @@ mod imp {
             } else if mask.contains(EventMask::ATTRIB) {
                 EventKind::Modify(ModifyKind::Metadata(MetadataKind::Any))
             } else if mask.contains(EventMask::DELETE_SELF) || mask.contains(EventMask::UNMOUNT) {
+                if path == self.root {
+                    // Nothing is watched from now on: the source rescans (and finds the
+                    // folder missing) rather than wait for events that cannot come.
+                    out.push(Err(notify::Error::generic(
+                        "the folder itself was removed or unmounted; it is no longer watched",
+                    )
+                    .add_path(path.clone())));
+                }
                 EventKind::Remove(RemoveKind::Folder)
             } else if mask.contains(EventMask::MOVE_SELF) {
+                if path == self.root {
+                    // Its watches would go on reporting the moved tree under this path.
+                    out.push(Err(notify::Error::generic(
+                        "the folder itself was moved; it is no longer watched",
+                    )
+                    .add_path(path.clone())));
+                }
                 EventKind::Modify(ModifyKind::Name(RenameMode::Any))
             } else {
                 return;
@@ -456,10 +471,12 @@ mod imp {
                         self.pending.entry(id).or_insert(self.reads);
                     }
                 }
-                if mask.contains(EventMask::MOVED_FROM) {
+                if mask.contains(EventMask::MOVED_FROM) || mask.contains(EventMask::DELETE) {
                     // What is at the path when the walks run is the folder's too: with two
                     // directories exchanged and the read ending between the two halves,
-                    // the one that came to this path arrived in the read before.
+                    // the one that came to this path arrived in the read before; and a
+                    // removal reported by a watch moved away (pending, its path stale)
+                    // must not cost the directory now there its watch.
                     arrived.push(path.clone());
                 }
                 if mask.contains(EventMask::CREATE) || mask.contains(EventMask::MOVED_TO) {
@@ -669,6 +686,27 @@ mod imp {
         }
 
         #[test]
+        fn a_removal_reported_by_a_watch_moved_away_keeps_what_is_here_now() {
+            let outside = tempfile::tempdir().unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            let root = dir.path().canonicalize().unwrap();
+            std::fs::create_dir_all(root.join("a/x")).unwrap();
+            let (mut inotify, mut tree) = tree(&root);
+            let mut buffer = vec![0u8; BUFFER];
+            // One read: `a` leaves (its watches pending, still recorded at `a`), a new
+            // `a/x` comes and is watched.
+            std::fs::rename(root.join("a"), outside.path().join("a")).unwrap();
+            std::fs::create_dir_all(root.join("a/x")).unwrap();
+            let events = inotify.read_events(&mut buffer).unwrap();
+            tree.read(events, &mut |_| {});
+            assert_eq!(watched(&tree, &root), ["", "a", "a", "a/x", "a/x"]);
+            // The old `a`'s watch reports its `x` removed, under the path `a/x`.
+            std::fs::remove_dir_all(outside.path().join("a")).unwrap();
+            take_all(&mut inotify, &mut tree);
+            assert_eq!(watched(&tree, &root), ["", "a", "a/x"]);
+        }
+
+        #[test]
         fn reading_a_file_queues_no_event() {
             let dir = tempfile::tempdir().unwrap();
             let root = dir.path().canonicalize().unwrap();
@@ -755,6 +793,26 @@ mod tests {
         })
         .expect("watching a temp dir");
         (watcher, rx)
+    }
+
+    #[test]
+    fn the_folder_itself_removed_or_moved_is_an_error() {
+        for moved in [false, true] {
+            let outside = tempfile::tempdir().unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            let root = dir.path().canonicalize().unwrap().join("folder");
+            std::fs::create_dir(&root).unwrap();
+            let (_w, rx) = start(&root);
+            if moved {
+                std::fs::rename(&root, outside.path().join("folder")).unwrap();
+            } else {
+                std::fs::remove_dir(&root).unwrap();
+            }
+            let error = (0..20)
+                .filter_map(|_| rx.recv_timeout(Duration::from_millis(100)).ok())
+                .find_map(Result::err);
+            assert!(error.is_some(), "moved: {moved}");
+        }
     }
 
     #[test]

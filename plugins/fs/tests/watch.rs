@@ -288,6 +288,37 @@ async fn a_directory_moved_away_and_made_again_is_scanned() {
     running.stop().await;
 }
 
+/// The same when the store made `d` moments before (a peer's file in it): what the store
+/// last did there does not keep the new `d` from being scanned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_directory_the_store_made_moved_away_and_made_again_is_scanned() {
+    use converge_framework::plugin::{Store, StoreContext};
+
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_owned();
+    let log = common::log();
+    let (source, store) = converge_plugin_fs::folder(FsConfig::new(&root));
+    store.start(&StoreContext::new(log.clone())).await.unwrap();
+    let running = Running::start(source, &log).await;
+    let old = common::remote_put(&log, 1, "d/old.txt", b"a peer's", 1, vec![]);
+    log.append(vec![old]).await.unwrap();
+    common::apply(&store, &log, common::views(&log)).await;
+    log.set_cursor("folder", log.len()).await.unwrap();
+    assert!(root.join("d/old.txt").is_file());
+    // The store's own writes come back as events and are taken for echoes.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+
+    std::fs::rename(root.join("d"), root.join("d2")).unwrap();
+    std::fs::create_dir(root.join("d")).unwrap();
+    std::fs::write(root.join("d/new.txt"), b"new").unwrap();
+    wait_until(&log, "d2 and the new d", |s| {
+        s.contains_key("d/new.txt") && s.contains_key("d2/old.txt") && !s.contains_key("d/old.txt")
+    })
+    .await;
+
+    running.stop().await;
+}
+
 /// A directory removed and made again at once (`rm -rf d; mkdir d; ...`) is scanned
 /// whole: files written into it before the watcher watched it made no events.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
