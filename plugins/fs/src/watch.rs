@@ -214,6 +214,7 @@ impl FsSource {
                 renamed_in,
                 created,
                 removed_dirs,
+                left,
                 mut rescan,
                 ..
             } = batch;
@@ -229,6 +230,19 @@ impl FsSource {
                 rescan = true;
             }
             if rescan {
+                // The folder itself gone (removed, unmounted, moved away): nothing to scan
+                // and nothing watched. The source fails, shown down with why, and is
+                // started again (with a fresh watcher) once the folder is back.
+                if !tokio::fs::metadata(&root).await.is_ok_and(|m| m.is_dir()) {
+                    return Err(FsError::Io {
+                        op: "opening the folder",
+                        path: root.clone(),
+                        source: std::io::Error::new(
+                            std::io::ErrorKind::NotFound,
+                            "the folder is gone",
+                        ),
+                    });
+                }
                 scan(&ctx, &env, None, false).await?;
                 next_rescan = tokio::time::Instant::now() + rescan_interval;
                 continue;
@@ -238,18 +252,30 @@ impl FsSource {
                 // A known directory made again counts as new when it was removed in this
                 // batch or removals below it are held: it has contents of its own.
                 let remade: HashSet<PathBuf> = created
-                    .into_iter()
+                    .iter()
                     .filter(|path| {
-                        removed_dirs.contains(path)
+                        removed_dirs.contains(*path)
+                            || left.contains(*path)
                             || env.rules.key_of(path).is_ok_and(|key| {
                                 held.range(key.clone()..)
                                     .take_while(|(k, _)| k.as_str().starts_with(key.as_str()))
                                     .any(|(k, _)| k == &key || k.is_under(&key))
                             })
                     })
+                    .cloned()
+                    .collect();
+                // Scanned even where the store made a directory lately: one renamed in,
+                // or made where something moved away. (One made where a directory was
+                // removed is not, when the store made it: it may be the store's own for a
+                // peer's file while the user's removals are held, which a scan would
+                // record at once, past the hold and its marker check.)
+                let forced: HashSet<PathBuf> = created
+                    .intersection(&left)
+                    .cloned()
+                    .chain(renamed_in.iter().cloned())
                     .collect();
                 let arrived: HashSet<PathBuf> = renamed_in.into_iter().chain(remade).collect();
-                tokio::task::spawn_blocking(move || plan(&env, paths, &arrived)).await??
+                tokio::task::spawn_blocking(move || plan(&env, paths, &arrived, &forced)).await??
             };
             for chunk in plan.changes.chunks(EMIT_BATCH) {
                 emit(&ctx, &env.echo, chunk.to_vec()).await?;
@@ -278,8 +304,10 @@ struct Batch {
     renamed_in: HashSet<PathBuf>,
     /// Paths a directory was created at.
     created: HashSet<PathBuf>,
-    /// Paths a directory was removed from, or anything moved away from.
+    /// Paths a directory was removed from.
     removed_dirs: HashSet<PathBuf>,
+    /// Paths something moved away from.
+    left: HashSet<PathBuf>,
     /// The watcher lost events (its queue overflowed, or it reported an error).
     rescan: bool,
     /// The watcher reported an error: it may miss changes from now on.
@@ -323,7 +351,7 @@ impl Batch {
             // there in the same batch has contents of its own, and the old one's keys
             // are gone (`mv d d2; mkdir d`).
             EventKind::Modify(ModifyKind::Name(RenameMode::From)) => {
-                self.removed_dirs.extend(paths.iter().cloned())
+                self.left.extend(paths.iter().cloned())
             }
             EventKind::Modify(ModifyKind::Name(RenameMode::To)) => {
                 self.renamed_in.extend(paths.iter().cloned())
@@ -348,10 +376,16 @@ struct Plan {
 
 /// Classifies each changed path (blocking: stats, hashes, reads heads). Removals are not
 /// recorded here: their keys are handed back, to be held (see [`REMOVALS_QUIET`]).
-/// A directory that arrived (renamed in, or made again while removals below it are held)
-/// is scanned whole even where the log shows one: it brings contents of its own, which
-/// produced no events.
-fn plan(env: &Env, paths: BTreeSet<PathBuf>, arrived: &HashSet<PathBuf>) -> Result<Plan, FsError> {
+/// A directory that arrived (renamed in, or made again where one left or while removals
+/// below it are held) is scanned whole even where the log shows one: it brings contents of
+/// its own, which produced no events; one in `forced`, even where the store made one
+/// lately.
+fn plan(
+    env: &Env,
+    paths: BTreeSet<PathBuf>,
+    arrived: &HashSet<PathBuf>,
+    forced: &HashSet<PathBuf>,
+) -> Result<Plan, FsError> {
     let mut puts = Vec::new();
     let mut subtrees = Vec::new();
     let mut removed = Vec::new();
@@ -406,11 +440,9 @@ fn plan(env: &Env, paths: BTreeSet<PathBuf>, arrived: &HashSet<PathBuf>) -> Resu
                 let known = shown.is_some_and(
                     |h| matches!(&h.op, Op::Put { meta, .. } if meta.kind == EntryKind::Dir),
                 );
-                // A directory that arrived is scanned even when the store made one
-                // there lately (its record says `Dir`): this one has contents of its own.
-                // (What the store made is echo to the scan, or not settled yet.)
-                let came = arrived.contains(&path);
-                if came || (!known && env.echo.get(&key) != Some(Applied::Dir)) {
+                // What the store made is echo to the scan, or not settled yet.
+                let fresh = !known || arrived.contains(&path);
+                if forced.contains(&path) || (fresh && env.echo.get(&key) != Some(Applied::Dir)) {
                     subtrees.push(key.clone());
                     handled.push(key);
                 }
