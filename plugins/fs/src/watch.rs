@@ -1,6 +1,7 @@
 //! The folder source: a start-up scan, then watching (see [`crate::watcher`]), debounced.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -91,7 +92,9 @@ impl FsSource {
             let root = configured
                 .canonicalize()
                 .map_err(FsError::io("opening the folder", &configured))?;
-            if !root.is_dir() {
+            let meta =
+                std::fs::metadata(&root).map_err(FsError::io("opening the folder", &root))?;
+            if !meta.is_dir() {
                 return Err(FsError::Io {
                     op: "opening the folder",
                     path: root,
@@ -99,9 +102,10 @@ impl FsSource {
                 });
             }
             marker::ensure(&root, || marker::shows_something(&log, &resolver))?;
-            Ok(root)
+            Ok((root, (meta.dev(), meta.ino())))
         })
         .await??;
+        let (root, identity) = root;
         let mut env = self.env(&ctx, &root);
 
         // Watch before scanning, so nothing changed during the scan is missed. The sender
@@ -233,15 +237,25 @@ impl FsSource {
                 // The folder itself gone (removed, unmounted, moved away): nothing to scan
                 // and nothing watched. The source fails, shown down with why, and is
                 // started again (with a fresh watcher) once the folder is back.
-                if !tokio::fs::metadata(&root).await.is_ok_and(|m| m.is_dir()) {
-                    return Err(FsError::Io {
-                        op: "opening the folder",
-                        path: root.clone(),
-                        source: std::io::Error::new(
-                            std::io::ErrorKind::NotFound,
-                            "the folder is gone",
-                        ),
-                    });
+                match tokio::fs::metadata(&root).await {
+                    Ok(m) if m.is_dir() && (m.dev(), m.ino()) == identity => {}
+                    Ok(_) => {
+                        return Err(FsError::Io {
+                            op: "opening the folder",
+                            path: root.clone(),
+                            source: std::io::Error::other(
+                                "the folder is gone (another entry is at its path now)",
+                            ),
+                        })
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        return Err(FsError::Io {
+                            op: "opening the folder",
+                            path: root.clone(),
+                            source: std::io::Error::new(e.kind(), "the folder is gone"),
+                        })
+                    }
+                    Err(e) => return Err(FsError::io("reading the folder", &root)(e)),
                 }
                 scan(&ctx, &env, None, false).await?;
                 next_rescan = tokio::time::Instant::now() + rescan_interval;
