@@ -237,8 +237,11 @@ impl FsSource {
                 // The folder itself gone (removed, unmounted, moved away): nothing to scan
                 // and nothing watched. The source fails, shown down with why, and is
                 // started again (with a fresh watcher) once the folder is back.
+                // Another directory at its path counts only where the folder was watched
+                // (a local file system): a network file system may number its inodes
+                // anew.
                 match tokio::fs::metadata(&root).await {
-                    Ok(m) if m.is_dir() && (m.dev(), m.ino()) == identity => {}
+                    Ok(m) if m.is_dir() && (!watch || (m.dev(), m.ino()) == identity) => {}
                     Ok(_) => {
                         return Err(FsError::Io {
                             op: "opening the folder",

@@ -123,17 +123,25 @@ mod imp {
     /// Stops the watcher's thread when dropped.
     pub(in super::super) struct Watcher {
         stop: Arc<AtomicBool>,
-        waker: Waker,
+        /// Shared with the thread, so that its eventfd stays open (and registered) until
+        /// the thread has seen the wake-up: closing it at once could drop that wake-up.
+        waker: Arc<Waker>,
+        #[cfg(test)]
+        thread: Option<std::thread::JoinHandle<()>>,
     }
 
     impl Drop for Watcher {
         fn drop(&mut self) {
             self.stop.store(true, Ordering::Release);
             // The thread then ends at its next wake-up (it may be in a walk of a new
-            // directory); if waking fails it ends with the process.
+            // directory), or within `STOP_CHECK` if waking failed.
             let _ = self.waker.wake();
         }
     }
+
+    /// How often the thread looks at the stop flag when nothing wakes it (a backstop: a
+    /// stopped watcher wakes it at once).
+    const STOP_CHECK: Duration = Duration::from_secs(1);
 
     pub(super) fn watch(
         root: &Path,
@@ -145,16 +153,33 @@ mod imp {
         poll.registry()
             .register(&mut SourceFd(&fd), INOTIFY, Interest::READABLE)
             .map_err(notify::Error::io)?;
-        let waker = Waker::new(poll.registry(), WAKE).map_err(notify::Error::io)?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKE).map_err(notify::Error::io)?);
         let mut tree = Tree::new(inotify.watches(), root);
         tree.add(root)?;
         let stop = Arc::new(AtomicBool::new(false));
-        let stopped = stop.clone();
-        std::thread::Builder::new()
+        let (stopped, kept) = (stop.clone(), waker.clone());
+        let mut handler = handler;
+        let _thread = std::thread::Builder::new()
             .name("converge-watch".into())
-            .spawn(move || run(inotify, poll, tree, &stopped, handler))
+            .spawn(move || {
+                let _waker = kept;
+                let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    run(inotify, poll, tree, &stopped, &mut handler)
+                }));
+                if ran.is_err() {
+                    // Said, so that the source rescans rather than trust a watcher gone.
+                    handler(Err(notify::Error::generic(
+                        "the folder watcher stopped after a panic",
+                    )));
+                }
+            })
             .map_err(notify::Error::io)?;
-        Ok(Watcher { stop, waker })
+        Ok(Watcher {
+            stop,
+            waker,
+            #[cfg(test)]
+            thread: Some(_thread),
+        })
     }
 
     /// The watcher's thread: waits for events, reads them all, hands them on.
@@ -163,14 +188,18 @@ mod imp {
         mut poll: Poll,
         mut tree: Tree,
         stop: &AtomicBool,
-        mut handler: impl FnMut(WatchResult),
+        handler: &mut impl FnMut(WatchResult),
     ) {
         let mut buffer = vec![0u8; BUFFER];
         let mut ready = mio::Events::with_capacity(4);
         loop {
             // A directory moved away waits a moment for the other half of its move.
-            let timeout = (!tree.pending.is_empty()).then_some(MOVE_PAIRING);
-            match poll.poll(&mut ready, timeout) {
+            let timeout = if tree.pending.is_empty() {
+                STOP_CHECK
+            } else {
+                MOVE_PAIRING
+            };
+            match poll.poll(&mut ready, Some(timeout)) {
                 Ok(()) => {}
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(e) => {
@@ -197,7 +226,7 @@ mod imp {
                         return;
                     }
                 };
-                tree.read(events, &mut handler);
+                tree.read(events, handler);
                 if stop.load(Ordering::Acquire) {
                     return;
                 }
@@ -432,6 +461,12 @@ mod imp {
             } else if mask.contains(EventMask::ATTRIB) {
                 EventKind::Modify(ModifyKind::Metadata(MetadataKind::Any))
             } else if mask.contains(EventMask::DELETE_SELF) || mask.contains(EventMask::UNMOUNT) {
+                if path != self.root && mask.contains(EventMask::UNMOUNT) {
+                    // A file system mounted inside the folder went: the directory below
+                    // shows again, unwatched, with contents of its own.
+                    arrived.push(path.clone());
+                    out.push(Ok(Event::new(EventKind::Other).set_flag(Flag::Rescan)));
+                }
                 if path == self.root {
                     // Nothing is watched from now on: the source rescans (and finds the
                     // folder missing) rather than wait for events that cannot come.
@@ -454,8 +489,17 @@ mod imp {
                 return;
             };
             if is_dir {
-                if mask.contains(EventMask::DELETE) {
-                    self.denied.remove(&path);
+                if mask.contains(EventMask::DELETE) || mask.contains(EventMask::MOVED_FROM) {
+                    // Gone from here, and whatever below it could not be watched too.
+                    let below: Vec<PathBuf> = self
+                        .denied
+                        .range(path.clone()..)
+                        .take_while(|p| p.starts_with(&path))
+                        .cloned()
+                        .collect();
+                    for p in below {
+                        self.denied.remove(&p);
+                    }
                 }
                 if mask.contains(EventMask::MOVED_FROM) || mask.contains(EventMask::DELETE) {
                     // Gone from here. (Removed, its watches end by themselves; marked all
@@ -704,6 +748,22 @@ mod imp {
             std::fs::remove_dir_all(outside.path().join("a")).unwrap();
             take_all(&mut inotify, &mut tree);
             assert_eq!(watched(&tree, &root), ["", "a", "a/x"]);
+        }
+
+        #[test]
+        fn a_dropped_watcher_ends_its_thread() {
+            for _ in 0..20 {
+                let dir = tempfile::tempdir().unwrap();
+                let mut watcher = watch(dir.path(), |_| {}).unwrap();
+                let thread = watcher.thread.take().unwrap();
+                drop(watcher);
+                // Well within the backstop (`STOP_CHECK`): the wake-up itself ends it.
+                let deadline = std::time::Instant::now() + Duration::from_millis(500);
+                while !thread.is_finished() && std::time::Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                assert!(thread.is_finished(), "the watcher's thread runs on");
+            }
         }
 
         #[test]
