@@ -366,6 +366,7 @@ pub(crate) async fn scan(
     env: &Arc<Env>,
     under: Option<Key>,
     report: bool,
+    hold: Option<&mut Vec<(Key, Option<u64>)>>,
 ) -> Result<(), FsError> {
     let projection = {
         let (env, under) = (env.clone(), under.clone());
@@ -462,17 +463,28 @@ pub(crate) async fn scan(
                     continue;
                 }
                 let removed_at = removed_at_ms(&env2.rules, &key);
-                out.push(LocalChange::new(key, Op::Delete).made_at(removed_at));
+                out.push((key, removed_at));
             }
             let merges = merges_for_deleted_copies(&env2, &projection, &seen, &changed);
             (out, merges)
         })
         .await?;
         let (deletes, merges) = (deletes.0, deletes.1?);
-        if !deletes.is_empty() {
-            crate::marker::check(env.rules.root())?;
+        match hold {
+            // Handed back to be held, as the watcher's removals are (and checked again,
+            // with the folder marker, when they are recorded).
+            Some(hold) => hold.extend(deletes),
+            None => {
+                if !deletes.is_empty() {
+                    crate::marker::check(env.rules.root())?;
+                }
+                batch.extend(
+                    deletes
+                        .into_iter()
+                        .map(|(key, at)| LocalChange::new(key, Op::Delete).made_at(at)),
+                );
+            }
         }
-        batch.extend(deletes);
         batch.extend(merges);
     }
     for chunk in batch.chunks(EMIT_BATCH) {

@@ -148,7 +148,7 @@ impl FsSource {
             }
         };
 
-        scan(&ctx, &env, None, true).await?;
+        scan(&ctx, &env, None, true, None).await?;
         tracing::debug!("initial scan of {} done", root.display());
         // Only now may remote changes be applied to the folder: before the scan had seen
         // it, a file edited while the daemon was stopped could be overwritten unrecorded.
@@ -260,7 +260,7 @@ impl FsSource {
                     }
                     Err(e) => return Err(FsError::io("reading the folder", &root)(e)),
                 }
-                scan(&ctx, &env, None, false).await?;
+                scan(&ctx, &env, None, false, None).await?;
                 next_rescan = tokio::time::Instant::now() + rescan_interval;
                 continue;
             }
@@ -281,18 +281,8 @@ impl FsSource {
                     })
                     .cloned()
                     .collect();
-                // Scanned even where the store made a directory lately: one renamed in,
-                // or made where something moved away. (One made where a directory was
-                // removed is not, when the store made it: it may be the store's own for a
-                // peer's file while the user's removals are held, which a scan would
-                // record at once, past the hold and its marker check.)
-                let forced: HashSet<PathBuf> = created
-                    .intersection(&left)
-                    .cloned()
-                    .chain(renamed_in.iter().cloned())
-                    .collect();
                 let arrived: HashSet<PathBuf> = renamed_in.into_iter().chain(remade).collect();
-                tokio::task::spawn_blocking(move || plan(&env, paths, &arrived, &forced)).await??
+                tokio::task::spawn_blocking(move || plan(&env, paths, &arrived)).await??
             };
             for chunk in plan.changes.chunks(EMIT_BATCH) {
                 emit(&ctx, &env.echo, chunk.to_vec()).await?;
@@ -305,8 +295,19 @@ impl FsSource {
                 last_removal = tokio::time::Instant::now();
                 held_since.get_or_insert(last_removal);
             }
+            // The removals a subtree's scan finds are held like the watcher's: a directory
+            // made where one was removed may be the store's own for a peer's file while
+            // the user's `rm -rf` of the whole folder is under way.
+            let mut found = Vec::new();
             for key in plan.subtrees {
-                scan(&ctx, &env, Some(key), false).await?;
+                scan(&ctx, &env, Some(key), false, Some(&mut found)).await?;
+            }
+            if !found.is_empty() {
+                for (key, removed_at) in found {
+                    held.entry(key).or_insert(removed_at);
+                }
+                last_removal = tokio::time::Instant::now();
+                held_since.get_or_insert(last_removal);
             }
         }
     }
@@ -394,15 +395,9 @@ struct Plan {
 /// Classifies each changed path (blocking: stats, hashes, reads heads). Removals are not
 /// recorded here: their keys are handed back, to be held (see [`REMOVALS_QUIET`]).
 /// A directory that arrived (renamed in, or made again where one left or while removals
-/// below it are held) is scanned whole even where the log shows one: it brings contents of
-/// its own, which produced no events; one in `forced`, even where the store made one
-/// lately.
-fn plan(
-    env: &Env,
-    paths: BTreeSet<PathBuf>,
-    arrived: &HashSet<PathBuf>,
-    forced: &HashSet<PathBuf>,
-) -> Result<Plan, FsError> {
+/// below it are held) is scanned whole even where the log shows one, and even where the
+/// store made one lately: it brings contents of its own, which produced no events.
+fn plan(env: &Env, paths: BTreeSet<PathBuf>, arrived: &HashSet<PathBuf>) -> Result<Plan, FsError> {
     let mut puts = Vec::new();
     let mut subtrees = Vec::new();
     let mut removed = Vec::new();
@@ -457,9 +452,9 @@ fn plan(
                 let known = shown.is_some_and(
                     |h| matches!(&h.op, Op::Put { meta, .. } if meta.kind == EntryKind::Dir),
                 );
-                // What the store made is echo to the scan, or not settled yet.
-                let fresh = !known || arrived.contains(&path);
-                if forced.contains(&path) || (fresh && env.echo.get(&key) != Some(Applied::Dir)) {
+                // What the store made there is echo to the scan, or not settled yet; the
+                // removals the scan finds are held (see `run_inner`).
+                if arrived.contains(&path) || (!known && env.echo.get(&key) != Some(Applied::Dir)) {
                     subtrees.push(key.clone());
                     handled.push(key);
                 }

@@ -318,10 +318,10 @@ async fn a_directory_moved_away_and_made_again_is_scanned() {
     running.stop().await;
 }
 
-/// The same when the store made `d` moments before (a peer's file in it): what the store
-/// last did there does not keep the new `d` from being scanned.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_directory_the_store_made_moved_away_and_made_again_is_scanned() {
+/// The same when the store made `d` moments before (a peer's file in it), and the user
+/// moves `d` away or removes it, then makes it again: what the store last did there does
+/// not keep the new `d` from being scanned, and the old keys go.
+async fn store_made_directory_made_again(removed: bool) {
     use converge_framework::plugin::{Store, StoreContext};
 
     let dir = tempfile::tempdir().unwrap();
@@ -338,15 +338,31 @@ async fn a_directory_the_store_made_moved_away_and_made_again_is_scanned() {
     // The store's own writes come back as events and are taken for echoes.
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
 
-    std::fs::rename(root.join("d"), root.join("d2")).unwrap();
+    if removed {
+        std::fs::remove_dir_all(root.join("d")).unwrap();
+    } else {
+        std::fs::rename(root.join("d"), root.join("d2")).unwrap();
+    }
     std::fs::create_dir(root.join("d")).unwrap();
     std::fs::write(root.join("d/new.txt"), b"new").unwrap();
-    wait_until(&log, "d2 and the new d", |s| {
-        s.contains_key("d/new.txt") && s.contains_key("d2/old.txt") && !s.contains_key("d/old.txt")
+    wait_until(&log, "the new d", |s| {
+        s.contains_key("d/new.txt")
+            && s.contains_key("d2/old.txt") != removed
+            && !s.contains_key("d/old.txt")
     })
     .await;
 
     running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_directory_the_store_made_moved_away_and_made_again_is_scanned() {
+    store_made_directory_made_again(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_directory_the_store_made_removed_and_made_again_is_scanned() {
+    store_made_directory_made_again(true).await;
 }
 
 /// A directory removed and made again at once (`rm -rf d; mkdir d; ...`) is scanned
