@@ -274,7 +274,7 @@ impl Projection {
     /// `key` may be what it showed before (an older version, or nothing for a key new from
     /// a peer or a plugin): a scan then records neither a removal nor a file in a state the
     /// log knows, which would undo that change on every replica.
-    fn settled(&self, log: &EventLog, key: &Key) -> bool {
+    pub(crate) fn settled(&self, log: &EventLog, key: &Key) -> bool {
         let Some(u) = &self.unshown else {
             return true;
         };

@@ -21,7 +21,8 @@ use crate::error::FsError;
 use crate::marker;
 use crate::rules::{below_symlink, Rules};
 use crate::scan::{
-    emit, examine_file, gone, is_echo, merge_for_deleted_copy, removed_at_ms, scan, Env, Resolver,
+    emit, examine_file, gone, is_echo, merge_for_deleted_copy, removed_at_ms, scan, Env,
+    Projection, Resolver,
 };
 use crate::watcher::{self, WatchResult};
 use crate::{FsConfig, CONFLICT_MARKER, EMIT_BATCH, IGNORE_FILE, TEMP_PREFIX};
@@ -302,10 +303,16 @@ impl FsSource {
             for key in plan.subtrees {
                 scan(&ctx, &env, Some(key), false, Some(&mut found)).await?;
             }
-            if !found.is_empty() {
-                for (key, removed_at) in found {
-                    held.entry(key).or_insert(removed_at);
+            let mut added = false;
+            for (key, removed_at) in found {
+                if let std::collections::btree_map::Entry::Vacant(entry) = held.entry(key) {
+                    entry.insert(removed_at);
+                    added = true;
                 }
+            }
+            // Only new removals put the release off: a directory the store makes again
+            // below a held one is scanned each time, and finds the same ones.
+            if added {
                 last_removal = tokio::time::Instant::now();
                 held_since.get_or_insert(last_removal);
             }
@@ -530,9 +537,13 @@ fn merge_for_path(env: &Env, path: &Path) -> Result<Option<LocalChange>, FsError
 /// Each is stamped as of when its removal was seen (a key below a directory, as of the
 /// directory's). Fails, recording nothing, if the folder has lost its marker.
 fn removals(env: &Env, held: &BTreeMap<Key, Option<u64>>) -> Result<Vec<LocalChange>, FsError> {
+    // A key with a head the store has not applied (a peer's newer version, or a key new
+    // from a peer) is not the user's to remove: what the folder lacks there it has not been
+    // shown yet, as a scan judges (see `Projection::settled`).
+    let projection = Projection::load(&env.log, &env.echo, None)?;
     let mut deletes = Vec::new();
     let mut consider = |key: &Key, heads: &[converge_api::Head], removed_at: Option<u64>| {
-        if gone(env, key, heads) {
+        if gone(env, key, heads) && projection.settled(&env.log, key) {
             deletes.push(LocalChange::new(key.clone(), Op::Delete).made_at(removed_at));
         }
     };

@@ -318,6 +318,40 @@ async fn a_directory_moved_away_and_made_again_is_scanned() {
     running.stop().await;
 }
 
+/// A removal the watcher holds is recorded at release only where the folder showed the
+/// key's heads: a file removed while a peer's newer version waits for the store is not
+/// removed over that version (the store then writes it), as a scan would judge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_removal_does_not_undo_what_the_store_has_not_written_yet() {
+    use converge_framework::plugin::{Store, StoreContext};
+
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_owned();
+    write(&root, "f.txt", b"v1");
+    write(&root, "g.txt", b"g");
+    let log = common::log();
+    let (source, store) = converge_plugin_fs::folder(FsConfig::new(&root));
+    store.start(&StoreContext::new(log.clone())).await.unwrap();
+    let running = Running::start(source, &log).await;
+    log.set_cursor("folder", log.len()).await.unwrap();
+
+    let f = common::key("f.txt");
+    let parents = log.heads(&f).unwrap().iter().map(|h| h.id).collect();
+    let newer = common::remote_put(&log, 1, "f.txt", b"v2, a peer's", u64::MAX / 2, parents);
+    log.append(vec![newer]).await.unwrap();
+    std::fs::remove_file(root.join("f.txt")).unwrap();
+    std::fs::remove_file(root.join("g.txt")).unwrap();
+    // Both removals are held and released together: g.txt's is recorded.
+    wait_until(&log, "g.txt removed", |s| !s.contains_key("g.txt")).await;
+    assert_eq!(
+        common::shown(&log).get("f.txt"),
+        Some(&(File, 12, false)),
+        "the peer's version was removed"
+    );
+
+    running.stop().await;
+}
+
 /// The same when the store made `d` moments before (a peer's file in it), and the user
 /// moves `d` away or removes it, then makes it again: what the store last did there does
 /// not keep the new `d` from being scanned, and the old keys go.
