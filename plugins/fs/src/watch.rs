@@ -89,7 +89,7 @@ impl FsSource {
     async fn run_inner(&self, mut ctx: SourceContext) -> Result<(), FsError> {
         let configured = self.config.root.clone();
         let (log, resolver) = (ctx.log().clone(), self.resolver.clone());
-        let root = tokio::task::spawn_blocking(move || {
+        let (root, identity) = tokio::task::spawn_blocking(move || {
             let root = configured
                 .canonicalize()
                 .map_err(FsError::io("opening the folder", &configured))?;
@@ -106,7 +106,6 @@ impl FsSource {
             Ok((root, (meta.dev(), meta.ino())))
         })
         .await??;
-        let (root, identity) = root;
         let mut env = self.env(&ctx, &root);
 
         // Watch before scanning, so nothing changed during the scan is missed. The sender
@@ -288,23 +287,16 @@ impl FsSource {
             for chunk in plan.changes.chunks(EMIT_BATCH) {
                 emit(&ctx, &env.echo, chunk.to_vec()).await?;
             }
-            if !plan.removed.is_empty() {
-                for (key, removed_at) in plan.removed {
-                    // Seen first is closest to when it happened.
-                    held.entry(key).or_insert(removed_at);
-                }
-                last_removal = tokio::time::Instant::now();
-                held_since.get_or_insert(last_removal);
-            }
-            // The removals a subtree's scan finds are held like the watcher's: a directory
-            // made where one was removed may be the store's own for a peer's file while
-            // the user's `rm -rf` of the whole folder is under way.
-            let mut found = Vec::new();
+            // The removals the watcher saw, and those a subtree's scan finds, are held: a
+            // directory made where one was removed may be the store's own for a peer's
+            // file while the user's `rm -rf` of the whole folder is under way.
+            let mut removed = plan.removed;
             for key in plan.subtrees {
-                scan(&ctx, &env, Some(key), false, Some(&mut found)).await?;
+                scan(&ctx, &env, Some(key), false, Some(&mut removed)).await?;
             }
             let mut added = false;
-            for (key, removed_at) in found {
+            for (key, removed_at) in removed {
+                // Seen first is closest to when it happened.
                 if let std::collections::btree_map::Entry::Vacant(entry) = held.entry(key) {
                     entry.insert(removed_at);
                     added = true;

@@ -467,39 +467,29 @@ mod imp {
                     arrived.push(path.clone());
                     out.push(Ok(Event::new(EventKind::Other).set_flag(Flag::Rescan)));
                 }
-                if path == self.root {
-                    // Nothing is watched from now on: the source rescans (and finds the
-                    // folder missing) rather than wait for events that cannot come.
-                    out.push(Err(notify::Error::generic(
-                        "the folder itself was removed or unmounted; it is no longer watched",
-                    )
-                    .add_path(path.clone())));
-                }
                 EventKind::Remove(RemoveKind::Folder)
             } else if mask.contains(EventMask::MOVE_SELF) {
-                if path == self.root {
-                    // Its watches would go on reporting the moved tree under this path.
-                    out.push(Err(notify::Error::generic(
-                        "the folder itself was moved; it is no longer watched",
-                    )
-                    .add_path(path.clone())));
-                }
                 EventKind::Modify(ModifyKind::Name(RenameMode::Any))
             } else {
                 return;
             };
+            if path == self.root
+                && (mask.contains(EventMask::DELETE_SELF)
+                    || mask.contains(EventMask::UNMOUNT)
+                    || mask.contains(EventMask::MOVE_SELF))
+            {
+                // Nothing is watched from now on (moved, its watches would report the tree
+                // under this path): the source rescans, and finds the folder gone, rather
+                // than wait for events that cannot come.
+                out.push(Err(notify::Error::generic(
+                    "the folder itself was removed, unmounted or moved; it is no longer watched",
+                )
+                .add_path(path.clone())));
+            }
             if is_dir {
                 if mask.contains(EventMask::DELETE) || mask.contains(EventMask::MOVED_FROM) {
                     // Gone from here, and whatever below it could not be watched too.
-                    let below: Vec<PathBuf> = self
-                        .denied
-                        .range(path.clone()..)
-                        .take_while(|p| p.starts_with(&path))
-                        .cloned()
-                        .collect();
-                    for p in below {
-                        self.denied.remove(&p);
-                    }
+                    self.denied.retain(|p| !p.starts_with(&path));
                 }
                 if mask.contains(EventMask::MOVED_FROM) || mask.contains(EventMask::DELETE) {
                     // Gone from here. (Removed, its watches end by themselves; marked all

@@ -31,6 +31,18 @@ impl Running {
         Running { stop, task }
     }
 
+    /// Runs the source of a folder whose store (returned, started, not applying on its
+    /// own) shares its echo record, and waits for the first scan.
+    async fn start_folder(
+        config: FsConfig,
+        log: &EventLog,
+    ) -> (Running, converge_plugin_fs::FsStore) {
+        use converge_framework::plugin::{Store, StoreContext};
+        let (source, store) = converge_plugin_fs::folder(config);
+        store.start(&StoreContext::new(log.clone())).await.unwrap();
+        (Running::start(source, log).await, store)
+    }
+
     /// Stops the source and asserts it ended without an error.
     async fn stop(self) {
         self.stop.send(true).unwrap();
@@ -206,16 +218,12 @@ async fn a_directory_moved_over_a_known_one_is_scanned() {
 /// showed it when it was read).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rescan_does_not_undo_what_the_store_has_not_written_yet() {
-    use converge_framework::plugin::{Store, StoreContext};
-
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().to_owned();
     write(&root, "f.txt", b"v1");
     let log = common::log();
     let config = FsConfig::new(&root).rescan_every(std::time::Duration::from_millis(100));
-    let (source, store) = converge_plugin_fs::folder(config);
-    store.start(&StoreContext::new(log.clone())).await.unwrap();
-    let running = Running::start(source, &log).await;
+    let (running, _store) = Running::start_folder(config, &log).await;
     // The store has shown v1, and shows nothing after it in this test.
     log.set_cursor("folder", log.len()).await.unwrap();
 
@@ -323,16 +331,12 @@ async fn a_directory_moved_away_and_made_again_is_scanned() {
 /// removed over that version (the store then writes it), as a scan would judge.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_held_removal_does_not_undo_what_the_store_has_not_written_yet() {
-    use converge_framework::plugin::{Store, StoreContext};
-
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().to_owned();
     write(&root, "f.txt", b"v1");
     write(&root, "g.txt", b"g");
     let log = common::log();
-    let (source, store) = converge_plugin_fs::folder(FsConfig::new(&root));
-    store.start(&StoreContext::new(log.clone())).await.unwrap();
-    let running = Running::start(source, &log).await;
+    let (running, _store) = Running::start_folder(FsConfig::new(&root), &log).await;
     log.set_cursor("folder", log.len()).await.unwrap();
 
     let f = common::key("f.txt");
@@ -356,14 +360,10 @@ async fn a_held_removal_does_not_undo_what_the_store_has_not_written_yet() {
 /// moves `d` away or removes it, then makes it again: what the store last did there does
 /// not keep the new `d` from being scanned, and the old keys go.
 async fn store_made_directory_made_again(removed: bool) {
-    use converge_framework::plugin::{Store, StoreContext};
-
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().to_owned();
     let log = common::log();
-    let (source, store) = converge_plugin_fs::folder(FsConfig::new(&root));
-    store.start(&StoreContext::new(log.clone())).await.unwrap();
-    let running = Running::start(source, &log).await;
+    let (running, store) = Running::start_folder(FsConfig::new(&root), &log).await;
     let old = common::remote_put(&log, 1, "d/old.txt", b"a peer's", 1, vec![]);
     log.append(vec![old]).await.unwrap();
     common::apply(&store, &log, common::views(&log)).await;
