@@ -253,6 +253,8 @@ struct Inner {
     /// Remove `dir` when the store is dropped (a temporary log's store).
     remove_on_drop: bool,
     writer: Mutex<PackWriter>,
+    /// Held by [`ChunkStore::sync`] throughout, the writer's lock only around its syncs.
+    syncing: Mutex<()>,
     /// The first pack this process wrote: packs from here on hold only chunks checked on
     /// their way in, and are read without hashing them again.
     own_packs: u32,
@@ -456,6 +458,7 @@ impl ChunkStore {
                     new_streams: 0,
                     created: false,
                 }),
+                syncing: Mutex::new(()),
                 own_packs: last + 1,
                 readers: RwLock::new(HashMap::new()),
                 sink: RwLock::new(None),
@@ -935,6 +938,10 @@ impl ChunkStore {
     /// it), and [`open`](Self::open) takes back those a crash left.
     pub fn sync(&self) -> Result<(), LogError> {
         let inner = &self.inner;
+        // One sync at a time: a second one waits for the first and then syncs what was
+        // put since. (Two at once could each take part of the packs to sync, and one
+        // index chunks in a pack the other has not synced yet.)
+        let _one = inner.syncing.lock().map_err(|_| LogError::Closed)?;
         let mut w = inner.writer.lock().map_err(|_| LogError::Closed)?;
         if !w.manifested.is_empty() {
             // Earlier syncs' manifests: into the index, made durable there (a flush of
@@ -953,33 +960,49 @@ impl ChunkStore {
         if w.staged.is_empty() {
             return Ok(());
         }
+        // What to sync and what it covers, taken under the lock; the syncs themselves
+        // run outside it, so that chunks are put and looked up meanwhile (they took the
+        // writers and readers of every chunk off their work for the disk's time).
+        let staged: Vec<(Hash, Location)> = w.staged.iter().map(|(h, l)| (*h, *l)).collect();
         let current = w.file.clone().map(|file| (w.id, file));
-        let streams: Vec<(u32, Arc<File>)> = w
-            .streams
-            .values()
-            .filter(|p| p.dirty)
-            .map(|p| (p.id, p.file.clone()))
-            .collect();
-        for (id, file) in w.closed.iter().chain(&current).chain(&streams) {
-            file.sync_data()
-                .map_err(io_error("syncing", pack_path(&inner.dir, *id)))?;
-        }
-        if w.created {
-            File::open(&inner.dir)
-                .and_then(|dir| dir.sync_all())
-                .map_err(io_error("syncing", inner.dir.clone()))?;
-            w.created = false;
-        }
-        w.closed.clear();
-        w.new_streams = 0;
-        for pack in w.streams.values_mut() {
+        let mut files = std::mem::take(&mut w.closed);
+        files.extend(current);
+        for pack in w.streams.values_mut().filter(|p| p.dirty) {
+            files.push((pack.id, pack.file.clone()));
             pack.dirty = false;
         }
+        let created = std::mem::take(&mut w.created);
+        w.new_streams = 0;
+        drop(w);
+
+        let synced = files
+            .iter()
+            .try_for_each(|(id, file)| {
+                file.sync_data()
+                    .map_err(io_error("syncing", pack_path(&inner.dir, *id)))
+            })
+            .and_then(|()| match created {
+                true => File::open(&inner.dir)
+                    .and_then(|dir| dir.sync_all())
+                    .map_err(io_error("syncing", inner.dir.clone())),
+                false => Ok(()),
+            });
+        let mut w = inner.writer.lock().map_err(|_| LogError::Closed)?;
+        if let Err(e) = synced {
+            // The next sync takes them all again.
+            w.closed.extend(files);
+            w.created |= created;
+            return Err(e);
+        }
         // Left staged until recorded, so that a failure below loses no location: the
-        // next sync (an append tried again) records them then.
-        let staged: Vec<(Hash, Location)> = w.staged.iter().map(|(h, l)| (*h, *l)).collect();
+        // next sync (an append tried again) records them then. A chunk dropped as
+        // damaged meanwhile is not recorded.
+        let staged: Vec<(Hash, Location)> = staged
+            .into_iter()
+            .filter(|(h, l)| w.staged.get(h) == Some(l))
+            .collect();
         if staged.len() < MANIFEST_ENTRIES {
-            self.index(staged)?;
+            self.index(staged.clone())?;
         } else {
             for part in staged.chunks(MANIFEST_MAX) {
                 let id = w.next_manifest;
@@ -993,7 +1016,9 @@ impl ChunkStore {
                 w.unindexed.extend(part.iter().copied());
             }
         }
-        w.staged = HashMap::with_capacity(1024);
+        for (hash, _) in &staged {
+            w.staged.remove(hash);
+        }
         Ok(())
     }
 
