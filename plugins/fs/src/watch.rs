@@ -24,7 +24,7 @@ use crate::scan::{
     emit, examine_file, gone, is_echo, merge_for_deleted_copy, removed_at_ms, scan, Env,
     Projection, Resolver,
 };
-use crate::watcher::{self, WatchResult};
+use crate::watcher::{self, FolderWatcher, Skip, WatchResult};
 use crate::{FsConfig, CONFLICT_MARKER, EMIT_BATCH, IGNORE_FILE, TEMP_PREFIX};
 
 /// Removals the watcher sees are recorded once none has come for this long (or
@@ -86,6 +86,48 @@ impl FsSource {
         })
     }
 
+    /// Starts watching `root` (unless the folder is configured not to be), leaving out
+    /// the directories `env`'s ignore rules exclude, and sending events to `tx`. `None`
+    /// when not watching: the source then rescans every `rescan_interval`.
+    async fn start_watcher(
+        &self,
+        root: &Path,
+        env: &Env,
+        tx: &mpsc::UnboundedSender<WatchResult>,
+    ) -> Result<Option<FolderWatcher>, FsError> {
+        let rescan_interval = self.config.rescan_interval;
+        if !self.config.watch {
+            tracing::info!(
+                "{}: not watched; rescanning every {}s",
+                root.display(),
+                rescan_interval.as_secs_f64()
+            );
+            return Ok(None);
+        }
+        let (watched, rules, tx) = (root.to_owned(), env.rules.clone(), tx.clone());
+        let skip: Skip = Box::new(move |dir| rules.ignores(dir, true, true));
+        let started = tokio::task::spawn_blocking(move || {
+            watcher::watch(&watched, skip, move |res| {
+                let _ = tx.send(res);
+            })
+        })
+        .await?;
+        match started {
+            Ok(w) => Ok(Some(w)),
+            Err(source) => {
+                let e = FsError::Watch {
+                    path: root.to_owned(),
+                    source,
+                };
+                tracing::warn!(
+                    "{e}; rescanning every {}s instead",
+                    rescan_interval.as_secs_f64()
+                );
+                Ok(None)
+            }
+        }
+    }
+
     async fn run_inner(&self, mut ctx: SourceContext) -> Result<(), FsError> {
         let configured = self.config.root.clone();
         let (log, resolver) = (ctx.log().clone(), self.resolver.clone());
@@ -111,42 +153,8 @@ impl FsSource {
         // Watch before scanning, so nothing changed during the scan is missed. The sender
         // kept here keeps the channel open when there is no watcher (the rescans go on).
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let _open = tx.clone();
-        let watched = root.clone();
-        let watch = self.config.watch;
         let rescan_interval = self.config.rescan_interval;
-        let watcher = tokio::task::spawn_blocking(move || {
-            if !watch {
-                return Ok(None);
-            }
-            let watcher = watcher::watch(&watched, move |res| {
-                let _ = tx.send(res);
-            })?;
-            Ok::<_, notify::Error>(Some(watcher))
-        })
-        .await?;
-        let _watcher = match watcher {
-            Ok(Some(w)) => Some(w),
-            Ok(None) => {
-                tracing::info!(
-                    "{}: not watched; rescanning every {}s",
-                    root.display(),
-                    rescan_interval.as_secs_f64()
-                );
-                None
-            }
-            Err(source) => {
-                let e = FsError::Watch {
-                    path: root.clone(),
-                    source,
-                };
-                tracing::warn!(
-                    "{e}; rescanning every {}s instead",
-                    rescan_interval.as_secs_f64()
-                );
-                None
-            }
-        };
+        let mut watcher = self.start_watcher(&root, &env, &tx).await?;
 
         scan(&ctx, &env, None, true, None).await?;
         tracing::debug!("initial scan of {} done", root.display());
@@ -160,7 +168,7 @@ impl FsSource {
         let mut last_removal = tokio::time::Instant::now();
         // Whether the watcher still sees every change: not once it reported an error
         // (a directory it could not watch, the kernel's limit of watches).
-        let mut watching = _watcher.is_some();
+        let mut watching = watcher.is_some();
         // When the next rescan is due, if not watching: a deadline kept across batches,
         // which the events a failed watcher still delivers do not put off.
         let mut next_rescan = tokio::time::Instant::now() + rescan_interval;
@@ -232,6 +240,13 @@ impl FsSource {
                 );
                 env = self.env(&ctx, &root);
                 rescan = true;
+                // Directories the rules no longer exclude are watched from now on: a
+                // fresh watcher, started before the rescan so that nothing between the
+                // two is missed. A watcher that failed (at the kernel's limit of
+                // watches, say) gets its chance again with the new rules.
+                drop(watcher.take());
+                watcher = self.start_watcher(&root, &env, &tx).await?;
+                watching = watcher.is_some();
             }
             if rescan {
                 // The folder itself gone (removed, unmounted, moved away): nothing to scan
@@ -241,7 +256,9 @@ impl FsSource {
                 // (a local file system): a network file system may number its inodes
                 // anew.
                 match tokio::fs::metadata(&root).await {
-                    Ok(m) if m.is_dir() && (!watch || (m.dev(), m.ino()) == identity) => {}
+                    Ok(m)
+                        if m.is_dir() && (!self.config.watch || (m.dev(), m.ino()) == identity) => {
+                    }
                     Ok(_) => {
                         return Err(FsError::Io {
                             op: "opening the folder",

@@ -11,19 +11,30 @@
 //!
 //! Either way symlinks are never followed: a symlinked directory would be watched where
 //! it points (outside the folder, perhaps) and reported below the link.
+//!
+//! On Linux, directories the folder's ignore rules exclude are not watched either, nor
+//! anything below them: an ignored `node_modules` or build tree would otherwise count
+//! against the kernel's limit of watches (8,192 per user before Linux 5.11), and a folder
+//! over it is rescanned every minute instead of watched. `notify`'s recursive watch
+//! elsewhere watches them all.
 
 use std::path::Path;
 
 /// What the watcher hands on: one event, or an error after which it may miss changes.
 pub(crate) type WatchResult = notify::Result<notify::Event>;
 
-/// Watches `root` and the tree below it until dropped, handing each event to `handler`
-/// (on a thread of the watcher's own).
+/// Whether a directory below the root (given by its path) is left unwatched, with
+/// everything below it: the ignore rules' answer.
+pub(crate) type Skip = Box<dyn Fn(&Path) -> bool + Send>;
+
+/// Watches `root` and the tree below it, but for the directories `skip` names, until
+/// dropped, handing each event to `handler` (on a thread of the watcher's own).
 pub(crate) fn watch(
     root: &Path,
+    skip: Skip,
     handler: impl FnMut(WatchResult) + Send + 'static,
 ) -> notify::Result<FolderWatcher> {
-    imp::watch(root, handler).map(FolderWatcher)
+    imp::watch(root, skip, handler).map(FolderWatcher)
 }
 
 /// A running watcher of one folder's tree; dropping it stops it.
@@ -41,12 +52,15 @@ mod imp {
 
     use notify::{RecursiveMode, Watcher as _};
 
-    use super::WatchResult;
+    use super::{Skip, WatchResult};
 
     pub(super) type Watcher = notify::RecommendedWatcher;
 
+    /// `notify`'s recursive watch cannot leave directories out: `_skip` goes unused, and
+    /// the source drops the events of ignored paths.
     pub(super) fn watch(
         root: &Path,
+        _skip: Skip,
         mut handler: impl FnMut(WatchResult) + Send + 'static,
     ) -> notify::Result<Watcher> {
         let config = notify::Config::default().with_follow_symlinks(false);
@@ -88,7 +102,7 @@ mod imp {
     };
     use notify::{Event, EventKind};
 
-    use super::WatchResult;
+    use super::{Skip, WatchResult};
     use crate::rules::below_symlink;
 
     /// What every directory is watched for: the changes of its entries, no opens or reads.
@@ -145,6 +159,7 @@ mod imp {
 
     pub(super) fn watch(
         root: &Path,
+        skip: Skip,
         handler: impl FnMut(WatchResult) + Send + 'static,
     ) -> notify::Result<Watcher> {
         let inotify = Inotify::init().map_err(notify::Error::io)?;
@@ -154,7 +169,7 @@ mod imp {
             .register(&mut SourceFd(&fd), INOTIFY, Interest::READABLE)
             .map_err(notify::Error::io)?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKE).map_err(notify::Error::io)?);
-        let mut tree = Tree::new(inotify.watches(), root);
+        let mut tree = Tree::new(inotify.watches(), root, skip);
         tree.add(root)?;
         let stop = Arc::new(AtomicBool::new(false));
         let (stopped, kept) = (stop.clone(), waker.clone());
@@ -261,13 +276,16 @@ mod imp {
         denied: BTreeSet<PathBuf>,
         /// Reads of the kernel's queue so far.
         reads: u64,
+        /// Directories left unwatched with their trees (the ignore rules).
+        skip: Skip,
     }
 
     impl Tree {
-        fn new(watches: Watches, root: &Path) -> Tree {
+        fn new(watches: Watches, root: &Path, skip: Skip) -> Tree {
             Tree {
                 watches,
                 root: root.to_path_buf(),
+                skip,
                 dirs: HashMap::new(),
                 paths: BTreeSet::new(),
                 pending: HashMap::new(),
@@ -301,11 +319,11 @@ mod imp {
             }
         }
 
-        /// Watches `dir` and every directory below it. Entries that are gone or are no
-        /// directories (any more) are skipped: their removal or replacement is an event of
-        /// its own; so are directories this user may not read, which the scan cannot read
-        /// either (with a warning). The walk goes on past other failures and returns the
-        /// first.
+        /// Watches `dir` and every directory below it but those `skip` names (with their
+        /// trees). Entries that are gone or are no directories (any more) are skipped:
+        /// their removal or replacement is an event of its own; so are directories this
+        /// user may not read, which the scan cannot read either (with a warning). The walk
+        /// goes on past other failures and returns the first.
         fn add(&mut self, dir: &Path) -> notify::Result<()> {
             // A directory met through a symlink that replaced one of its parents is not
             // the folder's (it may be anywhere): not watched. (A replacement during the
@@ -317,6 +335,9 @@ mod imp {
             let mut stack = vec![dir.to_path_buf()];
             while let Some(dir) = stack.pop() {
                 let is_root = dir == self.root;
+                if !is_root && (self.skip)(&dir) {
+                    continue;
+                }
                 let mask = if is_root { ROOT_MASK } else { MASK };
                 match self.watches.add(&dir, mask) {
                     Ok(wd) => {
@@ -585,7 +606,7 @@ mod imp {
 
         fn tree(root: &Path) -> (Inotify, Tree) {
             let inotify = Inotify::init().unwrap();
-            let mut tree = Tree::new(inotify.watches(), root);
+            let mut tree = Tree::new(inotify.watches(), root, Box::new(|_| false));
             tree.add(root).unwrap();
             (inotify, tree)
         }
@@ -744,7 +765,7 @@ mod imp {
         fn a_dropped_watcher_ends_its_thread() {
             for _ in 0..20 {
                 let dir = tempfile::tempdir().unwrap();
-                let mut watcher = watch(dir.path(), |_| {}).unwrap();
+                let mut watcher = watch(dir.path(), Box::new(|_| false), |_| {}).unwrap();
                 let thread = watcher.thread.take().unwrap();
                 drop(watcher);
                 // Well within the backstop (`STOP_CHECK`): the wake-up itself ends it.
@@ -837,8 +858,12 @@ mod tests {
     }
 
     fn start(root: &Path) -> (FolderWatcher, mpsc::Receiver<WatchResult>) {
+        start_skipping(root, Box::new(|_| false))
+    }
+
+    fn start_skipping(root: &Path, skip: Skip) -> (FolderWatcher, mpsc::Receiver<WatchResult>) {
         let (tx, rx) = mpsc::channel();
-        let watcher = watch(root, move |r| {
+        let watcher = watch(root, skip, move |r| {
             let _ = tx.send(r);
         })
         .expect("watching a temp dir");
@@ -913,5 +938,28 @@ mod tests {
         std::fs::write(root.join("n/m/f.txt"), b"x").unwrap();
         let seen = paths_until(&rx, &root.join("n/m/f.txt"));
         assert_eq!(seen, BTreeSet::from([root.join("n/m/f.txt")]));
+    }
+
+    /// An ignored directory is not watched, nor anything below it, whether it was there
+    /// at the start or came later; the directories beside it are.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn skipped_directories_are_not_watched() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().canonicalize().unwrap();
+        std::fs::create_dir_all(root.join("skipped/deep")).unwrap();
+        std::fs::create_dir_all(root.join("kept")).unwrap();
+        let (_w, rx) = start_skipping(
+            &root,
+            Box::new(|p: &Path| p.file_name().is_some_and(|n| n == "skipped")),
+        );
+        std::fs::create_dir_all(root.join("kept/skipped/deep")).unwrap();
+        paths_until(&rx, &root.join("kept/skipped"));
+        std::fs::write(root.join("skipped/f.txt"), b"x").unwrap();
+        std::fs::write(root.join("skipped/deep/f.txt"), b"x").unwrap();
+        std::fs::write(root.join("kept/skipped/deep/f.txt"), b"x").unwrap();
+        std::fs::write(root.join("kept/f.txt"), b"x").unwrap();
+        let seen = paths_until(&rx, &root.join("kept/f.txt"));
+        assert_eq!(seen, BTreeSet::from([root.join("kept/f.txt")]));
     }
 }

@@ -421,3 +421,46 @@ async fn a_directory_removed_and_made_again_is_scanned() {
 
     running.stop().await;
 }
+
+/// A directory the ignore rules exclude is not watched. Once `.convergeignore` no longer
+/// excludes it, the rescan that follows records what is in it, and the watcher, started
+/// again with the new rules, sees what changes there next (the folder is watched: no
+/// periodic rescan would find it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_directory_no_longer_ignored_is_recorded_and_watched() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_owned();
+    write(&root, ".convergeignore", b"build/\n");
+    write(&root, "build/old.o", b"old");
+    write(&root, "src/a.rs", b"a");
+    let log = common::log();
+    let running = Running::start(FsSource::new(FsConfig::new(&root)), &log).await;
+    wait_until(&log, "the first scan", |s| {
+        s.keys().collect::<Vec<_>>() == ["src", "src/a.rs"]
+    })
+    .await;
+
+    write(&root, "build/during.o", b"during");
+    write(&root, "src/b.rs", b"b");
+    wait_until(&log, "src/b.rs", |s| s.contains_key("src/b.rs")).await;
+    assert!(
+        !common::shown(&log).keys().any(|k| k.starts_with("build")),
+        "an ignored directory was recorded"
+    );
+
+    write(&root, ".convergeignore", b"");
+    wait_until(&log, "the rescan with the new rules", |s| {
+        s.get("build/old.o") == Some(&(File, 3, false))
+            && s.get("build/during.o") == Some(&(File, 6, false))
+    })
+    .await;
+    write(&root, "build/new.o", b"new");
+    write(&root, "build/deep/x.o", b"x");
+    wait_until(&log, "changes in the directory no longer ignored", |s| {
+        s.get("build/new.o") == Some(&(File, 3, false))
+            && s.get("build/deep/x.o") == Some(&(File, 1, false))
+    })
+    .await;
+
+    running.stop().await;
+}
