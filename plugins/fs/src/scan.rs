@@ -216,27 +216,46 @@ struct Unshown {
 }
 
 impl Projection {
+    /// The heads of every key (`under` = `None`) or of a directory key and those below
+    /// it, read from the log, with what the folder's store has not applied yet.
     pub(crate) fn load(
         log: &EventLog,
         echo: &Echo,
         under: Option<&Key>,
     ) -> Result<Projection, FsError> {
-        // Before the heads: a head beyond `before` was appended meanwhile, and the events
-        // read below stop at `end`.
-        let (end, before) = log.published();
-        let mut keys = BTreeMap::new();
-        for entry in log.states() {
-            let (key, state) = entry?;
-            if state.heads.is_empty() {
-                continue;
+        // Before the heads (see `Unshown::before`).
+        let mut projection = Projection::unshown(log, echo)?;
+        let mut put = |key: Key, heads: Vec<Head>| {
+            if !heads.is_empty() {
+                projection.keys.insert(key.as_str().to_owned(), heads);
             }
-            if let Some(dir) = under {
-                if key != *dir && !key.is_under(dir) {
-                    continue;
+        };
+        match under {
+            None => {
+                for entry in log.states() {
+                    let (key, state) = entry?;
+                    put(key, state.heads);
                 }
             }
-            keys.insert(key.as_str().to_owned(), state.heads);
+            // A subtree's keys only: a scan of one directory, in a folder of a million
+            // files, reads its own.
+            Some(dir) => {
+                put(dir.clone(), log.heads(dir)?);
+                for entry in log.states_below(dir) {
+                    let (key, state) = entry?;
+                    put(key, state.heads);
+                }
+            }
         }
+        Ok(projection)
+    }
+
+    /// No keys' heads, only what the folder's store has not applied yet: for a caller
+    /// that reads the heads it asks [`Projection::shows`] about itself, after this.
+    pub(crate) fn unshown(log: &EventLog, echo: &Echo) -> Result<Projection, FsError> {
+        // Before the heads the caller reads: a head beyond `before` was appended
+        // meanwhile, and the events read below stop at `end`.
+        let (end, before) = log.published();
         let unshown = match echo.store() {
             Some(store) => {
                 // The furthest the store has been: a replay moves its cursor back over
@@ -266,7 +285,10 @@ impl Projection {
             }
             None => None,
         };
-        Ok(Projection { keys, unshown })
+        Ok(Projection {
+            keys: BTreeMap::new(),
+            unshown,
+        })
     }
 
     /// Whether the folder shows every head of `key`: the store has applied it, or the
@@ -275,10 +297,16 @@ impl Projection {
     /// a peer or a plugin): a scan then records neither a removal nor a file in a state the
     /// log knows, which would undo that change on every replica.
     pub(crate) fn settled(&self, log: &EventLog, key: &Key) -> bool {
+        self.shows(log, self.heads(key))
+    }
+
+    /// Whether the folder shows every one of `heads` (a key's, read after this
+    /// projection was loaded), as [`Projection::settled`] judges.
+    pub(crate) fn shows(&self, log: &EventLog, heads: &[Head]) -> bool {
         let Some(u) = &self.unshown else {
             return true;
         };
-        self.heads(key).iter().all(|h| {
+        heads.iter().all(|h| {
             if u.ids.contains(&h.id) {
                 return false;
             }
@@ -711,6 +739,30 @@ mod tests {
             chunks: log.chunks().clone(),
             log,
         }
+    }
+
+    /// A subtree's projection holds the directory and the keys below it, and no key
+    /// that merely starts with its name.
+    #[tokio::test]
+    async fn a_subtree_projection_holds_the_subtree_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let env = env(dir.path());
+        let dir_op = || Op::Put {
+            meta: Meta::dir(0),
+            content: None,
+        };
+        let changes = ["a", "d", "d/x", "d/y", "d/y/z", "d0", "d-e", "e"]
+            .into_iter()
+            .map(|k| LocalChange::new(Key::new(k).unwrap(), dir_op()))
+            .collect();
+        env.log.append_local(changes).await.unwrap();
+
+        let under = Key::new("d").unwrap();
+        let projection = Projection::load(&env.log, &env.echo, Some(&under)).unwrap();
+        let keys: Vec<&str> = projection.keys.keys().map(String::as_str).collect();
+        assert_eq!(keys, ["d", "d/x", "d/y", "d/y/z"]);
+        let all = Projection::load(&env.log, &env.echo, None).unwrap();
+        assert_eq!(all.keys.len(), 8);
     }
 
     /// The window between looking at a file and reading it: a file written in it (its

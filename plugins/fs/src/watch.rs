@@ -549,10 +549,11 @@ fn removals(env: &Env, held: &BTreeMap<Key, Option<u64>>) -> Result<Vec<LocalCha
     // A key with a head the store has not applied (a peer's newer version, or a key new
     // from a peer) is not the user's to remove: what the folder lacks there it has not been
     // shown yet, as a scan judges (see `Projection::settled`).
-    let projection = Projection::load(&env.log, &env.echo, None)?;
+    // Read before the heads below, as `Projection::shows` asks.
+    let projection = Projection::unshown(&env.log, &env.echo)?;
     let mut deletes = Vec::new();
     let mut consider = |key: &Key, heads: &[converge_api::Head], removed_at: Option<u64>| {
-        if gone(env, key, heads) && projection.settled(&env.log, key) {
+        if gone(env, key, heads) && projection.shows(&env.log, heads) {
             deletes.push(LocalChange::new(key.clone(), Op::Delete).made_at(removed_at));
         }
     };
