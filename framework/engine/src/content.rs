@@ -989,8 +989,19 @@ impl ChunkStore {
             });
         let mut w = inner.writer.lock().map_err(|_| LogError::Closed)?;
         if let Err(e) = synced {
-            // The next sync takes them all again.
-            w.closed.extend(files);
+            // The next sync takes them all again (each once: the current pack and the
+            // stream packs are taken anew anyway).
+            for (id, file) in files {
+                let current = w.file.is_some() && w.id == id;
+                let streaming = w.streams.values().any(|p| p.id == id);
+                if !current && !streaming && w.closed.iter().all(|(c, _)| *c != id) {
+                    w.closed.push((id, file));
+                } else if streaming {
+                    for pack in w.streams.values_mut().filter(|p| p.id == id) {
+                        pack.dirty = true;
+                    }
+                }
+            }
             w.created |= created;
             return Err(e);
         }
@@ -1018,6 +1029,10 @@ impl ChunkStore {
         }
         for (hash, _) in &staged {
             w.staged.remove(hash);
+        }
+        if w.staged.is_empty() && w.staged.capacity() > 4096 {
+            // A large sync's entries are gone: so is their room.
+            w.staged = HashMap::with_capacity(1024);
         }
         Ok(())
     }
