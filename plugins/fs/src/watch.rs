@@ -86,24 +86,19 @@ impl FsSource {
         })
     }
 
-    /// Starts watching `root` (unless the folder is configured not to be), leaving out
-    /// the directories `env`'s ignore rules exclude, and sending events to `tx`. `None`
-    /// when not watching: the source then rescans every `rescan_interval`.
+    /// Starts watching `root`, leaving out the directories `env`'s ignore rules exclude,
+    /// and sending events to `tx`. `None` when the folder is configured not to be watched
+    /// or watching fails (said): the source then rescans every `rescan_interval`.
     async fn start_watcher(
         &self,
         root: &Path,
         env: &Env,
         tx: &mpsc::UnboundedSender<WatchResult>,
     ) -> Result<Option<FolderWatcher>, FsError> {
-        let rescan_interval = self.config.rescan_interval;
         if !self.config.watch {
-            tracing::info!(
-                "{}: not watched; rescanning every {}s",
-                root.display(),
-                rescan_interval.as_secs_f64()
-            );
             return Ok(None);
         }
+        let rescan_interval = self.config.rescan_interval;
         let (watched, rules, tx) = (root.to_owned(), env.rules.clone(), tx.clone());
         let skip: Skip = Box::new(move |dir| rules.ignores(dir, true, true));
         let started = tokio::task::spawn_blocking(move || {
@@ -148,12 +143,20 @@ impl FsSource {
             Ok((root, (meta.dev(), meta.ino())))
         })
         .await??;
+        let mut stamp = ignore_stamp(&root).await;
         let mut env = self.env(&ctx, &root);
 
         // Watch before scanning, so nothing changed during the scan is missed. The sender
         // kept here keeps the channel open when there is no watcher (the rescans go on).
         let (tx, mut rx) = mpsc::unbounded_channel();
         let rescan_interval = self.config.rescan_interval;
+        if !self.config.watch {
+            tracing::info!(
+                "{}: not watched; rescanning every {}s",
+                root.display(),
+                rescan_interval.as_secs_f64()
+            );
+        }
         let mut watcher = self.start_watcher(&root, &env, &tx).await?;
 
         scan(&ctx, &env, None, true, None).await?;
@@ -233,18 +236,25 @@ impl FsSource {
             if ctx.is_shutting_down() {
                 return Ok(());
             }
-            if paths.contains(&root.join(IGNORE_FILE)) {
+            // Unwatched, the folder's periodic rescan looks at the ignore file itself.
+            let ignore_changed = paths.contains(&root.join(IGNORE_FILE))
+                || (rescan && !watching && ignore_stamp(&root).await != stamp);
+            if ignore_changed {
                 tracing::info!(
                     "{} changed: reloading ignore rules and rescanning",
                     IGNORE_FILE
                 );
+                stamp = ignore_stamp(&root).await;
                 env = self.env(&ctx, &root);
                 rescan = true;
                 // Directories the rules no longer exclude are watched from now on: a
                 // fresh watcher, started before the rescan so that nothing between the
                 // two is missed. A watcher that failed (at the kernel's limit of
-                // watches, say) gets its chance again with the new rules.
-                drop(watcher.take());
+                // watches, say) gets its chance again with the new rules. The old one's
+                // watches are gone first: both together could meet that limit.
+                if let Some(old) = watcher.take() {
+                    tokio::task::spawn_blocking(move || old.stop()).await?;
+                }
                 watcher = self.start_watcher(&root, &env, &tx).await?;
                 watching = watcher.is_some();
             }
@@ -537,6 +547,15 @@ fn merge_for_path(env: &Env, path: &Path) -> Result<Option<LocalChange>, FsError
         tracing::info!("{copy} deleted: {key} keeps what it shows, and its conflict is merged");
     }
     Ok(merged.map(|(_, merge)| merge))
+}
+
+/// What tells a change of the folder's ignore file without reading it: its inode, size
+/// and change time (`None` while there is none).
+async fn ignore_stamp(root: &Path) -> Option<(u64, u64, i64, i64)> {
+    let m = tokio::fs::symlink_metadata(root.join(IGNORE_FILE))
+        .await
+        .ok()?;
+    Some((m.ino(), m.size(), m.ctime(), m.ctime_nsec()))
 }
 
 /// What the held removals amount to now (blocking): a delete of every key at or below a

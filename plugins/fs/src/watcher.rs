@@ -38,7 +38,16 @@ pub(crate) fn watch(
 }
 
 /// A running watcher of one folder's tree; dropping it stops it.
-pub(crate) struct FolderWatcher(#[allow(dead_code)] imp::Watcher);
+pub(crate) struct FolderWatcher(imp::Watcher);
+
+impl FolderWatcher {
+    /// Stops the watcher and waits until its watches are gone (blocking; a drop lets them
+    /// go a moment later): a watcher started next, which walks the whole tree again, then
+    /// does not meet the kernel's limit of watches with both watchers' watches.
+    pub(crate) fn stop(self) {
+        self.0.stop();
+    }
+}
 
 impl std::fmt::Debug for FolderWatcher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -54,7 +63,12 @@ mod imp {
 
     use super::{Skip, WatchResult};
 
-    pub(super) type Watcher = notify::RecommendedWatcher;
+    /// `notify`'s watcher, stopped by dropping it.
+    pub(super) struct Watcher(notify::RecommendedWatcher);
+
+    impl Watcher {
+        pub(super) fn stop(self) {}
+    }
 
     /// `notify`'s recursive watch cannot leave directories out: `_skip` goes unused, and
     /// the source drops the events of ignored paths.
@@ -78,7 +92,7 @@ mod imp {
             config,
         )?;
         watcher.watch(root, RecursiveMode::Recursive)?;
-        Ok(watcher)
+        Ok(Watcher(watcher))
     }
 }
 
@@ -140,8 +154,20 @@ mod imp {
         /// Shared with the thread, so that its eventfd stays open (and registered) until
         /// the thread has seen the wake-up: closing it at once could drop that wake-up.
         waker: Arc<Waker>,
-        #[cfg(test)]
+        /// The thread, to wait for in [`Watcher::stop`].
         thread: Option<std::thread::JoinHandle<()>>,
+    }
+
+    impl Watcher {
+        /// Stops the thread and waits for it: its inotify descriptor, and with it every
+        /// watch, is closed when it returns.
+        pub(super) fn stop(mut self) {
+            let thread = self.thread.take();
+            drop(self);
+            if let Some(thread) = thread {
+                let _ = thread.join();
+            }
+        }
     }
 
     impl Drop for Watcher {
@@ -169,12 +195,13 @@ mod imp {
             .register(&mut SourceFd(&fd), INOTIFY, Interest::READABLE)
             .map_err(notify::Error::io)?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKE).map_err(notify::Error::io)?);
-        let mut tree = Tree::new(inotify.watches(), root, skip);
-        tree.add(root)?;
         let stop = Arc::new(AtomicBool::new(false));
+        let mut tree = Tree::new(inotify.watches(), root, skip);
+        tree.stop = stop.clone();
+        tree.add(root)?;
         let (stopped, kept) = (stop.clone(), waker.clone());
         let mut handler = handler;
-        let _thread = std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("converge-watch".into())
             .spawn(move || {
                 let _waker = kept;
@@ -192,8 +219,7 @@ mod imp {
         Ok(Watcher {
             stop,
             waker,
-            #[cfg(test)]
-            thread: Some(_thread),
+            thread: Some(thread),
         })
     }
 
@@ -278,6 +304,8 @@ mod imp {
         reads: u64,
         /// Directories left unwatched with their trees (the ignore rules).
         skip: Skip,
+        /// The watcher's stop flag: a walk under way ends early once it is set.
+        stop: Arc<AtomicBool>,
     }
 
     impl Tree {
@@ -286,6 +314,7 @@ mod imp {
                 watches,
                 root: root.to_path_buf(),
                 skip,
+                stop: Arc::default(),
                 dirs: HashMap::new(),
                 paths: BTreeSet::new(),
                 pending: HashMap::new(),
@@ -334,6 +363,9 @@ mod imp {
             let mut failed: Option<notify::Error> = None;
             let mut stack = vec![dir.to_path_buf()];
             while let Some(dir) = stack.pop() {
+                if self.stop.load(Ordering::Relaxed) {
+                    break;
+                }
                 let is_root = dir == self.root;
                 if !is_root && (self.skip)(&dir) {
                     continue;

@@ -464,3 +464,29 @@ async fn a_directory_no_longer_ignored_is_recorded_and_watched() {
 
     running.stop().await;
 }
+
+/// Unwatched (configured so, or the watcher failed), the folder's periodic rescan notices
+/// a change of `.convergeignore` itself and scans with the new rules.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unwatched_folder_takes_up_new_ignore_rules() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_owned();
+    write(&root, ".convergeignore", b"build/\n");
+    write(&root, "build/old.o", b"old");
+    write(&root, "src/a.rs", b"a");
+    let log = common::log();
+    let config = FsConfig::new(&root).rescan_every(std::time::Duration::from_millis(200));
+    let running = Running::start(FsSource::new(config), &log).await;
+    wait_until(&log, "the first scan", |s| {
+        s.keys().collect::<Vec<_>>() == ["src", "src/a.rs"]
+    })
+    .await;
+
+    write(&root, ".convergeignore", b"");
+    wait_until(&log, "a rescan with the new rules", |s| {
+        s.get("build/old.o") == Some(&(File, 3, false))
+    })
+    .await;
+
+    running.stop().await;
+}
