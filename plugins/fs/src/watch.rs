@@ -236,9 +236,10 @@ impl FsSource {
             if ctx.is_shutting_down() {
                 return Ok(());
             }
-            // Unwatched, the folder's periodic rescan looks at the ignore file itself.
+            // A rescan looks at the ignore file itself: unwatched, or after events were
+            // lost, no event may have named it.
             let ignore_changed = paths.contains(&root.join(IGNORE_FILE))
-                || (rescan && !watching && ignore_stamp(&root).await != stamp);
+                || (rescan && ignore_stamp(&root).await != stamp);
             if ignore_changed {
                 tracing::info!(
                     "{} changed: reloading ignore rules and rescanning",
@@ -254,6 +255,9 @@ impl FsSource {
                 // watches are gone first: both together could meet that limit.
                 if let Some(old) = watcher.take() {
                     tokio::task::spawn_blocking(move || old.stop()).await?;
+                    // What it sent and is not taken yet (an error at the limit, say, which
+                    // would count against the new watcher): the rescan below covers it.
+                    while rx.try_recv().is_ok() {}
                 }
                 watcher = self.start_watcher(&root, &env, &tx).await?;
                 watching = watcher.is_some();
@@ -549,13 +553,11 @@ fn merge_for_path(env: &Env, path: &Path) -> Result<Option<LocalChange>, FsError
     Ok(merged.map(|(_, merge)| merge))
 }
 
-/// What tells a change of the folder's ignore file without reading it: its inode, size
-/// and change time (`None` while there is none).
-async fn ignore_stamp(root: &Path) -> Option<(u64, u64, i64, i64)> {
-    let m = tokio::fs::symlink_metadata(root.join(IGNORE_FILE))
-        .await
-        .ok()?;
-    Some((m.ino(), m.size(), m.ctime(), m.ctime_nsec()))
+/// The folder's ignore file as the rules read it (through a symlink, too), to tell
+/// whether it changed: its bytes, which a coarse timestamp (a network file system's)
+/// could hide a change of; `None` while there is none to read.
+async fn ignore_stamp(root: &Path) -> Option<Vec<u8>> {
+    tokio::fs::read(root.join(IGNORE_FILE)).await.ok()
 }
 
 /// What the held removals amount to now (blocking): a delete of every key at or below a

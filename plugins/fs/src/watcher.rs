@@ -63,8 +63,8 @@ mod imp {
 
     use super::{Skip, WatchResult};
 
-    /// `notify`'s watcher, stopped by dropping it.
-    pub(super) struct Watcher(notify::RecommendedWatcher);
+    /// `notify`'s watcher, stopped by dropping it (held, never read).
+    pub(super) struct Watcher(#[allow(dead_code)] notify::RecommendedWatcher);
 
     impl Watcher {
         pub(super) fn stop(self) {}
@@ -595,6 +595,8 @@ mod imp {
             );
             let root = self.root.clone();
             match self.add(&root) {
+                // Stopped during the walk: nothing is watched any more anyway.
+                Ok(()) if self.stop.load(Ordering::Relaxed) => {}
                 Ok(()) => self.moved_away(u64::MAX),
                 Err(e) => {
                     // Not every directory was reached (the watch limit, perhaps): keep the
