@@ -356,13 +356,10 @@ fn apply_blocking(
         rename_new: cfg!(target_os = "linux"),
         dirty: false,
         temp_dir: temp_dir_for(&root, config.temp_dir.as_deref()),
-        anchors: Anchors::default(),
+        temp_fd: None,
         failed: Vec::new(),
     };
-    w.anchors = Anchors {
-        root: open_dir(&root),
-        temp: w.temp_dir.as_deref().and_then(open_dir),
-    };
+    w.temp_fd = w.temp_dir.as_deref().and_then(open_dir);
 
     let mut absent = Vec::new();
     let mut dirs = Vec::new();
@@ -569,17 +566,10 @@ struct Writer {
     dirty: bool,
     /// Where temp files go when not beside their final path: see [`temp_dir_for`].
     temp_dir: Option<PathBuf>,
-    /// Open directories of the folder's root and of `temp_dir` (see [`Writer::at`]).
-    anchors: Anchors,
+    /// `temp_dir`, open (see [`Writer::at`]).
+    temp_fd: Option<Arc<OwnedFd>>,
     /// Keys that failed alone (see [`FsError::fails_alone`]), and why.
     failed: Vec<(Key, FsError)>,
-}
-
-/// Open directories that paths below them are given relative to (see [`Writer::at`]).
-#[derive(Default)]
-struct Anchors {
-    root: Option<Arc<OwnedFd>>,
-    temp: Option<Arc<OwnedFd>>,
 }
 
 /// `dir` opened as a directory, or `None` (paths below it are then given whole).
@@ -644,31 +634,24 @@ impl Writer {
             made: self.made.clone(),
             rename_new: self.rename_new,
             dirty: false,
-            anchors: Anchors {
-                root: self.anchors.root.clone(),
-                temp: temp_dir.as_deref().and_then(open_dir),
-            },
+            temp_fd: temp_dir.as_deref().and_then(open_dir),
             temp_dir,
             failed: Vec::new(),
         }
     }
 
     /// `path` as a directory descriptor and a path relative to it, for the `*at` system
-    /// calls: below the temp dir or the folder's root when they could be opened, so that
-    /// the kernel walks only the rest (walking the whole absolute path was a sixth of
-    /// each file's create, write and rename); otherwise the current directory's and
-    /// `path` itself.
+    /// calls: a temp file below the open temp dir by its name there, so that the kernel
+    /// does not walk the temp dir's whole path for each create and rename (a sixth of a
+    /// small file's create, write and rename); any other path whole. Paths in the folder
+    /// stay whole on purpose: every check before a write looks them up by path, and a
+    /// folder moved away or replaced during a batch must not have the checks made in
+    /// one tree and the writes in another.
     fn at<'p>(&self, path: &'p Path) -> (RawFd, &'p Path) {
-        let anchors = [
-            (self.temp_dir.as_deref(), self.anchors.temp.as_deref()),
-            (Some(self.rules.root()), self.anchors.root.as_deref()),
-        ];
-        for (dir, fd) in anchors {
-            if let (Some(dir), Some(fd)) = (dir, fd) {
-                match path.strip_prefix(dir) {
-                    Ok(rel) if !rel.as_os_str().is_empty() => return (fd.as_raw_fd(), rel),
-                    _ => {}
-                }
+        if let (Some(dir), Some(fd)) = (self.temp_dir.as_deref(), self.temp_fd.as_deref()) {
+            match path.strip_prefix(dir) {
+                Ok(rel) if !rel.as_os_str().is_empty() => return (fd.as_raw_fd(), rel),
+                _ => {}
             }
         }
         (libc::AT_FDCWD, path)
@@ -680,13 +663,21 @@ impl Writer {
         let (dir, rel) = self.at(path);
         let rel = CString::new(rel.as_os_str().as_bytes())?;
         let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC;
-        // SAFETY: `rel` is NUL-terminated and `dir` open (or AT_FDCWD) through the call.
-        let fd = unsafe { libc::openat(dir, rel.as_ptr(), flags, mode as libc::c_uint) };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
+        // Files over 2 GiB on 32-bit systems, as std's own open asks for.
+        #[cfg(target_os = "linux")]
+        let flags = flags | libc::O_LARGEFILE;
+        loop {
+            // SAFETY: `rel` is NUL-terminated and `dir` open (or AT_FDCWD) through the call.
+            let fd = unsafe { libc::openat(dir, rel.as_ptr(), flags, mode as libc::c_uint) };
+            if fd >= 0 {
+                // SAFETY: `fd` is a descriptor just opened, owned by nothing else.
+                return Ok(unsafe { File::from_raw_fd(fd) });
+            }
+            let e = std::io::Error::last_os_error();
+            if e.kind() != ErrorKind::Interrupted {
+                return Err(e);
+            }
         }
-        // SAFETY: `fd` is a descriptor just opened, owned by nothing else.
-        Ok(unsafe { File::from_raw_fd(fd) })
     }
 
     /// Renames `from` to `to`, replacing what is there.
@@ -1420,7 +1411,6 @@ fn sync_all(root: &Path) -> Result<(), FsError> {
     let dir = File::open(root).map_err(FsError::io("opening", root))?;
     #[cfg(target_os = "linux")]
     {
-        use std::os::fd::AsRawFd;
         // SAFETY: `dir` is an open descriptor for the duration of the call.
         let rc = unsafe { libc::syncfs(dir.as_raw_fd()) };
         if rc != 0 {
@@ -1464,10 +1454,7 @@ mod tests {
             rename_new: cfg!(target_os = "linux"),
             dirty: false,
             temp_dir: None,
-            anchors: Anchors {
-                root: open_dir(root),
-                temp: None,
-            },
+            temp_fd: None,
             failed: Vec::new(),
         };
         (w, content)
