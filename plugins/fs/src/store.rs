@@ -642,7 +642,7 @@ impl Writer {
 
     /// `path` as a directory descriptor and a path relative to it, for the `*at` system
     /// calls: a temp file below the open temp dir by its name there, so that the kernel
-    /// does not walk the temp dir's whole path for each create and rename (a sixth of a
+    /// does not walk the temp dir's whole path for each create and rename (a seventh of a
     /// small file's create, write and rename); any other path whole. Paths in the folder
     /// stay whole on purpose: every check before a write looks them up by path, and a
     /// folder moved away or replaced during a batch must not have the checks made in

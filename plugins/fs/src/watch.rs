@@ -86,6 +86,40 @@ impl FsSource {
         })
     }
 
+    /// Loads the ignore rules and starts watching with them (after stopping `old`), until
+    /// the ignore file is the same after the watcher started as when the rules were read:
+    /// a change in between would make no event (no watcher yet) and leave stale rules.
+    /// Returns the rules, the ignore file they were read from, and the watcher.
+    async fn rules_and_watcher(
+        &self,
+        ctx: &SourceContext,
+        root: &Path,
+        tx: &mpsc::UnboundedSender<WatchResult>,
+        rx: &mut mpsc::UnboundedReceiver<WatchResult>,
+        mut old: Option<FolderWatcher>,
+    ) -> Result<(Arc<Env>, Option<IgnoreStamp>, Option<FolderWatcher>), FsError> {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            // The old watcher's watches are gone first: both together could meet the
+            // kernel's limit. What it sent and is not taken yet (an error at the limit,
+            // say, which would count against the new watcher) is dropped: the caller
+            // rescans.
+            if let Some(old) = old.take() {
+                tokio::task::spawn_blocking(move || old.stop()).await?;
+                while rx.try_recv().is_ok() {}
+            }
+            let stamp = ignore_stamp(root).await;
+            let env = self.env(ctx, root);
+            let watcher = self.start_watcher(root, &env, tx).await?;
+            // A file rewritten without a pause for longer: the rules read last stand.
+            if ignore_stamp(root).await == stamp || tries == RULES_TRIES {
+                return Ok((env, stamp, watcher));
+            }
+            old = watcher;
+        }
+    }
+
     /// Starts watching `root`, leaving out the directories `env`'s ignore rules exclude,
     /// and sending events to `tx`. `None` when the folder is configured not to be watched
     /// or watching fails (said): the source then rescans every `rescan_interval`.
@@ -143,9 +177,6 @@ impl FsSource {
             Ok((root, (meta.dev(), meta.ino())))
         })
         .await??;
-        let mut stamp = ignore_stamp(&root).await;
-        let mut env = self.env(&ctx, &root);
-
         // Watch before scanning, so nothing changed during the scan is missed. The sender
         // kept here keeps the channel open when there is no watcher (the rescans go on).
         let (tx, mut rx) = mpsc::unbounded_channel();
@@ -157,7 +188,9 @@ impl FsSource {
                 rescan_interval.as_secs_f64()
             );
         }
-        let mut watcher = self.start_watcher(&root, &env, &tx).await?;
+        let (mut env, mut stamp, mut watcher) = self
+            .rules_and_watcher(&ctx, &root, &tx, &mut rx, None)
+            .await?;
 
         scan(&ctx, &env, None, true, None).await?;
         tracing::debug!("initial scan of {} done", root.display());
@@ -237,29 +270,23 @@ impl FsSource {
                 return Ok(());
             }
             // A rescan looks at the ignore file itself: unwatched, or after events were
-            // lost, no event may have named it.
-            let ignore_changed = paths.contains(&root.join(IGNORE_FILE))
-                || (rescan && ignore_stamp(&root).await != stamp);
+            // lost, no event may have named it. An event naming it (a touch, say) counts
+            // only if it changed.
+            let ignore_changed = (rescan || paths.contains(&root.join(IGNORE_FILE)))
+                && ignore_stamp(&root).await != stamp;
             if ignore_changed {
                 tracing::info!(
                     "{} changed: reloading ignore rules and rescanning",
                     IGNORE_FILE
                 );
-                stamp = ignore_stamp(&root).await;
-                env = self.env(&ctx, &root);
                 rescan = true;
                 // Directories the rules no longer exclude are watched from now on: a
                 // fresh watcher, started before the rescan so that nothing between the
                 // two is missed. A watcher that failed (at the kernel's limit of
-                // watches, say) gets its chance again with the new rules. The old one's
-                // watches are gone first: both together could meet that limit.
-                if let Some(old) = watcher.take() {
-                    tokio::task::spawn_blocking(move || old.stop()).await?;
-                    // What it sent and is not taken yet (an error at the limit, say, which
-                    // would count against the new watcher): the rescan below covers it.
-                    while rx.try_recv().is_ok() {}
-                }
-                watcher = self.start_watcher(&root, &env, &tx).await?;
+                // watches, say) gets its chance again with the new rules.
+                (env, stamp, watcher) = self
+                    .rules_and_watcher(&ctx, &root, &tx, &mut rx, watcher.take())
+                    .await?;
                 watching = watcher.is_some();
             }
             if rescan {
@@ -553,11 +580,56 @@ fn merge_for_path(env: &Env, path: &Path) -> Result<Option<LocalChange>, FsError
     Ok(merged.map(|(_, merge)| merge))
 }
 
-/// The folder's ignore file as the rules read it (through a symlink, too), to tell
-/// whether it changed: its bytes, which a coarse timestamp (a network file system's)
-/// could hide a change of; `None` while there is none to read.
-async fn ignore_stamp(root: &Path) -> Option<Vec<u8>> {
-    tokio::fs::read(root.join(IGNORE_FILE)).await.ok()
+/// How many times the rules are read again when the ignore file changed while they were
+/// read and the watcher started.
+const RULES_TRIES: u32 = 8;
+
+/// What tells whether the folder's ignore file changed.
+#[derive(Debug, PartialEq, Eq)]
+enum IgnoreStamp {
+    /// Its bytes' hash: a coarse timestamp (a network file system's) could hide an edit.
+    Hash(blake3::Hash),
+    /// Its inode, size and modification time, for one too large to read each time.
+    Large(u64, u64, i64, i64),
+}
+
+/// Ignore files larger than this are told apart by their metadata alone.
+const IGNORE_STAMP_BYTES: u64 = 1 << 20;
+
+/// The folder's ignore file as the rules read it (through a symlink, too); `None` while
+/// there is no regular file to read. Opened without blocking, so that a FIFO put there
+/// holds nothing up.
+async fn ignore_stamp(root: &Path) -> Option<IgnoreStamp> {
+    let path = root.join(IGNORE_FILE);
+    tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&path)
+            .ok()?;
+        let m = file.metadata().ok()?;
+        if !m.is_file() {
+            return None;
+        }
+        if m.len() > IGNORE_STAMP_BYTES {
+            return Some(IgnoreStamp::Large(
+                m.ino(),
+                m.len(),
+                m.mtime(),
+                m.mtime_nsec(),
+            ));
+        }
+        let mut bytes = Vec::new();
+        file.take(IGNORE_STAMP_BYTES + 1)
+            .read_to_end(&mut bytes)
+            .ok()?;
+        Some(IgnoreStamp::Hash(blake3::hash(&bytes)))
+    })
+    .await
+    .ok()
+    .flatten()
 }
 
 /// What the held removals amount to now (blocking): a delete of every key at or below a

@@ -490,3 +490,31 @@ async fn an_unwatched_folder_takes_up_new_ignore_rules() {
 
     running.stop().await;
 }
+
+/// A FIFO where the ignore file would be holds nothing up: it is no ignore file (the rules
+/// read none), and telling whether it changed opens it without waiting for a writer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fifo_as_the_ignore_file_holds_nothing_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_owned();
+    write(&root, "a.txt", b"a");
+    let made = std::process::Command::new("mkfifo")
+        .arg(root.join(".convergeignore"))
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let log = common::log();
+    let config = FsConfig::new(&root).rescan_every(std::time::Duration::from_millis(100));
+    let running = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        Running::start(FsSource::new(config), &log),
+    )
+    .await
+    .expect("the source's start waited on the FIFO");
+    write(&root, "b.txt", b"b");
+    wait_until(&log, "a rescan past the FIFO", |s| {
+        s.keys().collect::<Vec<_>>() == ["a.txt", "b.txt"]
+    })
+    .await;
+    running.stop().await;
+}
