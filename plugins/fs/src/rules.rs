@@ -15,6 +15,8 @@ pub(crate) struct Rules {
     root: PathBuf,
     exclude: Vec<PathBuf>,
     gitignore: Option<Gitignore>,
+    /// The hash of the ignore file's bytes the patterns were read from.
+    read_from: Option<blake3::Hash>,
 }
 
 impl Rules {
@@ -33,10 +35,24 @@ impl Rules {
             })
             .collect();
         let file = root.join(IGNORE_FILE);
-        let gitignore = if file.is_file() {
+        let bytes = read_ignore_file(root);
+        let gitignore = bytes.as_deref().and_then(|bytes| {
             let mut builder = GitignoreBuilder::new(root);
-            if let Some(err) = builder.add(&file) {
-                tracing::warn!("{}: {err}", file.display());
+            // Line by line, as `GitignoreBuilder::add` reads a file: a broken line is
+            // said and skipped.
+            let text = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
+            for (n, line) in text.split(|b| *b == b'\n').enumerate() {
+                let line = line.strip_suffix(b"\r").unwrap_or(line);
+                let added = match std::str::from_utf8(line) {
+                    Ok(line) => builder
+                        .add_line(Some(file.clone()), line)
+                        .map(|_| ())
+                        .map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
+                if let Err(e) = added {
+                    tracing::warn!("{}, line {}: {e}", file.display(), n + 1);
+                }
             }
             match builder.build() {
                 Ok(g) => Some(g),
@@ -45,14 +61,19 @@ impl Rules {
                     None
                 }
             }
-        } else {
-            None
-        };
+        });
         Rules {
             root: root.to_owned(),
             exclude,
             gitignore,
+            read_from: bytes.as_deref().map(blake3::hash),
         }
+    }
+
+    /// The hash of the ignore file's bytes the rules were read from (`None`: there was
+    /// none), to tell whether it changed since (see [`ignore_file_hash`]).
+    pub(crate) fn read_from(&self) -> Option<blake3::Hash> {
+        self.read_from
     }
 
     /// The folder root the rules belong to.
@@ -113,6 +134,41 @@ impl Rules {
     pub(crate) fn path_of(&self, key: &Key) -> PathBuf {
         self.root.join(key.as_str())
     }
+}
+
+/// The bytes of the ignore file of the folder at `root`: a regular file only (through a
+/// symlink too), opened without blocking, so that a FIFO or a device put there holds
+/// nothing up; `None` when there is none to read (said, unless there is none at all).
+fn read_ignore_file(root: &Path) -> Option<Vec<u8>> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = root.join(IGNORE_FILE);
+    let read = || -> std::io::Result<Option<Vec<u8>>> {
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&path)?;
+        if !file.metadata()?.is_file() {
+            return Ok(None);
+        }
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes)?;
+        Ok(Some(bytes))
+    };
+    match read() {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => {
+            tracing::warn!("{}: {e}; no ignore rules from it", path.display());
+            None
+        }
+    }
+}
+
+/// The hash of the ignore file's bytes now, as [`Rules::read_from`] has it for the bytes
+/// the rules were read from (blocking).
+pub(crate) fn ignore_file_hash(root: &Path) -> Option<blake3::Hash> {
+    read_ignore_file(root).as_deref().map(blake3::hash)
 }
 
 /// Whether a directory between the folder's root and `path` is a symlink: then `path` is

@@ -19,7 +19,7 @@ use crate::content::changed_at_ms;
 use crate::echo::{Applied, Echo};
 use crate::error::FsError;
 use crate::marker;
-use crate::rules::{below_symlink, Rules};
+use crate::rules::{below_symlink, ignore_file_hash, Rules};
 use crate::scan::{
     emit, examine_file, gone, is_echo, merge_for_deleted_copy, removed_at_ms, scan, Env,
     Projection, Resolver,
@@ -76,14 +76,17 @@ impl FsSource {
         &self.config
     }
 
-    fn env(&self, ctx: &SourceContext, root: &Path) -> Arc<Env> {
-        Arc::new(Env {
-            rules: Rules::load(root, &self.config.exclude),
+    /// The folder's rules (read on a blocking thread) and what the source reads with them.
+    async fn env(&self, ctx: &SourceContext, root: &Path) -> Result<Arc<Env>, FsError> {
+        let (root, exclude) = (root.to_owned(), self.config.exclude.clone());
+        let rules = tokio::task::spawn_blocking(move || Rules::load(&root, &exclude)).await?;
+        Ok(Arc::new(Env {
+            rules,
             echo: self.echo.clone(),
             resolver: self.resolver.clone(),
             log: ctx.log().clone(),
             chunks: ctx.chunks().clone(),
-        })
+        }))
     }
 
     /// Loads the ignore rules and starts watching with them (after stopping `old`), until
@@ -97,7 +100,7 @@ impl FsSource {
         tx: &mpsc::UnboundedSender<WatchResult>,
         rx: &mut mpsc::UnboundedReceiver<WatchResult>,
         mut old: Option<FolderWatcher>,
-    ) -> Result<(Arc<Env>, Option<IgnoreStamp>, Option<FolderWatcher>), FsError> {
+    ) -> Result<(Arc<Env>, Option<blake3::Hash>, Option<FolderWatcher>), FsError> {
         let mut tries = 0;
         loop {
             tries += 1;
@@ -109,8 +112,8 @@ impl FsSource {
                 tokio::task::spawn_blocking(move || old.stop()).await?;
                 while rx.try_recv().is_ok() {}
             }
-            let stamp = ignore_stamp(root).await;
-            let env = self.env(ctx, root);
+            let env = self.env(ctx, root).await?;
+            let stamp = env.rules.read_from();
             let watcher = self.start_watcher(root, &env, tx).await?;
             // A file rewritten without a pause for longer: the rules read last stand.
             if ignore_stamp(root).await == stamp || tries == RULES_TRIES {
@@ -584,52 +587,13 @@ fn merge_for_path(env: &Env, path: &Path) -> Result<Option<LocalChange>, FsError
 /// read and the watcher started.
 const RULES_TRIES: u32 = 8;
 
-/// What tells whether the folder's ignore file changed.
-#[derive(Debug, PartialEq, Eq)]
-enum IgnoreStamp {
-    /// Its bytes' hash: a coarse timestamp (a network file system's) could hide an edit.
-    Hash(blake3::Hash),
-    /// Its inode, size and modification time, for one too large to read each time.
-    Large(u64, u64, i64, i64),
-}
-
-/// Ignore files larger than this are told apart by their metadata alone.
-const IGNORE_STAMP_BYTES: u64 = 1 << 20;
-
-/// The folder's ignore file as the rules read it (through a symlink, too); `None` while
-/// there is no regular file to read. Opened without blocking, so that a FIFO put there
-/// holds nothing up.
-async fn ignore_stamp(root: &Path) -> Option<IgnoreStamp> {
-    let path = root.join(IGNORE_FILE);
-    tokio::task::spawn_blocking(move || {
-        use std::io::Read;
-        use std::os::unix::fs::OpenOptionsExt;
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NONBLOCK)
-            .open(&path)
-            .ok()?;
-        let m = file.metadata().ok()?;
-        if !m.is_file() {
-            return None;
-        }
-        if m.len() > IGNORE_STAMP_BYTES {
-            return Some(IgnoreStamp::Large(
-                m.ino(),
-                m.len(),
-                m.mtime(),
-                m.mtime_nsec(),
-            ));
-        }
-        let mut bytes = Vec::new();
-        file.take(IGNORE_STAMP_BYTES + 1)
-            .read_to_end(&mut bytes)
-            .ok()?;
-        Some(IgnoreStamp::Hash(blake3::hash(&bytes)))
-    })
-    .await
-    .ok()
-    .flatten()
+/// The hash of the folder's ignore file now (see [`Rules::read_from`]).
+async fn ignore_stamp(root: &Path) -> Option<blake3::Hash> {
+    let root = root.to_owned();
+    tokio::task::spawn_blocking(move || ignore_file_hash(&root))
+        .await
+        .ok()
+        .flatten()
 }
 
 /// What the held removals amount to now (blocking): a delete of every key at or below a

@@ -505,12 +505,20 @@ async fn a_fifo_as_the_ignore_file_holds_nothing_up() {
     assert!(made.success());
     let log = common::log();
     let config = FsConfig::new(&root).rescan_every(std::time::Duration::from_millis(100));
-    let running = tokio::time::timeout(
+    let started = tokio::time::timeout(
         std::time::Duration::from_secs(10),
         Running::start(FsSource::new(config), &log),
     )
-    .await
-    .expect("the source's start waited on the FIFO");
+    .await;
+    let Ok(running) = started else {
+        // Lets an open waiting for a writer go (a FIFO opened for both never waits), so
+        // that the test fails rather than hangs on its runtime's blocked thread.
+        let _writer = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(root.join(".convergeignore"));
+        panic!("the source's start waited on the FIFO");
+    };
     write(&root, "b.txt", b"b");
     wait_until(&log, "a rescan past the FIFO", |s| {
         s.keys().collect::<Vec<_>>() == ["a.txt", "b.txt"]
