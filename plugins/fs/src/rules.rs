@@ -35,12 +35,18 @@ impl Rules {
             })
             .collect();
         let file = root.join(IGNORE_FILE);
-        let bytes = read_ignore_file(root);
+        let bytes = read_ignore_file(root).unwrap_or_else(|e| {
+            tracing::warn!("{}: {e}; no ignore rules from it", file.display());
+            None
+        });
         let gitignore = bytes.as_deref().and_then(|bytes| {
             let mut builder = GitignoreBuilder::new(root);
             // Line by line, as `GitignoreBuilder::add` reads a file: a broken line is
             // said and skipped.
-            let text = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
+            let mut text = bytes;
+            while let Some(rest) = text.strip_prefix(b"\xEF\xBB\xBF") {
+                text = rest;
+            }
             for (n, line) in text.split(|b| *b == b'\n').enumerate() {
                 let line = line.strip_suffix(b"\r").unwrap_or(line);
                 let added = match std::str::from_utf8(line) {
@@ -138,37 +144,36 @@ impl Rules {
 
 /// The bytes of the ignore file of the folder at `root`: a regular file only (through a
 /// symlink too), opened without blocking, so that a FIFO or a device put there holds
-/// nothing up; `None` when there is none to read (said, unless there is none at all).
-fn read_ignore_file(root: &Path) -> Option<Vec<u8>> {
+/// nothing up; `None` when there is none to read.
+fn read_ignore_file(root: &Path) -> std::io::Result<Option<Vec<u8>>> {
     use std::io::Read;
     use std::os::unix::fs::OpenOptionsExt;
-    let path = root.join(IGNORE_FILE);
-    let read = || -> std::io::Result<Option<Vec<u8>>> {
-        let mut file = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NONBLOCK)
-            .open(&path)?;
-        if !file.metadata()?.is_file() {
-            return Ok(None);
-        }
-        let mut bytes = Vec::new();
-        file.read_to_end(&mut bytes)?;
-        Ok(Some(bytes))
+    let opened = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(root.join(IGNORE_FILE));
+    let mut file = match opened {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
     };
-    match read() {
-        Ok(bytes) => bytes,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-        Err(e) => {
-            tracing::warn!("{}: {e}; no ignore rules from it", path.display());
-            None
-        }
+    if !file.metadata()?.is_file() {
+        return Ok(None);
     }
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes)?;
+    Ok(Some(bytes))
 }
 
 /// The hash of the ignore file's bytes now, as [`Rules::read_from`] has it for the bytes
-/// the rules were read from (blocking).
+/// the rules were read from (blocking). Quiet: [`Rules::load`] says why a file cannot
+/// be read.
 pub(crate) fn ignore_file_hash(root: &Path) -> Option<blake3::Hash> {
-    read_ignore_file(root).as_deref().map(blake3::hash)
+    read_ignore_file(root)
+        .ok()
+        .flatten()
+        .as_deref()
+        .map(blake3::hash)
 }
 
 /// Whether a directory between the folder's root and `path` is a symlink: then `path` is
@@ -197,4 +202,33 @@ pub(crate) fn below_symlink(root: &Path, path: &Path, real: &mut HashSet<PathBuf
         }
     }
     false
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// The ignore file is read line by line as `GitignoreBuilder::add` reads one: a BOM
+    /// and CRLF endings are taken off, comments skipped, and a line that is not UTF-8
+    /// skipped without losing the lines after it.
+    #[test]
+    fn the_ignore_file_is_read_line_by_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().canonicalize().unwrap();
+        let mut file = b"\xEF\xBB\xBF*.log\r\n# a comment\r\nbuild/\n\xFF\xFE broken\n".to_vec();
+        file.extend_from_slice(b"*.tmp\n!keep.tmp");
+        std::fs::write(root.join(IGNORE_FILE), &file).unwrap();
+        let rules = Rules::load(&root, &[]);
+        let ignored = |p: &str, dir: bool| rules.ignores(&root.join(p), dir, true);
+        assert!(ignored("a.log", false));
+        assert!(ignored("build", true));
+        assert!(ignored("build/x.rs", false));
+        assert!(ignored("x.tmp", false));
+        assert!(!ignored("keep.tmp", false));
+        assert!(!ignored("# a comment", false));
+        assert!(!ignored("src/main.rs", false));
+        assert_eq!(rules.read_from(), Some(blake3::hash(&file)));
+        assert_eq!(ignore_file_hash(&root), rules.read_from());
+    }
 }
