@@ -896,14 +896,10 @@ impl Writer {
     /// Drops every derived tree and folds the whole log into them again, streaming the
     /// log in batches; the states (one per key) are the only thing held in memory.
     fn rebuild(&mut self) -> Result<u64, LogError> {
-        self.trees.meta.insert(META_REBUILDING, &[1u8])?;
-        self.db.flush()?;
-        self.trees.state.clear()?;
-        self.trees.ids.clear()?;
-        self.trees.vv.clear()?;
-        if let Ok(mut overlay) = self.overlay.write() {
-            *overlay = Overlay::default();
-        }
+        // The fold first, in memory: a log that cannot be read to its end (damage, an
+        // I/O error) leaves the projection as it was, and the caller puts back the clock
+        // and the version vector the fold moved. Only then are the derived trees
+        // replaced, under the flag that has the next start rebuild them should that fail.
         let mut states: HashMap<Key, KeyState> = HashMap::new();
         let mut ids = Batch::default();
         self.vv = VersionVector::new();
@@ -957,6 +953,14 @@ impl Writer {
             }
             Ok(())
         })?;
+        self.trees.meta.insert(META_REBUILDING, &[1u8])?;
+        self.db.flush()?;
+        self.trees.state.clear()?;
+        self.trees.ids.clear()?;
+        self.trees.vv.clear()?;
+        if let Ok(mut overlay) = self.overlay.write() {
+            *overlay = Overlay::default();
+        }
         self.trees.ids.apply_batch(ids)?;
         let mut batch = Batch::default();
         for (i, (key, state)) in states.into_iter().enumerate() {

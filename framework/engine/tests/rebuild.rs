@@ -1,0 +1,68 @@
+//! A rebuild of the projection that cannot read the log to its end changes nothing.
+#![allow(clippy::unwrap_used)]
+
+use converge_api::{Key, Meta, Op};
+use converge_framework::log::{EventLog, LocalChange, LogConfig};
+
+fn put(key: &str) -> LocalChange {
+    LocalChange::new(
+        Key::new(key).unwrap(),
+        Op::Put {
+            content: None,
+            meta: Meta::file(1),
+        },
+    )
+}
+
+/// With the log's first segment damaged, a rebuild fails; the projection, the version
+/// vector and the next sequence number are still those of before, and the log goes on
+/// appending.
+#[tokio::test]
+async fn a_failed_rebuild_leaves_the_projection_as_it_was() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = ["a", "b", "c"];
+    {
+        let log = EventLog::open(LogConfig::new(dir.path())).unwrap();
+        log.append_local(keys.iter().map(|k| put(k)).collect())
+            .await
+            .unwrap();
+        log.append_local(vec![put("a")]).await.unwrap();
+        log.close().await.unwrap();
+    }
+    {
+        // The first segment (offset 0) made unreadable, behind the log's back.
+        let db = sled::open(dir.path()).unwrap();
+        let tree = db.open_tree("log").unwrap();
+        let (first, _) = tree.first().unwrap().unwrap();
+        assert_eq!(&first[..], &0u64.to_be_bytes());
+        tree.insert(first, &b"not a segment"[..]).unwrap();
+        db.flush().unwrap();
+    }
+
+    let log = EventLog::open(LogConfig::new(dir.path())).unwrap();
+    let heads_before: Vec<_> = keys
+        .iter()
+        .map(|k| log.heads(&Key::new(*k).unwrap()).unwrap())
+        .collect();
+    assert!(
+        heads_before.iter().all(|h| h.len() == 1),
+        "{heads_before:?}"
+    );
+    let vv_before = log.version_vector();
+
+    assert!(
+        log.rebuild().await.is_err(),
+        "the rebuild read a damaged log"
+    );
+
+    let heads_after: Vec<_> = keys
+        .iter()
+        .map(|k| log.heads(&Key::new(*k).unwrap()).unwrap())
+        .collect();
+    assert_eq!(heads_after, heads_before);
+    assert_eq!(log.version_vector(), vv_before);
+    let next = log.append_local(vec![put("d")]).await.unwrap();
+    assert_eq!(next[0].id.seq, 5, "a sequence number reused or skipped");
+    assert_eq!(log.heads(&Key::new("d").unwrap()).unwrap().len(), 1);
+    log.close().await.unwrap();
+}
