@@ -23,7 +23,7 @@
 //! loses nothing. `ids` holds every [`IDS_STRIDE`]-th seq of each origin; a lookup scans
 //! forward from there.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -893,15 +893,16 @@ impl Writer {
         Ok(())
     }
 
-    /// Drops every derived tree and folds the whole log into them again, streaming the
-    /// log in batches; the states (one per key) are the only thing held in memory.
+    /// Folds the whole log into the derived trees again, streaming the log in batches;
+    /// the states (one per key) and the id index entries are what is held in memory.
     fn rebuild(&mut self) -> Result<u64, LogError> {
         // The fold first, in memory: a log that cannot be read to its end (damage, an
         // I/O error) leaves the projection as it was, and the caller puts back the clock
         // and the version vector the fold moved. Only then are the derived trees
-        // replaced, under the flag that has the next start rebuild them should that fail.
+        // rewritten, under the flag that has the next start rebuild them should that fail.
         let mut states: HashMap<Key, KeyState> = HashMap::new();
         let mut ids = Batch::default();
+        let mut id_keys: HashSet<[u8; 24]> = HashSet::new();
         self.vv = VersionVector::new();
         let mut folded = 0u64;
         let mut from = 0u64;
@@ -934,7 +935,9 @@ impl Writer {
             for batch in rx {
                 for (offset, event) in batch? {
                     if event.id.seq % IDS_STRIDE == 1 {
-                        ids.insert(&id_key(&event.id)[..], &offset.to_be_bytes());
+                        let key = id_key(&event.id);
+                        ids.insert(&key[..], &offset.to_be_bytes());
+                        id_keys.insert(key);
                     }
                     let (id, hlc) = (event.id, event.hlc);
                     match states.get_mut(&event.key) {
@@ -955,13 +958,29 @@ impl Writer {
         })?;
         self.trees.meta.insert(META_REBUILDING, &[1u8])?;
         self.db.flush()?;
-        self.trees.state.clear()?;
-        self.trees.ids.clear()?;
-        self.trees.vv.clear()?;
-        if let Ok(mut overlay) = self.overlay.write() {
-            *overlay = Overlay::default();
+        // Rewritten in place, never cleared: a reader (the overlay first, then the trees)
+        // meets each key's state as it was or as rebuilt, never none, and a failure here
+        // leaves the projection readable until the next start rebuilds it.
+        let mut stale_ids = Batch::default();
+        for key in self.trees.ids.iter().keys() {
+            let key = key?;
+            if <[u8; 24]>::try_from(&key[..]).map_or(true, |k| !id_keys.contains(&k)) {
+                stale_ids.remove(key);
+            }
+        }
+        let mut stale_states = Batch::default();
+        for key in self.trees.state.iter().keys() {
+            let key = key?;
+            let live = std::str::from_utf8(&key)
+                .ok()
+                .and_then(|k| Key::new(k).ok())
+                .is_some_and(|k| states.contains_key(&k));
+            if !live {
+                stale_states.remove(key);
+            }
         }
         self.trees.ids.apply_batch(ids)?;
+        self.trees.ids.apply_batch(stale_ids)?;
         let mut batch = Batch::default();
         for (i, (key, state)) in states.into_iter().enumerate() {
             batch.insert(key.as_str(), state.encode()?);
@@ -970,6 +989,14 @@ impl Writer {
             }
         }
         self.trees.state.apply_batch(batch)?;
+        self.trees.state.apply_batch(stale_states)?;
+        // The overlay held the same states (the log up to the same offset), now in the
+        // trees. The version vector's tree is read only at start, and the checkpoint
+        // below writes it whole.
+        if let Ok(mut overlay) = self.overlay.write() {
+            *overlay = Overlay::default();
+        }
+        self.trees.vv.clear()?;
         self.next_offset = from;
         self.since_checkpoint = 1; // forces the checkpoint below to write vv and the offset
         self.checkpoint()?;

@@ -66,3 +66,34 @@ async fn a_failed_rebuild_leaves_the_projection_as_it_was() {
     assert_eq!(log.heads(&Key::new("d").unwrap()).unwrap().len(), 1);
     log.close().await.unwrap();
 }
+
+/// A rebuild rewrites the derived trees in place: what the log does not back (a state
+/// left behind the log's back here) is gone after it, and every key the log names keeps
+/// its heads.
+#[tokio::test]
+async fn a_rebuild_drops_what_the_log_does_not_back() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let log = EventLog::open(LogConfig::new(dir.path())).unwrap();
+        log.append_local(vec![put("a"), put("b")]).await.unwrap();
+        log.close().await.unwrap();
+    }
+    {
+        let db = sled::open(dir.path()).unwrap();
+        let state = db.open_tree("state").unwrap();
+        let (_, a) = state.first().unwrap().unwrap();
+        state.insert("ghost", a).unwrap();
+        db.flush().unwrap();
+    }
+    let log = EventLog::open(LogConfig::new(dir.path())).unwrap();
+    let keys = |log: &EventLog| -> Vec<String> {
+        log.states()
+            .map(|r| r.unwrap().0.to_string())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(keys(&log), ["a", "b", "ghost"]);
+    assert_eq!(log.rebuild().await.unwrap(), 2);
+    assert_eq!(keys(&log), ["a", "b"]);
+    assert_eq!(log.heads(&Key::new("a").unwrap()).unwrap().len(), 1);
+    log.close().await.unwrap();
+}
