@@ -645,6 +645,16 @@ mod imp {
             (inotify, tree)
         }
 
+        /// A folder (its temp dir and canonical path) holding the directories `dirs`, and
+        /// a temp dir outside it to move them to.
+        fn folder_with(dirs: &str) -> (tempfile::TempDir, tempfile::TempDir, PathBuf) {
+            let outside = tempfile::tempdir().unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            let root = dir.path().canonicalize().unwrap();
+            std::fs::create_dir_all(root.join(dirs)).unwrap();
+            (outside, dir, root)
+        }
+
         /// The paths the tree has watches on, relative to `root`.
         fn watched(tree: &Tree, root: &Path) -> Vec<String> {
             let mut paths: Vec<String> = tree
@@ -739,10 +749,7 @@ mod imp {
 
         #[test]
         fn a_directory_moved_out_and_back_stays_watched() {
-            let outside = tempfile::tempdir().unwrap();
-            let dir = tempfile::tempdir().unwrap();
-            let root = dir.path().canonicalize().unwrap();
-            std::fs::create_dir_all(root.join("a/sub")).unwrap();
+            let (outside, _dir, root) = folder_with("a/sub");
             let (mut inotify, mut tree) = tree(&root);
             std::fs::rename(root.join("a"), outside.path().join("a")).unwrap();
             std::fs::rename(outside.path().join("a"), root.join("a")).unwrap();
@@ -754,10 +761,7 @@ mod imp {
 
         #[test]
         fn a_directory_moved_within_then_out_is_no_longer_watched() {
-            let outside = tempfile::tempdir().unwrap();
-            let dir = tempfile::tempdir().unwrap();
-            let root = dir.path().canonicalize().unwrap();
-            std::fs::create_dir_all(root.join("a/sub")).unwrap();
+            let (outside, _dir, root) = folder_with("a/sub");
             let (mut inotify, mut tree) = tree(&root);
             std::fs::rename(root.join("a"), root.join("b")).unwrap();
             std::fs::rename(root.join("b"), outside.path().join("b")).unwrap();
@@ -776,10 +780,7 @@ mod imp {
 
         #[test]
         fn a_removal_reported_by_a_watch_moved_away_keeps_what_is_here_now() {
-            let outside = tempfile::tempdir().unwrap();
-            let dir = tempfile::tempdir().unwrap();
-            let root = dir.path().canonicalize().unwrap();
-            std::fs::create_dir_all(root.join("a/x")).unwrap();
+            let (outside, _dir, root) = folder_with("a/x");
             let (mut inotify, mut tree) = tree(&root);
             let mut buffer = vec![0u8; BUFFER];
             // One read: `a` leaves (its watches pending, still recorded at `a`), a new
@@ -830,10 +831,7 @@ mod imp {
 
         #[test]
         fn an_overflow_watches_the_tree_as_it_is_now() {
-            let outside = tempfile::tempdir().unwrap();
-            let dir = tempfile::tempdir().unwrap();
-            let root = dir.path().canonicalize().unwrap();
-            std::fs::create_dir_all(root.join("a/sub")).unwrap();
+            let (outside, _dir, root) = folder_with("a/sub");
             std::fs::create_dir_all(root.join("b")).unwrap();
             let (inotify, mut tree) = tree(&root);
             // Changes whose events are lost: a directory moved out, one moved within,

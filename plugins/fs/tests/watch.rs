@@ -422,23 +422,34 @@ async fn a_directory_removed_and_made_again_is_scanned() {
     running.stop().await;
 }
 
+/// A folder whose `.convergeignore` excludes `build/` (which holds `old.o`) beside
+/// `src/a.rs`, its source started with the configuration `config` makes for its root,
+/// and the first scan recorded.
+async fn start_with_build_ignored(
+    config: impl FnOnce(&std::path::Path) -> FsConfig,
+) -> (tempfile::TempDir, EventLog, Running) {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    write(root, ".convergeignore", b"build/\n");
+    write(root, "build/old.o", b"old");
+    write(root, "src/a.rs", b"a");
+    let log = common::log();
+    let running = Running::start(FsSource::new(config(root)), &log).await;
+    wait_until(&log, "the first scan", |s| {
+        s.keys().collect::<Vec<_>>() == ["src", "src/a.rs"]
+    })
+    .await;
+    (dir, log, running)
+}
+
 /// A directory the ignore rules exclude is not watched. Once `.convergeignore` no longer
 /// excludes it, the rescan that follows records what is in it, and the watcher, started
 /// again with the new rules, sees what changes there next (the folder is watched: no
 /// periodic rescan would find it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_directory_no_longer_ignored_is_recorded_and_watched() {
-    let dir = tempfile::tempdir().unwrap();
+    let (dir, log, running) = start_with_build_ignored(|root| FsConfig::new(root)).await;
     let root = dir.path().to_owned();
-    write(&root, ".convergeignore", b"build/\n");
-    write(&root, "build/old.o", b"old");
-    write(&root, "src/a.rs", b"a");
-    let log = common::log();
-    let running = Running::start(FsSource::new(FsConfig::new(&root)), &log).await;
-    wait_until(&log, "the first scan", |s| {
-        s.keys().collect::<Vec<_>>() == ["src", "src/a.rs"]
-    })
-    .await;
 
     write(&root, "build/during.o", b"during");
     write(&root, "src/b.rs", b"b");
@@ -469,18 +480,11 @@ async fn a_directory_no_longer_ignored_is_recorded_and_watched() {
 /// a change of `.convergeignore` itself and scans with the new rules.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unwatched_folder_takes_up_new_ignore_rules() {
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().to_owned();
-    write(&root, ".convergeignore", b"build/\n");
-    write(&root, "build/old.o", b"old");
-    write(&root, "src/a.rs", b"a");
-    let log = common::log();
-    let config = FsConfig::new(&root).rescan_every(std::time::Duration::from_millis(200));
-    let running = Running::start(FsSource::new(config), &log).await;
-    wait_until(&log, "the first scan", |s| {
-        s.keys().collect::<Vec<_>>() == ["src", "src/a.rs"]
+    let (dir, log, running) = start_with_build_ignored(|root| {
+        FsConfig::new(root).rescan_every(std::time::Duration::from_millis(200))
     })
     .await;
+    let root = dir.path().to_owned();
 
     write(&root, ".convergeignore", b"");
     wait_until(&log, "a rescan with the new rules", |s| {
