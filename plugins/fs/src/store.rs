@@ -661,7 +661,7 @@ impl Writer {
     /// (masked by the umask).
     fn create_new(&self, path: &Path, mode: u32) -> std::io::Result<File> {
         let (dir, rel) = self.at(path);
-        let rel = CString::new(rel.as_os_str().as_bytes())?;
+        let rel = c_path(rel)?;
         let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC;
         // Files over 2 GiB on 32-bit systems, as std's own open asks for.
         #[cfg(target_os = "linux")]
@@ -683,10 +683,7 @@ impl Writer {
     /// Renames `from` to `to`, replacing what is there.
     fn rename(&self, from: &Path, to: &Path) -> std::io::Result<()> {
         let ((from_dir, from), (to_dir, to)) = (self.at(from), self.at(to));
-        let (from, to) = (
-            CString::new(from.as_os_str().as_bytes())?,
-            CString::new(to.as_os_str().as_bytes())?,
-        );
+        let (from, to) = (c_path(from)?, c_path(to)?);
         // SAFETY: both names are NUL-terminated and both directories open (or
         // AT_FDCWD) through the call.
         let rc = unsafe { libc::renameat(from_dir, from.as_ptr(), to_dir, to.as_ptr()) };
@@ -1373,6 +1370,12 @@ fn utc_stamp(wall_ms: u64) -> String {
     )
 }
 
+/// `path` as the C string the `*at` system calls take (an `InvalidInput` error for a
+/// path with a NUL byte).
+fn c_path(path: &Path) -> std::io::Result<CString> {
+    Ok(CString::new(path.as_os_str().as_bytes())?)
+}
+
 /// Renames `from` to `to` (each a directory descriptor and a path relative to it, as
 /// [`Writer::at`] gives) unless something is at `to` (an `AlreadyExists` error then), in
 /// one step: nothing written at `to` meanwhile is ever replaced.
@@ -1380,8 +1383,8 @@ fn rename_new(from: (RawFd, &Path), to: (RawFd, &Path)) -> std::io::Result<()> {
     #[cfg(target_os = "linux")]
     {
         let ((from_dir, from), (to_dir, to)) = (from, to);
-        let from = CString::new(from.as_os_str().as_bytes())?;
-        let to = CString::new(to.as_os_str().as_bytes())?;
+        let from = c_path(from)?;
+        let to = c_path(to)?;
         // SAFETY: both are NUL-terminated strings that live through the call, and both
         // directories are open (or AT_FDCWD) through it.
         let rc = unsafe {

@@ -92,7 +92,8 @@ impl FsSource {
     /// Loads the ignore rules and starts watching with them (after stopping `old`), until
     /// the ignore file is the same after the watcher started as when the rules were read:
     /// a change in between would make no event (no watcher yet) and leave stale rules.
-    /// Returns the rules, the ignore file they were read from, and the watcher.
+    /// Returns the rules (which know the ignore file they were read from) and the
+    /// watcher.
     async fn rules_and_watcher(
         &self,
         ctx: &SourceContext,
@@ -100,7 +101,7 @@ impl FsSource {
         tx: &mpsc::UnboundedSender<WatchResult>,
         rx: &mut mpsc::UnboundedReceiver<WatchResult>,
         mut old: Option<FolderWatcher>,
-    ) -> Result<(Arc<Env>, Option<blake3::Hash>, Option<FolderWatcher>), FsError> {
+    ) -> Result<(Arc<Env>, Option<FolderWatcher>), FsError> {
         let mut tries = 0;
         loop {
             tries += 1;
@@ -113,11 +114,10 @@ impl FsSource {
                 while rx.try_recv().is_ok() {}
             }
             let env = self.env(ctx, root).await?;
-            let stamp = env.rules.read_from();
             let watcher = self.start_watcher(root, &env, tx).await?;
             // A file rewritten without a pause for longer: the rules read last stand.
-            if ignore_stamp(root).await == stamp || tries == RULES_TRIES {
-                return Ok((env, stamp, watcher));
+            if ignore_stamp(root).await == env.rules.read_from() || tries == RULES_TRIES {
+                return Ok((env, watcher));
             }
             old = watcher;
         }
@@ -191,7 +191,7 @@ impl FsSource {
                 rescan_interval.as_secs_f64()
             );
         }
-        let (mut env, mut stamp, mut watcher) = self
+        let (mut env, mut watcher) = self
             .rules_and_watcher(&ctx, &root, &tx, &mut rx, None)
             .await?;
 
@@ -276,7 +276,7 @@ impl FsSource {
             // lost, no event may have named it. An event naming it (a touch, say) counts
             // only if it changed.
             let ignore_changed = (rescan || paths.contains(&root.join(IGNORE_FILE)))
-                && ignore_stamp(&root).await != stamp;
+                && ignore_stamp(&root).await != env.rules.read_from();
             if ignore_changed {
                 tracing::info!(
                     "{} changed: reloading ignore rules and rescanning",
@@ -287,7 +287,7 @@ impl FsSource {
                 // fresh watcher, started before the rescan so that nothing between the
                 // two is missed. A watcher that failed (at the kernel's limit of
                 // watches, say) gets its chance again with the new rules.
-                (env, stamp, watcher) = self
+                (env, watcher) = self
                     .rules_and_watcher(&ctx, &root, &tx, &mut rx, watcher.take())
                     .await?;
                 watching = watcher.is_some();
