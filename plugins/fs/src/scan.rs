@@ -296,7 +296,7 @@ impl Projection {
     /// `key` may be what it showed before (an older version, or nothing for a key new from
     /// a peer or a plugin): a scan then records neither a removal nor a file in a state the
     /// log knows, which would undo that change on every replica.
-    pub(crate) fn settled(&self, log: &EventLog, key: &Key) -> bool {
+    fn settled(&self, log: &EventLog, key: &Key) -> bool {
         self.shows(log, self.heads(key))
     }
 
