@@ -17,6 +17,14 @@
 //! pack is started at every open, so nothing is ever appended after bytes a crash may have
 //! torn.
 //!
+//! A sync that fails is not tried again on the same packs: after a failed `fdatasync`
+//! Linux may mark the pages it could not write clean, and a second sync then succeeds
+//! with the bytes never on disk. The packs it covered are written to no more, and the
+//! next sync first writes the chunks staged in them again, into a new pack, read back
+//! from the page cache and checked; a chunk that cannot be read back leaves the store
+//! refusing to sync until it is opened again (staged chunks are then simply missing:
+//! the source stores them again, peers send them again).
+//!
 //! Every chunk is checked once on its way in: hashed from the file by the source that
 //! puts it, or checked against its hash when a peer offers it. Reads from the packs this
 //! process wrote (and has not lent, see below) are trusted on that ground and not hashed
@@ -94,6 +102,9 @@ const FRESH_BATCH: usize = 256;
 /// Chunks checked and then written together by [`ChunkStore::put_many_verified`]: small
 /// enough that they are still in a core's cache when written.
 const GROUP_BYTES: usize = 128 << 10;
+
+/// Bytes read back and written again at once by [`ChunkStore::sync`] after a failed sync.
+const WRITE_AGAIN_BYTES: usize = 8 << 20;
 
 /// Stream packs open for writing at once; the one written least recently is closed to
 /// make room for a new stream (its chunks stay where they are; only lending it is lost).
@@ -329,6 +340,12 @@ struct PackWriter {
     /// so that no index entry names a pack a crash could lose (whose number the next
     /// run would then give a new pack, trusted, with other bytes).
     created: bool,
+    /// Packs a sync failed on: written to no more and never synced again; the chunks
+    /// staged in them are written again by the next sync (see the module docs).
+    failed: HashSet<u32>,
+    /// Why nothing can be made durable until the store is opened again: a chunk staged
+    /// in a failed pack could not be read back to be written again.
+    broken: Option<String>,
 }
 
 /// A pack holding one stream's chunks at their offsets in the stream.
@@ -352,6 +369,20 @@ impl PackWriter {
             self.closed.push((self.id, file));
         }
         self.id += 1;
+    }
+
+    /// Gives up the packs `ids` after a failed sync: no chunk is written to them any
+    /// more, and they are not synced again (their staged chunks are written again
+    /// elsewhere by the next sync).
+    fn abandon(&mut self, ids: impl IntoIterator<Item = u32>) {
+        self.failed.extend(ids);
+        let failed = &self.failed;
+        if self.file.is_some() && failed.contains(&self.id) {
+            self.file = None;
+            self.id += 1;
+        }
+        self.streams.retain(|_, pack| !failed.contains(&pack.id));
+        self.closed.retain(|(id, _)| !failed.contains(id));
     }
 
     /// Stops writing to the stream pack of `stream` (it is synced with the next
@@ -457,6 +488,8 @@ impl ChunkStore {
                     stream_clock: 0,
                     new_streams: 0,
                     created: false,
+                    failed: HashSet::new(),
+                    broken: None,
                 }),
                 syncing: Mutex::new(()),
                 own_packs: last + 1,
@@ -943,6 +976,13 @@ impl ChunkStore {
         // index chunks in a pack the other has not synced yet.)
         let _one = inner.syncing.lock().map_err(|_| LogError::Closed)?;
         let mut w = inner.writer.lock().map_err(|_| LogError::Closed)?;
+        if let Some(why) = &w.broken {
+            return Err(LogError::ContentIo {
+                op: "syncing",
+                path: inner.dir.clone(),
+                source: std::io::Error::other(why.clone()),
+            });
+        }
         if !w.manifested.is_empty() {
             // Earlier syncs' manifests: into the index, made durable there (a flush of
             // the whole database, off the path of the event they were written for),
@@ -956,6 +996,9 @@ impl ChunkStore {
             }
             w.manifested.clear();
             w.unindexed = HashMap::new();
+        }
+        if !w.failed.is_empty() {
+            self.write_again(&mut w)?;
         }
         if w.staged.is_empty() {
             return Ok(());
@@ -989,20 +1032,12 @@ impl ChunkStore {
             });
         let mut w = inner.writer.lock().map_err(|_| LogError::Closed)?;
         if let Err(e) = synced {
-            // The next sync takes them all again (each once: the current pack and the
-            // stream packs are taken anew anyway).
-            for (id, file) in files {
-                let current = w.file.is_some() && w.id == id;
-                let streaming = w.streams.values().any(|p| p.id == id);
-                if !current && !streaming && w.closed.iter().all(|(c, _)| *c != id) {
-                    w.closed.push((id, file));
-                } else if streaming {
-                    for pack in w.streams.values_mut().filter(|p| p.id == id) {
-                        pack.dirty = true;
-                    }
-                }
-            }
+            // Not tried again on these packs (see the module docs): the next sync writes
+            // their staged chunks again, into a new pack, whose creation syncs the
+            // directory too.
+            w.abandon(files.iter().map(|(id, _)| *id));
             w.created |= created;
+            tracing::error!("{e}; the chunks it held are written again before the next sync");
             return Err(e);
         }
         // Left staged until recorded, so that a failure below loses no location: the
@@ -1034,6 +1069,66 @@ impl ChunkStore {
             // A large sync's entries are gone: so is their room.
             w.staged = HashMap::with_capacity(1024);
         }
+        Ok(())
+    }
+
+    /// Writes the chunks staged in packs a sync failed on again, into the current pack,
+    /// from where they lie (the page cache, as a rule: the pages a failed sync could not
+    /// write stay there), checked against their hashes. One that cannot be read back is
+    /// lost, and an event naming it may be waiting to be made durable: the store then
+    /// refuses to sync until it is opened again.
+    fn write_again(&self, w: &mut PackWriter) -> Result<(), LogError> {
+        let mut moving: Vec<(Hash, Location)> = w
+            .staged
+            .iter()
+            .filter(|(_, location)| w.failed.contains(&location.pack))
+            .map(|(h, l)| (*h, *l))
+            .collect();
+        moving.sort_unstable_by_key(|(_, l)| (l.pack, l.offset));
+        let mut group: Vec<(Hash, Vec<u8>)> = Vec::new();
+        let mut bytes_in_group = 0;
+        let mut moved = 0;
+        for (i, &(hash, location)) in moving.iter().enumerate() {
+            let path = pack_path(&self.inner.dir, location.pack);
+            let mut bytes = vec![0; location.len as usize];
+            let read = self
+                .pack(location.pack)
+                .and_then(|pack| {
+                    pack.read_exact_at(&mut bytes, location.offset)
+                        .map_err(io_error("reading", path.clone()))
+                })
+                .and_then(|()| check(&hash, &bytes));
+            if let Err(e) = read {
+                let why = format!(
+                    "chunk {hash:?} was lost with a failed sync of {} and could not be read \
+                     back to be written again ({e}); restart converge to store it again",
+                    path.display()
+                );
+                tracing::error!("{why}");
+                w.broken = Some(why.clone());
+                return Err(LogError::ContentIo {
+                    op: "syncing",
+                    path,
+                    source: std::io::Error::other(why),
+                });
+            }
+            bytes_in_group += bytes.len();
+            group.push((hash, bytes));
+            if bytes_in_group >= WRITE_AGAIN_BYTES || i + 1 == moving.len() {
+                let slices: Vec<(Hash, &[u8])> =
+                    group.iter().map(|(h, b)| (*h, b.as_slice())).collect();
+                // The current pack is a new one: the failed ones were given up. (Its
+                // ranges to drop behind are left in the page cache: a rare path.)
+                self.append(w, &slices, &mut Vec::new())?;
+                moved += group.len();
+                group.clear();
+                bytes_in_group = 0;
+            }
+        }
+        if moved > 0 {
+            tracing::info!("{moved} chunk(s) of packs whose sync failed written again");
+        }
+        w.failed.clear();
         Ok(())
     }
 
@@ -2708,5 +2803,107 @@ mod tests {
             b"written once there is room"
         );
         assert!(store.damaged().is_empty());
+    }
+
+    /// Makes the syncs of `dir`'s pack `id` fail, for real, the way a disk's failed
+    /// writeback does: the store's descriptors of the pack are turned into a pipe's
+    /// (`fdatasync` of a pipe fails with `EINVAL`). Returns what puts them back.
+    fn fail_syncs_of(dir: &Path, id: u32) -> impl FnOnce() {
+        let pack = pack_path(dir, id);
+        let fds: Vec<i32> = std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .filter_map(|e| {
+                let e = e.ok()?;
+                let target = std::fs::read_link(e.path()).ok()?;
+                (target == pack).then(|| e.file_name().to_str()?.parse().ok())?
+            })
+            .collect();
+        assert!(!fds.is_empty(), "no descriptor of {}", pack.display());
+        let mut pipe = [0; 2];
+        // SAFETY: plain system calls on descriptors this test owns or the store holds
+        // open until it is dropped; each replaced one is put back below.
+        let saved: Vec<(i32, i32)> = unsafe {
+            assert_eq!(libc::pipe(pipe.as_mut_ptr()), 0);
+            fds.iter()
+                .map(|&fd| {
+                    let copy = libc::dup(fd);
+                    assert!(copy >= 0);
+                    assert!(libc::dup2(pipe[1], fd) >= 0);
+                    (fd, copy)
+                })
+                .collect()
+        };
+        move || unsafe {
+            for (fd, copy) in saved {
+                assert!(libc::dup2(copy, fd) >= 0);
+                libc::close(copy);
+            }
+            libc::close(pipe[0]);
+            libc::close(pipe[1]);
+        }
+    }
+
+    /// After a failed sync the pages it could not write may be marked clean, so syncing
+    /// the same pack again could succeed over lost bytes: the chunks staged in it are
+    /// written again, into a new pack, and those are the ones indexed.
+    #[test]
+    fn the_chunks_of_a_pack_whose_sync_failed_are_written_again() {
+        let (dir, db, store) = scratch();
+        let kept = store.put(b"synced before the failure").unwrap();
+        store.sync().unwrap();
+        let staged = store.put(b"staged when the sync fails").unwrap();
+
+        let put_back = fail_syncs_of(dir.path(), 1);
+        let err = store.sync().unwrap_err();
+        assert!(err.to_string().contains("pack-00000001"), "{err}");
+        // The pages are readable again, as from the page cache after a real failure.
+        put_back();
+        let later = store.put(b"put after the failure").unwrap();
+        store.sync().unwrap();
+
+        let pack = |h: &Hash| store.locate(h).unwrap().unwrap().pack;
+        assert_eq!(pack(&kept), 1, "what was synced before stays");
+        assert_eq!(pack(&staged), 2, "written again into a new pack");
+        assert_eq!(pack(&later), 2);
+        drop(store);
+        let store = open(&db, dir.path());
+        for (hash, bytes) in [
+            (kept, &b"synced before the failure"[..]),
+            (staged, b"staged when the sync fails"),
+            (later, b"put after the failure"),
+        ] {
+            assert_eq!(store.get(&hash).unwrap().as_deref(), Some(bytes));
+        }
+        assert!(store.damaged().is_empty());
+    }
+
+    /// A chunk staged in a pack whose sync failed that cannot be read back is lost: no
+    /// later sync may succeed (an event naming it would be made durable without it)
+    /// until the store is opened again, which then lacks it and takes it again.
+    #[test]
+    fn a_chunk_lost_with_a_failed_sync_stops_every_later_sync() {
+        let (dir, db, store) = scratch();
+        let kept = store.put(b"synced before the failure").unwrap();
+        store.sync().unwrap();
+        let lost = store.put(b"lost with the failed sync").unwrap();
+
+        let put_back = fail_syncs_of(dir.path(), 1);
+        assert!(store.sync().is_err());
+        // Still unreadable: the chunk cannot be written again.
+        let err = store.sync().unwrap_err();
+        assert!(err.to_string().contains("restart converge"), "{err}");
+        put_back();
+        store.put(b"put after the loss").unwrap();
+        let err = store.sync().unwrap_err();
+        assert!(err.to_string().contains("restart converge"), "{err}");
+        drop(store);
+
+        let store = open(&db, dir.path());
+        assert!(store.contains(&kept).unwrap());
+        assert!(!store.contains(&lost).unwrap());
+        let lost_again = store.put(b"lost with the failed sync").unwrap();
+        assert_eq!(lost_again, lost);
+        store.sync().unwrap();
+        assert!(store.contains(&lost).unwrap());
     }
 }
