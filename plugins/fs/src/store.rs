@@ -8,6 +8,13 @@
 //! sees only the rename; else in the same directory), given its mode and mtime, and
 //! renamed over the final path. One `syncfs`
 //! makes the whole batch durable before `apply` returns; no file is fsynced on its own.
+//!
+//! A batch whose `syncfs` fails comes again (the cursor did not move), and is then
+//! written again whole, files found already right included: after a failed writeback
+//! Linux may mark the pages it could not write clean, so they read right from the page
+//! cache while the disk lacks them, and a second `syncfs` succeeds without writing them.
+//! The directory `syncfs` is called on is opened before the batch's first write, as the
+//! kernel reports through a descriptor only the errors since it was opened.
 
 use std::collections::{BTreeMap, HashSet};
 use std::ffi::CString;
@@ -17,7 +24,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use async_trait::async_trait;
@@ -53,6 +60,9 @@ pub struct FsStore {
     failed: tokio::sync::Mutex<BTreeMap<Key, KeyView>>,
     /// How many keys `failed` holds (read without its lock).
     failed_count: AtomicUsize,
+    /// The last batch's sync failed: the next batch writes again the files it would
+    /// leave as they are (see the module docs). Cleared by a sync that succeeds.
+    unsynced: Arc<AtomicBool>,
 }
 
 impl FsStore {
@@ -74,6 +84,7 @@ impl FsStore {
             guarded: false,
             failed: tokio::sync::Mutex::new(BTreeMap::new()),
             failed_count: AtomicUsize::new(0),
+            unsynced: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -126,9 +137,9 @@ impl Store for FsStore {
         batch.extend(views);
 
         let (config, echo, ctx) = (self.config.clone(), self.echo.clone(), ctx.clone());
-        let (name, guarded) = (self.name.clone(), self.guarded);
+        let (name, guarded, unsynced) = (self.name.clone(), self.guarded, self.unsynced.clone());
         let (batch, failures) = tokio::task::spawn_blocking(move || {
-            let failures = apply_blocking(&config, echo, ctx, guarded, &name, &batch);
+            let failures = apply_blocking(&config, echo, ctx, guarded, &name, &unsynced, &batch);
             (batch, failures)
         })
         .await
@@ -332,6 +343,7 @@ fn apply_blocking(
     ctx: StoreContext,
     guarded: bool,
     name: &str,
+    unsynced: &AtomicBool,
     views: &[KeyView],
 ) -> Result<Vec<(Key, FsError)>, FsError> {
     // The folder's own store writes only into the folder its source marked; a mirror
@@ -345,6 +357,8 @@ fn apply_blocking(
         .root
         .canonicalize()
         .map_err(FsError::io("opening", &config.root))?;
+    // Before any write: the sync reports the errors since this open (see the module docs).
+    let sync_dir = File::open(&root).map_err(FsError::io("opening", &root))?;
     echo.prune();
     let mut w = Writer {
         rules: Rules::load(&root, &config.exclude),
@@ -355,6 +369,7 @@ fn apply_blocking(
         made: HashSet::new(),
         rename_new: cfg!(target_os = "linux"),
         dirty: false,
+        rewrite: unsynced.load(Ordering::Acquire),
         temp_dir: temp_dir_for(&root, config.temp_dir.as_deref()),
         temp_fd: None,
         failed: Vec::new(),
@@ -510,7 +525,12 @@ fn apply_blocking(
     }
 
     if w.dirty {
-        sync_all(&root)?;
+        if let Err(e) = sync_all(&root, &sync_dir) {
+            unsynced.store(true, Ordering::Release);
+            tracing::error!("{e}; the batch is written again, whole, when it comes again");
+            return Err(e);
+        }
+        unsynced.store(false, Ordering::Release);
     }
     Ok(w.failed)
 }
@@ -564,6 +584,9 @@ struct Writer {
     /// Whether to try that: [`rename_new`] works here, as far as this writer has seen.
     rename_new: bool,
     dirty: bool,
+    /// Write every file, even one that already holds its content: the last batch's
+    /// sync failed (see the module docs).
+    rewrite: bool,
     /// Where temp files go when not beside their final path: see [`temp_dir_for`].
     temp_dir: Option<PathBuf>,
     /// `temp_dir`, open (see [`Writer::at`]).
@@ -634,6 +657,7 @@ impl Writer {
             made: self.made.clone(),
             rename_new: self.rename_new,
             dirty: false,
+            rewrite: self.rewrite,
             temp_fd: temp_dir.as_deref().and_then(open_dir),
             temp_dir,
             failed: Vec::new(),
@@ -988,7 +1012,9 @@ impl Writer {
         let record = Applied::file(content, meta);
         // The folder's source read this very content and stat from the file a moment ago
         // and recorded it: the file shows it (a change since is the source's to record).
-        if echo_key.is_some_and(|k| recorded_here && self.echo.take_read(k, record)) {
+        if !self.rewrite
+            && echo_key.is_some_and(|k| recorded_here && self.echo.take_read(k, record))
+        {
             return Ok(Ok(()));
         }
         let path = match self.resolve_as(target, of.unwrap_or(target), false)? {
@@ -1016,9 +1042,11 @@ impl Writer {
                 base_mode = m.permissions().mode() & 0o777;
                 // The folder's source recorded this event from this file, and its size,
                 // mtime and mode are still those: in place, as the scan would judge it,
-                // without reading it again. Any other file is checked by its hash.
-                if (recorded_here && as_recorded)
-                    || (m.len() == content.size && hash_file(&path)?.root == content.root)
+                // without reading it again. Any other file is checked by its hash. (After
+                // a failed sync what reads right may not be on disk: written again.)
+                if !self.rewrite
+                    && ((recorded_here && as_recorded)
+                        || (m.len() == content.size && hash_file(&path)?.root == content.root))
                 {
                     // Already there (a replay, or the crash-repair check): fix the metadata.
                     if is_executable(&m) != meta.executable || mtime_ms(&m) != meta.mtime_ms {
@@ -1409,9 +1437,9 @@ fn rename_new(from: (RawFd, &Path), to: (RawFd, &Path)) -> std::io::Result<()> {
     }
 }
 
-/// Makes every write of the batch durable at once.
-fn sync_all(root: &Path) -> Result<(), FsError> {
-    let dir = File::open(root).map_err(FsError::io("opening", root))?;
+/// Makes every write of the batch durable at once; `dir` is `root`, opened before the
+/// batch's first write.
+fn sync_all(root: &Path, dir: &File) -> Result<(), FsError> {
     #[cfg(target_os = "linux")]
     {
         // SAFETY: `dir` is an open descriptor for the duration of the call.
@@ -1456,6 +1484,7 @@ mod tests {
             made: HashSet::new(),
             rename_new: cfg!(target_os = "linux"),
             dirty: false,
+            rewrite: false,
             temp_dir: None,
             temp_fd: None,
             failed: Vec::new(),
@@ -1530,6 +1559,35 @@ mod tests {
     /// A file found in a directory the batch made (created there meanwhile, unrecorded)
     /// goes the usual way: the folder's own store leaves it alone, and the echo record
     /// is what it was before, since the store wrote nothing.
+    /// After a failed sync a file can read right from the page cache and still be
+    /// missing from the disk: the batch that comes again writes it anew (a new inode, by
+    /// rename), where otherwise a file already holding its content is left alone.
+    #[test]
+    fn after_a_failed_sync_files_already_right_are_written_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().canonicalize().unwrap();
+        let (mut w, content) = writer(&root, b"written by the failed batch");
+        let key = Key::new("f.txt").unwrap();
+        let meta = file_meta();
+        let inode = || std::fs::metadata(root.join("f.txt")).unwrap().ino();
+        let put = w.put_file(&key, None, Some(&key), &content, &meta, false);
+        assert!(matches!(put, Ok(Ok(()))), "{put:?}");
+        let first = inode();
+
+        let put = w.put_file(&key, None, Some(&key), &content, &meta, false);
+        assert!(matches!(put, Ok(Ok(()))), "{put:?}");
+        assert_eq!(inode(), first, "already right: left alone");
+
+        w.rewrite = true;
+        let put = w.put_file(&key, None, Some(&key), &content, &meta, false);
+        assert!(matches!(put, Ok(Ok(()))), "{put:?}");
+        assert_ne!(inode(), first, "written again");
+        assert_eq!(
+            std::fs::read(root.join("f.txt")).unwrap(),
+            b"written by the failed batch"
+        );
+    }
+
     #[test]
     fn a_file_found_in_a_directory_made_in_the_batch_is_not_replaced() {
         let dir = tempfile::tempdir().unwrap();
