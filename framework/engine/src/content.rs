@@ -19,11 +19,14 @@
 //!
 //! A sync that fails is not tried again on the same packs: after a failed `fdatasync`
 //! Linux may mark the pages it could not write clean, and a second sync then succeeds
-//! with the bytes never on disk. The packs it covered are written to no more, and the
-//! next sync first writes the chunks staged in them again, into a new pack, read back
-//! from the page cache and checked; a chunk that cannot be read back leaves the store
-//! refusing to sync until it is opened again (staged chunks are then simply missing:
-//! the source stores them again, peers send them again).
+//! with the bytes never on disk. The packs it covered are written to no more and no
+//! longer trusted, and the next sync first writes the chunks staged in them again,
+//! appended to the current pack (never one of those), read back and checked. File
+//! systems that keep the pages a failed writeback left (ext4) give them back from the
+//! page cache; where they are dropped (XFS), or a chunk reads wrong, it is lost, and
+//! the store refuses to sync until it is opened again, so that no event naming it is
+//! made durable (staged chunks are then simply missing: the source stores them again,
+//! peers send them again).
 //!
 //! Every chunk is checked once on its way in: hashed from the file by the source that
 //! puts it, or checked against its hash when a peer offers it. Reads from the packs this
@@ -281,6 +284,9 @@ struct Inner {
     /// Runs of trusted packs handed out as [`Piece::InPack`] and not dropped yet, by
     /// pack: they are copied without a check later, so a pack with any is not lent.
     in_use: Arc<Mutex<HashMap<u32, usize>>>,
+    /// Packs a sync failed on, whose staged chunks the next sync writes again: written
+    /// to no more, never synced again, and no longer trusted (see the module docs).
+    failed: RwLock<HashSet<u32>>,
 }
 
 /// The locations the last syncs indexed, kept in memory: the chunks just stored are the
@@ -340,9 +346,6 @@ struct PackWriter {
     /// so that no index entry names a pack a crash could lose (whose number the next
     /// run would then give a new pack, trusted, with other bytes).
     created: bool,
-    /// Packs a sync failed on: written to no more and never synced again; the chunks
-    /// staged in them are written again by the next sync (see the module docs).
-    failed: HashSet<u32>,
     /// Why nothing can be made durable until the store is opened again: a chunk staged
     /// in a failed pack could not be read back to be written again.
     broken: Option<String>,
@@ -371,12 +374,10 @@ impl PackWriter {
         self.id += 1;
     }
 
-    /// Gives up the packs `ids` after a failed sync: no chunk is written to them any
-    /// more, and they are not synced again (their staged chunks are written again
+    /// Gives up the packs in `failed` after a failed sync: no chunk is written to them
+    /// any more, and they are not synced again (their staged chunks are written again
     /// elsewhere by the next sync).
-    fn abandon(&mut self, ids: impl IntoIterator<Item = u32>) {
-        self.failed.extend(ids);
-        let failed = &self.failed;
+    fn abandon(&mut self, failed: &HashSet<u32>) {
         if self.file.is_some() && failed.contains(&self.id) {
             self.file = None;
             self.id += 1;
@@ -488,7 +489,6 @@ impl ChunkStore {
                     stream_clock: 0,
                     new_streams: 0,
                     created: false,
-                    failed: HashSet::new(),
                     broken: None,
                 }),
                 syncing: Mutex::new(()),
@@ -499,6 +499,7 @@ impl ChunkStore {
                 damaged: Mutex::new(HashSet::new()),
                 lent: RwLock::new(HashSet::new()),
                 in_use: Arc::default(),
+                failed: RwLock::new(HashSet::new()),
             }),
         })
     }
@@ -997,7 +998,7 @@ impl ChunkStore {
             w.manifested.clear();
             w.unindexed = HashMap::new();
         }
-        if !w.failed.is_empty() {
+        if self.inner.failed.read().map_or(true, |f| !f.is_empty()) {
             self.write_again(&mut w)?;
         }
         if w.staged.is_empty() {
@@ -1035,7 +1036,10 @@ impl ChunkStore {
             // Not tried again on these packs (see the module docs): the next sync writes
             // their staged chunks again, into a new pack, whose creation syncs the
             // directory too.
-            w.abandon(files.iter().map(|(id, _)| *id));
+            let mut failed = inner.failed.write().map_err(|_| LogError::Closed)?;
+            failed.extend(files.iter().map(|(id, _)| *id));
+            w.abandon(&failed);
+            drop(failed);
             w.created |= created;
             tracing::error!("{e}; the chunks it held are written again before the next sync");
             return Err(e);
@@ -1072,16 +1076,23 @@ impl ChunkStore {
         Ok(())
     }
 
-    /// Writes the chunks staged in packs a sync failed on again, into the current pack,
-    /// from where they lie (the page cache, as a rule: the pages a failed sync could not
-    /// write stay there), checked against their hashes. One that cannot be read back is
+    /// Writes the chunks staged in packs a sync failed on again, appended to the current
+    /// pack, from where they lie (the page cache, on ext4: the pages a failed writeback
+    /// left stay there), checked against their hashes. One that reads short or wrong is
     /// lost, and an event naming it may be waiting to be made durable: the store then
-    /// refuses to sync until it is opened again.
+    /// refuses to sync until it is opened again. Any other error is returned, and the
+    /// next sync tries again.
     fn write_again(&self, w: &mut PackWriter) -> Result<(), LogError> {
+        let failed = self
+            .inner
+            .failed
+            .read()
+            .map_err(|_| LogError::Closed)?
+            .clone();
         let mut moving: Vec<(Hash, Location)> = w
             .staged
             .iter()
-            .filter(|(_, location)| w.failed.contains(&location.pack))
+            .filter(|(_, location)| failed.contains(&location.pack))
             .map(|(h, l)| (*h, *l))
             .collect();
         moving.sort_unstable_by_key(|(_, l)| (l.pack, l.offset));
@@ -1091,26 +1102,25 @@ impl ChunkStore {
         for (i, &(hash, location)) in moving.iter().enumerate() {
             let path = pack_path(&self.inner.dir, location.pack);
             let mut bytes = vec![0; location.len as usize];
-            let read = self
-                .pack(location.pack)
-                .and_then(|pack| {
-                    pack.read_exact_at(&mut bytes, location.offset)
-                        .map_err(io_error("reading", path.clone()))
-                })
-                .and_then(|()| check(&hash, &bytes));
-            if let Err(e) = read {
-                let why = format!(
-                    "chunk {hash:?} was lost with a failed sync of {} and could not be read \
-                     back to be written again ({e}); restart converge to store it again",
-                    path.display()
-                );
-                tracing::error!("{why}");
-                w.broken = Some(why.clone());
-                return Err(LogError::ContentIo {
-                    op: "syncing",
-                    path,
-                    source: std::io::Error::other(why),
-                });
+            let read = self.pack(location.pack).and_then(|pack| {
+                pack.read_exact_at(&mut bytes, location.offset)
+                    .map_err(io_error("reading", path.clone()))
+            });
+            let lost = match read {
+                Ok(()) => check(&hash, &bytes).err(),
+                Err(LogError::ContentIo { source, .. })
+                    if source.kind() == std::io::ErrorKind::UnexpectedEof =>
+                {
+                    Some(LogError::ContentIo {
+                        op: "reading",
+                        path: path.clone(),
+                        source,
+                    })
+                }
+                Err(e) => return Err(e),
+            };
+            if let Some(e) = lost {
+                return Err(self.lost(w, &hash, &path, &e));
             }
             bytes_in_group += bytes.len();
             group.push((hash, bytes));
@@ -1128,8 +1138,28 @@ impl ChunkStore {
         if moved > 0 {
             tracing::info!("{moved} chunk(s) of packs whose sync failed written again");
         }
-        w.failed.clear();
+        if let Ok(mut now) = self.inner.failed.write() {
+            now.retain(|id| !failed.contains(id));
+        }
         Ok(())
+    }
+
+    /// Records that `hash`, staged in `pack` (a pack a sync failed on), is lost (`why`):
+    /// from now on no sync succeeds until the store is opened again (see the module
+    /// docs). Returns the error to report.
+    fn lost(&self, w: &mut PackWriter, hash: &Hash, pack: &Path, why: &LogError) -> LogError {
+        let why = format!(
+            "chunk {hash:?} was lost with a failed sync of {} ({why}); nothing more is made \
+             durable: restart converge to store it again",
+            pack.display()
+        );
+        tracing::error!("{why}");
+        w.broken = Some(why.clone());
+        LogError::ContentIo {
+            op: "syncing",
+            path: pack.to_owned(),
+            source: std::io::Error::other(why),
+        }
     }
 
     /// Puts `entries` into the index (and the recent locations).
@@ -1275,7 +1305,14 @@ impl ChunkStore {
     /// Whether a chunk at `location` was checked on its way into a pack this process
     /// wrote and has not lent, so that reading it needs no check.
     fn trusted(&self, location: Location) -> bool {
-        location.pack >= self.inner.own_packs && !self.is_lent(location.pack)
+        location.pack >= self.inner.own_packs
+            && !self.is_lent(location.pack)
+            && !self.is_failed(location.pack)
+    }
+
+    /// Whether a sync failed on pack `id` (see the module docs).
+    fn is_failed(&self, id: u32) -> bool {
+        self.inner.failed.read().map_or(true, |f| f.contains(&id))
     }
 
     fn read(&self, hash: &Hash, location: Location) -> Result<Vec<u8>, LogError> {
@@ -1336,6 +1373,17 @@ impl ChunkStore {
         let mut writer = self.inner.writer.lock().map_err(|_| LogError::Closed)?;
         // A lent pack's chunks may still be staged (lent before the sync).
         if writer.staged.get(hash) == Some(&location) {
+            if self.is_failed(location.pack) {
+                // Staged in a pack a sync failed on: an event naming it may be waiting to
+                // be made durable, and no longer finds it staged.
+                let path = pack_path(&self.inner.dir, location.pack);
+                let why = LogError::ContentIo {
+                    op: "reading",
+                    path: path.clone(),
+                    source: std::io::Error::other("the bytes do not match their hash"),
+                };
+                self.lost(&mut writer, hash, &path, &why);
+            }
             writer.staged.remove(hash);
         }
         if writer.unindexed.get(hash) == Some(&location) {
@@ -2856,6 +2904,9 @@ mod tests {
         let put_back = fail_syncs_of(dir.path(), 1);
         let err = store.sync().unwrap_err();
         assert!(err.to_string().contains("pack-00000001"), "{err}");
+        // Not readable for now (a pipe): an error, tried again by the next sync.
+        let err = store.sync().unwrap_err();
+        assert!(!err.to_string().contains("restart converge"), "{err}");
         // The pages are readable again, as from the page cache after a real failure.
         put_back();
         let later = store.put(b"put after the failure").unwrap();
@@ -2877,9 +2928,10 @@ mod tests {
         assert!(store.damaged().is_empty());
     }
 
-    /// A chunk staged in a pack whose sync failed that cannot be read back is lost: no
-    /// later sync may succeed (an event naming it would be made durable without it)
-    /// until the store is opened again, which then lacks it and takes it again.
+    /// A chunk staged in a pack whose sync failed that reads wrong is lost (its pages
+    /// dropped, the disk holding something else): reads check it, and no later sync may
+    /// succeed (an event naming it would be made durable without it) until the store is
+    /// opened again, which then lacks it and takes it again.
     #[test]
     fn a_chunk_lost_with_a_failed_sync_stops_every_later_sync() {
         let (dir, db, store) = scratch();
@@ -2889,10 +2941,20 @@ mod tests {
 
         let put_back = fail_syncs_of(dir.path(), 1);
         assert!(store.sync().is_err());
-        // Still unreadable: the chunk cannot be written again.
+        put_back();
+        let at = store.locate(&lost).unwrap().unwrap();
+        let pack = OpenOptions::new()
+            .write(true)
+            .open(pack_path(dir.path(), 1))
+            .unwrap();
+        pack.write_all_at(&vec![0; at.len as usize], at.offset)
+            .unwrap();
         let err = store.sync().unwrap_err();
         assert!(err.to_string().contains("restart converge"), "{err}");
-        put_back();
+        assert!(
+            matches!(store.get(&lost), Err(LogError::Corrupt { .. })),
+            "read unchecked"
+        );
         store.put(b"put after the loss").unwrap();
         let err = store.sync().unwrap_err();
         assert!(err.to_string().contains("restart converge"), "{err}");
