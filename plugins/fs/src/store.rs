@@ -9,14 +9,16 @@
 //! renamed over the final path. One `syncfs`
 //! makes the whole batch durable before `apply` returns; no file is fsynced on its own.
 //!
-//! A batch whose `syncfs` fails comes again (the cursor did not move), and is then
-//! written again whole, files found already right included: after a failed writeback
-//! Linux may mark the pages it could not write clean, so they read right from the page
-//! cache while the disk lacks them, and a second `syncfs` succeeds without writing them.
-//! The directory `syncfs` is called on is opened before the batch's first write, as the
-//! kernel reports through a descriptor only the errors since it was opened.
+//! A file written by a batch whose `syncfs` failed, or that failed before its `syncfs`,
+//! is written again when it comes again (the cursor did not move), even though it is
+//! found already right: after a failed writeback Linux may mark the pages it could not
+//! write clean, so they read right from the page cache while the disk lacks them, and a
+//! second `syncfs` succeeds without writing them. The store keeps the keys it wrote
+//! until a sync covers them. The directory `syncfs` is called on is opened before the
+//! batch's first write, as the kernel reports through a descriptor only the errors since
+//! it was opened.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::CString;
 use std::fs::{File, OpenOptions, Permissions};
 use std::io::ErrorKind;
@@ -24,7 +26,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use async_trait::async_trait;
@@ -60,10 +62,17 @@ pub struct FsStore {
     failed: tokio::sync::Mutex<BTreeMap<Key, KeyView>>,
     /// How many keys `failed` holds (read without its lock).
     failed_count: AtomicUsize,
-    /// The last batch's sync failed: the next batch writes again the files it would
-    /// leave as they are (see the module docs). Cleared by a sync that succeeds.
-    unsynced: Arc<AtomicBool>,
+    /// The keys whose files this store wrote and no sync has made durable yet, with the
+    /// batch that wrote them: a later batch writes them again even when they look right
+    /// (see the module docs).
+    unsynced: Unsynced,
 }
+
+/// See [`FsStore::unsynced`].
+type Unsynced = Arc<std::sync::Mutex<HashMap<Key, u64>>>;
+
+/// Numbers the batches of every store (see [`FsStore::unsynced`]).
+static BATCHES: AtomicU64 = AtomicU64::new(0);
 
 impl FsStore {
     /// A store named `folder` writing into `config.root` (created if missing).
@@ -84,7 +93,7 @@ impl FsStore {
             guarded: false,
             failed: tokio::sync::Mutex::new(BTreeMap::new()),
             failed_count: AtomicUsize::new(0),
-            unsynced: Arc::new(AtomicBool::new(false)),
+            unsynced: Unsynced::default(),
         }
     }
 
@@ -343,7 +352,7 @@ fn apply_blocking(
     ctx: StoreContext,
     guarded: bool,
     name: &str,
-    unsynced: &AtomicBool,
+    unsynced: &Unsynced,
     views: &[KeyView],
 ) -> Result<Vec<(Key, FsError)>, FsError> {
     // The folder's own store writes only into the folder its source marked; a mirror
@@ -369,7 +378,8 @@ fn apply_blocking(
         made: HashSet::new(),
         rename_new: cfg!(target_os = "linux"),
         dirty: false,
-        rewrite: unsynced.load(Ordering::Acquire),
+        unsynced: unsynced.clone(),
+        batch: BATCHES.fetch_add(1, Ordering::Relaxed),
         temp_dir: temp_dir_for(&root, config.temp_dir.as_deref()),
         temp_fd: None,
         failed: Vec::new(),
@@ -526,11 +536,12 @@ fn apply_blocking(
 
     if w.dirty {
         if let Err(e) = sync_all(&root, &sync_dir) {
-            unsynced.store(true, Ordering::Release);
-            tracing::error!("{e}; the batch is written again, whole, when it comes again");
+            tracing::error!("{e}; its files are written again when the batch comes again");
             return Err(e);
         }
-        unsynced.store(false, Ordering::Release);
+        if let Ok(mut unsynced) = unsynced.lock() {
+            unsynced.retain(|_, batch| *batch != w.batch);
+        }
     }
     Ok(w.failed)
 }
@@ -584,9 +595,10 @@ struct Writer {
     /// Whether to try that: [`rename_new`] works here, as far as this writer has seen.
     rename_new: bool,
     dirty: bool,
-    /// Write every file, even one that already holds its content: the last batch's
-    /// sync failed (see the module docs).
-    rewrite: bool,
+    /// See [`FsStore::unsynced`].
+    unsynced: Unsynced,
+    /// This batch's number there.
+    batch: u64,
     /// Where temp files go when not beside their final path: see [`temp_dir_for`].
     temp_dir: Option<PathBuf>,
     /// `temp_dir`, open (see [`Writer::at`]).
@@ -630,6 +642,14 @@ impl Writer {
         self.echo.wrote(key);
     }
 
+    /// Notes that the file of `key` is about to be written: it is written again by a
+    /// later batch unless this batch's sync succeeds (see [`FsStore::unsynced`]).
+    fn writing(&self, key: &Key) {
+        if let Ok(mut unsynced) = self.unsynced.lock() {
+            unsynced.insert(key.clone(), self.batch);
+        }
+    }
+
     /// A writer for another thread of the same batch, the `n`th: its temp files go in a
     /// directory of its own, so that the threads do not wait on each other's creates in
     /// one directory (the kernel takes a lock on the directory for each).
@@ -657,7 +677,8 @@ impl Writer {
             made: self.made.clone(),
             rename_new: self.rename_new,
             dirty: false,
-            rewrite: self.rewrite,
+            unsynced: self.unsynced.clone(),
+            batch: self.batch,
             temp_fd: temp_dir.as_deref().and_then(open_dir),
             temp_dir,
             failed: Vec::new(),
@@ -1012,9 +1033,13 @@ impl Writer {
         let record = Applied::file(content, meta);
         // The folder's source read this very content and stat from the file a moment ago
         // and recorded it: the file shows it (a change since is the source's to record).
-        if !self.rewrite
-            && echo_key.is_some_and(|k| recorded_here && self.echo.take_read(k, record))
-        {
+        // Written by an earlier batch that no sync made durable: written again, however
+        // it looks (see the module docs).
+        let again = self
+            .unsynced
+            .lock()
+            .map_or(true, |u| u.get(target).is_some_and(|b| *b != self.batch));
+        if !again && echo_key.is_some_and(|k| recorded_here && self.echo.take_read(k, record)) {
             return Ok(Ok(()));
         }
         let path = match self.resolve_as(target, of.unwrap_or(target), false)? {
@@ -1024,10 +1049,11 @@ impl Writer {
         self.make_parents(target)?;
         // In a directory made in this batch, the file is most likely new: written without
         // looking first, unless the rename finds something there after all.
-        if self.rename_new
-            && path.parent().is_some_and(|p| self.made.contains(p))
-            && self.write_new(&path, echo_key, record, content, meta)?
-        {
+        let in_made = self.rename_new && path.parent().is_some_and(|p| self.made.contains(p));
+        if in_made {
+            self.writing(target);
+        }
+        if in_made && self.write_new(&path, echo_key, record, content, meta)? {
             self.changed(target);
             return Ok(Ok(()));
         }
@@ -1044,7 +1070,7 @@ impl Writer {
                 // mtime and mode are still those: in place, as the scan would judge it,
                 // without reading it again. Any other file is checked by its hash. (After
                 // a failed sync what reads right may not be on disk: written again.)
-                if !self.rewrite
+                if !again
                     && ((recorded_here && as_recorded)
                         || (m.len() == content.size && hash_file(&path)?.root == content.root))
                 {
@@ -1098,6 +1124,7 @@ impl Writer {
         }
 
         let mode = mode_for(base_mode, meta.executable);
+        self.writing(target);
         loop {
             let temp = self.temp_path(&path);
             let written = self.write_temp(&temp, content, mode, meta.mtime_ms);
@@ -1484,7 +1511,8 @@ mod tests {
             made: HashSet::new(),
             rename_new: cfg!(target_os = "linux"),
             dirty: false,
-            rewrite: false,
+            unsynced: Unsynced::default(),
+            batch: 1,
             temp_dir: None,
             temp_fd: None,
             failed: Vec::new(),
@@ -1556,38 +1584,53 @@ mod tests {
         }
     }
 
-    /// A file found in a directory the batch made (created there meanwhile, unrecorded)
-    /// goes the usual way: the folder's own store leaves it alone, and the echo record
-    /// is what it was before, since the store wrote nothing.
     /// After a failed sync a file can read right from the page cache and still be
-    /// missing from the disk: the batch that comes again writes it anew (a new inode, by
-    /// rename), where otherwise a file already holding its content is left alone.
+    /// missing from the disk: a later batch writes it anew (a new inode, by rename),
+    /// where otherwise a file already holding its content is left alone.
     #[test]
     fn after_a_failed_sync_files_already_right_are_written_again() {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().canonicalize().unwrap();
-        let (mut w, content) = writer(&root, b"written by the failed batch");
+        let (mut w, content) = writer(&root, b"written by a batch not synced");
         let key = Key::new("f.txt").unwrap();
         let meta = file_meta();
         let inode = || std::fs::metadata(root.join("f.txt")).unwrap().ino();
-        let put = w.put_file(&key, None, Some(&key), &content, &meta, false);
-        assert!(matches!(put, Ok(Ok(()))), "{put:?}");
+        let put = |w: &mut Writer| {
+            let put = w.put_file(&key, None, Some(&key), &content, &meta, false);
+            assert!(matches!(put, Ok(Ok(()))), "{put:?}");
+        };
+        put(&mut w);
         let first = inode();
+        assert_eq!(w.unsynced.lock().unwrap().get(&key), Some(&w.batch));
+        put(&mut w);
+        assert_eq!(
+            inode(),
+            first,
+            "already right, in the batch that wrote it: left alone"
+        );
 
-        let put = w.put_file(&key, None, Some(&key), &content, &meta, false);
-        assert!(matches!(put, Ok(Ok(()))), "{put:?}");
-        assert_eq!(inode(), first, "already right: left alone");
-
-        w.rewrite = true;
-        let put = w.put_file(&key, None, Some(&key), &content, &meta, false);
-        assert!(matches!(put, Ok(Ok(()))), "{put:?}");
-        assert_ne!(inode(), first, "written again");
+        // The next batch, the first one's sync having failed (or never run).
+        w.batch += 1;
+        put(&mut w);
+        let second = inode();
+        assert_ne!(second, first, "written again");
         assert_eq!(
             std::fs::read(root.join("f.txt")).unwrap(),
-            b"written by the failed batch"
+            b"written by a batch not synced"
         );
+        // Its sync succeeds (as `apply_blocking` then does); the batch after that leaves
+        // the file alone.
+        let batch = w.batch;
+        w.unsynced.lock().unwrap().retain(|_, b| *b != batch);
+        w.batch += 1;
+        put(&mut w);
+        assert_eq!(inode(), second, "synced: left alone");
+        assert!(w.unsynced.lock().unwrap().is_empty());
     }
 
+    /// A file found in a directory the batch made (created there meanwhile, unrecorded)
+    /// goes the usual way: the folder's own store leaves it alone, and the echo record
+    /// is what it was before, since the store wrote nothing.
     #[test]
     fn a_file_found_in_a_directory_made_in_the_batch_is_not_replaced() {
         let dir = tempfile::tempdir().unwrap();
