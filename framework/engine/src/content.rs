@@ -284,8 +284,9 @@ struct Inner {
     /// Runs of trusted packs handed out as [`Piece::InPack`] and not dropped yet, by
     /// pack: they are copied without a check later, so a pack with any is not lent.
     in_use: Arc<Mutex<HashMap<u32, usize>>>,
-    /// Packs a sync failed on, whose staged chunks the next sync writes again: written
-    /// to no more, never synced again, and no longer trusted (see the module docs).
+    /// Packs a sync failed on: written to no more, never synced again, and no longer
+    /// trusted (see the module docs). Never emptied: what a failed writeback spoilt in
+    /// them is not known.
     failed: RwLock<HashSet<u32>>,
 }
 
@@ -349,6 +350,9 @@ struct PackWriter {
     /// Why nothing can be made durable until the store is opened again: a chunk staged
     /// in a failed pack could not be read back to be written again.
     broken: Option<String>,
+    /// A sync failed since the last [`ChunkStore::write_again`]: the chunks staged in
+    /// failed packs are to be written again before anything is synced.
+    again: bool,
 }
 
 /// A pack holding one stream's chunks at their offsets in the stream.
@@ -490,6 +494,7 @@ impl ChunkStore {
                     new_streams: 0,
                     created: false,
                     broken: None,
+                    again: false,
                 }),
                 syncing: Mutex::new(()),
                 own_packs: last + 1,
@@ -998,7 +1003,7 @@ impl ChunkStore {
             w.manifested.clear();
             w.unindexed = HashMap::new();
         }
-        if self.inner.failed.read().map_or(true, |f| !f.is_empty()) {
+        if w.again {
             self.write_again(&mut w)?;
         }
         if w.staged.is_empty() {
@@ -1039,6 +1044,7 @@ impl ChunkStore {
             let mut failed = inner.failed.write().map_err(|_| LogError::Closed)?;
             failed.extend(files.iter().map(|(id, _)| *id));
             w.abandon(&failed);
+            w.again = true;
             drop(failed);
             w.created |= created;
             tracing::error!("{e}; the chunks it held are written again before the next sync");
@@ -1078,8 +1084,8 @@ impl ChunkStore {
 
     /// Writes the chunks staged in packs a sync failed on again, appended to the current
     /// pack, from where they lie (the page cache, on ext4: the pages a failed writeback
-    /// left stay there), checked against their hashes. One that reads short or wrong is
-    /// lost, and an event naming it may be waiting to be made durable: the store then
+    /// left stay there), checked against their hashes. One that reads short or wrong, or
+    /// cannot be read (`EIO`, its pack gone), is lost, and an event naming it may be waiting to be made durable: the store then
     /// refuses to sync until it is opened again. Any other error is returned, and the
     /// next sync tries again.
     fn write_again(&self, w: &mut PackWriter) -> Result<(), LogError> {
@@ -1108,8 +1114,13 @@ impl ChunkStore {
             });
             let lost = match read {
                 Ok(()) => check(&hash, &bytes).err(),
+                // Cut short, gone, or unreadable where a failed writeback left it: lost.
+                // (Anything else, a full descriptor table say, passes.)
                 Err(LogError::ContentIo { source, .. })
-                    if source.kind() == std::io::ErrorKind::UnexpectedEof =>
+                    if matches!(
+                        source.kind(),
+                        std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::NotFound
+                    ) || source.raw_os_error() == Some(libc::EIO) =>
                 {
                     Some(LogError::ContentIo {
                         op: "reading",
@@ -1138,9 +1149,7 @@ impl ChunkStore {
         if moved > 0 {
             tracing::info!("{moved} chunk(s) of packs whose sync failed written again");
         }
-        if let Ok(mut now) = self.inner.failed.write() {
-            now.retain(|id| !failed.contains(id));
-        }
+        w.again = false;
         Ok(())
     }
 
@@ -2914,6 +2923,8 @@ mod tests {
 
         let pack = |h: &Hash| store.locate(h).unwrap().unwrap().pack;
         assert_eq!(pack(&kept), 1, "what was synced before stays");
+        let at = store.locate(&kept).unwrap().unwrap();
+        assert!(!store.trusted(at), "a failed pack is checked from then on");
         assert_eq!(pack(&staged), 2, "written again into a new pack");
         assert_eq!(pack(&later), 2);
         drop(store);
@@ -2931,41 +2942,52 @@ mod tests {
     /// A chunk staged in a pack whose sync failed that reads wrong is lost (its pages
     /// dropped, the disk holding something else): reads check it, and no later sync may
     /// succeed (an event naming it would be made durable without it) until the store is
-    /// opened again, which then lacks it and takes it again.
+    /// opened again, which then lacks it and takes it again. Found by the sync that
+    /// would write it again, or first by a read.
     #[test]
     fn a_chunk_lost_with_a_failed_sync_stops_every_later_sync() {
-        let (dir, db, store) = scratch();
-        let kept = store.put(b"synced before the failure").unwrap();
-        store.sync().unwrap();
-        let lost = store.put(b"lost with the failed sync").unwrap();
+        for read_first in [false, true] {
+            let (dir, db, store) = scratch();
+            let kept = store.put(b"synced before the failure").unwrap();
+            store.sync().unwrap();
+            let lost = store.put(b"lost with the failed sync").unwrap();
 
-        let put_back = fail_syncs_of(dir.path(), 1);
-        assert!(store.sync().is_err());
-        put_back();
-        let at = store.locate(&lost).unwrap().unwrap();
-        let pack = OpenOptions::new()
-            .write(true)
-            .open(pack_path(dir.path(), 1))
-            .unwrap();
-        pack.write_all_at(&vec![0; at.len as usize], at.offset)
-            .unwrap();
-        let err = store.sync().unwrap_err();
-        assert!(err.to_string().contains("restart converge"), "{err}");
-        assert!(
-            matches!(store.get(&lost), Err(LogError::Corrupt { .. })),
-            "read unchecked"
-        );
-        store.put(b"put after the loss").unwrap();
-        let err = store.sync().unwrap_err();
-        assert!(err.to_string().contains("restart converge"), "{err}");
-        drop(store);
+            let put_back = fail_syncs_of(dir.path(), 1);
+            assert!(store.sync().is_err());
+            put_back();
+            let at = store.locate(&lost).unwrap().unwrap();
+            let pack = OpenOptions::new()
+                .write(true)
+                .open(pack_path(dir.path(), 1))
+                .unwrap();
+            pack.write_all_at(&vec![0; at.len as usize], at.offset)
+                .unwrap();
+            let read = |store: &ChunkStore| {
+                assert!(
+                    matches!(store.get(&lost), Err(LogError::Corrupt { .. })),
+                    "read unchecked"
+                );
+            };
+            if read_first {
+                read(&store);
+            }
+            let err = store.sync().unwrap_err();
+            assert!(err.to_string().contains("restart converge"), "{err}");
+            if !read_first {
+                read(&store);
+            }
+            store.put(b"put after the loss").unwrap();
+            let err = store.sync().unwrap_err();
+            assert!(err.to_string().contains("restart converge"), "{err}");
+            drop(store);
 
-        let store = open(&db, dir.path());
-        assert!(store.contains(&kept).unwrap());
-        assert!(!store.contains(&lost).unwrap());
-        let lost_again = store.put(b"lost with the failed sync").unwrap();
-        assert_eq!(lost_again, lost);
-        store.sync().unwrap();
-        assert!(store.contains(&lost).unwrap());
+            let store = open(&db, dir.path());
+            assert!(store.contains(&kept).unwrap());
+            assert!(!store.contains(&lost).unwrap());
+            let lost_again = store.put(b"lost with the failed sync").unwrap();
+            assert_eq!(lost_again, lost);
+            store.sync().unwrap();
+            assert!(store.contains(&lost).unwrap());
+        }
     }
 }
