@@ -62,17 +62,74 @@ pub struct FsStore {
     failed: tokio::sync::Mutex<BTreeMap<Key, KeyView>>,
     /// How many keys `failed` holds (read without its lock).
     failed_count: AtomicUsize,
-    /// The keys whose files this store wrote and no sync has made durable yet, with the
-    /// batch that wrote them: a later batch writes them again even when they look right
-    /// (see the module docs).
-    unsynced: Unsynced,
+    /// What makes batches durable, and what is known not to be yet.
+    durability: Arc<Durability>,
 }
 
-/// See [`FsStore::unsynced`].
+/// The keys whose files a store wrote and no sync has made durable yet, with the batch
+/// that wrote them: a later batch writes them again even when they look right (see the
+/// module docs).
 type Unsynced = Arc<std::sync::Mutex<HashMap<Key, u64>>>;
 
-/// Numbers the batches of every store (see [`FsStore::unsynced`]).
-static BATCHES: AtomicU64 = AtomicU64::new(0);
+/// Numbers the batches of every store (see [`Unsynced`]); 0 stands for a batch of an
+/// earlier run.
+static BATCHES: AtomicU64 = AtomicU64::new(1);
+
+/// A store's means of making its batches durable.
+#[derive(Debug, Default)]
+struct Durability {
+    /// See [`Unsynced`].
+    unsynced: Unsynced,
+    /// The folder's root, opened by the first batch and kept: `syncfs` reports through a
+    /// descriptor every writeback error of the file system since it was opened, each
+    /// once, so one kept open misses none (a content store pack lent to the folder
+    /// included), where one opened anew would miss those from before its open.
+    sync_dir: std::sync::Mutex<Option<Arc<File>>>,
+    /// `unsynced` was saved to the state dir and not removed since (see
+    /// [`FsStore::unsynced_file`]).
+    saved: std::sync::atomic::AtomicBool,
+}
+
+impl Durability {
+    /// The root's kept descriptor (see [`Durability::sync_dir`]), opened if there is none
+    /// or the root is now on another file system.
+    fn sync_dir(&self, root: &Path) -> Result<Arc<File>, FsError> {
+        let mut slot = self.sync_dir.lock().map_err(|_| FsError::Content {
+            path: root.to_owned(),
+            reason: "a thread writing files panicked".into(),
+        })?;
+        let root_dev = std::fs::metadata(root)
+            .map_err(FsError::io("opening", root))?
+            .dev();
+        if let Some(dir) = slot.as_ref() {
+            if dir.metadata().is_ok_and(|m| m.dev() == root_dev) {
+                return Ok(dir.clone());
+            }
+        }
+        let dir = Arc::new(File::open(root).map_err(FsError::io("opening", root))?);
+        *slot = Some(dir.clone());
+        Ok(dir)
+    }
+
+    /// Keeps the keys written and not synced at `path` across a restart once a batch
+    /// failed (`failed`), and removes the file once there are none: the process may be
+    /// restarted before the batch comes again, and the page cache is not.
+    fn keep(&self, path: Option<&Path>, failed: bool) {
+        let Some(path) = path else { return };
+        let keys: Vec<Key> = match self.unsynced.lock() {
+            Ok(unsynced) => unsynced.keys().cloned().collect(),
+            Err(_) => return,
+        };
+        let saved = self.saved.load(Ordering::Acquire);
+        if !(saved || failed && !keys.is_empty()) {
+            return;
+        }
+        match save_state(path, "keys written and not synced", &keys) {
+            Ok(()) => self.saved.store(!keys.is_empty(), Ordering::Release),
+            Err(e) => tracing::error!("{e}"),
+        }
+    }
+}
 
 impl FsStore {
     /// A store named `folder` writing into `config.root` (created if missing).
@@ -93,7 +150,7 @@ impl FsStore {
             guarded: false,
             failed: tokio::sync::Mutex::new(BTreeMap::new()),
             failed_count: AtomicUsize::new(0),
-            unsynced: Unsynced::default(),
+            durability: Arc::default(),
         }
     }
 
@@ -101,6 +158,13 @@ impl FsStore {
     fn state_file(&self) -> Option<PathBuf> {
         let dir = self.config.state_dir.as_ref()?;
         Some(dir.join(format!("{}.failed", self.name)))
+    }
+
+    /// The file that keeps the keys written and not synced after a failed batch (see
+    /// [`Unsynced`]), if the store has a state dir.
+    fn unsynced_file(&self) -> Option<PathBuf> {
+        let dir = self.config.state_dir.as_ref()?;
+        Some(dir.join(format!("{}.unsynced", self.name)))
     }
 
     /// Makes this the folder's own store, whose source records local changes: a file
@@ -146,9 +210,11 @@ impl Store for FsStore {
         batch.extend(views);
 
         let (config, echo, ctx) = (self.config.clone(), self.echo.clone(), ctx.clone());
-        let (name, guarded, unsynced) = (self.name.clone(), self.guarded, self.unsynced.clone());
+        let (name, guarded) = (self.name.clone(), self.guarded);
+        let (durability, unsynced_file) = (self.durability.clone(), self.unsynced_file());
         let (batch, failures) = tokio::task::spawn_blocking(move || {
-            let failures = apply_blocking(&config, echo, ctx, guarded, &name, &unsynced, &batch);
+            let failures = apply_blocking(&config, echo, ctx, guarded, &name, &durability, &batch);
+            durability.keep(unsynced_file.as_deref(), failures.is_err());
             (batch, failures)
         })
         .await
@@ -185,7 +251,7 @@ impl Store for FsStore {
             // Durable before the cursor moves past these keys' events.
             if let Some(path) = self.state_file() {
                 let views: Vec<KeyView> = now_failed.values().cloned().collect();
-                tokio::task::spawn_blocking(move || save_failed(&path, &views))
+                tokio::task::spawn_blocking(move || save_state(&path, "failed keys", &views))
                     .await
                     .map_err(FsError::from)
                     .and_then(|r| r)
@@ -211,12 +277,28 @@ impl Store for FsStore {
         if self.guarded {
             self.echo.set_store(&self.name);
         }
-        if let Some(path) = self.state_file() {
-            let loaded = tokio::task::spawn_blocking(move || load_failed(&path))
+        if let Some(path) = self.unsynced_file() {
+            let what = "keys written and not synced";
+            let loaded = tokio::task::spawn_blocking(move || load_state::<Key>(&path, what))
                 .await
                 .map_err(FsError::from)
                 .and_then(|r| r)
                 .map_err(|e| e.into_plugin(&self.name))?;
+            if !loaded.is_empty() {
+                tracing::warn!(store = %self.name, "{} file(s) written before the restart were not made durable; written again when they come again", loaded.len());
+                if let Ok(mut unsynced) = self.durability.unsynced.lock() {
+                    unsynced.extend(loaded.into_iter().map(|k| (k, 0)));
+                }
+                self.durability.saved.store(true, Ordering::Release);
+            }
+        }
+        if let Some(path) = self.state_file() {
+            let loaded =
+                tokio::task::spawn_blocking(move || load_state::<KeyView>(&path, "failed keys"))
+                    .await
+                    .map_err(FsError::from)
+                    .and_then(|r| r)
+                    .map_err(|e| e.into_plugin(&self.name))?;
             if !loaded.is_empty() {
                 tracing::warn!(store = %self.name, "{} key(s) could not be shown before the restart; trying them again", loaded.len());
                 self.echo
@@ -245,17 +327,19 @@ impl Store for FsStore {
     }
 }
 
-/// Writes the views that failed to `path` (replacing it atomically, durably); removes it
-/// when there are none.
-fn save_failed(path: &Path, views: &[KeyView]) -> Result<(), FsError> {
-    if views.is_empty() {
+/// Writes `items` (the views that failed, or the keys not synced: `what`) to `path`,
+/// replacing it atomically, durably; removes it when there are none.
+fn save_state<T: serde::Serialize>(path: &Path, what: &str, items: &[T]) -> Result<(), FsError> {
+    if items.is_empty() {
         return remove_file(path);
     }
-    let bytes = converge_api::codec::encode(&views).map_err(|e| FsError::Content {
+    let bytes = converge_api::codec::encode(&items).map_err(|e| FsError::Content {
         path: path.to_owned(),
-        reason: format!("encoding the failed keys: {e}"),
+        reason: format!("encoding the {what}: {e}"),
     })?;
-    let temp = path.with_extension("failed.tmp");
+    let mut temp = path.as_os_str().to_owned();
+    temp.push(".tmp");
+    let temp = PathBuf::from(temp);
     let mut file = File::create(&temp).map_err(FsError::io("creating", &temp))?;
     std::io::Write::write_all(&mut file, &bytes).map_err(FsError::io("writing", &temp))?;
     file.sync_all().map_err(FsError::io("syncing", &temp))?;
@@ -268,12 +352,12 @@ fn save_failed(path: &Path, views: &[KeyView]) -> Result<(), FsError> {
     Ok(())
 }
 
-/// The views [`save_failed`] wrote to `path`; none if there is no such file.
-fn load_failed(path: &Path) -> Result<Vec<KeyView>, FsError> {
+/// The items [`save_state`] wrote to `path`; none if there is no such file.
+fn load_state<T: serde::de::DeserializeOwned>(path: &Path, what: &str) -> Result<Vec<T>, FsError> {
     match std::fs::read(path) {
         Ok(bytes) => converge_api::codec::decode(&bytes).map_err(|e| FsError::Content {
             path: path.to_owned(),
-            reason: format!("reading the failed keys: {e}"),
+            reason: format!("reading the {what}: {e}"),
         }),
         Err(e) if e.kind() == ErrorKind::NotFound => Ok(Vec::new()),
         Err(e) => Err(FsError::Io {
@@ -352,7 +436,7 @@ fn apply_blocking(
     ctx: StoreContext,
     guarded: bool,
     name: &str,
-    unsynced: &Unsynced,
+    durability: &Durability,
     views: &[KeyView],
 ) -> Result<Vec<(Key, FsError)>, FsError> {
     // The folder's own store writes only into the folder its source marked; a mirror
@@ -367,7 +451,7 @@ fn apply_blocking(
         .canonicalize()
         .map_err(FsError::io("opening", &config.root))?;
     // Before any write: the sync reports the errors since this open (see the module docs).
-    let sync_dir = File::open(&root).map_err(FsError::io("opening", &root))?;
+    let sync_dir = durability.sync_dir(&root)?;
     echo.prune();
     let mut w = Writer {
         rules: Rules::load(&root, &config.exclude),
@@ -378,7 +462,7 @@ fn apply_blocking(
         made: HashSet::new(),
         rename_new: cfg!(target_os = "linux"),
         dirty: false,
-        unsynced: unsynced.clone(),
+        unsynced: durability.unsynced.clone(),
         batch: BATCHES.fetch_add(1, Ordering::Relaxed),
         temp_dir: temp_dir_for(&root, config.temp_dir.as_deref()),
         temp_fd: None,
@@ -539,8 +623,18 @@ fn apply_blocking(
             tracing::error!("{e}; its files are written again when the batch comes again");
             return Err(e);
         }
-        if let Ok(mut unsynced) = unsynced.lock() {
-            unsynced.retain(|_, batch| *batch != w.batch);
+    }
+    // Durable now: what this batch wrote, and the keys it settled otherwise (removed, or
+    // found to be someone else's), all but those that failed alone.
+    if let Ok(mut unsynced) = durability.unsynced.lock() {
+        if !unsynced.is_empty() {
+            let failed: HashSet<&Key> = w.failed.iter().map(|(k, _)| k).collect();
+            let settled: HashSet<&Key> = views
+                .iter()
+                .map(|v| &v.key)
+                .filter(|k| !failed.contains(k))
+                .collect();
+            unsynced.retain(|key, batch| *batch != w.batch && !settled.contains(key));
         }
     }
     Ok(w.failed)
@@ -1626,6 +1720,53 @@ mod tests {
         put(&mut w);
         assert_eq!(inode(), second, "synced: left alone");
         assert!(w.unsynced.lock().unwrap().is_empty());
+    }
+
+    /// The keys written and not synced by a batch that failed are kept in the state dir
+    /// until a batch settles them: a restart before the batch comes again must not take
+    /// the files for right, since the page cache outlives the process.
+    #[tokio::test]
+    async fn keys_written_and_not_synced_outlive_a_restart() {
+        let folder = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        let mut config = FsConfig::new(folder.path());
+        config.state_dir = Some(state.path().to_owned());
+        let key = Key::new("f.txt").unwrap();
+        let saved = state.path().join("folder.unsynced");
+
+        let store = FsStore::new(config.clone());
+        store
+            .durability
+            .unsynced
+            .lock()
+            .unwrap()
+            .insert(key.clone(), 7);
+        store
+            .durability
+            .keep(store.unsynced_file().as_deref(), false);
+        assert!(!saved.exists(), "kept only once a batch failed");
+        store
+            .durability
+            .keep(store.unsynced_file().as_deref(), true);
+        assert!(saved.exists());
+
+        let log = EventLog::open(converge_framework::log::LogConfig::temporary()).unwrap();
+        let ctx = StoreContext::new(log);
+        let restarted = FsStore::new(config);
+        restarted.start(&ctx).await.unwrap();
+        let unsynced = restarted.durability.unsynced.lock().unwrap().clone();
+        assert_eq!(
+            unsynced,
+            HashMap::from([(key, 0)]),
+            "an earlier run's batch"
+        );
+
+        // Settled: the file goes.
+        restarted.durability.unsynced.lock().unwrap().clear();
+        restarted
+            .durability
+            .keep(restarted.unsynced_file().as_deref(), false);
+        assert!(!saved.exists());
     }
 
     /// A file found in a directory the batch made (created there meanwhile, unrecorded)
