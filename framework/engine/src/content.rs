@@ -1085,9 +1085,9 @@ impl ChunkStore {
     /// Writes the chunks staged in packs a sync failed on again, appended to the current
     /// pack, from where they lie (the page cache, on ext4: the pages a failed writeback
     /// left stay there), checked against their hashes. One that reads short or wrong, or
-    /// cannot be read (`EIO`, its pack gone), is lost, and an event naming it may be waiting to be made durable: the store then
-    /// refuses to sync until it is opened again. Any other error is returned, and the
-    /// next sync tries again.
+    /// cannot be read (`EIO`, its pack gone), is lost, and an event naming it may be
+    /// waiting to be made durable: the store then refuses to sync until it is opened
+    /// again. Any other error is returned, and the next sync tries again.
     fn write_again(&self, w: &mut PackWriter) -> Result<(), LogError> {
         let failed = self
             .inner
@@ -1225,6 +1225,20 @@ impl ChunkStore {
         let Some((&stream, stream_pack)) = w.streams.iter().find(|(_, p)| p.id == pack) else {
             return Ok(false);
         };
+        // Not if the kernel's writeback of it failed (started as it was written): its
+        // pages may be clean and not on disk, and the folder's sync, on a descriptor
+        // opened since, would not hear of it. Given up like a pack whose sync failed.
+        if let Err(e) = writeback_error(&stream_pack.file) {
+            let mut failed = self.inner.failed.write().map_err(|_| LogError::Closed)?;
+            failed.insert(pack);
+            w.abandon(&failed);
+            w.again = true;
+            tracing::error!(
+                "writing {} failed: {e}; its chunks are written again",
+                pack_path(&self.inner.dir, pack).display()
+            );
+            return Ok(false);
+        }
         // Nothing beyond the content (a later chunk of the stream, or one written where
         // a failed write left it).
         if stream_pack.written.len() != content.size
@@ -1962,6 +1976,27 @@ fn start_writeback(file: &File, offset: u64, len: u64) {
     let _ = (file, offset, len);
 }
 
+/// Waits for the writeback under way on `file` and returns the error of any writeback
+/// that failed since the descriptor last reported one (each is reported once per
+/// descriptor). Writes and flushes nothing. Linux only; `Ok` elsewhere.
+fn writeback_error(file: &File) -> std::io::Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: the descriptor is open for as long as `file` is borrowed, and
+        // sync_file_range only reads its arguments.
+        let rc = unsafe {
+            libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WAIT_BEFORE)
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = file;
+    Ok(())
+}
+
 /// Waits for the writeback of `len` bytes at `offset` of `file` (started earlier by
 /// [`start_writeback`]) and drops those pages from the page cache. Not a sync: the
 /// device's cache is not flushed and nothing is made durable; a later `fdatasync` or
@@ -2617,6 +2652,35 @@ mod tests {
         // Fetched again, they are stored anew and read back right.
         store.put_verified(&last, chunks.last().unwrap()).unwrap();
         assert_eq!(store.get(&last).unwrap().unwrap(), *chunks.last().unwrap());
+    }
+
+    /// A stream pack whose writeback failed (here: its descriptor a pipe's, on which the
+    /// kernel's check fails for real) is not lent: the folder's sync would not hear of
+    /// the failure. It is given up like a pack whose sync failed, and its staged chunks
+    /// are written again by the next sync.
+    #[test]
+    fn a_stream_whose_writeback_failed_is_not_lent() {
+        let (dir, db, store) = scratch();
+        let lens: Vec<usize> = (0..40).map(|i| 1000 + i * 7).collect();
+        let chunks = chunks_of(&lens, 3);
+        let (content, items) = pushed(&chunks, 42);
+        put_pushed(&store, &items);
+        assert!(store.missing(&content).unwrap().is_empty());
+        let stream = store.locate(&items[0].0).unwrap().unwrap().pack;
+
+        let put_back = fail_syncs_of(dir.path(), stream);
+        assert!(!store.lend(&content, &dir.path().join("the file")).unwrap());
+        put_back();
+        assert!(!dir.path().join("the file").exists());
+        assert!(!store.lend(&content, &dir.path().join("the file")).unwrap());
+        store.sync().unwrap();
+        let moved = store.locate(&items[0].0).unwrap().unwrap();
+        assert_ne!(moved.pack, stream, "written again elsewhere");
+        drop(store);
+        let store = open(&db, dir.path());
+        for (hash, bytes) in items.iter().map(|i| i.0).zip(&chunks) {
+            assert_eq!(store.get(&hash).unwrap().as_ref(), Some(bytes));
+        }
     }
 
     #[test]
