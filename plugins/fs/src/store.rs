@@ -75,42 +75,17 @@ type Unsynced = Arc<std::sync::Mutex<HashMap<Key, u64>>>;
 /// earlier run.
 static BATCHES: AtomicU64 = AtomicU64::new(1);
 
-/// A store's means of making its batches durable.
+/// What a store knows of its batches' durability.
 #[derive(Debug, Default)]
 struct Durability {
     /// See [`Unsynced`].
     unsynced: Unsynced,
-    /// The folder's root, opened by the first batch and kept: `syncfs` reports through a
-    /// descriptor every writeback error of the file system since it was opened, each
-    /// once, so one kept open misses none (a content store pack lent to the folder
-    /// included), where one opened anew would miss those from before its open.
-    sync_dir: std::sync::Mutex<Option<Arc<File>>>,
     /// `unsynced` was saved to the state dir and not removed since (see
     /// [`FsStore::unsynced_file`]).
     saved: std::sync::atomic::AtomicBool,
 }
 
 impl Durability {
-    /// The root's kept descriptor (see [`Durability::sync_dir`]), opened if there is none
-    /// or the root is now on another file system.
-    fn sync_dir(&self, root: &Path) -> Result<Arc<File>, FsError> {
-        let mut slot = self.sync_dir.lock().map_err(|_| FsError::Content {
-            path: root.to_owned(),
-            reason: "a thread writing files panicked".into(),
-        })?;
-        let root_dev = std::fs::metadata(root)
-            .map_err(FsError::io("opening", root))?
-            .dev();
-        if let Some(dir) = slot.as_ref() {
-            if dir.metadata().is_ok_and(|m| m.dev() == root_dev) {
-                return Ok(dir.clone());
-            }
-        }
-        let dir = Arc::new(File::open(root).map_err(FsError::io("opening", root))?);
-        *slot = Some(dir.clone());
-        Ok(dir)
-    }
-
     /// Keeps the keys written and not synced at `path` across a restart once a batch
     /// failed (`failed`), and removes the file once there are none: the process may be
     /// restarted before the batch comes again, and the page cache is not.
@@ -126,7 +101,13 @@ impl Durability {
         }
         match save_state(path, "keys written and not synced", &keys) {
             Ok(()) => self.saved.store(!keys.is_empty(), Ordering::Release),
-            Err(e) => tracing::error!("{e}"),
+            Err(e) => tracing::error!(
+                "{e}: {} file(s) written by a batch that failed may be missing from the disk \
+                 while they read right; do not restart converge before the page cache is \
+                 dropped (a reboot, or `echo 1 > /proc/sys/vm/drop_caches`), or a restart \
+                 takes them for durable",
+                keys.len()
+            ),
         }
     }
 }
@@ -285,7 +266,12 @@ impl Store for FsStore {
                 .and_then(|r| r)
                 .map_err(|e| e.into_plugin(&self.name))?;
             if !loaded.is_empty() {
-                tracing::warn!(store = %self.name, "{} file(s) written before the restart were not made durable; written again when they come again", loaded.len());
+                tracing::warn!(
+                    store = %self.name,
+                    "{} file(s) written before the restart may not be on disk; \
+                     written again when they come again",
+                    loaded.len()
+                );
                 if let Ok(mut unsynced) = self.durability.unsynced.lock() {
                     unsynced.extend(loaded.into_iter().map(|k| (k, 0)));
                 }
@@ -451,7 +437,7 @@ fn apply_blocking(
         .canonicalize()
         .map_err(FsError::io("opening", &config.root))?;
     // Before any write: the sync reports the errors since this open (see the module docs).
-    let sync_dir = durability.sync_dir(&root)?;
+    let sync_dir = File::open(&root).map_err(FsError::io("opening", &root))?;
     echo.prune();
     let mut w = Writer {
         rules: Rules::load(&root, &config.exclude),
@@ -624,8 +610,9 @@ fn apply_blocking(
             return Err(e);
         }
     }
-    // Durable now: what this batch wrote, and the keys it settled otherwise (removed, or
-    // found to be someone else's), all but those that failed alone.
+    // Durable now: what this batch wrote (a key that failed alone keeps an earlier
+    // batch's note), and the keys it settled otherwise (removed, or found to be the
+    // user's), but not those that failed alone.
     if let Ok(mut unsynced) = durability.unsynced.lock() {
         if !unsynced.is_empty() {
             let failed: HashSet<&Key> = w.failed.iter().map(|(k, _)| k).collect();
@@ -736,11 +723,27 @@ impl Writer {
         self.echo.wrote(key);
     }
 
-    /// Notes that the file of `key` is about to be written: it is written again by a
-    /// later batch unless this batch's sync succeeds (see [`FsStore::unsynced`]).
+    /// Notes that the file of `key` is about to be written: if the batch fails from here
+    /// on, a later batch writes it again (see [`Unsynced`]). An earlier batch's note
+    /// stays until [`Writer::wrote`].
     fn writing(&self, key: &Key) {
         if let Ok(mut unsynced) = self.unsynced.lock() {
+            unsynced.entry(key.clone()).or_insert(self.batch);
+        }
+    }
+
+    /// Notes that the file of `key` was written (renamed into place) by this batch: its
+    /// note goes once the batch's sync succeeds.
+    fn wrote(&self, key: &Key) {
+        if let Ok(mut unsynced) = self.unsynced.lock() {
             unsynced.insert(key.clone(), self.batch);
+        }
+    }
+
+    /// Drops the note of `key`, whose file is gone or the user's (see [`Unsynced`]).
+    fn settled(&self, key: &Key) {
+        if let Ok(mut unsynced) = self.unsynced.lock() {
+            unsynced.remove(key);
         }
     }
 
@@ -1077,6 +1080,8 @@ impl Writer {
     /// Removes the conflict copy `name` of `of` whose conflict was merged, if it still
     /// holds `content`: a copy changed since it was written is the user's, and stays.
     fn remove_copy(&mut self, name: &Key, of: &Key, content: &ContentRef) -> Result<(), FsError> {
+        // Removed, gone or the user's: not to be written again in any case.
+        self.settled(name);
         let Ok(path) = self.resolve_as(name, of, false)? else {
             return Ok(());
         };
@@ -1148,6 +1153,7 @@ impl Writer {
             self.writing(target);
         }
         if in_made && self.write_new(&path, echo_key, record, content, meta)? {
+            self.wrote(target);
             self.changed(target);
             return Ok(Ok(()));
         }
@@ -1230,7 +1236,10 @@ impl Writer {
                 self.echo.record(k, record);
             }
             match self.rename(&temp, &path) {
-                Ok(()) => break,
+                Ok(()) => {
+                    self.wrote(target);
+                    break;
+                }
                 // The same file system but another mount (a bind mount): write beside
                 // the final path from now on.
                 Err(e) if e.raw_os_error() == Some(libc::EXDEV) && self.temp_dir.is_some() => {
@@ -1720,6 +1729,22 @@ mod tests {
         put(&mut w);
         assert_eq!(inode(), second, "synced: left alone");
         assert!(w.unsynced.lock().unwrap().is_empty());
+
+        // A write that fails (here: content missing from the store) leaves an earlier
+        // batch's note, so that the batch's sync does not drop it.
+        w.unsynced.lock().unwrap().insert(key.clone(), 0);
+        w.batch += 1;
+        let missing = ContentRef {
+            root: Hash::of(b"not stored"),
+            size: 10,
+            depth: 0,
+        };
+        assert!(!matches!(
+            w.put_file(&key, None, Some(&key), &missing, &meta, false),
+            Ok(Ok(()))
+        ));
+        assert_eq!(w.unsynced.lock().unwrap().get(&key), Some(&0));
+        assert_eq!(inode(), second);
     }
 
     /// The keys written and not synced by a batch that failed are kept in the state dir
