@@ -754,8 +754,8 @@ impl ChunkStore {
         // The wait for the writeback happens outside the lock, which every lookup of a
         // staged chunk takes.
         drop(w);
-        for (file, range) in behind {
-            drop_behind(&file, range);
+        for (id, range) in behind {
+            self.drop_behind(id, range);
         }
         Ok(full)
     }
@@ -766,7 +766,7 @@ impl ChunkStore {
         &self,
         w: &mut PackWriter,
         new: &[(Hash, &[u8])],
-        behind: &mut Vec<(Arc<File>, (u64, u64))>,
+        behind: &mut Vec<(u32, (u64, u64))>,
     ) -> Result<(), LogError> {
         if new.is_empty() {
             return Ok(());
@@ -807,7 +807,7 @@ impl ChunkStore {
         }
         let appended = offset - w.written.len();
         if let Some(range) = w.written.appended(&file, appended) {
-            behind.push((file, range));
+            behind.push((w.id, range));
         }
         if w.written.len() >= PACK_BYTES {
             w.rotate();
@@ -823,7 +823,7 @@ impl ChunkStore {
         w: &mut PackWriter,
         stream: u64,
         run: &[Placed<'a>],
-        behind: &mut Vec<(Arc<File>, (u64, u64))>,
+        behind: &mut Vec<(u32, (u64, u64))>,
     ) -> Result<Vec<(Hash, &'a [u8])>, LogError> {
         let elsewhere_all = || run.iter().map(|&(h, b, _)| (h, b)).collect();
         if !w.streams.contains_key(&stream) {
@@ -918,7 +918,7 @@ impl ChunkStore {
             if grown > 0 {
                 pack.dirty = true;
                 if let Some(range) = pack.written.appended(&file, grown) {
-                    behind.push((file, range));
+                    behind.push((id, range));
                 }
             }
         }
@@ -1053,10 +1053,11 @@ impl ChunkStore {
         // Left staged until recorded, so that a failure below loses no location: the
         // next sync (an append tried again) records them then. A chunk dropped as
         // damaged meanwhile is not recorded.
-        let staged: Vec<(Hash, Location)> = staged
+        let failed = inner.failed.read().map_err(|_| LogError::Closed)?.clone();
+        let (staged, spoilt): (Vec<_>, Vec<_>) = staged
             .into_iter()
             .filter(|(h, l)| w.staged.get(h) == Some(l))
-            .collect();
+            .partition(|(_, l)| !failed.contains(&l.pack));
         if staged.len() < MANIFEST_ENTRIES {
             self.index(staged.clone())?;
         } else {
@@ -1078,6 +1079,19 @@ impl ChunkStore {
         if w.staged.is_empty() && w.staged.capacity() > 4096 {
             // A large sync's entries are gone: so is their room.
             w.staged = HashMap::with_capacity(1024);
+        }
+        if !spoilt.is_empty() {
+            // A pack found failed meanwhile (its writeback, see `lend`): its chunks are
+            // not durable, and are written again by the next sync.
+            w.again = true;
+            return Err(LogError::ContentIo {
+                op: "syncing",
+                path: inner.dir.clone(),
+                source: std::io::Error::other(format!(
+                    "{} chunk(s) in a pack whose writeback failed; written again by the next sync",
+                    spoilt.len()
+                )),
+            });
         }
         Ok(())
     }
@@ -1171,6 +1185,16 @@ impl ChunkStore {
         }
     }
 
+    /// Waits for the writeback of `range` of pack `id` and drops it from the page cache
+    /// (see [`Writeback`]), through a descriptor of its own: the wait reports a failed
+    /// writeback to the descriptor it is made on, once, and the pack's own must keep
+    /// that for the sync, which would otherwise succeed over the lost pages. Advisory.
+    fn drop_behind(&self, id: u32, range: (u64, u64)) {
+        if let Ok(file) = File::open(pack_path(&self.inner.dir, id)) {
+            drop_behind(&file, range);
+        }
+    }
+
     /// Puts `entries` into the index (and the recent locations).
     fn index(&self, mut entries: Vec<(Hash, Location)>) -> Result<(), LogError> {
         // In small batches: sled frees the node copies an insert replaces only once no
@@ -1201,6 +1225,10 @@ impl ChunkStore {
     /// change, its chunks are checked on every read (see the module docs). Blocks on a
     /// walk of the content's tree.
     pub fn lend(&self, content: &ContentRef, to: &Path) -> Result<bool, LogError> {
+        // Not during a sync: of the two, one could hear of a failed writeback of the pack
+        // (each is reported once) and the other not, so that the sync indexed the pack's
+        // chunks, or this lent the pack, over the lost pages.
+        let _one = self.inner.syncing.lock().map_err(|_| LogError::Closed)?;
         let open = |w: &PackWriter| !w.streams.is_empty();
         if !self.inner.writer.lock().is_ok_and(|w| open(&w)) {
             return Ok(false);

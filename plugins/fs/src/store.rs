@@ -598,9 +598,11 @@ fn apply_blocking(
         }
     }
     // A stale copy left in place is harmless: its removal is not worth failing a key.
+    let mut ended_copies = Vec::with_capacity(ended.len());
     for (name, of, content) in ended {
-        if let Err(e) = w.remove_copy(&name, &of, &content) {
-            tracing::warn!("{name}: not removed: {e}");
+        match w.remove_copy(&name, &of, &content) {
+            Ok(()) => ended_copies.push(name),
+            Err(e) => tracing::warn!("{name}: not removed: {e}"),
         }
     }
 
@@ -612,7 +614,8 @@ fn apply_blocking(
     }
     // Durable now: what this batch wrote (a key that failed alone keeps an earlier
     // batch's note), and the keys it settled otherwise (removed, or found to be the
-    // user's), but not those that failed alone.
+    // user's; conflict copies removed or kept as the user's), but not those that failed
+    // alone.
     if let Ok(mut unsynced) = durability.unsynced.lock() {
         if !unsynced.is_empty() {
             let failed: HashSet<&Key> = w.failed.iter().map(|(k, _)| k).collect();
@@ -620,6 +623,7 @@ fn apply_blocking(
                 .iter()
                 .map(|v| &v.key)
                 .filter(|k| !failed.contains(k))
+                .chain(&ended_copies)
                 .collect();
             unsynced.retain(|key, batch| *batch != w.batch && !settled.contains(key));
         }
@@ -737,13 +741,6 @@ impl Writer {
     fn wrote(&self, key: &Key) {
         if let Ok(mut unsynced) = self.unsynced.lock() {
             unsynced.insert(key.clone(), self.batch);
-        }
-    }
-
-    /// Drops the note of `key`, whose file is gone or the user's (see [`Unsynced`]).
-    fn settled(&self, key: &Key) {
-        if let Ok(mut unsynced) = self.unsynced.lock() {
-            unsynced.remove(key);
         }
     }
 
@@ -1080,8 +1077,6 @@ impl Writer {
     /// Removes the conflict copy `name` of `of` whose conflict was merged, if it still
     /// holds `content`: a copy changed since it was written is the user's, and stays.
     fn remove_copy(&mut self, name: &Key, of: &Key, content: &ContentRef) -> Result<(), FsError> {
-        // Removed, gone or the user's: not to be written again in any case.
-        self.settled(name);
         let Ok(path) = self.resolve_as(name, of, false)? else {
             return Ok(());
         };
