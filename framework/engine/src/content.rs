@@ -267,7 +267,8 @@ struct Inner {
     /// Remove `dir` when the store is dropped (a temporary log's store).
     remove_on_drop: bool,
     writer: Mutex<PackWriter>,
-    /// Held by [`ChunkStore::sync`] throughout, the writer's lock only around its syncs.
+    /// Held by [`ChunkStore::sync`] throughout (the writer's lock only around its syncs),
+    /// and by [`ChunkStore::lend`].
     syncing: Mutex<()>,
     /// The first pack this process wrote: packs from here on hold only chunks checked on
     /// their way in, and are read without hashing them again.
@@ -1058,6 +1059,7 @@ impl ChunkStore {
             .into_iter()
             .filter(|(h, l)| w.staged.get(h) == Some(l))
             .partition(|(_, l)| !failed.contains(&l.pack));
+        w.again |= !spoilt.is_empty();
         if staged.len() < MANIFEST_ENTRIES {
             self.index(staged.clone())?;
         } else {
@@ -1083,7 +1085,6 @@ impl ChunkStore {
         if !spoilt.is_empty() {
             // A pack found failed meanwhile (its writeback, see `lend`): its chunks are
             // not durable, and are written again by the next sync.
-            w.again = true;
             return Err(LogError::ContentIo {
                 op: "syncing",
                 path: inner.dir.clone(),
@@ -1225,14 +1226,15 @@ impl ChunkStore {
     /// change, its chunks are checked on every read (see the module docs). Blocks on a
     /// walk of the content's tree.
     pub fn lend(&self, content: &ContentRef, to: &Path) -> Result<bool, LogError> {
-        // Not during a sync: of the two, one could hear of a failed writeback of the pack
-        // (each is reported once) and the other not, so that the sync indexed the pack's
-        // chunks, or this lent the pack, over the lost pages.
-        let _one = self.inner.syncing.lock().map_err(|_| LogError::Closed)?;
         let open = |w: &PackWriter| !w.streams.is_empty();
         if !self.inner.writer.lock().is_ok_and(|w| open(&w)) {
             return Ok(false);
         }
+        // Not during a sync: of the two, one could hear of a failed writeback of the pack
+        // (each is reported once) and the other not, so that the sync indexed the pack's
+        // chunks, or this lent the pack, over the lost pages. (The pack is looked for
+        // again below, under the writer's lock.)
+        let _one = self.inner.syncing.lock().map_err(|_| LogError::Closed)?;
         // Every data chunk in one pack, one after another from its first byte.
         let mut pack = None;
         let mut end = 0;
@@ -2043,7 +2045,7 @@ fn drop_behind(file: &File, (offset, len): (u64, u64)) {
         let fd = file.as_raw_fd();
         // SAFETY: as in `start_writeback`; posix_fadvise only reads its arguments too.
         unsafe {
-            libc::sync_file_range(
+            let waited = libc::sync_file_range(
                 fd,
                 offset,
                 len,
@@ -2051,7 +2053,11 @@ fn drop_behind(file: &File, (offset, len): (u64, u64)) {
                     | libc::SYNC_FILE_RANGE_WRITE
                     | libc::SYNC_FILE_RANGE_WAIT_AFTER,
             );
-            libc::posix_fadvise(fd, offset, len, libc::POSIX_FADV_DONTNEED);
+            // Pages whose writeback failed are kept: they may be all that is left of
+            // their bytes (see `ChunkStore::sync`).
+            if waited == 0 {
+                libc::posix_fadvise(fd, offset, len, libc::POSIX_FADV_DONTNEED);
+            }
         }
     }
     #[cfg(not(target_os = "linux"))]

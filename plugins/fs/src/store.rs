@@ -598,12 +598,13 @@ fn apply_blocking(
         }
     }
     // A stale copy left in place is harmless: its removal is not worth failing a key.
+    // Its note goes with the batch's sync either way: nothing brings it back.
     let mut ended_copies = Vec::with_capacity(ended.len());
     for (name, of, content) in ended {
-        match w.remove_copy(&name, &of, &content) {
-            Ok(()) => ended_copies.push(name),
-            Err(e) => tracing::warn!("{name}: not removed: {e}"),
+        if let Err(e) = w.remove_copy(&name, &of, &content) {
+            tracing::warn!("{name}: not removed: {e}");
         }
+        ended_copies.push(name);
     }
 
     if w.dirty {
