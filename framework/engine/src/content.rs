@@ -30,8 +30,8 @@
 //!
 //! Every chunk is checked once on its way in: hashed from the file by the source that
 //! puts it, or checked against its hash when a peer offers it. Reads from the packs this
-//! process wrote (and has not lent, see below) are trusted on that ground and not hashed
-//! again; reads from the packs of earlier runs, which a crash or the disk may have damaged
+//! process wrote (and has not lent, see below, nor given up after a failure, see above)
+//! are trusted on that ground and not hashed again; reads from the packs of earlier runs, which a crash or the disk may have damaged
 //! since, are checked, so a damaged pack reads as an error, never as wrong content. A
 //! file's data can be copied out of the trusted packs by the kernel ([`Piece::InPack`]),
 //! without passing through memory, where the run lines up with the file's pages.
@@ -268,7 +268,7 @@ struct Inner {
     remove_on_drop: bool,
     writer: Mutex<PackWriter>,
     /// Held by [`ChunkStore::sync`] throughout (the writer's lock only around its syncs),
-    /// and by [`ChunkStore::lend`].
+    /// and by [`ChunkStore::lend`] while it checks and links a pack.
     syncing: Mutex<()>,
     /// The first pack this process wrote: packs from here on hold only chunks checked on
     /// their way in, and are read without hashing them again.
@@ -285,10 +285,13 @@ struct Inner {
     /// Runs of trusted packs handed out as [`Piece::InPack`] and not dropped yet, by
     /// pack: they are copied without a check later, so a pack with any is not lent.
     in_use: Arc<Mutex<HashMap<u32, usize>>>,
-    /// Packs a sync failed on: written to no more, never synced again, and no longer
-    /// trusted (see the module docs). Never emptied: what a failed writeback spoilt in
-    /// them is not known.
+    /// Packs a sync failed on, or whose writeback a lend found failed: written to no
+    /// more, never synced again, and no longer trusted (see the module docs). Never
+    /// emptied: what a failed writeback spoilt in them is not known.
     failed: RwLock<HashSet<u32>>,
+    /// Packs whose pages are no longer dropped from the page cache (see
+    /// [`ChunkStore::drop_behind`]).
+    keep_pages: Mutex<HashSet<u32>>,
 }
 
 /// The locations the last syncs indexed, kept in memory: the chunks just stored are the
@@ -351,8 +354,9 @@ struct PackWriter {
     /// Why nothing can be made durable until the store is opened again: a chunk staged
     /// in a failed pack could not be read back to be written again.
     broken: Option<String>,
-    /// A sync failed since the last [`ChunkStore::write_again`]: the chunks staged in
-    /// failed packs are to be written again before anything is synced.
+    /// A pack was given up (see [`Inner::failed`]) since the last
+    /// [`ChunkStore::write_again`]: the chunks staged in failed packs are to be written
+    /// again before anything is synced.
     again: bool,
 }
 
@@ -379,7 +383,7 @@ impl PackWriter {
         self.id += 1;
     }
 
-    /// Gives up the packs in `failed` after a failed sync: no chunk is written to them
+    /// Gives up the packs in `failed` (see [`Inner::failed`]): no chunk is written to them
     /// any more, and they are not synced again (their staged chunks are written again
     /// elsewhere by the next sync).
     fn abandon(&mut self, failed: &HashSet<u32>) {
@@ -506,6 +510,7 @@ impl ChunkStore {
                 lent: RwLock::new(HashSet::new()),
                 in_use: Arc::default(),
                 failed: RwLock::new(HashSet::new()),
+                keep_pages: Mutex::new(HashSet::new()),
             }),
         })
     }
@@ -1054,12 +1059,12 @@ impl ChunkStore {
         // Left staged until recorded, so that a failure below loses no location: the
         // next sync (an append tried again) records them then. A chunk dropped as
         // damaged meanwhile is not recorded.
-        let failed = inner.failed.read().map_err(|_| LogError::Closed)?.clone();
-        let (staged, spoilt): (Vec<_>, Vec<_>) = staged
+        // (None lies in a pack given up meanwhile: only a sync, and a lend, which waits
+        // for a sync, give packs up.)
+        let staged: Vec<(Hash, Location)> = staged
             .into_iter()
             .filter(|(h, l)| w.staged.get(h) == Some(l))
-            .partition(|(_, l)| !failed.contains(&l.pack));
-        w.again |= !spoilt.is_empty();
+            .collect();
         if staged.len() < MANIFEST_ENTRIES {
             self.index(staged.clone())?;
         } else {
@@ -1081,18 +1086,6 @@ impl ChunkStore {
         if w.staged.is_empty() && w.staged.capacity() > 4096 {
             // A large sync's entries are gone: so is their room.
             w.staged = HashMap::with_capacity(1024);
-        }
-        if !spoilt.is_empty() {
-            // A pack found failed meanwhile (its writeback, see `lend`): its chunks are
-            // not durable, and are written again by the next sync.
-            return Err(LogError::ContentIo {
-                op: "syncing",
-                path: inner.dir.clone(),
-                source: std::io::Error::other(format!(
-                    "{} chunk(s) in a pack whose writeback failed; written again by the next sync",
-                    spoilt.len()
-                )),
-            });
         }
         Ok(())
     }
@@ -1190,9 +1183,21 @@ impl ChunkStore {
     /// (see [`Writeback`]), through a descriptor of its own: the wait reports a failed
     /// writeback to the descriptor it is made on, once, and the pack's own must keep
     /// that for the sync, which would otherwise succeed over the lost pages. Advisory.
+    /// Once a wait on a pack failed, none of its pages is dropped any more: which ranges
+    /// the failure was in is not told (an error is reported once per descriptor, not per
+    /// range), and the sync that writes them again reads them from the page cache.
     fn drop_behind(&self, id: u32, range: (u64, u64)) {
-        if let Ok(file) = File::open(pack_path(&self.inner.dir, id)) {
-            drop_behind(&file, range);
+        let Ok(file) = File::open(pack_path(&self.inner.dir, id)) else {
+            return;
+        };
+        let waited = wait_behind(&file, range);
+        let Ok(mut keep) = self.inner.keep_pages.lock() else {
+            return;
+        };
+        if !waited {
+            keep.insert(id);
+        } else if !keep.contains(&id) {
+            evict(&file, range);
         }
     }
 
@@ -1223,18 +1228,14 @@ impl ChunkStore {
     /// [`for_each_data_piece`](Self::for_each_data_piece)), a run of it handed out as a
     /// [`Piece::InPack`] is still held, or the link fails. Once lent,
     /// the pack is closed to further writes and, the file at `to` being the caller's to
-    /// change, its chunks are checked on every read (see the module docs). Blocks on a
-    /// walk of the content's tree.
+    /// change, its chunks are checked on every read (see the module docs). A pack whose
+    /// writeback failed is given up instead (see the module docs). Blocks on a walk of
+    /// the content's tree, on a sync under way and on the pack's writeback under way.
     pub fn lend(&self, content: &ContentRef, to: &Path) -> Result<bool, LogError> {
         let open = |w: &PackWriter| !w.streams.is_empty();
         if !self.inner.writer.lock().is_ok_and(|w| open(&w)) {
             return Ok(false);
         }
-        // Not during a sync: of the two, one could hear of a failed writeback of the pack
-        // (each is reported once) and the other not, so that the sync indexed the pack's
-        // chunks, or this lent the pack, over the lost pages. (The pack is looked for
-        // again below, under the writer's lock.)
-        let _one = self.inner.syncing.lock().map_err(|_| LogError::Closed)?;
         // Every data chunk in one pack, one after another from its first byte.
         let mut pack = None;
         let mut end = 0;
@@ -1251,6 +1252,10 @@ impl ChunkStore {
         let Some(pack) = pack.filter(|_| whole && end == content.size) else {
             return Ok(false);
         };
+        // Not during a sync: of the two, one could hear of a failed writeback of the pack
+        // (each is reported once) and the other not, so that the sync indexed the pack's
+        // chunks, or this lent the pack, over the lost pages.
+        let _one = self.inner.syncing.lock().map_err(|_| LogError::Closed)?;
         let mut w = self.inner.writer.lock().map_err(|_| LogError::Closed)?;
         let Some((&stream, stream_pack)) = w.streams.iter().find(|(_, p)| p.id == pack) else {
             return Ok(false);
@@ -1427,13 +1432,13 @@ impl ChunkStore {
         // A lent pack's chunks may still be staged (lent before the sync).
         if writer.staged.get(hash) == Some(&location) {
             if self.is_failed(location.pack) {
-                // Staged in a pack a sync failed on: an event naming it may be waiting to
-                // be made durable, and no longer finds it staged.
+                // Staged in a pack given up: an event naming it may be waiting to be made
+                // durable, and no longer finds it staged.
                 let path = pack_path(&self.inner.dir, location.pack);
                 let why = LogError::ContentIo {
                     op: "reading",
                     path: path.clone(),
-                    source: std::io::Error::other("the bytes do not match their hash"),
+                    source: std::io::Error::other("read short or wrong"),
                 };
                 self.lost(&mut writer, hash, &path, &why);
             }
@@ -2032,7 +2037,49 @@ fn writeback_error(file: &File) -> std::io::Result<()> {
 /// device's cache is not flushed and nothing is made durable; a later `fdatasync` or
 /// `syncfs` still does that. Advisory (Linux only; a no-op elsewhere); errors are left
 /// for that sync to report.
-fn drop_behind(file: &File, (offset, len): (u64, u64)) {
+fn drop_behind(file: &File, range: (u64, u64)) {
+    // Pages whose writeback failed are kept: they may be all that is left of their bytes
+    // (see `ChunkStore::sync`).
+    if wait_behind(file, range) {
+        evict(file, range);
+    }
+}
+
+/// Starts and waits for the writeback of `len` bytes at `offset` of `file`; whether it
+/// went without a reported error (true where there is nothing to wait for).
+fn wait_behind(file: &File, (offset, len): (u64, u64)) -> bool {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
+            return true;
+        };
+        if len == 0 {
+            return true;
+        }
+        // SAFETY: as in `start_writeback`.
+        let rc = unsafe {
+            libc::sync_file_range(
+                file.as_raw_fd(),
+                offset,
+                len,
+                libc::SYNC_FILE_RANGE_WAIT_BEFORE
+                    | libc::SYNC_FILE_RANGE_WRITE
+                    | libc::SYNC_FILE_RANGE_WAIT_AFTER,
+            )
+        };
+        rc == 0
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = (file, offset, len);
+        true
+    }
+}
+
+/// Drops `len` bytes at `offset` of `file` from the page cache (those written back;
+/// advisory, Linux only).
+fn evict(file: &File, (offset, len): (u64, u64)) {
     #[cfg(target_os = "linux")]
     {
         use std::os::fd::AsRawFd;
@@ -2042,22 +2089,10 @@ fn drop_behind(file: &File, (offset, len): (u64, u64)) {
         if len == 0 {
             return;
         }
-        let fd = file.as_raw_fd();
-        // SAFETY: as in `start_writeback`; posix_fadvise only reads its arguments too.
+        // SAFETY: the descriptor is open for as long as `file` is borrowed, and
+        // posix_fadvise only reads its arguments.
         unsafe {
-            let waited = libc::sync_file_range(
-                fd,
-                offset,
-                len,
-                libc::SYNC_FILE_RANGE_WAIT_BEFORE
-                    | libc::SYNC_FILE_RANGE_WRITE
-                    | libc::SYNC_FILE_RANGE_WAIT_AFTER,
-            );
-            // Pages whose writeback failed are kept: they may be all that is left of
-            // their bytes (see `ChunkStore::sync`).
-            if waited == 0 {
-                libc::posix_fadvise(fd, offset, len, libc::POSIX_FADV_DONTNEED);
-            }
+            libc::posix_fadvise(file.as_raw_fd(), offset, len, libc::POSIX_FADV_DONTNEED);
         }
     }
     #[cfg(not(target_os = "linux"))]

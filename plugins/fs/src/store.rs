@@ -15,8 +15,8 @@
 //! write clean, so they read right from the page cache while the disk lacks them, and a
 //! second `syncfs` succeeds without writing them. The store keeps the keys it wrote
 //! until a sync covers them. The directory `syncfs` is called on is opened before the
-//! batch's first write, as the kernel reports through a descriptor only the errors since
-//! it was opened.
+//! batch's first write: the kernel reports through a new descriptor only the errors no
+//! one has heard of yet, so one opened later could miss those another sync heard of.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::CString;
@@ -436,7 +436,8 @@ fn apply_blocking(
         .root
         .canonicalize()
         .map_err(FsError::io("opening", &config.root))?;
-    // Before any write: the sync reports the errors since this open (see the module docs).
+    // Opened before any write, so that its sync hears of every failure of the batch (see
+    // the module docs).
     let sync_dir = File::open(&root).map_err(FsError::io("opening", &root))?;
     echo.prune();
     let mut w = Writer {
@@ -681,7 +682,7 @@ struct Writer {
     /// Whether to try that: [`rename_new`] works here, as far as this writer has seen.
     rename_new: bool,
     dirty: bool,
-    /// See [`FsStore::unsynced`].
+    /// See [`Unsynced`].
     unsynced: Unsynced,
     /// This batch's number there.
     batch: u64,
