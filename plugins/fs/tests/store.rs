@@ -747,3 +747,50 @@ async fn a_directory_made_again_and_removed_stays_removed() {
         "the removal was not recorded: {heads:?}"
     );
 }
+
+/// After a batch whose sync failed, the files it wrote can read right from the page cache
+/// and be missing from the disk; the store saves their keys in its state dir. Started
+/// again over that state (as after a restart), it writes those files anew, even though
+/// they look right, leaves the others alone, and removes the state once a sync covers
+/// them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_a_failed_batch_wrote_are_written_again_after_a_restart() {
+    let (a, b, state) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    source_fixture(a.path());
+    let log = common::log();
+    scan_once(&FsSource::new(FsConfig::new(a.path())), &log).await;
+    let mut config = FsConfig::new(b.path());
+    config.state_dir = Some(state.path().to_owned());
+    let store = FsStore::new(config.clone());
+    let ctx = StoreContext::new(log.clone());
+    store.start(&ctx).await.unwrap();
+    apply(&store, &log, views(&log)).await;
+    assert_eq!(tree(b.path()), tree(a.path()));
+    let unsynced = state.path().join("folder.unsynced");
+    assert!(!unsynced.exists(), "nothing saved when every sync succeeds");
+    let before = inodes(b.path());
+
+    // What a batch whose sync failed leaves behind (see the store's module docs).
+    let noted = vec![key("a.txt"), key("big/sub dir/ünï.md")];
+    std::fs::write(&unsynced, converge_api::codec::encode(&noted).unwrap()).unwrap();
+    let restarted = FsStore::new(config);
+    restarted.start(&ctx).await.unwrap();
+    apply(&restarted, &log, views(&log)).await;
+
+    assert_eq!(tree(b.path()), tree(a.path()));
+    let after = inodes(b.path());
+    for ((rel, ino, _), (rel_after, ino_after, _)) in before.iter().zip(&after) {
+        assert_eq!(rel, rel_after);
+        let was_noted = noted.iter().any(|k| k.as_str() == rel);
+        assert_eq!(
+            ino != ino_after,
+            was_noted,
+            "{rel}: written again iff noted"
+        );
+    }
+    assert!(!unsynced.exists(), "removed once a sync covers them");
+}
