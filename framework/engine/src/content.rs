@@ -1047,11 +1047,7 @@ impl ChunkStore {
             // Not tried again on these packs (see the module docs): the next sync writes
             // their staged chunks again, into a new pack, whose creation syncs the
             // directory too.
-            let mut failed = inner.failed.write().map_err(|_| LogError::Closed)?;
-            failed.extend(files.iter().map(|(id, _)| *id));
-            w.abandon(&failed);
-            w.again = true;
-            drop(failed);
+            self.give_up(&mut w, files.iter().map(|(id, _)| *id))?;
             w.created |= created;
             tracing::error!("{e}; the chunks it held are written again before the next sync");
             return Err(e);
@@ -1090,6 +1086,20 @@ impl ChunkStore {
         Ok(())
     }
 
+    /// Gives up packs `ids` (see [`Inner::failed`]): they are written to and synced no
+    /// more, and the next sync first writes the chunks staged in them again.
+    fn give_up(
+        &self,
+        w: &mut PackWriter,
+        ids: impl IntoIterator<Item = u32>,
+    ) -> Result<(), LogError> {
+        let mut failed = self.inner.failed.write().map_err(|_| LogError::Closed)?;
+        failed.extend(ids);
+        w.abandon(&failed);
+        w.again = true;
+        Ok(())
+    }
+
     /// Writes the chunks staged in packs a sync failed on again, appended to the current
     /// pack, from where they lie (the page cache, on ext4: the pages a failed writeback
     /// left stay there), checked against their hashes. One that reads short or wrong, or
@@ -1112,7 +1122,6 @@ impl ChunkStore {
         moving.sort_unstable_by_key(|(_, l)| (l.pack, l.offset));
         let mut group: Vec<(Hash, Vec<u8>)> = Vec::new();
         let mut bytes_in_group = 0;
-        let mut moved = 0;
         for (i, &(hash, location)) in moving.iter().enumerate() {
             let path = pack_path(&self.inner.dir, location.pack);
             let mut bytes = vec![0; location.len as usize];
@@ -1149,13 +1158,13 @@ impl ChunkStore {
                 // The current pack is a new one: the failed ones were given up. (Its
                 // ranges to drop behind are left in the page cache: a rare path.)
                 self.append(w, &slices, &mut Vec::new())?;
-                moved += group.len();
                 group.clear();
                 bytes_in_group = 0;
             }
         }
-        if moved > 0 {
-            tracing::info!("{moved} chunk(s) of packs whose sync failed written again");
+        if !moving.is_empty() {
+            let moved = moving.len();
+            tracing::info!("{moved} chunk(s) of packs given up written again");
         }
         w.again = false;
         Ok(())
@@ -1264,10 +1273,7 @@ impl ChunkStore {
         // pages may be clean and not on disk, and the folder's sync, on a descriptor
         // opened since, would not hear of it. Given up like a pack whose sync failed.
         if let Err(e) = writeback_error(&stream_pack.file) {
-            let mut failed = self.inner.failed.write().map_err(|_| LogError::Closed)?;
-            failed.insert(pack);
-            w.abandon(&failed);
-            w.again = true;
+            self.give_up(&mut w, [pack])?;
             tracing::error!(
                 "writing {} failed: {e}; its chunks are written again",
                 pack_path(&self.inner.dir, pack).display()
@@ -1368,7 +1374,7 @@ impl ChunkStore {
             && !self.is_failed(location.pack)
     }
 
-    /// Whether a sync failed on pack `id` (see the module docs).
+    /// Whether pack `id` was given up (see [`Inner::failed`]).
     fn is_failed(&self, id: u32) -> bool {
         self.inner.failed.read().map_or(true, |f| f.contains(&id))
     }

@@ -141,6 +141,20 @@ impl FsStore {
         Some(dir.join(format!("{}.failed", self.name)))
     }
 
+    /// The items (`what`) saved at `path` by an earlier run (see [`save_state`]), read on
+    /// a blocking thread.
+    async fn load<T: serde::de::DeserializeOwned + Send + 'static>(
+        &self,
+        path: PathBuf,
+        what: &'static str,
+    ) -> Result<Vec<T>, PluginError> {
+        tokio::task::spawn_blocking(move || load_state(&path, what))
+            .await
+            .map_err(FsError::from)
+            .and_then(|r| r)
+            .map_err(|e| e.into_plugin(&self.name))
+    }
+
     /// The file that keeps the keys written and not synced after a failed batch (see
     /// [`Unsynced`]), if the store has a state dir.
     fn unsynced_file(&self) -> Option<PathBuf> {
@@ -259,12 +273,7 @@ impl Store for FsStore {
             self.echo.set_store(&self.name);
         }
         if let Some(path) = self.unsynced_file() {
-            let what = "keys written and not synced";
-            let loaded = tokio::task::spawn_blocking(move || load_state::<Key>(&path, what))
-                .await
-                .map_err(FsError::from)
-                .and_then(|r| r)
-                .map_err(|e| e.into_plugin(&self.name))?;
+            let loaded: Vec<Key> = self.load(path, "keys written and not synced").await?;
             if !loaded.is_empty() {
                 tracing::warn!(
                     store = %self.name,
@@ -279,12 +288,7 @@ impl Store for FsStore {
             }
         }
         if let Some(path) = self.state_file() {
-            let loaded =
-                tokio::task::spawn_blocking(move || load_state::<KeyView>(&path, "failed keys"))
-                    .await
-                    .map_err(FsError::from)
-                    .and_then(|r| r)
-                    .map_err(|e| e.into_plugin(&self.name))?;
+            let loaded: Vec<KeyView> = self.load(path, "failed keys").await?;
             if !loaded.is_empty() {
                 tracing::warn!(store = %self.name, "{} key(s) could not be shown before the restart; trying them again", loaded.len());
                 self.echo
