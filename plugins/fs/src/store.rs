@@ -6,7 +6,9 @@
 //! crash-repair check) is left alone; otherwise it is written to a temp file (in the
 //! configured temp dir when that is on the folder's file system, so the folder's watcher
 //! sees only the rename; else in the same directory), given its mode and mtime, and
-//! renamed over the final path. One `syncfs`
+//! renamed over the final path. (Where nothing is at the final path, a file under
+//! [`PIPELINE_BYTES`] is written with no name in the temp dir and linked into place once
+//! whole; see [`Unnamed`].) One `syncfs`
 //! makes the whole batch durable before `apply` returns; no file is fsynced on its own.
 //!
 //! A file written by a batch whose `syncfs` failed, or that failed before its `syncfs`,
@@ -452,6 +454,7 @@ fn apply_blocking(
         checked: HashSet::new(),
         made: HashSet::new(),
         rename_new: cfg!(target_os = "linux"),
+        unnamed: Unnamed::default(),
         dirty: false,
         unsynced: durability.unsynced.clone(),
         batch: BATCHES.fetch_add(1, Ordering::Relaxed),
@@ -685,6 +688,8 @@ struct Writer {
     made: HashSet<PathBuf>,
     /// Whether to try that: [`rename_new`] works here, as far as this writer has seen.
     rename_new: bool,
+    /// How a new file is written there: see [`Unnamed`].
+    unnamed: Unnamed,
     dirty: bool,
     /// See [`Unsynced`].
     unsynced: Unsynced,
@@ -696,6 +701,60 @@ struct Writer {
     temp_fd: Option<Arc<OwnedFd>>,
     /// Keys that failed alone (see [`FsError::fails_alone`]), and why.
     failed: Vec<(Key, FsError)>,
+}
+
+/// How a [`Writer`] writes a file where nothing is (see [`Writer::write_new`]): with no
+/// name (`O_TMPFILE`) in the temp dir, then linked into place once written whole. Against
+/// a named temp file renamed into place, that spares a directory entry made and removed
+/// for each file (a tenth of writing a small one), and a crash leaves nothing behind.
+/// Which way works here is found out on the first files.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum Unnamed {
+    /// Not tried yet: as `ByDescriptor`, then whichever works.
+    #[default]
+    Untried,
+    /// Linked by its descriptor (`AT_EMPTY_PATH`: any process may since Linux 6.10).
+    ByDescriptor,
+    /// Linked by its name in `/proc/self/fd`.
+    ByProcName,
+    /// Not here (no temp dir, a file system without `O_TMPFILE` or links): a named temp
+    /// file, renamed.
+    No,
+}
+
+/// A new file with no name on the file system of the directory open as `dir`, open for
+/// writing with `mode` (masked by the umask).
+fn open_unnamed(dir: RawFd, mode: u32) -> std::io::Result<File> {
+    #[cfg(target_os = "linux")]
+    {
+        let flags = libc::O_TMPFILE | libc::O_WRONLY | libc::O_CLOEXEC | libc::O_LARGEFILE;
+        loop {
+            // SAFETY: the name is NUL-terminated and `dir` open through the call.
+            let fd = unsafe { libc::openat(dir, c".".as_ptr(), flags, mode as libc::c_uint) };
+            if fd >= 0 {
+                // SAFETY: `fd` is a descriptor just opened, owned by nothing else.
+                return Ok(unsafe { File::from_raw_fd(fd) });
+            }
+            let e = std::io::Error::last_os_error();
+            if e.kind() != ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = (dir, mode);
+        Err(std::io::Error::from(ErrorKind::Unsupported))
+    }
+}
+
+/// Whether `e` says the kernel or the file system cannot do what was asked at all.
+fn unsupported(e: &std::io::Error) -> bool {
+    e.kind() == ErrorKind::Unsupported
+        || matches!(
+            e.raw_os_error(),
+            Some(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP | libc::EPERM)
+        )
 }
 
 /// `dir` opened as a directory, or `None` (paths below it are then given whole).
@@ -776,6 +835,7 @@ impl Writer {
             checked: self.checked.clone(),
             made: self.made.clone(),
             rename_new: self.rename_new,
+            unnamed: self.unnamed,
             dirty: false,
             unsynced: self.unsynced.clone(),
             batch: self.batch,
@@ -1275,8 +1335,13 @@ impl Writer {
         content: &ContentRef,
         meta: &Meta,
     ) -> Result<bool, FsError> {
-        let temp = self.temp_path(path);
         let mode = mode_for(0o644, meta.executable);
+        if content.size < PIPELINE_BYTES && self.unnamed != Unnamed::No {
+            if let Some(done) = self.write_unnamed(path, echo_key, record, content, meta)? {
+                return Ok(done);
+            }
+        }
+        let temp = self.temp_path(path);
         if let Err(e) = self.write_temp(&temp, content, mode, meta.mtime_ms) {
             let _ = std::fs::remove_file(&temp);
             return Err(e);
@@ -1302,13 +1367,7 @@ impl Writer {
             }
             // The file system (or a sandbox) cannot rename without replacing: the usual
             // way for the rest of this writer's files (one wasted write per batch).
-            Err(e)
-                if e.kind() == ErrorKind::Unsupported
-                    || matches!(
-                        e.raw_os_error(),
-                        Some(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP | libc::EPERM)
-                    ) =>
-            {
+            Err(e) if unsupported(&e) => {
                 tracing::debug!("{}: {e}; looking before writing", path.display());
                 self.rename_new = false;
             }
@@ -1316,6 +1375,106 @@ impl Writer {
             _ => {}
         }
         Ok(false)
+    }
+
+    /// [`write_new`](Self::write_new) by a file with no name (see [`Unnamed`]): written
+    /// in the temp dir and linked at `path` if nothing is there. `None` when that cannot
+    /// work here (this writer then takes the temp name way from now on); otherwise whether
+    /// it linked the file. A failure to link is left to that way to meet and report, as
+    /// is something there.
+    fn write_unnamed(
+        &mut self,
+        path: &Path,
+        echo_key: Option<&Key>,
+        record: Applied,
+        content: &ContentRef,
+        meta: &Meta,
+    ) -> Result<Option<bool>, FsError> {
+        // In the folder the file's mtime would be reported by its watcher under a name
+        // that is no file (`#` and the inode number): only in a temp dir of its own.
+        let Some(dir) = self.temp_fd.clone() else {
+            self.unnamed = Unnamed::No;
+            return Ok(None);
+        };
+        let mode = mode_for(0o644, meta.executable);
+        let mut file = match open_unnamed(dir.as_raw_fd(), mode) {
+            Ok(file) => file,
+            Err(e) if unsupported(&e) || e.raw_os_error() == Some(libc::EISDIR) => {
+                tracing::debug!("{}: {e}; writing named temp files", path.display());
+                self.unnamed = Unnamed::No;
+                return Ok(None);
+            }
+            Err(e) => return Err(FsError::io("creating a file for", path)(e)),
+        };
+        self.fill(&mut file, path, content, mode, meta.mtime_ms)?;
+        let before = echo_key.map(|k| (k, self.echo.replace(k, record)));
+        let linked = self.link_unnamed(&file, path);
+        let Err(e) = linked else {
+            return Ok(Some(true));
+        };
+        if let Some((k, before)) = before {
+            self.echo
+                .put_back(k, before, e.kind() == ErrorKind::AlreadyExists);
+        }
+        let cannot = unsupported(&e)
+            || (e.kind() == ErrorKind::NotFound && path.parent().is_some_and(Path::is_dir));
+        if cannot {
+            tracing::debug!("{}: {e}; writing named temp files", path.display());
+            self.unnamed = Unnamed::No;
+        }
+        Ok(Some(false))
+    }
+
+    /// Gives `file`, open with no name, the name `path`, which must be free.
+    #[cfg(target_os = "linux")]
+    fn link_unnamed(&mut self, file: &File, path: &Path) -> std::io::Result<()> {
+        let to = c_path(path)?;
+        let fd = file.as_raw_fd();
+        if self.unnamed != Unnamed::ByProcName {
+            // SAFETY: the names are NUL-terminated and `fd` is open through the call.
+            let rc = unsafe {
+                libc::linkat(
+                    fd,
+                    c"".as_ptr(),
+                    libc::AT_FDCWD,
+                    to.as_ptr(),
+                    libc::AT_EMPTY_PATH,
+                )
+            };
+            if rc == 0 {
+                self.unnamed = Unnamed::ByDescriptor;
+                return Ok(());
+            }
+            let e = std::io::Error::last_os_error();
+            // Before Linux 6.10, only a process that may read any directory links a
+            // descriptor (`ENOENT` for others); anyone may by its name in /proc.
+            if e.kind() != ErrorKind::NotFound {
+                return Err(e);
+            }
+        }
+        let from = c_path(Path::new(&format!("/proc/self/fd/{fd}")))?;
+        // SAFETY: as above.
+        let rc = unsafe {
+            libc::linkat(
+                libc::AT_FDCWD,
+                from.as_ptr(),
+                libc::AT_FDCWD,
+                to.as_ptr(),
+                libc::AT_SYMLINK_FOLLOW,
+            )
+        };
+        if rc == 0 {
+            self.unnamed = Unnamed::ByProcName;
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    }
+
+    /// Elsewhere no file is opened with no name (see [`open_unnamed`]).
+    #[cfg(not(target_os = "linux"))]
+    fn link_unnamed(&mut self, _file: &File, _path: &Path) -> std::io::Result<()> {
+        Err(std::io::Error::from(ErrorKind::Unsupported))
     }
 
     /// A fresh temp file name for a file to be renamed to `path`.
@@ -1352,6 +1511,19 @@ impl Writer {
         let mut file = self
             .create_new(temp, mode)
             .map_err(FsError::io("creating", temp))?;
+        self.fill(&mut file, temp, content, mode, mtime)
+    }
+
+    /// Writes `content` into `file` (new and empty, named `temp` in errors), with `mode`
+    /// and `mtime`.
+    fn fill(
+        &self,
+        file: &mut File,
+        temp: &Path,
+        content: &ContentRef,
+        mode: u32,
+        mtime: i64,
+    ) -> Result<(), FsError> {
         let written = if content.size >= PIPELINE_BYTES {
             // Reading and checking chunks from an earlier run's packs takes about as long
             // as writing them: a second thread walks the content while this one writes.
@@ -1363,7 +1535,7 @@ impl Writer {
                         tx.send(piece).map_err(|_| LogError::Closed)
                     })
                 });
-                let written = write_pieces(&mut file, temp, rx);
+                let written = write_pieces(file, temp, rx);
                 // A write error drops `rx`, which stops the reader with `Closed`: the
                 // write error is the one to report.
                 let read = reader.join().map_err(|_| FsError::Content {
@@ -1383,7 +1555,7 @@ impl Writer {
                     pieces.push(piece);
                     Ok(())
                 })?;
-            write_pieces(&mut file, temp, pieces)?
+            write_pieces(file, temp, pieces)?
         };
         if written != content.size {
             return Err(FsError::Content {
@@ -1397,7 +1569,7 @@ impl Writer {
             file.set_permissions(Permissions::from_mode(mode))
                 .map_err(FsError::io("setting the mode of", temp))?;
         }
-        filetime::set_file_handle_times(&file, None, Some(file_time(mtime)))
+        filetime::set_file_handle_times(file, None, Some(file_time(mtime)))
             .map_err(FsError::io("setting the mtime of", temp))?;
         Ok(())
     }
@@ -1614,6 +1786,7 @@ mod tests {
             checked: HashSet::new(),
             made: HashSet::new(),
             rename_new: cfg!(target_os = "linux"),
+            unnamed: Unnamed::default(),
             dirty: false,
             unsynced: Unsynced::default(),
             batch: 1,
@@ -1797,14 +1970,33 @@ mod tests {
 
     /// A file found in a directory the batch made (created there meanwhile, unrecorded)
     /// goes the usual way: the folder's own store leaves it alone, and the echo record
-    /// is what it was before, since the store wrote nothing.
+    /// is what it was before, since the store wrote nothing. With nothing there, the
+    /// file is written, mode and mtime included.
     #[test]
     fn a_file_found_in_a_directory_made_in_the_batch_is_not_replaced() {
+        found_in_made_dir(false);
+    }
+
+    /// The same with a temp dir: files with no name there, linked into place (on Linux).
+    #[test]
+    fn a_file_with_no_name_is_linked_only_where_nothing_is() {
+        found_in_made_dir(true);
+    }
+
+    fn found_in_made_dir(with_temp_dir: bool) {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().canonicalize().unwrap();
+        let temp = tempfile::tempdir_in(dir.path()).unwrap();
         let (mut w, content) = writer(&root, b"from a peer");
+        if with_temp_dir {
+            w.temp_dir = Some(temp.path().to_owned());
+            w.temp_fd = open_dir(temp.path());
+        }
         let key = Key::new("d/f.txt").unwrap();
-        let meta = file_meta();
+        let meta = Meta {
+            executable: true,
+            ..file_meta()
+        };
         w.make_parents(&key).unwrap();
         assert!(w.made.contains(&root.join("d")));
         w.echo.record(&key, Applied::Absent);
@@ -1826,6 +2018,14 @@ mod tests {
         assert!(matches!(put, Ok(Ok(()))), "{put:?}");
         assert_eq!(std::fs::read(root.join("d/f.txt")).unwrap(), b"from a peer");
         assert!(matches!(w.echo.get(&key), Some(Applied::File { .. })));
+        let m = std::fs::metadata(root.join("d/f.txt")).unwrap();
+        assert_eq!(m.permissions().mode() & 0o777, 0o755);
+        assert_eq!(mtime_ms(&m), meta.mtime_ms);
+        let left: Vec<_> = std::fs::read_dir(temp.path()).unwrap().collect();
+        assert!(left.is_empty(), "temp files left: {left:?}");
+        let linked = matches!(w.unnamed, Unnamed::ByDescriptor | Unnamed::ByProcName);
+        let unnamed = with_temp_dir && cfg!(target_os = "linux");
+        assert_eq!(linked, unnamed, "{:?}", w.unnamed);
     }
 
     /// An event the folder's source has just recorded from the file is not written back:
