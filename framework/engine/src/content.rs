@@ -10,8 +10,8 @@
 //! Durability follows the log's group commit. A chunk put is written to the current pack
 //! and kept in a *staged* list that lookups consult; [`ChunkStore::sync`], which the log
 //! calls before every flush, makes the pack durable and only then moves the staged entries
-//! into the index (or, for many at once, into one *manifest* first, indexed by the next
-//! sync). So an index entry never outlives its bytes in a crash, and an event is
+//! into the index (or, for more than a few at once, into one *manifest* first, indexed
+//! once the store has been quiet for a moment; see [`ChunkStore::sync`]). So an index entry never outlives its bytes in a crash, and an event is
 //! acknowledged only after the chunks put before it are durable. A chunk staged but not
 //! synced when the process dies is simply missing afterwards (and fetched again). A new
 //! pack is started at every open, so nothing is ever appended after bytes a crash may have
@@ -79,9 +79,17 @@ const PACK_BYTES: u64 = 1 << 30;
 /// Index entries written per sled batch by [`ChunkStore::sync`].
 const INDEX_BATCH: usize = 256;
 
-/// A sync with at least this many chunks to record writes them as one manifest and
-/// indexes them at the next sync (see [`ChunkStore::sync`]).
-const MANIFEST_ENTRIES: usize = 2048;
+/// A sync with at least this many chunks to record writes them as one manifest, indexed
+/// later (see [`ChunkStore::sync`]).
+const MANIFEST_ENTRIES: usize = 64;
+
+/// Chunks held in manifests and in memory at most: a sync that finds this many indexes
+/// them itself (a few MiB; about 1 GiB of data at the average chunk size).
+const UNINDEXED_MAX: usize = 1 << 16;
+
+/// How long the store must have seen no sync before its manifests are indexed on a
+/// thread of their own.
+const INDEX_QUIET: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// Bytes of one manifest entry: a hash and its encoded [`Location`].
 const MANIFEST_ENTRY_BYTES: usize = 32 + 16;
@@ -268,8 +276,12 @@ struct Inner {
     remove_on_drop: bool,
     writer: Mutex<PackWriter>,
     /// Held by [`ChunkStore::sync`] throughout (the writer's lock only around its syncs),
-    /// and by [`ChunkStore::lend`] while it checks and links a pack.
+    /// by [`ChunkStore::lend`] while it checks and links a pack, and by the indexer while
+    /// it indexes manifests.
     syncing: Mutex<()>,
+    /// A thread waits to index the manifests (see [`ChunkStore::index_later`]); read and
+    /// changed under the writer's lock.
+    indexer: std::sync::atomic::AtomicBool,
     /// The first pack this process wrote: packs from here on hold only chunks checked on
     /// their way in, and are read without hashing them again.
     own_packs: u32,
@@ -337,6 +349,14 @@ struct PackWriter {
     manifested: Vec<u64>,
     /// The key of the next manifest.
     next_manifest: u64,
+    /// The manifests are to be indexed by the next sync, however busy the store: they
+    /// were left by a crash, or an entry of theirs was dropped from memory (a damaged
+    /// chunk) and must not come back from them after a restart.
+    index_due: bool,
+    /// When the last sync started.
+    last_sync: std::time::Instant,
+    /// [`INDEX_QUIET`] (tests make it longer).
+    index_quiet: std::time::Duration,
     /// Packs closed since the last sync, still to be made durable.
     closed: Vec<(u32, Arc<File>)>,
     /// Chunks put locally and not yet handed to the sink (only while one is set).
@@ -490,8 +510,11 @@ impl ChunkStore {
                     written: Writeback::default(),
                     staged: HashMap::new(),
                     unindexed,
+                    index_due: !manifested.is_empty(),
                     manifested,
                     next_manifest,
+                    last_sync: std::time::Instant::now(),
+                    index_quiet: INDEX_QUIET,
                     closed: Vec::new(),
                     fresh: Vec::new(),
                     streams: HashMap::new(),
@@ -502,6 +525,7 @@ impl ChunkStore {
                     again: false,
                 }),
                 syncing: Mutex::new(()),
+                indexer: std::sync::atomic::AtomicBool::new(false),
                 own_packs: last + 1,
                 readers: RwLock::new(HashMap::new()),
                 sink: RwLock::new(None),
@@ -974,13 +998,16 @@ impl ChunkStore {
     /// their chunks in sled, which the caller's flush makes durable. The log calls it
     /// before each flush.
     ///
-    /// Many chunks at once (a large file's: 16,000 for 256 MiB) are recorded as one
-    /// *manifest*, a single sled value, and put into the index by the next sync: their
-    /// 16,000 index entries took a tenth of a second, on the path from a change to its
-    /// copy on the peer (the event waits for this sync, and the peer's write of the file
-    /// for the event). Until then lookups find them in memory; a manifest is removed
-    /// once its entries are durable in the index (that sync flushes the database for
-    /// it), and [`open`](Self::open) takes back those a crash left.
+    /// More than a few chunks at once (a large file's: 16,000 for 256 MiB; a few hundred
+    /// small files') are recorded as one *manifest*, a single sled value, and put into the
+    /// index later, once no sync has come for [`INDEX_QUIET`], by a thread of their own:
+    /// a large file's 16,000 index entries took a tenth of a second, and 10,000 small
+    /// files' a tenth of each side's CPU, on the path from a change to its copy on the
+    /// peer (the event waits for this sync, and the peer's write of the file for the
+    /// event). Until then lookups find them in memory. A sync indexes them itself when
+    /// they reach [`UNINDEXED_MAX`], and the first sync after an open those a crash left
+    /// ([`open`](Self::open) takes them back). A manifest is removed once its entries are
+    /// durable in the index (the database is flushed for it).
     pub fn sync(&self) -> Result<(), LogError> {
         let inner = &self.inner;
         // One sync at a time: a second one waits for the first and then syncs what was
@@ -995,19 +1022,9 @@ impl ChunkStore {
                 source: std::io::Error::other(why.clone()),
             });
         }
-        if !w.manifested.is_empty() {
-            // Earlier syncs' manifests: into the index, made durable there (a flush of
-            // the whole database, off the path of the event they were written for),
-            // and only then removed. Kept in memory until all that worked.
-            let entries: Vec<(Hash, Location)> =
-                w.unindexed.iter().map(|(h, l)| (*h, *l)).collect();
-            self.index(entries)?;
-            inner.manifests.flush()?;
-            for id in &w.manifested {
-                inner.manifests.remove(id.to_be_bytes())?;
-            }
-            w.manifested.clear();
-            w.unindexed = HashMap::new();
+        w.last_sync = std::time::Instant::now();
+        if w.index_due || w.unindexed.len() >= UNINDEXED_MAX {
+            self.index_manifests(&mut w)?;
         }
         if w.again {
             self.write_again(&mut w)?;
@@ -1075,6 +1092,7 @@ impl ChunkStore {
                 w.manifested.push(id);
                 w.unindexed.extend(part.iter().copied());
             }
+            self.index_later(&w);
         }
         for (hash, _) in &staged {
             w.staged.remove(hash);
@@ -1084,6 +1102,81 @@ impl ChunkStore {
             w.staged = HashMap::with_capacity(1024);
         }
         Ok(())
+    }
+
+    /// Puts the manifests' entries into the index, makes them durable there (a flush of
+    /// the whole database) and only then removes the manifests; the entries stay in
+    /// memory until all that worked. Called with the sync lock held.
+    fn index_manifests(&self, w: &mut PackWriter) -> Result<(), LogError> {
+        if w.manifested.is_empty() {
+            w.index_due = false;
+            return Ok(());
+        }
+        let inner = &self.inner;
+        let entries: Vec<(Hash, Location)> = w.unindexed.iter().map(|(h, l)| (*h, *l)).collect();
+        self.index(entries)?;
+        inner.manifests.flush()?;
+        for id in &w.manifested {
+            inner.manifests.remove(id.to_be_bytes())?;
+        }
+        w.manifested.clear();
+        w.unindexed = HashMap::new();
+        w.index_due = false;
+        Ok(())
+    }
+
+    /// Starts the thread that indexes the manifests once the store is quiet, unless it
+    /// runs already (`w` is the writer, locked). It holds the store only while it works,
+    /// and ends once the manifests are indexed or the store is gone.
+    fn index_later(&self, _w: &PackWriter) {
+        use std::sync::atomic::Ordering;
+        if self.inner.indexer.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let store = Arc::downgrade(&self.inner);
+        let spawned = std::thread::Builder::new()
+            .name("converge-index".into())
+            .spawn(move || loop {
+                std::thread::sleep(INDEX_QUIET);
+                let Some(inner) = store.upgrade() else {
+                    return;
+                };
+                if (ChunkStore { inner }).index_if_quiet() {
+                    return;
+                }
+            });
+        if let Err(e) = spawned {
+            // The next sync over the limit, or after a restart, indexes them.
+            tracing::warn!("no thread to index chunk manifests: {e}");
+            self.inner.indexer.store(false, Ordering::Release);
+        }
+    }
+
+    /// The indexer's round: indexes the manifests if no sync came for [`INDEX_QUIET`] and
+    /// none is under way. Whether the indexer is done (nothing left, or an error, which
+    /// the next sync meets again).
+    fn index_if_quiet(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        let inner = &self.inner;
+        let _one = match inner.syncing.try_lock() {
+            Ok(one) => one,
+            Err(std::sync::TryLockError::WouldBlock) => return false,
+            // A thread panicked holding it: the store syncs no more.
+            Err(std::sync::TryLockError::Poisoned(_)) => return true,
+        };
+        let Ok(mut w) = inner.writer.lock() else {
+            return true;
+        };
+        if !w.manifested.is_empty() && w.last_sync.elapsed() < w.index_quiet {
+            return false;
+        }
+        if let Err(e) = self.index_manifests(&mut w) {
+            tracing::warn!("indexing chunk manifests: {e}; the next sync tries again");
+            w.index_due = true;
+        }
+        // Under the writer's lock, as a sync that writes a manifest looks at it.
+        inner.indexer.store(false, Ordering::Release);
+        true
     }
 
     /// Gives up packs `ids` (see [`Inner::failed`]): they are written to and synced no
@@ -1452,6 +1545,7 @@ impl ChunkStore {
         }
         if writer.unindexed.get(hash) == Some(&location) {
             writer.unindexed.remove(hash);
+            writer.index_due = true;
         }
         if self.inner.index.get(hash.0)?.as_deref() == Some(&location.encode()[..]) {
             self.inner.index.remove(hash.0)?;
@@ -2253,8 +2347,10 @@ mod tests {
     }
 
     #[test]
-    fn many_chunks_synced_at_once_are_indexed_by_the_next_sync_or_after_a_crash() {
+    fn many_chunks_synced_at_once_are_indexed_later_or_after_a_crash() {
         let (dir, db, store) = scratch();
+        // Never quiet enough for the indexer in this test.
+        store.inner.writer.lock().unwrap().index_quiet = std::time::Duration::from_secs(3600);
         let manifests = db.open_tree("chunk_manifests").unwrap();
         let index = db.open_tree("chunk_index").unwrap();
         let all_there = |store: &ChunkStore, chunks: &[(Hash, Vec<u8>)]| {
@@ -2282,6 +2378,12 @@ mod tests {
         // Known: not stored again.
         put_small(&store, MANIFEST_ENTRIES, 1);
         assert!(store.inner.writer.lock().unwrap().staged.is_empty());
+        store.sync().unwrap();
+        assert_eq!(
+            (index.len(), manifests.len()),
+            (10, 1),
+            "not indexed by a sync while the store is busy"
+        );
         drop(store);
 
         // A crash before the next sync: the manifest is taken back at the open.
@@ -2297,6 +2399,41 @@ mod tests {
         );
         all_there(&store, &many);
         assert_eq!(store.len(), 10 + MANIFEST_ENTRIES);
+    }
+
+    #[test]
+    fn manifests_are_indexed_once_the_store_is_quiet() {
+        let (_dir, db, store) = scratch();
+        let manifests = db.open_tree("chunk_manifests").unwrap();
+        let index = db.open_tree("chunk_index").unwrap();
+        let chunks = put_small(&store, MANIFEST_ENTRIES, 3);
+        store.sync().unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !manifests.is_empty() && std::time::Instant::now() < deadline {
+            std::thread::sleep(INDEX_QUIET / 4);
+        }
+        assert_eq!((index.len(), manifests.len()), (MANIFEST_ENTRIES, 0));
+        assert!(store.inner.writer.lock().unwrap().unindexed.is_empty());
+        for (hash, bytes) in &chunks {
+            assert_eq!(store.get(hash).unwrap().as_ref(), Some(bytes));
+        }
+        // The indexer is done, and a later manifest starts it again.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while store
+            .inner
+            .indexer
+            .load(std::sync::atomic::Ordering::Acquire)
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(INDEX_QUIET / 4);
+        }
+        put_small(&store, MANIFEST_ENTRIES, 4);
+        store.sync().unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !manifests.is_empty() && std::time::Instant::now() < deadline {
+            std::thread::sleep(INDEX_QUIET / 4);
+        }
+        assert_eq!((index.len(), manifests.len()), (2 * MANIFEST_ENTRIES, 0));
     }
 
     #[test]
