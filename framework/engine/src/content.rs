@@ -87,9 +87,9 @@ const MANIFEST_ENTRIES: usize = 64;
 /// them itself (a few MiB; about 1 GiB of data at the average chunk size).
 const UNINDEXED_MAX: usize = 1 << 16;
 
-/// How long the store must have seen no sync before its manifests are indexed on a
-/// thread of their own.
-const INDEX_QUIET: std::time::Duration = std::time::Duration::from_millis(200);
+/// How long the store must have been out of use (no sync, no lookup) before its
+/// manifests are indexed on a thread of their own.
+const INDEX_QUIET: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Bytes of one manifest entry: a hash and its encoded [`Location`].
 const MANIFEST_ENTRY_BYTES: usize = 32 + 16;
@@ -353,8 +353,10 @@ struct PackWriter {
     /// were left by a crash, or an entry of theirs was dropped from memory (a damaged
     /// chunk) and must not come back from them after a restart.
     index_due: bool,
-    /// When the last sync started.
-    last_sync: std::time::Instant,
+    /// When the last sync started, or a chunk was last looked up while manifests wait:
+    /// the store is in use (a folder store writing out what a sync brought, a peer
+    /// fetching), and indexing would take the CPU from that work.
+    last_busy: std::time::Instant,
     /// [`INDEX_QUIET`] (tests make it longer).
     index_quiet: std::time::Duration,
     /// Packs closed since the last sync, still to be made durable.
@@ -513,7 +515,7 @@ impl ChunkStore {
                     index_due: !manifested.is_empty(),
                     manifested,
                     next_manifest,
-                    last_sync: std::time::Instant::now(),
+                    last_busy: std::time::Instant::now(),
                     index_quiet: INDEX_QUIET,
                     closed: Vec::new(),
                     fresh: Vec::new(),
@@ -1000,7 +1002,8 @@ impl ChunkStore {
     ///
     /// More than a few chunks at once (a large file's: 16,000 for 256 MiB; a few hundred
     /// small files') are recorded as one *manifest*, a single sled value, and put into the
-    /// index later, once no sync has come for [`INDEX_QUIET`], by a thread of their own:
+    /// index later, once the store has been out of use for [`INDEX_QUIET`], by a thread
+    /// of their own:
     /// a large file's 16,000 index entries took a tenth of a second, and 10,000 small
     /// files' a tenth of each side's CPU, on the path from a change to its copy on the
     /// peer (the event waits for this sync, and the peer's write of the file for the
@@ -1022,7 +1025,7 @@ impl ChunkStore {
                 source: std::io::Error::other(why.clone()),
             });
         }
-        w.last_sync = std::time::Instant::now();
+        w.last_busy = std::time::Instant::now();
         if w.index_due || w.unindexed.len() >= UNINDEXED_MAX {
             self.index_manifests(&mut w)?;
         }
@@ -1152,9 +1155,9 @@ impl ChunkStore {
         }
     }
 
-    /// The indexer's round: indexes the manifests if no sync came for [`INDEX_QUIET`] and
-    /// none is under way. Whether the indexer is done (nothing left, or an error, which
-    /// the next sync meets again).
+    /// The indexer's round: indexes the manifests if the store was out of use for
+    /// [`INDEX_QUIET`] and no sync is under way. Whether the indexer is done (nothing
+    /// left, or an error, which the next sync meets again).
     fn index_if_quiet(&self) -> bool {
         use std::sync::atomic::Ordering;
         let inner = &self.inner;
@@ -1167,7 +1170,7 @@ impl ChunkStore {
         let Ok(mut w) = inner.writer.lock() else {
             return true;
         };
-        if !w.manifested.is_empty() && w.last_sync.elapsed() < w.index_quiet {
+        if !w.manifested.is_empty() && w.last_busy.elapsed() < w.index_quiet {
             return false;
         }
         if let Err(e) = self.index_manifests(&mut w) {
@@ -1419,7 +1422,10 @@ impl ChunkStore {
 
     fn locate(&self, hash: &Hash) -> Result<Option<Location>, LogError> {
         let in_memory = {
-            let w = self.inner.writer.lock().map_err(|_| LogError::Closed)?;
+            let mut w = self.inner.writer.lock().map_err(|_| LogError::Closed)?;
+            if !w.manifested.is_empty() {
+                w.last_busy = std::time::Instant::now();
+            }
             w.staged
                 .get(hash)
                 .or_else(|| w.unindexed.get(hash))
