@@ -48,10 +48,6 @@ pub struct EngineConfig {
     pub dial_backoff: (Duration, Duration),
     /// Most events read and sent per batch.
     pub max_batch_events: usize,
-    /// Most events handed to a store at once. A store makes each batch durable as a
-    /// whole (the folder store with one `syncfs`, which waits on the disk), so while
-    /// events arrive faster than it applies them, larger batches mean fewer waits.
-    pub max_apply_events: usize,
     /// Most remote events held back waiting for a gap or content.
     pub max_pending_events: usize,
     /// Most chunk hashes requested from one peer and not yet answered.
@@ -77,9 +73,6 @@ impl Default for EngineConfig {
             tick_interval: Duration::from_millis(1000),
             dial_backoff: (Duration::from_millis(100), Duration::from_secs(10)),
             max_batch_events: 4096,
-            // W1 of bench/daemon/run.py (ab.py, 7 repetitions): 1.13 s with 4,096,
-            // 1.00 s with this.
-            max_apply_events: 16_384,
             max_pending_events: 200_000,
             chunk_window: 2048,
             chunk_timeout: Duration::from_secs(20),
@@ -1499,7 +1492,7 @@ async fn apply_next_batch(
     let started = Instant::now();
     let log = inner.log.clone();
     let name = store.name().to_owned();
-    let max = inner.config.max_apply_events;
+    let max = inner.config.max_batch_events;
     let reconciler = inner.reconciler.clone();
     let prepared = tokio::task::spawn_blocking(move || {
         let cursor = log.cursor(&name)?;
