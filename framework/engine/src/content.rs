@@ -282,6 +282,10 @@ struct Inner {
     /// A thread waits to index the manifests (see [`ChunkStore::index_later`]); read and
     /// changed under the writer's lock.
     indexer: std::sync::atomic::AtomicBool,
+    /// That thread, to wake and join when the store is closed.
+    indexer_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// [`ChunkStore::close`] was called: no indexer starts or works from then on.
+    closed: std::sync::atomic::AtomicBool,
     /// The first pack this process wrote: packs from here on hold only chunks checked on
     /// their way in, and are read without hashing them again.
     own_packs: u32,
@@ -353,9 +357,10 @@ struct PackWriter {
     /// were left by a crash, or an entry of theirs was dropped from memory (a damaged
     /// chunk) and must not come back from them after a restart.
     index_due: bool,
-    /// When the last sync started, or a chunk was last looked up while manifests wait:
-    /// the store is in use (a folder store writing out what a sync brought, a peer
-    /// fetching), and indexing would take the CPU from that work.
+    /// When the last sync started, or a chunk was last put or looked up while manifests
+    /// wait: the store is in use (a file being chunked, a folder store writing out what a
+    /// sync brought, a peer fetching), and indexing would take the CPU and the locks from
+    /// that work.
     last_busy: std::time::Instant,
     /// [`INDEX_QUIET`] (tests make it longer).
     index_quiet: std::time::Duration,
@@ -528,6 +533,8 @@ impl ChunkStore {
                 }),
                 syncing: Mutex::new(()),
                 indexer: std::sync::atomic::AtomicBool::new(false),
+                indexer_thread: Mutex::new(None),
+                closed: std::sync::atomic::AtomicBool::new(false),
                 own_packs: last + 1,
                 readers: RwLock::new(HashMap::new()),
                 sink: RwLock::new(None),
@@ -700,6 +707,9 @@ impl ChunkStore {
     ) -> Result<Option<Vec<FreshChunk>>, LogError> {
         let inner = &self.inner;
         let mut w = inner.writer.lock().map_err(|_| LogError::Closed)?;
+        if !w.manifested.is_empty() {
+            w.last_busy = std::time::Instant::now();
+        }
         let mut new: Vec<(Hash, &[u8])> = Vec::with_capacity(chunks.len());
         let mut new_places: Vec<Option<Place>> = Vec::with_capacity(chunks.len());
         let mut new_index: Vec<usize> = Vec::with_capacity(chunks.len());
@@ -1008,9 +1018,11 @@ impl ChunkStore {
     /// files' a tenth of each side's CPU, on the path from a change to its copy on the
     /// peer (the event waits for this sync, and the peer's write of the file for the
     /// event). Until then lookups find them in memory. A sync indexes them itself when
-    /// they reach [`UNINDEXED_MAX`], and the first sync after an open those a crash left
-    /// ([`open`](Self::open) takes them back). A manifest is removed once its entries are
-    /// durable in the index (the database is flushed for it).
+    /// they reach [`UNINDEXED_MAX`] (a lump on the path, where each sync used to index its
+    /// own), and so does every sync after [`close`](Self::close) (which indexes what
+    /// waits), and the first sync after an open those a crash left ([`open`](Self::open)
+    /// takes them back). A manifest is removed once its entries are durable in the index
+    /// (the database is flushed for it).
     pub fn sync(&self) -> Result<(), LogError> {
         let inner = &self.inner;
         // One sync at a time: a second one waits for the first and then syncs what was
@@ -1026,7 +1038,8 @@ impl ChunkStore {
             });
         }
         w.last_busy = std::time::Instant::now();
-        if w.index_due || w.unindexed.len() >= UNINDEXED_MAX {
+        let closed = inner.closed.load(std::sync::atomic::Ordering::Acquire);
+        if w.index_due || closed || w.unindexed.len() >= UNINDEXED_MAX {
             self.index_manifests(&mut w)?;
         }
         if w.again {
@@ -1130,17 +1143,20 @@ impl ChunkStore {
 
     /// Starts the thread that indexes the manifests once the store is quiet, unless it
     /// runs already (`w` is the writer, locked). It holds the store only while it works,
-    /// and ends once the manifests are indexed or the store is gone.
+    /// and ends once the manifests are indexed, or the store is closed or gone.
     fn index_later(&self, _w: &PackWriter) {
         use std::sync::atomic::Ordering;
-        if self.inner.indexer.swap(true, Ordering::AcqRel) {
+        if self.inner.closed.load(Ordering::Acquire)
+            || self.inner.indexer.swap(true, Ordering::AcqRel)
+        {
             return;
         }
         let store = Arc::downgrade(&self.inner);
         let spawned = std::thread::Builder::new()
             .name("converge-index".into())
             .spawn(move || loop {
-                std::thread::sleep(INDEX_QUIET);
+                // Woken early by `close`.
+                std::thread::park_timeout(INDEX_QUIET);
                 let Some(inner) = store.upgrade() else {
                     return;
                 };
@@ -1148,11 +1164,37 @@ impl ChunkStore {
                     return;
                 }
             });
-        if let Err(e) = spawned {
-            // The next sync over the limit, or after a restart, indexes them.
-            tracing::warn!("no thread to index chunk manifests: {e}");
-            self.inner.indexer.store(false, Ordering::Release);
+        match spawned {
+            Ok(handle) => {
+                if let Ok(mut slot) = self.inner.indexer_thread.lock() {
+                    // The one before has ended (it cleared `indexer` as its last step).
+                    *slot = Some(handle);
+                }
+            }
+            Err(e) => {
+                // A sync over the limit, or `close`, indexes them.
+                tracing::warn!("no thread to index chunk manifests: {e}");
+                self.inner.indexer.store(false, Ordering::Release);
+            }
         }
+    }
+
+    /// Stops the indexer (waiting for a round under way) and indexes what manifests wait,
+    /// so that the next open does not have to; blocks. The log calls it when it closes,
+    /// once nothing appends any more. Syncs still work afterwards; each indexes the
+    /// manifests the one before it wrote.
+    pub fn close(&self) -> Result<(), LogError> {
+        use std::sync::atomic::Ordering;
+        let inner = &self.inner;
+        inner.closed.store(true, Ordering::Release);
+        let thread = inner.indexer_thread.lock().ok().and_then(|mut t| t.take());
+        if let Some(thread) = thread {
+            thread.thread().unpark();
+            let _ = thread.join();
+        }
+        let _one = inner.syncing.lock().map_err(|_| LogError::Closed)?;
+        let mut w = inner.writer.lock().map_err(|_| LogError::Closed)?;
+        self.index_manifests(&mut w)
     }
 
     /// The indexer's round: indexes the manifests if the store was out of use for
@@ -1161,6 +1203,9 @@ impl ChunkStore {
     fn index_if_quiet(&self) -> bool {
         use std::sync::atomic::Ordering;
         let inner = &self.inner;
+        if inner.closed.load(Ordering::Acquire) {
+            return true;
+        }
         let _one = match inner.syncing.try_lock() {
             Ok(one) => one,
             Err(std::sync::TryLockError::WouldBlock) => return false,
@@ -2440,6 +2485,35 @@ mod tests {
             std::thread::sleep(INDEX_QUIET / 4);
         }
         assert_eq!((index.len(), manifests.len()), (2 * MANIFEST_ENTRIES, 0));
+    }
+
+    #[test]
+    fn closing_indexes_what_waits_and_ends_the_indexer() {
+        let (_dir, db, store) = scratch();
+        store.inner.writer.lock().unwrap().index_quiet = std::time::Duration::from_secs(3600);
+        let manifests = db.open_tree("chunk_manifests").unwrap();
+        let index = db.open_tree("chunk_index").unwrap();
+        let chunks = put_small(&store, MANIFEST_ENTRIES, 5);
+        store.sync().unwrap();
+        assert_eq!((index.len(), manifests.len()), (0, 1));
+        assert!(store.inner.indexer_thread.lock().unwrap().is_some());
+
+        store.close().unwrap();
+        assert_eq!((index.len(), manifests.len()), (MANIFEST_ENTRIES, 0));
+        assert!(
+            store.inner.indexer_thread.lock().unwrap().is_none(),
+            "joined"
+        );
+        for (hash, bytes) in &chunks {
+            assert_eq!(store.get(hash).unwrap().as_ref(), Some(bytes));
+        }
+        // Closed: a later sync's manifest is indexed by the next sync; no indexer starts.
+        put_small(&store, MANIFEST_ENTRIES, 6);
+        store.sync().unwrap();
+        assert_eq!((index.len(), manifests.len()), (MANIFEST_ENTRIES, 1));
+        store.sync().unwrap();
+        assert_eq!((index.len(), manifests.len()), (2 * MANIFEST_ENTRIES, 0));
+        assert!(store.inner.indexer_thread.lock().unwrap().is_none());
     }
 
     #[test]

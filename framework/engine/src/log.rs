@@ -582,6 +582,12 @@ impl EventLog {
                 .map_err(|_| LogError::Closed)?
                 .ok();
         }
+        // Chunk locations waiting in manifests go into the index now, not at the next
+        // open; the content store's indexer thread ends.
+        let chunks = self.chunks().clone();
+        tokio::task::spawn_blocking(move || chunks.close())
+            .await
+            .map_err(|_| LogError::Closed)??;
         self.flush().await
     }
 }

@@ -28,7 +28,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use async_trait::async_trait;
@@ -1307,6 +1307,7 @@ impl Writer {
                     let _ = std::fs::remove_file(&temp);
                     tracing::debug!("{}: {e}; writing temp files in the folder", temp.display());
                     self.temp_dir = None;
+                    self.temp_fd = None;
                 }
                 Err(e) => {
                     let _ = std::fs::remove_file(&temp);
@@ -1364,6 +1365,7 @@ impl Writer {
             Err(e) if e.raw_os_error() == Some(libc::EXDEV) && self.temp_dir.is_some() => {
                 tracing::debug!("{}: {e}; writing temp files in the folder", temp.display());
                 self.temp_dir = None;
+                self.temp_fd = None;
             }
             // The file system (or a sandbox) cannot rename without replacing: the usual
             // way for the rest of this writer's files (one wasted write per batch).
@@ -1416,8 +1418,25 @@ impl Writer {
             self.echo
                 .put_back(k, before, e.kind() == ErrorKind::AlreadyExists);
         }
-        let cannot = unsupported(&e)
-            || (e.kind() == ErrorKind::NotFound && path.parent().is_some_and(Path::is_dir));
+        // Anything but what the temp name way meets as well (something there, no room,
+        // a failing disk, the directory gone) is taken as refused for every file alike:
+        // links not allowed here (by the file system or a security module), the temp dir
+        // on another mount of the file system (a bind mount), or, both ways of linking
+        // failing with `ENOENT` while the directory is there, no /proc.
+        let cannot = match e.raw_os_error() {
+            Some(libc::ENOENT) => path.parent().is_some_and(Path::is_dir),
+            Some(
+                libc::EEXIST
+                | libc::ENOSPC
+                | libc::EDQUOT
+                | libc::EIO
+                | libc::EROFS
+                | libc::ENOMEM
+                | libc::ENAMETOOLONG
+                | libc::EINTR,
+            ) => false,
+            _ => true,
+        };
         if cannot {
             tracing::debug!("{}: {e}; writing named temp files", path.display());
             self.unnamed = Unnamed::No;
@@ -1430,7 +1449,9 @@ impl Writer {
     fn link_unnamed(&mut self, file: &File, path: &Path) -> std::io::Result<()> {
         let to = c_path(path)?;
         let fd = file.as_raw_fd();
-        if self.unnamed != Unnamed::ByProcName {
+        // Refused once, refused for good: not asked again by every batch's writers.
+        static REFUSED: AtomicBool = AtomicBool::new(false);
+        if self.unnamed != Unnamed::ByProcName && !REFUSED.load(Ordering::Relaxed) {
             // SAFETY: the names are NUL-terminated and `fd` is open through the call.
             let rc = unsafe {
                 libc::linkat(
@@ -1451,6 +1472,8 @@ impl Writer {
             if e.kind() != ErrorKind::NotFound {
                 return Err(e);
             }
+            // The final path's directory may be what is missing: not refused until the
+            // other way works.
         }
         let from = c_path(Path::new(&format!("/proc/self/fd/{fd}")))?;
         // SAFETY: as above.
@@ -1464,6 +1487,9 @@ impl Writer {
             )
         };
         if rc == 0 {
+            if self.unnamed != Unnamed::ByProcName {
+                REFUSED.store(true, Ordering::Relaxed);
+            }
             self.unnamed = Unnamed::ByProcName;
             Ok(())
         } else {
@@ -2024,7 +2050,10 @@ mod tests {
         let left: Vec<_> = std::fs::read_dir(temp.path()).unwrap().collect();
         assert!(left.is_empty(), "temp files left: {left:?}");
         let linked = matches!(w.unnamed, Unnamed::ByDescriptor | Unnamed::ByProcName);
-        let unnamed = with_temp_dir && cfg!(target_os = "linux");
+        // Where the test's file system has files with no name (not NFS, say).
+        let unnamed = with_temp_dir
+            && open_dir(temp.path())
+                .is_some_and(|dir| open_unnamed(dir.as_raw_fd(), 0o600).is_ok());
         assert_eq!(linked, unnamed, "{:?}", w.unnamed);
     }
 
