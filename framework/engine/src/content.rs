@@ -11,11 +11,11 @@
 //! and kept in a *staged* list that lookups consult; [`ChunkStore::sync`], which the log
 //! calls before every flush, makes the pack durable and only then moves the staged entries
 //! into the index (or, for more than a few at once, into one *manifest* first, indexed
-//! once the store has been quiet for a moment; see [`ChunkStore::sync`]). So an index entry never outlives its bytes in a crash, and an event is
-//! acknowledged only after the chunks put before it are durable. A chunk staged but not
-//! synced when the process dies is simply missing afterwards (and fetched again). A new
-//! pack is started at every open, so nothing is ever appended after bytes a crash may have
-//! torn.
+//! once the store has been quiet for a moment; see [`ChunkStore::sync`]). So an index
+//! entry never outlives its bytes in a crash, and an event is acknowledged only after the
+//! chunks put before it are durable. A chunk staged but not synced when the process dies
+//! is simply missing afterwards (and fetched again). A new pack is started at every open,
+//! so nothing is ever appended after bytes a crash may have torn.
 //!
 //! A sync that fails is not tried again on the same packs: after a failed `fdatasync`
 //! Linux may mark the pages it could not write clean, and a second sync then succeeds
@@ -31,8 +31,9 @@
 //! Every chunk is checked once on its way in: hashed from the file by the source that
 //! puts it, or checked against its hash when a peer offers it. Reads from the packs this
 //! process wrote (and has not lent, see below, nor given up after a failure, see above)
-//! are trusted on that ground and not hashed again; reads from the packs of earlier runs, which a crash or the disk may have damaged
-//! since, are checked, so a damaged pack reads as an error, never as wrong content. A
+//! are trusted on that ground and not hashed again; reads from the packs of earlier runs,
+//! which a crash or the disk may have damaged since, are checked, so a damaged pack reads
+//! as an error, never as wrong content. A
 //! file's data can be copied out of the trusted packs by the kernel ([`Piece::InPack`]),
 //! without passing through memory, where the run lines up with the file's pages.
 //!
@@ -65,7 +66,9 @@ use std::io::{IoSlice, Seek, SeekFrom, Write};
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use converge_api::content::IndexNode;
 use converge_api::{ContentRef, Hash, Place};
@@ -89,7 +92,7 @@ const UNINDEXED_MAX: usize = 1 << 16;
 
 /// How long the store must have been out of use (no sync, no lookup) before its
 /// manifests are indexed on a thread of their own.
-const INDEX_QUIET: std::time::Duration = std::time::Duration::from_secs(1);
+const INDEX_QUIET: Duration = Duration::from_secs(1);
 
 /// Bytes of one manifest entry: a hash and its encoded [`Location`].
 const MANIFEST_ENTRY_BYTES: usize = 32 + 16;
@@ -281,11 +284,11 @@ struct Inner {
     syncing: Mutex<()>,
     /// A thread waits to index the manifests (see [`ChunkStore::index_later`]); read and
     /// changed under the writer's lock.
-    indexer: std::sync::atomic::AtomicBool,
+    indexer: AtomicBool,
     /// That thread, to wake and join when the store is closed.
     indexer_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// [`ChunkStore::close`] was called: no indexer starts or works from then on.
-    closed: std::sync::atomic::AtomicBool,
+    closed: AtomicBool,
     /// The first pack this process wrote: packs from here on hold only chunks checked on
     /// their way in, and are read without hashing them again.
     own_packs: u32,
@@ -361,9 +364,9 @@ struct PackWriter {
     /// wait: the store is in use (a file being chunked, a folder store writing out what a
     /// sync brought, a peer fetching), and indexing would take the CPU and the locks from
     /// that work.
-    last_busy: std::time::Instant,
+    last_busy: Instant,
     /// [`INDEX_QUIET`] (tests make it longer).
-    index_quiet: std::time::Duration,
+    index_quiet: Duration,
     /// Packs closed since the last sync, still to be made durable.
     closed: Vec<(u32, Arc<File>)>,
     /// Chunks put locally and not yet handed to the sink (only while one is set).
@@ -408,6 +411,14 @@ impl PackWriter {
             self.closed.push((self.id, file));
         }
         self.id += 1;
+    }
+
+    /// Notes a put or a lookup: while manifests wait, the store is in use (see
+    /// [`PackWriter::last_busy`]).
+    fn busy(&mut self) {
+        if !self.manifested.is_empty() {
+            self.last_busy = Instant::now();
+        }
     }
 
     /// Gives up the packs in `failed` (see [`Inner::failed`]): no chunk is written to them
@@ -520,7 +531,7 @@ impl ChunkStore {
                     index_due: !manifested.is_empty(),
                     manifested,
                     next_manifest,
-                    last_busy: std::time::Instant::now(),
+                    last_busy: Instant::now(),
                     index_quiet: INDEX_QUIET,
                     closed: Vec::new(),
                     fresh: Vec::new(),
@@ -532,9 +543,9 @@ impl ChunkStore {
                     again: false,
                 }),
                 syncing: Mutex::new(()),
-                indexer: std::sync::atomic::AtomicBool::new(false),
+                indexer: AtomicBool::new(false),
                 indexer_thread: Mutex::new(None),
-                closed: std::sync::atomic::AtomicBool::new(false),
+                closed: AtomicBool::new(false),
                 own_packs: last + 1,
                 readers: RwLock::new(HashMap::new()),
                 sink: RwLock::new(None),
@@ -707,9 +718,7 @@ impl ChunkStore {
     ) -> Result<Option<Vec<FreshChunk>>, LogError> {
         let inner = &self.inner;
         let mut w = inner.writer.lock().map_err(|_| LogError::Closed)?;
-        if !w.manifested.is_empty() {
-            w.last_busy = std::time::Instant::now();
-        }
+        w.busy();
         let mut new: Vec<(Hash, &[u8])> = Vec::with_capacity(chunks.len());
         let mut new_places: Vec<Option<Place>> = Vec::with_capacity(chunks.len());
         let mut new_index: Vec<usize> = Vec::with_capacity(chunks.len());
@@ -1037,8 +1046,8 @@ impl ChunkStore {
                 source: std::io::Error::other(why.clone()),
             });
         }
-        w.last_busy = std::time::Instant::now();
-        let closed = inner.closed.load(std::sync::atomic::Ordering::Acquire);
+        w.last_busy = Instant::now();
+        let closed = inner.closed.load(Ordering::Acquire);
         if w.index_due || closed || w.unindexed.len() >= UNINDEXED_MAX {
             self.index_manifests(&mut w)?;
         }
@@ -1145,7 +1154,6 @@ impl ChunkStore {
     /// runs already (`w` is the writer, locked). It holds the store only while it works,
     /// and ends once the manifests are indexed, or the store is closed or gone.
     fn index_later(&self, _w: &PackWriter) {
-        use std::sync::atomic::Ordering;
         if self.inner.closed.load(Ordering::Acquire)
             || self.inner.indexer.swap(true, Ordering::AcqRel)
         {
@@ -1184,7 +1192,6 @@ impl ChunkStore {
     /// once nothing appends any more. Syncs still work afterwards; each indexes the
     /// manifests the one before it wrote.
     pub fn close(&self) -> Result<(), LogError> {
-        use std::sync::atomic::Ordering;
         let inner = &self.inner;
         inner.closed.store(true, Ordering::Release);
         let thread = inner.indexer_thread.lock().ok().and_then(|mut t| t.take());
@@ -1201,7 +1208,6 @@ impl ChunkStore {
     /// [`INDEX_QUIET`] and no sync is under way. Whether the indexer is done (nothing
     /// left, or an error, which the next sync meets again).
     fn index_if_quiet(&self) -> bool {
-        use std::sync::atomic::Ordering;
         let inner = &self.inner;
         if inner.closed.load(Ordering::Acquire) {
             return true;
@@ -1468,9 +1474,7 @@ impl ChunkStore {
     fn locate(&self, hash: &Hash) -> Result<Option<Location>, LogError> {
         let in_memory = {
             let mut w = self.inner.writer.lock().map_err(|_| LogError::Closed)?;
-            if !w.manifested.is_empty() {
-                w.last_busy = std::time::Instant::now();
-            }
+            w.busy();
             w.staged
                 .get(hash)
                 .or_else(|| w.unindexed.get(hash))

@@ -21,7 +21,7 @@
 //! one has heard of yet, so one opened later could miss those another sync heard of.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::ffi::CString;
+use std::ffi::{CStr, CString};
 use std::fs::{File, OpenOptions, Permissions};
 use std::io::ErrorKind;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -84,7 +84,7 @@ struct Durability {
     unsynced: Unsynced,
     /// `unsynced` was saved to the state dir and not removed since (see
     /// [`FsStore::unsynced_file`]).
-    saved: std::sync::atomic::AtomicBool,
+    saved: AtomicBool,
 }
 
 impl Durability {
@@ -728,23 +728,28 @@ fn open_unnamed(dir: RawFd, mode: u32) -> std::io::Result<File> {
     #[cfg(target_os = "linux")]
     {
         let flags = libc::O_TMPFILE | libc::O_WRONLY | libc::O_CLOEXEC | libc::O_LARGEFILE;
-        loop {
-            // SAFETY: the name is NUL-terminated and `dir` open through the call.
-            let fd = unsafe { libc::openat(dir, c".".as_ptr(), flags, mode as libc::c_uint) };
-            if fd >= 0 {
-                // SAFETY: `fd` is a descriptor just opened, owned by nothing else.
-                return Ok(unsafe { File::from_raw_fd(fd) });
-            }
-            let e = std::io::Error::last_os_error();
-            if e.kind() != ErrorKind::Interrupted {
-                return Err(e);
-            }
-        }
+        open_at(dir, c".", flags, mode)
     }
     #[cfg(not(target_os = "linux"))]
     {
         let _ = (dir, mode);
         Err(std::io::Error::from(ErrorKind::Unsupported))
+    }
+}
+
+/// `openat(dir, name, flags, mode)`, tried again when a signal interrupts it.
+fn open_at(dir: RawFd, name: &CStr, flags: libc::c_int, mode: u32) -> std::io::Result<File> {
+    loop {
+        // SAFETY: `name` is NUL-terminated and `dir` open (or AT_FDCWD) through the call.
+        let fd = unsafe { libc::openat(dir, name.as_ptr(), flags, mode as libc::c_uint) };
+        if fd >= 0 {
+            // SAFETY: `fd` is a descriptor just opened, owned by nothing else.
+            return Ok(unsafe { File::from_raw_fd(fd) });
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != ErrorKind::Interrupted {
+            return Err(e);
+        }
     }
 }
 
@@ -801,8 +806,8 @@ impl Writer {
         }
     }
 
-    /// Notes that the file of `key` was written (renamed into place) by this batch: its
-    /// note goes once the batch's sync succeeds.
+    /// Notes that the file of `key` was written (linked or renamed into place) by this
+    /// batch: its note goes once the batch's sync succeeds.
     fn wrote(&self, key: &Key) {
         if let Ok(mut unsynced) = self.unsynced.lock() {
             unsynced.insert(key.clone(), self.batch);
@@ -866,23 +871,11 @@ impl Writer {
     /// (masked by the umask).
     fn create_new(&self, path: &Path, mode: u32) -> std::io::Result<File> {
         let (dir, rel) = self.at(path);
-        let rel = c_path(rel)?;
         let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC;
         // Files over 2 GiB on 32-bit systems, as std's own open asks for.
         #[cfg(target_os = "linux")]
         let flags = flags | libc::O_LARGEFILE;
-        loop {
-            // SAFETY: `rel` is NUL-terminated and `dir` open (or AT_FDCWD) through the call.
-            let fd = unsafe { libc::openat(dir, rel.as_ptr(), flags, mode as libc::c_uint) };
-            if fd >= 0 {
-                // SAFETY: `fd` is a descriptor just opened, owned by nothing else.
-                return Ok(unsafe { File::from_raw_fd(fd) });
-            }
-            let e = std::io::Error::last_os_error();
-            if e.kind() != ErrorKind::Interrupted {
-                return Err(e);
-            }
-        }
+        open_at(dir, &c_path(rel)?, flags, mode)
     }
 
     /// Renames `from` to `to`, replacing what is there.
@@ -1540,8 +1533,8 @@ impl Writer {
         self.fill(&mut file, temp, content, mode, mtime)
     }
 
-    /// Writes `content` into `file` (new and empty, named `temp` in errors), with `mode`
-    /// and `mtime`.
+    /// Writes `content` into `file` (new and empty), with `mode` and `mtime`; `temp` names
+    /// it in errors (its temp path, or the final path of a file with no name).
     fn fill(
         &self,
         file: &mut File,
