@@ -35,17 +35,43 @@ pub fn store_file(path: &Path, chunks: &ChunkStore) -> Result<ContentRef, FsErro
     chunk_file(path, Some(chunks)).map(|(content, _)| content)
 }
 
-/// [`store_file`], also returning the metadata of the file read, taken from its open
-/// handle once read: a scan compares it with what it looked at before reading (same inode,
-/// same size, mtime and mode) to tell that the content it stored is the one it looked at.
-/// (The handle's stat costs no path look-up, unlike a second `lstat`.)
+/// [`store_file`] for a file a scan looked at (`looked_at`, its `lstat`), also returning
+/// the metadata of the file read, taken from its open handle once read: the scan compares
+/// it with what it looked at (same size, mtime and mode) to tell that the content it
+/// stored is the one it looked at. (The handle's stat costs no path look-up, unlike a
+/// second `lstat`.)
+///
+/// `None` when what opens at `path` is no longer the file looked at (it was replaced, by a
+/// symlink too, or a directory above it was): nothing is read from it. The watcher reports
+/// such a change, and the file is looked at again.
 pub(crate) fn store_file_read(
     path: &Path,
+    looked_at: &Metadata,
     chunks: &ChunkStore,
-) -> Result<(ContentRef, Metadata), FsError> {
-    let (content, file) = chunk_file(path, Some(chunks))?;
+) -> Result<Option<(ContentRef, Metadata)>, FsError> {
+    let (file, opened) = match open_file(path) {
+        Ok(opened) => opened,
+        Err(e) if replaced(&e) => return Ok(None),
+        Err(e) => return Err(FsError::io("opening", path)(e)),
+    };
+    if (opened.dev(), opened.ino()) != (looked_at.dev(), looked_at.ino()) {
+        // Some file systems give an open file another identity than its path (overlayfs
+        // before Linux 4.19): then the path says whether it is still the one looked at.
+        // (A symlink made since can have the number the file looked at had.)
+        let now = std::fs::symlink_metadata(path).map_err(FsError::io("reading", path))?;
+        if !now.is_file() || (now.dev(), now.ino()) != (looked_at.dev(), looked_at.ino()) {
+            return Ok(None);
+        }
+    }
+    let content = chunk_open_file(path, &file, opened.len(), Some(chunks))?;
     let read = file.metadata().map_err(FsError::io("reading", path))?;
-    Ok((content, read))
+    Ok(Some((content, read)))
+}
+
+/// Whether opening a file failed because what is at its path is no longer a regular file
+/// (see [`open_file`]).
+fn replaced(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::InvalidInput || e.raw_os_error() == Some(libc::ELOOP)
 }
 
 /// The content reference of the file at `path`, without storing anything (to check a file
@@ -139,26 +165,28 @@ fn put_piece(store: &ChunkStore, stream: Option<u64>, piece: &Piece) -> Result<(
 /// Chunks the file at `path` (see [`store_file`]); returns its content reference and the
 /// file, still open.
 fn chunk_file(path: &Path, store: Option<&ChunkStore>) -> Result<(ContentRef, File), FsError> {
-    let file = open_noatime(path).map_err(FsError::io("opening", path))?;
-    let content = chunk_open_file(path, &file, store)?;
+    let (file, opened) = open_file(path).map_err(FsError::io("opening", path))?;
+    let content = chunk_open_file(path, &file, opened.len(), store)?;
     Ok((content, file))
 }
 
+/// Chunks `file`, open at `path` and `size` bytes long when opened (it may change while it
+/// is read: the chunks are of what was read).
 fn chunk_open_file(
     path: &Path,
     file: &File,
+    size: u64,
     store: Option<&ChunkStore>,
 ) -> Result<ContentRef, FsError> {
-    let size = file.metadata().map(|m| m.len()).ok();
     // A large file's data is one stream, which a peer can write straight into a file.
-    let stream = size.is_some_and(|n| n >= PIPELINE_BYTES).then(new_stream);
+    let stream = (size >= PIPELINE_BYTES).then(new_stream);
     let put = &mut |piece: &Piece| match store {
         Some(store) => put_piece(store, stream, piece),
         None => Ok(()),
     };
     let mut hasher = Hasher::default();
-    if size.is_none_or(|n| n < PIPELINE_BYTES) {
-        cut(path, file, size, None, &mut |bytes, cuts| {
+    if size < PIPELINE_BYTES {
+        cut(path, file, Some(size), None, &mut |bytes, cuts| {
             hasher.window(bytes, cuts, put).map(drop)
         })?;
         return hasher.finish(path, put);
@@ -178,9 +206,13 @@ fn chunk_open_file(
             }
             hasher.finish(path, put)
         });
-        let cutting = cut(path, file, size, Some(&back_rx), &mut |bytes, cuts| {
-            tx.send((bytes, cuts)).map_err(|_| LogError::Closed)
-        });
+        let cutting = cut(
+            path,
+            file,
+            Some(size),
+            Some(&back_rx),
+            &mut |bytes, cuts| tx.send((bytes, cuts)).map_err(|_| LogError::Closed),
+        );
         drop(tx);
         let hashed = second.join().map_err(|_| FsError::Content {
             path: path.to_owned(),
@@ -195,24 +227,41 @@ fn chunk_open_file(
     })
 }
 
-/// Opens `path` for reading without updating its access time where the kernel allows
-/// it (the file's owner may; anyone else is refused, and opens it as usual): reading a
-/// file to sync it is not an access its owner made, and the update cost a write of the
-/// inode per file (2.5% of the sender's time in W1 of `bench/daemon/run.py`).
-fn open_noatime(path: &Path) -> std::io::Result<File> {
-    #[cfg(target_os = "linux")]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        match std::fs::OpenOptions::new()
+/// Opens the regular file at `path` for reading, refusing anything else: a symlink (even
+/// one swapped in since the caller looked: `O_NOFOLLOW`, `ELOOP`), and a FIFO or a device
+/// (`InvalidInput`). A FIFO opens without waiting for a writer (`O_NONBLOCK`, which does
+/// nothing to a regular file's reads), so that a FIFO swapped in for a file cannot hang
+/// a scan thread.
+///
+/// It does not update the file's access time where the kernel allows that (the file's
+/// owner may; anyone else is refused, and opens it as usual): reading a file to sync it is
+/// not an access its owner made, and the update cost a write of the inode per file (2.5%
+/// of the sender's time in W1 of `bench/daemon/run.py`).
+/// Returns the file with its metadata, read from the open handle.
+fn open_file(path: &Path) -> std::io::Result<(File, Metadata)> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let open = |flags| {
+        std::fs::OpenOptions::new()
             .read(true)
-            .custom_flags(libc::O_NOATIME)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | flags)
             .open(path)
-        {
-            Err(e) if e.raw_os_error() == Some(libc::EPERM) => {}
-            other => return other,
-        }
+    };
+    #[cfg(target_os = "linux")]
+    let file = match open(libc::O_NOATIME) {
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => open(0),
+        other => other,
+    }?;
+    #[cfg(not(target_os = "linux"))]
+    let file = open(0)?;
+    let meta = file.metadata()?;
+    if meta.is_file() {
+        Ok((file, meta))
+    } else {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ))
     }
-    File::open(path)
 }
 
 /// The second half of the chunker: hashes the chunks cut from each window, in file
@@ -491,5 +540,62 @@ mod tests {
             }
             assert!(hash_file(&path).is_ok());
         }
+    }
+
+    #[test]
+    fn what_replaced_a_file_looked_at_is_not_read() {
+        use converge_framework::log::{EventLog, LogConfig};
+        let log = EventLog::open(LogConfig::temporary()).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let secret = outside.path().join("f");
+        std::fs::write(&secret, b"not in the folder").unwrap();
+        let read = |path: &Path, looked_at: &Metadata| {
+            store_file_read(path, looked_at, log.chunks())
+                .unwrap()
+                .map(|(content, _)| content)
+        };
+
+        // The file looked at reads.
+        let path = dir.path().join("f");
+        std::fs::write(&path, b"the folder's").unwrap();
+        let other = dir.path().join("other");
+        std::fs::write(&other, b"the folder's").unwrap();
+        let looked_at = std::fs::symlink_metadata(&path).unwrap();
+        let content = read(&path, &looked_at).unwrap();
+        assert_eq!(content.size, 12);
+
+        // A symlink swapped in after the look (to a file outside the folder).
+        std::fs::remove_file(&path).unwrap();
+        std::os::unix::fs::symlink(&secret, &path).unwrap();
+        assert_eq!(read(&path, &looked_at), None);
+        let e = hash_file(&path).unwrap_err();
+        assert!(e.to_string().contains(&path.display().to_string()), "{e}");
+
+        // Another file renamed over it (made while the first lived, so that it cannot
+        // have its inode number).
+        std::fs::rename(&other, &path).unwrap();
+        assert_eq!(read(&path, &looked_at), None);
+
+        // A directory above it swapped for a symlink to one outside holding the same name.
+        let sub = dir.path().join("sub");
+        std::fs::create_dir(&sub).unwrap();
+        let below = sub.join("f");
+        std::fs::write(&below, b"the folder's").unwrap();
+        let looked_at = std::fs::symlink_metadata(&below).unwrap();
+        std::fs::rename(&sub, dir.path().join("sub-moved")).unwrap();
+        std::os::unix::fs::symlink(outside.path(), &sub).unwrap();
+        assert_eq!(read(&below, &looked_at), None);
+
+        // A FIFO with no writer, which would block an open for reading: refused at once.
+        let fifo = dir.path().join("fifo");
+        std::fs::write(&fifo, b"").unwrap();
+        let looked_at = std::fs::symlink_metadata(&fifo).unwrap();
+        std::fs::remove_file(&fifo).unwrap();
+        let name = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: `name` is NUL-terminated and lives through the call.
+        assert_eq!(unsafe { libc::mkfifo(name.as_ptr(), 0o600) }, 0);
+        assert_eq!(read(&fifo, &looked_at), None);
+        assert!(hash_file(&fifo).is_err());
     }
 }

@@ -8,7 +8,6 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs::Metadata;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -105,17 +104,14 @@ pub(crate) fn examine_file(
     if env.echo.is_failed(key) && known_state(&env.log, &env.echo, key, path, meta) {
         return Ok((None, 0));
     }
-    let (content, read) = store_file_read(path, &env.chunks)?;
-    // The file read is the one looked at (not one renamed over it since), and unchanged
-    // by the end of the read. One renamed over it after the read is the watcher's news.
-    let looked_at = (meta.dev(), meta.ino());
-    let same_file = (read.dev(), read.ino()) == looked_at || {
-        // Some file systems give an open file another identity than its path (overlayfs
-        // before Linux 4.19): then the path says whether it is still the one looked at.
-        let now = std::fs::symlink_metadata(path).map_err(FsError::io("reading", path))?;
-        (now.dev(), now.ino()) == looked_at && file_stat(&now) == stat
+    // The file read is the one looked at (not one renamed over it since, nor a symlink
+    // swapped in: see `store_file_read`), and unchanged by the end of the read. One
+    // renamed over it after the read is the watcher's news.
+    let Some((content, read)) = store_file_read(path, meta, &env.chunks)? else {
+        tracing::debug!("{key}: replaced since it was looked at; looked at again");
+        return Ok((None, 0));
     };
-    if !same_file || file_stat(&read) != stat || content.size != stat.0 {
+    if file_stat(&read) != stat || content.size != stat.0 {
         tracing::debug!("{key}: changed while it was read; looked at again once written");
         return Ok((None, content.size));
     }
