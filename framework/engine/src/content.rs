@@ -2457,6 +2457,76 @@ mod tests {
     }
 
     #[test]
+    fn a_sync_finding_the_most_entries_waiting_indexes_them_itself() {
+        let (_dir, db, store) = scratch();
+        // Never quiet enough for the indexer in this test.
+        store.inner.writer.lock().unwrap().index_quiet = std::time::Duration::from_secs(3600);
+        let manifests = db.open_tree("chunk_manifests").unwrap();
+        let index = db.open_tree("chunk_index").unwrap();
+        let first = put_small(&store, UNINDEXED_MAX - 1, 6);
+        store.sync().unwrap();
+        assert_eq!(
+            (index.len(), manifests.len()),
+            (0, 1),
+            "below the limit: waits"
+        );
+        put_small(&store, MANIFEST_ENTRIES, 7);
+        store.sync().unwrap();
+        assert_eq!(
+            (index.len(), manifests.len()),
+            (0, 2),
+            "the sync that passes the limit records its own manifest"
+        );
+        let last = put_small(&store, 1, 8);
+        store.sync().unwrap();
+        assert_eq!(
+            (index.len(), manifests.len()),
+            (UNINDEXED_MAX - 1 + MANIFEST_ENTRIES + 1, 0),
+            "the next one finds the limit passed and indexes everything, busy or not"
+        );
+        assert!(store.inner.writer.lock().unwrap().unindexed.is_empty());
+        for (hash, bytes) in first.iter().step_by(997).chain(&last) {
+            assert_eq!(store.get(hash).unwrap().as_ref(), Some(bytes));
+        }
+    }
+
+    #[test]
+    fn a_chunk_found_damaged_while_it_waits_in_a_manifest_stays_gone() {
+        let (dir, db, store) = scratch();
+        store.inner.writer.lock().unwrap().index_quiet = std::time::Duration::from_secs(3600);
+        let manifests = db.open_tree("chunk_manifests").unwrap();
+        let index = db.open_tree("chunk_index").unwrap();
+        let chunks = put_small(&store, MANIFEST_ENTRIES, 9);
+        store.sync().unwrap();
+        assert_eq!((index.len(), manifests.len()), (0, 1));
+        let (hash, _) = chunks[MANIFEST_ENTRIES / 2].clone();
+        let at = store.inner.writer.lock().unwrap().unindexed[&hash];
+        let path = pack_path(dir.path(), at.pack);
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[usize::try_from(at.offset).unwrap()] ^= 1;
+        std::fs::write(&path, bytes).unwrap();
+        // A crash: the next run takes the manifest back, and reads its pack (not one it
+        // wrote itself) checked.
+        drop(store);
+        let store = open(&db, dir.path());
+        store.inner.writer.lock().unwrap().index_quiet = std::time::Duration::from_secs(3600);
+
+        assert!(matches!(store.get(&hash), Err(LogError::Corrupt { .. })));
+        assert_eq!(store.damaged(), vec![hash]);
+        // The next sync indexes the manifest without the damaged chunk and removes it:
+        // left in either, it would come back at a restart.
+        store.sync().unwrap();
+        assert_eq!((index.len(), manifests.len()), (MANIFEST_ENTRIES - 1, 0));
+        drop(store);
+        let store = open(&db, dir.path());
+        assert!(!store.contains(&hash).unwrap());
+        assert_eq!(store.get(&hash).unwrap(), None);
+        for (other, bytes) in chunks.iter().filter(|(h, _)| *h != hash) {
+            assert_eq!(store.get(other).unwrap().as_ref(), Some(bytes));
+        }
+    }
+
+    #[test]
     fn manifests_are_indexed_once_the_store_is_quiet() {
         let (_dir, db, store) = scratch();
         let manifests = db.open_tree("chunk_manifests").unwrap();
