@@ -30,9 +30,11 @@ pub const AVG_CHUNK: u32 = 16 * 1024;
 pub const MAX_CHUNK: u32 = 64 * 1024;
 
 /// Chunks the file at `path`, puts every data chunk and index node into `chunks`, and
-/// returns the content reference (root, size, depth).
+/// returns the content reference (root, size, depth). Only a regular file is read: a
+/// symlink at `path` is an `ELOOP` error, anything else not a regular file one that
+/// [`is_not_regular`] recognizes.
 pub fn store_file(path: &Path, chunks: &ChunkStore) -> Result<ContentRef, FsError> {
-    chunk_file(path, Some(chunks)).map(|(content, _)| content)
+    chunk_file(path, Some(chunks))
 }
 
 /// [`store_file`] for a file a scan looked at (`looked_at`, its `lstat`), also returning
@@ -42,8 +44,9 @@ pub fn store_file(path: &Path, chunks: &ChunkStore) -> Result<ContentRef, FsErro
 /// second `lstat`.)
 ///
 /// `None` when what opens at `path` is no longer the file looked at (it was replaced, by a
-/// symlink too, or a directory above it was): nothing is read from it. The watcher reports
-/// such a change, and the file is looked at again.
+/// symlink too, or a directory above it was) or has changed since (size, mtime, mode):
+/// nothing is read from it. The watcher reports such a change (the next scan, without a
+/// watcher), and the file is looked at again.
 pub(crate) fn store_file_read(
     path: &Path,
     looked_at: &Metadata,
@@ -63,6 +66,11 @@ pub(crate) fn store_file_read(
             return Ok(None);
         }
     }
+    // Being written since: read once that is done (and no file that only took the inode
+    // number of one removed).
+    if file_stat(&opened) != file_stat(looked_at) {
+        return Ok(None);
+    }
     let content = chunk_open_file(path, &file, opened.len(), Some(chunks))?;
     let read = file.metadata().map_err(FsError::io("reading", path))?;
     Ok(Some((content, read)))
@@ -71,13 +79,23 @@ pub(crate) fn store_file_read(
 /// Whether opening a file failed because what is at its path is no longer a regular file
 /// (see [`open_file`]).
 fn replaced(e: &std::io::Error) -> bool {
-    e.kind() == std::io::ErrorKind::InvalidInput || e.raw_os_error() == Some(libc::ELOOP)
+    is_not_regular(e) || e.raw_os_error() == Some(libc::ELOOP)
+}
+
+/// What [`open_file`] says of a FIFO, a device or a socket at the path it opens.
+#[derive(Debug, thiserror::Error)]
+#[error("not a regular file")]
+pub struct NotRegular;
+
+/// Whether `e` is [`NotRegular`]: what is at the path is not a regular file.
+pub fn is_not_regular(e: &std::io::Error) -> bool {
+    e.get_ref().is_some_and(|inner| inner.is::<NotRegular>())
 }
 
 /// The content reference of the file at `path`, without storing anything (to check a file
-/// on disk against a reference).
+/// on disk against a reference). Only a regular file is read, as by [`store_file`].
 pub fn hash_file(path: &Path) -> Result<ContentRef, FsError> {
-    chunk_file(path, None).map(|(content, _)| content)
+    chunk_file(path, None)
 }
 
 /// Files at least this large are chunked on two threads, one cutting while the other
@@ -162,12 +180,10 @@ fn put_piece(store: &ChunkStore, stream: Option<u64>, piece: &Piece) -> Result<(
     }
 }
 
-/// Chunks the file at `path` (see [`store_file`]); returns its content reference and the
-/// file, still open.
-fn chunk_file(path: &Path, store: Option<&ChunkStore>) -> Result<(ContentRef, File), FsError> {
+/// Chunks the file at `path` (see [`store_file`]); returns its content reference.
+fn chunk_file(path: &Path, store: Option<&ChunkStore>) -> Result<ContentRef, FsError> {
     let (file, opened) = open_file(path).map_err(FsError::io("opening", path))?;
-    let content = chunk_open_file(path, &file, opened.len(), store)?;
-    Ok((content, file))
+    chunk_open_file(path, &file, opened.len(), store)
 }
 
 /// Chunks `file`, open at `path` and `size` bytes long when opened (it may change while it
@@ -228,23 +244,36 @@ fn chunk_open_file(
 }
 
 /// Opens the regular file at `path` for reading, refusing anything else: a symlink (even
-/// one swapped in since the caller looked: `O_NOFOLLOW`, `ELOOP`), and a FIFO or a device
-/// (`InvalidInput`). A FIFO opens without waiting for a writer (`O_NONBLOCK`, which does
-/// nothing to a regular file's reads), so that a FIFO swapped in for a file cannot hang
-/// a scan thread.
+/// one swapped in since the caller looked: `O_NOFOLLOW`, `ELOOP`), and a FIFO, a device
+/// or a socket ([`NotRegular`]). It returns the file with its metadata, read from the
+/// open handle.
+///
+/// The open does not wait (`O_NONBLOCK`), so that a FIFO swapped in for a file cannot hang
+/// a scan thread waiting for a writer; the flag is cleared once the file is known to be
+/// regular, as it would make reads of a FUSE file, or of one under a mandatory lock, fail
+/// with `EAGAIN`. A file under a lease someone holds (Samba, an NFS server) refuses such
+/// an open at once: it is opened again the usual way, which waits for the lease to go.
+/// `O_NOCTTY` keeps a terminal swapped in from becoming the daemon's.
 ///
 /// It does not update the file's access time where the kernel allows that (the file's
 /// owner may; anyone else is refused, and opens it as usual): reading a file to sync it is
 /// not an access its owner made, and the update cost a write of the inode per file (2.5%
 /// of the sender's time in W1 of `bench/daemon/run.py`).
-/// Returns the file with its metadata, read from the open handle.
 fn open_file(path: &Path) -> std::io::Result<(File, Metadata)> {
     use std::os::unix::fs::OpenOptionsExt;
     let open = |flags| {
-        std::fs::OpenOptions::new()
+        let flags = libc::O_NOFOLLOW | libc::O_NOCTTY | flags;
+        match std::fs::OpenOptions::new()
             .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | flags)
+            .custom_flags(flags | libc::O_NONBLOCK)
             .open(path)
+        {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(flags)
+                .open(path),
+            other => other,
+        }
     };
     #[cfg(target_os = "linux")]
     let file = match open(libc::O_NOATIME) {
@@ -254,14 +283,25 @@ fn open_file(path: &Path) -> std::io::Result<(File, Metadata)> {
     #[cfg(not(target_os = "linux"))]
     let file = open(0)?;
     let meta = file.metadata()?;
-    if meta.is_file() {
-        Ok((file, meta))
-    } else {
-        Err(std::io::Error::new(
+    if !meta.is_file() {
+        return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
-            "not a regular file",
-        ))
+            NotRegular,
+        ));
     }
+    {
+        use std::os::fd::AsRawFd;
+        let fd = file.as_raw_fd();
+        // SAFETY: `fd` is open for the duration of both calls, which take plain integers.
+        let cleared = unsafe {
+            let flags = libc::fcntl(fd, libc::F_GETFL);
+            flags >= 0 && libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) == 0
+        };
+        if !cleared {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok((file, meta))
 }
 
 /// The second half of the chunker: hashes the chunks cut from each window, in file
@@ -596,6 +636,17 @@ mod tests {
         // SAFETY: `name` is NUL-terminated and lives through the call.
         assert_eq!(unsafe { libc::mkfifo(name.as_ptr(), 0o600) }, 0);
         assert_eq!(read(&fifo, &looked_at), None);
-        assert!(hash_file(&fifo).is_err());
+        let e = hash_file(&fifo).unwrap_err();
+        assert!(
+            matches!(&e, FsError::Io { source, .. } if is_not_regular(source)),
+            "{e}"
+        );
+
+        // Nothing from outside the folder reached the content store.
+        assert!(!log
+            .chunks()
+            .contains(&Hash::of(b"not in the folder"))
+            .unwrap());
+        assert!(log.chunks().contains(&content.root).unwrap());
     }
 }

@@ -95,12 +95,14 @@ impl FsError {
     /// permission at its path, a name too long, a file where a directory is needed, a
     /// read-only mount below the folder, its content damaged in the content store, a file
     /// changed here and not yet recorded where it needs a directory, or a directory with
-    /// entries where it is to be a file. The key fails alone and the rest of a batch is
-    /// applied. A full disk or an I/O error does not: the batch waits.
+    /// entries where it is to be a file, or something not a regular file where one was
+    /// looked at. The key fails alone and the rest of a batch is applied. A full disk or
+    /// an I/O error does not: the batch waits.
     pub(crate) fn fails_alone(&self) -> bool {
         match self {
             FsError::Io { source, .. } => {
                 source.kind() == std::io::ErrorKind::PermissionDenied
+                    || crate::content::is_not_regular(source)
                     || source.raw_os_error().is_some_and(|code| {
                         [
                             libc::ENAMETOOLONG,

@@ -108,7 +108,7 @@ pub(crate) fn examine_file(
     // swapped in: see `store_file_read`), and unchanged by the end of the read. One
     // renamed over it after the read is the watcher's news.
     let Some((content, read)) = store_file_read(path, meta, &env.chunks)? else {
-        tracing::debug!("{key}: replaced since it was looked at; looked at again");
+        tracing::debug!("{key}: changed or replaced since it was looked at; looked at again");
         return Ok((None, 0));
     };
     if file_stat(&read) != stat || content.size != stat.0 {
