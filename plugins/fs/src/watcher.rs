@@ -148,6 +148,15 @@ mod imp {
     /// both halves in one go, so this only matters when they fall into two reads.
     const MOVE_PAIRING: Duration = Duration::from_millis(20);
 
+    /// How long the thread waits after a wake-up before it reads, so that a burst of
+    /// changes (a store writing a batch, a tree copied into the folder) is read in a few
+    /// large reads: otherwise each event wakes the thread for a read of its own, which
+    /// costs the thread and every writer, whose write does the waking (a tenth of the
+    /// receiver's CPU in W1 of `bench/daemon/run.py` went to the watcher). Far below
+    /// the source's debounce, and the kernel's queue (16,384 events by default) holds
+    /// a few milliseconds of any burst.
+    const GATHER: Duration = Duration::from_millis(3);
+
     /// Stops the watcher's thread when dropped.
     pub(in super::super) struct Watcher {
         stop: Arc<AtomicBool>,
@@ -255,6 +264,7 @@ mod imp {
                 tree.moved_away(u64::MAX);
                 continue;
             }
+            std::thread::sleep(GATHER);
             // Readiness is reported once per change of state: read until the queue is
             // empty.
             loop {
