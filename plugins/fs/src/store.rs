@@ -10,6 +10,8 @@
 //! [`PIPELINE_BYTES`] is written with no name in the temp dir and linked into place once
 //! whole; see [`Unnamed`].) One `syncfs`
 //! makes the whole batch durable before `apply` returns; no file is fsynced on its own.
+//! Batches given to [`Store::show`] are not synced until [`Store::sync`], whose one
+//! `syncfs` covers them all.
 //!
 //! A file written by a batch whose `syncfs` failed, or that failed before its `syncfs`,
 //! is written again when it comes again (the cursor did not move), even though it is
@@ -17,7 +19,7 @@
 //! write clean, so they read right from the page cache while the disk lacks them, and a
 //! second `syncfs` succeeds without writing them. The store keeps the keys it wrote
 //! until a sync covers them. The directory `syncfs` is called on is opened before the
-//! batch's first write: the kernel reports through a new descriptor only the errors no
+//! first write of the first batch it covers: the kernel reports through a new descriptor only the errors no
 //! one has heard of yet, so one opened later could miss those another sync heard of.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -82,12 +84,57 @@ static BATCHES: AtomicU64 = AtomicU64::new(1);
 struct Durability {
     /// See [`Unsynced`].
     unsynced: Unsynced,
+    /// The batches shown and not yet synced (see [`Store::show`]).
+    pending: std::sync::Mutex<Option<Pending>>,
     /// `unsynced` was saved to the state dir and not removed since (see
     /// [`FsStore::unsynced_file`]).
     saved: AtomicBool,
 }
 
+/// Batches a store showed ([`Store::show`]) and has not synced yet.
+#[derive(Debug)]
+struct Pending {
+    /// The folder's root, and the same opened before the first write of the first of
+    /// them (see the module docs).
+    root: PathBuf,
+    sync_dir: File,
+    /// Whether they changed anything in the folder.
+    dirty: bool,
+    /// Their numbers (see [`BATCHES`]).
+    batches: HashSet<u64>,
+    /// The keys they settled: written, removed, or found to be the user's (not those that
+    /// failed alone), and conflict copies they ended.
+    settled: HashSet<Key>,
+}
+
 impl Durability {
+    /// Makes the batches shown since the last sync durable, then forgets their keys'
+    /// notes in [`Unsynced`] (see the module docs); keeps those at `unsynced_file` if it
+    /// fails.
+    fn sync(&self, unsynced_file: Option<&Path>) -> Result<(), FsError> {
+        let pending = match self.pending.lock() {
+            Ok(mut pending) => pending.take(),
+            Err(_) => None,
+        };
+        let Some(p) = pending else {
+            return Ok(());
+        };
+        if p.dirty {
+            if let Err(e) = sync_all(&p.root, &p.sync_dir) {
+                tracing::error!("{e}; its files are written again when the batch comes again");
+                self.keep(unsynced_file, true);
+                return Err(e);
+            }
+        }
+        // Durable now: what these batches wrote (a key that failed alone keeps an earlier
+        // batch's note), and the keys they settled otherwise. A later batch's note stays.
+        if let Ok(mut unsynced) = self.unsynced.lock() {
+            unsynced.retain(|key, batch| !p.batches.contains(batch) && !p.settled.contains(key));
+        }
+        self.keep(unsynced_file, false);
+        Ok(())
+    }
+
     /// Keeps the keys written and not synced at `path` across a restart once a batch
     /// failed (`failed`), and removes the file once there are none: the process may be
     /// restarted before the batch comes again, and the page cache is not.
@@ -194,6 +241,20 @@ impl Store for FsStore {
     }
 
     async fn apply(&self, ctx: &StoreContext, views: Vec<KeyView>) -> Result<(), PluginError> {
+        self.show(ctx, views).await?;
+        self.sync(ctx).await
+    }
+
+    async fn sync(&self, _ctx: &StoreContext) -> Result<(), PluginError> {
+        let (durability, unsynced_file) = (self.durability.clone(), self.unsynced_file());
+        tokio::task::spawn_blocking(move || durability.sync(unsynced_file.as_deref()))
+            .await
+            .map_err(FsError::from)
+            .and_then(|r| r)
+            .map_err(|e| e.into_plugin(&self.name))
+    }
+
+    async fn show(&self, ctx: &StoreContext, views: Vec<KeyView>) -> Result<(), PluginError> {
         // One batch at a time, with the keys that failed before (a later view of a key
         // replaces the one that failed).
         let mut failed = self.failed.lock().await;
@@ -211,7 +272,9 @@ impl Store for FsStore {
         let (durability, unsynced_file) = (self.durability.clone(), self.unsynced_file());
         let (batch, failures) = tokio::task::spawn_blocking(move || {
             let failures = apply_blocking(&config, echo, ctx, guarded, &name, &durability, &batch);
-            durability.keep(unsynced_file.as_deref(), failures.is_err());
+            if failures.is_err() {
+                durability.keep(unsynced_file.as_deref(), true);
+            }
             (batch, failures)
         })
         .await
@@ -443,8 +506,22 @@ fn apply_blocking(
         .canonicalize()
         .map_err(FsError::io("opening", &config.root))?;
     // Opened before any write, so that its sync hears of every failure of the batch (see
-    // the module docs).
-    let sync_dir = File::open(&root).map_err(FsError::io("opening", &root))?;
+    // the module docs); the first of the batches shown since the last sync opens it.
+    {
+        let mut pending = durability.pending.lock().map_err(|_| FsError::Content {
+            path: root.clone(),
+            reason: "a thread panicked while syncing".into(),
+        })?;
+        if pending.is_none() {
+            *pending = Some(Pending {
+                sync_dir: File::open(&root).map_err(FsError::io("opening", &root))?,
+                root: root.clone(),
+                dirty: false,
+                batches: HashSet::new(),
+                settled: HashSet::new(),
+            });
+        }
+    }
     echo.prune();
     let mut w = Writer {
         rules: Rules::load(&root, &config.exclude),
@@ -615,26 +692,33 @@ fn apply_blocking(
         ended_copies.push(name);
     }
 
-    if w.dirty {
-        if let Err(e) = sync_all(&root, &sync_dir) {
-            tracing::error!("{e}; its files are written again when the batch comes again");
-            return Err(e);
-        }
-    }
-    // Durable now: what this batch wrote (a key that failed alone keeps an earlier
-    // batch's note), and the keys it settled otherwise (removed, or found to be the
-    // user's; conflict copies removed or kept as the user's), but not those that failed
-    // alone.
-    if let Ok(mut unsynced) = durability.unsynced.lock() {
-        if !unsynced.is_empty() {
-            let failed: HashSet<&Key> = w.failed.iter().map(|(k, _)| k).collect();
-            let settled: HashSet<&Key> = views
-                .iter()
-                .map(|v| &v.key)
-                .filter(|k| !failed.contains(k))
-                .chain(&ended_copies)
-                .collect();
-            unsynced.retain(|key, batch| *batch != w.batch && !settled.contains(key));
+    // Left to the sync (see `Durability::sync`): what this batch wrote, and the keys it
+    // settled otherwise (removed, or found to be the user's; conflict copies removed or
+    // kept as the user's), but not those that failed alone.
+    // Only keys with an older batch's note need naming: the notes of the batches shown
+    // since the last sync go by their numbers.
+    if let (Ok(mut pending), Ok(unsynced)) = (durability.pending.lock(), durability.unsynced.lock())
+    {
+        if let Some(p) = pending.as_mut() {
+            p.dirty |= w.dirty;
+            p.batches.insert(w.batch);
+            if !unsynced.is_empty() {
+                let failed: HashSet<&Key> = w.failed.iter().map(|(k, _)| k).collect();
+                let older = |k: &&Key| {
+                    unsynced
+                        .get(*k)
+                        .is_some_and(|b| *b != w.batch && !p.batches.contains(b))
+                };
+                let settled: Vec<Key> = views
+                    .iter()
+                    .map(|v| &v.key)
+                    .filter(|k| !failed.contains(k))
+                    .chain(&ended_copies)
+                    .filter(older)
+                    .cloned()
+                    .collect();
+                p.settled.extend(settled);
+            }
         }
     }
     Ok(w.failed)
@@ -1938,6 +2022,71 @@ mod tests {
         ));
         assert_eq!(w.unsynced.lock().unwrap().get(&key), Some(&0));
         assert_eq!(inode(), second);
+    }
+
+    /// Batches shown without a sync keep their keys' notes until the one sync that covers
+    /// them all; that sync drops theirs and those of older batches' keys they settled,
+    /// and nothing else.
+    #[tokio::test]
+    async fn batches_shown_keep_their_notes_until_their_sync() {
+        use converge_framework::log::{LocalChange, LogConfig};
+        let folder = tempfile::tempdir().unwrap();
+        let source = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(source.path(), b"shown, then synced").unwrap();
+        let log = EventLog::open(LogConfig::temporary()).unwrap();
+        let content = crate::content::store_file(source.path(), log.chunks()).unwrap();
+        let keys: Vec<Key> = ["a", "b", "gone"].map(|k| Key::new(k).unwrap()).to_vec();
+        let changes = keys[..2]
+            .iter()
+            .map(|k| {
+                let op = Op::Put {
+                    content: Some(content),
+                    meta: file_meta(),
+                };
+                LocalChange::new(k.clone(), op)
+            })
+            .collect();
+        log.append_local(changes).await.unwrap();
+        let view = |key: &Key| KeyView {
+            key: key.clone(),
+            winner: log.heads(key).unwrap().first().cloned(),
+            copies: vec![],
+            conflicted: false,
+            merged_copies: vec![],
+        };
+        let ctx = StoreContext::new(log.clone());
+        let store = FsStore::new(FsConfig::new(folder.path()));
+        let notes = || store.durability.unsynced.lock().unwrap().clone();
+        // Notes of an earlier run: one for a key a batch settles ("gone", absent, and not
+        // there), one for a key no batch names.
+        let other = Key::new("other").unwrap();
+        store
+            .durability
+            .unsynced
+            .lock()
+            .unwrap()
+            .extend([(keys[2].clone(), 0), (other.clone(), 0)]);
+
+        store.show(&ctx, vec![view(&keys[0])]).await.unwrap();
+        store
+            .show(&ctx, vec![view(&keys[1]), view(&keys[2])])
+            .await
+            .unwrap();
+        let shown = notes();
+        assert_eq!(shown.len(), 4, "{shown:?}");
+        assert!(shown[&keys[0]] < shown[&keys[1]], "one note per batch");
+        for key in &keys[..2] {
+            assert_eq!(
+                std::fs::read(folder.path().join(key.as_str())).unwrap(),
+                b"shown, then synced"
+            );
+        }
+        store.sync(&ctx).await.unwrap();
+        assert_eq!(notes(), HashMap::from([(other.clone(), 0)]));
+        assert!(store.durability.pending.lock().unwrap().is_none());
+        // Nothing shown since: nothing to sync, nothing dropped.
+        store.sync(&ctx).await.unwrap();
+        assert_eq!(notes(), HashMap::from([(other, 0)]));
     }
 
     /// The keys written and not synced by a batch that failed are kept in the state dir

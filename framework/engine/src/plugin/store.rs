@@ -79,7 +79,8 @@ impl StoreContext {
 }
 
 /// A subscriber that materializes key views. The engine feeds it batches read from the
-/// log after its durable cursor and advances the cursor once `apply` returns.
+/// log after its durable cursor and advances the cursor once they are durable: once
+/// `apply` returns, or `sync` after batches given to `show`.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// The subscriber name, also the name of its cursor (`folder`, `mirror-backup`).
@@ -89,6 +90,24 @@ pub trait Store: Send + Sync + 'static {
     /// one durability barrier, no per-file fsync). Must be idempotent: after a crash or
     /// a replay the same views come again. Every chunk they reference is present.
     async fn apply(&self, ctx: &StoreContext, views: Vec<KeyView>) -> Result<(), PluginError>;
+
+    /// Shows `views` as [`Store::apply`] does, without waiting for them to be durable:
+    /// while more events wait after a batch, the engine shows it this way, and calls
+    /// [`Store::sync`] after the last one (or after a bound on the events or the time),
+    /// moving the cursor past them all only once that returns. One barrier then covers
+    /// several batches, and writing the next batch does not wait for the disk. If either
+    /// call fails, the engine shows the same events again from the cursor.
+    ///
+    /// The default applies them durably at once.
+    async fn show(&self, ctx: &StoreContext, views: Vec<KeyView>) -> Result<(), PluginError> {
+        self.apply(ctx, views).await
+    }
+
+    /// Makes what [`Store::show`] showed since the last sync durable. The default has
+    /// nothing to do (the default `show` applies durably).
+    async fn sync(&self, _ctx: &StoreContext) -> Result<(), PluginError> {
+        Ok(())
+    }
 
     /// Called once at start, before the store catches up with the log: the place to clear
     /// what a crash left behind (a folder store removes its stale temporary files).
