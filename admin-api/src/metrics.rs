@@ -161,7 +161,7 @@ impl Metrics {
         let apply_duration = HistogramVec::new(
             HistogramOpts::new(
                 "converge_apply_duration_seconds",
-                "Time for a store subscriber to apply a batch and advance its cursor.",
+                "Time for a store subscriber to apply a batch (or the batches one sync covers) and advance its cursor.",
             )
             .buckets(DURATION_BUCKETS.to_vec()),
             &["subscriber"],

@@ -4,6 +4,36 @@
 use converge_api::{Key, Meta, Op};
 use converge_framework::log::{EventLog, LocalChange, LogConfig};
 
+/// Opens the database at `dir` as sled itself, once the closed log's last threads have let
+/// go of it (sled's I/O threads can hold its lock for a moment after the log is closed).
+fn open_db(dir: &std::path::Path) -> sled::Db {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match sled::open(dir) {
+            Ok(db) => return db,
+            Err(e) if std::time::Instant::now() < deadline && e.to_string().contains("lock") => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => panic!("opening {}: {e}", dir.display()),
+        }
+    }
+}
+
+/// Opens the log at `dir`, once the database opened before has let go of it (see
+/// [`open_db`]).
+fn open_log(dir: &std::path::Path) -> EventLog {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match EventLog::open(LogConfig::new(dir)) {
+            Ok(log) => return log,
+            Err(e) if std::time::Instant::now() < deadline && e.to_string().contains("lock") => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => panic!("opening the log at {}: {e}", dir.display()),
+        }
+    }
+}
+
 fn put(key: &str) -> LocalChange {
     LocalChange::new(
         Key::new(key).unwrap(),
@@ -22,7 +52,7 @@ async fn a_failed_rebuild_leaves_the_projection_as_it_was() {
     let dir = tempfile::tempdir().unwrap();
     let keys = ["a", "b", "c"];
     {
-        let log = EventLog::open(LogConfig::new(dir.path())).unwrap();
+        let log = open_log(dir.path());
         log.append_local(keys.iter().map(|k| put(k)).collect())
             .await
             .unwrap();
@@ -31,7 +61,7 @@ async fn a_failed_rebuild_leaves_the_projection_as_it_was() {
     }
     {
         // The first segment (offset 0) made unreadable, behind the log's back.
-        let db = sled::open(dir.path()).unwrap();
+        let db = open_db(dir.path());
         let tree = db.open_tree("log").unwrap();
         let (first, _) = tree.first().unwrap().unwrap();
         assert_eq!(&first[..], &0u64.to_be_bytes());
@@ -39,7 +69,7 @@ async fn a_failed_rebuild_leaves_the_projection_as_it_was() {
         db.flush().unwrap();
     }
 
-    let log = EventLog::open(LogConfig::new(dir.path())).unwrap();
+    let log = open_log(dir.path());
     let heads_before: Vec<_> = keys
         .iter()
         .map(|k| log.heads(&Key::new(*k).unwrap()).unwrap())
@@ -74,18 +104,18 @@ async fn a_failed_rebuild_leaves_the_projection_as_it_was() {
 async fn a_rebuild_drops_what_the_log_does_not_back() {
     let dir = tempfile::tempdir().unwrap();
     {
-        let log = EventLog::open(LogConfig::new(dir.path())).unwrap();
+        let log = open_log(dir.path());
         log.append_local(vec![put("a"), put("b")]).await.unwrap();
         log.close().await.unwrap();
     }
     {
-        let db = sled::open(dir.path()).unwrap();
+        let db = open_db(dir.path());
         let state = db.open_tree("state").unwrap();
         let (_, a) = state.first().unwrap().unwrap();
         state.insert("ghost", a).unwrap();
         db.flush().unwrap();
     }
-    let log = EventLog::open(LogConfig::new(dir.path())).unwrap();
+    let log = open_log(dir.path());
     let keys = |log: &EventLog| -> Vec<String> {
         log.states()
             .map(|r| r.unwrap().0.to_string())

@@ -36,6 +36,10 @@ impl Store for Split {
         "split"
     }
 
+    fn splits_sync(&self) -> bool {
+        true
+    }
+
     async fn apply(&self, ctx: &StoreContext, views: Vec<KeyView>) -> Result<(), PluginError> {
         self.show(ctx, views).await?;
         self.sync(ctx).await

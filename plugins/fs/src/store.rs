@@ -19,8 +19,9 @@
 //! write clean, so they read right from the page cache while the disk lacks them, and a
 //! second `syncfs` succeeds without writing them. The store keeps the keys it wrote
 //! until a sync covers them. The directory `syncfs` is called on is opened before the
-//! first write of the first batch it covers: the kernel reports through a new descriptor only the errors no
-//! one has heard of yet, so one opened later could miss those another sync heard of.
+//! first write of the first batch it covers: the kernel reports through a new descriptor
+//! only the errors no one has heard of yet, so one opened later could miss those another
+//! sync heard of.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::{CStr, CString};
@@ -52,7 +53,7 @@ use crate::{FsConfig, CONFLICT_MARKER, TEMP_PREFIX};
 static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 /// The store of one folder (or of a mirror): applies key views atomically per file and
-/// durably per batch.
+/// durably per batch, or per run of batches shown before one sync (see [`Store::show`]).
 #[derive(Debug)]
 pub struct FsStore {
     name: String,
@@ -66,6 +67,10 @@ pub struct FsStore {
     failed: tokio::sync::Mutex<BTreeMap<Key, KeyView>>,
     /// How many keys `failed` holds (read without its lock).
     failed_count: AtomicUsize,
+    /// Keys of `failed` that a batch shown since the last sync wrote: they leave `failed`
+    /// (and its state file) only once that sync succeeds, as the cursor is past their
+    /// events and nothing else would write them again.
+    recovered: std::sync::Mutex<BTreeMap<Key, KeyView>>,
     /// What makes batches durable, and what is known not to be yet.
     durability: Arc<Durability>,
 }
@@ -86,6 +91,12 @@ struct Durability {
     unsynced: Unsynced,
     /// The batches shown and not yet synced (see [`Store::show`]).
     pending: std::sync::Mutex<Option<Pending>>,
+    /// A batch failed since the last sync: the next one syncs whatever it finds to do
+    /// (what the failed one changed before it stopped, a removal say, is not noted).
+    failed_since_sync: AtomicBool,
+    /// A batch of this process got as far as its writes (a new mirror's cursor is 0 until
+    /// its first sync: see `apply_blocking`).
+    shown: AtomicBool,
     /// `unsynced` was saved to the state dir and not removed since (see
     /// [`FsStore::unsynced_file`]).
     saved: AtomicBool,
@@ -112,9 +123,12 @@ impl Durability {
     /// notes in [`Unsynced`] (see the module docs); keeps those at `unsynced_file` if it
     /// fails.
     fn sync(&self, unsynced_file: Option<&Path>) -> Result<(), FsError> {
-        let pending = match self.pending.lock() {
-            Ok(mut pending) => pending.take(),
-            Err(_) => None,
+        let pending = self.pending.lock().map(|mut p| p.take());
+        let Ok(pending) = pending else {
+            return Err(FsError::Content {
+                path: PathBuf::new(),
+                reason: "a thread panicked while it showed a batch; not synced".into(),
+            });
         };
         let Some(p) = pending else {
             return Ok(());
@@ -122,6 +136,7 @@ impl Durability {
         if p.dirty {
             if let Err(e) = sync_all(&p.root, &p.sync_dir) {
                 tracing::error!("{e}; its files are written again when the batch comes again");
+                self.failed_since_sync.store(true, Ordering::Release);
                 self.keep(unsynced_file, true);
                 return Err(e);
             }
@@ -133,6 +148,15 @@ impl Durability {
         }
         self.keep(unsynced_file, false);
         Ok(())
+    }
+
+    /// Drops the batches shown since the last sync, after one failed: they are shown
+    /// again, and their notes make them write again what they wrote.
+    fn forget_pending(&self) {
+        if let Ok(mut pending) = self.pending.lock() {
+            *pending = None;
+        }
+        self.failed_since_sync.store(true, Ordering::Release);
     }
 
     /// Keeps the keys written and not synced at `path` across a restart once a batch
@@ -180,6 +204,7 @@ impl FsStore {
             guarded: false,
             failed: tokio::sync::Mutex::new(BTreeMap::new()),
             failed_count: AtomicUsize::new(0),
+            recovered: std::sync::Mutex::new(BTreeMap::new()),
             durability: Arc::default(),
         }
     }
@@ -232,6 +257,24 @@ impl FsStore {
     pub fn config(&self) -> &FsConfig {
         &self.config
     }
+
+    /// Saves the views of `failed` and `recovered` (see [`FsStore::recovered`]) in the
+    /// state file, if the store has a state dir.
+    async fn save_failed(
+        &self,
+        failed: &BTreeMap<Key, KeyView>,
+        recovered: &BTreeMap<Key, KeyView>,
+    ) -> Result<(), PluginError> {
+        let Some(path) = self.state_file() else {
+            return Ok(());
+        };
+        let views: Vec<KeyView> = failed.values().chain(recovered.values()).cloned().collect();
+        tokio::task::spawn_blocking(move || save_state(&path, "failed keys", &views))
+            .await
+            .map_err(FsError::from)
+            .and_then(|r| r)
+            .map_err(|e| e.into_plugin(&self.name))
+    }
 }
 
 #[async_trait]
@@ -245,13 +288,35 @@ impl Store for FsStore {
         self.sync(ctx).await
     }
 
+    fn splits_sync(&self) -> bool {
+        true
+    }
+
     async fn sync(&self, _ctx: &StoreContext) -> Result<(), PluginError> {
         let (durability, unsynced_file) = (self.durability.clone(), self.unsynced_file());
-        tokio::task::spawn_blocking(move || durability.sync(unsynced_file.as_deref()))
+        let synced = tokio::task::spawn_blocking(move || durability.sync(unsynced_file.as_deref()))
             .await
             .map_err(FsError::from)
             .and_then(|r| r)
-            .map_err(|e| e.into_plugin(&self.name))
+            .map_err(|e| e.into_plugin(&self.name));
+        let recovered = match self.recovered.lock() {
+            Ok(mut recovered) => std::mem::take(&mut *recovered),
+            Err(_) => BTreeMap::new(),
+        };
+        if recovered.is_empty() {
+            return synced;
+        }
+        let mut failed = self.failed.lock().await;
+        if synced.is_err() {
+            // Not durable: tried again with the next batch, as before they were shown.
+            for (key, view) in recovered {
+                failed.entry(key).or_insert(view);
+            }
+            self.echo.set_failed(failed.keys().cloned().collect());
+            return synced;
+        }
+        self.save_failed(&failed, &BTreeMap::new()).await?;
+        synced
     }
 
     async fn show(&self, ctx: &StoreContext, views: Vec<KeyView>) -> Result<(), PluginError> {
@@ -273,13 +338,30 @@ impl Store for FsStore {
         let (batch, failures) = tokio::task::spawn_blocking(move || {
             let failures = apply_blocking(&config, echo, ctx, guarded, &name, &durability, &batch);
             if failures.is_err() {
+                // The engine shows these events again from the cursor: the next sync is
+                // that of the batch showing them again, on a descriptor opened before it.
+                durability.forget_pending();
                 durability.keep(unsynced_file.as_deref(), true);
             }
             (batch, failures)
         })
         .await
         .map_err(|e| FsError::from(e).into_plugin(&self.name))?;
-        let failures = failures.map_err(|e| e.into_plugin(&self.name))?;
+        let failures = match failures {
+            Ok(failures) => failures,
+            Err(e) => {
+                // The batches shown since the last sync are dropped: what they recovered
+                // is tried again.
+                let recovered = match self.recovered.lock() {
+                    Ok(mut recovered) => std::mem::take(&mut *recovered),
+                    Err(_) => BTreeMap::new(),
+                };
+                for (key, view) in recovered {
+                    failed.entry(key).or_insert(view);
+                }
+                return Err(e.into_plugin(&self.name));
+            }
+        };
 
         for (key, e) in &failures {
             if failed.contains_key(key) {
@@ -308,15 +390,21 @@ impl Store for FsStore {
             }
         }
         if now_failed != *failed {
-            // Durable before the cursor moves past these keys' events.
-            if let Some(path) = self.state_file() {
-                let views: Vec<KeyView> = now_failed.values().cloned().collect();
-                tokio::task::spawn_blocking(move || save_state(&path, "failed keys", &views))
-                    .await
-                    .map_err(FsError::from)
-                    .and_then(|r| r)
-                    .map_err(|e| e.into_plugin(&self.name))?;
-            }
+            let recovered = match self.recovered.lock() {
+                Ok(mut recovered) => {
+                    for (key, view) in failed.iter() {
+                        if !now_failed.contains_key(key) {
+                            recovered.insert(key.clone(), view.clone());
+                        }
+                    }
+                    recovered.retain(|key, _| !now_failed.contains_key(key));
+                    recovered.clone()
+                }
+                Err(_) => BTreeMap::new(),
+            };
+            // Durable before the cursor moves past these keys' events; those written
+            // now stay in the file until their sync.
+            self.save_failed(&now_failed, &recovered).await?;
             self.echo.set_failed(now_failed.keys().cloned().collect());
         }
         let counted = now_failed.keys().filter(|k| failing.contains(k)).count();
@@ -499,7 +587,9 @@ fn apply_blocking(
     if guarded {
         crate::marker::check(&config.root)?;
     } else {
-        crate::marker::ensure(&config.root, || Ok(ctx.log().cursor(name)? > 0))?;
+        crate::marker::ensure(&config.root, || {
+            Ok(durability.shown.load(Ordering::Acquire) || ctx.log().cursor(name)? > 0)
+        })?;
     }
     let root = config
         .root
@@ -516,12 +606,13 @@ fn apply_blocking(
             *pending = Some(Pending {
                 sync_dir: File::open(&root).map_err(FsError::io("opening", &root))?,
                 root: root.clone(),
-                dirty: false,
+                dirty: durability.failed_since_sync.swap(false, Ordering::AcqRel),
                 batches: HashSet::new(),
                 settled: HashSet::new(),
             });
         }
     }
+    durability.shown.store(true, Ordering::Release);
     echo.prune();
     let mut w = Writer {
         rules: Rules::load(&root, &config.exclude),
@@ -697,11 +788,14 @@ fn apply_blocking(
     // kept as the user's), but not those that failed alone.
     // Only keys with an older batch's note need naming: the notes of the batches shown
     // since the last sync go by their numbers.
-    if let (Ok(mut pending), Ok(unsynced)) = (durability.pending.lock(), durability.unsynced.lock())
-    {
-        if let Some(p) = pending.as_mut() {
-            p.dirty |= w.dirty;
-            p.batches.insert(w.batch);
+    let mut pending = durability.pending.lock().map_err(|_| FsError::Content {
+        path: root.clone(),
+        reason: "a thread panicked while syncing".into(),
+    })?;
+    if let Some(p) = pending.as_mut() {
+        p.dirty |= w.dirty;
+        p.batches.insert(w.batch);
+        if let Ok(unsynced) = durability.unsynced.lock() {
             if !unsynced.is_empty() {
                 let failed: HashSet<&Key> = w.failed.iter().map(|(k, _)| k).collect();
                 let older = |k: &&Key| {
@@ -2087,6 +2181,75 @@ mod tests {
         // Nothing shown since: nothing to sync, nothing dropped.
         store.sync(&ctx).await.unwrap();
         assert_eq!(notes(), HashMap::from([(other, 0)]));
+    }
+
+    /// A key that failed alone and is written by a later batch leaves the failed keys
+    /// (and their state file) only once that batch is synced: the cursor is past its
+    /// event, so if the batches shown since the last sync are dropped, nothing else would
+    /// write it again.
+    #[tokio::test]
+    async fn a_failed_key_written_again_stays_failed_until_its_sync() {
+        use converge_framework::log::{LocalChange, LogConfig};
+        let folder = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        let mut config = FsConfig::new(folder.path());
+        config.state_dir = Some(state.path().to_owned());
+        let saved = state.path().join("mirror-m.failed");
+        let source = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(source.path(), b"late content").unwrap();
+        // The content's chunks, not yet in the log's content store: the key fails alone.
+        let scratch = EventLog::open(LogConfig::temporary()).unwrap();
+        let content = crate::content::store_file(source.path(), scratch.chunks()).unwrap();
+        let log = EventLog::open(LogConfig::temporary()).unwrap();
+        let key = Key::new("late").unwrap();
+        let op = Op::Put {
+            content: Some(content),
+            meta: file_meta(),
+        };
+        log.append_local(vec![LocalChange::new(key.clone(), op)])
+            .await
+            .unwrap();
+        let view = KeyView {
+            key: key.clone(),
+            winner: log.heads(&key).unwrap().first().cloned(),
+            copies: vec![],
+            conflicted: false,
+            merged_copies: vec![],
+        };
+        let ctx = StoreContext::new(log.clone());
+        let store = FsStore::mirror("m", config);
+        store.show(&ctx, vec![view]).await.unwrap();
+        store.sync(&ctx).await.unwrap();
+        assert_eq!(store.failed.lock().await.len(), 1, "no content: failed");
+        assert!(saved.exists());
+
+        // The content arrives; the next batch (of nothing else) writes the key.
+        crate::content::store_file(source.path(), log.chunks()).unwrap();
+        store.show(&ctx, vec![]).await.unwrap();
+        assert_eq!(
+            std::fs::read(folder.path().join("late")).unwrap(),
+            b"late content"
+        );
+        assert!(store.failed.lock().await.is_empty());
+        assert!(saved.exists(), "kept in the state file until the sync");
+
+        // The next show fails (the mirror's folder found empty and unmarked, its disk
+        // gone, say): the batches since the last sync are dropped, and the key is failed
+        // again, to be written again.
+        std::fs::remove_file(folder.path().join(crate::MARKER_FILE)).unwrap();
+        std::fs::remove_file(folder.path().join("late")).unwrap();
+        assert!(store.show(&ctx, vec![]).await.is_err());
+        assert_eq!(store.failed.lock().await.len(), 1);
+        crate::marker::ensure(folder.path(), || Ok(false)).unwrap();
+        store.show(&ctx, vec![]).await.unwrap();
+        assert_eq!(
+            std::fs::read(folder.path().join("late")).unwrap(),
+            b"late content"
+        );
+        assert!(saved.exists());
+        store.sync(&ctx).await.unwrap();
+        assert!(store.failed.lock().await.is_empty());
+        assert!(!saved.exists(), "synced: gone from the state file");
     }
 
     /// The keys written and not synced by a batch that failed are kept in the state dir

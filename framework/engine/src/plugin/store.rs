@@ -80,7 +80,8 @@ impl StoreContext {
 
 /// A subscriber that materializes key views. The engine feeds it batches read from the
 /// log after its durable cursor and advances the cursor once they are durable: once
-/// `apply` returns, or `sync` after batches given to `show`.
+/// `show` returns for a store that does not [split](Store::splits_sync) showing from
+/// syncing (the default `show` is `apply`), once `sync` returns for one that does.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// The subscriber name, also the name of its cursor (`folder`, `mirror-backup`).
@@ -91,20 +92,30 @@ pub trait Store: Send + Sync + 'static {
     /// a replay the same views come again. Every chunk they reference is present.
     async fn apply(&self, ctx: &StoreContext, views: Vec<KeyView>) -> Result<(), PluginError>;
 
-    /// Shows `views` as [`Store::apply`] does, without waiting for them to be durable:
-    /// while more events wait after a batch, the engine shows it this way, and calls
-    /// [`Store::sync`] after the last one (or after a bound on the events or the time),
-    /// moving the cursor past them all only once that returns. One barrier then covers
-    /// several batches, and writing the next batch does not wait for the disk. If either
-    /// call fails, the engine shows the same events again from the cursor.
-    ///
-    /// The default applies them durably at once.
+    /// Whether the store splits showing a batch ([`Store::show`]) from making it durable
+    /// ([`Store::sync`]). The engine then shows it batch after batch while more events
+    /// wait, and syncs once after the last one (or after a bound on the events or the
+    /// time), moving the cursor past them all only once that sync returns: one barrier
+    /// covers several batches, and writing the next batch does not wait for the disk.
+    /// If a `show` or a `sync` fails, the engine shows the same events again from the
+    /// cursor. Otherwise (the default) each batch goes to `show`, whose default is
+    /// `apply`, and the cursor moves after each.
+    fn splits_sync(&self) -> bool {
+        false
+    }
+
+    /// Shows `views` as [`Store::apply`] does, without waiting for them to be durable (for
+    /// a store that [splits](Store::splits_sync) the two). The default applies them
+    /// durably at once.
     async fn show(&self, ctx: &StoreContext, views: Vec<KeyView>) -> Result<(), PluginError> {
         self.apply(ctx, views).await
     }
 
-    /// Makes what [`Store::show`] showed since the last sync durable. The default has
-    /// nothing to do (the default `show` applies durably).
+    /// Makes what [`Store::show`] showed since the last sync durable. After a failed
+    /// `show` or `sync` the engine shows the same events again before it syncs: the
+    /// store must not take what the failed attempt wrote for durable then (the folder
+    /// store writes those files again). The default has nothing to do (the default
+    /// `show` applies durably).
     async fn sync(&self, _ctx: &StoreContext) -> Result<(), PluginError> {
         Ok(())
     }
@@ -116,8 +127,8 @@ pub trait Store: Send + Sync + 'static {
     }
 
     /// How many keys could not be shown and are to be tried again (a folder store's file
-    /// in a directory it may not write). Such keys fail alone: `apply` returns, and the
-    /// cursor moves on. While there are some and no new events come, the engine calls
+    /// in a directory it may not write). Such keys fail alone: the batch goes through,
+    /// and the cursor moves on. While there are some and no new events come, the engine calls
     /// [`Store::retry`] after a growing pause; the admin API and the metrics show the
     /// count.
     fn failed(&self) -> usize {
