@@ -1645,15 +1645,15 @@ async fn take_replay(
     store: &dyn Store,
     slot: &StoreSlot,
 ) -> Result<(), EngineError> {
+    // Looked at, and taken only once what was shown ahead has landed (the rewind then
+    // starts from a durable cursor): meanwhile it still shows, and stays if that fails.
+    // Only this loop takes a request.
+    let requested = slot.replay_request.lock().ok().and_then(|r| *r);
+    if requested.is_some() {
+        sync_shown(inner, store, slot).await?;
+    }
     let request = slot.replay_request.lock().ok().and_then(|mut r| r.take());
     if let Some(from) = request {
-        // What was shown ahead lands first: the rewind then starts from a durable cursor.
-        if let Err(e) = sync_shown(inner, store, slot).await {
-            if let Ok(mut r) = slot.replay_request.lock() {
-                r.get_or_insert(from);
-            }
-            return Err(e);
-        }
         let until = inner.log.len();
         inner.log.set_cursor(&slot.name, from).await?;
         if let Ok(mut r) = slot.replaying_until.lock() {

@@ -258,6 +258,20 @@ impl FsStore {
         &self.config
     }
 
+    /// Puts `recovered` back into `failed` (the batches that wrote them were dropped), to
+    /// be tried again and counted as failing until then.
+    fn restore(&self, failed: &mut BTreeMap<Key, KeyView>, recovered: BTreeMap<Key, KeyView>) {
+        if recovered.is_empty() {
+            return;
+        }
+        let back = recovered.len();
+        for (key, view) in recovered {
+            failed.entry(key).or_insert(view);
+        }
+        self.failed_count.fetch_add(back, Ordering::Relaxed);
+        self.echo.set_failed(failed.keys().cloned().collect());
+    }
+
     /// Saves the views of `failed` and `recovered` (see [`FsStore::recovered`]) in the
     /// state file, if the store has a state dir.
     async fn save_failed(
@@ -309,13 +323,13 @@ impl Store for FsStore {
         let mut failed = self.failed.lock().await;
         if synced.is_err() {
             // Not durable: tried again with the next batch, as before they were shown.
-            for (key, view) in recovered {
-                failed.entry(key).or_insert(view);
-            }
-            self.echo.set_failed(failed.keys().cloned().collect());
+            self.restore(&mut failed, recovered);
             return synced;
         }
-        self.save_failed(&failed, &BTreeMap::new()).await?;
+        if let Err(e) = self.save_failed(&failed, &BTreeMap::new()).await {
+            // Harmless: the keys it still names are tried again, and found right.
+            tracing::warn!(store = %self.name, "{e}");
+        }
         synced
     }
 
@@ -323,7 +337,12 @@ impl Store for FsStore {
         // One batch at a time, with the keys that failed before (a later view of a key
         // replaces the one that failed).
         let mut failed = self.failed.lock().await;
-        let fresh: HashSet<&Key> = views.iter().map(|v| &v.key).collect();
+        // (Named only when some key failed or recovered: it costs a copy of every key.)
+        let recovering = !failed.is_empty() || self.recovered.lock().is_ok_and(|r| !r.is_empty());
+        let fresh: HashSet<Key> = match recovering {
+            true => views.iter().map(|v| v.key.clone()).collect(),
+            false => HashSet::new(),
+        };
         let mut batch: Vec<KeyView> = failed
             .values()
             .filter(|f| !fresh.contains(&f.key))
@@ -356,9 +375,7 @@ impl Store for FsStore {
                     Ok(mut recovered) => std::mem::take(&mut *recovered),
                     Err(_) => BTreeMap::new(),
                 };
-                for (key, view) in recovered {
-                    failed.entry(key).or_insert(view);
-                }
+                self.restore(&mut failed, recovered);
                 return Err(e.into_plugin(&self.name));
             }
         };
@@ -389,15 +406,23 @@ impl Store for FsStore {
                 tracing::info!(store = %self.name, "{key}: shown now");
             }
         }
+        if recovering {
+            if let Ok(mut recovered) = self.recovered.lock() {
+                recovered.retain(|key, _| !fresh.contains(key));
+            }
+        }
         if now_failed != *failed {
+            // A key with an event in this batch needs none: dropped, the batch comes
+            // again from the cursor, which is before that event.
             let recovered = match self.recovered.lock() {
                 Ok(mut recovered) => {
                     for (key, view) in failed.iter() {
-                        if !now_failed.contains_key(key) {
+                        if !now_failed.contains_key(key) && !fresh.contains(key) {
                             recovered.insert(key.clone(), view.clone());
                         }
                     }
-                    recovered.retain(|key, _| !now_failed.contains_key(key));
+                    recovered
+                        .retain(|key, _| !now_failed.contains_key(key) && !fresh.contains(key));
                     recovered.clone()
                 }
                 Err(_) => BTreeMap::new(),
