@@ -211,6 +211,8 @@ impl FsSource {
         // When the next rescan is due, if not watching: a deadline kept across batches,
         // which the events a failed watcher still delivers do not put off.
         let mut next_rescan = tokio::time::Instant::now() + rescan_interval;
+        // When the last batch was taken: see `Batch::complete`.
+        let mut last_batch = tokio::time::Instant::now();
         loop {
             let mut batch = Batch::default();
             let release_at = held_since
@@ -242,8 +244,11 @@ impl FsSource {
             }
             // The rest of the batch is taken when the debounce ends, not as it comes: a
             // burst (thousands of files written) would otherwise wake this task for each
-            // event.
-            tokio::time::sleep(self.config.debounce).await;
+            // event. Unless the batch's first event brought in something whole, out of a
+            // quiet folder (see `Batch::complete`): nothing to wait for then.
+            if !(batch.complete() && last_batch.elapsed() >= self.config.debounce) {
+                tokio::time::sleep(self.config.debounce).await;
+            }
             // At most so many (a flood past it waits for the next batch).
             for _ in 0..BATCH_EVENTS {
                 let Ok(event) = rx.try_recv() else {
@@ -251,6 +256,7 @@ impl FsSource {
                 };
                 batch.collect(event);
             }
+            last_batch = tokio::time::Instant::now();
             if batch.failed && watching {
                 watching = false;
                 next_rescan = tokio::time::Instant::now() + rescan_interval;
@@ -393,6 +399,20 @@ struct Batch {
 }
 
 impl Batch {
+    /// Whether everything the batch names so far was renamed into the folder: a file or a
+    /// tree moved in (a tree copied elsewhere and moved in, a file the folder store or a
+    /// tool wrote outside and renamed in) is whole when it arrives, so its batch need not wait for more writes. Waiting
+    /// stays for the rest, and for a batch right after another (a burst of moves), so
+    /// that bursts still come in few batches. It is only ever a matter of when: what the
+    /// batch's paths hold is looked at when it is planned, and a later change is a later
+    /// event. (W1 of `bench/daemon/run.py` is a tree moved in: the 50 ms of debounce
+    /// were a twentieth of it.)
+    fn complete(&self) -> bool {
+        !self.rescan
+            && !self.renamed_in.is_empty()
+            && self.paths.iter().all(|p| self.renamed_in.contains(p))
+    }
+
     /// Takes one event into the batch.
     fn collect(&mut self, event: WatchResult) {
         let event = match event {
@@ -657,5 +677,59 @@ impl Source for FsSource {
         self.run_inner(ctx)
             .await
             .map_err(|e| e.into_plugin(self.name()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn event(kind: EventKind, path: &str) -> WatchResult {
+        Ok(notify::Event::new(kind).add_path(PathBuf::from(path)))
+    }
+
+    /// Only a batch of renames into the folder is whole on arrival: anything else in it
+    /// (a write, a move away, lost events) makes it wait for the debounce.
+    #[test]
+    fn only_what_was_renamed_in_is_complete() {
+        let moved_in = || {
+            event(
+                EventKind::Modify(ModifyKind::Name(RenameMode::To)),
+                "/f/tree",
+            )
+        };
+        let mut batch = Batch::default();
+        assert!(!batch.complete(), "nothing yet");
+        batch.collect(moved_in());
+        assert!(batch.complete());
+        let within = notify::Event::new(EventKind::Modify(ModifyKind::Name(RenameMode::Both)))
+            .add_path(PathBuf::from("/f/old"))
+            .add_path(PathBuf::from("/f/new"));
+        batch.collect(Ok(within));
+        assert!(
+            !batch.complete(),
+            "the old name of a move within the folder"
+        );
+
+        let mut batch = Batch::default();
+        batch.collect(moved_in());
+        batch.collect(event(
+            EventKind::Modify(ModifyKind::Data(notify::event::DataChange::Any)),
+            "/f/being-written",
+        ));
+        assert!(!batch.complete(), "a write");
+
+        let mut batch = Batch::default();
+        batch.collect(event(
+            EventKind::Modify(ModifyKind::Name(RenameMode::From)),
+            "/f/a",
+        ));
+        assert!(!batch.complete(), "a move away");
+
+        let mut batch = Batch::default();
+        batch.collect(moved_in());
+        batch.rescan = true;
+        assert!(!batch.complete(), "events lost");
     }
 }
