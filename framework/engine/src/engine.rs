@@ -1571,12 +1571,11 @@ async fn apply_next_batch(
                 views.push(view);
             }
         }
-        let more = next < log.len();
-        Ok(Some((next, events.len(), views, more)))
+        Ok(Some((next, events.len(), views)))
     })
     .await
     .map_err(|_| LogError::Closed)??;
-    let Some((next, count, views, more)) = prepared else {
+    let Some((next, count, views)) = prepared else {
         // Caught up: what was shown ahead is made durable now.
         return sync_shown(inner, store, slot).await;
     };
@@ -1587,10 +1586,6 @@ async fn apply_next_batch(
         conflicts: unsynced.map_or(0, |u| u.conflicts) + conflicts,
         since: unsynced.map_or(started, |u| u.since),
     };
-    let defer = more
-        && store.splits_sync()
-        && shown.events < UNSYNCED_EVENTS_MAX
-        && shown.since.elapsed() < UNSYNCED_FOR_MAX;
     if let Err(e) = store.show(&inner.store_context(), views).await {
         slot.forget_unsynced();
         return Err(e.into());
@@ -1598,6 +1593,13 @@ async fn apply_next_batch(
     if let Ok(mut unsynced) = slot.unsynced.lock() {
         *unsynced = Some(shown);
     }
+    // Whether more events wait is asked once the batch is shown: those that came
+    // meanwhile count (asked before, a receiver that had caught up with what had
+    // arrived synced in the middle of a transfer).
+    let defer = store.splits_sync()
+        && next < inner.log.len()
+        && shown.events < UNSYNCED_EVENTS_MAX
+        && shown.since.elapsed() < UNSYNCED_FOR_MAX;
     if !defer {
         sync_shown(inner, store, slot).await?;
     }
