@@ -530,3 +530,44 @@ async fn a_fifo_as_the_ignore_file_holds_nothing_up() {
     .await;
     running.stop().await;
 }
+
+/// A tree made outside the folder and moved into it (the first change in a quiet folder,
+/// so planned without waiting for the debounce) is recorded whole, and so is a second
+/// tree moved in right after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trees_moved_into_the_folder_are_recorded_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    let root = dir.path().to_owned();
+    let log = common::log();
+    let running = Running::start(FsSource::new(FsConfig::new(&root)), &log).await;
+    let make = |name: &str| {
+        for d in 0..3 {
+            for f in 0..20 {
+                write(
+                    outside.path(),
+                    &format!("{name}/d{d}/f{f}.txt"),
+                    &[b'x'; 100],
+                );
+            }
+        }
+    };
+    make("first");
+    make("second");
+    std::fs::rename(outside.path().join("first"), root.join("first")).unwrap();
+    std::fs::rename(outside.path().join("second"), root.join("second")).unwrap();
+    wait_until(&log, "both trees", |s| {
+        ["first", "second"].iter().all(|t| {
+            s.get(*t) == Some(&(Dir, 0, false))
+                && (0..3).all(|d| {
+                    s.get(&format!("{t}/d{d}")) == Some(&(Dir, 0, false))
+                        && (0..20).all(|f| {
+                            s.get(&format!("{t}/d{d}/f{f}.txt")) == Some(&(File, 100, false))
+                        })
+                })
+        })
+    })
+    .await;
+    assert_eq!(common::shown(&log).len(), 2 * (1 + 3 + 60));
+    running.stop().await;
+}
