@@ -2389,6 +2389,20 @@ mod tests {
     }
 
     /// `n` distinct small chunks, put in one call.
+    /// Makes `store` never quiet enough for its indexer: manifests wait for a sync that
+    /// must index them.
+    fn never_quiet(store: &ChunkStore) {
+        store.inner.writer.lock().unwrap().index_quiet = std::time::Duration::from_secs(3600);
+    }
+
+    /// The manifests' and the index's trees of `db`, to count their entries.
+    fn manifests_and_index(db: &sled::Db) -> (sled::Tree, sled::Tree) {
+        (
+            db.open_tree("chunk_manifests").unwrap(),
+            db.open_tree("chunk_index").unwrap(),
+        )
+    }
+
     fn put_small(store: &ChunkStore, n: usize, seed: u32) -> Vec<(Hash, Vec<u8>)> {
         let chunks: Vec<(Hash, Vec<u8>)> = (0..n as u32)
             .map(|i| {
@@ -2404,10 +2418,8 @@ mod tests {
     #[test]
     fn many_chunks_synced_at_once_are_indexed_later_or_after_a_crash() {
         let (dir, db, store) = scratch();
-        // Never quiet enough for the indexer in this test.
-        store.inner.writer.lock().unwrap().index_quiet = std::time::Duration::from_secs(3600);
-        let manifests = db.open_tree("chunk_manifests").unwrap();
-        let index = db.open_tree("chunk_index").unwrap();
+        never_quiet(&store);
+        let (manifests, index) = manifests_and_index(&db);
         let all_there = |store: &ChunkStore, chunks: &[(Hash, Vec<u8>)]| {
             for (hash, bytes) in chunks {
                 assert_eq!(store.get(hash).unwrap().as_ref(), Some(bytes));
@@ -2459,10 +2471,8 @@ mod tests {
     #[test]
     fn a_sync_finding_the_most_entries_waiting_indexes_them_itself() {
         let (_dir, db, store) = scratch();
-        // Never quiet enough for the indexer in this test.
-        store.inner.writer.lock().unwrap().index_quiet = std::time::Duration::from_secs(3600);
-        let manifests = db.open_tree("chunk_manifests").unwrap();
-        let index = db.open_tree("chunk_index").unwrap();
+        never_quiet(&store);
+        let (manifests, index) = manifests_and_index(&db);
         let first = put_small(&store, UNINDEXED_MAX - 1, 6);
         store.sync().unwrap();
         assert_eq!(
@@ -2493,9 +2503,8 @@ mod tests {
     #[test]
     fn a_chunk_found_damaged_while_it_waits_in_a_manifest_stays_gone() {
         let (dir, db, store) = scratch();
-        store.inner.writer.lock().unwrap().index_quiet = std::time::Duration::from_secs(3600);
-        let manifests = db.open_tree("chunk_manifests").unwrap();
-        let index = db.open_tree("chunk_index").unwrap();
+        never_quiet(&store);
+        let (manifests, index) = manifests_and_index(&db);
         let chunks = put_small(&store, MANIFEST_ENTRIES, 9);
         store.sync().unwrap();
         assert_eq!((index.len(), manifests.len()), (0, 1));
@@ -2509,7 +2518,7 @@ mod tests {
         // wrote itself) checked.
         drop(store);
         let store = open(&db, dir.path());
-        store.inner.writer.lock().unwrap().index_quiet = std::time::Duration::from_secs(3600);
+        never_quiet(&store);
 
         assert!(matches!(store.get(&hash), Err(LogError::Corrupt { .. })));
         assert_eq!(store.damaged(), vec![hash]);
@@ -2529,8 +2538,7 @@ mod tests {
     #[test]
     fn manifests_are_indexed_once_the_store_is_quiet() {
         let (_dir, db, store) = scratch();
-        let manifests = db.open_tree("chunk_manifests").unwrap();
-        let index = db.open_tree("chunk_index").unwrap();
+        let (manifests, index) = manifests_and_index(&db);
         let chunks = put_small(&store, MANIFEST_ENTRIES, 3);
         store.sync().unwrap();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
@@ -2564,9 +2572,8 @@ mod tests {
     #[test]
     fn closing_indexes_what_waits_and_ends_the_indexer() {
         let (_dir, db, store) = scratch();
-        store.inner.writer.lock().unwrap().index_quiet = std::time::Duration::from_secs(3600);
-        let manifests = db.open_tree("chunk_manifests").unwrap();
-        let index = db.open_tree("chunk_index").unwrap();
+        never_quiet(&store);
+        let (manifests, index) = manifests_and_index(&db);
         let chunks = put_small(&store, MANIFEST_ENTRIES, 5);
         store.sync().unwrap();
         assert_eq!((index.len(), manifests.len()), (0, 1));

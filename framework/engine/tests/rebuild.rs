@@ -4,34 +4,29 @@
 use converge_api::{Key, Meta, Op};
 use converge_framework::log::{EventLog, LocalChange, LogConfig};
 
-/// Opens the database at `dir` as sled itself, once the closed log's last threads have let
-/// go of it (sled's I/O threads can hold its lock for a moment after the log is closed).
-fn open_db(dir: &std::path::Path) -> sled::Db {
+/// What `open` opens, once the closed log's last threads have let go of the database's
+/// lock (sled's I/O threads can hold it for a moment after the log is closed).
+fn once_unlocked<T, E: std::fmt::Display>(what: &str, open: impl Fn() -> Result<T, E>) -> T {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
-        match sled::open(dir) {
-            Ok(db) => return db,
+        match open() {
+            Ok(opened) => return opened,
             Err(e) if std::time::Instant::now() < deadline && e.to_string().contains("lock") => {
                 std::thread::sleep(std::time::Duration::from_millis(20));
             }
-            Err(e) => panic!("opening {}: {e}", dir.display()),
+            Err(e) => panic!("opening {what}: {e}"),
         }
     }
 }
 
-/// Opens the log at `dir`, once the database opened before has let go of it (see
-/// [`open_db`]).
+/// The database at `dir`, opened as sled itself.
+fn open_db(dir: &std::path::Path) -> sled::Db {
+    once_unlocked("the database", || sled::open(dir))
+}
+
+/// The log at `dir`.
 fn open_log(dir: &std::path::Path) -> EventLog {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        match EventLog::open(LogConfig::new(dir)) {
-            Ok(log) => return log,
-            Err(e) if std::time::Instant::now() < deadline && e.to_string().contains("lock") => {
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
-            Err(e) => panic!("opening the log at {}: {e}", dir.display()),
-        }
-    }
+    once_unlocked("the log", || EventLog::open(LogConfig::new(dir)))
 }
 
 fn put(key: &str) -> LocalChange {

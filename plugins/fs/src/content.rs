@@ -261,19 +261,15 @@ fn chunk_open_file(
 /// of the sender's time in W1 of `bench/daemon/run.py`).
 fn open_file(path: &Path) -> std::io::Result<(File, Metadata)> {
     use std::os::unix::fs::OpenOptionsExt;
-    let open = |flags| {
-        let flags = libc::O_NOFOLLOW | libc::O_NOCTTY | flags;
-        match std::fs::OpenOptions::new()
+    let read = |flags| {
+        std::fs::OpenOptions::new()
             .read(true)
-            .custom_flags(flags | libc::O_NONBLOCK)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NOCTTY | flags)
             .open(path)
-        {
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::fs::OpenOptions::new()
-                .read(true)
-                .custom_flags(flags)
-                .open(path),
-            other => other,
-        }
+    };
+    let open = |flags| match read(flags | libc::O_NONBLOCK) {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => read(flags),
+        other => other,
     };
     #[cfg(target_os = "linux")]
     let file = match open(libc::O_NOATIME) {

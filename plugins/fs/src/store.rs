@@ -119,18 +119,23 @@ struct Pending {
 }
 
 impl Durability {
+    /// The batches shown and not yet synced, locked; an error naming `root` if a thread
+    /// panicked holding them (nothing is synced from then on: see [`Durability::sync`]).
+    fn lock_pending(
+        &self,
+        root: &Path,
+    ) -> Result<std::sync::MutexGuard<'_, Option<Pending>>, FsError> {
+        self.pending.lock().map_err(|_| FsError::Content {
+            path: root.to_owned(),
+            reason: "a thread panicked while it showed a batch; not synced".into(),
+        })
+    }
+
     /// Makes the batches shown since the last sync durable, then forgets their keys'
     /// notes in [`Unsynced`] (see the module docs); keeps those at `unsynced_file` if it
-    /// fails.
-    fn sync(&self, unsynced_file: Option<&Path>) -> Result<(), FsError> {
-        let pending = self.pending.lock().map(|mut p| p.take());
-        let Ok(pending) = pending else {
-            return Err(FsError::Content {
-                path: PathBuf::new(),
-                reason: "a thread panicked while it showed a batch; not synced".into(),
-            });
-        };
-        let Some(p) = pending else {
+    /// fails. `root` is the folder's, for errors.
+    fn sync(&self, root: &Path, unsynced_file: Option<&Path>) -> Result<(), FsError> {
+        let Some(p) = self.lock_pending(root)?.take() else {
             return Ok(());
         };
         if p.dirty {
@@ -258,6 +263,14 @@ impl FsStore {
         &self.config
     }
 
+    /// Takes the keys of [`FsStore::recovered`].
+    fn take_recovered(&self) -> BTreeMap<Key, KeyView> {
+        self.recovered
+            .lock()
+            .map(|mut recovered| std::mem::take(&mut *recovered))
+            .unwrap_or_default()
+    }
+
     /// Puts `recovered` back into `failed` (the batches that wrote them were dropped), to
     /// be tried again and counted as failing until then.
     fn restore(&self, failed: &mut BTreeMap<Key, KeyView>, recovered: BTreeMap<Key, KeyView>) {
@@ -308,15 +321,14 @@ impl Store for FsStore {
 
     async fn sync(&self, _ctx: &StoreContext) -> Result<(), PluginError> {
         let (durability, unsynced_file) = (self.durability.clone(), self.unsynced_file());
-        let synced = tokio::task::spawn_blocking(move || durability.sync(unsynced_file.as_deref()))
-            .await
-            .map_err(FsError::from)
-            .and_then(|r| r)
-            .map_err(|e| e.into_plugin(&self.name));
-        let recovered = match self.recovered.lock() {
-            Ok(mut recovered) => std::mem::take(&mut *recovered),
-            Err(_) => BTreeMap::new(),
-        };
+        let root = self.config.root.clone();
+        let synced =
+            tokio::task::spawn_blocking(move || durability.sync(&root, unsynced_file.as_deref()))
+                .await
+                .map_err(FsError::from)
+                .and_then(|r| r)
+                .map_err(|e| e.into_plugin(&self.name));
+        let recovered = self.take_recovered();
         if recovered.is_empty() {
             return synced;
         }
@@ -371,11 +383,7 @@ impl Store for FsStore {
             Err(e) => {
                 // The batches shown since the last sync are dropped: what they recovered
                 // is tried again.
-                let recovered = match self.recovered.lock() {
-                    Ok(mut recovered) => std::mem::take(&mut *recovered),
-                    Err(_) => BTreeMap::new(),
-                };
-                self.restore(&mut failed, recovered);
+                self.restore(&mut failed, self.take_recovered());
                 return Err(e.into_plugin(&self.name));
             }
         };
@@ -406,27 +414,24 @@ impl Store for FsStore {
                 tracing::info!(store = %self.name, "{key}: shown now");
             }
         }
-        if recovering {
-            if let Ok(mut recovered) = self.recovered.lock() {
+        // Keys of `failed` written now are recovered until their sync. A key with an event
+        // in this batch needs no such care (dropped, the batch comes again from the
+        // cursor, which is before that event), and a key recovered earlier fails again
+        // only with an event of its own.
+        let recovered = match self.recovered.lock() {
+            Ok(mut recovered) if recovering => {
                 recovered.retain(|key, _| !fresh.contains(key));
+                recovered.extend(
+                    failed
+                        .iter()
+                        .filter(|(key, _)| !now_failed.contains_key(*key) && !fresh.contains(*key))
+                        .map(|(key, view)| (key.clone(), view.clone())),
+                );
+                recovered.clone()
             }
-        }
+            _ => BTreeMap::new(),
+        };
         if now_failed != *failed {
-            // A key with an event in this batch needs none: dropped, the batch comes
-            // again from the cursor, which is before that event.
-            let recovered = match self.recovered.lock() {
-                Ok(mut recovered) => {
-                    for (key, view) in failed.iter() {
-                        if !now_failed.contains_key(key) && !fresh.contains(key) {
-                            recovered.insert(key.clone(), view.clone());
-                        }
-                    }
-                    recovered
-                        .retain(|key, _| !now_failed.contains_key(key) && !fresh.contains(key));
-                    recovered.clone()
-                }
-                Err(_) => BTreeMap::new(),
-            };
             // Durable before the cursor moves past these keys' events; those written
             // now stay in the file until their sync.
             self.save_failed(&now_failed, &recovered).await?;
@@ -623,10 +628,7 @@ fn apply_blocking(
     // Opened before any write, so that its sync hears of every failure of the batch (see
     // the module docs); the first of the batches shown since the last sync opens it.
     {
-        let mut pending = durability.pending.lock().map_err(|_| FsError::Content {
-            path: root.clone(),
-            reason: "a thread panicked while syncing".into(),
-        })?;
+        let mut pending = durability.lock_pending(&root)?;
         if pending.is_none() {
             *pending = Some(Pending {
                 sync_dir: File::open(&root).map_err(FsError::io("opening", &root))?,
@@ -813,11 +815,7 @@ fn apply_blocking(
     // kept as the user's), but not those that failed alone.
     // Only keys with an older batch's note need naming: the notes of the batches shown
     // since the last sync go by their numbers.
-    let mut pending = durability.pending.lock().map_err(|_| FsError::Content {
-        path: root.clone(),
-        reason: "a thread panicked while syncing".into(),
-    })?;
-    if let Some(p) = pending.as_mut() {
+    if let Some(p) = durability.lock_pending(&root)?.as_mut() {
         p.dirty |= w.dirty;
         p.batches.insert(w.batch);
         if let Ok(unsynced) = durability.unsynced.lock() {
