@@ -2141,6 +2141,17 @@ mod tests {
         assert_eq!(inode(), second);
     }
 
+    /// The view of `key` in `log`: its one head, or nothing.
+    fn view_of(log: &EventLog, key: &Key) -> KeyView {
+        KeyView {
+            key: key.clone(),
+            winner: log.heads(key).unwrap().first().cloned(),
+            copies: vec![],
+            conflicted: false,
+            merged_copies: vec![],
+        }
+    }
+
     /// Batches shown without a sync keep their keys' notes until the one sync that covers
     /// them all; that sync drops theirs and those of older batches' keys they settled,
     /// and nothing else.
@@ -2164,13 +2175,7 @@ mod tests {
             })
             .collect();
         log.append_local(changes).await.unwrap();
-        let view = |key: &Key| KeyView {
-            key: key.clone(),
-            winner: log.heads(key).unwrap().first().cloned(),
-            copies: vec![],
-            conflicted: false,
-            merged_copies: vec![],
-        };
+        let view = |key: &Key| view_of(&log, key);
         let ctx = StoreContext::new(log.clone());
         let store = FsStore::new(FsConfig::new(folder.path()));
         let notes = || store.durability.unsynced.lock().unwrap().clone();
@@ -2232,13 +2237,7 @@ mod tests {
         log.append_local(vec![LocalChange::new(key.clone(), op)])
             .await
             .unwrap();
-        let view = KeyView {
-            key: key.clone(),
-            winner: log.heads(&key).unwrap().first().cloned(),
-            copies: vec![],
-            conflicted: false,
-            merged_copies: vec![],
-        };
+        let view = view_of(&log, &key);
         let ctx = StoreContext::new(log.clone());
         let store = FsStore::mirror("m", config);
         store.show(&ctx, vec![view]).await.unwrap();
