@@ -71,13 +71,18 @@ def one_run(binary: Path, root: Path, name: str, workload: str, files: int, big_
         run.sync_fs()
         time.sleep(0.3)
         a0, b0 = cpu_seconds(pair.a.proc.pid), cpu_seconds(pair.b.proc.pid)
+        started = time.time()
         t0 = time.monotonic()
         os.rename(src, target)
+        # Timed as run.py times it: until the copy last changed (its latest ctime), once
+        # a poll has found it identical.
         if workload == "W2":
-            took = run.wait_file(pair.b.folder / "big.bin", size, digest, t0, timeout, [], "W2",
-                                 interval=0.01)
+            copy = pair.b.folder / "big.bin"
+            run.wait_file(copy, size, digest, t0, timeout, [], "W2", interval=0.01)
         else:
-            took = run.wait_tree(pair.b.folder / "w1", expected, t0, timeout, [], "W1")
+            copy = pair.b.folder / "w1"
+            run.wait_tree(copy, expected, t0, timeout, [], "W1")
+        took = run.last_change(copy) - started
         return took, cpu_seconds(pair.a.proc.pid) - a0, cpu_seconds(pair.b.proc.pid) - b0
     finally:
         pair.stop()

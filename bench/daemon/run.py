@@ -11,11 +11,16 @@ Workloads:
   W4  W2 with 100 bytes inserted at one third
   L   one small file written on A, 100 times: latency until it is on B (p50, p99)
 
-converge's time runs from the change on A (the rename of a staged tree or file into A's
-folder, or the in-place write) until B's folder is identical (polled: file count, sorted
-(path, size) list, then every file's bytes by hash). rsync's time is the wall time of
-`rsync -a --stats` pushing A's data to the rsync daemon's module; its bytes are "Total
-bytes sent" + "Total bytes received". converge's bytes come from its own counters (the
+Both tools are timed the same way: from the change (for converge the rename of a staged
+tree or file into A's folder, or the in-place write; for rsync the start of `rsync -a
+--stats` pushing A's data to the rsync daemon's module) until the copy last changed, read
+from the copy's own ctimes once a poll has found it identical (file count, sorted (path,
+size) list, then every file's bytes by hash). Making, linking or renaming an entry sets
+its ctime and its directory's, so the latest ctime in the copy is when it became
+identical, to the kernel's clock granularity (a jiffy) rather than to the poll's 100 ms.
+The poll's own times (converge) and rsync's wall time (rsync exits a little after its
+last write) are printed with the samples. rsync's bytes are "Total bytes sent" + "Total
+bytes received". converge's bytes come from its own counters (the
 admin API's GET /api/v1/status, peers[].sent_bytes + received_bytes, as seen by A); when
 that API does not answer they are "n/a". The socket-level count (TCP payload bytes of A's
 peer connections, from `ss -ti`) is printed beside them as a cross-check.
@@ -91,6 +96,19 @@ def free_port() -> int:
 
 def sync_fs() -> None:
     subprocess.run(["sync"], check=False)
+
+
+def last_change(path: Path) -> float:
+    """The latest ctime (wall clock, seconds) of `path` and, for a directory, of
+    everything under it, symlinks not followed: when the copy last changed."""
+    latest = os.lstat(path).st_ctime_ns
+    stack = [path] if path.is_dir() else []
+    while stack:
+        for e in os.scandir(stack.pop()):
+            latest = max(latest, e.stat(follow_symlinks=False).st_ctime_ns)
+            if e.is_dir(follow_symlinks=False):
+                stack.append(Path(e.path))
+    return latest / 1e9
 
 
 def file_digest(path: Path) -> str:
@@ -588,11 +606,13 @@ class Rsyncd:
                     raise RuntimeError("the rsync daemon did not start")
                 time.sleep(0.05)
 
-    def push(self, src: str, dest_rel: str, timeout: float, fsync: bool = False) -> tuple[float, int]:
-        """rsync -a --stats [--fsync] SRC rsync://.../bench/DEST_REL; returns (seconds, bytes)."""
+    def push(self, src: str, dest_rel: str, timeout: float, fsync: bool = False) -> tuple[float, float, int]:
+        """rsync -a --stats [--fsync] SRC rsync://.../bench/DEST_REL; returns (wall seconds,
+        seconds until the copy last changed, bytes)."""
         sync_fs()
         cmd = ["rsync", "-a", "--stats", *(["--fsync"] if fsync else []), src,
                f"rsync://127.0.0.1:{self.port}/bench/{dest_rel}"]
+        started = time.time()
         t0 = time.monotonic()
         try:
             out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
@@ -608,14 +628,16 @@ class Rsyncd:
                 raise RuntimeError(f"no '{name}' in rsync --stats:\n{out.stdout}")
             return int(re.sub(r"[,.]", "", m.group(1)))
 
-        return elapsed, stat("Total bytes sent") + stat("Total bytes received")
+        done = last_change(self.dest / dest_rel / Path(src).name) - started
+        return elapsed, done, stat("Total bytes sent") + stat("Total bytes received")
 
     def push_fsync(self, row: "Row", source: Path, dest_rel: str, timeout: float,
                    notes: list[str]) -> None:
         """Times `rsync --fsync` of SOURCE into DEST_REL (a copy of its own) for `row`."""
         try:
-            t, _ = self.push(str(source), dest_rel, timeout, fsync=True)
-            row.f_times.append(t)
+            wall, done, _ = self.push(str(source), dest_rel, timeout, fsync=True)
+            row.f_times.append(done)
+            row.f_walls.append(wall)
         except (Timeout, RuntimeError) as e:
             row.f_err = "timeout" if isinstance(e, Timeout) else "error"
             notes.append(f"rsync --fsync: {e}")
@@ -639,16 +661,20 @@ class Row:
     first repetition that measured them, peak RSS as the largest seen."""
     name: str
     what: str
+    # Until the copy last changed (see the module docs); the poll's times beside them.
     c_times: list[float] = field(default_factory=list)
+    c_polled: list[float] = field(default_factory=list)
     c_err: str | None = None
     c_api: int | None = None
     c_tcp: int | None = None
     tcp_lost: bool = False
     r_times: list[float] = field(default_factory=list)
+    r_walls: list[float] = field(default_factory=list)
     r_err: str | None = None
     r_bytes: int | None = None
     # `rsync --fsync`: the copy made durable before rsync exits, as converge's is.
     f_times: list[float] = field(default_factory=list)
+    f_walls: list[float] = field(default_factory=list)
     f_err: str | None = None
     rss_kib: tuple[int, int] | None = None
 
@@ -769,12 +795,14 @@ def main() -> int:
                     sync_fs()
                     before = pair.counters()
                     log(f"W1 #{rep + 1}: converge")
+                    started = time.time()
                     t0 = time.monotonic()
                     os.rename(src, pair.a.folder / "w1")
                     try:
                         with AdminPoller(pair.a) as poller:
-                            row.c_times.append(wait_tree(pair.b.folder / "w1", expected, t0,
-                                                         args.timeout, notes, "W1"))
+                            row.c_polled.append(wait_tree(pair.b.folder / "w1", expected, t0,
+                                                          args.timeout, notes, "W1"))
+                        row.c_times.append(last_change(pair.b.folder / "w1") - started)
                         nonlocal admin_latency
                         admin_latency = admin_latency or poller.summary()
                         time.sleep(1.0)  # let acknowledgements settle before reading the counters
@@ -788,8 +816,9 @@ def main() -> int:
                     log(f"W1 #{rep + 1}: rsync")
                     source = src if src.exists() else pair.a.folder / "w1"
                     try:
-                        t, b = rsyncd.push(str(source), f"r{rep}/", args.timeout)
-                        row.r_times.append(t)
+                        wall, done, b = rsyncd.push(str(source), f"r{rep}/", args.timeout)
+                        row.r_times.append(done)
+                        row.r_walls.append(wall)
                         row.r_bytes = row.r_bytes or b
                         if tree_listing(rsyncd.dest / f"r{rep}" / "w1") != sorted((p, s) for p, (s, _) in expected.items()):
                             notes.append("W1: rsync's copy differs from the source (!)")
@@ -823,11 +852,13 @@ def main() -> int:
                     sync_fs()
                     before = pair.counters()
                     old_sig = file_sig(b_file.stat()) if b_file.exists() else None
+                    started = time.time()
                     t0 = time.monotonic()
                     change()
                     try:
-                        row.c_times.append(wait_file(b_file, size, digest, t0, args.timeout, notes,
-                                                     row.name, old_sig=old_sig))
+                        row.c_polled.append(wait_file(b_file, size, digest, t0, args.timeout, notes,
+                                                      row.name, old_sig=old_sig))
+                        row.c_times.append(last_change(b_file) - started)
                         time.sleep(1.0)
                         row.record_bytes(*bytes_between(before, pair.counters()))
                         return True
@@ -841,8 +872,9 @@ def main() -> int:
                 def rsync_step(row: Row, source: Path, want_digest: str) -> None:
                     log(f"{row.name} #{rep + 1}: rsync")
                     try:
-                        t, b = rsyncd.push(str(source), dest_rel, args.timeout)
-                        row.r_times.append(t)
+                        wall, done, b = rsyncd.push(str(source), dest_rel, args.timeout)
+                        row.r_times.append(done)
+                        row.r_walls.append(wall)
                         row.r_bytes = row.r_bytes or b
                         if file_digest(rsyncd.dest / dest_rel / "big.bin") != want_digest:
                             notes.append(f"{row.name}: rsync's copy differs from the source (!)")
@@ -934,8 +966,8 @@ def main() -> int:
             for i in range(min(args.latency_runs, len(conv) or args.latency_runs)):
                 (rsrc / f"f{i:03}.txt").write_bytes(os.urandom(1024))
                 try:
-                    t, _ = rsyncd.push(str(rsrc), "", min(args.timeout, 30))
-                    rs.append(t)
+                    wall, _, _ = rsyncd.push(str(rsrc), "", min(args.timeout, 30))
+                    rs.append(wall)
                 except (Timeout, RuntimeError) as e:
                     notes.append(f"L rsync: {e}")
                     break
@@ -991,11 +1023,12 @@ def main() -> int:
               f"| {ratio(statistics.median(conv) if conv else None, statistics.median(rs) if rs else None)} (p50) "
               f"| | | | | | | |")
     print()
-    print("Time: from the change on A until B's folder is identical (converge), wall time of "
-          "`rsync -a --stats` (rsync; the issue's reference) and of `rsync -a --stats --fsync` "
-          "(rsync --fsync: each file made durable before rsync exits, as converge makes its "
-          "copy durable before it shows it; run right after the plain push, into a copy of "
-          "its own). Bytes: converge's own counters (admin API "
+    print("Time: from the change on A (converge) or the start of `rsync -a --stats` (rsync; the "
+          "issue's reference) or of `rsync -a --stats --fsync` (rsync --fsync: each file made "
+          "durable before rsync exits, as converge makes its copy durable before it shows it; "
+          "run right after the plain push, into a copy of its own) until the copy last changed "
+          "(its latest ctime, read once a poll found it identical; L: converge polled every "
+          "1 ms, rsync's wall time). Bytes: converge's own counters (admin API "
           "/api/v1/status, A's peers[].sent_bytes + received_bytes)"
           + ("" if api_any else ": the admin API did not answer, so n/a")
           + "; TCP: payload bytes of A's peer connections from `ss -ti`; rsync: Total bytes "
@@ -1006,10 +1039,12 @@ def main() -> int:
         print()
         print("Samples, in run order (s):")
         for r in rows:
-            c = ", ".join(f"{t:.2f}" for t in r.c_times) or "—"
-            rs_ = ", ".join(f"{t:.2f}" for t in r.r_times) or "—"
-            fs_ = ", ".join(f"{t:.2f}" for t in r.f_times) or "—"
-            print(f"- {r.name}: converge {c}; rsync {rs_}; rsync --fsync {fs_}")
+            def xs(ts: list[float]) -> str:
+                return ", ".join(f"{t:.2f}" for t in ts) or "—"
+
+            print(f"- {r.name}: converge {xs(r.c_times)} (polled {xs(r.c_polled)}); rsync "
+                  f"{xs(r.r_times)} (wall {xs(r.r_walls)}); rsync --fsync {xs(r.f_times)} "
+                  f"(wall {xs(r.f_walls)})")
     if admin_latency:
         print()
         print(f"Admin API on A while W1 synced (both endpoints, ten rounds a second): {admin_latency}")
