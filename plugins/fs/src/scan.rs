@@ -20,7 +20,7 @@ use converge_framework::reconciler::pick;
 use ignore::{WalkBuilder, WalkState};
 use tokio::sync::mpsc;
 
-use crate::content::{changed_at_ms, file_stat, mtime_ms, put_stat, store_file_read};
+use crate::content::{changed_at_ms, file_stat, mtime_ms, put_stat, store_file_read, Gathered};
 use crate::echo::{known_state, Applied, Echo};
 use crate::error::FsError;
 use crate::rules::{below_symlink, Rules};
@@ -94,6 +94,7 @@ pub(crate) fn examine_file(
     meta: &Metadata,
     writes: u64,
     heads: &[Head],
+    gathered: Option<&mut Gathered>,
 ) -> Result<(Option<Op>, u64), FsError> {
     let stat @ (_, mtime, executable) = file_stat(meta);
     if is_echo(env, key, meta) || heads.iter().any(|h| put_stat(&h.op) == Some(stat)) {
@@ -107,7 +108,7 @@ pub(crate) fn examine_file(
     // The file read is the one looked at (not one renamed over it since, nor a symlink
     // swapped in: see `store_file_read`), and unchanged by the end of the read. One
     // renamed over it after the read is the watcher's news.
-    let Some((content, read)) = store_file_read(path, meta, &env.chunks)? else {
+    let Some((content, read)) = store_file_read(path, meta, &env.chunks, gathered)? else {
         tracing::debug!("{key}: changed or replaced since it was looked at; looked at again");
         return Ok((None, 0));
     };
@@ -621,12 +622,18 @@ fn walk(
         })
         .build_parallel();
     walker.run(|| {
-        let (env, projection, tx, stop) =
-            (env.clone(), projection.clone(), tx.clone(), stop.clone());
+        let (projection, stop) = (projection.clone(), stop.clone());
+        let mut out = Outbox {
+            env: env.clone(),
+            tx: tx.clone(),
+            gathered: Gathered::default(),
+            held: Vec::new(),
+        };
         Box::new(move |result| {
             if stop.load(Ordering::Relaxed) {
                 return WalkState::Quit;
             }
+            let env = &out.env;
             let found = match result {
                 Err(err) => {
                     tracing::warn!("scan: {err}");
@@ -640,22 +647,75 @@ fn walk(
                     if entry.depth() == 0 && !include_start {
                         return WalkState::Continue;
                     }
-                    match visit(&env, &projection, entry.path()) {
+                    let before = out.gathered.files();
+                    match visit(env, &projection, entry.path(), &mut out.gathered) {
+                        Some(found) if out.gathered.files() != before => {
+                            return if out.hold(found) {
+                                WalkState::Continue
+                            } else {
+                                WalkState::Quit
+                            };
+                        }
                         Some(found) => found,
                         None => return WalkState::Continue,
                     }
                 }
             };
-            if tx.blocking_send(found).is_err() {
-                return WalkState::Quit;
+            if out.tx.blocking_send(found).is_ok() {
+                WalkState::Continue
+            } else {
+                WalkState::Quit
             }
-            WalkState::Continue
         })
     });
 }
 
-/// Looks at one walked entry.
-fn visit(env: &Env, projection: &Projection, path: &Path) -> Option<Found> {
+/// What one walker thread found, on its way to the scan: the findings of files whose
+/// chunks were gathered (see [`Gathered`]) wait until those are stored; everything else
+/// goes at once. Whatever is held when the walk ends is stored and let out on drop.
+struct Outbox {
+    env: Arc<Env>,
+    tx: mpsc::Sender<Found>,
+    gathered: Gathered,
+    held: Vec<Found>,
+}
+
+impl Outbox {
+    /// Holds `found`, the finding of a file gathered, until the gathering is stored (now,
+    /// if it is full); whether the scan still listens.
+    fn hold(&mut self, found: Found) -> bool {
+        self.held.push(found);
+        !self.gathered.is_full() || self.flush()
+    }
+
+    /// Stores what is gathered and lets out what was held; whether the scan still
+    /// listens. A failure to store is fatal to the scan, as it is for a file stored alone,
+    /// and sent before anything held: the changes naming those chunks never go out.
+    fn flush(&mut self) -> bool {
+        let held = std::mem::take(&mut self.held);
+        if let Err(e) = self.gathered.store(&self.env.chunks) {
+            return self.tx.blocking_send(Found::Fatal(e.into())).is_ok();
+        }
+        held.into_iter()
+            .all(|found| self.tx.blocking_send(found).is_ok())
+    }
+}
+
+impl Drop for Outbox {
+    fn drop(&mut self) {
+        if !self.held.is_empty() || !self.gathered.is_empty() {
+            self.flush();
+        }
+    }
+}
+
+/// Looks at one walked entry; a small file's chunks are left in `gathered`.
+fn visit(
+    env: &Env,
+    projection: &Projection,
+    path: &Path,
+    gathered: &mut Gathered,
+) -> Option<Found> {
     let key = env.rules.key_of(path).ok()?;
     let writes = env.echo.writes();
     let meta = match std::fs::symlink_metadata(path) {
@@ -686,7 +746,7 @@ fn visit(env: &Env, projection: &Projection, path: &Path) -> Option<Found> {
             hashed: 0,
         })
     } else if meta.is_file() {
-        match examine_file(env, &key, path, &meta, writes, heads) {
+        match examine_file(env, &key, path, &meta, writes, heads, Some(gathered)) {
             Ok((change, hashed)) => Some(Found::Entry {
                 // Not yet shown by the store: a file in a state the log knows is what the
                 // store is to replace. One it does not know is a local change, which the
@@ -725,6 +785,8 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use converge_framework::log::LogConfig;
+
+    use crate::content::GATHER_FILES;
 
     fn env(root: &Path) -> Env {
         let log = EventLog::open(LogConfig::temporary()).unwrap();
@@ -774,10 +836,10 @@ mod tests {
         let looked_at = std::fs::symlink_metadata(&path).unwrap();
         std::fs::write(&path, b"second, being written").unwrap();
 
-        let (op, _) = examine_file(&env, &key, &path, &looked_at, 0, &[]).unwrap();
+        let (op, _) = examine_file(&env, &key, &path, &looked_at, 0, &[], None).unwrap();
         assert_eq!(op, None);
         let now = std::fs::symlink_metadata(&path).unwrap();
-        let (op, _) = examine_file(&env, &key, &path, &now, 0, &[]).unwrap();
+        let (op, _) = examine_file(&env, &key, &path, &now, 0, &[], None).unwrap();
         let Some(Op::Put {
             content: Some(c),
             meta,
@@ -788,6 +850,70 @@ mod tests {
         assert_eq!(c.size, 21);
         // The read is noted for the store (see `Echo::note_read`), as recorded.
         assert!(env.echo.take_read(&key, Applied::file(&c, &meta)));
+    }
+
+    /// A walker thread's small files: their chunks are gathered, and what it found waits
+    /// until they are stored, by a full gathering or at the end of the walk.
+    #[test]
+    fn findings_wait_for_the_chunks_they_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().canonicalize().unwrap();
+        let env = Arc::new(env(&root));
+        let (tx, mut rx) = mpsc::channel(2 * GATHER_FILES);
+        let mut out = Outbox {
+            env: env.clone(),
+            tx,
+            gathered: Gathered::default(),
+            held: Vec::new(),
+        };
+        let mut roots = Vec::new();
+        for i in 0..GATHER_FILES + 2 {
+            let path = root.join(format!("f{i}"));
+            std::fs::write(&path, format!("file {i}").repeat(100)).unwrap();
+            let key = Key::new(format!("f{i}")).unwrap();
+            let meta = std::fs::symlink_metadata(&path).unwrap();
+            let gathered = Some(&mut out.gathered);
+            let (op, _) = examine_file(&env, &key, &path, &meta, 0, &[], gathered).unwrap();
+            let Some(Op::Put {
+                content: Some(content),
+                ..
+            }) = &op
+            else {
+                panic!("{op:?}")
+            };
+            assert!(!env.chunks.contains(&content.root).unwrap(), "f{i}");
+            roots.push(content.root);
+            let found = Found::Entry {
+                key,
+                change: op,
+                changed_at: None,
+                hashed: 0,
+            };
+            assert!(out.hold(found));
+            let sent = std::iter::from_fn(|| rx.try_recv().ok()).count();
+            // The last of a full gathering lets them all out, stored.
+            let expected = if i + 1 == GATHER_FILES {
+                GATHER_FILES
+            } else {
+                0
+            };
+            assert_eq!(sent, expected, "after f{i}");
+        }
+        for (i, root) in roots.iter().enumerate().take(GATHER_FILES) {
+            assert!(env.chunks.contains(root).unwrap(), "f{i}");
+        }
+        assert!(!env.chunks.contains(&roots[GATHER_FILES]).unwrap());
+        // The walk ends: the rest is stored and let out.
+        drop(out);
+        assert!(roots.iter().all(|root| env.chunks.contains(root).unwrap()));
+        let mut sent = Vec::new();
+        while let Ok(Found::Entry { key, .. }) = rx.try_recv() {
+            sent.push(key.to_string());
+        }
+        assert_eq!(
+            sent,
+            [format!("f{GATHER_FILES}"), format!("f{}", GATHER_FILES + 1)]
+        );
     }
 
     /// Another file renamed over the one looked at, with the same size, mtime and mode, is
@@ -809,9 +935,9 @@ mod tests {
         let now = std::fs::symlink_metadata(&path).unwrap();
         assert_eq!(file_stat(&now), file_stat(&looked_at));
 
-        let (op, _) = examine_file(&env, &key, &path, &looked_at, 0, &[]).unwrap();
+        let (op, _) = examine_file(&env, &key, &path, &looked_at, 0, &[], None).unwrap();
         assert_eq!(op, None);
-        let (op, _) = examine_file(&env, &key, &path, &now, 0, &[]).unwrap();
+        let (op, _) = examine_file(&env, &key, &path, &now, 0, &[], None).unwrap();
         assert!(matches!(op, Some(Op::Put { .. })), "{op:?}");
     }
 }

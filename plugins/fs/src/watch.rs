@@ -539,16 +539,18 @@ fn plan(env: &Env, paths: BTreeSet<PathBuf>, arrived: &HashSet<PathBuf>) -> Resu
                     handled.push(key);
                 }
             }
-            Ok(m) if m.is_file() => match examine_file(env, &key, &path, &m, writes, &heads) {
-                Ok((Some(op), _)) => {
-                    puts.push(LocalChange::new(key, op).made_at(changed_at_ms(&m)));
+            Ok(m) if m.is_file() => {
+                match examine_file(env, &key, &path, &m, writes, &heads, None) {
+                    Ok((Some(op), _)) => {
+                        puts.push(LocalChange::new(key, op).made_at(changed_at_ms(&m)));
+                    }
+                    Ok((None, _)) => {}
+                    // Gone again before we read it: a later event says what happened.
+                    Err(e) if e.is_not_found() => {}
+                    Err(e @ FsError::Io { .. }) => tracing::warn!("watch: {e}"),
+                    Err(e) => return Err(e),
                 }
-                Ok((None, _)) => {}
-                // Gone again before we read it: a later event says what happened.
-                Err(e) if e.is_not_found() => {}
-                Err(e @ FsError::Io { .. }) => tracing::warn!("watch: {e}"),
-                Err(e) => return Err(e),
-            },
+            }
             Ok(m) if !m.file_type().is_symlink() => {
                 tracing::debug!(
                     "skipping {}: not a regular file or directory",
