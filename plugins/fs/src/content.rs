@@ -102,8 +102,10 @@ pub(crate) const GATHER_FILES: usize = 64;
 /// change that names them before [`store`](Self::store) has succeeded.
 #[derive(Debug, Default)]
 pub(crate) struct Gathered {
-    chunks: Vec<(Hash, Vec<u8>)>,
-    bytes: usize,
+    /// The chunks' bytes, one after the other: handed on to peers as ranges of it,
+    /// without a copy of each.
+    buffer: Vec<u8>,
+    chunks: Vec<(Hash, Range<usize>)>,
     files: usize,
     /// Bytes gathered of the file being read.
     file_bytes: u64,
@@ -122,27 +124,23 @@ impl Gathered {
 
     /// Whether enough waits to be stored now.
     pub(crate) fn is_full(&self) -> bool {
-        self.bytes >= GATHER_BYTES || self.files >= GATHER_FILES
+        self.buffer.len() >= GATHER_BYTES || self.files >= GATHER_FILES
     }
 
     /// Stores everything gathered into `store`, in one call; on failure nothing is kept
     /// (the files are read again by a later scan).
     pub(crate) fn store(&mut self, store: &ChunkStore) -> Result<(), LogError> {
-        let chunks: Vec<(Hash, &[u8])> = self
-            .chunks
-            .iter()
-            .map(|(hash, bytes)| (*hash, bytes.as_slice()))
-            .collect();
-        let stored = store.put_many_prehashed(&chunks);
-        *self = Gathered::default();
-        stored
+        let gathered = std::mem::take(self);
+        let buffer: SharedBuffer = Arc::new(gathered.buffer);
+        store.put_shared_prehashed_at(&buffer, &gathered.chunks, &[])
     }
 
     fn add(&mut self, piece: &Piece) {
         let mut add = |hash: &Hash, bytes: &[u8]| {
-            self.bytes += bytes.len();
+            let start = self.buffer.len();
+            self.buffer.extend_from_slice(bytes);
             self.file_bytes += bytes.len() as u64;
-            self.chunks.push((*hash, bytes.to_vec()));
+            self.chunks.push((*hash, start..self.buffer.len()));
         };
         match piece {
             Piece::Data(window) => {
