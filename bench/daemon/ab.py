@@ -10,9 +10,10 @@ two versions (for example, `git worktree add ../base HEAD~1` and build there wit
 
 Each repetition starts a fresh pair of daemons with every binary (the order flips every
 repetition, so neither build always runs first), generates fresh data, and times the
-change on A until B's folder is identical, as run.py does. CPU time is read from
-/proc/<pid>/stat (user + system) of each daemon just before the change and just after
-B is identical, so it covers the whole sync on both sides. A change that shifts work
+change on A until B's copy last changed (its latest ctime, once a poll has found it
+identical), as run.py does. CPU time is read from /proc/<pid>/stat (user + system) of
+each daemon just before the change and once the poll has found B identical, so it covers
+the whole sync on both sides. A change that shifts work
 from one daemon to the other shows in the CPU columns even when the wall time, which
 moves more from run to run on these machines (see run.py), does not.
 
