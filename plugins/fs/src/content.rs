@@ -75,14 +75,34 @@ pub(crate) fn store_file_read(
     if file_stat(&opened) != file_stat(looked_at) {
         return Ok(None);
     }
+    store_open_file(path, &file, &opened, chunks, gathered).map(Some)
+}
+
+/// [`store_file_read`] for `file`, open at `path` by [`open_regular`] with the stat
+/// `opened` from its handle, which is what the caller looked at.
+pub(crate) fn store_open_file(
+    path: &Path,
+    file: &File,
+    opened: &Metadata,
+    chunks: &ChunkStore,
+    gathered: Option<&mut Gathered>,
+) -> Result<(ContentRef, Metadata), FsError> {
     let content = match gathered {
         Some(gathered) if opened.len() <= GATHER_FILE_MAX => {
-            chunk_open_file(path, &file, opened.len(), Sink::Gather(gathered, chunks))?
+            chunk_open_file(path, file, opened.len(), Sink::Gather(gathered, chunks))?
         }
-        _ => chunk_open_file(path, &file, opened.len(), Sink::Store(chunks))?,
+        _ => chunk_open_file(path, file, opened.len(), Sink::Store(chunks))?,
     };
     let read = file.metadata().map_err(FsError::io("reading", path))?;
-    Ok(Some((content, read)))
+    Ok((content, read))
+}
+
+/// Opens the regular file at `path` as [`store_file_read`] does, without looking at it
+/// first: the file with the stat of its handle, or `None` when what is there is no
+/// regular file (a symlink, a FIFO, a directory) or cannot be opened (the caller looks
+/// at it, and reports what it finds).
+pub(crate) fn open_regular(path: &Path) -> Option<(File, Metadata)> {
+    open_file(path).ok()
 }
 
 /// Files at most this large are gathered (see [`Gathered`]); larger ones are stored as

@@ -7,7 +7,7 @@
 //! lacks become deletes, children before their directory. Changes are appended in batches.
 
 use std::collections::{BTreeMap, HashSet};
-use std::fs::Metadata;
+use std::fs::{File, FileType, Metadata};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -20,7 +20,10 @@ use converge_framework::reconciler::pick;
 use ignore::{WalkBuilder, WalkState};
 use tokio::sync::mpsc;
 
-use crate::content::{changed_at_ms, file_stat, mtime_ms, put_stat, store_file_read, Gathered};
+use crate::content::{
+    changed_at_ms, file_stat, mtime_ms, open_regular, put_stat, store_file_read, store_open_file,
+    Gathered,
+};
 use crate::echo::{known_state, Applied, Echo};
 use crate::error::FsError;
 use crate::rules::{below_symlink, Rules};
@@ -86,16 +89,17 @@ pub(crate) fn is_echo(env: &Env, key: &Key, meta: &Metadata) -> bool {
 /// changed) and the number of bytes hashed. Blocks. A file whose size, mtime or mode
 /// changed since `meta` was read (it is being written) gives no `Put`: what was read may
 /// mix two versions, and the write's own watcher event brings the file back here.
-/// `writes` is [`Echo::writes`] from before `meta` was read.
+/// `writes` is [`Echo::writes`] from before `looked` was.
 pub(crate) fn examine_file(
     env: &Env,
     key: &Key,
     path: &Path,
-    meta: &Metadata,
+    looked: Looked<'_>,
     writes: u64,
     heads: &[Head],
     gathered: Option<&mut Gathered>,
 ) -> Result<(Option<Op>, u64), FsError> {
+    let meta = looked.meta();
     let stat @ (_, mtime, executable) = file_stat(meta);
     if is_echo(env, key, meta) || heads.iter().any(|h| put_stat(&h.op) == Some(stat)) {
         return Ok((None, 0));
@@ -108,7 +112,11 @@ pub(crate) fn examine_file(
     // The file read is the one looked at (not one renamed over it since, nor a symlink
     // swapped in: see `store_file_read`), and unchanged by the end of the read. One
     // renamed over it after the read is the watcher's news.
-    let Some((content, read)) = store_file_read(path, meta, &env.chunks, gathered)? else {
+    let read = match looked {
+        Looked::Opened(file, _) => Some(store_open_file(path, file, meta, &env.chunks, gathered)?),
+        Looked::Path(_) => store_file_read(path, meta, &env.chunks, gathered)?,
+    };
+    let Some((content, read)) = read else {
         tracing::debug!("{key}: changed or replaced since it was looked at; looked at again");
         return Ok((None, 0));
     };
@@ -143,6 +151,25 @@ pub(crate) fn examine_file(
         meta,
     };
     Ok((Some(op), content.size))
+}
+
+/// How the scan or the watcher looked at a file: its `lstat`, or the stat of its handle
+/// when it was opened instead ([`open_regular`]).
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Looked<'a> {
+    /// Looked up by path.
+    Path(&'a Metadata),
+    /// Opened, and the handle's stat read.
+    Opened(&'a File, &'a Metadata),
+}
+
+impl<'a> Looked<'a> {
+    /// The stat looked at.
+    pub(crate) fn meta(self) -> &'a Metadata {
+        match self {
+            Looked::Path(meta) | Looked::Opened(_, meta) => meta,
+        }
+    }
 }
 
 /// Compares the directory at `key` with `heads`: a directory not shown as one is new,
@@ -648,7 +675,8 @@ fn walk(
                         return WalkState::Continue;
                     }
                     let before = out.gathered.files();
-                    match visit(env, &projection, entry.path(), &mut out.gathered) {
+                    let file_type = entry.file_type();
+                    match visit(env, &projection, entry.path(), file_type, &mut out.gathered) {
                         Some(found) if out.gathered.files() != before => {
                             return if out.hold(found) {
                                 WalkState::Continue
@@ -668,6 +696,38 @@ fn walk(
             }
         })
     });
+}
+
+/// What the scan finds of the regular file at `path`, looked at as `looked`.
+fn file_found(
+    env: &Env,
+    projection: &Projection,
+    key: Key,
+    path: &Path,
+    looked: Looked<'_>,
+    writes: u64,
+    gathered: &mut Gathered,
+) -> Found {
+    let (heads, meta) = (projection.heads(&key), looked.meta());
+    match examine_file(env, &key, path, looked, writes, heads, Some(gathered)) {
+        Ok((change, hashed)) => Found::Entry {
+            // Not yet shown by the store: a file in a state the log knows is what the
+            // store is to replace. One it does not know is a local change, which the
+            // store waits on (it replaces no unrecorded change).
+            change: change.filter(|_| {
+                projection.settled(&env.log, &key)
+                    || !known_state(&env.log, &env.echo, &key, path, meta)
+            }),
+            key,
+            changed_at: changed_at_ms(meta),
+            hashed,
+        },
+        Err(e @ FsError::Io { .. }) => {
+            tracing::warn!("scan: {e}");
+            Found::Failed(Some(key.to_string()))
+        }
+        Err(e) => Found::Fatal(e),
+    }
 }
 
 /// What one walker thread found, on its way to the scan: the findings of files whose
@@ -709,15 +769,30 @@ impl Drop for Outbox {
     }
 }
 
-/// Looks at one walked entry; a small file's chunks are left in `gathered`.
+/// Looks at one walked entry, a `file_type` as the walk read it from its directory; a
+/// small file's chunks are left in `gathered`.
 fn visit(
     env: &Env,
     projection: &Projection,
     path: &Path,
+    file_type: Option<FileType>,
     gathered: &mut Gathered,
 ) -> Option<Found> {
     let key = env.rules.key_of(path).ok()?;
     let writes = env.echo.writes();
+    // A file the log does not know is read whatever its stat: opened at once, the stat of
+    // the open handle is the look, with no `lstat` walking its path first (7% of the
+    // sender's CPU in W1 of `bench/daemon/run.py`). Anything else there (a symlink or a
+    // FIFO swapped in since the walk), or a file that does not open, is looked at as usual.
+    if file_type.is_some_and(|t| t.is_file()) && projection.heads(&key).is_empty() {
+        if let Some((file, meta)) = open_regular(path) {
+            env.echo.look(&key, writes);
+            let looked = Looked::Opened(&file, &meta);
+            return Some(file_found(
+                env, projection, key, path, looked, writes, gathered,
+            ));
+        }
+    }
     let meta = match std::fs::symlink_metadata(path) {
         Ok(m) => m,
         Err(e) => {
@@ -746,25 +821,15 @@ fn visit(
             hashed: 0,
         })
     } else if meta.is_file() {
-        match examine_file(env, &key, path, &meta, writes, heads, Some(gathered)) {
-            Ok((change, hashed)) => Some(Found::Entry {
-                // Not yet shown by the store: a file in a state the log knows is what the
-                // store is to replace. One it does not know is a local change, which the
-                // store waits on (it replaces no unrecorded change).
-                change: change.filter(|_| {
-                    projection.settled(&env.log, &key)
-                        || !known_state(&env.log, &env.echo, &key, path, &meta)
-                }),
-                key,
-                changed_at: changed_at_ms(&meta),
-                hashed,
-            }),
-            Err(e @ FsError::Io { .. }) => {
-                tracing::warn!("scan: {e}");
-                Some(Found::Failed(Some(key.to_string())))
-            }
-            Err(e) => Some(Found::Fatal(e)),
-        }
+        Some(file_found(
+            env,
+            projection,
+            key,
+            path,
+            Looked::Path(&meta),
+            writes,
+            gathered,
+        ))
     } else if meta.file_type().is_symlink() {
         tracing::warn!(
             "skipping symlink {} (symlinks are not followed)",
@@ -836,10 +901,11 @@ mod tests {
         let looked_at = std::fs::symlink_metadata(&path).unwrap();
         std::fs::write(&path, b"second, being written").unwrap();
 
-        let (op, _) = examine_file(&env, &key, &path, &looked_at, 0, &[], None).unwrap();
+        let (op, _) =
+            examine_file(&env, &key, &path, Looked::Path(&looked_at), 0, &[], None).unwrap();
         assert_eq!(op, None);
         let now = std::fs::symlink_metadata(&path).unwrap();
-        let (op, _) = examine_file(&env, &key, &path, &now, 0, &[], None).unwrap();
+        let (op, _) = examine_file(&env, &key, &path, Looked::Path(&now), 0, &[], None).unwrap();
         let Some(Op::Put {
             content: Some(c),
             meta,
@@ -850,6 +916,51 @@ mod tests {
         assert_eq!(c.size, 21);
         // The read is noted for the store (see `Echo::note_read`), as recorded.
         assert!(env.echo.take_read(&key, Applied::file(&c, &meta)));
+    }
+
+    /// A file the log does not know is opened rather than looked up, and recorded from
+    /// that open; what opens must still be a regular file: a symlink or a FIFO swapped in
+    /// since the walk read a regular file's entry is skipped, as the walk's own look skips
+    /// it, and nothing it leads to is read.
+    #[test]
+    fn a_new_file_is_read_from_its_open_and_only_if_regular() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().canonicalize().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let secret = outside.path().join("secret");
+        std::fs::write(&secret, b"not in the folder").unwrap();
+        let env = env(&root);
+        let path = root.join("f.txt");
+        std::fs::write(&path, b"new content").unwrap();
+        let regular = std::fs::symlink_metadata(&path).unwrap().file_type();
+        let projection = Projection::load(&env.log, &env.echo, None).unwrap();
+        let mut gathered = Gathered::default();
+
+        let found = visit(&env, &projection, &path, Some(regular), &mut gathered);
+        let Some(Found::Entry {
+            change:
+                Some(Op::Put {
+                    content: Some(content),
+                    ..
+                }),
+            ..
+        }) = found
+        else {
+            panic!("the new file is not recorded");
+        };
+        assert_eq!(content.size, 11);
+
+        std::fs::remove_file(&path).unwrap();
+        std::os::unix::fs::symlink(&secret, &path).unwrap();
+        let found = visit(&env, &projection, &path, Some(regular), &mut gathered);
+        assert!(found.is_none(), "a symlink swapped in is recorded");
+
+        std::fs::remove_file(&path).unwrap();
+        let fifo = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+        let found = visit(&env, &projection, &path, Some(regular), &mut gathered);
+        assert!(found.is_none(), "a FIFO swapped in is recorded");
     }
 
     /// A walker thread's small files: their chunks are gathered, and what it found waits
@@ -873,7 +984,8 @@ mod tests {
             let key = Key::new(format!("f{i}")).unwrap();
             let meta = std::fs::symlink_metadata(&path).unwrap();
             let gathered = Some(&mut out.gathered);
-            let (op, _) = examine_file(&env, &key, &path, &meta, 0, &[], gathered).unwrap();
+            let (op, _) =
+                examine_file(&env, &key, &path, Looked::Path(&meta), 0, &[], gathered).unwrap();
             let Some(Op::Put {
                 content: Some(content),
                 ..
@@ -935,9 +1047,10 @@ mod tests {
         let now = std::fs::symlink_metadata(&path).unwrap();
         assert_eq!(file_stat(&now), file_stat(&looked_at));
 
-        let (op, _) = examine_file(&env, &key, &path, &looked_at, 0, &[], None).unwrap();
+        let (op, _) =
+            examine_file(&env, &key, &path, Looked::Path(&looked_at), 0, &[], None).unwrap();
         assert_eq!(op, None);
-        let (op, _) = examine_file(&env, &key, &path, &now, 0, &[], None).unwrap();
+        let (op, _) = examine_file(&env, &key, &path, Looked::Path(&now), 0, &[], None).unwrap();
         assert!(matches!(op, Some(Op::Put { .. })), "{op:?}");
     }
 }

@@ -21,7 +21,7 @@ use crate::error::FsError;
 use crate::marker;
 use crate::rules::{below_symlink, ignore_file_hash, Rules};
 use crate::scan::{
-    emit, examine_file, gone, is_echo, merge_for_deleted_copy, removed_at_ms, scan, Env,
+    emit, examine_file, gone, is_echo, merge_for_deleted_copy, removed_at_ms, scan, Env, Looked,
     Projection, Resolver,
 };
 use crate::watcher::{self, FolderWatcher, Skip, WatchResult};
@@ -540,7 +540,7 @@ fn plan(env: &Env, paths: BTreeSet<PathBuf>, arrived: &HashSet<PathBuf>) -> Resu
                 }
             }
             Ok(m) if m.is_file() => {
-                match examine_file(env, &key, &path, &m, writes, &heads, None) {
+                match examine_file(env, &key, &path, Looked::Path(&m), writes, &heads, None) {
                     Ok((Some(op), _)) => {
                         puts.push(LocalChange::new(key, op).made_at(changed_at_ms(&m)));
                     }
