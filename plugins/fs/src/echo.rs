@@ -183,12 +183,16 @@ impl Echo {
     }
 
     pub(crate) fn prune(&self) {
-        self.lock().retain(|_, r| r.at.elapsed() < TTL);
-        locked(&self.read).retain(|_, (_, _, at)| at.elapsed() < TTL);
+        // One reading of the clock for every record (the store prunes once per batch,
+        // over as many records as it wrote lately).
+        let now = Instant::now();
+        let fresh = |at: &Instant| now.saturating_duration_since(*at) < TTL;
+        self.lock().retain(|_, r| fresh(&r.at));
+        locked(&self.read).retain(|_, (_, _, at)| fresh(at));
         let mut written = locked(&self.written);
         let Written { by_key, dropped } = &mut *written;
         by_key.retain(|_, (n, at)| {
-            let keep = at.elapsed() < TTL;
+            let keep = fresh(at);
             if !keep {
                 *dropped = (*dropped).max(*n);
             }
