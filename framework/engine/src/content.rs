@@ -2388,7 +2388,6 @@ mod tests {
         assert_eq!(store.len(), 2);
     }
 
-    /// `n` distinct small chunks, put in one call.
     /// Makes `store` never quiet enough for its indexer: manifests wait for a sync that
     /// must index them.
     fn never_quiet(store: &ChunkStore) {
@@ -2403,6 +2402,7 @@ mod tests {
         )
     }
 
+    /// `n` distinct small chunks, put in one call.
     fn put_small(store: &ChunkStore, n: usize, seed: u32) -> Vec<(Hash, Vec<u8>)> {
         let chunks: Vec<(Hash, Vec<u8>)> = (0..n as u32)
             .map(|i| {

@@ -78,7 +78,7 @@ pub(crate) fn store_file_read(
     store_open_file(path, &file, &opened, chunks, gathered).map(Some)
 }
 
-/// [`store_file_read`] for `file`, open at `path` by [`open_regular`] with the stat
+/// [`store_file_read`] for `file`, open at `path` by [`open_file`] with the stat
 /// `opened` from its handle, which is what the caller looked at.
 pub(crate) fn store_open_file(
     path: &Path,
@@ -95,14 +95,6 @@ pub(crate) fn store_open_file(
     };
     let read = file.metadata().map_err(FsError::io("reading", path))?;
     Ok((content, read))
-}
-
-/// Opens the regular file at `path` as [`store_file_read`] does, without looking at it
-/// first: the file with the stat of its handle, or `None` when what is there is no
-/// regular file (a symlink, a FIFO, a directory) or cannot be opened (the caller looks
-/// at it, and reports what it finds).
-pub(crate) fn open_regular(path: &Path) -> Option<(File, Metadata)> {
-    open_file(path).ok()
 }
 
 /// Files at most this large are gathered (see [`Gathered`]); larger ones are stored as
@@ -140,6 +132,12 @@ impl Gathered {
     /// Files gathered so far (whose findings must wait for [`store`](Self::store)).
     pub(crate) fn files(&self) -> usize {
         self.files
+    }
+
+    /// Starts gathering a file's chunks.
+    fn begin_file(&mut self) {
+        self.files += 1;
+        self.file_bytes = 0;
     }
 
     /// Whether enough waits to be stored now.
@@ -193,7 +191,8 @@ fn replaced(e: &std::io::Error) -> bool {
     is_not_regular(e) || e.raw_os_error() == Some(libc::ELOOP)
 }
 
-/// What [`open_file`] says of a FIFO, a device or a socket at the path it opens.
+/// The error of reading a file ([`store_file`], [`hash_file`]) that finds a FIFO, a device
+/// or a socket at its path: only regular files are read.
 #[derive(Debug, thiserror::Error)]
 #[error("not a regular file")]
 pub struct NotRegular;
@@ -312,8 +311,7 @@ fn chunk_open_file(
     // A large file's data is one stream, which a peer can write straight into a file.
     let stream = (size >= PIPELINE_BYTES).then(new_stream);
     if let Sink::Gather(gathered, _) = &mut sink {
-        gathered.files += 1;
-        gathered.file_bytes = 0;
+        gathered.begin_file();
     }
     let put = &mut |piece: &Piece| match &mut sink {
         Sink::Store(store) => put_piece(store, stream, piece),
@@ -383,7 +381,7 @@ fn chunk_open_file(
 /// owner may; anyone else is refused, and opens it as usual): reading a file to sync it is
 /// not an access its owner made, and the update cost a write of the inode per file (2.5%
 /// of the sender's time in W1 of `bench/daemon/run.py`).
-fn open_file(path: &Path) -> std::io::Result<(File, Metadata)> {
+pub(crate) fn open_file(path: &Path) -> std::io::Result<(File, Metadata)> {
     use std::os::unix::fs::OpenOptionsExt;
     let read = |flags| {
         std::fs::OpenOptions::new()

@@ -21,7 +21,7 @@ use ignore::{WalkBuilder, WalkState};
 use tokio::sync::mpsc;
 
 use crate::content::{
-    changed_at_ms, file_stat, mtime_ms, open_regular, put_stat, store_file_read, store_open_file,
+    changed_at_ms, file_stat, mtime_ms, open_file, put_stat, store_file_read, store_open_file,
     Gathered,
 };
 use crate::echo::{known_state, Applied, Echo};
@@ -154,7 +154,7 @@ pub(crate) fn examine_file(
 }
 
 /// How the scan or the watcher looked at a file: its `lstat`, or the stat of its handle
-/// when it was opened instead ([`open_regular`]).
+/// when it was opened instead ([`open_file`]).
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum Looked<'a> {
     /// Looked up by path.
@@ -783,9 +783,10 @@ fn visit(
     // A file the log does not know is read whatever its stat: opened at once, the stat of
     // the open handle is the look, with no `lstat` walking its path first (7% of the
     // sender's CPU in W1 of `bench/daemon/run.py`). Anything else there (a symlink or a
-    // FIFO swapped in since the walk), or a file that does not open, is looked at as usual.
+    // FIFO swapped in since the walk), or a file that does not open, is looked at as usual,
+    // and what that look finds is reported.
     if file_type.is_some_and(|t| t.is_file()) && projection.heads(&key).is_empty() {
-        if let Some((file, meta)) = open_regular(path) {
+        if let Ok((file, meta)) = open_file(path) {
             env.echo.look(&key, writes);
             let looked = Looked::Opened(&file, &meta);
             return Some(file_found(

@@ -2141,6 +2141,15 @@ mod tests {
         assert_eq!(inode(), second);
     }
 
+    /// A fresh folder and state dir, and the folder's config keeping its state there.
+    fn with_state_dir() -> (tempfile::TempDir, tempfile::TempDir, FsConfig) {
+        let folder = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        let mut config = FsConfig::new(folder.path());
+        config.state_dir = Some(state.path().to_owned());
+        (folder, state, config)
+    }
+
     /// The view of `key` in `log`: its one head, or nothing.
     fn view_of(log: &EventLog, key: &Key) -> KeyView {
         KeyView {
@@ -2218,10 +2227,7 @@ mod tests {
     #[tokio::test]
     async fn a_failed_key_written_again_stays_failed_until_its_sync() {
         use converge_framework::log::{LocalChange, LogConfig};
-        let folder = tempfile::tempdir().unwrap();
-        let state = tempfile::tempdir().unwrap();
-        let mut config = FsConfig::new(folder.path());
-        config.state_dir = Some(state.path().to_owned());
+        let (folder, state, config) = with_state_dir();
         let saved = state.path().join("mirror-m.failed");
         let source = tempfile::NamedTempFile::new().unwrap();
         std::fs::write(source.path(), b"late content").unwrap();
@@ -2279,10 +2285,7 @@ mod tests {
     /// the files for right, since the page cache outlives the process.
     #[tokio::test]
     async fn keys_written_and_not_synced_outlive_a_restart() {
-        let folder = tempfile::tempdir().unwrap();
-        let state = tempfile::tempdir().unwrap();
-        let mut config = FsConfig::new(folder.path());
-        config.state_dir = Some(state.path().to_owned());
+        let (_folder, state, config) = with_state_dir();
         let key = Key::new("f.txt").unwrap();
         let saved = state.path().join("folder.unsynced");
 

@@ -403,10 +403,10 @@ impl Batch {
     /// tree moved in (a tree copied elsewhere and moved in, a file the folder store or a
     /// tool wrote outside and renamed in) is whole when it arrives, so its batch need not
     /// wait for more writes. Waiting stays for the rest, and for a batch right after
-    /// another (a burst of moves), so that bursts still come in few batches. It is only ever a matter of when: what the
-    /// batch's paths hold is looked at when it is planned, and a later change is a later
-    /// event. (W1 of `bench/daemon/run.py` is a tree moved in: the 50 ms of debounce
-    /// were a twentieth of it.)
+    /// another (a burst of moves), so that bursts still come in few batches. It is only
+    /// ever a matter of when: what the batch's paths hold is looked at when it is
+    /// planned, and a later change is a later event. (W1 of `bench/daemon/run.py` is a
+    /// tree moved in: the 50 ms of debounce were a twentieth of it.)
     fn complete(&self) -> bool {
         !self.rescan
             && !self.renamed_in.is_empty()
