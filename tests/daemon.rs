@@ -305,6 +305,118 @@ fn a_big_file_streamed_in_is_taken_whole_and_an_edit_in_place_is_safe() {
     b.stop();
 }
 
+/// A large file of A's folder is not copied into A's packs but taken as one (a hard
+/// link), and overwritten in place twice while B is stopped: the first new version's
+/// content is gone from A by then, yet B, started, is not held back by it and ends with
+/// the last version.
+#[test]
+fn a_big_file_overwritten_in_place_twice_while_the_peer_is_away_converges_to_the_last() {
+    let (mut a, mut b) = converged_pair(&[(
+        "first.txt",
+        b"connected
+",
+    )]);
+    let mut rng = SmallRng::seed_from_u64(33);
+    let mut version = || {
+        let mut bytes = vec![0u8; 6 << 20];
+        rng.fill_bytes(&mut bytes);
+        bytes
+    };
+    let path = a.folder().join("big.bin");
+    write_file(&path, &version());
+    assert_converges(&mut a, &mut b);
+    let adopted = || {
+        let ino = fs::metadata(&path).unwrap().ino();
+        fs::read_dir(a.data.path().join("db").join("packs"))
+            .unwrap()
+            .any(|e| e.unwrap().metadata().unwrap().ino() == ino)
+    };
+    assert!(adopted(), "A's packs hold the file itself, not a copy");
+    assert!(
+        dir_size(&a.data.path().join("db").join("packs")) < (6 << 20) + (1 << 20),
+        "and no copy of it"
+    );
+    b.stop();
+
+    let log_length = |a: &Daemon| {
+        a.admin_get("/api/v1/status")["log_length"]
+            .as_u64()
+            .unwrap()
+    };
+    for _ in 0..2 {
+        let before = log_length(&a);
+        // Same file, new bytes: what A adopted before is overwritten.
+        let mut f = OpenOptions::new().write(true).open(&path).unwrap();
+        f.write_all(&version()).unwrap();
+        drop(f);
+        assert!(
+            wait_until(CONVERGE_TIMEOUT, || log_length(&a) > before),
+            "A did not record the overwrite\n{}",
+            a.log_tail()
+        );
+    }
+    b.start();
+    assert_converges(&mut a, &mut b);
+    let status = b.admin_get("/api/v1/status");
+    assert_eq!(status["pending_events"], 0, "{status}");
+    a.stop();
+    b.stop();
+}
+
+/// Large files copied on A (`cp big copy`, each file then adopted by A's store), and one
+/// of each pair overwritten in place while B is away: the original in one pair, the copy
+/// in the other. B, started, gets every file whole: what the two files of a pair share
+/// was never left in one of them alone.
+#[test]
+fn a_big_file_and_its_copy_each_edited_in_place_lose_nothing_of_the_other() {
+    let (mut a, mut b) = converged_pair(&[("first.txt", b"connected\n")]);
+    b.stop();
+    let log_length = |a: &Daemon| {
+        a.admin_get("/api/v1/status")["log_length"]
+            .as_u64()
+            .unwrap()
+    };
+    let recorded = |a: &Daemon, before: u64, what: &str| {
+        assert!(
+            wait_until(CONVERGE_TIMEOUT, || log_length(a) > before),
+            "A did not record {what}\n{}",
+            a.log_tail()
+        );
+    };
+    let mut rng = SmallRng::seed_from_u64(35);
+    let mut random = |len: usize| {
+        let mut bytes = vec![0u8; len];
+        rng.fill_bytes(&mut bytes);
+        bytes
+    };
+    for (pair, edited) in [("one", "big"), ("two", "copy")] {
+        let big = a.folder().join(format!("{pair}-big.bin"));
+        let copy = a.folder().join(format!("{pair}-copy.bin"));
+        // Made aside and renamed in, so that A records each whole, once.
+        let aside = a.data.path().join(format!("{pair}-aside"));
+        let before = log_length(&a);
+        write_file(&aside, &random(6 << 20));
+        fs::rename(&aside, &big).unwrap();
+        recorded(&a, before, "the big file");
+        let before = log_length(&a);
+        fs::copy(&big, &aside).unwrap();
+        fs::rename(&aside, &copy).unwrap();
+        recorded(&a, before, "the copy");
+        let before = log_length(&a);
+        let target = if edited == "big" { &big } else { &copy };
+        let mut f = OpenOptions::new().write(true).open(target).unwrap();
+        f.write_all(&random(6 << 20)).unwrap();
+        drop(f);
+        recorded(&a, before, "the edit in place");
+    }
+    b.start();
+    assert_converges(&mut a, &mut b);
+    let status = b.admin_get("/api/v1/status");
+    assert_eq!(status["pending_events"], 0, "{status}");
+    a.stop();
+    b.stop();
+}
+
 /// B killed while a large file streams in (pushed as A cuts it, written into a pack of
 /// its own): no part of the file is ever at its final path, and B, restarted, converges
 /// with the whole file.

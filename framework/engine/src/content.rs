@@ -58,6 +58,19 @@
 //! anyone may change it from then on: its chunks are checked on every read, like an
 //! earlier run's, and a chunk changed since reads as damaged and is fetched again.
 //!
+//! The other way round, a large file of the folder that this replica chunks is not copied
+//! into a pack: the store takes the file itself as a pack, *adopted* ([`ChunkStore::adopt`],
+//! a hard link), and records where its chunks lie in it. It is read like a lent pack,
+//! every chunk checked, and its data is synced like a pack's before the index names it. A
+//! large file thus costs its size once on the replica that has it, not twice. Such a file
+//! is its owner's to change, and a change is an event of its own that supersedes the
+//! content it loses; so a chunk is left in a file of the folder (adopted or lent) only
+//! while that file alone needs it. When other content holds it too (a copy of the file,
+//! or a file that shares part of it), the store writes it into a pack of its own:
+//! chunking a file, it never records a chunk held in another file of the folder, and
+//! never moves one out of its own packs (see [`ChunkStore::put_adopted_at`]). A pack is
+//! taken for such a file, in an earlier run, when it has more than one link.
+//!
 //! Chunks are never removed yet (no garbage collection), as before with the sled tree.
 
 use std::collections::{HashMap, HashSet};
@@ -226,6 +239,62 @@ enum Origin {
 /// A peer's chunk with its offset in its stream, on the way into a stream pack.
 type Placed<'a> = (Hash, &'a [u8], u64);
 
+/// A file of the folder offered as one of the store's packs ([`ChunkStore::adopt`]): its
+/// chunks are recorded where they lie in it ([`ChunkStore::put_adopted_at`]) instead of
+/// being copied into a pack.
+#[derive(Clone, Debug)]
+pub struct Adopted {
+    /// The file's device and inode.
+    inode: (u64, u64),
+    /// The file, open: linked as the pack, and synced with the chunks recorded in it.
+    file: Arc<File>,
+}
+
+/// What is known of packs during one put (see [`PackKinds::of`]).
+#[derive(Default)]
+struct PackKinds(HashMap<u32, PackKind>);
+
+/// Whether someone else may change a pack, and which file it is.
+#[derive(Clone, Copy)]
+struct PackKind {
+    /// Another name links to the pack (a file of the folder: adopted, or lent to it), or
+    /// it could not be looked at: its chunks may change under the store.
+    shared: bool,
+    /// Its device and inode, when looked at.
+    inode: Option<(u64, u64)>,
+}
+
+impl PackKinds {
+    /// What pack `id` is, looked at once per put: a pack this process wrote and neither
+    /// lent nor adopted is the store's alone; any other is shared while its file has
+    /// more than one link. Once the folder's file was renamed over or removed, the pack
+    /// is the only name of its bytes, and no one else changes them.
+    fn of(&mut self, store: &ChunkStore, id: u32) -> PackKind {
+        *self.0.entry(id).or_insert_with(|| {
+            use std::os::unix::fs::MetadataExt;
+            if id >= store.inner.own_packs && !store.is_lent(id) {
+                return PackKind {
+                    shared: false,
+                    inode: None,
+                };
+            }
+            match store.pack(id).and_then(|pack| {
+                pack.metadata()
+                    .map_err(io_error("looking at", pack_path(&store.inner.dir, id)))
+            }) {
+                Ok(meta) => PackKind {
+                    shared: meta.nlink() > 1,
+                    inode: Some((meta.dev(), meta.ino())),
+                },
+                Err(_) => PackKind {
+                    shared: true,
+                    inode: None,
+                },
+            }
+        })
+    }
+}
+
 /// Where a chunk's bytes are.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Location {
@@ -298,8 +367,9 @@ struct Inner {
     /// Chunks found damaged in a pack and dropped from the index, to be fetched again
     /// from peers (see [`ChunkStore::damaged`]).
     damaged: Mutex<HashSet<Hash>>,
-    /// Stream packs of this run lent to the folder store ([`ChunkStore::lend`]): no
-    /// longer trusted, as the folder's files may change.
+    /// Stream packs of this run lent to the folder store ([`ChunkStore::lend`]), and the
+    /// folder's files taken as packs ([`ChunkStore::adopt`]): not trusted, as the
+    /// folder's files may change.
     lent: RwLock<HashSet<u32>>,
     /// Runs of trusted packs handed out as [`Piece::InPack`] and not dropped yet, by
     /// pack: they are copied without a check later, so a pack with any is not lent.
@@ -317,8 +387,10 @@ struct Inner {
 /// ones read next (written out by a store, sent to a peer, looked up to see whether a
 /// content is complete), and a sled lookup cost about as much as the folder store's
 /// write of a small file. Two generations, the older dropped when the newer fills, so
-/// memory stays bounded. Entries are durable and packs are never rewritten, so an entry
-/// never goes stale.
+/// memory stays bounded. Entries are durable and packs are never rewritten; a chunk
+/// recorded anew (copied out of a file of the folder, or found at another place in an
+/// adopted one, see [`ChunkStore::put_adopted_at`]) is found staged or in a manifest
+/// before this is asked, and its new entry is the newer one here once indexed.
 #[derive(Default)]
 struct Recent {
     newer: HashMap<Hash, Location>,
@@ -367,8 +439,21 @@ struct PackWriter {
     last_busy: Instant,
     /// [`INDEX_QUIET`] (tests make it longer).
     index_quiet: Duration,
-    /// Packs closed since the last sync, still to be made durable.
+    /// Packs closed since the last sync, and adopted files chunks were recorded in, still
+    /// to be made durable.
     closed: Vec<(u32, Arc<File>)>,
+    /// The files of the folder taken as packs in this run, by device and inode, so that
+    /// one chunked again is the same pack (see [`ChunkStore::adopt`]); `None` for one
+    /// that could not be linked.
+    adopted: HashMap<(u64, u64), Option<u32>>,
+    /// Chunks recorded over an entry the index or a manifest may hold (copied out of a
+    /// file of the folder, or found at another place in an adopted one): indexed at the
+    /// next sync, never through a manifest, so that no older entry comes back over them
+    /// after a crash (`open` takes a manifest's entry only where the index has none).
+    moved: HashSet<Hash>,
+    /// Stream packs of this run that local content relies on for a chunk it holds: never
+    /// lent (see [`ChunkStore::lend`]), as the folder's owner could then change it.
+    relied_on: HashSet<u32>,
     /// Chunks put locally and not yet handed to the sink (only while one is set).
     fresh: Vec<FreshChunk>,
     /// Stream packs open for writing, by stream (see the module docs).
@@ -413,6 +498,14 @@ impl PackWriter {
         self.id += 1;
     }
 
+    /// Notes that local content keeps a chunk in pack `id`: a stream pack of this run is
+    /// then never lent (see [`PackWriter::relied_on`]).
+    fn rely_on(&mut self, id: u32) {
+        if self.streams.values().any(|p| p.id == id) {
+            self.relied_on.insert(id);
+        }
+    }
+
     /// Notes a put or a lookup: while manifests wait, the store is in use (see
     /// [`PackWriter::last_busy`]).
     fn busy(&mut self) {
@@ -437,6 +530,8 @@ impl PackWriter {
     /// [`ChunkStore::sync`] if it was written to since the last one).
     fn close_stream(&mut self, stream: u64) {
         if let Some(pack) = self.streams.remove(&stream) {
+            // Never lent now: nothing to keep it from.
+            self.relied_on.remove(&pack.id);
             if pack.dirty {
                 self.closed.push((pack.id, pack.file));
             }
@@ -534,6 +629,9 @@ impl ChunkStore {
                     last_busy: Instant::now(),
                     index_quiet: INDEX_QUIET,
                     closed: Vec::new(),
+                    adopted: HashMap::new(),
+                    relied_on: HashSet::new(),
+                    moved: HashSet::new(),
                     fresh: Vec::new(),
                     streams: HashMap::new(),
                     stream_clock: 0,
@@ -618,6 +716,251 @@ impl ChunkStore {
         }
         debug_assert!(slices.iter().all(|(h, b)| Hash::of(b) == *h));
         self.put_chunks(&slices, places, Some((buffer, &ranges)), Origin::Local)
+    }
+
+    /// Offers the open file `file` (a large file of the folder, about to be chunked) as a
+    /// pack of this store, so that its data chunks need not be copied
+    /// ([`put_adopted_at`](Self::put_adopted_at)). The file is taken, a hard link to it
+    /// in the pack directory, only once a chunk is to be recorded in it, and once per run:
+    /// a file chunked again (the same inode, edited in place) is the same pack again.
+    ///
+    /// What the store records there is durable like a pack's: the next
+    /// [`sync`](Self::sync) syncs the file's data before any index entry naming it. The
+    /// folder's owner may change the file at any time, so the pack is read like a lent
+    /// one, every chunk checked, and a chunk changed since reads as damaged; the change
+    /// is a later event of the file, which supersedes the one whose content was lost that
+    /// way (see `PendingQueue::take_ready`). So that this holds, a chunk recorded in an
+    /// adopted file is that file's alone: content put otherwise that holds it gets a copy
+    /// in a pack of the store's own (see [`put_adopted_at`](Self::put_adopted_at) and the
+    /// module docs).
+    ///
+    /// `None` when the file cannot be looked at or opened again: its chunks are then put
+    /// as usual.
+    pub fn adopt(&self, file: &File) -> Option<Adopted> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = file.metadata().ok()?;
+        Some(Adopted {
+            inode: (meta.dev(), meta.ino()),
+            file: Arc::new(file.try_clone().ok()?),
+        })
+    }
+
+    /// The pack that is the file `adopted` offers, linked now if it is not yet; `None`
+    /// when it cannot be (another file system, a file owned by someone else, no `/proc`,
+    /// a sync of it failed): its chunks are then copied. `w` is the writer, locked.
+    fn adopted_pack(&self, w: &mut PackWriter, adopted: &Adopted) -> Option<u32> {
+        match w.adopted.get(&adopted.inode) {
+            Some(&Some(pack)) if !self.is_failed(pack) => return Some(pack),
+            Some(&Some(_)) | Some(None) => return None,
+            None => {}
+        }
+        // The next pack number (the shared pack moves on to the one after, closed first
+        // so that numbers stay in creation order), marked lent before it exists, so that
+        // no read ever trusts it.
+        if w.file.is_some() {
+            w.rotate();
+        }
+        let id = w.id;
+        w.id += 1;
+        if let Ok(mut lent) = self.inner.lent.write() {
+            lent.insert(id);
+        }
+        let path = pack_path(&self.inner.dir, id);
+        match link_open_file(&adopted.file, &path) {
+            Ok(()) => {
+                // Synced with the next sync, before any index entry naming the pack is.
+                w.created = true;
+                w.adopted.insert(adopted.inode, Some(id));
+                self.keep_reader(id, &adopted.file);
+                Some(id)
+            }
+            Err(e) => {
+                if let Ok(mut lent) = self.inner.lent.write() {
+                    lent.remove(&id);
+                }
+                w.adopted.insert(adopted.inode, None);
+                tracing::debug!(
+                    "linking a file as {}: {e}; copying it instead",
+                    path.display()
+                );
+                None
+            }
+        }
+    }
+
+    /// Puts data chunks of the file `adopted` offers, cut from `buffer` (`chunks[i]` is
+    /// (hash, range in `buffer`), at `places[i]` in the file; every one needs its place).
+    /// A chunk new to the store, or held only in that same file (chunked before, here or
+    /// in an earlier run), is recorded where the file has it now: nothing is written. One
+    /// held in a pack no one else can change (one of the store's own, or one whose file
+    /// has no other name) stays there. One held only where someone else may change it
+    /// (another adopted file, a stream pack lent to the folder) is copied into a pack of
+    /// the store's own: a chunk two files share is never the adopted file's alone, so an
+    /// edit of either loses nothing the other still needs. When the file cannot be taken
+    /// (see [`adopt`](Self::adopt)), every chunk to record is copied instead. Chunks new
+    /// to the store are handed to the fresh-chunk sink, as
+    /// [`put_shared_prehashed_at`](Self::put_shared_prehashed_at) does.
+    pub fn put_adopted_at(
+        &self,
+        adopted: &Adopted,
+        buffer: &SharedBuffer,
+        chunks: &[(Hash, Range<usize>)],
+        places: &[Option<Place>],
+    ) -> Result<(), LogError> {
+        let inner = &self.inner;
+        let bytes: &[u8] = (**buffer).as_ref();
+        let misplaced = |what: &str| LogError::ContentIo {
+            op: "storing",
+            path: inner.dir.clone(),
+            source: std::io::Error::other(what.to_owned()),
+        };
+        let mut packs = PackKinds::default();
+        let mut w = inner.writer.lock().map_err(|_| LogError::Closed)?;
+        w.busy();
+        // The pack the file is, if it was taken before.
+        let mut pack = match w.adopted.get(&adopted.inode) {
+            Some(&Some(id)) if !self.is_failed(id) => Some(id),
+            _ => None,
+        };
+        // Chunks to record in the file (and whether one was held before, elsewhere in it),
+        // to copy, and new to the store.
+        let mut here: Vec<(Hash, Range<usize>, Place, bool)> = Vec::new();
+        let mut copy: Vec<(Hash, Range<usize>)> = Vec::new();
+        let mut new: Vec<(Hash, Range<usize>, Place)> = Vec::new();
+        let mut seen: HashSet<Hash> = HashSet::new();
+        for (i, (hash, range)) in chunks.iter().enumerate() {
+            let place = places
+                .get(i)
+                .copied()
+                .flatten()
+                .ok_or_else(|| misplaced("a chunk of an adopted file without its place"))?;
+            let slice = bytes
+                .get(range.clone())
+                .ok_or_else(|| misplaced("a chunk's range lies outside its buffer"))?;
+            debug_assert_eq!(Hash::of(slice), *hash);
+            u32::try_from(slice.len()).map_err(|_| misplaced("a chunk larger than 4 GiB"))?;
+            // A file with repeated content names a chunk twice: the first place serves.
+            if !seen.insert(*hash) {
+                continue;
+            }
+            match self.known(&w, hash)? {
+                None => {
+                    here.push((*hash, range.clone(), place, false));
+                    new.push((*hash, range.clone(), place));
+                }
+                Some(location) if Some(location.pack) == pack => {
+                    // Where it was: nothing to record.
+                    if location.offset != place.offset {
+                        here.push((*hash, range.clone(), place, true));
+                    }
+                }
+                Some(location) => {
+                    let kind = packs.of(self, location.pack);
+                    if kind.inode == Some(adopted.inode) {
+                        here.push((*hash, range.clone(), place, true));
+                    } else if !kind.shared && !self.is_failed(location.pack) {
+                        w.rely_on(location.pack);
+                    } else {
+                        copy.push((*hash, range.clone()));
+                    }
+                }
+            }
+        }
+        // The file is taken for a window mostly its own (new chunks, or its own found
+        // again); a few new chunks among known ones (an edit of a large file renamed over
+        // it) are copied instead, so that the sync does not write out the whole file for
+        // them. Once taken, it holds what else is new.
+        let window: usize = chunks.iter().map(|(_, r)| r.len()).sum();
+        let own: usize = here.iter().map(|(_, r, _, _)| r.len()).sum();
+        let again = here.iter().any(|(_, _, _, moved)| *moved);
+        if pack.is_none() && !here.is_empty() && (again || own * 2 >= window) {
+            pack = self.adopted_pack(&mut w, adopted);
+        }
+        match pack {
+            Some(pack) => {
+                for (hash, range, place, moved) in &here {
+                    // Checked above.
+                    let len = range.len() as u32;
+                    w.staged.insert(
+                        *hash,
+                        Location {
+                            pack,
+                            offset: place.offset,
+                            len,
+                        },
+                    );
+                    if *moved {
+                        w.moved.insert(*hash);
+                    }
+                }
+                // Synced with the next sync, before the entries are recorded.
+                if !here.is_empty() && !w.closed.iter().any(|(id, _)| *id == pack) {
+                    w.closed.push((pack, adopted.file.clone()));
+                }
+            }
+            None => copy.extend(
+                here.iter()
+                    .map(|(hash, range, _, _)| (*hash, range.clone())),
+            ),
+        }
+        for (hash, _) in &copy {
+            if !new.iter().any(|(h, _, _)| h == hash) {
+                w.moved.insert(*hash);
+            }
+        }
+        let mut behind = Vec::new();
+        if !copy.is_empty() {
+            let slices: Vec<(Hash, &[u8])> = copy
+                .iter()
+                .map(|(hash, range)| (*hash, &bytes[range.clone()]))
+                .collect();
+            self.append(&mut w, &slices, &mut behind)?;
+        }
+        let mut full = None;
+        if !new.is_empty() && inner.sink.read().is_ok_and(|s| s.is_some()) {
+            let new_bytes: usize = new.iter().map(|(_, r, _)| r.len()).sum();
+            let share = new_bytes * 2 >= bytes.len();
+            for (hash, range, place) in new {
+                let chunk = share
+                    .then(|| ChunkBytes::shared(buffer.clone(), range.clone()))
+                    .flatten()
+                    .unwrap_or_else(|| ChunkBytes::copied(&bytes[range]));
+                w.fresh.push(FreshChunk {
+                    hash,
+                    bytes: chunk,
+                    place: Some(place),
+                });
+            }
+            if w.fresh.len() >= FRESH_BATCH {
+                full = Some(std::mem::take(&mut w.fresh));
+            }
+        }
+        drop(w);
+        for (id, range) in behind {
+            self.drop_behind(id, range);
+        }
+        if let Some(fresh) = full {
+            self.hand_on(fresh);
+        }
+        Ok(())
+    }
+
+    /// Where `hash` is held, if anywhere: staged, in a manifest, or in the index (`w` is
+    /// the writer, locked).
+    fn known(&self, w: &PackWriter, hash: &Hash) -> Result<Option<Location>, LogError> {
+        if let Some(location) = w
+            .staged
+            .get(hash)
+            .or_else(|| w.unindexed.get(hash))
+            .copied()
+            .or_else(|| self.recent(hash))
+        {
+            return Ok(Some(location));
+        }
+        match self.inner.index.get(hash.0)? {
+            Some(entry) => Location::decode(hash, &entry).map(Some),
+            None => Ok(None),
+        }
     }
 
     /// Stores `bytes` offered under `hash` (by a peer), after checking that they hash to
@@ -707,8 +1050,9 @@ impl ChunkStore {
 
     /// Appends the chunks not known yet to the pack (a peer's checked first, so that known
     /// ones are neither hashed nor looked up twice; a peer's placed ones written into
-    /// their stream's pack instead); returns a full batch of fresh hashes to hand on
-    /// (outside the writer's lock).
+    /// their stream's pack instead), and local ones known only in a file of the folder
+    /// (see [`ChunkStore::adopt`]), which are not fresh; returns a full batch of fresh
+    /// hashes to hand on (outside the writer's lock).
     fn write_chunks(
         &self,
         chunks: &[(Hash, &[u8])],
@@ -724,14 +1068,27 @@ impl ChunkStore {
         let mut new_index: Vec<usize> = Vec::with_capacity(chunks.len());
         // A batch may name a chunk twice (a file with repeated content).
         let mut taken: HashSet<Hash> = HashSet::with_capacity(chunks.len());
+        // Chunks known only where someone else may change them, written again (below).
+        let mut again: HashSet<Hash> = HashSet::new();
+        let mut packs = PackKinds::default();
         for (i, &(hash, bytes)) in chunks.iter().enumerate() {
-            if w.staged.contains_key(&hash)
-                || w.unindexed.contains_key(&hash)
-                || taken.contains(&hash)
-                || self.recent(&hash).is_some()
-                || inner.index.contains_key(hash.0)?
-            {
+            if taken.contains(&hash) {
                 continue;
+            }
+            if let Some(location) = self.known(&w, &hash)? {
+                // A file's own chunk held only in another file of the folder (adopted or
+                // lent) is copied into a pack of the store's own: an edit of that file
+                // must not lose content this one still needs (see `adopt`). A peer's
+                // chunks need no copy: their origin holds them.
+                if origin != Origin::Local {
+                    continue;
+                }
+                if !packs.of(self, location.pack).shared {
+                    w.rely_on(location.pack);
+                    continue;
+                }
+                again.insert(hash);
+                w.moved.insert(hash);
             }
             taken.insert(hash);
             if origin == Origin::Peer {
@@ -790,6 +1147,9 @@ impl ChunkStore {
             let new_bytes: usize = new.iter().map(|(_, b)| b.len()).sum();
             let shared = shared.filter(|(buffer, _)| new_bytes * 2 >= (***buffer).as_ref().len());
             for (k, (&(hash, bytes), &place)) in new.iter().zip(&new_places).enumerate() {
+                if again.contains(&hash) {
+                    continue;
+                }
                 let bytes = shared
                     .and_then(|(buffer, ranges)| {
                         let range = ranges.get(new_index[k])?.clone();
@@ -1103,6 +1463,18 @@ impl ChunkStore {
             .into_iter()
             .filter(|(h, l)| w.staged.get(h) == Some(l))
             .collect();
+        // Chunks recorded anew are no longer where the index or a manifest waiting to be
+        // indexed has them: indexed now, over both (see `PackWriter::moved`).
+        let (moved, staged): (Vec<_>, Vec<_>) =
+            staged.into_iter().partition(|(h, _)| w.moved.contains(h));
+        if !moved.is_empty() {
+            self.index(moved.clone())?;
+            for (hash, _) in &moved {
+                w.unindexed.remove(hash);
+                w.moved.remove(hash);
+                w.staged.remove(hash);
+            }
+        }
         if staged.len() < MANIFEST_ENTRIES {
             self.index(staged.clone())?;
         } else {
@@ -1284,7 +1656,9 @@ impl ChunkStore {
                     if matches!(
                         source.kind(),
                         std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::NotFound
-                    ) || source.raw_os_error() == Some(libc::EIO) =>
+                    ) || source.raw_os_error() == Some(libc::EIO)
+                        || source.kind() == std::io::ErrorKind::PermissionDenied
+                            && self.is_folders(location.pack) =>
                 {
                     Some(LogError::ContentIo {
                         op: "reading",
@@ -1294,12 +1668,21 @@ impl ChunkStore {
                 }
                 Err(e) => return Err(e),
             };
-            if let Some(e) = lost {
-                return Err(self.lost(w, &hash, &path, &e));
+            match lost {
+                // An adopted file changed since it was read: the change is an event of
+                // its own, which supersedes the content the chunk was of (see `adopt`).
+                // (A disk's failure to read it is no change: that chunk is lost.)
+                Some(e) if self.is_lent(location.pack) && !is_eio(&e) => {
+                    tracing::info!("{e}: changed in the folder since it was read; dropped");
+                    w.staged.remove(&hash);
+                }
+                Some(e) => return Err(self.lost(w, &hash, &path, &e)),
+                None => {
+                    bytes_in_group += bytes.len();
+                    group.push((hash, bytes));
+                }
             }
-            bytes_in_group += bytes.len();
-            group.push((hash, bytes));
-            if bytes_in_group >= WRITE_AGAIN_BYTES || i + 1 == moving.len() {
+            if !group.is_empty() && (bytes_in_group >= WRITE_AGAIN_BYTES || i + 1 == moving.len()) {
                 let slices: Vec<(Hash, &[u8])> =
                     group.iter().map(|(h, b)| (*h, b.as_slice())).collect();
                 // The current pack is a new one: the failed ones were given up. (Its
@@ -1445,9 +1828,10 @@ impl ChunkStore {
             }
         };
         // Not while a run of it is still to be copied unchecked (by another writer of
-        // the same content): it is copied here too, then.
+        // the same content), nor once local content relies on a chunk of it (the
+        // folder's owner could change it; see `adopt`): it is copied here too, then.
         let in_use = self.inner.in_use.lock().map_err(|_| LogError::Closed)?;
-        if in_use.contains_key(&pack) {
+        if in_use.contains_key(&pack) || w.relied_on.contains(&pack) {
             return Ok(false);
         }
         mark(true);
@@ -1509,9 +1893,18 @@ impl ChunkStore {
         Ok(file)
     }
 
-    /// Whether pack `id` was lent to the folder by this process.
+    /// Whether pack `id` was lent to the folder, or adopted from it, by this process.
     fn is_lent(&self, id: u32) -> bool {
         self.inner.lent.read().is_ok_and(|lent| lent.contains(&id))
+    }
+
+    /// Whether pack `id` is a file of the folder too: lent to it or adopted from it in this
+    /// run, or, from an earlier one, a pack with another name.
+    fn is_folders(&self, id: u32) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        self.is_lent(id)
+            || std::fs::symlink_metadata(pack_path(&self.inner.dir, id))
+                .is_ok_and(|meta| meta.nlink() > 1)
     }
 
     /// Whether a chunk at `location` was checked on its way into a pack this process
@@ -1532,13 +1925,14 @@ impl ChunkStore {
         let trusted = self.trusted(location);
         let read = match self.pack(location.pack) {
             Ok(pack) => pack.read_exact_at(&mut bytes, location.offset),
-            // A pack of an earlier run removed, or a lent one whose mode the folder's
-            // owner changed: its chunks are lost, like damaged ones.
+            // A pack of an earlier run removed, or one lent to the folder or adopted from
+            // it whose mode the folder's owner changed: its chunks are lost, like damaged
+            // ones.
             Err(LogError::ContentIo { source, .. })
                 if !trusted
                     && (source.kind() == std::io::ErrorKind::NotFound
                         || source.kind() == std::io::ErrorKind::PermissionDenied
-                            && self.is_lent(location.pack)) =>
+                            && self.is_folders(location.pack)) =>
             {
                 Err(std::io::ErrorKind::UnexpectedEof.into())
             }
@@ -1585,7 +1979,8 @@ impl ChunkStore {
         let mut writer = self.inner.writer.lock().map_err(|_| LogError::Closed)?;
         // A lent pack's chunks may still be staged (lent before the sync).
         if writer.staged.get(hash) == Some(&location) {
-            if self.is_failed(location.pack) {
+            // (An adopted file's chunk changed is superseded, not lost: see `adopt`.)
+            if self.is_failed(location.pack) && !self.is_lent(location.pack) {
                 // Staged in a pack given up: an event naming it may be waiting to be made
                 // durable, and no longer finds it staged.
                 let path = pack_path(&self.inner.dir, location.pack);
@@ -2289,6 +2684,46 @@ fn write_all_vectored(mut file: &File, chunks: &[(Hash, &[u8])]) -> std::io::Res
     Ok(())
 }
 
+/// Whether `e` is the disk's failure to read (`EIO`), not a change of what was read.
+fn is_eio(e: &LogError) -> bool {
+    matches!(e, LogError::ContentIo { source, .. } if source.raw_os_error() == Some(libc::EIO))
+}
+
+/// Hard-links the file open as `file` at `to`: the very file opened, even if its name
+/// was since given to another (through `/proc/self/fd`, which needs no privilege, unlike
+/// `linkat` with `AT_EMPTY_PATH`).
+fn link_open_file(file: &File, to: &Path) -> std::io::Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::ffi::CString;
+        use std::os::fd::AsRawFd;
+        use std::os::unix::ffi::OsStrExt;
+        let from = CString::new(format!("/proc/self/fd/{}", file.as_raw_fd()))?;
+        let to = CString::new(to.as_os_str().as_bytes())?;
+        // SAFETY: both paths are NUL-terminated strings that outlive the call, which
+        // only reads them.
+        let linked = unsafe {
+            libc::linkat(
+                libc::AT_FDCWD,
+                from.as_ptr(),
+                libc::AT_FDCWD,
+                to.as_ptr(),
+                libc::AT_SYMLINK_FOLLOW,
+            )
+        };
+        if linked == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = (file, to);
+        Err(std::io::ErrorKind::Unsupported.into())
+    }
+}
+
 /// A manifest's value: its entries, hash then location, one after another.
 fn encode_manifest(entries: &[(Hash, Location)]) -> Vec<u8> {
     let mut out = Vec::with_capacity(entries.len() * MANIFEST_ENTRY_BYTES);
@@ -2982,6 +3417,25 @@ mod tests {
             .collect()
     }
 
+    /// A stream pack that local content relies on for a chunk (a file put here holding a
+    /// chunk a peer's stream brought) is not lent: the folder's owner could change it.
+    #[test]
+    fn a_stream_pack_local_content_relies_on_is_not_lent() {
+        let (dir, _db, store) = scratch();
+        let lens: Vec<usize> = (0..40).map(|i| 1000 + i * 7).collect();
+        let chunks = chunks_of(&lens, 3);
+        let (content, items) = pushed(&chunks, 43);
+        put_pushed(&store, &items);
+        store.sync().unwrap();
+        assert!(store.missing(&content).unwrap().is_empty());
+        // Known already: the local put keeps it where the stream put it.
+        let stream_pack = store.locate(&items[0].0).unwrap().unwrap();
+        store.put(&chunks[0]).unwrap();
+        assert_eq!(store.locate(&items[0].0).unwrap().unwrap(), stream_pack);
+        assert!(!store.lend(&content, &dir.path().join("the file")).unwrap());
+        assert!(store.trusted(store.locate(&items[0].0).unwrap().unwrap()));
+    }
+
     #[test]
     fn a_stream_received_whole_is_lent_then_checked_on_every_read() {
         let (dir, _db, store) = scratch();
@@ -3054,6 +3508,243 @@ mod tests {
         for (hash, bytes) in items.iter().map(|i| i.0).zip(&chunks) {
             assert_eq!(store.get(&hash).unwrap().as_ref(), Some(bytes));
         }
+    }
+
+    /// Chunks with their ranges in one buffer, and their places in one stream.
+    type Laid = (Vec<(Hash, Range<usize>)>, Vec<Option<Place>>);
+
+    /// `chunks`, one after another in one buffer, with their ranges and places.
+    fn placed(chunks: &[Vec<u8>]) -> Laid {
+        let mut ranges = Vec::new();
+        let mut places = Vec::new();
+        let mut at = 0;
+        for chunk in chunks {
+            ranges.push((Hash::of(chunk), at..at + chunk.len()));
+            places.push(Some(Place {
+                stream: 7,
+                offset: at as u64,
+            }));
+            at += chunk.len();
+        }
+        (ranges, places)
+    }
+
+    /// The pack `adopted` is linked as, if it is.
+    fn pack_of(store: &ChunkStore, adopted: &Adopted) -> Option<u32> {
+        let w = store.inner.writer.lock().unwrap();
+        w.adopted.get(&adopted.inode).copied().flatten()
+    }
+
+    /// The bytes in the store's packs other than `except`'s.
+    fn packed_bytes(dir: &Path, except: &[u32]) -> u64 {
+        let except: Vec<PathBuf> = except.iter().map(|&id| pack_path(dir, id)).collect();
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| {
+                let name = p.file_name().unwrap().to_str().unwrap();
+                name.starts_with("pack-") && !except.contains(p)
+            })
+            .map(|p| std::fs::metadata(p).unwrap().len())
+            .sum()
+    }
+
+    #[test]
+    fn an_adopted_file_is_read_where_it_lies_checked_and_never_copied() {
+        use std::os::unix::fs::MetadataExt;
+        let (dir, db, store) = scratch();
+        let lens: Vec<usize> = (0..40).map(|i| 3000 + i * 11).collect();
+        let chunks = chunks_of(&lens, 7);
+        let whole: Vec<u8> = chunks.concat();
+        let path = dir.path().join("a large file of the folder");
+        std::fs::write(&path, &whole).unwrap();
+        let (ranges, places) = placed(&chunks);
+        let buffer: SharedBuffer = Arc::new(whole.clone());
+        let hash = |i: usize| ranges[i].0;
+        // One chunk is held already, in a pack this run wrote.
+        store.put(&chunks[0]).unwrap();
+        let handed: Arc<Mutex<Vec<Hash>>> = Arc::default();
+        let sink = handed.clone();
+        store.set_fresh_sink(Some(Box::new(move |fresh: Vec<FreshChunk>| {
+            sink.lock().unwrap().extend(fresh.iter().map(|c| c.hash))
+        })));
+
+        // A file on another file system cannot be linked: its chunks are copied.
+        let elsewhere = store
+            .adopt(&File::open("/proc/self/status").unwrap())
+            .unwrap();
+        let apart = chunks_of(&[5000, 6000], 99);
+        let (apart_ranges, apart_places) = placed(&apart);
+        let apart_buffer: SharedBuffer = Arc::new(apart.concat());
+        store
+            .put_adopted_at(&elsewhere, &apart_buffer, &apart_ranges, &apart_places)
+            .unwrap();
+        assert_eq!(pack_of(&store, &elsewhere), None);
+        for (hash, _) in &apart_ranges {
+            assert!(store.trusted(store.locate(hash).unwrap().unwrap()));
+        }
+        let apart_bytes = (5000 + 6000) as u64;
+        store.flush_fresh();
+        handed.lock().unwrap().clear();
+
+        let file = File::open(&path).unwrap();
+        let adopted = store.adopt(&file).unwrap();
+        store
+            .put_adopted_at(&adopted, &buffer, &ranges, &places)
+            .unwrap();
+        store.flush_fresh();
+        let fresh: Vec<Hash> = (1..chunks.len()).map(hash).collect();
+        assert_eq!(*handed.lock().unwrap(), fresh, "the new chunks go to peers");
+        // The pack is the file itself; nothing else holds more than the first chunk.
+        let adopted_pack = pack_of(&store, &adopted).unwrap();
+        let pack = pack_path(dir.path(), adopted_pack);
+        assert_eq!(
+            std::fs::metadata(&pack).unwrap().ino(),
+            std::fs::metadata(&path).unwrap().ino()
+        );
+        assert_eq!(
+            packed_bytes(dir.path(), &[adopted_pack]),
+            chunks[0].len() as u64 + apart_bytes
+        );
+        let first = store.locate(&hash(0)).unwrap().unwrap();
+        assert!(
+            store.trusted(first) && first.pack != adopted_pack,
+            "a trusted copy stays"
+        );
+        assert!(!store.trusted(store.locate(&hash(1)).unwrap().unwrap()));
+        assert_eq!(store.get(&hash(1)).unwrap().unwrap(), chunks[1]);
+        // Chunked again in this run, the same file is the same pack: no second link.
+        let file = File::open(&path).unwrap();
+        let once_more = store.adopt(&file).unwrap();
+        store
+            .put_adopted_at(&once_more, &buffer, &ranges, &places)
+            .unwrap();
+        assert_eq!(pack_of(&store, &once_more), Some(adopted_pack));
+        assert_eq!(std::fs::metadata(&path).unwrap().nlink(), 2);
+
+        // Synced and opened again (a restart), the chunks are found where they lie.
+        store.sync().unwrap();
+        drop(store);
+        let store = open(&db, dir.path());
+        assert_eq!(store.get(&hash(2)).unwrap().unwrap(), chunks[2]);
+
+        // Changed in place by the folder's owner: what changed reads as damaged.
+        let mut changed = whole.clone();
+        changed[ranges[3].1.start] ^= 0xff;
+        std::fs::write(&path, &changed).unwrap();
+        assert!(matches!(store.get(&hash(3)), Err(LogError::Corrupt { .. })));
+        assert_eq!(store.damaged(), vec![hash(3)]);
+
+        // Chunked again once changed back, it is adopted anew: the chunk lost is found in
+        // it, and so are those the earlier run recorded in the same file; the one in a
+        // pack of the store's own stays there.
+        std::fs::write(&path, &whole).unwrap();
+        let file = File::open(&path).unwrap();
+        let again = store.adopt(&file).unwrap();
+        store
+            .put_adopted_at(&again, &buffer, &ranges, &places)
+            .unwrap();
+        let again_pack = pack_of(&store, &again).unwrap();
+        assert_ne!(again_pack, adopted_pack);
+        for i in [3, 2] {
+            assert_eq!(store.locate(&hash(i)).unwrap().unwrap().pack, again_pack);
+        }
+        assert_eq!(store.locate(&hash(0)).unwrap().unwrap(), first);
+        assert_eq!(store.get(&hash(3)).unwrap().unwrap(), chunks[3]);
+        assert!(store.damaged().is_empty());
+    }
+
+    /// A chunk two files of the folder share is never left in one of them alone: a file
+    /// put the usual way that holds a chunk of an adopted file, and a copy of the adopted
+    /// file (`cp big copy`), get copies in the store's own packs, so that editing the
+    /// adopted file in place loses none of their content; synced, the copies are what the
+    /// index holds, whatever manifest still waits to be indexed, after a crash too.
+    #[test]
+    fn a_chunk_of_an_adopted_file_that_other_content_holds_is_copied() {
+        use std::os::unix::fs::MetadataExt;
+        let (dir, db, store) = scratch();
+        // Enough chunks for a sync to record them in a manifest.
+        let lens: Vec<usize> = (0..MANIFEST_ENTRIES + 16).map(|i| 4000 + i * 13).collect();
+        let chunks = chunks_of(&lens, 9);
+        let whole: Vec<u8> = chunks.concat();
+        let (ranges, places) = placed(&chunks);
+        let buffer: SharedBuffer = Arc::new(whole.clone());
+        let hash = |i: usize| ranges[i].0;
+        let original = dir.path().join("big");
+        std::fs::write(&original, &whole).unwrap();
+        let adopted = store.adopt(&File::open(&original).unwrap()).unwrap();
+        store
+            .put_adopted_at(&adopted, &buffer, &ranges, &places)
+            .unwrap();
+        let original_pack = pack_of(&store, &adopted).unwrap();
+        assert_eq!(packed_bytes(dir.path(), &[original_pack]), 0);
+        store.sync().unwrap();
+        assert!(!store.inner.writer.lock().unwrap().unindexed.is_empty());
+
+        // A small file holding one of its chunks, put the usual way: the chunk is copied,
+        // and, synced, stays copied once the manifest is indexed.
+        store.put(&chunks[3]).unwrap();
+        store.sync().unwrap();
+        assert!(store.trusted(store.locate(&hash(3)).unwrap().unwrap()));
+
+        // `cp big copy`: every chunk of the copy is copied, and the copy, in which
+        // nothing is recorded, is not linked.
+        let copy = dir.path().join("copy");
+        std::fs::write(&copy, &whole).unwrap();
+        let second = store.adopt(&File::open(&copy).unwrap()).unwrap();
+        store
+            .put_adopted_at(&second, &buffer, &ranges, &places)
+            .unwrap();
+        assert_eq!(pack_of(&store, &second), None);
+        assert_eq!(std::fs::metadata(&copy).unwrap().nlink(), 1);
+        assert_eq!(
+            packed_bytes(dir.path(), &[original_pack]),
+            whole.len() as u64
+        );
+        store.sync().unwrap();
+        for i in 0..chunks.len() {
+            assert!(store.trusted(store.locate(&hash(i)).unwrap().unwrap()));
+        }
+        // A crash before the big file's manifest is indexed: the copies still count.
+        assert!(!store.inner.writer.lock().unwrap().manifested.is_empty());
+        drop(store);
+        let store = open(&db, dir.path());
+        for i in 0..chunks.len() {
+            assert_ne!(store.locate(&hash(i)).unwrap().unwrap().pack, original_pack);
+        }
+
+        // Both files edited in place: nothing the copies hold is lost.
+        for path in [&original, &copy] {
+            std::fs::write(path, vec![0u8; whole.len()]).unwrap();
+        }
+        for (i, chunk) in chunks.iter().enumerate() {
+            assert_eq!(store.get(&hash(i)).unwrap().unwrap(), *chunk);
+        }
+        assert!(store.damaged().is_empty());
+
+        // A file whose pack has no other name left (renamed over, here removed) is no
+        // one else's to change: a new file holding its chunks leaves them there.
+        let lens: Vec<usize> = (0..10).map(|i| 5000 + i * 7).collect();
+        let other = chunks_of(&lens, 21);
+        let (other_ranges, other_places) = placed(&other);
+        let other_buffer: SharedBuffer = Arc::new(other.concat());
+        let third = dir.path().join("third");
+        std::fs::write(&third, other.concat()).unwrap();
+        let third_adopted = store.adopt(&File::open(&third).unwrap()).unwrap();
+        store
+            .put_adopted_at(&third_adopted, &other_buffer, &other_ranges, &other_places)
+            .unwrap();
+        let kept = store.locate(&other_ranges[5].0).unwrap().unwrap();
+        assert_eq!(Some(kept.pack), pack_of(&store, &third_adopted));
+        std::fs::remove_file(&third).unwrap();
+        let fourth = dir.path().join("fourth");
+        std::fs::write(&fourth, other.concat()).unwrap();
+        let fourth_adopted = store.adopt(&File::open(&fourth).unwrap()).unwrap();
+        store
+            .put_adopted_at(&fourth_adopted, &other_buffer, &other_ranges, &other_places)
+            .unwrap();
+        assert_eq!(store.locate(&other_ranges[5].0).unwrap().unwrap(), kept);
+        assert_eq!(pack_of(&store, &fourth_adopted), None);
     }
 
     #[test]

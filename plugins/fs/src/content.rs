@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use converge_api::content::TreeBuilder;
 use converge_api::{ContentRef, EntryKind, Hash, Meta, Op, Place};
-use converge_framework::content::{new_stream, ChunkStore, SharedBuffer};
+use converge_framework::content::{new_stream, Adopted, ChunkStore, SharedBuffer};
 use converge_framework::LogError;
 use fastcdc::v2020::FastCDC;
 
@@ -266,8 +266,14 @@ enum Piece {
 }
 
 /// Puts a piece into `store`; data chunks with their places in `stream` when there is
-/// one (a large file's, see [`Place`]).
-fn put_piece(store: &ChunkStore, stream: Option<u64>, piece: &Piece) -> Result<(), LogError> {
+/// one (a large file's, see [`Place`]), and recorded where they lie in the file when the
+/// store `adopted` it.
+fn put_piece(
+    store: &ChunkStore,
+    stream: Option<u64>,
+    adopted: Option<&Adopted>,
+    piece: &Piece,
+) -> Result<(), LogError> {
     match piece {
         Piece::Data(w) => {
             let places: Vec<Option<Place>> = match stream {
@@ -284,7 +290,10 @@ fn put_piece(store: &ChunkStore, stream: Option<u64>, piece: &Piece) -> Result<(
                 None => Vec::new(),
             };
             let buffer: SharedBuffer = w.bytes.clone();
-            store.put_shared_prehashed_at(&buffer, &w.chunks, &places)
+            match adopted {
+                Some(adopted) => store.put_adopted_at(adopted, &buffer, &w.chunks, &places),
+                None => store.put_shared_prehashed_at(&buffer, &w.chunks, &places),
+            }
         }
         Piece::Node(hash, node) => store.put_prehashed(hash, node),
     }
@@ -313,13 +322,18 @@ fn chunk_open_file(
     if let Sink::Gather(gathered, _) = &mut sink {
         gathered.begin_file();
     }
+    // Its data chunks are not copied into a pack: the store takes the file itself.
+    let adopted = match (&sink, stream) {
+        (Sink::Store(store), Some(_)) => store.adopt(file)?,
+        _ => None,
+    };
     let put = &mut |piece: &Piece| match &mut sink {
-        Sink::Store(store) => put_piece(store, stream, piece),
+        Sink::Store(store) => put_piece(store, stream, adopted.as_ref(), piece),
         Sink::Gather(gathered, _) if gathered.file_bytes <= GATHER_FILE_MAX => {
             gathered.add(piece);
             Ok(())
         }
-        Sink::Gather(_, store) => put_piece(store, stream, piece),
+        Sink::Gather(_, store) => put_piece(store, stream, None, piece),
         Sink::Drop => Ok(()),
     };
     let mut hasher = Hasher::default();
