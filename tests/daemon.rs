@@ -311,11 +311,7 @@ fn a_big_file_streamed_in_is_taken_whole_and_an_edit_in_place_is_safe() {
 /// the last version.
 #[test]
 fn a_big_file_overwritten_in_place_twice_while_the_peer_is_away_converges_to_the_last() {
-    let (mut a, mut b) = converged_pair(&[(
-        "first.txt",
-        b"connected
-",
-    )]);
+    let (mut a, mut b) = converged_pair(&[("first.txt", b"connected\n")]);
     let mut rng = SmallRng::seed_from_u64(33);
     let mut version = || {
         let mut bytes = vec![0u8; 6 << 20];
@@ -363,7 +359,8 @@ fn a_big_file_overwritten_in_place_twice_while_the_peer_is_away_converges_to_the
     b.stop();
 }
 
-/// Large files copied on A (`cp big copy`, each file then adopted by A's store), and one
+/// Large files copied on A (`cp big copy`: A's store takes the big file as a pack and
+/// copies what the copy shares with it into packs of its own), and one
 /// of each pair overwritten in place while B is away: the original in one pair, the copy
 /// in the other. B, started, gets every file whole: what the two files of a pair share
 /// was never left in one of them alone.
@@ -399,6 +396,14 @@ fn a_big_file_and_its_copy_each_edited_in_place_lose_nothing_of_the_other() {
         fs::rename(&aside, &big).unwrap();
         recorded(&a, before, "the big file");
         let before = log_length(&a);
+        let ino = fs::metadata(&big).unwrap().ino();
+        let packs = a.data.path().join("db").join("packs");
+        assert!(
+            fs::read_dir(&packs)
+                .unwrap()
+                .any(|e| e.unwrap().metadata().unwrap().ino() == ino),
+            "A's packs hold the file itself"
+        );
         fs::copy(&big, &aside).unwrap();
         fs::rename(&aside, &copy).unwrap();
         recorded(&a, before, "the copy");

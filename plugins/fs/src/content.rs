@@ -324,7 +324,7 @@ fn chunk_open_file(
     }
     // Its data chunks are not copied into a pack: the store takes the file itself.
     let adopted = match (&sink, stream) {
-        (Sink::Store(store), Some(_)) => store.adopt(file)?,
+        (Sink::Store(store), Some(_)) => store.adopt(file),
         _ => None,
     };
     let put = &mut |piece: &Piece| match &mut sink {
