@@ -3994,13 +3994,17 @@ mod tests {
     /// writeback does: the store's descriptors of the pack are turned into a pipe's
     /// (`fdatasync` of a pipe fails with `EINVAL`). Returns what puts them back.
     fn fail_syncs_of(dir: &Path, id: u32) -> impl FnOnce() {
-        let pack = pack_path(dir, id);
+        fail_syncs_of_path(&pack_path(dir, id))
+    }
+
+    /// [`fail_syncs_of`] for the descriptors open on the file at `pack`.
+    fn fail_syncs_of_path(pack: &Path) -> impl FnOnce() {
         let fds: Vec<i32> = std::fs::read_dir("/proc/self/fd")
             .unwrap()
             .filter_map(|e| {
                 let e = e.ok()?;
                 let target = std::fs::read_link(e.path()).ok()?;
-                (target == pack).then(|| e.file_name().to_str()?.parse().ok())?
+                (target == *pack).then(|| e.file_name().to_str()?.parse().ok())?
             })
             .collect();
         assert!(!fds.is_empty(), "no descriptor of {}", pack.display());
@@ -4025,6 +4029,51 @@ mod tests {
             }
             libc::close(pipe[0]);
             libc::close(pipe[1]);
+        }
+    }
+
+    /// An adopted file whose sync fails is given up like a pack: its chunks are copied
+    /// into the store's own pack by the next sync, except one the folder's owner changed
+    /// meanwhile, which is dropped (the change supersedes it) without breaking the store,
+    /// and the file's later chunks are copied, not recorded in it.
+    #[test]
+    fn an_adopted_file_whose_sync_failed_is_copied_and_a_changed_chunk_dropped() {
+        let (dir, _db, store) = scratch();
+        let lens: Vec<usize> = (0..8).map(|i| 4000 + i * 13).collect();
+        let chunks = chunks_of(&lens, 5);
+        let whole: Vec<u8> = chunks.concat();
+        let (ranges, places) = placed(&chunks);
+        let buffer: SharedBuffer = Arc::new(whole.clone());
+        let path = dir.path().join("a large file of the folder");
+        std::fs::write(&path, &whole).unwrap();
+        let adopted = store.adopt(&File::open(&path).unwrap()).unwrap();
+        store
+            .put_adopted_at(&adopted, &buffer, &ranges[..4], &places[..4])
+            .unwrap();
+        let pack = pack_of(&store, &adopted).unwrap();
+
+        let put_back = fail_syncs_of_path(&path);
+        assert!(store.sync().is_err());
+        put_back();
+        // Changed in place meanwhile: the second chunk.
+        let mut changed = whole.clone();
+        changed[ranges[1].1.start] ^= 0xff;
+        std::fs::write(&path, &changed).unwrap();
+        store.sync().unwrap();
+        assert_eq!(store.locate(&ranges[1].0).unwrap(), None);
+        for i in [0, 2, 3] {
+            let at = store.locate(&ranges[i].0).unwrap().unwrap();
+            assert!(store.trusted(at) && at.pack != pack, "{at:?}");
+            assert_eq!(store.get(&ranges[i].0).unwrap().unwrap(), chunks[i]);
+        }
+        // Not broken: the file's later chunks are copied, and syncs go on.
+        store
+            .put_adopted_at(&adopted, &buffer, &ranges[4..], &places[4..])
+            .unwrap();
+        store.sync().unwrap();
+        for (hash, _) in &ranges[4..] {
+            let at = store.locate(hash).unwrap().unwrap();
+            assert!(store.trusted(at) && at.pack != pack, "{at:?}");
         }
     }
 
