@@ -194,6 +194,44 @@ fn converged_pair(files: &[(&str, &[u8])]) -> (Daemon, Daemon) {
     (a, b)
 }
 
+/// Runs `change` on `a` and waits until `a`'s log has grown (the change recorded); fails
+/// naming `what` otherwise.
+fn change_recorded(a: &Daemon, what: &str, change: impl FnOnce()) {
+    let log_length = || {
+        a.admin_get("/api/v1/status")["log_length"]
+            .as_u64()
+            .unwrap()
+    };
+    let before = log_length();
+    change();
+    assert!(
+        wait_until(CONVERGE_TIMEOUT, || log_length() > before),
+        "{} did not record {what}\n{}",
+        a.name,
+        a.log_tail()
+    );
+}
+
+/// Whether `a`'s content store holds the file at `path` itself (a link to it among its
+/// packs: adopted, not copied).
+fn adopted_by(a: &Daemon, path: &Path) -> bool {
+    let ino = fs::metadata(path).unwrap().ino();
+    fs::read_dir(a.data.path().join("db").join("packs"))
+        .unwrap()
+        .any(|e| e.unwrap().metadata().unwrap().ino() == ino)
+}
+
+/// Starts `b` again, waits until it converges with `a` with no event left waiting for
+/// content, and stops both.
+fn restart_converge_and_stop(mut a: Daemon, mut b: Daemon) {
+    b.start();
+    assert_converges(&mut a, &mut b);
+    let status = b.admin_get("/api/v1/status");
+    assert_eq!(status["pending_events"], 0, "{status}");
+    a.stop();
+    b.stop();
+}
+
 fn write_file(path: &Path, bytes: &[u8]) {
     if let Some(parent) = path.parent() {
         fs::create_dir_all(parent).unwrap();
@@ -321,42 +359,24 @@ fn a_big_file_overwritten_in_place_twice_while_the_peer_is_away_converges_to_the
     let path = a.folder().join("big.bin");
     write_file(&path, &version());
     assert_converges(&mut a, &mut b);
-    let adopted = || {
-        let ino = fs::metadata(&path).unwrap().ino();
-        fs::read_dir(a.data.path().join("db").join("packs"))
-            .unwrap()
-            .any(|e| e.unwrap().metadata().unwrap().ino() == ino)
-    };
-    assert!(adopted(), "A's packs hold the file itself, not a copy");
+    assert!(
+        adopted_by(&a, &path),
+        "A's packs hold the file itself, not a copy"
+    );
     assert!(
         dir_size(&a.data.path().join("db").join("packs")) < (6 << 20) + (1 << 20),
         "and no copy of it"
     );
     b.stop();
 
-    let log_length = |a: &Daemon| {
-        a.admin_get("/api/v1/status")["log_length"]
-            .as_u64()
-            .unwrap()
-    };
     for _ in 0..2 {
-        let before = log_length(&a);
         // Same file, new bytes: what A adopted before is overwritten.
-        let mut f = OpenOptions::new().write(true).open(&path).unwrap();
-        f.write_all(&version()).unwrap();
-        drop(f);
-        assert!(
-            wait_until(CONVERGE_TIMEOUT, || log_length(&a) > before),
-            "A did not record the overwrite\n{}",
-            a.log_tail()
-        );
+        change_recorded(&a, "the overwrite", || {
+            let mut f = OpenOptions::new().write(true).open(&path).unwrap();
+            f.write_all(&version()).unwrap();
+        });
     }
-    b.start();
-    assert_converges(&mut a, &mut b);
-    let status = b.admin_get("/api/v1/status");
-    assert_eq!(status["pending_events"], 0, "{status}");
-    a.stop();
-    b.stop();
+    restart_converge_and_stop(a, b);
 }
 
 /// Large files copied on A (`cp big copy`: A's store takes the big file as a pack and
@@ -366,20 +386,8 @@ fn a_big_file_overwritten_in_place_twice_while_the_peer_is_away_converges_to_the
 /// was never left in one of them alone.
 #[test]
 fn a_big_file_and_its_copy_each_edited_in_place_lose_nothing_of_the_other() {
-    let (mut a, mut b) = converged_pair(&[("first.txt", b"connected\n")]);
+    let (a, mut b) = converged_pair(&[("first.txt", b"connected\n")]);
     b.stop();
-    let log_length = |a: &Daemon| {
-        a.admin_get("/api/v1/status")["log_length"]
-            .as_u64()
-            .unwrap()
-    };
-    let recorded = |a: &Daemon, before: u64, what: &str| {
-        assert!(
-            wait_until(CONVERGE_TIMEOUT, || log_length(a) > before),
-            "A did not record {what}\n{}",
-            a.log_tail()
-        );
-    };
     let mut rng = SmallRng::seed_from_u64(35);
     let mut random = |len: usize| {
         let mut bytes = vec![0u8; len];
@@ -391,35 +399,22 @@ fn a_big_file_and_its_copy_each_edited_in_place_lose_nothing_of_the_other() {
         let copy = a.folder().join(format!("{pair}-copy.bin"));
         // Made aside and renamed in, so that A records each whole, once.
         let aside = a.data.path().join(format!("{pair}-aside"));
-        let before = log_length(&a);
-        write_file(&aside, &random(6 << 20));
-        fs::rename(&aside, &big).unwrap();
-        recorded(&a, before, "the big file");
-        let before = log_length(&a);
-        let ino = fs::metadata(&big).unwrap().ino();
-        let packs = a.data.path().join("db").join("packs");
-        assert!(
-            fs::read_dir(&packs)
-                .unwrap()
-                .any(|e| e.unwrap().metadata().unwrap().ino() == ino),
-            "A's packs hold the file itself"
-        );
-        fs::copy(&big, &aside).unwrap();
-        fs::rename(&aside, &copy).unwrap();
-        recorded(&a, before, "the copy");
-        let before = log_length(&a);
+        change_recorded(&a, "the big file", || {
+            write_file(&aside, &random(6 << 20));
+            fs::rename(&aside, &big).unwrap();
+        });
+        assert!(adopted_by(&a, &big), "A's packs hold the file itself");
+        change_recorded(&a, "the copy", || {
+            fs::copy(&big, &aside).unwrap();
+            fs::rename(&aside, &copy).unwrap();
+        });
         let target = if edited == "big" { &big } else { &copy };
-        let mut f = OpenOptions::new().write(true).open(target).unwrap();
-        f.write_all(&random(6 << 20)).unwrap();
-        drop(f);
-        recorded(&a, before, "the edit in place");
+        change_recorded(&a, "the edit in place", || {
+            let mut f = OpenOptions::new().write(true).open(target).unwrap();
+            f.write_all(&random(6 << 20)).unwrap();
+        });
     }
-    b.start();
-    assert_converges(&mut a, &mut b);
-    let status = b.admin_get("/api/v1/status");
-    assert_eq!(status["pending_events"], 0, "{status}");
-    a.stop();
-    b.stop();
+    restart_converge_and_stop(a, b);
 }
 
 /// B killed while a large file streams in (pushed as A cuts it, written into a pack of
