@@ -239,6 +239,10 @@ enum Origin {
 /// A peer's chunk with its offset in its stream, on the way into a stream pack.
 type Placed<'a> = (Hash, &'a [u8], u64);
 
+/// A chunk put locally and new to the store, on its way to the fresh-chunk sink: its
+/// bytes, their range in the buffer they were cut from (if any) and its place.
+type NewChunk<'a> = (Hash, &'a [u8], Option<Range<usize>>, Option<Place>);
+
 /// A file of the folder offered as one of the store's packs ([`ChunkStore::adopt`]): its
 /// chunks are recorded where they lie in it ([`ChunkStore::put_adopted_at`]) instead of
 /// being copied into a pack.
@@ -862,6 +866,7 @@ impl ChunkStore {
                         w.rely_on(location.pack);
                     } else {
                         copy.push((*hash, range.clone()));
+                        w.moved.insert(*hash);
                     }
                 }
             }
@@ -898,14 +903,13 @@ impl ChunkStore {
                     w.closed.push((pack, adopted.file.clone()));
                 }
             }
-            None => copy.extend(
-                here.iter()
-                    .map(|(hash, range, _, _)| (*hash, range.clone())),
-            ),
-        }
-        for (hash, _) in &copy {
-            if !new.iter().any(|(h, _, _)| h == hash) {
-                w.moved.insert(*hash);
+            None => {
+                for (hash, range, _, moved) in &here {
+                    copy.push((*hash, range.clone()));
+                    if *moved {
+                        w.moved.insert(*hash);
+                    }
+                }
             }
         }
         let mut behind = Vec::new();
@@ -916,25 +920,11 @@ impl ChunkStore {
                 .collect();
             self.append(&mut w, &slices, &mut behind)?;
         }
-        let mut full = None;
-        if !new.is_empty() && inner.sink.read().is_ok_and(|s| s.is_some()) {
-            let new_bytes: usize = new.iter().map(|(_, r, _)| r.len()).sum();
-            let share = new_bytes * 2 >= bytes.len();
-            for (hash, range, place) in new {
-                let chunk = share
-                    .then(|| ChunkBytes::shared(buffer.clone(), range.clone()))
-                    .flatten()
-                    .unwrap_or_else(|| ChunkBytes::copied(&bytes[range]));
-                w.fresh.push(FreshChunk {
-                    hash,
-                    bytes: chunk,
-                    place: Some(place),
-                });
-            }
-            if w.fresh.len() >= FRESH_BATCH {
-                full = Some(std::mem::take(&mut w.fresh));
-            }
-        }
+        let fresh = new
+            .into_iter()
+            .map(|(hash, range, place)| (hash, &bytes[range.clone()], Some(range), Some(place)))
+            .collect();
+        let full = self.queue_fresh(&mut w, Some(buffer), fresh);
         drop(w);
         for (id, range) in behind {
             self.drop_behind(id, range);
@@ -943,6 +933,31 @@ impl ChunkStore {
             self.hand_on(fresh);
         }
         Ok(())
+    }
+
+    /// Queues chunks put locally and new to the store for the fresh-chunk sink, each as
+    /// (hash, bytes, range in `buffer`, place): as ranges of `buffer` when at least half
+    /// of it is new (no copy), copied otherwise. Returns a full batch to hand on, outside
+    /// the writer's lock (`w`, locked). Nothing is queued while no sink is set.
+    fn queue_fresh(
+        &self,
+        w: &mut PackWriter,
+        buffer: Option<&SharedBuffer>,
+        new: Vec<NewChunk<'_>>,
+    ) -> Option<Vec<FreshChunk>> {
+        if new.is_empty() || !self.inner.sink.read().is_ok_and(|s| s.is_some()) {
+            return None;
+        }
+        let new_bytes: usize = new.iter().map(|(_, bytes, _, _)| bytes.len()).sum();
+        let buffer = buffer.filter(|buffer| new_bytes * 2 >= (***buffer).as_ref().len());
+        for (hash, bytes, range, place) in new {
+            let bytes = buffer
+                .zip(range)
+                .and_then(|(buffer, range)| ChunkBytes::shared(buffer.clone(), range))
+                .unwrap_or_else(|| ChunkBytes::copied(bytes));
+            w.fresh.push(FreshChunk { hash, bytes, place });
+        }
+        (w.fresh.len() >= FRESH_BATCH).then(|| std::mem::take(&mut w.fresh))
     }
 
     /// Where `hash` is held, if anywhere: staged, in a manifest, or in the index (`w` is
@@ -1142,26 +1157,20 @@ impl ChunkStore {
         } else {
             self.append(&mut w, &new, &mut behind)?;
         }
-        let mut full = None;
-        if origin == Origin::Local && inner.sink.read().is_ok_and(|s| s.is_some()) {
-            let new_bytes: usize = new.iter().map(|(_, b)| b.len()).sum();
-            let shared = shared.filter(|(buffer, _)| new_bytes * 2 >= (***buffer).as_ref().len());
-            for (k, (&(hash, bytes), &place)) in new.iter().zip(&new_places).enumerate() {
-                if again.contains(&hash) {
-                    continue;
-                }
-                let bytes = shared
-                    .and_then(|(buffer, ranges)| {
-                        let range = ranges.get(new_index[k])?.clone();
-                        ChunkBytes::shared(buffer.clone(), range)
-                    })
-                    .unwrap_or_else(|| ChunkBytes::copied(bytes));
-                w.fresh.push(FreshChunk { hash, bytes, place });
-            }
-            if w.fresh.len() >= FRESH_BATCH {
-                full = Some(std::mem::take(&mut w.fresh));
-            }
-        }
+        let fresh = match origin {
+            Origin::Local => new
+                .iter()
+                .zip(&new_places)
+                .enumerate()
+                .filter(|(_, ((hash, _), _))| !again.contains(hash))
+                .map(|(k, (&(hash, bytes), &place))| {
+                    let range = shared.and_then(|(_, ranges)| ranges.get(new_index[k]).cloned());
+                    (hash, bytes, range, place)
+                })
+                .collect(),
+            Origin::Peer => Vec::new(),
+        };
+        let full = self.queue_fresh(&mut w, shared.map(|(buffer, _)| buffer), fresh);
         // The wait for the writeback happens outside the lock, which every lookup of a
         // staged chunk takes.
         drop(w);
