@@ -417,6 +417,46 @@ fn a_big_file_and_its_copy_each_edited_in_place_lose_nothing_of_the_other() {
     restart_converge_and_stop(a, b);
 }
 
+/// A large file of A's folder (taken as a pack of A's, not copied) edited in place while A
+/// is stopped, before B ever got it, keeping its size and its mtime: A's start-up scan
+/// takes it as unchanged, and the version A logged can no longer be read from it. Asked
+/// for that version by B, A finds the file changed where it had recorded its chunks,
+/// chunks it again and logs what it holds now: B ends with that.
+#[test]
+fn a_big_file_edited_unseen_while_stopped_is_chunked_again_once_asked_for() {
+    use std::io::{Seek, SeekFrom};
+    let (mut a, mut b) = converged_pair(&[("first.txt", b"connected\n")]);
+    b.stop();
+    let mut big = vec![0u8; 6 << 20];
+    SmallRng::seed_from_u64(37).fill_bytes(&mut big);
+    let path = a.folder().join("big.bin");
+    let aside = a.data.path().join("big-aside");
+    change_recorded(&a, "the big file", || {
+        write_file(&aside, &big);
+        fs::rename(&aside, &path).unwrap();
+    });
+    assert!(adopted_by(&a, &path), "A's packs hold the file itself");
+    a.stop();
+
+    let mtime = fs::metadata(&path).unwrap().modified().unwrap();
+    let mut f = OpenOptions::new().write(true).open(&path).unwrap();
+    f.seek(SeekFrom::Start(3 << 20)).unwrap();
+    f.write_all(&[0xA5; 4096]).unwrap();
+    f.set_modified(mtime).unwrap();
+    drop(f);
+    assert_eq!(fs::metadata(&path).unwrap().modified().unwrap(), mtime);
+
+    a.start();
+    b.start();
+    assert_converges(&mut a, &mut b);
+    assert_eq!(fs::read(b.folder().join("big.bin")).unwrap()[3 << 20], 0xA5);
+    assert!(a
+        .log()
+        .contains("big.bin: changed in place without a change of size or mtime"));
+    let status = b.admin_get("/api/v1/status");
+    assert_eq!(status["pending_events"], 0, "{status}");
+}
+
 /// B killed while a large file streams in (pushed as A cuts it, written into a pack of
 /// its own): no part of the file is ever at its final path, and B, restarted, converges
 /// with the whole file.

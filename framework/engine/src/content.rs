@@ -371,6 +371,13 @@ struct Inner {
     /// Chunks found damaged in a pack and dropped from the index, to be fetched again
     /// from peers (see [`ChunkStore::damaged`]).
     damaged: Mutex<HashSet<Hash>>,
+    /// Files of the folder (device, inode) holding a pack's chunks that were found changed
+    /// there, for the folder source to chunk again (see [`ChunkStore::changed_files`]).
+    changed_files: Mutex<HashSet<(u64, u64)>>,
+    /// Whether `changed_files` may hold any: the source asks for every file it looks at.
+    any_changed_file: AtomicBool,
+    /// Wakes the folder source when a file joins `changed_files`.
+    file_changed: tokio::sync::Notify,
     /// Stream packs of this run lent to the folder store ([`ChunkStore::lend`]), and the
     /// folder's files taken as packs ([`ChunkStore::adopt`]): not trusted, as the
     /// folder's files may change.
@@ -653,6 +660,9 @@ impl ChunkStore {
                 sink: RwLock::new(None),
                 recent: RwLock::new(Recent::default()),
                 damaged: Mutex::new(HashSet::new()),
+                changed_files: Mutex::new(HashSet::new()),
+                any_changed_file: AtomicBool::new(false),
+                file_changed: tokio::sync::Notify::new(),
                 lent: RwLock::new(HashSet::new()),
                 in_use: Arc::default(),
                 failed: RwLock::new(HashSet::new()),
@@ -2017,6 +2027,7 @@ impl ChunkStore {
             damaged.insert(*hash);
         }
         let path = pack_path(&self.inner.dir, location.pack);
+        self.note_changed_file(&path, location.pack);
         if self.is_lent(location.pack) {
             // The folder's copy of the file changed since: expected, not damage.
             tracing::info!(
@@ -2030,6 +2041,56 @@ impl ChunkStore {
             );
         }
         Ok(())
+    }
+
+    /// Notes that pack `id`, at `path`, read changed, if it is a file of the folder too
+    /// (lent to it, or adopted from it): a change the folder source did not see (an edit
+    /// in place that kept the file's size and mtime, made while the daemon was stopped)
+    /// left the logged version without its content, and only chunking the file again
+    /// gives the event that supersedes it.
+    fn note_changed_file(&self, path: &Path, id: u32) {
+        use std::os::unix::fs::MetadataExt;
+        let Ok(meta) = std::fs::symlink_metadata(path) else {
+            return;
+        };
+        if !(self.is_lent(id) || meta.nlink() > 1) {
+            return;
+        }
+        if let Ok(mut files) = self.inner.changed_files.lock() {
+            if files.insert((meta.dev(), meta.ino())) {
+                self.inner.any_changed_file.store(true, Ordering::Release);
+                self.inner.file_changed.notify_one();
+            }
+        }
+    }
+
+    /// Whether the file of the folder with inode `ino` on device `dev` holds chunks this
+    /// store found changed in it since it recorded them: the folder source chunks it
+    /// again whatever its stat says, then calls [`ChunkStore::forget_changed_file`].
+    pub fn is_changed_file(&self, dev: u64, ino: u64) -> bool {
+        self.inner.any_changed_file.load(Ordering::Acquire)
+            && self
+                .inner
+                .changed_files
+                .lock()
+                .is_ok_and(|files| files.contains(&(dev, ino)))
+    }
+
+    /// Takes the file `(dev, ino)` off the changed ones: it was chunked again.
+    pub fn forget_changed_file(&self, dev: u64, ino: u64) {
+        if let Ok(mut files) = self.inner.changed_files.lock() {
+            files.remove(&(dev, ino));
+            if files.is_empty() {
+                self.inner.any_changed_file.store(false, Ordering::Release);
+            }
+        }
+    }
+
+    /// Waits until a file of the folder is found changed where this store had recorded
+    /// its chunks (see [`ChunkStore::is_changed_file`]); at once if one was found since the
+    /// last wait ended. For the folder source, which then looks at the folder again.
+    pub async fn files_changed(&self) {
+        self.inner.file_changed.notified().await;
     }
 
     /// The chunks found damaged (see [`ChunkStore::get`]) and not stored again since: the
@@ -3643,6 +3704,23 @@ mod tests {
         std::fs::write(&path, &changed).unwrap();
         assert!(matches!(store.get(&hash(3)), Err(LogError::Corrupt { .. })));
         assert_eq!(store.damaged(), vec![hash(3)]);
+        // The file is named for the folder source to chunk again, and wakes it.
+        let meta = std::fs::metadata(&path).unwrap();
+        assert!(store.is_changed_file(meta.dev(), meta.ino()));
+        assert!(!store.is_changed_file(meta.dev(), meta.ino() + 1));
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        let woken = runtime.block_on(async {
+            tokio::time::timeout(Duration::from_secs(10), store.files_changed()).await
+        });
+        assert!(
+            woken.is_ok(),
+            "the wait ends at once: a file was found changed"
+        );
+        store.forget_changed_file(meta.dev(), meta.ino());
+        assert!(!store.is_changed_file(meta.dev(), meta.ino()));
 
         // Chunked again once changed back, it is adopted anew: the chunk lost is found in
         // it, and so are those the earlier run recorded in the same file; the one in a

@@ -83,6 +83,15 @@ fn head_kind(head: &Head) -> Option<EntryKind> {
 /// back through the watcher), judged by size, mtime and the executable bit.
 pub(crate) fn is_echo(env: &Env, key: &Key, meta: &Metadata) -> bool {
     env.echo.get(key).and_then(Applied::file_stat) == Some(file_stat(meta))
+        && !changed_unseen(env, meta)
+}
+
+/// Whether the content store found the file `meta` describes changed where it had
+/// recorded its chunks (see `ChunkStore::is_changed_file`): its stat hides a change, and
+/// it is chunked again whatever the stat says.
+fn changed_unseen(env: &Env, meta: &Metadata) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    env.chunks.is_changed_file(meta.dev(), meta.ino())
 }
 
 /// Compares the regular file at `path` with `heads`; returns the `Put` to emit (if it
@@ -101,7 +110,8 @@ pub(crate) fn examine_file(
 ) -> Result<(Option<Op>, u64), FsError> {
     let meta = looked.meta();
     let stat @ (_, mtime, executable) = file_stat(meta);
-    if is_echo(env, key, meta) || heads.iter().any(|h| put_stat(&h.op) == Some(stat)) {
+    let unseen = changed_unseen(env, meta);
+    if !unseen && (is_echo(env, key, meta) || heads.iter().any(|h| put_stat(&h.op) == Some(stat))) {
         return Ok((None, 0));
     }
     // A key the store could not show: a state the log knows is what the store could not
@@ -123,6 +133,11 @@ pub(crate) fn examine_file(
     if file_stat(&read) != stat || content.size != stat.0 {
         tracing::debug!("{key}: changed while it was read; looked at again once written");
         return Ok((None, content.size));
+    }
+    if unseen {
+        use std::os::unix::fs::MetadataExt;
+        tracing::info!("{key}: changed in place without a change of size or mtime; chunked again");
+        env.chunks.forget_changed_file(meta.dev(), meta.ino());
     }
     let same_content = heads.iter().any(|h| match &h.op {
         Op::Put {

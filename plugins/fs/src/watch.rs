@@ -225,6 +225,16 @@ impl FsSource {
                     false
                 }
                 _ = tokio::time::sleep_until(release_at.unwrap_or(far)), if release_at.is_some() => true,
+                // A file changed where the content store had recorded its chunks, with a
+                // stat that hides it (see `ChunkStore::files_changed`): looked at again.
+                _ = env.chunks.files_changed() => {
+                    tracing::info!(
+                        "{}: a file's content changed unseen; rescanning",
+                        root.display()
+                    );
+                    batch.rescan = true;
+                    false
+                }
                 first = rx.recv() => match first {
                     None => return Ok(()),
                     Some(event) => {
