@@ -374,6 +374,9 @@ struct Inner {
     /// Files of the folder (device, inode) holding a pack's chunks that were found changed
     /// there, for the folder source to chunk again (see [`ChunkStore::changed_files`]).
     changed_files: Mutex<HashSet<(u64, u64)>>,
+    /// The same, kept across restarts: the chunks' index entries are dropped for good, so
+    /// the file would not read changed again.
+    changed_tree: Tree,
     /// Whether `changed_files` may hold any: the source asks for every file it looks at.
     any_changed_file: AtomicBool,
     /// Wakes the folder source when a file joins `changed_files`.
@@ -570,20 +573,43 @@ fn pack_path(dir: &Path, id: u32) -> PathBuf {
     dir.join(format!("pack-{id:08}"))
 }
 
+/// The key of a file of the folder (device, inode) in the tree of changed files.
+fn encode_file_id((dev, ino): (u64, u64)) -> [u8; 16] {
+    let mut key = [0; 16];
+    key[..8].copy_from_slice(&dev.to_be_bytes());
+    key[8..].copy_from_slice(&ino.to_be_bytes());
+    key
+}
+
+/// The file a key of the tree of changed files names; `None` for a key of another length.
+fn decode_file_id(key: &[u8]) -> Option<(u64, u64)> {
+    let dev = u64::from_be_bytes(key.get(..8)?.try_into().ok()?);
+    let ino = u64::from_be_bytes(key.get(8..16)?.try_into().ok()?);
+    (key.len() == 16).then_some((dev, ino))
+}
+
 fn io_error(op: &'static str, path: PathBuf) -> impl FnOnce(std::io::Error) -> LogError {
     move |source| LogError::ContentIo { op, path, source }
 }
 
 impl ChunkStore {
-    /// The store with index tree `index`, manifests in `manifests` and pack files in
+    /// The store with index tree `index`, manifests in `manifests`, the folder's files
+    /// found changed in `changed` (see [`ChunkStore::changed_files`]) and pack files in
     /// `dir` (created if missing); `temporary` removes `dir` when the last clone is
     /// dropped. The manifests a crash left are indexed by the first sync.
     pub(crate) fn open(
         index: Tree,
         manifests: Tree,
+        changed: Tree,
         dir: PathBuf,
         temporary: bool,
     ) -> Result<Self, LogError> {
+        let mut changed_files = HashSet::new();
+        for key in changed.iter().keys() {
+            if let Some(file) = decode_file_id(&key?) {
+                changed_files.insert(file);
+            }
+        }
         let mut unindexed = HashMap::new();
         let mut manifested = Vec::new();
         for entry in manifests.iter() {
@@ -660,8 +686,9 @@ impl ChunkStore {
                 sink: RwLock::new(None),
                 recent: RwLock::new(Recent::default()),
                 damaged: Mutex::new(HashSet::new()),
-                changed_files: Mutex::new(HashSet::new()),
-                any_changed_file: AtomicBool::new(false),
+                any_changed_file: AtomicBool::new(!changed_files.is_empty()),
+                changed_files: Mutex::new(changed_files),
+                changed_tree: changed,
                 file_changed: tokio::sync::Notify::new(),
                 lent: RwLock::new(HashSet::new()),
                 in_use: Arc::default(),
@@ -1995,6 +2022,10 @@ impl ChunkStore {
     /// missing, so a peer's copy is stored when it comes (a known chunk would be skipped),
     /// and it is listed by [`ChunkStore::damaged`] for the engine to ask peers for.
     fn forget_damaged(&self, hash: &Hash, location: Location) -> Result<(), LogError> {
+        let path = pack_path(&self.inner.dir, location.pack);
+        // Noted before the index entry goes: sled persists its writes in order, so the
+        // entry is never gone without the note.
+        self.note_changed_file(&path, location.pack)?;
         let mut writer = self.inner.writer.lock().map_err(|_| LogError::Closed)?;
         // A lent pack's chunks may still be staged (lent before the sync).
         if writer.staged.get(hash) == Some(&location) {
@@ -2026,8 +2057,6 @@ impl ChunkStore {
         if let Ok(mut damaged) = self.inner.damaged.lock() {
             damaged.insert(*hash);
         }
-        let path = pack_path(&self.inner.dir, location.pack);
-        self.note_changed_file(&path, location.pack);
         if self.is_lent(location.pack) {
             // The folder's copy of the file changed since: expected, not damage.
             tracing::info!(
@@ -2048,25 +2077,63 @@ impl ChunkStore {
     /// in place that kept the file's size and mtime, made while the daemon was stopped)
     /// left the logged version without its content, and only chunking the file again
     /// gives the event that supersedes it.
-    fn note_changed_file(&self, path: &Path, id: u32) {
+    fn note_changed_file(&self, path: &Path, id: u32) -> Result<(), LogError> {
         use std::os::unix::fs::MetadataExt;
         let Ok(meta) = std::fs::symlink_metadata(path) else {
-            return;
+            return Ok(());
         };
         if !(self.is_lent(id) || meta.nlink() > 1) {
-            return;
+            return Ok(());
         }
-        if let Ok(mut files) = self.inner.changed_files.lock() {
-            if files.insert((meta.dev(), meta.ino())) {
-                self.inner.any_changed_file.store(true, Ordering::Release);
-                self.inner.file_changed.notify_one();
-            }
+        let file = (meta.dev(), meta.ino());
+        let mut files = self
+            .inner
+            .changed_files
+            .lock()
+            .map_err(|_| LogError::Closed)?;
+        if files.insert(file) {
+            self.inner.changed_tree.insert(encode_file_id(file), &[])?;
+            self.inner.any_changed_file.store(true, Ordering::Release);
+            self.inner.file_changed.notify_one();
         }
+        Ok(())
     }
 
-    /// Whether the file of the folder with inode `ino` on device `dev` holds chunks this
-    /// store found changed in it since it recorded them: the folder source chunks it
-    /// again whatever its stat says, then calls [`ChunkStore::forget_changed_file`].
+    /// The files of the folder (device, inode) in which this store found chunks changed
+    /// since it recorded them there ([`ChunkStore::get`] reading a pack that is a file of
+    /// the folder too): a change the folder source did not see, as its stat hid it. Kept
+    /// across restarts until [`ChunkStore::forget_changed_files`]: the folder source
+    /// chunks each again whatever its stat says (see [`ChunkStore::is_changed_file`]) in a
+    /// whole scan, and forgets those it took at the start of one that completed.
+    pub fn changed_files(&self) -> Vec<(u64, u64)> {
+        self.inner
+            .changed_files
+            .lock()
+            .map(|files| files.iter().copied().collect())
+            .unwrap_or_default()
+    }
+
+    /// Forgets `files` (from [`ChunkStore::changed_files`]): a whole scan of the folder
+    /// chunked them again and logged what it found.
+    pub fn forget_changed_files(&self, files: &[(u64, u64)]) -> Result<(), LogError> {
+        let mut set = self
+            .inner
+            .changed_files
+            .lock()
+            .map_err(|_| LogError::Closed)?;
+        for file in files {
+            if set.remove(file) {
+                self.inner.changed_tree.remove(encode_file_id(*file))?;
+            }
+        }
+        if set.is_empty() {
+            self.inner.any_changed_file.store(false, Ordering::Release);
+        }
+        Ok(())
+    }
+
+    /// Whether the file of the folder with inode `ino` on device `dev` is one of
+    /// [`ChunkStore::changed_files`]: chunked again whatever its stat says.
     pub fn is_changed_file(&self, dev: u64, ino: u64) -> bool {
         self.inner.any_changed_file.load(Ordering::Acquire)
             && self
@@ -2076,19 +2143,9 @@ impl ChunkStore {
                 .is_ok_and(|files| files.contains(&(dev, ino)))
     }
 
-    /// Takes the file `(dev, ino)` off the changed ones: it was chunked again.
-    pub fn forget_changed_file(&self, dev: u64, ino: u64) {
-        if let Ok(mut files) = self.inner.changed_files.lock() {
-            files.remove(&(dev, ino));
-            if files.is_empty() {
-                self.inner.any_changed_file.store(false, Ordering::Release);
-            }
-        }
-    }
-
     /// Waits until a file of the folder is found changed where this store had recorded
-    /// its chunks (see [`ChunkStore::is_changed_file`]); at once if one was found since the
-    /// last wait ended. For the folder source, which then looks at the folder again.
+    /// its chunks (see [`ChunkStore::changed_files`]); at once if one was found since the
+    /// last wait ended. For the folder source, which then scans the folder again.
     pub async fn files_changed(&self) {
         self.inner.file_changed.notified().await;
     }
@@ -2853,6 +2910,7 @@ mod tests {
         ChunkStore::open(
             tree("chunk_index"),
             tree("chunk_manifests"),
+            tree("chunk_changed_files"),
             dir.to_owned(),
             false,
         )
@@ -3719,8 +3777,16 @@ mod tests {
             woken.is_ok(),
             "the wait ends at once: a file was found changed"
         );
-        store.forget_changed_file(meta.dev(), meta.ino());
+        // Kept across a restart, until a whole scan has chunked it again.
+        drop(store);
+        let store = open(&db, dir.path());
+        assert_eq!(store.changed_files(), vec![(meta.dev(), meta.ino())]);
+        assert!(store.is_changed_file(meta.dev(), meta.ino()));
+        store.forget_changed_files(&store.changed_files()).unwrap();
         assert!(!store.is_changed_file(meta.dev(), meta.ino()));
+        drop(store);
+        let store = open(&db, dir.path());
+        assert!(store.changed_files().is_empty());
 
         // Chunked again once changed back, it is adopted anew: the chunk lost is found in
         // it, and so are those the earlier run recorded in the same file; the one in a

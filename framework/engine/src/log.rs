@@ -238,11 +238,13 @@ impl EventLog {
         let chunks = {
             let index = db.open_tree("chunk_index")?;
             let manifests = db.open_tree("chunk_manifests")?;
+            let changed = db.open_tree("chunk_changed_files")?;
             match config.packs {
-                Some(dir) => ChunkStore::open(index, manifests, dir, false)?,
+                Some(dir) => ChunkStore::open(index, manifests, changed, dir, false)?,
                 None => {
                     let name = format!("converge-packs-{:016x}", rand::random::<u64>());
-                    ChunkStore::open(index, manifests, std::env::temp_dir().join(name), true)?
+                    let dir = std::env::temp_dir().join(name);
+                    ChunkStore::open(index, manifests, changed, dir, true)?
                 }
             }
         };

@@ -135,9 +135,7 @@ pub(crate) fn examine_file(
         return Ok((None, content.size));
     }
     if unseen {
-        use std::os::unix::fs::MetadataExt;
         tracing::info!("{key}: changed in place without a change of size or mtime; chunked again");
-        env.chunks.forget_changed_file(meta.dev(), meta.ino());
     }
     let same_content = heads.iter().any(|h| match &h.op {
         Op::Put {
@@ -448,6 +446,12 @@ pub(crate) async fn scan(
         Some(k) => env.rules.path_of(k),
         None => env.rules.root().to_owned(),
     };
+    // The files the content store found changed unseen: a whole scan chunks each again
+    // (see `changed_unseen`), and once it has logged what it found they are done with.
+    let unseen = match under {
+        None => env.chunks.changed_files(),
+        Some(_) => Vec::new(),
+    };
     let (tx, mut rx) = mpsc::channel::<Found>(4096);
     let stop = Arc::new(AtomicBool::new(false));
     let walk = {
@@ -506,6 +510,7 @@ pub(crate) async fn scan(
     if stop.load(Ordering::Relaxed) {
         return Ok(());
     }
+    let whole = failed.is_empty() && !failed_all;
 
     if !failed_all {
         let env2 = env.clone();
@@ -556,6 +561,10 @@ pub(crate) async fn scan(
     }
     for chunk in batch.chunks(EMIT_BATCH) {
         emit(ctx, &env.echo, chunk.to_vec()).await?;
+    }
+    if whole && !unseen.is_empty() {
+        let env = env.clone();
+        tokio::task::spawn_blocking(move || env.chunks.forget_changed_files(&unseen)).await??;
     }
     if report {
         progress.total_files = Some(progress.files);
