@@ -2006,10 +2006,15 @@ impl ChunkStore {
     /// Whether pack `id` is a file of the folder too: lent to it or adopted from it in this
     /// run, or, from an earlier one, a pack with another name.
     fn is_folders(&self, id: u32) -> bool {
+        self.is_lent(id) || self.folders_file(id).is_some()
+    }
+
+    /// The device and inode of pack `id` if it is a file of the folder too (see
+    /// [`ChunkStore::is_folders`]) and can be looked at.
+    fn folders_file(&self, id: u32) -> Option<(u64, u64)> {
         use std::os::unix::fs::MetadataExt;
-        self.is_lent(id)
-            || std::fs::symlink_metadata(pack_path(&self.inner.dir, id))
-                .is_ok_and(|meta| meta.nlink() > 1)
+        let meta = std::fs::symlink_metadata(pack_path(&self.inner.dir, id)).ok()?;
+        (self.is_lent(id) || meta.nlink() > 1).then(|| (meta.dev(), meta.ino()))
     }
 
     /// Whether a chunk at `location` was checked on its way into a pack this process
@@ -2084,7 +2089,7 @@ impl ChunkStore {
         let path = pack_path(&self.inner.dir, location.pack);
         // Noted before the index entry goes: sled persists its writes in order, so the
         // entry is never gone without the note.
-        self.note_changed_file(&path, location.pack)?;
+        self.note_changed_file(location.pack)?;
         let mut writer = self.inner.writer.lock().map_err(|_| LogError::Closed)?;
         // A lent pack's chunks may still be staged (lent before the sync).
         if writer.staged.get(hash) == Some(&location) {
@@ -2092,7 +2097,6 @@ impl ChunkStore {
             if self.is_failed(location.pack) && !self.is_lent(location.pack) {
                 // Staged in a pack given up: an event naming it may be waiting to be made
                 // durable, and no longer finds it staged.
-                let path = pack_path(&self.inner.dir, location.pack);
                 let why = LogError::ContentIo {
                     op: "reading",
                     path: path.clone(),
@@ -2131,20 +2135,15 @@ impl ChunkStore {
         Ok(())
     }
 
-    /// Notes that pack `id`, at `path`, read changed, if it is a file of the folder too
-    /// (lent to it, or adopted from it): a change the folder source did not see (an edit
-    /// in place that kept the file's size and mtime, made while the daemon was stopped)
-    /// left the logged version without its content, and only chunking the file again
-    /// gives the event that supersedes it.
-    fn note_changed_file(&self, path: &Path, id: u32) -> Result<(), LogError> {
-        use std::os::unix::fs::MetadataExt;
-        let Ok(meta) = std::fs::symlink_metadata(path) else {
+    /// Notes that pack `id` read changed, if it is a file of the folder too (lent to it,
+    /// or adopted from it): a change the folder source did not see (an edit in place that
+    /// kept the file's size and mtime, made while the daemon was stopped) left the logged
+    /// version without its content, and only chunking the file again gives the event that
+    /// supersedes it.
+    fn note_changed_file(&self, id: u32) -> Result<(), LogError> {
+        let Some(file) = self.folders_file(id) else {
             return Ok(());
         };
-        if !(self.is_lent(id) || meta.nlink() > 1) {
-            return Ok(());
-        }
-        let file = (meta.dev(), meta.ino());
         let mut files = self
             .inner
             .changed_files

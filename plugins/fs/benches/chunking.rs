@@ -15,26 +15,15 @@ use std::time::Duration;
 use converge_framework::log::{EventLog, LogConfig};
 use converge_plugin_fs::content::{hash_file, store_file, AVG_CHUNK, MAX_CHUNK, MIN_CHUNK};
 use criterion::{BatchSize, Criterion, Throughput};
+use rand::rngs::SmallRng;
+use rand::{RngCore, SeedableRng};
 
 const LEN: usize = 64 << 20;
 const W2: f64 = 256.0;
 
-/// Deterministic random bytes (xorshift).
-fn random(len: usize) -> Vec<u8> {
-    let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        out.extend_from_slice(&state.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
-
 fn main() {
-    let data = random(LEN);
+    let mut data = vec![0u8; LEN];
+    SmallRng::seed_from_u64(1).fill_bytes(&mut data);
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("big.bin");
     std::fs::write(&path, &data).unwrap();

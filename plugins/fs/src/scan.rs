@@ -82,8 +82,12 @@ fn head_kind(head: &Head) -> Option<EntryKind> {
 /// Whether the regular file `key` is just as the store last wrote it (its own write coming
 /// back through the watcher), judged by size, mtime and the executable bit.
 pub(crate) fn is_echo(env: &Env, key: &Key, meta: &Metadata) -> bool {
+    as_written(env, key, meta) && !changed_unseen(env, meta)
+}
+
+/// Whether the stat of the regular file `key` is the one the store last wrote.
+fn as_written(env: &Env, key: &Key, meta: &Metadata) -> bool {
     env.echo.get(key).and_then(Applied::file_stat) == Some(file_stat(meta))
-        && !changed_unseen(env, meta)
 }
 
 /// Whether the content store found the file `meta` describes changed where it had
@@ -111,7 +115,8 @@ pub(crate) fn examine_file(
     let meta = looked.meta();
     let stat @ (_, mtime, executable) = file_stat(meta);
     let unseen = changed_unseen(env, meta);
-    if !unseen && (is_echo(env, key, meta) || heads.iter().any(|h| put_stat(&h.op) == Some(stat))) {
+    let recorded = || heads.iter().any(|h| put_stat(&h.op) == Some(stat));
+    if !unseen && (as_written(env, key, meta) || recorded()) {
         return Ok((None, 0));
     }
     // A key the store could not show: a state the log knows is what the store could not
