@@ -1510,7 +1510,7 @@ impl ChunkStore {
         // What to sync and what it covers, taken under the lock; the syncs themselves
         // run outside it, so that chunks are put and looked up meanwhile (they took the
         // writers and readers of every chunk off their work for the disk's time).
-        let staged: Vec<(Hash, Location)> = w.staged.iter().map(|(h, l)| (*h, *l)).collect();
+        let mut staged: Vec<(Hash, Location)> = w.staged.iter().map(|(h, l)| (*h, *l)).collect();
         let current = w.file.clone().map(|file| (w.id, file));
         let mut files = std::mem::take(&mut w.closed);
         files.extend(current);
@@ -1549,14 +1549,22 @@ impl ChunkStore {
         // damaged meanwhile is not recorded.
         // (None lies in a pack given up meanwhile: only a sync, and a lend, which waits
         // for a sync, give packs up.)
-        let staged: Vec<(Hash, Location)> = staged
-            .into_iter()
-            .filter(|(h, l)| w.staged.get(h) == Some(l))
-            .collect();
+        // A large file's sync holds its entries in memory several times over (map, this
+        // vector, manifests, `unindexed`), and each copy is what the peak memory grows by
+        // with the file's size: the vector is filtered and split in place.
+        staged.retain(|(h, l)| w.staged.get(h) == Some(l));
         // Chunks recorded anew are no longer where the index or a manifest waiting to be
         // indexed has them: indexed now, over both (see `PackWriter::moved`).
-        let (moved, staged): (Vec<_>, Vec<_>) =
-            staged.into_iter().partition(|(h, _)| w.moved.contains(h));
+        let mut moved: Vec<(Hash, Location)> = Vec::new();
+        if !w.moved.is_empty() {
+            staged.retain(|entry| {
+                let keep = !w.moved.contains(&entry.0);
+                if !keep {
+                    moved.push(*entry);
+                }
+                keep
+            });
+        }
         if !moved.is_empty() {
             self.index(moved.clone())?;
             for (hash, _) in &moved {
@@ -1568,6 +1576,9 @@ impl ChunkStore {
         if staged.len() < MANIFEST_ENTRIES {
             self.index(staged.clone())?;
         } else {
+            // Grown once, not by doubling: the tables it outgrew would stay behind as
+            // holes in the heap.
+            w.unindexed.reserve(staged.len());
             for part in staged.chunks(MANIFEST_MAX) {
                 let id = w.next_manifest;
                 inner
