@@ -473,6 +473,136 @@ impl Recent {
     }
 }
 
+/// Chunk locations in a vector sorted by hash, looked up by binary search: the entries of
+/// the manifests waiting to be indexed (see [`ChunkStore::sync`]). Up to half the memory
+/// of a hash map of the same entries, and already in the order the index takes them, so
+/// that indexing needs no sorted copy: with a map, a large file's sync and its indexing
+/// each held one more copy of all its locations. A sync's entries are moved in when none
+/// wait (a large file's, alone) and merged in place otherwise, which costs a pass over
+/// the vector, bounded by [`UNINDEXED_MAX`] entries (3 MiB), as a sync past that indexes
+/// them first.
+#[derive(Default)]
+struct SortedLocations {
+    entries: Vec<(Hash, Location)>,
+    /// Entries removed but still in `entries`, taken out in one pass once they are many
+    /// or before the entries are read in order: taking each out at once would move the
+    /// rest of the vector every time (a pack lost while a large file's entries wait is
+    /// forgotten chunk by chunk).
+    removed: HashSet<Hash>,
+}
+
+impl SortedLocations {
+    /// The entries of `entries`, the last one for a hash named more than once.
+    fn from_unsorted(mut entries: Vec<(Hash, Location)>) -> Self {
+        // Stable: of equal hashes, the last stays last, and is kept over those before it.
+        entries.sort_by_key(|(h, _)| h.0);
+        entries.dedup_by(|later, kept| {
+            let same = later.0 == kept.0;
+            if same {
+                *kept = *later;
+            }
+            same
+        });
+        SortedLocations {
+            entries,
+            removed: HashSet::new(),
+        }
+    }
+
+    fn position(&self, hash: &Hash) -> Option<usize> {
+        if !self.removed.is_empty() && self.removed.contains(hash) {
+            return None;
+        }
+        self.entries
+            .binary_search_by(|(h, _)| h.0.cmp(&hash.0))
+            .ok()
+    }
+
+    fn get(&self, hash: &Hash) -> Option<&Location> {
+        self.position(hash).map(|i| &self.entries[i].1)
+    }
+
+    fn remove(&mut self, hash: &Hash) {
+        if self.position(hash).is_some() {
+            self.removed.insert(*hash);
+            if self.removed.len() * 8 > self.entries.len() {
+                self.compact();
+            }
+        }
+    }
+
+    /// Takes the entries removed out of the vector.
+    fn compact(&mut self) {
+        if !self.removed.is_empty() {
+            let removed = std::mem::take(&mut self.removed);
+            self.entries.retain(|(h, _)| !removed.contains(h));
+        }
+    }
+
+    /// Keeps the entries whose hash `keep` accepts (one pass, for many removals).
+    fn retain(&mut self, keep: impl Fn(&Hash) -> bool) {
+        self.compact();
+        self.entries.retain(|(h, _)| keep(h));
+    }
+
+    fn len(&self) -> usize {
+        self.entries.len() - self.removed.len()
+    }
+
+    /// The entries, in order.
+    fn entries(&mut self) -> &[(Hash, Location)] {
+        self.compact();
+        &self.entries
+    }
+
+    /// Adds `new`, sorted by hash with no hash twice; one for a hash held already
+    /// replaces it.
+    fn add(&mut self, new: Vec<(Hash, Location)>) {
+        debug_assert!(new.windows(2).all(|w| w[0].0 .0 < w[1].0 .0));
+        let Some(&last) = new.last() else {
+            return;
+        };
+        self.compact();
+        if self.entries.is_empty() {
+            self.entries = new;
+            return;
+        }
+        // From the back, into room made at the end: no second vector.
+        let old_len = self.entries.len();
+        self.entries.resize(old_len + new.len(), last);
+        let (mut old, mut next, mut to) = (old_len, new.len(), self.entries.len());
+        while next > 0 {
+            let n = new[next - 1];
+            to -= 1;
+            match old
+                .checked_sub(1)
+                .map(|o| self.entries[o].0 .0.cmp(&n.0 .0))
+            {
+                Some(std::cmp::Ordering::Greater) => {
+                    self.entries[to] = self.entries[old - 1];
+                    old -= 1;
+                }
+                Some(std::cmp::Ordering::Equal) => {
+                    // Replaced: the old entry is dropped, and a slot is left over.
+                    self.entries[to] = n;
+                    old -= 1;
+                    next -= 1;
+                }
+                _ => {
+                    self.entries[to] = n;
+                    next -= 1;
+                }
+            }
+        }
+        // The old entries below `old` are in place unless some were replaced: then they
+        // move up over the slots left over, and those go.
+        if to > old {
+            self.entries.copy_within(0..old, to - old);
+            self.entries.drain(..to - old);
+        }
+    }
+}
+
 /// The pack being appended to, and the chunks written since the last sync.
 struct PackWriter {
     id: u32,
@@ -481,7 +611,7 @@ struct PackWriter {
     written: Writeback,
     staged: HashMap<Hash, Location>,
     /// Chunks durable and recorded in a manifest, not yet in the index.
-    unindexed: HashMap<Hash, Location>,
+    unindexed: SortedLocations,
     /// The manifests `unindexed` came from.
     manifested: Vec<u64>,
     /// The key of the next manifest.
@@ -654,23 +784,25 @@ impl ChunkStore {
                 changed_files.insert(file);
             }
         }
-        let mut unindexed = HashMap::new();
+        let mut entries = Vec::new();
         let mut manifested = Vec::new();
         for entry in manifests.iter() {
             let (key, value) = entry?;
-            let id = decode_manifest(&key, &value, &mut unindexed)?;
+            let id = decode_manifest(&key, &value, &mut entries)?;
             manifested.push(id);
         }
+        // In the manifests' order: a later one's entry for a hash wins.
+        let mut unindexed = SortedLocations::from_unsorted(entries);
         // A chunk the index holds already was indexed since (a copy stored after the
         // manifest's was found damaged and forgotten, say): the index's entry is newer.
-        let mut known = Vec::new();
-        for hash in unindexed.keys() {
+        let mut known = HashSet::new();
+        for (hash, _) in unindexed.entries() {
             if index.contains_key(hash.0)? {
-                known.push(*hash);
+                known.insert(*hash);
             }
         }
-        for hash in known {
-            unindexed.remove(&hash);
+        if !known.is_empty() {
+            unindexed.retain(|h| !known.contains(h));
         }
         let next_manifest = match manifested.last() {
             None => 0,
@@ -1549,9 +1681,9 @@ impl ChunkStore {
         // damaged meanwhile is not recorded.
         // (None lies in a pack given up meanwhile: only a sync, and a lend, which waits
         // for a sync, give packs up.)
-        // A large file's sync holds its entries in memory several times over (map, this
-        // vector, manifests, `unindexed`), and each copy is what the peak memory grows by
-        // with the file's size: the vector is filtered and split in place.
+        // Each copy of a large file's entries is what the peak memory grows by with the
+        // file's size: this vector is filtered, split and sorted in place, and then moved
+        // into `unindexed` (or merged there in place).
         staged.retain(|(h, l)| w.staged.get(h) == Some(l));
         // Chunks recorded anew are no longer where the index or a manifest waiting to be
         // indexed has them: indexed now, over both (see `PackWriter::moved`).
@@ -1567,33 +1699,52 @@ impl ChunkStore {
         }
         if !moved.is_empty() {
             self.index(moved.clone())?;
-            for (hash, _) in &moved {
-                w.unindexed.remove(hash);
+            let gone: HashSet<Hash> = moved.iter().map(|(h, _)| *h).collect();
+            if gone.iter().any(|h| w.unindexed.get(h).is_some()) {
+                w.unindexed.retain(|h| !gone.contains(h));
+            }
+            for hash in &gone {
                 w.moved.remove(hash);
                 w.staged.remove(hash);
             }
         }
         if staged.len() < MANIFEST_ENTRIES {
             self.index(staged.clone())?;
+            for (hash, _) in &staged {
+                w.staged.remove(hash);
+            }
         } else {
-            // Grown once, not by doubling: the tables it outgrew would stay behind as
-            // holes in the heap.
-            w.unindexed.reserve(staged.len());
+            // Sorted here, in place, and then moved into `unindexed`: no copy.
+            staged.sort_unstable_by_key(|(h, _)| h.0);
+            let mut recorded = 0;
+            let mut failed = None;
             for part in staged.chunks(MANIFEST_MAX) {
                 let id = w.next_manifest;
-                inner
+                if let Err(e) = inner
                     .manifests
-                    .insert(id.to_be_bytes(), encode_manifest(part))?;
-                // Each manifest's entries with it, so that a failure on a later one leaves
-                // no manifest whose entries are not in memory.
+                    .insert(id.to_be_bytes(), encode_manifest(part))
+                {
+                    failed = Some(e);
+                    break;
+                }
                 w.next_manifest += 1;
                 w.manifested.push(id);
-                w.unindexed.extend(part.iter().copied());
+                recorded += part.len();
             }
-            self.index_later(&w);
-        }
-        for (hash, _) in &staged {
-            w.staged.remove(hash);
+            // The entries of every manifest written go into memory with it, even when a
+            // later one failed: no manifest's entries are missing there. The rest stay
+            // staged, for the next sync.
+            staged.truncate(recorded);
+            for (hash, _) in &staged {
+                w.staged.remove(hash);
+            }
+            w.unindexed.add(staged);
+            if recorded > 0 {
+                self.index_later(&w);
+            }
+            if let Some(e) = failed {
+                return Err(e.into());
+            }
         }
         if w.staged.is_empty() && w.staged.capacity() > 4096 {
             // A large sync's entries are gone: so is their room.
@@ -1611,14 +1762,14 @@ impl ChunkStore {
             return Ok(());
         }
         let inner = &self.inner;
-        let entries: Vec<(Hash, Location)> = w.unindexed.iter().map(|(h, l)| (*h, *l)).collect();
-        self.index(entries)?;
+        // Sorted already: indexed from where they are, not from a sorted copy.
+        self.index_sorted(w.unindexed.entries())?;
         inner.manifests.flush()?;
         for id in &w.manifested {
             inner.manifests.remove(id.to_be_bytes())?;
         }
         w.manifested.clear();
-        w.unindexed = HashMap::new();
+        w.unindexed = SortedLocations::default();
         w.index_due = false;
         Ok(())
     }
@@ -1864,6 +2015,11 @@ impl ChunkStore {
         // In key order, a batch's entries fall into few of sled's leaves: about 15% less
         // time than in hash-map order.
         entries.sort_unstable_by_key(|(h, _)| h.0);
+        self.index_sorted(&entries)
+    }
+
+    /// [`Self::index`] of entries sorted by hash already.
+    fn index_sorted(&self, entries: &[(Hash, Location)]) -> Result<(), LogError> {
         for part in entries.chunks(INDEX_BATCH) {
             let mut batch = sled::Batch::default();
             for (hash, location) in part {
@@ -2941,7 +3097,7 @@ fn encode_manifest(entries: &[(Hash, Location)]) -> Vec<u8> {
 fn decode_manifest(
     key: &[u8],
     value: &[u8],
-    into: &mut HashMap<Hash, Location>,
+    into: &mut Vec<(Hash, Location)>,
 ) -> Result<u64, LogError> {
     let corrupt = |what: String, why: String| LogError::Corrupt {
         what,
@@ -2961,7 +3117,7 @@ fn decode_manifest(
         let mut bytes = [0; 32];
         bytes.copy_from_slice(hash);
         let hash = Hash(bytes);
-        into.insert(hash, Location::decode(&hash, location)?);
+        into.push((hash, Location::decode(&hash, location)?));
     }
     Ok(id)
 }
@@ -3133,7 +3289,7 @@ mod tests {
             (UNINDEXED_MAX - 1 + MANIFEST_ENTRIES + 1, 0),
             "the next one finds the limit passed and indexes everything, busy or not"
         );
-        assert!(store.inner.writer.lock().unwrap().unindexed.is_empty());
+        assert_eq!(store.inner.writer.lock().unwrap().unindexed.len(), 0);
         for (hash, bytes) in first.iter().step_by(997).chain(&last) {
             assert_eq!(store.get(hash).unwrap().as_ref(), Some(bytes));
         }
@@ -3148,7 +3304,14 @@ mod tests {
         store.sync().unwrap();
         assert_eq!((index.len(), manifests.len()), (0, 1));
         let (hash, _) = chunks[MANIFEST_ENTRIES / 2].clone();
-        let at = store.inner.writer.lock().unwrap().unindexed[&hash];
+        let at = *store
+            .inner
+            .writer
+            .lock()
+            .unwrap()
+            .unindexed
+            .get(&hash)
+            .unwrap();
         let path = pack_path(dir.path(), at.pack);
         let mut bytes = std::fs::read(&path).unwrap();
         bytes[usize::try_from(at.offset).unwrap()] ^= 1;
@@ -3175,6 +3338,104 @@ mod tests {
     }
 
     #[test]
+    fn sorted_locations_keep_the_last_entry_for_a_hash_and_merge_in_order() {
+        let at = |n: u64| Location {
+            pack: 1,
+            offset: n,
+            len: 4,
+        };
+        let h = |b: u8| Hash([b; 32]);
+        let hashes =
+            |s: &mut SortedLocations| s.entries().iter().map(|e| e.0 .0[0]).collect::<Vec<_>>();
+        // From manifests read in order: a later one's entry for a hash wins.
+        let mut s = SortedLocations::from_unsorted(vec![
+            (h(9), at(1)),
+            (h(3), at(2)),
+            (h(9), at(3)),
+            (h(5), at(4)),
+            (h(9), at(5)),
+        ]);
+        assert_eq!(hashes(&mut s), [3, 5, 9]);
+        assert_eq!(s.get(&h(9)), Some(&at(5)));
+        assert_eq!(s.get(&h(4)), None);
+        // A sync's entries merged in, in place; one for a hash held replaces it.
+        s.add(vec![
+            (h(1), at(6)),
+            (h(5), at(7)),
+            (h(7), at(8)),
+            (h(9), at(9)),
+        ]);
+        assert_eq!(hashes(&mut s), [1, 3, 5, 7, 9]);
+        assert_eq!(
+            s.entries().iter().map(|e| e.1.offset).collect::<Vec<_>>(),
+            [6, 2, 7, 8, 9]
+        );
+        s.add(Vec::new());
+        assert_eq!(s.len(), 5);
+        // Removed at once for lookups, taken out of the vector later.
+        s.remove(&h(3));
+        s.remove(&h(4));
+        assert_eq!((s.get(&h(3)), s.len()), (None, 4));
+        s.retain(|hash| *hash != h(9));
+        assert_eq!(hashes(&mut s), [1, 5, 7]);
+        // Added again after a removal: there once more.
+        s.remove(&h(7));
+        s.add(vec![(h(0), at(10)), (h(7), at(11))]);
+        assert_eq!(hashes(&mut s), [0, 1, 5, 7]);
+        assert_eq!(s.get(&h(7)), Some(&at(11)));
+        // Into an empty one, moved as it is.
+        let mut empty = SortedLocations::default();
+        empty.add(vec![(h(2), at(12))]);
+        assert_eq!((empty.len(), empty.get(&h(2))), (1, Some(&at(12))));
+    }
+
+    proptest::proptest! {
+        /// Any mix of batches added, removals and lookups answers as a map would.
+        #[test]
+        fn sorted_locations_answer_as_a_map_does(
+            ops in proptest::collection::vec(
+                (0u8..3, proptest::collection::vec(0u8..40, 0..12)),
+                1..40,
+            )
+        ) {
+            let mut sorted = SortedLocations::default();
+            let mut model: HashMap<Hash, Location> = HashMap::new();
+            for (n, (op, keys)) in ops.into_iter().enumerate() {
+                let at = |k: u8| Location { pack: n as u32, offset: u64::from(k), len: 1 };
+                match op {
+                    0 => {
+                        let mut batch: Vec<(Hash, Location)> =
+                            keys.iter().map(|&k| (Hash([k; 32]), at(k))).collect();
+                        batch.sort_by_key(|(h, _)| h.0);
+                        batch.dedup_by_key(|(h, _)| h.0);
+                        model.extend(batch.iter().copied());
+                        sorted.add(batch);
+                    }
+                    1 => {
+                        for k in keys {
+                            sorted.remove(&Hash([k; 32]));
+                            model.remove(&Hash([k; 32]));
+                        }
+                    }
+                    _ => {
+                        let gone: HashSet<u8> = keys.into_iter().collect();
+                        sorted.retain(|h| !gone.contains(&h.0[0]));
+                        model.retain(|h, _| !gone.contains(&h.0[0]));
+                    }
+                }
+                proptest::prop_assert_eq!(sorted.len(), model.len());
+                for k in 0u8..40 {
+                    let h = Hash([k; 32]);
+                    proptest::prop_assert_eq!(sorted.get(&h), model.get(&h));
+                }
+            }
+            let mut expected: Vec<(Hash, Location)> = model.into_iter().collect();
+            expected.sort_by_key(|(h, _)| h.0);
+            proptest::prop_assert_eq!(sorted.entries(), &expected[..]);
+        }
+    }
+
+    #[test]
     fn manifests_are_indexed_once_the_store_is_quiet() {
         let (_dir, db, store) = scratch();
         let (manifests, index) = manifests_and_index(&db);
@@ -3185,7 +3446,7 @@ mod tests {
             std::thread::sleep(INDEX_QUIET / 4);
         }
         assert_eq!((index.len(), manifests.len()), (MANIFEST_ENTRIES, 0));
-        assert!(store.inner.writer.lock().unwrap().unindexed.is_empty());
+        assert_eq!(store.inner.writer.lock().unwrap().unindexed.len(), 0);
         for (hash, bytes) in &chunks {
             assert_eq!(store.get(hash).unwrap().as_ref(), Some(bytes));
         }
@@ -3908,7 +4169,7 @@ mod tests {
         let original_pack = pack_of(&store, &adopted).unwrap();
         assert_eq!(packed_bytes(dir.path(), &[original_pack]), 0);
         store.sync().unwrap();
-        assert!(!store.inner.writer.lock().unwrap().unindexed.is_empty());
+        assert_ne!(store.inner.writer.lock().unwrap().unindexed.len(), 0);
 
         // A small file holding one of its chunks, put the usual way: the chunk is copied,
         // and, synced, stays copied once the manifest is indexed.
