@@ -5,13 +5,17 @@
 //! bytes out of sled matters twice: sled copies a leaf node on every insert, which with
 //! 16 KiB values made storing a large file cost many times its size in copying, and sled's
 //! cache held the chunks written, so memory grew with the file. Pack reads go through the
-//! kernel's page cache instead.
+//! kernel's page cache instead. For the same reason a large file's index entries are kept
+//! out of sled too, in sorted *run* files beside the packs, of which memory holds 8 bytes
+//! an entry (see the `runs` module).
 //!
 //! Durability follows the log's group commit. A chunk put is written to the current pack
 //! and kept in a *staged* list that lookups consult; [`ChunkStore::sync`], which the log
 //! calls before every flush, makes the pack durable and only then moves the staged entries
 //! into the index (or, for more than a few at once, into one *manifest* first, indexed
-//! once the store has been quiet for a moment; see [`ChunkStore::sync`]). So an index
+//! once the store has been quiet for a moment; for many, into a run; see
+//! [`ChunkStore::sync`]). A put that leaves many chunks staged syncs the store itself, so
+//! that a large file's entries are written out a part at a time as it is stored. So an index
 //! entry never outlives its bytes in a crash, and an event is acknowledged only after the
 //! chunks put before it are durable. A chunk staged but not synced when the process dies
 //! is simply missing afterwards (and fetched again). A new pack is started at every open,
@@ -89,6 +93,9 @@ use sled::Tree;
 
 use crate::error::LogError;
 
+mod runs;
+use runs::Runs;
+
 /// A pack is closed and a new one started once it holds this many bytes.
 const PACK_BYTES: u64 = 1 << 30;
 
@@ -98,6 +105,16 @@ const INDEX_BATCH: usize = 256;
 /// A sync with at least this many chunks to record writes them as one manifest, indexed
 /// later (see [`ChunkStore::sync`]).
 const MANIFEST_ENTRIES: usize = 64;
+
+/// A sync with at least this many chunks to record writes them as a run, on disk, rather
+/// than into sled (see the `runs` module): a large file's locations, which in sled would
+/// grow the daemon's memory with the file.
+const RUN_ENTRIES: usize = 4096;
+
+/// A put that leaves this many chunks staged syncs the store itself (about 256 MiB of data
+/// at the average chunk size): a large file's locations then wait in memory a part at a
+/// time, each part written out as a run, never the whole file's at once.
+const SPILL_ENTRIES: usize = 1 << 14;
 
 /// Chunks held in manifests and in memory at most: a sync that finds this many indexes
 /// them itself (a few MiB; about 1 GiB of data at the average chunk size).
@@ -114,9 +131,11 @@ const MANIFEST_ENTRY_BYTES: usize = 32 + 16;
 /// value whole in memory.
 const MANIFEST_MAX: usize = 1 << 16;
 
-/// Entries per generation of [`Recent`]: two generations of this many (48 bytes each, a
-/// few MiB in all) cover a 1 GiB file's chunks at the average size.
-const RECENT_ENTRIES: usize = 1 << 15;
+/// Entries per generation of [`Recent`]: two generations of this many (48 bytes each, about
+/// 1.5 MiB in all with the maps' room) cover a 256 MiB file's chunks at the average size.
+/// Larger files' chunks are found in runs (a binary search and a read of 48 bytes), and
+/// more generations would only make the memory grow with the file up to a larger bound.
+const RECENT_ENTRIES: usize = 1 << 13;
 
 /// Writeback of an appended file (a pack, a file the folder store writes) is started every
 /// this many bytes, so that the sync that follows finds little left to write.
@@ -389,6 +408,9 @@ pub struct ChunkStore {
 
 struct Inner {
     index: Tree,
+    /// Large syncs' locations, on disk (see the `runs` module). Taken after `writer`
+    /// when both are.
+    runs: RwLock<Runs>,
     /// Manifests: chunk locations synced but not yet in `index` (see [`ChunkStore::sync`]).
     manifests: Tree,
     dir: PathBuf,
@@ -763,13 +785,15 @@ fn io_error(op: &'static str, path: PathBuf) -> impl FnOnce(std::io::Error) -> L
 
 impl ChunkStore {
     /// The store with index tree `index`, manifests in `manifests`, the folder's files
-    /// found changed in `changed` (see [`ChunkStore::changed_files`]) and pack files in
-    /// `dir` (created if missing); `temporary` removes `dir` when the last clone is
-    /// dropped. The manifests a crash left are indexed by the first sync.
+    /// found changed in `changed` (see [`ChunkStore::changed_files`]), the run entries
+    /// found wrong in `runs_removed`, and pack files and runs in `dir` (created if
+    /// missing); `temporary` removes `dir` when the last clone is dropped. The manifests a
+    /// crash left are indexed by the first sync.
     pub(crate) fn open(
         index: Tree,
         manifests: Tree,
         changed: Tree,
+        runs_removed: Tree,
         dir: PathBuf,
         temporary: bool,
     ) -> Result<Self, LogError> {
@@ -807,6 +831,7 @@ impl ChunkStore {
             })?,
         };
         std::fs::create_dir_all(&dir).map_err(io_error("creating", dir.clone()))?;
+        let runs = Runs::open(&dir, runs_removed)?;
         let mut last = 0;
         for entry in std::fs::read_dir(&dir).map_err(io_error("listing", dir.clone()))? {
             let entry = entry.map_err(io_error("listing", dir.clone()))?;
@@ -822,6 +847,7 @@ impl ChunkStore {
         Ok(ChunkStore {
             inner: Arc::new(Inner {
                 index,
+                runs: RwLock::new(runs),
                 manifests,
                 dir,
                 remove_on_drop: temporary,
@@ -1133,6 +1159,7 @@ impl ChunkStore {
             .map(|(hash, range, place)| (hash, &bytes[range.clone()], Some(range), Some(place)))
             .collect();
         let full = self.queue_fresh(&mut w, Some(buffer), fresh);
+        let spill = w.staged.len() >= SPILL_ENTRIES && w.broken.is_none();
         drop(w);
         for (id, range) in behind {
             self.drop_behind(id, range);
@@ -1140,7 +1167,20 @@ impl ChunkStore {
         if let Some(fresh) = full {
             self.hand_on(fresh);
         }
+        if spill {
+            self.spill();
+        }
         Ok(())
+    }
+
+    /// Syncs the store from a put that left [`SPILL_ENTRIES`] chunks staged, so that a
+    /// large file's locations are written out as it is stored rather than all held until
+    /// its event is appended. A failure is only logged: the chunks stay staged, and the
+    /// next sync, which the log's append waits for, meets it again.
+    fn spill(&self) {
+        if let Err(e) = self.sync() {
+            tracing::warn!("syncing the content store while a large content is stored: {e}");
+        }
     }
 
     /// Queues chunks put locally and new to the store for the fresh-chunk sink, each as
@@ -1168,8 +1208,8 @@ impl ChunkStore {
         (w.fresh.len() >= FRESH_BATCH).then(|| std::mem::take(&mut w.fresh))
     }
 
-    /// Where `hash` is held, if anywhere: staged, in a manifest, or in the index (`w` is
-    /// the writer, locked).
+    /// Where `hash` is held, if anywhere: staged, in a manifest, in the index or in a run
+    /// (`w` is the writer, locked).
     fn known(&self, w: &PackWriter, hash: &Hash) -> Result<Option<Location>, LogError> {
         if let Some(location) = w
             .staged
@@ -1180,9 +1220,20 @@ impl ChunkStore {
         {
             return Ok(Some(location));
         }
+        self.durable(hash)
+    }
+
+    /// Where the index, or else a run, has `hash`: the durable entries, after those in
+    /// memory.
+    fn durable(&self, hash: &Hash) -> Result<Option<Location>, LogError> {
         match self.inner.index.get(hash.0)? {
             Some(entry) => Location::decode(hash, &entry).map(Some),
-            None => Ok(None),
+            None => self
+                .inner
+                .runs
+                .read()
+                .map_err(|_| LogError::Closed)?
+                .get(hash),
         }
     }
 
@@ -1264,9 +1315,12 @@ impl ChunkStore {
         if chunks.is_empty() {
             return Ok(());
         }
-        let full = self.write_chunks(chunks, places, shared, origin)?;
+        let (full, spill) = self.write_chunks(chunks, places, shared, origin)?;
         if let Some(fresh) = full {
             self.hand_on(fresh);
+        }
+        if spill {
+            self.spill();
         }
         Ok(())
     }
@@ -1275,14 +1329,15 @@ impl ChunkStore {
     /// ones are neither hashed nor looked up twice; a peer's placed ones written into
     /// their stream's pack instead), and local ones known only in a file of the folder
     /// (see [`ChunkStore::adopt`]), which are not fresh; returns a full batch of fresh
-    /// hashes to hand on (outside the writer's lock).
+    /// hashes to hand on (outside the writer's lock), and whether the store is to be
+    /// synced now ([`ChunkStore::spill`]), once that batch is handed on.
     fn write_chunks(
         &self,
         chunks: &[(Hash, &[u8])],
         places: &[Option<Place>],
         shared: Option<(&SharedBuffer, &[Range<usize>])>,
         origin: Origin,
-    ) -> Result<Option<Vec<FreshChunk>>, LogError> {
+    ) -> Result<(Option<Vec<FreshChunk>>, bool), LogError> {
         let inner = &self.inner;
         let mut w = inner.writer.lock().map_err(|_| LogError::Closed)?;
         w.busy();
@@ -1329,7 +1384,7 @@ impl ChunkStore {
             new_index.push(i);
         }
         if new.is_empty() {
-            return Ok(None);
+            return Ok((None, false));
         }
         let mut behind = Vec::new();
         if origin == Origin::Peer && new_places.iter().any(Option::is_some) {
@@ -1379,13 +1434,14 @@ impl ChunkStore {
             Origin::Peer => Vec::new(),
         };
         let full = self.queue_fresh(&mut w, shared.map(|(buffer, _)| buffer), fresh);
+        let spill = w.staged.len() >= SPILL_ENTRIES && w.broken.is_none();
         // The wait for the writeback happens outside the lock, which every lookup of a
         // staged chunk takes.
         drop(w);
         for (id, range) in behind {
             self.drop_behind(id, range);
         }
-        Ok(full)
+        Ok((full, spill))
     }
 
     /// Appends `new` (chunks not stored yet) to the shared pack and stages their
@@ -1593,11 +1649,17 @@ impl ChunkStore {
     }
 
     /// Makes every chunk put so far durable: syncs the packs written to, then records
-    /// their chunks in sled, which the caller's flush makes durable. The log calls it
-    /// before each flush.
+    /// their chunks in sled, which the caller's flush makes durable, or in a run, durable
+    /// at once. The log calls it before each flush, and a put that leaves
+    /// [`SPILL_ENTRIES`] chunks staged calls it too.
     ///
-    /// More than a few chunks at once (a large file's: 16,000 for 256 MiB; a few hundred
-    /// small files') are recorded as one *manifest*, a single sled value, and put into the
+    /// At least [`RUN_ENTRIES`] chunks at once (a large file's: 16,000 for 256 MiB) are
+    /// written as a run, a sorted file beside the packs, and never go into sled (see the
+    /// `runs` module): in sled's nodes, and in the manifests and vectors on their way
+    /// there, they held memory that grew with the file.
+    ///
+    /// More than a few chunks at once, fewer than that (a few hundred small files'), are
+    /// recorded as one *manifest*, a single sled value, and put into the
     /// index later, once the store has been out of use for [`INDEX_QUIET`], by a thread
     /// of their own:
     /// a large file's 16,000 index entries took a tenth of a second, and 10,000 small
@@ -1708,6 +1770,27 @@ impl ChunkStore {
             for (hash, _) in &staged {
                 w.staged.remove(hash);
             }
+        } else if staged.len() >= RUN_ENTRIES {
+            // Left staged if this fails, for the next sync.
+            inner
+                .runs
+                .write()
+                .map_err(|_| LogError::Closed)?
+                .write(&staged)?;
+            for (hash, _) in &staged {
+                w.staged.remove(hash);
+            }
+            if let Ok(mut recent) = inner.recent.write() {
+                recent.extend(&staged);
+            }
+            if w.staged.is_empty() && w.staged.capacity() > 4096 {
+                w.staged = HashMap::with_capacity(1024);
+            }
+            // Merged outside the writer's lock (puts and lookups go on), still one sync at
+            // a time. (The run itself, at most a sync's entries, is written under it.)
+            drop(w);
+            Runs::merge_due_runs(&inner.runs);
+            return Ok(());
         } else {
             let mut recorded = 0;
             let mut failed = None;
@@ -2126,10 +2209,7 @@ impl ChunkStore {
         };
         match in_memory.or_else(|| self.recent(hash)) {
             Some(location) => Ok(Some(location)),
-            None => match self.inner.index.get(hash.0)? {
-                Some(bytes) => Location::decode(hash, &bytes).map(Some),
-                None => Ok(None),
-            },
+            None => self.durable(hash),
         }
     }
 
@@ -2268,6 +2348,11 @@ impl ChunkStore {
         if self.inner.index.get(hash.0)?.as_deref() == Some(&location.encode()[..]) {
             self.inner.index.remove(hash.0)?;
         }
+        self.inner
+            .runs
+            .write()
+            .map_err(|_| LogError::Closed)?
+            .remove(hash, location)?;
         if let Ok(mut recent) = self.inner.recent.write() {
             recent.newer.remove(hash);
             recent.older.remove(hash);
@@ -2405,7 +2490,8 @@ impl ChunkStore {
             .lock()
             .map(|w| w.staged.len() + w.unindexed.len())
             .unwrap_or(0);
-        self.inner.index.len() + in_memory
+        let in_runs = self.inner.runs.read().map_or(0, |runs| runs.len());
+        self.inner.index.len() + in_memory + in_runs
     }
 
     /// Whether no chunk is stored.
@@ -3131,6 +3217,7 @@ mod tests {
             tree("chunk_index"),
             tree("chunk_manifests"),
             tree("chunk_changed_files"),
+            tree("chunk_runs_removed"),
             dir.to_owned(),
             false,
         )
@@ -3256,29 +3343,113 @@ mod tests {
         let (_dir, db, store) = scratch();
         never_quiet(&store);
         let (manifests, index) = manifests_and_index(&db);
-        let first = put_small(&store, UNINDEXED_MAX - 1, 6);
-        store.sync().unwrap();
+        // Syncs too small for a run each, together just below the limit.
+        let per_sync = RUN_ENTRIES - 1;
+        let below = UNINDEXED_MAX / per_sync;
+        let mut first = Vec::new();
+        for seed in 0..below {
+            first.extend(put_small(&store, per_sync, seed as u32));
+            store.sync().unwrap();
+        }
+        assert!(first.len() < UNINDEXED_MAX);
         assert_eq!(
             (index.len(), manifests.len()),
-            (0, 1),
+            (0, below),
             "below the limit: waits"
         );
-        put_small(&store, MANIFEST_ENTRIES, 7);
+        put_small(&store, per_sync, below as u32);
         store.sync().unwrap();
         assert_eq!(
             (index.len(), manifests.len()),
-            (0, 2),
+            (0, below + 1),
             "the sync that passes the limit records its own manifest"
         );
-        let last = put_small(&store, 1, 8);
+        let last = put_small(&store, 1, 1000);
         store.sync().unwrap();
         assert_eq!(
             (index.len(), manifests.len()),
-            (UNINDEXED_MAX - 1 + MANIFEST_ENTRIES + 1, 0),
+            ((below + 1) * per_sync + 1, 0),
             "the next one finds the limit passed and indexes everything, busy or not"
         );
         assert_eq!(store.inner.writer.lock().unwrap().unindexed.len(), 0);
         for (hash, bytes) in first.iter().step_by(997).chain(&last) {
+            assert_eq!(store.get(hash).unwrap().as_ref(), Some(bytes));
+        }
+    }
+
+    /// The run files in `dir`.
+    fn run_files(dir: &Path) -> Vec<PathBuf> {
+        let mut runs: Vec<PathBuf> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.file_name().unwrap().to_str().unwrap().starts_with("run-"))
+            .collect();
+        runs.sort();
+        runs
+    }
+
+    #[test]
+    fn a_large_sync_is_written_as_a_run_not_into_sled_and_survives_a_crash() {
+        let (dir, db, store) = scratch();
+        never_quiet(&store);
+        let (manifests, index) = manifests_and_index(&db);
+        let chunks = put_small(&store, RUN_ENTRIES, 20);
+        assert_eq!(store.inner.writer.lock().unwrap().staged.len(), RUN_ENTRIES);
+        store.sync().unwrap();
+        assert_eq!((index.len(), manifests.len()), (0, 0), "nothing in sled");
+        assert_eq!(run_files(dir.path()).len(), 1);
+        assert!(store.inner.writer.lock().unwrap().staged.is_empty());
+        assert_eq!(store.len(), RUN_ENTRIES);
+        // Known: not stored again.
+        put_small(&store, RUN_ENTRIES, 20);
+        assert!(store.inner.writer.lock().unwrap().staged.is_empty());
+
+        // Found after a crash, read from the pack (checked: an earlier run's).
+        drop(store);
+        let store = open(&db, dir.path());
+        for (hash, bytes) in chunks.iter().step_by(101) {
+            assert_eq!(store.get(hash).unwrap().as_ref(), Some(bytes));
+        }
+        assert_eq!(store.len(), RUN_ENTRIES);
+
+        // A chunk found damaged in its pack is dropped for good.
+        let (hash, _) = chunks[7].clone();
+        let at = store.locate(&hash).unwrap().unwrap();
+        let path = pack_path(dir.path(), at.pack);
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[usize::try_from(at.offset).unwrap()] ^= 1;
+        std::fs::write(&path, bytes).unwrap();
+        assert!(matches!(store.get(&hash), Err(LogError::Corrupt { .. })));
+        assert_eq!(store.damaged(), vec![hash]);
+        assert!(!store.contains(&hash).unwrap());
+        db.flush().unwrap();
+        drop(store);
+        let store = open(&db, dir.path());
+        assert!(!store.contains(&hash).unwrap());
+        // Stored again (a peer sent it): found again, at its new place.
+        let (_, good) = chunks[7].clone();
+        store.put_verified(&hash, &good).unwrap();
+        store.sync().unwrap();
+        assert_eq!(store.get(&hash).unwrap(), Some(good));
+    }
+
+    #[test]
+    fn a_put_leaving_the_most_chunks_staged_writes_them_out_itself() {
+        let (dir, db, store) = scratch();
+        never_quiet(&store);
+        let (manifests, index) = manifests_and_index(&db);
+        let chunks = put_small(&store, SPILL_ENTRIES, 21);
+        assert!(
+            store.inner.writer.lock().unwrap().staged.is_empty(),
+            "synced by the put, before any event names them"
+        );
+        assert_eq!((index.len(), manifests.len()), (0, 0));
+        assert_eq!(run_files(dir.path()).len(), 1);
+        // Durable: found after a crash with no sync of the log's.
+        drop(store);
+        let store = open(&db, dir.path());
+        assert_eq!(store.len(), SPILL_ENTRIES);
+        for (hash, bytes) in chunks.iter().step_by(503) {
             assert_eq!(store.get(hash).unwrap().as_ref(), Some(bytes));
         }
     }

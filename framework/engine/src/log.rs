@@ -239,12 +239,13 @@ impl EventLog {
             let index = db.open_tree("chunk_index")?;
             let manifests = db.open_tree("chunk_manifests")?;
             let changed = db.open_tree("chunk_changed_files")?;
+            let removed = db.open_tree("chunk_runs_removed")?;
             match config.packs {
-                Some(dir) => ChunkStore::open(index, manifests, changed, dir, false)?,
+                Some(dir) => ChunkStore::open(index, manifests, changed, removed, dir, false)?,
                 None => {
                     let name = format!("converge-packs-{:016x}", rand::random::<u64>());
                     let dir = std::env::temp_dir().join(name);
-                    ChunkStore::open(index, manifests, changed, dir, true)?
+                    ChunkStore::open(index, manifests, changed, removed, dir, true)?
                 }
             }
         };
