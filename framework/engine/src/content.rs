@@ -2797,8 +2797,11 @@ fn copy_through_memory(
 #[derive(Debug)]
 pub(crate) struct Missing {
     entries: Vec<Wanted>,
-    /// Every (hash, depth) ever entered: a subtree named many times (repeated content,
-    /// or a peer's tree naming one node over and over) is tracked once.
+    /// Every index node ever entered, as (hash, height): a subtree named many times
+    /// (repeated content, or a peer's tree naming one node over and over) is tracked
+    /// once. And the data chunks listed in `entries`, as (hash, 0): one named many times
+    /// is asked for once. Not the data chunks found present, so that this stays as small
+    /// as what is missing (and the tree's nodes), not as large as the file.
     seen: HashSet<(Hash, u8)>,
 }
 
@@ -2839,49 +2842,120 @@ impl Missing {
         store: &ChunkStore,
         in_flight: &dyn Fn(&Hash) -> bool,
     ) -> Result<(), LogError> {
+        // Found missing below the nodes that arrived: appended once the pass is over.
         let mut found = Vec::new();
         let mut i = 0;
-        loop {
-            while i < self.entries.len() {
-                let e = &mut self.entries[i];
-                if e.requested && !in_flight(&e.hash) {
-                    e.requested = false;
-                    e.checked = false;
-                }
-                if e.checked || e.requested {
+        while i < self.entries.len() {
+            let e = &mut self.entries[i];
+            if e.requested && !in_flight(&e.hash) {
+                e.requested = false;
+                e.checked = false;
+            }
+            if e.checked || e.requested {
+                i += 1;
+                continue;
+            }
+            match store.locate(&e.hash)? {
+                None => {
+                    e.checked = true;
                     i += 1;
-                    continue;
                 }
-                match store.locate(&e.hash)? {
-                    None => {
-                        e.checked = true;
-                        i += 1;
+                Some(location) => {
+                    let e = self.entries.swap_remove(i);
+                    if e.depth == 0 {
+                        self.seen.remove(&(e.hash, 0));
+                        continue;
                     }
-                    Some(location) => {
-                        let e = self.entries.swap_remove(i);
-                        if e.depth > 0 {
-                            let node = store.node(&e.hash, location)?;
-                            let depth = e.depth - 1;
-                            for child in &node.children {
-                                if self.seen.insert((child.hash, depth)) {
-                                    found.push(Wanted {
-                                        hash: child.hash,
-                                        depth,
-                                        checked: false,
-                                        requested: false,
-                                    });
-                                }
-                            }
+                    // On an error (a node damaged, or malformed), nothing is lost: the node
+                    // stays listed, to be looked up again, and so does what was found and
+                    // what was still to walk (`walk_below` leaves it in `found`).
+                    let walked = match store.node(&e.hash, location) {
+                        Ok(node) => self.walk_below(store, &node, e.depth, &mut found),
+                        Err(err) => {
+                            self.entries.push(e);
+                            Err(err)
                         }
+                    };
+                    if let Err(err) = walked {
+                        self.entries.append(&mut found);
+                        return Err(err);
                     }
                 }
             }
-            if found.is_empty() {
-                return Ok(());
-            }
-            // The children of nodes found: look them up too, in this same pass.
-            self.entries.append(&mut found);
         }
+        self.entries.append(&mut found);
+        Ok(())
+    }
+
+    /// Looks up what `node` (at height `depth`) names, depth first, and adds to `found`
+    /// what is missing. Depth first, so that what this holds at once is the children of
+    /// the nodes on one path, not a whole level of the tree: a large file's chunks, here
+    /// already as a peer pushed them, are each looked up and let go.
+    fn walk_below(
+        &mut self,
+        store: &ChunkStore,
+        node: &IndexNode,
+        depth: u8,
+        found: &mut Vec<Wanted>,
+    ) -> Result<(), LogError> {
+        fn below(node: &IndexNode, depth: u8) -> impl Iterator<Item = (Hash, u8)> + '_ {
+            node.children
+                .iter()
+                .rev()
+                .map(move |child| (child.hash, depth - 1))
+        }
+        let mut stack: Vec<(Hash, u8)> = below(node, depth).collect();
+        // On an error, what is left to walk goes to `found`, to be looked up again.
+        let keep = |stack: Vec<(Hash, u8)>, found: &mut Vec<Wanted>| {
+            found.extend(stack.into_iter().rev().map(|(hash, depth)| Wanted {
+                hash,
+                depth,
+                checked: false,
+                requested: false,
+            }));
+        };
+        while let Some((hash, depth)) = stack.pop() {
+            // Index nodes are entered once (a tree naming one over and over is walked
+            // once); a data chunk is listed once while it is missing.
+            let listed = match depth {
+                0 => self.seen.contains(&(hash, 0)),
+                _ => !self.seen.insert((hash, depth)),
+            };
+            if listed {
+                continue;
+            }
+            let located = match store.locate(&hash) {
+                Ok(located) => located,
+                Err(err) => {
+                    stack.push((hash, depth));
+                    keep(stack, found);
+                    return Err(err);
+                }
+            };
+            match located {
+                None => {
+                    if depth == 0 {
+                        self.seen.insert((hash, 0));
+                    }
+                    found.push(Wanted {
+                        hash,
+                        depth,
+                        checked: true,
+                        requested: false,
+                    });
+                }
+                Some(location) if depth > 0 => match store.node(&hash, location) {
+                    Ok(node) => stack.extend(below(&node, depth)),
+                    Err(err) => {
+                        stack.push((hash, depth));
+                        keep(stack, found);
+                        return Err(err);
+                    }
+                },
+                Some(_) => {}
+            }
+        }
+        Ok(())
     }
 
     /// Asks for the chunks known missing and not yet asked for, in order, as `ask`
