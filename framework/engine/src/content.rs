@@ -1659,24 +1659,31 @@ impl ChunkStore {
     /// there, they held memory that grew with the file.
     ///
     /// More than a few chunks at once, fewer than that (a few hundred small files'), are
-    /// recorded as one *manifest*, a single sled value, and put into the
-    /// index later, once the store has been out of use for [`INDEX_QUIET`], by a thread
-    /// of their own:
-    /// a large file's 16,000 index entries took a tenth of a second, and 10,000 small
+    /// recorded as one *manifest*, a single sled value, and written out later, all the
+    /// manifests waiting as one run (see [`index_manifests`](Self::index_manifests)),
+    /// once the store has been out of use for [`INDEX_QUIET`], by a thread of their own:
+    /// indexing a large file's 16,000 entries took a tenth of a second, and 10,000 small
     /// files' a tenth of each side's CPU, on the path from a change to its copy on the
     /// peer (the event waits for this sync, and the peer's write of the file for the
-    /// event). Until then lookups find them in memory. A sync indexes them itself when
-    /// they reach [`UNINDEXED_MAX`] (a lump on the path, where each sync used to index its
-    /// own), and so does every sync after [`close`](Self::close) (which indexes what
-    /// waits), and the first sync after an open those a crash left ([`open`](Self::open)
-    /// takes them back). A manifest is removed once its entries are durable in the index
-    /// (the database is flushed for it).
+    /// event). Until then lookups find them in memory. A sync writes them itself when
+    /// they reach [`UNINDEXED_MAX`], and so does every sync after [`close`](Self::close)
+    /// (which writes what waits), and the first sync after an open those a crash left
+    /// ([`open`](Self::open) takes them back). A manifest is removed once its entries'
+    /// run is durable.
     pub fn sync(&self) -> Result<(), LogError> {
-        let inner = &self.inner;
         // One sync at a time: a second one waits for the first and then syncs what was
         // put since. (Two at once could each take part of the packs to sync, and one
         // index chunks in a pack the other has not synced yet.)
-        let _one = inner.syncing.lock().map_err(|_| LogError::Closed)?;
+        let _one = self.inner.syncing.lock().map_err(|_| LogError::Closed)?;
+        let synced = self.sync_locked();
+        // Outside the writer's lock (puts and lookups go on), still one sync at a time.
+        Runs::merge_due_runs(&self.inner.runs);
+        synced
+    }
+
+    /// [`sync`](Self::sync), its lock held.
+    fn sync_locked(&self) -> Result<(), LogError> {
+        let inner = &self.inner;
         let mut w = inner.writer.lock().map_err(|_| LogError::Closed)?;
         if let Some(why) = &w.broken {
             return Err(LogError::ContentIo {
@@ -1783,14 +1790,6 @@ impl ChunkStore {
             if let Ok(mut recent) = inner.recent.write() {
                 recent.extend(&staged);
             }
-            if w.staged.is_empty() && w.staged.capacity() > 4096 {
-                w.staged = HashMap::with_capacity(1024);
-            }
-            // Merged outside the writer's lock (puts and lookups go on), still one sync at
-            // a time. (The run itself, at most a sync's entries, is written under it.)
-            drop(w);
-            Runs::merge_due_runs(&inner.runs);
-            return Ok(());
         } else {
             let mut recorded = 0;
             let mut failed = None;
@@ -1829,18 +1828,27 @@ impl ChunkStore {
         Ok(())
     }
 
-    /// Puts the manifests' entries into the index, makes them durable there (a flush of
-    /// the whole database) and only then removes the manifests; the entries stay in
-    /// memory until all that worked. Called with the sync lock held.
+    /// Writes the manifests' entries as one run (durable when written), and only then
+    /// removes the manifests; the entries stay in memory until all that worked. Called
+    /// with the sync lock held; the caller merges runs once it let go of the writer's.
+    ///
+    /// A run, not sled's index: inserting many small files' entries into sled (10,000 at
+    /// W1's size, all those since the last time the store was quiet) grew its nodes by
+    /// more than 100 MiB for 40,000 files. A manifest whose removal a crash undid comes
+    /// back at the next open, and is written again: its entries are then in two runs,
+    /// the same in both.
     fn index_manifests(&self, w: &mut PackWriter) -> Result<(), LogError> {
         if w.manifested.is_empty() {
             w.index_due = false;
             return Ok(());
         }
         let inner = &self.inner;
-        // Sorted already: indexed from where they are, not from a sorted copy.
-        self.index_sorted(w.unindexed.entries())?;
-        inner.manifests.flush()?;
+        // Sorted already: written from where they are, not from a sorted copy.
+        inner
+            .runs
+            .write()
+            .map_err(|_| LogError::Closed)?
+            .write(w.unindexed.entries())?;
         for id in &w.manifested {
             inner.manifests.remove(id.to_be_bytes())?;
         }
@@ -1901,7 +1909,10 @@ impl ChunkStore {
         }
         let _one = inner.syncing.lock().map_err(|_| LogError::Closed)?;
         let mut w = inner.writer.lock().map_err(|_| LogError::Closed)?;
-        self.index_manifests(&mut w)
+        let indexed = self.index_manifests(&mut w);
+        drop(w);
+        Runs::merge_due_runs(&inner.runs);
+        indexed
     }
 
     /// The indexer's round: indexes the manifests if the store was out of use for
@@ -1930,6 +1941,8 @@ impl ChunkStore {
         }
         // Under the writer's lock, as a sync that writes a manifest looks at it.
         inner.indexer.store(false, Ordering::Release);
+        drop(w);
+        Runs::merge_due_runs(&inner.runs);
         true
     }
 
@@ -3372,7 +3385,7 @@ mod tests {
         let few = put_small(&store, 10, 0);
         store.sync().unwrap();
         assert_eq!(
-            (index.len(), manifests.len()),
+            (index.len() + in_runs(&store), manifests.len()),
             (10, 0),
             "a few: indexed at once"
         );
@@ -3380,7 +3393,7 @@ mod tests {
         let many = put_small(&store, MANIFEST_ENTRIES, 1);
         store.sync().unwrap();
         assert_eq!(
-            (index.len(), manifests.len()),
+            (index.len() + in_runs(&store), manifests.len()),
             (10, 1),
             "many: one manifest"
         );
@@ -3391,7 +3404,7 @@ mod tests {
         assert!(store.inner.writer.lock().unwrap().staged.is_empty());
         store.sync().unwrap();
         assert_eq!(
-            (index.len(), manifests.len()),
+            (index.len() + in_runs(&store), manifests.len()),
             (10, 1),
             "not indexed by a sync while the store is busy"
         );
@@ -3404,7 +3417,7 @@ mod tests {
         assert_eq!(store.len(), 10 + MANIFEST_ENTRIES);
         store.sync().unwrap();
         assert_eq!(
-            (index.len(), manifests.len()),
+            (index.len() + in_runs(&store), manifests.len()),
             (10 + MANIFEST_ENTRIES, 0),
             "indexed by the next sync, which then removes the manifest"
         );
@@ -3427,21 +3440,21 @@ mod tests {
         }
         assert!(first.len() < UNINDEXED_MAX);
         assert_eq!(
-            (index.len(), manifests.len()),
+            (index.len() + in_runs(&store), manifests.len()),
             (0, below),
             "below the limit: waits"
         );
         put_small(&store, per_sync, below as u32);
         store.sync().unwrap();
         assert_eq!(
-            (index.len(), manifests.len()),
+            (index.len() + in_runs(&store), manifests.len()),
             (0, below + 1),
             "the sync that passes the limit records its own manifest"
         );
         let last = put_small(&store, 1, 1000);
         store.sync().unwrap();
         assert_eq!(
-            (index.len(), manifests.len()),
+            (index.len() + in_runs(&store), manifests.len()),
             ((below + 1) * per_sync + 1, 0),
             "the next one finds the limit passed and indexes everything, busy or not"
         );
@@ -3449,6 +3462,11 @@ mod tests {
         for (hash, bytes) in first.iter().step_by(997).chain(&last) {
             assert_eq!(store.get(hash).unwrap().as_ref(), Some(bytes));
         }
+    }
+
+    /// Entries in the store's runs.
+    fn in_runs(store: &ChunkStore) -> usize {
+        store.inner.runs.read().unwrap().len()
     }
 
     /// The run files in `dir`.
@@ -3535,7 +3553,7 @@ mod tests {
         let (manifests, index) = manifests_and_index(&db);
         let chunks = put_small(&store, MANIFEST_ENTRIES, 9);
         store.sync().unwrap();
-        assert_eq!((index.len(), manifests.len()), (0, 1));
+        assert_eq!((index.len() + in_runs(&store), manifests.len()), (0, 1));
         let (hash, _) = chunks[MANIFEST_ENTRIES / 2].clone();
         let at = *store
             .inner
@@ -3560,7 +3578,10 @@ mod tests {
         // The next sync indexes the manifest without the damaged chunk and removes it:
         // left in either, it would come back at a restart.
         store.sync().unwrap();
-        assert_eq!((index.len(), manifests.len()), (MANIFEST_ENTRIES - 1, 0));
+        assert_eq!(
+            (index.len() + in_runs(&store), manifests.len()),
+            (MANIFEST_ENTRIES - 1, 0)
+        );
         drop(store);
         let store = open(&db, dir.path());
         assert!(!store.contains(&hash).unwrap());
@@ -3673,7 +3694,10 @@ mod tests {
         while !manifests.is_empty() && std::time::Instant::now() < deadline {
             std::thread::sleep(INDEX_QUIET / 4);
         }
-        assert_eq!((index.len(), manifests.len()), (MANIFEST_ENTRIES, 0));
+        assert_eq!(
+            (index.len() + in_runs(&store), manifests.len()),
+            (MANIFEST_ENTRIES, 0)
+        );
         assert_eq!(store.inner.writer.lock().unwrap().unindexed.len(), 0);
         for (hash, bytes) in &chunks {
             assert_eq!(store.get(hash).unwrap().as_ref(), Some(bytes));
@@ -3694,7 +3718,10 @@ mod tests {
         while !manifests.is_empty() && std::time::Instant::now() < deadline {
             std::thread::sleep(INDEX_QUIET / 4);
         }
-        assert_eq!((index.len(), manifests.len()), (2 * MANIFEST_ENTRIES, 0));
+        assert_eq!(
+            (index.len() + in_runs(&store), manifests.len()),
+            (2 * MANIFEST_ENTRIES, 0)
+        );
     }
 
     #[test]
@@ -3704,11 +3731,14 @@ mod tests {
         let (manifests, index) = manifests_and_index(&db);
         let chunks = put_small(&store, MANIFEST_ENTRIES, 5);
         store.sync().unwrap();
-        assert_eq!((index.len(), manifests.len()), (0, 1));
+        assert_eq!((index.len() + in_runs(&store), manifests.len()), (0, 1));
         assert!(store.inner.indexer_thread.lock().unwrap().is_some());
 
         store.close().unwrap();
-        assert_eq!((index.len(), manifests.len()), (MANIFEST_ENTRIES, 0));
+        assert_eq!(
+            (index.len() + in_runs(&store), manifests.len()),
+            (MANIFEST_ENTRIES, 0)
+        );
         assert!(
             store.inner.indexer_thread.lock().unwrap().is_none(),
             "joined"
@@ -3719,9 +3749,15 @@ mod tests {
         // Closed: a later sync's manifest is indexed by the next sync; no indexer starts.
         put_small(&store, MANIFEST_ENTRIES, 6);
         store.sync().unwrap();
-        assert_eq!((index.len(), manifests.len()), (MANIFEST_ENTRIES, 1));
+        assert_eq!(
+            (index.len() + in_runs(&store), manifests.len()),
+            (MANIFEST_ENTRIES, 1)
+        );
         store.sync().unwrap();
-        assert_eq!((index.len(), manifests.len()), (2 * MANIFEST_ENTRIES, 0));
+        assert_eq!(
+            (index.len() + in_runs(&store), manifests.len()),
+            (2 * MANIFEST_ENTRIES, 0)
+        );
         assert!(store.inner.indexer_thread.lock().unwrap().is_none());
     }
 
