@@ -1778,6 +1778,10 @@ impl ChunkStore {
                 w.staged.remove(hash);
             }
         } else if staged.len() >= RUN_ENTRIES {
+            // Removals from the index and the manifests durable first (a chunk forgotten
+            // as damaged, then stored again into this run): back after a crash, their
+            // older entries would be looked up before this run's.
+            inner.index.flush()?;
             // Left staged if this fails, for the next sync.
             inner
                 .runs
@@ -1852,6 +1856,10 @@ impl ChunkStore {
         for id in &w.manifested {
             inner.manifests.remove(id.to_be_bytes())?;
         }
+        // Durable before any later run: a manifest back after a crash would bring an
+        // entry older than one a later run holds, and win over it (it is looked up
+        // first).
+        inner.manifests.flush()?;
         w.manifested.clear();
         w.unindexed = SortedLocations::default();
         w.index_due = false;
@@ -2868,7 +2876,15 @@ impl Missing {
                 i += 1;
                 continue;
             }
-            match store.locate(&e.hash)? {
+            let located = match store.locate(&e.hash) {
+                Ok(located) => located,
+                Err(err) => {
+                    // What this pass found below earlier nodes stays listed.
+                    self.entries.append(&mut found);
+                    return Err(err);
+                }
+            };
+            match located {
                 None => {
                     e.checked = true;
                     i += 1;

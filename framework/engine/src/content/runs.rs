@@ -125,7 +125,11 @@ impl RunWriter {
     }
 
     fn push(&mut self, hash: &Hash, location: &[u8; 16]) -> Result<(), LogError> {
-        debug_assert!(self.last.is_none_or(|last| last.0 < hash.0));
+        // (A merge's input changed on disk since it was loaded would break the order
+        // before its hash is checked at its end.)
+        if self.last.is_some_and(|last| last.0 >= hash.0) {
+            return Err(corrupt(&self.path, "entries out of order"));
+        }
         let mut entry = [0; ENTRY];
         entry[..32].copy_from_slice(&hash.0);
         entry[32..].copy_from_slice(location);
@@ -247,6 +251,7 @@ impl Runs {
     /// is set aside.
     pub(super) fn open(dir: &Path, removed_tree: Tree) -> Result<Runs, LogError> {
         let mut ids = Vec::new();
+        let mut damaged_last: Option<u64> = None;
         for entry in std::fs::read_dir(dir).map_err(io_error("listing", dir.to_owned()))? {
             let entry = entry.map_err(io_error("listing", dir.to_owned()))?;
             let name = entry.file_name();
@@ -260,14 +265,21 @@ impl Runs {
                 if let Ok(id) = u64::from_str_radix(rest, 16) {
                     ids.push(id);
                 }
+            } else if let Some(id) = rest
+                .strip_suffix(".damaged")
+                .filter(|id| id.len() == 16)
+                .and_then(|id| u64::from_str_radix(id, 16).ok())
+            {
+                // Never taken again: a run set aside later would rename over it.
+                damaged_last = damaged_last.max(Some(id));
             }
         }
         ids.sort_unstable();
-        let next_id = match ids.last() {
+        let next_id = match ids.last().copied().max(damaged_last) {
             None => 0,
             Some(id) => id
                 .checked_add(1)
-                .ok_or_else(|| corrupt(&run_path(dir, *id), "no run number left after it"))?,
+                .ok_or_else(|| corrupt(&run_path(dir, id), "no run number left after it"))?,
         };
         let mut runs: Vec<Run> = Vec::new();
         // Newest first: a merged run replaces the older ones it names.
@@ -783,6 +795,10 @@ mod tests {
         assert_eq!(count(&runs), 0);
         assert_eq!(get(&runs, 21), None);
         assert_eq!(files(dir.path()), vec![format!("run-{id:016x}.damaged")]);
+        // Its number is not taken again: the next run set aside keeps both.
+        put(&runs, &[(hash(5), at(4, 5))]);
+        assert_eq!(runs.read().unwrap().runs[0].id, id + 1);
+        assert_eq!(get(&runs, 5), Some(at(4, 5)));
     }
 
     #[derive(Debug, Clone)]
