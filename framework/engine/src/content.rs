@@ -496,9 +496,9 @@ impl Recent {
 }
 
 /// Chunk locations in a vector sorted by hash, looked up by binary search: the entries of
-/// the manifests waiting to be indexed (see [`ChunkStore::sync`]). Up to half the memory
-/// of a hash map of the same entries, and already in the order the index takes them, so
-/// that indexing needs no sorted copy: with a map, a large file's sync and its indexing
+/// the manifests waiting to be written out as a run (see [`ChunkStore::sync`]). Up to half
+/// the memory of a hash map of the same entries, and already in a run's order, so that
+/// writing it needs no sorted copy: with a map, a large file's sync and its indexing
 /// each held one more copy of all its locations. A sync's entries are moved in when none
 /// wait (a large file's, alone) and merged in place otherwise, which costs a pass over
 /// the vector, bounded by [`UNINDEXED_MAX`] entries (3 MiB), as a sync past that indexes
@@ -627,7 +627,7 @@ struct PackWriter {
     /// Bytes in the current pack, and how far its writeback was started.
     written: Writeback,
     staged: HashMap<Hash, Location>,
-    /// Chunks durable and recorded in a manifest, not yet in the index.
+    /// Chunks durable and recorded in a manifest, not yet in a run.
     unindexed: SortedLocations,
     /// The manifests `unindexed` came from.
     manifested: Vec<u64>,

@@ -861,22 +861,16 @@ impl Writer {
         self.db.flush()?;
         {
             let overlay = self.overlay.read().map_err(|_| LogError::Closed)?;
-            let mut batch = Batch::default();
-            for (i, (key, s)) in overlay.states.iter().enumerate() {
-                batch.insert(key.as_str(), s.encode()?);
-                if i % CHECKPOINT_BATCH == CHECKPOINT_BATCH - 1 {
-                    self.trees.state.apply_batch(std::mem::take(&mut batch))?;
-                }
-            }
-            self.trees.state.apply_batch(batch)?;
-            let mut batch = Batch::default();
-            for (i, (k, offset)) in overlay.ids.iter().enumerate() {
-                batch.insert(&k[..], &offset.to_be_bytes());
-                if i % CHECKPOINT_BATCH == CHECKPOINT_BATCH - 1 {
-                    self.trees.ids.apply_batch(std::mem::take(&mut batch))?;
-                }
-            }
-            self.trees.ids.apply_batch(batch)?;
+            let states = overlay
+                .states
+                .iter()
+                .map(|(key, s)| Ok((IVec::from(key.as_str()), IVec::from(s.encode()?))));
+            insert_in_batches(&self.trees.state, states, CHECKPOINT_BATCH)?;
+            let ids = overlay
+                .ids
+                .iter()
+                .map(|(k, offset)| Ok((IVec::from(&k[..]), IVec::from(&offset.to_be_bytes()))));
+            insert_in_batches(&self.trees.ids, ids, CHECKPOINT_BATCH)?;
         }
         let mut vv = Batch::default();
         for (origin, seq) in &self.vv.0 {
@@ -1006,14 +1000,10 @@ impl Writer {
         }
         self.trees.ids.apply_batch(ids)?;
         self.trees.ids.apply_batch(stale_ids)?;
-        let mut batch = Batch::default();
-        for (i, (key, state)) in states.into_iter().enumerate() {
-            batch.insert(key.as_str(), state.encode()?);
-            if i % 8192 == 8191 {
-                self.trees.state.apply_batch(std::mem::take(&mut batch))?;
-            }
-        }
-        self.trees.state.apply_batch(batch)?;
+        let states = states
+            .into_iter()
+            .map(|(key, state)| Ok((IVec::from(key.as_str()), IVec::from(state.encode()?))));
+        insert_in_batches(&self.trees.state, states, 8192)?;
         self.trees.state.apply_batch(stale_states)?;
         // The overlay held the same states (the log up to the same offset), now in the
         // trees. The version vector's tree is read only at start, and the checkpoint
@@ -1029,6 +1019,25 @@ impl Writer {
         self.db.flush()?;
         Ok(folded)
     }
+}
+
+/// Inserts `entries` into `tree`, `per` to a sled batch: sled keeps the node copies a
+/// batch replaces until it is done, so that one batch of everything held them all.
+fn insert_in_batches(
+    tree: &Tree,
+    entries: impl Iterator<Item = Result<(IVec, IVec), LogError>>,
+    per: usize,
+) -> Result<(), LogError> {
+    let mut batch = Batch::default();
+    for (i, entry) in entries.enumerate() {
+        let (key, value) = entry?;
+        batch.insert(key, value);
+        if i % per == per - 1 {
+            tree.apply_batch(std::mem::take(&mut batch))?;
+        }
+    }
+    tree.apply_batch(batch)?;
+    Ok(())
 }
 
 impl Pending {

@@ -83,6 +83,24 @@ fn prefix(hash: &Hash) -> u64 {
     u64::from_be_bytes(first)
 }
 
+/// The bytes of an entry: `hash`, then the encoded location (the form of a run's entries
+/// and of the removed tree's keys).
+fn entry_bytes(hash: &Hash, location: &[u8; 16]) -> [u8; ENTRY] {
+    let mut entry = [0; ENTRY];
+    entry[..32].copy_from_slice(&hash.0);
+    entry[32..].copy_from_slice(location);
+    entry
+}
+
+/// The hash and the encoded location of an entry's bytes.
+fn split_entry(entry: &[u8; ENTRY]) -> (Hash, [u8; 16]) {
+    let mut hash = Hash([0; 32]);
+    hash.0.copy_from_slice(&entry[..32]);
+    let mut location = [0; 16];
+    location.copy_from_slice(&entry[32..]);
+    (hash, location)
+}
+
 fn run_path(dir: &Path, id: u64) -> PathBuf {
     dir.join(format!("run-{id:016x}"))
 }
@@ -130,9 +148,7 @@ impl RunWriter {
         if self.last.is_some_and(|last| last.0 >= hash.0) {
             return Err(corrupt(&self.path, "entries out of order"));
         }
-        let mut entry = [0; ENTRY];
-        entry[..32].copy_from_slice(&hash.0);
-        entry[32..].copy_from_slice(location);
+        let entry = entry_bytes(hash, location);
         self.hasher.update(&entry);
         self.out
             .write_all(&entry)
@@ -233,11 +249,7 @@ impl RunReader {
             .map_err(io_error("reading", self.path.clone()))?;
         self.hasher.update(&entry);
         self.left -= 1;
-        let mut hash = Hash([0; 32]);
-        hash.0.copy_from_slice(&entry[..32]);
-        let mut location = [0; 16];
-        location.copy_from_slice(&entry[32..]);
-        Ok(Some((hash, location)))
+        Ok(Some(split_entry(&entry)))
     }
 
     fn into_file(self) -> File {
@@ -321,13 +333,8 @@ impl Runs {
         runs.reverse();
         let mut removed = HashSet::new();
         for key in removed_tree.iter().keys() {
-            let key = key?;
-            if key.len() == ENTRY {
-                let mut hash = Hash([0; 32]);
-                hash.0.copy_from_slice(&key[..32]);
-                let mut location = [0; 16];
-                location.copy_from_slice(&key[32..]);
-                removed.insert((hash, location));
+            if let Ok(key) = <[u8; ENTRY]>::try_from(&key?[..]) {
+                removed.insert(split_entry(&key));
             }
         }
         File::open(dir)
@@ -368,10 +375,9 @@ impl Runs {
                 run.file
                     .read_exact_at(&mut entry, i as u64 * ENTRY as u64)
                     .map_err(io_error("reading", run_path(&self.dir, run.id)))?;
-                if entry[..32] == hash.0 {
-                    let mut location = [0; 16];
-                    location.copy_from_slice(&entry[32..]);
-                    if self.removed.contains(&(*hash, location)) {
+                let (found, location) = split_entry(&entry);
+                if found == *hash {
+                    if self.removed.contains(&(found, location)) {
                         break;
                     }
                     return Location::decode(hash, &location).map(Some);
@@ -395,10 +401,8 @@ impl Runs {
             return Ok(());
         }
         let location = location.encode();
-        let mut key = [0; ENTRY];
-        key[..32].copy_from_slice(&hash.0);
-        key[32..].copy_from_slice(&location);
-        self.removed_tree.insert(key, sled::IVec::default())?;
+        self.removed_tree
+            .insert(entry_bytes(hash, &location), sled::IVec::default())?;
         self.removed.insert((*hash, location));
         Ok(())
     }
@@ -411,23 +415,11 @@ impl Runs {
             return Ok(());
         }
         let id = self.next_id;
-        let path = run_path(&self.dir, id);
-        let tmp = path.with_extension("tmp");
-        let written = (|| {
-            let mut out = RunWriter::create(tmp.clone(), entries.len())?;
-            for (hash, location) in entries {
-                out.push(hash, &location.encode())?;
-            }
-            out.finish(id)
-        })();
-        let (file, prefixes) = match written.and_then(|run| self.publish(&tmp, &path).map(|()| run))
-        {
-            Ok(run) => run,
-            Err(e) => {
-                let _ = std::fs::remove_file(&tmp);
-                return Err(e);
-            }
-        };
+        let (file, prefixes) = self.create_run(id, entries.len(), id, |out| {
+            entries
+                .iter()
+                .try_for_each(|(hash, location)| out.push(hash, &location.encode()))
+        })?;
         self.next_id += 1;
         self.runs.push(Run {
             id,
@@ -449,10 +441,7 @@ impl Runs {
         for (hash, location) in entries {
             let location = location.encode();
             if self.removed.remove(&(*hash, location)) {
-                let mut key = [0; ENTRY];
-                key[..32].copy_from_slice(&hash.0);
-                key[32..].copy_from_slice(&location);
-                if let Err(e) = self.removed_tree.remove(key) {
+                if let Err(e) = self.removed_tree.remove(entry_bytes(hash, &location)) {
                     tracing::warn!("taking back the removal of chunk {hash:?} from its run: {e}");
                 }
                 any = true;
@@ -465,12 +454,33 @@ impl Runs {
         }
     }
 
-    /// Renames the synced file `tmp` to `path` and syncs the directory.
-    fn publish(&self, tmp: &Path, path: &Path) -> Result<(), LogError> {
-        std::fs::rename(tmp, path).map_err(io_error("renaming", tmp.to_owned()))?;
-        File::open(&self.dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io_error("syncing", self.dir.clone()))
+    /// Writes run `id` (replacing the runs from `covers_from`), of at most `bound`
+    /// entries, which `fill` pushes: under a temporary name, synced, renamed into place
+    /// and its directory synced. Returns its file, open, and its prefixes; on failure
+    /// nothing is left behind.
+    fn create_run<E: From<LogError>>(
+        &self,
+        id: u64,
+        bound: usize,
+        covers_from: u64,
+        fill: impl FnOnce(&mut RunWriter) -> Result<(), E>,
+    ) -> Result<(File, Vec<u64>), E> {
+        let path = run_path(&self.dir, id);
+        let tmp = path.with_extension("tmp");
+        let created = (|| {
+            let mut out = RunWriter::create(tmp.clone(), bound)?;
+            fill(&mut out)?;
+            let run = out.finish(covers_from)?;
+            std::fs::rename(&tmp, &path).map_err(io_error("renaming", tmp.clone()))?;
+            File::open(&self.dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io_error("syncing", self.dir.clone()))?;
+            Ok(run)
+        })();
+        if created.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        created
     }
 
     /// Whether the two newest runs are to be merged: the newer is at least as large, or
@@ -501,8 +511,8 @@ impl Runs {
             };
             match built {
                 Ok(merged) => runs.install(merged),
-                Err((e, damaged)) => {
-                    tracing::warn!("merging chunk runs: {e}");
+                Err(MergeError { error, damaged }) => {
+                    tracing::warn!("merging chunk runs: {error}");
                     match damaged {
                         Some(id) => runs.set_aside(id),
                         None => return,
@@ -513,87 +523,79 @@ impl Runs {
     }
 
     /// Writes the merge of the two newest runs, durable, under a new name: the newer's
-    /// entry wins unless removed, removed ones go. On failure, the error and, when an
-    /// input read corrupt, its id.
-    fn build_merge(&self) -> Result<Merged, (LogError, Option<u64>)> {
+    /// entry wins unless removed, removed ones go.
+    fn build_merge(&self) -> Result<Merged, MergeError> {
         let n = self.runs.len();
         let (older, newer) = match &self.runs[..] {
             [.., older, newer] => (older, newer),
-            _ => {
-                let none = corrupt(&self.dir, "fewer than two runs to merge");
-                return Err((none, None));
-            }
+            _ => return Err(corrupt(&self.dir, "fewer than two runs to merge").into()),
         };
-        let id = self.next_id;
-        let path = run_path(&self.dir, id);
-        let tmp = path.with_extension("tmp");
         // An input's own errors name it: a corrupt one is set aside.
-        fn input(run: &Run) -> impl Fn(LogError) -> (LogError, Option<u64>) {
+        fn input(run: &Run) -> impl Fn(LogError) -> MergeError {
             let id = run.id;
-            move |e| match e {
-                e @ LogError::Corrupt { .. } => (e, Some(id)),
-                e => (e, None),
+            move |error| MergeError {
+                damaged: matches!(error, LogError::Corrupt { .. }).then_some(id),
+                error,
             }
         }
-        let merged = (|| {
-            let mut a = RunReader::open(run_path(&self.dir, older.id)).map_err(input(older))?;
-            let mut b = RunReader::open(run_path(&self.dir, newer.id)).map_err(input(newer))?;
-            let bound = older.prefixes.len() + newer.prefixes.len();
-            let mut out = RunWriter::create(tmp.clone(), bound).map_err(|e| (e, None))?;
-            let (mut x, mut y) = (
-                a.next().map_err(input(older))?,
-                b.next().map_err(input(newer))?,
-            );
-            loop {
-                // What a lookup finds: the newer run's entry unless it is removed, then
-                // the older's unless it is removed.
-                let order = match (&x, &y) {
-                    (None, None) => break,
-                    (Some(_), None) => Ordering::Less,
-                    (None, Some(_)) => Ordering::Greater,
-                    (Some((ha, _)), Some((hb, _))) => ha.0.cmp(&hb.0),
-                };
-                let kept = match order {
-                    Ordering::Less => std::mem::replace(&mut x, a.next().map_err(input(older))?),
-                    Ordering::Greater => std::mem::replace(&mut y, b.next().map_err(input(newer))?),
-                    Ordering::Equal => {
-                        let o = std::mem::replace(&mut x, a.next().map_err(input(older))?);
-                        let n = std::mem::replace(&mut y, b.next().map_err(input(newer))?);
-                        match n {
-                            Some(entry) if !self.removed.contains(&entry) => Some(entry),
-                            _ => o,
+        let id = self.next_id;
+        let bound = older.prefixes.len() + newer.prefixes.len();
+        let (file, prefixes) = self.create_run(
+            id,
+            bound,
+            older.covers_from,
+            |out| -> Result<(), MergeError> {
+                let mut a = RunReader::open(run_path(&self.dir, older.id)).map_err(input(older))?;
+                let mut b = RunReader::open(run_path(&self.dir, newer.id)).map_err(input(newer))?;
+                let (mut x, mut y) = (
+                    a.next().map_err(input(older))?,
+                    b.next().map_err(input(newer))?,
+                );
+                loop {
+                    // What a lookup finds: the newer run's entry unless it is removed, then
+                    // the older's unless it is removed.
+                    let order = match (&x, &y) {
+                        (None, None) => break,
+                        (Some(_), None) => Ordering::Less,
+                        (None, Some(_)) => Ordering::Greater,
+                        (Some((ha, _)), Some((hb, _))) => ha.0.cmp(&hb.0),
+                    };
+                    let kept = match order {
+                        Ordering::Less => {
+                            std::mem::replace(&mut x, a.next().map_err(input(older))?)
                         }
+                        Ordering::Greater => {
+                            std::mem::replace(&mut y, b.next().map_err(input(newer))?)
+                        }
+                        Ordering::Equal => {
+                            let o = std::mem::replace(&mut x, a.next().map_err(input(older))?);
+                            let n = std::mem::replace(&mut y, b.next().map_err(input(newer))?);
+                            match n {
+                                Some(entry) if !self.removed.contains(&entry) => Some(entry),
+                                _ => o,
+                            }
+                        }
+                    };
+                    let Some((hash, location)) = kept else {
+                        break;
+                    };
+                    if !self.removed.contains(&(hash, location)) {
+                        out.push(&hash, &location)?;
                     }
-                };
-                let Some((hash, location)) = kept else {
-                    break;
-                };
-                if !self.removed.contains(&(hash, location)) {
-                    out.push(&hash, &location).map_err(|e| (e, None))?;
                 }
-            }
-            out.finish(older.covers_from).map_err(|e| (e, None))
-        })();
-        match merged.and_then(|run| {
-            self.publish(&tmp, &path)
-                .map(|()| run)
-                .map_err(|e| (e, None))
-        }) {
-            Ok((file, prefixes)) => Ok(Merged {
-                run: Run {
-                    id,
-                    covers_from: older.covers_from,
-                    file,
-                    prefixes,
-                },
-                replaced: [older.id, newer.id],
-                at: n - 2,
-            }),
-            Err(e) => {
-                let _ = std::fs::remove_file(&tmp);
-                Err(e)
-            }
-        }
+                Ok(())
+            },
+        )?;
+        Ok(Merged {
+            run: Run {
+                id,
+                covers_from: older.covers_from,
+                file,
+                prefixes,
+            },
+            replaced: [older.id, newer.id],
+            at: n - 2,
+        })
     }
 
     /// Puts a merged run in place of the two it replaces, and removes their files.
@@ -637,6 +639,21 @@ impl Runs {
                 aside.display()
             ),
             Err(e) => tracing::warn!("setting aside chunk run {}: {e}", path.display()),
+        }
+    }
+}
+
+/// Why a merge failed, and which input, if one read corrupt (to be set aside).
+struct MergeError {
+    error: LogError,
+    damaged: Option<u64>,
+}
+
+impl From<LogError> for MergeError {
+    fn from(error: LogError) -> Self {
+        MergeError {
+            error,
+            damaged: None,
         }
     }
 }
