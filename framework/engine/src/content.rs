@@ -6,8 +6,8 @@
 //! 16 KiB values made storing a large file cost many times its size in copying, and sled's
 //! cache held the chunks written, so memory grew with the file. Pack reads go through the
 //! kernel's page cache instead. For the same reason a large file's index entries are kept
-//! out of sled too, in sorted *run* files beside the packs, of which memory holds 8 bytes
-//! an entry (see the `runs` module).
+//! out of sled too, in sorted *run* files beside the packs, of which memory holds under
+//! 1.4 bytes an entry: a Bloom filter and one hash prefix a block (see the `runs` module).
 //!
 //! Durability follows the log's group commit. A chunk put is written to the current pack
 //! and kept in a *staged* list that lookups consult; [`ChunkStore::sync`], which the log
@@ -133,7 +133,8 @@ const MANIFEST_MAX: usize = 1 << 16;
 
 /// Entries per generation of [`Recent`]: two generations of this many (48 bytes each, about
 /// 1.5 MiB in all with the maps' room) cover a 256 MiB file's chunks at the average size.
-/// Larger files' chunks are found in runs (a binary search and a read of 48 bytes), and
+/// Larger files' chunks are found in runs (a filter, a binary search and a read of 3 KiB),
+/// and
 /// more generations would only make the memory grow with the file up to a larger bound.
 const RECENT_ENTRIES: usize = 1 << 13;
 
