@@ -134,8 +134,8 @@ const MANIFEST_MAX: usize = 1 << 16;
 /// Entries per generation of [`Recent`]: two generations of this many (48 bytes each, about
 /// 1.5 MiB in all with the maps' room) cover a 256 MiB file's chunks at the average size.
 /// Larger files' chunks are found in runs (a filter, a binary search and a read of 3 KiB),
-/// and
-/// more generations would only make the memory grow with the file up to a larger bound.
+/// and more generations would only make the memory grow with the file up to a larger
+/// bound.
 const RECENT_ENTRIES: usize = 1 << 13;
 
 /// Writeback of an appended file (a pack, a file the folder store writes) is started every

@@ -32,9 +32,9 @@
 //! are then missing here, as if never stored, and fetched again when content needs them.
 
 use std::cmp::Ordering;
-use std::collections::HashSet;
+use std::collections::{HashSet, TryReserveError};
 use std::fs::File;
-use std::io::{BufReader, BufWriter, Read, Write};
+use std::io::{BufReader, BufWriter, ErrorKind, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
@@ -87,17 +87,34 @@ struct RunIndex {
 
 impl RunIndex {
     /// Room for `entries` entries (a bound: a merge's entries are fewer when it drops
-    /// some).
-    fn with_capacity(entries: usize) -> RunIndex {
-        let words = entries
-            .saturating_mul(FILTER_BITS_PER_ENTRY)
-            .div_ceil(64)
-            .max(1);
-        RunIndex {
+    /// some, see [`RunIndex::shrink_filter`]). An error when memory cannot be had for them
+    /// (a run's footer may claim any count its file's size allows, sparse or damaged).
+    fn with_capacity(entries: usize) -> Result<RunIndex, TryReserveError> {
+        let mut fences = Vec::new();
+        fences.try_reserve_exact(entries.div_ceil(BLOCK_ENTRIES))?;
+        let mut filter = Vec::new();
+        filter.try_reserve_exact(filter_words(entries))?;
+        filter.resize(filter_words(entries), 0);
+        Ok(RunIndex {
             count: 0,
-            fences: Vec::with_capacity(entries.div_ceil(BLOCK_ENTRIES)),
-            filter: vec![0; words],
+            fences,
+            filter,
+        })
+    }
+
+    /// Halves the filter while it stays at least the size its entries need: a merge's is
+    /// sized for both runs, and the newer often replaces most of the older's entries. A
+    /// bit of the larger filter, `b mod 2m`, lands on `b mod m` folded, the bit `probes`
+    /// finds in the smaller one: no hash is lost.
+    fn shrink_filter(&mut self) {
+        let needed = filter_words(self.len());
+        while self.filter.len().is_multiple_of(2) && self.filter.len() / 2 >= needed {
+            let half = self.filter.len() / 2;
+            let (low, high) = self.filter.split_at_mut(half);
+            low.iter_mut().zip(high.iter()).for_each(|(l, h)| *l |= h);
+            self.filter.truncate(half);
         }
+        self.filter.shrink_to_fit();
     }
 
     /// Whether the run may hold `hash` (no: it does not).
@@ -120,6 +137,14 @@ impl RunIndex {
     fn len(&self) -> usize {
         usize::try_from(self.count).unwrap_or(usize::MAX)
     }
+}
+
+/// Words of the filter for `entries` entries (at least one).
+fn filter_words(entries: usize) -> usize {
+    entries
+        .saturating_mul(FILTER_BITS_PER_ENTRY)
+        .div_ceil(64)
+        .max(1)
 }
 
 /// The bits of a filter of `words` words that `hash` sets, as (word, mask): double
@@ -164,7 +189,7 @@ impl Run {
             if fence > key {
                 break;
             }
-            let first = (block * BLOCK_ENTRIES) as u64;
+            let first = block as u64 * BLOCK_ENTRIES as u64;
             let n = (*count - first).min(BLOCK_ENTRIES as u64) as usize;
             let bytes = &mut buffer[..n * ENTRY];
             self.file.read_exact_at(bytes, first * ENTRY as u64)?;
@@ -238,6 +263,9 @@ struct RunWriter {
 impl RunWriter {
     /// A writer for a run of at most `entries` entries (its index is sized for that many).
     fn create(path: PathBuf, entries: usize) -> Result<RunWriter, LogError> {
+        let index = RunIndex::with_capacity(entries).map_err(|e| {
+            io_error("indexing", path.clone())(std::io::Error::new(ErrorKind::OutOfMemory, e))
+        })?;
         // Read too: the run is looked up through this file once written.
         let file = std::fs::OpenOptions::new()
             .read(true)
@@ -250,7 +278,7 @@ impl RunWriter {
             path,
             out: BufWriter::with_capacity(IO_BUFFER, file),
             hasher: blake3::Hasher::new(),
-            index: RunIndex::with_capacity(entries),
+            index,
             last: None,
         })
     }
@@ -288,6 +316,7 @@ impl RunWriter {
             .map_err(|e| io_error("writing", self.path.clone())(e.into_error()))?;
         file.sync_data()
             .map_err(io_error("syncing", self.path.clone()))?;
+        self.index.shrink_filter();
         Ok((file, self.index))
     }
 }
@@ -465,7 +494,9 @@ impl Runs {
     /// Reads a whole run, checking it: its file, index and the first run it replaces.
     fn load(path: &Path) -> Result<(File, RunIndex, u64), LogError> {
         let mut reader = RunReader::open(path.to_owned())?;
-        let mut index = RunIndex::with_capacity(usize::try_from(reader.left).unwrap_or(0));
+        let entries = usize::try_from(reader.left).unwrap_or(usize::MAX);
+        let mut index = RunIndex::with_capacity(entries)
+            .map_err(|e| corrupt(path, format!("{entries} entries, too many to index: {e}")))?;
         let mut last: Option<Hash> = None;
         while let Some((hash, _)) = reader.next()? {
             if last.is_some_and(|last| last.0 >= hash.0) {
@@ -925,7 +956,7 @@ mod tests {
 
     #[test]
     fn hashes_sharing_their_first_bytes_are_found_across_blocks() {
-        // RunIndex are the first 8 bytes of a block's first hash: hashes that share them
+        // Fences are the first 8 bytes of a block's first hash: hashes that share them
         // (rare, but anyone can store such chunks) may start before a fence and go on
         // over several blocks.
         let shared = |n: u8| {
@@ -955,7 +986,7 @@ mod tests {
 
     #[test]
     fn the_filter_answers_most_lookups_of_absent_hashes_without_a_read() {
-        let mut index = RunIndex::with_capacity(4096);
+        let mut index = RunIndex::with_capacity(4096).unwrap();
         let mut hashes: Vec<Hash> = (0..4096u32).map(hash).collect();
         hashes.sort_by_key(|h| h.0);
         hashes.iter().for_each(|h| index.push(h));
@@ -964,6 +995,24 @@ mod tests {
             .filter(|n| index.may_hold(&hash(*n)))
             .count();
         // About 1% with 10 bits and 7 probes an entry.
+        assert!(
+            passed < 300,
+            "{passed} of 10,000 absent hashes passed the filter"
+        );
+
+        // Sized for more than it got (a merge whose newer run replaced the older's
+        // entries): folded down to what its entries need, none lost.
+        let mut index = RunIndex::with_capacity(8192).unwrap();
+        let mut hashes: Vec<Hash> = (0..1000u32).map(hash).collect();
+        hashes.sort_by_key(|h| h.0);
+        hashes.iter().for_each(|h| index.push(h));
+        assert_eq!(index.filter.len(), 1280);
+        index.shrink_filter();
+        assert_eq!(index.filter.len(), 160);
+        assert!(hashes.iter().all(|h| index.may_hold(h)));
+        let passed = (5000..15_000u32)
+            .filter(|n| index.may_hold(&hash(*n)))
+            .count();
         assert!(
             passed < 300,
             "{passed} of 10,000 absent hashes passed the filter"
