@@ -464,6 +464,13 @@ struct Inner {
     keep_pages: Mutex<HashSet<u32>>,
 }
 
+impl Inner {
+    /// The runs, locked for writing (a new run, a removal).
+    fn runs_mut(&self) -> Result<std::sync::RwLockWriteGuard<'_, Runs>, LogError> {
+        self.runs.write().map_err(|_| LogError::Closed)
+    }
+}
+
 /// The locations the last syncs indexed, kept in memory: the chunks just stored are the
 /// ones read next (written out by a store, sent to a peer, looked up to see whether a
 /// content is complete), and a sled lookup cost about as much as the folder store's
@@ -695,6 +702,12 @@ struct StreamPack {
 }
 
 impl PackWriter {
+    /// Whether a put left so many chunks staged that it is to sync the store itself
+    /// ([`ChunkStore::spill`]); not while the store is broken, as that sync would fail.
+    fn spill_due(&self) -> bool {
+        self.staged.len() >= SPILL_ENTRIES && self.broken.is_none()
+    }
+
     /// Closes the current pack (it is synced with the next [`ChunkStore::sync`]); the
     /// next chunk starts a new one.
     fn rotate(&mut self) {
@@ -1160,7 +1173,7 @@ impl ChunkStore {
             .map(|(hash, range, place)| (hash, &bytes[range.clone()], Some(range), Some(place)))
             .collect();
         let full = self.queue_fresh(&mut w, Some(buffer), fresh);
-        let spill = w.staged.len() >= SPILL_ENTRIES && w.broken.is_none();
+        let spill = w.spill_due();
         drop(w);
         for (id, range) in behind {
             self.drop_behind(id, range);
@@ -1435,7 +1448,7 @@ impl ChunkStore {
             Origin::Peer => Vec::new(),
         };
         let full = self.queue_fresh(&mut w, shared.map(|(buffer, _)| buffer), fresh);
-        let spill = w.staged.len() >= SPILL_ENTRIES && w.broken.is_none();
+        let spill = w.spill_due();
         // The wait for the writeback happens outside the lock, which every lookup of a
         // staged chunk takes.
         drop(w);
@@ -1784,11 +1797,7 @@ impl ChunkStore {
             // older entries would be looked up before this run's.
             inner.index.flush()?;
             // Left staged if this fails, for the next sync.
-            inner
-                .runs
-                .write()
-                .map_err(|_| LogError::Closed)?
-                .write(&staged)?;
+            inner.runs_mut()?.write(&staged)?;
             for (hash, _) in &staged {
                 w.staged.remove(hash);
             }
@@ -1849,11 +1858,7 @@ impl ChunkStore {
         }
         let inner = &self.inner;
         // Sorted already: written from where they are, not from a sorted copy.
-        inner
-            .runs
-            .write()
-            .map_err(|_| LogError::Closed)?
-            .write(w.unindexed.entries())?;
+        inner.runs_mut()?.write(w.unindexed.entries())?;
         for id in &w.manifested {
             inner.manifests.remove(id.to_be_bytes())?;
         }
@@ -2370,11 +2375,7 @@ impl ChunkStore {
         if self.inner.index.get(hash.0)?.as_deref() == Some(&location.encode()[..]) {
             self.inner.index.remove(hash.0)?;
         }
-        self.inner
-            .runs
-            .write()
-            .map_err(|_| LogError::Closed)?
-            .remove(hash, location)?;
+        self.inner.runs_mut()?.remove(hash, location)?;
         if let Ok(mut recent) = self.inner.recent.write() {
             recent.newer.remove(hash);
             recent.older.remove(hash);

@@ -54,6 +54,9 @@ const REBUILD_BATCH: usize = 4096;
 const CHECKPOINT_EVENTS: u64 = 200_000;
 const CHECKPOINT_KEYS: usize = 50_000;
 
+/// Entries written per sled batch by a checkpoint (see [`Writer::checkpoint`]).
+const CHECKPOINT_BATCH: usize = 512;
+
 /// sled's page cache: log segments, index and projection entries. Content lives in pack
 /// files outside sled, so file sizes do not grow the daemon's memory.
 pub const CACHE_BYTES: u64 = 64 << 20;
@@ -69,9 +72,6 @@ const META_REPLICA: &[u8] = b"replica";
 const META_HLC: &[u8] = b"hlc";
 const META_REBUILDING: &[u8] = b"rebuilding";
 const META_CHECKPOINTING: &[u8] = b"checkpointing";
-
-/// Entries written per sled batch by a checkpoint.
-const CHECKPOINT_BATCH: usize = 512;
 const META_DERIVED_UPTO: &[u8] = b"derived_upto";
 
 /// A local change for [`EventLog::append_local`]: the log fills in id, clock and parents.

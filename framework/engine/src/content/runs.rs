@@ -832,6 +832,14 @@ mod tests {
         RwLock::new(Runs::open(dir, db.open_tree("removed").unwrap()).unwrap())
     }
 
+    /// A scratch dir with its runs open, and the database of their removal marks.
+    fn scratch() -> (tempfile::TempDir, sled::Db, RwLock<Runs>) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let runs = open(dir.path(), &db);
+        (dir, db, runs)
+    }
+
     /// Writes a run and merges what is due, as the content store's sync does.
     fn put(runs: &RwLock<Runs>, entries: &[(Hash, Location)]) {
         runs.write().unwrap().write(entries).unwrap();
@@ -857,9 +865,7 @@ mod tests {
 
     #[test]
     fn entries_are_found_after_a_reopen_the_newest_winning_and_removed_ones_skipped() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = sled::Config::new().temporary(true).open().unwrap();
-        let runs = open(dir.path(), &db);
+        let (dir, db, runs) = scratch();
         put(&runs, &sorted((0..100).map(|n| (hash(n), at(1, n as u64)))));
         // Smaller: not merged.
         put(&runs, &sorted((0..10).map(|n| (hash(n), at(2, n as u64)))));
@@ -886,9 +892,7 @@ mod tests {
 
     #[test]
     fn runs_merge_like_a_binary_counter_and_a_crash_mid_merge_leaves_no_stale_run() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = sled::Config::new().temporary(true).open().unwrap();
-        let runs = open(dir.path(), &db);
+        let (dir, db, runs) = scratch();
         for round in 0..4u32 {
             put(
                 &runs,
@@ -916,9 +920,7 @@ mod tests {
 
     #[test]
     fn a_damaged_run_is_set_aside_at_the_open_or_when_a_merge_reads_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = sled::Config::new().temporary(true).open().unwrap();
-        let runs = open(dir.path(), &db);
+        let (dir, db, runs) = scratch();
         put(&runs, &sorted((0..10).map(|n| (hash(n), at(1, n as u64)))));
         let id = runs.read().unwrap().runs[0].id;
         let path = run_path(dir.path(), id);
@@ -964,9 +966,7 @@ mod tests {
             bytes[31] = n;
             Hash(bytes)
         };
-        let dir = tempfile::tempdir().unwrap();
-        let db = sled::Config::new().temporary(true).open().unwrap();
-        let runs = open(dir.path(), &db);
+        let (_dir, _db, runs) = scratch();
         let mut entries: Vec<(Hash, Location)> = (0..3u8)
             .map(|n| (Hash([n; 32]), at(1, n as u64)))
             .chain((0..11u8).map(|n| (shared(n * 2), at(2, n as u64))))
@@ -1034,9 +1034,7 @@ mod tests {
         #![proptest_config(ProptestConfig::with_cases(48))]
         #[test]
         fn runs_answer_like_a_map(ops in prop::collection::vec(op(), 1..30)) {
-            let dir = tempfile::tempdir().unwrap();
-            let db = sled::Config::new().temporary(true).open().unwrap();
-            let mut runs = open(dir.path(), &db);
+            let (dir, db, mut runs) = scratch();
             let mut model: HashMap<Hash, Location> = HashMap::new();
             for op in ops {
                 match op {
