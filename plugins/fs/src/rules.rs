@@ -2,7 +2,9 @@
 //! conflict copies) and the mapping from a path to a validated [`Key`].
 
 use std::collections::HashSet;
-use std::path::{Component, Path, PathBuf};
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
 
 use converge_api::Key;
 use ignore::gitignore::{Gitignore, GitignoreBuilder};
@@ -93,20 +95,22 @@ impl Rules {
         if self.exclude.iter().any(|ex| path.starts_with(ex)) {
             return true;
         }
-        let Ok(rel) = path.strip_prefix(&self.root) else {
+        let Some(rel) = self.relative(path) else {
             return true;
         };
-        if rel.as_os_str().is_empty() {
+        let bytes = rel.as_os_str().as_bytes();
+        if bytes.is_empty() {
             return false;
         }
-        if rel == Path::new(IGNORE_FILE) || rel == Path::new(MARKER_FILE) {
-            return true;
+        let mut top = names(bytes);
+        if let (Some(name), None) = (top.next(), top.next()) {
+            if name == IGNORE_FILE.as_bytes() || name == MARKER_FILE.as_bytes() {
+                return true;
+            }
         }
-        let names = rel.components().filter_map(|c| match c {
-            Component::Normal(n) => n.to_str(),
-            _ => None,
-        });
-        let mut names = names.peekable();
+        let mut names = names(bytes)
+            .filter_map(|n| std::str::from_utf8(n).ok())
+            .peekable();
         while let Some(name) = names.next() {
             if !parents && names.peek().is_some() {
                 continue;
@@ -124,9 +128,9 @@ impl Rules {
 
     /// The key of `path` (under the root), or why it cannot be one (warned by callers).
     pub(crate) fn key_of(&self, path: &Path) -> Result<Key, String> {
-        let rel = path
-            .strip_prefix(&self.root)
-            .map_err(|_| format!("{} is outside the folder", path.display()))?;
+        let rel = self
+            .relative(path)
+            .ok_or_else(|| format!("{} is outside the folder", path.display()))?;
         let Some(s) = rel.to_str() else {
             return Err(format!(
                 "skipping {}: the name is not UTF-8",
@@ -134,6 +138,15 @@ impl Rules {
             ));
         };
         Key::new(s).map_err(|e| format!("skipping {}: {e}", path.display()))
+    }
+
+    /// `path` relative to the root, as [`Path::strip_prefix`] gives it; `None` if it is
+    /// not under the root. A path in normal form (what joining names to the root makes,
+    /// as every caller does) is cut as bytes: std's comparison by components was, with
+    /// the rest of its path handling, the largest part of the folder's own CPU time
+    /// outside the kernel in a profile of a 10,000-file sync.
+    fn relative<'p>(&self, path: &'p Path) -> Option<&'p Path> {
+        fast_relative(&self.root, path).or_else(|| path.strip_prefix(&self.root).ok())
     }
 
     /// The path of `key` under the root.
@@ -186,7 +199,11 @@ pub(crate) fn below_symlink(root: &Path, path: &Path, real: &mut HashSet<PathBuf
     let mut unchecked = Vec::new();
     let mut dir = path.parent();
     while let Some(d) = dir {
-        if d == root || !d.starts_with(root) || real.contains(d) {
+        let below = match fast_relative(root, d) {
+            Some(rel) => !rel.as_os_str().is_empty(),
+            None => d != root && d.starts_with(root),
+        };
+        if !below || real.contains(d) {
             break;
         }
         unchecked.push(d);
@@ -204,10 +221,67 @@ pub(crate) fn below_symlink(root: &Path, path: &Path, real: &mut HashSet<PathBuf
     false
 }
 
+/// `path` relative to `root` when both are in normal form (no empty or `.` names, no
+/// trailing separator; `root` not `/`): then the bytes after `root` and a separator are
+/// exactly what [`Path::strip_prefix`] returns. `None` when they are not, or when `path`
+/// does not start with `root`'s bytes: the caller asks std then.
+fn fast_relative<'p>(root: &Path, path: &'p Path) -> Option<&'p Path> {
+    let rest = path
+        .as_os_str()
+        .as_bytes()
+        .strip_prefix(root.as_os_str().as_bytes())?;
+    match rest.split_first() {
+        None => Some(Path::new("")),
+        Some((b'/', rel))
+            if rel
+                .split(|b| *b == b'/')
+                .all(|n| !n.is_empty() && n != b".") =>
+        {
+            Some(Path::new(OsStr::from_bytes(rel)))
+        }
+        _ => None,
+    }
+}
+
+/// The names of relative path `rel`, as bytes: what [`Path::components`] gives as
+/// [`std::path::Component::Normal`].
+fn names(rel: &[u8]) -> impl Iterator<Item = &[u8]> {
+    rel.split(|b| *b == b'/')
+        .filter(|n| !matches!(*n, b"" | b"." | b".."))
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    /// Paths are cut below the root as `Path::strip_prefix` cuts them, as bytes when
+    /// they are in normal form; odd forms are judged by their names.
+    #[test]
+    fn paths_are_cut_as_std_cuts_them() {
+        let root = Path::new("/nonexistent/folder");
+        let rules = Rules::load(root, &[]);
+        let normal = ["", "/a", "/a/b.txt", "/a b/é/.x", "/a/..b", "/a/../b"];
+        let odd = ["2/a", "//a", "/./a", "/a/", "/a/./b", "/a//b"];
+        for (suffix, fast) in normal
+            .iter()
+            .map(|s| (s, true))
+            .chain(odd.iter().map(|s| (s, false)))
+        {
+            let p = format!("/nonexistent/folder{suffix}");
+            let path = Path::new(&p);
+            let std = path.strip_prefix(root).ok().map(Path::as_os_str);
+            assert_eq!(fast_relative(root, path).is_some(), fast, "{p}");
+            assert_eq!(rules.relative(path).map(Path::as_os_str), std, "{p}");
+        }
+        assert_eq!(rules.relative(Path::new("/nonexistent")), None);
+        assert_eq!(rules.relative(Path::new("/other/folder/a")), None);
+        assert!(rules.ignores(&root.join("a//.converge-tmp-1"), false, false));
+        assert!(rules.ignores(&root.join("./.convergeignore"), false, true));
+        assert!(!rules.ignores(&root.join("a/./b"), false, false));
+        assert!(rules.ignores(Path::new("/nonexistent/folder2/a"), false, true));
+        assert!(!rules.ignores(root, true, true));
+    }
 
     /// The ignore file is read line by line as `GitignoreBuilder::add` reads one: a BOM
     /// and CRLF endings are taken off, comments skipped, and a line that is not UTF-8
