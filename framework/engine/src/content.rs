@@ -545,7 +545,7 @@ impl SortedLocations {
             return None;
         }
         self.entries
-            .binary_search_by(|(h, _)| h.0.cmp(&hash.0))
+            .binary_search_by(|(h, _)| hash_order(h, hash))
             .ok()
     }
 
@@ -626,6 +626,20 @@ impl SortedLocations {
             self.entries.drain(..to - old);
         }
     }
+}
+
+/// The order of `a` and `b`'s bytes (`a.0.cmp(&b.0)`), their first 8 bytes compared as
+/// one number: most comparisons end there, without the call to `memcmp` the array
+/// comparison makes (a few percent of a receiver's CPU in a 10,000-file sync).
+fn hash_order(a: &Hash, b: &Hash) -> std::cmp::Ordering {
+    let prefix = |h: &Hash| {
+        let mut p = [0; 8];
+        p.copy_from_slice(&h.0[..8]);
+        u64::from_be_bytes(p)
+    };
+    prefix(a)
+        .cmp(&prefix(b))
+        .then_with(|| a.0[8..].cmp(&b.0[8..]))
 }
 
 /// The pack being appended to, and the chunks written since the last sync.
@@ -3662,6 +3676,22 @@ mod tests {
     }
 
     proptest::proptest! {
+        /// `hash_order` orders hashes as their bytes, whichever byte they first differ in.
+        #[test]
+        fn hash_order_is_the_order_of_the_bytes(
+            a in proptest::array::uniform32(0u8..3),
+            b in proptest::array::uniform32(0u8..3),
+            at in 0usize..32,
+            to in 0u8..3,
+        ) {
+            let mut near = a;
+            near[at] = to;
+            for other in [a, b, near] {
+                proptest::prop_assert_eq!(hash_order(&Hash(a), &Hash(other)), a.cmp(&other));
+                proptest::prop_assert_eq!(hash_order(&Hash(other), &Hash(a)), other.cmp(&a));
+            }
+        }
+
         /// Any mix of batches added, removals and lookups answers as a map would.
         #[test]
         fn sorted_locations_answer_as_a_map_does(
