@@ -11,7 +11,7 @@
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use crate::error::CodecError;
-use crate::event::{Event, Hash, ReplicaId, VersionVector};
+use crate::event::{Event, EventId, Hash, ReplicaId, VersionVector};
 
 /// The format version written by this build, first byte of every encoded value.
 pub const FORMAT_VERSION: u8 = 1;
@@ -77,6 +77,38 @@ pub fn encode_event(event: &Event) -> Result<Vec<u8>, CodecError> {
 /// Decodes one event; its key is validated on the way.
 pub fn decode_event(bytes: &[u8]) -> Result<Event, CodecError> {
     decode(bytes)
+}
+
+/// The id of an event encoded by [`encode_event`], read from its first bytes without
+/// decoding the rest (fields are only ever added at the end, so the id stays first).
+/// `None` if they do not hold one: the caller decodes the event whole, which says why.
+/// For readers that pass over most events by id, such as a peer's outbox skipping what
+/// the peer holds: decoding an event whole takes a few microseconds, this a few dozen
+/// nanoseconds.
+pub fn event_id(bytes: &[u8]) -> Option<EventId> {
+    use ciborium_ll::{Decoder, Header};
+    let (&FORMAT_VERSION, body) = bytes.split_first()? else {
+        return None;
+    };
+    let mut decoder = Decoder::from(body);
+    let Ok(Header::Array(Some(5))) = decoder.pull() else {
+        return None;
+    };
+    let Ok(Header::Array(Some(2))) = decoder.pull() else {
+        return None;
+    };
+    let Ok(Header::Bytes(Some(16))) = decoder.pull() else {
+        return None;
+    };
+    let at = decoder.offset();
+    let origin = <[u8; 16]>::try_from(body.get(at..at + 16)?).ok()?;
+    let Ok(Header::Positive(seq)) = Decoder::from(body.get(at + 16..)?).pull() else {
+        return None;
+    };
+    Some(EventId {
+        origin: ReplicaId(origin),
+        seq,
+    })
 }
 
 /// A chunk of content in transit: its claimed hash and its bytes.
@@ -302,6 +334,46 @@ mod tests {
                 meta: Meta::dir(5),
             },
         }
+    }
+
+    #[test]
+    fn an_events_id_is_read_from_its_head() {
+        for seq in [
+            0,
+            1,
+            23,
+            24,
+            255,
+            256,
+            65_535,
+            65_536,
+            u64::from(u32::MAX) + 1,
+            u64::MAX,
+        ] {
+            let mut event = sample();
+            event.id.seq = seq;
+            event.id.origin = ReplicaId([seq as u8; 16]);
+            let bytes = encode_event(&event).unwrap();
+            assert_eq!(event_id(&bytes), Some(event.id), "seq {seq}");
+            // Cut anywhere inside the id, there is none to read.
+            for cut in 0..bytes.len() {
+                let head = event_id(&bytes[..cut]);
+                assert!(
+                    head.is_none() || head == Some(event.id),
+                    "seq {seq}, cut at {cut}"
+                );
+            }
+        }
+        let bytes = encode_event(&sample()).unwrap();
+        let mut other_version = bytes.clone();
+        other_version[0] = FORMAT_VERSION + 1;
+        assert_eq!(event_id(&other_version), None);
+        assert_eq!(
+            event_id(&encode(&sample().id).unwrap()),
+            None,
+            "an id alone is no event"
+        );
+        assert_eq!(event_id(&[]), None);
     }
 
     #[test]

@@ -437,6 +437,32 @@ impl EventLog {
             .collect()
     }
 
+    /// [`EventLog::read`] for a reader that passes over some events by id: `skip` is
+    /// asked first, from the id at the head of each event's bytes, and an event it
+    /// skips is not decoded (it may still come back, decoded, if its id cannot be read
+    /// that way, so the caller checks again). Up to `limit` events are looked at;
+    /// returns those not skipped and the offset after the last looked at.
+    pub fn read_unless(
+        &self,
+        from: u64,
+        limit: usize,
+        mut skip: impl FnMut(&EventId) -> bool,
+    ) -> Result<(Vec<(u64, Event)>, u64), LogError> {
+        let mut events = LogIter::new(&self.shared.trees.log, from, self.len())?;
+        let (mut kept, mut next) = (Vec::new(), from);
+        for _ in 0..limit {
+            match events.advance(|segment| segment.next_unless(&mut skip)) {
+                None => break,
+                Some(item) => {
+                    let (offset, event) = item?;
+                    next = offset + 1;
+                    kept.extend(event.map(|event| (offset, event)));
+                }
+            }
+        }
+        Ok((kept, next))
+    }
+
     /// The offset of the event `id`, if the log holds it.
     pub fn offset_of(&self, id: &EventId) -> Result<Option<u64>, LogError> {
         Ok(self.find(id)?.map(|(offset, _)| offset))
@@ -1074,10 +1100,13 @@ impl LogIter {
     }
 }
 
-impl Iterator for LogIter {
-    type Item = Result<(u64, Event), LogError>;
-
-    fn next(&mut self) -> Option<Self::Item> {
+impl LogIter {
+    /// The next item `take` makes of the segment holding the next offset, from `from`
+    /// to `end`.
+    fn advance<T>(
+        &mut self,
+        mut take: impl FnMut(&mut SegmentReader) -> Option<Result<T, LogError>>,
+    ) -> Option<Result<T, LogError>> {
         loop {
             if let Some(segment) = &mut self.segment {
                 if segment.offset() >= self.end {
@@ -1089,7 +1118,7 @@ impl Iterator for LogIter {
                         Some(Err(e)) => return Some(Err(e)),
                         None => {}
                     }
-                } else if let Some(item) = segment.next_event() {
+                } else if let Some(item) = take(segment) {
                     return Some(item);
                 }
             }
@@ -1101,6 +1130,14 @@ impl Iterator for LogIter {
                 Err(e) => return Some(Err(e.into())),
             };
         }
+    }
+}
+
+impl Iterator for LogIter {
+    type Item = Result<(u64, Event), LogError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        self.advance(SegmentReader::next_event)
     }
 }
 

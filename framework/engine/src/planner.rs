@@ -1,6 +1,6 @@
 //! SyncPlanner: from version vectors to "send these, from here".
 
-use converge_api::{Event, VersionVector};
+use converge_api::{Event, EventId, VersionVector};
 
 use crate::error::LogError;
 use crate::log::EventLog;
@@ -35,7 +35,12 @@ impl SyncPlanner {
     /// Whether `event` should go to a peer whose known holdings are `sent` (what it has
     /// acknowledged plus what was already sent to it).
     pub fn should_send(event: &Event, sent: &VersionVector) -> bool {
-        event.id.seq > sent.get(&event.id.origin)
+        Self::should_send_id(&event.id, sent)
+    }
+
+    /// [`SyncPlanner::should_send`] for the event `id`, judged before it is decoded.
+    pub fn should_send_id(id: &EventId, sent: &VersionVector) -> bool {
+        id.seq > sent.get(&id.origin)
     }
 
     /// Events of `local` the peer lacks, counted (for status: "events behind").

@@ -489,15 +489,21 @@ async fn write_loop(
                 .config
                 .max_batch_events
                 .min(usize::try_from(sendable - scan).unwrap_or(usize::MAX));
-            let read = tokio::task::spawn_blocking(move || reader.read(scan, max))
-                .await
-                .map_err(|e| violation("self", e.to_string()))??;
-            // What the peer has acknowledged, or sent here, it holds.
+            // What the peer has acknowledged, or sent here, it holds: those events are
+            // passed over by id, undecoded (most of them, on a replica that mostly
+            // receives from this peer).
+            sent.merge(&inner.acked(&peer));
+            let held = sent.clone();
+            let (read, next) = tokio::task::spawn_blocking(move || {
+                reader.read_unless(scan, max, |id| !SyncPlanner::should_send_id(id, &held))
+            })
+            .await
+            .map_err(|e| violation("self", e.to_string()))??;
+            scan = next;
             sent.merge(&inner.acked(&peer));
             let mut batch: Vec<Event> = Vec::new();
             let mut bytes = 0;
-            for (offset, event) in read {
-                scan = offset + 1;
+            for (_, event) in read {
                 if SyncPlanner::should_send(&event, &sent) {
                     sent.set(event.id.origin, event.id.seq);
                     bytes += 64 + event.key.as_str().len() + 16 * event.parents.len();

@@ -96,6 +96,23 @@ fn check_against_model(log: &EventLog, model: &[Event]) {
         if let Some(expected) = model.get(from) {
             assert_eq!(log.get(&expected.id).unwrap().as_ref(), Some(expected));
         }
+        // Passing over one origin's events by id (as an outbox does for what its peer
+        // holds): the others, with their offsets, and where to go on from.
+        let skipped = ReplicaId([101; 16]);
+        let (kept, next) = log
+            .read_unless(from as u64, 7, |id| id.origin == skipped)
+            .unwrap();
+        let end = (from + 7).min(n);
+        let expected: Vec<(u64, Event)> = (from..end)
+            .filter(|&i| model[i].id.origin != skipped)
+            .map(|i| (i as u64, model[i].clone()))
+            .collect();
+        assert_eq!(kept, expected, "read from {from}, skipping one origin");
+        assert_eq!(
+            next,
+            end.max(from) as u64,
+            "read from {from}: where to go on"
+        );
     }
     // The version vector: highest seq per origin, and no gaps.
     let mut vv = VersionVector::new();
