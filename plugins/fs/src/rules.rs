@@ -102,11 +102,8 @@ impl Rules {
         if bytes.is_empty() {
             return false;
         }
-        let mut top = names(bytes);
-        if let (Some(name), None) = (top.next(), top.next()) {
-            if name == IGNORE_FILE.as_bytes() || name == MARKER_FILE.as_bytes() {
-                return true;
-            }
+        if is_only(rel, IGNORE_FILE) || is_only(rel, MARKER_FILE) {
+            return true;
         }
         let mut names = names(bytes)
             .filter_map(|n| std::str::from_utf8(n).ok())
@@ -243,6 +240,20 @@ fn fast_relative<'p>(root: &Path, path: &'p Path) -> Option<&'p Path> {
     }
 }
 
+/// Whether relative path `rel` is `name` alone (`rel == Path::new(name)`): compared as
+/// bytes when `rel` is in normal form, by components otherwise.
+fn is_only(rel: &Path, name: &str) -> bool {
+    let bytes = rel.as_os_str().as_bytes();
+    if bytes
+        .split(|b| *b == b'/')
+        .all(|n| !n.is_empty() && n != b".")
+    {
+        bytes == name.as_bytes()
+    } else {
+        rel == Path::new(name)
+    }
+}
+
 /// The names of relative path `rel`, as bytes: what [`Path::components`] gives as
 /// [`std::path::Component::Normal`].
 fn names(rel: &[u8]) -> impl Iterator<Item = &[u8]> {
@@ -277,7 +288,7 @@ mod tests {
         assert_eq!(rules.relative(Path::new("/nonexistent")), None);
         assert_eq!(rules.relative(Path::new("/other/folder/a")), None);
         assert!(rules.ignores(&root.join("a//.converge-tmp-1"), false, false));
-        assert!(rules.ignores(&root.join("./.convergeignore"), false, true));
+        assert!(!rules.ignores(&root.join("a/../.convergeignore"), false, true));
         assert!(!rules.ignores(&root.join("a/./b"), false, false));
         assert!(rules.ignores(Path::new("/nonexistent/folder2/a"), false, true));
         assert!(!rules.ignores(root, true, true));
