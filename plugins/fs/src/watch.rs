@@ -129,7 +129,7 @@ impl FsSource {
     async fn start_watcher(
         &self,
         root: &Path,
-        env: &Env,
+        env: &Arc<Env>,
         tx: &mpsc::UnboundedSender<WatchResult>,
     ) -> Result<Option<FolderWatcher>, FsError> {
         if !self.config.watch {
@@ -138,9 +138,17 @@ impl FsSource {
         let rescan_interval = self.config.rescan_interval;
         let (watched, rules, tx) = (root.to_owned(), env.rules.clone(), tx.clone());
         let skip: Skip = Box::new(move |dir| rules.ignores(dir, true, true));
+        // Weak: the watcher's thread may outlive the source by a moment, and must not
+        // keep the log (and its database's lock) open meanwhile.
+        let env = Arc::downgrade(env);
         let started = tokio::task::spawn_blocking(move || {
             watcher::watch(&watched, skip, move |res| {
-                let _ = tx.send(res);
+                let own = |event: &notify::Event| {
+                    env.upgrade().is_some_and(|env| is_own_file(&env, event))
+                };
+                if !res.as_ref().is_ok_and(own) {
+                    let _ = tx.send(res);
+                }
             })
         })
         .await?;
@@ -473,6 +481,43 @@ impl Batch {
     }
 }
 
+/// Whether `event` is the folder store's own new file showing up: the creation of a
+/// regular file whose size, mtime and mode are what the store recorded writing there
+/// (see [`is_echo`]). Asked on the watcher's thread, so that the thousands of files a
+/// receiving store writes do not each cost the source a place in a batch and a plan;
+/// a W1 receiver spent about a tenth of its CPU there. The decision is the plan's own
+/// for such a file (one that matches the record is skipped), made sooner and in the
+/// same order: the key's note goes first ([`Echo::look`]), as a file linked back by the
+/// user (a hard link restored from a snapshot, say) may match the record while a note of
+/// a later read of the user's waits for the store. A change made to the file since
+/// brings events of its own (a write, a change of mode or mtime, a removal, something
+/// renamed over it), and those are not dropped here.
+fn is_own_file(env: &Env, event: &notify::Event) -> bool {
+    if event.kind != EventKind::Create(CreateKind::File) || event.need_rescan() {
+        return false;
+    }
+    let [path] = &event.paths[..] else {
+        return false;
+    };
+    let Ok(key) = env.rules.key_of(path) else {
+        return false;
+    };
+    // No stat for a file the store has no record of (a file of the user's).
+    if !matches!(env.echo.get(&key), Some(Applied::File { .. })) {
+        return false;
+    }
+    // As the plan does: the note goes before the record is judged (see `Echo::look`).
+    let writes = env.echo.writes();
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return false;
+    };
+    if !meta.is_file() {
+        return false;
+    }
+    env.echo.look(&key, writes);
+    is_echo(env, &key, &meta)
+}
+
 /// What one debounced batch of paths amounts to.
 struct Plan {
     changes: Vec<LocalChange>,
@@ -699,6 +744,73 @@ mod tests {
 
     fn event(kind: EventKind, path: &str) -> WatchResult {
         Ok(notify::Event::new(kind).add_path(PathBuf::from(path)))
+    }
+
+    /// The store's own new file is dropped on the watcher's thread; any other event, a
+    /// file of the user's, and the store's file changed or gone since are not.
+    #[test]
+    fn only_the_stores_own_new_files_are_dropped_early() {
+        use converge_framework::log::{EventLog, LogConfig};
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().canonicalize().unwrap();
+        let log = EventLog::open(LogConfig::temporary()).unwrap();
+        let env = Env {
+            rules: Rules::load(&root, &[]),
+            echo: Arc::new(Echo::default()),
+            resolver: Resolver::default(),
+            chunks: log.chunks().clone(),
+            log,
+        };
+        let made = |path: &Path| {
+            notify::Event::new(EventKind::Create(CreateKind::File)).add_path(path.to_owned())
+        };
+        let path = root.join("d/f.txt");
+        std::fs::create_dir(root.join("d")).unwrap();
+        std::fs::write(&path, b"hello").unwrap();
+        let (size, mtime_ms, executable) =
+            crate::content::file_stat(&std::fs::symlink_metadata(&path).unwrap());
+        let key = Key::new("d/f.txt").unwrap();
+        let wrote = Applied::File {
+            size,
+            mtime_ms,
+            executable,
+            root: converge_api::Hash::of(b"hello"),
+        };
+        assert!(!is_own_file(&env, &made(&path)), "no record yet");
+        env.echo.record(&key, wrote);
+        // A note of a read of the user's, waiting for the store, goes first (as in the
+        // plan): the store then looks for itself rather than skip on it.
+        let read = Applied::File {
+            size: 3,
+            mtime_ms: 1,
+            executable: false,
+            root: converge_api::Hash::of(b"abc"),
+        };
+        env.echo.note_read(&key, read, env.echo.writes());
+        assert!(is_own_file(&env, &made(&path)));
+        assert!(!env.echo.take_read(&key, read), "the note went first");
+
+        let written = EventKind::Modify(ModifyKind::Data(notify::event::DataChange::Any));
+        let touched = EventKind::Modify(ModifyKind::Metadata(notify::event::MetadataKind::Any));
+        for kind in [written, touched, EventKind::Create(CreateKind::Folder)] {
+            let event = notify::Event::new(kind).add_path(path.clone());
+            assert!(!is_own_file(&env, &event), "{kind:?}");
+        }
+        let mut lost = made(&path);
+        lost = lost.set_flag(notify::event::Flag::Rescan);
+        assert!(!is_own_file(&env, &lost), "events were lost");
+
+        let users = root.join("d/g.txt");
+        std::fs::write(&users, b"hello").unwrap();
+        assert!(!is_own_file(&env, &made(&users)), "no record for it");
+
+        std::fs::write(&path, b"hello, world").unwrap();
+        assert!(!is_own_file(&env, &made(&path)), "changed since");
+        std::fs::remove_file(&path).unwrap();
+        assert!(!is_own_file(&env, &made(&path)), "gone");
+        std::fs::create_dir(&path).unwrap();
+        assert!(!is_own_file(&env, &made(&path)), "a directory there");
+        assert!(!is_own_file(&env, &made(&root.join("../outside"))));
     }
 
     /// Only a batch of renames into the folder is whole on arrival: anything else in it
