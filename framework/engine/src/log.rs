@@ -437,28 +437,35 @@ impl EventLog {
             .collect()
     }
 
-    /// [`EventLog::read`] for a reader that passes over some events by id: `skip` is
-    /// asked first, from the id at the head of each event's bytes, and an event it
-    /// skips is not decoded (it may still come back, decoded, if its id cannot be read
-    /// that way, so the caller checks again). Up to `limit` events are looked at;
-    /// returns those not skipped and the offset after the last looked at.
-    pub fn read_unless(
+    /// Up to `limit` durable events from offset `from` on, as stored (each as
+    /// [`converge_api::codec::encode_event`] wrote it), with their offsets: for a reader
+    /// that sends them on as they are. `skip` is asked first, from the id at the head of
+    /// each event's bytes ([`converge_api::codec::event_id`]), and an event it skips is
+    /// not returned (one whose id cannot be read that way is, and the caller decodes it
+    /// to tell). Returns those not skipped and the offset after the last looked at.
+    pub fn read_raw_unless(
         &self,
         from: u64,
         limit: usize,
         mut skip: impl FnMut(&EventId) -> bool,
-    ) -> Result<(Vec<(u64, Event)>, u64), LogError> {
+    ) -> Result<(RawEvents, u64), LogError> {
         let mut events = LogIter::new(&self.shared.trees.log, from, self.len())?;
         let (mut kept, mut next) = (Vec::new(), from);
         for _ in 0..limit {
-            match events.advance(|segment| segment.next_unless(&mut skip)) {
-                None => break,
-                Some(item) => {
-                    let (offset, event) = item?;
-                    next = offset + 1;
-                    kept.extend(event.map(|event| (offset, event)));
-                }
-            }
+            let item = events.advance(|segment| {
+                let (offset, bytes) = match segment.next_raw()? {
+                    Ok(raw) => raw,
+                    Err(e) => return Some(Err(e)),
+                };
+                let skipped = converge_api::codec::event_id(bytes).is_some_and(|id| skip(&id));
+                Some(Ok((offset, (!skipped).then(|| bytes.to_vec()))))
+            });
+            let Some(item) = item else {
+                break;
+            };
+            let (offset, bytes) = item?;
+            next = offset + 1;
+            kept.extend(bytes.map(|bytes| (offset, bytes)));
         }
         Ok((kept, next))
     }
@@ -1075,6 +1082,9 @@ impl Pending {
         }
     }
 }
+
+/// Events as the log stores them, each with its offset (see [`EventLog::read_raw_unless`]).
+pub type RawEvents = Vec<(u64, Vec<u8>)>;
 
 /// The events at offsets `from..end`, read segment by segment.
 struct LogIter {

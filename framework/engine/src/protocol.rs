@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use converge_api::codec::PROTOCOL_VERSION;
-use converge_api::{codec, ChunkRef, Event, Hash, Message, Place, ReplicaId, VersionVector};
+use converge_api::{codec, ChunkRef, Hash, Message, Place, ReplicaId, VersionVector};
 use tokio::sync::mpsc;
 use tokio::time::{timeout, Instant};
 
@@ -495,18 +495,30 @@ async fn write_loop(
             sent.merge(&inner.acked(&peer));
             let held = sent.clone();
             let (read, next) = tokio::task::spawn_blocking(move || {
-                reader.read_unless(scan, max, |id| !SyncPlanner::should_send_id(id, &held))
+                reader.read_raw_unless(scan, max, |id| !SyncPlanner::should_send_id(id, &held))
             })
             .await
             .map_err(|e| violation("self", e.to_string()))??;
             scan = next;
             sent.merge(&inner.acked(&peer));
-            let mut batch: Vec<Event> = Vec::new();
+            // Sent as the log stores them: no decoding and encoding each again.
+            let mut batch: Vec<Vec<u8>> = Vec::new();
             let mut bytes = 0;
-            for (_, event) in read {
-                if SyncPlanner::should_send(&event, &sent) {
-                    sent.set(event.id.origin, event.id.seq);
-                    bytes += 64 + event.key.as_str().len() + 16 * event.parents.len();
+            for (offset, event) in read {
+                let id = match codec::event_id(&event) {
+                    Some(id) => id,
+                    None => {
+                        codec::decode_event(&event)
+                            .map_err(|source| crate::error::LogError::Corrupt {
+                                what: format!("log/{offset}"),
+                                source,
+                            })?
+                            .id
+                    }
+                };
+                if SyncPlanner::should_send_id(&id, &sent) {
+                    sent.set(id.origin, id.seq);
+                    bytes += event.len();
                     batch.push(event);
                     if bytes >= EVENTS_FRAME_BYTES {
                         send_events(inner, peer, sender, std::mem::take(&mut batch)).await?;
@@ -555,14 +567,17 @@ fn rewind(
     Ok(())
 }
 
+/// Sends `batch`, events as the log stores them, in one `Events` message.
 async fn send_events(
     inner: &Arc<Inner>,
     peer: ReplicaId,
     sender: &mut dyn FrameSender,
-    batch: Vec<Event>,
+    batch: Vec<Vec<u8>>,
 ) -> Result<(), SessionError> {
     let n = batch.len() as u64;
-    send_message(sender, inner, Some(peer), &Message::Events { batch }).await?;
+    let events: Vec<&[u8]> = batch.iter().map(Vec::as_slice).collect();
+    let payload = codec::encode_events(&events).map_err(|e| violation("self", e.to_string()))?;
+    send_payload(sender, inner, Some(peer), payload).await?;
     inner.count_events_sent(&peer, n);
     Ok(())
 }

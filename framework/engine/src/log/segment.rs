@@ -14,7 +14,7 @@
 //! on the append path, and iterating a million small entries bounded a rebuild. A segment
 //! is written in one atomic batch with the rest of its group commit, so it is never torn.
 
-use converge_api::{CodecError, Event, EventId};
+use converge_api::{CodecError, Event};
 use sled::IVec;
 
 use crate::error::LogError;
@@ -170,20 +170,6 @@ impl SegmentReader {
             self.next_raw()?
                 .and_then(|(offset, bytes)| decode(offset, bytes).map(|event| (offset, event))),
         )
-    }
-
-    /// The next event's offset, and the event decoded unless `skip` passes over it by
-    /// its id alone (read from its head, see [`converge_api::codec::event_id`]).
-    pub(super) fn next_unless(
-        &mut self,
-        skip: &mut impl FnMut(&EventId) -> bool,
-    ) -> Option<Result<(u64, Option<Event>), LogError>> {
-        Some(self.next_raw()?.and_then(|(offset, bytes)| {
-            if converge_api::codec::event_id(bytes).is_some_and(|id| skip(&id)) {
-                return Ok((offset, None));
-            }
-            decode(offset, bytes).map(|event| (offset, Some(event)))
-        }))
     }
 }
 
