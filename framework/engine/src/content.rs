@@ -546,7 +546,7 @@ impl SortedLocations {
             return None;
         }
         let entries = &self.entries;
-        let order = |i: usize| hash_order(&entries[i].0, hash);
+        let order = |i: usize| entries[i].0 .0.cmp(&hash.0);
         // Hashes are uniform: start where `hash` would fall in proportion, and widen from
         // there until it is bracketed. A few reads of the vector where a binary search
         // over it made one per halving, each a cache miss once it outgrows the cache (the
@@ -591,7 +591,7 @@ impl SortedLocations {
             }
         };
         entries[lo..hi]
-            .binary_search_by(|(h, _)| hash_order(h, hash))
+            .binary_search_by(|(h, _)| h.0.cmp(&hash.0))
             .ok()
             .map(|i| lo + i)
     }
@@ -675,16 +675,8 @@ impl SortedLocations {
     }
 }
 
-/// The order of `a` and `b`'s bytes (`a.0.cmp(&b.0)`), their first 8 bytes compared as
-/// one number: most comparisons end there, without the call to `memcmp` the array
-/// comparison makes (a few percent of a receiver's CPU in a 10,000-file sync).
-fn hash_order(a: &Hash, b: &Hash) -> std::cmp::Ordering {
-    prefix(a)
-        .cmp(&prefix(b))
-        .then_with(|| a.0[8..].cmp(&b.0[8..]))
-}
-
-/// The first 8 bytes of `hash`, as a number that orders as they do.
+/// The first 8 bytes of `hash`, as a number that orders as they do (big-endian): where
+/// a lookup starts in [`SortedLocations`], and a run's fences (see the `runs` module).
 fn prefix(hash: &Hash) -> u64 {
     let mut p = [0; 8];
     p.copy_from_slice(&hash.0[..8]);
@@ -3725,22 +3717,6 @@ mod tests {
     }
 
     proptest::proptest! {
-        /// `hash_order` orders hashes as their bytes, whichever byte they first differ in.
-        #[test]
-        fn hash_order_is_the_order_of_the_bytes(
-            a in proptest::array::uniform32(0u8..3),
-            b in proptest::array::uniform32(0u8..3),
-            at in 0usize..32,
-            to in 0u8..3,
-        ) {
-            let mut near = a;
-            near[at] = to;
-            for other in [a, b, near] {
-                proptest::prop_assert_eq!(hash_order(&Hash(a), &Hash(other)), a.cmp(&other));
-                proptest::prop_assert_eq!(hash_order(&Hash(other), &Hash(a)), other.cmp(&a));
-            }
-        }
-
         /// Lookups find every entry held and no other, whether the hashes are spread
         /// evenly (as BLAKE3's are) or bunched, sharing their first bytes (as a test's).
         #[test]

@@ -438,34 +438,40 @@ impl EventLog {
     }
 
     /// Up to `limit` durable events from offset `from` on, as stored (each as
-    /// [`converge_api::codec::encode_event`] wrote it), with their offsets: for a reader
-    /// that sends them on as they are. `skip` is asked first, from the id at the head of
-    /// each event's bytes ([`converge_api::codec::event_id`]), and an event it skips is
-    /// not returned (one whose id cannot be read that way is, and the caller decodes it
-    /// to tell). Returns those not skipped and the offset after the last looked at.
+    /// [`converge_api::codec::encode_event`] wrote it), for a reader that sends them on as
+    /// they are. `skip` is asked of each event's id, read from the head of its bytes
+    /// ([`converge_api::codec::event_id`]; decoded whole only if it cannot be read so),
+    /// and what it skips is left out. Returns the rest and the offset after the last
+    /// event looked at.
     pub fn read_raw_unless(
         &self,
         from: u64,
         limit: usize,
         mut skip: impl FnMut(&EventId) -> bool,
-    ) -> Result<(RawEvents, u64), LogError> {
+    ) -> Result<(Vec<RawEvent>, u64), LogError> {
         let mut events = LogIter::new(&self.shared.trees.log, from, self.len())?;
         let (mut kept, mut next) = (Vec::new(), from);
         for _ in 0..limit {
             let item = events.advance(|segment| {
-                let (offset, bytes) = match segment.next_raw()? {
-                    Ok(raw) => raw,
-                    Err(e) => return Some(Err(e)),
-                };
-                let skipped = converge_api::codec::event_id(bytes).is_some_and(|id| skip(&id));
-                Some(Ok((offset, (!skipped).then(|| bytes.to_vec()))))
+                let read = segment.next_raw()?.and_then(|(offset, bytes)| {
+                    let id = match converge_api::codec::event_id(bytes) {
+                        Some(id) => id,
+                        None => segment::decode(offset, bytes)?.id,
+                    };
+                    Ok((!skip(&id)).then(|| RawEvent {
+                        offset,
+                        id,
+                        bytes: bytes.to_vec(),
+                    }))
+                });
+                Some(read.map(|event| (segment.offset(), event)))
             });
             let Some(item) = item else {
                 break;
             };
-            let (offset, bytes) = item?;
-            next = offset + 1;
-            kept.extend(bytes.map(|bytes| (offset, bytes)));
+            let (after, event) = item?;
+            next = after;
+            kept.extend(event);
         }
         Ok((kept, next))
     }
@@ -1083,8 +1089,16 @@ impl Pending {
     }
 }
 
-/// Events as the log stores them, each with its offset (see [`EventLog::read_raw_unless`]).
-pub type RawEvents = Vec<(u64, Vec<u8>)>;
+/// An event as the log stores it (see [`EventLog::read_raw_unless`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RawEvent {
+    /// Its offset in the log.
+    pub offset: u64,
+    /// Its id.
+    pub id: EventId,
+    /// Its encoding, as [`converge_api::codec::encode_event`] wrote it.
+    pub bytes: Vec<u8>,
+}
 
 /// The events at offsets `from..end`, read segment by segment.
 struct LogIter {

@@ -1,6 +1,6 @@
 //! SyncPlanner: from version vectors to "send these, from here".
 
-use converge_api::{Event, EventId, VersionVector};
+use converge_api::{EventId, VersionVector};
 
 use crate::error::LogError;
 use crate::log::EventLog;
@@ -32,14 +32,10 @@ impl SyncPlanner {
         Ok(start)
     }
 
-    /// Whether `event` should go to a peer whose known holdings are `sent` (what it has
-    /// acknowledged plus what was already sent to it).
-    pub fn should_send(event: &Event, sent: &VersionVector) -> bool {
-        Self::should_send_id(&event.id, sent)
-    }
-
-    /// [`SyncPlanner::should_send`] for the event `id`, judged before it is decoded.
-    pub fn should_send_id(id: &EventId, sent: &VersionVector) -> bool {
+    /// Whether the event `id` should go to a peer whose known holdings are `sent` (what it
+    /// has acknowledged plus what was already sent to it): judged by id alone, so before
+    /// the event is decoded.
+    pub fn should_send(id: &EventId, sent: &VersionVector) -> bool {
         id.seq > sent.get(&id.origin)
     }
 

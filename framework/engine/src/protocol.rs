@@ -491,39 +491,24 @@ async fn write_loop(
                 .min(usize::try_from(sendable - scan).unwrap_or(usize::MAX));
             // What the peer has acknowledged, or sent here, it holds: those events are
             // passed over by id, undecoded (most of them, on a replica that mostly
-            // receives from this peer).
+            // receives from this peer); the rest are sent as the log stores them.
             sent.merge(&inner.acked(&peer));
             let held = sent.clone();
             let (read, next) = tokio::task::spawn_blocking(move || {
-                reader.read_raw_unless(scan, max, |id| !SyncPlanner::should_send_id(id, &held))
+                reader.read_raw_unless(scan, max, |id| !SyncPlanner::should_send(id, &held))
             })
             .await
             .map_err(|e| violation("self", e.to_string()))??;
             scan = next;
-            sent.merge(&inner.acked(&peer));
-            // Sent as the log stores them: no decoding and encoding each again.
             let mut batch: Vec<Vec<u8>> = Vec::new();
             let mut bytes = 0;
-            for (offset, event) in read {
-                let id = match codec::event_id(&event) {
-                    Some(id) => id,
-                    None => {
-                        codec::decode_event(&event)
-                            .map_err(|source| crate::error::LogError::Corrupt {
-                                what: format!("log/{offset}"),
-                                source,
-                            })?
-                            .id
-                    }
-                };
-                if SyncPlanner::should_send_id(&id, &sent) {
-                    sent.set(id.origin, id.seq);
-                    bytes += event.len();
-                    batch.push(event);
-                    if bytes >= EVENTS_FRAME_BYTES {
-                        send_events(inner, peer, sender, std::mem::take(&mut batch)).await?;
-                        bytes = 0;
-                    }
+            for event in read {
+                sent.set(event.id.origin, event.id.seq);
+                bytes += event.bytes.len();
+                batch.push(event.bytes);
+                if bytes >= EVENTS_FRAME_BYTES {
+                    send_events(inner, peer, sender, std::mem::take(&mut batch)).await?;
+                    bytes = 0;
                 }
             }
             if !batch.is_empty() {

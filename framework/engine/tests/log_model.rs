@@ -104,7 +104,11 @@ fn check_against_model(log: &EventLog, model: &[Event]) {
             .unwrap();
         let kept: Vec<(u64, Event)> = kept
             .into_iter()
-            .map(|(offset, bytes)| (offset, converge_api::codec::decode_event(&bytes).unwrap()))
+            .map(|raw| {
+                let event = converge_api::codec::decode_event(&raw.bytes).unwrap();
+                assert_eq!(raw.id, event.id, "the id read from the head");
+                (raw.offset, event)
+            })
             .collect();
         let end = (from + 7).min(n);
         let expected: Vec<(u64, Event)> = (from..end)

@@ -95,7 +95,7 @@ impl Rules {
         if self.exclude.iter().any(|ex| path.starts_with(ex)) {
             return true;
         }
-        let Some(rel) = self.relative(path) else {
+        let Some(rel) = relative(&self.root, path) else {
             return true;
         };
         let bytes = rel.as_os_str().as_bytes();
@@ -125,8 +125,7 @@ impl Rules {
 
     /// The key of `path` (under the root), or why it cannot be one (warned by callers).
     pub(crate) fn key_of(&self, path: &Path) -> Result<Key, String> {
-        let rel = self
-            .relative(path)
+        let rel = relative(&self.root, path)
             .ok_or_else(|| format!("{} is outside the folder", path.display()))?;
         let Some(s) = rel.to_str() else {
             return Err(format!(
@@ -135,15 +134,6 @@ impl Rules {
             ));
         };
         Key::new(s).map_err(|e| format!("skipping {}: {e}", path.display()))
-    }
-
-    /// `path` relative to the root, as [`Path::strip_prefix`] gives it; `None` if it is
-    /// not under the root. A path in normal form (what joining names to the root makes,
-    /// as every caller does) is cut as bytes: std's comparison by components was, with
-    /// the rest of its path handling, the largest part of the folder's own CPU time
-    /// outside the kernel in a profile of a 10,000-file sync.
-    fn relative<'p>(&self, path: &'p Path) -> Option<&'p Path> {
-        fast_relative(&self.root, path).or_else(|| path.strip_prefix(&self.root).ok())
     }
 
     /// The path of `key` under the root.
@@ -196,10 +186,7 @@ pub(crate) fn below_symlink(root: &Path, path: &Path, real: &mut HashSet<PathBuf
     let mut unchecked = Vec::new();
     let mut dir = path.parent();
     while let Some(d) = dir {
-        let below = match fast_relative(root, d) {
-            Some(rel) => !rel.as_os_str().is_empty(),
-            None => d != root && d.starts_with(root),
-        };
+        let below = relative(root, d).is_some_and(|rel| !rel.as_os_str().is_empty());
         if !below || real.contains(d) {
             break;
         }
@@ -218,10 +205,19 @@ pub(crate) fn below_symlink(root: &Path, path: &Path, real: &mut HashSet<PathBuf
     false
 }
 
-/// `path` relative to `root` when both are in normal form (no empty or `.` names, no
-/// trailing separator; `root` not `/`): then the bytes after `root` and a separator are
-/// exactly what [`Path::strip_prefix`] returns. `None` when they are not, or when `path`
-/// does not start with `root`'s bytes: the caller asks std then.
+/// `path` relative to `root`, as [`Path::strip_prefix`] gives it; `None` if it is not
+/// under `root`. A path in normal form (what joining names to the root makes, as every
+/// caller does) is cut as bytes: std's comparison by components was, with the rest of its
+/// path handling, the largest part of the folder's own CPU time outside the kernel in a
+/// profile of a 10,000-file sync.
+fn relative<'p>(root: &Path, path: &'p Path) -> Option<&'p Path> {
+    fast_relative(root, path).or_else(|| path.strip_prefix(root).ok())
+}
+
+/// `path` relative to `root` when both are in normal form (see [`is_normal`]; `root` not
+/// `/`): then the bytes after `root` and a separator are exactly what
+/// [`Path::strip_prefix`] returns. `None` when they are not, or when `path` does not start
+/// with `root`'s bytes: [`relative`] asks std then.
 fn fast_relative<'p>(root: &Path, path: &'p Path) -> Option<&'p Path> {
     let rest = path
         .as_os_str()
@@ -229,25 +225,23 @@ fn fast_relative<'p>(root: &Path, path: &'p Path) -> Option<&'p Path> {
         .strip_prefix(root.as_os_str().as_bytes())?;
     match rest.split_first() {
         None => Some(Path::new("")),
-        Some((b'/', rel))
-            if rel
-                .split(|b| *b == b'/')
-                .all(|n| !n.is_empty() && n != b".") =>
-        {
-            Some(Path::new(OsStr::from_bytes(rel)))
-        }
+        Some((b'/', rel)) if is_normal(rel) => Some(Path::new(OsStr::from_bytes(rel))),
         _ => None,
     }
+}
+
+/// Whether relative path `rel` is in normal form: no empty or `.` names (so no doubled,
+/// leading or trailing separator).
+fn is_normal(rel: &[u8]) -> bool {
+    rel.split(|b| *b == b'/')
+        .all(|n| !n.is_empty() && n != b".")
 }
 
 /// Whether relative path `rel` is `name` alone (`rel == Path::new(name)`): compared as
 /// bytes when `rel` is in normal form, by components otherwise.
 fn is_only(rel: &Path, name: &str) -> bool {
     let bytes = rel.as_os_str().as_bytes();
-    if bytes
-        .split(|b| *b == b'/')
-        .all(|n| !n.is_empty() && n != b".")
-    {
+    if is_normal(bytes) {
         bytes == name.as_bytes()
     } else {
         rel == Path::new(name)
@@ -283,10 +277,10 @@ mod tests {
             let path = Path::new(&p);
             let std = path.strip_prefix(root).ok().map(Path::as_os_str);
             assert_eq!(fast_relative(root, path).is_some(), fast, "{p}");
-            assert_eq!(rules.relative(path).map(Path::as_os_str), std, "{p}");
+            assert_eq!(relative(root, path).map(Path::as_os_str), std, "{p}");
         }
-        assert_eq!(rules.relative(Path::new("/nonexistent")), None);
-        assert_eq!(rules.relative(Path::new("/other/folder/a")), None);
+        assert_eq!(relative(root, Path::new("/nonexistent")), None);
+        assert_eq!(relative(root, Path::new("/other/folder/a")), None);
         assert!(rules.ignores(&root.join("a//.converge-tmp-1"), false, false));
         assert!(!rules.ignores(&root.join("a/../.convergeignore"), false, true));
         assert!(!rules.ignores(&root.join("a/./b"), false, false));

@@ -72,6 +72,22 @@ pub(crate) struct Env {
     pub(crate) chunks: ChunkStore,
 }
 
+#[cfg(test)]
+impl Env {
+    /// The state of a source of the folder at `root`, over a temporary log of its own.
+    #[allow(clippy::unwrap_used)]
+    pub(crate) fn for_tests(root: &Path) -> Env {
+        let log = EventLog::open(converge_framework::log::LogConfig::temporary()).unwrap();
+        Env {
+            rules: Rules::load(root, &[]),
+            echo: Arc::new(Echo::default()),
+            resolver: Resolver::default(),
+            chunks: log.chunks().clone(),
+            log,
+        }
+    }
+}
+
 fn head_kind(head: &Head) -> Option<EntryKind> {
     match &head.op {
         Op::Put { meta, .. } => Some(meta.kind),
@@ -879,19 +895,11 @@ fn visit(
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use converge_framework::log::LogConfig;
 
     use crate::content::GATHER_FILES;
 
     fn env(root: &Path) -> Env {
-        let log = EventLog::open(LogConfig::temporary()).unwrap();
-        Env {
-            rules: Rules::load(root, &[]),
-            echo: Arc::new(Echo::default()),
-            resolver: Resolver::default(),
-            chunks: log.chunks().clone(),
-            log,
-        }
+        Env::for_tests(root)
     }
 
     /// A subtree's projection holds the directory and the keys below it, and no key

@@ -506,16 +506,29 @@ fn is_own_file(env: &Env, event: &notify::Event) -> bool {
     if !matches!(env.echo.get(&key), Some(Applied::File { .. })) {
         return false;
     }
-    // As the plan does: the note goes before the record is judged (see `Echo::look`).
-    let writes = env.echo.writes();
-    let Ok(meta) = std::fs::symlink_metadata(path) else {
-        return false;
+    look_for_echo(env, Some(&key), path, env.echo.writes()).1
+}
+
+/// Looks `path` up for the source to judge the entry there (`writes` is
+/// [`Echo::writes`] from before), and whether it is the store's own write (see
+/// [`is_echo`]). What is decided about an entry that is there may rest on the echo
+/// record, so `key`'s note goes first (see [`Echo::look`]; a removal keeps it, see
+/// `Echo::absence_accounted`).
+fn look_for_echo(
+    env: &Env,
+    key: Option<&Key>,
+    path: &Path,
+    writes: u64,
+) -> (std::io::Result<std::fs::Metadata>, bool) {
+    let meta = std::fs::symlink_metadata(path);
+    let echo = match (&meta, key) {
+        (Ok(m), Some(key)) if m.is_file() || m.is_dir() => {
+            env.echo.look(key, writes);
+            m.is_file() && is_echo(env, key, m)
+        }
+        _ => false,
     };
-    if !meta.is_file() {
-        return false;
-    }
-    env.echo.look(&key, writes);
-    is_echo(env, &key, &meta)
+    (meta, echo)
 }
 
 /// What one debounced batch of paths amounts to.
@@ -550,18 +563,11 @@ fn plan(env: &Env, paths: BTreeSet<PathBuf>, arrived: &HashSet<PathBuf>) -> Resu
         }
         let key = env.rules.key_of(&path);
         let writes = env.echo.writes();
-        let meta = std::fs::symlink_metadata(&path);
-        if let (Ok(m), Ok(key)) = (&meta, &key) {
-            // What is decided about an entry that is there may rest on the echo record:
-            // the key's note goes (a removal keeps it, see `Echo::absence_accounted`).
-            if m.is_file() || m.is_dir() {
-                env.echo.look(key, writes);
-            }
-            // The store's own writes come back here by the thousand: drop them first. The
-            // store writes no ignored path, so the ignore rules need not be asked.
-            if m.is_file() && is_echo(env, key, m) {
-                continue;
-            }
+        let (meta, echo) = look_for_echo(env, key.as_ref().ok(), &path, writes);
+        // The store's own writes come back here by the thousand: dropped first. The store
+        // writes no ignored path, so the ignore rules need not be asked.
+        if echo {
+            continue;
         }
         let is_dir = meta.as_ref().is_ok_and(|m| m.is_dir());
         if env.rules.ignores(&path, is_dir, true) {
@@ -750,17 +756,9 @@ mod tests {
     /// file of the user's, and the store's file changed or gone since are not.
     #[test]
     fn only_the_stores_own_new_files_are_dropped_early() {
-        use converge_framework::log::{EventLog, LogConfig};
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().canonicalize().unwrap();
-        let log = EventLog::open(LogConfig::temporary()).unwrap();
-        let env = Env {
-            rules: Rules::load(&root, &[]),
-            echo: Arc::new(Echo::default()),
-            resolver: Resolver::default(),
-            chunks: log.chunks().clone(),
-            log,
-        };
+        let env = Env::for_tests(&root);
         let made = |path: &Path| {
             notify::Event::new(EventKind::Create(CreateKind::File)).add_path(path.to_owned())
         };

@@ -42,7 +42,7 @@ use std::sync::RwLock;
 use converge_api::Hash;
 use sled::Tree;
 
-use super::{io_error, Location};
+use super::{io_error, prefix, Location};
 use crate::error::LogError;
 
 /// Bytes of one entry: a hash and its encoded [`Location`].
@@ -213,12 +213,6 @@ pub(super) struct Runs {
     /// Entries skipped wherever found: (hash, encoded location).
     removed: HashSet<(Hash, [u8; 16])>,
     removed_tree: Tree,
-}
-
-fn prefix(hash: &Hash) -> u64 {
-    let mut first = [0; 8];
-    first.copy_from_slice(&hash.0[..8]);
-    u64::from_be_bytes(first)
 }
 
 /// The bytes of an entry: `hash`, then the encoded location (the form of a run's entries

@@ -174,7 +174,7 @@ impl SegmentReader {
 }
 
 /// The event stored at `offset` as `bytes`.
-fn decode(offset: u64, bytes: &[u8]) -> Result<Event, LogError> {
+pub(super) fn decode(offset: u64, bytes: &[u8]) -> Result<Event, LogError> {
     converge_api::codec::decode_event(bytes).map_err(|source| LogError::Corrupt {
         what: format!("log/{offset}"),
         source,
