@@ -10,7 +10,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fs::Metadata;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -27,6 +27,14 @@ const TTL: Duration = Duration::from_secs(300);
 
 /// Most reads noted for the store at once (see [`Echo::note_read`]): about 15 MiB.
 const READ_NOTES: usize = 100_000;
+
+/// Records kept before the oldest records of files go, down to half (see
+/// [`Echo::prune`]): about 13 MiB.
+const RECORDS_KEPT: usize = 65_536;
+
+/// Numbers of the store's changes kept by key before the oldest half go (see
+/// [`Written`]): about 6 MiB.
+const WRITTEN_KEPT: usize = 65_536;
 
 /// What the store left at a key's path.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -99,6 +107,9 @@ pub(crate) struct Echo {
     written: Mutex<Written>,
     /// The furthest the store's cursor was seen (see [`Echo::shown_up_to`]).
     shown: AtomicU64,
+    /// How many records [`Echo::prune`] lets be before it looks for files' records to
+    /// drop (0: [`RECORDS_KEPT`]); raised when what it could not drop is many.
+    evict_at: AtomicUsize,
     /// Events the folder's source recorded from the folder (see [`Echo::emitted_here`]):
     /// runs of sequence numbers by where they start, each with where it ends and the
     /// log's length once they were appended.
@@ -116,7 +127,9 @@ struct Emitted {
 }
 
 /// The number of the store's latest change at each key's path, for keys changed in the
-/// last [`TTL`], and the highest number dropped since (see [`Echo::take_read`]).
+/// last [`TTL`] (the latest [`WRITTEN_KEPT`] of them at most), and the highest number
+/// dropped since (see [`Echo::take_read`]). A number dropped counts as a change at every
+/// path, so dropping one early only makes the store look at a file it could have skipped.
 #[derive(Debug, Default)]
 struct Written {
     by_key: HashMap<Key, (u64, Instant)>,
@@ -182,12 +195,31 @@ impl Echo {
         self.lock().get(key).map(|r| r.applied)
     }
 
+    /// Drops records older than [`TTL`], and past [`RECORDS_KEPT`] records, the oldest
+    /// records of files, down to half that. A file's record only spares the source
+    /// reading the file: what the store wrote is a head of the key, or while the store
+    /// has not shown the heads, an older state the log knows (`known_state`), and the
+    /// source judges a file the record no longer covers by those. Records of directories
+    /// and removals stay their time: a directory the store made for a file in it may
+    /// have no event of its own, and a removal's record orders the store's changes
+    /// against the source's looks (see [`Echo::note_read`]).
     pub(crate) fn prune(&self) {
         // One reading of the clock for every record (the store prunes once per batch,
         // over as many records as it wrote lately).
         let now = Instant::now();
         let fresh = |at: &Instant| now.saturating_duration_since(*at) < TTL;
-        self.lock().retain(|_, r| fresh(&r.at));
+        {
+            let mut map = self.lock();
+            map.retain(|_, r| fresh(&r.at));
+            if map.len() <= RECORDS_KEPT {
+                self.evict_at.store(0, Ordering::Relaxed);
+            } else if map.len() > self.evict_at.load(Ordering::Relaxed).max(RECORDS_KEPT) {
+                drop_oldest_files(&mut map, RECORDS_KEPT / 2);
+                // What could not go is looked through again once it has doubled.
+                self.evict_at
+                    .store(map.len().saturating_mul(2), Ordering::Relaxed);
+            }
+        }
         locked(&self.read).retain(|_, (_, _, at)| fresh(at));
         let mut written = locked(&self.written);
         let Written { by_key, dropped } = &mut *written;
@@ -198,6 +230,14 @@ impl Echo {
             }
             keep
         });
+        if by_key.len() > WRITTEN_KEPT {
+            // Numbers rise with time: the oldest half are those up to the median.
+            let mut numbers: Vec<u64> = by_key.values().map(|(n, _)| *n).collect();
+            let oldest = numbers.len() - WRITTEN_KEPT / 2;
+            let last = *numbers.select_nth_unstable(oldest - 1).1;
+            by_key.retain(|_, (n, _)| *n > last);
+            *dropped = (*dropped).max(last);
+        }
     }
 
     /// Numbers a change the store has made at `key`'s path, once made (a rename into
@@ -400,6 +440,19 @@ impl Echo {
     }
 }
 
+/// Drops the oldest records of files from `map` until at most `keep` records are left,
+/// or none of files.
+fn drop_oldest_files(map: &mut HashMap<Key, Record>, keep: usize) {
+    let is_file = |r: &Record| matches!(r.applied, Applied::File { .. });
+    let mut ages: Vec<Instant> = map.values().filter(|r| is_file(r)).map(|r| r.at).collect();
+    let excess = map.len().saturating_sub(keep).min(ages.len());
+    let Some(last) = excess.checked_sub(1) else {
+        return;
+    };
+    let newest_dropped = *ages.select_nth_unstable(last).1;
+    map.retain(|_, r| !is_file(r) || r.at > newest_dropped);
+}
+
 /// Whether `record` is a removal made before a look of the source's at the file that
 /// read [`Echo::writes`] as `seen` (and found the file there).
 fn outdated_by(record: &Record, seen: Option<u64>) -> bool {
@@ -493,7 +546,75 @@ pub(crate) fn known_state(
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
+
+    fn file(n: u64) -> Applied {
+        Applied::File {
+            size: n,
+            mtime_ms: 1,
+            executable: false,
+            root: Hash::of(&n.to_le_bytes()),
+        }
+    }
+
+    fn key(n: usize) -> Key {
+        Key::new(format!("d/{n}")).unwrap()
+    }
+
+    /// Past [`RECORDS_KEPT`] records, the oldest files' records go, down to half; those
+    /// of directories and removals stay, however old, until their time is up.
+    #[test]
+    fn the_oldest_files_records_go_first_and_only_files() {
+        let echo = Echo::default();
+        echo.record(&Key::new("dir").unwrap(), Applied::Dir);
+        echo.record(&Key::new("gone").unwrap(), Applied::Absent);
+        let n = RECORDS_KEPT + 10;
+        for i in 0..n {
+            echo.record(&key(i), file(i as u64));
+        }
+        echo.prune();
+        assert_eq!(echo.get(&Key::new("dir").unwrap()), Some(Applied::Dir));
+        assert_eq!(echo.get(&Key::new("gone").unwrap()), Some(Applied::Absent));
+        assert_eq!(echo.get(&key(0)), None, "the oldest file's record stayed");
+        assert_eq!(echo.get(&key(n - 1)), Some(file(n as u64 - 1)));
+        let kept = echo.lock().len();
+        assert!(kept <= RECORDS_KEPT / 2, "{kept} records kept");
+        assert!(kept > RECORDS_KEPT / 4, "{kept} records kept");
+
+        // Under the bound, nothing young goes.
+        echo.prune();
+        assert_eq!(echo.lock().len(), kept);
+    }
+
+    /// Past [`WRITTEN_KEPT`] keys, the oldest half of the numbers of the store's changes
+    /// go, and count as changes at every path: a note taken before them no longer lets
+    /// the store skip, one taken after them still does.
+    #[test]
+    fn dropped_numbers_of_changes_count_everywhere() {
+        let echo = Echo::default();
+        let early = echo.writes();
+        let n = WRITTEN_KEPT + 10;
+        for i in 0..n {
+            echo.wrote(&key(i));
+        }
+        let late = echo.writes();
+        echo.prune();
+        let written = locked(&echo.written);
+        assert!(written.by_key.len() <= WRITTEN_KEPT / 2);
+        assert!(written.by_key.contains_key(&key(n - 1)));
+        assert!(!written.by_key.contains_key(&key(0)));
+        drop(written);
+
+        let (before, after) = (Key::new("before").unwrap(), Key::new("after").unwrap());
+        echo.note_read(&before, file(1), early);
+        echo.note_read(&after, file(2), late);
+        assert!(
+            !echo.take_read(&before, file(1)),
+            "a dropped change came after the look"
+        );
+        assert!(echo.take_read(&after, file(2)));
+    }
 
     #[test]
     fn emitted_events_are_noted_until_the_cursor_passes_them() {
