@@ -406,6 +406,9 @@ enum Found {
         /// When the entry last changed (its ctime).
         changed_at: Option<u64>,
         hashed: u64,
+        /// Whether the projection holds the key: only such keys can be found removed or
+        /// conflicted, so the scan remembers no other.
+        known: bool,
     },
     /// This key (and what lies below it) could not be read: do not read it as deleted.
     Failed(Option<String>),
@@ -481,6 +484,9 @@ pub(crate) async fn scan(
         tokio::task::spawn_blocking(move || walk(env, projection, start, include_start, tx, stop))
     };
 
+    // Of the keys the projection holds, those found and those found changed: what the
+    // projection holds and the walk did not find is removed (a first scan of a large
+    // folder holds none of its keys here).
     let mut seen: HashSet<Key> = HashSet::new();
     let mut changed: HashSet<Key> = HashSet::new();
     let mut failed: Vec<String> = Vec::new();
@@ -495,14 +501,19 @@ pub(crate) async fn scan(
                 change,
                 changed_at,
                 hashed,
+                known,
             } => {
                 progress.files += 1;
                 progress.bytes += hashed;
                 if let Some(op) = change {
+                    if known {
+                        changed.insert(key.clone());
+                    }
                     batch.push(LocalChange::new(key.clone(), op).made_at(changed_at));
-                    changed.insert(key.clone());
                 }
-                seen.insert(key);
+                if known {
+                    seen.insert(key);
+                }
                 if batch.len() >= EMIT_BATCH {
                     if let Err(e) = emit(ctx, &env.echo, std::mem::take(&mut batch)).await {
                         stop.store(true, Ordering::Relaxed);
@@ -754,8 +765,10 @@ fn file_found(
     gathered: &mut Gathered,
 ) -> Found {
     let (heads, meta) = (projection.heads(&key), looked.meta());
+    let known = !heads.is_empty();
     match examine_file(env, &key, path, looked, writes, heads, Some(gathered)) {
         Ok((change, hashed)) => Found::Entry {
+            known,
             // Not yet shown by the store: a file in a state the log knows is what the
             // store is to replace. One it does not know is a local change, which the
             // store waits on (it replaces no unrecorded change).
@@ -861,6 +874,7 @@ fn visit(
         // Not yet shown by the store: the directory may be what it is to remove.
         .filter(|_| projection.settled(&env.log, &key));
         Some(Found::Entry {
+            known: !heads.is_empty(),
             key,
             change,
             changed_at: changed_at_ms(&meta),
@@ -1038,6 +1052,7 @@ mod tests {
                 change: op,
                 changed_at: None,
                 hashed: 0,
+                known: false,
             };
             assert!(out.hold(found));
             let sent = std::iter::from_fn(|| rx.try_recv().ok()).count();
