@@ -6,6 +6,11 @@
 //! then look like a local revert. The store records what it wrote (size, mtime, mode,
 //! root) *before* renaming into place; the source treats a file that still matches the
 //! record as the store's, whatever the heads say now.
+//!
+//! A file's record is a shortcut, kept five minutes and for at most [`RECORDS_KEPT`]
+//! files: without it, the file is judged by the log, as a head, or while the store has
+//! not shown the key's heads, as a state the log knows ([`known_state`]), which the
+//! store is to replace. Records of directories and removals are not shortcuts and stay.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fs::Metadata;
