@@ -7,10 +7,8 @@
 //! root) *before* renaming into place; the source treats a file that still matches the
 //! record as the store's, whatever the heads say now.
 //!
-//! A file's record is a shortcut, kept five minutes and for at most [`RECORDS_KEPT`]
-//! files: without it, the file is judged by the log, as a head, or while the store has
-//! not shown the key's heads, as a state the log knows ([`known_state`]), which the
-//! store is to replace. Records of directories and removals are not shortcuts and stay.
+//! Records are kept five minutes; past [`RECORDS_KEPT`] records, those of files go
+//! sooner, once [`RECORDS_YOUNG`] old (see [`Echo::prune`]).
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fs::Metadata;
@@ -36,6 +34,9 @@ const READ_NOTES: usize = 100_000;
 /// Records kept before the oldest records of files go, down to half (see
 /// [`Echo::prune`]): about 13 MiB.
 const RECORDS_KEPT: usize = 65_536;
+
+/// A file's record younger than this stays whatever the count (see [`Echo::prune`]).
+const RECORDS_YOUNG: Duration = Duration::from_secs(10);
 
 /// Numbers of the store's changes kept by key before the oldest half go (see
 /// [`Written`]): about 6 MiB.
@@ -113,7 +114,9 @@ pub(crate) struct Echo {
     /// The furthest the store's cursor was seen (see [`Echo::shown_up_to`]).
     shown: AtomicU64,
     /// How many records [`Echo::prune`] lets be before it looks for files' records to
-    /// drop (0: [`RECORDS_KEPT`]); raised when what it could not drop is many.
+    /// drop (0: [`RECORDS_KEPT`]); twice the records of directories and removals it found
+    /// last, which it can never drop early, so that many of those are not looked through
+    /// at every batch.
     evict_at: AtomicUsize,
     /// Events the folder's source recorded from the folder (see [`Echo::emitted_here`]):
     /// runs of sequence numbers by where they start, each with where it ends and the
@@ -200,14 +203,18 @@ impl Echo {
         self.lock().get(key).map(|r| r.applied)
     }
 
-    /// Drops records older than [`TTL`], and past [`RECORDS_KEPT`] records, the oldest
-    /// records of files, down to half that. A file's record only spares the source
-    /// reading the file: what the store wrote is a head of the key, or while the store
-    /// has not shown the heads, an older state the log knows (`known_state`), and the
-    /// source judges a file the record no longer covers by those. Records of directories
-    /// and removals stay their time: a directory the store made for a file in it may
-    /// have no event of its own, and a removal's record orders the store's changes
-    /// against the source's looks (see [`Echo::note_read`]).
+    /// Drops records older than [`TTL`]; past [`RECORDS_KEPT`] records, also the oldest
+    /// records of files at least [`RECORDS_YOUNG`] old, down to half that count (the
+    /// records younger than that, and of directories and removals, may hold more). A
+    /// file's record is needed while its echo may still come: the watcher reports the
+    /// store's write within its debounce, and a store that wrote an older version than
+    /// the key's newest (its batch planned before the newest came) writes that one in
+    /// its next batch. A scan judges a file without a record by the log while the store
+    /// has not shown its key's heads ([`known_state`]). Records of directories and
+    /// removals stay their time: a directory the store made for a file in it may have no
+    /// event of its own, and a removal's record orders the store's changes against the
+    /// source's looks (see [`Echo::note_read`]). So a large sync keeps the records of the
+    /// last few seconds' files, not of five minutes'.
     pub(crate) fn prune(&self) {
         // One reading of the clock for every record (the store prunes once per batch,
         // over as many records as it wrote lately).
@@ -219,10 +226,11 @@ impl Echo {
             if map.len() <= RECORDS_KEPT {
                 self.evict_at.store(0, Ordering::Relaxed);
             } else if map.len() > self.evict_at.load(Ordering::Relaxed).max(RECORDS_KEPT) {
-                drop_oldest_files(&mut map, RECORDS_KEPT / 2);
-                // What could not go is looked through again once it has doubled.
+                let kept = now.checked_sub(RECORDS_YOUNG).map_or(0, |young| {
+                    drop_oldest_files(&mut map, RECORDS_KEPT / 2, young)
+                });
                 self.evict_at
-                    .store(map.len().saturating_mul(2), Ordering::Relaxed);
+                    .store(kept.saturating_mul(2), Ordering::Relaxed);
             }
         }
         locked(&self.read).retain(|_, (_, _, at)| fresh(at));
@@ -445,17 +453,19 @@ impl Echo {
     }
 }
 
-/// Drops the oldest records of files from `map` until at most `keep` records are left,
-/// or none of files.
-fn drop_oldest_files(map: &mut HashMap<Key, Record>, keep: usize) {
+/// Drops the oldest records of files made before `young` from `map` until at most
+/// `keep` records are left, or none such; returns how many records `map` holds of
+/// directories and removals.
+fn drop_oldest_files(map: &mut HashMap<Key, Record>, keep: usize, young: Instant) -> usize {
     let is_file = |r: &Record| matches!(r.applied, Applied::File { .. });
-    let mut ages: Vec<Instant> = map.values().filter(|r| is_file(r)).map(|r| r.at).collect();
+    let old_file = |r: &Record| is_file(r) && r.at < young;
+    let mut ages: Vec<Instant> = map.values().filter(|r| old_file(r)).map(|r| r.at).collect();
     let excess = map.len().saturating_sub(keep).min(ages.len());
-    let Some(last) = excess.checked_sub(1) else {
-        return;
-    };
-    let newest_dropped = *ages.select_nth_unstable(last).1;
-    map.retain(|_, r| !is_file(r) || r.at > newest_dropped);
+    if let Some(last) = excess.checked_sub(1) {
+        let newest_dropped = *ages.select_nth_unstable(last).1;
+        map.retain(|_, r| !old_file(r) || r.at > newest_dropped);
+    }
+    map.values().filter(|r| !is_file(r)).count()
 }
 
 /// Whether `record` is a removal made before a look of the source's at the file that
@@ -567,29 +577,61 @@ mod tests {
         Key::new(format!("d/{n}")).unwrap()
     }
 
-    /// Past [`RECORDS_KEPT`] records, the oldest files' records go, down to half; those
-    /// of directories and removals stay, however old, until their time is up.
+    /// Past [`RECORDS_KEPT`] records, the oldest files' records go, down to half, but
+    /// only those at least [`RECORDS_YOUNG`] old; those of directories and removals
+    /// stay, however old, until their time is up.
     #[test]
     fn the_oldest_files_records_go_first_and_only_files() {
         let echo = Echo::default();
-        echo.record(&Key::new("dir").unwrap(), Applied::Dir);
-        echo.record(&Key::new("gone").unwrap(), Applied::Absent);
-        let n = RECORDS_KEPT + 10;
-        for i in 0..n {
-            echo.record(&key(i), file(i as u64));
+        let now = Instant::now();
+        let ago = |s: u64| now.checked_sub(Duration::from_secs(s)).unwrap();
+        let put = |key: Key, applied: Applied, at: Instant| {
+            let record = Record {
+                applied,
+                at,
+                done: None,
+            };
+            echo.lock().insert(key, record);
+        };
+        put(Key::new("dir").unwrap(), Applied::Dir, ago(200));
+        put(Key::new("gone").unwrap(), Applied::Absent, ago(200));
+        let old = RECORDS_KEPT / 2 + 1000;
+        for i in 0..old {
+            // Older first, by a millisecond each.
+            let at = ago(100)
+                .checked_sub(Duration::from_millis(i as u64))
+                .unwrap();
+            put(key(i), file(i as u64), at);
+        }
+        let young = RECORDS_KEPT / 2 - 10;
+        for i in old..old + young {
+            put(key(i), file(i as u64), now);
         }
         echo.prune();
         assert_eq!(echo.get(&Key::new("dir").unwrap()), Some(Applied::Dir));
         assert_eq!(echo.get(&Key::new("gone").unwrap()), Some(Applied::Absent));
-        assert_eq!(echo.get(&key(0)), None, "the oldest file's record stayed");
-        assert_eq!(echo.get(&key(n - 1)), Some(file(n as u64 - 1)));
-        let kept = echo.lock().len();
-        assert!(kept <= RECORDS_KEPT / 2, "{kept} records kept");
-        assert!(kept > RECORDS_KEPT / 4, "{kept} records kept");
+        for i in old..old + young {
+            assert_eq!(
+                echo.get(&key(i)),
+                Some(file(i as u64)),
+                "a young record went"
+            );
+        }
+        // Down to half the bound: of the old records, the eight newest stay.
+        assert_eq!(echo.lock().len(), RECORDS_KEPT / 2);
+        assert_eq!(echo.get(&key(0)), Some(file(0)));
+        assert_eq!(echo.get(&key(7)), Some(file(7)));
+        assert_eq!(echo.get(&key(8)), None, "an older record stayed");
+        assert_eq!(echo.get(&key(old - 1)), None, "the oldest record stayed");
 
-        // Under the bound, nothing young goes.
+        // Young records alone over the bound: none goes.
+        for i in 0..RECORDS_KEPT {
+            echo.record(&key(i), file(i as u64));
+        }
+        let held = echo.lock().len();
+        assert!(held > RECORDS_KEPT);
         echo.prune();
-        assert_eq!(echo.lock().len(), kept);
+        assert_eq!(echo.lock().len(), held);
     }
 
     /// Past [`WRITTEN_KEPT`] keys, the oldest half of the numbers of the store's changes

@@ -16,7 +16,7 @@ use notify::EventKind;
 use tokio::sync::mpsc;
 
 use crate::content::changed_at_ms;
-use crate::echo::{known_state, Applied, Echo};
+use crate::echo::{Applied, Echo};
 use crate::error::FsError;
 use crate::marker;
 use crate::rules::{below_symlink, ignore_file_hash, Rules};
@@ -553,8 +553,6 @@ fn plan(env: &Env, paths: BTreeSet<PathBuf>, arrived: &HashSet<PathBuf>) -> Resu
     // so a directory comes before its contents.
     let mut handled: Vec<Key> = Vec::new();
     let mut real_dirs = HashSet::new();
-    // What the store has not applied yet, read once a file is found changed.
-    let mut unshown: Option<Projection> = None;
     for path in paths {
         if path == env.rules.root() || !path.starts_with(env.rules.root()) {
             continue;
@@ -605,21 +603,7 @@ fn plan(env: &Env, paths: BTreeSet<PathBuf>, arrived: &HashSet<PathBuf>) -> Resu
             Ok(m) if m.is_file() => {
                 match examine_file(env, &key, &path, Looked::Path(&m), writes, &heads, None) {
                     Ok((Some(op), _)) => {
-                        // As a scan judges (see `file_found`): while the store has not
-                        // shown the key's heads, a file in a state the log knows is what
-                        // the store is to replace (an older version it wrote, say, once
-                        // its echo record is gone), not a local change. Heads read
-                        // before the projection was are all in what it read; those read
-                        // after are judged as `Projection::shows` says.
-                        let projection = match &mut unshown {
-                            Some(p) => p,
-                            None => unshown.insert(Projection::unshown(&env.log, &env.echo)?),
-                        };
-                        if projection.shows(&env.log, &heads)
-                            || !known_state(&env.log, &env.echo, &key, &path, &m)
-                        {
-                            puts.push(LocalChange::new(key, op).made_at(changed_at_ms(&m)));
-                        }
+                        puts.push(LocalChange::new(key, op).made_at(changed_at_ms(&m)));
                     }
                     Ok((None, _)) => {}
                     // Gone again before we read it: a later event says what happened.
@@ -825,81 +809,6 @@ mod tests {
         std::fs::create_dir(&path).unwrap();
         assert!(!is_own_file(&env, &made(&path)), "a directory there");
         assert!(!is_own_file(&env, &made(&root.join("../outside"))));
-    }
-
-    /// A file the watcher reports while the store has not shown the key's newest head is
-    /// judged as a scan judges it: in a state the log knows (what the store wrote before,
-    /// its echo record gone), it is the store's to replace, not a local change; in a
-    /// state the log does not know, or once the store has shown the heads, it is one.
-    #[tokio::test]
-    async fn a_known_state_waiting_for_the_store_is_no_change() {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().canonicalize().unwrap();
-        let env = Env::for_tests(&root);
-        env.echo.set_store("store");
-        let key = Key::new("f.txt").unwrap();
-        let path = root.join("f.txt");
-        let put = |path: &Path| {
-            let m = std::fs::symlink_metadata(path).unwrap();
-            let (_, mtime_ms, executable) = crate::content::file_stat(&m);
-            Op::Put {
-                content: Some(crate::content::hash_file(path).unwrap()),
-                meta: converge_api::Meta {
-                    kind: EntryKind::File,
-                    mtime_ms,
-                    executable,
-                },
-            }
-        };
-        let changes = |env: &Env| {
-            let paths = BTreeSet::from([path.clone()]);
-            let plan = plan(env, paths, &HashSet::new()).unwrap();
-            plan.changes.into_iter().map(|c| c.op).collect::<Vec<_>>()
-        };
-        // Version 1, written and shown by the store (no record of it is kept).
-        std::fs::write(&path, b"one").unwrap();
-        let one = put(&path);
-        env.log
-            .append_local(vec![LocalChange::new(key.clone(), one.clone())])
-            .await
-            .unwrap();
-        env.log.set_cursor("store", env.log.len()).await.unwrap();
-        // Version 2 from elsewhere, appended and not yet written by the store.
-        let elsewhere = root.join("elsewhere");
-        std::fs::write(&elsewhere, b"two, longer").unwrap();
-        let two = put(&elsewhere);
-        env.log
-            .append_local(vec![LocalChange::new(key.clone(), two)])
-            .await
-            .unwrap();
-        assert_eq!(changes(&env), [], "version 1 taken for a change");
-
-        // Of another size: a write in the same tick as version 1's keeps its mtime.
-        std::fs::write(&path, b"a new one").unwrap();
-        let new = put(&path);
-        assert_eq!(changes(&env), [new], "an unknown state is a change");
-
-        std::fs::write(&path, b"one").unwrap();
-        let set = |t: i64| {
-            let ft = std::time::UNIX_EPOCH + Duration::from_millis(u64::try_from(t).unwrap());
-            std::fs::File::options()
-                .write(true)
-                .open(&path)
-                .unwrap()
-                .set_modified(ft)
-                .unwrap();
-        };
-        let Op::Put { meta, .. } = &one else {
-            unreachable!()
-        };
-        set(meta.mtime_ms);
-        assert_eq!(changes(&env), [], "version 1 again");
-        env.log.set_cursor("store", env.log.len()).await.unwrap();
-        assert_eq!(
-            changes(&env),
-            [one],
-            "shown, version 2 replaced by the user's"
-        );
     }
 
     /// Only a batch of renames into the folder is whole on arrival: anything else in it
