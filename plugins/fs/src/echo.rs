@@ -7,8 +7,8 @@
 //! root) *before* renaming into place; the source treats a file that still matches the
 //! record as the store's, whatever the heads say now.
 //!
-//! Records are kept five minutes; past [`RECORDS_KEPT`] records, those of files go
-//! sooner, once [`RECORDS_YOUNG`] old (see [`Echo::prune`]).
+//! Records are kept five minutes; past [`RECORDS_KEPT`] records, those of files that say
+//! no more than the key's heads go sooner (see [`Echo::prune`]).
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fs::Metadata;
@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use converge_api::{ContentRef, EventId, Hash, Key, Meta, Op, ReplicaId};
+use converge_api::{ContentRef, EntryKind, EventId, Hash, Key, Meta, Op, ReplicaId};
 use converge_framework::log::EventLog;
 
 use crate::content::{file_stat, hash_file, put_stat, FileStat};
@@ -35,7 +35,8 @@ const READ_NOTES: usize = 100_000;
 /// [`Echo::prune`]): about 13 MiB.
 const RECORDS_KEPT: usize = 65_536;
 
-/// A file's record younger than this stays whatever the count (see [`Echo::prune`]).
+/// A file's record younger than this stays whatever the count (see [`Echo::prune`]):
+/// a peer's next version of a file often follows within seconds.
 const RECORDS_YOUNG: Duration = Duration::from_secs(10);
 
 /// Numbers of the store's changes kept by key before the oldest half go (see
@@ -113,10 +114,9 @@ pub(crate) struct Echo {
     written: Mutex<Written>,
     /// The furthest the store's cursor was seen (see [`Echo::shown_up_to`]).
     shown: AtomicU64,
-    /// How many records [`Echo::prune`] lets be before it looks for files' records to
-    /// drop (0: [`RECORDS_KEPT`]); twice the records of directories and removals it found
-    /// last, which it can never drop early, so that many of those are not looked through
-    /// at every batch.
+    /// How many records [`Echo::prune`] lets be before it looks for records of files to
+    /// drop (0: [`RECORDS_KEPT`]): half that bound more than it left the last time, so
+    /// that records it may not drop are not looked through at every batch.
     evict_at: AtomicUsize,
     /// Events the folder's source recorded from the folder (see [`Echo::emitted_here`]):
     /// runs of sequence numbers by where they start, each with where it ends and the
@@ -204,34 +204,65 @@ impl Echo {
     }
 
     /// Drops records older than [`TTL`]; past [`RECORDS_KEPT`] records, also the oldest
-    /// records of files at least [`RECORDS_YOUNG`] old, down to half that count (the
-    /// records younger than that, and of directories and removals, may hold more). A
-    /// file's record is needed while its echo may still come: the watcher reports the
-    /// store's write within its debounce, and a store that wrote an older version than
-    /// the key's newest (its batch planned before the newest came) writes that one in
-    /// its next batch. A scan judges a file without a record by the log while the store
-    /// has not shown its key's heads ([`known_state`]). Records of directories and
-    /// removals stay their time: a directory the store made for a file in it may have no
-    /// event of its own, and a removal's record orders the store's changes against the
-    /// source's looks (see [`Echo::note_read`]). So a large sync keeps the records of the
-    /// last few seconds' files, not of five minutes'.
-    pub(crate) fn prune(&self) {
+    /// records of files that say no more than the key's heads in `log` do (the file is
+    /// what a head puts), and are at least [`RECORDS_YOUNG`] old, down to half that
+    /// count. Such a record only spares the source a look at the heads: a file that
+    /// matches it matches a head, by stat and by content. A record of anything else
+    /// stays its time: an older version the store wrote than the key's newest (its batch
+    /// planned before the newest came), which the source must not take for a revert; a
+    /// directory the store made for a file in it, which may have no event of its own;
+    /// a removal, whose record orders the store's changes against the source's looks
+    /// (see [`Echo::note_read`]). So a large sync keeps the records of its last seconds,
+    /// not of five minutes. Blocks (reads the heads of the records it may drop).
+    pub(crate) fn prune(&self, log: &EventLog) {
+        self.prune_past(log, RECORDS_KEPT, RECORDS_YOUNG);
+    }
+
+    /// [`Echo::prune`] with `kept` for [`RECORDS_KEPT`] and `young` for [`RECORDS_YOUNG`].
+    fn prune_past(&self, log: &EventLog, kept: usize, young: Duration) {
         // One reading of the clock for every record (the store prunes once per batch,
         // over as many records as it wrote lately).
         let now = Instant::now();
         let fresh = |at: &Instant| now.saturating_duration_since(*at) < TTL;
-        {
+        let candidates = {
             let mut map = self.lock();
             map.retain(|_, r| fresh(&r.at));
-            if map.len() <= RECORDS_KEPT {
+            if map.len() <= kept {
                 self.evict_at.store(0, Ordering::Relaxed);
-            } else if map.len() > self.evict_at.load(Ordering::Relaxed).max(RECORDS_KEPT) {
-                let kept = now.checked_sub(RECORDS_YOUNG).map_or(0, |young| {
-                    drop_oldest_files(&mut map, RECORDS_KEPT / 2, young)
-                });
-                self.evict_at
-                    .store(kept.saturating_mul(2), Ordering::Relaxed);
+                None
+            } else if map.len() > self.evict_at.load(Ordering::Relaxed).max(kept) {
+                let young = now.checked_sub(young);
+                let mut old: Vec<(Instant, Key, Applied)> = map
+                    .iter()
+                    .filter(|(_, r)| matches!(r.applied, Applied::File { .. }))
+                    .filter(|(_, r)| young.is_some_and(|y| r.at < y))
+                    .map(|(k, r)| (r.at, k.clone(), r.applied))
+                    .collect();
+                old.sort_unstable_by_key(|(at, _, _)| *at);
+                Some((old, map.len() - kept / 2))
+            } else {
+                None
             }
+        };
+        // The heads are read without the lock: the watcher's thread asks the record.
+        if let Some((old, excess)) = candidates {
+            let drop: Vec<(Instant, Key)> = old
+                .into_iter()
+                .filter(|(_, key, applied)| said_by_heads(log, key, *applied))
+                .take(excess)
+                .map(|(at, key, _)| (at, key))
+                .collect();
+            let mut map = self.lock();
+            for (at, key) in drop {
+                // Not one recorded since.
+                if map.get(&key).is_some_and(|r| r.at == at) {
+                    map.remove(&key);
+                }
+            }
+            // Looked through again once half the bound more is recorded: by then records
+            // too young now are old enough, and a few such rounds are all a sync costs.
+            self.evict_at
+                .store(map.len().saturating_add(kept / 2), Ordering::Relaxed);
         }
         locked(&self.read).retain(|_, (_, _, at)| fresh(at));
         let mut written = locked(&self.written);
@@ -453,19 +484,18 @@ impl Echo {
     }
 }
 
-/// Drops the oldest records of files made before `young` from `map` until at most
-/// `keep` records are left, or none such; returns how many records `map` holds of
-/// directories and removals.
-fn drop_oldest_files(map: &mut HashMap<Key, Record>, keep: usize, young: Instant) -> usize {
-    let is_file = |r: &Record| matches!(r.applied, Applied::File { .. });
-    let old_file = |r: &Record| is_file(r) && r.at < young;
-    let mut ages: Vec<Instant> = map.values().filter(|r| old_file(r)).map(|r| r.at).collect();
-    let excess = map.len().saturating_sub(keep).min(ages.len());
-    if let Some(last) = excess.checked_sub(1) {
-        let newest_dropped = *ages.select_nth_unstable(last).1;
-        map.retain(|_, r| !old_file(r) || r.at > newest_dropped);
-    }
-    map.values().filter(|r| !is_file(r)).count()
+/// Whether the file `applied` is what a head of `key` in `log` puts (see
+/// [`Echo::prune`]).
+fn said_by_heads(log: &EventLog, key: &Key, applied: Applied) -> bool {
+    log.heads(key).is_ok_and(|heads| {
+        heads.iter().any(|h| match &h.op {
+            Op::Put {
+                content: Some(c),
+                meta,
+            } => meta.kind == EntryKind::File && Applied::file(c, meta) == applied,
+            _ => false,
+        })
+    })
 }
 
 /// Whether `record` is a removal made before a look of the source's at the file that
@@ -577,68 +607,122 @@ mod tests {
         Key::new(format!("d/{n}")).unwrap()
     }
 
-    /// Past [`RECORDS_KEPT`] records, the oldest files' records go, down to half, but
-    /// only those at least [`RECORDS_YOUNG`] old; those of directories and removals
-    /// stay, however old, until their time is up.
-    #[test]
-    fn the_oldest_files_records_go_first_and_only_files() {
+    /// Past the bound, records of files go, oldest first, down to half the bound, but
+    /// only those that say what a head of their key says and are old enough: an older
+    /// version the store wrote than the key's head stays, as do young records and those
+    /// of directories and removals.
+    #[tokio::test]
+    async fn only_old_records_the_heads_repeat_go() {
+        use converge_framework::log::{LocalChange, LogConfig};
+        let log = EventLog::open(LogConfig::temporary()).unwrap();
         let echo = Echo::default();
         let now = Instant::now();
-        let ago = |s: u64| now.checked_sub(Duration::from_secs(s)).unwrap();
-        let put = |key: Key, applied: Applied, at: Instant| {
+        let ago = |ms: u64| now.checked_sub(Duration::from_millis(ms)).unwrap();
+        let put = |key: &Key, applied: Applied, at: Instant| {
             let record = Record {
                 applied,
                 at,
                 done: None,
             };
-            echo.lock().insert(key, record);
+            echo.lock().insert(key.clone(), record);
         };
-        put(Key::new("dir").unwrap(), Applied::Dir, ago(200));
-        put(Key::new("gone").unwrap(), Applied::Absent, ago(200));
-        let old = RECORDS_KEPT / 2 + 1000;
-        for i in 0..old {
-            // Older first, by a millisecond each.
-            let at = ago(100)
-                .checked_sub(Duration::from_millis(i as u64))
-                .unwrap();
-            put(key(i), file(i as u64), at);
+        // Each key's head puts `file(n)`.
+        let heads = |keys: &[(Key, u64)]| {
+            let changes = keys
+                .iter()
+                .map(|(key, n)| {
+                    let Applied::File {
+                        size,
+                        mtime_ms,
+                        executable,
+                        root,
+                    } = file(*n)
+                    else {
+                        unreachable!()
+                    };
+                    let content = ContentRef {
+                        root,
+                        size,
+                        depth: 0,
+                    };
+                    let meta = Meta {
+                        kind: EntryKind::File,
+                        mtime_ms,
+                        executable,
+                    };
+                    LocalChange::new(
+                        key.clone(),
+                        Op::Put {
+                            content: Some(content),
+                            meta,
+                        },
+                    )
+                })
+                .collect();
+            log.append_local(changes)
+        };
+        let repeated: Vec<(Key, u64)> = (0..10).map(|i| (key(i), i as u64)).collect();
+        let young: Vec<(Key, u64)> = (10..14).map(|i| (key(i), i as u64)).collect();
+        let stale = Key::new("stale").unwrap();
+        heads(&repeated).await.unwrap();
+        heads(&young).await.unwrap();
+        heads(&[(stale.clone(), 100)]).await.unwrap();
+        for (i, (key, n)) in repeated.iter().enumerate() {
+            put(key, file(*n), ago(60_000 + i as u64));
         }
-        let young = RECORDS_KEPT / 2 - 10;
-        for i in old..old + young {
-            put(key(i), file(i as u64), now);
+        for (key, n) in &young {
+            put(key, file(*n), now);
         }
-        echo.prune();
+        // The store wrote version 99; the head is 100, not written yet.
+        put(&stale, file(99), ago(90_000));
+        put(&Key::new("dir").unwrap(), Applied::Dir, ago(90_000));
+        put(&Key::new("gone").unwrap(), Applied::Absent, ago(90_000));
+        assert_eq!(echo.lock().len(), 17);
+
+        echo.prune_past(&log, 8, Duration::from_secs(10));
+        for (key, _) in &repeated {
+            assert_eq!(echo.get(key), None, "{key} stayed");
+        }
+        for (key, n) in &young {
+            assert_eq!(echo.get(key), Some(file(*n)), "{key} went");
+        }
+        assert_eq!(echo.get(&stale), Some(file(99)));
         assert_eq!(echo.get(&Key::new("dir").unwrap()), Some(Applied::Dir));
         assert_eq!(echo.get(&Key::new("gone").unwrap()), Some(Applied::Absent));
-        for i in old..old + young {
-            assert_eq!(
-                echo.get(&key(i)),
-                Some(file(i as u64)),
-                "a young record went"
-            );
-        }
-        // Down to half the bound: of the old records, the eight newest stay.
-        assert_eq!(echo.lock().len(), RECORDS_KEPT / 2);
-        assert_eq!(echo.get(&key(0)), Some(file(0)));
-        assert_eq!(echo.get(&key(7)), Some(file(7)));
-        assert_eq!(echo.get(&key(8)), None, "an older record stayed");
-        assert_eq!(echo.get(&key(old - 1)), None, "the oldest record stayed");
 
-        // Young records alone over the bound: none goes.
-        for i in 0..RECORDS_KEPT {
-            echo.record(&key(i), file(i as u64));
+        // Seven left: looked through again past seven and half the bound.
+        for (i, (key, n)) in repeated.iter().take(4).enumerate() {
+            put(key, file(*n), ago(60_000 + i as u64));
         }
-        let held = echo.lock().len();
-        assert!(held > RECORDS_KEPT);
-        echo.prune();
-        assert_eq!(echo.lock().len(), held);
+        echo.prune_past(&log, 8, Duration::from_secs(10));
+        assert_eq!(echo.lock().len(), 11, "looked through again too soon");
+        put(&repeated[4].0, file(4), ago(60_000));
+        echo.prune_past(&log, 8, Duration::from_secs(10));
+        assert_eq!(echo.lock().len(), 7);
+
+        // Down to half the bound and no further, the oldest first.
+        let echo = Echo::default();
+        for (i, (key, n)) in repeated.iter().enumerate() {
+            let record = Record {
+                applied: file(*n),
+                at: ago(60_000 + i as u64),
+                done: None,
+            };
+            echo.lock().insert(key.clone(), record);
+        }
+        echo.prune_past(&log, 8, Duration::from_secs(10));
+        for (i, (key, n)) in repeated.iter().enumerate() {
+            let kept = if i < 4 { Some(file(*n)) } else { None };
+            assert_eq!(echo.get(key), kept, "{key}");
+        }
     }
 
     /// Past [`WRITTEN_KEPT`] keys, the oldest half of the numbers of the store's changes
     /// go, and count as changes at every path: a note taken before them no longer lets
     /// the store skip, one taken after them still does.
-    #[test]
-    fn dropped_numbers_of_changes_count_everywhere() {
+    #[tokio::test]
+    async fn dropped_numbers_of_changes_count_everywhere() {
+        let log = EventLog::open(converge_framework::log::LogConfig::temporary()).unwrap();
         let echo = Echo::default();
         let early = echo.writes();
         let n = WRITTEN_KEPT + 10;
@@ -646,7 +730,7 @@ mod tests {
             echo.wrote(&key(i));
         }
         let late = echo.writes();
-        echo.prune();
+        echo.prune(&log);
         let written = locked(&echo.written);
         assert!(written.by_key.len() <= WRITTEN_KEPT / 2);
         assert!(written.by_key.contains_key(&key(n - 1)));

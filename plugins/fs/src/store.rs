@@ -640,7 +640,7 @@ fn apply_blocking(
         }
     }
     durability.shown.store(true, Ordering::Release);
-    echo.prune();
+    echo.prune(ctx.log());
     let mut w = Writer {
         rules: Rules::load(&root, &config.exclude),
         echo,
