@@ -31,8 +31,8 @@ const TTL: Duration = Duration::from_secs(300);
 /// Most reads noted for the store at once (see [`Echo::note_read`]): about 15 MiB.
 const READ_NOTES: usize = 100_000;
 
-/// Records kept before the oldest records of files go, down to half (see
-/// [`Echo::prune`]): about 13 MiB.
+/// Records kept before the oldest records of files that only repeat their key's heads
+/// go, down to half (see [`Echo::prune`]): about 13 MiB.
 const RECORDS_KEPT: usize = 65_536;
 
 /// A file's record younger than this stays whatever the count (see [`Echo::prune`]):
