@@ -6,8 +6,9 @@
 //! into the content store) and its root compared. Keys the projection shows but the disk
 //! lacks become deletes, children before their directory. Changes are appended in batches.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::fs::{File, FileType, Metadata};
+use std::hash::{BuildHasher, RandomState};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -16,7 +17,9 @@ use converge_api::{ConflictPolicy, EntryKind, EventId, Head, Key, Meta, Op, Vers
 use converge_framework::content::ChunkStore;
 use converge_framework::log::{EventLog, LocalChange};
 use converge_framework::plugin::{ScanProgress, SourceContext};
+use converge_framework::projection::KeyState;
 use converge_framework::reconciler::pick;
+use converge_framework::LogError;
 use ignore::{WalkBuilder, WalkState};
 use tokio::sync::mpsc;
 
@@ -213,7 +216,7 @@ pub(crate) fn examine_dir(
     key: &Key,
     meta: &Metadata,
     heads: &[Head],
-    live_below: bool,
+    live_below: impl FnOnce() -> bool,
 ) -> Option<Op> {
     // The store's own, or one it could not remove.
     if env.echo.get(key) == Some(Applied::Dir) || env.echo.is_failed(key) {
@@ -221,7 +224,7 @@ pub(crate) fn examine_dir(
     }
     match env.resolver.shown(key, heads) {
         Some(h) if head_kind(h) == Some(EntryKind::Dir) => None,
-        None if !heads.is_empty() && live_below => None,
+        None if !heads.is_empty() && live_below() => None,
         _ => Some(Op::Put {
             content: None,
             meta: Meta::dir(mtime_ms(meta)),
@@ -254,13 +257,24 @@ pub(crate) fn removed_at_ms(rules: &Rules, key: &Key) -> Option<u64> {
         .and_then(|m| changed_at_ms(&m))
 }
 
-/// The heads of every key (under `under`, itself included), in key order.
+/// The keys a scan compares the folder with: every key, or a directory's and those below
+/// it, each key's heads read from the log as the walk comes to it (a folder of a million
+/// files is never held whole), with what the folder's store had not applied when the scan
+/// began.
 pub(crate) struct Projection {
-    keys: BTreeMap<String, Vec<Head>>,
-    /// What the folder's store had not applied when the heads were read (`None`: no
-    /// store has started; see [`Projection::settled`]).
+    /// Whose keys: every key (`None`), or a directory's and those below it.
+    under: Option<Key>,
+    /// The log held none of those keys when the scan began: each key's heads are then
+    /// taken as none, unread, as a first scan of a folder finds it (its own events, and
+    /// a peer's appended meanwhile, are news to a later scan).
+    empty: bool,
+    /// What the folder's store had not applied when the scan began (`None`: no store has
+    /// started; see [`Projection::shows`]).
     unshown: Option<Unshown>,
 }
+
+/// A key with its heads.
+type KeyHeads = (Key, Vec<Head>);
 
 /// The events past the folder store's cursor, but those the folder's source recorded
 /// from the folder, and what the log held just before the heads were read.
@@ -274,37 +288,18 @@ struct Unshown {
 }
 
 impl Projection {
-    /// The heads of every key (`under` = `None`) or of a directory key and those below
-    /// it, read from the log, with what the folder's store has not applied yet.
+    /// The keys of the folder (`under` = `None`) or of a directory key and those below it,
+    /// with what the folder's store has not applied yet.
     pub(crate) fn load(
         log: &EventLog,
         echo: &Echo,
         under: Option<&Key>,
     ) -> Result<Projection, FsError> {
-        // Before the heads (see `Unshown::before`).
+        // Before any heads are read (see `Unshown::before`).
         let mut projection = Projection::unshown(log, echo)?;
-        let mut put = |key: Key, heads: Vec<Head>| {
-            if !heads.is_empty() {
-                projection.keys.insert(key.as_str().to_owned(), heads);
-            }
-        };
-        match under {
-            None => {
-                for entry in log.states() {
-                    let (key, state) = entry?;
-                    put(key, state.heads);
-                }
-            }
-            // A subtree's keys only: a scan of one directory, in a folder of a million
-            // files, reads its own.
-            Some(dir) => {
-                put(dir.clone(), log.heads(dir)?);
-                for entry in log.states_below(dir) {
-                    let (key, state) = entry?;
-                    put(key, state.heads);
-                }
-            }
-        }
+        projection.under = under.cloned();
+        projection.empty = false;
+        projection.empty = projection.states(log).next().is_none();
         Ok(projection)
     }
 
@@ -344,22 +339,18 @@ impl Projection {
             None => None,
         };
         Ok(Projection {
-            keys: BTreeMap::new(),
+            under: None,
+            empty: true,
             unshown,
         })
     }
 
-    /// Whether the folder shows every head of `key`: the store has applied it, or the
-    /// folder's source recorded it from the folder. Until then, what is in the folder at
-    /// `key` may be what it showed before (an older version, or nothing for a key new from
-    /// a peer or a plugin): a scan then records neither a removal nor a file in a state the
-    /// log knows, which would undo that change on every replica.
-    fn settled(&self, log: &EventLog, key: &Key) -> bool {
-        self.shows(log, self.heads(key))
-    }
-
     /// Whether the folder shows every one of `heads` (a key's, read after this
-    /// projection was loaded), as [`Projection::settled`] judges.
+    /// projection was loaded): the store has applied it, or the folder's source recorded
+    /// it from the folder. Until then, what is in the folder at the key may be what it
+    /// showed before (an older version, or nothing for a key new from a peer or a
+    /// plugin): a scan then records neither a removal nor a file in a state the log
+    /// knows, which would undo that change on every replica.
     pub(crate) fn shows(&self, log: &EventLog, heads: &[Head]) -> bool {
         let Some(u) = &self.unshown else {
             return true;
@@ -380,21 +371,76 @@ impl Projection {
         })
     }
 
-    fn heads(&self, key: &Key) -> &[Head] {
-        self.keys
-            .get(key.as_str())
-            .map(Vec::as_slice)
-            .unwrap_or(&[])
+    /// The heads of `key`, one of this projection's keys.
+    fn heads(&self, log: &EventLog, key: &Key) -> Result<Vec<Head>, FsError> {
+        if self.empty {
+            return Ok(Vec::new());
+        }
+        Ok(log.heads(key)?)
     }
 
-    /// Whether some key strictly below the directory `key` is shown (a live `Put`).
-    fn live_below(&self, key: &Key, resolver: &Resolver) -> bool {
-        let (lo, hi) = (format!("{key}/"), format!("{key}0"));
-        self.keys.range(lo..hi).any(|(k, heads)| {
-            Key::new(k.as_str())
-                .map(|k| resolver.shown(&k, heads).is_some())
-                .unwrap_or(false)
-        })
+    /// Every key of this projection that has heads, with them, in key order.
+    fn states<'l>(
+        &self,
+        log: &'l EventLog,
+    ) -> Box<dyn Iterator<Item = Result<KeyHeads, FsError>> + 'l> {
+        let states: Box<dyn Iterator<Item = Result<(Key, KeyState), LogError>> + 'l> =
+            match (&self.under, self.empty) {
+                (_, true) => Box::new(std::iter::empty()),
+                (None, false) => Box::new(log.states()),
+                (Some(dir), false) => {
+                    let own = log.state(dir).map(|state| (dir.clone(), state));
+                    Box::new(std::iter::once(own).chain(log.states_below(dir)))
+                }
+            };
+        Box::new(states.filter_map(|entry| match entry {
+            Ok((_, state)) if state.heads.is_empty() => None,
+            Ok((key, state)) => Some(Ok((key, state.heads))),
+            Err(e) => Some(Err(e.into())),
+        }))
+    }
+
+    /// Whether some key strictly below the directory `key` is shown (a live `Put`); if
+    /// the log cannot tell, taken as so (the directory is then not recorded anew).
+    fn live_below(&self, log: &EventLog, key: &Key, resolver: &Resolver) -> bool {
+        !self.empty
+            && log.states_below(key).any(|entry| {
+                entry.map_or(true, |(k, state)| {
+                    resolver.shown(&k, &state.heads).is_some()
+                })
+            })
+    }
+}
+
+/// Keys a scan found, each held as a 128-bit hash under keys of the scan's own (a folder
+/// of a million files costs 16 MiB, not the keys themselves): a key taken for another
+/// one found, at odds of about one in 2^128 a pair, would go unremoved until a later
+/// scan, whose keys differ.
+struct KeySet {
+    hashers: (RandomState, RandomState),
+    hashes: HashSet<u128>,
+}
+
+impl KeySet {
+    fn new() -> KeySet {
+        KeySet {
+            hashers: (RandomState::new(), RandomState::new()),
+            hashes: HashSet::new(),
+        }
+    }
+
+    fn hash(&self, key: &Key) -> u128 {
+        let (a, b) = &self.hashers;
+        (u128::from(a.hash_one(key.as_str())) << 64) | u128::from(b.hash_one(key.as_str()))
+    }
+
+    fn insert(&mut self, key: &Key) {
+        let hash = self.hash(key);
+        self.hashes.insert(hash);
+    }
+
+    fn contains(&self, key: &Key) -> bool {
+        self.hashes.contains(&self.hash(key))
     }
 }
 
@@ -406,9 +452,6 @@ enum Found {
         /// When the entry last changed (its ctime).
         changed_at: Option<u64>,
         hashed: u64,
-        /// Whether the projection holds the key: only such keys can be found removed or
-        /// conflicted, so the scan remembers no other.
-        known: bool,
     },
     /// This key (and what lies below it) could not be read: do not read it as deleted.
     Failed(Option<String>),
@@ -484,11 +527,10 @@ pub(crate) async fn scan(
         tokio::task::spawn_blocking(move || walk(env, projection, start, include_start, tx, stop))
     };
 
-    // Of the keys the projection holds, those found and those found changed: what the
-    // projection holds and the walk did not find is removed (a first scan of a large
-    // folder holds none of its keys here).
-    let mut seen: HashSet<Key> = HashSet::new();
-    let mut changed: HashSet<Key> = HashSet::new();
+    // The keys found, and those found changed: a key of the projection the walk did not
+    // find is removed.
+    let mut seen = KeySet::new();
+    let mut changed = KeySet::new();
     let mut failed: Vec<String> = Vec::new();
     let mut failed_all = false;
     let mut fatal = None;
@@ -501,18 +543,13 @@ pub(crate) async fn scan(
                 change,
                 changed_at,
                 hashed,
-                known,
             } => {
                 progress.files += 1;
                 progress.bytes += hashed;
+                seen.insert(&key);
                 if let Some(op) = change {
-                    if known {
-                        changed.insert(key.clone());
-                    }
-                    batch.push(LocalChange::new(key.clone(), op).made_at(changed_at));
-                }
-                if known {
-                    seen.insert(key);
+                    changed.insert(&key);
+                    batch.push(LocalChange::new(key, op).made_at(changed_at));
                 }
                 if batch.len() >= EMIT_BATCH {
                     if let Err(e) = emit(ctx, &env.echo, std::mem::take(&mut batch)).await {
@@ -548,32 +585,35 @@ pub(crate) async fn scan(
         let env2 = env.clone();
         let deletes = tokio::task::spawn_blocking(move || {
             let mut out = Vec::new();
-            for (k, heads) in projection.keys.iter().rev() {
-                let Ok(key) = Key::new(k.as_str()) else {
-                    continue;
-                };
+            for entry in projection.states(&env2.log) {
+                let (key, heads) = entry?;
+                let k = key.as_str();
                 if seen.contains(&key)
-                    || failed
-                        .iter()
-                        .any(|f| k == f || k.starts_with(&format!("{f}/")))
+                    || failed.iter().any(|f| {
+                        k == f
+                            || k.strip_prefix(f.as_str())
+                                .is_some_and(|r| r.starts_with('/'))
+                    })
                 {
                     continue;
                 }
                 let is_dir = heads.iter().any(|h| head_kind(h) == Some(EntryKind::Dir));
                 if env2.rules.ignores(&env2.rules.path_of(&key), is_dir, true)
-                    || !gone(&env2, &key, heads)
-                    || !projection.settled(&env2.log, &key)
+                    || !gone(&env2, &key, &heads)
+                    || !projection.shows(&env2.log, &heads)
                 {
                     continue;
                 }
                 let removed_at = removed_at_ms(&env2.rules, &key);
                 out.push((key, removed_at));
             }
-            let merges = merges_for_deleted_copies(&env2, &projection, &seen, &changed);
-            (out, merges)
+            // Children before their directory.
+            out.reverse();
+            let merges = merges_for_deleted_copies(&env2, &projection, &seen, &changed)?;
+            Ok::<_, FsError>((out, merges))
         })
-        .await?;
-        let (deletes, merges) = (deletes.0, deletes.1?);
+        .await??;
+        let (deletes, merges) = deletes;
         match hold {
             // Handed back to be held, as the watcher's removals are (and checked again,
             // with the folder marker, when they are recorded).
@@ -615,23 +655,19 @@ pub(crate) async fn scan(
 fn merges_for_deleted_copies(
     env: &Env,
     projection: &Projection,
-    seen: &HashSet<Key>,
-    changed: &HashSet<Key>,
+    seen: &KeySet,
+    changed: &KeySet,
 ) -> Result<Vec<LocalChange>, FsError> {
     let Some(store) = env.echo.store() else {
         return Ok(Vec::new());
     };
     let cursor = env.log.cursor(&store)?;
     let mut merges = Vec::new();
-    for k in projection
-        .keys
-        .iter()
-        .filter(|(_, h)| h.len() > 1)
-        .map(|(k, _)| k)
-    {
-        let Ok(key) = Key::new(k.as_str()) else {
+    for entry in projection.states(&env.log) {
+        let (key, heads) = entry?;
+        if heads.len() < 2 {
             continue;
-        };
+        }
         if !seen.contains(&key) || changed.contains(&key) || env.echo.is_failed(&key) {
             continue;
         }
@@ -758,22 +794,20 @@ fn walk(
 fn file_found(
     env: &Env,
     projection: &Projection,
-    key: Key,
+    (key, heads): (Key, &[Head]),
     path: &Path,
     looked: Looked<'_>,
     writes: u64,
     gathered: &mut Gathered,
 ) -> Found {
-    let (heads, meta) = (projection.heads(&key), looked.meta());
-    let known = !heads.is_empty();
+    let meta = looked.meta();
     match examine_file(env, &key, path, looked, writes, heads, Some(gathered)) {
         Ok((change, hashed)) => Found::Entry {
-            known,
             // Not yet shown by the store: a file in a state the log knows is what the
             // store is to replace. One it does not know is a local change, which the
             // store waits on (it replaces no unrecorded change).
             change: change.filter(|_| {
-                projection.settled(&env.log, &key)
+                projection.shows(&env.log, heads)
                     || !known_state(&env.log, &env.echo, &key, path, meta)
             }),
             key,
@@ -838,17 +872,27 @@ fn visit(
 ) -> Option<Found> {
     let key = env.rules.key_of(path).ok()?;
     let writes = env.echo.writes();
+    let heads = match projection.heads(&env.log, &key) {
+        Ok(heads) => heads,
+        Err(e) => return Some(Found::Fatal(e)),
+    };
     // A file the log does not know is read whatever its stat: opened at once, the stat of
     // the open handle is the look, with no `lstat` walking its path first (7% of the
     // sender's CPU in W1 of `bench/daemon/run.py`). Anything else there (a symlink or a
     // FIFO swapped in since the walk), or a file that does not open, is looked at as usual,
     // and what that look finds is reported.
-    if file_type.is_some_and(|t| t.is_file()) && projection.heads(&key).is_empty() {
+    if file_type.is_some_and(|t| t.is_file()) && heads.is_empty() {
         if let Ok((file, meta)) = open_file(path) {
             env.echo.look(&key, writes);
             let looked = Looked::Opened(&file, &meta);
             return Some(file_found(
-                env, projection, key, path, looked, writes, gathered,
+                env,
+                projection,
+                (key, &heads),
+                path,
+                looked,
+                writes,
+                gathered,
             ));
         }
     }
@@ -862,19 +906,13 @@ fn visit(
     if meta.is_file() || meta.is_dir() {
         env.echo.look(&key, writes);
     }
-    let heads = projection.heads(&key);
     if meta.is_dir() {
-        let change = examine_dir(
-            env,
-            &key,
-            &meta,
-            heads,
-            projection.live_below(&key, &env.resolver),
-        )
+        let change = examine_dir(env, &key, &meta, &heads, || {
+            projection.live_below(&env.log, &key, &env.resolver)
+        })
         // Not yet shown by the store: the directory may be what it is to remove.
-        .filter(|_| projection.settled(&env.log, &key));
+        .filter(|_| projection.shows(&env.log, &heads));
         Some(Found::Entry {
-            known: !heads.is_empty(),
             key,
             change,
             changed_at: changed_at_ms(&meta),
@@ -884,7 +922,7 @@ fn visit(
         Some(file_found(
             env,
             projection,
-            key,
+            (key, &heads),
             path,
             Looked::Path(&meta),
             writes,
@@ -932,12 +970,24 @@ mod tests {
             .collect();
         env.log.append_local(changes).await.unwrap();
 
+        let keys = |projection: &Projection| -> Vec<String> {
+            projection
+                .states(&env.log)
+                .map(|e| e.unwrap().0.to_string())
+                .collect()
+        };
         let under = Key::new("d").unwrap();
         let projection = Projection::load(&env.log, &env.echo, Some(&under)).unwrap();
-        let keys: Vec<&str> = projection.keys.keys().map(String::as_str).collect();
-        assert_eq!(keys, ["d", "d/x", "d/y", "d/y/z"]);
+        assert_eq!(keys(&projection), ["d", "d/x", "d/y", "d/y/z"]);
         let all = Projection::load(&env.log, &env.echo, None).unwrap();
-        assert_eq!(all.keys.len(), 8);
+        assert_eq!(keys(&all).len(), 8);
+        // Loaded before the keys were, a projection takes every key's heads as none.
+        let before = Projection::load(&env.log, &env.echo, None).unwrap();
+        assert!(!before.empty);
+        let fresh = Env::for_tests(dir.path());
+        let empty = Projection::load(&fresh.log, &fresh.echo, None).unwrap();
+        assert!(empty.empty && keys(&empty).is_empty());
+        assert!(empty.heads(&fresh.log, &under).unwrap().is_empty());
     }
 
     /// The window between looking at a file and reading it: a file written in it (its
@@ -1052,7 +1102,6 @@ mod tests {
                 change: op,
                 changed_at: None,
                 hashed: 0,
-                known: false,
             };
             assert!(out.hold(found));
             let sent = std::iter::from_fn(|| rx.try_recv().ok()).count();
