@@ -412,10 +412,10 @@ impl Projection {
     }
 }
 
-/// Keys a scan found, each held as a 128-bit hash under keys of the scan's own (a folder
-/// of a million files costs 16 MiB, not the keys themselves): a key taken for another
-/// one found, at odds of about one in 2^128 a pair, would go unremoved until a later
-/// scan, whose keys differ.
+/// Keys a scan found, each held as a 128-bit hash, two SipHashes under random keys of
+/// the scan's own (a folder of a million files costs about 16 MiB, not the keys
+/// themselves). A key taken for another one found, at negligible odds, would go
+/// unremoved (or its conflict unmerged) until a later scan, whose keys differ.
 struct KeySet {
     hashers: (RandomState, RandomState),
     hashes: HashSet<u128>,
@@ -546,9 +546,14 @@ pub(crate) async fn scan(
             } => {
                 progress.files += 1;
                 progress.bytes += hashed;
-                seen.insert(&key);
+                // Against no keys (a first sync), nothing can be found removed.
+                if !projection.empty {
+                    seen.insert(&key);
+                }
                 if let Some(op) = change {
-                    changed.insert(&key);
+                    if !projection.empty {
+                        changed.insert(&key);
+                    }
                     batch.push(LocalChange::new(key, op).made_at(changed_at));
                 }
                 if batch.len() >= EMIT_BATCH {
@@ -584,31 +589,7 @@ pub(crate) async fn scan(
     if !failed_all {
         let env2 = env.clone();
         let deletes = tokio::task::spawn_blocking(move || {
-            let mut out = Vec::new();
-            for entry in projection.states(&env2.log) {
-                let (key, heads) = entry?;
-                let k = key.as_str();
-                if seen.contains(&key)
-                    || failed.iter().any(|f| {
-                        k == f
-                            || k.strip_prefix(f.as_str())
-                                .is_some_and(|r| r.starts_with('/'))
-                    })
-                {
-                    continue;
-                }
-                let is_dir = heads.iter().any(|h| head_kind(h) == Some(EntryKind::Dir));
-                if env2.rules.ignores(&env2.rules.path_of(&key), is_dir, true)
-                    || !gone(&env2, &key, &heads)
-                    || !projection.shows(&env2.log, &heads)
-                {
-                    continue;
-                }
-                let removed_at = removed_at_ms(&env2.rules, &key);
-                out.push((key, removed_at));
-            }
-            // Children before their directory.
-            out.reverse();
+            let out = removed(&env2, &projection, &seen, &failed)?;
             let merges = merges_for_deleted_copies(&env2, &projection, &seen, &changed)?;
             Ok::<_, FsError>((out, merges))
         })
@@ -644,6 +625,41 @@ pub(crate) async fn scan(
         ctx.report(progress);
     }
     Ok(())
+}
+
+/// The keys of `projection` a scan that found `seen` (and could not read below `failed`)
+/// finds removed, children before their directory, each with when it was removed (see
+/// [`removed_at_ms`]). Blocks.
+fn removed(
+    env: &Env,
+    projection: &Projection,
+    seen: &KeySet,
+    failed: &[String],
+) -> Result<Vec<(Key, Option<u64>)>, FsError> {
+    let mut out = Vec::new();
+    for entry in projection.states(&env.log) {
+        let (key, heads) = entry?;
+        let k = key.as_str();
+        let below = |f: &String| {
+            k.strip_prefix(f.as_str())
+                .is_some_and(|r| r.starts_with('/'))
+        };
+        if seen.contains(&key) || failed.iter().any(|f| k == f || below(f)) {
+            continue;
+        }
+        let is_dir = heads.iter().any(|h| head_kind(h) == Some(EntryKind::Dir));
+        if env.rules.ignores(&env.rules.path_of(&key), is_dir, true)
+            || !gone(env, &key, &heads)
+            || !projection.shows(&env.log, &heads)
+        {
+            continue;
+        }
+        let removed_at = removed_at_ms(&env.rules, &key);
+        out.push((key, removed_at));
+    }
+    // Children before their directory.
+    out.reverse();
+    Ok(out)
 }
 
 /// Merges for the conflict copies deleted while the daemon was stopped (the watcher sees
@@ -981,13 +997,78 @@ mod tests {
         assert_eq!(keys(&projection), ["d", "d/x", "d/y", "d/y/z"]);
         let all = Projection::load(&env.log, &env.echo, None).unwrap();
         assert_eq!(keys(&all).len(), 8);
-        // Loaded before the keys were, a projection takes every key's heads as none.
-        let before = Projection::load(&env.log, &env.echo, None).unwrap();
-        assert!(!before.empty);
-        let fresh = Env::for_tests(dir.path());
-        let empty = Projection::load(&fresh.log, &fresh.echo, None).unwrap();
-        assert!(empty.empty && keys(&empty).is_empty());
-        assert!(empty.heads(&fresh.log, &under).unwrap().is_empty());
+        let d_x = Key::new("d/x").unwrap();
+        assert_eq!(projection.heads(&env.log, &d_x).unwrap().len(), 1);
+
+        // Loaded while the log held none of its keys (a first sync), a projection takes
+        // every key's heads as none, even once the keys come.
+        let first = Env::for_tests(dir.path());
+        let empty = Projection::load(&first.log, &first.echo, None).unwrap();
+        let sub = Projection::load(&env.log, &env.echo, Some(&Key::new("e/f").unwrap()));
+        assert!(sub.unwrap().empty, "no key at or below e/f");
+        first
+            .log
+            .append_local(vec![LocalChange::new(d_x.clone(), dir_op())])
+            .await
+            .unwrap();
+        assert_eq!(first.log.heads(&d_x).unwrap().len(), 1);
+        assert!(empty.heads(&first.log, &d_x).unwrap().is_empty());
+        assert!(keys(&empty).is_empty());
+        assert!(!empty.live_below(&first.log, &Key::new("d").unwrap(), &first.resolver));
+    }
+
+    /// What a scan finds removed: keys of the projection it did not find, shown by the
+    /// folder, children before their directory; not a key it found, nor one below a
+    /// directory it could not read, nor a peer's key the store has not written yet.
+    #[tokio::test]
+    async fn removals_are_shown_keys_not_found_children_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().canonicalize().unwrap();
+        let env = env(&root);
+        env.echo.set_store("store");
+        let put = |k: &str| {
+            let op = if k.ends_with(".txt") {
+                Op::Put {
+                    content: Some(converge_api::ContentRef {
+                        root: converge_api::Hash::of(k.as_bytes()),
+                        size: 1,
+                        depth: 0,
+                    }),
+                    meta: Meta::file(1),
+                }
+            } else {
+                Op::Put {
+                    content: None,
+                    meta: Meta::dir(0),
+                }
+            };
+            LocalChange::new(Key::new(k).unwrap(), op)
+        };
+        let keys = ["a", "a/f.txt", "b", "b/g.txt", "c.txt", "d", "d/h.txt"];
+        env.log
+            .append_local(keys.iter().map(|k| put(k)).collect())
+            .await
+            .unwrap();
+        env.log.set_cursor("store", env.log.len()).await.unwrap();
+        // On disk, and found by the walk: b, b/g.txt and c.txt; d could not be read.
+        std::fs::create_dir(root.join("b")).unwrap();
+        std::fs::write(root.join("b/g.txt"), b"g").unwrap();
+        std::fs::write(root.join("c.txt"), b"c").unwrap();
+        let projection = Projection::load(&env.log, &env.echo, None).unwrap();
+        // A peer's new key, appended after the scan began and not written yet.
+        env.log.append_local(vec![put("e.txt")]).await.unwrap();
+        let mut seen = KeySet::new();
+        for k in ["b", "b/g.txt", "c.txt"] {
+            seen.insert(&Key::new(k).unwrap());
+        }
+        let failed = vec!["d".to_owned()];
+
+        let removed: Vec<String> = removed(&env, &projection, &seen, &failed)
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| k.to_string())
+            .collect();
+        assert_eq!(removed, ["a/f.txt", "a"]);
     }
 
     /// The window between looking at a file and reading it: a file written in it (its

@@ -688,7 +688,7 @@ async fn ignore_stamp(root: &Path) -> Option<blake3::Hash> {
 fn removals(env: &Env, held: &BTreeMap<Key, Option<u64>>) -> Result<Vec<LocalChange>, FsError> {
     // A key with a head the store has not applied (a peer's newer version, or a key new
     // from a peer) is not the user's to remove: what the folder lacks there it has not been
-    // shown yet, as a scan judges (see `Projection::settled`).
+    // shown yet, as a scan judges (see `Projection::shows`).
     // Read before the heads below, as `Projection::shows` asks.
     let projection = Projection::unshown(&env.log, &env.echo)?;
     let mut deletes = Vec::new();
