@@ -224,46 +224,8 @@ impl Echo {
         // over as many records as it wrote lately).
         let now = Instant::now();
         let fresh = |at: &Instant| now.saturating_duration_since(*at) < TTL;
-        let candidates = {
-            let mut map = self.lock();
-            map.retain(|_, r| fresh(&r.at));
-            if map.len() <= kept {
-                self.evict_at.store(0, Ordering::Relaxed);
-                None
-            } else if map.len() > self.evict_at.load(Ordering::Relaxed).max(kept) {
-                let young = now.checked_sub(young);
-                let mut old: Vec<(Instant, Key, Applied)> = map
-                    .iter()
-                    .filter(|(_, r)| matches!(r.applied, Applied::File { .. }))
-                    .filter(|(_, r)| young.is_some_and(|y| r.at < y))
-                    .map(|(k, r)| (r.at, k.clone(), r.applied))
-                    .collect();
-                old.sort_unstable_by_key(|(at, _, _)| *at);
-                Some((old, map.len() - kept / 2))
-            } else {
-                None
-            }
-        };
-        // The heads are read without the lock: the watcher's thread asks the record.
-        if let Some((old, excess)) = candidates {
-            let drop: Vec<(Instant, Key)> = old
-                .into_iter()
-                .filter(|(_, key, applied)| said_by_heads(log, key, *applied))
-                .take(excess)
-                .map(|(at, key, _)| (at, key))
-                .collect();
-            let mut map = self.lock();
-            for (at, key) in drop {
-                // Not one recorded since.
-                if map.get(&key).is_some_and(|r| r.at == at) {
-                    map.remove(&key);
-                }
-            }
-            // Looked through again once half the bound more is recorded: by then records
-            // too young now are old enough, and a few such rounds are all a sync costs.
-            self.evict_at
-                .store(map.len().saturating_add(kept / 2), Ordering::Relaxed);
-        }
+        self.lock().retain(|_, r| fresh(&r.at));
+        self.drop_repeated_files(log, now.checked_sub(young), kept);
         locked(&self.read).retain(|_, (_, _, at)| fresh(at));
         let mut written = locked(&self.written);
         let Written { by_key, dropped } = &mut *written;
@@ -282,6 +244,47 @@ impl Echo {
             by_key.retain(|_, (n, _)| *n > last);
             *dropped = (*dropped).max(last);
         }
+    }
+
+    /// Past `kept` records, drops the oldest records of files made before `young` that say
+    /// what a head of their key puts, down to half of `kept` (see [`Echo::prune`]).
+    fn drop_repeated_files(&self, log: &EventLog, young: Option<Instant>, kept: usize) {
+        let (old, excess) = {
+            let map = self.lock();
+            if map.len() <= kept {
+                self.evict_at.store(0, Ordering::Relaxed);
+                return;
+            }
+            if map.len() <= self.evict_at.load(Ordering::Relaxed) {
+                return;
+            }
+            let mut old: Vec<(Instant, Key, Applied)> = map
+                .iter()
+                .filter(|(_, r)| matches!(r.applied, Applied::File { .. }))
+                .filter(|(_, r)| young.is_some_and(|y| r.at < y))
+                .map(|(k, r)| (r.at, k.clone(), r.applied))
+                .collect();
+            old.sort_unstable_by_key(|(at, _, _)| *at);
+            (old, map.len() - kept / 2)
+        };
+        // The heads are read without the lock: the watcher's thread asks the record.
+        let drop: Vec<(Instant, Key)> = old
+            .into_iter()
+            .filter(|(_, key, applied)| said_by_heads(log, key, *applied))
+            .take(excess)
+            .map(|(at, key, _)| (at, key))
+            .collect();
+        let mut map = self.lock();
+        for (at, key) in drop {
+            // Not one recorded since.
+            if map.get(&key).is_some_and(|r| r.at == at) {
+                map.remove(&key);
+            }
+        }
+        // Looked through again once half the bound more is recorded: by then records too
+        // young now are old enough, and a few such rounds are all a sync costs.
+        self.evict_at
+            .store(map.len().saturating_add(kept / 2), Ordering::Relaxed);
     }
 
     /// Numbers a change the store has made at `key`'s path, once made (a rename into

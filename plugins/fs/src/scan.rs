@@ -297,9 +297,8 @@ impl Projection {
     ) -> Result<Projection, FsError> {
         // Before any heads are read (see `Unshown::before`).
         let mut projection = Projection::unshown(log, echo)?;
+        projection.empty = scoped_states(log, under).next().is_none();
         projection.under = under.cloned();
-        projection.empty = false;
-        projection.empty = projection.states(log).next().is_none();
         Ok(projection)
     }
 
@@ -384,20 +383,10 @@ impl Projection {
         &self,
         log: &'l EventLog,
     ) -> Box<dyn Iterator<Item = Result<KeyHeads, FsError>> + 'l> {
-        let states: Box<dyn Iterator<Item = Result<(Key, KeyState), LogError>> + 'l> =
-            match (&self.under, self.empty) {
-                (_, true) => Box::new(std::iter::empty()),
-                (None, false) => Box::new(log.states()),
-                (Some(dir), false) => {
-                    let own = log.state(dir).map(|state| (dir.clone(), state));
-                    Box::new(std::iter::once(own).chain(log.states_below(dir)))
-                }
-            };
-        Box::new(states.filter_map(|entry| match entry {
-            Ok((_, state)) if state.heads.is_empty() => None,
-            Ok((key, state)) => Some(Ok((key, state.heads))),
-            Err(e) => Some(Err(e.into())),
-        }))
+        if self.empty {
+            return Box::new(std::iter::empty());
+        }
+        scoped_states(log, self.under.as_ref())
     }
 
     /// Whether some key strictly below the directory `key` is shown (a live `Put`); if
@@ -410,6 +399,26 @@ impl Projection {
                 })
             })
     }
+}
+
+/// Every key of `log` (`under` = `None`), or the directory key `under` and those below it,
+/// that has heads, with them, in key order.
+fn scoped_states<'l>(
+    log: &'l EventLog,
+    under: Option<&Key>,
+) -> Box<dyn Iterator<Item = Result<KeyHeads, FsError>> + 'l> {
+    let states: Box<dyn Iterator<Item = Result<(Key, KeyState), LogError>> + 'l> = match under {
+        None => Box::new(log.states()),
+        Some(dir) => {
+            let own = log.state(dir).map(|state| (dir.clone(), state));
+            Box::new(std::iter::once(own).chain(log.states_below(dir)))
+        }
+    };
+    Box::new(states.filter_map(|entry| match entry {
+        Ok((_, state)) if state.heads.is_empty() => None,
+        Ok((key, state)) => Some(Ok((key, state.heads))),
+        Err(e) => Some(Err(e.into())),
+    }))
 }
 
 /// Keys a scan found, each held as a 128-bit hash, two SipHashes under random keys of
@@ -687,7 +696,6 @@ fn merges_for_deleted_copies(
         if !seen.contains(&key) || changed.contains(&key) || env.echo.is_failed(&key) {
             continue;
         }
-        let heads = env.log.heads(&key)?;
         let mut applied = true;
         for head in &heads {
             applied &= env.log.offset_of(&head.id)?.is_some_and(|o| o < cursor);
