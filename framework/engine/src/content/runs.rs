@@ -21,7 +21,8 @@
 //! few times. A merge is built from the files while lookups go on, and swapped in at the
 //! end ([`Runs::merge_due_runs`]). An entry found wrong (its chunk damaged) is marked
 //! *removed* in a sled tree, keyed by the hash and the location, and skipped from then
-//! on; a merge leaves it out.
+//! on; a merge leaves it out, and a mark goes once no run holds its entry (after a merge,
+//! and at open).
 //!
 //! Crash safety: a run is written under a temporary name, synced, renamed into place and
 //! its directory synced before anything relies on it (the log's flush that follows the
@@ -476,13 +477,16 @@ impl Runs {
         File::open(dir)
             .and_then(|d| d.sync_all())
             .map_err(io_error("syncing", dir.to_owned()))?;
-        Ok(Runs {
+        let mut runs = Runs {
             dir: dir.to_owned(),
             runs,
             next_id,
             removed,
             removed_tree,
-        })
+        };
+        // A crash after a merge, or a run set aside, may have left marks behind.
+        runs.drop_unheld_marks();
+        Ok(runs)
     }
 
     /// Reads a whole run, checking it: its file, index and the first run it replaces.
@@ -535,6 +539,34 @@ impl Runs {
             .insert(entry_bytes(hash, &location), sled::IVec::default())?;
         self.removed.insert((*hash, location));
         Ok(())
+    }
+
+    /// Drops the removal marks of entries no run holds any more (a merge left them out,
+    /// or their run was set aside): each would otherwise stay, in memory and in sled, for
+    /// as long as the store. Dropped from sled with its next flush; a crash before leaves
+    /// the mark, dropped at the next open. A mark whose runs cannot be read stays.
+    fn drop_unheld_marks(&mut self) {
+        if self.removed.is_empty() {
+            return;
+        }
+        let unheld: Vec<(Hash, [u8; 16])> = self
+            .removed
+            .iter()
+            .filter(|(hash, location)| {
+                self.runs
+                    .iter()
+                    .all(|run| matches!(run.find(hash), Ok(found) if found != Some(*location)))
+            })
+            .copied()
+            .collect();
+        for (hash, location) in unheld {
+            match self.removed_tree.remove(entry_bytes(&hash, &location)) {
+                Ok(_) => {
+                    self.removed.remove(&(hash, location));
+                }
+                Err(e) => tracing::warn!("dropping the removal mark of chunk {hash:?}: {e}"),
+            }
+        }
     }
 
     /// Writes `entries` (sorted by hash, no hash twice) as a new run, durable when this
@@ -755,6 +787,8 @@ impl Runs {
                 tracing::warn!("removing merged chunk run {}: {e}", path.display());
             }
         }
+        // The merged run, durable, left out the entries marked removed.
+        self.drop_unheld_marks();
     }
 
     /// Stops using run `id`, which read corrupt, and renames its file `*.damaged`.
@@ -882,6 +916,63 @@ mod tests {
         put(&runs, &[(hash(50), at(1, 50))]);
         assert_eq!(get(&runs, 50), Some(at(1, 50)));
         assert!(db.open_tree("removed").unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_removal_mark_goes_once_no_run_holds_its_entry() {
+        let (dir, db, runs) = scratch();
+        let marks = || -> Vec<(Hash, [u8; 16])> {
+            let tree = db.open_tree("removed").unwrap();
+            tree.iter()
+                .keys()
+                .map(|k| split_entry(&<[u8; ENTRY]>::try_from(&k.unwrap()[..]).unwrap()))
+                .collect()
+        };
+        let run = |from: u32, to: u32, pack: u32| {
+            sorted((from..to).map(|n| (hash(n), at(pack, u64::from(n)))))
+        };
+        let mark = |runs: &RwLock<Runs>, n: u32, pack: u32| {
+            let location = at(pack, u64::from(n));
+            runs.write().unwrap().remove(&hash(n), location).unwrap();
+        };
+        put(&runs, &run(0, 100, 1));
+        put(&runs, &run(100, 110, 2));
+        assert_eq!(count(&runs), 2);
+        mark(&runs, 5, 1);
+        mark(&runs, 105, 2);
+        mark(&runs, 7, 1);
+        assert_eq!(marks().len(), 3);
+        // 10 + 10: the two newest merge, leaving out 105; 5 and 7 stay in the first run.
+        put(&runs, &run(110, 120, 3));
+        assert_eq!(count(&runs), 2);
+        let left = marks();
+        assert_eq!(left.len(), 2, "{left:?}");
+        assert!(left.contains(&(hash(5), at(1, 5).encode())));
+        assert!(left.contains(&(hash(7), at(1, 7).encode())));
+        assert_eq!(runs.read().unwrap().removed.len(), 2);
+        for n in [5, 7, 105] {
+            assert_eq!(get(&runs, n), None, "{n}");
+        }
+        assert_eq!(get(&runs, 104), Some(at(2, 104)));
+        // A newer run takes 7 elsewhere: the merge of everything keeps that one, and
+        // neither old entry survives it, nor their marks.
+        put(&runs, &[(hash(7), at(4, 7))]);
+        put(&runs, &run(200, 300, 5));
+        assert_eq!(count(&runs), 1);
+        assert_eq!(get(&runs, 7), Some(at(4, 7)));
+        assert_eq!(get(&runs, 5), None);
+        assert!(marks().is_empty());
+        assert!(runs.read().unwrap().removed.is_empty());
+        // A mark no run holds, left by a crash: dropped at the next open.
+        drop(runs);
+        let stray = entry_bytes(&hash(1000), &at(9, 9).encode());
+        db.open_tree("removed")
+            .unwrap()
+            .insert(stray, sled::IVec::default())
+            .unwrap();
+        let runs = open(dir.path(), &db);
+        assert!(marks().is_empty());
+        assert!(runs.read().unwrap().removed.is_empty());
     }
 
     #[test]
