@@ -55,9 +55,9 @@ Run from the workspace root after `cargo build --release -p converge`:
 Nothing is deleted between timed steps (ext4 without a journal makes creating thousands
 of files right after deleting thousands slow): replaced data is moved into a trash dir
 and the whole scratch dir is removed at the end. Wait a few minutes before running it
-again: the kernel's cost lasts minutes after a large deletion. The script first creates
-20,000 empty files, untimed, which pays what is left of it (the log line shows how long
-they took).
+again: the kernel's cost lasts minutes after a large deletion. The script first times
+the creation of 10,000 empty files and logs it, so that a run made while that cost lasts
+shows it.
 
 On a virtual machine whose balloon device reports free pages to the host (the
 development machines here: virtio-balloon with free page reporting), memory the guest
@@ -156,12 +156,13 @@ class Timeout(Exception):
 # ----------------------------------------------------------------------------- workloads
 
 
-def absorb_deletions(root: Path, files: int = 20_000) -> float:
-    """Creates `files` empty files in 100 folders under `root` (left there); returns the
-    seconds it took. Right after a large deletion, ext4 without a journal spends seconds
-    of kernel time finding inodes for the first thousands of new files (for several
-    minutes after millions were deleted, measured): this pays that before anything is
-    timed, instead of whichever tool's first repetition comes first."""
+def creation_check(root: Path, files: int = 10_000) -> float:
+    """Creates `files` empty files in 100 folders under `root` (left there) and returns the
+    seconds it took: about 0.5 s for 10,000 here. After a large deletion, ext4 without a
+    journal makes creating files cost several times that in kernel time, for minutes
+    (measured: 10,000 files took 1.3-4.1 s, batch after batch, for more than a minute
+    after millions were deleted), and a W1 run then measures the disk's state rather
+    than the tools. Creating files does not end it; waiting does."""
     sync_fs()
     t0 = time.monotonic()
     for d in range(100):
@@ -818,8 +819,9 @@ def main() -> int:
     t_start = time.monotonic()
     try:
         rsyncd.start()
-        log(f"creating 20,000 empty files before timing anything: "
-            f"{absorb_deletions(trash / 'absorb'):.2f} s (about 1 s when no deletion is recent)")
+        took = creation_check(trash / "check")
+        log(f"10,000 empty files created in {took:.2f} s (about 0.5 s on a quiet disk; "
+            f"much more means a recent deletion still costs: the file-heavy rows will show it)")
 
         # Each repetition runs on a fresh pair with fresh data. Odd repetitions run rsync
         # first, so that neither tool always finds the page cache the other left behind.
