@@ -22,7 +22,7 @@
 //! end ([`Runs::merge_due_runs`]). An entry found wrong (its chunk damaged) is marked
 //! *removed* in a sled tree, keyed by the hash and the location, and skipped from then
 //! on; a merge leaves it out, and a mark goes once no run holds its entry (after a merge,
-//! and at open).
+//! once the runs it replaced are durably gone, and at open).
 //!
 //! Crash safety: a run is written under a temporary name, synced, renamed into place and
 //! its directory synced before anything relies on it (the log's flush that follows the
@@ -484,8 +484,9 @@ impl Runs {
             removed,
             removed_tree,
         };
-        // A crash after a merge, or a run set aside, may have left marks behind.
-        runs.drop_unheld_marks();
+        // A crash after a merge, or a run set aside, may have left marks behind. Every run
+        // file that may be read again is open now, and what was removed is durable.
+        runs.drop_unheld_marks(None);
         Ok(runs)
     }
 
@@ -541,21 +542,25 @@ impl Runs {
         Ok(())
     }
 
-    /// Drops the removal marks of entries no run holds any more (a merge left them out,
-    /// or their run was set aside): each would otherwise stay, in memory and in sled, for
-    /// as long as the store. Dropped from sled with its next flush; a crash before leaves
-    /// the mark, dropped at the next open. A mark whose runs cannot be read stays.
-    fn drop_unheld_marks(&mut self) {
+    /// Drops the removal marks of entries no run holds any more: each would otherwise
+    /// stay, in memory and in sled, for as long as the store. With `of`, only the marks of
+    /// entries one of those runs held (runs a merge replaced, their files durably gone);
+    /// without, every such mark (at open, where every run file on disk that may be read
+    /// again is open). Dropped from sled with its next flush; a crash before leaves the
+    /// mark, dropped at the next open. A mark whose runs cannot be read stays.
+    fn drop_unheld_marks(&mut self, of: Option<&[Run]>) {
         if self.removed.is_empty() {
             return;
         }
         let unheld: Vec<(Hash, [u8; 16])> = self
             .removed
             .iter()
-            .filter(|(hash, location)| {
-                self.runs
-                    .iter()
-                    .all(|run| matches!(run.find(hash), Ok(found) if found != Some(*location)))
+            .filter(|&&(hash, location)| {
+                let held = |run: &Run| matches!(run.find(&hash), Ok(Some(at)) if at == location);
+                // Read, and found elsewhere or not at all.
+                let not_held =
+                    |run: &Run| matches!(run.find(&hash), Ok(at) if at != Some(location));
+                of.is_none_or(|gone| gone.iter().any(held)) && self.runs.iter().all(not_held)
             })
             .copied()
             .collect();
@@ -780,15 +785,24 @@ impl Runs {
         self.next_id = run.id.saturating_add(1);
         let gone: Vec<Run> = self.runs.drain(at..).collect();
         self.runs.push(run);
-        for old in gone {
+        let mut removed = true;
+        for old in &gone {
             let path = run_path(&self.dir, old.id);
             // Left behind, it is removed at the next open (the merged run names it).
             if let Err(e) = std::fs::remove_file(&path) {
                 tracing::warn!("removing merged chunk run {}: {e}", path.display());
+                removed = false;
             }
         }
-        // The merged run, durable, left out the entries marked removed.
-        self.drop_unheld_marks();
+        // The merged run, durable, left out the entries marked removed; their marks go
+        // once the runs that held them are gone for good. A run file left behind, or back
+        // after a power loss, would be read again should the merged run be set aside.
+        let synced = File::open(&self.dir).and_then(|d| d.sync_all());
+        match synced {
+            Ok(()) if removed => self.drop_unheld_marks(Some(&gone)),
+            Ok(()) => {}
+            Err(e) => tracing::warn!("syncing {}: {e}", self.dir.display()),
+        }
     }
 
     /// Stops using run `id`, which read corrupt, and renames its file `*.damaged`.
@@ -954,6 +968,12 @@ mod tests {
             assert_eq!(get(&runs, n), None, "{n}");
         }
         assert_eq!(get(&runs, 104), Some(at(2, 104)));
+        // Marks the first run still holds outlive an open.
+        drop(runs);
+        let runs = open(dir.path(), &db);
+        assert_eq!(marks().len(), 2);
+        assert_eq!(runs.read().unwrap().removed.len(), 2);
+        assert_eq!(get(&runs, 5), None);
         // A newer run takes 7 elsewhere: the merge of everything keeps that one, and
         // neither old entry survives it, nor their marks.
         put(&runs, &[(hash(7), at(4, 7))]);
