@@ -797,6 +797,9 @@ impl Runs {
         // The merged run, durable, left out the entries marked removed; their marks go
         // once the runs that held them are gone for good. A run file left behind, or back
         // after a power loss, would be read again should the merged run be set aside.
+        if self.removed.is_empty() {
+            return;
+        }
         let synced = File::open(&self.dir).and_then(|d| d.sync_all());
         match synced {
             Ok(()) if removed => self.drop_unheld_marks(Some(&gone)),
