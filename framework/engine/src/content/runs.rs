@@ -785,25 +785,23 @@ impl Runs {
         self.next_id = run.id.saturating_add(1);
         let gone: Vec<Run> = self.runs.drain(at..).collect();
         self.runs.push(run);
-        let mut removed = true;
+        let mut deleted = true;
         for old in &gone {
             let path = run_path(&self.dir, old.id);
             // Left behind, it is removed at the next open (the merged run names it).
             if let Err(e) = std::fs::remove_file(&path) {
                 tracing::warn!("removing merged chunk run {}: {e}", path.display());
-                removed = false;
+                deleted = false;
             }
         }
         // The merged run, durable, left out the entries marked removed; their marks go
         // once the runs that held them are gone for good. A run file left behind, or back
         // after a power loss, would be read again should the merged run be set aside.
-        if self.removed.is_empty() {
+        if self.removed.is_empty() || !deleted {
             return;
         }
-        let synced = File::open(&self.dir).and_then(|d| d.sync_all());
-        match synced {
-            Ok(()) if removed => self.drop_unheld_marks(Some(&gone)),
-            Ok(()) => {}
+        match File::open(&self.dir).and_then(|d| d.sync_all()) {
+            Ok(()) => self.drop_unheld_marks(Some(&gone)),
             Err(e) => tracing::warn!("syncing {}: {e}", self.dir.display()),
         }
     }
