@@ -268,6 +268,16 @@ impl ChunkBytes {
             buffer: Arc::new(bytes.to_vec()),
         }
     }
+
+    /// The length of the whole buffer these bytes keep alive.
+    pub(crate) fn buffer_len(&self) -> usize {
+        (*self.buffer).as_ref().len()
+    }
+
+    /// Whether `self` and `other` are ranges of the same buffer.
+    pub(crate) fn same_buffer(&self, other: &ChunkBytes) -> bool {
+        std::ptr::addr_eq(Arc::as_ptr(&self.buffer), Arc::as_ptr(&other.buffer))
+    }
 }
 
 impl std::ops::Deref for ChunkBytes {

@@ -58,8 +58,10 @@ pub struct EngineConfig {
     /// naming them exist, instead of waiting for the peers to ask (a large file streams
     /// while it is chunked). A peer that already holds them receives them anyway.
     pub push_fresh_chunks: bool,
-    /// Most bytes of pushed chunks one session may hold in memory, waiting to be sent;
-    /// beyond it fresh chunks are queued as hashes and read back from the pack when sent.
+    /// Most bytes of pushed chunks one session may hold in memory, waiting to be sent,
+    /// counted as the buffers they keep alive (a chunk cut from a larger buffer holds all
+    /// of it until sent); beyond it fresh chunks are queued as hashes and read back from
+    /// the pack when sent.
     pub push_memory_bytes: usize,
 }
 
@@ -185,6 +187,28 @@ const SOURCE_RETRY_MAX: Duration = Duration::from_secs(30);
 /// chunk size); beyond it fresh chunks are not pushed to that peer, which asks for them
 /// once their events arrive.
 const PUSH_BACKLOG: usize = 1 << 16;
+
+/// What each of `fresh` keeps alive in memory while it waits to be pushed: its own bytes,
+/// and for the last of a run of chunks cut from one buffer, the rest of that buffer too,
+/// which stays whole until that last one is sent. So a batch counts the buffers it holds,
+/// not only its chunks' bytes (a scan's gathered 256 KiB of small files, say, of which a
+/// few chunks were already stored).
+fn memory_shares(fresh: &[FreshChunk]) -> Vec<usize> {
+    let mut shares: Vec<usize> = fresh.iter().map(|c| c.bytes.len()).collect();
+    let mut start = 0;
+    for end in 1..=fresh.len() {
+        let run_ends = fresh
+            .get(end)
+            .is_none_or(|next| !next.bytes.same_buffer(&fresh[start].bytes));
+        if run_ends {
+            let in_run: usize = shares[start..end].iter().sum();
+            let rest = fresh[start].bytes.buffer_len().saturating_sub(in_run);
+            shares[end - 1] += rest;
+            start = end;
+        }
+    }
+    shares
+}
 
 /// Where appended events came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -574,7 +598,8 @@ impl Inner {
             return;
         };
         let n = fresh.len();
-        let size: usize = fresh.iter().map(|c| c.bytes.len()).sum();
+        let shares = memory_shares(&fresh);
+        let size: usize = shares.iter().sum();
         for session in peers.values().filter_map(|p| p.session.as_ref()) {
             let backlog = &session.pushed;
             if backlog.chunks.load(Ordering::Relaxed) + n > PUSH_BACKLOG {
@@ -586,10 +611,12 @@ impl Inner {
             backlog.hold(n, held);
             let chunks = fresh
                 .iter()
-                .map(|c| Pushed {
+                .zip(&shares)
+                .map(|(c, &share)| Pushed {
                     hash: c.hash,
                     bytes: in_memory.then(|| c.bytes.clone()),
                     place: c.place,
+                    held: if in_memory { share } else { 0 },
                 })
                 .collect();
             if session.control.send(Control::Push(chunks)).is_err() {
@@ -1795,5 +1822,36 @@ async fn run_store(inner: Arc<Inner>, store: Arc<dyn Store>, slot: Arc<StoreSlot
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::content::{ChunkBytes, SharedBuffer};
+
+    fn fresh(bytes: ChunkBytes) -> FreshChunk {
+        FreshChunk {
+            hash: Hash::of(&bytes),
+            bytes,
+            place: None,
+        }
+    }
+
+    /// A buffer's whole length is counted once, on the last of its chunks in a run; a
+    /// copied chunk counts its own bytes.
+    #[test]
+    fn memory_shares_count_whole_buffers() {
+        let window: SharedBuffer = Arc::new(vec![1u8; 1000]);
+        let other: SharedBuffer = Arc::new(vec![2u8; 300]);
+        let batch = vec![
+            fresh(ChunkBytes::shared(window.clone(), 0..100).unwrap()),
+            fresh(ChunkBytes::shared(window.clone(), 100..250).unwrap()),
+            fresh(ChunkBytes::copied(b"twelve bytes")),
+            fresh(ChunkBytes::shared(other.clone(), 200..300).unwrap()),
+        ];
+        assert_eq!(memory_shares(&batch), vec![100, 900, 12, 300]);
+        assert_eq!(memory_shares(&[]), Vec::<usize>::new());
     }
 }

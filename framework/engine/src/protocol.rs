@@ -143,6 +143,9 @@ pub(crate) struct Pushed {
     pub(crate) bytes: Option<ChunkBytes>,
     /// Its place in a large file (see [`Place`]).
     pub(crate) place: Option<Place>,
+    /// How many bytes of memory it counts in the session's backlog (see
+    /// `memory_shares` in `engine.rs`): 0 without its bytes.
+    pub(crate) held: usize,
 }
 
 /// What a session has been given to push and has not sent yet, shared between the engine,
@@ -597,7 +600,7 @@ async fn handle_control(
         Control::Push(chunks) => outbox.add(chunks.into_iter().map(|p| Queued {
             hash: p.hash,
             pushed: true,
-            held: p.bytes.as_ref().map_or(0, |b| b.len()),
+            held: p.held,
             bytes: p.bytes,
             place: p.place,
         })),
