@@ -322,15 +322,41 @@ impl FromStr for Key {
     }
 }
 
-/// A BLAKE3 hash: the address of a chunk in the content store.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+/// A BLAKE3 hash: the address of a chunk in the content store. Ordered as its bytes are.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Hash(pub [u8; 32]);
 byte_array_serde!(Hash, 32);
+
+impl Ord for Hash {
+    /// The bytes' order, decided by the first 8 as one big-endian integer when those
+    /// differ, as they almost always do: a byte-wise comparison of the whole array is a
+    /// `memcmp` call, and the content store's lookups and sorts made enough of them to be
+    /// 3% of either daemon's CPU in a W1 sync (a `perf` profile).
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.prefix()
+            .cmp(&other.prefix())
+            .then_with(|| self.0.cmp(&other.0))
+    }
+}
+
+impl PartialOrd for Hash {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
 
 impl Hash {
     /// The hash of `bytes`.
     pub fn of(bytes: &[u8]) -> Hash {
         Hash(*blake3::hash(bytes).as_bytes())
+    }
+
+    /// The first 8 bytes, as a number that orders as they do (big-endian): a hash's place
+    /// among uniformly spread hashes, and the first step of comparing two.
+    pub fn prefix(&self) -> u64 {
+        let mut p = [0; 8];
+        p.copy_from_slice(&self.0[..8]);
+        u64::from_be_bytes(p)
     }
 
     /// Lowercase hex, for logs and the admin API.
@@ -555,6 +581,24 @@ impl VersionVector {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Hashes order as their bytes do, whichever byte first differs.
+    #[test]
+    fn hashes_order_as_their_bytes() {
+        let at = |i: usize, v: u8| {
+            let mut h = [0x80u8; 32];
+            h[i] = v;
+            Hash(h)
+        };
+        for i in [0, 7, 8, 31] {
+            for (a, b) in [(0u8, 0xff), (0x7f, 0x80), (0x80, 0x81)] {
+                let (x, y) = (at(i, a), at(i, b));
+                assert_eq!(x.cmp(&y), x.0.cmp(&y.0), "byte {i}: {a} against {b}");
+                assert_eq!(y.cmp(&x), y.0.cmp(&x.0), "byte {i}: {b} against {a}");
+            }
+            assert_eq!(at(i, 3).cmp(&at(i, 3)), std::cmp::Ordering::Equal);
+        }
+    }
 
     #[test]
     fn replica_id_round_trips_through_its_printed_form() {

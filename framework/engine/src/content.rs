@@ -536,7 +536,7 @@ impl SortedLocations {
     /// The entries of `entries`, the last one for a hash named more than once.
     fn from_unsorted(mut entries: Vec<(Hash, Location)>) -> Self {
         // Stable: of equal hashes, the last stays last, and is kept over those before it.
-        entries.sort_by(|(a, _), (b, _)| hash_order(a, b));
+        entries.sort_by_key(|(h, _)| *h);
         entries.dedup_by(|later, kept| {
             let same = later.0 == kept.0;
             if same {
@@ -556,7 +556,7 @@ impl SortedLocations {
             return None;
         }
         let entries = &self.entries;
-        let order = |i: usize| hash_order(&entries[i].0, hash);
+        let order = |i: usize| entries[i].0.cmp(hash);
         // Hashes are uniform: start where `hash` would fall in proportion, and widen from
         // there until it is bracketed. A few reads of the vector where a binary search
         // over it made one per halving, each a cache miss once it outgrows the cache (the
@@ -566,7 +566,7 @@ impl SortedLocations {
         if n == 0 {
             return None;
         }
-        let guess = ((u128::from(prefix(hash)) * n as u128) >> 64) as usize;
+        let guess = ((u128::from(hash.prefix()) * n as u128) >> 64) as usize;
         let (lo, hi) = match order(guess) {
             Order::Equal => return Some(guess),
             Order::Less => {
@@ -601,7 +601,7 @@ impl SortedLocations {
             }
         };
         entries[lo..hi]
-            .binary_search_by(|(h, _)| hash_order(h, hash))
+            .binary_search_by(|(h, _)| h.cmp(hash))
             .ok()
             .map(|i| lo + i)
     }
@@ -640,7 +640,7 @@ impl SortedLocations {
     /// Adds `new`, sorted by hash with no hash twice; one for a hash held already
     /// replaces it.
     fn add(&mut self, new: Vec<(Hash, Location)>) {
-        debug_assert!(new.windows(2).all(|w| w[0].0 .0 < w[1].0 .0));
+        debug_assert!(new.windows(2).all(|w| w[0].0 < w[1].0));
         let Some(&last) = new.last() else {
             return;
         };
@@ -656,10 +656,7 @@ impl SortedLocations {
         while next > 0 {
             let n = new[next - 1];
             to -= 1;
-            match old
-                .checked_sub(1)
-                .map(|o| hash_order(&self.entries[o].0, &n.0))
-            {
+            match old.checked_sub(1).map(|o| self.entries[o].0.cmp(&n.0)) {
                 Some(std::cmp::Ordering::Greater) => {
                     self.entries[to] = self.entries[old - 1];
                     old -= 1;
@@ -683,21 +680,6 @@ impl SortedLocations {
             self.entries.drain(..to - old);
         }
     }
-}
-
-/// The first 8 bytes of `hash`, as a number that orders as they do (big-endian): where
-/// a lookup starts in [`SortedLocations`], and a run's fences (see the `runs` module).
-/// The order of `a` and `b` as byte strings, decided by their first 8 bytes as one integer
-/// when those differ: the byte-wise comparison of two hashes is a `memcmp` call, and the
-/// lookups made many of them (3% of either daemon's CPU in W1, in a profile).
-fn hash_order(a: &Hash, b: &Hash) -> std::cmp::Ordering {
-    prefix(a).cmp(&prefix(b)).then_with(|| a.0.cmp(&b.0))
-}
-
-fn prefix(hash: &Hash) -> u64 {
-    let mut p = [0; 8];
-    p.copy_from_slice(&hash.0[..8]);
-    u64::from_be_bytes(p)
 }
 
 /// The pack being appended to, and the chunks written since the last sync.
@@ -1848,7 +1830,7 @@ impl ChunkStore {
             });
         }
         if !moved.is_empty() {
-            moved.sort_unstable_by(|(a, _), (b, _)| hash_order(a, b));
+            moved.sort_unstable_by_key(|(h, _)| *h);
             self.index_sorted(&moved)?;
             for (hash, _) in &moved {
                 w.unindexed.remove(hash);
@@ -1857,7 +1839,7 @@ impl ChunkStore {
             }
         }
         // Sorted here, in place: indexed as it is, or moved into `unindexed`.
-        staged.sort_unstable_by(|(a, _), (b, _)| hash_order(a, b));
+        staged.sort_unstable_by_key(|(h, _)| *h);
         if staged.len() < MANIFEST_ENTRIES {
             self.index_sorted(&staged)?;
             for (hash, _) in &staged {

@@ -142,8 +142,8 @@ impl Gathered {
     fn begin_file(&mut self) {
         if self.files == 0 {
             // Room for all it takes at once: grown by doubling, a buffer just past
-            // `GATHER_BYTES` held twice that, kept alive while its chunks wait to be
-            // pushed to peers, which count only its length.
+            // `GATHER_BYTES` held twice that while its chunks waited to be pushed to
+            // peers, whose memory budget sees its length, not its capacity.
             self.buffer.reserve_exact(GATHER_CAPACITY);
         }
         self.files += 1;

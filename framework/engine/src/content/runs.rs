@@ -43,7 +43,7 @@ use std::sync::RwLock;
 use converge_api::Hash;
 use sled::Tree;
 
-use super::{io_error, prefix, Location};
+use super::{io_error, Location};
 use crate::error::LogError;
 
 /// Bytes of one entry: a hash and its encoded [`Location`].
@@ -126,7 +126,7 @@ impl RunIndex {
     /// Notes the next entry, `hash`, in order.
     fn push(&mut self, hash: &Hash) {
         if self.count.is_multiple_of(BLOCK_ENTRIES as u64) {
-            self.fences.push(prefix(hash));
+            self.fences.push(hash.prefix());
         }
         for (word, bit) in probes(self.filter.len(), hash) {
             self.filter[word] |= bit;
@@ -182,7 +182,7 @@ impl Run {
         if !self.index.may_hold(hash) {
             return Ok(None);
         }
-        let key = prefix(hash);
+        let key = hash.prefix();
         let RunIndex { count, fences, .. } = &self.index;
         let mut block = fences.partition_point(|f| *f < key).saturating_sub(1);
         let mut buffer = [0u8; BLOCK_ENTRIES * ENTRY];
@@ -725,7 +725,7 @@ impl Runs {
                         (None, None) => break,
                         (Some(_), None) => Ordering::Less,
                         (None, Some(_)) => Ordering::Greater,
-                        (Some((ha, _)), Some((hb, _))) => ha.0.cmp(&hb.0),
+                        (Some((ha, _)), Some((hb, _))) => ha.cmp(hb),
                     };
                     let kept = match order {
                         Ordering::Less => {
