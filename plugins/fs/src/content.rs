@@ -417,13 +417,15 @@ pub(crate) fn open_file(path: &Path) -> std::io::Result<(File, Metadata)> {
         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => read(flags),
         other => other,
     };
+    // The status flags the file was opened with, less `O_NONBLOCK`: set back as they are
+    // (without reading them first, a system call per file).
     #[cfg(target_os = "linux")]
-    let file = match open(libc::O_NOATIME) {
-        Err(e) if e.raw_os_error() == Some(libc::EPERM) => open(0),
-        other => other,
-    }?;
+    let (file, keep) = match open(libc::O_NOATIME) {
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => (open(0)?, 0),
+        other => (other?, libc::O_NOATIME),
+    };
     #[cfg(not(target_os = "linux"))]
-    let file = open(0)?;
+    let (file, keep) = (open(0)?, 0);
     let meta = file.metadata()?;
     if !meta.is_file() {
         return Err(std::io::Error::new(
@@ -434,11 +436,10 @@ pub(crate) fn open_file(path: &Path) -> std::io::Result<(File, Metadata)> {
     {
         use std::os::fd::AsRawFd;
         let fd = file.as_raw_fd();
-        // SAFETY: `fd` is open for the duration of both calls, which take plain integers.
-        let cleared = unsafe {
-            let flags = libc::fcntl(fd, libc::F_GETFL);
-            flags >= 0 && libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) == 0
-        };
+        // SAFETY: `fd` is open for the duration of the call, which takes plain integers.
+        // `F_SETFL` sets only the status flags (append, async, direct, noatime,
+        // nonblock): of those the file was opened with `keep` and `O_NONBLOCK`.
+        let cleared = unsafe { libc::fcntl(fd, libc::F_SETFL, keep) == 0 };
         if !cleared {
             return Err(std::io::Error::last_os_error());
         }
@@ -545,12 +546,22 @@ fn cut(
     });
     let mut buf = vec![0u8; first];
     let mut len = 0;
+    let mut read_total = 0u64;
     let mut eof = false;
     loop {
         while len < buf.len() && !eof {
             match file.read(&mut buf[len..]) {
                 Ok(0) => eof = true,
-                Ok(n) => len += n,
+                Ok(n) => {
+                    len += n;
+                    read_total += n as u64;
+                    // A read that stops short of the buffer at the length the file was
+                    // opened with is taken as its end, without the read that would return
+                    // 0 (a system call per small file). Should it not be (a file system
+                    // that reads short), the file grew, and the stat taken after the read
+                    // tells the caller so.
+                    eof = len < buf.len() && size == Some(read_total);
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(FsError::io("reading", path)(e)),
             }
