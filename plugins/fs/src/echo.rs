@@ -22,6 +22,11 @@ use converge_framework::log::EventLog;
 
 use crate::content::{file_stat, hash_file, put_stat, FileStat};
 
+/// A map by key with a fast hasher, seeded per process as the standard one is (a peer
+/// names the keys): the watcher looks up every file the store writes, and SipHash on
+/// the paths was 1.4% of a receiver's CPU in W1 of `bench/daemon/run.py`.
+type KeyMap<V> = HashMap<Key, V, foldhash::fast::RandomState>;
+
 /// How many events of a key [`known_state`] looks through, nearest first.
 const KNOWN_SEARCH: usize = 256;
 
@@ -97,7 +102,7 @@ pub(crate) struct Record {
 /// The shared record.
 #[derive(Debug, Default)]
 pub(crate) struct Echo {
-    map: Mutex<HashMap<Key, Record>>,
+    map: Mutex<KeyMap<Record>>,
     /// Keys the store could not show (a file in a directory it may not write): what is at
     /// their paths is not a local change while it is in a state the log knows.
     failed: Mutex<HashSet<Key>>,
@@ -107,7 +112,7 @@ pub(crate) struct Echo {
     /// Files the source just read and recorded, until the store passes over their events
     /// (see [`Echo::note_read`]), each with the number of the store's latest change
     /// before it was looked at.
-    read: Mutex<HashMap<Key, (Applied, u64, Instant)>>,
+    read: Mutex<KeyMap<(Applied, u64, Instant)>>,
     /// The number of the store's latest change to the folder (see [`Echo::wrote`]).
     writes: AtomicU64,
     /// The store's latest change at each key's path (see [`Written`]).
@@ -140,12 +145,12 @@ struct Emitted {
 /// path, so dropping one early only makes the store look at a file it could have skipped.
 #[derive(Debug, Default)]
 struct Written {
-    by_key: HashMap<Key, (u64, Instant)>,
+    by_key: KeyMap<(u64, Instant)>,
     dropped: u64,
 }
 
 impl Echo {
-    fn lock(&self) -> MutexGuard<'_, HashMap<Key, Record>> {
+    fn lock(&self) -> MutexGuard<'_, KeyMap<Record>> {
         locked(&self.map)
     }
 
