@@ -8,6 +8,8 @@
 //! not know is refused with [`CodecError::UnknownVersion`]. Decoding never panics on bad
 //! input.
 
+use std::ops::Range;
+
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use crate::error::CodecError;
@@ -194,6 +196,167 @@ pub fn encode_events(events: &[&[u8]]) -> Result<Vec<u8>, CodecError> {
         }
     }
     Ok(out)
+}
+
+/// A chunk of a [`Message::Chunks`] payload, found in the payload instead of copied out of
+/// it (see [`chunk_spans`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChunkSpan {
+    /// As [`ChunkItem::hash`].
+    pub hash: Hash,
+    /// Where [`ChunkItem::bytes`] lie in the payload.
+    pub bytes: Range<usize>,
+    /// As [`ChunkItem::place`].
+    pub place: Option<Place>,
+}
+
+/// The chunks of a frame payload holding a [`Message::Chunks`] in the form
+/// [`encode_chunks`] and [`Message::encode`] write, each as a range of the payload:
+/// a receiver stores them from the frame it read, where decoding copied every chunk into
+/// a `Vec` of its own, growing it a scratch buffer's worth at a time (on a receiver of a
+/// 256 MiB file, a tenth of its CPU went to those copies and their page faults).
+///
+/// `None` for any other payload, and for a Chunks message written any other way (keys
+/// in another form or with unknown ones, indefinite lengths, tags, a `null` place):
+/// [`Message::decode`] then decodes it, accepting or refusing it as it does any frame.
+/// Whenever this returns chunks, `Message::decode` of the same payload returns the same
+/// ones (tested against it on mangled payloads).
+pub fn chunk_spans(payload: &[u8]) -> Option<Vec<ChunkSpan>> {
+    let (&FORMAT_VERSION, _) = payload.split_first()? else {
+        return None;
+    };
+    let mut cbor = Cbor {
+        bytes: payload,
+        at: 1,
+    };
+    cbor.expect(MAP, 1)?;
+    cbor.key(b"Chunks")?;
+    cbor.expect(MAP, 1)?;
+    cbor.key(b"items")?;
+    let n = cbor.head(ARRAY)?;
+    // Each item takes more than 40 bytes: a claimed count past that is not believed.
+    let mut spans = Vec::with_capacity(usize::try_from(n).ok()?.min(payload.len() / 40));
+    for _ in 0..n {
+        spans.push(cbor.chunk()?);
+    }
+    (cbor.at == payload.len()).then_some(spans)
+}
+
+/// CBOR major types [`Cbor`] reads.
+const UINT: u8 = 0;
+const BYTES: u8 = 2;
+const TEXT: u8 = 3;
+const ARRAY: u8 = 4;
+const MAP: u8 = 5;
+
+/// A reader of the few CBOR items a Chunks message is made of, for [`chunk_spans`]:
+/// ciborium's own reader hands byte strings on only by copying them out.
+struct Cbor<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl Cbor<'_> {
+    /// The argument of the next item, which must be of type `major` with a definite
+    /// length (or value).
+    fn head(&mut self, major: u8) -> Option<u64> {
+        let &first = self.bytes.get(self.at)?;
+        if first >> 5 != major {
+            return None;
+        }
+        self.at += 1;
+        let width = match first & 0x1f {
+            info @ 0..=23 => return Some(u64::from(info)),
+            24 => 1,
+            25 => 2,
+            26 => 4,
+            27 => 8,
+            _ => return None,
+        };
+        let arg = self.take(width)?;
+        Some(arg.iter().fold(0, |n, &b| (n << 8) | u64::from(b)))
+    }
+
+    /// The range of the next `len` bytes.
+    fn span(&mut self, len: u64) -> Option<Range<usize>> {
+        let start = self.at;
+        let end = start.checked_add(usize::try_from(len).ok()?)?;
+        if end > self.bytes.len() {
+            return None;
+        }
+        self.at = end;
+        Some(start..end)
+    }
+
+    fn take(&mut self, len: usize) -> Option<&[u8]> {
+        let range = self.span(len as u64)?;
+        self.bytes.get(range)
+    }
+
+    /// The next item, a header of type `major` with argument `arg`.
+    fn expect(&mut self, major: u8, arg: u64) -> Option<()> {
+        (self.head(major)? == arg).then_some(())
+    }
+
+    /// The next item, the text `key`.
+    fn key(&mut self, key: &[u8]) -> Option<()> {
+        let len = self.head(TEXT)?;
+        (self.take(usize::try_from(len).ok()?)? == key).then_some(())
+    }
+
+    /// The next text item, which must be one of `keys`: its index there.
+    fn one_of(&mut self, keys: &[&[u8]]) -> Option<usize> {
+        let len = self.head(TEXT)?;
+        let text = self.take(usize::try_from(len).ok()?)?;
+        keys.iter().position(|k| *k == text)
+    }
+
+    /// One [`ChunkItem`]: its fields in any order, each once, `place` optional.
+    fn chunk(&mut self) -> Option<ChunkSpan> {
+        let fields = self.head(MAP)?;
+        if !(2..=3).contains(&fields) {
+            return None;
+        }
+        let (mut hash, mut bytes, mut place) = (None, None, None);
+        for _ in 0..fields {
+            match self.one_of(&[b"hash", b"bytes", b"place"])? {
+                0 if hash.is_none() => {
+                    let len = self.head(BYTES)?;
+                    hash = Some(Hash(
+                        self.take(usize::try_from(len).ok()?)?.try_into().ok()?,
+                    ));
+                }
+                1 if bytes.is_none() => {
+                    let len = self.head(BYTES)?;
+                    bytes = Some(self.span(len)?);
+                }
+                2 if place.is_none() => place = Some(self.place()?),
+                _ => return None,
+            }
+        }
+        Some(ChunkSpan {
+            hash: hash?,
+            bytes: bytes?,
+            place,
+        })
+    }
+
+    /// One [`Place`]: both fields, in any order.
+    fn place(&mut self) -> Option<Place> {
+        self.expect(MAP, 2)?;
+        let (mut stream, mut offset) = (None, None);
+        for _ in 0..2 {
+            match self.one_of(&[b"stream", b"offset"])? {
+                0 if stream.is_none() => stream = Some(self.head(UINT)?),
+                1 if offset.is_none() => offset = Some(self.head(UINT)?),
+                _ => return None,
+            }
+        }
+        Some(Place {
+            stream: stream?,
+            offset: offset?,
+        })
+    }
 }
 
 /// A data chunk's place in the file it was cut from: the stream (one chunking of one
@@ -395,6 +558,95 @@ mod tests {
         other[0] = FORMAT_VERSION + 1;
         assert!(encode_events(&[&other]).is_err());
         assert!(encode_events(&[&[]]).is_err());
+    }
+
+    fn chunk_items(seed: u8, n: usize) -> Vec<ChunkItem> {
+        (0..n)
+            .map(|i| ChunkItem {
+                hash: Hash([seed.wrapping_add(i as u8); 32]),
+                bytes: vec![i as u8; i * 7 % 40],
+                place: (i % 3 != 0).then_some(Place {
+                    stream: u64::from(seed) << (8 * (i % 8)),
+                    offset: (i as u64) * 1_000_003,
+                }),
+            })
+            .collect()
+    }
+
+    /// `chunk_spans`' chunks, as `Message::decode` would give them.
+    fn from_spans(payload: &[u8], spans: Vec<ChunkSpan>) -> Vec<ChunkItem> {
+        spans
+            .into_iter()
+            .map(|s| ChunkItem {
+                hash: s.hash,
+                bytes: payload[s.bytes].to_vec(),
+                place: s.place,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn chunks_are_found_in_the_payload_as_decoding_finds_them() {
+        for n in [0, 1, 2, 5, 30] {
+            let items = chunk_items(n as u8, n);
+            let message = Message::Chunks {
+                items: items.clone(),
+            };
+            let refs: Vec<ChunkRef<'_>> = items
+                .iter()
+                .map(|i| ChunkRef {
+                    hash: i.hash,
+                    bytes: &i.bytes,
+                    place: i.place,
+                })
+                .collect();
+            for payload in [message.encode().unwrap(), encode_chunks(&refs).unwrap()] {
+                let spans = chunk_spans(&payload).expect("a Chunks message");
+                assert_eq!(from_spans(&payload, spans), items, "{n} chunks");
+            }
+        }
+        let others = [
+            Message::Ping { nonce: 7 },
+            Message::WantChunks {
+                hashes: vec![Hash([1; 32])],
+            },
+            Message::Events { batch: vec![] },
+        ];
+        for other in others {
+            assert_eq!(chunk_spans(&other.encode().unwrap()), None, "{other:?}");
+        }
+        assert_eq!(chunk_spans(&[]), None);
+    }
+
+    proptest::proptest! {
+        /// Whatever a payload is made into (bytes changed, cut short or added), chunks
+        /// found in it are the ones decoding it gives.
+        #[test]
+        fn chunks_found_in_a_mangled_payload_are_the_decoded_ones(
+            n in 0usize..6,
+            seed in proptest::prelude::any::<u8>(),
+            edits in proptest::collection::vec(
+                (proptest::prelude::any::<proptest::sample::Index>(), proptest::prelude::any::<u8>()),
+                0..4,
+            ),
+            cut in proptest::option::of(proptest::prelude::any::<proptest::sample::Index>()),
+            tail in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..3),
+        ) {
+            let mut payload = Message::Chunks { items: chunk_items(seed, n) }.encode().unwrap();
+            for (at, byte) in edits {
+                let at = at.index(payload.len());
+                payload[at] = byte;
+            }
+            if let Some(cut) = cut {
+                payload.truncate(cut.index(payload.len() + 1));
+            }
+            payload.extend_from_slice(&tail);
+            if let Some(spans) = chunk_spans(&payload) {
+                let items = from_spans(&payload, spans);
+                let decoded = Message::decode(&payload).map_err(|e| e.to_string());
+                proptest::prop_assert_eq!(decoded, Ok(Message::Chunks { items }));
+            }
+        }
     }
 
     #[test]

@@ -32,7 +32,7 @@ mod error;
 pub mod event;
 pub mod policy;
 
-pub use codec::{ChunkItem, ChunkRef, Message, Place};
+pub use codec::{ChunkItem, ChunkRef, ChunkSpan, Message, Place};
 pub use error::{CodecError, IdError, KeyError};
 pub use event::{
     ContentRef, EntryKind, Event, EventId, Hash, Hlc, Key, Meta, Op, ReplicaId, SystemClock,

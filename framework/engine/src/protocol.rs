@@ -341,6 +341,25 @@ async fn read_loop(
             Ok(Err(e)) => return Err(e.into()),
         };
         inner.count_received(&peer, frame.len() as u64 + codec::FRAME_HEADER_LEN as u64);
+        // Chunks are stored from the frame they came in, not copied out of it first.
+        if let Some(spans) = codec::chunk_spans(&frame) {
+            let stored = store_chunks(
+                inner,
+                label,
+                &mut storing,
+                (frame, spans),
+                |(frame, spans)| {
+                    spans
+                        .iter()
+                        .map(|s| (s.hash, &frame[s.bytes.clone()], s.place))
+                        .collect()
+                },
+            );
+            if !stored.await? {
+                return Ok(());
+            }
+            continue;
+        }
         let msg =
             Message::decode(&frame).map_err(|e| violation(label, format!("bad frame: {e}")))?;
         match msg {
@@ -387,21 +406,15 @@ async fn read_loop(
                 let _ = control.send(Control::ServeChunks(hashes));
             }
             Message::Chunks { items } => {
-                if let Some(task) = storing.take() {
-                    if !chunks_stored(inner, label, task.await).await? {
-                        return Ok(());
-                    }
-                }
-                let chunks = inner.log.chunks().clone();
-                storing = Some(tokio::task::spawn_blocking(move || {
-                    let batch: Vec<(Hash, &[u8])> = items
+                let stored = store_chunks(inner, label, &mut storing, items, |items| {
+                    items
                         .iter()
-                        .map(|item| (item.hash, item.bytes.as_slice()))
-                        .collect();
-                    let places: Vec<Option<Place>> = items.iter().map(|i| i.place).collect();
-                    chunks.put_many_verified_at(&batch, &places)?;
-                    Ok(items.into_iter().map(|item| item.hash).collect())
-                }));
+                        .map(|i| (i.hash, i.bytes.as_slice(), i.place))
+                        .collect()
+                });
+                if !stored.await? {
+                    return Ok(());
+                }
             }
             Message::Ping { nonce } => {
                 take_requests(inner, label, requests, 1).await?;
@@ -410,6 +423,35 @@ async fn read_loop(
             Message::Pong { .. } => {}
         }
     }
+}
+
+/// Lists the chunks (hash, bytes, place) whose bytes a `T` holds: see [`store_chunks`].
+type ListChunks<T> = for<'a> fn(&'a T) -> Vec<(Hash, &'a [u8], Option<Place>)>;
+
+/// Checks and stores a batch of received chunks off the runtime, once the batch before
+/// it is stored (see [`chunks_stored`]): `chunks` lists them (hash, bytes, place) from
+/// `held`, which holds their bytes. `false` when the engine is shutting down.
+async fn store_chunks<T: Send + 'static>(
+    inner: &Arc<Inner>,
+    label: &str,
+    storing: &mut Option<StoringChunks>,
+    held: T,
+    chunks: ListChunks<T>,
+) -> Result<bool, SessionError> {
+    if let Some(task) = storing.take() {
+        if !chunks_stored(inner, label, task.await).await? {
+            return Ok(false);
+        }
+    }
+    let store = inner.log.chunks().clone();
+    *storing = Some(tokio::task::spawn_blocking(move || {
+        let listed = chunks(&held);
+        let batch: Vec<(Hash, &[u8])> = listed.iter().map(|&(h, b, _)| (h, b)).collect();
+        let places: Vec<Option<Place>> = listed.iter().map(|&(_, _, p)| p).collect();
+        store.put_many_verified_at(&batch, &places)?;
+        Ok(batch.into_iter().map(|(hash, _)| hash).collect())
+    }));
+    Ok(true)
 }
 
 /// A batch of received chunks being checked and stored: their hashes once stored.
