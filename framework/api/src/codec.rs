@@ -573,6 +573,18 @@ mod tests {
             .collect()
     }
 
+    /// `items` as the borrowed chunks `encode_chunks` takes.
+    fn borrowed(items: &[ChunkItem]) -> Vec<ChunkRef<'_>> {
+        items
+            .iter()
+            .map(|i| ChunkRef {
+                hash: i.hash,
+                bytes: &i.bytes,
+                place: i.place,
+            })
+            .collect()
+    }
+
     /// `chunk_spans`' chunks, as `Message::decode` would give them.
     fn from_spans(payload: &[u8], spans: Vec<ChunkSpan>) -> Vec<ChunkItem> {
         spans
@@ -592,14 +604,7 @@ mod tests {
             let message = Message::Chunks {
                 items: items.clone(),
             };
-            let refs: Vec<ChunkRef<'_>> = items
-                .iter()
-                .map(|i| ChunkRef {
-                    hash: i.hash,
-                    bytes: &i.bytes,
-                    place: i.place,
-                })
-                .collect();
+            let refs = borrowed(&items);
             for payload in [message.encode().unwrap(), encode_chunks(&refs).unwrap()] {
                 let spans = chunk_spans(&payload).expect("a Chunks message");
                 assert_eq!(from_spans(&payload, spans), items, "{n} chunks");
@@ -706,14 +711,7 @@ mod tests {
                 place: None,
             },
         ];
-        let refs: Vec<ChunkRef<'_>> = items
-            .iter()
-            .map(|i| ChunkRef {
-                hash: i.hash,
-                bytes: &i.bytes,
-                place: i.place,
-            })
-            .collect();
+        let refs = borrowed(&items);
         let encoded = encode_chunks(&refs).unwrap();
         let message = Message::Chunks {
             items: items.clone(),
