@@ -3,6 +3,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -38,6 +39,13 @@ const REMOVALS_HELD_AT_MOST: Duration = Duration::from_secs(10);
 
 /// Events taken into one debounced batch at most.
 const BATCH_EVENTS: usize = 100_000;
+
+/// Events the watcher's thread may queue for the source at most (a few hundred bytes
+/// each, with their paths). Past it, events are dropped and the source rescans the folder
+/// at its next batch, as when the kernel's own queue overflows: a receiver that fell
+/// behind held 29 MiB of them (a heap profile at 400,000 files), and a flood of changes
+/// (a large checkout) would hold as many as it made.
+const EVENTS_QUEUED: usize = 1 << 16;
 
 /// The source of one folder: scans at start, then watches until shutdown.
 #[derive(Debug)]
@@ -98,8 +106,8 @@ impl FsSource {
         &self,
         ctx: &SourceContext,
         root: &Path,
-        tx: &mpsc::UnboundedSender<WatchResult>,
-        rx: &mut mpsc::UnboundedReceiver<WatchResult>,
+        queue: &Queue,
+        rx: &mut mpsc::Receiver<WatchResult>,
         mut old: Option<FolderWatcher>,
     ) -> Result<(Arc<Env>, Option<FolderWatcher>), FsError> {
         let mut tries = 0;
@@ -114,7 +122,7 @@ impl FsSource {
                 while rx.try_recv().is_ok() {}
             }
             let env = self.env(ctx, root).await?;
-            let watcher = self.start_watcher(root, &env, tx).await?;
+            let watcher = self.start_watcher(root, &env, queue).await?;
             // A file rewritten without a pause for longer: the rules read last stand.
             if ignore_stamp(root).await == env.rules.read_from() || tries == RULES_TRIES {
                 return Ok((env, watcher));
@@ -124,19 +132,19 @@ impl FsSource {
     }
 
     /// Starts watching `root`, leaving out the directories `env`'s ignore rules exclude,
-    /// and sending events to `tx`. `None` when the folder is configured not to be watched
+    /// and queueing its events on `queue`. `None` when the folder is configured not to be watched
     /// or watching fails (said): the source then rescans every `rescan_interval`.
     async fn start_watcher(
         &self,
         root: &Path,
         env: &Arc<Env>,
-        tx: &mpsc::UnboundedSender<WatchResult>,
+        queue: &Queue,
     ) -> Result<Option<FolderWatcher>, FsError> {
         if !self.config.watch {
             return Ok(None);
         }
         let rescan_interval = self.config.rescan_interval;
-        let (watched, rules, tx) = (root.to_owned(), env.rules.clone(), tx.clone());
+        let (watched, rules, queue) = (root.to_owned(), env.rules.clone(), queue.clone());
         let skip: Skip = Box::new(move |dir| rules.ignores(dir, true, true));
         // Weak: the watcher's thread may outlive the source by a moment, and must not
         // keep the log (and its database's lock) open meanwhile.
@@ -147,7 +155,7 @@ impl FsSource {
                     env.upgrade().is_some_and(|env| is_own_file(&env, event))
                 };
                 if !res.as_ref().is_ok_and(own) {
-                    let _ = tx.send(res);
+                    queue.offer(res);
                 }
             })
         })
@@ -188,9 +196,10 @@ impl FsSource {
             Ok((root, (meta.dev(), meta.ino())))
         })
         .await??;
-        // Watch before scanning, so nothing changed during the scan is missed. The sender
+        // Watch before scanning, so nothing changed during the scan is missed. The queue
         // kept here keeps the channel open when there is no watcher (the rescans go on).
-        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (tx, mut rx) = mpsc::channel(EVENTS_QUEUED);
+        let queue = Queue::new(tx);
         let rescan_interval = self.config.rescan_interval;
         if !self.config.watch {
             tracing::info!(
@@ -200,7 +209,7 @@ impl FsSource {
             );
         }
         let (mut env, mut watcher) = self
-            .rules_and_watcher(&ctx, &root, &tx, &mut rx, None)
+            .rules_and_watcher(&ctx, &root, &queue, &mut rx, None)
             .await?;
 
         scan(&ctx, &env, None, true, None).await?;
@@ -274,6 +283,19 @@ impl FsSource {
                 };
                 batch.collect(event);
             }
+            // Taken after the events: one dropped since is told at the next batch, which
+            // the full queue it was dropped from makes sure of.
+            let dropped = queue.take_dropped();
+            if dropped.events {
+                tracing::info!(
+                    "{}: more changes came than the source could queue; rescanning",
+                    root.display()
+                );
+            }
+            if dropped.error {
+                batch.failed = true;
+            }
+            batch.rescan |= dropped.events || dropped.error;
             last_batch = tokio::time::Instant::now();
             if batch.failed && watching {
                 watching = false;
@@ -312,7 +334,7 @@ impl FsSource {
                 // two is missed. A watcher that failed (at the kernel's limit of
                 // watches, say) gets its chance again with the new rules.
                 (env, watcher) = self
-                    .rules_and_watcher(&ctx, &root, &tx, &mut rx, watcher.take())
+                    .rules_and_watcher(&ctx, &root, &queue, &mut rx, watcher.take())
                     .await?;
                 watching = watcher.is_some();
             }
@@ -393,6 +415,58 @@ impl FsSource {
                 last_removal = tokio::time::Instant::now();
                 held_since.get_or_insert(last_removal);
             }
+        }
+    }
+}
+
+/// The watcher's way to the source: a channel of at most [`EVENTS_QUEUED`] results, and
+/// what was dropped for want of room since the source last asked.
+#[derive(Clone)]
+struct Queue {
+    tx: mpsc::Sender<WatchResult>,
+    /// An event was dropped.
+    lost: Arc<AtomicBool>,
+    /// An error was dropped: the watcher misses changes from now on.
+    failed: Arc<AtomicBool>,
+}
+
+/// What [`Queue::take_dropped`] found dropped.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Dropped {
+    events: bool,
+    error: bool,
+}
+
+impl Queue {
+    fn new(tx: mpsc::Sender<WatchResult>) -> Self {
+        Queue {
+            tx,
+            lost: Arc::new(AtomicBool::new(false)),
+            failed: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Queues `res` from the watcher's thread without waiting for room (the source may
+    /// be waiting for that thread to stop): a result that finds the queue full is
+    /// dropped, and recorded for [`Queue::take_dropped`].
+    fn offer(&self, res: WatchResult) {
+        use mpsc::error::TrySendError::Full;
+        match self.tx.try_send(res) {
+            Err(Full(Ok(_))) => self.lost.store(true, Ordering::Release),
+            Err(Full(Err(e))) => {
+                tracing::warn!("watcher: {e}");
+                self.failed.store(true, Ordering::Release);
+            }
+            // Sent, or the source is gone.
+            _ => {}
+        }
+    }
+
+    /// What was dropped since the last call.
+    fn take_dropped(&self) -> Dropped {
+        Dropped {
+            events: self.lost.swap(false, Ordering::AcqRel),
+            error: self.failed.swap(false, Ordering::AcqRel),
         }
     }
 }
@@ -809,6 +883,43 @@ mod tests {
         std::fs::create_dir(&path).unwrap();
         assert!(!is_own_file(&env, &made(&path)), "a directory there");
         assert!(!is_own_file(&env, &made(&root.join("../outside"))));
+    }
+
+    /// A full queue drops what comes and says so once; an error dropped says the watcher
+    /// misses changes.
+    #[test]
+    fn a_full_queue_drops_and_says_so_once() {
+        let (tx, mut rx) = mpsc::channel(2);
+        let queue = Queue::new(tx);
+        for name in ["a", "b", "c"] {
+            queue.offer(event(EventKind::Any, &format!("/f/{name}")));
+        }
+        assert_eq!(
+            queue.take_dropped(),
+            Dropped {
+                events: true,
+                error: false
+            }
+        );
+        assert_eq!(queue.take_dropped(), Dropped::default(), "said once");
+        queue.offer(Err(notify::Error::generic("a watch failed")));
+        assert_eq!(
+            queue.take_dropped(),
+            Dropped {
+                events: false,
+                error: true
+            }
+        );
+        let kept: Vec<PathBuf> = std::iter::from_fn(|| rx.try_recv().ok())
+            .flat_map(|r| r.map(|e| e.paths).unwrap_or_default())
+            .collect();
+        assert_eq!(kept, [PathBuf::from("/f/a"), PathBuf::from("/f/b")]);
+        queue.offer(Err(notify::Error::generic("room again")));
+        assert!(
+            matches!(rx.try_recv(), Ok(Err(_))),
+            "queued once there is room"
+        );
+        assert_eq!(queue.take_dropped(), Dropped::default());
     }
 
     /// Only a batch of renames into the folder is whole on arrival: anything else in it
