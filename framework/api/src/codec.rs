@@ -242,11 +242,15 @@ pub fn chunk_spans(payload: &[u8]) -> Option<Vec<ChunkSpan>> {
     (cbor.at == payload.len()).then_some(spans)
 }
 
-/// CBOR major types [`Cbor`] reads.
+/// CBOR's major type of an unsigned integer, one of the five [`Cbor`] reads.
 const UINT: u8 = 0;
+/// CBOR's major type of a byte string.
 const BYTES: u8 = 2;
+/// CBOR's major type of a text string.
 const TEXT: u8 = 3;
+/// CBOR's major type of an array.
 const ARRAY: u8 = 4;
+/// CBOR's major type of a map.
 const MAP: u8 = 5;
 
 /// A reader of the few CBOR items a Chunks message is made of, for [`chunk_spans`]:
