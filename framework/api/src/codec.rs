@@ -222,17 +222,17 @@ pub struct ChunkSpan {
 /// Whenever this returns chunks, `Message::decode` of the same payload returns the same
 /// ones (tested against it on mangled payloads).
 pub fn chunk_spans(payload: &[u8]) -> Option<Vec<ChunkSpan>> {
-    let (&FORMAT_VERSION, _) = payload.split_first()? else {
+    if payload.first() != Some(&FORMAT_VERSION) {
         return None;
-    };
+    }
     let mut cbor = Cbor {
         bytes: payload,
         at: 1,
     };
-    cbor.expect(MAP, 1)?;
-    cbor.key(b"Chunks")?;
-    cbor.expect(MAP, 1)?;
-    cbor.key(b"items")?;
+    cbor.header_is(MAP, 1)?;
+    cbor.one_of(&[b"Chunks"])?;
+    cbor.header_is(MAP, 1)?;
+    cbor.one_of(&[b"items"])?;
     let n = cbor.head(ARRAY)?;
     // Each item takes more than 40 bytes: a claimed count past that is not believed.
     let mut spans = Vec::with_capacity(usize::try_from(n).ok()?.min(payload.len() / 40));
@@ -260,7 +260,7 @@ struct Cbor<'a> {
     at: usize,
 }
 
-impl Cbor<'_> {
+impl<'a> Cbor<'a> {
     /// The argument of the next item, which must be of type `major` with a definite
     /// length (or value).
     fn head(&mut self, major: u8) -> Option<u64> {
@@ -281,7 +281,7 @@ impl Cbor<'_> {
         Some(arg.iter().fold(0, |n, &b| (n << 8) | u64::from(b)))
     }
 
-    /// The range of the next `len` bytes.
+    /// The range of the next `len` bytes, passed over.
     fn span(&mut self, len: u64) -> Option<Range<usize>> {
         let start = self.at;
         let end = start.checked_add(usize::try_from(len).ok()?)?;
@@ -292,26 +292,27 @@ impl Cbor<'_> {
         Some(start..end)
     }
 
-    fn take(&mut self, len: usize) -> Option<&[u8]> {
-        let range = self.span(len as u64)?;
+    /// The next `len` bytes, passed over.
+    fn take(&mut self, len: u64) -> Option<&'a [u8]> {
+        let range = self.span(len)?;
         self.bytes.get(range)
     }
 
+    /// The contents of the next item, a byte or text string (`major`).
+    fn string(&mut self, major: u8) -> Option<Range<usize>> {
+        let len = self.head(major)?;
+        self.span(len)
+    }
+
     /// The next item, a header of type `major` with argument `arg`.
-    fn expect(&mut self, major: u8, arg: u64) -> Option<()> {
+    fn header_is(&mut self, major: u8, arg: u64) -> Option<()> {
         (self.head(major)? == arg).then_some(())
     }
 
-    /// The next item, the text `key`.
-    fn key(&mut self, key: &[u8]) -> Option<()> {
-        let len = self.head(TEXT)?;
-        (self.take(usize::try_from(len).ok()?)? == key).then_some(())
-    }
-
-    /// The next text item, which must be one of `keys`: its index there.
+    /// The next item, a text that must be one of `keys`: its index there.
     fn one_of(&mut self, keys: &[&[u8]]) -> Option<usize> {
-        let len = self.head(TEXT)?;
-        let text = self.take(usize::try_from(len).ok()?)?;
+        let text = self.string(TEXT)?;
+        let text = self.bytes.get(text)?;
         keys.iter().position(|k| *k == text)
     }
 
@@ -325,15 +326,10 @@ impl Cbor<'_> {
         for _ in 0..fields {
             match self.one_of(&[b"hash", b"bytes", b"place"])? {
                 0 if hash.is_none() => {
-                    let len = self.head(BYTES)?;
-                    hash = Some(Hash(
-                        self.take(usize::try_from(len).ok()?)?.try_into().ok()?,
-                    ));
+                    let range = self.string(BYTES)?;
+                    hash = Some(Hash(self.bytes.get(range)?.try_into().ok()?));
                 }
-                1 if bytes.is_none() => {
-                    let len = self.head(BYTES)?;
-                    bytes = Some(self.span(len)?);
-                }
+                1 if bytes.is_none() => bytes = Some(self.string(BYTES)?),
                 2 if place.is_none() => place = Some(self.place()?),
                 _ => return None,
             }
@@ -347,7 +343,7 @@ impl Cbor<'_> {
 
     /// One [`Place`]: both fields, in any order.
     fn place(&mut self) -> Option<Place> {
-        self.expect(MAP, 2)?;
+        self.header_is(MAP, 2)?;
         let (mut stream, mut offset) = (None, None);
         for _ in 0..2 {
             match self.one_of(&[b"stream", b"offset"])? {

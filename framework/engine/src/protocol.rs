@@ -445,9 +445,10 @@ async fn store_chunks<T: Send + 'static>(
     }
     let store = inner.log.chunks().clone();
     *storing = Some(tokio::task::spawn_blocking(move || {
-        let listed = chunks(&held);
-        let batch: Vec<(Hash, &[u8])> = listed.iter().map(|&(h, b, _)| (h, b)).collect();
-        let places: Vec<Option<Place>> = listed.iter().map(|&(_, _, p)| p).collect();
+        let (batch, places): (Vec<_>, Vec<_>) = chunks(&held)
+            .into_iter()
+            .map(|(hash, bytes, place)| ((hash, bytes), place))
+            .unzip();
         store.put_many_verified_at(&batch, &places)?;
         Ok(batch.into_iter().map(|(hash, _)| hash).collect())
     }));

@@ -132,8 +132,8 @@ impl FsSource {
     }
 
     /// Starts watching `root`, leaving out the directories `env`'s ignore rules exclude,
-    /// and queueing its events on `queue`. `None` when the folder is configured not to be watched
-    /// or watching fails (said): the source then rescans every `rescan_interval`.
+    /// and queueing its events on `queue`. `None` when the folder is configured not to be
+    /// watched or watching fails (said): the source then rescans every `rescan_interval`.
     async fn start_watcher(
         &self,
         root: &Path,
@@ -285,17 +285,9 @@ impl FsSource {
             }
             // Taken after the events: one dropped since is told at the next batch, which
             // the full queue it was dropped from makes sure of.
-            let dropped = queue.take_dropped();
-            if dropped.events {
-                tracing::info!(
-                    "{}: more changes came than the source could queue; rescanning",
-                    root.display()
-                );
+            for said in queue.take_dropped() {
+                batch.collect(said);
             }
-            if dropped.error {
-                batch.failed = true;
-            }
-            batch.rescan |= dropped.events || dropped.error;
             last_batch = tokio::time::Instant::now();
             if batch.failed && watching {
                 watching = false;
@@ -430,13 +422,6 @@ struct Queue {
     failed: Arc<AtomicBool>,
 }
 
-/// What [`Queue::take_dropped`] found dropped.
-#[derive(Debug, Default, PartialEq, Eq)]
-struct Dropped {
-    events: bool,
-    error: bool,
-}
-
 impl Queue {
     fn new(tx: mpsc::Sender<WatchResult>) -> Self {
         Queue {
@@ -462,12 +447,18 @@ impl Queue {
         }
     }
 
-    /// What was dropped since the last call.
-    fn take_dropped(&self) -> Dropped {
-        Dropped {
-            events: self.lost.swap(false, Ordering::AcqRel),
-            error: self.failed.swap(false, Ordering::AcqRel),
-        }
+    /// What was dropped since the last call, as the results the watcher itself gives
+    /// for the like: events lost to an overflow (a rescan), an error.
+    fn take_dropped(&self) -> impl Iterator<Item = WatchResult> {
+        let lost = self.lost.swap(false, Ordering::AcqRel).then(|| {
+            Ok(notify::Event::new(EventKind::Other).set_flag(notify::event::Flag::Rescan))
+        });
+        let failed = self.failed.swap(false, Ordering::AcqRel).then(|| {
+            Err(notify::Error::generic(
+                "an error of the watcher's was dropped from its full queue",
+            ))
+        });
+        lost.into_iter().chain(failed)
     }
 }
 
@@ -519,7 +510,7 @@ impl Batch {
         if event.need_rescan() {
             if !self.rescan {
                 tracing::info!(
-                    "watcher: events were lost (the kernel's queue overflowed); rescanning"
+                    "watcher: events were lost (the kernel's queue or the source's overflowed); rescanning"
                 );
             }
             self.rescan = true;
@@ -889,27 +880,23 @@ mod tests {
     /// misses changes.
     #[test]
     fn a_full_queue_drops_and_says_so_once() {
+        // What a batch makes of what was dropped: (rescan, the watcher failed).
+        let dropped = |queue: &Queue| {
+            let mut batch = Batch::default();
+            for said in queue.take_dropped() {
+                batch.collect(said);
+            }
+            (batch.rescan, batch.failed)
+        };
         let (tx, mut rx) = mpsc::channel(2);
         let queue = Queue::new(tx);
         for name in ["a", "b", "c"] {
             queue.offer(event(EventKind::Any, &format!("/f/{name}")));
         }
-        assert_eq!(
-            queue.take_dropped(),
-            Dropped {
-                events: true,
-                error: false
-            }
-        );
-        assert_eq!(queue.take_dropped(), Dropped::default(), "said once");
+        assert_eq!(dropped(&queue), (true, false), "events lost: a rescan");
+        assert_eq!(dropped(&queue), (false, false), "said once");
         queue.offer(Err(notify::Error::generic("a watch failed")));
-        assert_eq!(
-            queue.take_dropped(),
-            Dropped {
-                events: false,
-                error: true
-            }
-        );
+        assert_eq!(dropped(&queue), (true, true), "an error lost: failed");
         let kept: Vec<PathBuf> = std::iter::from_fn(|| rx.try_recv().ok())
             .flat_map(|r| r.map(|e| e.paths).unwrap_or_default())
             .collect();
@@ -919,7 +906,7 @@ mod tests {
             matches!(rx.try_recv(), Ok(Err(_))),
             "queued once there is room"
         );
-        assert_eq!(queue.take_dropped(), Dropped::default());
+        assert_eq!(dropped(&queue), (false, false));
     }
 
     /// Only a batch of renames into the folder is whole on arrival: anything else in it
