@@ -527,7 +527,7 @@ fn locked<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 /// nearest [`KNOWN_SEARCH`] events): then it holds no local change, and the store may
 /// replace it. Judged by size, mtime and mode, and failing that by size, mode and content
 /// hash: a file whose mtime alone changed (touched) is no change the source records, so
-/// waiting for one would keep the replicas apart.
+/// waiting for one would keep the replicas apart. [`known`] also says what it found.
 pub(crate) fn known_state(
     log: &EventLog,
     echo: &Echo,
@@ -535,6 +535,26 @@ pub(crate) fn known_state(
     path: &Path,
     m: &Metadata,
 ) -> bool {
+    !matches!(known(log, echo, key, path, m), Known::No)
+}
+
+/// What [`known`] found the file at a key's path to be.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Known {
+    /// Neither what the store wrote nor what an event put: a change made here that the
+    /// source has not recorded.
+    No,
+    /// A known state of the file, found by its size, mtime and mode: by the scan's rule
+    /// it holds that state's content, of this root. (The file was not read.)
+    Stat(Hash),
+    /// A known state of the file, found by reading it: its content has this root.
+    Content(Hash),
+    /// Taken as known without a match, as the log could not be read (a warning says so).
+    Assumed,
+}
+
+/// [`known_state`], saying how the file is known.
+pub(crate) fn known(log: &EventLog, echo: &Echo, key: &Key, path: &Path, m: &Metadata) -> Known {
     let stat @ (size, _, executable) = file_stat(m);
     // Contents of the right size and mode, to compare by hash if no stat matches.
     let mut roots = Vec::new();
@@ -543,21 +563,23 @@ pub(crate) fn known_state(
             roots.push(root);
         }
     };
-    match echo.get(key) {
-        Some(applied) if applied.file_stat() == Some(stat) => return true,
-        Some(Applied::File {
-            size: s,
-            executable: x,
-            root,
-            ..
-        }) => consider(s, x, root),
-        _ => {}
+    if let Some(Applied::File {
+        size: s,
+        mtime_ms,
+        executable: x,
+        root,
+    }) = echo.get(key)
+    {
+        if (s, mtime_ms, x) == stat {
+            return Known::Stat(root);
+        }
+        consider(s, x, root);
     }
     let mut queue: VecDeque<EventId> = match log.heads(key) {
         Ok(heads) => heads.iter().map(|h| h.id).collect(),
         Err(e) => {
             tracing::warn!("{key}: reading its heads: {e}; taking the file as known");
-            return true;
+            return Known::Assumed;
         }
     };
     let mut seen = HashSet::new();
@@ -570,29 +592,32 @@ pub(crate) fn known_state(
             Ok(None) => continue,
             Err(e) => {
                 tracing::warn!("{key}: reading event {id:?}: {e}; taking the file as known");
-                return true;
+                return Known::Assumed;
             }
         };
-        if put_stat(&event.op) == Some(stat) {
-            return true;
-        }
         if let Op::Put {
             content: Some(c),
             meta,
         } = &event.op
         {
+            if put_stat(&event.op) == Some(stat) {
+                return Known::Stat(c.root);
+            }
             consider(c.size, meta.executable, c.root);
         }
         queue.extend(event.parents);
     }
     if roots.is_empty() {
-        return false;
+        return Known::No;
     }
     match hash_file(path) {
-        Ok(content) => content.size == size && roots.contains(&content.root),
+        Ok(content) if content.size == size && roots.contains(&content.root) => {
+            Known::Content(content.root)
+        }
+        Ok(_) => Known::No,
         Err(e) => {
             tracing::warn!("{key}: {e}");
-            false
+            Known::No
         }
     }
 }

@@ -3,7 +3,9 @@
 //! Per batch, on a blocking thread: file deletes, then directory deletes (deepest first,
 //! only when empty: a live file below keeps its directory), then directories, then files
 //! and conflict copies. A file already holding the right content (size, then hash — the
-//! crash-repair check) is left alone; otherwise it is written to a temp file (in the
+//! crash-repair check) is left alone; one whose size, mtime and mode are those of another
+//! known version is not read (its stat says it holds that version's content, as the
+//! scan's rule has it); otherwise it is written to a temp file (in the
 //! configured temp dir when that is on the folder's file system, so the folder's watcher
 //! sees only the rename; else in the same directory), given its mode and mtime, and
 //! renamed over the final path. (Where nothing is at the final path, a file under
@@ -45,7 +47,7 @@ use filetime::FileTime;
 use crate::content::{
     file_stat, hash_file, is_executable, mtime_ms, recorded_stat, PIPELINE_BYTES,
 };
-use crate::echo::{known_state, Applied, Echo};
+use crate::echo::{known, Applied, Echo, Known};
 use crate::error::FsError;
 use crate::rules::Rules;
 use crate::{FsConfig, CONFLICT_MARKER, TEMP_PREFIX};
@@ -1134,9 +1136,15 @@ impl Writer {
     /// an unguarded store; otherwise when it is in a state the log or the store knows
     /// ([`known_state`]).
     fn knows(&self, key: &Key, path: &Path, m: &std::fs::Metadata) -> bool {
+        !matches!(self.known(key, path, m), Known::No)
+    }
+
+    /// How the file `key` at `path` is known (see [`known`]): as [`Known::Assumed`] by a
+    /// store that guards no folder.
+    fn known(&self, key: &Key, path: &Path, m: &std::fs::Metadata) -> Known {
         match self.guard() {
-            None => true,
-            Some(log) => known_state(log, &self.echo, key, path, m),
+            None => Known::Assumed,
+            Some(log) => known(log, &self.echo, key, path, m),
         }
     }
 
@@ -1416,19 +1424,31 @@ impl Writer {
         match std::fs::symlink_metadata(&path) {
             Ok(m) if m.is_file() => {
                 let as_recorded = file_stat(&m) == recorded_stat(content, meta);
-                if echo_key.is_some() && !as_recorded && !self.knows(target, &path, &m) {
+                let known = match echo_key {
+                    Some(_) if !as_recorded => self.known(target, &path, &m),
+                    _ => Known::Assumed,
+                };
+                if known == Known::No {
                     tracing::info!("{target}: changed here since it was last recorded; not overwritten (the change is recorded next)");
                     return Ok(Ok(()));
                 }
                 base_mode = m.permissions().mode() & 0o777;
                 // The folder's source recorded this event from this file, and its size,
                 // mtime and mode are still those: in place, as the scan would judge it,
-                // without reading it again. Any other file is checked by its hash. (After
-                // a failed sync what reads right may not be on disk: written again.)
-                if !again
-                    && ((recorded_here && as_recorded)
-                        || (m.len() == content.size && hash_file(&path)?.root == content.root))
-                {
+                // without reading it again. Any other file is checked by its hash, unless
+                // its stat is that of another content (then it is written without reading
+                // it: the rule can only cost a write of what was there already, never skip
+                // one). (After a failed sync what reads right may not be on disk: written
+                // again. After a crash, what has this event's stat may not be this
+                // content: so a stat never tells a file already right.)
+                let holds = || -> Result<bool, FsError> {
+                    Ok(match known {
+                        Known::Stat(root) if root != content.root => false,
+                        Known::Content(root) => root == content.root,
+                        _ => m.len() == content.size && hash_file(&path)?.root == content.root,
+                    })
+                };
+                if !again && ((recorded_here && as_recorded) || holds()?) {
                     // Already there (a replay, or the crash-repair check): fix the metadata.
                     if is_executable(&m) != meta.executable || mtime_ms(&m) != meta.mtime_ms {
                         if let Some(k) = echo_key {
