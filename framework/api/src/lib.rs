@@ -30,6 +30,7 @@ pub mod codec;
 pub mod content;
 mod error;
 pub mod event;
+mod hash_many;
 pub mod policy;
 
 pub use codec::{ChunkItem, ChunkRef, ChunkSpan, Message, Place};
