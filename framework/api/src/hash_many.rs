@@ -224,16 +224,14 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    /// `len` bytes that differ with `seed`: BLAKE3's extendable output of the seed.
     fn bytes(len: usize, seed: u64) -> Vec<u8> {
-        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..len)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                state as u8
-            })
-            .collect()
+        let mut out = vec![0; len];
+        blake3::Hasher::new()
+            .update(&seed.to_le_bytes())
+            .finalize_xof()
+            .fill(&mut out);
+        out
     }
 
     #[test]
