@@ -109,9 +109,9 @@ fn together(inputs: &[&[u8]]) -> Vec<Hash> {
             0,
             &mut out,
         );
-        for (cv, &n) in out.chunks_exact(CV).zip(&owners) {
+        for (&cv, &n) in out.iter().zip(&owners) {
             if let Some(node) = levels[n].get_mut(k) {
-                node.copy_from_slice(cv);
+                *node = cv;
             }
         }
     }
@@ -138,16 +138,12 @@ fn together(inputs: &[&[u8]]) -> Vec<Hash> {
         }
         let refs: Vec<&[u8; 2 * CV]> = blocks.iter().collect();
         compress(platform, &refs, 0, 0, 0, PARENT, &mut out);
-        let mut cvs = out.chunks_exact(CV);
+        let mut cvs = out.iter();
         for level in levels.iter_mut().filter(|l| l.len() > 2) {
             let odd = (level.len() % 2 == 1).then(|| level[level.len() - 1]);
             let pairs = level.len() / 2;
             level.clear();
-            for cv in cvs.by_ref().take(pairs) {
-                let mut node = [0; CV];
-                node.copy_from_slice(cv);
-                level.push(node);
-            }
+            level.extend(cvs.by_ref().take(pairs));
             level.extend(odd);
         }
     }
@@ -163,20 +159,15 @@ fn together(inputs: &[&[u8]]) -> Vec<Hash> {
     );
     let refs: Vec<&[u8; 2 * CV]> = blocks.iter().collect();
     compress(platform, &refs, 0, 0, 0, PARENT | ROOT, &mut out);
-    let mut roots = out.chunks_exact(CV);
+    let mut roots = out.iter();
     inputs
         .iter()
         .zip(&levels)
         .map(|(input, level)| match level.len() {
             // Every input with two nodes left has its root, in order.
-            2 => roots.next().map_or_else(
-                || Hash::of(input),
-                |root| {
-                    let mut hash = [0; CV];
-                    hash.copy_from_slice(root);
-                    Hash(hash)
-                },
-            ),
+            2 => roots
+                .next()
+                .map_or_else(|| Hash::of(input), |&root| Hash(root)),
             _ => Hash::of(input),
         })
         .collect()
@@ -200,10 +191,10 @@ fn compress<const N: usize>(
     start: u8,
     end: u8,
     flags: u8,
-    out: &mut Vec<u8>,
+    out: &mut Vec<ChainingValue>,
 ) {
     out.clear();
-    out.resize(inputs.len() * CV, 0);
+    out.resize(inputs.len(), [0; CV]);
     if inputs.is_empty() {
         return;
     }
@@ -215,7 +206,7 @@ fn compress<const N: usize>(
         flags,
         start,
         end,
-        out,
+        out.as_flattened_mut(),
     );
 }
 

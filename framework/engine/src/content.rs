@@ -1459,9 +1459,9 @@ impl ChunkStore {
         // together, they share the SIMD lanes one chunk of an uneven size leaves idle.
         if origin == Origin::Peer {
             let bytes: Vec<&[u8]> = new.iter().map(|&(_, bytes)| bytes).collect();
-            for (&(hash, bytes), actual) in new.iter().zip(Hash::of_each(&bytes)) {
+            for (&(hash, _), actual) in new.iter().zip(Hash::of_each(&bytes)) {
                 if actual != hash {
-                    return Err(mismatch(&hash, bytes));
+                    return Err(mismatch(&hash, &actual));
                 }
             }
         }
@@ -3367,17 +3367,18 @@ fn decode_manifest(
 }
 
 fn check(hash: &Hash, bytes: &[u8]) -> Result<(), LogError> {
-    if Hash::of(bytes) != *hash {
-        return Err(mismatch(hash, bytes));
+    let actual = Hash::of(bytes);
+    if actual != *hash {
+        return Err(mismatch(hash, &actual));
     }
     Ok(())
 }
 
-/// The error for `bytes` sent or read as the chunk `hash`, which they are not.
-fn mismatch(hash: &Hash, bytes: &[u8]) -> LogError {
+/// The error for bytes sent or read as the chunk `expected` that hash to `actual`.
+fn mismatch(expected: &Hash, actual: &Hash) -> LogError {
     LogError::ChunkMismatch {
-        expected: hash.to_hex(),
-        actual: Hash::of(bytes).to_hex(),
+        expected: expected.to_hex(),
+        actual: actual.to_hex(),
     }
 }
 

@@ -549,7 +549,8 @@ pub(crate) enum Known {
     Stat(Hash),
     /// A known state of the file, found by reading it: its content has this root.
     Content(Hash),
-    /// Taken as known without a match, as the log could not be read (a warning says so).
+    /// Taken as known without a match: the log could not be read (a warning says so), or
+    /// the caller had no need to look (an unguarded store; a file as its event records).
     Assumed,
 }
 
