@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use converge_api::codec::PROTOCOL_VERSION;
-use converge_api::{codec, ChunkRef, Hash, Message, Place, ReplicaId, VersionVector};
+use converge_api::{codec, ChunkRef, CodecError, Hash, Message, Place, ReplicaId, VersionVector};
 use tokio::sync::mpsc;
 use tokio::time::{timeout, Instant};
 
@@ -19,7 +19,7 @@ use crate::applier::SyncApplier;
 use crate::content::ChunkBytes;
 use crate::engine::{Inbound, Inner};
 use crate::planner::SyncPlanner;
-use crate::plugin::{Connection, FrameReceiver, FrameSender};
+use crate::plugin::{ChunksFrame, Connection, FrameReceiver, FrameSender};
 
 /// Most hashes one `WantChunks` may ask for, and most bytes one `Chunks` frame carries.
 pub const MAX_WANT_HASHES: usize = 4096;
@@ -749,27 +749,46 @@ impl Outbox {
                     }
                 }
             }
-            let mut read = read.iter().peekable();
-            let mut items = Vec::with_capacity(done);
+            // Each chunk's bytes stay where they are: in the window they were cut from,
+            // or in the buffer they were read into. Only the rest is encoded.
+            let mut read = read.into_iter().peekable();
+            let mut chunks: Vec<(ChunkBytes, &Queued)> = Vec::with_capacity(done);
             for (i, queued) in batch[..done].iter().enumerate() {
-                let data: &[u8] = match &queued.bytes {
-                    Some(data) => data,
+                let data = match &queued.bytes {
+                    Some(data) => data.clone(),
                     None => match read.next_if(|(at, _)| *at == i) {
-                        Some((_, data)) => data,
+                        Some((_, data)) => {
+                            let len = data.len();
+                            match ChunkBytes::shared(Arc::new(data), 0..len) {
+                                Some(data) => data,
+                                None => continue,
+                            }
+                        }
                         None => continue,
                     },
                 };
-                items.push(ChunkRef {
-                    hash: queued.hash,
-                    bytes: data,
-                    place: queued.place,
-                });
+                chunks.push((data, queued));
             }
-            let payload = match items.is_empty() {
+            let payload = match chunks.is_empty() {
                 true => None,
-                false => Some(codec::encode_chunks(&items)),
+                false => {
+                    let items: Vec<ChunkRef<'_>> = chunks
+                        .iter()
+                        .map(|(data, queued)| ChunkRef {
+                            hash: queued.hash,
+                            bytes: data,
+                            place: queued.place,
+                        })
+                        .collect();
+                    let frame = codec::encode_chunks_head(&items).and_then(|(head, at)| {
+                        let chunks = at.into_iter().zip(chunks.iter().map(|(d, _)| d.clone()));
+                        ChunksFrame::new(head, chunks.collect())
+                            .ok_or_else(|| CodecError::Encode("chunk offsets out of order".into()))
+                    });
+                    Some(frame)
+                }
             };
-            drop(items);
+            drop(chunks);
             (payload, (batch, done))
         })
         .await
@@ -788,8 +807,10 @@ impl Outbox {
             self.queued.shrink_to(1024);
         }
         if let Some(payload) = payload {
-            let payload = payload.map_err(|e| violation("self", e.to_string()))?;
-            send_payload(sender, inner, Some(peer), payload).await?;
+            let frame = payload.map_err(|e| violation("self", e.to_string()))?;
+            let len = frame.len() as u64 + codec::FRAME_HEADER_LEN as u64;
+            sender.send_chunks(frame).await?;
+            inner.count_sent(&peer, len);
         }
         Ok(())
     }

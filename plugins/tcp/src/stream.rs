@@ -9,7 +9,7 @@ use std::io::{self, IoSlice};
 use async_trait::async_trait;
 use converge_api::codec::{frame_len, FRAME_HEADER_LEN};
 use converge_api::CodecError;
-use converge_framework::plugin::{FrameReceiver, FrameSender};
+use converge_framework::plugin::{ChunksFrame, FrameReceiver, FrameSender};
 use converge_framework::TransportError;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -30,25 +30,55 @@ pub(crate) struct TcpSender {
 
 struct Outgoing {
     header: [u8; FRAME_HEADER_LEN],
-    payload: Vec<u8>,
+    payload: Payload,
     written: usize,
 }
 
+/// A frame's payload: in one buffer, or as the pieces of a frame of chunks.
+enum Payload {
+    Whole(Vec<u8>),
+    Chunks(ChunksFrame),
+}
+
+impl Payload {
+    fn len(&self) -> usize {
+        match self {
+            Payload::Whole(bytes) => bytes.len(),
+            Payload::Chunks(frame) => frame.len(),
+        }
+    }
+}
+
+/// Most pieces given to one vectored write (the kernel takes up to 1,024).
+const WRITE_PIECES: usize = 256;
+
 impl Outgoing {
-    /// Writes the rest of the frame. Header and payload go out in one vectored write, so
-    /// neither a small frame costs two syscalls nor a large one a copy into a buffer.
+    /// Writes the rest of the frame: header and payload (each piece of it where it lies)
+    /// in vectored writes, so that neither a small frame costs two syscalls nor a large
+    /// one a copy into a buffer.
     async fn finish(&mut self, write: &mut OwnedWriteHalf) -> io::Result<()> {
         let total = FRAME_HEADER_LEN + self.payload.len();
         while self.written < total {
-            let n = match self.written.checked_sub(FRAME_HEADER_LEN) {
-                None => {
-                    let parts = [
-                        IoSlice::new(&self.header[self.written..]),
-                        IoSlice::new(&self.payload),
-                    ];
-                    write.write_vectored(&parts).await?
+            let n = {
+                let header = std::iter::once(&self.header[..]);
+                let pieces: Vec<&[u8]> = match &self.payload {
+                    Payload::Whole(bytes) => header.chain([&bytes[..]]).collect(),
+                    Payload::Chunks(frame) => header.chain(frame.pieces()).collect(),
+                };
+                let mut skip = self.written;
+                let mut slices = Vec::with_capacity(pieces.len().min(WRITE_PIECES));
+                for piece in pieces {
+                    if skip >= piece.len() {
+                        skip -= piece.len();
+                        continue;
+                    }
+                    slices.push(IoSlice::new(&piece[skip..]));
+                    skip = 0;
+                    if slices.len() == WRITE_PIECES {
+                        break;
+                    }
                 }
-                Some(offset) => write.write(&self.payload[offset..]).await?,
+                write.write_vectored(&slices).await?
             };
             if n == 0 {
                 return Err(io::ErrorKind::WriteZero.into());
@@ -69,6 +99,31 @@ impl TcpSender {
         }
     }
 
+    async fn send_payload(&mut self, payload: Payload) -> Result<(), TransportError> {
+        if self.closed {
+            return Err(TransportError::Closed);
+        }
+        let len = match u32::try_from(payload.len()) {
+            Ok(len) if payload.len() <= self.max => len,
+            _ => {
+                return Err(CodecError::FrameTooLarge {
+                    len: payload.len(),
+                    max: self.max,
+                }
+                .into())
+            }
+        };
+        // An earlier send dropped mid-frame left its frame here: complete it first so the
+        // peer still sees whole frames.
+        self.write_pending().await?;
+        self.pending = Some(Outgoing {
+            header: len.to_be_bytes(),
+            payload,
+            written: 0,
+        });
+        self.write_pending().await
+    }
+
     async fn write_pending(&mut self) -> Result<(), TransportError> {
         if let Some(outgoing) = &mut self.pending {
             if let Err(e) = outgoing.finish(&mut self.write).await {
@@ -84,28 +139,11 @@ impl TcpSender {
 #[async_trait]
 impl FrameSender for TcpSender {
     async fn send(&mut self, frame: Vec<u8>) -> Result<(), TransportError> {
-        if self.closed {
-            return Err(TransportError::Closed);
-        }
-        let len = match u32::try_from(frame.len()) {
-            Ok(len) if frame.len() <= self.max => len,
-            _ => {
-                return Err(CodecError::FrameTooLarge {
-                    len: frame.len(),
-                    max: self.max,
-                }
-                .into())
-            }
-        };
-        // An earlier send dropped mid-frame left its frame here: complete it first so the
-        // peer still sees whole frames.
-        self.write_pending().await?;
-        self.pending = Some(Outgoing {
-            header: len.to_be_bytes(),
-            payload: frame,
-            written: 0,
-        });
-        self.write_pending().await
+        self.send_payload(Payload::Whole(frame)).await
+    }
+
+    async fn send_chunks(&mut self, frame: ChunksFrame) -> Result<(), TransportError> {
+        self.send_payload(Payload::Chunks(frame)).await
     }
 
     async fn close(&mut self) {

@@ -4,10 +4,12 @@
 use std::future::Future;
 use std::io::ErrorKind;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use converge_api::CodecError;
-use converge_framework::plugin::{Connection, Transport};
+use converge_framework::content::ChunkBytes;
+use converge_framework::plugin::{ChunksFrame, Connection, Transport};
 use converge_framework::TransportError;
 use converge_transport_tcp::{TcpOptions, TcpTransport};
 use tokio::io::AsyncWriteExt;
@@ -353,4 +355,65 @@ async fn send_dropped_mid_frame_is_completed_before_the_next() {
         assert_eq!(b.receiver.recv().await.unwrap(), Some(b"next".to_vec()));
     })
     .await;
+}
+
+/// A frame of chunks given as pieces (more than one vectored write takes, and larger than
+/// the socket's buffers) arrives as the one frame they make, between two plain frames.
+#[tokio::test]
+async fn a_frame_of_chunks_arrives_whole() {
+    within(async {
+        let (mut a, mut b) = pair(64 << 20).await;
+        let window: Arc<Vec<u8>> = Arc::new(payload(9, 8 << 20));
+        // 600 chunks of one shared window, each after 3 bytes of head, and one last piece
+        // of head after them.
+        let head = payload(4, 600 * 3 + 5);
+        let chunks: Vec<(usize, ChunkBytes)> = (0..600)
+            .map(|i| {
+                let at = i * 3 + 3;
+                let range = i * 13_000..i * 13_000 + 1 + i % 17 * 700;
+                (at, ChunkBytes::shared(window.clone(), range).unwrap())
+            })
+            .collect();
+        let mut expected = Vec::new();
+        let mut from = 0;
+        for (at, chunk) in &chunks {
+            expected.extend_from_slice(&head[from..*at]);
+            expected.extend_from_slice(chunk);
+            from = *at;
+        }
+        expected.extend_from_slice(&head[from..]);
+        let frame = ChunksFrame::new(head, chunks).unwrap();
+        assert_eq!(frame.len(), expected.len());
+        let sending = async {
+            a.sender.send(b"before".to_vec()).await.unwrap();
+            a.sender.send_chunks(frame).await.unwrap();
+            a.sender.send(b"after".to_vec()).await.unwrap();
+        };
+        let receiving = async {
+            let mut got = Vec::new();
+            for _ in 0..3 {
+                got.push(b.receiver.recv().await.unwrap().unwrap());
+            }
+            got
+        };
+        let ((), got) = tokio::join!(sending, receiving);
+        assert_eq!(got[0], b"before");
+        assert!(got[1] == expected, "the frame of chunks arrived damaged");
+        assert_eq!(got[2], b"after");
+    })
+    .await;
+}
+
+#[test]
+fn a_frame_of_chunks_refuses_offsets_out_of_order_or_past_its_head() {
+    let bytes = |n: usize| ChunkBytes::shared(Arc::new(vec![1u8; n]), 0..n).unwrap();
+    assert!(ChunksFrame::new(vec![0; 4], vec![(2, bytes(1)), (1, bytes(1))]).is_none());
+    assert!(ChunksFrame::new(vec![0; 4], vec![(5, bytes(1))]).is_none());
+    let frame = ChunksFrame::new(
+        vec![0; 4],
+        vec![(2, bytes(3)), (2, bytes(1)), (4, bytes(0))],
+    )
+    .unwrap();
+    assert_eq!(frame.len(), 8);
+    assert_eq!(frame.into_vec(), vec![0, 0, 1, 1, 1, 1, 0, 0]);
 }

@@ -8,4 +8,4 @@ mod transport;
 
 pub use source::{ScanProgress, Source, SourceContext};
 pub use store::{KeyView, Store, StoreContext};
-pub use transport::{Connection, FrameReceiver, FrameSender, Transport};
+pub use transport::{ChunksFrame, Connection, FrameReceiver, FrameSender, Transport};

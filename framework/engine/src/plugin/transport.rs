@@ -2,6 +2,7 @@
 
 use async_trait::async_trait;
 
+use crate::content::ChunkBytes;
 use crate::error::TransportError;
 
 /// Sends frames (whole protocol messages) to one peer.
@@ -10,8 +11,83 @@ pub trait FrameSender: Send + 'static {
     /// Sends one frame. An error means the connection is unusable.
     async fn send(&mut self, frame: Vec<u8>) -> Result<(), TransportError>;
 
+    /// Sends one frame given as its pieces: what [`FrameSender::send`] of
+    /// [`ChunksFrame::into_vec`] sends, which is what the default does. A transport that
+    /// can write the pieces where they lie (TCP: vectored writes) spares the copy of
+    /// every chunk into one buffer.
+    async fn send_chunks(&mut self, frame: ChunksFrame) -> Result<(), TransportError> {
+        self.send(frame.into_vec()).await
+    }
+
     /// Closes the connection; later sends fail. Idempotent.
     async fn close(&mut self);
+}
+
+/// A frame of chunks as the pieces it is made of: the payload without the chunks' bytes
+/// (`head`, from `codec::encode_chunks_head`) and each chunk's bytes, kept where they are
+/// in memory, with the offset in `head` they go at.
+pub struct ChunksFrame {
+    head: Vec<u8>,
+    chunks: Vec<(usize, ChunkBytes)>,
+}
+
+impl ChunksFrame {
+    /// The frame of `head` with each chunk's bytes put in at its offset; `None` unless
+    /// the offsets rise (or stay) and lie within `head`.
+    pub fn new(head: Vec<u8>, chunks: Vec<(usize, ChunkBytes)>) -> Option<ChunksFrame> {
+        let mut last = 0;
+        for (at, _) in &chunks {
+            if *at < last || *at > head.len() {
+                return None;
+            }
+            last = *at;
+        }
+        Some(ChunksFrame { head, chunks })
+    }
+
+    /// The payload's length.
+    pub fn len(&self) -> usize {
+        self.head.len() + self.chunks.iter().map(|(_, c)| c.len()).sum::<usize>()
+    }
+
+    /// Whether the payload is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The payload's pieces in order (some may be empty).
+    pub fn pieces(&self) -> impl Iterator<Item = &[u8]> + '_ {
+        let mut from = 0;
+        self.chunks
+            .iter()
+            .flat_map(move |(at, chunk)| {
+                let head = &self.head[from..*at];
+                from = *at;
+                [head, &chunk[..]]
+            })
+            .chain(std::iter::once_with(move || {
+                let last = self.chunks.last().map_or(0, |(at, _)| *at);
+                &self.head[last..]
+            }))
+    }
+
+    /// The payload in one buffer.
+    pub fn into_vec(self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.len());
+        for piece in self.pieces() {
+            out.extend_from_slice(piece);
+        }
+        out
+    }
+}
+
+impl std::fmt::Debug for ChunksFrame {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChunksFrame")
+            .field("len", &self.len())
+            .field("chunks", &self.chunks.len())
+            .finish()
+    }
 }
 
 /// Receives frames from one peer.
