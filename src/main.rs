@@ -52,11 +52,11 @@ fn main() -> ExitCode {
 ///   were faulted in and zeroed again: most of both daemons' page faults in W2. On the
 ///   virtual machines here that is dearer still, as a page handed back may have gone to
 ///   the host (see `run.py` on free page reporting). `ab.py --workload W2 --reps 8`:
-///   0.40 → 0.34 s, the two daemons' CPU 0.62 → 0.55 s.
+///   0.39 → 0.34 s, the two daemons' CPU 0.62 → 0.57 s.
 ///
-/// Setting either threshold also ends glibc's own adjustment of the mapping threshold,
-/// which is why both are set: the trim threshold alone left blocks over 128 KiB mapped
-/// and unmapped one by one, and W2 took 0.50 s.
+/// Setting either threshold also ends glibc's own adjustment of both, which is why both
+/// are set: the mapping threshold alone left the trim threshold fixed at 128 KiB, so the
+/// heaps gave back every freed frame at once, and W2 took 0.50 s.
 fn tune_malloc() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
