@@ -729,7 +729,8 @@ impl Outbox {
         let chunks = inner.log.chunks().clone();
         // Read (where not in memory) and encoded off the runtime: a frame is 4 MiB.
         let (payload, done) = tokio::task::spawn_blocking(move || {
-            let mut read: Vec<(usize, Vec<u8>)> = Vec::new();
+            let mut found = Vec::new();
+            let mut found_at = Vec::new();
             let mut bytes = 0;
             let mut done = 0;
             for (i, queued) in batch.iter().enumerate() {
@@ -742,13 +743,20 @@ impl Outbox {
                     // A chunk this replica does not have (or cannot read) is left out:
                     // the peer asks again, and the next request finds it once it is here.
                     None => {
-                        if let Ok(Some(data)) = chunks.get(&queued.hash) {
-                            bytes += data.len();
-                            read.push((i, data));
+                        if let Ok(Some(at)) = chunks.find(&queued.hash) {
+                            bytes += at.len();
+                            found.push((queued.hash, at));
+                            found_at.push(i);
                         }
                     }
                 }
             }
+            // Read together: a large file's chunks lie one after another.
+            let read: Vec<(usize, ChunkBytes)> = found_at
+                .into_iter()
+                .zip(chunks.read_found(&found))
+                .filter_map(|(i, data)| Some((i, data.ok()?)))
+                .collect();
             // Each chunk's bytes stay where they are: in the window they were cut from,
             // or in the buffer they were read into. Only the rest is encoded.
             let mut read = read.into_iter().peekable();
@@ -757,13 +765,7 @@ impl Outbox {
                 let data = match &queued.bytes {
                     Some(data) => data.clone(),
                     None => match read.next_if(|(at, _)| *at == i) {
-                        Some((_, data)) => {
-                            let len = data.len();
-                            match ChunkBytes::shared(Arc::new(data), 0..len) {
-                                Some(data) => data,
-                                None => continue,
-                            }
-                        }
+                        Some((_, data)) => data,
                         None => continue,
                     },
                 };
