@@ -55,7 +55,7 @@ const CV: usize = 32;
 const BATCH_MIN: usize = 32;
 
 impl Hash {
-    /// The hash of each of `inputs`, as [`Hash::of`] gives it. From [`BATCH_MIN`] inputs on
+    /// The hash of each of `inputs`, as [`Hash::of`] gives it. From 32 inputs on
     /// they are hashed together, sharing the SIMD lanes that one input of an uneven length
     /// leaves idle: for the chunks of a frame.
     pub fn of_each(inputs: &[&[u8]]) -> Vec<Hash> {

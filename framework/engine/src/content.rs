@@ -1760,24 +1760,24 @@ impl ChunkStore {
     /// Makes every chunk put so far durable: syncs the packs written to, then records
     /// their chunks in sled, which the caller's flush makes durable, or in a run, durable
     /// at once. The log calls it before each flush, and a put that leaves
-    /// [`SPILL_ENTRIES`] chunks staged calls it too.
+    /// `SPILL_ENTRIES` chunks staged calls it too.
     ///
-    /// At least [`RUN_ENTRIES`] chunks at once (a large file's: 16,000 for 256 MiB) are
+    /// At least `RUN_ENTRIES` chunks at once (a large file's: 16,000 for 256 MiB) are
     /// written as a run, a sorted file beside the packs, and never go into sled (see the
     /// `runs` module): in sled's nodes, and in the manifests and vectors on their way
     /// there, they held memory that grew with the file.
     ///
     /// More than a few chunks at once, fewer than that (a few hundred small files'), are
     /// recorded as one *manifest*, a single sled value, and written out later, all the
-    /// manifests waiting as one run (see [`index_manifests`](Self::index_manifests)),
-    /// once the store has been out of use for [`INDEX_QUIET`], by a thread of their own:
+    /// manifests waiting as one run (see `index_manifests`),
+    /// once the store has been out of use for `INDEX_QUIET`, by a thread of their own:
     /// indexing a large file's 16,000 entries took a tenth of a second, and 10,000 small
     /// files' a tenth of each side's CPU, on the path from a change to its copy on the
     /// peer (the event waits for this sync, and the peer's write of the file for the
     /// event). Until then lookups find them in memory. A sync writes them itself when
-    /// they reach [`UNINDEXED_MAX`], and so does every sync after [`close`](Self::close)
+    /// they reach `UNINDEXED_MAX`, and so does every sync after [`close`](Self::close)
     /// (which writes what waits), and the first sync after an open those a crash left
-    /// ([`open`](Self::open) takes them back). A manifest is removed once its entries'
+    /// (`open` takes them back). A manifest is removed once its entries'
     /// run is durable.
     pub fn sync(&self) -> Result<(), LogError> {
         // One sync at a time: a second one waits for the first and then syncs what was
@@ -3223,7 +3223,7 @@ pub struct Writeback {
 impl Writeback {
     /// Records `bytes` more appended to `file`, starting writeback when enough piled up
     /// and dropping the range whose writeback was started the time before, off the
-    /// writer's thread (see [`behind`]) through a second descriptor of the same open
+    /// writer's thread (see `behind`) through a second descriptor of the same open
     /// file. For a file made durable by `syncfs`, which hears of a failed writeback from
     /// the file system whichever descriptor waited for it; a file to be `fsync`ed could
     /// have its failure reported to the wait instead.

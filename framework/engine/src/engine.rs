@@ -144,7 +144,7 @@ pub struct PeerStatus {
     /// full disk).
     pub failed_sessions: u64,
     /// Why the last failed session failed; cleared when a session ends cleanly or once a
-    /// later one has been up for [`SESSION_ERROR_SHOWN`].
+    /// later one has been up for `SESSION_ERROR_SHOWN` (a minute).
     pub last_error: Option<String>,
 }
 
