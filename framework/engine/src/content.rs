@@ -278,10 +278,7 @@ impl ChunkBytes {
 
     /// A copy of `bytes`, on its own.
     pub fn copied(bytes: &[u8]) -> ChunkBytes {
-        ChunkBytes {
-            range: 0..bytes.len(),
-            buffer: Arc::new(bytes.to_vec()),
-        }
+        ChunkBytes::owned(bytes.to_vec())
     }
 
     /// The length of the whole buffer these bytes keep alive.

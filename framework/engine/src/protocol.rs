@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use converge_api::codec::PROTOCOL_VERSION;
-use converge_api::{codec, ChunkRef, CodecError, Hash, Message, Place, ReplicaId, VersionVector};
+use converge_api::{codec, Hash, Message, Place, ReplicaId, VersionVector};
 use tokio::sync::mpsc;
 use tokio::time::{timeout, Instant};
 
@@ -729,68 +729,47 @@ impl Outbox {
         let chunks = inner.log.chunks().clone();
         // Read (where not in memory) and encoded off the runtime: a frame is 4 MiB.
         let (payload, done) = tokio::task::spawn_blocking(move || {
+            // The chunks that go in this frame: in memory, or found here to read back
+            // (`None` until read).
+            let mut picked: Vec<(&Queued, Option<ChunkBytes>)> = Vec::new();
             let mut found = Vec::new();
-            let mut found_at = Vec::new();
             let mut bytes = 0;
             let mut done = 0;
-            for (i, queued) in batch.iter().enumerate() {
+            for queued in &batch {
                 if bytes >= CHUNKS_FRAME_BYTES {
                     break;
                 }
                 done += 1;
                 match &queued.bytes {
-                    Some(data) => bytes += data.len(),
+                    Some(data) => {
+                        bytes += data.len();
+                        picked.push((queued, Some(data.clone())));
+                    }
                     // A chunk this replica does not have (or cannot read) is left out:
                     // the peer asks again, and the next request finds it once it is here.
                     None => {
                         if let Ok(Some(at)) = chunks.find(&queued.hash) {
                             bytes += at.len();
                             found.push((queued.hash, at));
-                            found_at.push(i);
+                            picked.push((queued, None));
                         }
                     }
                 }
             }
-            // Read together: a large file's chunks lie one after another.
-            let read: Vec<(usize, ChunkBytes)> = found_at
+            // Read together (a large file's chunks lie one after another), in the order
+            // found, which is the order picked.
+            let mut read = chunks.read_found(&found).into_iter();
+            let picked: Vec<(Hash, ChunkBytes, Option<Place>)> = picked
                 .into_iter()
-                .zip(chunks.read_found(&found))
-                .filter_map(|(i, data)| Some((i, data.ok()?)))
+                .filter_map(|(queued, data)| {
+                    let data = match data {
+                        Some(data) => data,
+                        None => read.next()?.ok()?,
+                    };
+                    Some((queued.hash, data, queued.place))
+                })
                 .collect();
-            // Each chunk's bytes stay where they are: in the window they were cut from,
-            // or in the buffer they were read into. Only the rest is encoded.
-            let mut read = read.into_iter().peekable();
-            let mut chunks: Vec<(ChunkBytes, &Queued)> = Vec::with_capacity(done);
-            for (i, queued) in batch[..done].iter().enumerate() {
-                let data = match &queued.bytes {
-                    Some(data) => data.clone(),
-                    None => match read.next_if(|(at, _)| *at == i) {
-                        Some((_, data)) => data,
-                        None => continue,
-                    },
-                };
-                chunks.push((data, queued));
-            }
-            let payload = match chunks.is_empty() {
-                true => None,
-                false => {
-                    let items: Vec<ChunkRef<'_>> = chunks
-                        .iter()
-                        .map(|(data, queued)| ChunkRef {
-                            hash: queued.hash,
-                            bytes: data,
-                            place: queued.place,
-                        })
-                        .collect();
-                    let frame = codec::encode_chunks_head(&items).and_then(|(head, at)| {
-                        let chunks = at.into_iter().zip(chunks.iter().map(|(d, _)| d.clone()));
-                        ChunksFrame::new(head, chunks.collect())
-                            .ok_or_else(|| CodecError::Encode("chunk offsets out of order".into()))
-                    });
-                    Some(frame)
-                }
-            };
-            drop(chunks);
+            let payload = (!picked.is_empty()).then(|| ChunksFrame::encode(picked));
             (payload, (batch, done))
         })
         .await

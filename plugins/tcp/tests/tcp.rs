@@ -417,3 +417,34 @@ fn a_frame_of_chunks_refuses_offsets_out_of_order_or_past_its_head() {
     assert_eq!(frame.len(), 8);
     assert_eq!(frame.into_vec(), vec![0, 0, 1, 1, 1, 1, 0, 0]);
 }
+
+/// A frame of chunks encoded in pieces joins into the payload `encode_chunks` writes.
+#[test]
+fn an_encoded_frame_of_chunks_is_the_chunks_message() {
+    use converge_api::codec::encode_chunks;
+    use converge_api::{ChunkRef, Hash, Place};
+    let window = Arc::new(payload(3, 100_000));
+    let chunks: Vec<(Hash, ChunkBytes, Option<Place>)> = (0..5)
+        .map(|i| {
+            let bytes =
+                ChunkBytes::shared(window.clone(), i * 20_000..i * 20_000 + 300 * i).unwrap();
+            let place = (i % 2 == 1).then_some(Place {
+                stream: 7,
+                offset: (i * 20_000) as u64,
+            });
+            (Hash::of(&bytes), bytes, place)
+        })
+        .collect();
+    let items: Vec<ChunkRef<'_>> = chunks
+        .iter()
+        .map(|(hash, bytes, place)| ChunkRef {
+            hash: *hash,
+            bytes,
+            place: *place,
+        })
+        .collect();
+    let expected = encode_chunks(&items).unwrap();
+    let frame = ChunksFrame::encode(chunks.clone()).unwrap();
+    assert_eq!(frame.len(), expected.len());
+    assert_eq!(frame.into_vec(), expected);
+}

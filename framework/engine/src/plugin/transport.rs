@@ -1,6 +1,7 @@
 //! The `Transport` role: connects replicas and moves frames. It knows nothing of events.
 
 use async_trait::async_trait;
+use converge_api::{codec, ChunkRef, CodecError, Hash, Place};
 
 use crate::content::ChunkBytes;
 use crate::error::TransportError;
@@ -43,6 +44,29 @@ impl ChunksFrame {
             last = *at;
         }
         Some(ChunksFrame { head, chunks })
+    }
+
+    /// The `Chunks` message of `chunks` (hash, bytes, place in a large file), each
+    /// chunk's bytes left where they are: only the rest is encoded
+    /// (`codec::encode_chunks_head`).
+    pub fn encode(
+        chunks: Vec<(Hash, ChunkBytes, Option<Place>)>,
+    ) -> Result<ChunksFrame, CodecError> {
+        let items: Vec<ChunkRef<'_>> = chunks
+            .iter()
+            .map(|(hash, bytes, place)| ChunkRef {
+                hash: *hash,
+                bytes,
+                place: *place,
+            })
+            .collect();
+        let (head, at) = codec::encode_chunks_head(&items)?;
+        drop(items);
+        let chunks = at.into_iter().zip(chunks.into_iter().map(|(_, b, _)| b));
+        Ok(ChunksFrame {
+            head,
+            chunks: chunks.collect(),
+        })
     }
 
     /// The payload's length.
