@@ -318,8 +318,16 @@ pub fn new_stream() -> u64 {
 enum Origin {
     /// Put by this replica, hashed by the caller: fresh, handed to the sink.
     Local,
-    /// Offered by a peer: checked against their hashes before they are written.
-    Peer,
+    /// Offered by a peer: checked against their hashes before they are written, unless
+    /// they were already ([`ChunkStore::check`]).
+    Peer { checked: bool },
+}
+
+/// A peer's chunks found to hash to the hashes they came with ([`ChunkStore::check`]),
+/// ready for [`ChunkStore::put_checked_at`]. Only a check makes one.
+#[derive(Debug, Clone, Copy)]
+pub struct Checked<'a> {
+    chunks: &'a [(Hash, &'a [u8])],
 }
 
 /// A peer's chunk with its offset in its stream, on the way into a stream pack.
@@ -1359,6 +1367,40 @@ impl ChunkStore {
         chunks: &[(Hash, &[u8])],
         places: &[Option<Place>],
     ) -> Result<(), LogError> {
+        self.put_from_peer(chunks, places, Origin::Peer { checked: false })
+    }
+
+    /// Checks that each of a peer's chunks hashes to the hash it came with, all in one
+    /// pass ([`Hash::of_each`]), without touching any store: a receiver checks a batch
+    /// while the batch before it is being written, and then stores it with
+    /// [`put_checked_at`](Self::put_checked_at). The first chunk that does not match
+    /// fails the check.
+    pub fn check<'a>(chunks: &'a [(Hash, &'a [u8])]) -> Result<Checked<'a>, LogError> {
+        let bytes: Vec<&[u8]> = chunks.iter().map(|&(_, bytes)| bytes).collect();
+        for (&(hash, _), actual) in chunks.iter().zip(Hash::of_each(&bytes)) {
+            if actual != hash {
+                return Err(mismatch(&hash, &actual));
+            }
+        }
+        Ok(Checked { chunks })
+    }
+
+    /// [`put_many_verified_at`](Self::put_many_verified_at) for chunks already checked.
+    pub fn put_checked_at(
+        &self,
+        checked: Checked<'_>,
+        places: &[Option<Place>],
+    ) -> Result<(), LogError> {
+        self.put_from_peer(checked.chunks, places, Origin::Peer { checked: true })
+    }
+
+    /// Puts a peer's chunks a group at a time (see [`GROUP_BYTES`]).
+    fn put_from_peer(
+        &self,
+        chunks: &[(Hash, &[u8])],
+        places: &[Option<Place>],
+        origin: Origin,
+    ) -> Result<(), LogError> {
         let place = |i: usize| places.get(i).copied().flatten();
         let mut start = 0;
         let mut bytes_in_group = 0;
@@ -1366,12 +1408,12 @@ impl ChunkStore {
             bytes_in_group += bytes.len();
             if bytes_in_group >= GROUP_BYTES {
                 let group: Vec<Option<Place>> = (start..=i).map(place).collect();
-                self.put_chunks(&chunks[start..=i], &group, None, Origin::Peer)?;
+                self.put_chunks(&chunks[start..=i], &group, None, origin)?;
                 (start, bytes_in_group) = (i + 1, 0);
             }
         }
         let group: Vec<Option<Place>> = (start..chunks.len()).map(place).collect();
-        self.put_chunks(&chunks[start..], &group, None, Origin::Peer)
+        self.put_chunks(&chunks[start..], &group, None, origin)
     }
 
     /// Sets where the chunks put from now on by [`put`](Self::put) and
@@ -1484,7 +1526,7 @@ impl ChunkStore {
         }
         // A peer's chunks are checked before any is written, all in one pass: hashed
         // together, they share the SIMD lanes one chunk of an uneven size leaves idle.
-        if origin == Origin::Peer {
+        if origin == (Origin::Peer { checked: false }) {
             let bytes: Vec<&[u8]> = new.iter().map(|&(_, bytes)| bytes).collect();
             for (&(hash, _), actual) in new.iter().zip(Hash::of_each(&bytes)) {
                 if actual != hash {
@@ -1493,7 +1535,7 @@ impl ChunkStore {
             }
         }
         let mut behind = Vec::new();
-        if origin == Origin::Peer && new_places.iter().any(Option::is_some) {
+        if origin != Origin::Local && new_places.iter().any(Option::is_some) {
             let mut shared = Vec::new();
             // Runs of consecutive chunks of one stream: (stream, its chunks).
             let mut run: Option<(u64, Vec<Placed>)> = None;
@@ -1537,7 +1579,7 @@ impl ChunkStore {
                     (hash, bytes, range, place)
                 })
                 .collect(),
-            Origin::Peer => Vec::new(),
+            Origin::Peer { .. } => Vec::new(),
         };
         let full = self.queue_fresh(&mut w, shared.map(|(buffer, _)| buffer), fresh);
         let spill = w.spill_due();
@@ -4458,6 +4500,49 @@ mod tests {
         // Fetched again, they are stored anew and read back right.
         store.put_verified(&last, chunks.last().unwrap()).unwrap();
         assert_eq!(store.get(&last).unwrap().unwrap(), *chunks.last().unwrap());
+    }
+
+    /// A peer's chunks checked apart from their put (as a receiver checks one batch while
+    /// the one before is written) are stored as `put_many_verified_at` stores them: a
+    /// stream put in checked batches is lent whole. A check names the chunk that does not
+    /// match, and stores nothing.
+    #[test]
+    fn chunks_checked_apart_are_put_like_verified_ones() {
+        let (dir, _db, store) = scratch();
+        let lens: Vec<usize> = (0..200).map(|i| 1000 + i * 11).collect();
+        let chunks = chunks_of(&lens, 5);
+        let (content, items) = pushed(&chunks, 44);
+        let batches: Vec<Vec<(Hash, &[u8])>> = items
+            .chunks(50)
+            .map(|part| part.iter().map(|(h, b, _)| (*h, &b[..])).collect())
+            .collect();
+        let checked: Vec<Checked<'_>> = batches
+            .iter()
+            .map(|chunks| ChunkStore::check(chunks).unwrap())
+            .collect();
+        // Nothing is stored by a check.
+        assert_eq!(store.missing(&content).unwrap(), vec![content.root]);
+        for (checked, part) in checked.into_iter().zip(items.chunks(50)) {
+            let places: Vec<Option<Place>> = part.iter().map(|i| i.2).collect();
+            store.put_checked_at(checked, &places).unwrap();
+        }
+        store.sync().unwrap();
+        assert!(store.missing(&content).unwrap().is_empty());
+        let to = dir.path().join("the file");
+        assert!(store.lend(&content, &to).unwrap());
+        assert_eq!(std::fs::read(&to).unwrap(), chunks.concat());
+
+        let good = b"as sent".as_slice();
+        let bad = b"as damaged on the way".as_slice();
+        let claimed = Hash::of(b"as claimed");
+        let sent = [(Hash::of(good), good), (claimed, bad)];
+        match ChunkStore::check(&sent) {
+            Err(LogError::ChunkMismatch { expected, actual }) => {
+                assert_eq!(expected, claimed.to_hex());
+                assert_eq!(actual, Hash::of(bad).to_hex());
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     /// A stream pack whose writeback failed (here: its descriptor a pipe's, on which the

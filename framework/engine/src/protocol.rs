@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use tokio::time::{timeout, Instant};
 
 use crate::applier::SyncApplier;
-use crate::content::ChunkBytes;
+use crate::content::{ChunkBytes, ChunkStore};
 use crate::engine::{Inbound, Inner};
 use crate::planner::SyncPlanner;
 use crate::plugin::{ChunksFrame, Connection, FrameReceiver, FrameSender};
@@ -310,18 +310,18 @@ async fn read_loop(
     control: &mpsc::UnboundedSender<Control>,
     requests: &RequestBudget,
 ) -> Result<(), SessionError> {
-    // Chunks received are checked and stored on a blocking thread while the next frame is
-    // read and decoded: at most one such batch is in flight.
-    let mut storing: Option<StoringChunks> = None;
+    // Chunks received are checked and stored on blocking threads while the next frame is
+    // read and decoded (see `Storing`).
+    let mut storing = Storing::default();
     loop {
         let received = tokio::select! {
             stored = async {
-                match storing.as_mut() {
+                match storing.tasks.front_mut() {
                     Some(task) => task.await,
                     None => std::future::pending().await,
                 }
-            }, if storing.is_some() => {
-                storing = None;
+            }, if !storing.tasks.is_empty() => {
+                storing.tasks.pop_front();
                 if !chunks_stored(inner, label, stored).await? {
                     return Ok(()); // shutting down
                 }
@@ -333,7 +333,7 @@ async fn read_loop(
             Err(_) => return Err(SessionError::Timeout(label.to_owned())),
             Ok(Ok(Some(frame))) => frame,
             Ok(Ok(None)) => {
-                if let Some(task) = storing.take() {
+                while let Some(task) = storing.tasks.pop_front() {
                     chunks_stored(inner, label, task.await).await?;
                 }
                 return Ok(());
@@ -428,31 +428,61 @@ async fn read_loop(
 /// Lists the chunks (hash, bytes, place) whose bytes a `T` holds: see [`store_chunks`].
 type ListChunks<T> = for<'a> fn(&'a T) -> Vec<(Hash, &'a [u8], Option<Place>)>;
 
-/// Checks and stores a batch of received chunks off the runtime, once the batch before
-/// it is stored (see [`chunks_stored`]): `chunks` lists them (hash, bytes, place) from
-/// `held`, which holds their bytes. `false` when the engine is shutting down.
+/// Checks and stores a batch of received chunks off the runtime (see [`Storing`]):
+/// `chunks` lists them (hash, bytes, place) from `held`, which holds their bytes. `false`
+/// when the engine is shutting down.
 async fn store_chunks<T: Send + 'static>(
     inner: &Arc<Inner>,
     label: &str,
-    storing: &mut Option<StoringChunks>,
+    storing: &mut Storing,
     held: T,
     chunks: ListChunks<T>,
 ) -> Result<bool, SessionError> {
-    if let Some(task) = storing.take() {
-        if !chunks_stored(inner, label, task.await).await? {
-            return Ok(false);
+    while storing.tasks.len() >= STORING_AT_ONCE {
+        if let Some(task) = storing.tasks.pop_front() {
+            if !chunks_stored(inner, label, task.await).await? {
+                return Ok(false);
+            }
         }
     }
     let store = inner.log.chunks().clone();
-    *storing = Some(tokio::task::spawn_blocking(move || {
-        let (batch, places): (Vec<_>, Vec<_>) = chunks(&held)
-            .into_iter()
-            .map(|(hash, bytes, place)| ((hash, bytes), place))
-            .unzip();
-        store.put_many_verified_at(&batch, &places)?;
-        Ok(batch.into_iter().map(|(hash, _)| hash).collect())
-    }));
+    // Dropped once this batch is stored (or failed to be), which lets the next one write.
+    let (stored, next_waits) = std::sync::mpsc::sync_channel::<()>(0);
+    let after = storing.last.replace(next_waits);
+    storing
+        .tasks
+        .push_back(tokio::task::spawn_blocking(move || {
+            let _stored = stored;
+            let (batch, places): (Vec<_>, Vec<_>) = chunks(&held)
+                .into_iter()
+                .map(|(hash, bytes, place)| ((hash, bytes), place))
+                .unzip();
+            let checked = ChunkStore::check(&batch)?;
+            if let Some(after) = after {
+                // Nothing is ever sent: this returns when the batch before is done.
+                let _ = after.recv();
+            }
+            store.put_checked_at(checked, &places)?;
+            Ok(batch.into_iter().map(|(hash, _)| hash).collect())
+        }));
     Ok(true)
+}
+
+/// Batches of received chunks a session checks and stores at once. Each is checked as soon
+/// as it arrives, the next one while the one before is written, but written only after
+/// the one before: the chunks of a large file then reach its stream pack in order (see
+/// `ChunkStore::put_many_verified_at`). A receiver that falls behind its sender this way
+/// uses a second core for the checks, where one batch at a time left it idle while the
+/// sender, done, waited for the receiver to catch up.
+const STORING_AT_ONCE: usize = 2;
+
+/// The batches of received chunks a session is checking and storing, oldest first.
+#[derive(Default)]
+struct Storing {
+    /// Each batch's task: its hashes once stored.
+    tasks: std::collections::VecDeque<StoringChunks>,
+    /// Returns once the newest batch is stored (or failed): the next one waits on it.
+    last: Option<std::sync::mpsc::Receiver<()>>,
 }
 
 /// A batch of received chunks being checked and stored: their hashes once stored.
