@@ -3,7 +3,7 @@
 //! The `blake3` crate's SIMD kernels hash several 1 KiB chunks side by side, but only
 //! chunks of one input: an input of 16 KiB fills the 16 lanes of its AVX-512 kernel, while
 //! one of 15 KiB runs on its 8-, 4- and 1-lane kernels, and every input's last, partial
-//! chunk runs alone. Over the chunks FastCDC cuts (4–64 KiB, no size favoured) that made
+//! chunk runs alone. Over the chunks FastCDC cuts (8–64 KiB, no size favoured) that made
 //! hashing 2.6 times as slow as over chunks of exactly 16 KiB (`cargo bench -p
 //! converge-plugin-fs --bench chunking`), and small files' single chunks slower still.
 //!
