@@ -792,6 +792,9 @@ struct StreamPack {
     dirty: bool,
     /// `stream_clock` at the last write.
     used: u64,
+    /// Where the blocks reserved ahead of the writes end ([`allocate_ahead`]); `u64::MAX`
+    /// once reserving failed (a file system without it), so that it is not tried again.
+    allocated: u64,
 }
 
 impl PackWriter {
@@ -842,6 +845,11 @@ impl PackWriter {
     /// [`ChunkStore::sync`] if it was written to since the last one).
     fn close_stream(&mut self, stream: u64) {
         if let Some(pack) = self.streams.remove(&stream) {
+            // The blocks reserved past its end are given back (a file lent to the folder
+            // holds nothing beyond its content).
+            if pack.allocated > 0 && pack.allocated != u64::MAX {
+                trim_allocation(&pack.file);
+            }
             // Never lent now: nothing to keep it from.
             self.relied_on.remove(&pack.id);
             if pack.dirty {
@@ -1690,6 +1698,7 @@ impl ChunkStore {
                     written: Writeback::default(),
                     dirty: false,
                     used: 0,
+                    allocated: 0,
                 },
             );
         }
@@ -1699,6 +1708,12 @@ impl ChunkStore {
             return Ok(elsewhere_all());
         };
         pack.used = clock;
+        let last = run
+            .last()
+            .map_or(0, |&(_, bytes, offset)| offset + bytes.len() as u64);
+        if last > pack.allocated {
+            pack.allocated = allocate_ahead(&pack.file, pack.allocated, last);
+        }
         let (id, file) = (pack.id, pack.file.clone());
         let mut elsewhere = Vec::new();
         let mut placed: Vec<(Hash, Location)> = Vec::new();
@@ -3355,6 +3370,48 @@ fn drop_behind(file: &File, range: (u64, u64)) {
     }
 }
 
+/// Blocks reserved at once ahead of a stream pack's writes.
+const ALLOCATE_STEP: u64 = 32 << 20;
+
+/// Reserves the blocks of `file` (a stream pack) from `allocated` past `upto`, rounded up
+/// to [`ALLOCATE_STEP`], without changing its size (`fallocate` with `KEEP_SIZE`), and
+/// returns where they now end; `u64::MAX` when that failed, so that it is not tried again
+/// (the writes then allocate as they go, as without it). Writes into reserved blocks skip
+/// ext4's delayed allocation, which took a tenth of the receiver's CPU in W2 of
+/// `bench/daemon/run.py` (`ext4_da_get_block_prep` and the reservations behind it, page
+/// by page): `ab.py --workload W2 --reps 12`, the receiver's CPU 0.24 -> 0.21 s, the
+/// time 0.29 -> 0.28 s.
+fn allocate_ahead(file: &File, allocated: u64, upto: u64) -> u64 {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        let end = upto.div_ceil(ALLOCATE_STEP).saturating_mul(ALLOCATE_STEP);
+        let (Ok(offset), Ok(len)) = (
+            i64::try_from(allocated),
+            i64::try_from(end.saturating_sub(allocated)),
+        ) else {
+            return u64::MAX;
+        };
+        // SAFETY: the descriptor is open for the call, which takes plain integers.
+        let reserved =
+            unsafe { libc::fallocate(file.as_raw_fd(), libc::FALLOC_FL_KEEP_SIZE, offset, len) };
+        if reserved == 0 {
+            return end;
+        }
+    }
+    let _ = (file, allocated, upto);
+    u64::MAX
+}
+
+/// Gives back the blocks reserved past the end of `file` ([`allocate_ahead`]): truncating
+/// a file to its own size frees what lies beyond it. Only space is at stake, so a failure
+/// is not reported (a pack left so after a crash keeps at most [`ALLOCATE_STEP`] more).
+fn trim_allocation(file: &File) {
+    if let Ok(meta) = file.metadata() {
+        let _ = file.set_len(meta.len());
+    }
+}
+
 /// Starts and waits for the writeback of `len` bytes at `offset` of `file`; whether it
 /// went without a reported error (true where there is nothing to wait for).
 fn wait_behind(file: &File, (offset, len): (u64, u64)) -> bool {
@@ -4531,6 +4588,15 @@ mod tests {
         let to = dir.path().join("the file");
         assert!(store.lend(&content, &to).unwrap());
         assert_eq!(std::fs::read(&to).unwrap(), chunks.concat());
+        // The blocks reserved ahead of the writes are not the folder's file's.
+        use std::os::unix::fs::MetadataExt;
+        let lent = std::fs::metadata(&to).unwrap();
+        assert!(
+            lent.blocks() * 512 < content.size + (64 << 10),
+            "{} bytes in blocks for {} of content",
+            lent.blocks() * 512,
+            content.size
+        );
 
         let good = b"as sent".as_slice();
         let bad = b"as damaged on the way".as_slice();
