@@ -792,9 +792,26 @@ struct StreamPack {
     dirty: bool,
     /// `stream_clock` at the last write.
     used: u64,
-    /// Where the blocks reserved ahead of the writes end ([`allocate_ahead`]); `u64::MAX`
-    /// once reserving failed (a file system without it), so that it is not tried again.
+    /// Where the blocks reserved ahead of the writes end ([`allocate_ahead`]); 0 when
+    /// none are.
     allocated: u64,
+    /// Whether blocks are still to be reserved ahead: not once that failed (a file system
+    /// without it), nor once the pack was trimmed.
+    reserving: bool,
+}
+
+impl StreamPack {
+    /// Gives back the blocks reserved past the pack's end ([`trim_allocation`]), while
+    /// the pack is still the store's alone (before it is lent: a folder's file could be
+    /// appended to between the look at its size and the truncation). Nothing more is
+    /// reserved for it.
+    fn trim(&mut self) {
+        if self.allocated > 0 {
+            trim_allocation(&self.file);
+            self.allocated = 0;
+        }
+        self.reserving = false;
+    }
 }
 
 impl PackWriter {
@@ -844,12 +861,10 @@ impl PackWriter {
     /// Stops writing to the stream pack of `stream` (it is synced with the next
     /// [`ChunkStore::sync`] if it was written to since the last one).
     fn close_stream(&mut self, stream: u64) {
-        if let Some(pack) = self.streams.remove(&stream) {
-            // The blocks reserved past its end are given back (a file lent to the folder
-            // holds nothing beyond its content).
-            if pack.allocated > 0 && pack.allocated != u64::MAX {
-                trim_allocation(&pack.file);
-            }
+        if let Some(mut pack) = self.streams.remove(&stream) {
+            // The blocks reserved past its end are given back (a lent one's were before
+            // the lend).
+            pack.trim();
             // Never lent now: nothing to keep it from.
             self.relied_on.remove(&pack.id);
             if pack.dirty {
@@ -1699,6 +1714,7 @@ impl ChunkStore {
                     dirty: false,
                     used: 0,
                     allocated: 0,
+                    reserving: true,
                 },
             );
         }
@@ -1711,8 +1727,11 @@ impl ChunkStore {
         let last = run
             .last()
             .map_or(0, |&(_, bytes, offset)| offset + bytes.len() as u64);
-        if last > pack.allocated {
-            pack.allocated = allocate_ahead(&pack.file, pack.allocated, last);
+        if pack.reserving && last > pack.allocated {
+            match allocate_ahead(&pack.file, pack.allocated, last) {
+                Some(end) => pack.allocated = end,
+                None => pack.reserving = false,
+            }
         }
         let (id, file) = (pack.id, pack.file.clone());
         let mut elsewhere = Vec::new();
@@ -2355,6 +2374,9 @@ impl ChunkStore {
         }
         mark(true);
         drop(in_use);
+        if let Some(stream_pack) = w.streams.get_mut(&stream) {
+            stream_pack.trim();
+        }
         let from = pack_path(&self.inner.dir, pack);
         match std::fs::hard_link(&from, to) {
             Ok(()) => {
@@ -3375,13 +3397,13 @@ const ALLOCATE_STEP: u64 = 32 << 20;
 
 /// Reserves the blocks of `file` (a stream pack) from `allocated` past `upto`, rounded up
 /// to [`ALLOCATE_STEP`], without changing its size (`fallocate` with `KEEP_SIZE`), and
-/// returns where they now end; `u64::MAX` when that failed, so that it is not tried again
-/// (the writes then allocate as they go, as without it). Writes into reserved blocks skip
+/// returns where they now end; `None` when that failed, and it is not tried again for
+/// that pack (the writes then allocate as they go, as without it). Writes into reserved blocks skip
 /// ext4's delayed allocation, which took a tenth of the receiver's CPU in W2 of
 /// `bench/daemon/run.py` (`ext4_da_get_block_prep` and the reservations behind it, page
 /// by page): `ab.py --workload W2 --reps 12`, the receiver's CPU 0.24 -> 0.21 s, the
 /// time 0.29 -> 0.28 s.
-fn allocate_ahead(file: &File, allocated: u64, upto: u64) -> u64 {
+fn allocate_ahead(file: &File, allocated: u64, upto: u64) -> Option<u64> {
     #[cfg(target_os = "linux")]
     {
         use std::os::fd::AsRawFd;
@@ -3390,17 +3412,17 @@ fn allocate_ahead(file: &File, allocated: u64, upto: u64) -> u64 {
             i64::try_from(allocated),
             i64::try_from(end.saturating_sub(allocated)),
         ) else {
-            return u64::MAX;
+            return None;
         };
         // SAFETY: the descriptor is open for the call, which takes plain integers.
         let reserved =
             unsafe { libc::fallocate(file.as_raw_fd(), libc::FALLOC_FL_KEEP_SIZE, offset, len) };
         if reserved == 0 {
-            return end;
+            return Some(end);
         }
     }
     let _ = (file, allocated, upto);
-    u64::MAX
+    None
 }
 
 /// Gives back the blocks reserved past the end of `file` ([`allocate_ahead`]): truncating
@@ -5057,7 +5079,17 @@ mod tests {
         store.sync().unwrap();
         assert!(store.inner.readers.read().unwrap().len() <= OPEN_READERS);
         assert!(store.inner.writer.lock().unwrap().streams.len() <= OPEN_STREAMS);
-        // Closed packs are opened again to be read.
+        // A stream pack closed to make room keeps no blocks reserved past its end; one
+        // still open does.
+        use std::os::unix::fs::MetadataExt;
+        let reserved = |stream: usize| {
+            let location = store.locate(&Hash::of(&chunks[stream])).unwrap().unwrap();
+            let meta = std::fs::metadata(pack_path(&store.inner.dir, location.pack)).unwrap();
+            meta.blocks() * 512 > 64 << 10
+        };
+        assert!(!reserved(0));
+        assert!(reserved(NEW_STREAMS - 1)); // (the streams after it went to the shared pack)
+                                            // Closed packs are opened again to be read.
         for chunk in &chunks {
             assert_eq!(store.get(&Hash::of(chunk)).unwrap().unwrap(), *chunk);
         }
