@@ -242,7 +242,7 @@ impl EventLog {
     /// Opens (or creates) the log and starts its writer thread. A new log gets a fresh
     /// random replica identity.
     pub fn open(config: LogConfig) -> Result<EventLog, LogError> {
-        let db = config.sled.open()?;
+        let db = open_sled(&config.sled)?;
         let trees = Trees {
             log: db.open_tree("log")?,
             ids: db.open_tree("ids")?,
@@ -650,6 +650,30 @@ impl EventLog {
             .await
             .map_err(|_| LogError::Closed)??;
         self.flush().await
+    }
+}
+
+/// How long [`open_sled`] waits for a database another handle still holds.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Opens sled's database, waiting up to [`LOCK_WAIT`] while its file is locked. A log
+/// closed and dropped in this process can still hold the lock for a moment: sled's
+/// background writes keep its file open after the last handle is gone (the log model's
+/// reopen step met it about one run in six). sled waits for the lock itself only in its
+/// own tests, and tells it apart only by its message. A database another process holds
+/// fails after the wait, with sled's error naming the path.
+fn open_sled(config: &sled::Config) -> Result<sled::Db, LogError> {
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    loop {
+        match config.open() {
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            other => return Ok(other?),
+        }
     }
 }
 
