@@ -361,3 +361,76 @@ async fn states_below_a_directory_are_exactly_the_keys_under_it() {
         assert!(below("x.txt").is_empty());
     }
 }
+
+/// Reads made while checkpoints move the overlay into the trees, batch by batch, find
+/// every key's latest state: never a key without one, never an older one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_during_checkpoints_see_every_state() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+    // Checkpoints every 700 events: several during the appends, each of up to 700 keys.
+    let log = Arc::new(EventLog::open(LogConfig::temporary().checkpoint_every(700)).unwrap());
+    let name = |i: usize| Key::new(format!("d{}/f{i:05}", i % 7)).unwrap();
+    let mtime = |round: usize| round as i64 + 1;
+    // Keys below `done` hold the mtime of round `round` at least.
+    let done = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    const KEYS: usize = 3000;
+    let reader = {
+        let (log, done, stop) = (log.clone(), done.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut reads = 0u64;
+            // The latest state each key was read with: a later read is never older.
+            let mut seen = vec![0i64; KEYS];
+            while !stop.load(Ordering::Acquire) {
+                let upto = done.load(Ordering::Acquire);
+                for i in (0..upto).step_by(13) {
+                    let heads = log.heads(&name(i)).unwrap();
+                    assert_eq!(heads.len(), 1, "key {i} read with {} heads", heads.len());
+                    match &heads[0].op {
+                        Op::Put { meta, .. } => {
+                            assert!(meta.mtime_ms >= seen[i], "key {i} read older");
+                            seen[i] = meta.mtime_ms;
+                        }
+                        other => panic!("key {i}: {other:?}"),
+                    }
+                    reads += 1;
+                }
+            }
+            reads
+        })
+    };
+    for round in 0..2 {
+        for start in (0..KEYS).step_by(250) {
+            let changes = (start..start + 250)
+                .map(|i| {
+                    LocalChange::new(
+                        name(i),
+                        Op::Put {
+                            content: None,
+                            meta: Meta::file(mtime(round)),
+                        },
+                    )
+                })
+                .collect();
+            log.append_local(changes).await.unwrap();
+            if round == 0 {
+                done.store(start + 250, Ordering::Release);
+            }
+        }
+    }
+    stop.store(true, Ordering::Release);
+    let reads = reader.join().unwrap();
+    assert!(reads > 0);
+    // After it all, every key holds the second round's state.
+    for i in 0..KEYS {
+        let heads = log.heads(&name(i)).unwrap();
+        match &heads[..] {
+            [head] => match &head.op {
+                Op::Put { meta, .. } => assert_eq!(meta.mtime_ms, mtime(1), "key {i}"),
+                other => panic!("key {i}: {other:?}"),
+            },
+            other => panic!("key {i}: {other:?}"),
+        }
+    }
+}
