@@ -190,12 +190,10 @@ fn behind(wait: impl FnOnce() + Send + 'static) {
 /// the average chunk size), so that a large file streams while it is chunked.
 const FRESH_BATCH: usize = 256;
 
-/// Chunks checked and then written together by [`ChunkStore::put_many_verified`]: small
-/// enough that they are still in a core's cache when written (1 MiB, a core's L2 on the
-/// development machine), large enough to be checked together ([`Hash::of_each`]: about
-/// 50 of FastCDC's chunks, hundreds of small files'). At 128 KiB each group was checked
-/// one chunk at a time: `bench/daemon/ab.py`, W2 0.55 → 0.48 s, the receiver's CPU 0.42 →
-/// 0.38 s (`--reps 6`); W1 0.60 → 0.58 s, 0.68 → 0.64 s (`--reps 8`).
+/// A peer's chunks written together, in one system call under the writer's lock, by
+/// [`ChunkStore::put_checked_at`] (they are checked before, all at once, by
+/// [`ChunkStore::check`]): enough for few calls, little enough that lookups wait on the
+/// lock for no longer than one such write.
 const GROUP_BYTES: usize = 1 << 20;
 
 /// Bytes read back and written again at once by [`ChunkStore::sync`] after a failed sync.
@@ -318,9 +316,8 @@ pub fn new_stream() -> u64 {
 enum Origin {
     /// Put by this replica, hashed by the caller: fresh, handed to the sink.
     Local,
-    /// Offered by a peer: checked against their hashes before they are written, unless
-    /// they were already ([`ChunkStore::check`]).
-    Peer { checked: bool },
+    /// Offered by a peer, and checked against their hashes ([`ChunkStore::check`]).
+    Peer,
 }
 
 /// A peer's chunks found to hash to the hashes they came with ([`ChunkStore::check`]),
@@ -1373,10 +1370,10 @@ impl ChunkStore {
         self.put_many_verified(&[(*hash, bytes)])
     }
 
-    /// [`put_verified`](Self::put_verified) for many chunks: those not known yet are
-    /// checked and written a group at a time (one system call each), so that the bytes
-    /// just hashed are still in the CPU's cache when they are copied into the pack. A
-    /// chunk that does not match its hash fails the call; the groups before it stay.
+    /// [`put_verified`](Self::put_verified) for many chunks: all are checked first
+    /// ([`check`](Self::check)), then those not known yet are written a group at a time
+    /// (one system call each). A chunk that does not match its hash fails the call, and
+    /// nothing of it is stored.
     pub fn put_many_verified(&self, chunks: &[(Hash, &[u8])]) -> Result<(), LogError> {
         self.put_many_verified_at(chunks, &[])
     }
@@ -1390,12 +1387,13 @@ impl ChunkStore {
         chunks: &[(Hash, &[u8])],
         places: &[Option<Place>],
     ) -> Result<(), LogError> {
-        self.put_from_peer(chunks, places, Origin::Peer { checked: false })
+        self.put_checked_at(ChunkStore::check(chunks)?, places)
     }
 
     /// Checks that each of a peer's chunks hashes to the hash it came with, all in one
-    /// pass ([`Hash::of_each`]), without touching any store: a receiver checks a batch
-    /// while the batch before it is being written, and then stores it with
+    /// pass ([`Hash::of_each`]: hashed together, they share the SIMD lanes one chunk of an
+    /// uneven size leaves idle), without touching any store or lock: a receiver checks a
+    /// batch while the batch before it is being written, and then stores it with
     /// [`put_checked_at`](Self::put_checked_at). The first chunk that does not match
     /// fails the check.
     pub fn check<'a>(chunks: &'a [(Hash, &'a [u8])]) -> Result<Checked<'a>, LogError> {
@@ -1408,22 +1406,14 @@ impl ChunkStore {
         Ok(Checked { chunks })
     }
 
-    /// [`put_many_verified_at`](Self::put_many_verified_at) for chunks already checked.
+    /// [`put_many_verified_at`](Self::put_many_verified_at) for chunks already checked,
+    /// written 1 MiB at a time (one system call each).
     pub fn put_checked_at(
         &self,
         checked: Checked<'_>,
         places: &[Option<Place>],
     ) -> Result<(), LogError> {
-        self.put_from_peer(checked.chunks, places, Origin::Peer { checked: true })
-    }
-
-    /// Puts a peer's chunks a group at a time (see [`GROUP_BYTES`]).
-    fn put_from_peer(
-        &self,
-        chunks: &[(Hash, &[u8])],
-        places: &[Option<Place>],
-        origin: Origin,
-    ) -> Result<(), LogError> {
+        let chunks = checked.chunks;
         let place = |i: usize| places.get(i).copied().flatten();
         let mut start = 0;
         let mut bytes_in_group = 0;
@@ -1431,12 +1421,12 @@ impl ChunkStore {
             bytes_in_group += bytes.len();
             if bytes_in_group >= GROUP_BYTES {
                 let group: Vec<Option<Place>> = (start..=i).map(place).collect();
-                self.put_chunks(&chunks[start..=i], &group, None, origin)?;
+                self.put_chunks(&chunks[start..=i], &group, None, Origin::Peer)?;
                 (start, bytes_in_group) = (i + 1, 0);
             }
         }
         let group: Vec<Option<Place>> = (start..chunks.len()).map(place).collect();
-        self.put_chunks(&chunks[start..], &group, None, origin)
+        self.put_chunks(&chunks[start..], &group, None, Origin::Peer)
     }
 
     /// Sets where the chunks put from now on by [`put`](Self::put) and
@@ -1547,18 +1537,8 @@ impl ChunkStore {
         if new.is_empty() {
             return Ok((None, false));
         }
-        // A peer's chunks are checked before any is written, all in one pass: hashed
-        // together, they share the SIMD lanes one chunk of an uneven size leaves idle.
-        if origin == (Origin::Peer { checked: false }) {
-            let bytes: Vec<&[u8]> = new.iter().map(|&(_, bytes)| bytes).collect();
-            for (&(hash, _), actual) in new.iter().zip(Hash::of_each(&bytes)) {
-                if actual != hash {
-                    return Err(mismatch(&hash, &actual));
-                }
-            }
-        }
         let mut behind = Vec::new();
-        if origin != Origin::Local && new_places.iter().any(Option::is_some) {
+        if origin == Origin::Peer && new_places.iter().any(Option::is_some) {
             let mut shared = Vec::new();
             // Runs of consecutive chunks of one stream: (stream, its chunks).
             let mut run: Option<(u64, Vec<Placed>)> = None;
@@ -1602,7 +1582,7 @@ impl ChunkStore {
                     (hash, bytes, range, place)
                 })
                 .collect(),
-            Origin::Peer { .. } => Vec::new(),
+            Origin::Peer => Vec::new(),
         };
         let full = self.queue_fresh(&mut w, shared.map(|(buffer, _)| buffer), fresh);
         let spill = w.spill_due();
@@ -2733,15 +2713,12 @@ impl ChunkStore {
             })
             .collect();
         if !self.trusted(first) {
-            let pieces: Vec<&[u8]> = ranges.iter().map(|r| &bytes[r.clone()]).collect();
-            let hashes = Hash::of_each(&pieces);
-            if !hashes
+            let pieces: Vec<(Hash, &[u8])> = run
                 .iter()
-                .zip(run)
-                .all(|(actual, (hash, _))| actual == hash)
-            {
-                return None;
-            }
+                .zip(&ranges)
+                .map(|((hash, _), range)| (*hash, &bytes[range.clone()]))
+                .collect();
+            ChunkStore::check(&pieces).ok()?;
         }
         let buffer: SharedBuffer = Arc::new(bytes);
         ranges
@@ -3421,6 +3398,7 @@ fn allocate_ahead(file: &File, allocated: u64, upto: u64) -> Option<u64> {
             return Some(end);
         }
     }
+    #[cfg(not(target_os = "linux"))]
     let _ = (file, allocated, upto);
     None
 }
@@ -5087,9 +5065,10 @@ mod tests {
             let meta = std::fs::metadata(pack_path(&store.inner.dir, location.pack)).unwrap();
             meta.blocks() * 512 > 64 << 10
         };
+        // (The streams after the first `NEW_STREAMS` went to the shared pack.)
         assert!(!reserved(0));
-        assert!(reserved(NEW_STREAMS - 1)); // (the streams after it went to the shared pack)
-                                            // Closed packs are opened again to be read.
+        assert!(reserved(NEW_STREAMS - 1));
+        // Closed packs are opened again to be read.
         for chunk in &chunks {
             assert_eq!(store.get(&Hash::of(chunk)).unwrap().unwrap(), *chunk);
         }

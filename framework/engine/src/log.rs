@@ -937,48 +937,20 @@ impl Writer {
         }
         self.trees.meta.insert(META_CHECKPOINTING, &[1u8])?;
         self.db.flush()?;
-        loop {
-            let part: Vec<(Key, IVec)> = {
-                let overlay = self.overlay.read().map_err(|_| LogError::Closed)?;
-                overlay
-                    .states
-                    .iter()
-                    .take(CHECKPOINT_BATCH)
-                    .map(|(key, s)| Ok((key.clone(), IVec::from(s.encode()?))))
-                    .collect::<Result<_, LogError>>()?
-            };
-            if part.is_empty() {
-                break;
-            }
-            let mut batch = Batch::default();
-            for (key, state) in &part {
-                batch.insert(key.as_str(), state.clone());
-            }
-            self.trees.state.apply_batch(batch)?;
-            let mut overlay = self.overlay.write().map_err(|_| LogError::Closed)?;
-            for (key, _) in &part {
-                overlay.states.remove(key);
-            }
-        }
-        loop {
-            let part: Vec<([u8; 24], u64)> = {
-                let overlay = self.overlay.read().map_err(|_| LogError::Closed)?;
-                let part = overlay.ids.iter().take(CHECKPOINT_BATCH);
-                part.map(|(k, offset)| (*k, *offset)).collect()
-            };
-            if part.is_empty() {
-                break;
-            }
-            let mut batch = Batch::default();
-            for (k, offset) in &part {
-                batch.insert(&k[..], &offset.to_be_bytes());
-            }
-            self.trees.ids.apply_batch(batch)?;
-            let mut overlay = self.overlay.write().map_err(|_| LogError::Closed)?;
-            for (k, _) in &part {
-                overlay.ids.remove(k);
-            }
-        }
+        move_to_tree(
+            &self.overlay,
+            &self.trees.state,
+            |o| &o.states,
+            |o| &mut o.states,
+            |key, state| Ok((IVec::from(key.as_str()), IVec::from(state.encode()?))),
+        )?;
+        move_to_tree(
+            &self.overlay,
+            &self.trees.ids,
+            |o| &o.ids,
+            |o| &mut o.ids,
+            |k, offset| Ok((IVec::from(&k[..]), IVec::from(&offset.to_be_bytes()))),
+        )?;
         let mut vv = Batch::default();
         for (origin, seq) in &self.vv.0 {
             vv.insert(&origin.0, &seq.to_be_bytes());
@@ -1130,6 +1102,41 @@ impl Writer {
 
 /// Inserts `entries` into `tree`, `per` to a sled batch: sled keeps the node copies a
 /// batch replaces until it is done, so that one batch of everything held them all.
+/// Moves the entries of one of the overlay's maps (`map`, `map_mut`) into `tree`,
+/// [`CHECKPOINT_BATCH`] at a time as `entry` encodes them, each batch leaving the overlay
+/// once it is in the tree, so that a reader (overlay first, then tree) finds every entry
+/// in one or the other throughout (see `Writer::checkpoint`).
+fn move_to_tree<K: Ord + Clone, V>(
+    overlay: &RwLock<Overlay>,
+    tree: &Tree,
+    map: impl Fn(&Overlay) -> &BTreeMap<K, V>,
+    map_mut: impl Fn(&mut Overlay) -> &mut BTreeMap<K, V>,
+    entry: impl Fn(&K, &V) -> Result<(IVec, IVec), LogError>,
+) -> Result<(), LogError> {
+    loop {
+        let mut batch = Batch::default();
+        let keys: Vec<K> = {
+            let overlay = overlay.read().map_err(|_| LogError::Closed)?;
+            let part = map(&overlay).iter().take(CHECKPOINT_BATCH);
+            part.map(|(k, v)| {
+                let (key, value) = entry(k, v)?;
+                batch.insert(key, value);
+                Ok(k.clone())
+            })
+            .collect::<Result<_, LogError>>()?
+        };
+        if keys.is_empty() {
+            return Ok(());
+        }
+        tree.apply_batch(batch)?;
+        let mut overlay = overlay.write().map_err(|_| LogError::Closed)?;
+        let map = map_mut(&mut overlay);
+        for k in &keys {
+            map.remove(k);
+        }
+    }
+}
+
 fn insert_in_batches(
     tree: &Tree,
     entries: impl Iterator<Item = Result<(IVec, IVec), LogError>>,

@@ -471,7 +471,7 @@ async fn store_chunks<T: Send + 'static>(
 /// Batches of received chunks a session checks and stores at once. Each is checked as soon
 /// as it arrives, the next one while the one before is written, but written only after
 /// the one before: the chunks of a large file then reach its stream pack in order (see
-/// `ChunkStore::put_many_verified_at`). A receiver that falls behind its sender this way
+/// `ChunkStore::put_checked_at`). A receiver that falls behind its sender this way
 /// uses a second core for the checks, where one batch at a time left it idle while the
 /// sender, done, waited for the receiver to catch up.
 const STORING_AT_ONCE: usize = 2;

@@ -488,10 +488,8 @@ impl Hasher {
         cuts: Vec<Range<usize>>,
         put: &mut dyn FnMut(&Piece) -> Result<(), LogError>,
     ) -> Result<Vec<u8>, LogError> {
-        let slices: Vec<&[u8]> = cuts.iter().map(|range| &bytes[range.clone()]).collect();
-        let hashes = Hash::of_each(&slices);
-        drop(slices);
-        self.hashed(bytes, hashes.into_iter().zip(cuts).collect(), put)
+        let mut done = self.windows(vec![(bytes, cuts)], put)?;
+        Ok(done.pop().unwrap_or_default())
     }
 
     /// [`window`](Self::window) for several windows at once, in file order: their chunks
