@@ -1100,8 +1100,6 @@ impl Writer {
     }
 }
 
-/// Inserts `entries` into `tree`, `per` to a sled batch: sled keeps the node copies a
-/// batch replaces until it is done, so that one batch of everything held them all.
 /// Moves the entries of one of the overlay's maps (`map`, `map_mut`) into `tree`,
 /// [`CHECKPOINT_BATCH`] at a time as `entry` encodes them, each batch leaving the overlay
 /// once it is in the tree, so that a reader (overlay first, then tree) finds every entry
@@ -1137,6 +1135,8 @@ fn move_to_tree<K: Ord + Clone, V>(
     }
 }
 
+/// Inserts `entries` into `tree`, `per` to a sled batch: sled keeps the node copies a
+/// batch replaces until it is done, so that one batch of everything held them all.
 fn insert_in_batches(
     tree: &Tree,
     entries: impl Iterator<Item = Result<(IVec, IVec), LogError>>,
