@@ -44,7 +44,7 @@ fn main() -> ExitCode {
 ///   their allocations over up to sixteen arenas on two cores, and the room freed in each
 ///   stayed with the process. This alone took peak RSS in W2 of `bench/daemon/run.py` at
 ///   1.5 GiB from 142 / 97 MiB (sender / receiver) to 127 / 72 MiB, at the same speed
-///   (README, "Peak RSS is not flat").
+///   (`bench/daemon/NOTES.md`).
 /// - Memory freed at the top of a heap is kept up to 128 MiB rather than 128 KiB, and
 ///   blocks up to 32 MiB come from the heaps rather than from a mapping of their own.
 ///   Frames of up to 4 MiB are encoded and received into buffers of their own, one after
