@@ -7,7 +7,6 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use converge_api::abi::PluginKind;
-use converge_framework::log::{EventLog, LogConfig};
 use converge_framework::plugin::dylib::PluginRegistry;
 use converge_framework::plugin::Transport;
 use converge_framework::{EngineConfig, PeerConfig, PluginInfo, SyncEngine};
@@ -106,17 +105,7 @@ async fn serve_admin(
 /// admin API when `[admin]` is configured.
 pub async fn start(config: &Config, transport: TcpTransport) -> anyhow::Result<Daemon> {
     let db = config.data_dir.join("db");
-    let log = {
-        let path = db.clone();
-        tokio::task::spawn_blocking(move || EventLog::open(LogConfig::new(&path)))
-            .await?
-            .with_context(|| {
-                format!(
-                    "opening the event log in {} (is another converge running on it?)",
-                    db.display()
-                )
-            })?
-    };
+    let log = crate::init::open_log(&db).await?;
     // Libraries first: the folder's policy may be one of them.
     let registry = PluginRegistry::load_all(config.plugins.iter().map(|p| &p.path));
     for failure in registry.failures() {

@@ -86,17 +86,26 @@ pub async fn init(args: &InitArgs) -> anyhow::Result<Initialized> {
 /// needed) the event log under `data_dir/db` and closes it again.
 pub async fn replica_id(data_dir: &Path) -> anyhow::Result<ReplicaId> {
     let db = data_dir.join("db");
-    let log = EventLog::open(LogConfig::new(&db)).with_context(|| {
-        format!(
-            "opening the event log at {} (is a daemon running on this data dir?)",
-            db.display()
-        )
-    })?;
+    let log = open_log(&db).await?;
     let replica = log.replica();
     log.close()
         .await
         .with_context(|| format!("closing the event log at {}", db.display()))?;
     Ok(replica)
+}
+
+/// Opens (or creates) the event log in `db` on a blocking thread: opening reads the
+/// database, and waits a moment for its lock when another handle still holds it.
+pub async fn open_log(db: &Path) -> anyhow::Result<EventLog> {
+    let path = db.to_owned();
+    tokio::task::spawn_blocking(move || EventLog::open(LogConfig::new(&path)))
+        .await?
+        .with_context(|| {
+            format!(
+                "opening the event log in {} (is another converge running on it?)",
+                db.display()
+            )
+        })
 }
 
 /// The identity of an existing replica: like [`replica_id`], but refuses to create a new
