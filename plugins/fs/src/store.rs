@@ -766,10 +766,17 @@ fn apply_blocking(
             tracing::warn!("{why}");
         }
     }
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
+    // Asked only for a batch large enough to split: the standard library reads the
+    // process's cgroup files each time (about 20 system calls and 30 µs here), on the
+    // path of every small change to the peer's folder.
+    let threads = || std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
     // Threads may only split files that cannot get in each other's way: when one key is
     // below another (a file where another wants a directory), the batch stays in order.
-    if threads < 2 || files.len() < PARALLEL_FILES || any_nested(&files) {
+    let threads = match files.len() < PARALLEL_FILES || any_nested(&files) {
+        true => 1,
+        false => threads(),
+    };
+    if threads < 2 {
         w.put_files(&files)?;
     } else {
         // Writing a file is mostly system calls (create, write, mode, mtime, rename), each
