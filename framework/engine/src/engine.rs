@@ -2,7 +2,22 @@
 //!
 //! Start-up order matters (DESIGN §3): every store first re-applies what it had not
 //! finished before a crash, then sources start (so a half-written file is repaired, not
-//! mistaken for a local edit), then the network.
+//! mistaken for a local edit), then the network. A store that cannot catch up at start (a
+//! full disk, a mirror's disk not mounted) keeps its cursor and is tried again by its own
+//! loop, its error shown: it does not keep the replica from starting.
+//!
+//! Nothing that fails is fatal to the replica: it is tried again, and shown while it
+//! lasts. A source that fails is started again after a growing pause, and shows as down,
+//! with its error, until it has scanned again ([`SyncEngine::sources`]). A store whose
+//! batch fails keeps its cursor, shows the error ([`SubscriberStatus::error`]) and is
+//! tried again. Remote events whose append failed stay queued and are tried again after a
+//! growing pause ([`SyncEngine::applier_error`]). A peer session that fails once it is up
+//! (a lost connection, a timeout, what the peer sent not storable here, as on a full data
+//! dir) is counted with its error ([`PeerStatus::failed_sessions`],
+//! [`PeerStatus::last_error`]); a dial that fails is not, the peer shows as not connected.
+//!
+//! Metrics leave the engine as typed [`EngineEvent`]s through an [`Observer`], so the
+//! engine depends on no metrics crate.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -141,7 +156,7 @@ pub struct PeerStatus {
     pub events_received: u64,
     /// Sessions with it that ended with an error (a lost connection, a timeout, a
     /// protocol violation, or this replica failing to store what it sent, such as on a
-    /// full disk).
+    /// full disk). A dial that fails is not counted: the peer shows as not connected.
     pub failed_sessions: u64,
     /// Why the last failed session failed; cleared when a session ends cleanly or once a
     /// later one has been up for `SESSION_ERROR_SHOWN` (a minute).
@@ -1071,7 +1086,8 @@ impl SyncEngine {
         Ok(())
     }
 
-    /// Drops the projection and folds the whole log into it again.
+    /// Folds the whole log into the projection again (see
+    /// [`EventLog::rebuild`](crate::log::EventLog::rebuild)).
     pub async fn rebuild(&self) -> Result<u64, EngineError> {
         Ok(self.inner.log.rebuild().await?)
     }
@@ -1548,7 +1564,9 @@ async fn catch_up(
 /// events waiting after it is only shown, within [`UNSYNCED_EVENTS_MAX`] and
 /// [`UNSYNCED_FOR_MAX`]: one sync then covers several batches, and the store writes the
 /// next one without waiting for the disk. The cursor moves once they are synced, after
-/// the last batch (W1 of `bench/daemon/run.py`, `ab.py --reps 9`: 1.13 → 0.99 s, its
+/// the last batch. A sync between every two batches of 4,096 events left the receiver's
+/// writers idle for each `syncfs`, and had each one write back the inodes the next batch
+/// was about to change (W1 of `bench/daemon/run.py`, `ab.py --reps 9`: 1.13 → 0.99 s, its
 /// syncs no longer between the receiver's batches).
 async fn apply_next_batch(
     inner: &Arc<Inner>,

@@ -63,12 +63,13 @@ const CHECKPOINT_BATCH: usize = 512;
 /// Small on purpose. sled fills its cache as the database grows, and the nodes it holds
 /// take about 1.6 times what the cache counts, so a larger cache is memory that grows
 /// with the number of files until the cache is full: with 64 MiB, a W1 sync of 400,000
-/// files peaked 70–90 MiB higher than one of 100,000 (`bench/daemon/rss.py`). With
-/// 4 MiB the cache is full early (a folder's entries take about 120 bytes a file in the
-/// `state` tree alone). A read that misses it reads the node back from sled's file, most
-/// often from the operating system's page cache, and decodes it: the log's readers follow
-/// its tail, which was just written, and a scan reads one directory's keys together.
-/// Measured: W1 no slower, a restart's scan of 100,000 files 10–15% slower.
+/// files peaked 70–90 MiB higher than one of 100,000 (`bench/daemon/rss.py`; see the
+/// README, "Peak memory as the workload grows"). With 4 MiB the cache is full early (a
+/// folder's entries take about 120 bytes a file in the `state` tree alone). A read that
+/// misses it reads the node back from sled's file, most often from the operating
+/// system's page cache, and decodes it: the log's readers follow its tail, which was just
+/// written, and a scan reads one directory's keys together. Measured: W1 no slower, a
+/// restart's scan of 100,000 files 10–15% slower.
 pub const CACHE_BYTES: u64 = 4 << 20;
 
 /// Most events stored in one entry of the `log` tree: a group commit writes its events
@@ -429,8 +430,13 @@ impl EventLog {
         rx.await.map_err(|_| LogError::Closed)?
     }
 
-    /// Drops the projection and folds the whole log into it again, with appends held off
-    /// meanwhile. Returns the number of events folded.
+    /// Folds the whole log into the projection again, with appends held off meanwhile.
+    /// Returns the number of events folded.
+    ///
+    /// The fold is done in memory first, and the derived trees are rewritten only once it
+    /// worked: a log that cannot be read to its end (damage, an I/O error) leaves the
+    /// projection as it was. They are rewritten in place, never cleared, so a reader meets
+    /// each key's state as it was or as rebuilt, never none.
     pub async fn rebuild(&self) -> Result<u64, LogError> {
         let (tx, rx) = oneshot::channel();
         self.sender()?

@@ -1,5 +1,13 @@
 //! PendingQueue: remote events that cannot be appended yet — ahead of a gap in their
 //! origin's sequence, or waiting for content chunks.
+//!
+//! A remote event is appended only once its content is complete, or together with a later
+//! event of its origin that supersedes it (names it as a parent for its key, directly or
+//! through events appended with it); its content is then not asked for either (see
+//! [`PendingQueue::take_ready`]). Such an event is never a head, so no store needs its
+//! content, which may be gone for good (a lent pack changed in place); and waiting for it
+//! would hold back every later event of its origin. So every head in the log can be
+//! materialized.
 
 use std::collections::{BTreeMap, HashMap};
 
