@@ -119,7 +119,8 @@ const GATHER_CAPACITY: usize = GATHER_BYTES + GATHER_FILE_MAX as usize + (4 << 1
 /// Chunks of small files that a scan thread has read but not stored yet. Storing them
 /// together is one write to the pack for many files: written one file at a time, the
 /// sender's pack writes took 11% of its time in W1 of `bench/daemon/run.py`, three times
-/// what the receiver paid for the same bytes written in batches. The scan lets out no
+/// what the receiver paid for the same bytes written in batches (`ab.py --workload W1
+/// --reps 9`, gathered: 0.80 → 0.71 s, A's CPU 0.56 → 0.48 s). The scan lets out no
 /// change that names them before [`store`](Self::store) has succeeded.
 #[derive(Debug, Default)]
 pub(crate) struct Gathered {

@@ -9,6 +9,13 @@
 //!
 //! Records are kept five minutes; past [`RECORDS_KEPT`] records, those of files that say
 //! no more than the key's heads go sooner (see [`Echo::prune`]).
+//!
+//! The record also carries what passes between the two the other way. The store numbers
+//! each change it makes at a key's path ([`Echo::wrote`]; the latest per key kept five
+//! minutes), which orders its changes against the source's looks. The source notes the
+//! files it has just read and recorded, which the store then need not look at
+//! ([`Echo::note_read`]), and the events it recorded from the folder, which the folder
+//! shows before the store's cursor says so ([`Echo::note_emitted`]).
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fs::Metadata;
@@ -326,11 +333,21 @@ impl Echo {
     /// so the store need not look. At most [`READ_NOTES`] are kept (a store far behind its
     /// source then looks, as before).
     ///
+    /// A change of the store's at the key's path after the source looked spoils the note
+    /// ([`Echo::take_read`]). The source drops it before it judges an entry there
+    /// ([`Echo::look`]), or a removal the store accounts for ([`Echo::absence_accounted`]),
+    /// from the echo record: what it decides then may rest on the record, and the store
+    /// must look for itself rather than skip. A removal the store does not account for
+    /// keeps the note: the store skips rather than write back a file removed right after
+    /// it was recorded, and the source records the removal.
+    ///
     /// A record that the store removed the file, the removal made before the source
     /// looked, is dropped too: the file was there after that removal, so its going now is
     /// no echo of the store's but a removal of the user's, for the source to record (see
-    /// [`Echo::absence_accounted`]). A removal recorded and not yet made (or made and not
-    /// yet numbered) stays: the source's look may have come before it.
+    /// [`Echo::absence_accounted`]). (Once, the source took a file made again and removed
+    /// at once for the store's older removal, and the store wrote it back.) A removal
+    /// recorded and not yet made (or made and not yet numbered) stays: the source's look
+    /// may have come before it.
     pub(crate) fn note_read(&self, key: &Key, read: Applied, writes: u64) {
         let mut notes = locked(&self.read);
         if notes.len() < READ_NOTES || notes.contains_key(key) {

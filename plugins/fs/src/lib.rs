@@ -7,8 +7,10 @@
 //! - [`FsSource`] scans the folder at start (in parallel, on blocking threads, comparing
 //!   each entry with the projection by size and mtime, then by content hash), then watches
 //!   it (inotify on Linux, `notify` elsewhere), debounced by [`FsConfig::debounce`].
-//! - [`FsStore`] writes each file to a temp file in the same directory and renames it over
-//!   the final path, removes what lost, and makes each batch durable at once (`syncfs`).
+//! - [`FsStore`] writes each file to a temp file (in its temp dir, or beside the file)
+//!   and renames it over the final path, or where nothing is there links a file with no
+//!   name into place; it removes what lost, and makes each batch durable at once
+//!   (`syncfs`) before its cursor moves.
 //! - File content becomes the tree of DESIGN §2: FastCDC data chunks (4 / 16 / 64 KiB),
 //!   BLAKE3 hashes, index nodes built by [`converge_api::content::TreeBuilder`]; see
 //!   [`content`].
@@ -22,7 +24,10 @@
 //! keeps its own, like Syncthing's `.stignore`). Always ignored: the configured `exclude`
 //! paths, the store's temp files (`.converge-tmp-*`) and conflict copies
 //! (`*.sync-conflict-*`). Symlinks are never followed and names that are not UTF-8 are
-//! skipped; both are reported with a warning.
+//! skipped; both are reported with a warning. The scan skips symlinks, the store writes
+//! nothing below one, the watcher watches none and the source drops every path with a
+//! symlinked directory between it and the root, and a key below a symlinked directory
+//! counts as gone.
 //!
 //! ```no_run
 //! use converge_framework::log::{EventLog, LogConfig};

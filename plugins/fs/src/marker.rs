@@ -9,6 +9,13 @@
 //! nothing: the source fails and is started again (by the engine, after a growing pause)
 //! until the marker is back, and the store's batches wait. (Syncthing's `.stfolder` is the
 //! same safeguard.)
+//!
+//! A folder deleted whole while the daemon runs (`rm -rf`, which removes the marker
+//! somewhere in the middle) records none of its removals: the source holds the removals
+//! it sees until none has come for a second (ten at most) and checks them again then,
+//! marker included (`REMOVALS_QUIET` in `watch.rs`). A mirror marks its own folder on its
+//! first write and, once it has written, writes nothing while that folder is missing or
+//! empty without the marker (a backup disk not mounted).
 
 use std::path::Path;
 

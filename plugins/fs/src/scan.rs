@@ -5,6 +5,54 @@
 //! size and mtime as a head means unchanged, otherwise the file is chunked (its chunks go
 //! into the content store) and its root compared. Keys the projection shows but the disk
 //! lacks become deletes, children before their directory. Changes are appended in batches.
+//!
+//! A scan records nothing that would undo what the folder does not show yet. A head is
+//! shown once the folder's store has applied it (it is before the furthest cursor the
+//! store reached; a replay's rewind does not count: [`Echo::shown_up_to`]), or once the
+//! folder's source recorded it from the folder (the source notes the runs of ids it emits
+//! until the store's cursor passes them: [`Echo::note_emitted`]). The scan reads the log's
+//! length and version vector as one pair
+//! ([`EventLog::published`](converge_framework::log::EventLog::published)) before the
+//! heads, and the events not applied yet up to that length, once per scan, from the
+//! cursor on; a head beyond that vector was appended meanwhile and is looked up by offset
+//! ([`Projection::shows`]). For a key with a head not shown, a scan records no removal, no
+//! directory, and a file only in a state the log does not know (the user's change, which
+//! the store waits on rather than replace). Otherwise a rescan while the store is behind
+//! would take a peer's (or a plugin's) new file, not written yet, for a local removal, and
+//! the older version still in the folder for a local edit, and record both over that
+//! change on every replica.
+//!
+//! Changes are stamped with when they were made
+//! ([`LocalChange::made_at_ms`](converge_framework::log::LocalChange::made_at_ms)): a
+//! file's or directory's ctime, and for a removal the ctime of the nearest directory
+//! still there ([`removed_at_ms`]). The log takes that for the event's clock when it is
+//! earlier than now, never at or below what it stamped before, so the clock stays
+//! monotonic while an edit made while the daemon was stopped is ordered by
+//! last-write-wins as of when it was made.
+//!
+//! Files are read as [`open_file`] opens them: never through a symlink, never a FIFO or a
+//! device, without touching their access time where the kernel allows it, and only when
+//! what opens is the very inode the scan looked at, unchanged (a directory above it
+//! swapped for a symlink opens another file, which is not read: nothing outside the folder
+//! reaches the content store that way). After the read the open handle's stat says the
+//! file is still unchanged, with no second look-up of the path ([`store_file_read`]). A
+//! walker thread gathers the chunks of the small files it reads and stores them in one
+//! call, one write to the pack ([`Gathered`]); what it found waits until then, so that no
+//! change naming them reaches the log first ([`Outbox`]).
+//!
+//! Conflict copies (`name.sync-conflict-<date>-<origin>.ext`, for the heads a policy such
+//! as `conflict-copy` names) are derived from the heads by every replica alike and are
+//! never keys. A copy deleted by hand reads as "keep the winner" (DESIGN §2): the source
+//! records the winner's operation again, which names every head as a parent and so merges
+//! the conflict ([`merge_for_deleted_copy`], which the watcher asks as it sees the copy
+//! go). The scan at start does the same for a copy deleted while the daemon was stopped,
+//! once the store's cursor shows it wrote the key's copies
+//! ([`merges_for_deleted_copies`]). The engine reads such a merge from the batch it hands
+//! a store and names the copies it ends
+//! ([`KeyView::merged_copies`](converge_framework::plugin::KeyView::merged_copies)); the
+//! folder store removes its own of them, unless changed since, so a copy deleted on one
+//! replica goes on every replica. After any other merge (an edit or a delete of the key)
+//! copies stay.
 
 use std::collections::HashSet;
 use std::fs::{File, FileType, Metadata};
