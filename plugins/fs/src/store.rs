@@ -1382,8 +1382,13 @@ impl Writer {
                     path.display()
                 ))))
             }
+            // A file became a directory: the file goes if it is in a state the log knows;
+            // one changed here and not recorded yet is the user's, so the key waits (as
+            // a key below such a file does, see `resolve`) until the source records it.
+            Ok(m) if !self.knows(key, &path, &m) => {
+                return Err(FsError::Unrecorded { path });
+            }
             Ok(_) => {
-                // A file became a directory.
                 remove_file(&path)?;
                 self.changed(key);
                 self.create_dir(key, &path)?;

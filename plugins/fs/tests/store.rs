@@ -672,6 +672,57 @@ async fn a_key_below_an_unrecorded_file_waits_for_the_change_to_be_recorded() {
     assert_eq!(copies, [b"edited here, later".to_vec()]);
 }
 
+/// A file changed here and not recorded yet, where a peer's event makes its key a
+/// directory, is not removed to make way: the key waits until the source has recorded
+/// the edit, which then supersedes the directory and stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unrecorded_file_is_not_removed_to_make_its_key_a_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let (source, store) = folder(FsConfig::new(dir.path()));
+    let log = common::log();
+    write(dir.path(), "x", b"a file");
+    scan_once(&source, &log).await;
+    let recorded = log.read(0, 1).unwrap().remove(0).1.id;
+
+    // The peer replaced the file with a directory; here it was edited meanwhile.
+    write(dir.path(), "x", b"edited here, later");
+    let made_dir = converge_api::Event {
+        id: converge_api::EventId {
+            origin: converge_api::ReplicaId([7; 16]),
+            seq: 1,
+        },
+        hlc: Hlc {
+            wall_ms: u64::MAX / 2,
+            logical: 0,
+        },
+        key: key("x"),
+        parents: vec![recorded],
+        op: Op::Put {
+            content: None,
+            meta: converge_api::Meta::dir(1_700_000_000_000),
+        },
+    };
+    log.append(vec![made_dir]).await.unwrap();
+    apply(&store, &log, views(&log)).await;
+    assert_eq!(
+        std::fs::read(dir.path().join("x")).unwrap(),
+        b"edited here, later"
+    );
+    assert_eq!(store.failed(), 1, "x waits for the edit to be recorded");
+
+    // The source records the edit over the directory: it wins, and the file stays.
+    let len = log.len();
+    scan_once(&source, &log).await;
+    assert_eq!(log.len(), len + 1, "the edit is recorded");
+    apply(&store, &log, views(&log)).await;
+    assert_eq!(store.failed(), 0);
+    assert_eq!(
+        std::fs::read(dir.path().join("x")).unwrap(),
+        b"edited here, later"
+    );
+    assert_eq!(shown(&log)["x"].0, EntryKind::File);
+}
+
 /// A mirror marks its folder on its first write. Once it has written (its cursor is past
 /// the start), a missing or empty folder without the marker is a backup disk not mounted:
 /// the batch fails, nothing is written there, and it is written once the disk is back.
