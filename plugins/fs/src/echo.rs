@@ -593,37 +593,23 @@ pub(crate) fn known(log: &EventLog, echo: &Echo, key: &Key, path: &Path, m: &Met
         }
         consider(s, x, root);
     }
-    let mut queue: VecDeque<EventId> = match log.heads(key) {
-        Ok(heads) => heads.iter().map(|h| h.id).collect(),
-        Err(e) => {
-            tracing::warn!("{key}: reading its heads: {e}; taking the file as known");
-            return Known::Assumed;
-        }
-    };
-    let mut seen = HashSet::new();
-    while let Some(id) = queue.pop_front() {
-        if !seen.insert(id) || seen.len() > KNOWN_SEARCH {
-            continue;
-        }
-        let event = match log.get(&id) {
-            Ok(Some(event)) => event,
-            Ok(None) => continue,
-            Err(e) => {
-                tracing::warn!("{key}: reading event {id:?}: {e}; taking the file as known");
-                return Known::Assumed;
-            }
-        };
-        if let Op::Put {
+    let found = search_history(log, key, |op| match op {
+        Op::Put {
             content: Some(c),
             meta,
-        } = &event.op
-        {
-            if put_stat(&event.op) == Some(stat) {
-                return Known::Stat(c.root);
+        } => {
+            if put_stat(op) == Some(stat) {
+                return Some(c.root);
             }
             consider(c.size, meta.executable, c.root);
+            None
         }
-        queue.extend(event.parents);
+        _ => None,
+    });
+    match found {
+        Some(Searched::Found(root)) => return Known::Stat(root),
+        None => return Known::Assumed,
+        Some(Searched::NotFound) => {}
     }
     if roots.is_empty() {
         return Known::No;
@@ -638,6 +624,84 @@ pub(crate) fn known(log: &EventLog, echo: &Echo, key: &Key, path: &Path, m: &Met
             Known::No
         }
     }
+}
+
+/// Whether a file of `content` with the mode `executable`, read from `key`'s path, is in a
+/// state the store or the log knows: what the store last wrote there, or what an event of
+/// the key's history put. As [`known`], for a caller that has read the file already, by
+/// its root and never by reading it again. A log that cannot be read counts as knowing
+/// it (a warning says so), as in [`known`].
+pub(crate) fn known_content(
+    log: &EventLog,
+    echo: &Echo,
+    key: &Key,
+    content: &ContentRef,
+    executable: bool,
+) -> bool {
+    let state = (content.size, executable, content.root);
+    if let Some(Applied::File {
+        size,
+        executable: x,
+        root,
+        ..
+    }) = echo.get(key)
+    {
+        if (size, x, root) == state {
+            return true;
+        }
+    }
+    let found = search_history(log, key, |op| match op {
+        Op::Put {
+            content: Some(c),
+            meta,
+        } if (c.size, meta.executable, c.root) == state => Some(()),
+        _ => None,
+    });
+    !matches!(found, Some(Searched::NotFound))
+}
+
+/// What [`search_history`] found.
+enum Searched<T> {
+    /// What `visit` returned for an event.
+    Found(T),
+    /// No event of the history searched gave anything.
+    NotFound,
+}
+
+/// Calls `visit` with the op of each event of `key`'s history, its heads first and then
+/// their parents, nearest first, at most [`KNOWN_SEARCH`] events, until it returns
+/// something. `None` when the log could not be read (a warning says so).
+fn search_history<T>(
+    log: &EventLog,
+    key: &Key,
+    mut visit: impl FnMut(&Op) -> Option<T>,
+) -> Option<Searched<T>> {
+    let mut queue: VecDeque<EventId> = match log.heads(key) {
+        Ok(heads) => heads.iter().map(|h| h.id).collect(),
+        Err(e) => {
+            tracing::warn!("{key}: reading its heads: {e}; taking the file as known");
+            return None;
+        }
+    };
+    let mut seen = HashSet::new();
+    while let Some(id) = queue.pop_front() {
+        if !seen.insert(id) || seen.len() > KNOWN_SEARCH {
+            continue;
+        }
+        let event = match log.get(&id) {
+            Ok(Some(event)) => event,
+            Ok(None) => continue,
+            Err(e) => {
+                tracing::warn!("{key}: reading event {id:?}: {e}; taking the file as known");
+                return None;
+            }
+        };
+        if let Some(found) = visit(&event.op) {
+            return Some(Searched::Found(found));
+        }
+        queue.extend(event.parents);
+    }
+    Some(Searched::NotFound)
 }
 
 #[cfg(test)]

@@ -59,7 +59,7 @@ use notify::EventKind;
 use tokio::sync::mpsc;
 
 use crate::content::changed_at_ms;
-use crate::echo::{Applied, Echo};
+use crate::echo::{known_content, Applied, Echo};
 use crate::error::FsError;
 use crate::marker;
 use crate::rules::{below_symlink, ignore_file_hash, Rules};
@@ -653,6 +653,17 @@ struct Plan {
 /// A directory that arrived (renamed in, or made again where one left or while removals
 /// below it are held) is scanned whole even where the log shows one, and even where the
 /// store made one lately: it brings contents of its own, which produced no events.
+/// Whether the folder shows `key`'s heads ([`Projection::shows`]); what the store has not
+/// applied is read into `projection` the first time a batch asks (it reads every event
+/// past the store's cursor), and the heads after it, as `shows` asks.
+fn shows_heads(env: &Env, projection: &mut Option<Projection>, key: &Key) -> Result<bool, FsError> {
+    let projection = match projection {
+        Some(p) => p,
+        None => projection.insert(Projection::unshown(&env.log, &env.echo)?),
+    };
+    Ok(projection.shows(&env.log, &env.log.heads(key)?))
+}
+
 fn plan(env: &Env, paths: BTreeSet<PathBuf>, arrived: &HashSet<PathBuf>) -> Result<Plan, FsError> {
     let mut puts = Vec::new();
     let mut subtrees = Vec::new();
@@ -661,6 +672,8 @@ fn plan(env: &Env, paths: BTreeSet<PathBuf>, arrived: &HashSet<PathBuf>) -> Resu
     // so a directory comes before its contents.
     let mut handled: Vec<Key> = Vec::new();
     let mut real_dirs = HashSet::new();
+    // What the folder's store has not applied yet, read once a batch needs it.
+    let mut projection = None;
     for path in paths {
         if path == env.rules.root() || !path.starts_with(env.rules.root()) {
             continue;
@@ -710,6 +723,18 @@ fn plan(env: &Env, paths: BTreeSet<PathBuf>, arrived: &HashSet<PathBuf>) -> Resu
             }
             Ok(m) if m.is_file() => {
                 match examine_file(env, &key, &path, Looked::Path(&m), writes, &heads, None) {
+                    // As a scan judges (see `scan::file_found`): a file in a state the log
+                    // knows (an older version, touched or saved again unchanged) while
+                    // the folder does not show the key's heads yet is what the store is to
+                    // replace; recorded, it would undo those heads on every replica.
+                    Ok((
+                        Some(Op::Put {
+                            content: Some(c),
+                            meta,
+                        }),
+                        _,
+                    )) if known_content(&env.log, &env.echo, &key, &c, meta.executable)
+                        && !shows_heads(env, &mut projection, &key)? => {}
                     Ok((Some(op), _)) => {
                         puts.push(LocalChange::new(key, op).made_at(changed_at_ms(&m)));
                     }

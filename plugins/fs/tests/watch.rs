@@ -269,6 +269,45 @@ async fn a_rescan_does_not_undo_what_the_store_has_not_written_yet() {
     running.stop().await;
 }
 
+/// A file saved again unchanged (an older version the log knows) while the store has not
+/// written the peer's newer one yet is not recorded by the watcher (it would undo the
+/// peer's version on every replica), as a scan would not record it; an edit to new
+/// content is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_known_version_saved_again_does_not_undo_what_the_store_has_not_written_yet() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_owned();
+    write(&root, "f.txt", b"v1");
+    let log = common::log();
+    let (running, _store) = Running::start_folder(FsConfig::new(&root), &log).await;
+    // The store has shown v1, and shows nothing after it in this test.
+    log.set_cursor("folder", log.len()).await.unwrap();
+
+    let f = common::key("f.txt");
+    let parents = log.heads(&f).unwrap().iter().map(|h| h.id).collect();
+    let newer = common::remote_put(&log, 1, "f.txt", b"v2, a peer's", u64::MAX / 2, parents);
+    log.append(vec![newer]).await.unwrap();
+    // Saved again as it was (v1's bytes, another mtime), then another file, whose record
+    // says the watcher has been through both.
+    write(&root, "f.txt", b"v1");
+    common::set_mtime(&root, "f.txt", 1_800_000_000);
+    write(&root, "g.txt", b"g");
+    wait_until(&log, "g.txt", |s| s.contains_key("g.txt")).await;
+    assert_eq!(
+        common::shown(&log).get("f.txt"),
+        Some(&(File, 12, false)),
+        "the peer's version was undone"
+    );
+
+    write(&root, "f.txt", b"the user's own, v3");
+    wait_until(&log, "the user's f.txt", |s| {
+        s.get("f.txt") == Some(&(File, 18, false))
+    })
+    .await;
+
+    running.stop().await;
+}
+
 /// The folder itself removed, or moved away and replaced by another directory, while the
 /// source watches it: the source fails (shown down, started again by the engine once the
 /// folder is back) rather than watch nothing, and records nothing.
