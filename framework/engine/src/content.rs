@@ -1704,9 +1704,23 @@ impl ChunkStore {
             return Ok(elsewhere_all());
         };
         pack.used = clock;
-        let last = run
-            .last()
-            .map_or(0, |&(_, bytes, offset)| offset + bytes.len() as u64);
+        let last = run.last().map_or(0, |&(_, bytes, offset)| {
+            offset.saturating_add(bytes.len() as u64)
+        });
+        // Blocks are reserved only ahead of a stream written in order. A run that skips
+        // ahead (the chunks between are held already, as when a peer pushes only the
+        // parts of a large file that changed) would have them reserved all the way to
+        // its far end, inside the file where nothing ever writes them and no trim gives
+        // them back: from there on the pack allocates as it writes.
+        let mut next = pack.written.len();
+        let in_order = run.iter().all(|&(_, bytes, offset)| {
+            let follows = offset == next;
+            next = offset.saturating_add(bytes.len() as u64);
+            follows
+        });
+        if !in_order {
+            pack.reserving = false;
+        }
         if pack.reserving && last > pack.allocated {
             match allocate_ahead(&pack.file, pack.allocated, last) {
                 Some(end) => pack.allocated = end,
@@ -4493,6 +4507,54 @@ mod tests {
                     .collect()
             })
             .collect()
+    }
+
+    /// A stream that skips ahead (a peer pushing only the chunks of a large file this
+    /// replica lacks) has no blocks reserved across the gap: they would lie inside the
+    /// pack, never written and never given back.
+    #[test]
+    fn a_stream_that_skips_ahead_reserves_no_blocks_across_the_gap() {
+        use std::os::unix::fs::MetadataExt;
+        let (dir, _db, store) = scratch();
+        let chunks = chunks_of(&[5000, 7000], 9);
+        let far = 256 << 20;
+        let items: Vec<PushedItem> = vec![
+            (
+                Hash::of(&chunks[0]),
+                chunks[0].clone(),
+                Some(Place {
+                    stream: 51,
+                    offset: 0,
+                }),
+            ),
+            (
+                Hash::of(&chunks[1]),
+                chunks[1].clone(),
+                Some(Place {
+                    stream: 51,
+                    offset: far,
+                }),
+            ),
+        ];
+        put_pushed(&store, &items);
+        store.sync().unwrap();
+        let mut packs: Vec<std::fs::Metadata> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap())
+            .filter(|e| e.file_name().to_string_lossy().starts_with("pack-"))
+            .map(|e| e.metadata().unwrap())
+            .collect();
+        packs.sort_by_key(|m| m.len());
+        let stream = packs.last().unwrap();
+        assert_eq!(stream.len(), far + 7000, "the far chunk is at its place");
+        assert!(
+            stream.blocks() * 512 < 33 << 20,
+            "{} bytes allocated for 12,000 bytes of chunks",
+            stream.blocks() * 512
+        );
+        for (hash, bytes, _) in &items {
+            assert_eq!(&store.get(hash).unwrap().unwrap(), bytes);
+        }
     }
 
     /// A stream pack that local content relies on for a chunk (a file put here holding a
