@@ -505,9 +505,48 @@ struct Inner {
     /// more, never synced again, and no longer trusted (see the module docs). Never
     /// emptied: what a failed writeback spoilt in them is not known.
     failed: RwLock<HashSet<u32>>,
-    /// Packs whose pages are no longer dropped from the page cache (see
+    /// Packs whose pages are not dropped from the page cache (see
     /// [`ChunkStore::drop_behind`]).
-    keep_pages: Mutex<HashSet<u32>>,
+    keep_pages: Mutex<KeptPages>,
+}
+
+/// Packs marked in [`KeptPages::syncing`] for as long as this lives.
+struct SyncingPages<'a> {
+    inner: &'a Inner,
+    ids: Vec<u32>,
+}
+
+impl<'a> SyncingPages<'a> {
+    fn mark(inner: &'a Inner, ids: impl IntoIterator<Item = u32>) -> SyncingPages<'a> {
+        let ids: Vec<u32> = ids.into_iter().collect();
+        if let Ok(mut keep) = inner.keep_pages.lock() {
+            keep.syncing.extend(&ids);
+        }
+        SyncingPages { inner, ids }
+    }
+}
+
+impl Drop for SyncingPages<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut keep) = self.inner.keep_pages.lock() {
+            for id in &self.ids {
+                keep.syncing.remove(id);
+            }
+        }
+    }
+}
+
+/// Packs whose pages [`ChunkStore::drop_behind`] leaves in the page cache.
+#[derive(Default)]
+struct KeptPages {
+    /// For good: a wait for their writeback heard of a failure.
+    kept: HashSet<u32>,
+    /// While a sync of them is under way, and until a failed one has given them up: the
+    /// sync's `fdatasync` hears of a failed writeback for every descriptor opened before,
+    /// and a wait for writeback on a descriptor opened after that hears of nothing, so it
+    /// would drop pages whose writeback failed, all that is left of their bytes (see
+    /// `write_again`), before the pack is marked given up.
+    syncing: HashSet<u32>,
 }
 
 impl Inner {
@@ -1017,7 +1056,7 @@ impl ChunkStore {
                 lent: RwLock::new(HashSet::new()),
                 in_use: Arc::default(),
                 failed: RwLock::new(HashSet::new()),
-                keep_pages: Mutex::new(HashSet::new()),
+                keep_pages: Mutex::new(KeptPages::default()),
             }),
         })
     }
@@ -1894,6 +1933,9 @@ impl ChunkStore {
         w.new_streams = 0;
         drop(w);
 
+        // Their pages stay in the page cache until this sync has succeeded, or has
+        // given them up (see `KeptPages::syncing`); taken out of the set on every way out.
+        let _kept = SyncingPages::mark(inner, files.iter().map(|(id, _)| *id));
         let synced = files
             .iter()
             .try_for_each(|(id, file)| {
@@ -2260,13 +2302,15 @@ impl ChunkStore {
             let Some(inner) = store.upgrade() else {
                 return;
             };
-            let given_up = inner.failed.read().map_or(true, |f| f.contains(&id));
+            // Given up is read under this lock: a failed sync gives its packs up before
+            // it takes them out of `syncing`, under the same lock.
             let Ok(mut keep) = inner.keep_pages.lock() else {
                 return;
             };
+            let given_up = inner.failed.read().map_or(true, |f| f.contains(&id));
             if !waited {
-                keep.insert(id);
-            } else if !keep.contains(&id) && !given_up {
+                keep.kept.insert(id);
+            } else if !keep.kept.contains(&id) && !keep.syncing.contains(&id) && !given_up {
                 evict(&file, range);
             }
         });
