@@ -43,7 +43,14 @@
 //! write is done: [`Writer::writing`]), and once a `syncfs` succeeds it drops the notes of
 //! the batches it covered, with those of older batches' keys they settled ([`Unsynced`]).
 //! After a failed batch the notes are saved in the state dir (`<store>.unsynced`), as a
-//! restart does not empty the page cache. The directory `syncfs` is called on is opened
+//! restart does not empty the page cache. The folder's own store also saves them, with
+//! the keys of the files a batch is to write, before the batch writes any: a power loss
+//! before its sync can leave a file torn (its name and size on disk, not its data), in
+//! no state the log knows, which the store would otherwise leave as a change made here
+//! and the scan record on every replica. At the next start such a key's file, changed
+//! last before the machine started, is written again ([`Writer::left_torn`]); one changed
+//! since is the user's. Each batch with files costs that save (two `fsync`s, of the
+//! small file and of the state dir). The directory `syncfs` is called on is opened
 //! before the first write of the first batch it covers: the kernel reports through a new
 //! descriptor only the errors no one has heard of yet, so one opened later could miss
 //! those another sync heard of. (A descriptor of the root kept for the daemon's life
@@ -161,6 +168,10 @@ struct Durability {
     /// `unsynced` was saved to the state dir and not removed since (see
     /// [`FsStore::unsynced_file`]).
     saved: AtomicBool,
+    /// When the machine started, in ms since the epoch (see [`Writer::left_torn`]): read
+    /// from the kernel when first asked, or set by [`FsStore::booted_at`]; `None` where it
+    /// cannot be known.
+    booted_ms: std::sync::OnceLock<Option<i64>>,
 }
 
 /// Batches a store showed ([`Store::show`]) and has not synced yet.
@@ -223,6 +234,37 @@ impl Durability {
             *pending = None;
         }
         self.failed_since_sync.store(true, Ordering::Release);
+    }
+
+    /// Saves at `path`, before a batch writes any file, the keys of the files it is to
+    /// write with those written and not synced yet. A power loss before the batch's sync
+    /// can leave such a file torn (its name and size on disk, its data not), and a torn
+    /// file is in no state the log knows: without this the next start would take it for
+    /// a change made here, leave it, and have the scan record it on every replica. With
+    /// it, the next start writes it again (see [`Writer::left_torn`]). A failure to save
+    /// is logged and the batch goes on: it loses only that protection.
+    fn write_ahead<'a>(&self, path: Option<&Path>, keys: impl Iterator<Item = &'a Key>) {
+        let Some(path) = path else { return };
+        let all: Vec<Key> = match self.unsynced.lock() {
+            Ok(unsynced) => {
+                let mut all: Vec<Key> = unsynced.keys().cloned().collect();
+                all.extend(keys.filter(|k| !unsynced.contains_key(*k)).cloned());
+                all
+            }
+            Err(_) => return,
+        };
+        match save_state(path, "keys being written", &all) {
+            Ok(()) => self.saved.store(true, Ordering::Release),
+            Err(e) => tracing::error!(
+                "{e}: after a power loss before this batch is synced, a file it leaves torn \
+                 would be taken for a change made here"
+            ),
+        }
+    }
+
+    /// When the machine started (see [`Durability::booted_ms`]).
+    fn booted_ms(&self) -> Option<i64> {
+        *self.booted_ms.get_or_init(boot_time_ms)
     }
 
     /// Keeps the keys written and not synced at `path` across a restart once a batch
@@ -298,8 +340,20 @@ impl FsStore {
     /// The file that keeps the keys written and not synced after a failed batch (see
     /// [`Unsynced`]), if the store has a state dir.
     fn unsynced_file(&self) -> Option<PathBuf> {
-        let dir = self.config.state_dir.as_ref()?;
-        Some(dir.join(format!("{}.unsynced", self.name)))
+        unsynced_path(&self.config, &self.name)
+    }
+
+    /// Takes the machine as started at `at` rather than when the kernel says: for tests,
+    /// which can neither stage a power loss nor set a file's change time back (see
+    /// [`Writer::left_torn`]).
+    #[doc(hidden)]
+    pub fn booted_at(self, at: std::time::SystemTime) -> Self {
+        let ms = at
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()
+            .and_then(|d| i64::try_from(d.as_millis()).ok());
+        let _ = self.durability.booted_ms.set(ms);
+        self
     }
 
     /// Makes this the folder's own store, whose source records local changes: a file
@@ -564,6 +618,26 @@ impl Store for FsStore {
 
 /// Writes `items` (the views that failed, or the keys not synced: `what`) to `path`,
 /// replacing it atomically, durably; removes it when there are none.
+/// The file that keeps the keys written and not synced of the store `name` (see
+/// [`FsStore::unsynced_file`]), if it has a state dir.
+fn unsynced_path(config: &FsConfig, name: &str) -> Option<PathBuf> {
+    let dir = config.state_dir.as_ref()?;
+    Some(dir.join(format!("{name}.unsynced")))
+}
+
+/// When the machine started, in ms since the epoch (`btime` in `/proc/stat`, whole
+/// seconds); `None` where that cannot be read (not Linux).
+fn boot_time_ms() -> Option<i64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let secs: i64 = stat
+        .lines()
+        .find_map(|line| line.strip_prefix("btime "))?
+        .trim()
+        .parse()
+        .ok()?;
+    secs.checked_mul(1000)
+}
+
 fn save_state<T: serde::Serialize>(path: &Path, what: &str, items: &[T]) -> Result<(), FsError> {
     if items.is_empty() {
         return remove_file(path);
@@ -714,6 +788,7 @@ fn apply_blocking(
         unnamed: Unnamed::default(),
         dirty: false,
         unsynced: durability.unsynced.clone(),
+        booted_ms: durability.booted_ms(),
         batch: BATCHES.fetch_add(1, Ordering::Relaxed),
         temp_dir: temp_dir_for(&root, config.temp_dir.as_deref()),
         temp_fd: None,
@@ -757,6 +832,15 @@ fn apply_blocking(
         for (name, content, _) in file_copies(&view.key, &view.merged_copies) {
             ended.push((name, view.key.clone(), *content));
         }
+    }
+
+    // Before the first write (see `Durability::write_ahead`): the folder's own store,
+    // which alone takes a file in no known state for a change made here.
+    if guarded && !files.is_empty() {
+        durability.write_ahead(
+            unsynced_path(config, name).as_deref(),
+            files.iter().map(|f| &f.key),
+        );
     }
 
     // Deletes: files now, directories after, deepest first.
@@ -963,6 +1047,8 @@ struct Writer {
     dirty: bool,
     /// See [`Unsynced`].
     unsynced: Unsynced,
+    /// When the machine started (see [`Writer::left_torn`]).
+    booted_ms: Option<i64>,
     /// This batch's number there.
     batch: u64,
     /// Where temp files go when not beside their final path: see [`temp_dir_for`].
@@ -1114,6 +1200,7 @@ impl Writer {
             unnamed: self.unnamed,
             dirty: false,
             unsynced: self.unsynced.clone(),
+            booted_ms: self.booted_ms,
             batch: self.batch,
             temp_fd: temp_dir.as_deref().and_then(open_dir),
             temp_dir,
@@ -1212,8 +1299,32 @@ impl Writer {
     fn known(&self, key: &Key, path: &Path, m: &std::fs::Metadata) -> Known {
         match self.guard() {
             None => Known::Assumed,
-            Some(log) => known(log, &self.echo, key, path, m),
+            Some(log) => match known(log, &self.echo, key, path, m) {
+                Known::No if self.left_torn(key, m) => {
+                    tracing::warn!(
+                        "{key}: written before the machine went down and not synced, left \
+                         in no state the log knows; written again"
+                    );
+                    Known::Assumed
+                }
+                known => known,
+            },
         }
+    }
+
+    /// Whether the file of `key` (`m`) is one a batch of an earlier run was writing when
+    /// the machine went down, left torn, rather than a change made here: the key was
+    /// saved as being written and no sync covered it since ([`Durability::write_ahead`],
+    /// loaded at start with batch 0), and the file last changed before the machine
+    /// started. A change made here since the restart is newer than that; without a
+    /// restart of the machine (the process killed, say) nothing is torn, as the page
+    /// cache holds what was written, and every file is newer than the boot too.
+    fn left_torn(&self, key: &Key, m: &std::fs::Metadata) -> bool {
+        let Some(booted_ms) = self.booted_ms else {
+            return false;
+        };
+        let changed_ms = m.ctime().saturating_mul(1000) + m.ctime_nsec() / 1_000_000;
+        changed_ms < booted_ms && self.unsynced.lock().is_ok_and(|u| u.get(key) == Some(&0))
     }
 
     /// The log, for the folder's own store (see [`FsStore::guarded`]).
@@ -2112,6 +2223,7 @@ mod tests {
             unnamed: Unnamed::default(),
             dirty: false,
             unsynced: Unsynced::default(),
+            booted_ms: None,
             batch: 1,
             temp_dir: None,
             temp_fd: None,
