@@ -733,6 +733,48 @@ fn sweep_temp_files(root: &Path, below: Below) -> Result<u64, FsError> {
     Ok(removed)
 }
 
+/// What a file at a path was when the store judged it: enough to tell that it changed
+/// since (its identity, size and times).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Looked {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl Looked {
+    fn of(m: &std::fs::Metadata) -> Looked {
+        Looked {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.len(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
+        }
+    }
+}
+
+/// Whether what is at `path` is no longer what the store judged before it wrote the file
+/// that is to replace it (`seen`; `None`: nothing was there). A large file takes a while
+/// to write, and a user saving it meanwhile, or making a file where there was none, is
+/// a change made here, which the rename would otherwise put out of sight: the watcher
+/// takes a file that matches the store's record for the store's own, and sees nothing
+/// of the inode the rename replaced. So the path is looked at again right before the
+/// rename (what is left is the time between two system calls, as in Syncthing).
+fn changed_since(path: &Path, seen: Option<Looked>) -> Result<bool, FsError> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) => Ok(seen != Some(Looked::of(&m))),
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(seen.is_some()),
+        Err(e) => Err(FsError::Io {
+            op: "reading",
+            path: path.to_owned(),
+            source: e,
+        }),
+    }
+}
+
 /// A key the store will not touch here, and why (warned, then skipped).
 #[derive(Debug)]
 struct Refused(String);
@@ -1615,8 +1657,12 @@ impl Writer {
             return Ok(Ok(()));
         }
         let mut base_mode = 0o644;
+        // What is at the path as it is judged here, looked at again right before the
+        // rename: see `changed_since`.
+        let mut seen = None;
         match std::fs::symlink_metadata(&path) {
             Ok(m) if m.is_file() => {
+                seen = Some(Looked::of(&m));
                 let as_recorded = file_stat(&m) == recorded_stat(content, meta);
                 let known = match echo_key {
                     Some(_) if !as_recorded => self.known(target, &path, &m),
@@ -1700,6 +1746,11 @@ impl Writer {
             if let Err(e) = written {
                 let _ = std::fs::remove_file(&temp);
                 return Err(e);
+            }
+            if self.guarded && changed_since(&path, seen)? {
+                let _ = std::fs::remove_file(&temp);
+                tracing::info!("{target}: changed here while it was being written; not overwritten (the change is recorded next)");
+                return Ok(Ok(()));
             }
             if let Some(k) = echo_key {
                 self.echo.record(k, record);

@@ -938,3 +938,63 @@ async fn a_file_left_torn_by_a_power_loss_is_written_again_not_recorded() {
         );
     }
 }
+
+/// A file saved here while the store writes the version that is to replace it (a large
+/// file takes a while) is not renamed over: the store looks again right before the
+/// rename, and leaves the user's save for the source to record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_saved_while_the_store_writes_over_it_is_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = common::log();
+    let (source, store) = folder(FsConfig::new(dir.path()));
+    write(dir.path(), "big.bin", b"v1");
+    scan_once(&source, &log).await;
+    let parents = log
+        .heads(&key("big.bin"))
+        .unwrap()
+        .iter()
+        .map(|h| h.id)
+        .collect();
+    let newer = remote_put(
+        &log,
+        1,
+        "big.bin",
+        &random_bytes(11, 96 << 20),
+        u64::MAX / 2,
+        parents,
+    );
+    log.append(vec![newer]).await.unwrap();
+
+    // The user saves the file as soon as the store's temp file appears.
+    let root = dir.path().to_owned();
+    let saver = std::thread::spawn(move || {
+        let give_up = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let writing = std::fs::read_dir(&root).unwrap().any(|e| {
+                e.unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with(TEMP_PREFIX)
+            });
+            if writing {
+                std::fs::write(root.join("big.bin"), b"saved by the user meanwhile").unwrap();
+                return;
+            }
+            assert!(std::time::Instant::now() < give_up, "no temp file appeared");
+        }
+    });
+    apply(&store, &log, views(&log)).await;
+    saver.join().unwrap();
+    assert_eq!(
+        std::fs::read(dir.path().join("big.bin")).unwrap(),
+        b"saved by the user meanwhile"
+    );
+    assert!(
+        !std::fs::read_dir(dir.path()).unwrap().any(|e| e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .starts_with(TEMP_PREFIX)),
+        "a temp file was left behind"
+    );
+}
