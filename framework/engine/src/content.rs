@@ -2965,10 +2965,21 @@ impl ChunkStore {
         depth: u8,
         f: &mut dyn FnMut(&Hash, Location) -> Result<(), LogError>,
     ) -> Result<(), LogError> {
-        let location = self.locate(&hash)?.ok_or_else(|| LogError::Corrupt {
-            what: format!("chunk {hash:?}"),
-            source: converge_api::CodecError::Malformed("missing from the content store".into()),
-        })?;
+        let Some(location) = self.locate(&hash)? else {
+            // Content being read out is an event's, complete when it was appended: a
+            // chunk of it gone since (its index entries in a run file set aside as
+            // damaged at open, say) is listed to be fetched again from peers, as one found
+            // damaged in its pack is.
+            if let Ok(mut damaged) = self.inner.damaged.lock() {
+                damaged.insert(hash);
+            }
+            return Err(LogError::Corrupt {
+                what: format!("chunk {hash:?}"),
+                source: converge_api::CodecError::Malformed(
+                    "missing from the content store (asked of peers again)".into(),
+                ),
+            });
+        };
         if depth == 0 {
             return f(&hash, location);
         }
@@ -4553,6 +4564,26 @@ mod tests {
                     .collect()
             })
             .collect()
+    }
+
+    /// A chunk of stored content that is gone (its index entry lost with a damaged run,
+    /// say) is reported when the content is read out, and listed to be fetched again.
+    #[test]
+    fn a_chunk_gone_from_stored_content_is_listed_to_be_fetched_again() {
+        let (_dir, _db, store) = scratch();
+        let chunks = chunks_of(&[3000, 4000, 5000], 4);
+        let (content, items) = pushed(&chunks, 61);
+        let gone = items[1].0;
+        let kept: Vec<PushedItem> = items.into_iter().filter(|i| i.0 != gone).collect();
+        put_pushed(&store, &kept);
+        store.sync().unwrap();
+        assert!(store.damaged().is_empty());
+        let read = store.for_each_data_chunk(&content, &mut |_| Ok(()));
+        assert!(matches!(read, Err(LogError::Corrupt { .. })), "{read:?}");
+        assert_eq!(store.damaged(), vec![gone]);
+        // Once stored again, it is no longer asked for.
+        store.put_verified(&gone, &chunks[1]).unwrap();
+        assert!(store.damaged().is_empty());
     }
 
     /// A stream that skips ahead (a peer pushing only the chunks of a large file this
