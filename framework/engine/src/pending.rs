@@ -42,7 +42,10 @@ fn is_named(named: &HashMap<EventId, Vec<Key>>, event: &Event) -> bool {
 }
 
 /// Events waiting, per origin, in seq order. Bounded: over the bound a new event is
-/// dropped (never appended out of order); the sender's resend brings it again later.
+/// dropped (never appended out of order), and the sender's resend brings it again later;
+/// except one that fills a gap of its origin (a seq below the origin's last waiting
+/// one), which takes the place of that last one. Otherwise a queue full of events behind
+/// gaps would turn away the very events that let them go, for good.
 #[derive(Debug)]
 pub struct PendingQueue {
     by_origin: BTreeMap<ReplicaId, BTreeMap<u64, PendingEvent>>,
@@ -78,8 +81,19 @@ impl PendingQueue {
             return true;
         }
         if self.len >= self.max {
+            // Full. A gap's event goes in, in place of its origin's last waiting one
+            // (behind that gap, so no nearer to being appended; resent later).
+            let last = queue.last_key_value().map(|(seq, _)| *seq);
+            let evicted = match last {
+                Some(last) if event.id.seq < last => queue.remove(&last),
+                _ => None,
+            };
             self.dropped += 1;
-            return false;
+            let Some(evicted) = evicted else {
+                return false;
+            };
+            Self::unname(&mut self.named, &evicted.event);
+            self.len -= 1;
         }
         for parent in named_by(&event) {
             self.named
@@ -276,6 +290,31 @@ mod tests {
         );
         assert_eq!(ready.iter().map(|e| e.id.seq).collect::<Vec<_>>(), vec![3]);
         assert_eq!(q.len(), 1);
+    }
+
+    /// A full queue of events behind a gap takes the gap's event, in place of the last
+    /// one waiting: the run can then go (the last one comes again with a resend).
+    #[test]
+    fn a_full_queue_takes_the_event_that_fills_a_gap() {
+        let peer = ReplicaId([9; 16]);
+        let mut q = PendingQueue::new(3);
+        let held = VersionVector::new();
+        for s in [2, 3, 4] {
+            assert!(q.insert(ev(s), peer, &held));
+        }
+        assert!(
+            !q.insert(ev(5), peer, &held),
+            "over the bound, behind the others"
+        );
+        assert!(q.insert(ev(1), peer, &held), "fills the gap");
+        assert_eq!(q.len(), 3);
+        assert_eq!(q.dropped(), 2);
+        let ready = q.take_ready(&held, &mut |_| true);
+        assert_eq!(
+            ready.iter().map(|e| e.id.seq).collect::<Vec<_>>(),
+            vec![1, 2, 3]
+        );
+        assert!(q.is_empty());
     }
 
     fn child(seq: u64, parent: u64) -> Event {
