@@ -875,6 +875,13 @@ impl Writer {
         changes: Vec<LocalChange>,
         pending: &mut Pending,
     ) -> Result<Vec<Event>, LogError> {
+        // Every key's state first (reads that may fail), as `stage_remote` does: a
+        // failure then stages nothing of the request, never its first changes alone,
+        // which would be appended and sent to peers while the caller hears the request
+        // failed (and so records them again).
+        for change in &changes {
+            self.staged_state(&mut pending.states, &change.key)?;
+        }
         let mut out = Vec::with_capacity(changes.len());
         for change in changes {
             let state = self.staged_state(&mut pending.states, &change.key)?;
