@@ -216,6 +216,42 @@ async fn send_payload(
 }
 
 /// Runs one connection to its end: handshake, registration, then reader and writer.
+/// Why this replica and `peer` must not sync, if one of them lacks events of its own
+/// that the other holds: a replica's events are numbered by it alone, so the other can
+/// hold no more of them than it does, unless its log lost them (its data dir restored
+/// from an older copy, say). It then numbers its next events as the lost ones were, and
+/// the side holding those drops the new ones as duplicates: the two would never agree,
+/// and say nothing. (Such a replica that has already made as many events as it lost is
+/// not told apart by the version vectors.)
+fn lost_own_events(
+    log: &crate::log::EventLog,
+    peer: &ReplicaId,
+    peer_vv: &VersionVector,
+) -> Option<String> {
+    let (me, vv) = (log.replica(), log.version_vector());
+    if peer_vv.get(&me) > vv.get(&me) {
+        return Some(format!(
+            "it holds events of this replica up to number {}, and this log only up to {}: \
+             this data dir lost events it had sent (restored from an older copy?). Its new \
+             events would carry the numbers of the lost ones, and never sync; start this \
+             replica over with a fresh data dir (`converge init`), which takes the folder \
+             as it is",
+            peer_vv.get(&me),
+            vv.get(&me)
+        ));
+    }
+    if vv.get(peer) > peer_vv.get(peer) {
+        return Some(format!(
+            "this log holds its events up to number {}, and it only up to {}: its data dir \
+             lost events it had sent (restored from an older copy?), and its new events \
+             would never sync; it is to start over with a fresh data dir",
+            vv.get(peer),
+            peer_vv.get(peer)
+        ));
+    }
+    None
+}
+
 pub(crate) async fn run_session(inner: Arc<Inner>, conn: Connection) -> Result<(), SessionError> {
     let Connection {
         remote,
@@ -267,6 +303,13 @@ pub(crate) async fn run_session(inner: Arc<Inner>, conn: Connection) -> Result<(
         return Err(SessionError::Refused {
             peer: peer.to_string(),
             reason: format!("not in the configured peers (from {remote})"),
+        });
+    }
+    if let Some(reason) = lost_own_events(&inner.log, &peer, &peer_vv) {
+        tracing::error!(peer = %peer.short(), "refusing to sync: {reason}");
+        return Err(SessionError::Refused {
+            peer: peer.to_string(),
+            reason,
         });
     }
     let (control_tx, control_rx) = mpsc::unbounded_channel();

@@ -529,3 +529,86 @@ async fn events_are_not_echoed_back_to_their_sender() {
         e.shutdown().await.unwrap();
     }
 }
+
+/// Copies the directory `from` (files and directories below it) to `to`.
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
+
+/// A replica whose data dir lost events it had sent (restored from an older copy) would
+/// number its next events as the lost ones were, and its peer, holding those, would drop
+/// the new ones as duplicates: silently, for good. Both sides refuse to sync instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_lost_events_it_sent_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a_dir, copy) = (dir.path().join("a"), dir.path().join("copy"));
+    let k = |s: &str| Key::new(s).unwrap();
+    let put = |key: Key| {
+        LocalChange::new(
+            key,
+            Op::Put {
+                content: None,
+                meta: Meta::dir(1),
+            },
+        )
+    };
+    // A's first event, then a copy of its data dir.
+    let a = EventLog::open(LogConfig::new(&a_dir)).unwrap();
+    a.append_local(vec![put(k("one"))]).await.unwrap();
+    a.close().await.unwrap();
+    drop(a);
+    copy_dir(&a_dir, &copy);
+
+    // Two more events, which reach B.
+    let a = EventLog::open(LogConfig::new(&a_dir)).unwrap();
+    let b_dir = dir.path().join("b");
+    let b = EventLog::open(LogConfig::new(&b_dir)).unwrap();
+    a.append_local(vec![put(k("two")), put(k("three"))])
+        .await
+        .unwrap();
+    let engines = start_engines(&[a.clone(), b.clone()], &[vec![1], vec![0]]).await;
+    for _ in 0..600 {
+        if b.version_vector().get(&a.replica()) == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(b.version_vector().get(&a.replica()), 3);
+    for engine in &engines {
+        engine.shutdown().await.unwrap();
+    }
+    drop(engines);
+    a.close().await.unwrap();
+    b.close().await.unwrap();
+    drop((a, b));
+
+    // A's data dir restored from the copy: its next event is numbered 2 again.
+    std::fs::rename(&a_dir, dir.path().join("lost")).unwrap();
+    std::fs::rename(&copy, &a_dir).unwrap();
+    let a = EventLog::open(LogConfig::new(&a_dir)).unwrap();
+    let b = EventLog::open(LogConfig::new(&b_dir)).unwrap();
+    a.append_local(vec![put(k("new"))]).await.unwrap();
+    assert_eq!(a.version_vector().get(&a.replica()), 2);
+
+    // In a session, B's next event would reach A; none comes up either way.
+    let engines = start_engines(&[a.clone(), b.clone()], &[vec![1], vec![0]]).await;
+    b.append_local(vec![put(k("from b"))]).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        a.heads(&k("from b")).unwrap().is_empty(),
+        "a session came up"
+    );
+    assert!(b.heads(&k("new")).unwrap().is_empty());
+    for engine in &engines {
+        engine.shutdown().await.unwrap();
+    }
+}
