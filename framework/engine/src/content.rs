@@ -1743,18 +1743,15 @@ impl ChunkStore {
             return Ok(elsewhere_all());
         };
         pack.used = clock;
-        let last = run.last().map_or(0, |&(_, bytes, offset)| {
-            offset.saturating_add(bytes.len() as u64)
-        });
-        // Blocks are reserved only ahead of a stream written in order. A run that skips
-        // ahead (the chunks between are held already, as when a peer pushes only the
-        // parts of a large file that changed) would have them reserved all the way to
-        // its far end, inside the file where nothing ever writes them and no trim gives
-        // them back: from there on the pack allocates as it writes.
-        let mut next = pack.written.len();
+        // Blocks are reserved only ahead of a stream written in order, up to the run's
+        // end. A run that skips ahead (the chunks between are held already, as when a
+        // peer pushes only the parts of a large file that changed) would have them
+        // reserved all the way to its far end, inside the file where nothing ever writes
+        // them and no trim gives them back: from there on the pack allocates as it writes.
+        let mut last = pack.written.len();
         let in_order = run.iter().all(|&(_, bytes, offset)| {
-            let follows = offset == next;
-            next = offset.saturating_add(bytes.len() as u64);
+            let follows = offset == last;
+            last = offset.saturating_add(bytes.len() as u64);
             follows
         });
         if !in_order {

@@ -700,24 +700,18 @@ impl Db {
     /// next local append, and peers, holding the first, would drop the second for good.
     fn flush(&self) -> Result<(), LogError> {
         use std::sync::atomic::Ordering;
-        if let Some((_, path)) = self
-            .file
-            .as_ref()
-            .filter(|_| self.failed.load(Ordering::Acquire))
-        {
-            return Err(sync_error(
-                path,
-                std::io::Error::other("an earlier sync of it failed; restart converge"),
-            ));
-        }
         self.sled.flush()?;
-        if let Some((file, path)) = &self.file {
-            if let Err(e) = file.sync_data() {
-                self.failed.store(true, Ordering::Release);
-                return Err(sync_error(path, e));
-            }
+        let Some((file, path)) = &self.file else {
+            return Ok(());
+        };
+        if self.failed.load(Ordering::Acquire) {
+            let e = std::io::Error::other("an earlier sync of it failed; restart converge");
+            return Err(sync_error(path, e));
         }
-        Ok(())
+        file.sync_data().map_err(|e| {
+            self.failed.store(true, Ordering::Release);
+            sync_error(path, e)
+        })
     }
 }
 

@@ -111,7 +111,7 @@ use converge_framework::{LogError, PluginError};
 use filetime::FileTime;
 
 use crate::content::{
-    file_stat, hash_file, is_executable, mtime_ms, recorded_stat, PIPELINE_BYTES,
+    changed_at_ms, file_stat, hash_file, is_executable, mtime_ms, recorded_stat, PIPELINE_BYTES,
 };
 use crate::echo::{known, Applied, Echo, Known};
 use crate::error::FsError;
@@ -171,7 +171,7 @@ struct Durability {
     /// When the machine started, in ms since the epoch (see [`Writer::left_torn`]): read
     /// from the kernel when first asked, or set by [`FsStore::booted_at`]; `None` where it
     /// cannot be known.
-    booted_ms: std::sync::OnceLock<Option<i64>>,
+    booted_ms: std::sync::OnceLock<Option<u64>>,
 }
 
 /// Batches a store showed ([`Store::show`]) and has not synced yet.
@@ -263,7 +263,7 @@ impl Durability {
     }
 
     /// When the machine started (see [`Durability::booted_ms`]).
-    fn booted_ms(&self) -> Option<i64> {
+    fn booted_ms(&self) -> Option<u64> {
         *self.booted_ms.get_or_init(boot_time_ms)
     }
 
@@ -351,7 +351,7 @@ impl FsStore {
         let ms = at
             .duration_since(std::time::UNIX_EPOCH)
             .ok()
-            .and_then(|d| i64::try_from(d.as_millis()).ok());
+            .and_then(|d| u64::try_from(d.as_millis()).ok());
         let _ = self.durability.booted_ms.set(ms);
         self
     }
@@ -627,9 +627,9 @@ fn unsynced_path(config: &FsConfig, name: &str) -> Option<PathBuf> {
 
 /// When the machine started, in ms since the epoch (`btime` in `/proc/stat`, whole
 /// seconds); `None` where that cannot be read (not Linux).
-fn boot_time_ms() -> Option<i64> {
+fn boot_time_ms() -> Option<u64> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
-    let secs: i64 = stat
+    let secs: u64 = stat
         .lines()
         .find_map(|line| line.strip_prefix("btime "))?
         .trim()
@@ -736,7 +736,7 @@ fn sweep_temp_files(root: &Path, below: Below) -> Result<u64, FsError> {
 /// What a file at a path was when the store judged it: enough to tell that it changed
 /// since (its identity, size and times).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Looked {
+struct Seen {
     dev: u64,
     ino: u64,
     size: u64,
@@ -744,9 +744,9 @@ struct Looked {
     ctime: (i64, i64),
 }
 
-impl Looked {
-    fn of(m: &std::fs::Metadata) -> Looked {
-        Looked {
+impl Seen {
+    fn of(m: &std::fs::Metadata) -> Seen {
+        Seen {
             dev: m.dev(),
             ino: m.ino(),
             size: m.len(),
@@ -763,9 +763,9 @@ impl Looked {
 /// takes a file that matches the store's record for the store's own, and sees nothing
 /// of the inode the rename replaced. So the path is looked at again right before the
 /// rename (what is left is the time between two system calls, as in Syncthing).
-fn changed_since(path: &Path, seen: Option<Looked>) -> Result<bool, FsError> {
+fn changed_since(path: &Path, seen: Option<Seen>) -> Result<bool, FsError> {
     match std::fs::symlink_metadata(path) {
-        Ok(m) => Ok(seen != Some(Looked::of(&m))),
+        Ok(m) => Ok(seen != Some(Seen::of(&m))),
         Err(e) if e.kind() == ErrorKind::NotFound => Ok(seen.is_some()),
         Err(e) => Err(FsError::Io {
             op: "reading",
@@ -952,15 +952,15 @@ fn apply_blocking(
             tracing::warn!("{why}");
         }
     }
-    // Asked only for a batch large enough to split: the standard library reads the
-    // process's cgroup files each time (about 20 system calls and 30 µs here), on the
-    // path of every small change to the peer's folder.
-    let threads = || std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
     // Threads may only split files that cannot get in each other's way: when one key is
     // below another (a file where another wants a directory), the batch stays in order.
-    let threads = match files.len() < PARALLEL_FILES || any_nested(&files) {
-        true => 1,
-        false => threads(),
+    // The cores are asked for only then: the standard library reads the process's cgroup
+    // files each time (about 20 system calls and 30 µs here), on the path of every small
+    // change to the peer's folder.
+    let split = files.len() >= PARALLEL_FILES && !any_nested(&files);
+    let threads = match split {
+        true => std::thread::available_parallelism().map_or(1, |n| n.get().min(4)),
+        false => 1,
     };
     if threads < 2 {
         w.put_files(&files)?;
@@ -1090,7 +1090,7 @@ struct Writer {
     /// See [`Unsynced`].
     unsynced: Unsynced,
     /// When the machine started (see [`Writer::left_torn`]).
-    booted_ms: Option<i64>,
+    booted_ms: Option<u64>,
     /// This batch's number there.
     batch: u64,
     /// Where temp files go when not beside their final path: see [`temp_dir_for`].
@@ -1362,11 +1362,10 @@ impl Writer {
     /// restart of the machine (the process killed, say) nothing is torn, as the page
     /// cache holds what was written, and every file is newer than the boot too.
     fn left_torn(&self, key: &Key, m: &std::fs::Metadata) -> bool {
-        let Some(booted_ms) = self.booted_ms else {
+        let (Some(booted), Some(changed)) = (self.booted_ms, changed_at_ms(m)) else {
             return false;
         };
-        let changed_ms = m.ctime().saturating_mul(1000) + m.ctime_nsec() / 1_000_000;
-        changed_ms < booted_ms && self.unsynced.lock().is_ok_and(|u| u.get(key) == Some(&0))
+        changed < booted && self.unsynced.lock().is_ok_and(|u| u.get(key) == Some(&0))
     }
 
     /// The log, for the folder's own store (see [`FsStore::guarded`]).
@@ -1662,7 +1661,7 @@ impl Writer {
         let mut seen = None;
         match std::fs::symlink_metadata(&path) {
             Ok(m) if m.is_file() => {
-                seen = Some(Looked::of(&m));
+                seen = Some(Seen::of(&m));
                 let as_recorded = file_stat(&m) == recorded_stat(content, meta);
                 let known = match echo_key {
                     Some(_) if !as_recorded => self.known(target, &path, &m),

@@ -50,6 +50,16 @@ impl Running {
     }
 }
 
+/// A peer's newer version of `f.txt` (`bytes`, on top of its heads), not appended yet,
+/// with the folder store's cursor set past everything before it: the store has shown what
+/// the log held so far, and shows nothing after it in the test.
+async fn peers_newer_f(log: &EventLog, bytes: &[u8]) -> converge_api::Event {
+    log.set_cursor("folder", log.len()).await.unwrap();
+    let f = common::key("f.txt");
+    let parents = log.heads(&f).unwrap().iter().map(|h| h.id).collect();
+    common::remote_put(log, 1, "f.txt", bytes, u64::MAX / 2, parents)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn created_modified_renamed_and_deleted_entries_become_events() {
     let dir = tempfile::tempdir().unwrap();
@@ -224,19 +234,7 @@ async fn a_rescan_does_not_undo_what_the_store_has_not_written_yet() {
     let log = common::log();
     let config = FsConfig::new(&root).rescan_every(std::time::Duration::from_millis(100));
     let (running, _store) = Running::start_folder(config, &log).await;
-    // The store has shown v1, and shows nothing after it in this test.
-    log.set_cursor("folder", log.len()).await.unwrap();
-
-    let f = common::key("f.txt");
-    let parents = log.heads(&f).unwrap().iter().map(|h| h.id).collect();
-    let newer = common::remote_put(
-        &log,
-        1,
-        "f.txt",
-        b"version 2, a peer's",
-        u64::MAX / 2,
-        parents,
-    );
+    let newer = peers_newer_f(&log, b"version 2, a peer's").await;
     let new = common::remote_put(&log, 2, "g.txt", b"new, a peer's", u64::MAX / 2, vec![]);
     log.append(vec![newer, new]).await.unwrap();
     // This replica's own event from another source (a plugin's), not written yet either.
@@ -280,12 +278,7 @@ async fn a_known_version_saved_again_does_not_undo_what_the_store_has_not_writte
     write(&root, "f.txt", b"v1");
     let log = common::log();
     let (running, _store) = Running::start_folder(FsConfig::new(&root), &log).await;
-    // The store has shown v1, and shows nothing after it in this test.
-    log.set_cursor("folder", log.len()).await.unwrap();
-
-    let f = common::key("f.txt");
-    let parents = log.heads(&f).unwrap().iter().map(|h| h.id).collect();
-    let newer = common::remote_put(&log, 1, "f.txt", b"v2, a peer's", u64::MAX / 2, parents);
+    let newer = peers_newer_f(&log, b"v2, a peer's").await;
     log.append(vec![newer]).await.unwrap();
     // Saved again as it was (v1's bytes, another mtime), then another file, whose record
     // says the watcher has been through both.
@@ -376,11 +369,7 @@ async fn a_held_removal_does_not_undo_what_the_store_has_not_written_yet() {
     write(&root, "g.txt", b"g");
     let log = common::log();
     let (running, _store) = Running::start_folder(FsConfig::new(&root), &log).await;
-    log.set_cursor("folder", log.len()).await.unwrap();
-
-    let f = common::key("f.txt");
-    let parents = log.heads(&f).unwrap().iter().map(|h| h.id).collect();
-    let newer = common::remote_put(&log, 1, "f.txt", b"v2, a peer's", u64::MAX / 2, parents);
+    let newer = peers_newer_f(&log, b"v2, a peer's").await;
     log.append(vec![newer]).await.unwrap();
     std::fs::remove_file(root.join("f.txt")).unwrap();
     std::fs::remove_file(root.join("g.txt")).unwrap();
