@@ -1248,17 +1248,51 @@ async fn dial_loop(
     }
 }
 
-/// Chunks the applier asked for: hash → (peer asked, the generation of its session then,
-/// when).
-type Requested = HashMap<Hash, (ReplicaId, Option<u64>, Instant)>;
+/// A chunk the applier asked for: of whom, over which session, when, and for which
+/// content.
+#[derive(Clone, Copy, Debug)]
+struct Asked {
+    /// The peer asked.
+    peer: ReplicaId,
+    /// The generation of its session then: an answer cannot come over a later one.
+    generation: Option<u64>,
+    /// When.
+    at: Instant,
+    /// The root of the content the chunk is part of.
+    root: Hash,
+}
+
+/// Chunks the applier asked for and has not received, by hash.
+type Requested = HashMap<Hash, Asked>;
+
+/// For each content whose chunks a peer let time out, how many times that happened: its
+/// chunks are asked of the next connected peer in turn (see [`peer_to_ask`]). A relay
+/// whose copy of a chunk is damaged, or which dropped it, never answers for it; the turn
+/// moves on to a peer that may hold it, the event's origin among them.
+type Turns = HashMap<Hash, usize>;
+
+/// The peer to ask for the chunks of a content that `from` sent, at `turn`: `from` first
+/// while it is connected, then each other connected peer in the order of their IDs, and
+/// round again.
+fn peer_to_ask(from: ReplicaId, connected: &[ReplicaId], turn: usize) -> ReplicaId {
+    let mut order: Vec<ReplicaId> = connected.iter().copied().filter(|p| *p != from).collect();
+    order.sort_unstable();
+    if connected.contains(&from) {
+        order.insert(0, from);
+    }
+    order
+        .get(turn % order.len().max(1))
+        .copied()
+        .unwrap_or(from)
+}
 
 /// The applier: owns the pending queue; appends remote events once they continue their
 /// origin's sequence and their content is complete; asks peers for missing chunks.
 async fn run_applier(inner: Arc<Inner>, mut inbound: mpsc::Receiver<Inbound>) {
     let mut shutdown = inner.shutdown.subscribe();
     let mut queue = PendingQueue::new(inner.config.max_pending_events);
-    // Chunks asked for: hash → (peer asked, its session's generation, when).
     let mut requested: Requested = HashMap::new();
+    let mut turns: Turns = HashMap::new();
     // What each pending content still lacks, by root, kept between passes.
     let mut missing: HashMap<Hash, Missing> = HashMap::new();
     let mut tick = tokio::time::interval(inner.config.tick_interval);
@@ -1317,14 +1351,32 @@ async fn run_applier(inner: Arc<Inner>, mut inbound: mpsc::Receiver<Inbound>) {
             // Asked too long ago, or over a session that has ended since (replaced by
             // another after simultaneous dials, or lost): the answer will not come, so
             // ask again now rather than after the timeout.
+            // Timed out over a live session: the peer does not have it (or not
+            // intact), so the content's chunks go to the next peer in turn.
             let timeout = inner.config.chunk_timeout;
             let sessions = inner.session_generations();
-            requested.retain(|_, (peer, generation, at)| {
-                at.elapsed() < timeout && sessions.get(peer) == generation.as_ref()
+            let mut timed_out: HashMap<Hash, ReplicaId> = HashMap::new();
+            requested.retain(|_, asked| {
+                if sessions.get(&asked.peer) != asked.generation.as_ref() {
+                    return false;
+                }
+                if asked.at.elapsed() < timeout {
+                    return true;
+                }
+                timed_out.insert(asked.root, asked.peer);
+                false
             });
+            for (root, peer) in timed_out {
+                let turn = turns.entry(root).or_default();
+                *turn += 1;
+                tracing::debug!(
+                    "{peer} did not send chunks of {root} within {timeout:?}: asking the next peer (turn {turn})"
+                );
+            }
         }
         if retry_at.is_none_or(|at| tokio::time::Instant::now() >= at) {
-            let (q, outcome) = advance(&inner, queue, &mut requested, &mut missing).await;
+            let (q, outcome) =
+                advance(&inner, queue, &mut requested, &mut missing, &mut turns).await;
             queue = q;
             let error = match outcome {
                 Ok(()) => {
@@ -1403,6 +1455,7 @@ async fn advance(
     mut queue: PendingQueue,
     requested: &mut Requested,
     missing: &mut HashMap<Hash, Missing>,
+    turns: &mut Turns,
 ) -> (PendingQueue, Result<(), PassError>) {
     loop {
         let chunks = inner.log.chunks().clone();
@@ -1410,12 +1463,13 @@ async fn advance(
         let asked: std::collections::HashSet<Hash> = requested.keys().copied().collect();
         // Each peer has a window of its own: one that never answers holds only its own.
         let mut asked_of: HashMap<ReplicaId, usize> = HashMap::new();
-        for (peer, _, _) in requested.values() {
-            *asked_of.entry(*peer).or_default() += 1;
+        for asked in requested.values() {
+            *asked_of.entry(asked.peer).or_default() += 1;
         }
         let window = inner.config.chunk_window;
         let connected = inner.connected_peers();
         let mut tracked = std::mem::take(missing);
+        let turned = std::mem::take(turns);
         let taken = tokio::task::spawn_blocking(move || {
             let in_flight = |h: &Hash| asked.contains(h);
             let ready = queue.take_ready(&held, &mut |e| match e.op.content() {
@@ -1425,7 +1479,8 @@ async fn advance(
                     m.refresh(&chunks, &in_flight).is_ok() && m.is_complete()
                 }
             });
-            let mut wants: BTreeMap<ReplicaId, Vec<Hash>> = BTreeMap::new();
+            // Hashes to ask for, by peer, with the root of each one's content.
+            let mut wants: BTreeMap<ReplicaId, Vec<(Hash, Hash)>> = BTreeMap::new();
             let mut wanted: std::collections::HashSet<Hash> = std::collections::HashSet::new();
             // What each peer may still be asked, and how many have no room left: once
             // none has, the pass stops looking.
@@ -1439,11 +1494,8 @@ async fn advance(
                 let Some(content) = p.event.op.content() else {
                     continue;
                 };
-                let peer = if connected.contains(&p.from) {
-                    p.from
-                } else {
-                    connected.first().copied().unwrap_or(p.from)
-                };
+                let turn = turned.get(&content.root).copied().unwrap_or(0);
+                let peer = peer_to_ask(p.from, &connected, turn);
                 let budget = budgets.entry(peer).or_insert_with(|| {
                     let left = window.saturating_sub(asked_of.get(&peer).copied().unwrap_or(0));
                     full += usize::from(left == 0);
@@ -1476,7 +1528,11 @@ async fn advance(
                 });
                 full += usize::from(*budget == 0);
                 if !asks.is_empty() {
-                    wants.entry(peer).or_default().extend(asks);
+                    let root = content.root;
+                    wants
+                        .entry(peer)
+                        .or_default()
+                        .extend(asks.into_iter().map(|h| (h, root)));
                 }
             }
             // Forget the contents no pending event refers to any more.
@@ -1485,10 +1541,12 @@ async fn advance(
                 .filter_map(|p| p.event.op.content().map(|c| c.root))
                 .collect();
             tracked.retain(|root, _| live.contains(root));
-            (queue, ready, wants, tracked)
+            let mut turned = turned;
+            turned.retain(|root, _| live.contains(root));
+            (queue, ready, wants, tracked, turned)
         })
         .await;
-        let Ok((q, ready, wants, tracked)) = taken else {
+        let Ok((q, ready, wants, tracked, turned)) = taken else {
             // The blocking pass panicked and took the queue with it. Peers counted its
             // events as received (the Acks said so), and only a new session's Hello
             // resets that: end the sessions, so that they reconnect and send again what
@@ -1502,12 +1560,22 @@ async fn advance(
             return (PendingQueue::new(max), Err(PassError::Panicked));
         };
         *missing = tracked;
+        *turns = turned;
         queue = q;
         if !wants.is_empty() {
             let sessions = inner.session_generations();
-            for (peer, hashes) in wants {
-                let asked = (peer, sessions.get(&peer).copied(), Instant::now());
-                requested.extend(hashes.iter().map(|h| (*h, asked)));
+            for (peer, asks) in wants {
+                let (generation, at) = (sessions.get(&peer).copied(), Instant::now());
+                let hashes: Vec<Hash> = asks.iter().map(|(h, _)| *h).collect();
+                requested.extend(asks.into_iter().map(|(hash, root)| {
+                    let asked = Asked {
+                        peer,
+                        generation,
+                        at,
+                        root,
+                    };
+                    (hash, asked)
+                }));
                 inner.want_chunks(&peer, &hashes);
             }
         }
@@ -1848,6 +1916,18 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::content::{ChunkBytes, SharedBuffer};
+
+    #[test]
+    fn chunks_are_asked_of_the_sender_first_then_of_each_other_peer_in_turn() {
+        let id = |b: u8| ReplicaId([b; 16]);
+        let connected = [id(9), id(3), id(5)];
+        let turns: Vec<ReplicaId> = (0..4).map(|t| peer_to_ask(id(5), &connected, t)).collect();
+        assert_eq!(turns, [id(5), id(3), id(9), id(5)]);
+        // A sender no longer connected is not asked: the others in turn.
+        let turns: Vec<ReplicaId> = (0..3).map(|t| peer_to_ask(id(1), &connected, t)).collect();
+        assert_eq!(turns, [id(3), id(5), id(9)]);
+        assert_eq!(peer_to_ask(id(1), &[], 2), id(1), "nobody else to ask");
+    }
 
     fn fresh(bytes: ChunkBytes) -> FreshChunk {
         FreshChunk {

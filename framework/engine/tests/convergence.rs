@@ -313,6 +313,36 @@ async fn events_are_relayed_along_a_line() {
     }
 }
 
+/// C holds B's event but B lacks its content (a relay whose copy was damaged, say), while
+/// A, also C's peer, holds it: once B has let C's request time out, C asks A. Before,
+/// C asked the event's sender again and again, and never had the event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn content_a_peer_does_not_send_is_asked_of_the_next() {
+    let logs: Vec<EventLog> = (0..3)
+        .map(|_| EventLog::open(LogConfig::temporary()).unwrap())
+        .collect();
+    // Only A holds the bytes, stored before any engine runs (nothing is pushed).
+    let content = put_content(&logs[0], 13, 3).unwrap();
+    assert!(!logs[1].chunks().missing(&content).unwrap().is_empty());
+    // A–C and B–C; A and B are not peers, so the event reaches A only through C.
+    let engines = start_engines_with(&logs, &[vec![2], vec![2], vec![0, 1]], |c| {
+        c.push_fresh_chunks = false;
+    })
+    .await;
+    while !engines[2].peers().iter().all(|p| p.connected) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let key = Key::new("held/elsewhere").unwrap();
+    write_and_wait(&logs[1], &logs[2], &key, Some(content)).await;
+    let heads = logs[2].heads(&key).unwrap();
+    assert_eq!(heads.len(), 1, "C has B's event, content from A");
+    assert_eq!(heads[0].id.origin, logs[1].replica());
+    assert!(logs[2].chunks().missing(&content).unwrap().is_empty());
+    for e in &engines {
+        e.shutdown().await.unwrap();
+    }
+}
+
 /// A's new content is pushed to B while it is stored, ahead of the event naming it: B
 /// never has to ask for it. Asking would cost B at least 32 bytes a chunk on the wire.
 /// Pushed chunks go from memory, or, past the session's memory budget (here none), as
