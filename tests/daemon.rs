@@ -813,6 +813,73 @@ fn change_made_while_stopped_is_picked_up_at_start() {
     b.stop();
 }
 
+/// A clock that reads five hours ahead of the system's.
+struct FiveHoursAhead;
+
+impl converge_api::WallClock for FiveHoursAhead {
+    fn now_ms(&self) -> u64 {
+        converge_api::SystemClock.now_ms() + 5 * 3_600_000
+    }
+}
+
+/// An event stamped by a clock hours ahead (here A's, made by the library with such a
+/// clock before A first runs) makes B warn, naming A: B's own stamps follow it from then
+/// on, which the user should hear about.
+#[test]
+fn a_peer_whose_clock_is_hours_ahead_is_named_in_a_warning() {
+    use converge_api::{Key, Meta, Op, WallClock};
+    use converge_framework::log::{EventLog, LocalChange, LogConfig};
+    let (mut a, mut b) = pair();
+    let db = a.data.path().join("db");
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let log =
+            EventLog::open(LogConfig::new(&db).clock(std::sync::Arc::new(FiveHoursAhead))).unwrap();
+        let now = FiveHoursAhead.now_ms() as i64;
+        let bytes = b"written with a clock five hours ahead\n";
+        let mut tree = converge_api::content::TreeBuilder::new();
+        tree.push(
+            log.chunks().put(bytes).unwrap(),
+            bytes.len() as u64,
+            &mut |_, _| {},
+        );
+        let content = tree.finish(&mut |_, node| {
+            log.chunks().put(&node).unwrap();
+        });
+        let change = LocalChange::new(
+            Key::new("ahead.txt").unwrap(),
+            Op::Put {
+                content,
+                meta: Meta::file(now),
+            },
+        );
+        log.append_local(vec![change]).await.unwrap();
+        log.close().await.unwrap();
+    });
+    // The log holds a file now: A's store writes only into a folder marked as synced.
+    File::create(a.folder().join(MARKER)).unwrap();
+    a.start();
+    b.start();
+    assert!(
+        wait_until(CONVERGE_TIMEOUT, || b.folder().join("ahead.txt").exists()),
+        "A's file reached B: {}",
+        b.log_tail()
+    );
+    let log = b.log();
+    let warning = log
+        .lines()
+        .find(|l| l.contains("hours ahead of this machine's clock"))
+        .unwrap_or_else(|| panic!("B warns of A's clock: {}", b.log_tail()));
+    assert!(warning.contains(&a.id), "the warning names A: {warning}");
+    assert!(warning.contains("5.0 hours"), "and says how far: {warning}");
+    assert!(
+        !a.log().contains("hours ahead"),
+        "A stamped the event itself: no warning there"
+    );
+    a.stop();
+    b.stop();
+}
+
 /// A file deleted on B while B was stopped and edited on A after that: when B starts, its
 /// scan records the delete as made when it was made, before A's edit, so the edit wins
 /// and the file comes back on B (regression: the delete was stamped at B's start, after

@@ -81,6 +81,12 @@ pub const IDS_STRIDE: u64 = 64;
 
 const META_REPLICA: &[u8] = b"replica";
 const META_HLC: &[u8] = b"hlc";
+/// How far ahead of this machine's clock a remote event's stamp may be before a warning
+/// names its origin: the local clock follows the furthest clock it has seen (that is what
+/// keeps last-write-wins after causality), so a peer whose clock is wrong by hours moves
+/// every replica's stamps with it, which the user should hear about.
+const CLOCK_AHEAD_WARNING_MS: u64 = 60 * 60 * 1000;
+
 const META_REBUILDING: &[u8] = b"rebuilding";
 const META_CHECKPOINTING: &[u8] = b"checkpointing";
 const META_DERIVED_UPTO: &[u8] = b"derived_upto";
@@ -314,6 +320,7 @@ impl EventLog {
             published_len: len_tx,
             published_vv: durable_vv.clone(),
             overlay: overlay.clone(),
+            warned_ahead: HashSet::new(),
         };
         if trees.meta.contains_key(META_REBUILDING)?
             || trees.meta.contains_key(META_CHECKPOINTING)?
@@ -770,6 +777,8 @@ struct Writer {
     published_len: watch::Sender<u64>,
     published_vv: Arc<RwLock<VersionVector>>,
     overlay: Arc<RwLock<Overlay>>,
+    /// Origins already named in a warning for a stamp far ahead of this clock.
+    warned_ahead: HashSet<ReplicaId>,
 }
 
 /// What one group commit will write, staged before anything touches sled.
@@ -921,6 +930,7 @@ impl Writer {
             if event.id.seq <= held {
                 outcome.duplicates += 1;
             } else if event.id.seq == held + 1 {
+                self.warn_if_ahead(&event, now);
                 self.hlc = self.hlc.observe(event.hlc, now);
                 self.stage_event(&event, pending)?;
                 outcome.appended.push(event.id);
@@ -929,6 +939,21 @@ impl Writer {
             }
         }
         Ok(outcome)
+    }
+
+    /// Warns, once per origin, when `event` is stamped more than
+    /// [`CLOCK_AHEAD_WARNING_MS`] ahead of this machine's clock (`now`).
+    fn warn_if_ahead(&mut self, event: &Event, now: u64) {
+        let ahead = event.hlc.wall_ms.saturating_sub(now);
+        if ahead > CLOCK_AHEAD_WARNING_MS && self.warned_ahead.insert(event.id.origin) {
+            tracing::warn!(
+                "replica {} stamped an event {:.1} hours ahead of this machine's clock: \
+                 new events here follow its clock, so last-write-wins between concurrent \
+                 writes goes by event counters until the clocks agree; check the time on both machines",
+                event.id.origin,
+                ahead as f64 / 3_600_000.0
+            );
+        }
     }
 
     /// The state of `key` as this group commit will leave it: staged, else overlay, else tree.
