@@ -45,6 +45,11 @@ async fn start() -> Daemon {
 
 /// As [`start`], knowing the replicas `also` too (which dial it).
 async fn start_knowing(also: &[ReplicaId]) -> Daemon {
+    start_with(also, |_| {}).await
+}
+
+/// As [`start_knowing`], with `tweak` applied to the engine's configuration.
+async fn start_with(also: &[ReplicaId], tweak: impl Fn(&mut EngineConfig)) -> Daemon {
     let log = EventLog::open(LogConfig::temporary()).unwrap();
     let transport = TcpTransport::bind("127.0.0.1:0".parse().unwrap(), TcpOptions::default())
         .await
@@ -58,6 +63,8 @@ async fn start_knowing(also: &[ReplicaId]) -> Daemon {
         handshake_timeout: HANDSHAKE_TIMEOUT,
         ..EngineConfig::default()
     };
+    let mut config = config;
+    tweak(&mut config);
     let engine = SyncEngine::builder(log.clone(), Arc::new(Lww))
         .config(config)
         .transport(Arc::new(transport))
@@ -200,6 +207,47 @@ async fn check(d: &Daemon, name: &str, bytes: &[u8], then_close: bool) {
         "{name}: the session stayed registered"
     );
     assert_eq!(d.log.len(), 0, "{name}: something was appended");
+}
+
+/// A frame whose bytes keep coming for longer than the keepalive timeout (a large frame
+/// over a slow link) is waited for: the timeout counts silence, not whole frames. Before,
+/// the session ended a second into the frame, and over such a link for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_arriving_slowly_is_not_taken_for_silence() {
+    let d = start_with(&[], |c| {
+        c.keepalive_timeout = Duration::from_secs(1);
+        c.keepalive_interval = Duration::from_millis(300);
+    })
+    .await;
+    let mut stream = connect(&d).await;
+    stream.write_all(&hello(KNOWN)).await.unwrap();
+    let bytes: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let hash = Hash::of(&bytes);
+    let item = ChunkItem {
+        hash,
+        bytes,
+        place: None,
+    };
+    let frame = message(&Message::Chunks { items: vec![item] });
+    // Three seconds for the frame: 30 pieces, one every 100 ms.
+    for piece in frame.chunks(frame.len().div_ceil(30)) {
+        if let Err(e) = stream.write_all(piece).await {
+            panic!("the engine closed the connection while the frame was arriving: {e}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let stored = timeout(WAIT, async {
+        while !d.log.chunks().contains(&hash).unwrap() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(stored.is_ok(), "the chunk was stored");
+    assert!(
+        d.engine.peers().iter().any(|p| p.connected),
+        "and the session is still up"
+    );
+    d.engine.shutdown().await.unwrap();
 }
 
 /// A peer that never answers chunk requests holds only its own window: the content of

@@ -5,6 +5,7 @@
 //! never desynchronizes the stream: the next call picks up where the last one stopped.
 
 use std::io::{self, IoSlice};
+use std::time::Instant;
 
 use async_trait::async_trait;
 use converge_api::codec::{frame_len, FRAME_HEADER_LEN};
@@ -168,6 +169,8 @@ pub(crate) struct TcpReceiver {
     header_read: usize,
     /// The current frame's buffer, allocated only once its header passed the size check.
     payload: Option<Vec<u8>>,
+    /// When a read last returned bytes.
+    progress: Option<Instant>,
 }
 
 impl TcpReceiver {
@@ -178,6 +181,7 @@ impl TcpReceiver {
             header: [0; FRAME_HEADER_LEN],
             header_read: 0,
             payload: None,
+            progress: None,
         }
     }
 }
@@ -199,6 +203,7 @@ impl FrameReceiver for TcpReceiver {
                 return Err(truncated("header", self.header_read, FRAME_HEADER_LEN));
             }
             self.header_read += n;
+            self.progress = Some(Instant::now());
         }
         let len = frame_len(self.header, self.max)?;
         // Read into the spare capacity: zeroing 4 MiB first only to overwrite it cost as
@@ -209,8 +214,13 @@ impl FrameReceiver for TcpReceiver {
             if (&mut self.read).take(want).read_buf(payload).await? == 0 {
                 return Err(truncated("payload", payload.len(), len));
             }
+            self.progress = Some(Instant::now());
         }
         self.header_read = 0;
         Ok(self.payload.take())
+    }
+
+    fn last_progress(&self) -> Option<Instant> {
+        self.progress
     }
 }

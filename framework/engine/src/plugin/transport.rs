@@ -124,6 +124,14 @@ pub trait FrameReceiver: Send + 'static {
     /// drops this future when the other work finishes first. A later call must go on
     /// with the same frame, having lost none of its bytes.
     async fn recv(&mut self) -> Result<Option<Vec<u8>>, TransportError>;
+
+    /// When bytes last arrived, if the transport can tell: a large frame still arriving
+    /// over a slow link is then not taken for a silent peer (the keepalive timeout counts
+    /// from here rather than from the start of the frame). The default, `None`, suits a
+    /// transport that delivers each frame whole at once.
+    fn last_progress(&self) -> Option<std::time::Instant> {
+        None
+    }
 }
 
 /// One connection between two replicas: both directions of a frame stream.
