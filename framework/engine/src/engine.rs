@@ -14,7 +14,10 @@
 //! growing pause ([`SyncEngine::applier_error`]). A peer session that fails once it is up
 //! (a lost connection, a timeout, what the peer sent not storable here, as on a full data
 //! dir) is counted with its error ([`PeerStatus::failed_sessions`],
-//! [`PeerStatus::last_error`]); a dial that fails is not, the peer shows as not connected.
+//! [`PeerStatus::last_error`]); a dial that fails is not, the peer shows as not connected
+//! (with the reason in `last_error` when the peer was reached but a session was refused,
+//! by either side, or it answered as another peer). A dial loop starts its pause over only
+//! after a session that ran.
 //!
 //! Metrics leave the engine as typed [`EngineEvent`]s through an [`Observer`], so the
 //! engine depends on no metrics crate.
@@ -34,7 +37,7 @@ use crate::log::EventLog;
 use crate::pending::PendingQueue;
 use crate::planner::SyncPlanner;
 use crate::plugin::{ScanProgress, Source, SourceContext, Store, StoreContext, Transport};
-use crate::protocol::{backoff, run_session, Control, PushBacklog, Pushed};
+use crate::protocol::{backoff, run_session, Control, Ended, PushBacklog, Pushed, SessionError};
 use crate::reconciler::Reconciler;
 
 /// A peer this replica syncs with.
@@ -529,6 +532,16 @@ impl Inner {
             }
         }
         self.peers_changed.send_modify(|g| *g += 1);
+    }
+
+    /// Records why a dial of `peer` reached something that refused, or was refused, a
+    /// session (shown in [`PeerStatus::last_error`]; no session was up, so none failed).
+    fn refused(&self, peer: &ReplicaId, error: &str) {
+        if let Ok(mut peers) = self.peers.lock() {
+            if let Some(state) = peers.get_mut(peer) {
+                state.last_error = Some(error.to_owned());
+            }
+        }
     }
 
     pub(crate) fn observe(&self, event: EngineEvent<'_>) {
@@ -1176,7 +1189,7 @@ async fn accept_loop(inner: Arc<Inner>, transport: Arc<dyn Transport>) {
                 tokio::spawn(async move {
                     let mut shutdown = inner.shutdown.subscribe();
                     tokio::select! {
-                        r = run_session(inner.clone(), conn) => if let Err(e) = r {
+                        r = run_session(inner.clone(), conn, None) => if let Err(e) = r {
                             tracing::warn!("incoming connection: {e}");
                         },
                         _ = crate::engine::until(&mut shutdown, true) => {}
@@ -1203,6 +1216,8 @@ async fn dial_loop(
     let mut changed = inner.peers_changed.subscribe();
     let (min, max) = inner.config.dial_backoff;
     let mut attempt = 0u32;
+    // The last refusal warned of: the same one again, every backoff, is logged at debug.
+    let mut warned: Option<String> = None;
     loop {
         let stopping = *shutdown.borrow();
         if stopping {
@@ -1226,16 +1241,45 @@ async fn dial_loop(
         let started = Instant::now();
         let outcome = tokio::select! {
             c = transport.dial(&address) => match c {
-                Ok(conn) => run_session(inner.clone(), conn).await.map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
+                Ok(conn) => run_session(inner.clone(), conn, Some(peer)).await.map_err(Some),
+                Err(e) => {
+                    tracing::debug!(peer = %peer.short(), %address, "dial: {e}");
+                    Err(None)
+                }
             },
             _ = crate::engine::until(&mut shutdown, true) => return,
         };
-        if let Err(e) = &outcome {
-            tracing::debug!(peer = %peer.short(), %address, "dial: {e}");
+        if let Err(Some(e)) = &outcome {
+            // Reached, but no session: refused by either side, or a peer that does not
+            // speak the protocol. Unlike an unreachable peer, that needs the user.
+            let shown = e.to_string();
+            if matches!(
+                e,
+                SessionError::Refused { .. } | SessionError::Violation { .. }
+            ) {
+                inner.refused(&peer, &shown);
+                if warned.as_ref() != Some(&shown) {
+                    tracing::warn!(peer = %peer.short(), %address, "dialing: {shown}");
+                    warned = Some(shown);
+                }
+            } else {
+                tracing::debug!(peer = %peer.short(), %address, "dial: {shown}");
+            }
         }
-        // A session that lasted is not a failure: start the backoff over.
-        attempt = if outcome.is_ok() || started.elapsed() > max {
+        if matches!(outcome, Ok(Ended::ClosedBeforeHello)) {
+            let shown = "closed the connection before its hello: it may not list this \
+                         replica as a peer, or it is paused";
+            inner.refused(&peer, shown);
+            if warned.as_deref() != Some(shown) {
+                tracing::info!(peer = %peer.short(), %address, "dialing: {shown}");
+                warned = Some(shown.to_owned());
+            }
+        }
+        if matches!(outcome, Ok(Ended::Ran)) {
+            warned = None;
+        }
+        // A session that ran is not a failure: start the backoff over.
+        attempt = if matches!(outcome, Ok(Ended::Ran)) || started.elapsed() > max {
             0
         } else {
             attempt + 1

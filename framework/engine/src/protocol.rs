@@ -252,7 +252,24 @@ fn lost_own_events(
     None
 }
 
-pub(crate) async fn run_session(inner: Arc<Inner>, conn: Connection) -> Result<(), SessionError> {
+/// How a session that ended without an error went: a dialer starts its backoff over only
+/// after one that ran.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Ended {
+    /// It ran until a clean close or shutdown.
+    Ran,
+    /// It never ran: another connection to the peer was kept instead of this one.
+    Superseded,
+    /// It never ran: the peer closed the connection before its `Hello` (it refused this
+    /// replica, or is paused or stopping).
+    ClosedBeforeHello,
+}
+
+pub(crate) async fn run_session(
+    inner: Arc<Inner>,
+    conn: Connection,
+    expected: Option<ReplicaId>,
+) -> Result<Ended, SessionError> {
     let Connection {
         remote,
         dialed,
@@ -268,7 +285,7 @@ pub(crate) async fn run_session(inner: Arc<Inner>, conn: Connection) -> Result<(
     let first = match timeout(inner.config.handshake_timeout, receiver.recv()).await {
         Err(_) => return Err(SessionError::Timeout(remote)),
         Ok(Ok(Some(frame))) => frame,
-        Ok(Ok(None)) => return Ok(()),
+        Ok(Ok(None)) => return Ok(Ended::ClosedBeforeHello),
         Ok(Err(e)) => return Err(e.into()),
     };
     let (peer, peer_vv) = match Message::decode(&first) {
@@ -305,6 +322,14 @@ pub(crate) async fn run_session(inner: Arc<Inner>, conn: Connection) -> Result<(
             reason: format!("not in the configured peers (from {remote})"),
         });
     }
+    if let Some(expected) = expected.filter(|e| *e != peer) {
+        // Dialed as one peer, answered as another (a wrong address in the config, or a
+        // peer moved): a session under the other's name would leave this one unreached.
+        return Err(SessionError::Refused {
+            peer: peer.to_string(),
+            reason: format!("{remote} was dialed as peer {expected}"),
+        });
+    }
     if let Some(reason) = lost_own_events(&inner.log, &peer, &peer_vv) {
         tracing::error!(peer = %peer.short(), "refusing to sync: {reason}");
         return Err(SessionError::Refused {
@@ -323,7 +348,7 @@ pub(crate) async fn run_session(inner: Arc<Inner>, conn: Connection) -> Result<(
         &peer_vv,
     ) else {
         sender.close().await;
-        return Ok(()); // a better connection to this peer already exists
+        return Ok(Ended::Superseded); // a better connection to this peer already exists
     };
     tracing::info!(peer = %peer.short(), %remote, dialed, "peer connected");
     let label = peer.short();
@@ -342,7 +367,7 @@ pub(crate) async fn run_session(inner: Arc<Inner>, conn: Connection) -> Result<(
         Ok(()) => tracing::info!(peer = %label, "peer disconnected"),
         Err(e) => tracing::warn!(peer = %label, "peer session ended: {e}"),
     }
-    result
+    result.map(|()| Ended::Ran)
 }
 
 async fn read_loop(

@@ -209,6 +209,99 @@ async fn check(d: &Daemon, name: &str, bytes: &[u8], then_close: bool) {
     assert_eq!(d.log.len(), 0, "{name}: something was appended");
 }
 
+/// A listener standing in for a configured peer: for every connection it reads the
+/// engine's `Hello`, answers with `answer` (or nothing), and closes. Counts connections.
+async fn fake_peer(answer: Option<ReplicaId>) -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let _ = timeout(WAIT, read_frame(&mut stream)).await;
+                if let Some(id) = answer {
+                    let _ = stream.write_all(&hello(id)).await;
+                }
+                let _ = stream.shutdown().await;
+                // Hold the socket until the engine closes its side.
+                let mut buf = [0u8; 1024];
+                while let Ok(Ok(n)) = timeout(WAIT, stream.read(&mut buf)).await {
+                    if n == 0 {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+/// A configured peer that closes every connection before its `Hello` (it does not list
+/// this replica) is dialed with a growing pause, and its status says why there is no
+/// session. Before, a clean close counted as a session that ran, and the engine dialed
+/// again every 100 ms, forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_closing_before_its_hello_is_dialed_with_a_growing_pause() {
+    let (addr, accepted) = fake_peer(None).await;
+    let d = start_with(&[], |c| {
+        c.peers = vec![PeerConfig {
+            id: KNOWN,
+            address: Some(addr.to_string()),
+        }];
+        c.dial_backoff = (Duration::from_millis(100), Duration::from_secs(10));
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // 100 + 200 + 400 + 800 + 1,600 ms of pauses: at most 5 dials in 3 s (30 at 100 ms).
+    let dials = accepted.load(std::sync::atomic::Ordering::SeqCst);
+    assert!((1..=6).contains(&dials), "{dials} dials in 3 s");
+    let status = d.engine.peers();
+    let error = status[0].last_error.clone().unwrap_or_default();
+    assert!(
+        error.contains("closed the connection before its hello"),
+        "the peer's status says why: {status:?}"
+    );
+    d.engine.shutdown().await.unwrap();
+}
+
+/// A dialed address that answers as another configured peer is refused: a session under
+/// that peer's name would leave the dialed one never reached. The dialed peer's status
+/// names the mismatch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dialed_address_answering_as_another_peer_is_refused() {
+    const OTHER: ReplicaId = ReplicaId([6; 16]);
+    let (addr, accepted) = fake_peer(Some(OTHER)).await;
+    let d = start_with(&[OTHER], |c| {
+        c.peers[0].address = Some(addr.to_string());
+    })
+    .await;
+    let refused = timeout(WAIT, async {
+        loop {
+            let status = d.engine.peers();
+            let known = status.iter().find(|p| p.id == KNOWN).unwrap();
+            if let Some(e) = &known.last_error {
+                return e.clone();
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the dialed peer shows an error");
+    assert!(
+        refused.contains("was dialed as peer") && refused.contains(&KNOWN.to_string()),
+        "{refused}"
+    );
+    assert!(accepted.load(std::sync::atomic::Ordering::SeqCst) >= 1);
+    assert!(
+        d.engine.peers().iter().all(|p| !p.connected),
+        "no session under the other peer's name: {:?}",
+        d.engine.peers()
+    );
+    d.engine.shutdown().await.unwrap();
+}
+
 /// A frame whose bytes keep coming for longer than the keepalive timeout (a large frame
 /// over a slow link) is waited for: the timeout counts silence, not whole frames. Before,
 /// the session ended a second into the frame, and over such a link for good.
