@@ -860,23 +860,38 @@ impl Outbox {
             let mut bytes = 0;
             let mut done = 0;
             for queued in &batch {
-                if bytes >= CHUNKS_FRAME_BYTES {
+                let at = match &queued.bytes {
+                    Some(_) => None,
+                    None => match chunks.find(&queued.hash) {
+                        Ok(Some(at)) => Some(at),
+                        // A chunk this replica does not have (or cannot read) is left
+                        // out: the peer asks again, and the next request finds it once
+                        // it is here.
+                        _ => {
+                            done += 1;
+                            continue;
+                        }
+                    },
+                };
+                let len = match (&queued.bytes, &at) {
+                    (Some(data), _) => data.len(),
+                    (None, Some(at)) => at.len(),
+                    (None, None) => 0,
+                };
+                // A chunk that would take the frame past its size waits for the next
+                // frame, alone if need be: added to a frame nearly full, a large one
+                // (a source's own chunking, or a peer's) went over the transport's limit,
+                // which ended the session each time the chunk was asked for.
+                if bytes > 0 && bytes + len > CHUNKS_FRAME_BYTES {
                     break;
                 }
                 done += 1;
-                match &queued.bytes {
-                    Some(data) => {
-                        bytes += data.len();
-                        picked.push((queued, Some(data.clone())));
-                    }
-                    // A chunk this replica does not have (or cannot read) is left out:
-                    // the peer asks again, and the next request finds it once it is here.
-                    None => {
-                        if let Ok(Some(at)) = chunks.find(&queued.hash) {
-                            bytes += at.len();
-                            found.push((queued.hash, at));
-                            picked.push((queued, None));
-                        }
+                bytes += len;
+                match at {
+                    None => picked.push((queued, queued.bytes.clone())),
+                    Some(at) => {
+                        found.push((queued.hash, at));
+                        picked.push((queued, None));
                     }
                 }
             }

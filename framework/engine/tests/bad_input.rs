@@ -302,6 +302,49 @@ async fn a_dialed_address_answering_as_another_peer_is_refused() {
     d.engine.shutdown().await.unwrap();
 }
 
+/// A large chunk asked for after others is sent in a frame of its own rather than added
+/// to a frame nearly full: 3.5 + 13 MiB in one frame went over the transport's 16 MiB
+/// limit and ended the session, every time the chunks were asked for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_chunk_goes_in_a_frame_of_its_own() {
+    let d = start().await;
+    let chunk = |len: usize, seed: u8| -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+            .collect()
+    };
+    let (small, large) = (chunk(7 << 19, 1), chunk(13 << 20, 2));
+    let hashes = vec![
+        d.log.chunks().put(&small).unwrap(),
+        d.log.chunks().put(&large).unwrap(),
+    ];
+    let mut stream = connect(&d).await;
+    stream.write_all(&hello(KNOWN)).await.unwrap();
+    stream
+        .write_all(&message(&Message::WantChunks {
+            hashes: hashes.clone(),
+        }))
+        .await
+        .unwrap();
+    let mut received = Vec::new();
+    let answered = timeout(WAIT, async {
+        while received.len() < 2 {
+            match read_frame(&mut stream).await {
+                Some(Message::Chunks { items }) => {
+                    received.extend(items.into_iter().map(|i| (i.hash, i.bytes.len())))
+                }
+                Some(_) => {}
+                None => return false,
+            }
+        }
+        true
+    })
+    .await;
+    assert_eq!(answered, Ok(true), "both chunks came, the session up");
+    assert_eq!(received, [(hashes[0], 7 << 19), (hashes[1], 13 << 20)]);
+    d.engine.shutdown().await.unwrap();
+}
+
 /// A frame whose bytes keep coming for longer than the keepalive timeout (a large frame
 /// over a slow link) is waited for: the timeout counts silence, not whole frames. Before,
 /// the session ended a second into the frame, and over such a link for good.
