@@ -813,6 +813,42 @@ fn change_made_while_stopped_is_picked_up_at_start() {
     b.stop();
 }
 
+/// SIGTERM while the start-up scan reads a large file stops the read at once, rather than
+/// holding the shutdown until the file is read whole (here 64 GiB, sparse: tens of
+/// seconds of reading), past which the engine closed the log under the scan.
+#[test]
+fn a_shutdown_does_not_wait_for_a_large_file_being_read() {
+    let mut a = Daemon::init("A");
+    let big = File::create(a.folder().join("huge.img")).unwrap();
+    big.set_len(64 << 30).unwrap();
+    drop(big);
+    a.start();
+    // The scan is under way a second after the daemon says it runs.
+    assert!(
+        wait_until(CONVERGE_TIMEOUT, || a.log().contains("converge is running")),
+        "{}",
+        a.log_tail()
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    a.stop();
+    let log = a.log();
+    assert!(
+        !log.contains("did not stop within"),
+        "the shutdown waited for the read: {}",
+        a.log_tail()
+    );
+    assert!(log.contains("stopped cleanly"), "{}", a.log_tail());
+    let events = converge_framework::log::EventLog::open(converge_framework::log::LogConfig::new(
+        a.data.path().join("db"),
+    ))
+    .unwrap();
+    let key = converge_api::Key::new("huge.img").unwrap();
+    assert!(
+        events.heads(&key).unwrap().is_empty(),
+        "nothing of the file half read was recorded"
+    );
+}
+
 /// A clock that reads five hours ahead of the system's.
 struct FiveHoursAhead;
 

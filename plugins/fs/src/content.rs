@@ -11,6 +11,7 @@ use std::io::Read;
 use std::ops::Range;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender};
 use std::sync::Arc;
 
@@ -60,6 +61,7 @@ pub(crate) fn store_file_read(
     looked_at: &Metadata,
     chunks: &ChunkStore,
     gathered: Option<&mut Gathered>,
+    stop: &AtomicBool,
 ) -> Result<Option<(ContentRef, Metadata)>, FsError> {
     let (file, opened) = match open_file(path) {
         Ok(opened) => opened,
@@ -80,7 +82,7 @@ pub(crate) fn store_file_read(
     if file_stat(&opened) != file_stat(looked_at) {
         return Ok(None);
     }
-    store_open_file(path, &file, &opened, chunks, gathered).map(Some)
+    store_open_file(path, &file, &opened, chunks, gathered, stop).map(Some)
 }
 
 /// [`store_file_read`] for `file`, open at `path` by [`open_file`] with the stat
@@ -91,13 +93,13 @@ pub(crate) fn store_open_file(
     opened: &Metadata,
     chunks: &ChunkStore,
     gathered: Option<&mut Gathered>,
+    stop: &AtomicBool,
 ) -> Result<(ContentRef, Metadata), FsError> {
-    let content = match gathered {
-        Some(gathered) if opened.len() <= GATHER_FILE_MAX => {
-            chunk_open_file(path, file, opened.len(), Sink::Gather(gathered, chunks))?
-        }
-        _ => chunk_open_file(path, file, opened.len(), Sink::Store(chunks))?,
+    let sink = match gathered {
+        Some(gathered) if opened.len() <= GATHER_FILE_MAX => Sink::Gather(gathered, chunks),
+        _ => Sink::Store(chunks),
     };
+    let content = chunk_open_file(path, file, opened.len(), sink, Some(stop))?;
     let read = file.metadata().map_err(FsError::io("reading", path))?;
     Ok((content, read))
 }
@@ -327,17 +329,20 @@ fn chunk_file(path: &Path, store: Option<&ChunkStore>) -> Result<ContentRef, FsE
         Some(store) => Sink::Store(store),
         None => Sink::Drop,
     };
-    chunk_open_file(path, &file, opened.len(), sink)
+    chunk_open_file(path, &file, opened.len(), sink, None)
 }
 
 /// Chunks `file`, open at `path` and `size` bytes long when opened (it may change while it
-/// is read: the chunks are of what was read).
+/// is read: the chunks are of what was read). A large file's read ends early, as
+/// [`FsError::Stopped`], once `stop` is set.
 fn chunk_open_file(
     path: &Path,
     file: &File,
     size: u64,
     mut sink: Sink<'_>,
+    stop: Option<&AtomicBool>,
 ) -> Result<ContentRef, FsError> {
+    let stopped = || stop.is_some_and(|s| s.load(Ordering::Relaxed));
     // A large file's data is one stream, which a peer can write straight into a file.
     let stream = (size >= PIPELINE_BYTES).then(new_stream);
     if let Sink::Gather(gathered, _) = &mut sink {
@@ -393,7 +398,12 @@ fn chunk_open_file(
             file,
             Some(size),
             Some(&back_rx),
-            &mut |bytes, cuts| tx.send((bytes, cuts)).map_err(|_| LogError::Closed),
+            &mut |bytes, cuts| {
+                if stopped() {
+                    return Err(LogError::Closed);
+                }
+                tx.send((bytes, cuts)).map_err(|_| LogError::Closed)
+            },
         );
         drop(tx);
         let hashed = second.join().map_err(|_| FsError::Content {
@@ -401,6 +411,9 @@ fn chunk_open_file(
             reason: "the thread hashing its chunks panicked".into(),
         })?;
         match cutting {
+            Err(FsError::Log(LogError::Closed)) if stopped() => Err(FsError::Stopped {
+                path: path.to_owned(),
+            }),
             // The second thread stopped first: its error is the one to report.
             Err(FsError::Log(LogError::Closed)) => hashed.and(Err(LogError::Closed.into())),
             Err(e) => Err(e),
@@ -794,7 +807,7 @@ mod tests {
         let secret = outside.path().join("f");
         std::fs::write(&secret, b"not in the folder").unwrap();
         let read = |path: &Path, looked_at: &Metadata| {
-            store_file_read(path, looked_at, log.chunks(), None)
+            store_file_read(path, looked_at, log.chunks(), None, &AtomicBool::new(false))
                 .unwrap()
                 .map(|(content, _)| content)
         };

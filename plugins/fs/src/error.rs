@@ -30,6 +30,13 @@ pub enum FsError {
         /// What did not match.
         reason: String,
     },
+    /// Reading a file stopped halfway because the engine is shutting down; nothing of it
+    /// was recorded.
+    #[error("stopped reading {}: shutting down", path.display())]
+    Stopped {
+        /// The file.
+        path: PathBuf,
+    },
     /// The file watcher could not be set up.
     #[error("watching {}: {source}", path.display())]
     Watch {

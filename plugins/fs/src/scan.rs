@@ -121,6 +121,9 @@ pub(crate) struct Env {
     pub(crate) resolver: Resolver,
     pub(crate) log: EventLog,
     pub(crate) chunks: ChunkStore,
+    /// Set once the engine shuts down: a file being read stops at its next window rather
+    /// than holding the shutdown until it is read whole (see [`FsError::Stopped`]).
+    pub(crate) stopping: AtomicBool,
 }
 
 #[cfg(test)]
@@ -135,6 +138,7 @@ impl Env {
             resolver: Resolver::default(),
             chunks: log.chunks().clone(),
             log,
+            stopping: AtomicBool::new(false),
         }
     }
 }
@@ -195,8 +199,15 @@ pub(crate) fn examine_file(
     // swapped in: see `store_file_read`), and unchanged by the end of the read. One
     // renamed over it after the read is the watcher's news.
     let read = match looked {
-        Looked::Opened(file, _) => Some(store_open_file(path, file, meta, &env.chunks, gathered)?),
-        Looked::Path(_) => store_file_read(path, meta, &env.chunks, gathered)?,
+        Looked::Opened(file, _) => Some(store_open_file(
+            path,
+            file,
+            meta,
+            &env.chunks,
+            gathered,
+            &env.stopping,
+        )?),
+        Looked::Path(_) => store_file_read(path, meta, &env.chunks, gathered, &env.stopping)?,
     };
     let Some((content, read)) = read else {
         tracing::debug!("{key}: changed or replaced since it was looked at; looked at again");
@@ -890,6 +901,8 @@ fn file_found(
             tracing::warn!("scan: {e}");
             Found::Failed(Some(key.to_string()))
         }
+        // Shutting down: this scan's findings no longer count.
+        Err(FsError::Stopped { .. }) => Found::Failed(None),
         Err(e) => Found::Fatal(e),
     }
 }

@@ -130,13 +130,23 @@ impl FsSource {
     async fn env(&self, ctx: &SourceContext, root: &Path) -> Result<Arc<Env>, FsError> {
         let (root, exclude) = (root.to_owned(), self.config.exclude.clone());
         let rules = tokio::task::spawn_blocking(move || Rules::load(&root, &exclude)).await?;
-        Ok(Arc::new(Env {
+        let env = Arc::new(Env {
             rules,
             echo: self.echo.clone(),
             resolver: self.resolver.clone(),
             log: ctx.log().clone(),
             chunks: ctx.chunks().clone(),
-        }))
+            stopping: AtomicBool::new(false),
+        });
+        // Held weakly: a source started again after a failure makes an `Env` of its own.
+        let (stopped, weak) = (ctx.on_shutdown(), Arc::downgrade(&env));
+        tokio::spawn(async move {
+            stopped.await;
+            if let Some(env) = weak.upgrade() {
+                env.stopping.store(true, Ordering::Relaxed);
+            }
+        });
+        Ok(env)
     }
 
     /// Loads the ignore rules and starts watching with them (after stopping `old`), until

@@ -137,6 +137,15 @@ impl SourceContext {
     pub async fn shutdown(&mut self) {
         let _ = self.shutdown.wait_for(|stop| *stop).await;
     }
+
+    /// Resolves when the engine shuts down, borrowing nothing: for a task of the source's
+    /// own that tells its blocking work (a large file being read) to stop.
+    pub fn on_shutdown(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut shutdown = self.shutdown.clone();
+        async move {
+            let _ = shutdown.wait_for(|stop| *stop).await;
+        }
+    }
 }
 
 /// Produces local events: scans what exists at start, then watches for changes.
