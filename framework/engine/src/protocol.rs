@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use converge_api::codec::PROTOCOL_VERSION;
-use converge_api::{codec, Hash, Message, Place, ReplicaId, VersionVector};
+use converge_api::{codec, EventId, Hash, Message, Place, ReplicaId, VersionVector};
 use tokio::sync::mpsc;
 use tokio::time::{timeout, Instant};
 
@@ -252,6 +252,64 @@ fn lost_own_events(
     None
 }
 
+/// This replica's `Hello`: its version vector, and the fingerprint of the newest event it
+/// holds of each origin (see [`split_replica`]).
+fn hello_of(log: &crate::log::EventLog) -> Result<Message, crate::error::LogError> {
+    let vv = log.version_vector();
+    let mut tips = Vec::with_capacity(vv.0.len());
+    for (&origin, &seq) in &vv.0 {
+        if let Some(event) = log.get(&EventId { origin, seq })? {
+            tips.push((origin, event.fingerprint()));
+        }
+    }
+    Ok(Message::Hello {
+        protocol: PROTOCOL_VERSION,
+        replica: log.replica(),
+        vv,
+        tips,
+    })
+}
+
+/// Why this replica must not sync with a peer whose `Hello` said `peer_vv` and `tips`, if
+/// an event both hold under one id differs between them: two data dirs have acted as
+/// one replica (a data dir copied to a second machine and started there, or one restored
+/// from a backup after it had sent events, that has since written as many events as it
+/// lost). One of the two events would be dropped everywhere as a duplicate of the other,
+/// and the replicas would differ for good without a word. Reads at most one event per
+/// origin this log knows.
+fn split_replica(
+    log: &crate::log::EventLog,
+    peer_vv: &VersionVector,
+    tips: &[(ReplicaId, Hash)],
+) -> Result<Option<String>, crate::error::LogError> {
+    let held = log.version_vector();
+    let mut seen = HashSet::new();
+    for &(origin, fingerprint) in tips {
+        let seq = peer_vv.get(&origin);
+        if seq == 0 || seq > held.get(&origin) || !seen.insert(origin) {
+            continue;
+        }
+        let Some(event) = log.get(&EventId { origin, seq })? else {
+            continue;
+        };
+        if event.fingerprint() != fingerprint {
+            let whose = if origin == log.replica() {
+                "this replica".to_owned()
+            } else {
+                format!("replica {origin}")
+            };
+            return Ok(Some(format!(
+                "event number {seq} of {whose} is not the same event here as on that peer: \
+                 two data dirs have acted as {whose} (one copied to another machine, or \
+                 restored from a backup after it had sent events), and their events can \
+                 never converge. Stop the copy and start it over with a fresh data dir \
+                 (`converge init`), which takes its folder as it is"
+            )));
+        }
+    }
+    Ok(None)
+}
+
 /// How a session that ended without an error went: a dialer starts its backoff over only
 /// after one that ran.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -276,11 +334,10 @@ pub(crate) async fn run_session(
         mut sender,
         mut receiver,
     } = conn;
-    let hello = Message::Hello {
-        protocol: PROTOCOL_VERSION,
-        replica: inner.log.replica(),
-        vv: inner.log.version_vector(),
-    };
+    let log = inner.log.clone();
+    let hello = tokio::task::spawn_blocking(move || hello_of(&log))
+        .await
+        .map_err(|e| violation("self", e.to_string()))??;
     send_message(sender.as_mut(), &inner, None, &hello).await?;
     let first = match timeout(inner.config.handshake_timeout, receiver.recv()).await {
         Err(_) => return Err(SessionError::Timeout(remote)),
@@ -288,11 +345,12 @@ pub(crate) async fn run_session(
         Ok(Ok(None)) => return Ok(Ended::ClosedBeforeHello),
         Ok(Err(e)) => return Err(e.into()),
     };
-    let (peer, peer_vv) = match Message::decode(&first) {
+    let (peer, peer_vv, tips) = match Message::decode(&first) {
         Ok(Message::Hello {
             protocol,
             replica,
             vv,
+            tips,
         }) => {
             if protocol != PROTOCOL_VERSION {
                 return Err(violation(
@@ -300,7 +358,7 @@ pub(crate) async fn run_session(
                     format!("speaks protocol {protocol}, this build speaks {PROTOCOL_VERSION}"),
                 ));
             }
-            (replica, vv)
+            (replica, vv, tips)
         }
         Ok(other) => {
             return Err(violation(
@@ -330,7 +388,11 @@ pub(crate) async fn run_session(
             reason: format!("{remote} was dialed as peer {expected}"),
         });
     }
-    if let Some(reason) = lost_own_events(&inner.log, &peer, &peer_vv) {
+    let (log, vv) = (inner.log.clone(), peer_vv.clone());
+    let split = tokio::task::spawn_blocking(move || split_replica(&log, &vv, &tips))
+        .await
+        .map_err(|e| violation("self", e.to_string()))??;
+    if let Some(reason) = split.or_else(|| lost_own_events(&inner.log, &peer, &peer_vv)) {
         tracing::error!(peer = %peer.short(), "refusing to sync: {reason}");
         return Err(SessionError::Refused {
             peer: peer.to_string(),

@@ -87,6 +87,7 @@ fn hello(replica: ReplicaId) -> Vec<u8> {
         protocol: PROTOCOL_VERSION,
         replica,
         vv: VersionVector::new(),
+        tips: Vec::new(),
     })
 }
 
@@ -524,6 +525,7 @@ async fn bad_input_is_refused_and_the_daemon_keeps_serving() {
             protocol: PROTOCOL_VERSION,
             replica: KNOWN,
             vv: VersionVector::new(),
+            tips: Vec::new(),
         }
         .encode()
         .unwrap();
@@ -593,6 +595,7 @@ async fn bad_input_is_refused_and_the_daemon_keeps_serving() {
                 protocol: PROTOCOL_VERSION + 1,
                 replica: KNOWN,
                 vv: VersionVector::new(),
+                tips: Vec::new(),
             }),
             false,
         ),

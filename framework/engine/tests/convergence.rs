@@ -574,13 +574,14 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
     }
 }
 
-/// A replica whose data dir lost events it had sent (restored from an older copy) would
-/// number its next events as the lost ones were, and its peer, holding those, would drop
-/// the new ones as duplicates: silently, for good. Both sides refuse to sync instead.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_replica_that_lost_events_it_sent_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let (a_dir, copy) = (dir.path().join("a"), dir.path().join("copy"));
+/// A replica's data dir restored from a copy taken after its first event, once it had
+/// sent two more to B; the restored replica then writes `new` (one event each) and meets
+/// B again, and B writes "from b". Returns A, B and their engines.
+async fn restored_replica_meets_its_peer(
+    dir: &std::path::Path,
+    new: &[&str],
+) -> (EventLog, EventLog, Vec<SyncEngine>) {
+    let (a_dir, copy) = (dir.join("a"), dir.join("copy"));
     let k = |s: &str| Key::new(s).unwrap();
     let put = |key: Key| {
         LocalChange::new(
@@ -600,7 +601,7 @@ async fn a_replica_that_lost_events_it_sent_is_refused() {
 
     // Two more events, which reach B.
     let a = EventLog::open(LogConfig::new(&a_dir)).unwrap();
-    let b_dir = dir.path().join("b");
+    let b_dir = dir.join("b");
     let b = EventLog::open(LogConfig::new(&b_dir)).unwrap();
     a.append_local(vec![put(k("two")), put(k("three"))])
         .await
@@ -622,22 +623,68 @@ async fn a_replica_that_lost_events_it_sent_is_refused() {
     drop((a, b));
 
     // A's data dir restored from the copy: its next event is numbered 2 again.
-    std::fs::rename(&a_dir, dir.path().join("lost")).unwrap();
+    std::fs::rename(&a_dir, dir.join("lost")).unwrap();
     std::fs::rename(&copy, &a_dir).unwrap();
     let a = EventLog::open(LogConfig::new(&a_dir)).unwrap();
     let b = EventLog::open(LogConfig::new(&b_dir)).unwrap();
-    a.append_local(vec![put(k("new"))]).await.unwrap();
-    assert_eq!(a.version_vector().get(&a.replica()), 2);
-
-    // In a session, B's next event would reach A; none comes up either way.
+    for key in new {
+        a.append_local(vec![put(k(key))]).await.unwrap();
+    }
+    assert_eq!(a.version_vector().get(&a.replica()), 1 + new.len() as u64);
+    // In a session, B's next event would reach A.
     let engines = start_engines(&[a.clone(), b.clone()], &[vec![1], vec![0]]).await;
     b.append_local(vec![put(k("from b"))]).await.unwrap();
+    (a, b, engines)
+}
+
+/// A replica whose data dir lost events it had sent (restored from an older copy) would
+/// number its next events as the lost ones were, and its peer, holding those, would drop
+/// the new ones as duplicates: silently, for good. Both sides refuse to sync instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_lost_events_it_sent_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b, engines) = restored_replica_meets_its_peer(dir.path(), &["new"]).await;
+    let k = |s: &str| Key::new(s).unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(
         a.heads(&k("from b")).unwrap().is_empty(),
         "a session came up"
     );
     assert!(b.heads(&k("new")).unwrap().is_empty());
+    for engine in &engines {
+        engine.shutdown().await.unwrap();
+    }
+}
+
+/// The same, once the restored replica has written as many events as it lost: the
+/// version vectors agree, but the events under the same numbers differ, which the
+/// fingerprints in `Hello` show. Both sides refuse, saying why. Before, the session came
+/// up and B dropped A's new events as duplicates of the lost ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_restored_and_written_past_its_loss_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b, engines) =
+        restored_replica_meets_its_peer(dir.path(), &["new", "newer", "newest"]).await;
+    let k = |s: &str| Key::new(s).unwrap();
+    let mut error = None;
+    for _ in 0..400 {
+        error = engines[0].peers()[0].last_error.clone();
+        if error.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let error = error.expect("A shows why there is no session");
+    assert!(
+        error.contains("is not the same event here as on that peer"),
+        "{error}"
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        a.heads(&k("from b")).unwrap().is_empty(),
+        "a session came up"
+    );
+    assert!(b.heads(&k("newest")).unwrap().is_empty());
     for engine in &engines {
         engine.shutdown().await.unwrap();
     }
