@@ -269,7 +269,7 @@ impl Config {
             .prefix(".converge-write-check")
             .tempfile_in(data_dir)
             .with_context(|| format!("data_dir: {} is not writable", data_dir.display()))?;
-        if same_path(data_dir, folder) {
+        if nesting(data_dir, folder) == Some(Nesting::Same) {
             bail!(
                 "data_dir and folder.path are the same directory ({}): keep the data dir elsewhere",
                 data_dir.display()
@@ -318,11 +318,28 @@ impl Config {
                     mirror.name
                 );
             }
-            if same_path(&mirror.path, folder) {
-                bail!(
-                    "mirrors[{i}].path is the folder itself ({})",
-                    mirror.path.display()
-                );
+            check_mirror_path(i, &mirror.path, &self.folder.path, &self.data_dir)?;
+            for (j, other) in self.mirrors[..i].iter().enumerate() {
+                match nesting(&mirror.path, &other.path) {
+                    Some(Nesting::Same) => bail!(
+                        "mirrors[{i}].path is the same directory as mirrors[{j}].path ({}): \
+                         the two would overwrite each other",
+                        mirror.path.display()
+                    ),
+                    Some(Nesting::Inside) => bail!(
+                        "mirrors[{i}].path ({}) is inside mirrors[{j}].path ({}): \
+                         each would overwrite the other's files",
+                        mirror.path.display(),
+                        other.path.display()
+                    ),
+                    Some(Nesting::Contains) => bail!(
+                        "mirrors[{i}].path ({}) contains mirrors[{j}].path ({}): \
+                         each would overwrite the other's files",
+                        mirror.path.display(),
+                        other.path.display()
+                    ),
+                    None => {}
+                }
             }
         }
         Ok(())
@@ -341,11 +358,81 @@ fn check_peer_address(index: usize, address: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Whether two paths name the same directory, by their canonical forms when both exist.
-fn same_path(a: &Path, b: &Path) -> bool {
-    match (a.canonicalize(), b.canonicalize()) {
-        (Ok(a), Ok(b)) => a == b,
-        _ => normalize(a) == normalize(b),
+/// Refuses a mirror (`mirrors[index].path`) that overlaps the folder or the data dir: one
+/// inside the folder would be synced again, into itself, without end; one holding the
+/// folder would write over it; one at, inside or around the data dir would write over the
+/// database and the config.
+fn check_mirror_path(
+    index: usize,
+    mirror: &Path,
+    folder: &Path,
+    data_dir: &Path,
+) -> anyhow::Result<()> {
+    let (m, f, d) = (mirror.display(), folder.display(), data_dir.display());
+    match nesting(mirror, folder) {
+        Some(Nesting::Same) => bail!("mirrors[{index}].path is the folder itself ({m})"),
+        Some(Nesting::Inside) => bail!(
+            "mirrors[{index}].path ({m}) is inside folder.path ({f}): the folder would sync the \
+             mirror's files into the mirror again, without end"
+        ),
+        Some(Nesting::Contains) => bail!(
+            "mirrors[{index}].path ({m}) contains folder.path ({f}): the mirror would overwrite \
+             the folder"
+        ),
+        None => {}
+    }
+    if nesting(mirror, data_dir).is_some() {
+        bail!(
+            "mirrors[{index}].path ({m}) is, is inside or contains data_dir ({d}): the mirror \
+             would overwrite the database and the config"
+        );
+    }
+    Ok(())
+}
+
+/// How one directory lies relative to another.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Nesting {
+    /// Both are the same directory.
+    Same,
+    /// The first is below the second.
+    Inside,
+    /// The second is below the first.
+    Contains,
+}
+
+/// How `a` lies relative to `b`, compared by their [`resolved`] forms; `None` when apart.
+fn nesting(a: &Path, b: &Path) -> Option<Nesting> {
+    let (a, b) = (resolved(a), resolved(b));
+    if a == b {
+        Some(Nesting::Same)
+    } else if a.starts_with(&b) {
+        Some(Nesting::Inside)
+    } else if b.starts_with(&a) {
+        Some(Nesting::Contains)
+    } else {
+        None
+    }
+}
+
+/// `path` with symlinks and `..` resolved as far as it exists: its longest existing
+/// ancestor canonicalized, the rest appended as written. So a directory not created yet (a
+/// mirror, the data dir) compares right with one reached through a symlink.
+fn resolved(path: &Path) -> PathBuf {
+    let path = normalize(path);
+    let mut rest = Vec::new();
+    let mut existing = path.as_path();
+    loop {
+        if let Ok(canonical) = existing.canonicalize() {
+            return rest.iter().rev().fold(canonical, |p, name| p.join(name));
+        }
+        match (existing.parent(), existing.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name);
+                existing = parent;
+            }
+            _ => return path,
+        }
     }
 }
 
@@ -593,5 +680,70 @@ mod tests {
             ),
             &["mirrors[1].name"],
         );
+    }
+
+    /// `mirrors` (TOML tables) appended to [`MINIMAL`].
+    fn with_mirrors(paths: &[&str]) -> String {
+        let mut text = MINIMAL.to_owned();
+        for (i, path) in paths.iter().enumerate() {
+            text.push_str(&format!(
+                "[[mirrors]]\nname = \"m{i}\"\npath = \"{path}\"\n"
+            ));
+        }
+        text
+    }
+
+    #[test]
+    fn mirror_overlapping_the_folder_the_data_dir_or_another_mirror_is_refused() {
+        let cases: &[(&[&str], &[&str])] = &[
+            (&["folder"], &["mirrors[0].path", "the folder itself"]),
+            (
+                &["folder/backup"],
+                &["mirrors[0].path", "inside folder.path", "without end"],
+            ),
+            (&["."], &["mirrors[0].path", "contains folder.path"]),
+            (&["data"], &["mirrors[0].path", "data_dir", "database"]),
+            (
+                &["data/backup"],
+                &["mirrors[0].path", "data_dir", "database"],
+            ),
+            (
+                &["a", "./a/"],
+                &["mirrors[1].path", "same directory as mirrors[0].path"],
+            ),
+            (
+                &["a", "a/b"],
+                &["mirrors[1].path", "inside mirrors[0].path"],
+            ),
+            (
+                &["x", "a/b", "a"],
+                &["mirrors[2].path", "contains mirrors[1].path"],
+            ),
+        ];
+        for (paths, expected) in cases {
+            check_err(&with_mirrors(paths), expected);
+        }
+        check_err(
+            "data_dir = \"state/data\"\n[folder]\npath = \"folder\"\n\
+             [[mirrors]]\nname = \"m\"\npath = \"state\"\n",
+            &["mirrors[0].path", "data_dir", "database"],
+        );
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn mirror_inside_the_folder_through_a_symlink_is_refused() {
+        let fixture = Fixture::new();
+        std::os::unix::fs::symlink("folder", fixture.dir.path().join("link")).unwrap();
+        let err = fixture.load(&with_mirrors(&["link/backup"])).unwrap_err();
+        assert!(format!("{err:#}").contains("mirrors[0].path"), "{err:#}");
+        assert!(format!("{err:#}").contains("inside folder.path"), "{err:#}");
+    }
+
+    #[test]
+    fn mirrors_apart_from_everything_load() {
+        let fixture = Fixture::new();
+        let config = fixture.load(&with_mirrors(&["a", "b", "ab"])).unwrap();
+        assert_eq!(config.mirrors.len(), 3);
     }
 }
