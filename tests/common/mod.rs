@@ -191,13 +191,19 @@ impl Daemon {
 
     /// SIGTERM, then waits for the process and asserts it exited with status 0.
     pub fn stop(&mut self) {
+        self.stop_within(Duration::from_secs(60));
+    }
+
+    /// SIGTERM, then waits up to `timeout` for the process and asserts it exited with
+    /// status 0.
+    pub fn stop_within(&mut self, timeout: Duration) {
         let mut child = self.child.take().expect("not running");
         let pid = libc::pid_t::try_from(child.id()).unwrap();
         // SAFETY: `pid` is our own child, which has not been waited for yet.
         let rc = unsafe { libc::kill(pid, libc::SIGTERM) };
         assert_eq!(rc, 0, "kill(SIGTERM) failed");
         let mut status = None;
-        let exited = wait_until(Duration::from_secs(60), || {
+        let exited = wait_until(timeout, || {
             status = child.try_wait().unwrap();
             status.is_some()
         });
@@ -205,7 +211,7 @@ impl Daemon {
             child.kill().unwrap();
             child.wait().unwrap();
             panic!(
-                "{} did not exit within 60 s of SIGTERM\n{}",
+                "{} did not exit within {timeout:?} of SIGTERM\n{}",
                 self.name,
                 self.log_tail()
             );
