@@ -1733,3 +1733,47 @@ fn a_mirror_on_a_disk_not_mounted_does_not_keep_the_daemon_from_syncing() {
     a.stop();
     b.stop();
 }
+
+/// An `[admin]` section the daemon cannot serve (its token file missing or empty, its port
+/// taken) stops `converge run` with an error naming the key and the path or address
+/// before anything starts: the folder is not even marked (regression: the engine started
+/// first, marking and scanning the folder and dialing peers, and only then failed).
+#[test]
+fn an_admin_api_that_cannot_start_stops_the_daemon_before_the_folder_is_touched() {
+    let check = |what: &str, setup: &dyn Fn(&Daemon) -> Vec<String>| {
+        let mut d = Daemon::init("A");
+        let expected = setup(&d);
+        d.start();
+        let status = d.wait_exit(CONVERGE_TIMEOUT);
+        let log = d.log();
+        assert!(!status.success(), "{what}: exited with {status}\n{log}");
+        for want in &expected {
+            assert!(log.contains(want.as_str()), "{what}: no {want:?} in\n{log}");
+        }
+        assert!(
+            !d.folder().join(MARKER).exists(),
+            "{what}: the folder was marked\n{log}"
+        );
+    };
+    let token = |d: &Daemon| d.data.path().join("admin.token");
+    check("token file missing", &|d| {
+        fs::remove_file(token(d)).unwrap();
+        vec!["admin.token_file".into(), token(d).display().to_string()]
+    });
+    check("token file empty", &|d| {
+        fs::write(token(d), "\n").unwrap();
+        vec![format!("admin.token_file {} is empty", token(d).display())]
+    });
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    check("port taken", &|d| {
+        let config = fs::read_to_string(d.config()).unwrap();
+        let admin = format!("127.0.0.1:{}", d.admin_port);
+        fs::write(
+            d.config(),
+            config.replace(&admin, &format!("127.0.0.1:{port}")),
+        )
+        .unwrap();
+        vec![format!("admin.listen = 127.0.0.1:{port}")]
+    });
+}
