@@ -283,7 +283,7 @@ impl Config {
                 TRANSPORT_KINDS.join(", ")
             );
         }
-        self.transport.listen_addr()?;
+        let transport_listen = self.transport.listen_addr()?;
 
         let policy = &self.folder.conflict_policy;
         if !BUILTIN_POLICIES.contains(&policy.as_str()) && self.plugins.is_empty() {
@@ -304,7 +304,15 @@ impl Config {
         }
 
         if let Some(admin) = &self.admin {
-            admin.listen_addr()?;
+            let admin_listen = admin.listen_addr()?;
+            if clash(admin_listen, transport_listen) {
+                bail!(
+                    "admin.listen = {:?} and transport.listen = {:?} are the same port: \
+                     give the admin API a port of its own",
+                    admin.listen,
+                    self.transport.listen
+                );
+            }
         }
 
         let mut names = HashSet::new();
@@ -344,6 +352,14 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// Whether two listen addresses cannot both be bound: the same port (not 0, which picks
+/// a free one) on the same address, or on any address and one of its own.
+fn clash(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port()
+        && a.port() != 0
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
 }
 
 /// `host:port` with a numeric port; the host is resolved only when dialing.
@@ -646,6 +662,26 @@ mod tests {
             &format!("{MINIMAL}[admin]\nlisten = \"127.0.0.1\"\n"),
             &["admin.listen"],
         );
+    }
+
+    #[test]
+    fn admin_on_the_transport_port_is_named() {
+        for (transport, admin) in [
+            ("127.0.0.1:7400", "127.0.0.1:7400"),
+            ("0.0.0.0:7400", "127.0.0.1:7400"),
+        ] {
+            check_err(
+                &format!(
+                    "{MINIMAL}[transport]\nlisten = \"{transport}\"\n[admin]\nlisten = \"{admin}\"\n"
+                ),
+                &["admin.listen", "transport.listen", "same port"],
+            );
+        }
+        let fixture = Fixture::new();
+        let apart = format!(
+            "{MINIMAL}[transport]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n"
+        );
+        fixture.load(&apart).unwrap();
     }
 
     #[test]

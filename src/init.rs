@@ -258,6 +258,21 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn init_refuses_an_admin_api_on_the_transport_port() {
+        let root = tempfile::tempdir().unwrap();
+        let mut args = args(root.path());
+        args.admin = args.listen;
+        let err = init(&args).await.unwrap_err();
+        let message = format!("{err:#}");
+        assert!(
+            message.contains("admin.listen") && message.contains("transport.listen"),
+            "{message}"
+        );
+        assert!(!args.data_dir.join(CONFIG_FILE).exists());
+        assert!(!args.data_dir.join("db").exists());
+    }
+
+    #[tokio::test]
     async fn init_refuses_to_overwrite_a_config() {
         let root = tempfile::tempdir().unwrap();
         let args = args(root.path());
