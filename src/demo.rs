@@ -1,31 +1,33 @@
 //! `converge demo`: two replicas on loopback syncing two folders, for a first look.
 
 use std::future::Future;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use converge_framework::plugin::Transport;
 use converge_transport_tcp::{TcpOptions, TcpTransport};
+use tempfile::TempDir;
 
 use crate::config::{AdminAuth, AdminConfig, Config, FolderConfig, PeerConfig, TransportConfig};
 
-/// Starts two replicas over two folders under `dir` (a temporary directory when `None`),
-/// prints their folders, and runs them until `shutdown` resolves.
-pub async fn run(
-    dir: Option<PathBuf>,
-    shutdown: impl Future<Output = ()> + Send,
-) -> anyhow::Result<()> {
-    let temp;
-    let base = match dir {
-        Some(d) => d,
+/// Where the demo keeps its replicas: `dir`, or a new temporary directory, returned too
+/// (it is removed when dropped).
+pub fn base_dir(dir: Option<PathBuf>) -> anyhow::Result<(PathBuf, Option<TempDir>)> {
+    match dir {
+        Some(dir) => Ok((dir, None)),
         None => {
-            temp = tempfile::Builder::new()
+            let temp = tempfile::Builder::new()
                 .prefix("converge-demo-")
                 .tempdir()
                 .context("creating a temporary directory")?;
-            temp.path().to_path_buf()
+            Ok((temp.path().to_path_buf(), Some(temp)))
         }
-    };
+    }
+}
+
+/// Starts two replicas over two folders under `base`, prints their folders, and runs
+/// them until `shutdown` resolves.
+pub async fn run(base: &Path, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
     let names = ["a", "b"];
     let mut transports = Vec::new();
     for _ in names {
