@@ -41,11 +41,12 @@ pub async fn run(base: &Path, shutdown: impl Future<Output = ()> + Send) -> anyh
     // Each replica needs the other's identity before it starts: open both logs once.
     let mut ids = Vec::new();
     for name in names {
-        let data = base.join(name).join("data");
-        std::fs::create_dir_all(base.join(name).join("folder"))
-            .context("creating the demo folders")?;
-        std::fs::create_dir_all(&data)?;
-        ids.push(crate::init::replica_id(&data).await?);
+        for dir in ["folder", "data"] {
+            let path = base.join(name).join(dir);
+            std::fs::create_dir_all(&path)
+                .with_context(|| format!("creating the demo directory {}", path.display()))?;
+        }
+        ids.push(crate::init::replica_id(&base.join(name).join("data")).await?);
     }
     let mut daemons = Vec::new();
     for (i, (name, transport)) in names.iter().zip(transports).enumerate() {
@@ -99,4 +100,21 @@ pub async fn run(base: &Path, shutdown: impl Future<Output = ()> + Send) -> anyh
         daemon.shutdown().await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_dir_that_is_a_file_is_named() {
+        let root = tempfile::tempdir().unwrap();
+        let file = root.path().join("a-file");
+        std::fs::write(&file, b"x").unwrap();
+        let err = run(&file, std::future::pending()).await.unwrap_err();
+        let message = format!("{err:#}");
+        assert!(message.contains(&*file.to_string_lossy()), "{message}");
+    }
 }
