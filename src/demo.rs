@@ -9,6 +9,7 @@ use converge_transport_tcp::{TcpOptions, TcpTransport};
 use tempfile::TempDir;
 
 use crate::config::{AdminAuth, AdminConfig, Config, FolderConfig, PeerConfig, TransportConfig};
+use crate::daemon::Daemon;
 
 /// Where the demo keeps its replicas: `dir`, or a new temporary directory, returned too
 /// (it is removed when dropped).
@@ -77,7 +78,14 @@ pub async fn run(base: &Path, shutdown: impl Future<Output = ()> + Send) -> anyh
             mirrors: Vec::new(),
             plugins: Vec::new(),
         };
-        daemons.push(crate::daemon::start(&config, transport).await?);
+        match crate::daemon::start(&config, transport).await {
+            Ok(daemon) => daemons.push(daemon),
+            Err(err) => {
+                // The replicas already running are stopped (flushed) before the error.
+                let _ = shut_down_all(&names, daemons).await;
+                return Err(err.context(format!("starting demo replica {name}")));
+            }
+        }
     }
     println!("converge demo: two replicas syncing over 127.0.0.1");
     for (i, name) in names.iter().enumerate() {
@@ -96,10 +104,20 @@ pub async fn run(base: &Path, shutdown: impl Future<Output = ()> + Send) -> anyh
     }
     println!("Create, edit or delete files in one folder and watch them appear in the other. Ctrl-C stops.");
     shutdown.await;
-    for daemon in daemons {
-        daemon.shutdown().await?;
+    shut_down_all(&names, daemons).await
+}
+
+/// Shuts down every one of `daemons` (named by `names`), also after one failed, so each
+/// is flushed; every failure is logged and the first returned.
+async fn shut_down_all(names: &[&str], daemons: Vec<Daemon>) -> anyhow::Result<()> {
+    let mut first_failure = None;
+    for (name, daemon) in names.iter().zip(daemons) {
+        if let Err(err) = daemon.shutdown().await {
+            tracing::error!("demo replica {name} did not shut down cleanly: {err:#}");
+            first_failure.get_or_insert(err.context(format!("shutting down demo replica {name}")));
+        }
     }
-    Ok(())
+    first_failure.map_or(Ok(()), Err)
 }
 
 #[cfg(test)]
@@ -116,5 +134,20 @@ mod tests {
         let err = run(&file, std::future::pending()).await.unwrap_err();
         let message = format!("{err:#}");
         assert!(message.contains(&*file.to_string_lossy()), "{message}");
+    }
+
+    /// Regression: replica a was left running (its log open, never flushed) when b failed.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_replica_that_fails_to_start_stops_the_one_started() {
+        let root = tempfile::tempdir().unwrap();
+        let b_data = root.path().join("b").join("data");
+        std::fs::create_dir_all(&b_data).unwrap();
+        std::fs::write(b_data.join("admin.token"), b"").unwrap();
+        let err = run(root.path(), std::future::pending()).await.unwrap_err();
+        assert!(format!("{err:#}").contains("replica b"), "{err:#}");
+        // Replica a closed its event log: it opens again.
+        crate::init::replica_id(&root.path().join("a").join("data"))
+            .await
+            .unwrap();
     }
 }
