@@ -245,9 +245,11 @@ impl Config {
     }
 
     /// Checks everything that can be checked before start: the folder exists and is a
-    /// directory, the data dir exists (or is created) and is writable, addresses parse,
-    /// peer IDs parse and are unique, the transport kind and conflict policy are known,
-    /// mirror names are unique. Each error names its key or path.
+    /// directory, addresses parse and the admin API has a port of its own, peer IDs parse
+    /// and are unique, the transport kind and conflict policy are known, mirror names are
+    /// unique and mirror paths overlap neither the folder, the data dir nor each other;
+    /// then, only once all that passed, the data dir exists (or is created) and is
+    /// writable. Each error names its key or path.
     pub fn validate(&self) -> anyhow::Result<()> {
         let folder = &self.folder.path;
         match std::fs::metadata(folder) {
@@ -260,15 +262,6 @@ impl Config {
         }
 
         let data_dir = &self.data_dir;
-        std::fs::create_dir_all(data_dir)
-            .with_context(|| format!("data_dir: cannot create {}", data_dir.display()))?;
-        if !data_dir.is_dir() {
-            bail!("data_dir: {} is not a directory", data_dir.display());
-        }
-        tempfile::Builder::new()
-            .prefix(".converge-write-check")
-            .tempfile_in(data_dir)
-            .with_context(|| format!("data_dir: {} is not writable", data_dir.display()))?;
         if nesting(data_dir, folder) == Some(Nesting::Same) {
             bail!(
                 "data_dir and folder.path are the same directory ({}): keep the data dir elsewhere",
@@ -350,6 +343,17 @@ impl Config {
                 }
             }
         }
+
+        // Last, once everything else passed: a config refused creates nothing.
+        std::fs::create_dir_all(data_dir)
+            .with_context(|| format!("data_dir: cannot create {}", data_dir.display()))?;
+        if !data_dir.is_dir() {
+            bail!("data_dir: {} is not a directory", data_dir.display());
+        }
+        tempfile::Builder::new()
+            .prefix(".converge-write-check")
+            .tempfile_in(data_dir)
+            .with_context(|| format!("data_dir: {} is not writable", data_dir.display()))?;
         Ok(())
     }
 }
@@ -698,6 +702,20 @@ mod tests {
             "data_dir = \"data\"\n[folder]\npath = \"folder\"\nconflict_policy = \"newest\"\n",
             &["folder.conflict_policy", "newest", "lww"],
         );
+    }
+
+    #[test]
+    fn a_refused_config_creates_no_data_dir() {
+        let fixture = Fixture::new();
+        let bad_peer = format!("{MINIMAL}[[peers]]\nid = \"x\"\naddress = \"127.0.0.1:1\"\n");
+        let bad_policy = MINIMAL.replace(
+            "path = \"folder\"",
+            "path = \"folder\"\nconflict_policy = \"x\"",
+        );
+        for text in [bad_peer, bad_policy] {
+            fixture.load(&text).unwrap_err();
+            assert!(!fixture.dir.path().join("data").exists(), "{text}");
+        }
     }
 
     #[test]
