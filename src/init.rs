@@ -179,7 +179,7 @@ listen = {listen}
 # One [[peers]] table per replica to sync with. The ID is what `converge id` prints
 # there; a peer whose ID is not listed here is refused.
 # [[peers]]
-# id = "aaaaaaa-bbbbbbb-ccccccc-dddddd"
+# id = "aaaaaaa-bbbbbbb-ccccccc-ddddd"
 # address = "192.0.2.10:7400"
 
 [admin]
@@ -270,6 +270,18 @@ mod tests {
         );
         assert!(!args.data_dir.join(CONFIG_FILE).exists());
         assert!(!args.data_dir.join("db").exists());
+    }
+
+    #[test]
+    fn the_placeholder_peer_id_has_the_shape_of_a_real_one() {
+        let text = config_text("/f", "127.0.0.1:7400", "127.0.0.1:7480");
+        let placeholder = text
+            .lines()
+            .find_map(|line| line.strip_prefix("# id = "))
+            .unwrap()
+            .trim_matches('"');
+        let shape = |id: &str| id.split('-').map(str::len).collect::<Vec<_>>();
+        assert_eq!(shape(placeholder), shape(&ReplicaId([7; 16]).to_string()));
     }
 
     #[tokio::test]
