@@ -1,7 +1,7 @@
 //! The `converge` binary: command line, config loading and daemon wiring.
 //!
 //! Errors are `anyhow` errors with context; `main` prints the whole chain and exits
-//! with status 1.
+//! with status 1 (a command line that does not parse exits with clap's status 2).
 
 mod cli;
 mod client;
