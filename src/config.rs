@@ -213,8 +213,18 @@ impl Config {
     pub fn parse_file(path: &Path) -> anyhow::Result<Config> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading config {}", path.display()))?;
-        let mut config: Config =
-            toml::from_str(&text).with_context(|| format!("reading config {}", path.display()))?;
+        // toml's own error names the key only in the line it quotes; the path (like
+        // `admin.auth` or `peers[1].id`) is tracked alongside to name it plainly.
+        let mut config: Config = serde_path_to_error::deserialize(toml::Deserializer::new(&text))
+            .map_err(|err| {
+                let key = err.path().to_string();
+                let err = anyhow::Error::new(err.into_inner());
+                match key.as_str() {
+                    "." => err,
+                    _ => err.context(format!("at key {key}")),
+                }
+            })
+            .with_context(|| format!("reading config {}", path.display()))?;
         let absolute = std::path::absolute(path)
             .with_context(|| format!("resolving the path of config {}", path.display()))?;
         let base = absolute.parent().unwrap_or(Path::new("/"));
@@ -585,6 +595,15 @@ mod tests {
             &["listen", "expected a string"],
         );
         check_err("data_dir = \"d\"\nfolder = \"f\"\n", &["folder"]);
+        // The whole key path, not only the quoted line (`auth = 1`, `id = 5`).
+        check_err(
+            &format!("{MINIMAL}[admin]\nauth = 1\n"),
+            &["at key admin.auth"],
+        );
+        check_err(
+            &format!("{MINIMAL}[[peers]]\nid = 5\naddress = \"h:1\"\n"),
+            &["at key peers[0].id", "expected a string"],
+        );
     }
 
     #[test]
