@@ -213,8 +213,18 @@ impl Config {
     pub fn parse_file(path: &Path) -> anyhow::Result<Config> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading config {}", path.display()))?;
-        let mut config: Config =
-            toml::from_str(&text).with_context(|| format!("reading config {}", path.display()))?;
+        // toml's own error names the key only in the line it quotes; the path (like
+        // `admin.auth` or `peers[1].id`) is tracked alongside to name it plainly.
+        let mut config: Config = serde_path_to_error::deserialize(toml::Deserializer::new(&text))
+            .map_err(|err| {
+                let key = err.path().to_string();
+                let err = anyhow::Error::new(err.into_inner());
+                match key.as_str() {
+                    "." => err,
+                    _ => err.context(format!("at key {key}")),
+                }
+            })
+            .with_context(|| format!("reading config {}", path.display()))?;
         let absolute = std::path::absolute(path)
             .with_context(|| format!("resolving the path of config {}", path.display()))?;
         let base = absolute.parent().unwrap_or(Path::new("/"));
@@ -245,9 +255,11 @@ impl Config {
     }
 
     /// Checks everything that can be checked before start: the folder exists and is a
-    /// directory, the data dir exists (or is created) and is writable, addresses parse,
-    /// peer IDs parse and are unique, the transport kind and conflict policy are known,
-    /// mirror names are unique. Each error names its key or path.
+    /// directory, addresses parse and the admin API has a port of its own, peer IDs parse
+    /// and are unique, the transport kind and conflict policy are known, mirror names are
+    /// unique and mirror paths overlap neither the folder, the data dir nor each other;
+    /// then, only once all that passed, the data dir exists (or is created) and is
+    /// writable. Each error names its key or path.
     pub fn validate(&self) -> anyhow::Result<()> {
         let folder = &self.folder.path;
         match std::fs::metadata(folder) {
@@ -260,16 +272,7 @@ impl Config {
         }
 
         let data_dir = &self.data_dir;
-        std::fs::create_dir_all(data_dir)
-            .with_context(|| format!("data_dir: cannot create {}", data_dir.display()))?;
-        if !data_dir.is_dir() {
-            bail!("data_dir: {} is not a directory", data_dir.display());
-        }
-        tempfile::Builder::new()
-            .prefix(".converge-write-check")
-            .tempfile_in(data_dir)
-            .with_context(|| format!("data_dir: {} is not writable", data_dir.display()))?;
-        if same_path(data_dir, folder) {
+        if nesting(data_dir, folder) == Some(Nesting::Same) {
             bail!(
                 "data_dir and folder.path are the same directory ({}): keep the data dir elsewhere",
                 data_dir.display()
@@ -283,7 +286,7 @@ impl Config {
                 TRANSPORT_KINDS.join(", ")
             );
         }
-        self.transport.listen_addr()?;
+        let transport_listen = self.transport.listen_addr()?;
 
         let policy = &self.folder.conflict_policy;
         if !BUILTIN_POLICIES.contains(&policy.as_str()) && self.plugins.is_empty() {
@@ -304,7 +307,15 @@ impl Config {
         }
 
         if let Some(admin) = &self.admin {
-            admin.listen_addr()?;
+            let admin_listen = admin.listen_addr()?;
+            if clash(admin_listen, transport_listen) {
+                bail!(
+                    "admin.listen = {:?} and transport.listen = {:?} are the same port: \
+                     give the admin API a port of its own",
+                    admin.listen,
+                    self.transport.listen
+                );
+            }
         }
 
         let mut names = HashSet::new();
@@ -318,15 +329,51 @@ impl Config {
                     mirror.name
                 );
             }
-            if same_path(&mirror.path, folder) {
-                bail!(
-                    "mirrors[{i}].path is the folder itself ({})",
-                    mirror.path.display()
-                );
+            check_mirror_path(i, &mirror.path, &self.folder.path, &self.data_dir)?;
+            for (j, other) in self.mirrors[..i].iter().enumerate() {
+                match nesting(&mirror.path, &other.path) {
+                    Some(Nesting::Same) => bail!(
+                        "mirrors[{i}].path is the same directory as mirrors[{j}].path ({}): \
+                         the two would overwrite each other",
+                        mirror.path.display()
+                    ),
+                    Some(Nesting::Inside) => bail!(
+                        "mirrors[{i}].path ({}) is inside mirrors[{j}].path ({}): \
+                         each would overwrite the other's files",
+                        mirror.path.display(),
+                        other.path.display()
+                    ),
+                    Some(Nesting::Contains) => bail!(
+                        "mirrors[{i}].path ({}) contains mirrors[{j}].path ({}): \
+                         each would overwrite the other's files",
+                        mirror.path.display(),
+                        other.path.display()
+                    ),
+                    None => {}
+                }
             }
         }
+
+        // Last, once everything else passed: a config refused creates nothing.
+        std::fs::create_dir_all(data_dir)
+            .with_context(|| format!("data_dir: cannot create {}", data_dir.display()))?;
+        if !data_dir.is_dir() {
+            bail!("data_dir: {} is not a directory", data_dir.display());
+        }
+        tempfile::Builder::new()
+            .prefix(".converge-write-check")
+            .tempfile_in(data_dir)
+            .with_context(|| format!("data_dir: {} is not writable", data_dir.display()))?;
         Ok(())
     }
+}
+
+/// Whether two listen addresses cannot both be bound: the same port (not 0, which picks
+/// a free one) on the same address, or on any address and one of its own.
+fn clash(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port()
+        && a.port() != 0
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
 }
 
 /// `host:port` with a numeric port; the host is resolved only when dialing.
@@ -341,11 +388,81 @@ fn check_peer_address(index: usize, address: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Whether two paths name the same directory, by their canonical forms when both exist.
-fn same_path(a: &Path, b: &Path) -> bool {
-    match (a.canonicalize(), b.canonicalize()) {
-        (Ok(a), Ok(b)) => a == b,
-        _ => normalize(a) == normalize(b),
+/// Refuses a mirror (`mirrors[index].path`) that overlaps the folder or the data dir: one
+/// inside the folder would be synced again, into itself, without end; one holding the
+/// folder would write over it; one at, inside or around the data dir would write over the
+/// database and the config.
+fn check_mirror_path(
+    index: usize,
+    mirror: &Path,
+    folder: &Path,
+    data_dir: &Path,
+) -> anyhow::Result<()> {
+    let (m, f, d) = (mirror.display(), folder.display(), data_dir.display());
+    match nesting(mirror, folder) {
+        Some(Nesting::Same) => bail!("mirrors[{index}].path is the folder itself ({m})"),
+        Some(Nesting::Inside) => bail!(
+            "mirrors[{index}].path ({m}) is inside folder.path ({f}): the folder would sync the \
+             mirror's files into the mirror again, without end"
+        ),
+        Some(Nesting::Contains) => bail!(
+            "mirrors[{index}].path ({m}) contains folder.path ({f}): the mirror would overwrite \
+             the folder"
+        ),
+        None => {}
+    }
+    if nesting(mirror, data_dir).is_some() {
+        bail!(
+            "mirrors[{index}].path ({m}) is, is inside or contains data_dir ({d}): the mirror \
+             would overwrite the database and the config"
+        );
+    }
+    Ok(())
+}
+
+/// How one directory lies relative to another.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Nesting {
+    /// Both are the same directory.
+    Same,
+    /// The first is below the second.
+    Inside,
+    /// The second is below the first.
+    Contains,
+}
+
+/// How `a` lies relative to `b`, compared by their [`resolved`] forms; `None` when apart.
+fn nesting(a: &Path, b: &Path) -> Option<Nesting> {
+    let (a, b) = (resolved(a), resolved(b));
+    if a == b {
+        Some(Nesting::Same)
+    } else if a.starts_with(&b) {
+        Some(Nesting::Inside)
+    } else if b.starts_with(&a) {
+        Some(Nesting::Contains)
+    } else {
+        None
+    }
+}
+
+/// `path` with symlinks and `..` resolved as far as it exists: its longest existing
+/// ancestor canonicalized, the rest appended as written. So a directory not created yet (a
+/// mirror, the data dir) compares right with one reached through a symlink.
+fn resolved(path: &Path) -> PathBuf {
+    let path = normalize(path);
+    let mut rest = Vec::new();
+    let mut existing = path.as_path();
+    loop {
+        if let Ok(canonical) = existing.canonicalize() {
+            return rest.iter().rev().fold(canonical, |p, name| p.join(name));
+        }
+        match (existing.parent(), existing.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name);
+                existing = parent;
+            }
+            _ => return path,
+        }
     }
 }
 
@@ -478,6 +595,15 @@ mod tests {
             &["listen", "expected a string"],
         );
         check_err("data_dir = \"d\"\nfolder = \"f\"\n", &["folder"]);
+        // The whole key path, not only the quoted line (`auth = 1`, `id = 5`).
+        check_err(
+            &format!("{MINIMAL}[admin]\nauth = 1\n"),
+            &["at key admin.auth"],
+        );
+        check_err(
+            &format!("{MINIMAL}[[peers]]\nid = 5\naddress = \"h:1\"\n"),
+            &["at key peers[0].id", "expected a string"],
+        );
     }
 
     #[test]
@@ -562,6 +688,26 @@ mod tests {
     }
 
     #[test]
+    fn admin_on_the_transport_port_is_named() {
+        for (transport, admin) in [
+            ("127.0.0.1:7400", "127.0.0.1:7400"),
+            ("0.0.0.0:7400", "127.0.0.1:7400"),
+        ] {
+            check_err(
+                &format!(
+                    "{MINIMAL}[transport]\nlisten = \"{transport}\"\n[admin]\nlisten = \"{admin}\"\n"
+                ),
+                &["admin.listen", "transport.listen", "same port"],
+            );
+        }
+        let fixture = Fixture::new();
+        let apart = format!(
+            "{MINIMAL}[transport]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n"
+        );
+        fixture.load(&apart).unwrap();
+    }
+
+    #[test]
     fn bad_kind_lists_the_known_ones() {
         check_err(
             &format!("{MINIMAL}[transport]\nkind = \"quic\"\n"),
@@ -575,6 +721,20 @@ mod tests {
             "data_dir = \"data\"\n[folder]\npath = \"folder\"\nconflict_policy = \"newest\"\n",
             &["folder.conflict_policy", "newest", "lww"],
         );
+    }
+
+    #[test]
+    fn a_refused_config_creates_no_data_dir() {
+        let fixture = Fixture::new();
+        let bad_peer = format!("{MINIMAL}[[peers]]\nid = \"x\"\naddress = \"127.0.0.1:1\"\n");
+        let bad_policy = MINIMAL.replace(
+            "path = \"folder\"",
+            "path = \"folder\"\nconflict_policy = \"x\"",
+        );
+        for text in [bad_peer, bad_policy] {
+            fixture.load(&text).unwrap_err();
+            assert!(!fixture.dir.path().join("data").exists(), "{text}");
+        }
     }
 
     #[test]
@@ -593,5 +753,70 @@ mod tests {
             ),
             &["mirrors[1].name"],
         );
+    }
+
+    /// `mirrors` (TOML tables) appended to [`MINIMAL`].
+    fn with_mirrors(paths: &[&str]) -> String {
+        let mut text = MINIMAL.to_owned();
+        for (i, path) in paths.iter().enumerate() {
+            text.push_str(&format!(
+                "[[mirrors]]\nname = \"m{i}\"\npath = \"{path}\"\n"
+            ));
+        }
+        text
+    }
+
+    #[test]
+    fn mirror_overlapping_the_folder_the_data_dir_or_another_mirror_is_refused() {
+        let cases: &[(&[&str], &[&str])] = &[
+            (&["folder"], &["mirrors[0].path", "the folder itself"]),
+            (
+                &["folder/backup"],
+                &["mirrors[0].path", "inside folder.path", "without end"],
+            ),
+            (&["."], &["mirrors[0].path", "contains folder.path"]),
+            (&["data"], &["mirrors[0].path", "data_dir", "database"]),
+            (
+                &["data/backup"],
+                &["mirrors[0].path", "data_dir", "database"],
+            ),
+            (
+                &["a", "./a/"],
+                &["mirrors[1].path", "same directory as mirrors[0].path"],
+            ),
+            (
+                &["a", "a/b"],
+                &["mirrors[1].path", "inside mirrors[0].path"],
+            ),
+            (
+                &["x", "a/b", "a"],
+                &["mirrors[2].path", "contains mirrors[1].path"],
+            ),
+        ];
+        for (paths, expected) in cases {
+            check_err(&with_mirrors(paths), expected);
+        }
+        check_err(
+            "data_dir = \"state/data\"\n[folder]\npath = \"folder\"\n\
+             [[mirrors]]\nname = \"m\"\npath = \"state\"\n",
+            &["mirrors[0].path", "data_dir", "database"],
+        );
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn mirror_inside_the_folder_through_a_symlink_is_refused() {
+        let fixture = Fixture::new();
+        std::os::unix::fs::symlink("folder", fixture.dir.path().join("link")).unwrap();
+        let err = fixture.load(&with_mirrors(&["link/backup"])).unwrap_err();
+        assert!(format!("{err:#}").contains("mirrors[0].path"), "{err:#}");
+        assert!(format!("{err:#}").contains("inside folder.path"), "{err:#}");
+    }
+
+    #[test]
+    fn mirrors_apart_from_everything_load() {
+        let fixture = Fixture::new();
+        let config = fixture.load(&with_mirrors(&["a", "b", "ab"])).unwrap();
+        assert_eq!(config.mirrors.len(), 3);
     }
 }

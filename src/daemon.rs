@@ -36,74 +36,96 @@ pub struct Daemon {
     pub engine: Arc<SyncEngine>,
     /// Where the admin API listens, when `[admin]` is configured.
     pub admin: Option<std::net::SocketAddr>,
-    admin_server: Option<(
-        tokio::sync::oneshot::Sender<()>,
-        tokio::task::JoinHandle<()>,
-    )>,
+    admin_server: Option<AdminServer>,
 }
 
 impl Daemon {
-    /// Stops the admin API (letting calls in flight finish), then the engine.
+    /// Stops the admin API (letting calls in flight finish, for a bounded time), then the
+    /// engine.
     pub async fn shutdown(self) -> anyhow::Result<()> {
-        if let Some((stop, server)) = self.admin_server {
-            let _ = stop.send(());
-            let _ = server.await;
+        if let Some(server) = self.admin_server {
+            let _ = server.stop.send(());
+            let _ = server.task.await;
         }
         self.engine.shutdown().await.context("shutting down")
     }
 }
 
-/// Binds `[admin] listen` and serves the admin API over `engine` until told to stop.
-async fn serve_admin(
-    admin: &AdminConfig,
-    engine: Arc<SyncEngine>,
-    metrics: Arc<converge_admin::Metrics>,
-) -> anyhow::Result<(
-    std::net::SocketAddr,
-    (
-        tokio::sync::oneshot::Sender<()>,
-        tokio::task::JoinHandle<()>,
-    ),
-)> {
-    let token = std::fs::read_to_string(&admin.token_file).with_context(|| {
-        format!(
-            "reading the admin token from admin.token_file = {}",
+/// The admin API's token and bound port, checked before anything else starts: a missing
+/// token or a port in use then stops the daemon before its folder is touched.
+struct AdminListener {
+    listener: tokio::net::TcpListener,
+    addr: std::net::SocketAddr,
+    token: String,
+    auth: converge_admin::AuthMode,
+}
+
+/// The admin API serving in a task of its own, until `stop` is sent.
+struct AdminServer {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl AdminListener {
+    /// Reads `admin.token_file` and binds `admin.listen`; each error names its key.
+    async fn bind(admin: &AdminConfig) -> anyhow::Result<AdminListener> {
+        let token = std::fs::read_to_string(&admin.token_file).with_context(|| {
+            format!(
+                "reading the admin token from admin.token_file = {}",
+                admin.token_file.display()
+            )
+        })?;
+        anyhow::ensure!(
+            !token.trim().is_empty(),
+            "admin.token_file {} is empty",
             admin.token_file.display()
-        )
-    })?;
-    anyhow::ensure!(
-        !token.trim().is_empty(),
-        "admin.token_file {} is empty",
-        admin.token_file.display()
-    );
-    let auth = match admin.auth {
-        AdminAuth::Mutating => converge_admin::AuthMode::Mutating,
-        AdminAuth::All => converge_admin::AuthMode::All,
-    };
-    let state = converge_admin::AdminState::new(engine, metrics, token, auth);
-    let addr = admin.listen_addr()?;
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding admin.listen = {addr}"))?;
-    let bound = listener.local_addr()?;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(async move {
-        let served = converge_admin::serve(listener, state, async {
-            let _ = stopped.await;
+        );
+        let auth = match admin.auth {
+            AdminAuth::Mutating => converge_admin::AuthMode::Mutating,
+            AdminAuth::All => converge_admin::AuthMode::All,
+        };
+        let addr = admin.listen_addr()?;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding admin.listen = {addr}"))?;
+        let addr = listener
+            .local_addr()
+            .with_context(|| format!("reading the address bound for admin.listen = {addr}"))?;
+        Ok(AdminListener {
+            listener,
+            addr,
+            token,
+            auth,
         })
-        .await;
-        if let Err(err) = served {
-            tracing::error!(error = %err, "admin API server failed");
-        }
-    });
-    tracing::info!(%bound, "admin API listening");
-    Ok((bound, (stop, server)))
+    }
+
+    /// Serves the admin API over `engine` until told to stop.
+    fn serve(self, engine: Arc<SyncEngine>, metrics: Arc<converge_admin::Metrics>) -> AdminServer {
+        let state = converge_admin::AdminState::new(engine, metrics, self.token, self.auth);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let listener = self.listener;
+        let task = tokio::spawn(async move {
+            let served = converge_admin::serve(listener, state, async {
+                let _ = stopped.await;
+            })
+            .await;
+            if let Err(err) = served {
+                tracing::error!(error = %err, "admin API server failed");
+            }
+        });
+        tracing::info!(bound = %self.addr, "admin API listening");
+        AdminServer { stop, task }
+    }
 }
 
 /// Opens the log and starts the engine with the folder's source and store, the mirrors
 /// and the TCP transport (already bound, so callers can pick ephemeral ports), and the
 /// admin API when `[admin]` is configured.
 pub async fn start(config: &Config, transport: TcpTransport) -> anyhow::Result<Daemon> {
+    let admin_listener = match &config.admin {
+        Some(admin) => Some(AdminListener::bind(admin).await?),
+        None => None,
+    };
     let db = config.data_dir.join("db");
     let log = crate::init::open_log(&db).await?;
     // Libraries first: the folder's policy may be one of them.
@@ -197,16 +219,8 @@ pub async fn start(config: &Config, transport: TcpTransport) -> anyhow::Result<D
         )));
     }
     let engine = Arc::new(builder.start().await.context("starting the engine")?);
-    let (admin, admin_server) = match &config.admin {
-        Some(admin) => match serve_admin(admin, engine.clone(), metrics).await {
-            Ok((addr, server)) => (Some(addr), Some(server)),
-            Err(err) => {
-                let _ = engine.shutdown().await;
-                return Err(err);
-            }
-        },
-        None => (None, None),
-    };
+    let admin = admin_listener.as_ref().map(|l| l.addr);
+    let admin_server = admin_listener.map(|l| l.serve(engine.clone(), metrics));
     tracing::info!(replica = %me, %listen, folder = %config.folder.path.display(), "converge is running");
     tokio::spawn(show_progress(
         engine.scan_progress(),

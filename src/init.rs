@@ -179,7 +179,7 @@ listen = {listen}
 # One [[peers]] table per replica to sync with. The ID is what `converge id` prints
 # there; a peer whose ID is not listed here is refused.
 # [[peers]]
-# id = "aaaaaaa-bbbbbbb-ccccccc-dddddd"
+# id = "aaaaaaa-bbbbbbb-ccccccc-ddddd"
 # address = "192.0.2.10:7400"
 
 [admin]
@@ -255,6 +255,33 @@ mod tests {
         let err = existing_replica_id(root.path()).await.unwrap_err();
         assert!(format!("{err:#}").contains("converge init"), "{err:#}");
         assert!(!root.path().join("db").exists());
+    }
+
+    #[tokio::test]
+    async fn init_refuses_an_admin_api_on_the_transport_port() {
+        let root = tempfile::tempdir().unwrap();
+        let mut args = args(root.path());
+        args.admin = args.listen;
+        let err = init(&args).await.unwrap_err();
+        let message = format!("{err:#}");
+        assert!(
+            message.contains("admin.listen") && message.contains("transport.listen"),
+            "{message}"
+        );
+        assert!(!args.data_dir.join(CONFIG_FILE).exists());
+        assert!(!args.data_dir.join("db").exists());
+    }
+
+    #[test]
+    fn the_placeholder_peer_id_has_the_shape_of_a_real_one() {
+        let text = config_text("/f", "127.0.0.1:7400", "127.0.0.1:7480");
+        let placeholder = text
+            .lines()
+            .find_map(|line| line.strip_prefix("# id = "))
+            .unwrap()
+            .trim_matches('"');
+        let shape = |id: &str| id.split('-').map(str::len).collect::<Vec<_>>();
+        assert_eq!(shape(placeholder), shape(&ReplicaId([7; 16]).to_string()));
     }
 
     #[tokio::test]

@@ -1,7 +1,7 @@
 //! The `converge` binary: command line, config loading and daemon wiring.
 //!
 //! Errors are `anyhow` errors with context; `main` prints the whole chain and exits
-//! with status 1.
+//! with status 1 (a command line that does not parse exits with clap's status 2).
 
 mod cli;
 mod client;
@@ -127,9 +127,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Command::Run(args) => {
                 let config = Config::load(&args.config)?;
-                daemon::run(config, shutdown_signal()?).await
+                daemon::run(config, shutdown_signal(|| {})?).await
             }
-            Command::Demo(args) => demo::run(args.dir, shutdown_signal()?).await,
+            Command::Demo(args) => {
+                let (base, temp) = demo::base_dir(args.dir)?;
+                let temp_path = temp.as_ref().map(|t| t.path().to_owned());
+                let shutdown = shutdown_signal(move || {
+                    if let Some(path) = temp_path {
+                        let _ = std::fs::remove_dir_all(path);
+                    }
+                })?;
+                let result = demo::run(&base, shutdown).await;
+                drop(temp);
+                result
+            }
             other => client::run(&other),
         }
     })
@@ -137,8 +148,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 
 /// A future that resolves on the first SIGINT (Ctrl-C) or SIGTERM. The handlers are
 /// installed now, not when the future is first polled, so a signal that arrives during
-/// start-up is not lost. A second SIGINT during shutdown exits at once with status 130.
-fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()> + Send> {
+/// start-up is not lost. A second SIGINT during shutdown runs `on_force` (which no
+/// destructor would: the demo removes its temporary directory there), then exits at once
+/// with status 130.
+fn shutdown_signal(
+    on_force: impl FnOnce() + Send + 'static,
+) -> anyhow::Result<impl Future<Output = ()> + Send> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
@@ -154,6 +169,7 @@ fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()> + Send> {
             tokio::spawn(async move {
                 if interrupt.recv().await.is_some() {
                     tracing::warn!("second SIGINT: exiting without a clean shutdown");
+                    on_force();
                     std::process::exit(130);
                 }
             });
@@ -161,6 +177,7 @@ fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()> + Send> {
     }
     #[cfg(not(unix))]
     {
+        drop(on_force);
         Ok(async {
             if tokio::signal::ctrl_c().await.is_ok() {
                 tracing::info!("Ctrl-C: shutting down");

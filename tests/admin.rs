@@ -533,3 +533,23 @@ fn replay_rebuild_pause_resume_and_auth() {
     a.stop();
     b.stop();
 }
+
+/// A client that sent half a request and went quiet does not hold up SIGTERM: the daemon
+/// stops its admin API after a bounded wait, flushes and closes its engine, and exits 0
+/// (regression: the admin API waited for that request for ever, and the engine was
+/// stopped only after it, so it was never flushed).
+#[test]
+fn a_half_sent_admin_request_does_not_hold_up_shutdown() {
+    let mut a = Daemon::init("A");
+    a.start_admin();
+    let mut client = std::net::TcpStream::connect(("127.0.0.1", a.admin_port)).unwrap();
+    client
+        .write_all(b"GET /api/v1/status HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    // Let the server accept the connection and read what was sent.
+    std::thread::sleep(Duration::from_millis(500));
+    a.stop_within(Duration::from_secs(8));
+    let log = a.log();
+    assert!(log.contains("stopped cleanly"), "{}", a.log_tail());
+    drop(client);
+}

@@ -1769,3 +1769,111 @@ fn a_mirror_on_a_disk_not_mounted_does_not_keep_the_daemon_from_syncing() {
     a.stop();
     b.stop();
 }
+
+/// An `[admin]` section the daemon cannot serve (its token file missing or empty, its port
+/// taken) stops `converge run` with an error naming the key and the path or address
+/// before anything starts: the folder is not even marked (regression: the engine started
+/// first, marking and scanning the folder and dialing peers, and only then failed).
+#[test]
+fn an_admin_api_that_cannot_start_stops_the_daemon_before_the_folder_is_touched() {
+    let check = |what: &str, setup: &dyn Fn(&Daemon) -> Vec<String>| {
+        let mut d = Daemon::init("A");
+        let expected = setup(&d);
+        d.start();
+        let status = d.wait_exit(CONVERGE_TIMEOUT);
+        let log = d.log();
+        assert!(!status.success(), "{what}: exited with {status}\n{log}");
+        for want in &expected {
+            assert!(log.contains(want.as_str()), "{what}: no {want:?} in\n{log}");
+        }
+        assert!(
+            !d.folder().join(MARKER).exists(),
+            "{what}: the folder was marked\n{log}"
+        );
+    };
+    let token = |d: &Daemon| d.data.path().join("admin.token");
+    check("token file missing", &|d| {
+        fs::remove_file(token(d)).unwrap();
+        vec!["admin.token_file".into(), token(d).display().to_string()]
+    });
+    check("token file empty", &|d| {
+        fs::write(token(d), "\n").unwrap();
+        vec![format!("admin.token_file {} is empty", token(d).display())]
+    });
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    check("port taken", &|d| {
+        let config = fs::read_to_string(d.config()).unwrap();
+        let admin = format!("127.0.0.1:{}", d.admin_port);
+        fs::write(
+            d.config(),
+            config.replace(&admin, &format!("127.0.0.1:{port}")),
+        )
+        .unwrap();
+        vec![format!("admin.listen = 127.0.0.1:{port}")]
+    });
+}
+
+/// A second Ctrl-C while `converge demo` shuts down (held up here by an admin API client
+/// that sent half a request) exits at once with status 130, and still removes the demo's
+/// temporary directory (regression: it was left behind).
+#[test]
+fn a_second_ctrl_c_in_the_demo_removes_its_temporary_directory() {
+    use std::io::BufRead;
+    let tmp = tempfile::tempdir().unwrap();
+    let mut demo = std::process::Command::new(env!("CARGO_BIN_EXE_converge"))
+        .arg("demo")
+        .env("TMPDIR", tmp.path())
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = libc::pid_t::try_from(demo.id()).unwrap();
+    // Read up to the last line the demo prints (and keep the pipe open after it).
+    let mut stdout = std::io::BufReader::new(demo.stdout.take().unwrap()).lines();
+    let mut admin = None;
+    for line in stdout.by_ref().map(Result::unwrap) {
+        if let Some((_, rest)) = line.split_once("admin API http://") {
+            admin.get_or_insert(rest.split_whitespace().next().unwrap().to_owned());
+        }
+        if line.contains("Ctrl-C stops") {
+            break;
+        }
+    }
+    let admin = admin.expect("the demo printed no admin URL");
+    assert_eq!(
+        fs::read_dir(tmp.path()).unwrap().count(),
+        1,
+        "the demo's directory"
+    );
+
+    let mut client = TcpStream::connect(&admin).unwrap();
+    client
+        .write_all(b"GET /api/v1/status HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    for _ in 0..2 {
+        // SAFETY: `pid` is our own child, which has not been waited for yet.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGINT) }, 0);
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let mut status = None;
+    let exited = wait_until(Duration::from_secs(30), || {
+        status = demo.try_wait().unwrap();
+        status.is_some()
+    });
+    if !exited {
+        demo.kill().unwrap();
+        demo.wait().unwrap();
+        panic!("the demo did not exit after a second SIGINT");
+    }
+    assert_eq!(status.unwrap().code(), Some(130));
+    let left: Vec<_> = fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+    drop((client, stdout));
+}

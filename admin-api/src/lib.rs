@@ -228,14 +228,37 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
     }
 }
 
+/// How long [`serve`] lets the calls in flight finish once told to stop.
+pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// Serves [`router`]`(state)` on `listener` until `shutdown` resolves, then lets the calls
-/// in flight finish.
+/// in flight finish for up to [`SHUTDOWN_GRACE`] and returns. The bound matters: a
+/// client that sent half a request keeps its connection busy for as long as it likes,
+/// and the daemon stops its engine (flushing it) only once this returns.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: AdminState,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await
+    let (stopping, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = axum::serve(listener, router(state)).with_graceful_shutdown(async move {
+        shutdown.await;
+        let _ = stopping.send(());
+    });
+    let grace_over = async move {
+        match stopped.await {
+            Ok(()) => tokio::time::sleep(SHUTDOWN_GRACE).await,
+            // The server ended first (it failed): nothing to bound.
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        served = std::future::IntoFuture::into_future(server) => served,
+        () = grace_over => {
+            tracing::warn!(
+                "admin API: connections still open {SHUTDOWN_GRACE:?} after shutdown began, leaving them"
+            );
+            Ok(())
+        }
+    }
 }

@@ -6,7 +6,7 @@ use std::fs::{self, OpenOptions};
 use std::io::Write;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
@@ -191,13 +191,32 @@ impl Daemon {
 
     /// SIGTERM, then waits for the process and asserts it exited with status 0.
     pub fn stop(&mut self) {
-        let mut child = self.child.take().expect("not running");
+        self.stop_within(Duration::from_secs(60));
+    }
+
+    /// SIGTERM, then waits up to `timeout` for the process and asserts it exited with
+    /// status 0.
+    pub fn stop_within(&mut self, timeout: Duration) {
+        let child = self.child.as_ref().expect("not running");
         let pid = libc::pid_t::try_from(child.id()).unwrap();
         // SAFETY: `pid` is our own child, which has not been waited for yet.
         let rc = unsafe { libc::kill(pid, libc::SIGTERM) };
         assert_eq!(rc, 0, "kill(SIGTERM) failed");
+        let status = self.wait_exit(timeout);
+        assert!(
+            status.success(),
+            "{} exited with {status} after SIGTERM\n{}",
+            self.name,
+            self.log_tail()
+        );
+    }
+
+    /// Waits up to `timeout` for the process to exit and returns its status; kills it and
+    /// fails when it is still running then.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let mut child = self.child.take().expect("not running");
         let mut status = None;
-        let exited = wait_until(Duration::from_secs(60), || {
+        let exited = wait_until(timeout, || {
             status = child.try_wait().unwrap();
             status.is_some()
         });
@@ -205,18 +224,12 @@ impl Daemon {
             child.kill().unwrap();
             child.wait().unwrap();
             panic!(
-                "{} did not exit within 60 s of SIGTERM\n{}",
+                "{} did not exit within {timeout:?}\n{}",
                 self.name,
                 self.log_tail()
             );
         }
-        let status = status.unwrap();
-        assert!(
-            status.success(),
-            "{} exited with {status} after SIGTERM\n{}",
-            self.name,
-            self.log_tail()
-        );
+        status.unwrap()
     }
 
     /// Asserts the daemon is still running (it did not exit on an error).
