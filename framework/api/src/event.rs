@@ -43,7 +43,7 @@ macro_rules! byte_array_serde {
 /// Identity of one replica (one device's copy of the data): 16 random bytes.
 ///
 /// Shown like a Syncthing device ID: lowercase base32 without padding, in groups of
-/// seven characters joined by `-` (`aaaaaaa-bbbbbbb-ccccccc-dddddd`).
+/// seven characters joined by `-` (`aaaaaaa-bbbbbbb-ccccccc-ddddd`).
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ReplicaId(pub [u8; 16]);
 byte_array_serde!(ReplicaId, 16);
