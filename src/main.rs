@@ -147,10 +147,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 /// A future that resolves on the first SIGINT (Ctrl-C) or SIGTERM. The handlers are
-/// installed now, not when the future is first polled, so a signal that arrives during
-/// start-up is not lost. A second SIGINT during shutdown runs `on_force` (which no
-/// destructor would: the demo removes its temporary directory there), then exits at once
-/// with status 130.
+/// installed, and listened to, from now on, not from when the future is first polled: a
+/// signal that arrives during start-up (opening the log, stores catching up with it) is
+/// not lost, and is heard at once. A second SIGINT, during start-up or shutdown, runs
+/// `on_force` (which no destructor would: the demo removes its temporary directory
+/// there), then exits at once with status 130.
 fn shutdown_signal(
     on_force: impl FnOnce() + Send + 'static,
 ) -> anyhow::Result<impl Future<Output = ()> + Send> {
@@ -161,18 +162,21 @@ fn shutdown_signal(
             signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
         let mut terminate =
             signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-        Ok(async move {
+        let (heard, mut told) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
             tokio::select! {
                 _ = interrupt.recv() => tracing::info!("SIGINT: shutting down (again to force)"),
                 _ = terminate.recv() => tracing::info!("SIGTERM: shutting down"),
             }
-            tokio::spawn(async move {
-                if interrupt.recv().await.is_some() {
-                    tracing::warn!("second SIGINT: exiting without a clean shutdown");
-                    on_force();
-                    std::process::exit(130);
-                }
-            });
+            heard.send_replace(true);
+            if interrupt.recv().await.is_some() {
+                tracing::warn!("second SIGINT: exiting without a clean shutdown");
+                on_force();
+                std::process::exit(130);
+            }
+        });
+        Ok(async move {
+            let _ = told.wait_for(|heard| *heard).await;
         })
     }
     #[cfg(not(unix))]

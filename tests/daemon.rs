@@ -849,6 +849,30 @@ fn a_shutdown_does_not_wait_for_a_large_file_being_read() {
     );
 }
 
+/// A second Ctrl-C while the daemon is still starting (here: waiting for the lock of a
+/// data dir another process holds) exits at once with status 130. Before, nothing
+/// listened to the signals until start-up was over: both were taken for one, and the
+/// daemon went on starting.
+#[test]
+fn a_second_ctrl_c_during_start_up_exits_at_once() {
+    use converge_framework::log::{EventLog, LogConfig};
+    let mut a = Daemon::init("A");
+    // Held here: the daemon waits for the lock, then gives up (status 1).
+    let held = EventLog::open(LogConfig::new(a.data.path().join("db"))).unwrap();
+    a.start();
+    std::thread::sleep(Duration::from_millis(700));
+    let pid = libc::pid_t::try_from(a.child.as_ref().unwrap().id()).unwrap();
+    for _ in 0..2 {
+        // SAFETY: `pid` is our own child, which has not been waited for yet.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGINT) }, 0);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let status = a.wait_exit(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(130), "{status}\n{}", a.log_tail());
+    assert!(a.log().contains("second SIGINT"), "{}", a.log_tail());
+    drop(held);
+}
+
 /// A clock that reads five hours ahead of the system's.
 struct FiveHoursAhead;
 
