@@ -128,6 +128,8 @@ pub async fn start(config: &Config, transport: TcpTransport) -> anyhow::Result<D
     };
     let db = config.data_dir.join("db");
     let log = crate::init::open_log(&db).await?;
+    let (data_dir, replica) = (config.data_dir.clone(), log.replica());
+    tokio::task::spawn_blocking(move || crate::init::note_id(&data_dir, replica)).await??;
     // Libraries first: the folder's policy may be one of them.
     let registry = PluginRegistry::load_all(config.plugins.iter().map(|p| &p.path));
     for failure in registry.failures() {

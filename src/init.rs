@@ -17,6 +17,10 @@ pub const CONFIG_FILE: &str = "converge.toml";
 /// Name of the admin token file in the data dir (the config's default `admin.token_file`).
 pub const TOKEN_FILE: &str = "admin.token";
 
+/// The file in the data dir that repeats the replica's ID (the database holds it), for
+/// `converge id` while a daemon holds the database's lock.
+pub const ID_FILE: &str = "replica.id";
+
 /// What `init` created.
 #[derive(Debug)]
 pub struct Initialized {
@@ -91,7 +95,23 @@ pub async fn replica_id(data_dir: &Path) -> anyhow::Result<ReplicaId> {
     log.close()
         .await
         .with_context(|| format!("closing the event log at {}", db.display()))?;
+    let data_dir = data_dir.to_owned();
+    tokio::task::spawn_blocking(move || note_id(&data_dir, replica)).await??;
     Ok(replica)
+}
+
+/// Writes `replica` to the data dir's [`ID_FILE`] unless it already says so (written
+/// aside and renamed into place, so a reader never sees half of it).
+pub fn note_id(data_dir: &Path, replica: ReplicaId) -> anyhow::Result<()> {
+    let path = data_dir.join(ID_FILE);
+    let text = format!("{replica}\n");
+    if std::fs::read_to_string(&path).is_ok_and(|t| t == text) {
+        return Ok(());
+    }
+    let aside = data_dir.join(format!(".{ID_FILE}.new"));
+    std::fs::write(&aside, &text)
+        .and_then(|()| std::fs::rename(&aside, &path))
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// Opens (or creates) the event log in `db` on a blocking thread: opening reads the
@@ -118,6 +138,11 @@ pub async fn existing_replica_id(data_dir: &Path) -> anyhow::Result<ReplicaId> {
             data_dir.display(),
             db.display()
         );
+    }
+    // The ID file first: a running daemon holds the database's lock.
+    let noted = std::fs::read_to_string(data_dir.join(ID_FILE));
+    if let Some(replica) = noted.ok().and_then(|t| t.trim().parse().ok()) {
+        return Ok(replica);
     }
     replica_id(data_dir).await
 }

@@ -849,6 +849,32 @@ fn a_shutdown_does_not_wait_for_a_large_file_being_read() {
     );
 }
 
+/// `converge id` answers while the daemon runs (it holds the database's lock), from the
+/// ID file the daemon keeps beside the database.
+#[test]
+fn converge_id_answers_while_the_daemon_runs() {
+    let mut a = Daemon::init("A");
+    a.start();
+    assert!(
+        wait_until(CONVERGE_TIMEOUT, || a.log().contains("converge is running")),
+        "{}",
+        a.log_tail()
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_converge"))
+        .arg("id")
+        .arg("--config")
+        .arg(a.config())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "converge id failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8(out.stdout).unwrap().trim(), a.id);
+    a.stop();
+}
+
 /// A second Ctrl-C while the daemon is still starting (here: waiting for the lock of a
 /// data dir another process holds) exits at once with status 130. Before, nothing
 /// listened to the signals until start-up was over: both were taken for one, and the
