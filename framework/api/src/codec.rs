@@ -429,13 +429,13 @@ pub enum Message {
         replica: ReplicaId,
         /// The sender's version vector.
         vv: VersionVector,
-        /// For each origin of `vv`, the [fingerprint](crate::Event::fingerprint) of the
-        /// newest event of it the sender holds: the receiver compares those it holds too
-        /// with its own, which tells two data dirs acting as one replica. Added after
+        /// For origins of `vv`, the newest event of it the sender holds: its seq and its
+        /// [fingerprint](crate::Event::fingerprint). The receiver compares those it holds
+        /// too with its own, which tells two data dirs acting as one replica. Added after
         /// protocol version 1 was fixed; absent from the encoding when empty, so earlier
         /// decoders, which ignore unknown fields, read the message as before.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
-        tips: Vec<(ReplicaId, Hash)>,
+        tips: Vec<(ReplicaId, u64, Hash)>,
     },
     /// Events the receiver lacks, in the sender's log order.
     Events {

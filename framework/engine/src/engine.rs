@@ -1269,20 +1269,33 @@ async fn dial_loop(
                 tracing::debug!(peer = %peer.short(), %address, "dial: {shown}");
             }
         }
-        if matches!(outcome, Ok(Ended::ClosedBeforeHello)) {
-            let shown = "closed the connection before its hello: it may not list this \
-                         replica as a peer, or it is paused";
+        let lasted = started.elapsed();
+        // A peer that refuses this replica (not listed there, or a log that must not
+        // sync with this one) reads its hello and closes: after a handshake of its own,
+        // since each side sends its hello first. The reason is in that peer's log.
+        let closed = match outcome {
+            Ok(Ended::ClosedBeforeHello) => {
+                Some("closed the connection before its hello: it is paused or stopping")
+            }
+            Ok(Ended::Ran) if lasted < QUICK_END => Some(
+                "ended the session right after the handshake: it may not list this replica \
+                 as a peer, or it refused to sync with it (its log says why)",
+            ),
+            _ => None,
+        };
+        if let Some(shown) = closed {
             inner.refused(&peer, shown);
             if warned.as_deref() != Some(shown) {
                 tracing::info!(peer = %peer.short(), %address, "dialing: {shown}");
                 warned = Some(shown.to_owned());
             }
-        }
-        if matches!(outcome, Ok(Ended::Ran)) {
+        } else if matches!(outcome, Ok(Ended::Ran)) {
             warned = None;
         }
-        // A session that ran is not a failure: start the backoff over.
-        attempt = if matches!(outcome, Ok(Ended::Ran)) || started.elapsed() > max {
+        // The pause starts over after a session that lasted, and after one given up for
+        // another session with the peer (which is there, and well); anything shorter, a
+        // refusal above all, makes it grow.
+        attempt = if lasted > max || matches!(outcome, Ok(Ended::Superseded)) {
             0
         } else {
             attempt + 1
@@ -1294,6 +1307,10 @@ async fn dial_loop(
         }
     }
 }
+
+/// A session shorter than this that ends cleanly was most likely refused by the peer (see
+/// `dial_loop`).
+const QUICK_END: Duration = Duration::from_secs(2);
 
 /// A chunk the applier asked for: of whom, over which session, when, and for which
 /// content.

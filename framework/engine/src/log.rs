@@ -206,15 +206,24 @@ struct Shared {
     requests: Mutex<Option<mpsc::Sender<Request>>>,
     durable_len: watch::Receiver<u64>,
     durable_vv: Arc<RwLock<VersionVector>>,
+    durable_tips: Arc<RwLock<Tips>>,
     overlay: Arc<RwLock<Overlay>>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
+
+/// For each origin, the newest event of it the log holds: its seq and its
+/// [fingerprint](Event::fingerprint). A peer compares them with the events it holds under
+/// the same ids, which tells two data dirs acting as one replica (see the engine's
+/// `Hello`). Kept up to date by the writer and in the `tips` tree at each checkpoint, so
+/// that reading them costs no scan of the log.
+pub type Tips = BTreeMap<ReplicaId, (u64, converge_api::Hash)>;
 
 #[derive(Clone)]
 struct Trees {
     log: Tree,
     ids: Tree,
     vv: Tree,
+    tips: Tree,
     cursors: Tree,
     state: Tree,
     meta: Tree,
@@ -254,6 +263,7 @@ impl EventLog {
             log: db.open_tree("log")?,
             ids: db.open_tree("ids")?,
             vv: db.open_tree("vv")?,
+            tips: db.open_tree("tips")?,
             cursors: db.open_tree("cursors")?,
             state: db.open_tree("state")?,
             meta: db.open_tree("meta")?,
@@ -293,6 +303,11 @@ impl EventLog {
             let (k, v) = entry?;
             vv.set(replica_from(&k)?, u64_from("vv", &v)?);
         }
+        let mut tips = Tips::new();
+        for entry in trees.tips.iter() {
+            let (k, v) = entry?;
+            tips.insert(replica_from(&k)?, tip_from(&v)?);
+        }
         let next_offset = match trees.log.last()? {
             Some((k, v)) => SegmentReader::new(&k, v)?.end(),
             None => 0,
@@ -305,6 +320,7 @@ impl EventLog {
 
         let (len_tx, durable_len) = watch::channel(next_offset);
         let durable_vv = Arc::new(RwLock::new(VersionVector::new()));
+        let durable_tips = Arc::new(RwLock::new(Tips::new()));
         let overlay = Arc::new(RwLock::new(Overlay::default()));
         let mut writer = Writer {
             trees: trees.clone(),
@@ -319,6 +335,8 @@ impl EventLog {
             since_checkpoint: 0,
             published_len: len_tx,
             published_vv: durable_vv.clone(),
+            tips,
+            published_tips: durable_tips.clone(),
             overlay: overlay.clone(),
             warned_ahead: HashSet::new(),
         };
@@ -344,6 +362,7 @@ impl EventLog {
             requests: Mutex::new(Some(tx)),
             durable_len,
             durable_vv,
+            durable_tips,
             overlay,
             writer: Mutex::new(None),
         });
@@ -379,6 +398,17 @@ impl EventLog {
     /// Whether the log holds no event.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// The newest durable event of each origin, as seq and fingerprint (see [`Tips`]). An
+    /// origin whose events all came before this log kept tips (an older data dir) has
+    /// none until its next event.
+    pub fn tips(&self) -> Tips {
+        self.shared
+            .durable_tips
+            .read()
+            .map(|t| t.clone())
+            .unwrap_or_default()
     }
 
     /// The version vector of the durable log.
@@ -501,17 +531,24 @@ impl EventLog {
 
     /// The offset of the event `id`, if the log holds it.
     pub fn offset_of(&self, id: &EventId) -> Result<Option<u64>, LogError> {
-        Ok(self.find(id)?.map(|(offset, _)| offset))
+        Ok(self.find(id, u64::MAX)?.map(|(offset, _)| offset))
     }
 
     /// The event `id`, if the log holds it.
     pub fn get(&self, id: &EventId) -> Result<Option<Event>, LogError> {
-        Ok(self.find(id)?.map(|(_, event)| event))
+        Ok(self.find(id, u64::MAX)?.map(|(_, event)| event))
+    }
+
+    /// [`Self::get`], giving up (`None`) after reading `most` events: the scan from the
+    /// nearest indexed seq of `id`'s origin passes every event of other origins between,
+    /// which for an origin quiet while others wrote much is most of the log.
+    pub fn get_within(&self, id: &EventId, most: u64) -> Result<Option<Event>, LogError> {
+        Ok(self.find(id, most)?.map(|(_, event)| event))
     }
 
     /// The event `id` with its offset: found from the nearest indexed seq at or below it,
-    /// scanning forward.
-    fn find(&self, id: &EventId) -> Result<Option<(u64, Event)>, LogError> {
+    /// scanning forward over at most `most` events.
+    fn find(&self, id: &EventId, most: u64) -> Result<Option<(u64, Event)>, LogError> {
         if id.seq == 0 || !self.version_vector().contains(id) {
             return Ok(None);
         }
@@ -532,7 +569,8 @@ impl EventLog {
                 None => return Ok(None),
             },
         };
-        for entry in LogIter::new(&self.shared.trees.log, start, self.len())? {
+        let end = self.len().min(start.saturating_add(most));
+        for entry in LogIter::new(&self.shared.trees.log, start, end)? {
             let (offset, event) = entry?;
             if event.id == *id {
                 return Ok(Some((offset, event)));
@@ -776,10 +814,16 @@ struct Writer {
     since_checkpoint: u64,
     published_len: watch::Sender<u64>,
     published_vv: Arc<RwLock<VersionVector>>,
+    /// The newest event of each origin, as staged (see [`Tips`]).
+    tips: Tips,
+    published_tips: Arc<RwLock<Tips>>,
     overlay: Arc<RwLock<Overlay>>,
     /// Origins already named in a warning for a stamp far ahead of this clock.
     warned_ahead: HashSet<ReplicaId>,
 }
+
+/// The writer's clock, version vector, next offset and tips, as before a commit.
+type Saved = (Hlc, VersionVector, u64, Tips);
 
 /// What one group commit will write, staged before anything touches sled.
 #[derive(Default)]
@@ -829,7 +873,7 @@ impl Writer {
     fn commit_batch(&mut self, batch: Vec<Request>) {
         let mut replies = Vec::with_capacity(batch.len());
         let mut pending = Pending::default();
-        let saved = (self.hlc, self.vv.clone(), self.next_offset);
+        let saved = self.saved();
         for req in batch {
             match req {
                 Request::Local(changes, reply) => {
@@ -850,7 +894,7 @@ impl Writer {
                     // A rebuild that fails partway leaves the version vector part-folded:
                     // the next local append would reuse sequence numbers, and peers drop
                     // such events as ones they have.
-                    let before = (self.hlc, self.vv.clone(), self.next_offset);
+                    let before = self.saved();
                     let rebuilt = self.rebuild();
                     if rebuilt.is_err() {
                         self.restore(&before);
@@ -867,10 +911,27 @@ impl Writer {
         finish(replies, result.as_ref().err());
     }
 
-    fn restore(&mut self, saved: &(Hlc, VersionVector, u64)) {
+    /// What staging moves before a commit makes it durable, to put back on failure.
+    fn saved(&self) -> Saved {
+        (
+            self.hlc,
+            self.vv.clone(),
+            self.next_offset,
+            self.tips.clone(),
+        )
+    }
+
+    fn restore(&mut self, saved: &Saved) {
         self.hlc = saved.0;
         self.vv = saved.1.clone();
         self.next_offset = saved.2;
+        self.tips = saved.3.clone();
+    }
+
+    /// Notes `event` as its origin's newest (see [`Tips`]).
+    fn note_tip(&mut self, event: &Event) {
+        self.tips
+            .insert(event.id.origin, (event.id.seq, event.fingerprint()));
     }
 
     fn stage_local(
@@ -988,6 +1049,7 @@ impl Writer {
         }
         pending.events += 1;
         self.vv.set(event.id.origin, event.id.seq);
+        self.note_tip(event);
         self.next_offset += 1;
         Ok(())
     }
@@ -1016,6 +1078,9 @@ impl Writer {
     /// Makes the committed events readable: the version vector, then the length, both
     /// under the vector's lock, so that [`EventLog::published`] reads them as a pair.
     fn publish(&self) {
+        if let Ok(mut tips) = self.published_tips.write() {
+            tips.clone_from(&self.tips);
+        }
         let vv = self.published_vv.write();
         if let Ok(mut vv) = vv {
             vv.clone_from(&self.vv);
@@ -1066,6 +1131,13 @@ impl Writer {
             vv.insert(&origin.0, &seq.to_be_bytes());
         }
         self.trees.vv.apply_batch(vv)?;
+        let mut tips = Batch::default();
+        for (origin, (seq, fingerprint)) in &self.tips {
+            let mut value = seq.to_be_bytes().to_vec();
+            value.extend_from_slice(&fingerprint.0);
+            tips.insert(&origin.0, value);
+        }
+        self.trees.tips.apply_batch(tips)?;
         let mut meta = Batch::default();
         meta.insert(META_DERIVED_UPTO, &self.next_offset.to_be_bytes());
         meta.insert(META_HLC, encode_stored("hlc", &self.hlc)?);
@@ -1091,6 +1163,7 @@ impl Writer {
                 staged.ids.push((id_key(&event.id), offset));
             }
             self.vv.set(event.id.origin, event.id.seq);
+            self.note_tip(&event);
             self.next_offset = offset + 1;
             self.since_checkpoint += 1;
         }
@@ -1112,6 +1185,7 @@ impl Writer {
         let mut ids = Batch::default();
         let mut id_keys: HashSet<[u8; 24]> = HashSet::new();
         self.vv = VersionVector::new();
+        self.tips = Tips::new();
         let mut folded = 0u64;
         let mut from = 0u64;
         // One thread reads and decodes the log while this one folds: the two halves of
@@ -1147,6 +1221,8 @@ impl Writer {
                         ids.insert(&key[..], &offset.to_be_bytes());
                         id_keys.insert(key);
                     }
+                    self.tips
+                        .insert(event.id.origin, (event.id.seq, event.fingerprint()));
                     let (id, hlc) = (event.id, event.hlc);
                     match states.get_mut(&event.key) {
                         Some(state) => state.fold(&event, &self.vv),
@@ -1201,6 +1277,7 @@ impl Writer {
             *overlay = Overlay::default();
         }
         self.trees.vv.clear()?;
+        self.trees.tips.clear()?;
         self.next_offset = from;
         self.since_checkpoint = 1; // forces the checkpoint below to write vv and the offset
         self.checkpoint()?;
@@ -1459,6 +1536,18 @@ fn u64_from(what: &str, bytes: &[u8]) -> Result<u64, LogError> {
                 bytes.len()
             )),
         })
+}
+
+/// A `tips` entry's value: the seq (8 bytes, big-endian), then the fingerprint.
+fn tip_from(bytes: &[u8]) -> Result<(u64, converge_api::Hash), LogError> {
+    let corrupt = || LogError::Corrupt {
+        what: "tips".into(),
+        source: converge_api::CodecError::Malformed(format!("{} bytes, expected 40", bytes.len())),
+    };
+    let (seq, fingerprint) = bytes.split_at_checked(8).ok_or_else(corrupt)?;
+    let seq = u64_from("tips", seq)?;
+    let fingerprint = <[u8; 32]>::try_from(fingerprint).map_err(|_| corrupt())?;
+    Ok((seq, converge_api::Hash(fingerprint)))
 }
 
 fn replica_from(bytes: &IVec) -> Result<ReplicaId, LogError> {

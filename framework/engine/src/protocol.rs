@@ -252,47 +252,51 @@ fn lost_own_events(
     None
 }
 
-/// This replica's `Hello`: its version vector, and the fingerprint of the newest event it
-/// holds of each origin (see [`split_replica`]).
-fn hello_of(log: &crate::log::EventLog) -> Result<Message, crate::error::LogError> {
-    let vv = log.version_vector();
-    let mut tips = Vec::with_capacity(vv.0.len());
-    for (&origin, &seq) in &vv.0 {
-        if let Some(event) = log.get(&EventId { origin, seq })? {
-            tips.push((origin, event.fingerprint()));
-        }
-    }
-    Ok(Message::Hello {
+/// This replica's `Hello`: its version vector and its [tips](crate::log::Tips), both kept
+/// in memory (an unknown peer's connection costs no read of the log).
+fn hello_of(log: &crate::log::EventLog) -> Message {
+    Message::Hello {
         protocol: PROTOCOL_VERSION,
         replica: log.replica(),
-        vv,
-        tips,
-    })
+        vv: log.version_vector(),
+        tips: log
+            .tips()
+            .into_iter()
+            .map(|(origin, (seq, fingerprint))| (origin, seq, fingerprint))
+            .collect(),
+    }
 }
 
-/// Why this replica must not sync with a peer whose `Hello` said `peer_vv` and `tips`, if
-/// an event both hold under one id differs between them: two data dirs have acted as
-/// one replica (a data dir copied to a second machine and started there, or one restored
-/// from a backup after it had sent events, that has since written as many events as it
-/// lost). One of the two events would be dropped everywhere as a duplicate of the other,
-/// and the replicas would differ for good without a word. Reads at most one event per
-/// origin this log knows.
+/// Most events read to find one event a peer's tip names (see [`split_replica`]): the
+/// scan from the nearest indexed seq of a quiet origin passes every event other origins
+/// wrote since.
+const TIP_SCAN: u64 = 1 << 16;
+
+/// Why this replica must not sync with a peer whose `Hello` named `tips`, if an event
+/// both hold under one id differs between them: two data dirs have acted as one replica
+/// (a data dir copied to a second machine and started there, or one restored from a
+/// backup after it had sent events, that has since written as many events as it lost).
+/// One of the two events would be dropped everywhere as a duplicate of the other, and the
+/// replicas would differ for good without a word. The side that holds the later of the
+/// two tips sees it. Reads at most one event per origin this log knows, and at most
+/// [`TIP_SCAN`] events for each (a tip not found within that is let go).
 fn split_replica(
     log: &crate::log::EventLog,
-    peer_vv: &VersionVector,
-    tips: &[(ReplicaId, Hash)],
+    tips: &[(ReplicaId, u64, Hash)],
 ) -> Result<Option<String>, crate::error::LogError> {
-    let held = log.version_vector();
+    let (held, own) = (log.version_vector(), log.tips());
     let mut seen = HashSet::new();
-    for &(origin, fingerprint) in tips {
-        let seq = peer_vv.get(&origin);
+    for &(origin, seq, fingerprint) in tips {
         if seq == 0 || seq > held.get(&origin) || !seen.insert(origin) {
             continue;
         }
-        let Some(event) = log.get(&EventId { origin, seq })? else {
-            continue;
+        let here = match own.get(&origin) {
+            Some(&(newest, here)) if newest == seq => Some(here),
+            _ => log
+                .get_within(&EventId { origin, seq }, TIP_SCAN)?
+                .map(|event| event.fingerprint()),
         };
-        if event.fingerprint() != fingerprint {
+        if here.is_some_and(|here| here != fingerprint) {
             let whose = if origin == log.replica() {
                 "this replica".to_owned()
             } else {
@@ -334,10 +338,7 @@ pub(crate) async fn run_session(
         mut sender,
         mut receiver,
     } = conn;
-    let log = inner.log.clone();
-    let hello = tokio::task::spawn_blocking(move || hello_of(&log))
-        .await
-        .map_err(|e| violation("self", e.to_string()))??;
+    let hello = hello_of(&inner.log);
     send_message(sender.as_mut(), &inner, None, &hello).await?;
     let first = match timeout(inner.config.handshake_timeout, receiver.recv()).await {
         Err(_) => return Err(SessionError::Timeout(remote)),
@@ -388,8 +389,8 @@ pub(crate) async fn run_session(
             reason: format!("{remote} was dialed as peer {expected}"),
         });
     }
-    let (log, vv) = (inner.log.clone(), peer_vv.clone());
-    let split = tokio::task::spawn_blocking(move || split_replica(&log, &vv, &tips))
+    let log = inner.log.clone();
+    let split = tokio::task::spawn_blocking(move || split_replica(&log, &tips))
         .await
         .map_err(|e| violation("self", e.to_string()))??;
     if let Some(reason) = split.or_else(|| lost_own_events(&inner.log, &peer, &peer_vv)) {

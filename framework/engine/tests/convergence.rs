@@ -343,6 +343,32 @@ async fn content_a_peer_does_not_send_is_asked_of_the_next() {
     }
 }
 
+/// A peer that does not list this replica reads its hello and closes: this side's
+/// status says what that likely means, where it showed nothing (and dialed again at once,
+/// as after a session that ran).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_does_not_list_this_replica_shows_as_refusing() {
+    let logs: Vec<EventLog> = (0..2)
+        .map(|_| EventLog::open(LogConfig::temporary()).unwrap())
+        .collect();
+    // A lists B; B lists nobody.
+    let engines = start_engines(&logs, &[vec![1], vec![]]).await;
+    let mut shown = None;
+    for _ in 0..500 {
+        shown = engines[0].peers()[0].last_error.clone();
+        if shown.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let shown = shown.expect("A's status shows why B keeps no session");
+    assert!(shown.contains("may not list this replica"), "{shown}");
+    assert!(!engines[0].peers()[0].connected);
+    for e in &engines {
+        e.shutdown().await.unwrap();
+    }
+}
+
 /// A's new content is pushed to B while it is stored, ahead of the event naming it: B
 /// never has to ask for it. Asking would cost B at least 32 bytes a chunk on the wire.
 /// Pushed chunks go from memory, or, past the session's memory budget (here none), as
@@ -656,10 +682,11 @@ async fn a_replica_that_lost_events_it_sent_is_refused() {
     }
 }
 
-/// The same, once the restored replica has written as many events as it lost: the
-/// version vectors agree, but the events under the same numbers differ, which the
-/// fingerprints in `Hello` show. Both sides refuse, saying why. Before, the session came
-/// up and B dropped A's new events as duplicates of the lost ones.
+/// The same, once the restored replica has written past what it lost: the version
+/// vectors no longer tell, but the events under the same numbers differ, which the tips
+/// in `Hello` show to the side holding the later one (A, here), which refuses, saying
+/// why; B shows that A ended the session at once. Before, the session came up and B
+/// dropped A's new events as duplicates of the lost ones.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_restored_and_written_past_its_loss_is_refused() {
     let dir = tempfile::tempdir().unwrap();
@@ -679,6 +706,16 @@ async fn a_replica_restored_and_written_past_its_loss_is_refused() {
         error.contains("is not the same event here as on that peer"),
         "{error}"
     );
+    let mut shown = None;
+    for _ in 0..400 {
+        shown = engines[1].peers()[0].last_error.clone();
+        if shown.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let shown = shown.expect("B shows that A keeps no session");
+    assert!(shown.contains("refused to sync"), "{shown}");
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(
         a.heads(&k("from b")).unwrap().is_empty(),

@@ -18,7 +18,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use converge_api::{Event, EventId, Hlc, Key, Meta, Op, ReplicaId, VersionVector};
-use converge_framework::log::{EventLog, LocalChange, LogConfig, IDS_STRIDE};
+use converge_framework::log::{EventLog, LocalChange, LogConfig, Tips, IDS_STRIDE};
 use converge_framework::projection::KeyState;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -210,6 +210,11 @@ fn verify(dir: &Path, acked: &HashSet<EventId>, replica: ReplicaId, ctx: &str) -
             ids.insert(event.id);
         }
         assert_eq!(log.version_vector(), vv, "{ctx}: version vector");
+        let mut tips = Tips::new();
+        for (_, event) in &read {
+            tips.insert(event.id.origin, (event.id.seq, event.fingerprint()));
+        }
+        assert_eq!(log.tips(), tips, "{ctx}: tips");
 
         // Nothing acknowledged is lost, and lookups by id find it.
         let mut lost: Vec<&EventId> = acked.iter().filter(|id| !ids.contains(id)).collect();
@@ -239,6 +244,7 @@ fn verify(dir: &Path, acked: &HashSet<EventId>, replica: ReplicaId, ctx: &str) -
         assert_eq!(log.rebuild().await.unwrap(), read.len() as u64, "{ctx}");
         let rebuilt: BTreeMap<Key, KeyState> = log.states().map(|r| r.unwrap()).collect();
         assert_eq!(recovered, rebuilt, "{ctx}: recovered projection != rebuild");
+        assert_eq!(log.tips(), tips, "{ctx}: tips after a rebuild");
         log.close().await.unwrap();
         read.len()
     })

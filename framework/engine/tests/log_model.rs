@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use converge_api::{Event, EventId, Hlc, Key, Meta, Op, ReplicaId, VersionVector};
-use converge_framework::log::{EventLog, LocalChange, LogConfig};
+use converge_framework::log::{EventLog, LocalChange, LogConfig, Tips};
 use converge_framework::projection::KeyState;
 use proptest::prelude::*;
 
@@ -75,6 +75,12 @@ fn check_against_model(log: &EventLog, model: &[Event]) {
     // Every event, in order, at offsets 0..n.
     let read = log.read(0, usize::MAX).unwrap();
     assert_eq!(read.len(), model.len());
+    // Each origin's newest event, as `Hello` names it: across reopens and rebuilds too.
+    let mut tips = Tips::new();
+    for event in model {
+        tips.insert(event.id.origin, (event.id.seq, event.fingerprint()));
+    }
+    assert_eq!(log.tips(), tips, "tips");
     for (i, ((offset, event), expected)) in read.iter().zip(model).enumerate() {
         assert_eq!(*offset, i as u64);
         assert_eq!(event, expected);
