@@ -425,7 +425,7 @@ const UNSYNCED_FOR_MAX: Duration = Duration::from_secs(1);
 #[derive(Debug)]
 pub(crate) enum Inbound {
     Events { from: ReplicaId, batch: Vec<Event> },
-    Chunks { hashes: Vec<Hash> },
+    Chunks { from: ReplicaId, hashes: Vec<Hash> },
 }
 
 /// Counters the admin API turns into metrics.
@@ -1324,6 +1324,8 @@ struct Asked {
     at: Instant,
     /// The root of the content the chunk is part of.
     root: Hash,
+    /// The content's turn when asked (see [`Turns`]).
+    turn: usize,
 }
 
 /// Chunks the applier asked for and has not received, by hash.
@@ -1357,6 +1359,8 @@ async fn run_applier(inner: Arc<Inner>, mut inbound: mpsc::Receiver<Inbound>) {
     let mut queue = PendingQueue::new(inner.config.max_pending_events);
     let mut requested: Requested = HashMap::new();
     let mut turns: Turns = HashMap::new();
+    // When each peer last delivered chunks: one still delivering is slow, not lacking.
+    let mut delivered: HashMap<ReplicaId, Instant> = HashMap::new();
     // What each pending content still lacks, by root, kept between passes.
     let mut missing: HashMap<Hash, Missing> = HashMap::new();
     let mut tick = tokio::time::interval(inner.config.tick_interval);
@@ -1376,7 +1380,8 @@ async fn run_applier(inner: Arc<Inner>, mut inbound: mpsc::Receiver<Inbound>) {
                     }
                     ack_to.push(from);
                 }
-                Some(Inbound::Chunks { hashes }) => {
+                Some(Inbound::Chunks { from, hashes }) => {
+                    delivered.insert(from, Instant::now());
                     for h in &hashes {
                         requested.remove(h);
                     }
@@ -1404,7 +1409,8 @@ async fn run_applier(inner: Arc<Inner>, mut inbound: mpsc::Receiver<Inbound>) {
                         ack_to.push(from);
                     }
                 }
-                Inbound::Chunks { hashes } => {
+                Inbound::Chunks { from, hashes } => {
+                    delivered.insert(from, Instant::now());
                     for h in &hashes {
                         requested.remove(h);
                     }
@@ -1415,8 +1421,9 @@ async fn run_applier(inner: Arc<Inner>, mut inbound: mpsc::Receiver<Inbound>) {
             // Asked too long ago, or over a session that has ended since (replaced by
             // another after simultaneous dials, or lost): the answer will not come, so
             // ask again now rather than after the timeout.
-            // Timed out over a live session: the peer does not have it (or not
-            // intact), so the content's chunks go to the next peer in turn.
+            // Timed out over a live session, from a peer that delivered nothing for as
+            // long: it does not have the chunk (or not intact), so the content's chunks
+            // go to the next peer in turn. One still delivering is slow: asked again.
             let timeout = inner.config.chunk_timeout;
             let sessions = inner.session_generations();
             let mut timed_out: HashMap<Hash, ReplicaId> = HashMap::new();
@@ -1427,9 +1434,17 @@ async fn run_applier(inner: Arc<Inner>, mut inbound: mpsc::Receiver<Inbound>) {
                 if asked.at.elapsed() < timeout {
                     return true;
                 }
-                timed_out.insert(asked.root, asked.peer);
+                let delivering = delivered
+                    .get(&asked.peer)
+                    .is_some_and(|at| at.elapsed() < timeout);
+                // A turn moves once, by the asks of the turn it is at.
+                let current = turns.get(&asked.root).copied().unwrap_or(0);
+                if !delivering && asked.turn == current {
+                    timed_out.insert(asked.root, asked.peer);
+                }
                 false
             });
+            delivered.retain(|_, at| at.elapsed() < timeout);
             for (root, peer) in timed_out {
                 let turn = turns.entry(root).or_default();
                 *turn += 1;
@@ -1543,8 +1558,8 @@ async fn advance(
                     m.refresh(&chunks, &in_flight).is_ok() && m.is_complete()
                 }
             });
-            // Hashes to ask for, by peer, with the root of each one's content.
-            let mut wants: BTreeMap<ReplicaId, Vec<(Hash, Hash)>> = BTreeMap::new();
+            // Hashes to ask for, by peer, with the root of each one's content and its turn.
+            let mut wants: BTreeMap<ReplicaId, Vec<(Hash, Hash, usize)>> = BTreeMap::new();
             let mut wanted: std::collections::HashSet<Hash> = std::collections::HashSet::new();
             // What each peer may still be asked, and how many have no room left: once
             // none has, the pass stops looking.
@@ -1596,7 +1611,7 @@ async fn advance(
                     wants
                         .entry(peer)
                         .or_default()
-                        .extend(asks.into_iter().map(|h| (h, root)));
+                        .extend(asks.into_iter().map(|h| (h, root, turn)));
                 }
             }
             // Forget the contents no pending event refers to any more.
@@ -1630,13 +1645,14 @@ async fn advance(
             let sessions = inner.session_generations();
             for (peer, asks) in wants {
                 let (generation, at) = (sessions.get(&peer).copied(), Instant::now());
-                let hashes: Vec<Hash> = asks.iter().map(|(h, _)| *h).collect();
-                requested.extend(asks.into_iter().map(|(hash, root)| {
+                let hashes: Vec<Hash> = asks.iter().map(|(h, _, _)| *h).collect();
+                requested.extend(asks.into_iter().map(|(hash, root, turn)| {
                     let asked = Asked {
                         peer,
                         generation,
                         at,
                         root,
+                        turn,
                     };
                     (hash, asked)
                 }));

@@ -453,7 +453,7 @@ async fn read_loop(
                 }
             }, if !storing.tasks.is_empty() => {
                 storing.tasks.pop_front();
-                if !chunks_stored(inner, label, stored).await? {
+                if !chunks_stored(inner, peer, label, stored).await? {
                     return Ok(()); // shutting down
                 }
                 continue;
@@ -465,7 +465,7 @@ async fn read_loop(
             Some(Ok(Some(frame))) => frame,
             Some(Ok(None)) => {
                 while let Some(task) = storing.tasks.pop_front() {
-                    chunks_stored(inner, label, task.await).await?;
+                    chunks_stored(inner, peer, label, task.await).await?;
                 }
                 return Ok(());
             }
@@ -476,6 +476,7 @@ async fn read_loop(
         if let Some(spans) = codec::chunk_spans(&frame) {
             let stored = store_chunks(
                 inner,
+                peer,
                 label,
                 &mut storing,
                 (frame, spans),
@@ -537,7 +538,7 @@ async fn read_loop(
                 let _ = control.send(Control::ServeChunks(hashes));
             }
             Message::Chunks { items } => {
-                let stored = store_chunks(inner, label, &mut storing, items, |items| {
+                let stored = store_chunks(inner, peer, label, &mut storing, items, |items| {
                     items
                         .iter()
                         .map(|i| (i.hash, i.bytes.as_slice(), i.place))
@@ -590,6 +591,7 @@ type ListChunks<T> = for<'a> fn(&'a T) -> Vec<(Hash, &'a [u8], Option<Place>)>;
 /// when the engine is shutting down.
 async fn store_chunks<T: Send + 'static>(
     inner: &Arc<Inner>,
+    peer: ReplicaId,
     label: &str,
     storing: &mut Storing,
     held: T,
@@ -597,7 +599,7 @@ async fn store_chunks<T: Send + 'static>(
 ) -> Result<bool, SessionError> {
     while storing.tasks.len() >= STORING_AT_ONCE {
         if let Some(task) = storing.tasks.pop_front() {
-            if !chunks_stored(inner, label, task.await).await? {
+            if !chunks_stored(inner, peer, label, task.await).await? {
                 return Ok(false);
             }
         }
@@ -649,6 +651,7 @@ type StoringChunks = tokio::task::JoinHandle<Result<Vec<Hash>, crate::error::Log
 /// session. `false` when the engine is shutting down.
 async fn chunks_stored(
     inner: &Arc<Inner>,
+    peer: ReplicaId,
     label: &str,
     stored: Result<Result<Vec<Hash>, crate::error::LogError>, tokio::task::JoinError>,
 ) -> Result<bool, SessionError> {
@@ -658,7 +661,12 @@ async fn chunks_stored(
             e @ crate::error::LogError::ChunkMismatch { .. } => violation(label, e.to_string()),
             other => SessionError::Log(other),
         })?;
-    Ok(inner.inbound.send(Inbound::Chunks { hashes }).await.is_ok())
+    let from = peer;
+    Ok(inner
+        .inbound
+        .send(Inbound::Chunks { from, hashes })
+        .await
+        .is_ok())
 }
 
 async fn write_loop(
