@@ -414,7 +414,8 @@ fn check_mirror_path(
     if nesting(mirror, data_dir).is_some() {
         bail!(
             "mirrors[{index}].path ({m}) is, is inside or contains data_dir ({d}): the mirror \
-             would overwrite the database and the config"
+             would write among the replica's own files (its database, config and temporary \
+             files); keep mirrors outside data_dir"
         );
     }
     Ok(())

@@ -566,6 +566,48 @@ impl FrameDecoder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A `Hello` with tips reads as before to a decoder of protocol version 1's `Hello`,
+    /// which has no such field (peers of earlier builds), and one without them is encoded
+    /// as before: the field is additive.
+    #[test]
+    #[allow(clippy::unwrap_used)]
+    fn tips_in_a_hello_are_additive() {
+        #[derive(Debug, PartialEq, Deserialize, Serialize)]
+        enum Before {
+            Hello {
+                protocol: u32,
+                replica: ReplicaId,
+                vv: VersionVector,
+            },
+        }
+        let mut vv = VersionVector::new();
+        vv.set(ReplicaId([4; 16]), 9);
+        let hello = |tips| Message::Hello {
+            protocol: PROTOCOL_VERSION,
+            replica: ReplicaId([3; 16]),
+            vv: vv.clone(),
+            tips,
+        };
+        let before = Before::Hello {
+            protocol: PROTOCOL_VERSION,
+            replica: ReplicaId([3; 16]),
+            vv: vv.clone(),
+        };
+        let with_tips = hello(vec![(ReplicaId([4; 16]), 9, Hash([7; 32]))]);
+        assert_eq!(
+            decode::<Before>(&with_tips.encode().unwrap()).unwrap(),
+            before
+        );
+        assert_eq!(
+            hello(Vec::new()).encode().unwrap(),
+            encode(&before).unwrap()
+        );
+        assert_eq!(
+            Message::decode(&encode(&before).unwrap()).unwrap(),
+            hello(Vec::new())
+        );
+    }
     use crate::event::{EventId, Hlc, Key, Meta, Op};
 
     fn sample() -> Event {

@@ -660,7 +660,60 @@ mod tests {
             event.fingerprint().to_hex(),
             "0ead205f89ae75942438a37f8504c5beea8246f2af72fd68f650bb29625f2811"
         );
+        let put = |content: Option<ContentRef>, meta: Meta| Event {
+            op: Op::Put { content, meta },
+            ..event.clone()
+        };
+        let content = ContentRef {
+            root: Hash([9; 32]),
+            size: 1234,
+            depth: 1,
+        };
+        let meta = Meta::file(1_699_999_999_000);
         let changed: Vec<Event> = vec![
+            Event {
+                id: EventId {
+                    origin: ReplicaId([3; 16]),
+                    ..event.id
+                },
+                ..event.clone()
+            },
+            Event {
+                hlc: Hlc {
+                    wall_ms: 1_700_000_000_001,
+                    ..event.hlc
+                },
+                ..event.clone()
+            },
+            put(
+                Some(ContentRef {
+                    root: Hash([8; 32]),
+                    ..content
+                }),
+                meta.clone(),
+            ),
+            put(
+                Some(ContentRef {
+                    size: 1235,
+                    ..content
+                }),
+                meta.clone(),
+            ),
+            put(
+                Some(ContentRef {
+                    depth: 2,
+                    ..content
+                }),
+                meta.clone(),
+            ),
+            put(
+                Some(content),
+                Meta {
+                    executable: true,
+                    ..meta.clone()
+                },
+            ),
+            put(Some(content), Meta::file(1_699_999_999_001)),
             Event {
                 id: EventId { seq: 8, ..event.id },
                 ..event.clone()

@@ -1008,9 +1008,10 @@ impl Writer {
         let ahead = event.hlc.wall_ms.saturating_sub(now);
         if ahead > CLOCK_AHEAD_WARNING_MS && self.warned_ahead.insert(event.id.origin) {
             tracing::warn!(
-                "replica {} stamped an event {:.1} hours ahead of this machine's clock: \
-                 new events here follow its clock, so last-write-wins between concurrent \
-                 writes goes by event counters until the clocks agree; check the time on both machines",
+                "replica {} stamped an event {:.1} hours ahead of this machine's clock (its \
+                 clock is ahead, or one it followed is): new events here follow that clock, \
+                 so last-write-wins between concurrent writes goes by event counters until \
+                 the clocks agree; check the time on the machines",
                 event.id.origin,
                 ahead as f64 / 3_600_000.0
             );

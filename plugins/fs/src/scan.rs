@@ -123,7 +123,7 @@ pub(crate) struct Env {
     pub(crate) chunks: ChunkStore,
     /// Set once the engine shuts down: a file being read stops at its next window rather
     /// than holding the shutdown until it is read whole (see [`FsError::Stopped`]).
-    pub(crate) stopping: AtomicBool,
+    pub(crate) stopping: Arc<AtomicBool>,
 }
 
 #[cfg(test)]
@@ -138,7 +138,7 @@ impl Env {
             resolver: Resolver::default(),
             chunks: log.chunks().clone(),
             log,
-            stopping: AtomicBool::new(false),
+            stopping: Arc::new(AtomicBool::new(false)),
         }
     }
 }

@@ -95,6 +95,10 @@ pub struct FsSource {
     config: FsConfig,
     echo: Arc<Echo>,
     resolver: Resolver,
+    /// Set once the engine shuts down (see `Env::stopping`), by the one task that waits
+    /// for it, started with the first `Env`.
+    stopping: Arc<AtomicBool>,
+    stop_watched: AtomicBool,
 }
 
 impl FsSource {
@@ -109,6 +113,8 @@ impl FsSource {
             config,
             echo,
             resolver: Resolver::default(),
+            stopping: Arc::new(AtomicBool::new(false)),
+            stop_watched: AtomicBool::new(false),
         }
     }
 
@@ -136,16 +142,17 @@ impl FsSource {
             resolver: self.resolver.clone(),
             log: ctx.log().clone(),
             chunks: ctx.chunks().clone(),
-            stopping: AtomicBool::new(false),
+            stopping: self.stopping.clone(),
         });
-        // Held weakly: a source started again after a failure makes an `Env` of its own.
-        let (stopped, weak) = (ctx.on_shutdown(), Arc::downgrade(&env));
-        tokio::spawn(async move {
-            stopped.await;
-            if let Some(env) = weak.upgrade() {
-                env.stopping.store(true, Ordering::Relaxed);
-            }
-        });
+        // An `Env` is made again with each change of the ignore file and each start
+        // after a failure: one task for them all.
+        if !self.stop_watched.swap(true, Ordering::Relaxed) {
+            let (stopped, stopping) = (ctx.on_shutdown(), self.stopping.clone());
+            tokio::spawn(async move {
+                stopped.await;
+                stopping.store(true, Ordering::Relaxed);
+            });
+        }
         Ok(env)
     }
 
@@ -752,6 +759,8 @@ fn plan(env: &Env, paths: BTreeSet<PathBuf>, arrived: &HashSet<PathBuf>) -> Resu
                     // Gone again before we read it: a later event says what happened.
                     Err(e) if e.is_not_found() => {}
                     Err(e @ FsError::Io { .. }) => tracing::warn!("watch: {e}"),
+                    // Shutting down: nothing of it recorded, and the loop ends next.
+                    Err(FsError::Stopped { .. }) => {}
                     Err(e) => return Err(e),
                 }
             }
