@@ -886,8 +886,18 @@ fn a_second_ctrl_c_during_start_up_exits_at_once() {
     // Held here: the daemon waits for the lock, then gives up (status 1).
     let held = EventLog::open(LogConfig::new(a.data.path().join("db"))).unwrap();
     a.start();
-    std::thread::sleep(Duration::from_millis(700));
     let pid = libc::pid_t::try_from(a.child.as_ref().unwrap().id()).unwrap();
+    // Once the daemon catches SIGINT (its handler is installed before the log opens),
+    // as /proc says; before, a SIGINT would kill it outright.
+    let catches_sigint = || {
+        let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("SigCgt:"))
+            .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+            .is_some_and(|mask| mask & (1 << (libc::SIGINT - 1)) != 0)
+    };
+    assert!(wait_until(Duration::from_secs(30), catches_sigint));
     for _ in 0..2 {
         // SAFETY: `pid` is our own child, which has not been waited for yet.
         assert_eq!(unsafe { libc::kill(pid, libc::SIGINT) }, 0);

@@ -352,7 +352,7 @@ async fn a_large_chunk_goes_in_a_frame_of_its_own() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frame_arriving_slowly_is_not_taken_for_silence() {
     let d = start_with(&[], |c| {
-        c.keepalive_timeout = Duration::from_secs(1);
+        c.keepalive_timeout = Duration::from_millis(1500);
         c.keepalive_interval = Duration::from_millis(300);
     })
     .await;
@@ -366,8 +366,8 @@ async fn a_frame_arriving_slowly_is_not_taken_for_silence() {
         place: None,
     };
     let frame = message(&Message::Chunks { items: vec![item] });
-    // Three seconds for the frame: 30 pieces, one every 100 ms.
-    for piece in frame.chunks(frame.len().div_ceil(30)) {
+    // Four seconds for the frame: 40 pieces, one every 100 ms.
+    for piece in frame.chunks(frame.len().div_ceil(40)) {
         if let Err(e) = stream.write_all(piece).await {
             panic!("the engine closed the connection while the frame was arriving: {e}");
         }
