@@ -554,7 +554,7 @@ impl Inner {
         *self.paused.borrow()
     }
 
-    fn is_connected(&self, peer: &ReplicaId) -> bool {
+    pub(crate) fn is_connected(&self, peer: &ReplicaId) -> bool {
         self.peers
             .lock()
             .map(|p| p.get(peer).is_some_and(|s| s.session.is_some()))
@@ -1277,7 +1277,7 @@ async fn dial_loop(
             Ok(Ended::ClosedBeforeHello) => {
                 Some("closed the connection before its hello: it is paused or stopping")
             }
-            Ok(Ended::Ran) if lasted < QUICK_END => Some(
+            Ok(Ended::Ran) if lasted < QUICK_END && !session_follows(&inner, &peer).await => Some(
                 "ended the session right after the handshake: it may not list this replica \
                  as a peer, or it refused to sync with it (its log says why)",
             ),
@@ -1308,9 +1308,27 @@ async fn dial_loop(
     }
 }
 
-/// A session shorter than this that ends cleanly was most likely refused by the peer (see
-/// `dial_loop`).
+/// A session shorter than this that ends cleanly, with no other session to the peer
+/// following within half a second, was most likely refused by the peer (see `dial_loop`).
 const QUICK_END: Duration = Duration::from_secs(2);
+
+/// Whether a session with `peer` is up within half a second: the peer may have closed a
+/// connection for another it kept (simultaneous dials), which this side registers a
+/// moment later.
+async fn session_follows(inner: &Inner, peer: &ReplicaId) -> bool {
+    let mut changed = inner.peers_changed.subscribe();
+    let up = async {
+        while !inner.is_connected(peer) {
+            if changed.changed().await.is_err() {
+                return;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_millis(500), up)
+        .await
+        .is_ok()
+        && inner.is_connected(peer)
+}
 
 /// A chunk the applier asked for: of whom, over which session, when, and for which
 /// content.

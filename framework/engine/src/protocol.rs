@@ -320,7 +320,8 @@ fn split_replica(
 pub(crate) enum Ended {
     /// It ran until a clean close or shutdown.
     Ran,
-    /// It never ran: another connection to the peer was kept instead of this one.
+    /// Another connection to the peer was kept instead of this one, at once or after it
+    /// ran (simultaneous dials).
     Superseded,
     /// It never ran: the peer closed the connection before its `Hello` (it refused this
     /// replica, or is paused or stopping).
@@ -426,11 +427,22 @@ pub(crate) async fn run_session(
         generation,
         result.as_ref().err().map(|e| e.to_string()),
     );
+    // Closed for a better connection to the peer (simultaneous dials): that one is up.
+    let replaced = result.is_ok() && inner.is_connected(&peer);
     match &result {
+        Ok(()) if replaced => {
+            tracing::debug!(peer = %label, "session replaced by another connection to the peer")
+        }
         Ok(()) => tracing::info!(peer = %label, "peer disconnected"),
         Err(e) => tracing::warn!(peer = %label, "peer session ended: {e}"),
     }
-    result.map(|()| Ended::Ran)
+    result.map(|()| {
+        if replaced {
+            Ended::Superseded
+        } else {
+            Ended::Ran
+        }
+    })
 }
 
 async fn read_loop(

@@ -375,6 +375,33 @@ async fn a_peer_that_does_not_list_this_replica_shows_as_refusing() {
     }
 }
 
+/// Two replicas that dial each other at once keep one of the two connections: the other
+/// ends at once, and is not taken for a refusal (no error shown, the backoff not grown).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simultaneous_dials_show_no_refusal() {
+    for _ in 0..8 {
+        let logs: Vec<EventLog> = (0..2)
+            .map(|_| EventLog::open(LogConfig::temporary()).unwrap())
+            .collect();
+        let engines = start_engines(&logs, &[vec![1], vec![0]]).await;
+        while !engines
+            .iter()
+            .all(|e| e.peers().iter().all(|p| p.connected))
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        for e in &engines {
+            let status = &e.peers()[0];
+            assert!(status.connected);
+            assert_eq!(status.last_error, None, "{status:?}");
+        }
+        for e in &engines {
+            e.shutdown().await.unwrap();
+        }
+    }
+}
+
 /// A's new content is pushed to B while it is stored, ahead of the event naming it: B
 /// never has to ask for it. Asking would cost B at least 32 bytes a chunk on the wire.
 /// Pushed chunks go from memory, or, past the session's memory budget (here none), as
