@@ -1252,45 +1252,48 @@ async fn dial_loop(
             },
             _ = crate::engine::until(&mut shutdown, true) => return,
         };
-        if let Err(Some(e)) = &outcome {
-            // Reached, but no session: refused by either side, or a peer that does not
-            // speak the protocol. Unlike an unreachable peer, that needs the user.
-            let shown = e.to_string();
-            if matches!(
-                e,
-                SessionError::Refused { .. } | SessionError::Violation { .. }
-            ) {
-                inner.refused(&peer, &shown);
-                if warned.as_ref() != Some(&shown) {
-                    tracing::warn!(peer = %peer.short(), %address, "dialing: {shown}");
-                    warned = Some(shown);
-                }
-            } else {
-                tracing::debug!(peer = %peer.short(), %address, "dial: {shown}");
-            }
-        }
         let lasted = started.elapsed();
-        // A peer that refuses this replica (not listed there, or a log that must not
-        // sync with this one) reads its hello and closes: after a handshake of its own,
-        // since each side sends its hello first. The reason is in that peer's log.
-        let closed = match outcome {
-            Ok(Ended::ClosedBeforeHello) => {
-                Some("closed the connection before its hello: it is paused or stopping")
+        // Reached, but no session: refused by this side, or by the peer, which reads
+        // this side's hello and closes (after a handshake of its own, since each side
+        // sends its hello first; the reason is in its log). Unlike an unreachable peer,
+        // that needs the user: shown in the peer's status, and logged once per reason
+        // (a warning when this side refused).
+        let refusal = match &outcome {
+            Err(Some(e @ (SessionError::Refused { .. } | SessionError::Violation { .. }))) => {
+                Some((e.to_string(), tracing::Level::WARN))
             }
-            Ok(Ended::Ran) if lasted < QUICK_END && !session_follows(&inner, &peer).await => Some(
-                "ended the session right after the handshake: it may not list this replica \
-                 as a peer, or it refused to sync with it (its log says why)",
-            ),
+            Err(Some(e)) => {
+                tracing::debug!(peer = %peer.short(), %address, "dial: {e}");
+                None
+            }
+            Ok(Ended::ClosedBeforeHello) => Some((
+                "closed the connection before its hello: it is paused or stopping".to_owned(),
+                tracing::Level::INFO,
+            )),
+            Ok(Ended::Ran) if lasted < QUICK_END && !session_follows(&inner, &peer).await => {
+                Some((
+                    "ended the session right after the handshake: it may not list this \
+                     replica as a peer, or it refused to sync with it (its log says why)"
+                        .to_owned(),
+                    tracing::Level::INFO,
+                ))
+            }
+            Ok(Ended::Ran) => {
+                warned = None;
+                None
+            }
             _ => None,
         };
-        if let Some(shown) = closed {
-            inner.refused(&peer, shown);
-            if warned.as_deref() != Some(shown) {
-                tracing::info!(peer = %peer.short(), %address, "dialing: {shown}");
-                warned = Some(shown.to_owned());
+        if let Some((shown, level)) = refusal {
+            inner.refused(&peer, &shown);
+            if warned.as_ref() != Some(&shown) {
+                if level == tracing::Level::WARN {
+                    tracing::warn!(peer = %peer.short(), %address, "dialing: {shown}");
+                } else {
+                    tracing::info!(peer = %peer.short(), %address, "dialing: {shown}");
+                }
+                warned = Some(shown);
             }
-        } else if matches!(outcome, Ok(Ended::Ran)) {
-            warned = None;
         }
         // The pause starts over after a session that lasted, and after one given up for
         // another session with the peer (which is there, and well); anything shorter, a
@@ -1358,16 +1361,26 @@ type Turns = HashMap<Hash, usize>;
 /// The peer to ask for the chunks of a content that `from` sent, at `turn`: `from` first
 /// while it is connected, then each other connected peer in the order of their IDs, and
 /// round again.
+/// `connected` is sorted. Called for every pending event of every pass: it allocates
+/// nothing, and at turn 0 with the sender connected (nearly always) looks no further.
 fn peer_to_ask(from: ReplicaId, connected: &[ReplicaId], turn: usize) -> ReplicaId {
-    let mut order: Vec<ReplicaId> = connected.iter().copied().filter(|p| *p != from).collect();
-    order.sort_unstable();
-    if connected.contains(&from) {
-        order.insert(0, from);
+    let has_from = connected.binary_search(&from).is_ok();
+    let n = connected.len();
+    if n == 0 {
+        return from;
     }
-    order
-        .get(turn % order.len().max(1))
-        .copied()
-        .unwrap_or(from)
+    if !has_from {
+        return connected[turn % n];
+    }
+    match turn % n {
+        0 => from,
+        t => connected
+            .iter()
+            .copied()
+            .filter(|p| *p != from)
+            .nth(t - 1)
+            .unwrap_or(from),
+    }
 }
 
 /// The applier: owns the pending queue; appends remote events once they continue their
@@ -1564,7 +1577,8 @@ async fn advance(
             *asked_of.entry(asked.peer).or_default() += 1;
         }
         let window = inner.config.chunk_window;
-        let connected = inner.connected_peers();
+        let mut connected = inner.connected_peers();
+        connected.sort_unstable();
         let mut tracked = std::mem::take(missing);
         let turned = std::mem::take(turns);
         let taken = tokio::task::spawn_blocking(move || {
@@ -2018,7 +2032,7 @@ mod tests {
     #[test]
     fn chunks_are_asked_of_the_sender_first_then_of_each_other_peer_in_turn() {
         let id = |b: u8| ReplicaId([b; 16]);
-        let connected = [id(9), id(3), id(5)];
+        let connected = [id(3), id(5), id(9)];
         let turns: Vec<ReplicaId> = (0..4).map(|t| peer_to_ask(id(5), &connected, t)).collect();
         assert_eq!(turns, [id(5), id(3), id(9), id(5)]);
         // A sender no longer connected is not asked: the others in turn.

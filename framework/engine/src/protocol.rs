@@ -314,8 +314,9 @@ fn split_replica(
     Ok(None)
 }
 
-/// How a session that ended without an error went: a dialer starts its backoff over only
-/// after one that ran.
+/// How a session that ended without an error went: a dialer starts its backoff over after
+/// one that lasted or was superseded, and takes a quick end of one that ran for the
+/// peer's refusal (see `dial_loop`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Ended {
     /// It ran until a clean close or shutdown.
