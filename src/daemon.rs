@@ -69,12 +69,14 @@ struct AdminServer {
 impl AdminListener {
     /// Reads `admin.token_file` and binds `admin.listen`; each error names its key.
     async fn bind(admin: &AdminConfig) -> anyhow::Result<AdminListener> {
-        let token = std::fs::read_to_string(&admin.token_file).with_context(|| {
-            format!(
-                "reading the admin token from admin.token_file = {}",
-                admin.token_file.display()
-            )
-        })?;
+        let token = tokio::fs::read_to_string(&admin.token_file)
+            .await
+            .with_context(|| {
+                format!(
+                    "reading the admin token from admin.token_file = {}",
+                    admin.token_file.display()
+                )
+            })?;
         anyhow::ensure!(
             !token.trim().is_empty(),
             "admin.token_file {} is empty",
