@@ -161,7 +161,7 @@ pub struct PeerStatus {
     /// protocol violation, or this replica failing to store what it sent, such as on a
     /// full disk). A dial that fails is not counted: the peer shows as not connected.
     pub failed_sessions: u64,
-    /// Why the last failed session failed; cleared when a session ends cleanly or once a
+    /// Why the last failed session failed; cleared when a session that lasted ends cleanly or once a
     /// later one has been up for `SESSION_ERROR_SHOWN` (a minute).
     pub last_error: Option<String>,
 }
@@ -518,17 +518,22 @@ impl Inner {
     pub(crate) fn unregister(&self, peer: &ReplicaId, generation: u64, error: Option<String>) {
         if let Ok(mut peers) = self.peers.lock() {
             if let Some(state) = peers.get_mut(peer) {
-                if state
+                let ended = state
                     .session
                     .as_ref()
-                    .is_some_and(|s| s.generation == generation)
-                {
+                    .filter(|s| s.generation == generation)
+                    .map(|s| s.since.elapsed());
+                if ended.is_some() {
                     state.session = None;
                 }
                 if error.is_some() {
                     state.failed_sessions += 1;
+                    state.last_error = error;
+                } else if ended.is_none_or(|lasted| lasted >= QUICK_END) {
+                    // A clean end right after the handshake is most likely the peer's
+                    // refusal (see `dial_loop`): the reason shown for it stays.
+                    state.last_error = None;
                 }
-                state.last_error = error;
             }
         }
         self.peers_changed.send_modify(|g| *g += 1);
