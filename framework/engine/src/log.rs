@@ -715,24 +715,87 @@ struct Db {
     /// failed sync, Linux may mark pages clean that never reached the disk, and the next
     /// sync then succeeds without them), as sled does after an I/O error of its own.
     failed: Arc<std::sync::atomic::AtomicBool>,
+    /// sled's blob files, which [`flush`](Db::flush) syncs; `None` for a temporary log.
+    blobs: Option<Arc<Mutex<Blobs>>>,
+}
+
+/// The files sled 0.34 writes a page into when it is larger than a quarter of its log
+/// segment (`db/blobs/<lsn>`): a `log` leaf of segments, a leaf of large manifests.
+/// sled writes them and never syncs them, nor their directory; its flush syncs only its
+/// main file, whose pointer to the blob can then be durable while the blob's bytes are
+/// not. After a power cut sled's recovery stops at the first blob it cannot read, which
+/// would lose every event after it, acknowledged ones included.
+struct Blobs {
+    /// sled's `blobs` directory.
+    dir: std::path::PathBuf,
+    /// The blob files synced so far, by name, with the length they had then: a blob
+    /// found still being written is synced again once it has grown.
+    synced: HashMap<std::ffi::OsString, u64>,
+}
+
+impl Blobs {
+    /// Syncs every blob file not synced at its current length, then, if there was one,
+    /// the directory (its new names). A blob sled removes meanwhile is passed over.
+    fn sync(&mut self) -> std::io::Result<()> {
+        let entries = match std::fs::read_dir(&self.dir) {
+            Ok(entries) => entries,
+            // Not made yet: no blob to sync.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let mut present = HashSet::new();
+        let mut new = false;
+        for entry in entries {
+            let entry = entry?;
+            let name = entry.file_name();
+            let len = match entry.metadata() {
+                Ok(meta) => meta.len(),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
+            if self.synced.get(&name) != Some(&len) {
+                match std::fs::File::open(entry.path()) {
+                    Ok(file) => file.sync_data()?,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(e),
+                }
+                self.synced.insert(name.clone(), len);
+                new = true;
+            }
+            present.insert(name);
+        }
+        self.synced.retain(|name, _| present.contains(name));
+        if new {
+            std::fs::File::open(&self.dir)?.sync_all()?;
+        }
+        Ok(())
+    }
 }
 
 impl Db {
     /// Opens sled's database (see [`open_sled`]) and, unless it is temporary, its file.
     fn open(config: &sled::Config) -> Result<Db, LogError> {
         let sled = open_sled(config)?;
-        let file = match config.temporary {
-            true => None,
+        let (file, blobs) = match config.temporary {
+            true => (None, None),
             false => {
                 let path = config.get_path().join("db");
                 let file = std::fs::File::open(&path).map_err(|e| sync_error(&path, e))?;
-                Some((Arc::new(file), path))
+                let blobs = Blobs {
+                    dir: config.get_path().join("blobs"),
+                    synced: HashMap::new(),
+                };
+                (
+                    Some((Arc::new(file), path)),
+                    Some(Arc::new(Mutex::new(blobs))),
+                )
             }
         };
         Ok(Db {
             sled,
             file,
             failed: Arc::default(),
+            blobs,
         })
     }
 
@@ -743,20 +806,50 @@ impl Db {
     /// acknowledges an event, and hands it to peers, only after this flush; an event
     /// lost after that would have its sequence number given to another event by the
     /// next local append, and peers, holding the first, would drop the second for good.
+    ///
+    /// sled's blob files are synced too (see [`Blobs`]), after sled's flush, which has
+    /// finished writing every blob a page it covers points to.
+    ///
+    /// A failure is final (see [`Db::usable`]): whatever the writer staged before it may
+    /// be on disk, and nothing may be written after it.
     fn flush(&self) -> Result<(), LogError> {
         use std::sync::atomic::Ordering;
-        self.sled.flush()?;
+        if let Err(e) = self.sled.flush() {
+            self.failed.store(true, Ordering::Release);
+            return Err(e.into());
+        }
         let Some((file, path)) = &self.file else {
             return Ok(());
         };
-        if self.failed.load(Ordering::Acquire) {
-            let e = std::io::Error::other("an earlier sync of it failed; restart converge");
-            return Err(sync_error(path, e));
+        self.usable()?;
+        if let Some(blobs) = &self.blobs {
+            let mut blobs = blobs.lock().map_err(|_| LogError::Closed)?;
+            if let Err(e) = blobs.sync() {
+                self.failed.store(true, Ordering::Release);
+                return Err(sync_error(&blobs.dir, e));
+            }
         }
         file.sync_data().map_err(|e| {
             self.failed.store(true, Ordering::Release);
             sync_error(path, e)
         })
+    }
+
+    /// An error once a flush has failed: from then on nothing more may be written. The
+    /// writer puts its clock, vector and next offset back after a failed commit, but what
+    /// it staged stays in sled, which writes it out on its own; a later commit would
+    /// write other events at the same offsets, under segment keys that need not match
+    /// the first attempt's, and the log read after a restart would hold both.
+    fn usable(&self) -> Result<(), LogError> {
+        if !self.failed.load(std::sync::atomic::Ordering::Acquire) {
+            return Ok(());
+        }
+        let e = std::io::Error::other("an earlier sync of it failed; restart converge");
+        let path = match &self.file {
+            Some((_, path)) => path.clone(),
+            None => std::path::PathBuf::from("the temporary log"),
+        };
+        Err(sync_error(&path, e))
     }
 }
 
@@ -1065,6 +1158,7 @@ impl Writer {
         // Chunks first: sled may persist the log entries below at any moment, and an
         // event must never be durable without the content put before it.
         self.chunks.sync()?;
+        self.db.usable()?;
         self.trees.log.apply_batch(pending.log)?;
         self.db.flush()?;
         self.since_checkpoint += pending.events as u64;
@@ -1575,4 +1669,92 @@ fn encode_stored<T: serde::Serialize>(what: &str, value: &T) -> Result<Vec<u8>, 
         what: what.into(),
         source,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use converge_api::Op;
+
+    /// A log written as a folder's first sync writes it (thousands of events, one
+    /// commit after another) has pages sled writes as blob files; each of them, at the
+    /// length it has, was synced by the last flush.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_blob_sled_wrote_is_synced_by_the_flush() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = EventLog::open(LogConfig::new(dir.path())).unwrap();
+        for batch in 0..40 {
+            let changes = (0..1000)
+                .map(|i| {
+                    let name = format!(
+                        "d{:03}/s{:03}/a-file-name-long-enough-{batch:03}-{i:03}.bin",
+                        i % 10,
+                        batch
+                    );
+                    let op = Op::Put {
+                        meta: converge_api::Meta::file(1_700_000_000_000 + i),
+                        content: Some(converge_api::ContentRef {
+                            root: converge_api::Hash::of(name.as_bytes()),
+                            size: 4096,
+                            depth: 0,
+                        }),
+                    };
+                    LocalChange::new(Key::new(&name).unwrap(), op)
+                })
+                .collect();
+            log.append_local(changes).await.unwrap();
+        }
+        log.flush().await.unwrap();
+        let blobs_dir = dir.path().join("blobs");
+        let on_disk: HashMap<std::ffi::OsString, u64> = std::fs::read_dir(&blobs_dir)
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                (e.file_name(), e.metadata().unwrap().len())
+            })
+            .collect();
+        assert!(
+            !on_disk.is_empty(),
+            "sled wrote no blob: the test shows nothing"
+        );
+        let synced = log
+            .shared
+            .db
+            .blobs
+            .as_ref()
+            .unwrap()
+            .lock()
+            .unwrap()
+            .synced
+            .clone();
+        assert_eq!(synced, on_disk);
+        log.close().await.unwrap();
+    }
+
+    /// A blob synced while it was being written is synced again once it has grown, and
+    /// one removed is forgotten.
+    #[test]
+    fn a_blob_that_grew_is_synced_again_and_one_removed_is_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut blobs = Blobs {
+            dir: dir.path().join("blobs"),
+            synced: HashMap::new(),
+        };
+        blobs.sync().unwrap();
+        assert!(blobs.synced.is_empty());
+        std::fs::create_dir(&blobs.dir).unwrap();
+        std::fs::write(blobs.dir.join("100"), b"abc").unwrap();
+        std::fs::write(blobs.dir.join("200"), b"de").unwrap();
+        blobs.sync().unwrap();
+        let expected = |pairs: &[(&str, u64)]| -> HashMap<std::ffi::OsString, u64> {
+            pairs.iter().map(|(n, l)| (n.into(), *l)).collect()
+        };
+        assert_eq!(blobs.synced, expected(&[("100", 3), ("200", 2)]));
+        std::fs::write(blobs.dir.join("100"), b"abcdef").unwrap();
+        std::fs::remove_file(blobs.dir.join("200")).unwrap();
+        blobs.sync().unwrap();
+        assert_eq!(blobs.synced, expected(&[("100", 6)]));
+    }
 }
