@@ -55,6 +55,13 @@ const RECORDS_YOUNG: Duration = Duration::from_secs(10);
 /// [`Written`]): about 6 MiB.
 const WRITTEN_KEPT: usize = 65_536;
 
+/// Racy marks kept before the old ones go (see [`Echo::note_racy`]): about 1 MiB.
+const RACY_MARKS: usize = 8192;
+
+/// How long a racy mark is sure to be kept once [`RACY_MARKS`] are (see
+/// [`Echo::note_racy`]): the watcher looks at a file again within moments of a write.
+const RACY_KEPT: Duration = Duration::from_secs(10);
+
 /// What the store left at a key's path.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Applied {
@@ -134,6 +141,8 @@ pub(crate) struct Echo {
     /// runs of sequence numbers by where they start, each with where it ends and the
     /// log's length once they were appended.
     emitted: Mutex<BTreeMap<(ReplicaId, u64), Emitted>>,
+    /// Files last read racy (see [`Echo::note_racy`]), with when.
+    racy: Mutex<KeyMap<Instant>>,
 }
 
 /// A run of events the folder's source recorded (see [`Echo::note_emitted`]), from the
@@ -485,6 +494,29 @@ impl Echo {
     /// Sets the keys the store could not show.
     pub(crate) fn set_failed(&self, keys: HashSet<Key>) {
         *locked(&self.failed) = keys;
+    }
+
+    /// Notes whether the source's last read of `key`'s file was racy (see
+    /// `scan::racy`): the next look at a racy file reads it again, whatever its stat
+    /// says. A mark goes with the next read that is not racy; marks older than
+    /// [`RACY_KEPT`] go sooner once [`RACY_MARKS`] are kept (a tree copied in is read
+    /// racy file after file): by then the watcher has looked again at any written since.
+    pub(crate) fn note_racy(&self, key: &Key, racy: bool) {
+        let mut marks = locked(&self.racy);
+        if !racy {
+            marks.remove(key);
+            return;
+        }
+        let now = Instant::now();
+        if marks.len() >= RACY_MARKS {
+            marks.retain(|_, at| now.duration_since(*at) < RACY_KEPT);
+        }
+        marks.insert(key.clone(), now);
+    }
+
+    /// Whether the source's last read of `key`'s file was racy (see [`Echo::note_racy`]).
+    pub(crate) fn is_racy(&self, key: &Key) -> bool {
+        locked(&self.racy).contains_key(key)
     }
 
     /// Whether the store could not show `key` (see [`Echo::set_failed`]).

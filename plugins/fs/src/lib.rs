@@ -71,6 +71,10 @@ pub const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(50);
 /// How often an unwatched folder is rescanned by default (see [`FsConfig::watch`]).
 pub const DEFAULT_RESCAN_INTERVAL: Duration = Duration::from_secs(60);
 
+/// Default of [`FsConfig::racy_margin`]: above the coarsest timestamp tick of Linux's
+/// file systems (a jiffy, 10 ms at the lowest `HZ`), with room to spare.
+pub const DEFAULT_RACY_MARGIN: Duration = Duration::from_millis(50);
+
 /// The ignore file read at the folder root (gitignore syntax). It is not synced.
 pub const IGNORE_FILE: &str = ".convergeignore";
 
@@ -117,6 +121,11 @@ pub struct FsConfig {
     pub watch: bool,
     /// How often the folder is rescanned when it is not watched.
     pub rescan_interval: Duration,
+    /// A file read when its last change (its ctime) was less than this long before the
+    /// read began is *racy*: a write in the same tick of the file system's clock, during
+    /// or after the read, leaves its size and timestamps as they were, so the next look
+    /// reads it again instead of trusting them (git's rule for its index).
+    pub racy_margin: Duration,
 }
 
 impl FsConfig {
@@ -130,6 +139,7 @@ impl FsConfig {
             state_dir: None,
             watch: true,
             rescan_interval: DEFAULT_RESCAN_INTERVAL,
+            racy_margin: DEFAULT_RACY_MARGIN,
         }
     }
 
@@ -164,6 +174,13 @@ impl FsConfig {
     /// Sets the watcher's debounce.
     pub fn debounce(mut self, debounce: Duration) -> Self {
         self.debounce = debounce;
+        self
+    }
+
+    /// Sets how recent a file's last change may be when it is read for the read to count
+    /// as racy (see [`FsConfig::racy_margin`](FsConfig#structfield.racy_margin)).
+    pub fn racy_margin(mut self, margin: Duration) -> Self {
+        self.racy_margin = margin;
         self
     }
 }

@@ -57,9 +57,11 @@
 use std::collections::HashSet;
 use std::fs::{File, FileType, Metadata};
 use std::hash::{BuildHasher, RandomState};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use converge_api::{ConflictPolicy, EntryKind, EventId, Head, Key, Meta, Op, VersionVector};
 use converge_framework::content::ChunkStore;
@@ -124,6 +126,8 @@ pub(crate) struct Env {
     /// Set once the engine shuts down: a file being read stops at its next window rather
     /// than holding the shutdown until it is read whole (see [`FsError::Stopped`]).
     pub(crate) stopping: Arc<AtomicBool>,
+    /// See [`FsConfig::racy_margin`](crate::FsConfig#structfield.racy_margin).
+    pub(crate) racy_margin: Duration,
 }
 
 #[cfg(test)]
@@ -139,6 +143,7 @@ impl Env {
             chunks: log.chunks().clone(),
             log,
             stopping: Arc::new(AtomicBool::new(false)),
+            racy_margin: crate::DEFAULT_RACY_MARGIN,
         }
     }
 }
@@ -165,7 +170,6 @@ fn as_written(env: &Env, key: &Key, meta: &Metadata) -> bool {
 /// recorded its chunks (see `ChunkStore::is_changed_file`): its stat hides a change, and
 /// it is chunked again whatever the stat says.
 fn changed_unseen(env: &Env, meta: &Metadata) -> bool {
-    use std::os::unix::fs::MetadataExt;
     env.chunks.is_changed_file(meta.dev(), meta.ino())
 }
 
@@ -187,7 +191,9 @@ pub(crate) fn examine_file(
     let stat @ (_, mtime, executable) = file_stat(meta);
     let unseen = changed_unseen(env, meta);
     let recorded = || heads.iter().any(|h| put_stat(&h.op) == Some(stat));
-    if !unseen && (as_written(env, key, meta) || recorded()) {
+    // A file last read racy is read again, whatever its stat says (see `racy`).
+    let racy_before = env.echo.is_racy(key);
+    if !unseen && !racy_before && (as_written(env, key, meta) || recorded()) {
         return Ok((None, 0));
     }
     // A key the store could not show: a state the log knows is what the store could not
@@ -198,6 +204,7 @@ pub(crate) fn examine_file(
     // The file read is the one looked at (not one renamed over it since, nor a symlink
     // swapped in: see `store_file_read`), and unchanged by the end of the read. One
     // renamed over it after the read is the watcher's news.
+    let started = std::time::SystemTime::now();
     let read = match looked {
         Looked::Opened(file, _) => Some(store_open_file(
             path,
@@ -213,10 +220,12 @@ pub(crate) fn examine_file(
         tracing::debug!("{key}: changed or replaced since it was looked at; looked at again");
         return Ok((None, 0));
     };
-    if file_stat(&read) != stat || content.size != stat.0 {
+    if file_stat(&read) != stat || !same_times(&read, meta) || content.size != stat.0 {
         tracing::debug!("{key}: changed while it was read; looked at again once written");
         return Ok((None, content.size));
     }
+    env.echo
+        .note_racy(key, racy(&read, started, env.racy_margin));
     if unseen {
         tracing::info!("{key}: changed in place without a change of size or mtime; chunked again");
     }
@@ -247,6 +256,31 @@ pub(crate) fn examine_file(
         meta,
     };
     Ok((Some(op), content.size))
+}
+
+/// Whether both stats carry the same mtime and ctime to the nanosecond: a write during a
+/// read that leaves the size and the mtime's milliseconds as they were still moves the
+/// ctime, where the file system's clock has ticked since the look.
+fn same_times(a: &Metadata, b: &Metadata) -> bool {
+    (a.mtime(), a.mtime_nsec(), a.ctime(), a.ctime_nsec())
+        == (b.mtime(), b.mtime_nsec(), b.ctime(), b.ctime_nsec())
+}
+
+/// Whether a file whose stat after the read was `read`, read from `started` on, is racy:
+/// changed less than `margin` before the read began. The file system stamps a change
+/// with the time of its clock's last tick (a few milliseconds apart on Linux before
+/// 6.13), so a write in the same tick as the one that made the file, after the read
+/// began, leaves its size and timestamps exactly as the read saw them: neither the
+/// watcher's next look (its event comes) nor a rescan could tell it from the version
+/// read. The next look at a racy file reads it again; one read long enough after its
+/// last change is not racy any more. The ctime, as no tool can set it back.
+fn racy(read: &Metadata, started: std::time::SystemTime, margin: Duration) -> bool {
+    let changed = std::time::UNIX_EPOCH
+        + Duration::new(
+            u64::try_from(read.ctime()).unwrap_or(0),
+            u32::try_from(read.ctime_nsec()).unwrap_or(0),
+        );
+    changed + margin > started
 }
 
 /// How the scan or the watcher looked at a file: its `lstat`, or the stat of its handle

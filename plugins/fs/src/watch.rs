@@ -143,6 +143,7 @@ impl FsSource {
             log: ctx.log().clone(),
             chunks: ctx.chunks().clone(),
             stopping: self.stopping.clone(),
+            racy_margin: self.config.racy_margin,
         });
         // An `Env` is made again with each change of the ignore file and each start
         // after a failure: one task for them all.

@@ -599,3 +599,44 @@ async fn trees_moved_into_the_folder_are_recorded_whole() {
     assert_eq!(common::shown(&log).len(), 2 * (1 + 3 + 60));
     running.stop().await;
 }
+
+/// A file rewritten in the same tick of the file system's clock as the version read, with
+/// the same size, shows the same size and timestamps: only a read tells it apart. A read
+/// of a file changed moments before (within `racy_margin`, here an hour so that every read
+/// is) is racy, and the next look reads the file again whatever its stat says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rewrite_that_keeps_size_and_mtime_after_a_racy_read_is_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_owned();
+    write(&root, "f.txt", b"version 1");
+    common::set_mtime(&root, "f.txt", 1_800_000_000);
+    let log = common::log();
+    let config = FsConfig::new(&root).racy_margin(std::time::Duration::from_secs(3600));
+    let running = Running::start(FsSource::new(config), &log).await;
+    wait_until(&log, "f.txt", |s| s.contains_key("f.txt")).await;
+
+    // The same size and mtime, other bytes: a stat cannot tell.
+    write(&root, "f.txt", b"version 2");
+    common::set_mtime(&root, "f.txt", 1_800_000_000);
+    let other = tempfile::tempdir().unwrap();
+    write(other.path(), "v2", b"version 2");
+    let v2 = converge_plugin_fs::content::hash_file(&other.path().join("v2")).unwrap();
+    let key = common::key("f.txt");
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let heads = log.heads(&key).unwrap();
+        let recorded = heads.iter().any(|h| {
+            matches!(&h.op, converge_api::Op::Put { content: Some(c), .. } if c.root == v2.root)
+        });
+        if recorded {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "version 2 was never recorded: {heads:#?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+
+    running.stop().await;
+}
