@@ -105,6 +105,12 @@ pub struct LocalChange {
     /// already; so last-write-wins orders such an edit by when it was made, not by when it
     /// was found. `None`: now.
     pub made_at_ms: Option<u64>,
+    /// Heads of the key that the change was made without: not taken as its parents, so
+    /// that it is concurrent with them and the conflict policy decides between them. A
+    /// folder's store that left a local edit in place rather than write a peer's version
+    /// over it names that version here, so the edit does not silently supersede it.
+    /// Empty: every current head is a parent.
+    pub unseen_heads: Vec<EventId>,
 }
 
 impl LocalChange {
@@ -114,6 +120,15 @@ impl LocalChange {
             key,
             op,
             made_at_ms: None,
+            unseen_heads: Vec::new(),
+        }
+    }
+
+    /// The same change, made without seeing `heads` (see [`LocalChange::unseen_heads`]).
+    pub fn without_seeing(self, heads: Vec<EventId>) -> Self {
+        LocalChange {
+            unseen_heads: heads,
+            ..self
         }
     }
 
@@ -441,7 +456,8 @@ impl EventLog {
     }
 
     /// Appends local changes as new events of this replica (seq, clock and parents filled
-    /// in: the parents are the key's current heads). Returns once they are durable.
+    /// in: the parents are the key's current heads, but those a change names as unseen).
+    /// Returns once they are durable.
     pub async fn append_local(&self, changes: Vec<LocalChange>) -> Result<Vec<Event>, LogError> {
         // The chunks these changes name leave for peers before the events do.
         self.chunks().flush_fresh();
@@ -1092,7 +1108,12 @@ impl Writer {
         let mut out = Vec::with_capacity(changes.len());
         for change in changes {
             let state = self.staged_state(&mut pending.states, &change.key)?;
-            let parents = state.heads.iter().map(|h| h.id).collect();
+            let parents = state
+                .heads
+                .iter()
+                .map(|h| h.id)
+                .filter(|id| !change.unseen_heads.contains(id))
+                .collect();
             let now = self.clock.now_ms();
             self.hlc = self
                 .hlc
@@ -1781,6 +1802,55 @@ mod tests {
             .clone();
         assert_eq!(synced, on_disk);
         log.close().await.unwrap();
+    }
+
+    /// A local change made without seeing a peer's head is concurrent with it: both stay
+    /// heads, for the conflict policy to decide; a plain one supersedes every head.
+    #[tokio::test]
+    async fn a_change_made_without_seeing_a_head_is_concurrent_with_it() {
+        let log = EventLog::open(LogConfig::temporary()).unwrap();
+        let key = Key::new("f.txt").unwrap();
+        let put = |mtime| Op::Put {
+            content: None,
+            meta: converge_api::Meta::file(mtime),
+        };
+        let first = log
+            .append_local(vec![LocalChange::new(key.clone(), put(1))])
+            .await
+            .unwrap();
+        let peers = Event {
+            id: EventId {
+                origin: ReplicaId([9; 16]),
+                seq: 1,
+            },
+            hlc: converge_api::Hlc {
+                wall_ms: 2,
+                logical: 0,
+            },
+            key: key.clone(),
+            parents: vec![first[0].id],
+            op: put(2),
+        };
+        log.append(vec![peers.clone()]).await.unwrap();
+        let edit = log
+            .append_local(vec![
+                LocalChange::new(key.clone(), put(3)).without_seeing(vec![peers.id])
+            ])
+            .await
+            .unwrap();
+        assert!(edit[0].parents.is_empty(), "{:?}", edit[0].parents);
+        let mut heads: Vec<EventId> = log.heads(&key).unwrap().iter().map(|h| h.id).collect();
+        heads.sort();
+        let mut expected = vec![peers.id, edit[0].id];
+        expected.sort();
+        assert_eq!(heads, expected);
+
+        let last = log
+            .append_local(vec![LocalChange::new(key.clone(), put(4))])
+            .await
+            .unwrap();
+        let heads: Vec<EventId> = log.heads(&key).unwrap().iter().map(|h| h.id).collect();
+        assert_eq!(heads, vec![last[0].id]);
     }
 
     /// A blob synced while it was being written is synced again once it has grown, and

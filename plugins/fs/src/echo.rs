@@ -25,7 +25,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use converge_api::{ContentRef, EntryKind, EventId, Hash, Key, Meta, Op, ReplicaId};
-use converge_framework::log::EventLog;
+use converge_framework::log::{EventLog, LocalChange};
 
 use crate::content::{file_stat, hash_file, put_stat, FileStat};
 
@@ -143,6 +143,9 @@ pub(crate) struct Echo {
     emitted: Mutex<BTreeMap<(ReplicaId, u64), Emitted>>,
     /// Files last read racy (see [`Echo::note_racy`]), with when.
     racy: Mutex<KeyMap<Instant>>,
+    /// Heads the store did not show at a key because a local change was in the way (see
+    /// [`Echo::decline`]).
+    declined: Mutex<KeyMap<Vec<EventId>>>,
 }
 
 /// A run of events the folder's source recorded (see [`Echo::note_emitted`]), from the
@@ -517,6 +520,45 @@ impl Echo {
     /// Whether the source's last read of `key`'s file was racy (see [`Echo::note_racy`]).
     pub(crate) fn is_racy(&self, key: &Key) -> bool {
         locked(&self.racy).contains_key(key)
+    }
+
+    /// Notes that the store left a local change at `key` in place instead of showing
+    /// `heads` (a peer's version written, or its delete): the source then records that
+    /// change without them as parents ([`LocalChange::without_seeing`]), concurrent with
+    /// them, so that it does not silently supersede a version the folder never showed.
+    /// A later decision of the store at the key forgets them ([`Echo::forget_declined`]).
+    pub(crate) fn decline(&self, key: &Key, heads: Vec<EventId>) {
+        if heads.is_empty() {
+            return;
+        }
+        let mut declined = locked(&self.declined);
+        let ids = declined.entry(key.clone()).or_default();
+        for id in heads {
+            if !ids.contains(&id) {
+                ids.push(id);
+            }
+        }
+    }
+
+    /// Forgets what the store declined at `key` (see [`Echo::decline`]).
+    pub(crate) fn forget_declined(&self, key: &Key) {
+        let mut declined = locked(&self.declined);
+        if !declined.is_empty() {
+            declined.remove(key);
+        }
+    }
+
+    /// `change`, made without the heads the store declined at its key (see
+    /// [`Echo::decline`]), which it takes.
+    pub(crate) fn without_declined(&self, change: LocalChange) -> LocalChange {
+        let mut declined = locked(&self.declined);
+        if declined.is_empty() {
+            return change;
+        }
+        match declined.remove(&change.key) {
+            Some(heads) => change.without_seeing(heads),
+            None => change,
+        }
     }
 
     /// Whether the store could not show `key` (see [`Echo::set_failed`]).

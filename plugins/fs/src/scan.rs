@@ -579,6 +579,10 @@ pub(crate) async fn emit(
     echo: &Echo,
     changes: Vec<LocalChange>,
 ) -> Result<(), converge_framework::LogError> {
+    let changes = changes
+        .into_iter()
+        .map(|change| echo.without_declined(change))
+        .collect();
     let events = ctx.emit(changes).await?;
     // Forget the notes the store has passed meanwhile, so they do not pile up between
     // scans.

@@ -103,7 +103,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use async_trait::async_trait;
-use converge_api::{ContentRef, EntryKind, Head, Key, Meta, Op};
+use converge_api::{ContentRef, EntryKind, EventId, Head, Key, Meta, Op};
 use converge_framework::content::{Piece, PieceError, Writeback};
 use converge_framework::log::EventLog;
 use converge_framework::plugin::{KeyView, Store, StoreContext};
@@ -888,6 +888,7 @@ fn apply_blocking(
     // Deletes: files now, directories after, deepest first.
     let mut dir_deletes = Vec::new();
     for key in absent {
+        w.echo.forget_declined(&key);
         let path = match w.resolve(&key, w.rules.path_of(&key).is_dir()) {
             Ok(Ok(p)) => p,
             Ok(Err(Refused(why))) => {
@@ -908,6 +909,8 @@ fn apply_blocking(
             }
             Ok(m) if !w.knows(&key, &path, &m) => {
                 tracing::info!("{key}: changed here since it was last recorded; not removed (the change is recorded next)");
+                let deletes = w.heads_where(&key, |op| matches!(op, Op::Delete));
+                w.echo.decline(&key, deletes);
             }
             Ok(_) => {
                 w.echo.record(&key, Applied::Absent);
@@ -1436,6 +1439,22 @@ impl Writer {
         Ok(Ok(path))
     }
 
+    /// The ids of `key`'s heads whose operation `picked` picks (none where the log
+    /// cannot be read: the change in the way is then recorded over every head).
+    fn heads_where(&self, key: &Key, picked: impl Fn(&Op) -> bool) -> Vec<EventId> {
+        self.ctx
+            .log()
+            .heads(key)
+            .map(|heads| {
+                heads
+                    .iter()
+                    .filter(|h| picked(&h.op))
+                    .map(|h| h.id)
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// Creates the missing ancestors of `key` (recorded as the store's own).
     fn make_parents(&mut self, key: &Key) -> Result<(), FsError> {
         let mut missing = Vec::new();
@@ -1627,6 +1646,9 @@ impl Writer {
         meta: &Meta,
         recorded_here: bool,
     ) -> Result<Result<(), Refused>, FsError> {
+        if echo_key.is_some() {
+            self.echo.forget_declined(target);
+        }
         let record = Applied::file(content, meta);
         // The folder's source read this very content and stat from the file a moment ago
         // and recorded it: the file shows it (a change since is the source's to record).
@@ -1669,6 +1691,9 @@ impl Writer {
                 };
                 if known == Known::No {
                     tracing::info!("{target}: changed here since it was last recorded; not overwritten (the change is recorded next)");
+                    let shown = |op: &Op| matches!(op, Op::Put { content: Some(c), .. } if c.root == content.root);
+                    let versions = self.heads_where(target, shown);
+                    self.echo.decline(target, versions);
                     return Ok(Ok(()));
                 }
                 base_mode = m.permissions().mode() & 0o777;

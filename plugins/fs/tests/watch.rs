@@ -640,3 +640,52 @@ async fn a_rewrite_that_keeps_size_and_mtime_after_a_racy_read_is_recorded() {
 
     running.stop().await;
 }
+
+/// A peer's version that comes while an edit made here is not recorded yet is not
+/// written over it; the edit, once recorded, is concurrent with that version (it never
+/// showed here) rather than on top of it: both are heads, for the conflict policy to
+/// decide (a conflict copy keeps the peer's), not one silently superseded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edit_the_store_did_not_overwrite_is_concurrent_with_the_version_it_kept_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_owned();
+    write(&root, "f.txt", b"v1");
+    let log = common::log();
+    // A debounce long enough for the peer's version to come before the edit is recorded.
+    let config = FsConfig::new(&root).debounce(std::time::Duration::from_secs(2));
+    let (running, store) = Running::start_folder(config, &log).await;
+    let key = common::key("f.txt");
+
+    write(&root, "f.txt", b"the user's edit, not recorded yet");
+    let peers = peers_newer_f(&log, b"a peer's version").await;
+    log.append(vec![peers.clone()]).await.unwrap();
+    common::apply(&store, &log, common::views(&log)).await;
+    assert_eq!(
+        std::fs::read(root.join("f.txt")).unwrap(),
+        b"the user's edit, not recorded yet"
+    );
+
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    let edit = loop {
+        let heads = log.heads(&key).unwrap();
+        let local = heads
+            .iter()
+            .find(|h| h.id.origin == log.replica() && h.id != peers.parents[0]);
+        if let Some(local) = local {
+            break (local.clone(), heads);
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the edit was never recorded: {heads:#?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    let (_, heads) = edit;
+    assert!(
+        heads.iter().any(|h| h.id == peers.id),
+        "the edit superseded the peer's version it never showed: {heads:#?}"
+    );
+    assert_eq!(heads.len(), 2, "{heads:#?}");
+
+    running.stop().await;
+}
