@@ -907,7 +907,9 @@ fn apply_blocking(
                     path.display()
                 );
             }
-            Ok(m) if !w.knows(&key, &path, &m) => {
+            // Judged by its hash, which takes a while for a large file: one saved
+            // meanwhile is a change made here too (see `changed_since`).
+            Ok(m) if !w.knows(&key, &path, &m) || changed_since(&path, Some(Seen::of(&m)))? => {
                 tracing::info!("{key}: changed here since it was last recorded; not removed (the change is recorded next)");
                 let deletes = w.heads_where(&key, |op| matches!(op, Op::Delete));
                 w.echo.decline(&key, deletes);
@@ -1713,8 +1715,15 @@ impl Writer {
                     })
                 };
                 if !again && ((recorded_here && as_recorded) || holds()?) {
-                    // Already there (a replay, or the crash-repair check): fix the metadata.
-                    if is_executable(&m) != meta.executable || mtime_ms(&m) != meta.mtime_ms {
+                    // Already there (a replay, or the crash-repair check): fix the metadata,
+                    // unless it was saved while its hash was taken: a mode or mtime set on
+                    // it now could make the save look like the version recorded.
+                    let fix = is_executable(&m) != meta.executable || mtime_ms(&m) != meta.mtime_ms;
+                    if fix && changed_since(&path, seen)? {
+                        tracing::info!("{target}: changed here while it was checked; left as it is (the change is recorded next)");
+                        return Ok(Ok(()));
+                    }
+                    if fix {
                         if let Some(k) = echo_key {
                             self.echo.record(k, record);
                         }
