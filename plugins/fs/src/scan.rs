@@ -220,12 +220,12 @@ pub(crate) fn examine_file(
         tracing::debug!("{key}: changed or replaced since it was looked at; looked at again");
         return Ok((None, 0));
     };
-    if file_stat(&read) != stat || !same_times(&read, meta) || content.size != stat.0 {
+    if file_stat(&read) != stat || !same_mtime(&read, meta) || content.size != stat.0 {
         tracing::debug!("{key}: changed while it was read; looked at again once written");
         return Ok((None, content.size));
     }
     env.echo
-        .note_racy(key, racy(&read, started, env.racy_margin));
+        .note_racy(key, racy(meta, started, env.racy_margin));
     if unseen {
         tracing::info!("{key}: changed in place without a change of size or mtime; chunked again");
     }
@@ -258,27 +258,28 @@ pub(crate) fn examine_file(
     Ok((Some(op), content.size))
 }
 
-/// Whether both stats carry the same mtime and ctime to the nanosecond: a write during a
-/// read that leaves the size and the mtime's milliseconds as they were still moves the
-/// ctime, where the file system's clock has ticked since the look.
-fn same_times(a: &Metadata, b: &Metadata) -> bool {
-    (a.mtime(), a.mtime_nsec(), a.ctime(), a.ctime_nsec())
-        == (b.mtime(), b.mtime_nsec(), b.ctime(), b.ctime_nsec())
+/// Whether both stats carry the same mtime to the nanosecond: a write during a read that
+/// leaves the size and the mtime's milliseconds as they were still moves it, where the
+/// file system's clock has ticked since the look. (Not the ctime: the content store
+/// links a large file it reads into its packs, which moves the ctime.)
+fn same_mtime(a: &Metadata, b: &Metadata) -> bool {
+    (a.mtime(), a.mtime_nsec()) == (b.mtime(), b.mtime_nsec())
 }
 
-/// Whether a file whose stat after the read was `read`, read from `started` on, is racy:
-/// changed less than `margin` before the read began. The file system stamps a change
+/// Whether a file looked at as `looked`, read from `started` on, is racy: changed less
+/// than `margin` before the read began. The file system stamps a change
 /// with the time of its clock's last tick (a few milliseconds apart on Linux before
 /// 6.13), so a write in the same tick as the one that made the file, after the read
 /// began, leaves its size and timestamps exactly as the read saw them: neither the
 /// watcher's next look (its event comes) nor a rescan could tell it from the version
 /// read. The next look at a racy file reads it again; one read long enough after its
-/// last change is not racy any more. The ctime, as no tool can set it back.
-fn racy(read: &Metadata, started: std::time::SystemTime, margin: Duration) -> bool {
+/// last change is not racy any more. The ctime as looked at, before the read: no tool can
+/// set it back, and the read itself may move it (see `same_mtime`).
+fn racy(looked: &Metadata, started: std::time::SystemTime, margin: Duration) -> bool {
     let changed = std::time::UNIX_EPOCH
         + Duration::new(
-            u64::try_from(read.ctime()).unwrap_or(0),
-            u32::try_from(read.ctime_nsec()).unwrap_or(0),
+            u64::try_from(looked.ctime()).unwrap_or(0),
+            u32::try_from(looked.ctime_nsec()).unwrap_or(0),
         );
     changed + margin > started
 }
