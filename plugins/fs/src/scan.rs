@@ -560,7 +560,10 @@ pub(crate) async fn emit(
 const UNSHOWN_READ: usize = 4096;
 
 /// Scans the whole folder (`under` = `None`) or the subtree of one directory key, emits
-/// what changed and, for a full scan with `report`, reports progress.
+/// what changed and, for a full scan with `report`, reports progress. The keys it finds
+/// removed are handed back in `hold`, to be held and checked again before they are
+/// recorded (every scan while the source runs: see `REMOVALS_QUIET` in `watch.rs`), or
+/// without one recorded at once, once the folder marker is checked (the start-up scan).
 pub(crate) async fn scan(
     ctx: &SourceContext,
     env: &Arc<Env>,

@@ -17,7 +17,10 @@
 //! (ten at most) and checked again then, the folder marker included ([`REMOVALS_QUIET`]):
 //! the directory may be the store's own, made for a peer's file while the user's `rm -rf`
 //! of the whole folder is under way, and recording them at once would delete the
-//! folder's contents on every replica.
+//! folder's contents on every replica. The same goes for the removals a rescan finds
+//! (below): one asked for by the watcher's overflowed queue, during an `rm -rf` of the
+//! whole folder, walks a half-deleted tree whose marker may not be removed yet. Only the
+//! start-up scan records the removals it finds at once.
 //!
 //! The store's new files are taken for echoes on the watcher's own thread
 //! ([`is_own_file`]), before they join a batch. The handler holds the source's state
@@ -277,10 +280,8 @@ impl FsSource {
         // it, a file edited while the daemon was stopped could be overwritten unrecorded.
         ctx.initial_scan_done();
 
-        // Keys found removed, held (see `REMOVALS_QUIET`): since when, and the last.
-        let mut held: BTreeMap<Key, Option<u64>> = BTreeMap::new();
-        let mut held_since: Option<tokio::time::Instant> = None;
-        let mut last_removal = tokio::time::Instant::now();
+        // Keys found removed, held (see `REMOVALS_QUIET`).
+        let mut held = Held::default();
         // Whether the watcher still sees every change: not once it reported an error
         // (a directory it could not watch, the kernel's limit of watches).
         let mut watching = watcher.is_some();
@@ -291,8 +292,7 @@ impl FsSource {
         let mut last_batch = tokio::time::Instant::now();
         loop {
             let mut batch = Batch::default();
-            let release_at = held_since
-                .map(|since| (last_removal + REMOVALS_QUIET).min(since + REMOVALS_HELD_AT_MOST));
+            let release_at = held.release_at();
             let far = tokio::time::Instant::now() + rescan_interval;
             let release = tokio::select! {
                 _ = ctx.shutdown() => return Ok(()),
@@ -320,9 +320,9 @@ impl FsSource {
                 },
             };
             if release {
-                held_since = None;
-                let (env2, held) = (env.clone(), std::mem::take(&mut held));
-                let deletes = tokio::task::spawn_blocking(move || removals(&env2, &held)).await??;
+                let (env2, taken) = (env.clone(), held.take());
+                let deletes =
+                    tokio::task::spawn_blocking(move || removals(&env2, &taken)).await??;
                 for chunk in deletes.chunks(EMIT_BATCH) {
                     emit(&ctx, &env.echo, chunk.to_vec()).await?;
                 }
@@ -418,7 +418,12 @@ impl FsSource {
                     }
                     Err(e) => return Err(FsError::io("reading the folder", &root)(e)),
                 }
-                scan(&ctx, &env, None, false, None).await?;
+                // Its removals are held as the watcher's are: a rescan may walk a folder
+                // half way through an `rm -rf` of the whole of it, the marker not yet
+                // removed (a watcher's overflowed queue asks for one then).
+                let mut removed = Vec::new();
+                scan(&ctx, &env, None, false, Some(&mut removed)).await?;
+                held.hold(removed);
                 next_rescan = tokio::time::Instant::now() + rescan_interval;
                 continue;
             }
@@ -432,7 +437,8 @@ impl FsSource {
                         removed_dirs.contains(*path)
                             || left.contains(*path)
                             || env.rules.key_of(path).is_ok_and(|key| {
-                                held.range(key.clone()..)
+                                held.keys
+                                    .range(key.clone()..)
                                     .take_while(|(k, _)| k.as_str().starts_with(key.as_str()))
                                     .any(|(k, _)| k == &key || k.is_under(&key))
                             })
@@ -452,21 +458,54 @@ impl FsSource {
             for key in plan.subtrees {
                 scan(&ctx, &env, Some(key), false, Some(&mut removed)).await?;
             }
-            let mut added = false;
-            for (key, removed_at) in removed {
-                // Seen first is closest to when it happened.
-                if let std::collections::btree_map::Entry::Vacant(entry) = held.entry(key) {
-                    entry.insert(removed_at);
-                    added = true;
-                }
-            }
-            // Only new removals put the release off: a directory the store makes again
-            // below a held one is scanned each time, and finds the same ones.
-            if added {
-                last_removal = tokio::time::Instant::now();
-                held_since.get_or_insert(last_removal);
+            held.hold(removed);
+        }
+    }
+}
+
+/// Removals found and not recorded yet (see [`REMOVALS_QUIET`]): the watcher's, and those
+/// a scan finds while the source runs (a subtree's, or a rescan's). Each key is held with
+/// when it was removed.
+#[derive(Default)]
+struct Held {
+    keys: BTreeMap<Key, Option<u64>>,
+    /// When the first of them was found and when the last new one was (`None` while none
+    /// is held).
+    found: Option<(tokio::time::Instant, tokio::time::Instant)>,
+}
+
+impl Held {
+    /// Holds `removed`, each key with when it was removed. A key held already keeps its
+    /// time (seen first is closest to when it happened). Only new keys put the release
+    /// off: a directory the store makes again below a held one is scanned each time, and
+    /// finds the same ones, and so does every rescan of an unwatched folder.
+    fn hold(&mut self, removed: Vec<(Key, Option<u64>)>) {
+        let mut added = false;
+        for (key, removed_at) in removed {
+            if let std::collections::btree_map::Entry::Vacant(entry) = self.keys.entry(key) {
+                entry.insert(removed_at);
+                added = true;
             }
         }
+        if added {
+            let now = tokio::time::Instant::now();
+            let first = self.found.map_or(now, |(first, _)| first);
+            self.found = Some((first, now));
+        }
+    }
+
+    /// When the held removals are to be checked again and recorded: once none has come
+    /// for [`REMOVALS_QUIET`], or [`REMOVALS_HELD_AT_MOST`] after the first; `None` while
+    /// none is held.
+    fn release_at(&self) -> Option<tokio::time::Instant> {
+        self.found
+            .map(|(first, last)| (last + REMOVALS_QUIET).min(first + REMOVALS_HELD_AT_MOST))
+    }
+
+    /// Takes every removal held, for [`removals`] to check and record.
+    fn take(&mut self) -> BTreeMap<Key, Option<u64>> {
+        self.found = None;
+        std::mem::take(&mut self.keys)
     }
 }
 

@@ -197,6 +197,56 @@ async fn an_unwatched_folder_is_rescanned() {
     running.stop().await;
 }
 
+/// An `rm -rf` of a whole unwatched folder, seen by its rescans half way through (the
+/// marker, removed somewhere in the middle, still there): the removals they find are held
+/// as the watcher's are, and once the marker is gone none is recorded. (A watched folder
+/// whose watcher's queue overflowed during the `rm -rf` is rescanned the same way.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rescan_during_an_rm_rf_of_the_folder_records_no_removal() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_owned();
+    for d in ["a", "b", "c", "d"] {
+        for f in 0..3 {
+            write(&root, &format!("{d}/sub/{f}.txt"), b"kept elsewhere");
+        }
+    }
+    let log = common::log();
+    let config = FsConfig::new(&root).rescan_every(std::time::Duration::from_millis(100));
+    let running = Running::start(FsSource::new(config), &log).await;
+    wait_until(&log, "the first scan", |s| s.len() == 4 * 5).await;
+    let len = log.len();
+
+    // Half way: two directories gone, the marker still there, for a few rescans.
+    std::fs::remove_dir_all(root.join("a")).unwrap();
+    std::fs::remove_dir_all(root.join("b")).unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(350)).await;
+    // Then the marker and the rest.
+    std::fs::remove_file(root.join(converge_plugin_fs::MARKER_FILE)).unwrap();
+    for d in ["c", "d"] {
+        std::fs::remove_dir_all(root.join(d)).unwrap();
+    }
+    // Past the release of every removal held (a second without a new one).
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    let deletes: Vec<String> = log
+        .read(len, 1000)
+        .unwrap()
+        .into_iter()
+        .filter(|(_, e)| matches!(e.op, converge_api::Op::Delete))
+        .map(|(_, e)| e.key.to_string())
+        .collect();
+    assert!(deletes.is_empty(), "removals recorded: {deletes:?}");
+
+    // The source stops at the release, the marker missing (the engine would start it
+    // again once the marker is back), or runs on.
+    running.stop.send(true).unwrap();
+    if let Err(e) = running.task.await.unwrap() {
+        assert!(
+            e.to_string().contains(converge_plugin_fs::MARKER_FILE),
+            "{e}"
+        );
+    }
+}
+
 /// A directory renamed over one the log shows (`mv new d`), or made again and filled
 /// after a removal, is scanned whole: its contents came with it and made no events.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
