@@ -25,9 +25,11 @@
 //! paths, the store's temp files (`.converge-tmp-*`) and conflict copies
 //! (`*.sync-conflict-*`). Symlinks are never followed and names that are not UTF-8 are
 //! skipped; both are reported with a warning. The scan skips symlinks, the store writes
-//! nothing below one, the watcher watches none and the source drops every path with a
-//! symlinked directory between it and the root, and a key below a symlinked directory
-//! counts as gone.
+//! nothing at or below one, the watcher watches none and the source drops every path with
+//! a symlinked directory between it and the root. A key at or below a symlink is then no
+//! longer the folder's, as if ignored: not written, and not taken for removed (a link
+//! here where a peer has a directory of files would otherwise delete them on the peer),
+//! unless the watcher saw what was there go before the link was made in its place.
 //!
 //! ```no_run
 //! use converge_framework::log::{EventLog, LogConfig};

@@ -67,8 +67,8 @@ use crate::error::FsError;
 use crate::marker;
 use crate::rules::{below_symlink, ignore_file_hash, Rules};
 use crate::scan::{
-    emit, examine_file, gone, is_echo, merge_for_deleted_copy, removed_at_ms, scan, Env, Looked,
-    Projection, Resolver,
+    emit, examine_file, gone, is_echo, merge_for_deleted_copy, removed_at_ms, scan, Absence, Env,
+    Looked, Projection, Resolver,
 };
 use crate::watcher::{self, FolderWatcher, Skip, WatchResult};
 use crate::{FsConfig, CONFLICT_MARKER, EMIT_BATCH, IGNORE_FILE, TEMP_PREFIX};
@@ -362,6 +362,7 @@ impl FsSource {
                 renamed_in,
                 created,
                 removed_dirs,
+                dirs_moved,
                 left,
                 mut rescan,
                 ..
@@ -423,7 +424,7 @@ impl FsSource {
                 // removed (a watcher's overflowed queue asks for one then).
                 let mut removed = Vec::new();
                 scan(&ctx, &env, None, false, Some(&mut removed)).await?;
-                held.hold(removed);
+                held.hold(found(removed));
                 next_rescan = tokio::time::Instant::now() + rescan_interval;
                 continue;
             }
@@ -446,7 +447,10 @@ impl FsSource {
                     .cloned()
                     .collect();
                 let arrived: HashSet<PathBuf> = renamed_in.into_iter().chain(remade).collect();
-                tokio::task::spawn_blocking(move || plan(&env, paths, &arrived)).await??
+                let dirs_left: HashSet<PathBuf> =
+                    removed_dirs.into_iter().chain(dirs_moved).collect();
+                tokio::task::spawn_blocking(move || plan(&env, paths, &arrived, &dirs_left))
+                    .await??
             };
             for chunk in plan.changes.chunks(EMIT_BATCH) {
                 emit(&ctx, &env.echo, chunk.to_vec()).await?;
@@ -454,37 +458,42 @@ impl FsSource {
             // The removals the watcher saw, and those a subtree's scan finds, are held: a
             // directory made where one was removed may be the store's own for a peer's
             // file while the user's `rm -rf` of the whole folder is under way.
-            let mut removed = plan.removed;
+            held.hold(plan.removed);
+            let mut removed = Vec::new();
             for key in plan.subtrees {
                 scan(&ctx, &env, Some(key), false, Some(&mut removed)).await?;
             }
-            held.hold(removed);
+            held.hold(found(removed));
         }
     }
 }
 
 /// Removals found and not recorded yet (see [`REMOVALS_QUIET`]): the watcher's, and those
-/// a scan finds while the source runs (a subtree's, or a rescan's). Each key is held with
-/// when it was removed.
+/// a scan finds while the source runs (a subtree's, or a rescan's).
 #[derive(Default)]
 struct Held {
-    keys: BTreeMap<Key, Option<u64>>,
+    keys: BTreeMap<Key, Removal>,
     /// When the first of them was found and when the last new one was (`None` while none
     /// is held).
     found: Option<(tokio::time::Instant, tokio::time::Instant)>,
 }
 
 impl Held {
-    /// Holds `removed`, each key with when it was removed. A key held already keeps its
-    /// time (seen first is closest to when it happened). Only new keys put the release
-    /// off: a directory the store makes again below a held one is scanned each time, and
-    /// finds the same ones, and so does every rescan of an unwatched folder.
-    fn hold(&mut self, removed: Vec<(Key, Option<u64>)>) {
+    /// Holds `removed`. A key held already keeps its time (seen first is closest to when
+    /// it happened). Only new keys put the release off: a directory the store makes again
+    /// below a held one is scanned each time, and finds the same ones, and so does every
+    /// rescan of an unwatched folder.
+    fn hold(&mut self, removed: impl IntoIterator<Item = (Key, Removal)>) {
         let mut added = false;
-        for (key, removed_at) in removed {
-            if let std::collections::btree_map::Entry::Vacant(entry) = self.keys.entry(key) {
-                entry.insert(removed_at);
-                added = true;
+        for (key, removal) in removed {
+            match self.keys.entry(key) {
+                std::collections::btree_map::Entry::Vacant(entry) => {
+                    entry.insert(removal);
+                    added = true;
+                }
+                std::collections::btree_map::Entry::Occupied(mut entry) => {
+                    entry.get_mut().dir_left |= removal.dir_left;
+                }
             }
         }
         if added {
@@ -503,10 +512,46 @@ impl Held {
     }
 
     /// Takes every removal held, for [`removals`] to check and record.
-    fn take(&mut self) -> BTreeMap<Key, Option<u64>> {
+    fn take(&mut self) -> BTreeMap<Key, Removal> {
         self.found = None;
         std::mem::take(&mut self.keys)
     }
+}
+
+/// One removal held: when it was made (see [`removed_at_ms`]), and whether a directory was
+/// seen to leave the key's path (removed, or moved away).
+#[derive(Clone, Copy, Debug)]
+struct Removal {
+    at: Option<u64>,
+    dir_left: bool,
+}
+
+impl Removal {
+    /// How the removal of its key, a directory key if `dir`, or of a key below it, is
+    /// judged (see [`Absence`]): as seen to go, but for a directory key where no directory
+    /// was seen to leave the path. A directory that left took the keys below it along,
+    /// even where a symlink made in its place shows their names again (`rm -rf d; ln -s
+    /// elsewhere d`); a symlink replaced by another one, where the log shows a peer's
+    /// directory the store never wrote below the link, takes nothing, as a scan judges.
+    /// (A file key whose path is a symlink now counts as removed: the watcher cannot tell
+    /// a symlink's removal from a file's, but it does tell a directory's.)
+    fn absence(&self, dir: bool) -> Absence {
+        match dir && !self.dir_left {
+            true => Absence::Found,
+            false => Absence::Seen,
+        }
+    }
+}
+
+/// The removals a scan found, to hold: no directory was seen to go.
+fn found(removed: Vec<(Key, Option<u64>)>) -> impl Iterator<Item = (Key, Removal)> {
+    removed.into_iter().map(|(key, at)| {
+        let removal = Removal {
+            at,
+            dir_left: false,
+        };
+        (key, removal)
+    })
 }
 
 /// The watcher's way to the source: a channel of at most [`EVENTS_QUEUED`] results, and
@@ -571,6 +616,9 @@ struct Batch {
     created: HashSet<PathBuf>,
     /// Paths a directory was removed from.
     removed_dirs: HashSet<PathBuf>,
+    /// Paths a directory moved away from (told on Linux only; see
+    /// [`watcher::moved_dir_away`]).
+    dirs_moved: HashSet<PathBuf>,
     /// Paths something moved away from.
     left: HashSet<PathBuf>,
     /// The watcher lost events (its queue overflowed, or it reported an error).
@@ -605,6 +653,7 @@ impl Batch {
             }
             Ok(event) => event,
         };
+        let dir_moved = watcher::moved_dir_away(&event);
         if event.need_rescan() {
             if !self.rescan {
                 tracing::info!(
@@ -630,6 +679,9 @@ impl Batch {
             // there in the same batch has contents of its own, and the old one's keys
             // are gone (`mv d d2; mkdir d`).
             EventKind::Modify(ModifyKind::Name(RenameMode::From)) => {
+                if dir_moved {
+                    self.dirs_moved.extend(paths.iter().cloned());
+                }
                 self.left.extend(paths.iter().cloned())
             }
             EventKind::Modify(ModifyKind::Name(RenameMode::To)) => {
@@ -700,8 +752,8 @@ struct Plan {
     changes: Vec<LocalChange>,
     /// New directories to scan whole (their contents produced no events of their own).
     subtrees: Vec<Key>,
-    /// Keys found removed, not recorded yet, and when (see `removed_at_ms`): to hold.
-    removed: Vec<(Key, Option<u64>)>,
+    /// Keys found removed, not recorded yet: to hold.
+    removed: Vec<(Key, Removal)>,
 }
 
 /// Classifies each changed path (blocking: stats, hashes, reads heads). Removals are not
@@ -720,7 +772,12 @@ fn shows_heads(env: &Env, projection: &mut Option<Projection>, key: &Key) -> Res
     Ok(projection.shows(&env.log, &env.log.heads(key)?))
 }
 
-fn plan(env: &Env, paths: BTreeSet<PathBuf>, arrived: &HashSet<PathBuf>) -> Result<Plan, FsError> {
+fn plan(
+    env: &Env,
+    paths: BTreeSet<PathBuf>,
+    arrived: &HashSet<PathBuf>,
+    dirs_left: &HashSet<PathBuf>,
+) -> Result<Plan, FsError> {
     let mut puts = Vec::new();
     let mut subtrees = Vec::new();
     let mut removed = Vec::new();
@@ -822,8 +879,11 @@ fn plan(env: &Env, paths: BTreeSet<PathBuf>, arrived: &HashSet<PathBuf>) -> Resu
                 if env.echo.absence_accounted(&key) {
                     continue;
                 }
-                let removed_at = removed_at_ms(&env.rules, &key);
-                removed.push((key, removed_at));
+                let removal = Removal {
+                    at: removed_at_ms(&env.rules, &key),
+                    dir_left: dirs_left.contains(&path),
+                };
+                removed.push((key, removal));
             }
         }
     }
@@ -875,38 +935,42 @@ async fn ignore_stamp(root: &Path) -> Option<blake3::Hash> {
 /// directory. Below a held directory, every such key counts, even if the directory came
 /// back meanwhile (the store recreates one for a peer's file in it, and nothing else).
 /// Each is stamped as of when its removal was seen (a key below a directory, as of the
-/// directory's). Fails, recording nothing, if the folder has lost its marker.
-fn removals(env: &Env, held: &BTreeMap<Key, Option<u64>>) -> Result<Vec<LocalChange>, FsError> {
+/// directory's). Where a symlink is at or above its path now, what counts is what was
+/// seen to go ([`Removal::absence`]). Fails, recording nothing, if the folder has lost its
+/// marker.
+fn removals(env: &Env, held: &BTreeMap<Key, Removal>) -> Result<Vec<LocalChange>, FsError> {
     // A key with a head the store has not applied (a peer's newer version, or a key new
     // from a peer) is not the user's to remove: what the folder lacks there it has not been
     // shown yet, as a scan judges (see `Projection::shows`).
     // Read before the heads below, as `Projection::shows` asks.
     let projection = Projection::unshown(&env.log, &env.echo)?;
     let mut deletes = Vec::new();
-    let mut consider = |key: &Key, heads: &[converge_api::Head], removed_at: Option<u64>| {
-        if gone(env, key, heads) && projection.shows(&env.log, heads) {
+    let mut real = HashSet::new();
+    let mut consider = |key: &Key, heads: &[converge_api::Head], how, removed_at| {
+        if gone(env, key, heads, how, &mut real) && projection.shows(&env.log, heads) {
             deletes.push(LocalChange::new(key.clone(), Op::Delete).made_at(removed_at));
         }
     };
     let mut dirs = HashMap::new();
-    for (key, removed_at) in held {
+    for (key, removal) in held {
         let heads = env.log.heads(key)?;
-        if heads
+        let dir = heads
             .iter()
-            .any(|h| matches!(&h.op, Op::Put { meta, .. } if meta.kind == EntryKind::Dir))
-        {
-            dirs.insert(key.clone(), *removed_at);
+            .any(|h| matches!(&h.op, Op::Put { meta, .. } if meta.kind == EntryKind::Dir));
+        if dir {
+            dirs.insert(key.clone(), *removal);
         }
-        consider(key, &heads, *removed_at);
+        consider(key, &heads, removal.absence(dir), removal.at);
     }
-    for (dir, removed_at) in &dirs {
+    for (dir, removal) in &dirs {
+        let how = removal.absence(true);
         for entry in env.log.states_below(dir) {
             let (key, state) = entry?;
             // Each key once, as of the removal of the nearest held directory above it.
             let nearest =
                 std::iter::successors(key.parent(), Key::parent).find(|k| dirs.contains_key(k));
             if !held.contains_key(&key) && nearest.as_ref() == Some(dir) {
-                consider(&key, &state.heads, *removed_at);
+                consider(&key, &state.heads, how, removal.at);
             }
         }
     }

@@ -998,3 +998,40 @@ async fn a_file_saved_while_the_store_writes_over_it_is_kept() {
         "a temp file was left behind"
     );
 }
+
+/// A peer's directory of files, and a peer's file, where this replica has symlinks
+/// (`photos` a link to a disk of its own, say): the store writes nothing at or below the
+/// links, and the next scan (each start scans) takes none of them for removed, which
+/// would delete them on the peer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peers_files_where_this_replica_has_symlinks_are_not_removed_by_a_scan() {
+    let (dir, outside) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let root = dir.path();
+    write(outside.path(), "own/mine.jpg", b"this replica's own");
+    write(outside.path(), "notes.txt", b"this replica's notes");
+    std::os::unix::fs::symlink(outside.path().join("own"), root.join("photos")).unwrap();
+    std::os::unix::fs::symlink(outside.path().join("notes.txt"), root.join("notes.txt")).unwrap();
+    let log = common::log();
+    let (source, store) = folder(FsConfig::new(root));
+    store.start(&StoreContext::new(log.clone())).await.unwrap();
+    scan_once(&source, &log).await;
+    assert_eq!(log.len(), 0);
+    common::peers_directory(&log, "photos", &["a.jpg", "b.jpg"]).await;
+    let notes = remote_put(&log, 4, "notes.txt", b"the peer's notes", 1, vec![]);
+    log.append(vec![notes]).await.unwrap();
+    apply(&store, &log, views(&log)).await;
+    log.set_cursor("folder", log.len()).await.unwrap();
+    assert!(
+        !outside.path().join("own/a.jpg").exists(),
+        "written below the link"
+    );
+    assert_eq!(
+        std::fs::read(outside.path().join("notes.txt")).unwrap(),
+        b"this replica's notes"
+    );
+    let len = log.len();
+
+    scan_once(&source, &log).await;
+    assert_eq!(common::deletes_since(&log, len), Vec::<String>::new());
+    assert_eq!(log.len(), len);
+}

@@ -170,6 +170,74 @@ async fn changes_below_a_symlinked_directory_are_not_events() {
     running.stop().await;
 }
 
+/// A directory removed (`rm -rf`) or moved away, and a symlink made in its place at once
+/// (to a directory holding the same names), while the folder is watched: the watcher saw
+/// the directory go, and its keys went with it, though the link shows their names again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_directory_replaced_by_a_symlink_while_watched_is_removed_with_its_contents() {
+    let (dir, outside) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let root = dir.path().to_owned();
+    write(&root, "removed/f.txt", b"f");
+    write(&root, "moved/g.txt", b"g");
+    write(&root, "kept.txt", b"kept");
+    write(outside.path(), "same/f.txt", b"f");
+    write(outside.path(), "same/g.txt", b"g");
+    let log = common::log();
+    let running = Running::start(FsSource::new(FsConfig::new(&root)), &log).await;
+
+    std::fs::remove_dir_all(root.join("removed")).unwrap();
+    std::os::unix::fs::symlink(outside.path().join("same"), root.join("removed")).unwrap();
+    std::fs::rename(root.join("moved"), outside.path().join("moved")).unwrap();
+    std::os::unix::fs::symlink(outside.path().join("same"), root.join("moved")).unwrap();
+    wait_until(&log, "the removals", |s| {
+        s.keys().collect::<Vec<_>>() == ["kept.txt"]
+    })
+    .await;
+
+    running.stop().await;
+}
+
+/// A symlink where the log shows a peer's directory of files (the store wrote nothing
+/// below the link), replaced by another link while the folder is watched (removed and
+/// made again, then moved aside and made again): no directory went, and nothing of the
+/// peer's directory is taken for removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_symlink_replaced_while_watched_removes_nothing_of_a_peers_directory() {
+    let (dir, outside) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let root = dir.path().to_owned();
+    for target in ["first", "second"] {
+        std::fs::create_dir(outside.path().join(target)).unwrap();
+    }
+    let link = |target: &str| {
+        std::os::unix::fs::symlink(outside.path().join(target), root.join("photos")).unwrap()
+    };
+    link("first");
+    let log = common::log();
+    let (running, store) = Running::start_folder(FsConfig::new(&root), &log).await;
+    common::peers_directory(&log, "photos", &["a.jpg", "b.jpg"]).await;
+    common::apply(&store, &log, common::views(&log)).await;
+    log.set_cursor("folder", log.len()).await.unwrap();
+    assert!(
+        !outside.path().join("first/a.jpg").exists(),
+        "written through the link"
+    );
+    let len = log.len();
+
+    std::fs::remove_file(root.join("photos")).unwrap();
+    link("second");
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    std::fs::rename(root.join("photos"), root.join("photos.old")).unwrap();
+    link("first");
+    write(&root, "sentinel.txt", b"s");
+    wait_until(&log, "sentinel.txt", |s| s.contains_key("sentinel.txt")).await;
+    // Past the release of what the watcher held.
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let deletes = common::deletes_since(&log, len);
+    assert!(deletes.is_empty(), "removals recorded: {deletes:?}");
+
+    running.stop().await;
+}
+
 /// Without a watcher (configured so here; also when watching fails, at the kernel's limit
 /// of watches, say) the source keeps rescanning the folder: changes still become events,
 /// removals included, and the source runs until it is stopped.
@@ -227,13 +295,7 @@ async fn a_rescan_during_an_rm_rf_of_the_folder_records_no_removal() {
     }
     // Past the release of every removal held (a second without a new one).
     tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
-    let deletes: Vec<String> = log
-        .read(len, 1000)
-        .unwrap()
-        .into_iter()
-        .filter(|(_, e)| matches!(e.op, converge_api::Op::Delete))
-        .map(|(_, e)| e.key.to_string())
-        .collect();
+    let deletes = common::deletes_since(&log, len);
     assert!(deletes.is_empty(), "removals recorded: {deletes:?}");
 
     // The source stops at the release, the marker missing (the engine would start it
