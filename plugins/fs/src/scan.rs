@@ -190,9 +190,9 @@ pub(crate) fn examine_file(
     if !unseen && (as_written(env, key, meta) || recorded()) {
         return Ok((None, 0));
     }
-    // A key the store could not show: a state the log knows is what the store could not
-    // replace, not a local change.
-    if env.echo.is_failed(key) && known_state(&env.log, &env.echo, key, path, meta) {
+    // A key the store could not show, or has yet to show since the ignore rules let it
+    // in: a state the log knows is what the store is to replace, not a local change.
+    if env.echo.awaits_store(key) && known_state(&env.log, &env.echo, key, path, meta) {
         return Ok((None, 0));
     }
     // The file read is the one looked at (not one renamed over it since, nor a symlink
@@ -775,8 +775,9 @@ fn removed(
 /// the ones deleted while it runs, see `merge_for_deleted_copy`): for a conflicted key
 /// whose file is there and unchanged (`seen`, not `changed`) and a copy of which is
 /// missing, the winner's operation recorded again, which names every head and so keeps
-/// what the key shows. Only for conflicts the folder's store has applied in full, so that
-/// a copy not written yet is not taken for one deleted.
+/// what the key shows. Only for conflicts the folder's store has applied in full, and not
+/// for a key it has yet to show ([`Echo::awaits_store`]), so that a copy not written yet is
+/// not taken for one deleted.
 fn merges_for_deleted_copies(
     env: &Env,
     projection: &Projection,
@@ -793,7 +794,7 @@ fn merges_for_deleted_copies(
         if heads.len() < 2 {
             continue;
         }
-        if !seen.contains(&key) || changed.contains(&key) || env.echo.is_failed(&key) {
+        if !seen.contains(&key) || changed.contains(&key) || env.echo.awaits_store(&key) {
             continue;
         }
         let mut applied = true;

@@ -43,7 +43,10 @@
 //! watcher, waits for its watches to go, and starts a fresh one with the new rules before
 //! the rescan that follows, reading the rules again if the file changed meanwhile
 //! ([`FsSource::rules_and_watcher`]): a directory no longer ignored is watched from then
-//! on, and a watcher that failed at the limit gets its chance again.
+//! on, and a watcher that failed at the limit gets its chance again. What the new rules
+//! include and those the folder was last in sync with excluded is then admitted, for the
+//! store to write, before the rescan could read its absence as removals (see
+//! [`crate::synced`]; the same at start, before the first scan).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::os::unix::fs::MetadataExt;
@@ -70,6 +73,7 @@ use crate::scan::{
     emit, examine_file, gone, is_echo, merge_for_deleted_copy, removed_at_ms, scan, Absence, Env,
     Looked, Projection, Resolver,
 };
+use crate::synced;
 use crate::watcher::{self, FolderWatcher, Skip, WatchResult};
 use crate::{FsConfig, CONFLICT_MARKER, EMIT_BATCH, IGNORE_FILE, TEMP_PREFIX};
 
@@ -157,6 +161,13 @@ impl FsSource {
             });
         }
         Ok(env)
+    }
+
+    /// Admits the keys the rules of `env` let in since the folder was last in sync with its
+    /// rules (see [`crate::synced`]): called before a scan with them reads the folder.
+    async fn admit(&self, env: &Arc<Env>) -> Result<(), FsError> {
+        let (env, config) = (env.clone(), self.config.clone());
+        tokio::task::spawn_blocking(move || synced::admit(&env, &config)).await?
     }
 
     /// Loads the ignore rules and starts watching with them (after stopping `old`), until
@@ -273,6 +284,9 @@ impl FsSource {
         let (mut env, mut watcher) = self
             .rules_and_watcher(&ctx, &root, &queue, &mut rx, None)
             .await?;
+        // Rules changed while the daemon was stopped: what they let in is the store's to
+        // write, not a removal for the scan to find.
+        self.admit(&env).await?;
 
         scan(&ctx, &env, None, true, None).await?;
         tracing::debug!("initial scan of {} done", root.display());
@@ -389,6 +403,7 @@ impl FsSource {
                     .rules_and_watcher(&ctx, &root, &queue, &mut rx, watcher.take())
                     .await?;
                 watching = watcher.is_some();
+                self.admit(&env).await?;
             }
             if rescan {
                 // The folder itself gone (removed, unmounted, moved away): nothing to scan

@@ -635,6 +635,51 @@ async fn an_unwatched_folder_takes_up_new_ignore_rules() {
     running.stop().await;
 }
 
+/// A peer's file the folder's `.convergeignore` kept out (its store passed over the
+/// event), once the pattern is taken out while the source runs: the rescan that follows
+/// the change of the rules does not take it for removed (which would delete it on the
+/// peer), and the store writes it from the log, asked to by the source (the engine calls
+/// `retry` on `more_to_show`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peers_file_no_longer_ignored_is_written_not_removed() {
+    use converge_framework::plugin::Store;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_owned();
+    write(&root, ".convergeignore", b"*.iso\n");
+    let log = common::log();
+    let (running, store) = Running::start_folder(FsConfig::new(&root), &log).await;
+    let iso = common::remote_put(&log, 1, "x.iso", b"the peer's image", 1, vec![]);
+    log.append(vec![iso]).await.unwrap();
+    common::apply(&store, &log, common::views(&log)).await;
+    log.set_cursor("folder", log.len()).await.unwrap();
+    assert!(!root.join("x.iso").exists(), "an ignored file was written");
+    let len = log.len();
+
+    write(&root, ".convergeignore", b"");
+    // Once it is recorded, the rescan after the change of the rules has run.
+    write(&root, "sentinel.txt", b"s");
+    wait_until(&log, "sentinel.txt", |s| s.contains_key("sentinel.txt")).await;
+    // Past the release of what the rescan may have held.
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let deletes = common::deletes_since(&log, len);
+    assert!(deletes.is_empty(), "removals recorded: {deletes:?}");
+    assert_eq!(store.to_show(), 1);
+    let woken = tokio::time::timeout(std::time::Duration::from_secs(1), store.more_to_show());
+    assert!(woken.await.is_ok(), "the store was not told");
+
+    common::apply(&store, &log, Vec::new()).await;
+    assert_eq!(
+        std::fs::read(root.join("x.iso")).unwrap(),
+        b"the peer's image"
+    );
+    assert_eq!(store.to_show(), 0);
+    // The store's write is no change of the folder's.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(log.len(), len + 1, "{:#?}", common::shown(&log));
+
+    running.stop().await;
+}
+
 /// A FIFO where the ignore file would be holds nothing up: it is no ignore file (the rules
 /// read none), and telling whether it changed opens it without waiting for a writer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
