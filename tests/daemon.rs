@@ -1937,3 +1937,84 @@ fn a_second_ctrl_c_in_the_demo_removes_its_temporary_directory() {
     assert!(left.is_empty(), "left behind: {left:?}");
     drop((client, stdout));
 }
+
+/// Files a replica's `.convergeignore` kept out (its store passed over their events), once
+/// the pattern is taken out, while the daemon runs and while it is stopped: written there
+/// from the peer's events (the engine asks the store to at once), and deleted nowhere (the
+/// rescan after the change, or the start-up scan, once took them for removed).
+#[test]
+fn files_no_longer_ignored_are_fetched_not_deleted() {
+    let (mut a, mut b) = pair();
+    let ignore = a.folder().join(".convergeignore");
+    write_file(&ignore, b"*.iso\n");
+    write_file(&b.folder().join("one.iso"), b"B's first image");
+    write_file(&b.folder().join("shared.txt"), b"shared");
+    a.start();
+    b.start();
+    let log_length = |d: &Daemon| {
+        d.admin_get("/api/v1/status")["log_length"]
+            .as_u64()
+            .unwrap()
+    };
+    let shown = |d: &Daemon, name: &str| fs::read(d.folder().join(name)).ok();
+    let synced = wait_until(CONVERGE_TIMEOUT, || {
+        shown(&a, "shared.txt").is_some() && log_length(&a) >= 2
+    });
+    assert!(synced, "{}", a.log_tail());
+    assert_eq!(shown(&a, "one.iso"), None, "an ignored file was written");
+
+    // While A runs.
+    write_file(&ignore, b"");
+    let fetched = wait_until(CONVERGE_TIMEOUT, || {
+        shown(&a, "one.iso").as_deref() == Some(b"B's first image".as_slice())
+    });
+    assert!(fetched, "one.iso was not written\n{}", a.log_tail());
+
+    // Ignored again (A keeps its one.iso, unsynced); read, and recorded as the rules the
+    // folder is in sync with (at once: nothing is let in), before B's next image comes.
+    let reloads = || a.log().matches("reloading ignore rules").count();
+    let before = reloads();
+    write_file(&ignore, b"*.iso\n");
+    assert!(
+        wait_until(CONVERGE_TIMEOUT, || reloads() > before),
+        "{}",
+        a.log_tail()
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(a.data.path().join("folder.rules").is_file());
+    let length = log_length(&a);
+    write_file(&b.folder().join("two.iso"), b"B's second image");
+    assert!(wait_until(CONVERGE_TIMEOUT, || log_length(&a) > length));
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(shown(&a, "two.iso"), None, "an ignored file was written");
+
+    // While A is stopped.
+    a.stop();
+    write_file(&ignore, b"");
+    a.start();
+    let fetched = wait_until(CONVERGE_TIMEOUT, || {
+        shown(&a, "two.iso").as_deref() == Some(b"B's second image".as_slice())
+    });
+    assert!(fetched, "two.iso was not written\n{}", a.log_tail());
+
+    // Time for a wrongly recorded delete to reach B.
+    std::thread::sleep(Duration::from_secs(2));
+    let events = a.admin_get("/api/v1/events?from=0&limit=1000");
+    let deletes: Vec<&serde_json::Value> = events["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["op"]["op"] == "delete")
+        .collect();
+    assert!(deletes.is_empty(), "A recorded deletes: {deletes:#?}");
+    assert_eq!(
+        shown(&b, "one.iso").as_deref(),
+        Some(b"B's first image".as_slice())
+    );
+    assert_eq!(
+        shown(&b, "two.iso").as_deref(),
+        Some(b"B's second image".as_slice())
+    );
+    a.stop();
+    b.stop();
+}

@@ -1992,23 +1992,29 @@ async fn run_store(inner: Arc<Inner>, store: Arc<dyn Store>, slot: Arc<StoreSlot
                 }
             }
             Ok(false) => {
-                let pending = store.failed() > 0;
+                // Failed keys, or keys the store has to show of its own (not failures).
+                let pending = store.failed() > 0 || store.to_show() > 0;
                 if !pending {
                     retries = 0;
                 }
                 let retry = pending.then(|| backoff(retries, STORE_RETRY_MIN, STORE_RETRY_MAX));
-                tokio::select! {
-                    r = len.changed() => if r.is_err() { return },
-                    _ = slot.wake.notified() => {},
+                let try_now = tokio::select! {
+                    r = len.changed() => if r.is_err() { return } else { false },
+                    _ = slot.wake.notified() => false,
+                    // Keys that came to show are tried at once: none of them failed.
+                    _ = store.more_to_show() => true,
                     _ = sleep_if(retry) => {
                         retries = retries.saturating_add(1);
-                        let ctx = inner.store_context();
-                        if let Err(e) = store.retry(&ctx).await {
-                            tracing::error!(store = store.name(), "retrying failed keys: {e}");
-                        }
-                        note_failed(&inner, &slot, store.as_ref()).await;
+                        true
                     }
                     _ = crate::engine::until(&mut shutdown, true) => return,
+                };
+                if try_now {
+                    let ctx = inner.store_context();
+                    if let Err(e) = store.retry(&ctx).await {
+                        tracing::error!(store = store.name(), "retrying keys not shown: {e}");
+                    }
+                    note_failed(&inner, &slot, store.as_ref()).await;
                 }
             }
             Err(e) => {

@@ -39,17 +39,7 @@ impl Reconciler {
 
     /// What stores show for `key` in `state` (see [`pick`]).
     pub fn view(&self, key: &Key, state: &KeyState) -> KeyView {
-        let heads = &state.heads;
-        let (winner, copies) = pick(Some(&*self.policy), key, heads);
-        let copies = copies.into_iter().cloned().collect();
-        let winner = winner.filter(|h| !matches!(h.op, Op::Delete)).cloned();
-        KeyView {
-            key: key.clone(),
-            winner,
-            copies,
-            conflicted: heads.len() > 1,
-            merged_copies: Vec::new(),
-        }
+        view(Some(&*self.policy), key, state)
     }
 
     /// The heads that `parents` (the heads a merging event names) showed as conflict
@@ -63,6 +53,22 @@ impl Reconciler {
             }
             _ => Vec::new(),
         }
+    }
+}
+
+/// What stores show for `key` in `state`, deciding with `policy` (last-write-wins without
+/// one; see [`pick`]).
+pub(crate) fn view(policy: Option<&dyn ConflictPolicy>, key: &Key, state: &KeyState) -> KeyView {
+    let heads = &state.heads;
+    let (winner, copies) = pick(policy, key, heads);
+    let copies = copies.into_iter().cloned().collect();
+    let winner = winner.filter(|h| !matches!(h.op, Op::Delete)).cloned();
+    KeyView {
+        key: key.clone(),
+        winner,
+        copies,
+        conflicted: heads.len() > 1,
+        merged_copies: Vec::new(),
     }
 }
 

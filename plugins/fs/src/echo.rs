@@ -15,11 +15,13 @@
 //! minutes), which orders its changes against the source's looks. The source notes the
 //! files it has just read and recorded, which the store then need not look at
 //! ([`Echo::note_read`]), and the events it recorded from the folder, which the folder
-//! shows before the store's cursor says so ([`Echo::note_emitted`]).
+//! shows before the store's cursor says so ([`Echo::note_emitted`]). It also holds the keys
+//! a change of the ignore rules let in, which the store is to show ([`Echo::admit`], see
+//! [`crate::synced`]).
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fs::Metadata;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -28,6 +30,7 @@ use converge_api::{ContentRef, EntryKind, EventId, Hash, Key, Meta, Op, ReplicaI
 use converge_framework::log::{EventLog, LocalChange};
 
 use crate::content::{file_stat, hash_file, put_stat, FileStat};
+use crate::synced::RulesRecord;
 
 /// A map by key with a fast hasher, seeded per process as the standard one is (a peer
 /// names the keys): the watcher looks up every file the store writes, and SipHash on
@@ -146,7 +149,28 @@ pub(crate) struct Echo {
     /// Heads the store did not show at a key because a local change was in the way (see
     /// [`Echo::decline`]).
     declined: Mutex<KeyMap<Vec<EventId>>>,
+    /// The keys a change of the ignore rules let in (see [`Echo::admit`]).
+    admitted: Mutex<Admitted>,
+    /// Woken when keys are admitted, for the store (see [`Echo::admitted_changed`]).
+    admitted_changed: tokio::sync::Notify,
 }
+
+/// The keys a change of the ignore rules let in, which the store is to show (see
+/// [`crate::synced`]), and the rules to record once it has.
+#[derive(Debug, Default)]
+struct Admitted {
+    /// The rules the folder was last in sync with, once known: read from the state dir at
+    /// the source's first start, or recorded since.
+    synced: Option<RulesRecord>,
+    /// The keys admitted that no synced batch of the store has shown yet.
+    keys: HashSet<Key>,
+    /// The rules to record as those the folder is in sync with once `keys` are shown.
+    record: Option<RulesToRecord>,
+}
+
+/// Ignore rules to record as those the folder is in sync with, and where (`None`: no state
+/// dir, kept in memory only).
+pub(crate) type RulesToRecord = (Option<PathBuf>, RulesRecord);
 
 /// A run of events the folder's source recorded (see [`Echo::note_emitted`]), from the
 /// sequence number it is filed under.
@@ -577,9 +601,73 @@ impl Echo {
     }
 
     /// Whether the store accounts for `key` missing from the folder: it removed it, or it
-    /// could not write it. Such an absence is no local removal.
+    /// has yet to show it ([`Echo::awaits_store`]). Such an absence is no local removal.
     pub(crate) fn accounts_for_absence(&self, key: &Key) -> bool {
-        self.get(key) == Some(Applied::Absent) || self.is_failed(key)
+        self.get(key) == Some(Applied::Absent) || self.awaits_store(key)
+    }
+
+    /// Whether the store has yet to show `key`: it could not write it (see
+    /// [`Echo::set_failed`]), or a change of the ignore rules let it in lately (see
+    /// [`Echo::admit`]). A file at its path in a state the log knows is then the store's
+    /// to replace, not a local change.
+    pub(crate) fn awaits_store(&self, key: &Key) -> bool {
+        self.is_failed(key) || locked(&self.admitted).keys.contains(key)
+    }
+
+    /// The ignore rules the folder was last in sync with, if known (see
+    /// [`crate::synced`]).
+    pub(crate) fn synced_rules(&self) -> Option<RulesRecord> {
+        locked(&self.admitted).synced.clone()
+    }
+
+    /// Takes `rules` for those the folder was last in sync with, as read from the state
+    /// dir (or, with none there, the rules in effect at the first start).
+    pub(crate) fn set_synced_rules(&self, rules: RulesRecord) {
+        locked(&self.admitted).synced = Some(rules);
+    }
+
+    /// Admits `keys`, which a change of the ignore rules let in, in place of those
+    /// admitted before: until a synced batch of the store shows them, their absence is no
+    /// local removal, and the store shows them with each batch ([`Echo::admitted`]). Once
+    /// it has, `record` (the rules in effect, and where to record them) is what the folder
+    /// is in sync with ([`Echo::shown_admitted`]). Wakes the store.
+    pub(crate) fn admit(&self, keys: HashSet<Key>, record: Option<RulesToRecord>) {
+        let mut admitted = locked(&self.admitted);
+        admitted.keys = keys;
+        admitted.record = record;
+        if !admitted.keys.is_empty() || admitted.record.is_some() {
+            self.admitted_changed.notify_one();
+        }
+    }
+
+    /// The keys admitted and not yet shown by a synced batch (see [`Echo::admit`]).
+    pub(crate) fn admitted(&self) -> Vec<Key> {
+        locked(&self.admitted).keys.iter().cloned().collect()
+    }
+
+    /// How many keys are admitted and not yet shown by a synced batch.
+    pub(crate) fn admitted_count(&self) -> usize {
+        locked(&self.admitted).keys.len()
+    }
+
+    /// Returns once keys were admitted (or rules are to be recorded) since the last call
+    /// returned; a wake-up that comes meanwhile is kept for the next call.
+    pub(crate) async fn admitted_changed(&self) {
+        self.admitted_changed.notified().await
+    }
+
+    /// The store made a batch showing `shown` durable: they are shown. Once no admitted
+    /// key is left, returns the rules to record as those the folder is in sync with, and
+    /// where, which from now on are (taken: the store records them once).
+    pub(crate) fn shown_admitted(&self, shown: &HashSet<Key>) -> Option<RulesToRecord> {
+        let mut admitted = locked(&self.admitted);
+        admitted.keys.retain(|k| !shown.contains(k));
+        if !admitted.keys.is_empty() {
+            return None;
+        }
+        let (path, rules) = admitted.record.take()?;
+        admitted.synced = Some(rules.clone());
+        Some((path, rules))
     }
 }
 
@@ -934,6 +1022,40 @@ mod tests {
             "a dropped change came after the look"
         );
         assert!(echo.take_read(&after, file(2)));
+    }
+
+    /// Admitted keys leave as synced batches show them, and only then are the rules to
+    /// record handed to the store, once. An admission replaces the one before: a key of
+    /// both that a batch showed meanwhile is shown for it too; one of the old alone is
+    /// no longer awaited.
+    #[test]
+    fn admitted_keys_leave_once_shown_and_then_the_rules_are_recorded() {
+        let echo = Echo::default();
+        let root = Path::new("/nonexistent/folder");
+        let rules = |text: &[u8]| {
+            let parsed = crate::rules::Rules::parse(root, &[], Some(text));
+            RulesRecord::of(&parsed, &[])
+        };
+        let keys = |names: &[&str]| -> HashSet<Key> {
+            names.iter().map(|n| Key::new(*n).unwrap()).collect()
+        };
+        let path = Some(PathBuf::from("/state/folder.rules"));
+        echo.admit(
+            keys(&["a.iso", "b.iso"]),
+            Some((path.clone(), rules(b"*.mp4"))),
+        );
+        assert!(echo.accounts_for_absence(&Key::new("a.iso").unwrap()));
+        assert_eq!(echo.admitted_count(), 2);
+
+        assert_eq!(echo.shown_admitted(&keys(&["a.iso"])), None);
+        echo.admit(keys(&["a.iso", "c.mp3"]), Some((path.clone(), rules(b""))));
+        assert!(!echo.awaits_store(&Key::new("b.iso").unwrap()));
+        // A batch shown before the new admission, and synced after it.
+        assert_eq!(echo.shown_admitted(&keys(&["a.iso"])), None);
+        let recorded = echo.shown_admitted(&keys(&["c.mp3"]));
+        assert_eq!(recorded, Some((path, rules(b""))));
+        assert_eq!(echo.synced_rules(), Some(rules(b"")));
+        assert_eq!(echo.shown_admitted(&HashSet::new()), None, "recorded once");
     }
 
     #[test]

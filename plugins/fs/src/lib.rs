@@ -23,11 +23,17 @@
 //! scan, the watcher and the store. `.convergeignore` itself is *not* synced (each replica
 //! keeps its own, like Syncthing's `.stignore`). Always ignored: the configured `exclude`
 //! paths, the store's temp files (`.converge-tmp-*`) and conflict copies
-//! (`*.sync-conflict-*`). Symlinks are never followed and names that are not UTF-8 are
+//! (`*.sync-conflict-*`). Keys the store passed over while they were ignored are written
+//! from the log once the rules (or the `exclude` paths) no longer exclude them, never taken
+//! for removed: the source compares the rules with those the folder was last in sync with
+//! (recorded in the state dir) at start and whenever it reads them again, and the store
+//! shows what they let in. Symlinks are never followed and names that are not UTF-8 are
 //! skipped; both are reported with a warning. The scan skips symlinks, the store writes
-//! nothing below one, the watcher watches none and the source drops every path with a
-//! symlinked directory between it and the root, and a key below a symlinked directory
-//! counts as gone.
+//! nothing at or below one, the watcher watches none and the source drops every path with
+//! a symlinked directory between it and the root. A key at or below a symlink is then no
+//! longer the folder's, as if ignored: not written, and not taken for removed (a link
+//! here where a peer has a directory of files would otherwise delete them on the peer),
+//! unless the watcher saw what was there go before the link was made in its place.
 //!
 //! ```no_run
 //! use converge_framework::log::{EventLog, LogConfig};
@@ -58,6 +64,7 @@ mod marker;
 mod rules;
 mod scan;
 mod store;
+mod synced;
 mod watch;
 mod watcher;
 

@@ -5,6 +5,7 @@ use std::collections::HashSet;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use converge_api::Key;
 use ignore::gitignore::{Gitignore, GitignoreBuilder};
@@ -19,12 +20,26 @@ pub(crate) struct Rules {
     gitignore: Option<Gitignore>,
     /// The hash of the ignore file's bytes the patterns were read from.
     read_from: Option<blake3::Hash>,
+    /// Those bytes (see [`Rules::text`]).
+    text: Option<Arc<[u8]>>,
 }
 
 impl Rules {
     /// Loads `.convergeignore` from `root` (a missing file means no patterns; a broken
     /// line is reported and skipped). `root` should be canonical.
     pub(crate) fn load(root: &Path, exclude: &[PathBuf]) -> Rules {
+        let file = root.join(IGNORE_FILE);
+        let bytes = read_ignore_file(root).unwrap_or_else(|e| {
+            tracing::warn!("{}: {e}; no ignore rules from it", file.display());
+            None
+        });
+        Rules::parse(root, exclude, bytes.as_deref())
+    }
+
+    /// The rules of the folder at `root` with the ignore file `bytes` (`None`: none) and
+    /// the paths `exclude` (relative ones to `root`): those the folder was once in sync
+    /// with (see [`crate::synced`]), or those read now ([`Rules::load`]).
+    pub(crate) fn parse(root: &Path, exclude: &[PathBuf], bytes: Option<&[u8]>) -> Rules {
         let exclude = exclude
             .iter()
             .map(|p| {
@@ -37,11 +52,7 @@ impl Rules {
             })
             .collect();
         let file = root.join(IGNORE_FILE);
-        let bytes = read_ignore_file(root).unwrap_or_else(|e| {
-            tracing::warn!("{}: {e}; no ignore rules from it", file.display());
-            None
-        });
-        let gitignore = bytes.as_deref().and_then(|bytes| {
+        let gitignore = bytes.and_then(|bytes| {
             let mut builder = GitignoreBuilder::new(root);
             // Line by line, as `GitignoreBuilder::add` reads a file: a broken line is
             // said and skipped.
@@ -74,8 +85,14 @@ impl Rules {
             root: root.to_owned(),
             exclude,
             gitignore,
-            read_from: bytes.as_deref().map(blake3::hash),
+            read_from: bytes.map(blake3::hash),
+            text: bytes.map(Arc::from),
         }
+    }
+
+    /// The ignore file's bytes the rules were read from (`None`: there was none).
+    pub(crate) fn text(&self) -> Option<&[u8]> {
+        self.text.as_deref()
     }
 
     /// The hash of the ignore file's bytes the rules were read from (`None`: there was

@@ -196,9 +196,9 @@ pub(crate) fn examine_file(
     if !unseen && !racy_before && (as_written(env, key, meta) || recorded()) {
         return Ok((None, 0));
     }
-    // A key the store could not show: a state the log knows is what the store could not
-    // replace, not a local change.
-    if env.echo.is_failed(key) && known_state(&env.log, &env.echo, key, path, meta) {
+    // A key the store could not show, or has yet to show since the ignore rules let it
+    // in: a state the log knows is what the store is to replace, not a local change.
+    if env.echo.awaits_store(key) && known_state(&env.log, &env.echo, key, path, meta) {
         return Ok((None, 0));
     }
     // The file read is the one looked at (not one renamed over it since, nor a symlink
@@ -326,16 +326,52 @@ pub(crate) fn examine_dir(
     }
 }
 
-/// Whether `key`, shown by `heads`, is gone from the folder as a local removal: neither a
-/// file nor a directory is at its path (one created after a walk passed by is there, and
-/// the watcher reports it), or only below a symlink (a directory replaced by a link to
-/// one with the same names), and the store does not account for the absence.
-pub(crate) fn gone(env: &Env, key: &Key, heads: &[Head]) -> bool {
+/// How a key came to be asked about its removal ([`gone`]): what a symlink at or above its
+/// path then means.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Absence {
+    /// Found missing by a scan at start, or a directory key (or a key below one) held for
+    /// removal where the watcher saw no directory go. Something the folder does not sync
+    /// at the path (a symlink, a FIFO), or a symlink above it, makes the key no longer the
+    /// folder's, as an ignore rule would: the store writes nothing there, and the key is
+    /// not taken for removed either. Nothing tells a link made in place of what the folder
+    /// showed from one that was always there: `photos` a link here while a peer has a
+    /// directory of photos at that path, which the store refused to write below the link;
+    /// taken for removed, they would be deleted on every replica at each start.
+    Found,
+    /// Seen to go while the source runs: the watcher saw the entry at its path removed or
+    /// moved away (or a directory above it), or a scan while the source runs found it
+    /// missing. A symlink made in its place since (`rm -rf d; ln -s elsewhere d`) does not
+    /// bring it back: what lies through the link is not the folder's.
+    Seen,
+}
+
+/// Whether `key`, shown by `heads`, is gone from the folder as a local removal, judged as
+/// `how` says (see [`Absence`]): neither a file nor a directory is at its path (one created
+/// after a walk passed by is there, and the watcher reports it), and the store does not
+/// account for the absence. `real` holds directories found not to be symlinks (see
+/// [`below_symlink`]), for a caller asking about many keys.
+pub(crate) fn gone(
+    env: &Env,
+    key: &Key,
+    heads: &[Head],
+    how: Absence,
+    real: &mut HashSet<PathBuf>,
+) -> bool {
+    if env.resolver.shown(key, heads).is_none() || env.echo.absence_accounted(key) {
+        return false;
+    }
     let path = env.rules.path_of(key);
-    env.resolver.shown(key, heads).is_some()
-        && !env.echo.absence_accounted(key)
-        && (!std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_file() || m.is_dir())
-            || below_symlink(env.rules.root(), &path, &mut HashSet::new()))
+    match std::fs::symlink_metadata(&path) {
+        // There, unless through a symlink that replaced a directory above it (seen to go,
+        // that directory took the key with it).
+        Ok(m) if m.is_file() || m.is_dir() => {
+            how == Absence::Seen && below_symlink(env.rules.root(), &path, real)
+        }
+        // A symlink or a special file at the path.
+        Ok(_) => how == Absence::Seen,
+        Err(_) => how == Absence::Seen || !below_symlink(env.rules.root(), &path, real),
+    }
 }
 
 /// When the entry at `key` was removed, as far as the disk tells: the ctime of its nearest
@@ -599,7 +635,10 @@ pub(crate) async fn emit(
 const UNSHOWN_READ: usize = 4096;
 
 /// Scans the whole folder (`under` = `None`) or the subtree of one directory key, emits
-/// what changed and, for a full scan with `report`, reports progress.
+/// what changed and, for a full scan with `report`, reports progress. The keys it finds
+/// removed are handed back in `hold`, to be held and checked again before they are
+/// recorded (every scan while the source runs: see `REMOVALS_QUIET` in `watch.rs`), or
+/// without one recorded at once, once the folder marker is checked (the start-up scan).
 pub(crate) async fn scan(
     ctx: &SourceContext,
     env: &Arc<Env>,
@@ -736,7 +775,8 @@ pub(crate) async fn scan(
 
 /// The keys of `projection` a scan that found `seen` (and could not read below `failed`)
 /// finds removed, children before their directory, each with when it was removed (see
-/// [`removed_at_ms`]). Blocks.
+/// [`removed_at_ms`]). As keys the ignore rules exclude, keys at or below a symlink are
+/// not the folder's, and never found removed ([`Absence::Found`]). Blocks.
 fn removed(
     env: &Env,
     projection: &Projection,
@@ -744,6 +784,7 @@ fn removed(
     failed: &[String],
 ) -> Result<Vec<(Key, Option<u64>)>, FsError> {
     let mut out = Vec::new();
+    let mut real = HashSet::new();
     for entry in projection.states(&env.log) {
         let (key, heads) = entry?;
         let k = key.as_str();
@@ -756,7 +797,7 @@ fn removed(
         }
         let is_dir = heads.iter().any(|h| head_kind(h) == Some(EntryKind::Dir));
         if env.rules.ignores(&env.rules.path_of(&key), is_dir, true)
-            || !gone(env, &key, &heads)
+            || !gone(env, &key, &heads, Absence::Found, &mut real)
             || !projection.shows(&env.log, &heads)
         {
             continue;
@@ -773,8 +814,9 @@ fn removed(
 /// the ones deleted while it runs, see `merge_for_deleted_copy`): for a conflicted key
 /// whose file is there and unchanged (`seen`, not `changed`) and a copy of which is
 /// missing, the winner's operation recorded again, which names every head and so keeps
-/// what the key shows. Only for conflicts the folder's store has applied in full, so that
-/// a copy not written yet is not taken for one deleted.
+/// what the key shows. Only for conflicts the folder's store has applied in full, and not
+/// for a key it has yet to show ([`Echo::awaits_store`]), so that a copy not written yet is
+/// not taken for one deleted.
 fn merges_for_deleted_copies(
     env: &Env,
     projection: &Projection,
@@ -791,7 +833,7 @@ fn merges_for_deleted_copies(
         if heads.len() < 2 {
             continue;
         }
-        if !seen.contains(&key) || changed.contains(&key) || env.echo.is_failed(&key) {
+        if !seen.contains(&key) || changed.contains(&key) || env.echo.awaits_store(&key) {
             continue;
         }
         let mut applied = true;

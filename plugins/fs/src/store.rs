@@ -87,6 +87,13 @@
 //! ([`FsError::NotEmpty`]) and is retried, so it is written once the keys below are
 //! deleted, in whatever batch their deletes come.
 //!
+//! Keys a change of the ignore rules let in after the store passed over their events
+//! ([`Echo::admitted`], see [`crate::synced`]) are shown with every batch until a synced
+//! batch has shown them, and by [`Store::retry`], which the engine calls as soon as some
+//! come ([`Store::more_to_show`]); they count as keys to show ([`Store::to_show`]), not as
+//! failed. Once none is left, the store records the rules in effect as those the folder is
+//! in sync with.
+//!
 //! A conflict copy whose conflict a merge ended ([`KeyView::merged_copies`]: a copy
 //! deleted by hand on some replica, see [`crate::scan`]) is removed here too, unless it
 //! was changed since ([`Writer::remove_copy`]).
@@ -120,6 +127,18 @@ use crate::{FsConfig, CONFLICT_MARKER, TEMP_PREFIX};
 
 static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
+/// Locks `mutex`; a panic while it was held leaves a set that is still valid.
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Takes what `mutex` holds, leaving it empty.
+fn take<T: Default>(mutex: &std::sync::Mutex<T>) -> T {
+    std::mem::take(&mut *lock(mutex))
+}
+
 /// The store of one folder (or of a mirror): applies key views atomically per file and
 /// durably per batch, or per run of batches shown before one sync (see [`Store::show`]).
 #[derive(Debug)]
@@ -139,6 +158,10 @@ pub struct FsStore {
     /// (and its state file) only once that sync succeeds, as the cursor is past their
     /// events and nothing else would write them again.
     recovered: std::sync::Mutex<BTreeMap<Key, KeyView>>,
+    /// Keys a change of the ignore rules let in ([`Echo::admitted`]) that a batch shown
+    /// since the last sync showed: they are shown once that sync succeeds (see
+    /// [`crate::synced`]), and are not shown again by the batches before it.
+    admitted_shown: std::sync::Mutex<HashSet<Key>>,
     /// What makes batches durable, and what is known not to be yet.
     durability: Arc<Durability>,
 }
@@ -313,6 +336,7 @@ impl FsStore {
             failed: tokio::sync::Mutex::new(BTreeMap::new()),
             failed_count: AtomicUsize::new(0),
             recovered: std::sync::Mutex::new(BTreeMap::new()),
+            admitted_shown: std::sync::Mutex::new(HashSet::new()),
             durability: Arc::default(),
         }
     }
@@ -401,6 +425,26 @@ impl FsStore {
         self.echo.set_failed(failed.keys().cloned().collect());
     }
 
+    /// After a sync: the admitted keys a batch it covered showed (`shown`) are shown. Once
+    /// no admitted key is left, the rules in effect are those the folder is in sync with:
+    /// recorded in the state dir, if there is one (see [`crate::synced`]).
+    async fn settle_admitted(&self, shown: HashSet<Key>) {
+        if !self.guarded {
+            return;
+        }
+        let Some((Some(path), rules)) = self.echo.shown_admitted(&shown) else {
+            return;
+        };
+        let saved = tokio::task::spawn_blocking(move || crate::synced::save(&path, &rules))
+            .await
+            .map_err(FsError::from)
+            .and_then(|r| r);
+        if let Err(e) = saved {
+            // Harmless: the next start lets the same keys in again, and finds them shown.
+            tracing::warn!(store = %self.name, "recording the ignore rules in sync: {e}");
+        }
+    }
+
     /// Saves the views of `failed` and `recovered` (see [`FsStore::recovered`]) in the
     /// state file, if the store has a state dir.
     async fn save_failed(
@@ -444,6 +488,11 @@ impl Store for FsStore {
                 .map_err(FsError::from)
                 .and_then(|r| r)
                 .map_err(|e| e.into_plugin(&self.name));
+        // Not durable: the admitted keys are shown again by the next batch.
+        let admitted = take(&self.admitted_shown);
+        if synced.is_ok() {
+            self.settle_admitted(admitted).await;
+        }
         let recovered = self.take_recovered();
         if recovered.is_empty() {
             return synced;
@@ -465,6 +514,25 @@ impl Store for FsStore {
         // One batch at a time, with the keys that failed before (a later view of a key
         // replaces the one that failed).
         let mut failed = self.failed.lock().await;
+        // And the keys the ignore rules let in lately, which no batch since the last sync
+        // showed (one with an event in this batch comes with it, a failed one with those).
+        let admitted: Vec<Key> = match self.guarded {
+            true => self.echo.admitted(),
+            false => Vec::new(),
+        };
+        let to_admit: Vec<Key> = if admitted.is_empty() {
+            Vec::new()
+        } else {
+            let shown = lock(&self.admitted_shown);
+            let in_batch: HashSet<&Key> = views.iter().map(|v| &v.key).collect();
+            admitted
+                .iter()
+                .filter(|k| {
+                    !shown.contains(*k) && !failed.contains_key(*k) && !in_batch.contains(k)
+                })
+                .cloned()
+                .collect()
+        };
         // (Named only when some key failed or recovered: it costs a copy of every key.)
         let recovering = !failed.is_empty() || self.recovered.lock().is_ok_and(|r| !r.is_empty());
         let fresh: HashSet<Key> = match recovering {
@@ -483,7 +551,16 @@ impl Store for FsStore {
         let (name, guarded) = (self.name.clone(), self.guarded);
         let (durability, unsynced_file) = (self.durability.clone(), self.unsynced_file());
         let (batch, failures) = tokio::task::spawn_blocking(move || {
-            let failures = apply_blocking(&config, echo, ctx, guarded, &name, &durability, &batch);
+            let mut batch = batch;
+            let viewed: Result<Vec<KeyView>, LogError> =
+                to_admit.iter().map(|key| ctx.view(key)).collect();
+            let failures = match viewed {
+                Ok(viewed) => {
+                    batch.extend(viewed);
+                    apply_blocking(&config, echo, ctx, guarded, &name, &durability, &batch)
+                }
+                Err(e) => Err(FsError::from(e)),
+            };
             if failures.is_err() {
                 // The engine shows these events again from the cursor: the next sync is
                 // that of the batch showing them again, on a descriptor opened before it.
@@ -498,11 +575,15 @@ impl Store for FsStore {
             Ok(failures) => failures,
             Err(e) => {
                 // The batches shown since the last sync are dropped: what they recovered
-                // is tried again.
+                // is tried again, and what they showed of the admitted keys shown again.
                 self.restore(&mut failed, self.take_recovered());
+                take(&self.admitted_shown);
                 return Err(e.into_plugin(&self.name));
             }
         };
+        // Every admitted key went into this batch or an earlier one since the last sync
+        // (a failed one is in `failed` from now on, and tried again from there).
+        lock(&self.admitted_shown).extend(admitted);
 
         for (key, e) in &failures {
             if failed.contains_key(key) {
@@ -563,6 +644,20 @@ impl Store for FsStore {
         self.failed_count.load(Ordering::Relaxed)
     }
 
+    fn to_show(&self) -> usize {
+        match self.guarded {
+            true => self.echo.admitted_count(),
+            false => 0,
+        }
+    }
+
+    async fn more_to_show(&self) {
+        match self.guarded {
+            true => self.echo.admitted_changed().await,
+            false => std::future::pending().await,
+        }
+    }
+
     async fn retry(&self, ctx: &StoreContext) -> Result<(), PluginError> {
         self.apply(ctx, Vec::new()).await
     }
@@ -616,8 +711,6 @@ impl Store for FsStore {
     }
 }
 
-/// Writes `items` (the views that failed, or the keys not synced: `what`) to `path`,
-/// replacing it atomically, durably; removes it when there are none.
 /// The file that keeps the keys written and not synced of the store `name` (see
 /// [`FsStore::unsynced_file`]), if it has a state dir.
 fn unsynced_path(config: &FsConfig, name: &str) -> Option<PathBuf> {
@@ -638,7 +731,13 @@ fn boot_time_ms() -> Option<u64> {
     secs.checked_mul(1000)
 }
 
-fn save_state<T: serde::Serialize>(path: &Path, what: &str, items: &[T]) -> Result<(), FsError> {
+/// Writes `items` (the views that failed, the keys not synced, the ignore rules in sync:
+/// `what`) to `path`, replacing it atomically, durably; removes it when there are none.
+pub(crate) fn save_state<T: serde::Serialize>(
+    path: &Path,
+    what: &str,
+    items: &[T],
+) -> Result<(), FsError> {
     if items.is_empty() {
         return remove_file(path);
     }
@@ -662,7 +761,10 @@ fn save_state<T: serde::Serialize>(path: &Path, what: &str, items: &[T]) -> Resu
 }
 
 /// The items [`save_state`] wrote to `path`; none if there is no such file.
-fn load_state<T: serde::de::DeserializeOwned>(path: &Path, what: &str) -> Result<Vec<T>, FsError> {
+pub(crate) fn load_state<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    what: &str,
+) -> Result<Vec<T>, FsError> {
     match std::fs::read(path) {
         Ok(bytes) => converge_api::codec::decode(&bytes).map_err(|e| FsError::Content {
             path: path.to_owned(),

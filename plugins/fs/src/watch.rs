@@ -17,7 +17,10 @@
 //! (ten at most) and checked again then, the folder marker included ([`REMOVALS_QUIET`]):
 //! the directory may be the store's own, made for a peer's file while the user's `rm -rf`
 //! of the whole folder is under way, and recording them at once would delete the
-//! folder's contents on every replica.
+//! folder's contents on every replica. The same goes for the removals a rescan finds
+//! (below): one asked for by the watcher's overflowed queue, during an `rm -rf` of the
+//! whole folder, walks a half-deleted tree whose marker may not be removed yet. Only the
+//! start-up scan records the removals it finds at once.
 //!
 //! The store's new files are taken for echoes on the watcher's own thread
 //! ([`is_own_file`]), before they join a batch. The handler holds the source's state
@@ -40,7 +43,10 @@
 //! watcher, waits for its watches to go, and starts a fresh one with the new rules before
 //! the rescan that follows, reading the rules again if the file changed meanwhile
 //! ([`FsSource::rules_and_watcher`]): a directory no longer ignored is watched from then
-//! on, and a watcher that failed at the limit gets its chance again.
+//! on, and a watcher that failed at the limit gets its chance again. What the new rules
+//! include and those the folder was last in sync with excluded is then admitted, for the
+//! store to write, before the rescan could read its absence as removals (see
+//! [`crate::synced`]; the same at start, before the first scan).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::os::unix::fs::MetadataExt;
@@ -64,9 +70,10 @@ use crate::error::FsError;
 use crate::marker;
 use crate::rules::{below_symlink, ignore_file_hash, Rules};
 use crate::scan::{
-    emit, examine_file, gone, is_echo, merge_for_deleted_copy, removed_at_ms, scan, Env, Looked,
-    Projection, Resolver,
+    emit, examine_file, gone, is_echo, merge_for_deleted_copy, removed_at_ms, scan, Absence, Env,
+    Looked, Projection, Resolver,
 };
+use crate::synced;
 use crate::watcher::{self, FolderWatcher, Skip, WatchResult};
 use crate::{FsConfig, CONFLICT_MARKER, EMIT_BATCH, IGNORE_FILE, TEMP_PREFIX};
 
@@ -155,6 +162,13 @@ impl FsSource {
             });
         }
         Ok(env)
+    }
+
+    /// Admits the keys the rules of `env` let in since the folder was last in sync with its
+    /// rules (see [`crate::synced`]): called before a scan with them reads the folder.
+    async fn admit(&self, env: &Arc<Env>) -> Result<(), FsError> {
+        let (env, config) = (env.clone(), self.config.clone());
+        tokio::task::spawn_blocking(move || synced::admit(&env, &config)).await?
     }
 
     /// Loads the ignore rules and starts watching with them (after stopping `old`), until
@@ -271,6 +285,9 @@ impl FsSource {
         let (mut env, mut watcher) = self
             .rules_and_watcher(&ctx, &root, &queue, &mut rx, None)
             .await?;
+        // Rules changed while the daemon was stopped: what they let in is the store's to
+        // write, not a removal for the scan to find.
+        self.admit(&env).await?;
 
         scan(&ctx, &env, None, true, None).await?;
         tracing::debug!("initial scan of {} done", root.display());
@@ -278,10 +295,8 @@ impl FsSource {
         // it, a file edited while the daemon was stopped could be overwritten unrecorded.
         ctx.initial_scan_done();
 
-        // Keys found removed, held (see `REMOVALS_QUIET`): since when, and the last.
-        let mut held: BTreeMap<Key, Option<u64>> = BTreeMap::new();
-        let mut held_since: Option<tokio::time::Instant> = None;
-        let mut last_removal = tokio::time::Instant::now();
+        // Keys found removed, held (see `REMOVALS_QUIET`).
+        let mut held = Held::default();
         // Whether the watcher still sees every change: not once it reported an error
         // (a directory it could not watch, the kernel's limit of watches).
         let mut watching = watcher.is_some();
@@ -292,8 +307,7 @@ impl FsSource {
         let mut last_batch = tokio::time::Instant::now();
         loop {
             let mut batch = Batch::default();
-            let release_at = held_since
-                .map(|since| (last_removal + REMOVALS_QUIET).min(since + REMOVALS_HELD_AT_MOST));
+            let release_at = held.release_at();
             let far = tokio::time::Instant::now() + rescan_interval;
             let release = tokio::select! {
                 _ = ctx.shutdown() => return Ok(()),
@@ -321,9 +335,9 @@ impl FsSource {
                 },
             };
             if release {
-                held_since = None;
-                let (env2, held) = (env.clone(), std::mem::take(&mut held));
-                let deletes = tokio::task::spawn_blocking(move || removals(&env2, &held)).await??;
+                let (env2, taken) = (env.clone(), held.take());
+                let deletes =
+                    tokio::task::spawn_blocking(move || removals(&env2, &taken)).await??;
                 for chunk in deletes.chunks(EMIT_BATCH) {
                     emit(&ctx, &env.echo, chunk.to_vec()).await?;
                 }
@@ -363,6 +377,7 @@ impl FsSource {
                 renamed_in,
                 created,
                 removed_dirs,
+                dirs_moved,
                 left,
                 mut rescan,
                 ..
@@ -389,6 +404,7 @@ impl FsSource {
                     .rules_and_watcher(&ctx, &root, &queue, &mut rx, watcher.take())
                     .await?;
                 watching = watcher.is_some();
+                self.admit(&env).await?;
             }
             if rescan {
                 // The folder itself gone (removed, unmounted, moved away): nothing to scan
@@ -419,7 +435,12 @@ impl FsSource {
                     }
                     Err(e) => return Err(FsError::io("reading the folder", &root)(e)),
                 }
-                scan(&ctx, &env, None, false, None).await?;
+                // Its removals are held as the watcher's are: a rescan may walk a folder
+                // half way through an `rm -rf` of the whole of it, the marker not yet
+                // removed (a watcher's overflowed queue asks for one then).
+                let mut removed = Vec::new();
+                scan(&ctx, &env, None, false, Some(&mut removed)).await?;
+                held.hold(found(removed));
                 next_rescan = tokio::time::Instant::now() + rescan_interval;
                 continue;
             }
@@ -433,7 +454,8 @@ impl FsSource {
                         removed_dirs.contains(*path)
                             || left.contains(*path)
                             || env.rules.key_of(path).is_ok_and(|key| {
-                                held.range(key.clone()..)
+                                held.keys
+                                    .range(key.clone()..)
                                     .take_while(|(k, _)| k.as_str().starts_with(key.as_str()))
                                     .any(|(k, _)| k == &key || k.is_under(&key))
                             })
@@ -441,7 +463,10 @@ impl FsSource {
                     .cloned()
                     .collect();
                 let arrived: HashSet<PathBuf> = renamed_in.into_iter().chain(remade).collect();
-                tokio::task::spawn_blocking(move || plan(&env, paths, &arrived)).await??
+                let dirs_left: HashSet<PathBuf> =
+                    removed_dirs.into_iter().chain(dirs_moved).collect();
+                tokio::task::spawn_blocking(move || plan(&env, paths, &arrived, &dirs_left))
+                    .await??
             };
             for chunk in plan.changes.chunks(EMIT_BATCH) {
                 emit(&ctx, &env.echo, chunk.to_vec()).await?;
@@ -449,26 +474,100 @@ impl FsSource {
             // The removals the watcher saw, and those a subtree's scan finds, are held: a
             // directory made where one was removed may be the store's own for a peer's
             // file while the user's `rm -rf` of the whole folder is under way.
-            let mut removed = plan.removed;
+            held.hold(plan.removed);
+            let mut removed = Vec::new();
             for key in plan.subtrees {
                 scan(&ctx, &env, Some(key), false, Some(&mut removed)).await?;
             }
-            let mut added = false;
-            for (key, removed_at) in removed {
-                // Seen first is closest to when it happened.
-                if let std::collections::btree_map::Entry::Vacant(entry) = held.entry(key) {
-                    entry.insert(removed_at);
-                    added = true;
-                }
-            }
-            // Only new removals put the release off: a directory the store makes again
-            // below a held one is scanned each time, and finds the same ones.
-            if added {
-                last_removal = tokio::time::Instant::now();
-                held_since.get_or_insert(last_removal);
-            }
+            held.hold(found(removed));
         }
     }
+}
+
+/// Removals found and not recorded yet (see [`REMOVALS_QUIET`]): the watcher's, and those
+/// a scan finds while the source runs (a subtree's, or a rescan's).
+#[derive(Default)]
+struct Held {
+    keys: BTreeMap<Key, Removal>,
+    /// When the first of them was found and when the last new one was (`None` while none
+    /// is held).
+    found: Option<(tokio::time::Instant, tokio::time::Instant)>,
+}
+
+impl Held {
+    /// Holds `removed`. A key held already keeps its time (seen first is closest to when
+    /// it happened). Only new keys put the release off: a directory the store makes again
+    /// below a held one is scanned each time, and finds the same ones, and so does every
+    /// rescan of an unwatched folder.
+    fn hold(&mut self, removed: impl IntoIterator<Item = (Key, Removal)>) {
+        let mut added = false;
+        for (key, removal) in removed {
+            match self.keys.entry(key) {
+                std::collections::btree_map::Entry::Vacant(entry) => {
+                    entry.insert(removal);
+                    added = true;
+                }
+                std::collections::btree_map::Entry::Occupied(mut entry) => {
+                    entry.get_mut().dir_left |= removal.dir_left;
+                }
+            }
+        }
+        if added {
+            let now = tokio::time::Instant::now();
+            let first = self.found.map_or(now, |(first, _)| first);
+            self.found = Some((first, now));
+        }
+    }
+
+    /// When the held removals are to be checked again and recorded: once none has come
+    /// for [`REMOVALS_QUIET`], or [`REMOVALS_HELD_AT_MOST`] after the first; `None` while
+    /// none is held.
+    fn release_at(&self) -> Option<tokio::time::Instant> {
+        self.found
+            .map(|(first, last)| (last + REMOVALS_QUIET).min(first + REMOVALS_HELD_AT_MOST))
+    }
+
+    /// Takes every removal held, for [`removals`] to check and record.
+    fn take(&mut self) -> BTreeMap<Key, Removal> {
+        self.found = None;
+        std::mem::take(&mut self.keys)
+    }
+}
+
+/// One removal held: when it was made (see [`removed_at_ms`]), and whether a directory was
+/// seen to leave the key's path (removed, or moved away).
+#[derive(Clone, Copy, Debug)]
+struct Removal {
+    at: Option<u64>,
+    dir_left: bool,
+}
+
+impl Removal {
+    /// How the removal of its key, a directory key if `dir`, or of a key below it, is
+    /// judged (see [`Absence`]): as seen to go, but for a directory key where no directory
+    /// was seen to leave the path. A directory that left took the keys below it along,
+    /// even where a symlink made in its place shows their names again (`rm -rf d; ln -s
+    /// elsewhere d`); a symlink replaced by another one, where the log shows a peer's
+    /// directory the store never wrote below the link, takes nothing, as a scan judges.
+    /// (A file key whose path is a symlink now counts as removed: the watcher cannot tell
+    /// a symlink's removal from a file's, but it does tell a directory's.)
+    fn absence(&self, dir: bool) -> Absence {
+        match dir && !self.dir_left {
+            true => Absence::Found,
+            false => Absence::Seen,
+        }
+    }
+}
+
+/// The removals a scan found, to hold: no directory was seen to go.
+fn found(removed: Vec<(Key, Option<u64>)>) -> impl Iterator<Item = (Key, Removal)> {
+    removed.into_iter().map(|(key, at)| {
+        let removal = Removal {
+            at,
+            dir_left: false,
+        };
+        (key, removal)
+    })
 }
 
 /// The watcher's way to the source: a channel of at most [`EVENTS_QUEUED`] results, and
@@ -533,6 +632,9 @@ struct Batch {
     created: HashSet<PathBuf>,
     /// Paths a directory was removed from.
     removed_dirs: HashSet<PathBuf>,
+    /// Paths a directory moved away from (told on Linux only; see
+    /// [`watcher::moved_dir_away`]).
+    dirs_moved: HashSet<PathBuf>,
     /// Paths something moved away from.
     left: HashSet<PathBuf>,
     /// The watcher lost events (its queue overflowed, or it reported an error).
@@ -567,6 +669,7 @@ impl Batch {
             }
             Ok(event) => event,
         };
+        let dir_moved = watcher::moved_dir_away(&event);
         if event.need_rescan() {
             if !self.rescan {
                 tracing::info!(
@@ -592,6 +695,9 @@ impl Batch {
             // there in the same batch has contents of its own, and the old one's keys
             // are gone (`mv d d2; mkdir d`).
             EventKind::Modify(ModifyKind::Name(RenameMode::From)) => {
+                if dir_moved {
+                    self.dirs_moved.extend(paths.iter().cloned());
+                }
                 self.left.extend(paths.iter().cloned())
             }
             EventKind::Modify(ModifyKind::Name(RenameMode::To)) => {
@@ -662,8 +768,8 @@ struct Plan {
     changes: Vec<LocalChange>,
     /// New directories to scan whole (their contents produced no events of their own).
     subtrees: Vec<Key>,
-    /// Keys found removed, not recorded yet, and when (see `removed_at_ms`): to hold.
-    removed: Vec<(Key, Option<u64>)>,
+    /// Keys found removed, not recorded yet: to hold.
+    removed: Vec<(Key, Removal)>,
 }
 
 /// Classifies each changed path (blocking: stats, hashes, reads heads). Removals are not
@@ -682,7 +788,12 @@ fn shows_heads(env: &Env, projection: &mut Option<Projection>, key: &Key) -> Res
     Ok(projection.shows(&env.log, &env.log.heads(key)?))
 }
 
-fn plan(env: &Env, paths: BTreeSet<PathBuf>, arrived: &HashSet<PathBuf>) -> Result<Plan, FsError> {
+fn plan(
+    env: &Env,
+    paths: BTreeSet<PathBuf>,
+    arrived: &HashSet<PathBuf>,
+    dirs_left: &HashSet<PathBuf>,
+) -> Result<Plan, FsError> {
     let mut puts = Vec::new();
     let mut subtrees = Vec::new();
     let mut removed = Vec::new();
@@ -784,8 +895,11 @@ fn plan(env: &Env, paths: BTreeSet<PathBuf>, arrived: &HashSet<PathBuf>) -> Resu
                 if env.echo.absence_accounted(&key) {
                     continue;
                 }
-                let removed_at = removed_at_ms(&env.rules, &key);
-                removed.push((key, removed_at));
+                let removal = Removal {
+                    at: removed_at_ms(&env.rules, &key),
+                    dir_left: dirs_left.contains(&path),
+                };
+                removed.push((key, removal));
             }
         }
     }
@@ -837,38 +951,42 @@ async fn ignore_stamp(root: &Path) -> Option<blake3::Hash> {
 /// directory. Below a held directory, every such key counts, even if the directory came
 /// back meanwhile (the store recreates one for a peer's file in it, and nothing else).
 /// Each is stamped as of when its removal was seen (a key below a directory, as of the
-/// directory's). Fails, recording nothing, if the folder has lost its marker.
-fn removals(env: &Env, held: &BTreeMap<Key, Option<u64>>) -> Result<Vec<LocalChange>, FsError> {
+/// directory's). Where a symlink is at or above its path now, what counts is what was
+/// seen to go ([`Removal::absence`]). Fails, recording nothing, if the folder has lost its
+/// marker.
+fn removals(env: &Env, held: &BTreeMap<Key, Removal>) -> Result<Vec<LocalChange>, FsError> {
     // A key with a head the store has not applied (a peer's newer version, or a key new
     // from a peer) is not the user's to remove: what the folder lacks there it has not been
     // shown yet, as a scan judges (see `Projection::shows`).
     // Read before the heads below, as `Projection::shows` asks.
     let projection = Projection::unshown(&env.log, &env.echo)?;
     let mut deletes = Vec::new();
-    let mut consider = |key: &Key, heads: &[converge_api::Head], removed_at: Option<u64>| {
-        if gone(env, key, heads) && projection.shows(&env.log, heads) {
+    let mut real = HashSet::new();
+    let mut consider = |key: &Key, heads: &[converge_api::Head], how, removed_at| {
+        if gone(env, key, heads, how, &mut real) && projection.shows(&env.log, heads) {
             deletes.push(LocalChange::new(key.clone(), Op::Delete).made_at(removed_at));
         }
     };
     let mut dirs = HashMap::new();
-    for (key, removed_at) in held {
+    for (key, removal) in held {
         let heads = env.log.heads(key)?;
-        if heads
+        let dir = heads
             .iter()
-            .any(|h| matches!(&h.op, Op::Put { meta, .. } if meta.kind == EntryKind::Dir))
-        {
-            dirs.insert(key.clone(), *removed_at);
+            .any(|h| matches!(&h.op, Op::Put { meta, .. } if meta.kind == EntryKind::Dir));
+        if dir {
+            dirs.insert(key.clone(), *removal);
         }
-        consider(key, &heads, *removed_at);
+        consider(key, &heads, removal.absence(dir), removal.at);
     }
-    for (dir, removed_at) in &dirs {
+    for (dir, removal) in &dirs {
+        let how = removal.absence(true);
         for entry in env.log.states_below(dir) {
             let (key, state) = entry?;
             // Each key once, as of the removal of the nearest held directory above it.
             let nearest =
                 std::iter::successors(key.parent(), Key::parent).find(|k| dirs.contains_key(k));
             if !held.contains_key(&key) && nearest.as_ref() == Some(dir) {
-                consider(&key, &state.heads, *removed_at);
+                consider(&key, &state.heads, how, removal.at);
             }
         }
     }

@@ -32,8 +32,23 @@
 
 use std::path::Path;
 
+use notify::event::{ModifyKind, RenameMode};
+use notify::EventKind;
+
 /// What the watcher hands on: one event, or an error after which it may miss changes.
 pub(crate) type WatchResult = notify::Result<notify::Event>;
+
+/// The info the watcher gives the event of a directory moved away (see
+/// [`moved_dir_away`]).
+const DIRECTORY: &str = "directory";
+
+/// Whether `event` says a directory moved away from its path. Told on Linux alone, where
+/// inotify says whether what moved is a directory; elsewhere a move does not say what
+/// moved, and this is never so. (A removal says it: `RemoveKind::Folder`.)
+pub(crate) fn moved_dir_away(event: &notify::Event) -> bool {
+    event.kind == EventKind::Modify(ModifyKind::Name(RenameMode::From))
+        && event.info() == Some(DIRECTORY)
+}
 
 /// Whether a directory below the root (given by its path) is left unwatched, with
 /// everything below it: the ignore rules' answer.
@@ -605,7 +620,14 @@ mod imp {
                     );
                 }
             }
-            out.push(Ok(Event::new(kind).add_path(path)));
+            let event = Event::new(kind).add_path(path);
+            // What moved away was a directory: the keys below it went with it, even where
+            // a symlink made in its place shows their names (see `moved_dir_away`).
+            let event = match is_dir && mask.contains(EventMask::MOVED_FROM) {
+                true => event.set_info(super::DIRECTORY),
+                false => event,
+            };
+            out.push(Ok(event));
         }
 
         /// Events were lost, directories made, moved or removed meanwhile among them:

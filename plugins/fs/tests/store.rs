@@ -998,3 +998,111 @@ async fn a_file_saved_while_the_store_writes_over_it_is_kept() {
         "a temp file was left behind"
     );
 }
+
+/// A peer's directory of files, and a peer's file, where this replica has symlinks
+/// (`photos` a link to a disk of its own, say): the store writes nothing at or below the
+/// links, and the next scan (each start scans) takes none of them for removed, which
+/// would delete them on the peer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peers_files_where_this_replica_has_symlinks_are_not_removed_by_a_scan() {
+    let (dir, outside) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let root = dir.path();
+    write(outside.path(), "own/mine.jpg", b"this replica's own");
+    write(outside.path(), "notes.txt", b"this replica's notes");
+    std::os::unix::fs::symlink(outside.path().join("own"), root.join("photos")).unwrap();
+    std::os::unix::fs::symlink(outside.path().join("notes.txt"), root.join("notes.txt")).unwrap();
+    let log = common::log();
+    let (source, store) = folder(FsConfig::new(root));
+    store.start(&StoreContext::new(log.clone())).await.unwrap();
+    scan_once(&source, &log).await;
+    assert_eq!(log.len(), 0);
+    common::peers_directory(&log, "photos", &["a.jpg", "b.jpg"]).await;
+    let notes = remote_put(&log, 4, "notes.txt", b"the peer's notes", 1, vec![]);
+    log.append(vec![notes]).await.unwrap();
+    apply(&store, &log, views(&log)).await;
+    log.set_cursor("folder", log.len()).await.unwrap();
+    assert!(
+        !outside.path().join("own/a.jpg").exists(),
+        "written below the link"
+    );
+    assert_eq!(
+        std::fs::read(outside.path().join("notes.txt")).unwrap(),
+        b"this replica's notes"
+    );
+    let len = log.len();
+
+    scan_once(&source, &log).await;
+    assert_eq!(common::deletes_since(&log, len), Vec::<String>::new());
+    assert_eq!(log.len(), len);
+}
+
+/// Peer's files kept out here by `.convergeignore` (`x.iso`, and `y.iso`, whose older
+/// version is still here) and by the configured `exclude` paths (`big/`), once both are
+/// taken out while the daemon is stopped: the start-up scan takes none of them for
+/// removed, nor the older version for an edit (either would undo the peer's version on
+/// every replica), the store writes them from the log, and only once that is synced are
+/// the new rules recorded as those the folder is in sync with (a restart before that lets
+/// them in again; one after, nothing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_files_no_longer_ignored_after_a_restart_are_written_not_removed() {
+    let (dir, state) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let root = dir.path();
+    write(root, ".convergeignore", b"*.iso\n");
+    write(root, "y.iso", b"version 1");
+    let log = common::log();
+    let state_dir = state.path().to_owned();
+    let start = |config: FsConfig| {
+        let (log, state_dir) = (log.clone(), state_dir.clone());
+        async move {
+            let (source, store) = folder(config.state_dir(state_dir));
+            store.start(&StoreContext::new(log.clone())).await.unwrap();
+            scan_once(&source, &log).await;
+            store
+        }
+    };
+    let store = start(FsConfig::new(root).exclude("big")).await;
+    // Done by the engine's retry at start: the rules in effect recorded as in sync.
+    apply(&store, &log, Vec::new()).await;
+    assert!(state.path().join("folder.rules").is_file());
+    let iso = remote_put(&log, 1, "x.iso", b"the peer's image", 1, vec![]);
+    let big = common::remote_dir(2, "big", 1);
+    let data = remote_put(&log, 3, "big/data.bin", b"the peer's data", 1, vec![]);
+    let y1 = remote_put(&log, 4, "y.iso", b"version 1", 1, vec![]);
+    let y2 = remote_put(&log, 5, "y.iso", b"version 2, newer", 2, vec![y1.id]);
+    log.append(vec![iso, big, data, y1, y2]).await.unwrap();
+    apply(&store, &log, views(&log)).await;
+    log.set_cursor("folder", log.len()).await.unwrap();
+    assert_eq!(
+        tree(root).keys().collect::<Vec<_>>(),
+        [".convergeignore", "y.iso"]
+    );
+    let len = log.len();
+
+    // Stopped; the pattern and the exclude taken out; started twice before the store
+    // gets to write.
+    write(root, ".convergeignore", b"");
+    for _ in 0..2 {
+        let store = start(FsConfig::new(root)).await;
+        assert_eq!(log.len(), len, "recorded: {:#?}", shown(&log));
+        assert_eq!(store.to_show(), 4);
+    }
+    let store = start(FsConfig::new(root)).await;
+    apply(&store, &log, Vec::new()).await;
+    assert_eq!(store.to_show(), 0);
+    assert_eq!(
+        std::fs::read(root.join("x.iso")).unwrap(),
+        b"the peer's image"
+    );
+    assert_eq!(
+        std::fs::read(root.join("big/data.bin")).unwrap(),
+        b"the peer's data"
+    );
+    assert_eq!(
+        std::fs::read(root.join("y.iso")).unwrap(),
+        b"version 2, newer"
+    );
+
+    let store = start(FsConfig::new(root)).await;
+    assert_eq!(store.to_show(), 0, "the new rules were not recorded");
+    assert_eq!(log.len(), len, "{:#?}", shown(&log));
+}

@@ -170,6 +170,74 @@ async fn changes_below_a_symlinked_directory_are_not_events() {
     running.stop().await;
 }
 
+/// A directory removed (`rm -rf`) or moved away, and a symlink made in its place at once
+/// (to a directory holding the same names), while the folder is watched: the watcher saw
+/// the directory go, and its keys went with it, though the link shows their names again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_directory_replaced_by_a_symlink_while_watched_is_removed_with_its_contents() {
+    let (dir, outside) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let root = dir.path().to_owned();
+    write(&root, "removed/f.txt", b"f");
+    write(&root, "moved/g.txt", b"g");
+    write(&root, "kept.txt", b"kept");
+    write(outside.path(), "same/f.txt", b"f");
+    write(outside.path(), "same/g.txt", b"g");
+    let log = common::log();
+    let running = Running::start(FsSource::new(FsConfig::new(&root)), &log).await;
+
+    std::fs::remove_dir_all(root.join("removed")).unwrap();
+    std::os::unix::fs::symlink(outside.path().join("same"), root.join("removed")).unwrap();
+    std::fs::rename(root.join("moved"), outside.path().join("moved")).unwrap();
+    std::os::unix::fs::symlink(outside.path().join("same"), root.join("moved")).unwrap();
+    wait_until(&log, "the removals", |s| {
+        s.keys().collect::<Vec<_>>() == ["kept.txt"]
+    })
+    .await;
+
+    running.stop().await;
+}
+
+/// A symlink where the log shows a peer's directory of files (the store wrote nothing
+/// below the link), replaced by another link while the folder is watched (removed and
+/// made again, then moved aside and made again): no directory went, and nothing of the
+/// peer's directory is taken for removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_symlink_replaced_while_watched_removes_nothing_of_a_peers_directory() {
+    let (dir, outside) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let root = dir.path().to_owned();
+    for target in ["first", "second"] {
+        std::fs::create_dir(outside.path().join(target)).unwrap();
+    }
+    let link = |target: &str| {
+        std::os::unix::fs::symlink(outside.path().join(target), root.join("photos")).unwrap()
+    };
+    link("first");
+    let log = common::log();
+    let (running, store) = Running::start_folder(FsConfig::new(&root), &log).await;
+    common::peers_directory(&log, "photos", &["a.jpg", "b.jpg"]).await;
+    common::apply(&store, &log, common::views(&log)).await;
+    log.set_cursor("folder", log.len()).await.unwrap();
+    assert!(
+        !outside.path().join("first/a.jpg").exists(),
+        "written through the link"
+    );
+    let len = log.len();
+
+    std::fs::remove_file(root.join("photos")).unwrap();
+    link("second");
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    std::fs::rename(root.join("photos"), root.join("photos.old")).unwrap();
+    link("first");
+    write(&root, "sentinel.txt", b"s");
+    wait_until(&log, "sentinel.txt", |s| s.contains_key("sentinel.txt")).await;
+    // Past the release of what the watcher held.
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let deletes = common::deletes_since(&log, len);
+    assert!(deletes.is_empty(), "removals recorded: {deletes:?}");
+
+    running.stop().await;
+}
+
 /// Without a watcher (configured so here; also when watching fails, at the kernel's limit
 /// of watches, say) the source keeps rescanning the folder: changes still become events,
 /// removals included, and the source runs until it is stopped.
@@ -195,6 +263,50 @@ async fn an_unwatched_folder_is_rescanned() {
     assert!(!running.task.is_finished(), "the source stopped");
 
     running.stop().await;
+}
+
+/// An `rm -rf` of a whole unwatched folder, seen by its rescans half way through (the
+/// marker, removed somewhere in the middle, still there): the removals they find are held
+/// as the watcher's are, and once the marker is gone none is recorded. (A watched folder
+/// whose watcher's queue overflowed during the `rm -rf` is rescanned the same way.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rescan_during_an_rm_rf_of_the_folder_records_no_removal() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_owned();
+    for d in ["a", "b", "c", "d"] {
+        for f in 0..3 {
+            write(&root, &format!("{d}/sub/{f}.txt"), b"kept elsewhere");
+        }
+    }
+    let log = common::log();
+    let config = FsConfig::new(&root).rescan_every(std::time::Duration::from_millis(100));
+    let running = Running::start(FsSource::new(config), &log).await;
+    wait_until(&log, "the first scan", |s| s.len() == 4 * 5).await;
+    let len = log.len();
+
+    // Half way: two directories gone, the marker still there, for a few rescans.
+    std::fs::remove_dir_all(root.join("a")).unwrap();
+    std::fs::remove_dir_all(root.join("b")).unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(350)).await;
+    // Then the marker and the rest.
+    std::fs::remove_file(root.join(converge_plugin_fs::MARKER_FILE)).unwrap();
+    for d in ["c", "d"] {
+        std::fs::remove_dir_all(root.join(d)).unwrap();
+    }
+    // Past the release of every removal held (a second without a new one).
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    let deletes = common::deletes_since(&log, len);
+    assert!(deletes.is_empty(), "removals recorded: {deletes:?}");
+
+    // The source stops at the release, the marker missing (the engine would start it
+    // again once the marker is back), or runs on.
+    running.stop.send(true).unwrap();
+    if let Err(e) = running.task.await.unwrap() {
+        assert!(
+            e.to_string().contains(converge_plugin_fs::MARKER_FILE),
+            "{e}"
+        );
+    }
 }
 
 /// A directory renamed over one the log shows (`mv new d`), or made again and filled
@@ -519,6 +631,51 @@ async fn an_unwatched_folder_takes_up_new_ignore_rules() {
         s.get("build/old.o") == Some(&(File, 3, false))
     })
     .await;
+
+    running.stop().await;
+}
+
+/// A peer's file the folder's `.convergeignore` kept out (its store passed over the
+/// event), once the pattern is taken out while the source runs: the rescan that follows
+/// the change of the rules does not take it for removed (which would delete it on the
+/// peer), and the store writes it from the log, asked to by the source (the engine calls
+/// `retry` on `more_to_show`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peers_file_no_longer_ignored_is_written_not_removed() {
+    use converge_framework::plugin::Store;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_owned();
+    write(&root, ".convergeignore", b"*.iso\n");
+    let log = common::log();
+    let (running, store) = Running::start_folder(FsConfig::new(&root), &log).await;
+    let iso = common::remote_put(&log, 1, "x.iso", b"the peer's image", 1, vec![]);
+    log.append(vec![iso]).await.unwrap();
+    common::apply(&store, &log, common::views(&log)).await;
+    log.set_cursor("folder", log.len()).await.unwrap();
+    assert!(!root.join("x.iso").exists(), "an ignored file was written");
+    let len = log.len();
+
+    write(&root, ".convergeignore", b"");
+    // Once it is recorded, the rescan after the change of the rules has run.
+    write(&root, "sentinel.txt", b"s");
+    wait_until(&log, "sentinel.txt", |s| s.contains_key("sentinel.txt")).await;
+    // Past the release of what the rescan may have held.
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let deletes = common::deletes_since(&log, len);
+    assert!(deletes.is_empty(), "removals recorded: {deletes:?}");
+    assert_eq!(store.to_show(), 1);
+    let woken = tokio::time::timeout(std::time::Duration::from_secs(1), store.more_to_show());
+    assert!(woken.await.is_ok(), "the store was not told");
+
+    common::apply(&store, &log, Vec::new()).await;
+    assert_eq!(
+        std::fs::read(root.join("x.iso")).unwrap(),
+        b"the peer's image"
+    );
+    assert_eq!(store.to_show(), 0);
+    // The store's write is no change of the folder's.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(log.len(), len + 1, "{:#?}", common::shown(&log));
 
     running.stop().await;
 }

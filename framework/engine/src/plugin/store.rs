@@ -6,7 +6,7 @@ use converge_api::{Head, Key, Op};
 use crate::content::ChunkStore;
 use crate::error::{LogError, PluginError};
 use crate::log::EventLog;
-use crate::reconciler::{pick, Reconciler};
+use crate::reconciler::{pick, view, Reconciler};
 
 /// What a store must show for one key: the conflict policy's answer over its heads.
 /// Serializable, so that a store can keep the views it could not show yet.
@@ -65,6 +65,15 @@ impl StoreContext {
             }
         }
         Ok(false)
+    }
+
+    /// What the store is to show for `key` now, as the engine would hand it in a batch
+    /// (the conflict policy's answer over its heads; no copies ended by a merge): for a
+    /// store that shows a key no event of a batch brings (see [`Store::to_show`]).
+    pub fn view(&self, key: &Key) -> Result<KeyView, LogError> {
+        let state = self.log.state(key)?;
+        let policy = self.reconciler.as_ref().map(Reconciler::policy);
+        Ok(view(policy, key, &state))
     }
 
     /// The content store: every chunk of every view's winner and copies is present.
@@ -135,8 +144,27 @@ pub trait Store: Send + Sync + 'static {
         0
     }
 
-    /// Tries the keys that failed again (see [`Store::failed`]).
+    /// Tries the keys that failed again (see [`Store::failed`]), and shows the keys of
+    /// [`Store::to_show`].
     async fn retry(&self, _ctx: &StoreContext) -> Result<(), PluginError> {
         Ok(())
+    }
+
+    /// How many keys the store has to show that no event brings, and that have not
+    /// failed: the folder store's keys that its ignore rules came to let in, whose
+    /// events it passed over while they were ignored. The engine calls [`Store::retry`]
+    /// as soon as [`Store::more_to_show`] says some came, and after a growing pause while
+    /// some are left, as for failed keys; they are not counted as failed. The default has
+    /// none.
+    fn to_show(&self) -> usize {
+        0
+    }
+
+    /// Returns once the store may have more keys to show of its own (see
+    /// [`Store::to_show`]); the engine then calls [`Store::retry`]. Cancel-safe: a wake-up
+    /// that comes while the engine does not wait must be kept for its next wait. The
+    /// default never returns.
+    async fn more_to_show(&self) {
+        std::future::pending::<()>().await
     }
 }

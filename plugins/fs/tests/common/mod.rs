@@ -203,3 +203,46 @@ pub fn remote_put(
         },
     }
 }
+
+/// A directory made at `key` by another replica (`[7; 16]`), at `wall_ms`, as its
+/// event number `seq` (see [`remote_put`]).
+pub fn remote_dir(seq: u64, key_str: &str, wall_ms: u64) -> converge_api::Event {
+    converge_api::Event {
+        id: converge_api::EventId {
+            origin: converge_api::ReplicaId([7; 16]),
+            seq,
+        },
+        hlc: converge_api::Hlc {
+            wall_ms,
+            logical: 0,
+        },
+        key: key(key_str),
+        parents: vec![],
+        op: Op::Put {
+            content: None,
+            meta: converge_api::Meta::dir(1_700_000_000_000),
+        },
+    }
+}
+
+/// The events of `log` from offset `from` on that delete a key, by key.
+pub fn deletes_since(log: &EventLog, from: u64) -> Vec<String> {
+    log.read(from, 100_000)
+        .unwrap()
+        .into_iter()
+        .filter(|(_, e)| matches!(e.op, Op::Delete))
+        .map(|(_, e)| e.key.to_string())
+        .collect()
+}
+
+/// Another replica's directory `dir` holding the files `files` (as `remote_dir` and
+/// `remote_put` make them, numbered from 1), appended to `log`.
+pub async fn peers_directory(log: &EventLog, dir: &str, files: &[&str]) {
+    let mut events = vec![remote_dir(1, dir, 1)];
+    for (n, name) in files.iter().enumerate() {
+        let path = format!("{dir}/{name}");
+        let seq = n as u64 + 2;
+        events.push(remote_put(log, seq, &path, path.as_bytes(), 1, vec![]));
+    }
+    log.append(events).await.unwrap();
+}
