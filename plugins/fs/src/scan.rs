@@ -318,12 +318,40 @@ pub(crate) fn examine_dir(
     }
     match env.resolver.shown(key, heads) {
         Some(h) if head_kind(h) == Some(EntryKind::Dir) => None,
-        None if !heads.is_empty() && live_below() => None,
+        None if !heads.is_empty() && (live_below() || holds_nothing_synced(env, key)) => None,
         _ => Some(Op::Put {
             content: None,
             meta: Meta::dir(mtime_ms(meta)),
         }),
     }
+}
+
+/// Whether the directory at `key` holds entries, none of which the folder syncs (ignored,
+/// named in bytes that are not UTF-8, symlinks, special files): what keeps a directory
+/// removed elsewhere in place here (the store removes it only when empty), not a
+/// directory made again here. An empty one, or one that cannot be read, counts as made.
+fn holds_nothing_synced(env: &Env, key: &Key) -> bool {
+    let path = env.rules.path_of(key);
+    let Ok(entries) = std::fs::read_dir(&path) else {
+        return false;
+    };
+    let mut any = false;
+    for entry in entries {
+        let Ok(entry) = entry else {
+            return false;
+        };
+        any = true;
+        let Ok(kind) = entry.file_type() else {
+            return false;
+        };
+        let synced = (kind.is_file() || kind.is_dir())
+            && entry.file_name().to_str().is_some()
+            && !env.rules.ignores(&entry.path(), kind.is_dir(), true);
+        if synced {
+            return false;
+        }
+    }
+    any
 }
 
 /// How a key came to be asked about its removal ([`gone`]): what a symlink at or above its

@@ -185,3 +185,39 @@ async fn keys_at_or_below_a_symlink_are_not_taken_for_removed() {
     assert_eq!(common::deletes_since(&log, len), Vec::<String>::new());
     check(&log, &expected);
 }
+
+/// A directory a peer removed, kept here because it still holds what the folder does not
+/// sync (an ignored file, a symlink): the store removes a directory only once it is
+/// empty. A scan does not take it for made again here, which would bring it back, empty,
+/// on every replica; an empty one at a removed key is made here, and recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_directory_kept_by_unsynced_entries_is_not_made_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    write(root, ".convergeignore", b"*.tmp\n");
+    write(root, "proj/build.tmp", b"ignored");
+    std::os::unix::fs::symlink("/nowhere", root.join("proj/link")).unwrap();
+    std::fs::create_dir(root.join("empty")).unwrap();
+    let log = common::log();
+    scan_once(&FsSource::new(FsConfig::new(root)), &log).await;
+    let removal = |seq, name: &str| {
+        let heads = log.heads(&key(name)).unwrap();
+        let mut event = common::remote_dir(seq, name, u64::MAX / 2);
+        event.parents = heads.iter().map(|h| h.id).collect();
+        event.op = Op::Delete;
+        event
+    };
+    let removals = vec![removal(1, "proj"), removal(2, "empty")];
+    log.append(removals).await.unwrap();
+    // The store would have removed `empty`; the user made it again.
+    let len = log.len();
+
+    scan_once(&FsSource::new(FsConfig::new(root)), &log).await;
+    let made: Vec<String> = log
+        .read(len, 100)
+        .unwrap()
+        .into_iter()
+        .map(|(_, e)| e.key.to_string())
+        .collect();
+    assert_eq!(made, ["empty"]);
+}
