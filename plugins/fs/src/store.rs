@@ -1845,6 +1845,14 @@ impl Writer {
                     }
                     return Ok(Ok(()));
                 }
+                // A conflict copy that no longer holds its version was changed by the
+                // user (the store writes a copy whole, under another name first): theirs
+                // to merge by hand, as `remove_copy` keeps it too. Shown again (a replay,
+                // another head, a retry of its key), it is not written over.
+                if of.is_some() && echo_key.is_none() && !again {
+                    tracing::info!("{target}: kept, changed since it was written");
+                    return Ok(Ok(()));
+                }
             }
             // Live keys below keep the directory (see `make_way`); once they are gone,
             // a retry writes the file.

@@ -187,7 +187,12 @@ async fn conflict_copies_are_written_beside_the_winner_and_not_read_back() {
         conflicted: true,
         merged_copies: vec![],
     };
-    apply(&FsStore::new(FsConfig::new(b.path())), &log, vec![view]).await;
+    apply(
+        &FsStore::new(FsConfig::new(b.path())),
+        &log,
+        vec![view.clone()],
+    )
+    .await;
     let files = tree(b.path());
     assert_eq!(files["notes.txt"].1, b"winner");
     assert_eq!(
@@ -198,6 +203,17 @@ async fn conflict_copies_are_written_beside_the_winner_and_not_read_back() {
     let len = log.len();
     scan_once(&FsSource::new(FsConfig::new(b.path())), &log).await;
     assert_eq!(log.len(), len, "conflict copies are not keys");
+
+    // The user merges by hand in the copy; the same view shown again (a replay, a retry)
+    // leaves their edit, and a copy removed is written again.
+    let copy = "notes.sync-conflict-20231114-221320-aaaaaaa.txt";
+    write(b.path(), copy, b"merged by hand");
+    let store = FsStore::new(FsConfig::new(b.path()));
+    apply(&store, &log, vec![view.clone()]).await;
+    assert_eq!(tree(b.path())[copy].1, b"merged by hand");
+    std::fs::remove_file(b.path().join(copy)).unwrap();
+    apply(&store, &log, vec![view]).await;
+    assert_eq!(tree(b.path())[copy].1, b"loser content");
 }
 
 /// The store writes an older version while a newer event is already in the log: the
