@@ -564,6 +564,13 @@ impl Echo {
         }
     }
 
+    /// Whether the store declined heads at `key` that the source has not recorded a
+    /// change over yet (see [`Echo::decline`]).
+    pub(crate) fn is_declined(&self, key: &Key) -> bool {
+        let declined = locked(&self.declined);
+        !declined.is_empty() && declined.contains_key(key)
+    }
+
     /// Forgets what the store declined at `key` (see [`Echo::decline`]).
     pub(crate) fn forget_declined(&self, key: &Key) {
         let mut declined = locked(&self.declined);

@@ -1096,6 +1096,19 @@ fn apply_blocking(
             w.failed.extend(failed);
         }
     }
+    // Files left as they are, changed here and not recorded yet, are no longer being
+    // written: saved again without them, as after a power loss the next start would take
+    // such a file, last changed before the boot, for one of this batch left torn, and
+    // write over the user's change (see `Writer::left_torn`).
+    if guarded && files.iter().any(|f| w.echo.is_declined(&f.key)) {
+        durability.write_ahead(
+            unsynced_path(config, name).as_deref(),
+            files
+                .iter()
+                .map(|f| &f.key)
+                .filter(|k| !w.echo.is_declined(k)),
+        );
+    }
     for (name, of, content, meta) in copies {
         let written = w.put_file(&name, Some(&of), None, &content, &meta, false);
         if let Some(Err(Refused(why))) = w.fail_alone(&of, written)? {
