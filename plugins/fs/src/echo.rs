@@ -144,8 +144,9 @@ pub(crate) struct Echo {
     /// runs of sequence numbers by where they start, each with where it ends and the
     /// log's length once they were appended.
     emitted: Mutex<BTreeMap<(ReplicaId, u64), Emitted>>,
-    /// Files last read racy (see [`Echo::note_racy`]), with when.
-    racy: Mutex<KeyMap<Instant>>,
+    /// Files last read racy (see [`Echo::note_racy`]), with when, and the count at which
+    /// the old ones are next looked for.
+    racy: Mutex<(KeyMap<Instant>, usize)>,
     /// Heads the store did not show at a key because a local change was in the way (see
     /// [`Echo::decline`]).
     declined: Mutex<KeyMap<Vec<EventId>>>,
@@ -529,28 +530,33 @@ impl Echo {
     /// [`RACY_KEPT`] go sooner once [`RACY_MARKS`] are kept (a tree copied in is read
     /// racy file after file): by then the watcher has looked again at any written since.
     pub(crate) fn note_racy(&self, key: &Key, racy: bool) {
-        let mut marks = locked(&self.racy);
+        let mut guard = locked(&self.racy);
+        let (marks, look_at) = &mut *guard;
         if !racy {
             marks.remove(key);
             return;
         }
         let now = Instant::now();
-        if marks.len() >= RACY_MARKS {
+        // Looked through again only once as many more have come as are kept: a tree
+        // copied in within `RACY_KEPT` costs a pass per doubling, not one per file.
+        if marks.len() >= (*look_at).max(RACY_MARKS) {
             marks.retain(|_, at| now.duration_since(*at) < RACY_KEPT);
+            *look_at = marks.len() * 2;
         }
         marks.insert(key.clone(), now);
     }
 
     /// Whether the source's last read of `key`'s file was racy (see [`Echo::note_racy`]).
     pub(crate) fn is_racy(&self, key: &Key) -> bool {
-        locked(&self.racy).contains_key(key)
+        locked(&self.racy).0.contains_key(key)
     }
 
     /// Notes that the store left a local change at `key` in place instead of showing
     /// `heads` (a peer's version written, or its delete): the source then records that
     /// change without them as parents ([`LocalChange::without_seeing`]), concurrent with
     /// them, so that it does not silently supersede a version the folder never showed.
-    /// A later decision of the store at the key forgets them ([`Echo::forget_declined`]).
+    /// They are forgotten once the store changes the file at the key
+    /// ([`Echo::forget_declined`]), or the source has taken them.
     pub(crate) fn decline(&self, key: &Key, heads: Vec<EventId>) {
         if heads.is_empty() {
             return;
@@ -743,6 +749,9 @@ pub(crate) enum Known {
 /// [`known_state`], saying how the file is known.
 pub(crate) fn known(log: &EventLog, echo: &Echo, key: &Key, path: &Path, m: &Metadata) -> Known {
     let stat @ (size, _, executable) = file_stat(m);
+    // The stat of a file the source last read racy tells nothing: it may hold a write
+    // made in the same tick as the version read (see `scan::racy`). Its hash does.
+    let stat_tells = !echo.is_racy(key);
     // Contents of the right size and mode, to compare by hash if no stat matches.
     let mut roots = Vec::new();
     let mut consider = |s: u64, x: bool, root: Hash| {
@@ -757,7 +766,7 @@ pub(crate) fn known(log: &EventLog, echo: &Echo, key: &Key, path: &Path, m: &Met
         root,
     }) = echo.get(key)
     {
-        if (s, mtime_ms, x) == stat {
+        if stat_tells && (s, mtime_ms, x) == stat {
             return Known::Stat(root);
         }
         consider(s, x, root);
@@ -767,7 +776,7 @@ pub(crate) fn known(log: &EventLog, echo: &Echo, key: &Key, path: &Path, m: &Met
             content: Some(c),
             meta,
         } => {
-            if put_stat(op) == Some(stat) {
+            if stat_tells && put_stat(op) == Some(stat) {
                 return Some(c.root);
             }
             consider(c.size, meta.executable, c.root);

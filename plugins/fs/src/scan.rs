@@ -327,12 +327,23 @@ pub(crate) fn examine_dir(
 }
 
 /// Whether the directory at `key` holds entries, none of which the folder syncs (ignored,
-/// named in bytes that are not UTF-8, symlinks, special files): what keeps a directory
-/// removed elsewhere in place here (the store removes it only when empty), not a
-/// directory made again here. An empty one, or one that cannot be read, counts as made.
+/// named in bytes that are not UTF-8, symlinks, special files, directories holding only
+/// such entries): what keeps a directory removed elsewhere in place here (the store
+/// removes it only when empty), not a directory made again here. An empty one, or one
+/// that cannot be read, counts as made, and so does one with more than
+/// [`UNSYNCED_LOOKED_AT`] entries below it.
 fn holds_nothing_synced(env: &Env, key: &Key) -> bool {
-    let path = env.rules.path_of(key);
-    let Ok(entries) = std::fs::read_dir(&path) else {
+    let mut budget = UNSYNCED_LOOKED_AT;
+    holds_only_unsynced(env, &env.rules.path_of(key), &mut budget)
+}
+
+/// Most entries [`holds_nothing_synced`] looks at below a directory.
+const UNSYNCED_LOOKED_AT: usize = 4096;
+
+/// [`holds_nothing_synced`] for the directory at `path`, looking at no more than `budget`
+/// entries.
+fn holds_only_unsynced(env: &Env, path: &Path, budget: &mut usize) -> bool {
+    let Ok(entries) = std::fs::read_dir(path) else {
         return false;
     };
     let mut any = false;
@@ -340,14 +351,21 @@ fn holds_nothing_synced(env: &Env, key: &Key) -> bool {
         let Ok(entry) = entry else {
             return false;
         };
+        let Some(left) = budget.checked_sub(1) else {
+            return false;
+        };
+        *budget = left;
         any = true;
         let Ok(kind) = entry.file_type() else {
             return false;
         };
-        let synced = (kind.is_file() || kind.is_dir())
-            && entry.file_name().to_str().is_some()
-            && !env.rules.ignores(&entry.path(), kind.is_dir(), true);
-        if synced {
+        let unsynced = !(kind.is_file() || kind.is_dir())
+            || entry.file_name().to_str().is_none()
+            || env.rules.ignores(&entry.path(), kind.is_dir(), true);
+        if unsynced {
+            continue;
+        }
+        if kind.is_file() || !holds_only_unsynced(env, &entry.path(), budget) {
             return false;
         }
     }

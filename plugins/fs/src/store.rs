@@ -980,17 +980,19 @@ fn apply_blocking(
 
     // Before the first write (see `Durability::write_ahead`): the folder's own store,
     // which alone takes a file in no known state for a change made here.
-    if guarded && !files.is_empty() {
+    if guarded && !(files.is_empty() && copies.is_empty()) {
         durability.write_ahead(
             unsynced_path(config, name).as_deref(),
-            files.iter().map(|f| &f.key),
+            files
+                .iter()
+                .map(|f| &f.key)
+                .chain(copies.iter().map(|c| &c.0)),
         );
     }
 
     // Deletes: files now, directories after, deepest first.
     let mut dir_deletes = Vec::new();
     for key in absent {
-        w.echo.forget_declined(&key);
         let path = match w.resolve(&key, w.rules.path_of(&key).is_dir()) {
             Ok(Ok(p)) => p,
             Ok(Err(Refused(why))) => {
@@ -1010,11 +1012,17 @@ fn apply_blocking(
                 );
             }
             // Judged by its hash, which takes a while for a large file: one saved
-            // meanwhile is a change made here too (see `changed_since`).
-            Ok(m) if !w.knows(&key, &path, &m) || changed_since(&path, Some(Seen::of(&m)))? => {
+            // meanwhile is a change made here too (see `changed_since`; looked at again
+            // only after a hash, not after a judgment by the stat).
+            Ok(m)
+                if match w.known(&key, &path, &m) {
+                    Known::No => true,
+                    Known::Content(_) => changed_since(&path, Some(Seen::of(&m)))?,
+                    Known::Stat(_) | Known::Assumed => false,
+                } =>
+            {
                 tracing::info!("{key}: changed here since it was last recorded; not removed (the change is recorded next)");
-                let deletes = w.heads_where(&key, |op| matches!(op, Op::Delete));
-                w.echo.decline(&key, deletes);
+                w.decline(&key, |op| matches!(op, Op::Delete));
             }
             Ok(_) => {
                 w.echo.record(&key, Applied::Absent);
@@ -1106,7 +1114,8 @@ fn apply_blocking(
             files
                 .iter()
                 .map(|f| &f.key)
-                .filter(|k| !w.echo.is_declined(k)),
+                .filter(|k| !w.echo.is_declined(k))
+                .chain(copies.iter().map(|c| &c.0)),
         );
     }
     for (name, of, content, meta) in copies {
@@ -1314,6 +1323,8 @@ impl Writer {
     fn changed(&mut self, key: &Key) {
         self.dirty = true;
         self.echo.wrote(key);
+        // What the store declined there is what it has now shown, or superseded.
+        self.echo.forget_declined(key);
     }
 
     /// Notes that the file of `key` is about to be written: if the batch fails from here
@@ -1556,20 +1567,36 @@ impl Writer {
         Ok(Ok(path))
     }
 
-    /// The ids of `key`'s heads whose operation `picked` picks (none where the log
-    /// cannot be read: the change in the way is then recorded over every head).
-    fn heads_where(&self, key: &Key, picked: impl Fn(&Op) -> bool) -> Vec<EventId> {
-        self.ctx
-            .log()
+    /// Notes in the echo record that a change made here and not recorded yet kept the
+    /// store from showing `key`'s heads whose operation `picked` picks (see
+    /// [`Echo::decline`]); only the folder's own store, and only other replicas' heads:
+    /// one of this replica's own was recorded from this folder, which showed it (the
+    /// user saved again before the store came to it). None where the log cannot be
+    /// read: the change in the way is then recorded over every head.
+    fn decline(&self, key: &Key, picked: impl Fn(&Op) -> bool) {
+        let Some(log) = self.guard() else {
+            return;
+        };
+        let replica = log.replica();
+        let heads: Vec<EventId> = log
             .heads(key)
             .map(|heads| {
                 heads
                     .iter()
-                    .filter(|h| picked(&h.op))
+                    .filter(|h| h.id.origin != replica && picked(&h.op))
                     .map(|h| h.id)
                     .collect()
             })
-            .unwrap_or_default()
+            .unwrap_or_default();
+        self.echo.decline(key, heads);
+    }
+
+    /// [`Writer::decline`] of the heads that put `content` at `key`.
+    fn decline_version(&self, key: &Key, content: &ContentRef) {
+        self.decline(
+            key,
+            |op| matches!(op, Op::Put { content: Some(c), .. } if c.root == content.root),
+        );
     }
 
     /// Creates the missing ancestors of `key` (recorded as the store's own).
@@ -1763,9 +1790,6 @@ impl Writer {
         meta: &Meta,
         recorded_here: bool,
     ) -> Result<Result<(), Refused>, FsError> {
-        if echo_key.is_some() {
-            self.echo.forget_declined(target);
-        }
         let record = Applied::file(content, meta);
         // The folder's source read this very content and stat from the file a moment ago
         // and recorded it: the file shows it (a change since is the source's to record).
@@ -1808,9 +1832,7 @@ impl Writer {
                 };
                 if known == Known::No {
                     tracing::info!("{target}: changed here since it was last recorded; not overwritten (the change is recorded next)");
-                    let shown = |op: &Op| matches!(op, Op::Put { content: Some(c), .. } if c.root == content.root);
-                    let versions = self.heads_where(target, shown);
-                    self.echo.decline(target, versions);
+                    self.decline_version(target, content);
                     return Ok(Ok(()));
                 }
                 base_mode = m.permissions().mode() & 0o777;
@@ -1829,7 +1851,8 @@ impl Writer {
                         _ => m.len() == content.size && hash_file(&path)?.root == content.root,
                     })
                 };
-                if !again && ((recorded_here && as_recorded) || holds()?) {
+                let in_place = recorded_here && as_recorded && !self.echo.is_racy(target);
+                if !again && (in_place || holds()?) {
                     // Already there (a replay, or the crash-repair check): fix the metadata,
                     // unless it was saved while its hash was taken: a mode or mtime set on
                     // it now could make the save look like the version recorded.
@@ -1861,8 +1884,10 @@ impl Writer {
                 // A conflict copy that no longer holds its version was changed by the
                 // user (the store writes a copy whole, under another name first): theirs
                 // to merge by hand, as `remove_copy` keeps it too. Shown again (a replay,
-                // another head, a retry of its key), it is not written over.
-                if of.is_some() && echo_key.is_none() && !again {
+                // another head, a retry of its key), it is not written over; one a batch
+                // not synced wrote, left torn by a power loss, is (`again`: copies are in
+                // the write-ahead note too). Not in a mirror, which overwrites.
+                if self.guarded && of.is_some() && echo_key.is_none() && !again {
                     tracing::info!("{target}: kept, changed since it was written");
                     return Ok(Ok(()));
                 }
@@ -1906,6 +1931,9 @@ impl Writer {
             if self.guarded && changed_since(&path, seen)? {
                 let _ = std::fs::remove_file(&temp);
                 tracing::info!("{target}: changed here while it was being written; not overwritten (the change is recorded next)");
+                if echo_key.is_some() {
+                    self.decline_version(target, content);
+                }
                 return Ok(Ok(()));
             }
             if let Some(k) = echo_key {

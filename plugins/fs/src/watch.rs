@@ -543,18 +543,20 @@ struct Removal {
 }
 
 impl Removal {
-    /// How the removal of its key, a directory key if `dir`, or of a key below it, is
-    /// judged (see [`Absence`]): as seen to go, but for a directory key where no directory
-    /// was seen to leave the path. A directory that left took the keys below it along,
-    /// even where a symlink made in its place shows their names again (`rm -rf d; ln -s
-    /// elsewhere d`); a symlink replaced by another one, where the log shows a peer's
-    /// directory the store never wrote below the link, takes nothing, as a scan judges.
-    /// (A file key whose path is a symlink now counts as removed: the watcher cannot tell
-    /// a symlink's removal from a file's, but it does tell a directory's.)
-    fn absence(&self, dir: bool) -> Absence {
-        match dir && !self.dir_left {
-            true => Absence::Found,
-            false => Absence::Seen,
+    /// How the removal of its key, or of a key below it, is judged (see [`Absence`]): as
+    /// seen to go where a directory was seen to leave the path, else as a scan judges. A
+    /// directory that left took the keys below it along, even where a symlink made in its
+    /// place shows their names again (`rm -rf d; ln -s elsewhere d`); a symlink replaced
+    /// by another one, where the log shows a peer's directory the store never wrote below
+    /// the link, takes nothing. Nor does a file key whose path is a symlink now: the
+    /// watcher cannot tell a symlink's removal from a file's, and `notes.txt` a link here
+    /// (a dotfile kept elsewhere) while a peer has a file there, refused by the store, was
+    /// deleted on every replica by any change to the link. A file replaced by a symlink
+    /// stays on the peers, as a symlink that was always there would leave it.
+    fn absence(&self) -> Absence {
+        match self.dir_left {
+            true => Absence::Seen,
+            false => Absence::Found,
         }
     }
 }
@@ -976,10 +978,10 @@ fn removals(env: &Env, held: &BTreeMap<Key, Removal>) -> Result<Vec<LocalChange>
         if dir {
             dirs.insert(key.clone(), *removal);
         }
-        consider(key, &heads, removal.absence(dir), removal.at);
+        consider(key, &heads, removal.absence(), removal.at);
     }
     for (dir, removal) in &dirs {
-        let how = removal.absence(true);
+        let how = removal.absence();
         for entry in env.log.states_below(dir) {
             let (key, state) = entry?;
             // Each key once, as of the removal of the nearest held directory above it.

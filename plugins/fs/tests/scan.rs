@@ -196,6 +196,7 @@ async fn a_removed_directory_kept_by_unsynced_entries_is_not_made_again() {
     let root = dir.path();
     write(root, ".convergeignore", b"*.tmp\n");
     write(root, "proj/build.tmp", b"ignored");
+    write(root, "proj/pkg/cache/x.tmp", b"ignored, two levels down");
     std::os::unix::fs::symlink("/nowhere", root.join("proj/link")).unwrap();
     std::fs::create_dir(root.join("empty")).unwrap();
     let log = common::log();
@@ -207,7 +208,12 @@ async fn a_removed_directory_kept_by_unsynced_entries_is_not_made_again() {
         event.op = Op::Delete;
         event
     };
-    let removals = vec![removal(1, "proj"), removal(2, "empty")];
+    let removals = vec![
+        removal(1, "proj"),
+        removal(2, "empty"),
+        removal(3, "proj/pkg"),
+        removal(4, "proj/pkg/cache"),
+    ];
     log.append(removals).await.unwrap();
     // The store would have removed `empty`; the user made it again.
     let len = log.len();

@@ -208,7 +208,8 @@ async fn conflict_copies_are_written_beside_the_winner_and_not_read_back() {
     // leaves their edit, and a copy removed is written again.
     let copy = "notes.sync-conflict-20231114-221320-aaaaaaa.txt";
     write(b.path(), copy, b"merged by hand");
-    let store = FsStore::new(FsConfig::new(b.path()));
+    let (_, store) = folder(FsConfig::new(b.path()));
+    store.start(&StoreContext::new(log.clone())).await.unwrap();
     apply(&store, &log, vec![view.clone()]).await;
     assert_eq!(tree(b.path())[copy].1, b"merged by hand");
     std::fs::remove_file(b.path().join(copy)).unwrap();
