@@ -1270,6 +1270,8 @@ impl Writer {
     /// nodes for the same entries are not held at once: at the peak of a 100,000-file
     /// sync they were 21 and 22 MiB.
     fn checkpoint(&mut self) -> Result<(), LogError> {
+        // Nothing is written once a flush has failed (see `Db::usable`).
+        self.db.usable()?;
         {
             let overlay = self.overlay.read().map_err(|_| LogError::Closed)?;
             if overlay.states.is_empty() && overlay.ids.is_empty() && self.since_checkpoint == 0 {
