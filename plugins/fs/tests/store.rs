@@ -901,6 +901,26 @@ async fn files_a_failed_batch_wrote_are_written_again_after_a_restart() {
     assert!(!unsynced.exists(), "removed once a sync covers them");
 }
 
+/// `f.txt` written as `v1` into `root` and recorded by `source`, then a peer's newer
+/// version of it (`bytes`) appended to `log`.
+async fn v1_then_a_peers_newer_f(
+    root: &std::path::Path,
+    source: &FsSource,
+    log: &converge_framework::log::EventLog,
+    bytes: &[u8],
+) {
+    write(root, "f.txt", b"v1");
+    scan_once(source, log).await;
+    let parents = log
+        .heads(&key("f.txt"))
+        .unwrap()
+        .iter()
+        .map(|h| h.id)
+        .collect();
+    let newer = remote_put(log, 1, "f.txt", bytes, u64::MAX / 2, parents);
+    log.append(vec![newer]).await.unwrap();
+}
+
 /// A power loss before a batch's sync can leave a file it wrote torn (its name and size
 /// on disk, not its data): in no state the log knows, it would read as a change made
 /// here. The store saves the keys it is about to write first; started again after the
@@ -915,17 +935,8 @@ async fn a_file_left_torn_by_a_power_loss_is_written_again_not_recorded() {
         let config = FsConfig::new(dir.path()).state_dir(state.path());
         let log = common::log();
         let (source, store) = folder(config.clone());
-        write(dir.path(), "f.txt", b"v1");
-        scan_once(&source, &log).await;
-        let parents = log
-            .heads(&key("f.txt"))
-            .unwrap()
-            .iter()
-            .map(|h| h.id)
-            .collect();
         let v2 = b"v2, a peer's version";
-        let newer = remote_put(&log, 1, "f.txt", v2, u64::MAX / 2, parents);
-        log.append(vec![newer]).await.unwrap();
+        v1_then_a_peers_newer_f(dir.path(), &source, &log, v2).await;
 
         // Shown, not synced: then the machine goes down, and the file is left torn.
         let ctx = StoreContext::new(log.clone());
@@ -967,16 +978,7 @@ async fn an_edit_a_batch_left_in_place_is_not_taken_for_torn_after_a_power_loss(
     let config = FsConfig::new(dir.path()).state_dir(state.path());
     let log = common::log();
     let (source, store) = folder(config.clone());
-    write(dir.path(), "f.txt", b"v1");
-    scan_once(&source, &log).await;
-    let parents = log
-        .heads(&key("f.txt"))
-        .unwrap()
-        .iter()
-        .map(|h| h.id)
-        .collect();
-    let newer = remote_put(&log, 1, "f.txt", b"v2, a peer's", u64::MAX / 2, parents);
-    log.append(vec![newer]).await.unwrap();
+    v1_then_a_peers_newer_f(dir.path(), &source, &log, b"v2, a peer's").await;
 
     // Edited here, not recorded yet; the batch leaves it; the machine goes down.
     write(dir.path(), "f.txt", b"the user's edit");
