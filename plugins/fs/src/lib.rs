@@ -128,7 +128,7 @@ pub struct FsConfig {
     pub watch: bool,
     /// How often the folder is rescanned when it is not watched.
     pub rescan_interval: Duration,
-    /// A file read when its last change (its ctime) was less than this long before the
+    /// A file read when its last write (its mtime) was less than this long before the
     /// read began is *racy*: a write in the same tick of the file system's clock, during
     /// or after the read, leaves its size and timestamps as they were, so the next look
     /// reads it again instead of trusting them (git's rule for its index).

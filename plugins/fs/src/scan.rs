@@ -273,15 +273,25 @@ fn same_mtime(a: &Metadata, b: &Metadata) -> bool {
 /// began, leaves its size and timestamps exactly as the read saw them: neither the
 /// watcher's next look (its event comes) nor a rescan could tell it from the version
 /// read. The next look at a racy file reads it again; one read long enough after its
-/// last change is not racy any more. The ctime as looked at, before the read: no tool can
-/// set it back, and the read itself may move it (see `same_mtime`).
+/// last change is not racy any more. The mtime as looked at, before the read: a write
+/// sets it to the tick it was made in. Not the ctime, which a rename moves too: a file
+/// saved by renaming a finished temp file over it, and read at once, would read racy
+/// and be read again whole at the next look (a large file's, the link the content store
+/// makes of it). A tool that sets the mtime back after writing leaves the file as any
+/// edit that keeps size and mtime (see the README's known limitations).
 fn racy(looked: &Metadata, started: std::time::SystemTime, margin: Duration) -> bool {
-    let changed = std::time::UNIX_EPOCH
-        + Duration::new(
-            u64::try_from(looked.ctime()).unwrap_or(0),
-            u32::try_from(looked.ctime_nsec()).unwrap_or(0),
-        );
-    changed + margin > started
+    let (Ok(secs), Ok(nanos)) = (
+        u64::try_from(looked.mtime()),
+        u32::try_from(looked.mtime_nsec()),
+    ) else {
+        return false;
+    };
+    // Checked: an mtime set far into the future is a user's to set.
+    Duration::from_secs(secs)
+        .checked_add(Duration::from_nanos(u64::from(nanos)))
+        .and_then(|since_epoch| std::time::UNIX_EPOCH.checked_add(since_epoch))
+        .and_then(|changed| changed.checked_add(margin))
+        .is_none_or(|until| until > started)
 }
 
 /// How the scan or the watcher looked at a file: its `lstat`, or the stat of its handle
