@@ -708,7 +708,7 @@ fn outdated_by(record: &Record, seen: Option<u64>) -> bool {
 }
 
 /// Locks `mutex`; a panic while it was held leaves a map or set that is still valid.
-fn locked<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn locked<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())

@@ -280,18 +280,9 @@ fn same_mtime(a: &Metadata, b: &Metadata) -> bool {
 /// makes of it). A tool that sets the mtime back after writing leaves the file as any
 /// edit that keeps size and mtime (see the README's known limitations).
 fn racy(looked: &Metadata, started: std::time::SystemTime, margin: Duration) -> bool {
-    let (Ok(secs), Ok(nanos)) = (
-        u64::try_from(looked.mtime()),
-        u32::try_from(looked.mtime_nsec()),
-    ) else {
-        return false;
-    };
-    // Checked: an mtime set far into the future is a user's to set.
-    Duration::from_secs(secs)
-        .checked_add(Duration::from_nanos(u64::from(nanos)))
-        .and_then(|since_epoch| std::time::UNIX_EPOCH.checked_add(since_epoch))
-        .and_then(|changed| changed.checked_add(margin))
-        .is_none_or(|until| until > started)
+    let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+    let started_ms = started.duration_since(std::time::UNIX_EPOCH).map_or(0, ms);
+    mtime_ms(looked).saturating_add(ms(margin)) > started_ms
 }
 
 /// How the scan or the watcher looked at a file: its `lstat`, or the stat of its handle
@@ -370,7 +361,7 @@ fn holds_only_unsynced(env: &Env, path: &Path, budget: &mut usize) -> bool {
             return false;
         };
         let unsynced = !(kind.is_file() || kind.is_dir())
-            || entry.file_name().to_str().is_none()
+            || env.rules.key_of(&entry.path()).is_err()
             || env.rules.ignores(&entry.path(), kind.is_dir(), true);
         if unsynced {
             continue;

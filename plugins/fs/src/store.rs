@@ -120,24 +120,12 @@ use filetime::FileTime;
 use crate::content::{
     changed_at_ms, file_stat, hash_file, is_executable, mtime_ms, recorded_stat, PIPELINE_BYTES,
 };
-use crate::echo::{known, Applied, Echo, Known};
+use crate::echo::{known, locked, Applied, Echo, Known};
 use crate::error::FsError;
 use crate::rules::Rules;
 use crate::{FsConfig, CONFLICT_MARKER, TEMP_PREFIX};
 
 static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
-
-/// Locks `mutex`; a panic while it was held leaves a set that is still valid.
-fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-/// Takes what `mutex` holds, leaving it empty.
-fn take<T: Default>(mutex: &std::sync::Mutex<T>) -> T {
-    std::mem::take(&mut *lock(mutex))
-}
 
 /// The store of one folder (or of a mirror): applies key views atomically per file and
 /// durably per batch, or per run of batches shown before one sync (see [`Store::show`]).
@@ -489,7 +477,7 @@ impl Store for FsStore {
                 .and_then(|r| r)
                 .map_err(|e| e.into_plugin(&self.name));
         // Not durable: the admitted keys are shown again by the next batch.
-        let admitted = take(&self.admitted_shown);
+        let admitted = std::mem::take(&mut *locked(&self.admitted_shown));
         if synced.is_ok() {
             self.settle_admitted(admitted).await;
         }
@@ -523,7 +511,7 @@ impl Store for FsStore {
         let to_admit: Vec<Key> = if admitted.is_empty() {
             Vec::new()
         } else {
-            let shown = lock(&self.admitted_shown);
+            let shown = locked(&self.admitted_shown);
             let in_batch: HashSet<&Key> = views.iter().map(|v| &v.key).collect();
             admitted
                 .iter()
@@ -577,13 +565,13 @@ impl Store for FsStore {
                 // The batches shown since the last sync are dropped: what they recovered
                 // is tried again, and what they showed of the admitted keys shown again.
                 self.restore(&mut failed, self.take_recovered());
-                take(&self.admitted_shown);
+                std::mem::take(&mut *locked(&self.admitted_shown));
                 return Err(e.into_plugin(&self.name));
             }
         };
         // Every admitted key went into this batch or an earlier one since the last sync
         // (a failed one is in `failed` from now on, and tried again from there).
-        lock(&self.admitted_shown).extend(admitted);
+        locked(&self.admitted_shown).extend(admitted);
 
         for (key, e) in &failures {
             if failed.contains_key(key) {
@@ -980,14 +968,19 @@ fn apply_blocking(
 
     // Before the first write (see `Durability::write_ahead`): the folder's own store,
     // which alone takes a file in no known state for a change made here.
-    if guarded && !(files.is_empty() && copies.is_empty()) {
+    // The files and copies of the batch, but those `skip` names.
+    let save_being_written = |skip: &dyn Fn(&Key) -> bool| {
         durability.write_ahead(
             unsynced_path(config, name).as_deref(),
             files
                 .iter()
                 .map(|f| &f.key)
+                .filter(|k| !skip(k))
                 .chain(copies.iter().map(|c| &c.0)),
-        );
+        )
+    };
+    if guarded && !(files.is_empty() && copies.is_empty()) {
+        save_being_written(&|_| false);
     }
 
     // Deletes: files now, directories after, deepest first.
@@ -1109,14 +1102,7 @@ fn apply_blocking(
     // such a file, last changed before the boot, for one of this batch left torn, and
     // write over the user's change (see `Writer::left_torn`).
     if guarded && files.iter().any(|f| w.echo.is_declined(&f.key)) {
-        durability.write_ahead(
-            unsynced_path(config, name).as_deref(),
-            files
-                .iter()
-                .map(|f| &f.key)
-                .filter(|k| !w.echo.is_declined(k))
-                .chain(copies.iter().map(|c| &c.0)),
-        );
+        save_being_written(&|k| w.echo.is_declined(k));
     }
     for (name, of, content, meta) in copies {
         let written = w.put_file(&name, Some(&of), None, &content, &meta, false);
