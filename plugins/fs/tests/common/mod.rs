@@ -186,6 +186,31 @@ pub fn remote_put(
     write(other.path(), "r", bytes);
     let content =
         converge_plugin_fs::content::store_file(&other.path().join("r"), log.chunks()).unwrap();
+    let op = Op::Put {
+        content: Some(content),
+        meta: converge_api::Meta::file(1_700_000_000_000),
+    };
+    peers_event(seq, key_str, wall_ms, parents, op)
+}
+
+/// A directory made at `key` by another replica (`[7; 16]`), at `wall_ms`, as its
+/// event number `seq` (see [`remote_put`]).
+pub fn remote_dir(seq: u64, key_str: &str, wall_ms: u64) -> converge_api::Event {
+    let op = Op::Put {
+        content: None,
+        meta: converge_api::Meta::dir(1_700_000_000_000),
+    };
+    peers_event(seq, key_str, wall_ms, vec![], op)
+}
+
+/// Event number `seq` of another replica (`[7; 16]`) at `key`, at `wall_ms`.
+fn peers_event(
+    seq: u64,
+    key_str: &str,
+    wall_ms: u64,
+    parents: Vec<converge_api::EventId>,
+    op: Op,
+) -> converge_api::Event {
     converge_api::Event {
         id: converge_api::EventId {
             origin: converge_api::ReplicaId([7; 16]),
@@ -197,31 +222,7 @@ pub fn remote_put(
         },
         key: key(key_str),
         parents,
-        op: Op::Put {
-            content: Some(content),
-            meta: converge_api::Meta::file(1_700_000_000_000),
-        },
-    }
-}
-
-/// A directory made at `key` by another replica (`[7; 16]`), at `wall_ms`, as its
-/// event number `seq` (see [`remote_put`]).
-pub fn remote_dir(seq: u64, key_str: &str, wall_ms: u64) -> converge_api::Event {
-    converge_api::Event {
-        id: converge_api::EventId {
-            origin: converge_api::ReplicaId([7; 16]),
-            seq,
-        },
-        hlc: converge_api::Hlc {
-            wall_ms,
-            logical: 0,
-        },
-        key: key(key_str),
-        parents: vec![],
-        op: Op::Put {
-            content: None,
-            meta: converge_api::Meta::dir(1_700_000_000_000),
-        },
+        op,
     }
 }
 
