@@ -77,7 +77,7 @@
 //!
 //! Chunks are never removed yet (no garbage collection), as before with the sled tree.
 
-use std::collections::{HashMap, HashSet};
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use std::fs::{File, OpenOptions};
 use std::io::{IoSlice, Seek, SeekFrom, Write};
 use std::ops::Range;
@@ -3153,7 +3153,7 @@ impl Missing {
                 checked: false,
                 requested: false,
             }],
-            seen: HashSet::from([(content.root, content.depth)]),
+            seen: HashSet::from_iter([(content.root, content.depth)]),
         }
     }
 

@@ -22,7 +22,9 @@
 //! Metrics leave the engine as typed [`EngineEvent`]s through an [`Observer`], so the
 //! engine depends on no metrics crate.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -1575,7 +1577,7 @@ async fn advance(
     loop {
         let chunks = inner.log.chunks().clone();
         let held = inner.log.version_vector();
-        let asked: std::collections::HashSet<Hash> = requested.keys().copied().collect();
+        let asked: HashSet<Hash> = requested.keys().copied().collect();
         // Each peer has a window of its own: one that never answers holds only its own.
         let mut asked_of: HashMap<ReplicaId, usize> = HashMap::new();
         for asked in requested.values() {
@@ -1597,7 +1599,7 @@ async fn advance(
             });
             // Hashes to ask for, by peer, with the root of each one's content and its turn.
             let mut wants: BTreeMap<ReplicaId, Vec<(Hash, Hash, usize)>> = BTreeMap::new();
-            let mut wanted: std::collections::HashSet<Hash> = std::collections::HashSet::new();
+            let mut wanted: HashSet<Hash> = HashSet::new();
             // What each peer may still be asked, and how many have no room left: once
             // none has, the pass stops looking.
             let mut budgets: HashMap<ReplicaId, usize> = HashMap::new();
@@ -1652,7 +1654,7 @@ async fn advance(
                 }
             }
             // Forget the contents no pending event refers to any more.
-            let live: std::collections::HashSet<Hash> = queue
+            let live: HashSet<Hash> = queue
                 .iter()
                 .filter_map(|p| p.event.op.content().map(|c| c.root))
                 .collect();
@@ -1787,7 +1789,7 @@ async fn apply_next_batch(
             let ended = reconciler.merged_copies(&event.key, &event.op, &parents);
             merged.entry(&event.key).or_default().extend(ended);
         }
-        let mut seen = std::collections::HashSet::new();
+        let mut seen = HashSet::new();
         let mut views = Vec::new();
         for (_, event) in &events {
             if seen.insert(event.key.clone()) {

@@ -5,7 +5,9 @@
 //! The reader validates every frame before anything else sees it: a malformed frame, an
 //! invalid event or a chunk that does not match its hash ends the session.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::VecDeque;
+
+use foldhash::{HashSet, HashSetExt};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;

@@ -35,7 +35,7 @@
 use std::cmp::Ordering;
 use std::collections::{HashSet, TryReserveError};
 use std::fs::File;
-use std::io::{BufReader, BufWriter, ErrorKind, Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
@@ -247,9 +247,15 @@ fn corrupt(path: &Path, why: impl Into<String>) -> LogError {
 
 /// Writes entries to a new file and returns what memory keeps of them; the footer is
 /// written by [`RunWriter::finish`].
+///
+/// Entries are gathered in a buffer of [`IO_BUFFER`] bytes, which is hashed and written
+/// whole: BLAKE3 fed 48 bytes at a time compresses block by block on one lane, several
+/// times slower than over a buffer, whose 1 KiB chunks it hashes side by side. Same bytes,
+/// same hash.
 struct RunWriter {
     path: PathBuf,
-    out: BufWriter<File>,
+    out: File,
+    buffer: Vec<u8>,
     hasher: blake3::Hasher,
     index: RunIndex,
     last: Option<Hash>,
@@ -262,7 +268,7 @@ impl RunWriter {
             io_error("indexing", path.clone())(std::io::Error::new(ErrorKind::OutOfMemory, e))
         })?;
         // Read too: the run is looked up through this file once written.
-        let file = std::fs::OpenOptions::new()
+        let out = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
@@ -271,7 +277,8 @@ impl RunWriter {
             .map_err(io_error("creating", path.clone()))?;
         Ok(RunWriter {
             path,
-            out: BufWriter::with_capacity(IO_BUFFER, file),
+            out,
+            buffer: Vec::with_capacity(IO_BUFFER),
             hasher: blake3::Hasher::new(),
             index,
             last: None,
@@ -284,18 +291,28 @@ impl RunWriter {
         if self.last.is_some_and(|last| last.0 >= hash.0) {
             return Err(corrupt(&self.path, "entries out of order"));
         }
-        let entry = entry_bytes(hash, location);
-        self.hasher.update(&entry);
-        self.out
-            .write_all(&entry)
-            .map_err(io_error("writing", self.path.clone()))?;
+        if self.buffer.len() + ENTRY > IO_BUFFER {
+            self.write_buffer()?;
+        }
+        self.buffer.extend_from_slice(&entry_bytes(hash, location));
         self.index.push(hash);
         self.last = Some(*hash);
         Ok(())
     }
 
+    /// Hashes and writes the entries gathered so far.
+    fn write_buffer(&mut self) -> Result<(), LogError> {
+        self.hasher.update(&self.buffer);
+        self.out
+            .write_all(&self.buffer)
+            .map_err(io_error("writing", self.path.clone()))?;
+        self.buffer.clear();
+        Ok(())
+    }
+
     /// Writes the footer and makes the file durable; returns it with its index.
     fn finish(mut self, covers_from: u64) -> Result<(File, RunIndex), LogError> {
+        self.write_buffer()?;
         let mut footer = [0; FOOTER];
         footer[..8].copy_from_slice(&self.index.count.to_le_bytes());
         footer[8..16].copy_from_slice(&covers_from.to_le_bytes());
@@ -305,21 +322,23 @@ impl RunWriter {
         self.out
             .write_all(&footer)
             .map_err(io_error("writing", self.path.clone()))?;
-        let file = self
-            .out
-            .into_inner()
-            .map_err(|e| io_error("writing", self.path.clone())(e.into_error()))?;
-        file.sync_data()
+        self.out
+            .sync_data()
             .map_err(io_error("syncing", self.path.clone()))?;
         self.index.shrink_filter();
-        Ok((file, self.index))
+        Ok((self.out, self.index))
     }
 }
 
-/// Reads a run's entries in order, checking them against its footer at the end.
+/// Reads a run's entries in order, checking them against its footer at the end. Reads
+/// and hashes [`IO_BUFFER`] bytes at a time (see [`RunWriter`]).
 struct RunReader {
     path: PathBuf,
-    input: BufReader<File>,
+    input: File,
+    buffer: Vec<u8>,
+    /// Where the next entry starts in `buffer`.
+    at: usize,
+    /// Entries not yet read into `buffer`.
     left: u64,
     hasher: blake3::Hasher,
     expected: [u8; 32],
@@ -359,7 +378,9 @@ impl RunReader {
         fields.copy_from_slice(&footer[..16]);
         Ok(RunReader {
             fields,
-            input: BufReader::with_capacity(IO_BUFFER, file),
+            input: file,
+            buffer: Vec::new(),
+            at: 0,
             path,
             left: count,
             hasher: blake3::Hasher::new(),
@@ -370,27 +391,35 @@ impl RunReader {
 
     /// The next entry, or `None` after the last (once checked against the footer).
     fn next(&mut self) -> Result<Option<(Hash, [u8; 16])>, LogError> {
-        if self.left == 0 {
-            self.hasher.update(&self.fields);
-            if self.hasher.finalize().as_bytes() != &self.expected {
-                return Err(corrupt(
-                    &self.path,
-                    "entries do not match the footer's hash",
-                ));
+        if self.at == self.buffer.len() {
+            if self.left == 0 {
+                self.hasher.update(&self.fields);
+                if self.hasher.finalize().as_bytes() != &self.expected {
+                    return Err(corrupt(
+                        &self.path,
+                        "entries do not match the footer's hash",
+                    ));
+                }
+                return Ok(None);
             }
-            return Ok(None);
+            // `left` entries fit in the file's size, checked at open.
+            let entries = self.left.min((IO_BUFFER / ENTRY) as u64);
+            self.buffer.resize(entries as usize * ENTRY, 0);
+            self.input
+                .read_exact(&mut self.buffer)
+                .map_err(io_error("reading", self.path.clone()))?;
+            self.hasher.update(&self.buffer);
+            self.left -= entries;
+            self.at = 0;
         }
         let mut entry = [0; ENTRY];
-        self.input
-            .read_exact(&mut entry)
-            .map_err(io_error("reading", self.path.clone()))?;
-        self.hasher.update(&entry);
-        self.left -= 1;
+        entry.copy_from_slice(&self.buffer[self.at..self.at + ENTRY]);
+        self.at += ENTRY;
         Ok(Some(split_entry(&entry)))
     }
 
     fn into_file(self) -> File {
-        self.input.into_inner()
+        self.input
     }
 }
 
