@@ -757,13 +757,76 @@ impl SortedLocations {
     }
 }
 
+/// The chunks written since the last sync, by hash, with a count of the entries replaced
+/// or removed. A sync takes the entries, syncs the packs without the writer's lock, and
+/// then records what it took: when nothing was replaced or removed meanwhile, every entry
+/// it took is still as it took it, and when nothing was added either, it can let go of
+/// them all at once. A large file's sync then costs no second and third pass over its
+/// entries in a map (the sync's tail, which each side of a transfer waits for).
+#[derive(Default)]
+struct Staged {
+    map: HashMap<Hash, Location>,
+    changes: u64,
+}
+
+impl Staged {
+    fn get(&self, hash: &Hash) -> Option<&Location> {
+        self.map.get(hash)
+    }
+
+    fn insert(&mut self, hash: Hash, location: Location) {
+        if self.map.insert(hash, location).is_some() {
+            self.changes += 1;
+        }
+    }
+
+    fn extend(&mut self, entries: impl IntoIterator<Item = (Hash, Location)>) {
+        for (hash, location) in entries {
+            self.insert(hash, location);
+        }
+    }
+
+    fn remove(&mut self, hash: &Hash) {
+        if self.map.remove(hash).is_some() {
+            self.changes += 1;
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&Hash, &Location)> {
+        self.map.iter()
+    }
+
+    /// Forgets `recorded`, entries taken when [`changes`](Self::changes) was `taken_at`
+    /// and still as taken: all at once when they are all there is, else one by one.
+    fn forget(&mut self, recorded: &[(Hash, Location)], taken_at: u64) {
+        if self.changes == taken_at && recorded.len() == self.map.len() {
+            self.map.clear();
+            self.changes += 1;
+        } else {
+            recorded.iter().for_each(|(hash, _)| self.remove(hash));
+        }
+        if self.map.is_empty() && self.map.capacity() > 4096 {
+            // A large sync's entries are gone: so is their room.
+            self.map = HashMap::with_capacity(1024);
+        }
+    }
+}
+
 /// The pack being appended to, and the chunks written since the last sync.
 struct PackWriter {
     id: u32,
     file: Option<Arc<File>>,
     /// Bytes in the current pack, and how far its writeback was started.
     written: Writeback,
-    staged: HashMap<Hash, Location>,
+    staged: Staged,
     /// Chunks durable and recorded in a manifest, not yet in a run.
     unindexed: SortedLocations,
     /// The manifests `unindexed` came from.
@@ -1021,7 +1084,7 @@ impl ChunkStore {
                     id: last + 1,
                     file: None,
                     written: Writeback::default(),
-                    staged: HashMap::new(),
+                    staged: Staged::default(),
                     unindexed,
                     index_due: !manifested.is_empty(),
                     manifested,
@@ -1919,6 +1982,7 @@ impl ChunkStore {
         // run outside it, so that chunks are put and looked up meanwhile (they took the
         // writers and readers of every chunk off their work for the disk's time).
         let mut staged: Vec<(Hash, Location)> = w.staged.iter().map(|(h, l)| (*h, *l)).collect();
+        let taken_at = w.staged.changes;
         let current = w.file.clone().map(|file| (w.id, file));
         let mut files = std::mem::take(&mut w.closed);
         files.extend(current);
@@ -1963,7 +2027,9 @@ impl ChunkStore {
         // Each copy of a large file's entries is what the peak memory grows by with the
         // file's size: this vector is filtered, split and sorted in place, and then moved
         // into `unindexed` (or merged there in place).
-        staged.retain(|(h, l)| w.staged.get(h) == Some(l));
+        if w.staged.changes != taken_at {
+            staged.retain(|(h, l)| w.staged.get(h) == Some(l));
+        }
         // Chunks recorded anew are no longer where the index or a manifest waiting to be
         // indexed has them: indexed now, over both (see `PackWriter::moved`).
         let mut moved: Vec<(Hash, Location)> = Vec::new();
@@ -1989,9 +2055,7 @@ impl ChunkStore {
         staged.sort_unstable_by_key(|(h, _)| *h);
         if staged.len() < MANIFEST_ENTRIES {
             self.index_sorted(&staged)?;
-            for (hash, _) in &staged {
-                w.staged.remove(hash);
-            }
+            w.staged.forget(&staged, taken_at);
         } else if staged.len() >= RUN_ENTRIES {
             // Removals from the index and the manifests durable first (a chunk forgotten
             // as damaged, then stored again into this run): back after a crash, their
@@ -1999,9 +2063,7 @@ impl ChunkStore {
             inner.index.flush()?;
             // Left staged if this fails, for the next sync.
             inner.runs_mut()?.write(&staged)?;
-            for (hash, _) in &staged {
-                w.staged.remove(hash);
-            }
+            w.staged.forget(&staged, taken_at);
             if let Ok(mut recent) = inner.recent.write() {
                 recent.extend(&staged);
             }
@@ -2025,9 +2087,7 @@ impl ChunkStore {
             // later one failed: no manifest's entries are missing there. The rest stay
             // staged, for the next sync.
             staged.truncate(recorded);
-            for (hash, _) in &staged {
-                w.staged.remove(hash);
-            }
+            w.staged.forget(&staged, taken_at);
             w.unindexed.add(staged);
             if recorded > 0 {
                 self.index_later(&w);
@@ -2035,10 +2095,6 @@ impl ChunkStore {
             if let Some(e) = failed {
                 return Err(e.into());
             }
-        }
-        if w.staged.is_empty() && w.staged.capacity() > 4096 {
-            // A large sync's entries are gone: so is their room.
-            w.staged = HashMap::with_capacity(1024);
         }
         Ok(())
     }
@@ -2448,6 +2504,42 @@ impl ChunkStore {
 
     fn recent(&self, hash: &Hash) -> Option<Location> {
         self.inner.recent.read().ok()?.get(hash)
+    }
+
+    /// [`locate`](Self::locate) for each of `hashes`, each lock taken once for all of
+    /// them. Taken and released around each lookup, a lock's atomic instructions kept
+    /// the processor from looking up the next hash while the last one's cache miss was
+    /// under way: a large file's chunks, looked up as its content is checked and lent,
+    /// are each a miss in maps of thousands of entries.
+    fn locate_all(&self, hashes: &[Hash]) -> Result<Vec<Option<Location>>, LogError> {
+        let mut found: Vec<Option<Location>> = {
+            let mut w = self.inner.writer.lock().map_err(|_| LogError::Closed)?;
+            w.busy();
+            hashes
+                .iter()
+                .map(|hash| {
+                    w.staged
+                        .get(hash)
+                        .or_else(|| w.unindexed.get(hash))
+                        .copied()
+                })
+                .collect()
+        };
+        if found.iter().any(Option::is_none) {
+            if let Ok(recent) = self.inner.recent.read() {
+                for (slot, hash) in found.iter_mut().zip(hashes) {
+                    if slot.is_none() {
+                        *slot = recent.get(hash);
+                    }
+                }
+            }
+        }
+        for (slot, hash) in found.iter_mut().zip(hashes) {
+            if slot.is_none() {
+                *slot = self.durable(hash)?;
+            }
+        }
+        Ok(found)
     }
 
     fn pack(&self, id: u32) -> Result<Arc<File>, LogError> {
@@ -2963,27 +3055,40 @@ impl ChunkStore {
         f: &mut dyn FnMut(&Hash, Location) -> Result<(), LogError>,
     ) -> Result<(), LogError> {
         let Some(location) = self.locate(&hash)? else {
-            // Content being read out is an event's, complete when it was appended: a
-            // chunk of it gone since (its index entries in a run file set aside as
-            // damaged at open, say) is listed to be fetched again from peers, as one found
-            // damaged in its pack is.
-            if let Ok(mut damaged) = self.inner.damaged.lock() {
-                damaged.insert(hash);
-            }
-            return Err(LogError::Corrupt {
-                what: format!("chunk {hash:?}"),
-                source: converge_api::CodecError::Malformed(
-                    "missing from the content store (asked of peers again)".into(),
-                ),
-            });
+            return Err(self.gone(hash));
         };
         if depth == 0 {
             return f(&hash, location);
         }
-        for child in self.node(&hash, location)?.children {
-            self.walk_locations(child.hash, depth - 1, f)?;
+        let children = self.node(&hash, location)?.children;
+        if depth > 1 {
+            for child in children {
+                self.walk_locations(child.hash, depth - 1, f)?;
+            }
+            return Ok(());
+        }
+        // Data chunks: looked up together.
+        let hashes: Vec<Hash> = children.iter().map(|child| child.hash).collect();
+        for (hash, location) in hashes.iter().zip(self.locate_all(&hashes)?) {
+            f(hash, location.ok_or_else(|| self.gone(*hash))?)?;
         }
         Ok(())
+    }
+
+    /// The error for `hash` missing from content being read out, which lists it as
+    /// damaged. Such content is an event's, complete when it was appended: a chunk of it
+    /// gone since (its index entries in a run file set aside as damaged at open, say) is
+    /// listed to be fetched again from peers, as one found damaged in its pack is.
+    fn gone(&self, hash: Hash) -> LogError {
+        if let Ok(mut damaged) = self.inner.damaged.lock() {
+            damaged.insert(hash);
+        }
+        LogError::Corrupt {
+            what: format!("chunk {hash:?}"),
+            source: converge_api::CodecError::Malformed(
+                "missing from the content store (asked of peers again)".into(),
+            ),
+        }
     }
 }
 
@@ -3239,6 +3344,9 @@ impl Missing {
                 .rev()
                 .map(move |child| (child.hash, depth - 1))
         }
+        if depth == 1 {
+            return self.chunks_below(store, node, found);
+        }
         let mut stack: Vec<(Hash, u8)> = below(node, depth).collect();
         // On an error, what is left to walk goes to `found`, to be looked up again.
         let keep = |stack: Vec<(Hash, u8)>, found: &mut Vec<Wanted>| {
@@ -3280,6 +3388,12 @@ impl Missing {
                     });
                 }
                 Some(location) if depth > 0 => match store.node(&hash, location) {
+                    Ok(node) if depth == 1 => {
+                        if let Err(err) = self.chunks_below(store, &node, found) {
+                            keep(stack, found);
+                            return Err(err);
+                        }
+                    }
                     Ok(node) => stack.extend(below(&node, depth)),
                     Err(err) => {
                         stack.push((hash, depth));
@@ -3288,6 +3402,47 @@ impl Missing {
                     }
                 },
                 Some(_) => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Looks up the data chunks `node` (at height 1) names, together (see
+    /// [`ChunkStore::locate_all`]), and adds to `found` those missing and not yet listed.
+    /// On an error, they all go to `found`, to be looked up again.
+    fn chunks_below(
+        &mut self,
+        store: &ChunkStore,
+        node: &IndexNode,
+        found: &mut Vec<Wanted>,
+    ) -> Result<(), LogError> {
+        let chunks: Vec<Hash> = node
+            .children
+            .iter()
+            .map(|child| child.hash)
+            .filter(|hash| !self.seen.contains(&(*hash, 0)))
+            .collect();
+        let located = match store.locate_all(&chunks) {
+            Ok(located) => located,
+            Err(err) => {
+                found.extend(chunks.into_iter().map(|hash| Wanted {
+                    hash,
+                    depth: 0,
+                    checked: false,
+                    requested: false,
+                }));
+                return Err(err);
+            }
+        };
+        for (hash, location) in chunks.into_iter().zip(located) {
+            // A chunk named twice in the node is listed once.
+            if location.is_none() && self.seen.insert((hash, 0)) {
+                found.push(Wanted {
+                    hash,
+                    depth: 0,
+                    checked: true,
+                    requested: false,
+                });
             }
         }
         Ok(())
