@@ -1467,6 +1467,75 @@ fn unknown_peer_is_refused_and_garbage_is_dropped() {
     b.stop();
 }
 
+/// Connections that never say hello are bounded: past `MAX_HANDSHAKES` under way, A closes
+/// a new one at once (no hello sent), logs it, and keeps syncing with B; once the silent
+/// ones are gone, a new connection gets A's hello again.
+#[test]
+fn silent_connections_past_the_bound_are_closed_and_b_still_syncs() {
+    let (mut a, mut b) = pair();
+    a.start();
+    b.start();
+    write_file(&a.folder().join("before.txt"), b"before the flood\n");
+    assert_converges(&mut a, &mut b);
+
+    // Reads what A sends on `stream` first: its hello (some bytes), or `None` once A
+    // closed the connection without a byte.
+    let first_bytes = |stream: &mut TcpStream| -> Option<usize> {
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let mut buf = [0u8; 4096];
+        match stream.read(&mut buf) {
+            Ok(0) => None,
+            Ok(n) => Some(n),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => None,
+            Err(e) => panic!("no hello and no close from A within 30 s: {e}"),
+        }
+    };
+    let silent: Vec<TcpStream> = (0..converge_framework::MAX_HANDSHAKES)
+        .map(|i| {
+            let mut stream = TcpStream::connect(("127.0.0.1", a.port)).unwrap();
+            assert!(
+                first_bytes(&mut stream).is_some(),
+                "A closed silent connection {i} although fewer than the bound were open"
+            );
+            stream
+        })
+        .collect();
+    let mut past = TcpStream::connect(("127.0.0.1", a.port)).unwrap();
+    assert_eq!(
+        first_bytes(&mut past),
+        None,
+        "A said hello on a connection past the bound of handshakes under way"
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || a
+            .log()
+            .contains("handshakes are under way")),
+        "A did not log the connection it closed\n{}",
+        a.log_tail()
+    );
+
+    // B's session is not a handshake under way: it syncs on.
+    write_file(&a.folder().join("during.txt"), b"during the flood\n");
+    let t = assert_converges(&mut a, &mut b);
+    assert!(t.contains_key("during.txt"));
+
+    // The silent connections gone, A greets a new one.
+    drop(silent);
+    let greeted = wait_until(Duration::from_secs(30), || {
+        let mut stream = TcpStream::connect(("127.0.0.1", a.port)).unwrap();
+        first_bytes(&mut stream).is_some()
+    });
+    assert!(
+        greeted,
+        "A never said hello again after the silent connections closed"
+    );
+    a.assert_running();
+    a.stop();
+    b.stop();
+}
+
 /// B's folder is found empty at start, its files gone with their folder (a disk not
 /// mounted, an empty directory in its place): B records no deletes, so A keeps every file,
 /// and writes nothing into the empty directory. When the folder is back, B takes up

@@ -1186,8 +1186,21 @@ pub(crate) async fn until(rx: &mut watch::Receiver<bool>, value: bool) {
     let _ = rx.wait_for(|v| *v == value).await;
 }
 
+/// Accepted connections whose handshake is under way, at most: beyond, a new connection
+/// is closed at once. Each holds a task and a descriptor until its peer's `Hello` (or the
+/// handshake timeout), so that a flood of connections that never say hello would
+/// otherwise run the daemon out of descriptors, its peers' connections and its files'
+/// with them. Peers dial both ways, so one refused here still connects from this side.
+pub const MAX_HANDSHAKES: usize = 64;
+
+/// How often, at most, the refusals of connections past [`MAX_HANDSHAKES`] are logged.
+const HANDSHAKES_WARNING_EVERY: Duration = Duration::from_secs(10);
+
 async fn accept_loop(inner: Arc<Inner>, transport: Arc<dyn Transport>) {
     let mut shutdown = inner.shutdown.subscribe();
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+    // Connections refused since the last warning, and when that was.
+    let (mut refused, mut warned): (u64, Option<Instant>) = (0, None);
     loop {
         let conn = tokio::select! {
             c = transport.accept() => c,
@@ -1195,11 +1208,24 @@ async fn accept_loop(inner: Arc<Inner>, transport: Arc<dyn Transport>) {
         };
         match conn {
             Ok(conn) if !inner.is_paused() => {
+                let Ok(handshake) = handshakes.clone().try_acquire_owned() else {
+                    // Dropping the connection closes it.
+                    refused += 1;
+                    if warned.is_none_or(|at| at.elapsed() >= HANDSHAKES_WARNING_EVERY) {
+                        tracing::warn!(
+                            "closing incoming connections ({refused} since the last warning, \
+                             the last from {}): {MAX_HANDSHAKES} handshakes are under way",
+                            conn.remote
+                        );
+                        (refused, warned) = (0, Some(Instant::now()));
+                    }
+                    continue;
+                };
                 let inner = inner.clone();
                 tokio::spawn(async move {
                     let mut shutdown = inner.shutdown.subscribe();
                     tokio::select! {
-                        r = run_session(inner.clone(), conn, None) => if let Err(e) = r {
+                        r = run_session(inner.clone(), conn, None, Some(handshake)) => if let Err(e) = r {
                             tracing::warn!("incoming connection: {e}");
                         },
                         _ = crate::engine::until(&mut shutdown, true) => {}
@@ -1251,7 +1277,9 @@ async fn dial_loop(
         let started = Instant::now();
         let outcome = tokio::select! {
             c = transport.dial(&address) => match c {
-                Ok(conn) => run_session(inner.clone(), conn, Some(peer)).await.map_err(Some),
+                Ok(conn) => run_session(inner.clone(), conn, Some(peer), None)
+                    .await
+                    .map_err(Some),
                 Err(e) => {
                     tracing::debug!(peer = %peer.short(), %address, "dial: {e}");
                     Err(None)

@@ -39,7 +39,7 @@ pub mod reconciler;
 
 pub use engine::{
     AppendOrigin, EngineBuilder, EngineConfig, EngineError, EngineEvent, EngineStats, Observer,
-    PeerConfig, PeerStatus, PluginInfo, SourceStatus, SubscriberStatus, SyncEngine,
+    PeerConfig, PeerStatus, PluginInfo, SourceStatus, SubscriberStatus, SyncEngine, MAX_HANDSHAKES,
 };
 pub use error::{LogError, PluginError, TransportError};
 pub use protocol::SessionError;

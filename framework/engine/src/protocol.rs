@@ -331,10 +331,15 @@ pub(crate) enum Ended {
     ClosedBeforeHello,
 }
 
+/// Runs a session over `conn`: the handshake, then the sync until either side ends it.
+/// `expected` is the peer dialed (`None` for an accepted connection); `handshake`, held
+/// until the peer's `Hello` has been accepted, is what an accepted connection counts
+/// against the bound on handshakes under way (see `accept_loop`).
 pub(crate) async fn run_session(
     inner: Arc<Inner>,
     conn: Connection,
     expected: Option<ReplicaId>,
+    handshake: Option<tokio::sync::OwnedSemaphorePermit>,
 ) -> Result<Ended, SessionError> {
     let Connection {
         remote,
@@ -404,6 +409,8 @@ pub(crate) async fn run_session(
             reason,
         });
     }
+    // A known peer, in sync terms with this replica: no longer a handshake under way.
+    drop(handshake);
     let (control_tx, control_rx) = mpsc::unbounded_channel();
     let pushed = Arc::new(PushBacklog::default());
     let Some(generation) = inner.register(
