@@ -1467,19 +1467,54 @@ fn unknown_peer_is_refused_and_garbage_is_dropped() {
     b.stop();
 }
 
-/// Connections that never say hello are bounded: past `MAX_HANDSHAKES` under way, A closes
-/// a new one at once (no hello sent), logs it, and keeps syncing with B; once the silent
-/// ones are gone, a new connection gets A's hello again.
+/// Connections that never say hello are bounded: past `MAX_HANDSHAKES_PER_HOST` from one
+/// host, or `MAX_HANDSHAKES` in all, A closes a new one at once (no hello sent) and logs it,
+/// while B, whose session A accepted, syncs on; once the silent ones are gone, A greets new
+/// connections again.
 #[test]
-fn silent_connections_past_the_bound_are_closed_and_b_still_syncs() {
-    let (mut a, mut b) = pair();
+fn silent_connections_past_the_bounds_are_closed_and_b_still_syncs() {
+    use converge_framework::{MAX_HANDSHAKES, MAX_HANDSHAKES_PER_HOST};
+
+    let mut a = Daemon::init("A");
+    let mut b = Daemon::init("B");
+    // A dials B at an address where nothing listens, so B's session is one A accepted:
+    // its handshake slot must be given back once B's hello is accepted.
+    let nowhere = std::net::TcpListener::bind(("127.0.0.1", 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    a.append_config(&format!(
+        "\n[[peers]]\nid = \"{}\"\naddress = \"127.0.0.1:{nowhere}\"\n",
+        b.id
+    ));
+    b.add_peer(&a);
     a.start();
     b.start();
     write_file(&a.folder().join("before.txt"), b"before the flood\n");
     assert_converges(&mut a, &mut b);
 
-    // Reads what A sends on `stream` first: its hello (some bytes), or `None` once A
-    // closed the connection without a byte.
+    // A connection to A from `host` (any address of the loopback network).
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .unwrap();
+    let port = a.port;
+    let connect = |host: [u8; 4]| -> TcpStream {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket
+            .bind((std::net::Ipv4Addr::from(host), 0).into())
+            .unwrap();
+        let stream = runtime
+            .block_on(socket.connect(([127, 0, 0, 1], port).into()))
+            .unwrap()
+            .into_std()
+            .unwrap();
+        stream.set_nonblocking(false).unwrap();
+        stream
+    };
+    // What A sends first: its hello (some bytes), or `None` once it closed the connection
+    // without a byte.
     let first_bytes = |stream: &mut TcpStream| -> Option<usize> {
         stream
             .set_read_timeout(Some(Duration::from_secs(30)))
@@ -1492,43 +1527,49 @@ fn silent_connections_past_the_bound_are_closed_and_b_still_syncs() {
             Err(e) => panic!("no hello and no close from A within 30 s: {e}"),
         }
     };
-    let silent: Vec<TcpStream> = (0..converge_framework::MAX_HANDSHAKES)
+    let greeted = |host: [u8; 4]| -> Option<TcpStream> {
+        let mut stream = connect(host);
+        first_bytes(&mut stream).map(|_| stream)
+    };
+
+    // From one host: up to its bound, each greeted; past it, closed.
+    let mut silent: Vec<TcpStream> = (0..MAX_HANDSHAKES_PER_HOST)
         .map(|i| {
-            let mut stream = TcpStream::connect(("127.0.0.1", a.port)).unwrap();
-            assert!(
-                first_bytes(&mut stream).is_some(),
-                "A closed silent connection {i} although fewer than the bound were open"
-            );
-            stream
+            greeted([127, 0, 0, 1]).unwrap_or_else(|| panic!("A closed silent connection {i}"))
         })
         .collect();
-    let mut past = TcpStream::connect(("127.0.0.1", a.port)).unwrap();
-    assert_eq!(
-        first_bytes(&mut past),
-        None,
-        "A said hello on a connection past the bound of handshakes under way"
+    assert!(
+        greeted([127, 0, 0, 1]).is_none(),
+        "A said hello past the bound of handshakes from one host"
+    );
+    // From other hosts, up to the bound of all handshakes; past it, closed.
+    for i in MAX_HANDSHAKES_PER_HOST..MAX_HANDSHAKES {
+        let host = [127, 0, 0, 2 + (i / MAX_HANDSHAKES_PER_HOST) as u8];
+        let stream = greeted(host).unwrap_or_else(|| panic!("A closed silent connection {i}"));
+        silent.push(stream);
+    }
+    assert!(
+        greeted([127, 0, 0, 99]).is_none(),
+        "A said hello past the bound of all handshakes under way"
     );
     assert!(
         wait_until(Duration::from_secs(10), || a
             .log()
             .contains("handshakes are under way")),
-        "A did not log the connection it closed\n{}",
+        "A did not log the connections it closed\n{}",
         a.log_tail()
     );
 
-    // B's session is not a handshake under way: it syncs on.
+    // B's session holds no slot: it syncs on.
     write_file(&a.folder().join("during.txt"), b"during the flood\n");
     let t = assert_converges(&mut a, &mut b);
     assert!(t.contains_key("during.txt"));
 
-    // The silent connections gone, A greets a new one.
+    // The silent connections gone, A greets new ones.
     drop(silent);
-    let greeted = wait_until(Duration::from_secs(30), || {
-        let mut stream = TcpStream::connect(("127.0.0.1", a.port)).unwrap();
-        first_bytes(&mut stream).is_some()
-    });
     assert!(
-        greeted,
+        wait_until(Duration::from_secs(30), || greeted([127, 0, 0, 1])
+            .is_some()),
         "A never said hello again after the silent connections closed"
     );
     a.assert_running();

@@ -76,8 +76,6 @@
 //! taken for such a file, in an earlier run, when it has more than one link.
 //!
 //! Chunks are never removed yet (no garbage collection), as before with the sled tree.
-
-use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use std::fs::{File, OpenOptions};
 use std::io::{IoSlice, Seek, SeekFrom, Write};
 use std::ops::Range;
@@ -89,6 +87,7 @@ use std::time::{Duration, Instant};
 
 use converge_api::content::IndexNode;
 use converge_api::{ContentRef, Hash, Place};
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use sled::Tree;
 
 use crate::error::LogError;

@@ -23,12 +23,11 @@
 //! engine depends on no metrics crate.
 
 use std::collections::BTreeMap;
-
-use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use converge_api::{ConflictPolicy, Event, Hash, Head, Key, Message, ReplicaId, VersionVector};
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -1190,15 +1189,88 @@ pub(crate) async fn until(rx: &mut watch::Receiver<bool>, value: bool) {
 /// is closed at once. Each holds a task and a descriptor until its peer's `Hello` (or the
 /// handshake timeout), so that a flood of connections that never say hello would
 /// otherwise run the daemon out of descriptors, its peers' connections and its files'
-/// with them. Peers dial both ways, so one refused here still connects from this side.
+/// with them.
 pub const MAX_HANDSHAKES: usize = 64;
 
-/// How often, at most, the refusals of connections past [`MAX_HANDSHAKES`] are logged.
+/// Accepted connections in their handshake from one host (the address a connection came
+/// from, without its port), at most: one host's flood leaves the other hosts' room, so
+/// that a peer this replica does not dial (or cannot reach) still gets in.
+pub const MAX_HANDSHAKES_PER_HOST: usize = 8;
+
+/// How often, at most, the refusals of connections past the handshake bounds are logged.
 const HANDSHAKES_WARNING_EVERY: Duration = Duration::from_secs(10);
+
+/// The handshakes under way on accepted connections (see [`MAX_HANDSHAKES`] and
+/// [`MAX_HANDSHAKES_PER_HOST`]).
+#[derive(Clone)]
+struct Handshakes {
+    all: Arc<tokio::sync::Semaphore>,
+    per_host: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+/// An accepted connection's room among the handshakes under way, given back when dropped:
+/// once its peer's `Hello` is accepted, or the connection ends before.
+pub(crate) struct HandshakeSlot {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    host: String,
+    per_host: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        let mut per_host = self
+            .per_host
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = per_host.get_mut(&self.host) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                per_host.remove(&self.host);
+            }
+        }
+    }
+}
+
+impl Handshakes {
+    fn new() -> Self {
+        Handshakes {
+            all: Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES)),
+            per_host: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    /// Room for a handshake with a connection from `remote`, unless a bound is reached.
+    fn enter(&self, remote: &str) -> Option<HandshakeSlot> {
+        let host = host_of(remote).to_owned();
+        let mut per_host = self
+            .per_host
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if per_host.get(&host).copied().unwrap_or(0) >= MAX_HANDSHAKES_PER_HOST {
+            return None;
+        }
+        let permit = self.all.clone().try_acquire_owned().ok()?;
+        *per_host.entry(host.clone()).or_default() += 1;
+        Some(HandshakeSlot {
+            _permit: permit,
+            host,
+            per_host: self.per_host.clone(),
+        })
+    }
+}
+
+/// The host part of a transport's `remote` address: `HOST:PORT` (`[V6]:PORT` too) without
+/// its port; an address of another form is taken whole.
+fn host_of(remote: &str) -> &str {
+    match remote.rsplit_once(':') {
+        Some((host, port)) if port.parse::<u16>().is_ok() => host,
+        _ => remote,
+    }
+}
 
 async fn accept_loop(inner: Arc<Inner>, transport: Arc<dyn Transport>) {
     let mut shutdown = inner.shutdown.subscribe();
-    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+    let handshakes = Handshakes::new();
     // Connections refused since the last warning, and when that was.
     let (mut refused, mut warned): (u64, Option<Instant>) = (0, None);
     loop {
@@ -1208,19 +1280,26 @@ async fn accept_loop(inner: Arc<Inner>, transport: Arc<dyn Transport>) {
         };
         match conn {
             Ok(conn) if !inner.is_paused() => {
-                let Ok(handshake) = handshakes.clone().try_acquire_owned() else {
+                let Some(handshake) = handshakes.enter(&conn.remote) else {
                     // Dropping the connection closes it.
                     refused += 1;
                     if warned.is_none_or(|at| at.elapsed() >= HANDSHAKES_WARNING_EVERY) {
                         tracing::warn!(
                             "closing incoming connections ({refused} since the last warning, \
-                             the last from {}): {MAX_HANDSHAKES} handshakes are under way",
+                             the last from {}): {MAX_HANDSHAKES} handshakes are under way, or \
+                             {MAX_HANDSHAKES_PER_HOST} from that host",
                             conn.remote
                         );
                         (refused, warned) = (0, Some(Instant::now()));
                     }
                     continue;
                 };
+                if refused > 0 {
+                    tracing::warn!(
+                        "closed {refused} more incoming connections past the handshake bounds"
+                    );
+                    refused = 0;
+                }
                 let inner = inner.clone();
                 tokio::spawn(async move {
                     let mut shutdown = inner.shutdown.subscribe();
@@ -1806,7 +1885,9 @@ async fn apply_next_batch(
         let events = log.read(cursor, max)?;
         let next = events.last().map_or(cursor, |(o, _)| o + 1);
         // Merges (events naming several parents, rare) may end conflict copies.
-        let mut merged: HashMap<&Key, Vec<Head>> = HashMap::new();
+        // Keyed by path, which peers choose: std's hasher, not foldhash.
+        let mut merged: std::collections::HashMap<&Key, Vec<Head>> =
+            std::collections::HashMap::new();
         for (_, event) in events.iter().filter(|(_, e)| e.parents.len() > 1) {
             let mut parents = Vec::with_capacity(event.parents.len());
             for id in &event.parents {

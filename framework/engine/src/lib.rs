@@ -40,6 +40,7 @@ pub mod reconciler;
 pub use engine::{
     AppendOrigin, EngineBuilder, EngineConfig, EngineError, EngineEvent, EngineStats, Observer,
     PeerConfig, PeerStatus, PluginInfo, SourceStatus, SubscriberStatus, SyncEngine, MAX_HANDSHAKES,
+    MAX_HANDSHAKES_PER_HOST,
 };
 pub use error::{LogError, PluginError, TransportError};
 pub use protocol::SessionError;

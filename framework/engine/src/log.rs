@@ -23,9 +23,7 @@
 //! loses nothing. `ids` holds every [`IDS_STRIDE`]-th seq of each origin; a lookup scans
 //! forward from there.
 
-use std::collections::BTreeMap;
-
-use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 

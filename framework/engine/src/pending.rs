@@ -9,9 +9,7 @@
 //! would hold back every later event of its origin. So every head in the log can be
 //! materialized.
 
-use std::collections::BTreeMap;
-
-use foldhash::{HashMap, HashMapExt};
+use std::collections::{BTreeMap, HashMap};
 
 use converge_api::{Event, EventId, Key, ReplicaId, VersionVector};
 

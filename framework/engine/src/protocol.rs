@@ -6,14 +6,13 @@
 //! invalid event or a chunk that does not match its hash ends the session.
 
 use std::collections::VecDeque;
-
-use foldhash::{HashSet, HashSetExt};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use converge_api::codec::PROTOCOL_VERSION;
 use converge_api::{codec, EventId, Hash, Message, Place, ReplicaId, VersionVector};
+use foldhash::{HashSet, HashSetExt};
 use tokio::sync::mpsc;
 use tokio::time::{timeout, Instant};
 
@@ -339,7 +338,7 @@ pub(crate) async fn run_session(
     inner: Arc<Inner>,
     conn: Connection,
     expected: Option<ReplicaId>,
-    handshake: Option<tokio::sync::OwnedSemaphorePermit>,
+    handshake: Option<crate::engine::HandshakeSlot>,
 ) -> Result<Ended, SessionError> {
     let Connection {
         remote,
@@ -348,12 +347,18 @@ pub(crate) async fn run_session(
         mut receiver,
     } = conn;
     let hello = hello_of(&inner.log);
-    send_message(sender.as_mut(), &inner, None, &hello).await?;
-    let first = match timeout(inner.config.handshake_timeout, receiver.recv()).await {
+    // Sending this side's hello is in the handshake's time too: a peer that reads nothing
+    // would otherwise hold the send (and an accepted connection's handshake slot) for good.
+    let greeted = timeout(inner.config.handshake_timeout, async {
+        send_message(sender.as_mut(), &inner, None, &hello).await?;
+        Ok::<_, SessionError>(receiver.recv().await?)
+    })
+    .await;
+    let first = match greeted {
         Err(_) => return Err(SessionError::Timeout(remote)),
         Ok(Ok(Some(frame))) => frame,
         Ok(Ok(None)) => return Ok(Ended::ClosedBeforeHello),
-        Ok(Err(e)) => return Err(e.into()),
+        Ok(Err(e)) => return Err(e),
     };
     let (peer, peer_vv, tips) = match Message::decode(&first) {
         Ok(Message::Hello {

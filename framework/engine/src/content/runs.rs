@@ -405,9 +405,12 @@ impl RunReader {
             // `left` entries fit in the file's size, checked at open.
             let entries = self.left.min((IO_BUFFER / ENTRY) as u64);
             self.buffer.resize(entries as usize * ENTRY, 0);
-            self.input
-                .read_exact(&mut self.buffer)
-                .map_err(io_error("reading", self.path.clone()))?;
+            if let Err(e) = self.input.read_exact(&mut self.buffer) {
+                // Nothing of a failed read is handed out.
+                self.buffer.clear();
+                self.at = 0;
+                return Err(io_error("reading", self.path.clone())(e));
+            }
             self.hasher.update(&self.buffer);
             self.left -= entries;
             self.at = 0;
