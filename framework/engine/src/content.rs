@@ -76,6 +76,7 @@
 //! taken for such a file, in an earlier run, when it has more than one link.
 //!
 //! Chunks are never removed yet (no garbage collection), as before with the sled tree.
+
 use std::fs::{File, OpenOptions};
 use std::io::{IoSlice, Seek, SeekFrom, Write};
 use std::ops::Range;
@@ -91,6 +92,15 @@ use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use sled::Tree;
 
 use crate::error::LogError;
+
+/// A map keyed by chunk hashes, for the engine's bookkeeping of chunks: foldhash, not
+/// std's SipHash, which was a visible share of a large transfer's CPU. The keys are BLAKE3
+/// hashes, and foldhash is seeded at random: chosen keys cannot degrade it. (This module's
+/// own maps, keyed by hashes and pack numbers, use foldhash throughout.)
+pub(crate) type ChunkMap<V> = HashMap<Hash, V>;
+
+/// A set of chunk hashes (see [`ChunkMap`]).
+pub(crate) type ChunkSet = HashSet<Hash>;
 
 mod runs;
 use runs::Runs;
@@ -938,6 +948,15 @@ impl PackWriter {
 
     /// Notes a put or a lookup: while manifests wait, the store is in use (see
     /// [`PackWriter::last_busy`]).
+    /// Where `hash` is held in the writer's memory, if there: staged, or in a manifest
+    /// not yet written out as a run.
+    fn in_memory(&self, hash: &Hash) -> Option<Location> {
+        self.staged
+            .get(hash)
+            .or_else(|| self.unindexed.get(hash))
+            .copied()
+    }
+
     fn busy(&mut self) {
         if !self.manifested.is_empty() {
             self.last_busy = Instant::now();
@@ -1439,13 +1458,7 @@ impl ChunkStore {
     /// Where `hash` is held, if anywhere: staged, in a manifest, in the index or in a run
     /// (`w` is the writer, locked).
     fn known(&self, w: &PackWriter, hash: &Hash) -> Result<Option<Location>, LogError> {
-        if let Some(location) = w
-            .staged
-            .get(hash)
-            .or_else(|| w.unindexed.get(hash))
-            .copied()
-            .or_else(|| self.recent(hash))
-        {
+        if let Some(location) = w.in_memory(hash).or_else(|| self.recent(hash)) {
             return Ok(Some(location));
         }
         self.durable(hash)
@@ -2490,10 +2503,7 @@ impl ChunkStore {
         let in_memory = {
             let mut w = self.inner.writer.lock().map_err(|_| LogError::Closed)?;
             w.busy();
-            w.staged
-                .get(hash)
-                .or_else(|| w.unindexed.get(hash))
-                .copied()
+            w.in_memory(hash)
         };
         match in_memory.or_else(|| self.recent(hash)) {
             Some(location) => Ok(Some(location)),
@@ -2514,15 +2524,7 @@ impl ChunkStore {
         let mut found: Vec<Option<Location>> = {
             let mut w = self.inner.writer.lock().map_err(|_| LogError::Closed)?;
             w.busy();
-            hashes
-                .iter()
-                .map(|hash| {
-                    w.staged
-                        .get(hash)
-                        .or_else(|| w.unindexed.get(hash))
-                        .copied()
-                })
-                .collect()
+            hashes.iter().map(|hash| w.in_memory(hash)).collect()
         };
         if found.iter().any(Option::is_none) {
             if let Ok(recent) = self.inner.recent.read() {

@@ -22,17 +22,16 @@
 //! Metrics leave the engine as typed [`EngineEvent`]s through an [`Observer`], so the
 //! engine depends on no metrics crate.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use converge_api::{ConflictPolicy, Event, Hash, Head, Key, Message, ReplicaId, VersionVector};
-use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::content::{Ask, FreshChunk, Missing};
+use crate::content::{Ask, ChunkMap, ChunkSet, FreshChunk, Missing};
 use crate::error::LogError;
 use crate::log::EventLog;
 use crate::pending::PendingQueue;
@@ -1202,7 +1201,6 @@ const HANDSHAKES_WARNING_EVERY: Duration = Duration::from_secs(10);
 
 /// The handshakes under way on accepted connections (see [`MAX_HANDSHAKES`] and
 /// [`MAX_HANDSHAKES_PER_HOST`]).
-#[derive(Clone)]
 struct Handshakes {
     all: Arc<tokio::sync::Semaphore>,
     per_host: Arc<Mutex<HashMap<String, usize>>>,
@@ -1464,13 +1462,13 @@ struct Asked {
 }
 
 /// Chunks the applier asked for and has not received, by hash.
-type Requested = HashMap<Hash, Asked>;
+type Requested = ChunkMap<Asked>;
 
 /// For each content whose chunks a peer let time out, how many times that happened: its
 /// chunks are asked of the next connected peer in turn (see [`peer_to_ask`]). A relay
 /// whose copy of a chunk is damaged, or which dropped it, never answers for it; the turn
 /// moves on to a peer that may hold it, the event's origin among them.
-type Turns = HashMap<Hash, usize>;
+type Turns = ChunkMap<usize>;
 
 /// The peer to ask for the chunks of a content that `from` sent, at `turn`: `from` first
 /// while it is connected, then each other connected peer in the order of their IDs, and
@@ -1502,12 +1500,12 @@ fn peer_to_ask(from: ReplicaId, connected: &[ReplicaId], turn: usize) -> Replica
 async fn run_applier(inner: Arc<Inner>, mut inbound: mpsc::Receiver<Inbound>) {
     let mut shutdown = inner.shutdown.subscribe();
     let mut queue = PendingQueue::new(inner.config.max_pending_events);
-    let mut requested: Requested = HashMap::new();
-    let mut turns: Turns = HashMap::new();
+    let mut requested = Requested::default();
+    let mut turns = Turns::default();
     // When each peer last delivered chunks: one still delivering is slow, not lacking.
     let mut delivered: HashMap<ReplicaId, Instant> = HashMap::new();
     // What each pending content still lacks, by root, kept between passes.
-    let mut missing: HashMap<Hash, Missing> = HashMap::new();
+    let mut missing: ChunkMap<Missing> = ChunkMap::default();
     let mut tick = tokio::time::interval(inner.config.tick_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // After a failed append: when to try again, and the pause after the next failure.
@@ -1571,7 +1569,7 @@ async fn run_applier(inner: Arc<Inner>, mut inbound: mpsc::Receiver<Inbound>) {
             // go to the next peer in turn. One still delivering is slow: asked again.
             let timeout = inner.config.chunk_timeout;
             let sessions = inner.session_generations();
-            let mut timed_out: HashMap<Hash, ReplicaId> = HashMap::new();
+            let mut timed_out: ChunkMap<ReplicaId> = ChunkMap::default();
             requested.retain(|_, asked| {
                 if sessions.get(&asked.peer) != asked.generation.as_ref() {
                     return false;
@@ -1678,13 +1676,13 @@ async fn advance(
     inner: &Arc<Inner>,
     mut queue: PendingQueue,
     requested: &mut Requested,
-    missing: &mut HashMap<Hash, Missing>,
+    missing: &mut ChunkMap<Missing>,
     turns: &mut Turns,
 ) -> (PendingQueue, Result<(), PassError>) {
     loop {
         let chunks = inner.log.chunks().clone();
         let held = inner.log.version_vector();
-        let asked: HashSet<Hash> = requested.keys().copied().collect();
+        let asked: ChunkSet = requested.keys().copied().collect();
         // Each peer has a window of its own: one that never answers holds only its own.
         let mut asked_of: HashMap<ReplicaId, usize> = HashMap::new();
         for asked in requested.values() {
@@ -1706,7 +1704,7 @@ async fn advance(
             });
             // Hashes to ask for, by peer, with the root of each one's content and its turn.
             let mut wants: BTreeMap<ReplicaId, Vec<(Hash, Hash, usize)>> = BTreeMap::new();
-            let mut wanted: HashSet<Hash> = HashSet::new();
+            let mut wanted = ChunkSet::default();
             // What each peer may still be asked, and how many have no room left: once
             // none has, the pass stops looking.
             let mut budgets: HashMap<ReplicaId, usize> = HashMap::new();
@@ -1761,7 +1759,7 @@ async fn advance(
                 }
             }
             // Forget the contents no pending event refers to any more.
-            let live: HashSet<Hash> = queue
+            let live: ChunkSet = queue
                 .iter()
                 .filter_map(|p| p.event.op.content().map(|c| c.root))
                 .collect();
@@ -1885,9 +1883,7 @@ async fn apply_next_batch(
         let events = log.read(cursor, max)?;
         let next = events.last().map_or(cursor, |(o, _)| o + 1);
         // Merges (events naming several parents, rare) may end conflict copies.
-        // Keyed by path, which peers choose: std's hasher, not foldhash.
-        let mut merged: std::collections::HashMap<&Key, Vec<Head>> =
-            std::collections::HashMap::new();
+        let mut merged: HashMap<&Key, Vec<Head>> = HashMap::new();
         for (_, event) in events.iter().filter(|(_, e)| e.parents.len() > 1) {
             let mut parents = Vec::with_capacity(event.parents.len());
             for id in &event.parents {

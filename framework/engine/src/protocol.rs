@@ -5,19 +5,18 @@
 //! The reader validates every frame before anything else sees it: a malformed frame, an
 //! invalid event or a chunk that does not match its hash ends the session.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use converge_api::codec::PROTOCOL_VERSION;
 use converge_api::{codec, EventId, Hash, Message, Place, ReplicaId, VersionVector};
-use foldhash::{HashSet, HashSetExt};
 use tokio::sync::mpsc;
 use tokio::time::{timeout, Instant};
 
 use crate::applier::SyncApplier;
-use crate::content::{ChunkBytes, ChunkStore};
+use crate::content::{ChunkBytes, ChunkSet, ChunkStore};
 use crate::engine::{Inbound, Inner};
 use crate::planner::SyncPlanner;
 use crate::plugin::{ChunksFrame, Connection, FrameReceiver, FrameSender};
@@ -879,7 +878,7 @@ async fn handle_control(
 /// carry their bytes.
 struct Outbox {
     queue: VecDeque<Queued>,
-    queued: HashSet<Hash>,
+    queued: ChunkSet,
     /// Hashes ever queued and ever taken off the queue: the write loop's marks.
     queued_total: u64,
     sent_total: u64,
@@ -906,7 +905,7 @@ impl Outbox {
     fn new(pushed: Arc<PushBacklog>, requests: Arc<RequestBudget>) -> Self {
         Outbox {
             queue: VecDeque::new(),
-            queued: HashSet::new(),
+            queued: ChunkSet::default(),
             queued_total: 0,
             sent_total: 0,
             pushed,
