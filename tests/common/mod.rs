@@ -246,12 +246,50 @@ impl Daemon {
             .unwrap_or_default()
     }
 
-    /// The last lines of the log, for failure messages.
+    /// The log's warnings and errors (each distinct one once, with its count, the first
+    /// ones first) and its last lines, for failure messages: a cause logged early (a full
+    /// disk, say) is otherwise lost behind the reconnections it brings.
     pub fn log_tail(&self) -> String {
         let log = self.log();
         let lines: Vec<&str> = log.lines().collect();
+        let mut problems: Vec<(&str, usize)> = Vec::new();
+        for line in &lines {
+            // `<timestamp>  WARN <target>: <message>`: the same message at another time
+            // is the same problem.
+            let Some(at) = line.find(" WARN ").or_else(|| line.find(" ERROR ")) else {
+                continue;
+            };
+            let what = line[at..].trim_start();
+            match problems.iter_mut().find(|(seen, _)| *seen == what) {
+                Some((_, n)) => *n += 1,
+                None => problems.push((what, 1)),
+            }
+        }
+        let shown = problems.len().min(20);
+        let mut digest: Vec<String> = problems[..shown]
+            .iter()
+            .map(|(what, n)| format!("{n:>5}x {what}"))
+            .collect();
+        if problems.len() > shown {
+            digest.push(format!("(and {} more)", problems.len() - shown));
+        }
         let tail = lines[lines.len().saturating_sub(40)..].join("\n");
-        format!("--- last lines of {}'s log ---\n{tail}", self.name)
+        format!(
+            "--- {name}'s warnings and errors ---\n{}\n--- last lines of {name}'s log ---\n{tail}",
+            digest.join("\n"),
+            name = self.name,
+        )
+    }
+
+    /// What `df` says of the file system of the data dir (the tests' temporary folders):
+    /// a disk that filled up is a failure's cause the logs name only in passing.
+    pub fn disk_space(&self) -> String {
+        Command::new("df")
+            .arg("-h")
+            .arg(self.data.path())
+            .output()
+            .map(|out| String::from_utf8_lossy(&out.stdout).into_owned())
+            .unwrap_or_else(|e| format!("df: {e}"))
     }
 }
 
@@ -271,6 +309,11 @@ impl Drop for Daemon {
         }
         if std::thread::panicking() {
             eprintln!("{}", self.log_tail());
+            eprintln!(
+                "--- disk space of {}'s data dir ---\n{}",
+                self.name,
+                self.disk_space()
+            );
         }
     }
 }
