@@ -12,7 +12,7 @@
 //!
 //! A folder deleted whole while the daemon runs (`rm -rf`, which removes the marker
 //! somewhere in the middle) records none of its removals: the source holds the removals
-//! it sees until none has come for a second (ten at most) and checks them again then,
+//! it sees until none has come for a second (a minute at most) and checks them again then,
 //! marker included (`REMOVALS_QUIET` in `watch.rs`). A mirror marks its own folder on its
 //! first write and, once it has written, writes nothing while that folder is missing or
 //! empty without the marker (a backup disk not mounted).

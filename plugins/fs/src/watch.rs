@@ -14,7 +14,7 @@
 //! shows one, since its contents made no events of their own and the old one's keys are
 //! gone (`mv d d2; mkdir d`), and even where the store made a directory lately. Removals,
 //! the watcher's and those such a scan finds, are held until none has come for a second
-//! (ten at most) and checked again then, the folder marker included ([`REMOVALS_QUIET`]):
+//! (a minute at most) and checked again then, the folder marker included ([`REMOVALS_QUIET`]):
 //! the directory may be the store's own, made for a peer's file while the user's `rm -rf`
 //! of the whole folder is under way, and recording them at once would delete the
 //! folder's contents on every replica. The same goes for the removals a rescan finds
@@ -83,8 +83,11 @@ use crate::{FsConfig, CONFLICT_MARKER, EMIT_BATCH, IGNORE_FILE, TEMP_PREFIX};
 /// and none of them is recorded: deleting the synced folder itself does not delete it on
 /// every replica. (Creations and edits are recorded at once.)
 const REMOVALS_QUIET: Duration = Duration::from_secs(1);
-/// Longest a removal is held while others keep coming.
-const REMOVALS_HELD_AT_MOST: Duration = Duration::from_secs(10);
+/// Longest a removal is held while others keep coming: an `rm -rf` of the whole folder
+/// that takes longer, and reaches the marker after this, has what it removed before
+/// recorded. A minute, as Syncthing holds removals its watcher sees; at ten seconds, a
+/// folder of a few hundred thousand files deleted whole was deleted in part everywhere.
+const REMOVALS_HELD_AT_MOST: Duration = Duration::from_secs(60);
 
 /// Events taken into one debounced batch at most.
 const BATCH_EVENTS: usize = 100_000;

@@ -309,6 +309,45 @@ async fn a_rescan_during_an_rm_rf_of_the_folder_records_no_removal() {
     }
 }
 
+/// An `rm -rf` of the whole watched folder that takes longer than ten seconds, removals
+/// never a second apart, and reaches the marker last: none is recorded. (Regression: a
+/// removal was held ten seconds at most, and everything removed before then was recorded
+/// with the marker still there, so deleting a large folder deleted it in part on every
+/// replica.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_rm_rf_of_the_watched_folder_records_no_removal() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_owned();
+    const DIRS: usize = 26;
+    for d in 0..DIRS {
+        write(&root, &format!("d{d:02}/f.txt"), b"kept elsewhere");
+    }
+    let log = common::log();
+    let running = Running::start(FsSource::new(FsConfig::new(&root)), &log).await;
+    wait_until(&log, "the first scan", |s| s.len() == 2 * DIRS).await;
+    let len = log.len();
+
+    // A directory every half second for 12.5 s, then the marker.
+    for d in 0..DIRS - 1 {
+        std::fs::remove_dir_all(root.join(format!("d{d:02}"))).unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    std::fs::remove_file(root.join(converge_plugin_fs::MARKER_FILE)).unwrap();
+    std::fs::remove_dir_all(root.join(format!("d{:02}", DIRS - 1))).unwrap();
+    // Past the release of every removal held (a second without a new one).
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    let deletes = common::deletes_since(&log, len);
+    assert!(deletes.is_empty(), "removals recorded: {deletes:?}");
+
+    running.stop.send(true).unwrap();
+    if let Err(e) = running.task.await.unwrap() {
+        assert!(
+            e.to_string().contains(converge_plugin_fs::MARKER_FILE),
+            "{e}"
+        );
+    }
+}
+
 /// A directory renamed over one the log shows (`mv new d`), or made again and filled
 /// after a removal, is scanned whole: its contents came with it and made no events.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
