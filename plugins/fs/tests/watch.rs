@@ -293,13 +293,18 @@ async fn a_rescan_during_an_rm_rf_of_the_folder_records_no_removal() {
     for d in ["c", "d"] {
         std::fs::remove_dir_all(root.join(d)).unwrap();
     }
-    // Past the release of every removal held (a second without a new one).
+    after_an_rm_rf_of_the_folder(running, &log, len).await;
+}
+
+/// The end of an `rm -rf` of the whole folder, marker included: once every removal held
+/// is released (a second without a new one), none is recorded after log length `len`;
+/// the source stops at the release, the marker missing (the engine would start it again
+/// once the marker is back), or runs on.
+async fn after_an_rm_rf_of_the_folder(running: Running, log: &EventLog, len: u64) {
     tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
-    let deletes = common::deletes_since(&log, len);
+    let deletes = common::deletes_since(log, len);
     assert!(deletes.is_empty(), "removals recorded: {deletes:?}");
 
-    // The source stops at the release, the marker missing (the engine would start it
-    // again once the marker is back), or runs on.
     running.stop.send(true).unwrap();
     if let Err(e) = running.task.await.unwrap() {
         assert!(
@@ -334,18 +339,7 @@ async fn a_slow_rm_rf_of_the_watched_folder_records_no_removal() {
     }
     std::fs::remove_file(root.join(converge_plugin_fs::MARKER_FILE)).unwrap();
     std::fs::remove_dir_all(root.join(format!("d{:02}", DIRS - 1))).unwrap();
-    // Past the release of every removal held (a second without a new one).
-    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
-    let deletes = common::deletes_since(&log, len);
-    assert!(deletes.is_empty(), "removals recorded: {deletes:?}");
-
-    running.stop.send(true).unwrap();
-    if let Err(e) = running.task.await.unwrap() {
-        assert!(
-            e.to_string().contains(converge_plugin_fs::MARKER_FILE),
-            "{e}"
-        );
-    }
+    after_an_rm_rf_of_the_folder(running, &log, len).await;
 }
 
 /// A directory renamed over one the log shows (`mv new d`), or made again and filled
