@@ -1470,6 +1470,48 @@ type Requested = ChunkMap<Asked>;
 /// moves on to a peer that may hold it, the event's origin among them.
 type Turns = ChunkMap<usize>;
 
+/// The applier's tick over its requests (`now`: the tick's time). A request is dropped,
+/// to be asked again by the next pass, when it was made over a session that has ended
+/// since (replaced by another after simultaneous dials, or lost: the answer will not
+/// come), or when it is `timeout` old. A request that timed out over a live session, of a
+/// peer that delivered no chunk within `timeout` either, moves its content's turn on
+/// (see [`Turns`]): that peer does not have the chunk, or not intact, and the next one in
+/// turn is asked. A peer still delivering is slow, not lacking: asked again, same turn.
+/// A content's turn moves once a tick, and only by requests of the turn it is at (those
+/// of an earlier turn timing out late say nothing of the peer asked now). Peers that
+/// delivered nothing within `timeout` are forgotten from `delivered`. Returns the
+/// contents whose turn moved, with the peer that let them time out.
+fn expire_requests(
+    requested: &mut Requested,
+    delivered: &mut HashMap<ReplicaId, Instant>,
+    turns: &mut Turns,
+    sessions: &HashMap<ReplicaId, u64>,
+    timeout: Duration,
+    now: Instant,
+) -> ChunkMap<ReplicaId> {
+    let within = |at: &Instant| now.saturating_duration_since(*at) < timeout;
+    let mut timed_out: ChunkMap<ReplicaId> = ChunkMap::default();
+    requested.retain(|_, asked| {
+        if sessions.get(&asked.peer) != asked.generation.as_ref() {
+            return false;
+        }
+        if within(&asked.at) {
+            return true;
+        }
+        let delivering = delivered.get(&asked.peer).is_some_and(within);
+        let current = turns.get(&asked.root).copied().unwrap_or(0);
+        if !delivering && asked.turn == current {
+            timed_out.insert(asked.root, asked.peer);
+        }
+        false
+    });
+    delivered.retain(|_, at| within(at));
+    for root in timed_out.keys() {
+        *turns.entry(*root).or_default() += 1;
+    }
+    timed_out
+}
+
 /// The peer to ask for the chunks of a content that `from` sent, at `turn`: `from` first
 /// while it is connected, then each other connected peer in the order of their IDs, and
 /// round again.
@@ -1561,36 +1603,18 @@ async fn run_applier(inner: Arc<Inner>, mut inbound: mpsc::Receiver<Inbound>) {
             }
         }
         if on_tick {
-            // Asked too long ago, or over a session that has ended since (replaced by
-            // another after simultaneous dials, or lost): the answer will not come, so
-            // ask again now rather than after the timeout.
-            // Timed out over a live session, from a peer that delivered nothing for as
-            // long: it does not have the chunk (or not intact), so the content's chunks
-            // go to the next peer in turn. One still delivering is slow: asked again.
             let timeout = inner.config.chunk_timeout;
             let sessions = inner.session_generations();
-            let mut timed_out: ChunkMap<ReplicaId> = ChunkMap::default();
-            requested.retain(|_, asked| {
-                if sessions.get(&asked.peer) != asked.generation.as_ref() {
-                    return false;
-                }
-                if asked.at.elapsed() < timeout {
-                    return true;
-                }
-                let delivering = delivered
-                    .get(&asked.peer)
-                    .is_some_and(|at| at.elapsed() < timeout);
-                // A turn moves once, by the asks of the turn it is at.
-                let current = turns.get(&asked.root).copied().unwrap_or(0);
-                if !delivering && asked.turn == current {
-                    timed_out.insert(asked.root, asked.peer);
-                }
-                false
-            });
-            delivered.retain(|_, at| at.elapsed() < timeout);
-            for (root, peer) in timed_out {
-                let turn = turns.entry(root).or_default();
-                *turn += 1;
+            let moved = expire_requests(
+                &mut requested,
+                &mut delivered,
+                &mut turns,
+                &sessions,
+                timeout,
+                Instant::now(),
+            );
+            for (root, peer) in moved {
+                let turn = turns.get(&root).copied().unwrap_or(0);
                 tracing::debug!(
                     "{peer} did not send chunks of {root} within {timeout:?}: asking the next peer (turn {turn})"
                 );
@@ -2157,6 +2181,88 @@ mod tests {
         let turns: Vec<ReplicaId> = (0..3).map(|t| peer_to_ask(id(1), &connected, t)).collect();
         assert_eq!(turns, [id(3), id(5), id(9)]);
         assert_eq!(peer_to_ask(id(1), &[], 2), id(1), "nobody else to ask");
+    }
+
+    /// The tick's rule for requests that went unanswered (see `expire_requests`): a
+    /// silent peer moves the content's turn on, once; a slow one that still delivers is
+    /// asked again at the same turn; a request over an ended session is asked again at
+    /// once; late answers to an earlier turn move nothing.
+    #[test]
+    fn unanswered_requests_move_the_turn_only_from_a_silent_peer() {
+        let id = |b: u8| ReplicaId([b; 16]);
+        let hash = |b: u8| Hash::of(&[b]);
+        let (slow, silent, gone) = (id(1), id(2), id(3));
+        let timeout = Duration::from_secs(20);
+        let now = Instant::now() + Duration::from_secs(120);
+        let ago = |secs: u64| now - Duration::from_secs(secs);
+        let sessions: HashMap<ReplicaId, u64> = [(slow, 7), (silent, 8), (gone, 10)].into();
+        let ask = |peer, generation, at, root: u8, turn| Asked {
+            peer,
+            generation: Some(generation),
+            at,
+            root: hash(root),
+            turn,
+        };
+        let mut requested: Requested = [
+            // Content 100, turn 0, asked of the slow peer 30 s ago: it delivered other
+            // chunks 5 s ago.
+            (hash(1), ask(slow, 7, ago(30), 100, 0)),
+            // Content 101, turn 0, asked of the silent peer: two chunks timed out.
+            (hash(2), ask(silent, 8, ago(25), 101, 0)),
+            (hash(3), ask(silent, 8, ago(21), 101, 0)),
+            // Content 101 again, asked 5 s ago: not timed out, kept.
+            (hash(4), ask(silent, 8, ago(5), 101, 0)),
+            // Content 102 is at turn 2; a late request of its turn 1 times out.
+            (hash(5), ask(silent, 8, ago(40), 102, 1)),
+            // Asked over the session the peer had before (generation 9, now 10).
+            (hash(6), ask(gone, 9, ago(1), 103, 0)),
+        ]
+        .into_iter()
+        .collect();
+        let mut delivered: HashMap<ReplicaId, Instant> = [(slow, ago(5)), (silent, ago(50))].into();
+        let mut turns: Turns = [(hash(102), 2)].into_iter().collect();
+
+        let moved = expire_requests(
+            &mut requested,
+            &mut delivered,
+            &mut turns,
+            &sessions,
+            timeout,
+            now,
+        );
+
+        assert_eq!(
+            moved.into_iter().collect::<Vec<_>>(),
+            [(hash(101), silent)],
+            "only the silent peer's content moves on"
+        );
+        assert_eq!(turns.get(&hash(101)), Some(&1), "once, for two chunks");
+        assert_eq!(turns.get(&hash(100)), None, "the slow peer is asked again");
+        assert_eq!(turns.get(&hash(102)), Some(&2), "a late answer to turn 1");
+        assert_eq!(
+            turns.get(&hash(103)),
+            None,
+            "an ended session moves nothing"
+        );
+        // Dropped (to be asked again) but the one still within its time.
+        assert_eq!(requested.keys().copied().collect::<Vec<_>>(), [hash(4)]);
+        // The silent peer's last delivery is forgotten; the slow one's is kept.
+        assert_eq!(delivered.keys().copied().collect::<Vec<_>>(), [slow]);
+
+        // At the next tick, the slow peer, asked again, has stopped delivering: now its
+        // content moves on too.
+        let later = now + timeout;
+        requested.insert(hash(1), ask(slow, 7, now, 100, 0));
+        let moved = expire_requests(
+            &mut requested,
+            &mut delivered,
+            &mut turns,
+            &sessions,
+            timeout,
+            later,
+        );
+        assert_eq!(moved.get(&hash(100)), Some(&slow));
+        assert_eq!(turns.get(&hash(100)), Some(&1));
     }
 
     fn fresh(bytes: ChunkBytes) -> FreshChunk {
