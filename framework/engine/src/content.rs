@@ -946,8 +946,6 @@ impl PackWriter {
         }
     }
 
-    /// Notes a put or a lookup: while manifests wait, the store is in use (see
-    /// [`PackWriter::last_busy`]).
     /// Where `hash` is held in the writer's memory, if there: staged, or in a manifest
     /// not yet written out as a run.
     fn in_memory(&self, hash: &Hash) -> Option<Location> {
@@ -957,6 +955,8 @@ impl PackWriter {
             .copied()
     }
 
+    /// Notes a put or a lookup: while manifests wait, the store is in use (see
+    /// [`PackWriter::last_busy`]).
     fn busy(&mut self) {
         if !self.manifested.is_empty() {
             self.last_busy = Instant::now();

@@ -1201,58 +1201,58 @@ const HANDSHAKES_WARNING_EVERY: Duration = Duration::from_secs(10);
 
 /// The handshakes under way on accepted connections (see [`MAX_HANDSHAKES`] and
 /// [`MAX_HANDSHAKES_PER_HOST`]).
-struct Handshakes {
-    all: Arc<tokio::sync::Semaphore>,
-    per_host: Arc<Mutex<HashMap<String, usize>>>,
+#[derive(Clone, Default)]
+struct Handshakes(Arc<Mutex<UnderWay>>);
+
+/// How many handshakes are under way, in all and from each host.
+#[derive(Default)]
+struct UnderWay {
+    all: usize,
+    per_host: HashMap<String, usize>,
 }
 
 /// An accepted connection's room among the handshakes under way, given back when dropped:
 /// once its peer's `Hello` is accepted, or the connection ends before.
 pub(crate) struct HandshakeSlot {
-    _permit: tokio::sync::OwnedSemaphorePermit,
     host: String,
-    per_host: Arc<Mutex<HashMap<String, usize>>>,
+    handshakes: Handshakes,
 }
 
 impl Drop for HandshakeSlot {
     fn drop(&mut self) {
-        let mut per_host = self
-            .per_host
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(n) = per_host.get_mut(&self.host) {
+        let mut under_way = self.handshakes.lock();
+        under_way.all = under_way.all.saturating_sub(1);
+        if let Some(n) = under_way.per_host.get_mut(&self.host) {
             *n = n.saturating_sub(1);
             if *n == 0 {
-                per_host.remove(&self.host);
+                under_way.per_host.remove(&self.host);
             }
         }
     }
 }
 
 impl Handshakes {
-    fn new() -> Self {
-        Handshakes {
-            all: Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES)),
-            per_host: Arc::new(Mutex::new(HashMap::new())),
-        }
+    /// The counts, locked; a panic while they were held leaves them valid.
+    fn lock(&self) -> std::sync::MutexGuard<'_, UnderWay> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Room for a handshake with a connection from `remote`, unless a bound is reached.
     fn enter(&self, remote: &str) -> Option<HandshakeSlot> {
         let host = host_of(remote).to_owned();
-        let mut per_host = self
-            .per_host
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if per_host.get(&host).copied().unwrap_or(0) >= MAX_HANDSHAKES_PER_HOST {
+        let mut under_way = self.lock();
+        let from_host = under_way.per_host.get(&host).copied().unwrap_or(0);
+        if under_way.all >= MAX_HANDSHAKES || from_host >= MAX_HANDSHAKES_PER_HOST {
             return None;
         }
-        let permit = self.all.clone().try_acquire_owned().ok()?;
-        *per_host.entry(host.clone()).or_default() += 1;
+        under_way.all += 1;
+        *under_way.per_host.entry(host.clone()).or_default() += 1;
+        drop(under_way);
         Some(HandshakeSlot {
-            _permit: permit,
             host,
-            per_host: self.per_host.clone(),
+            handshakes: self.clone(),
         })
     }
 }
@@ -1268,7 +1268,7 @@ fn host_of(remote: &str) -> &str {
 
 async fn accept_loop(inner: Arc<Inner>, transport: Arc<dyn Transport>) {
     let mut shutdown = inner.shutdown.subscribe();
-    let handshakes = Handshakes::new();
+    let handshakes = Handshakes::default();
     // Connections refused since the last warning, and when that was.
     let (mut refused, mut warned): (u64, Option<Instant>) = (0, None);
     loop {

@@ -85,8 +85,9 @@ use crate::{FsConfig, CONFLICT_MARKER, EMIT_BATCH, IGNORE_FILE, TEMP_PREFIX};
 const REMOVALS_QUIET: Duration = Duration::from_secs(1);
 /// Longest a removal is held while others keep coming: an `rm -rf` of the whole folder
 /// that takes longer, and reaches the marker after this, has what it removed before
-/// recorded. A minute, as Syncthing holds removals its watcher sees; at ten seconds, a
-/// folder of a few hundred thousand files deleted whole was deleted in part everywhere.
+/// recorded. A minute, as Syncthing holds removals its watcher sees; at ten seconds, an
+/// `rm -rf` slower than that was recorded in part, and deleted in part on every replica
+/// (`a_slow_rm_rf_of_the_watched_folder_records_no_removal` in `tests/watch.rs`).
 const REMOVALS_HELD_AT_MOST: Duration = Duration::from_secs(60);
 
 /// Events taken into one debounced batch at most.
