@@ -43,20 +43,18 @@ const KNOWN_SEARCH: usize = 256;
 /// Records older than this are dropped: by then the source has seen the write.
 const TTL: Duration = Duration::from_secs(300);
 
-/// Most reads noted for the store at once (see [`Echo::note_read`]): about 15 MiB.
-const READ_NOTES: usize = 100_000;
+/// Most reads noted for the store at once (see [`Echo::note_read`]): about 2.5 MiB.
+/// Each bound of this module is one a sync of ten thousand files stays within, so that a
+/// larger one needs no more memory here (issue 3: peak memory flat as the workload grows).
+const READ_NOTES: usize = 16_384;
 
 /// Records kept before the oldest records of files that only repeat their key's heads
-/// go, down to half (see [`Echo::prune`]): about 13 MiB.
-const RECORDS_KEPT: usize = 65_536;
-
-/// A file's record younger than this stays whatever the count (see [`Echo::prune`]):
-/// a peer's next version of a file often follows within seconds.
-const RECORDS_YOUNG: Duration = Duration::from_secs(10);
+/// go, down to half (see [`Echo::prune`]): about 3.5 MiB.
+const RECORDS_KEPT: usize = 16_384;
 
 /// Numbers of the store's changes kept by key before the oldest half go (see
-/// [`Written`]): about 6 MiB.
-const WRITTEN_KEPT: usize = 65_536;
+/// [`Written`]): about 1.5 MiB.
+const WRITTEN_KEPT: usize = 16_384;
 
 /// Racy marks kept before the old ones go (see [`Echo::note_racy`]): about 1 MiB.
 const RACY_MARKS: usize = 8192;
@@ -254,27 +252,30 @@ impl Echo {
 
     /// Drops records older than [`TTL`]; past [`RECORDS_KEPT`] records, also the oldest
     /// records of files that say no more than the key's heads in `log` do (the file is
-    /// what a head puts), and are at least [`RECORDS_YOUNG`] old, down to half that
-    /// count. Such a record only spares the source a look at the heads: a file that
-    /// matches it matches a head, by stat and by content. A record of anything else
-    /// stays its time: an older version the store wrote than the key's newest (its batch
-    /// planned before the newest came), which the source must not take for a revert; a
-    /// directory the store made for a file in it, which may have no event of its own;
-    /// a removal, whose record orders the store's changes against the source's looks
-    /// (see [`Echo::note_read`]). So a large sync keeps the records of its last seconds,
-    /// not of five minutes. Blocks (reads the heads of the records it may drop).
+    /// what a head puts), down to half that count, however young. Such a record only
+    /// spares the source a look at the heads: a file that matches it matches a head, by
+    /// stat and by content. Should a newer head come before the store shows it, the
+    /// file is in a state the log knows while the folder does not show the key's heads,
+    /// which the watcher and the scan leave for the store to replace, record or no record
+    /// (`watch::plan`, `scan::file_found`). A record of anything else stays its time: an
+    /// older version the store wrote than the key's newest (its batch planned before the
+    /// newest came), which the source must not take for a revert; a directory the store
+    /// made for a file in it, which may have no event of its own; a removal, whose record
+    /// orders the store's changes against the source's looks (see [`Echo::note_read`]).
+    /// So a large sync keeps a bounded number of records, not five minutes of them.
+    /// Blocks (reads the heads of the records it may drop).
     pub(crate) fn prune(&self, log: &EventLog) {
-        self.prune_past(log, RECORDS_KEPT, RECORDS_YOUNG);
+        self.prune_past(log, RECORDS_KEPT);
     }
 
-    /// [`Echo::prune`] with `kept` for [`RECORDS_KEPT`] and `young` for [`RECORDS_YOUNG`].
-    fn prune_past(&self, log: &EventLog, kept: usize, young: Duration) {
+    /// [`Echo::prune`] with `kept` for [`RECORDS_KEPT`].
+    fn prune_past(&self, log: &EventLog, kept: usize) {
         // One reading of the clock for every record (the store prunes once per batch,
         // over as many records as it wrote lately).
         let now = Instant::now();
         let fresh = |at: &Instant| now.saturating_duration_since(*at) < TTL;
         self.lock().retain(|_, r| fresh(&r.at));
-        self.drop_repeated_files(log, now.checked_sub(young), kept);
+        self.drop_repeated_files(log, kept);
         locked(&self.read).retain(|_, (_, _, at)| fresh(at));
         let mut written = locked(&self.written);
         let Written { by_key, dropped } = &mut *written;
@@ -295,9 +296,9 @@ impl Echo {
         }
     }
 
-    /// Past `kept` records, drops the oldest records of files made before `young` that say
-    /// what a head of their key puts, down to half of `kept` (see [`Echo::prune`]).
-    fn drop_repeated_files(&self, log: &EventLog, young: Option<Instant>, kept: usize) {
+    /// Past `kept` records, drops the oldest records of files that say what a head of
+    /// their key puts, down to half of `kept` (see [`Echo::prune`]).
+    fn drop_repeated_files(&self, log: &EventLog, kept: usize) {
         let (old, excess) = {
             let map = self.lock();
             if map.len() <= kept {
@@ -310,7 +311,6 @@ impl Echo {
             let mut old: Vec<(Instant, Key, Applied)> = map
                 .iter()
                 .filter(|(_, r)| matches!(r.applied, Applied::File { .. }))
-                .filter(|(_, r)| young.is_some_and(|y| r.at < y))
                 .map(|(k, r)| (r.at, k.clone(), r.applied))
                 .collect();
             old.sort_unstable_by_key(|(at, _, _)| *at);
@@ -330,8 +330,9 @@ impl Echo {
                 map.remove(&key);
             }
         }
-        // Looked through again once half the bound more is recorded: by then records too
-        // young now are old enough, and a few such rounds are all a sync costs.
+        // Looked through again once half the bound more is recorded: by then records of
+        // versions older than their heads now may repeat their heads, and a few such
+        // rounds are all a sync costs.
         self.evict_at
             .store(map.len().saturating_add(kept / 2), Ordering::Relaxed);
     }
@@ -900,18 +901,18 @@ mod tests {
         Key::new(format!("d/{n}")).unwrap()
     }
 
-    /// Past the bound, records of files go, oldest first, down to half the bound, but
-    /// only those that say what a head of their key says and are old enough: an older
-    /// version the store wrote than the key's head stays, as do young records and those
-    /// of directories and removals.
+    /// Past the bound, records of files go, oldest first, down to half the bound, young
+    /// or old, but only those that say what a head of their key says: an older version
+    /// the store wrote than the key's head stays, as do the records of directories and
+    /// removals.
     #[tokio::test]
-    async fn only_old_records_the_heads_repeat_go() {
+    async fn only_records_the_heads_repeat_go() {
         use converge_framework::log::{LocalChange, LogConfig};
         let log = EventLog::open(LogConfig::temporary()).unwrap();
         let echo = Echo::default();
         let now = Instant::now();
         let ago = |ms: u64| now.checked_sub(Duration::from_millis(ms)).unwrap();
-        let put = |key: &Key, applied: Applied, at: Instant| {
+        let put_in = |echo: &Echo, key: &Key, applied: Applied, at: Instant| {
             let record = Record {
                 applied,
                 at,
@@ -919,6 +920,7 @@ mod tests {
             };
             echo.lock().insert(key.clone(), record);
         };
+        let put = |key: &Key, applied: Applied, at: Instant| put_in(&echo, key, applied, at);
         // Each key's head puts `file(n)`.
         let heads = |keys: &[(Key, u64)]| {
             let changes = keys
@@ -963,8 +965,9 @@ mod tests {
         for (i, (key, n)) in repeated.iter().enumerate() {
             put(key, file(*n), ago(60_000 + i as u64));
         }
-        for (key, n) in &young {
-            put(key, file(*n), now);
+        // A few milliseconds old, the last the youngest.
+        for (i, (key, n)) in young.iter().enumerate() {
+            put(key, file(*n), ago(3 - i as u64));
         }
         // The store wrote version 99; the head is 100, not written yet.
         put(&stale, file(99), ago(90_000));
@@ -972,26 +975,51 @@ mod tests {
         put(&Key::new("gone").unwrap(), Applied::Absent, ago(90_000));
         assert_eq!(echo.lock().len(), 17);
 
-        echo.prune_past(&log, 8, Duration::from_secs(10));
+        echo.prune_past(&log, 8);
+        // 13 go, the oldest first: every old record the heads repeat, and all but the
+        // youngest of the young.
         for (key, _) in &repeated {
             assert_eq!(echo.get(key), None, "{key} stayed");
         }
-        for (key, n) in &young {
-            assert_eq!(echo.get(key), Some(file(*n)), "{key} went");
+        for (i, (key, n)) in young.iter().enumerate() {
+            let kept = if i == 3 { Some(file(*n)) } else { None };
+            assert_eq!(echo.get(key), kept, "{key}");
         }
         assert_eq!(echo.get(&stale), Some(file(99)));
         assert_eq!(echo.get(&Key::new("dir").unwrap()), Some(Applied::Dir));
         assert_eq!(echo.get(&Key::new("gone").unwrap()), Some(Applied::Absent));
+        assert_eq!(echo.lock().len(), 4);
 
-        // Seven left: looked through again past seven and half the bound.
+        // Within the bound, nothing goes; past it, down to half again, the oldest first.
         for (i, (key, n)) in repeated.iter().take(4).enumerate() {
             put(key, file(*n), ago(60_000 + i as u64));
         }
-        echo.prune_past(&log, 8, Duration::from_secs(10));
-        assert_eq!(echo.lock().len(), 11, "looked through again too soon");
+        echo.prune_past(&log, 8);
+        assert_eq!(echo.lock().len(), 8);
         put(&repeated[4].0, file(4), ago(60_000));
-        echo.prune_past(&log, 8, Duration::from_secs(10));
-        assert_eq!(echo.lock().len(), 7);
+        echo.prune_past(&log, 8);
+        assert_eq!(echo.lock().len(), 4);
+        assert_eq!(echo.get(&young[3].0), Some(file(13)));
+
+        // Records that may not go are looked through again only once half the bound
+        // more is recorded.
+        let echo = Echo::default();
+        for i in 0..9 {
+            let stale = Key::new(format!("stale/{i}")).unwrap();
+            heads(&[(stale.clone(), 200 + i)]).await.unwrap();
+            put_in(&echo, &stale, file(100 + i), ago(1000));
+        }
+        echo.prune_past(&log, 8);
+        assert_eq!(echo.lock().len(), 9, "an older version than the head went");
+        for (i, (key, n)) in repeated.iter().take(3).enumerate() {
+            put_in(&echo, key, file(*n), ago(60_000 + i as u64));
+        }
+        echo.prune_past(&log, 8);
+        assert_eq!(echo.lock().len(), 12, "looked through again too soon");
+        put_in(&echo, &repeated[3].0, file(3), ago(60_000));
+        put_in(&echo, &repeated[4].0, file(4), ago(60_000));
+        echo.prune_past(&log, 8);
+        assert_eq!(echo.lock().len(), 9);
 
         // Down to half the bound and no further, the oldest first.
         let echo = Echo::default();
@@ -1003,7 +1031,7 @@ mod tests {
             };
             echo.lock().insert(key.clone(), record);
         }
-        echo.prune_past(&log, 8, Duration::from_secs(10));
+        echo.prune_past(&log, 8);
         for (i, (key, n)) in repeated.iter().enumerate() {
             let kept = if i < 4 { Some(file(*n)) } else { None };
             assert_eq!(echo.get(key), kept, "{key}");
