@@ -47,12 +47,12 @@ const MAX_COMMIT_EVENTS: usize = 8192;
 /// Events handed from the reading thread to the folding one at a time during a rebuild.
 const REBUILD_BATCH: usize = 4096;
 
-/// A checkpoint is written after this many events, or when the overlay holds more keys
-/// (the overlay's states held 18 MiB for 40,000 files; a bound of 16,384 keys made W1 of
-/// 40,000 files slower, 4.2 → 5.4 s, and its peak memory no lower, as sled's nodes took
-/// the states' place).
+/// A checkpoint is written after this many events, or when the overlay holds more keys.
+/// The overlay's states take about 450 bytes a key: 16,384 keys is about 7 MiB, which a
+/// sync of 10,000 files stays within (50,000 had let a sync of 100,000 files hold 21 MiB
+/// more than one of 10,000).
 const CHECKPOINT_EVENTS: u64 = 200_000;
-const CHECKPOINT_KEYS: usize = 50_000;
+const CHECKPOINT_KEYS: usize = 16_384;
 
 /// Entries written per sled batch by a checkpoint (see [`Writer::checkpoint`]).
 const CHECKPOINT_BATCH: usize = 512;
