@@ -291,9 +291,14 @@ impl EventLog {
             match config.packs {
                 Some(dir) => ChunkStore::open(index, manifests, changed, removed, dir, false)?,
                 None => {
-                    let name = format!("converge-packs-{:016x}", rand::random::<u64>());
-                    let dir = std::env::temp_dir().join(name);
-                    ChunkStore::open(index, manifests, changed, removed, dir, true)?
+                    let temp = std::env::temp_dir();
+                    remove_stale_packs(&temp);
+                    let name = format!(
+                        "{TEMPORARY_PACKS}{}-{:016x}",
+                        std::process::id(),
+                        rand::random::<u64>()
+                    );
+                    ChunkStore::open(index, manifests, changed, removed, temp.join(name), true)?
                 }
             }
         };
@@ -1633,6 +1638,40 @@ impl Iterator for StatesIter {
     }
 }
 
+/// How the pack directories of temporary logs are named in the temp dir, followed by
+/// the process id and a random number.
+const TEMPORARY_PACKS: &str = "converge-packs-";
+
+/// Removes the pack directories that temporary logs of processes no longer running left
+/// in `temp`. A temporary log removes its own when dropped, but a process that exits
+/// while another thread still holds the log (a test's server task, say) drops nothing,
+/// and test runs left 8 MiB each so. Only where `/proc` tells which processes run
+/// (Linux); a directory whose process runs, or whose name says none, stays. Failures
+/// are ignored: another process may be removing the same directory.
+fn remove_stale_packs(temp: &Path) {
+    let proc = Path::new("/proc");
+    if !proc.join("self").exists() {
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir(temp) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(TEMPORARY_PACKS))
+            .and_then(|rest| rest.split_once('-'))
+            .and_then(|(pid, _)| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !proc.join(pid.to_string()).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
 /// The durable state of `key`: the overlay's if it has one, else the tree's.
 fn read_state(overlay: &RwLock<Overlay>, tree: &Tree, key: &Key) -> Result<KeyState, LogError> {
     if let Some(state) = overlay.read().ok().and_then(|o| o.states.get(key).cloned()) {
@@ -1804,6 +1843,29 @@ mod tests {
             .clone();
         assert_eq!(synced, on_disk);
         log.close().await.unwrap();
+    }
+
+    /// Opening a temporary log removes the pack directories of temporary logs whose
+    /// processes are gone, and leaves those of running processes and other directories.
+    #[tokio::test]
+    async fn a_temporary_log_removes_packs_that_exited_processes_left() {
+        let temp = std::env::temp_dir();
+        let mut exited = std::process::Command::new("true").spawn().unwrap();
+        exited.wait().unwrap();
+        let stale = temp.join(format!("{TEMPORARY_PACKS}{}-00000000000000aa", exited.id()));
+        let running = temp.join(format!("{TEMPORARY_PACKS}1-00000000000000bb"));
+        let other = temp.join(format!("{TEMPORARY_PACKS}not-a-pid"));
+        for dir in [&stale, &running, &other] {
+            std::fs::create_dir_all(dir).unwrap();
+            std::fs::write(dir.join("pack-00000001"), b"chunks").unwrap();
+        }
+        let log = EventLog::open(LogConfig::temporary()).unwrap();
+        assert!(!stale.exists(), "{} stayed", stale.display());
+        assert!(running.exists(), "process 1's packs went");
+        assert!(other.exists());
+        log.close().await.unwrap();
+        std::fs::remove_dir_all(&running).unwrap();
+        std::fs::remove_dir_all(&other).unwrap();
     }
 
     /// A local change made without seeing a peer's head is concurrent with it: both stay
