@@ -181,6 +181,33 @@ struct PeerState {
     events_received: u64,
     failed_sessions: u64,
     last_error: Option<String>,
+    /// The session error last logged as a warning, when, and how many sessions ended with
+    /// it since without a warning (see [`Inner::unregister`]).
+    warned: Option<(String, Instant, u64)>,
+}
+
+/// How long the same error ending sessions with a peer is logged at debug after the
+/// warning that named it: a cause that lasts (a full disk, say) ends a session every few
+/// seconds, and one warning a minute, with the count, says as much.
+const SESSION_ERROR_WARNED: Duration = Duration::from_secs(60);
+
+/// Whether to warn of `error`, which ended a session at `now`, given the error `warned`
+/// of last (updated): `None` while the same error repeats within
+/// [`SESSION_ERROR_WARNED`] of its warning, else the number of sessions it ended since
+/// that warning without one.
+fn warn_of(warned: &mut Option<(String, Instant, u64)>, error: &str, now: Instant) -> Option<u64> {
+    let warn = match warned {
+        Some((last, at, repeats)) if last == error => {
+            if now.saturating_duration_since(*at) < SESSION_ERROR_WARNED {
+                *repeats += 1;
+                return None;
+            }
+            Some(*repeats)
+        }
+        _ => Some(0),
+    };
+    *warned = Some((error.to_owned(), now, 0));
+    warn
 }
 
 #[derive(Debug)]
@@ -515,9 +542,22 @@ impl Inner {
 
     /// Forgets the session `generation` with `peer`, which ended with `error` if it
     /// failed.
-    pub(crate) fn unregister(&self, peer: &ReplicaId, generation: u64, error: Option<String>) {
+    /// Records the end of `peer`'s session `generation`, with the error that ended it.
+    /// Returns whether to log that error as a warning and, if so, how many sessions the
+    /// same error ended since its last warning: `None` while it repeats within
+    /// [`SESSION_ERROR_WARNED`] of that warning (log it at debug).
+    pub(crate) fn unregister(
+        &self,
+        peer: &ReplicaId,
+        generation: u64,
+        error: Option<String>,
+    ) -> Option<u64> {
+        let mut warn = Some(0);
         if let Ok(mut peers) = self.peers.lock() {
             if let Some(state) = peers.get_mut(peer) {
+                if let Some(error) = &error {
+                    warn = warn_of(&mut state.warned, error, Instant::now());
+                }
                 let ended = state
                     .session
                     .as_ref()
@@ -537,6 +577,7 @@ impl Inner {
             }
         }
         self.peers_changed.send_modify(|g| *g += 1);
+        warn
     }
 
     /// Records why a dial of `peer` reached something that refused, or was refused, a
@@ -2181,6 +2222,32 @@ mod tests {
         let turns: Vec<ReplicaId> = (0..3).map(|t| peer_to_ask(id(1), &connected, t)).collect();
         assert_eq!(turns, [id(3), id(5), id(9)]);
         assert_eq!(peer_to_ask(id(1), &[], 2), id(1), "nobody else to ask");
+    }
+
+    /// The same error ending sessions again and again is warned of once a minute, with
+    /// the count of the sessions it ended in between; a different error is warned of at
+    /// once.
+    #[test]
+    fn a_repeated_session_error_is_warned_of_once_a_minute_with_its_count() {
+        let start = Instant::now();
+        let at = |s: u64| start + Duration::from_secs(s);
+        let full = "content store: writing pack-00000002: No space left on device";
+        let mut warned = None;
+        assert_eq!(warn_of(&mut warned, full, at(0)), Some(0));
+        assert_eq!(warn_of(&mut warned, full, at(3)), None);
+        assert_eq!(warn_of(&mut warned, full, at(59)), None);
+        assert_eq!(warn_of(&mut warned, full, at(60)), Some(2));
+        assert_eq!(warn_of(&mut warned, full, at(61)), None);
+        assert_eq!(
+            warn_of(&mut warned, "peer closed the connection", at(62)),
+            Some(0)
+        );
+        assert_eq!(
+            warn_of(&mut warned, full, at(63)),
+            Some(0),
+            "a new error in between"
+        );
+        assert_eq!(warn_of(&mut warned, full, at(200)), Some(0));
     }
 
     /// The tick's rule for requests that went unanswered (see `expire_requests`): a

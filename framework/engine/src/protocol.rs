@@ -436,7 +436,7 @@ pub(crate) async fn run_session(
         w = write_loop(&inner, peer, sender.as_mut(), control_rx, peer_vv, pushed, requests.clone()) => w,
     };
     sender.close().await;
-    inner.unregister(
+    let warn = inner.unregister(
         &peer,
         generation,
         result.as_ref().err().map(|e| e.to_string()),
@@ -448,7 +448,14 @@ pub(crate) async fn run_session(
             tracing::debug!(peer = %label, "session replaced by another connection to the peer")
         }
         Ok(()) => tracing::info!(peer = %label, "peer disconnected"),
-        Err(e) => tracing::warn!(peer = %label, "peer session ended: {e}"),
+        Err(e) => match warn {
+            Some(0) => tracing::warn!(peer = %label, "peer session ended: {e}"),
+            Some(n) => tracing::warn!(
+                peer = %label,
+                "peer session ended: {e} (as {n} more sessions did since this was last logged)"
+            ),
+            None => tracing::debug!(peer = %label, "peer session ended: {e}"),
+        },
     }
     result.map(|()| {
         if replaced {
