@@ -541,11 +541,9 @@ impl Inner {
     }
 
     /// Forgets the session `generation` with `peer`, which ended with `error` if it
-    /// failed.
-    /// Records the end of `peer`'s session `generation`, with the error that ended it.
-    /// Returns whether to log that error as a warning and, if so, how many sessions the
-    /// same error ended since its last warning: `None` while it repeats within
-    /// [`SESSION_ERROR_WARNED`] of that warning (log it at debug).
+    /// failed. Returns whether to log that error as a warning and, if so, how many
+    /// sessions the same error ended since its last warning: `None` while it repeats
+    /// within [`SESSION_ERROR_WARNED`] of that warning (log it at debug).
     pub(crate) fn unregister(
         &self,
         peer: &ReplicaId,

@@ -299,7 +299,7 @@ impl Echo {
     /// Past `kept` records, drops the oldest records of files that say what a head of
     /// their key puts, down to half of `kept` (see [`Echo::prune`]).
     fn drop_repeated_files(&self, log: &EventLog, kept: usize) {
-        let (old, excess) = {
+        let (files, excess) = {
             let map = self.lock();
             if map.len() <= kept {
                 self.evict_at.store(0, Ordering::Relaxed);
@@ -308,16 +308,16 @@ impl Echo {
             if map.len() <= self.evict_at.load(Ordering::Relaxed) {
                 return;
             }
-            let mut old: Vec<(Instant, Key, Applied)> = map
+            let mut files: Vec<(Instant, Key, Applied)> = map
                 .iter()
                 .filter(|(_, r)| matches!(r.applied, Applied::File { .. }))
                 .map(|(k, r)| (r.at, k.clone(), r.applied))
                 .collect();
-            old.sort_unstable_by_key(|(at, _, _)| *at);
-            (old, map.len() - kept / 2)
+            files.sort_unstable_by_key(|(at, _, _)| *at);
+            (files, map.len() - kept / 2)
         };
         // The heads are read without the lock: the watcher's thread asks the record.
-        let drop: Vec<(Instant, Key)> = old
+        let drop: Vec<(Instant, Key)> = files
             .into_iter()
             .filter(|(_, key, applied)| said_by_heads(log, key, *applied))
             .take(excess)
