@@ -194,10 +194,11 @@ const SESSION_ERROR_WARNED: Duration = Duration::from_secs(60);
 /// Whether to warn of `error`, which ended a session at `now`, given the error `warned`
 /// of last (updated): `None` while the same error repeats within
 /// [`SESSION_ERROR_WARNED`] of its warning, else the number of sessions it ended since
-/// that warning without one.
+/// that warning without one. Errors that differ only in their numbers are the same
+/// error (see [`error_shape`]).
 fn warn_of(warned: &mut Option<(String, Instant, u64)>, error: &str, now: Instant) -> Option<u64> {
     let warn = match warned {
-        Some((last, at, repeats)) if last == error => {
+        Some((last, at, repeats)) if error_shape(last).eq(error_shape(error)) => {
             if now.saturating_duration_since(*at) < SESSION_ERROR_WARNED {
                 *repeats += 1;
                 return None;
@@ -208,6 +209,22 @@ fn warn_of(warned: &mut Option<(String, Instant, u64)>, error: &str, now: Instan
     };
     *warned = Some((error.to_owned(), now, 0));
     warn
+}
+
+/// `error` with each run of digits taken as one placeholder: a lasting cause names a new
+/// pack file, a new byte count or a new port with every session it ends ("writing
+/// pack-00000002: No space left on device", then "pack-00000003"), and is still the same
+/// cause.
+fn error_shape(error: &str) -> impl Iterator<Item = char> + '_ {
+    let mut chars = error.chars().peekable();
+    std::iter::from_fn(move || {
+        let c = chars.next()?;
+        if c.is_ascii_digit() {
+            while chars.next_if(char::is_ascii_digit).is_some() {}
+            return Some('#');
+        }
+        Some(c)
+    })
 }
 
 #[derive(Debug)]
@@ -2246,6 +2263,22 @@ mod tests {
             "a new error in between"
         );
         assert_eq!(warn_of(&mut warned, full, at(200)), Some(0));
+        // The same cause naming another pack (the disk still full) is the same error;
+        // another cause is not, nor a number where there was none.
+        let next_pack = "content store: writing pack-00000003: No space left on device";
+        assert_eq!(warn_of(&mut warned, next_pack, at(201)), None);
+        assert_eq!(warn_of(&mut warned, full, at(202)), None);
+        assert_eq!(warn_of(&mut warned, next_pack, at(260)), Some(2));
+        let io = "content store: writing pack-00000004: Input/output error";
+        assert_eq!(warn_of(&mut warned, io, at(261)), Some(0));
+        assert_eq!(
+            warn_of(
+                &mut warned,
+                "content store: writing pack-x: Input/output error",
+                at(262)
+            ),
+            Some(0)
+        );
     }
 
     /// The tick's rule for requests that went unanswered (see `expire_requests`): a
