@@ -31,6 +31,11 @@ admin API's GET /api/v1/status, peers[].sent_bytes + received_bytes, as seen by 
 that API does not answer they are "n/a". The socket-level count (TCP payload bytes of A's
 peer connections, from `ss -ti`) is printed beside them as a cross-check.
 
+Each workload's CPU time is printed beside it: user + system seconds from /proc, of both
+converge daemons from the change until the poll found the copy identical, and of rsync's
+client and the rsync daemon's process for the push. On two cores the time of a sync that
+keeps both busy cannot be much less than half its CPU time.
+
 rsync is also timed with `--fsync`, right after the plain push and into a copy of its own:
 plain rsync leaves its copy in the page cache (its 256 MiB reach the disk only after it
 exits), where converge makes the content durable in its content store before the event
@@ -80,6 +85,7 @@ import grp
 import random
 import threading
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -109,6 +115,19 @@ def free_port() -> int:
 
 def sync_fs() -> None:
     subprocess.run(["sync"], check=False)
+
+
+def proc_cpu(pid: int, children: bool = False) -> float | None:
+    """User + system CPU seconds of process `pid` from /proc (with `children`: also those
+    of its children it has waited for), or None once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return None
+    ticks = int(fields[11]) + int(fields[12])
+    if children:
+        ticks += int(fields[13]) + int(fields[14])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def last_change(path: Path) -> float:
@@ -398,6 +417,10 @@ class Daemon:
         except FileNotFoundError:
             return ""
 
+    def cpu(self) -> float | None:
+        """User + system CPU seconds the process has used (its threads too)."""
+        return proc_cpu(self.proc.pid) if self.proc else None
+
     def vm(self, key: str) -> int | None:
         """VmHWM / VmRSS of the process in KiB."""
         if not self.proc:
@@ -517,6 +540,11 @@ class Counters:
 class Pair:
     """Two fresh converge daemons, A and B, peered on 127.0.0.1."""
 
+    def cpu(self) -> float | None:
+        """CPU seconds both daemons have used so far."""
+        a, b = self.a.cpu(), self.b.cpu()
+        return None if a is None or b is None else a + b
+
     def __init__(self, binary: Path, root: Path, name: str):
         self.binary = binary
         self.root = root / name
@@ -629,6 +657,8 @@ class Rsyncd:
         self.dest = self.root / "dest"
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
+        # CPU seconds of the last push: the client's and the daemon's process for it.
+        self.last_cpu: float | None = None
 
     def start(self) -> None:
         self.dest.mkdir(parents=True)
@@ -659,6 +689,9 @@ class Rsyncd:
         sync_fs()
         cmd = ["rsync", "-a", "--stats", *(["--fsync"] if fsync else []), src,
                f"rsync://127.0.0.1:{self.port}/bench/{dest_rel}"]
+        self.last_cpu = None
+        client0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        daemon0 = proc_cpu(self.proc.pid, children=True) if self.proc else None
         started = time.time()
         t0 = time.monotonic()
         try:
@@ -668,6 +701,14 @@ class Rsyncd:
         elapsed = time.monotonic() - t0
         if out.returncode != 0:
             raise RuntimeError(f"rsync failed ({out.returncode}): {out.stderr.strip()}")
+        client1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        client = (client1.ru_utime + client1.ru_stime) - (client0.ru_utime + client0.ru_stime)
+        # The daemon's process for this push (its generator and receiver) counts in the
+        # daemon's children's time once the daemon has waited for it, right after it exits.
+        if self.proc and daemon0 is not None and self.wait_children():
+            daemon = proc_cpu(self.proc.pid, children=True)
+            if daemon is not None:
+                self.last_cpu = client + daemon - daemon0
 
         def stat(name: str) -> int:
             m = re.search(rf"^{name}: ([\d,.]+)", out.stdout, re.M)
@@ -677,6 +718,19 @@ class Rsyncd:
 
         done = last_change(self.dest / dest_rel / Path(src).name) - started
         return elapsed, done, stat("Total bytes sent") + stat("Total bytes received")
+
+    def wait_children(self) -> bool:
+        """Whether the daemon has no child process left (within three seconds)."""
+        assert self.proc
+        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
+        for _ in range(300):
+            try:
+                if not children.read_text().split():
+                    return True
+            except OSError:
+                return False
+            time.sleep(0.01)
+        return False
 
     def push_fsync(self, row: "Row", source: Path, dest_rel: str, timeout: float,
                    notes: list[str]) -> None:
@@ -724,6 +778,9 @@ class Row:
     f_walls: list[float] = field(default_factory=list)
     f_err: str | None = None
     rss_kib: tuple[int, int] | None = None
+    # CPU seconds through each sync: both converge daemons; rsync's client and daemon.
+    c_cpu: list[float] = field(default_factory=list)
+    r_cpu: list[float] = field(default_factory=list)
 
     @property
     def c_time(self) -> float | None:
@@ -740,6 +797,17 @@ class Row:
     def record_bytes(self, api: int | None, tcp: int | None, lost: bool) -> None:
         if self.c_api is None and self.c_tcp is None:
             self.c_api, self.c_tcp, self.tcp_lost = api, tcp, lost
+
+    def record_cpu(self, before: float | None, after: float | None) -> None:
+        if before is not None and after is not None:
+            self.c_cpu.append(after - before)
+
+    def cpu(self) -> str:
+        def med(xs: list[float]) -> str:
+            return f"{statistics.median(xs):.2f}" if xs else "—"
+        if not self.c_cpu and not self.r_cpu:
+            return "—"
+        return f"{med(self.c_cpu)} / {med(self.r_cpu)} s"
 
     def record_rss(self, pair: "Pair") -> None:
         a, b = pair.a.vm("VmHWM") or 0, pair.b.vm("VmHWM") or 0
@@ -843,6 +911,7 @@ def main() -> int:
                     sync_fs()
                     before = pair.counters()
                     log(f"W1 #{rep + 1}: converge")
+                    cpu0 = pair.cpu()
                     started = time.time()
                     t0 = time.monotonic()
                     os.rename(src, pair.a.folder / "w1")
@@ -852,6 +921,7 @@ def main() -> int:
                         row.c_polled.append(wait_tree(pair.b.folder / "w1", expected, t0,
                                                       args.timeout, notes, "W1",
                                                       interval=W1_POLL))
+                        row.record_cpu(cpu0, pair.cpu())
                         row.c_times.append(last_change(pair.b.folder / "w1") - started)
                         time.sleep(1.0)  # let acknowledgements settle before reading the counters
                         row.record_bytes(*bytes_between(before, pair.counters()))
@@ -865,6 +935,8 @@ def main() -> int:
                     source = src if src.exists() else pair.a.folder / "w1"
                     try:
                         wall, done, b = rsyncd.push(str(source), f"r{rep}/", args.timeout)
+                        if rsyncd.last_cpu is not None:
+                            row.r_cpu.append(rsyncd.last_cpu)
                         row.r_times.append(done)
                         row.r_walls.append(wall)
                         row.r_bytes = row.r_bytes or b
@@ -919,12 +991,14 @@ def main() -> int:
                     sync_fs()
                     before = pair.counters()
                     old_sig = file_sig(b_file.stat()) if b_file.exists() else None
+                    cpu0 = pair.cpu()
                     started = time.time()
                     t0 = time.monotonic()
                     change()
                     try:
                         row.c_polled.append(wait_file(b_file, size, digest, t0, args.timeout, notes,
                                                       row.name, old_sig=old_sig))
+                        row.record_cpu(cpu0, pair.cpu())
                         row.c_times.append(last_change(b_file) - started)
                         time.sleep(1.0)
                         row.record_bytes(*bytes_between(before, pair.counters()))
@@ -940,6 +1014,8 @@ def main() -> int:
                     log(f"{row.name} #{rep + 1}: rsync")
                     try:
                         wall, done, b = rsyncd.push(str(source), dest_rel, args.timeout)
+                        if rsyncd.last_cpu is not None:
+                            row.r_cpu.append(rsyncd.last_cpu)
                         row.r_times.append(done)
                         row.r_walls.append(wall)
                         row.r_bytes = row.r_bytes or b
@@ -1062,8 +1138,9 @@ def main() -> int:
           + (f"medians of {args.reps} repetitions" if args.reps > 1 else "one repetition each"))
     print()
     print("| workload | converge time | rsync time | time ratio | rsync --fsync time | time ratio to it "
-          "| converge bytes (counters) | converge bytes (TCP) | rsync bytes | bytes ratio | peak RSS A / B (MiB) |")
-    print("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
+          "| converge bytes (counters) | converge bytes (TCP) | rsync bytes | bytes ratio | peak RSS A / B (MiB) "
+          "| CPU converge / rsync |")
+    print("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
     for r in rows:
         conv_bytes = r.c_api if r.c_api is not None else r.c_tcp
         bytes_ratio = ratio(conv_bytes, r.r_bytes)
@@ -1073,7 +1150,7 @@ def main() -> int:
         print(f"| {r.name}: {r.what} | {fmt_time(r.c_time, r.c_err)} | {fmt_time(r.r_time, r.r_err)} "
               f"| {ratio(r.c_time, r.r_time)} | {fmt_time(r.f_time, r.f_err)} | {ratio(r.c_time, r.f_time)} "
               f"| {fmt_bytes(r.c_api)} | {tcp} | {fmt_bytes(r.r_bytes)} "
-              f"| {bytes_ratio} | {r.rss()} |")
+              f"| {bytes_ratio} | {r.rss()} | {r.cpu()} |")
     if "converge" in lat:
         conv = sorted(lat["converge"])  # type: ignore[arg-type]
         rs = sorted(lat.get("rsync", []))  # type: ignore[arg-type]
@@ -1088,7 +1165,7 @@ def main() -> int:
         print(f"| L: 1 KiB file written on A, {len(conv)} times{f' ({n_to} timeouts)' if n_to else ''} "
               f"| p50 {med(conv)}, p99 {pct(conv, 0.99)} | p50 {med(rs)}, p99 {pct(rs, 0.99)} (rsync command only) "
               f"| {ratio(statistics.median(conv) if conv else None, statistics.median(rs) if rs else None)} (p50) "
-              f"| | | | | | | |")
+              f"| | | | | | | | |")
     print()
     print("Time: from the change on A (converge) or the start of `rsync -a --stats` (rsync; the "
           "issue's reference) or of `rsync -a --stats --fsync` (rsync --fsync: each file made "
@@ -1102,7 +1179,9 @@ def main() -> int:
           + "; TCP: payload bytes of A's peer connections from `ss -ti`; rsync: Total bytes "
           "sent + received (first repetition). Peak RSS: VmHWM of each daemon at the end of "
           "the workload, the largest over the repetitions (W3/W4: the W2 pair's, so "
-          "including W2).")
+          "including W2). CPU: user + system seconds (/proc), medians: converge's two daemons "
+          "from the change until the poll found the copy identical; rsync's client and the "
+          "rsync daemon's process for the push (plain rsync).")
     if any(r.c_times or r.r_times for r in rows):
         print()
         print("Samples, in run order (s):")
@@ -1112,7 +1191,7 @@ def main() -> int:
 
             print(f"- {r.name}: converge {xs(r.c_times)} (polled {xs(r.c_polled)}); rsync "
                   f"{xs(r.r_times)} (wall {xs(r.r_walls)}); rsync --fsync {xs(r.f_times)} "
-                  f"(wall {xs(r.f_walls)})")
+                  f"(wall {xs(r.f_walls)}); CPU converge {xs(r.c_cpu)}, rsync {xs(r.r_cpu)}")
     if admin_latency:
         print()
         print(f"Admin API on A while W1 synced (both endpoints, ten rounds a second): {admin_latency}")
