@@ -540,17 +540,17 @@ class Counters:
 class Pair:
     """Two fresh converge daemons, A and B, peered on 127.0.0.1."""
 
-    def cpu(self) -> float | None:
-        """CPU seconds both daemons have used so far."""
-        a, b = self.a.cpu(), self.b.cpu()
-        return None if a is None or b is None else a + b
-
     def __init__(self, binary: Path, root: Path, name: str):
         self.binary = binary
         self.root = root / name
         self.name = name
         self.a = Daemon("A", self.root / "a-data", self.root / "a", free_port(), free_port())
         self.b = Daemon("B", self.root / "b-data", self.root / "b", free_port(), free_port())
+
+    def cpu(self) -> float | None:
+        """CPU seconds both daemons have used so far."""
+        a, b = self.a.cpu(), self.b.cpu()
+        return None if a is None or b is None else a + b
 
     def start(self, timeout: float) -> None:
         # A port found free can be taken before the daemon binds it (by a dial's local
