@@ -22,7 +22,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fs::Metadata;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -145,13 +145,49 @@ pub(crate) struct Echo {
     /// Files last read racy (see [`Echo::note_racy`]), with when, and the count at which
     /// the old ones are next looked for.
     racy: Mutex<(KeyMap<Instant>, usize)>,
-    /// Heads the store did not show at a key because a local change was in the way (see
+    /// Heads the store did not show at a key because a local change was in the way, with
+    /// this replica's sequence number when it first declined there (see
     /// [`Echo::decline`]).
-    declined: Mutex<KeyMap<Vec<EventId>>>,
+    declined: Mutex<KeyMap<(Vec<EventId>, u64)>>,
+    /// Whether `declined` changed since the store last saved it (see
+    /// [`Echo::declined_to_save`]).
+    declined_changed: AtomicBool,
     /// The keys a change of the ignore rules let in (see [`Echo::admit`]).
     admitted: Mutex<Admitted>,
     /// Woken when keys are admitted, for the store (see [`Echo::admitted_changed`]).
     admitted_changed: tokio::sync::Notify,
+}
+
+/// Heads the store declined at a key (see [`Echo::decline`]), as the store saves them
+/// across restarts.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct Declined {
+    /// The key whose file the store left in place.
+    pub(crate) key: Key,
+    /// The heads it did not show there: other replicas' events.
+    pub(crate) heads: Vec<EventId>,
+    /// This replica's latest sequence number in the log when the store first declined
+    /// at the key.
+    pub(crate) since: u64,
+}
+
+impl Declined {
+    /// What is left of this note with the key's heads now `heads`, read from the log
+    /// of `replica` at start; `None` if nothing. The note is taken once an event of this
+    /// replica at the key, numbered after `since`, is among the heads: the source recorded
+    /// the change (the save after that may not have come before the restart). Of the
+    /// declined heads only those still heads are kept: a later event has settled the
+    /// others.
+    pub(crate) fn left_with(mut self, heads: &[EventId], replica: ReplicaId) -> Option<Declined> {
+        if heads
+            .iter()
+            .any(|h| h.origin == replica && h.seq > self.since)
+        {
+            return None;
+        }
+        self.heads.retain(|id| heads.contains(id));
+        (!self.heads.is_empty()).then_some(self)
+    }
 }
 
 /// The keys a change of the ignore rules let in, which the store is to show (see
@@ -556,19 +592,24 @@ impl Echo {
     /// `heads` (a peer's version written, or its delete): the source then records that
     /// change without them as parents ([`LocalChange::without_seeing`]), concurrent with
     /// them, so that it does not silently supersede a version the folder never showed.
-    /// They are forgotten once the store changes the file at the key
-    /// ([`Echo::forget_declined`]), or the source has taken them.
-    pub(crate) fn decline(&self, key: &Key, heads: Vec<EventId>) {
+    /// `since` is this replica's latest sequence number in the log at the time: an event
+    /// of this replica at the key numbered after it has taken the note (see
+    /// [`Declined::left_with`]). They are forgotten once the store changes the file at the
+    /// key ([`Echo::forget_declined`]), or the source has taken them. The store saves
+    /// them with each batch it makes durable ([`Echo::declined_to_save`]), so that a
+    /// restart before the source records the change keeps them.
+    pub(crate) fn decline(&self, key: &Key, heads: Vec<EventId>, since: u64) {
         if heads.is_empty() {
             return;
         }
         let mut declined = locked(&self.declined);
-        let ids = declined.entry(key.clone()).or_default();
+        let (ids, _) = declined.entry(key.clone()).or_insert((Vec::new(), since));
         for id in heads {
             if !ids.contains(&id) {
                 ids.push(id);
             }
         }
+        self.declined_changed.store(true, Ordering::Release);
     }
 
     /// Whether the store declined heads at `key` that the source has not recorded a
@@ -581,8 +622,8 @@ impl Echo {
     /// Forgets what the store declined at `key` (see [`Echo::decline`]).
     pub(crate) fn forget_declined(&self, key: &Key) {
         let mut declined = locked(&self.declined);
-        if !declined.is_empty() {
-            declined.remove(key);
+        if !declined.is_empty() && declined.remove(key).is_some() {
+            self.declined_changed.store(true, Ordering::Release);
         }
     }
 
@@ -594,8 +635,47 @@ impl Echo {
             return change;
         }
         match declined.remove(&change.key) {
-            Some(heads) => change.without_seeing(heads),
+            Some((heads, _)) => {
+                self.declined_changed.store(true, Ordering::Release);
+                change.without_seeing(heads)
+            }
             None => change,
+        }
+    }
+
+    /// Everything declined now, if that changed since the last call: for the store to
+    /// save (see [`Echo::decline`]). A store that fails to save it calls
+    /// [`Echo::declined_unsaved`].
+    pub(crate) fn declined_to_save(&self) -> Option<Vec<Declined>> {
+        // Cleared before the copy: a change made meanwhile sets it again.
+        if !self.declined_changed.swap(false, Ordering::AcqRel) {
+            return None;
+        }
+        let declined = locked(&self.declined);
+        let mut all: Vec<Declined> = declined
+            .iter()
+            .map(|(key, (heads, since))| Declined {
+                key: key.clone(),
+                heads: heads.clone(),
+                since: *since,
+            })
+            .collect();
+        all.sort_by(|a, b| a.key.cmp(&b.key));
+        Some(all)
+    }
+
+    /// Notes that what [`Echo::declined_to_save`] gave was not saved: the next call gives
+    /// it again.
+    pub(crate) fn declined_unsaved(&self) {
+        self.declined_changed.store(true, Ordering::Release);
+    }
+
+    /// Takes up what an earlier run declined and saved (see [`Echo::decline`]), where
+    /// the store found it still untaken.
+    pub(crate) fn restore_declined(&self, saved: Vec<Declined>) {
+        let mut declined = locked(&self.declined);
+        for d in saved {
+            declined.insert(d.key, (d.heads, d.since));
         }
     }
 
@@ -887,6 +967,60 @@ fn search_history<T>(
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    /// A saved decline is taken once an event of this replica at the key, numbered after
+    /// it, is a head; of its heads only those still heads are kept.
+    #[test]
+    fn a_saved_decline_is_left_as_the_heads_at_start_say() {
+        let (here, peer, other) = (ReplicaId([1; 16]), ReplicaId([2; 16]), ReplicaId([3; 16]));
+        let id = |origin, seq| EventId { origin, seq };
+        let saved = Declined {
+            key: Key::new("f.txt").unwrap(),
+            heads: vec![id(peer, 4), id(other, 9)],
+            since: 7,
+        };
+        let left = |heads: &[EventId]| saved.clone().left_with(heads, here);
+        // Nothing recorded since: all of it is left.
+        assert_eq!(left(&[id(peer, 4), id(other, 9)]), Some(saved.clone()));
+        // An older event of this replica among the heads takes nothing.
+        assert_eq!(
+            left(&[id(here, 7), id(peer, 4), id(other, 9)]),
+            Some(saved.clone())
+        );
+        // The edit recorded (a later event of this replica): taken.
+        assert_eq!(left(&[id(here, 8), id(peer, 4), id(other, 9)]), None);
+        // A head settled by a later event: only the other is left.
+        let one = left(&[id(peer, 5), id(other, 9)]).unwrap();
+        assert_eq!(one.heads, vec![id(other, 9)]);
+        // Both settled: nothing.
+        assert_eq!(left(&[id(peer, 5)]), None);
+    }
+
+    /// What the store declined is given to save once per change, again after a failed
+    /// save, and taken with the change the source records.
+    #[test]
+    fn declines_are_given_to_save_once_per_change() {
+        let echo = Echo::default();
+        let key = Key::new("f.txt").unwrap();
+        let peer = EventId {
+            origin: ReplicaId([2; 16]),
+            seq: 4,
+        };
+        assert_eq!(echo.declined_to_save(), None);
+        echo.decline(&key, vec![peer], 7);
+        let saved = vec![Declined {
+            key: key.clone(),
+            heads: vec![peer],
+            since: 7,
+        }];
+        assert_eq!(echo.declined_to_save(), Some(saved.clone()));
+        assert_eq!(echo.declined_to_save(), None);
+        echo.declined_unsaved();
+        assert_eq!(echo.declined_to_save(), Some(saved));
+        let change = echo.without_declined(LocalChange::new(key, Op::Delete));
+        assert_eq!(change.unseen_heads, vec![peer]);
+        assert_eq!(echo.declined_to_save(), Some(Vec::new()));
+    }
 
     fn file(n: u64) -> Applied {
         Applied::File {

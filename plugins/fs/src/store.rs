@@ -120,7 +120,7 @@ use filetime::FileTime;
 use crate::content::{
     changed_at_ms, file_stat, hash_file, is_executable, mtime_ms, recorded_stat, PIPELINE_BYTES,
 };
-use crate::echo::{known, locked, Applied, Echo, Known};
+use crate::echo::{known, locked, Applied, Declined, Echo, Known};
 use crate::error::FsError;
 use crate::rules::Rules;
 use crate::{FsConfig, CONFLICT_MARKER, TEMP_PREFIX};
@@ -335,6 +335,73 @@ impl FsStore {
         Some(dir.join(format!("{}.failed", self.name)))
     }
 
+    /// The file that keeps the heads the store declined and the source has not recorded
+    /// a change over yet (see [`Echo::decline`]), if it has a state dir and is the
+    /// folder's own store.
+    fn declined_file(&self) -> Option<PathBuf> {
+        let dir = self.config.state_dir.as_ref().filter(|_| self.guarded)?;
+        Some(dir.join(format!("{}.declined", self.name)))
+    }
+
+    /// Saves what the store declined, if that changed (see [`Echo::decline`]): after a
+    /// batch is durable, before its cursor moves past it, so that a restart after the
+    /// cursor moved finds the declines of the batches behind it. A failure is logged and
+    /// the store goes on: it loses only that protection, and tries again at the next sync.
+    async fn save_declined(&self) {
+        let Some(path) = self.declined_file() else {
+            return;
+        };
+        let Some(declined) = self.echo.declined_to_save() else {
+            return;
+        };
+        let saved =
+            tokio::task::spawn_blocking(move || save_state(&path, "declined versions", &declined))
+                .await
+                .map_err(FsError::from)
+                .and_then(|r| r);
+        if let Err(e) = saved {
+            self.echo.declined_unsaved();
+            tracing::warn!(store = %self.name, "{e}; an edit it left in place may be recorded over the version it kept out, should the daemon stop before the edit is recorded");
+        }
+    }
+
+    /// Takes up what the store declined before a restart and the source had not recorded
+    /// a change over (see [`Declined::left_with`]). A file that cannot be read is logged
+    /// and replaced at the next sync: it only protects, and must not keep the store from
+    /// starting.
+    async fn load_declined(&self, log: &EventLog) -> Result<(), PluginError> {
+        let Some(path) = self.declined_file() else {
+            return Ok(());
+        };
+        let saved: Vec<Declined> = match self.load(path, "declined versions").await {
+            Ok(saved) => saved,
+            Err(e) => {
+                tracing::warn!(store = %self.name, "{e}; edits left in place before the restart, if any, are recorded over the versions kept out");
+                self.echo.declined_unsaved();
+                return Ok(());
+            }
+        };
+        if saved.is_empty() {
+            return Ok(());
+        }
+        let replica = log.replica();
+        let mut left = Vec::new();
+        for d in saved {
+            let heads: Vec<EventId> = log
+                .heads(&d.key)
+                .map_err(|e| FsError::from(e).into_plugin(&self.name))?
+                .iter()
+                .map(|h| h.id)
+                .collect();
+            left.extend(d.left_with(&heads, replica));
+        }
+        if !left.is_empty() {
+            tracing::info!(store = %self.name, keys = left.len(), "edits left in place before the restart are recorded concurrent with the versions kept out");
+        }
+        self.echo.restore_declined(left);
+        Ok(())
+    }
+
     /// The items (`what`) saved at `path` by an earlier run (see [`save_state`]), read on
     /// a blocking thread.
     async fn load<T: serde::de::DeserializeOwned + Send + 'static>(
@@ -480,6 +547,7 @@ impl Store for FsStore {
         let admitted = std::mem::take(&mut *locked(&self.admitted_shown));
         if synced.is_ok() {
             self.settle_admitted(admitted).await;
+            self.save_declined().await;
         }
         let recovered = self.take_recovered();
         if recovered.is_empty() {
@@ -650,9 +718,10 @@ impl Store for FsStore {
         self.apply(ctx, Vec::new()).await
     }
 
-    async fn start(&self, _ctx: &StoreContext) -> Result<(), PluginError> {
+    async fn start(&self, ctx: &StoreContext) -> Result<(), PluginError> {
         if self.guarded {
             self.echo.set_store(&self.name);
+            self.load_declined(ctx.log()).await?;
         }
         if let Some(path) = self.unsynced_file() {
             let loaded: Vec<Key> = self.load(path, "keys written and not synced").await?;
@@ -1564,6 +1633,7 @@ impl Writer {
             return;
         };
         let replica = log.replica();
+        let since = log.version_vector().get(&replica);
         let heads: Vec<EventId> = log
             .heads(key)
             .map(|heads| {
@@ -1574,7 +1644,7 @@ impl Writer {
                     .collect()
             })
             .unwrap_or_default();
-        self.echo.decline(key, heads);
+        self.echo.decline(key, heads, since);
     }
 
     /// [`Writer::decline`] of the heads that put `content` at `key`.

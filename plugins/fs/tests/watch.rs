@@ -879,3 +879,82 @@ async fn an_edit_the_store_did_not_overwrite_is_concurrent_with_the_version_it_k
 
     running.stop().await;
 }
+
+/// The same across a restart: the store left the edit in place and made its batch
+/// durable, and the daemon stopped (killed) before the edit was recorded. The scan at the
+/// next start records the edit concurrent with the version kept out, as the running
+/// source would have, not over it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edit_left_in_place_before_a_restart_is_concurrent_with_the_version_it_kept_out() {
+    use converge_framework::log::LogConfig;
+    let dir = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let root = dir.path().to_owned();
+    let state = data.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    write(&root, "f.txt", b"v1");
+    let key = common::key("f.txt");
+    let open_log = || EventLog::open(LogConfig::new(data.path().join("log"))).unwrap();
+
+    let peers = {
+        let log = open_log();
+        // A debounce longer than the test: the edit is not recorded before the kill.
+        let config = FsConfig::new(&root)
+            .state_dir(&state)
+            .debounce(std::time::Duration::from_secs(600));
+        let (running, store) = Running::start_folder(config, &log).await;
+        write(&root, "f.txt", b"the user's edit, not recorded yet");
+        let peers = peers_newer_f(&log, b"a peer's version").await;
+        log.append(vec![peers.clone()]).await.unwrap();
+        common::apply(&store, &log, common::views(&log)).await;
+        // As the engine does once the batch is durable.
+        log.set_cursor("folder", log.len()).await.unwrap();
+        assert_eq!(
+            std::fs::read(root.join("f.txt")).unwrap(),
+            b"the user's edit, not recorded yet"
+        );
+        let heads: Vec<_> = log.heads(&key).unwrap().iter().map(|h| h.id).collect();
+        assert_eq!(
+            heads,
+            vec![peers.id],
+            "the edit was recorded before the kill"
+        );
+        running.task.abort();
+        let _ = running.task.await;
+        drop(store);
+        log.close().await.unwrap();
+        peers
+    };
+
+    let log = open_log();
+    let config = FsConfig::new(&root).state_dir(&state);
+    let (running, _store) = Running::start_folder(config, &log).await;
+    let heads = log.heads(&key).unwrap();
+    assert!(
+        heads.iter().any(|h| h.id == peers.id),
+        "the edit superseded the peer's version it never showed: {heads:#?}"
+    );
+    assert!(
+        heads.iter().any(|h| h.id.origin == log.replica()),
+        "the edit was not recorded: {heads:#?}"
+    );
+    assert_eq!(heads.len(), 2, "{heads:#?}");
+    running.stop().await;
+}
+
+/// A saved decline file that cannot be read does not keep the folder from starting, and
+/// the next sync replaces it (here, with nothing declined, removes it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_decline_file_is_replaced_not_fatal() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let file = state.path().join("folder.declined");
+    std::fs::write(&file, b"\xff not cbor").unwrap();
+    let log = common::log();
+    let config = FsConfig::new(dir.path()).state_dir(state.path());
+    let (running, store) = Running::start_folder(config, &log).await;
+    assert!(file.exists());
+    common::apply(&store, &log, Vec::new()).await;
+    assert!(!file.exists(), "the unreadable file was kept");
+    running.stop().await;
+}
