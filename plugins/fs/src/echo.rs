@@ -145,10 +145,9 @@ pub(crate) struct Echo {
     /// Files last read racy (see [`Echo::note_racy`]), with when, and the count at which
     /// the old ones are next looked for.
     racy: Mutex<(KeyMap<Instant>, usize)>,
-    /// Heads the store did not show at a key because a local change was in the way, with
-    /// this replica's sequence number when it first declined there (see
+    /// Heads the store did not show at a key because a local change was in the way (see
     /// [`Echo::decline`]).
-    declined: Mutex<KeyMap<(Vec<EventId>, u64)>>,
+    declined: Mutex<KeyMap<Declined>>,
     /// Whether `declined` changed since the store last saved it (see
     /// [`Echo::declined_to_save`]).
     declined_changed: AtomicBool,
@@ -158,8 +157,8 @@ pub(crate) struct Echo {
     admitted_changed: tokio::sync::Notify,
 }
 
-/// Heads the store declined at a key (see [`Echo::decline`]), as the store saves them
-/// across restarts.
+/// Heads the store declined at a key (see [`Echo::decline`]), as the echo record holds
+/// them and the store saves them across restarts.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Declined {
     /// The key whose file the store left in place.
@@ -603,10 +602,14 @@ impl Echo {
             return;
         }
         let mut declined = locked(&self.declined);
-        let (ids, _) = declined.entry(key.clone()).or_insert((Vec::new(), since));
+        let d = declined.entry(key.clone()).or_insert_with(|| Declined {
+            key: key.clone(),
+            heads: Vec::new(),
+            since,
+        });
         for id in heads {
-            if !ids.contains(&id) {
-                ids.push(id);
+            if !d.heads.contains(&id) {
+                d.heads.push(id);
             }
         }
         self.declined_changed.store(true, Ordering::Release);
@@ -635,9 +638,9 @@ impl Echo {
             return change;
         }
         match declined.remove(&change.key) {
-            Some((heads, _)) => {
+            Some(d) => {
                 self.declined_changed.store(true, Ordering::Release);
-                change.without_seeing(heads)
+                change.without_seeing(d.heads)
             }
             None => change,
         }
@@ -651,15 +654,7 @@ impl Echo {
         if !self.declined_changed.swap(false, Ordering::AcqRel) {
             return None;
         }
-        let declined = locked(&self.declined);
-        let mut all: Vec<Declined> = declined
-            .iter()
-            .map(|(key, (heads, since))| Declined {
-                key: key.clone(),
-                heads: heads.clone(),
-                since: *since,
-            })
-            .collect();
+        let mut all: Vec<Declined> = locked(&self.declined).values().cloned().collect();
         all.sort_by(|a, b| a.key.cmp(&b.key));
         Some(all)
     }
@@ -675,7 +670,7 @@ impl Echo {
     pub(crate) fn restore_declined(&self, saved: Vec<Declined>) {
         let mut declined = locked(&self.declined);
         for d in saved {
-            declined.insert(d.key, (d.heads, d.since));
+            declined.insert(d.key.clone(), d);
         }
     }
 

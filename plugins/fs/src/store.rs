@@ -366,40 +366,37 @@ impl FsStore {
     }
 
     /// Takes up what the store declined before a restart and the source had not recorded
-    /// a change over (see [`Declined::left_with`]). A file that cannot be read is logged
-    /// and replaced at the next sync: it only protects, and must not keep the store from
-    /// starting.
-    async fn load_declined(&self, log: &EventLog) -> Result<(), PluginError> {
+    /// a change over (see [`Declined::left_with`]). A file that cannot be read, or a log
+    /// whose heads cannot be, is logged and the file replaced at the next sync: it only
+    /// protects, and must not keep the store from starting.
+    async fn load_declined(&self, log: &EventLog) {
         let Some(path) = self.declined_file() else {
-            return Ok(());
+            return;
         };
-        let saved: Vec<Declined> = match self.load(path, "declined versions").await {
-            Ok(saved) => saved,
+        let log = log.clone();
+        let left = tokio::task::spawn_blocking(move || {
+            let replica = log.replica();
+            let mut left = Vec::new();
+            for d in load_state::<Declined>(&path, "declined versions")? {
+                let heads: Vec<EventId> = log.heads(&d.key)?.iter().map(|h| h.id).collect();
+                left.extend(d.left_with(&heads, replica));
+            }
+            Ok::<_, FsError>(left)
+        })
+        .await
+        .map_err(FsError::from)
+        .and_then(|r| r);
+        match left {
+            Ok(left) if left.is_empty() => {}
+            Ok(left) => {
+                tracing::info!(store = %self.name, keys = left.len(), "edits left in place before the restart are recorded concurrent with the versions kept out");
+                self.echo.restore_declined(left);
+            }
             Err(e) => {
                 tracing::warn!(store = %self.name, "{e}; edits left in place before the restart, if any, are recorded over the versions kept out");
                 self.echo.declined_unsaved();
-                return Ok(());
             }
-        };
-        if saved.is_empty() {
-            return Ok(());
         }
-        let replica = log.replica();
-        let mut left = Vec::new();
-        for d in saved {
-            let heads: Vec<EventId> = log
-                .heads(&d.key)
-                .map_err(|e| FsError::from(e).into_plugin(&self.name))?
-                .iter()
-                .map(|h| h.id)
-                .collect();
-            left.extend(d.left_with(&heads, replica));
-        }
-        if !left.is_empty() {
-            tracing::info!(store = %self.name, keys = left.len(), "edits left in place before the restart are recorded concurrent with the versions kept out");
-        }
-        self.echo.restore_declined(left);
-        Ok(())
     }
 
     /// The items (`what`) saved at `path` by an earlier run (see [`save_state`]), read on
@@ -721,7 +718,7 @@ impl Store for FsStore {
     async fn start(&self, ctx: &StoreContext) -> Result<(), PluginError> {
         if self.guarded {
             self.echo.set_store(&self.name);
-            self.load_declined(ctx.log()).await?;
+            self.load_declined(ctx.log()).await;
         }
         if let Some(path) = self.unsynced_file() {
             let loaded: Vec<Key> = self.load(path, "keys written and not synced").await?;
