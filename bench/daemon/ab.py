@@ -42,14 +42,13 @@ run = importlib.util.module_from_spec(_spec)
 sys.modules["run"] = run
 _spec.loader.exec_module(run)
 
-TICKS = os.sysconf("SC_CLK_TCK")
 
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of process `pid` so far."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
+def cpu_seconds(daemon: "run.Daemon") -> float:
+    """User + system CPU time of `daemon` so far (run.py's reading of /proc)."""
+    cpu = daemon.cpu()
+    if cpu is None:
+        raise RuntimeError(f"daemon {daemon.name} is gone")
+    return cpu
 
 
 def one_run(binary: Path, root: Path, name: str, workload: str, files: int, big_mib: int,
@@ -71,7 +70,7 @@ def one_run(binary: Path, root: Path, name: str, workload: str, files: int, big_
             target = pair.a.folder / "w1"
         run.sync_fs()
         time.sleep(0.3)
-        a0, b0 = cpu_seconds(pair.a.proc.pid), cpu_seconds(pair.b.proc.pid)
+        a0, b0 = cpu_seconds(pair.a), cpu_seconds(pair.b)
         started = time.time()
         t0 = time.monotonic()
         os.rename(src, target)
@@ -84,7 +83,7 @@ def one_run(binary: Path, root: Path, name: str, workload: str, files: int, big_
             copy = pair.b.folder / "w1"
             run.wait_tree(copy, expected, t0, timeout, [], "W1")
         took = run.last_change(copy) - started
-        return took, cpu_seconds(pair.a.proc.pid) - a0, cpu_seconds(pair.b.proc.pid) - b0
+        return took, cpu_seconds(pair.a) - a0, cpu_seconds(pair.b) - b0
     finally:
         pair.stop()
         if workload == "W2":
